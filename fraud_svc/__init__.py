@@ -1,0 +1,1 @@
+"""fraud_svc: fraud scoring (internal), reviews, blocks and the audit trail."""

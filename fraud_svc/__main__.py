@@ -1,0 +1,3 @@
+from fraud_svc.server import main
+
+main()

@@ -1,0 +1,109 @@
+"""The `televote` command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ops import tokens
+from ops.migrate import migrate as apply_migrations
+from ops.stack import SERVICES, Stack, StackSettings
+from runtime.access import Role
+
+app = typer.Typer(help="televote: live TV audience voting.", no_args_is_help=True,
+                  add_completion=False)
+
+StateDir = Annotated[Path, typer.Option(
+    envvar="TELEVOTE_STATE_DIR", help="Where local data, keys and logs live.")]
+DEFAULT_STATE_DIR = Path(".televote")
+
+
+@app.command()
+def up(
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    port: Annotated[int, typer.Option(envvar="TELEVOTE_EDGE_PORT",
+                                      help="The edge's public port.")] = 8080,
+    host: Annotated[str, typer.Option(envvar="TELEVOTE_EDGE_HOST",
+                                      help="Address the edge listens on.")] = "127.0.0.1",
+    replicas: Annotated[list[str] | None, typer.Option(
+        "--replicas", help="SERVICE=N, repeatable, e.g. --replicas vote_svc=2.")] = None,
+) -> None:
+    """Start PostgreSQL, Redis, migrations, every service and the Envoy edge; stop on Ctrl-C."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    counts = dict.fromkeys(SERVICES, 1)
+    for item in replicas or []:
+        name, _, count = item.partition("=")
+        if name not in counts or not count.isdigit() or int(count) < 1:
+            raise typer.BadParameter(f"expected SERVICE=N with SERVICE in {', '.join(SERVICES)}",
+                                     param_hint="--replicas")
+        counts[name] = int(count)
+    settings = StackSettings(
+        state_dir=state_dir, edge_host=host, edge_port=port, replicas=counts,
+        database_url=os.environ.get("DATABASE_URL") or None,
+        redis_url=os.environ.get("REDIS_URL") or None)
+    asyncio.run(_run_until_signal(Stack(settings)))
+
+
+async def _run_until_signal(stack: Stack) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    started = time.monotonic()
+    start = asyncio.create_task(stack.start())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if start in done:
+        stopper.cancel()
+        start.result()
+        print(f"televote is up in {time.monotonic() - started:.1f}s\n{stack.describe()}\n"
+              "Ctrl-C stops everything.", flush=True)
+        await stop.wait()
+    else:
+        start.cancel()
+    print("stopping...", file=sys.stderr, flush=True)
+    await stack.stop()
+    print("stopped.", file=sys.stderr, flush=True)
+
+
+@app.command()
+def migrate(
+    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL",
+                                              help="PostgreSQL to migrate.")],
+) -> None:
+    """Apply pending schema migrations."""
+    applied = apply_migrations(database_url)
+    typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+
+
+@app.command()
+def token(
+    role: Annotated[Role, typer.Option(help="voter, operator or carrier.")],
+    sub: Annotated[str, typer.Option(help="The subject: user id, operator or carrier name.")],
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 24 * 3600,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Mint a development JWT the local edge accepts."""
+    try:
+        typer.echo(tokens.mint(state_dir, role, sub, ttl))
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--role") from None
+
+
+@app.command()
+def generate(
+    check: Annotated[bool, typer.Option(help="Fail if gen/ or the descriptor set is stale.")]
+    = False,
+) -> None:
+    """Regenerate gen/ and envoy/televote.pb from protos/."""
+    from ops.codegen import generate as run_codegen
+
+    raise typer.Exit(run_codegen(check=check))

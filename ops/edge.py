@@ -1,0 +1,171 @@
+"""Renders envoy/edge.yaml into a runnable Envoy config.
+
+Routes, RBAC policies and JWT rules come from the access table (runtime/access.py), which
+RPCs stream and which are transcoded to JSON come from the descriptor set that
+`televote generate` writes, so the edge cannot drift from the contracts or from what the
+services themselves enforce.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
+
+from runtime.access import SERVICE_ROLES, Role, routed_services
+
+ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
+TEMPLATE = ENVOY_DIR / "edge.yaml"
+DESCRIPTOR_SET = ENVOY_DIR / "televote.pb"
+
+#: How long a unary RPC may take through the edge before it is cut.
+UNARY_TIMEOUT = "15s"
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    """Where the edge listens and what it trusts."""
+
+    jwks_path: Path
+    jwt_issuer: str
+    jwt_audience: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_port: int = 9901
+    cors_origins: tuple[str, ...] = ("http://localhost:8080", "http://127.0.0.1:8080")
+    rate_limit_per_second: int = 50_000
+    descriptor_set: Path = DESCRIPTOR_SET
+    #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas.
+    upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+
+
+def process_of(service: str) -> str:
+    """The process that hosts a gRPC service: televote.vote.v1.VoteService -> vote_svc."""
+    return f"{service.split('.')[1]}_svc"
+
+
+@dataclass(frozen=True)
+class _Method:
+    path: str
+    server_streaming: bool
+    transcoded: bool
+
+
+def _methods(descriptor_set: Path) -> dict[str, list[_Method]]:
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes())
+    methods: dict[str, list[_Method]] = {}
+    for proto in files.file:
+        for service in proto.service:
+            full_name = f"{proto.package}.{service.name}"
+            methods[full_name] = [
+                _Method(f"/{full_name}/{method.name}", method.server_streaming,
+                        method.options.HasExtension(annotations_pb2.http))
+                for method in service.method
+            ]
+    return methods
+
+
+def _route(prefix_or_path: dict[str, str], cluster: str, timeout: str) -> dict[str, Any]:
+    # Retry only where the request cannot have reached a service (a replica that is draining
+    # or gone): safe for every RPC, votes included.
+    retry = {"retry_on": "connect-failure,refused-stream,reset-before-request", "num_retries": 2}
+    return {"match": prefix_or_path,
+            "route": {"cluster": cluster, "timeout": timeout, "retry_policy": retry}}
+
+
+def _role_principal(role: Role) -> dict[str, Any]:
+    if role is Role.ANONYMOUS:
+        return {"any": True}
+    return {"metadata": {"filter": "envoy.filters.http.jwt_authn",
+                         "path": [{"key": "jwt_payload"}, {"key": "role"}],
+                         "value": {"string_match": {"exact": role.value}}}}
+
+
+_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _cluster(name: str, endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            _HTTP_PROTOCOL_OPTIONS: {
+                "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
+                "explicit_http_config": {"http2_protocol_options": {
+                    "max_concurrent_streams": 100000}},
+            }
+        },
+        # Live results and countdowns hold one stream per viewer: the default ceiling of 1,024
+        # concurrent requests per cluster would refuse most of an audience.
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": 100000, "max_pending_requests": 100000,
+            "max_requests": 1000000, "max_retries": 10}]},
+        "health_checks": [{
+            "timeout": "1s", "interval": "2s", "unhealthy_threshold": 2,
+            "healthy_threshold": 1, "grpc_health_check": {}}],
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+            for host, port in endpoints]}]},
+    }
+
+
+def render(settings: EdgeSettings) -> str:
+    """The Envoy config for these settings, as YAML text."""
+    methods = _methods(settings.descriptor_set)
+    routed = routed_services()
+    routes: list[dict[str, Any]] = []
+    for service in routed:
+        cluster = process_of(service)
+        # Streams stay open for a whole show: Envoy would cut them at the route timeout.
+        routes += [_route({"path": method.path}, cluster, "0s")
+                   for method in methods.get(service, []) if method.server_streaming]
+        routes.append(_route({"prefix": f"/{service}/"}, cluster, UNARY_TIMEOUT))
+
+    jwt_rules: list[dict[str, Any]] = []
+    rbac_policies: dict[str, Any] = {}
+    for service in routed:
+        roles = SERVICE_ROLES[service] - {Role.INTERNAL}
+        prefix = {"prefix": f"/{service}/"}
+        if Role.ANONYMOUS in roles:
+            requirement: dict[str, Any] = {"requires_any": {"requirements": [
+                {"provider_name": "televote"}, {"allow_missing": {}}]}}
+        else:
+            requirement = {"provider_name": "televote"}
+        jwt_rules.append({"match": prefix, "requires": requirement})
+        principals = ([{"any": True}] if Role.ANONYMOUS in roles
+                      else [_role_principal(role) for role in sorted(roles)])
+        rbac_policies[service] = {"permissions": [{"url_path": {"path": prefix}}],
+                                  "principals": principals}
+    # Anything else (unknown paths, the internal fraud scoring service) still needs a token,
+    # and then finds no RBAC policy: 401 without a token, 403 with one.
+    jwt_rules.append({"match": {"prefix": "/"}, "requires": {"provider_name": "televote"}})
+
+    transcoded = [service for service in routed
+                  if any(method.transcoded for method in methods.get(service, []))]
+    clusters = [_cluster(name, endpoints) for name, endpoints in sorted(settings.upstreams.items())]
+    values = {
+        "edge_host": settings.host,
+        "edge_port": settings.port,
+        "admin_port": settings.admin_port,
+        "routes": routes,
+        "cors_origins": [{"exact": origin} for origin in settings.cors_origins],
+        "descriptor": str(settings.descriptor_set),
+        "transcoded_services": transcoded,
+        "jwt_issuer": settings.jwt_issuer,
+        "jwt_audience": settings.jwt_audience,
+        "jwks": str(settings.jwks_path),
+        "jwt_rules": jwt_rules,
+        "rbac_policies": rbac_policies,
+        "rate_limit_per_second": settings.rate_limit_per_second,
+        "rate_limit_burst": settings.rate_limit_per_second * 2,
+        "clusters": clusters,
+    }
+    return Template(TEMPLATE.read_text()).substitute(
+        {key: json.dumps(value) for key, value in values.items()})

@@ -1,0 +1,71 @@
+"""Child processes of `televote up`: started in their own session, logged to files, and
+stopped in order so that nothing is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Child:
+    """One supervised process."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+    stop_signal: signal.Signals = signal.SIGTERM
+
+    @classmethod
+    async def spawn(cls, name: str, argv: list[str], log_dir: Path, *,
+                    env: dict[str, str] | None = None, user: str | None = None,
+                    stop_signal: signal.Signals = signal.SIGTERM) -> Child:
+        log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once per process start
+        log_path = log_dir / f"{name}.log"
+        with log_path.open("ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                env={**os.environ, **(env or {})}, user=user,
+                # Its own session: a Ctrl-C in the terminal reaches only `televote up`, which
+                # then stops the children in order instead of all at once.
+                start_new_session=True)
+        return cls(name, process, log_path, stop_signal)
+
+    @property
+    def running(self) -> bool:
+        return self.process.returncode is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def stop(self, timeout: float = 20.0) -> int | None:
+        """Ask the process (and its group) to stop; kill the group if it does not in time."""
+        if self.running:
+            self._signal_group(self.stop_signal)
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except TimeoutError:
+                self._signal_group(signal.SIGKILL)
+                await self.process.wait()
+        # Anything the child left in its group (postgres backends, say) goes with it.
+        self._signal_group(signal.SIGKILL)
+        return self.process.returncode
+
+    def _signal_group(self, signum: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signum)

@@ -1,0 +1,207 @@
+"""The whole mesh on one machine: what `televote up` runs and what the tests start.
+
+PostgreSQL and Redis come from their wheels unless DATABASE_URL / REDIS_URL name servers to
+use; migrations run; every service starts as its own process (as many replicas as asked);
+Envoy starts from its wheel in front of them. Stopping goes in reverse: the edge first so no
+new request comes in, then the services (each drains its in-flight RPCs), then Redis and
+PostgreSQL, so an acknowledged vote is always on disk before its database stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ops import edge, tokens
+from ops.infra import start_postgres, start_redis
+from ops.migrate import migrate
+from ops.processes import Child, free_port
+
+log = logging.getLogger(__name__)
+
+#: Start order: a service starts after those it calls (fraud before vote, vote before sms).
+SERVICES = ("fraud_svc", "sync_svc", "vote_svc", "results_svc", "sms_svc")
+
+#: Environment variable through which a service finds each service it calls.
+TARGET_VARIABLES = {
+    "fraud_svc": "FRAUD_TARGET",
+    "sync_svc": "SYNC_TARGET",
+    "vote_svc": "VOTE_TARGET",
+    "results_svc": "RESULTS_TARGET",
+}
+
+
+@dataclass
+class StackSettings:
+    """What to start and where."""
+
+    state_dir: Path
+    edge_host: str = "127.0.0.1"
+    edge_port: int = 8080
+    admin_port: int = 0
+    replicas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 1))
+    database_url: str | None = None
+    redis_url: str | None = None
+    #: Extra environment for every service (durations shortened by tests, log level, ...).
+    service_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Stack:
+    """A running mesh. `start()` returns once every upstream is healthy behind the edge."""
+
+    settings: StackSettings
+    database_url: str = ""
+    redis_url: str = ""
+    edge_port: int = 0
+    admin_port: int = 0
+    addresses: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    _infra: list[Child] = field(default_factory=list)
+    _services: list[Child] = field(default_factory=list)
+    _edge: Child | None = None
+
+    @property
+    def edge_target(self) -> str:
+        """host:port of the edge, for gRPC channels."""
+        return f"{self.settings.edge_host}:{self.edge_port}"
+
+    @property
+    def edge_url(self) -> str:
+        return f"http://{self.edge_target}"
+
+    def target(self, service: str) -> str:
+        """A gRPC target naming every replica of a process, for round-robin inside the mesh."""
+        return "ipv4:" + ",".join(f"{host}:{port}" for host, port in self.addresses[service])
+
+    async def start(self) -> None:
+        state_dir = self.settings.state_dir.resolve()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        logs = state_dir / "logs"
+        try:
+            self.database_url = self.settings.database_url or await self._own_postgres(state_dir)
+            self.redis_url = self.settings.redis_url or await self._own_redis(state_dir)
+            applied = await asyncio.to_thread(migrate, self.database_url)
+            log.info("migrations applied: %s", applied or "none pending")
+            jwks = tokens.ensure_signing_key(state_dir)
+
+            for service in SERVICES:
+                count = self.settings.replicas.get(service, 1)
+                self.addresses[service] = [("127.0.0.1", free_port()) for _ in range(count)]
+            for service in SERVICES:
+                for replica, (host, port) in enumerate(self.addresses[service]):
+                    env = {
+                        **self._service_environment(state_dir),
+                        "TELEVOTE_HOST": host, "TELEVOTE_PORT": str(port),
+                        "TELEVOTE_REPLICA": str(replica),
+                    }
+                    self._services.append(await Child.spawn(
+                        f"{service}-{replica}", [sys.executable, "-m", service], logs, env=env))
+            await asyncio.gather(*(self._wait_serving(child, address)
+                                   for child, address in zip(self._services, self._all_addresses(),
+                                                             strict=True)))
+
+            self.edge_port = self.settings.edge_port or free_port()
+            self.admin_port = self.settings.admin_port or free_port()
+            config_path = state_dir / "envoy.yaml"
+            config_path.write_text(edge.render(edge.EdgeSettings(
+                jwks_path=jwks, jwt_issuer=tokens.ISSUER, jwt_audience=tokens.AUDIENCE,
+                host=self.settings.edge_host, port=self.edge_port, admin_port=self.admin_port,
+                upstreams=self.addresses)))
+            self._edge = await Child.spawn("envoy", [
+                str(Path(sys.executable).parent / "envoy"), "-c", str(config_path),
+                "--use-dynamic-base-id", "--log-level", "warn"], logs)
+            await self._wait_edge_ready()
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _service_environment(self, state_dir: Path) -> dict[str, str]:
+        env = {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
+               "TELEVOTE_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1"}
+        env.update({variable: self.target(service)
+                    for service, variable in TARGET_VARIABLES.items()})
+        env.update(self.settings.service_env)
+        return env
+
+    def _all_addresses(self) -> list[tuple[str, int]]:
+        return [address for service in SERVICES for address in self.addresses[service]]
+
+    async def _own_postgres(self, state_dir: Path) -> str:
+        child, url = await start_postgres(state_dir)
+        self._infra.append(child)
+        return url
+
+    async def _own_redis(self, state_dir: Path) -> str:
+        child, url = await start_redis(state_dir)
+        self._infra.append(child)
+        return url
+
+    async def _wait_serving(self, child: Child, address: tuple[str, int],
+                            timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with grpc.aio.insecure_channel(f"{address[0]}:{address[1]}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if not child.running:
+                    raise RuntimeError(f"{child.name} exited at start:\n{child.log_tail()}")
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"{child.name} not SERVING after {timeout:.0f}s:\n{child.log_tail()}")
+
+    async def _wait_edge_ready(self, timeout: float = 30.0) -> None:
+        """Ready when Envoy is live and has seen every upstream replica pass a health check."""
+        assert self._edge is not None
+        expected = sum(len(addresses) for addresses in self.addresses.values())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._edge.running:
+                raise RuntimeError(f"envoy exited at start:\n{self._edge.log_tail()}")
+            clusters = await asyncio.to_thread(self._admin_get, "/clusters")
+            healthy = clusters.count("::health_flags::healthy") if clusters else 0
+            if healthy >= expected:
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"edge upstreams not healthy after {timeout:.0f}s:\n"
+                           f"{self._edge.log_tail()}")
+
+    def _admin_get(self, path: str) -> str | None:
+        try:
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.admin_port}{path}", timeout=1) as response:
+                return str(response.read().decode())
+        except OSError:
+            return None
+
+    async def stop(self) -> None:
+        """Stop in reverse dependency order; leaves no process behind."""
+        if self._edge is not None:
+            await self._edge.stop()
+        for child in reversed(self._services):
+            await child.stop()
+        for child in reversed(self._infra):
+            await child.stop()
+
+    def describe(self) -> str:
+        """What is where, for the operator who just ran `televote up`."""
+        lines = [f"edge (gRPC, gRPC-Web, JSON/SSE)  {self.edge_url}",
+                 f"envoy admin (loopback only)      http://127.0.0.1:{self.admin_port}",
+                 f"PostgreSQL                       {self.database_url}",
+                 f"Redis                            {self.redis_url}"]
+        for service in SERVICES:
+            replicas = ", ".join(f"{h}:{p}" for h, p in self.addresses.get(service, []))
+            lines.append(f"{service:<33}{replicas}")
+        lines.append(f"logs                             {self.settings.state_dir / 'logs'}")
+        return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""results_svc: live tallies, result streams, final results and reports."""

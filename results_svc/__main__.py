@@ -1,0 +1,3 @@
+from results_svc.server import main
+
+main()

@@ -1,0 +1,94 @@
+"""Who may call what: one table read by the Envoy edge (RBAC) and by every service.
+
+Envoy authenticates the caller's JWT and forwards its verified claims in the
+`x-jwt-payload` header (base64url JSON); the edge strips any copy a client sends, so inside
+the mesh the header is trustworthy. Each gRPC service has exactly one audience, so the table is
+kept per service: the edge renders its RBAC policies from it, and the server interceptor
+enforces the same table again so a caller that reaches a service some other way (a
+misrouted request, another internal service) is held to the same rules (invariant 9).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+PAYLOAD_HEADER = "x-jwt-payload"
+
+
+class Role(StrEnum):
+    """The `role` claim of a televote JWT."""
+
+    ANONYMOUS = "anonymous"  # no token at all: viewers watching the show and the results
+    VOTER = "voter"
+    OPERATOR = "operator"
+    CARRIER = "carrier"
+    INTERNAL = "internal"  # services of the mesh calling each other; never routed by the edge
+
+
+PUBLIC = frozenset({Role.ANONYMOUS, Role.VOTER, Role.OPERATOR})
+
+#: Full gRPC service name -> the roles allowed to call it.
+SERVICE_ROLES: dict[str, frozenset[Role]] = {
+    "televote.sync.v1.ShowControlService": frozenset({Role.OPERATOR}),
+    "televote.sync.v1.ShowWatchService": PUBLIC,
+    "televote.vote.v1.VoteService": frozenset({Role.VOTER}),
+    "televote.vote.v1.VoteGatewayService": frozenset({Role.CARRIER, Role.INTERNAL}),
+    "televote.vote.v1.WalletAdminService": frozenset({Role.OPERATOR}),
+    "televote.results.v1.ResultsService": PUBLIC,
+    "televote.results.v1.ReportService": frozenset({Role.OPERATOR}),
+    "televote.sms.v1.CarrierService": frozenset({Role.CARRIER}),
+    "televote.fraud.v1.FraudScoringService": frozenset({Role.INTERNAL}),
+    "televote.fraud.v1.FraudReviewService": frozenset({Role.OPERATOR}),
+}
+
+#: Services every caller may reach on a service's own port (operators' grpcurl, probes).
+OPEN_SERVICES = frozenset({
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+})
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller of one RPC."""
+
+    role: Role
+    subject: str = ""
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> Principal:
+        """Read the caller from the edge's verified claims; no claims means anonymous."""
+        encoded = metadata.get(PAYLOAD_HEADER)
+        if not encoded:
+            return ANONYMOUS
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+            return cls(role=Role(claims["role"]), subject=str(claims.get("sub", "")))
+        except (ValueError, KeyError, TypeError):
+            return ANONYMOUS
+
+    def to_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata that presents this principal to another service of the mesh."""
+        claims = json.dumps({"role": self.role.value, "sub": self.subject}).encode()
+        return ((PAYLOAD_HEADER, base64.urlsafe_b64encode(claims).decode().rstrip("=")),)
+
+
+ANONYMOUS = Principal(Role.ANONYMOUS)
+
+
+def allowed(service: str, role: Role,
+            table: Mapping[str, frozenset[Role]] = SERVICE_ROLES) -> bool:
+    """Whether `role` may call methods of the full gRPC service name `service`."""
+    if service in OPEN_SERVICES:
+        return True
+    return role in table.get(service, frozenset())
+
+
+def routed_services() -> list[str]:
+    """The services the edge routes: all but those only the mesh itself may call."""
+    return sorted(name for name, roles in SERVICE_ROLES.items() if roles - {Role.INTERNAL})

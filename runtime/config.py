@@ -1,0 +1,57 @@
+"""Typed, frozen service configuration read once from the environment.
+
+A missing or malformed variable stops the process at start with a message that names the
+variable, instead of failing on the first request that needs it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Self
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(SystemExit):
+    """Raised (and exits the process) when the environment does not describe a valid config."""
+
+
+class ServiceConfig(BaseSettings):
+    """What every service needs. Services subclass it to add their own variables."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+
+    #: Name used in logs, traces and metrics; each service overrides the default.
+    service_name: ClassVar[str] = "televote"
+
+    televote_host: str = "127.0.0.1"
+    #: 0 lets the OS pick a free port (tests); `televote up` assigns one per replica.
+    televote_port: int = 0
+    #: A label for this process among the replicas of its service.
+    televote_replica: str = "0"
+    #: Seconds SIGTERM waits for in-flight RPCs before cancelling them.
+    televote_grace_seconds: float = 10.0
+    #: Seconds between saying NOT_SERVING and refusing new RPCs, so load balancers (Envoy
+    #: health-checks every 2 s) move traffic away before the listener closes.
+    televote_drain_announce_seconds: float = 1.0
+    televote_log_level: str = "INFO"
+    database_url: str
+    redis_url: str
+    #: Talk to Redis Cluster instead of a single Redis (same keys, same scripts).
+    redis_cluster: bool = False
+    database_pool_min: int = 1
+    database_pool_max: int = 10
+
+    @classmethod
+    def load(cls) -> Self:
+        """Read the config from the environment, or exit naming every bad variable."""
+        try:
+            return cls()
+        except ValidationError as error:
+            problems = [
+                f"{'_'.join(str(part) for part in issue['loc']).upper()}: {issue['msg']}"
+                for issue in error.errors()
+            ]
+            raise ConfigError(
+                f"{cls.service_name}: invalid configuration: " + "; ".join(problems)
+            ) from None

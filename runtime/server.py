@@ -1,0 +1,142 @@
+"""Server bootstrap shared by every service: one way to build, start and stop a service.
+
+A service's own `server.py` has `create_server(config) -> (ServiceHost, port)` that builds its
+servicers and binds, `serve()` that runs it until SIGTERM, and a thin `main()`; tests call
+`create_server` with port 0 and drive the host directly.
+
+Lifecycle: bind -> health NOT_SERVING -> start -> connect storage -> SERVING -> ... ->
+SIGTERM/SIGINT -> NOT_SERVING (load balancers stop sending) -> a short announce period ->
+stop accepting, drain in-flight RPCs for the grace period -> on_stop hooks (flush what is
+buffered) -> close storage -> exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from runtime.access import SERVICE_ROLES, Role
+from runtime.config import ServiceConfig
+from runtime.interceptors import ServiceInterceptor
+from runtime.logs import configure_logging
+from runtime.storage import Storage
+from runtime.telemetry import configure_telemetry
+
+log = logging.getLogger(__name__)
+
+StopHook = Callable[[], Awaitable[None]]
+
+# Streams (countdowns, live results) stay open for a whole show; keepalives let Envoy and
+# clients notice a dead peer instead of holding its stream forever.
+_SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_concurrent_streams", 100_000),
+]
+
+
+class ServiceHost:
+    """A grpc.aio server with health, reflection, the shared interceptor and its storage."""
+
+    def __init__(self, config: ServiceConfig, storage: Storage | None,
+                 service_roles: Mapping[str, frozenset[Role]] = SERVICE_ROLES) -> None:
+        configure_logging(config.service_name, config.televote_replica, config.televote_log_level)
+        configure_telemetry(config.service_name, config.televote_replica)
+        self.config = config
+        self.storage = storage
+        self.server = grpc.aio.server(interceptors=[ServiceInterceptor(service_roles)],
+                                      options=_SERVER_OPTIONS)
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._service_names: list[str] = []
+        self._stop_hooks: list[StopHook] = []
+        self._stopped = asyncio.Event()
+
+    def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any,
+            descriptor: ServiceDescriptor) -> None:
+        """Register a servicer (with its generated `add_XServicer_to_server`)."""
+        register(servicer, self.server)
+        self._service_names.append(descriptor.full_name)
+
+    def on_stop(self, hook: StopHook) -> None:
+        """Run `hook` after in-flight RPCs have drained, before storage closes."""
+        self._stop_hooks.append(hook)
+
+    def bind(self) -> int:
+        """Enable reflection and listen; returns the bound port (useful with port 0)."""
+        reflection.enable_server_reflection(
+            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.server)
+        address = f"{self.config.televote_host}:{self.config.televote_port}"
+        port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise RuntimeError(f"cannot bind {address}")
+        return port
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *self._service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Start answering (health says NOT_SERVING), connect storage, then say SERVING."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        if self.storage is not None:
+            await self.storage.connect()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"fields": {"services": self._service_names}})
+
+    async def stop(self) -> None:
+        """Graceful shutdown: NOT_SERVING, drain in-flight RPCs, run stop hooks, close."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.config.televote_drain_announce_seconds)
+        await self.server.stop(self.config.televote_grace_seconds)
+        for hook in self._stop_hooks:
+            await hook()
+        if self.storage is not None:
+            await self.storage.close()
+        log.info("stopped")
+
+    async def run_until_signal(self) -> None:
+        """Start, then serve until SIGTERM or SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_requested.set)
+        await self.start()
+        await stop_requested.wait()
+        log.info("signal received, draining")
+        await self.stop()
+
+
+async def serve_forever(create_server: Callable[[Any], tuple[ServiceHost, int]],
+                        config: ServiceConfig) -> None:
+    """What every service's `serve()` does: build, bind, run until a signal.
+
+    The server is built inside the running loop: grpc.aio binds it to the loop it is made in.
+    """
+    host, port = create_server(config)
+    log.info("listening", extra={"fields": {"port": port}})
+    await host.run_until_signal()
+
+
+def run_service(create_server: Callable[[Any], tuple[ServiceHost, int]],
+                config_class: type[ServiceConfig]) -> None:
+    """A service's `main()`: load its config (exiting on a bad one) and serve until a signal."""
+    config = config_class.load()
+    asyncio.run(serve_forever(create_server, config))
+
+

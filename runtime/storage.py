@@ -1,0 +1,62 @@
+"""The one way a service talks to PostgreSQL and Redis.
+
+Both clients are built without connecting, handed to servicers through their constructors,
+and connected by `Storage.connect()` before the service reports SERVING.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis, RedisCluster
+
+from runtime.config import ServiceConfig
+
+log = logging.getLogger(__name__)
+
+RedisClient = Redis | RedisCluster
+
+
+def create_pool(url: str, min_size: int = 1, max_size: int = 10) -> AsyncConnectionPool[
+        AsyncConnection[dict[str, object]]]:
+    """An unopened async pool whose connections return rows as dicts."""
+    return AsyncConnectionPool(
+        url, min_size=min_size, max_size=max_size, open=False,
+        kwargs={"row_factory": dict_row}, name="televote")
+
+
+def create_redis(url: str, cluster: bool = False) -> RedisClient:
+    """A Redis client for a single server or a cluster; hiredis parses replies when installed."""
+    if cluster:
+        return RedisCluster.from_url(url, decode_responses=False)
+    return Redis.from_url(url, decode_responses=False, health_check_interval=30)
+
+
+@dataclass
+class Storage:
+    """PostgreSQL pool and Redis client of one service process."""
+
+    pool: AsyncConnectionPool[AsyncConnection[dict[str, object]]]
+    redis: RedisClient
+
+    @classmethod
+    def from_config(cls, config: ServiceConfig) -> Storage:
+        return cls(
+            pool=create_pool(config.database_url, config.database_pool_min,
+                             config.database_pool_max),
+            redis=create_redis(config.redis_url, config.redis_cluster),
+        )
+
+    async def connect(self, timeout: float = 30.0) -> None:
+        """Open the pool and reach Redis; raises if either is unreachable within `timeout`."""
+        await self.pool.open(wait=True, timeout=timeout)
+        await self.redis.ping()
+        log.info("storage connected")
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.redis.aclose()

@@ -1,0 +1,1 @@
+"""sms_svc: premium SMS from the carriers: parse, reply, bill."""

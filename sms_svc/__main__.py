@@ -1,0 +1,3 @@
+from sms_svc.server import main
+
+main()

@@ -1,0 +1,1 @@
+"""sync_svc: the show's clock: show state, voting windows and countdowns."""

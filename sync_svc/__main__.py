@@ -1,0 +1,3 @@
+from sync_svc.server import main
+
+main()

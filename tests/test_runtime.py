@@ -1,0 +1,138 @@
+"""The shared runtime on its own: config, errors, access, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from ops.processes import free_port
+from runtime.access import Principal, Role, allowed
+from runtime.config import ConfigError, ServiceConfig
+from runtime.errors import ApiError, FieldViolation, invalid_argument
+from tests.slow_service import SLEEP_METHOD
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class _Config(ServiceConfig):
+    service_name: ClassVar[str] = "config_test"
+    round_seconds: int = 1800
+
+
+def test_config_names_the_missing_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://localhost:1/0")
+    with pytest.raises(ConfigError, match="DATABASE_URL"):
+        _Config.load()
+
+
+def test_config_names_the_malformed_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://x/y")
+    monkeypatch.setenv("REDIS_URL", "redis://localhost:1/0")
+    monkeypatch.setenv("ROUND_SECONDS", "thirty")
+    with pytest.raises(ConfigError, match="ROUND_SECONDS"):
+        _Config.load()
+
+
+def test_config_is_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://x/y")
+    monkeypatch.setenv("REDIS_URL", "redis://localhost:1/0")
+    config = _Config.load()
+    assert config.round_seconds == 1800
+    with pytest.raises(Exception, match="frozen"):
+        config.round_seconds = 5  # type: ignore[misc]
+
+
+def test_api_error_carries_one_error_info_and_bad_request() -> None:
+    error = invalid_argument(FieldViolation("count", "must be 1..100"))
+    status = rpc_status.to_status  # noqa: F841 - the helper under test builds a grpc.Status
+    built = error.to_status()
+    assert built.code == grpc.StatusCode.INVALID_ARGUMENT
+    details = dict(built.trailing_metadata)["grpc-status-details-bin"]
+    from google.rpc import status_pb2
+
+    decoded = status_pb2.Status.FromString(details)
+    infos = [d for d in decoded.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    assert len(infos) == 1
+    info = error_details_pb2.ErrorInfo()
+    infos[0].Unpack(info)
+    assert (info.reason, info.domain) == ("INVALID_REQUEST", "televote")
+    bad = error_details_pb2.BadRequest()
+    next(d for d in decoded.details if d.Is(bad.DESCRIPTOR)).Unpack(bad)
+    assert bad.field_violations[0].field == "count"
+
+
+def test_retry_info_is_attached_for_rate_limits() -> None:
+    from google.rpc import status_pb2
+
+    error = ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", "slow down",
+                     retry_after_seconds=1.5)
+    decoded = status_pb2.Status.FromString(
+        dict(error.to_status().trailing_metadata)["grpc-status-details-bin"])
+    retry = error_details_pb2.RetryInfo()
+    next(d for d in decoded.details if d.Is(retry.DESCRIPTOR)).Unpack(retry)
+    assert retry.retry_delay.ToMilliseconds() == 1500
+
+
+def test_principal_round_trips_through_metadata() -> None:
+    principal = Principal(Role.VOTER, "user-42")
+    assert Principal.from_metadata(dict(principal.to_metadata())) == principal
+    assert Principal.from_metadata({"x-jwt-payload": "not-base64-json"}).role is Role.ANONYMOUS
+
+
+def test_access_table() -> None:
+    assert allowed("televote.sync.v1.ShowControlService", Role.OPERATOR)
+    assert not allowed("televote.sync.v1.ShowControlService", Role.VOTER)
+    assert allowed("televote.sync.v1.ShowWatchService", Role.ANONYMOUS)
+    assert not allowed("televote.fraud.v1.FraudScoringService", Role.OPERATOR)
+    assert allowed("televote.fraud.v1.FraudScoringService", Role.INTERNAL)
+    assert not allowed("televote.unknown.v1.Whatever", Role.OPERATOR)
+
+
+async def test_sigterm_drains_an_in_flight_rpc_before_exit() -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.slow_service", cwd=REPO,
+        env={**os.environ, "TELEVOTE_PORT": str(port), "TELEVOTE_GRACE_SECONDS": "10"},
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            await _wait_serving(health)
+            sleep = channel.unary_unary(SLEEP_METHOD)
+            in_flight = asyncio.ensure_future(sleep(b"1.5", timeout=10))
+            await asyncio.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            # Draining: no longer SERVING, yet the call already in flight completes.
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert process.returncode is None
+            assert await in_flight == b"slept 1.5"
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def _wait_serving(health: health_pb2_grpc.HealthStub) -> None:
+    for _ in range(100):
+        try:
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("service never became SERVING")

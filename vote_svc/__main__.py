@@ -1,0 +1,3 @@
+from vote_svc.server import main
+
+main()
