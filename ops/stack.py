@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 import time
 import urllib.request
@@ -96,14 +97,8 @@ class Stack:
                 count = self.settings.replicas.get(service, 1)
                 self.addresses[service] = [("127.0.0.1", free_port()) for _ in range(count)]
             for service in SERVICES:
-                for replica, (host, port) in enumerate(self.addresses[service]):
-                    env = {
-                        **self._service_environment(state_dir),
-                        "TELEVOTE_HOST": host, "TELEVOTE_PORT": str(port),
-                        "TELEVOTE_REPLICA": str(replica),
-                    }
-                    self._services.append(await Child.spawn(
-                        f"{service}-{replica}", [sys.executable, "-m", service], logs, env=env))
+                for replica in range(len(self.addresses[service])):
+                    self._services.append(await self._spawn_replica(service, replica))
             await asyncio.gather(*(self._wait_serving(child, address)
                                    for child, address in zip(self._services, self._all_addresses(),
                                                              strict=True)))
@@ -122,6 +117,34 @@ class Stack:
         except BaseException:
             await self.stop()
             raise
+
+    async def _spawn_replica(self, service: str, replica: int) -> Child:
+        state_dir = self.settings.state_dir.resolve()
+        host, port = self.addresses[service][replica]
+        env = {**self._service_environment(state_dir), "TELEVOTE_HOST": host,
+               "TELEVOTE_PORT": str(port), "TELEVOTE_REPLICA": str(replica)}
+        return await Child.spawn(f"{service}-{replica}", [sys.executable, "-m", service],
+                                 state_dir / "logs", env=env)
+
+    def _child(self, service: str, replica: int) -> Child:
+        name = f"{service}-{replica}"
+        return next(child for child in self._services if child.name == name)
+
+    async def kill(self, service: str, replica: int = 0,
+                   signum: signal.Signals = signal.SIGKILL) -> int | None:
+        """Stop one replica the hard way (or with `signum`), as a crash or a deploy would."""
+        child = self._child(service, replica)
+        child.stop_signal = signum
+        return await child.stop()
+
+    async def restart(self, service: str, replica: int = 0) -> None:
+        """Start a stopped replica again on its old address and wait until it is SERVING."""
+        old = self._child(service, replica)
+        if old.running:
+            raise RuntimeError(f"{old.name} is still running")
+        child = await self._spawn_replica(service, replica)
+        self._services[self._services.index(old)] = child
+        await self._wait_serving(child, self.addresses[service][replica])
 
     def _service_environment(self, state_dir: Path) -> dict[str, str]:
         env = {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,

@@ -39,9 +39,57 @@ def window_key(shard: int, round_id: str) -> str:
     Fields, all strings: episode_id; state (OPEN or CLOSED); opens_at_ms; closes_at_ms (the
     broadcast close); close_app_ms, close_web_ms, close_sms_ms (when each channel stops taking
     votes); contestants (comma-separated contestant ids); free_quota (free votes per user per
-    episode); version (the episode version that wrote it).
+    episode); free_cap (extra cap on free votes per user in this round, 0 = none);
+    rate_limit_per_minute (votes per user per minute; vote_svc's default when absent);
+    version (the episode version that wrote it).
     """
     return f"tv:{tag(shard)}:window:{round_id}"
+
+
+def user_key(shard: int, user_id: str) -> str:
+    """A voter's admission cache (a Redis hash, written only by vote_svc).
+
+    Fields: `credited` and `spent` (paid votes ever credited / spent; balance = credited -
+    spent; present once loaded from PostgreSQL, `credited` only ever rises); `free:<episode_id>`
+    (free votes used in that episode). A missing field means "not loaded": vote_svc loads it
+    from PostgreSQL (wallets, free_vote_usage) before admitting.
+    """
+    return f"tv:{tag(shard)}:user:{user_id}"
+
+
+def idempotency_key(shard: int, user_id: str, request_id: str) -> str:
+    """The outcome of a vote request (a string; vote_svc's admission script owns the format).
+
+    `P|...` while the admission waits for its ledger commit (with a lease), `D|...` once
+    committed. Deleted when an admission is undone, so it never outlives an undone admission.
+    """
+    return f"tv:{tag(shard)}:idem:{user_id}:{request_id}"
+
+
+def rate_key(shard: int, user_id: str) -> str:
+    """A voter's rate-limit window (a hash: `minute` start ms, `n` votes in it)."""
+    return f"tv:{tag(shard)}:rate:{user_id}"
+
+
+def live_key(shard: int, round_id: str) -> str:
+    """Provisional live counters of a round for one shard's voters (hash contestant_id -> votes).
+
+    results_svc sums the SHARDS copies. Provisional: the ledger is the truth; after a Redis
+    loss vote_svc rebuilds them from the ledger (`votes.shard`).
+    """
+    return f"tv:{tag(shard)}:live:{round_id}"
+
+
+def live_minutes_key(shard: int, round_id: str) -> str:
+    """Per-minute buckets of a round for one shard (hash `<minute_start_ms>:<contestant_id>` ->
+    votes, minutes by the Redis server clock), for results_svc's trends."""
+    return f"tv:{tag(shard)}:minutes:{round_id}"
+
+
+def shard_marker_key(shard: int) -> str:
+    """Set by vote_svc once a shard's live counters are known to be complete; its absence
+    after a Redis flush makes vote_svc rebuild that shard's counters from the ledger."""
+    return f"tv:{tag(shard)}:marker"
 
 
 def show_channel(episode_id: str) -> str:

@@ -33,7 +33,7 @@ from runtime.telemetry import configure_telemetry
 
 log = logging.getLogger(__name__)
 
-StopHook = Callable[[], Awaitable[None]]
+Hook = Callable[[], Awaitable[None]]
 
 # Streams (countdowns, live results) stay open for a whole show; keepalives let Envoy and
 # clients notice a dead peer instead of holding its stream forever.
@@ -59,7 +59,8 @@ class ServiceHost:
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
-        self._stop_hooks: list[StopHook] = []
+        self._start_hooks: list[Hook] = []
+        self._stop_hooks: list[Hook] = []
         self._stopped = asyncio.Event()
 
     def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any,
@@ -68,7 +69,11 @@ class ServiceHost:
         register(servicer, self.server)
         self._service_names.append(descriptor.full_name)
 
-    def on_stop(self, hook: StopHook) -> None:
+    def on_start(self, hook: Hook) -> None:
+        """Run `hook` once storage is connected, before the service says SERVING."""
+        self._start_hooks.append(hook)
+
+    def on_stop(self, hook: Hook) -> None:
         """Run `hook` after in-flight RPCs have drained, before storage closes."""
         self._stop_hooks.append(hook)
 
@@ -93,6 +98,8 @@ class ServiceHost:
         await self.server.start()
         if self.storage is not None:
             await self.storage.connect()
+        for hook in self._start_hooks:
+            await hook()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"fields": {"services": self._service_names}})
 

@@ -1,12 +1,14 @@
-"""sync_svc's server: show control for operators, show watching for everyone."""
+"""sync_svc's server: show control for operators, show watching for everyone, and the closer."""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-from runtime.config import ServiceConfig
 from runtime.server import ServiceHost, run_service
 from runtime.storage import Storage
+from sync_svc.closer import Closer
+from sync_svc.config import SyncConfig
+from sync_svc.hub import Hub
+from sync_svc.servicers import ShowControlServicer, ShowWatchServicer
+from sync_svc.show import ShowStore
 from televote.sync.v1 import (
     show_control_service_pb2,
     show_control_service_pb2_grpc,
@@ -15,19 +17,29 @@ from televote.sync.v1 import (
 )
 
 
-class SyncConfig(ServiceConfig):
-    service_name: ClassVar[str] = "sync_svc"
-
-
 def create_server(config: SyncConfig) -> tuple[ServiceHost, int]:
-    host = ServiceHost(config, Storage.from_config(config))
-    # The show control and watch RPCs land with the show sync issue; until then the
-    # generated base servicers answer UNIMPLEMENTED.
+    storage = Storage.from_config(config)
+    host = ServiceHost(config, storage)
+    store = ShowStore(storage, config)
+    hub = Hub(storage, store, config)
+    closer = Closer(storage, store, config)
+    hub.on_round_change.append(closer.poke)
+
+    async def start_background() -> None:
+        await hub.start()
+        closer.start()
+
+    async def stop_background() -> None:
+        await closer.stop()
+        await hub.stop()
+
+    host.on_start(start_background)
+    host.on_stop(stop_background)
     host.add(show_control_service_pb2_grpc.add_ShowControlServiceServicer_to_server,
-             show_control_service_pb2_grpc.ShowControlServiceServicer(),  # type: ignore[abstract]
+             ShowControlServicer(store),
              show_control_service_pb2.DESCRIPTOR.services_by_name["ShowControlService"])
     host.add(show_watch_service_pb2_grpc.add_ShowWatchServiceServicer_to_server,
-             show_watch_service_pb2_grpc.ShowWatchServiceServicer(),  # type: ignore[abstract]
+             ShowWatchServicer(store, hub),
              show_watch_service_pb2.DESCRIPTOR.services_by_name["ShowWatchService"])
     return host, host.bind()
 

@@ -21,6 +21,19 @@ from ops.stack import Stack, StackSettings
 from runtime.access import Role
 
 
+#: Real durations are minutes; tests run a whole show in seconds. Ticks: TIME_UPDATE every 4 s,
+#: WARNING at 6 s, COUNTDOWN from 3; windows may be as short as 1 s.
+FAST_SHOW_ENV = {
+    "TELEVOTE_GRACE_SECONDS": "2",
+    "TELEVOTE_DRAIN_ANNOUNCE_SECONDS": "0.2",
+    "SYNC_MIN_WINDOW_MS": "1000",
+    "SYNC_TIME_UPDATE_EVERY_S": "4",
+    "SYNC_WARNING_AT_S": "6",
+    "SYNC_COUNTDOWN_FROM_S": "3",
+    "SYNC_CLOSE_POLL_MS": "500",
+}
+
+
 @pytest_asyncio.fixture(scope="session")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     settings = StackSettings(
@@ -28,7 +41,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         edge_port=0,
         database_url=os.environ.get("TELEVOTE_TEST_DATABASE_URL"),
         redis_url=os.environ.get("TELEVOTE_TEST_REDIS_URL"),
-        service_env={"TELEVOTE_GRACE_SECONDS": "2"},
+        service_env=FAST_SHOW_ENV,
     )
     mesh = Stack(settings)
     await mesh.start()

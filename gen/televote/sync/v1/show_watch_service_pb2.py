@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from televote.sync.v1 import sync_types_pb2 as televote_dot_sync_dot_v1_dot_sync__types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)televote/sync/v1/show_watch_service.proto\x12\x10televote.sync.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!televote/sync/v1/sync_types.proto\"/\n\x13GetShowStateRequest\x12\x18\n\nepisode_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"H\n\x14GetShowStateResponse\x12\x30\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1e.televote.sync.v1.ShowSnapshot\",\n\x10WatchShowRequest\x12\x18\n\nepisode_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x97\x03\n\x11WatchShowResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x04type\x18\x03 \x01(\x0e\x32\x1f.televote.sync.v1.ShowEventType\x12\x12\n\nepisode_id\x18\x04 \x01(\t\x12\x32\n\x08snapshot\x18\n \x01(\x0b\x32\x1e.televote.sync.v1.ShowSnapshotH\x00\x12,\n\x05state\x18\x0b \x01(\x0e\x32\x1b.televote.sync.v1.ShowStateH\x00\x12\x34\n\x0bperformance\x18\x0c \x01(\x0b\x32\x1d.televote.sync.v1.PerformanceH\x00\x12(\n\x05round\x18\r \x01(\x0b\x32\x17.televote.sync.v1.RoundH\x00\x12/\n\x06timing\x18\x0e \x01(\x0b\x32\x1d.televote.sync.v1.RoundTimingH\x00\x42\t\n\x07payload*\xaa\x03\n\rShowEventType\x12\x1f\n\x1bSHOW_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18SHOW_EVENT_TYPE_SNAPSHOT\x10\x01\x12!\n\x1dSHOW_EVENT_TYPE_STATE_CHANGED\x10\x02\x12\'\n#SHOW_EVENT_TYPE_PERFORMANCE_STARTED\x10\x03\x12%\n!SHOW_EVENT_TYPE_PERFORMANCE_ENDED\x10\x04\x12\x1f\n\x1bSHOW_EVENT_TYPE_VOTING_OPEN\x10\x05\x12#\n\x1fSHOW_EVENT_TYPE_VOTING_EXTENDED\x10\x06\x12\x1f\n\x1bSHOW_EVENT_TYPE_TIME_UPDATE\x10\x07\x12\x1b\n\x17SHOW_EVENT_TYPE_WARNING\x10\x08\x12\x1d\n\x19SHOW_EVENT_TYPE_COUNTDOWN\x10\t\x12!\n\x1dSHOW_EVENT_TYPE_VOTING_CLOSED\x10\n\x12!\n\x1dSHOW_EVENT_TYPE_RESULTS_READY\x10\x0b\x32\x9e\x02\n\x10ShowWatchService\x12\x86\x01\n\x0cGetShowState\x12%.televote.sync.v1.GetShowStateRequest\x1a&.televote.sync.v1.GetShowStateResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/episodes/{episode_id}/state\x12\x80\x01\n\tWatchShow\x12\".televote.sync.v1.WatchShowRequest\x1a#.televote.sync.v1.WatchShowResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/episodes/{episode_id}/events0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)televote/sync/v1/show_watch_service.proto\x12\x10televote.sync.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!televote/sync/v1/sync_types.proto\"/\n\x13GetShowStateRequest\x12\x18\n\nepisode_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"H\n\x14GetShowStateResponse\x12\x30\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1e.televote.sync.v1.ShowSnapshot\",\n\x10WatchShowRequest\x12\x18\n\nepisode_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xb0\x03\n\x11WatchShowResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x04type\x18\x03 \x01(\x0e\x32\x1f.televote.sync.v1.ShowEventType\x12\x12\n\nepisode_id\x18\x04 \x01(\t\x12\x17\n\x0f\x65pisode_version\x18\x05 \x01(\x04\x12\x32\n\x08snapshot\x18\n \x01(\x0b\x32\x1e.televote.sync.v1.ShowSnapshotH\x00\x12,\n\x05state\x18\x0b \x01(\x0e\x32\x1b.televote.sync.v1.ShowStateH\x00\x12\x34\n\x0bperformance\x18\x0c \x01(\x0b\x32\x1d.televote.sync.v1.PerformanceH\x00\x12(\n\x05round\x18\r \x01(\x0b\x32\x17.televote.sync.v1.RoundH\x00\x12/\n\x06timing\x18\x0e \x01(\x0b\x32\x1d.televote.sync.v1.RoundTimingH\x00\x42\t\n\x07payload*\xaa\x03\n\rShowEventType\x12\x1f\n\x1bSHOW_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18SHOW_EVENT_TYPE_SNAPSHOT\x10\x01\x12!\n\x1dSHOW_EVENT_TYPE_STATE_CHANGED\x10\x02\x12\'\n#SHOW_EVENT_TYPE_PERFORMANCE_STARTED\x10\x03\x12%\n!SHOW_EVENT_TYPE_PERFORMANCE_ENDED\x10\x04\x12\x1f\n\x1bSHOW_EVENT_TYPE_VOTING_OPEN\x10\x05\x12#\n\x1fSHOW_EVENT_TYPE_VOTING_EXTENDED\x10\x06\x12\x1f\n\x1bSHOW_EVENT_TYPE_TIME_UPDATE\x10\x07\x12\x1b\n\x17SHOW_EVENT_TYPE_WARNING\x10\x08\x12\x1d\n\x19SHOW_EVENT_TYPE_COUNTDOWN\x10\t\x12!\n\x1dSHOW_EVENT_TYPE_VOTING_CLOSED\x10\n\x12!\n\x1dSHOW_EVENT_TYPE_RESULTS_READY\x10\x0b\x32\x9e\x02\n\x10ShowWatchService\x12\x86\x01\n\x0cGetShowState\x12%.televote.sync.v1.GetShowStateRequest\x1a&.televote.sync.v1.GetShowStateResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/episodes/{episode_id}/state\x12\x80\x01\n\tWatchShow\x12\".televote.sync.v1.WatchShowRequest\x1a#.televote.sync.v1.WatchShowResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/episodes/{episode_id}/events0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,8 +43,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHOWWATCHSERVICE'].methods_by_name['GetShowState']._serialized_options = b'\202\323\344\223\002!\022\037/v1/episodes/{episode_id}/state'
   _globals['_SHOWWATCHSERVICE'].methods_by_name['WatchShow']._loaded_options = None
   _globals['_SHOWWATCHSERVICE'].methods_by_name['WatchShow']._serialized_options = b'\202\323\344\223\002\"\022 /v1/episodes/{episode_id}/events'
-  _globals['_SHOWEVENTTYPE']._serialized_start=774
-  _globals['_SHOWEVENTTYPE']._serialized_end=1200
+  _globals['_SHOWEVENTTYPE']._serialized_start=799
+  _globals['_SHOWEVENTTYPE']._serialized_end=1225
   _globals['_GETSHOWSTATEREQUEST']._serialized_start=194
   _globals['_GETSHOWSTATEREQUEST']._serialized_end=241
   _globals['_GETSHOWSTATERESPONSE']._serialized_start=243
@@ -52,7 +52,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHSHOWREQUEST']._serialized_start=317
   _globals['_WATCHSHOWREQUEST']._serialized_end=361
   _globals['_WATCHSHOWRESPONSE']._serialized_start=364
-  _globals['_WATCHSHOWRESPONSE']._serialized_end=771
-  _globals['_SHOWWATCHSERVICE']._serialized_start=1203
-  _globals['_SHOWWATCHSERVICE']._serialized_end=1489
+  _globals['_WATCHSHOWRESPONSE']._serialized_end=796
+  _globals['_SHOWWATCHSERVICE']._serialized_start=1228
+  _globals['_SHOWWATCHSERVICE']._serialized_end=1514
 # @@protoc_insertion_point(module_scope)

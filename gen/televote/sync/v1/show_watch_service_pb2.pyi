@@ -157,6 +157,7 @@ class WatchShowResponse(_message.Message):
     SERVER_TIME_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     EPISODE_ID_FIELD_NUMBER: _builtins.int
+    EPISODE_VERSION_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     PERFORMANCE_FIELD_NUMBER: _builtins.int
@@ -168,6 +169,11 @@ class WatchShowResponse(_message.Message):
     """What happened; says which payload field is set."""
     episode_id: _builtins.str
     """The episode."""
+    episode_version: _builtins.int
+    """The episode's version after the change this event announces (0 for timing ticks, which
+    change nothing). Versions only grow: a client that holds a snapshot of version V can
+    ignore events of version <= V.
+    """
     state: _sync_types_pb2.ShowState.ValueType
     """STATE_CHANGED: the new live state."""
     @_builtins.property
@@ -197,6 +203,7 @@ class WatchShowResponse(_message.Message):
         server_time: _timestamp_pb2.Timestamp | None = ...,
         type: Global___ShowEventType.ValueType = ...,
         episode_id: _builtins.str = ...,
+        episode_version: _builtins.int = ...,
         snapshot: _sync_types_pb2.ShowSnapshot | None = ...,
         state: _sync_types_pb2.ShowState.ValueType = ...,
         performance: _sync_types_pb2.Performance | None = ...,
@@ -205,7 +212,7 @@ class WatchShowResponse(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "performance", b"performance", "round", b"round", "server_time", b"server_time", "snapshot", b"snapshot", "state", b"state", "timing", b"timing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["episode_id", b"episode_id", "payload", b"payload", "performance", b"performance", "round", b"round", "sequence", b"sequence", "server_time", b"server_time", "snapshot", b"snapshot", "state", b"state", "timing", b"timing", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["episode_id", b"episode_id", "episode_version", b"episode_version", "payload", b"payload", "performance", b"performance", "round", b"round", "sequence", b"sequence", "server_time", b"server_time", "snapshot", b"snapshot", "state", b"state", "timing", b"timing", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["snapshot", "state", "performance", "round", "timing"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

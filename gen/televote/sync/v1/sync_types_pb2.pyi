@@ -432,6 +432,9 @@ class ShowSnapshot(_message.Message):
     ROUND_CONTESTANTS_FIELD_NUMBER: _builtins.int
     SERVER_TIME_FIELD_NUMBER: _builtins.int
     TIME_REMAINING_FIELD_NUMBER: _builtins.int
+    EPISODE_VERSION_FIELD_NUMBER: _builtins.int
+    episode_version: _builtins.int
+    """The episode's version this snapshot shows (see WatchShowResponse.episode_version)."""
     @_builtins.property
     def episode(self) -> Global___Episode:
         """The episode, with its live state."""
@@ -469,10 +472,11 @@ class ShowSnapshot(_message.Message):
         round_contestants: _abc.Iterable[Global___Contestant] | None = ...,
         server_time: _timestamp_pb2.Timestamp | None = ...,
         time_remaining: _duration_pb2.Duration | None = ...,
+        episode_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["current_performance", b"current_performance", "current_round", b"current_round", "episode", b"episode", "server_time", b"server_time", "time_remaining", b"time_remaining"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_performance", b"current_performance", "current_round", b"current_round", "episode", b"episode", "round_contestants", b"round_contestants", "server_time", b"server_time", "time_remaining", b"time_remaining"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_performance", b"current_performance", "current_round", b"current_round", "episode", b"episode", "episode_version", b"episode_version", "round_contestants", b"round_contestants", "server_time", b"server_time", "time_remaining", b"time_remaining"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

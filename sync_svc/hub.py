@@ -1,0 +1,250 @@
+"""Fan-out of show events to every watcher, on every replica.
+
+A change committed on any replica is published once to Redis (`keys.show_channel`); each
+replica holds one pattern subscription and hands each event to the watchers of that episode
+it serves. Countdown ticks are not published at all: every replica derives them from the open
+round's close time and the Redis server clock, so all watchers see the same ticks at the same
+moments without any cross-replica traffic.
+
+A watcher that falls behind never holds up the others and never grows an unbounded queue:
+when its queue is full it is marked stale, its backlog is dropped, and it is sent a fresh
+snapshot instead (the same thing a reconnecting client gets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from runtime import keys
+from runtime.storage import Storage
+from sync_svc.config import SyncConfig
+from sync_svc.show import ShowStore, datetime_to_ms, duration, ms_to_datetime, timestamp
+from televote.sync.v1 import show_watch_service_pb2 as watch
+from televote.sync.v1 import sync_types_pb2 as types
+
+log = logging.getLogger(__name__)
+
+Event = watch.WatchShowResponse
+EventType = watch.ShowEventType
+_PATTERN = keys.show_channel("*")
+
+
+@dataclass(eq=False)  # each watcher is its own identity in the feed's set
+class Watcher:
+    """One WatchShow stream on this replica."""
+
+    queue: asyncio.Queue[Event]
+    stale: bool = False
+
+    def offer(self, event: Event) -> None:
+        if self.stale:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.stale = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(Event(type=EventType.SHOW_EVENT_TYPE_SNAPSHOT))
+
+
+@dataclass
+class Feed:
+    """The watchers of one episode on this replica, and the timing their ticks follow."""
+
+    episode_id: str
+    watchers: set[Watcher] = field(default_factory=set)
+    version: int = 0
+    open_round: types.Round | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    ticker: asyncio.Task[None] | None = None
+
+    def follow(self, version: int, event_type: int, round_: types.Round | None) -> None:
+        """Track the open round from the snapshot or events so ticks follow the real close."""
+        if version < self.version:
+            return
+        self.version = version
+        if event_type in (EventType.SHOW_EVENT_TYPE_VOTING_OPEN,
+                          EventType.SHOW_EVENT_TYPE_VOTING_EXTENDED,
+                          EventType.SHOW_EVENT_TYPE_SNAPSHOT):
+            self.open_round = (round_ if round_ is not None
+                               and round_.state == types.ROUND_STATE_OPEN else None)
+        elif event_type == EventType.SHOW_EVENT_TYPE_VOTING_CLOSED:
+            self.open_round = None
+        self.changed.set()
+
+
+class Hub:
+    """Receives show events from Redis and feeds this replica's watchers."""
+
+    def __init__(self, storage: Storage, store: ShowStore, config: SyncConfig) -> None:
+        self._storage = storage
+        self._store = store
+        self._config = config
+        self._feeds: dict[str, Feed] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._clock_offset_ms = 0.0  # Redis clock minus this host's clock
+        self._subscribed = asyncio.Event()
+        self.on_round_change: list[asyncio.Event] = []  # poked when a window opens or moves
+
+    async def start(self) -> None:
+        await self._sync_clock()
+        self._listener = asyncio.create_task(self._listen(), name="show-events")
+        await asyncio.wait_for(self._subscribed.wait(), 10)
+
+    async def stop(self) -> None:
+        for task in [self._listener, *(feed.ticker for feed in self._feeds.values())]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self._storage.redis.pubsub()
+                await pubsub.psubscribe(_PATTERN)
+                self._subscribed.set()
+                async for message in pubsub.listen():
+                    if message["type"] == "pmessage":
+                        self._deliver(Event.FromString(message["data"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("show event subscription lost; resubscribing")
+                await asyncio.sleep(0.5)
+
+    def _deliver(self, event: Event) -> None:
+        if event.type in (EventType.SHOW_EVENT_TYPE_VOTING_OPEN,
+                          EventType.SHOW_EVENT_TYPE_VOTING_EXTENDED):
+            for poke in self.on_round_change:
+                poke.set()
+        feed = self._feeds.get(event.episode_id)
+        if feed is None:
+            return
+        feed.follow(event.episode_version, event.type,
+                    event.round if event.HasField("round") else None)
+        for watcher in feed.watchers:
+            watcher.offer(event)
+
+    # -- watching --------------------------------------------------------------------------
+
+    async def watch(self, episode_id: str) -> AsyncIterator[Event]:
+        """The events one watcher is sent: a snapshot, then every change and tick."""
+        feed = self._feeds.get(episode_id)
+        if feed is None:
+            feed = self._feeds[episode_id] = Feed(episode_id)
+        watcher = Watcher(asyncio.Queue(maxsize=self._config.sync_watcher_queue))
+        # Registered before the snapshot is read, so no event can fall between the two.
+        feed.watchers.add(watcher)
+        if feed.ticker is None:
+            feed.ticker = asyncio.create_task(self._tick(feed), name=f"ticks-{episode_id}")
+        try:
+            snapshot = await self._store.get_snapshot(episode_id)
+            seen = self._follow_snapshot(feed, snapshot)
+            yield self._snapshot_event(snapshot)
+            while True:
+                event = await watcher.queue.get()
+                if event.type == EventType.SHOW_EVENT_TYPE_SNAPSHOT:
+                    watcher.stale = False
+                    snapshot = await self._store.get_snapshot(episode_id)
+                    seen = self._follow_snapshot(feed, snapshot)
+                    yield self._snapshot_event(snapshot)
+                    continue
+                if event.episode_version:
+                    if event.episode_version <= seen:
+                        continue  # already in the snapshot this watcher was sent
+                    seen = event.episode_version
+                yield event
+                if (event.type == EventType.SHOW_EVENT_TYPE_RESULTS_READY or (
+                        event.type == EventType.SHOW_EVENT_TYPE_STATE_CHANGED
+                        and event.state == types.SHOW_STATE_ENDED)) \
+                        and await self._store.episode_finished(episode_id):
+                    return
+        finally:
+            feed.watchers.discard(watcher)
+            if not feed.watchers and self._feeds.get(episode_id) is feed:
+                del self._feeds[episode_id]
+                if feed.ticker is not None:
+                    feed.ticker.cancel()
+
+    def _follow_snapshot(self, feed: Feed, snapshot: types.ShowSnapshot) -> int:
+        feed.follow(snapshot.episode_version, EventType.SHOW_EVENT_TYPE_SNAPSHOT,
+                    snapshot.current_round if snapshot.HasField("current_round") else None)
+        return int(snapshot.episode_version)
+
+    @staticmethod
+    def _snapshot_event(snapshot: types.ShowSnapshot) -> Event:
+        return Event(type=EventType.SHOW_EVENT_TYPE_SNAPSHOT,
+                     episode_id=snapshot.episode.episode_id, server_time=snapshot.server_time,
+                     episode_version=snapshot.episode_version, snapshot=snapshot)
+
+    # -- ticks -----------------------------------------------------------------------------
+
+    def _tick_kind(self, seconds: int) -> int | None:
+        config = self._config
+        if 1 <= seconds <= config.sync_countdown_from_s:
+            return EventType.SHOW_EVENT_TYPE_COUNTDOWN
+        if seconds == config.sync_warning_at_s:
+            return EventType.SHOW_EVENT_TYPE_WARNING
+        if seconds % config.sync_time_update_every_s == 0:
+            return EventType.SHOW_EVENT_TYPE_TIME_UPDATE
+        return None
+
+    async def _tick(self, feed: Feed) -> None:
+        """Send the open round's timing ticks to this replica's watchers of the episode."""
+        while True:
+            feed.changed.clear()
+            round_ = feed.open_round
+            if round_ is None:
+                await feed.changed.wait()
+                continue
+            closes_ms = datetime_to_ms(round_.closes_at.ToDatetime())
+            now_ms = self._now_ms()
+            # The next whole second before the close, strictly in the future, that has a tick.
+            seconds = math.ceil((closes_ms - now_ms) / 1000) - 1
+            while seconds >= 1 and self._tick_kind(seconds) is None:
+                seconds -= 1
+            if seconds < 1:
+                await feed.changed.wait()  # the closer announces VOTING_CLOSED
+                continue
+            due_ms = closes_ms - seconds * 1000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(feed.changed.wait(), (due_ms - self._now_ms()) / 1000)
+                continue  # the window moved or closed: recompute
+            kind = self._tick_kind(seconds)
+            assert kind is not None
+            tick = Event(type=kind, episode_id=feed.episode_id,  # type: ignore[arg-type]
+                         server_time=_stamp_ms(due_ms),
+                         timing=types.RoundTiming(
+                             round_id=round_.round_id, opens_at=round_.opens_at,
+                             closes_at=round_.closes_at, channel_closes=round_.channel_closes,
+                             time_remaining=duration(seconds * 1000),
+                             seconds_remaining=seconds))
+            for watcher in list(feed.watchers):
+                watcher.offer(tick)
+
+    def _now_ms(self) -> float:
+        return time.time() * 1000 + self._clock_offset_ms
+
+    async def _sync_clock(self) -> None:
+        before = time.time() * 1000
+        server = await keys.server_time_ms(self._storage.redis)
+        after = time.time() * 1000
+        self._clock_offset_ms = server - (before + after) / 2
+
+
+def _stamp_ms(ms: float) -> Timestamp:
+    stamp = timestamp(ms_to_datetime(int(ms)))
+    assert stamp is not None
+    return stamp
