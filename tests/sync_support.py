@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,7 @@ class SseWatcher:
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
+        self.received_ms: list[float] = []  # when each event arrived, by this host's clock
         self.task: asyncio.Task[None] | None = None
 
     def start(self, target: str, path: str) -> SseWatcher:
@@ -134,6 +136,7 @@ class SseWatcher:
                     for line in message.decode().splitlines():
                         if line.startswith("data:"):
                             self.events.append(json.loads(line.removeprefix("data:")))
+                            self.received_ms.append(time.time() * 1000)
         finally:
             writer.close()
 
