@@ -7,6 +7,7 @@ and needs no storage, so the graceful-shutdown test exercises only the runtime.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, ClassVar
 
 import grpc
@@ -26,6 +27,7 @@ class SlowConfig(ServiceConfig):
 
 async def _sleep(request: bytes, context: Any) -> bytes:
     await asyncio.sleep(float(request.decode()))
+    logging.getLogger(__name__).info("slept")
     return b"slept " + request
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -136,3 +137,28 @@ async def _wait_serving(health: health_pb2_grpc.HealthStub) -> None:
             pass
         await asyncio.sleep(0.1)
     raise AssertionError("service never became SERVING")
+
+
+async def test_calls_are_traced_and_logs_carry_the_trace_id() -> None:
+    """OTEL_TRACES_EXPORTER switches export on; here the console exporter prints the spans."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.slow_service", cwd=REPO,
+        env={**os.environ, "TELEVOTE_PORT": str(port), "OTEL_TRACES_EXPORTER": "console",
+             "TELEVOTE_DRAIN_ANNOUNCE_SECONDS": "0"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await _wait_serving(health_pb2_grpc.HealthStub(channel))
+            assert await channel.unary_unary(SLEEP_METHOD)(b"0", timeout=5) == b"slept 0"
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 15)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    spans = stdout.decode()
+    assert SLEEP_METHOD in spans
+    logs = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
+    slept = next(entry for entry in logs if entry["message"] == "slept")
+    assert slept["service"] == "slow_test_svc"
+    assert slept["trace_id"] in spans.replace("0x", "")
