@@ -20,7 +20,6 @@ from ops import tokens
 from ops.stack import Stack, StackSettings
 from runtime.access import Role
 
-
 #: Real durations are minutes; tests run a whole show in seconds. Ticks: TIME_UPDATE every 4 s,
 #: WARNING at 6 s, COUNTDOWN from 3; windows may be as short as 1 s.
 FAST_SHOW_ENV = {
