@@ -71,7 +71,7 @@ async def run(grpc_subscribers: int, sse_subscribers: int, connections: int) -> 
     await stack.start()
     try:
         host, port = stack.addresses["sync_svc"][0]
-        sync_process = psutil.Process(stack._child("sync_svc", 0).process.pid)
+        sync_process = psutil.Process(stack.child("sync_svc", 0).process.pid)
         async with grpc.aio.insecure_channel(f"{host}:{port}") as control_channel:
             operator = DirectOperator(stack, control_channel)
             episode_id, contestants = await operator.episode_with_contestants(2)

@@ -126,20 +126,20 @@ class Stack:
         return await Child.spawn(f"{service}-{replica}", [sys.executable, "-m", service],
                                  state_dir / "logs", env=env)
 
-    def _child(self, service: str, replica: int) -> Child:
+    def child(self, service: str, replica: int) -> Child:
         name = f"{service}-{replica}"
         return next(child for child in self._services if child.name == name)
 
     async def kill(self, service: str, replica: int = 0,
                    signum: signal.Signals = signal.SIGKILL) -> int | None:
         """Stop one replica the hard way (or with `signum`), as a crash or a deploy would."""
-        child = self._child(service, replica)
+        child = self.child(service, replica)
         child.stop_signal = signum
         return await child.stop()
 
     async def restart(self, service: str, replica: int = 0) -> None:
         """Start a stopped replica again on its old address and wait until it is SERVING."""
-        old = self._child(service, replica)
+        old = self.child(service, replica)
         if old.running:
             raise RuntimeError(f"{old.name} is still running")
         child = await self._spawn_replica(service, replica)
