@@ -66,6 +66,10 @@ class Feed:
     open_round: types.Round | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     ticker: asyncio.Task[None] | None = None
+    #: The last snapshot read, shared by the watchers that join before the next change: a
+    #: burst of viewers tuning in costs one read of PostgreSQL, not one each.
+    snapshot: types.ShowSnapshot | None = None
+    snapshot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def follow(self, version: int, event_type: int, round_: types.Round | None) -> None:
         """Track the open round from the snapshot or events so ticks follow the real close."""
@@ -150,15 +154,15 @@ class Hub:
         if feed.ticker is None:
             feed.ticker = asyncio.create_task(self._tick(feed), name=f"ticks-{episode_id}")
         try:
-            snapshot = await self._store.get_snapshot(episode_id)
-            seen = self._follow_snapshot(feed, snapshot)
+            snapshot = await self._snapshot(feed)
+            seen = int(snapshot.episode_version)
             yield self._snapshot_event(snapshot)
             while True:
                 event = await watcher.queue.get()
                 if event.type == EventType.SHOW_EVENT_TYPE_SNAPSHOT:
                     watcher.stale = False
-                    snapshot = await self._store.get_snapshot(episode_id)
-                    seen = self._follow_snapshot(feed, snapshot)
+                    snapshot = await self._snapshot(feed)
+                    seen = int(snapshot.episode_version)
                     yield self._snapshot_event(snapshot)
                     continue
                 if event.episode_version:
@@ -178,10 +182,24 @@ class Hub:
                 if feed.ticker is not None:
                     feed.ticker.cancel()
 
-    def _follow_snapshot(self, feed: Feed, snapshot: types.ShowSnapshot) -> int:
-        feed.follow(snapshot.episode_version, EventType.SHOW_EVENT_TYPE_SNAPSHOT,
-                    snapshot.current_round if snapshot.HasField("current_round") else None)
-        return int(snapshot.episode_version)
+    async def _snapshot(self, feed: Feed) -> types.ShowSnapshot:
+        """The show as it is now: the feed's shared snapshot if nothing changed since."""
+        async with feed.snapshot_lock:
+            cached = feed.snapshot
+            if cached is None or cached.episode_version < feed.version:
+                cached = await self._store.get_snapshot(feed.episode_id)
+                feed.follow(cached.episode_version, EventType.SHOW_EVENT_TYPE_SNAPSHOT,
+                            cached.current_round if cached.HasField("current_round") else None)
+                feed.snapshot = cached
+        # Same show, but this moment's clock and time left.
+        snapshot = types.ShowSnapshot()
+        snapshot.CopyFrom(cached)
+        now_ms = int(self._now_ms())
+        snapshot.server_time.CopyFrom(_stamp_ms(now_ms))
+        if cached.current_round.state == types.ROUND_STATE_OPEN:
+            closes_ms = cached.current_round.closes_at.ToMilliseconds()
+            snapshot.time_remaining.CopyFrom(duration(max(0, closes_ms - now_ms)))
+        return snapshot
 
     @staticmethod
     def _snapshot_event(snapshot: types.ShowSnapshot) -> Event:
