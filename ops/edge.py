@@ -98,8 +98,10 @@ def _cluster(name: str, endpoints: list[tuple[str, int]]) -> dict[str, Any]:
         "typed_extension_protocol_options": {
             _HTTP_PROTOCOL_OPTIONS: {
                 "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
+                # Spread streams over several connections to each replica: grpc's server
+                # resets a connection that opens thousands of streams at once.
                 "explicit_http_config": {"http2_protocol_options": {
-                    "max_concurrent_streams": 100000}},
+                    "max_concurrent_streams": 500}},
             }
         },
         # Live results and countdowns hold one stream per viewer: the default ceiling of 1,024
