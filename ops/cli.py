@@ -38,6 +38,7 @@ def up(
 ) -> None:
     """Start PostgreSQL, Redis, migrations, every service and the Envoy edge; stop on Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("yoyo").setLevel(logging.WARNING)  # one line per SQL step otherwise
     counts = dict.fromkeys(SERVICES, 1)
     for item in replicas or []:
         name, _, count = item.partition("=")

@@ -81,9 +81,10 @@ def _route(prefix_or_path: dict[str, str], cluster: str, timeout: str) -> dict[s
 def _role_principal(role: Role) -> dict[str, Any]:
     if role is Role.ANONYMOUS:
         return {"any": True}
-    return {"metadata": {"filter": "envoy.filters.http.jwt_authn",
-                         "path": [{"key": "jwt_payload"}, {"key": "role"}],
-                         "value": {"string_match": {"exact": role.value}}}}
+    return {"sourced_metadata": {"metadata_matcher": {
+        "filter": "envoy.filters.http.jwt_authn",
+        "path": [{"key": "jwt_payload"}, {"key": "role"}],
+        "value": {"string_match": {"exact": role.value}}}}}
 
 
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
