@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import statistics
 import tempfile
 import time
@@ -155,6 +156,8 @@ def main() -> None:
     parser.add_argument("--direct", action="store_true",
                         help="gRPC subscribers call sync_svc itself instead of the edge")
     args = parser.parse_args()
+    # A SIGTERM (timeout, pkill) unwinds like Ctrl-C, so the mesh is stopped, not orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     asyncio.run(run(args.grpc, args.sse, args.connections, args.direct))
 
 
