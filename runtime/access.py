@@ -35,6 +35,7 @@ PUBLIC = frozenset({Role.ANONYMOUS, Role.VOTER, Role.OPERATOR})
 SERVICE_ROLES: dict[str, frozenset[Role]] = {
     "televote.sync.v1.ShowControlService": frozenset({Role.OPERATOR}),
     "televote.sync.v1.ShowWatchService": PUBLIC,
+    "televote.sync.v1.ShowInternalService": frozenset({Role.INTERNAL}),
     "televote.vote.v1.VoteService": frozenset({Role.VOTER}),
     "televote.vote.v1.VoteGatewayService": frozenset({Role.CARRIER, Role.INTERNAL}),
     "televote.vote.v1.WalletAdminService": frozenset({Role.OPERATOR}),

@@ -7,11 +7,13 @@ from runtime.storage import Storage
 from sync_svc.closer import Closer
 from sync_svc.config import SyncConfig
 from sync_svc.hub import Hub
-from sync_svc.servicers import ShowControlServicer, ShowWatchServicer
+from sync_svc.servicers import ShowControlServicer, ShowInternalServicer, ShowWatchServicer
 from sync_svc.show import ShowStore
 from televote.sync.v1 import (
     show_control_service_pb2,
     show_control_service_pb2_grpc,
+    show_internal_service_pb2,
+    show_internal_service_pb2_grpc,
     show_watch_service_pb2,
     show_watch_service_pb2_grpc,
 )
@@ -41,6 +43,9 @@ def create_server(config: SyncConfig) -> tuple[ServiceHost, int]:
     host.add(show_watch_service_pb2_grpc.add_ShowWatchServiceServicer_to_server,
              ShowWatchServicer(store, hub),
              show_watch_service_pb2.DESCRIPTOR.services_by_name["ShowWatchService"])
+    host.add(show_internal_service_pb2_grpc.add_ShowInternalServiceServicer_to_server,
+             ShowInternalServicer(store),
+             show_internal_service_pb2.DESCRIPTOR.services_by_name["ShowInternalService"])
     return host, host.bind()
 
 

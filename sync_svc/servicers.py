@@ -10,6 +10,8 @@ from sync_svc.hub import Hub
 from sync_svc.show import ShowStore, parse_id
 from televote.sync.v1 import show_control_service_pb2 as control
 from televote.sync.v1 import show_control_service_pb2_grpc as control_grpc
+from televote.sync.v1 import show_internal_service_pb2 as internal
+from televote.sync.v1 import show_internal_service_pb2_grpc as internal_grpc
 from televote.sync.v1 import show_watch_service_pb2 as watch
 from televote.sync.v1 import show_watch_service_pb2_grpc as watch_grpc
 
@@ -90,6 +92,18 @@ class ShowWatchServicer(watch_grpc.ShowWatchServiceServicer):
             numbered.CopyFrom(event)  # events are shared by every watcher; number a copy
             numbered.sequence = sequence
             yield numbered
+
+
+class ShowInternalServicer(internal_grpc.ShowInternalServiceServicer):
+    """Other services of the mesh report to the show's clock."""
+
+    def __init__(self, store: ShowStore) -> None:
+        self._store = store
+
+    async def PublishResultsReady(self, request: internal.PublishResultsReadyRequest,
+                                  context: Any) -> internal.PublishResultsReadyResponse:
+        return internal.PublishResultsReadyResponse(
+            round=await self._store.publish_results_ready(request.round_id))
 
 
 def _episode_id(value: str) -> str:

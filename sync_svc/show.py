@@ -627,20 +627,28 @@ class ShowStore:
             closed += 1
         return closed
 
-    async def mark_results_ready(self, round_id: str) -> None:
-        """Called by results_svc once a round's final result is stored: announce it."""
+    async def publish_results_ready(self, round_id: str) -> types.Round:
+        """results_svc stored a round's final result: mark it FINALIZED and announce it once."""
+        round_id = parse_id(round_id, "round_id")
         published = Published()
         now_ms = await keys.server_time_ms(self._storage.redis)
         async with self._storage.pool.connection() as connection, connection.transaction():
             round_row = await self._round(connection, round_id)
             await self._lock_episode(connection, str(round_row["episode_id"]))
+            round_row = await self._round(connection, round_id)
+            if round_row["state"] == "FINALIZED":
+                return round_message(round_row)  # a retry: announced already
+            if round_row["state"] == "PENDING":
+                raise failed("NO_OPEN_ROUND", "the round never opened")
+            if round_row["state"] == "OPEN":
+                raise failed("ROUND_NOT_CLOSED", "the round is still open")
             round_row = await _one(connection, "UPDATE rounds SET state = 'FINALIZED'"
-                                   " WHERE round_id = %s AND state = 'CLOSED' RETURNING *",
-                                   (round_id,))
+                                   " WHERE round_id = %s RETURNING *", (round_id,))
+            message = round_message(round_row)
             await self._event(connection, published, str(round_row["episode_id"]), now_ms,
-                              EventType.SHOW_EVENT_TYPE_RESULTS_READY,
-                              round=round_message(round_row))
+                              EventType.SHOW_EVENT_TYPE_RESULTS_READY, round=message)
         await self.apply(published)
+        return message
 
     # -- reading ---------------------------------------------------------------------------
 
