@@ -1,0 +1,221 @@
+"""fraud_svc benchmark: cost per vote and latency of 100-vote ScoreVotes batches.
+
+    python bench/fraud_bench.py [--batches 300] [--batch-size 100]
+
+Starts PostgreSQL and Redis from their wheels (or uses DATABASE_URL / REDIS_URL), applies the
+migrations, writes a GeoIP database of the generator's network plan, runs fraud_svc as its own
+process and calls it like vote_svc does (sequential batches, internal role). Prints:
+- per-batch latency (p50, p99, max) as the caller sees it;
+- fraud_svc's CPU time per vote (the server process only, from /proc via psutil);
+- the in-process CPU cost of the pure scoring step (signals + model) per vote;
+- the model's precision and recall on the generator's held-out traffic.
+Targets: p99 <= 5 ms per 100-vote batch, <= 50 us CPU per vote. On a shared 2-core machine,
+read the figures as orders of magnitude: run it twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fraud_svc.behaviour import TrafficMix, VoteEvent, generate, plan_intel, vpn_lists
+from fraud_svc.config import FraudConfig
+from fraud_svc.devgeo import write_database
+from fraud_svc.features import Facts, FeatureMemory, Scorer
+from fraud_svc.geoip import MaxMindIntel, VpnLists
+from fraud_svc.model import Model
+from fraud_svc.scoring import FraudScoringServicer
+from fraud_svc.state import FeatureState
+from fraud_svc.store import BlocklistCache
+from fraud_svc.train import evaluate, offline_config
+from ops.infra import start_postgres, start_redis
+from ops.migrate import migrate
+from ops.processes import Child, free_port
+from runtime.access import Principal, Role
+from runtime.storage import create_pool, create_redis
+from televote.fraud.v1 import fraud_scoring_service_pb2, fraud_scoring_service_pb2_grpc
+
+INTERNAL = Principal(Role.INTERNAL, "vote_svc").to_metadata()
+T0_MS = 1_900_000_000_000
+
+
+def _facts(event: VoteEvent, run: str) -> fraud_scoring_service_pb2.VoteFacts:
+    facts = fraud_scoring_service_pb2.VoteFacts(
+        ref=uuid.uuid4().hex, user_id=f"{run}-{event.user_id}",
+        device_id=f"{run}-{event.device_id}", ip=event.ip, round_id="bench-round",
+        contestant_id="c1", count=1)
+    if event.latitude is not None and event.longitude is not None:
+        facts.location.latitude, facts.location.longitude = event.latitude, event.longitude
+    facts.server_time.FromMilliseconds(T0_MS + int(event.time * 1000))
+    return facts
+
+
+async def _wait_serving(target: str, child: Child) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(300):
+            if not child.running:
+                raise RuntimeError(child.log_tail())
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("fraud_svc did not start")
+
+
+async def _run_batches(stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceStub,
+                       events: list[VoteEvent], batch_size: int, batches: int, run: str,
+                       server: psutil.Process, label: str) -> None:
+    requests = [fraud_scoring_service_pb2.ScoreVotesRequest(
+        votes=[_facts(e, run) for e in events[i * batch_size:(i + 1) * batch_size]])
+        for i in range(batches)]
+    requests = [r for r in requests if len(r.votes) == batch_size]
+    for request in requests[:20]:  # warm-up: scripts loaded, pools filled, caches warm
+        await stub.ScoreVotes(request, metadata=INTERNAL, timeout=10)
+    requests = requests[20:]
+    cpu_before = sum(server.cpu_times()[:2])
+    latencies = []
+    actions: dict[int, int] = {}
+    for request in requests:
+        started = time.perf_counter()
+        reply = await stub.ScoreVotes(request, metadata=INTERNAL, timeout=10)
+        latencies.append((time.perf_counter() - started) * 1000)
+        for score in reply.scores:
+            actions[score.action] = actions.get(score.action, 0) + 1
+    cpu = sum(server.cpu_times()[:2]) - cpu_before
+    votes = len(requests) * batch_size
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    names = {1: "ALLOW", 2: "REVIEW", 3: "BLOCK"}
+    mix = ", ".join(f"{names.get(k, k)} {v / votes:.0%}" for k, v in sorted(actions.items()))
+    print(f"{label}: {len(requests)} batches of {batch_size} ({mix})")
+    print(f"  batch latency  p50 {statistics.median(latencies):.2f} ms   p99 {p99:.2f} ms"
+          f"   max {latencies[-1]:.2f} ms   (target p99 <= 5 ms)")
+    print(f"  fraud_svc CPU  {cpu / votes * 1e6:.1f} us per vote"
+          f"   ({cpu / len(requests) * 1e3:.2f} ms per batch; target <= 50 us per vote)")
+
+
+async def _in_process(database_url: str, redis_url: str, geo: Path, events: list[VoteEvent],
+                      batch_size: int, batches: int) -> None:
+    """The handler without gRPC: how much of the cost is scoring rather than the RPC."""
+    config = FraudConfig(  # type: ignore[call-arg]
+        database_url=database_url, redis_url=redis_url, fraud_geoip_db=str(geo),
+        fraud_vpn_cidrs=tuple(str(n) for n in vpn_lists().networks))
+    pool = create_pool(database_url)
+    await pool.open()
+    redis = create_redis(redis_url)
+    try:
+        blocklist = BlocklistCache(pool, 1.0)
+        servicer = FraudScoringServicer(
+            config, pool, FeatureState(redis, config),
+            MaxMindIntel(str(geo), "", VpnLists(config.fraud_vpn_cidrs, ())),
+            blocklist, Scorer(config, Model.load()))
+        run = uuid.uuid4().hex[:6]
+        requests = [fraud_scoring_service_pb2.ScoreVotesRequest(
+            votes=[_facts(e, run) for e in events[i * batch_size:(i + 1) * batch_size]])
+            for i in range(batches)]
+        for request in requests[:20]:
+            await servicer.ScoreVotes(request, None)  # type: ignore[arg-type]
+        started = time.process_time()
+        for request in requests[20:]:
+            await servicer.ScoreVotes(request, None)  # type: ignore[arg-type]
+        cost = (time.process_time() - started) / ((batches - 20) * batch_size)
+        print(f"handler in process (validate, Redis, score, audit; no gRPC): "
+              f"{cost * 1e6:.1f} us CPU per vote")
+        await blocklist.stop()
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
+def _scoring_cpu(events: list[VoteEvent]) -> None:
+    config = offline_config().model_copy(update={"fraud_vpn_cidrs": tuple(
+        str(n) for n in vpn_lists().networks)})
+    scorer, memory, intel = Scorer(config, Model.load()), FeatureMemory(config), plan_intel()
+    prepared = [(Facts(e.user_id, e.device_id, e.ip, e.latitude, e.longitude),
+                 memory.record(e.user_id, e.device_id, e.ip, e.time), intel.lookup(e.ip))
+                for e in events]
+    started = time.process_time()
+    for facts, history, ip in prepared:
+        scorer.score(facts, history, ip)
+    cost = (time.process_time() - started) / len(prepared)
+    print(f"pure scoring step (signals + model, in process): {cost * 1e6:.1f} us per vote")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description="fraud_svc benchmark")
+    parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=100)
+    args = parser.parse_args()
+    state_dir = Path(tempfile.mkdtemp(prefix="fraud-bench-"))
+    children: list[Child] = []
+    try:
+        database_url = os.environ.get("DATABASE_URL")
+        redis_url = os.environ.get("REDIS_URL")
+        if not database_url:
+            child, database_url = await start_postgres(state_dir)
+            children.append(child)
+        if not redis_url:
+            child, redis_url = await start_redis(state_dir)
+            children.append(child)
+        await asyncio.to_thread(migrate, database_url)
+        geo = write_database(state_dir / "geo.mmdb")
+        port = free_port()
+        server = await Child.spawn("fraud_svc", [sys.executable, "-m", "fraud_svc"],
+                                   state_dir / "logs", env={
+            "DATABASE_URL": database_url, "REDIS_URL": redis_url,
+            "TELEVOTE_PORT": str(port), "TELEVOTE_LOG_LEVEL": "WARNING",
+            "FRAUD_GEOIP_DB": str(geo),
+            "FRAUD_VPN_CIDRS": ",".join(str(n) for n in vpn_lists().networks)})
+        children.append(server)
+        target = f"127.0.0.1:{port}"
+        await _wait_serving(target, server)
+        process = psutil.Process(server.process.pid)
+        run = uuid.uuid4().hex[:6]
+        total = (args.batches + 20) * args.batch_size
+        humans = generate(TrafficMix(humans=total // 4, fixed_interval_bots=0, device_farms=0,
+                                     proxy_rotators=0, prefix="bench-h"), seed=11)
+        mixed = generate(TrafficMix(prefix="bench-m"), seed=12)
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
+            await _run_batches(stub, humans, args.batch_size, args.batches, run + "h",
+                               process, "human traffic (mostly ALLOW)")
+            await _run_batches(stub, mixed, args.batch_size, args.batches, run + "m",
+                               process, "generator mix (65% bot votes: reviews, blocks, audit)")
+        await _in_process(database_url, redis_url, geo,
+                          generate(TrafficMix(humans=total // 4, fixed_interval_bots=0,
+                                              device_farms=0, proxy_rotators=0,
+                                              prefix="bench-i"), seed=13),
+                          args.batch_size, min(args.batches, 200))
+        _scoring_cpu(mixed[:20_000])
+        metrics = evaluate(Model.load(), offline_config().model_copy(update={
+            "fraud_vpn_cidrs": tuple(str(n) for n in vpn_lists().networks)}))
+        print(f"model on held-out traffic ({metrics['votes']:.0f} votes, "
+              f"{metrics['fraud_share']:.0%} fraudulent):")
+        print(f"  model alone (p > 0.5)   precision {metrics['model_precision']:.3f}"
+              f"   recall {metrics['model_recall']:.3f}")
+        print(f"  scorer REVIEW or BLOCK  precision {metrics['flagged_precision']:.3f}"
+              f"   recall {metrics['flagged_recall']:.3f}")
+        print(f"  scorer BLOCK            precision {metrics['block_precision']:.3f}"
+              f"   recall {metrics['block_recall']:.3f}")
+    finally:
+        for child in reversed(children):
+            await child.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

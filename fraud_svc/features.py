@@ -1,0 +1,212 @@
+"""The pure part of scoring: signals from feature state, the model's inputs, the combination.
+
+The same code scores live votes (state from Redis, fraud_svc/state.py) and generated traffic
+in training (state from `FeatureMemory`, which keeps the same windows in memory), so the model
+is trained on exactly the features it sees in production.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from fraud_svc.config import FraudConfig
+from fraud_svc.geoip import IpInfo
+from fraud_svc.model import Model
+
+
+@dataclass(slots=True)
+class History:
+    """A user's and a device's recent activity, including the vote being scored."""
+
+    #: Votes by the user in the velocity window (60 s).
+    window_votes: int
+    #: Inter-vote intervals of the user within the timing window (1 h), and their statistics.
+    intervals: int
+    interval_mean_s: float
+    interval_std_s: float
+    #: Distinct IPs the user voted from within the timing window.
+    distinct_ips: int
+    #: Distinct users seen on the vote's device (0 without a device id).
+    device_users: int
+    #: The user is flagged/blocked (automatic or operator block).
+    blocked: bool = False
+
+
+@dataclass(slots=True)
+class Facts:
+    """The parts of a vote that scoring reads."""
+
+    user_id: str
+    device_id: str
+    ip: str
+    latitude: float | None
+    longitude: float | None
+    country_hint: str = ""
+
+
+@dataclass
+class Reason:
+    name: str
+    contribution: float
+    detail: str
+
+
+@dataclass
+class Verdict:
+    action: str  # "ALLOW", "REVIEW" or "BLOCK"
+    score: float
+    reasons: list[Reason]
+    #: The inputs that led to it, for the audit log.
+    inputs: dict[str, object] = field(default_factory=dict)
+
+
+FEATURES = ("velocity", "device_users", "vpn", "foreign", "gps_mismatch", "gps_missing",
+            "few_intervals", "interval_std", "interval_mean", "interval_cv", "distinct_ips")
+
+
+def distance_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance (haversine)."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 12_742.0 * math.asin(min(1.0, math.sqrt(a)))
+
+
+def model_inputs(history: History, ip: IpInfo, country: str | None, foreign: bool,
+                 gps_km: float | None, has_gps: bool, config: FraudConfig) -> list[float]:
+    """The model's feature vector, in FEATURES order."""
+    few = history.intervals < config.fraud_bot_timing_min_intervals
+    return [
+        math.log1p(history.window_votes),
+        math.log1p(history.device_users),
+        1.0 if ip.anonymous else 0.0,
+        1.0 if foreign else 0.0,
+        1.0 if gps_km is not None and gps_km > config.fraud_gps_mismatch_km else 0.0,
+        0.0 if has_gps else 1.0,
+        1.0 if few else 0.0,
+        0.0 if few else math.log1p(history.interval_std_s),
+        0.0 if few else math.log1p(history.interval_mean_s),
+        0.0 if few or history.interval_mean_s <= 0 else
+        min(3.0, history.interval_std_s / history.interval_mean_s),
+        math.log1p(history.distinct_ips),
+    ]
+
+
+class Scorer:
+    """Turns a vote's facts and state into a verdict, by the configured weights."""
+
+    def __init__(self, config: FraudConfig, model: Model) -> None:
+        self.config = config
+        self.model = model
+        self.allowed = frozenset(config.fraud_allowed_countries)
+
+    def score(self, facts: Facts, history: History, ip: IpInfo,
+              traveller: bool = False, blocked_by: str | None = None) -> Verdict:
+        c = self.config
+        if blocked_by is not None or history.blocked:
+            detail = blocked_by or "user flagged"
+            return Verdict("BLOCK", 1.0, [Reason("blocklist", 1.0, detail)],
+                           {"blocklist": detail})
+        fired: list[Reason] = []
+        inputs: dict[str, object] = {
+            "window_votes": history.window_votes, "device_users": history.device_users,
+            "intervals": history.intervals,
+            "interval_std_s": history.interval_std_s,
+            "distinct_ips": history.distinct_ips, "ip": facts.ip,
+            "ip_country": ip.country, "ip_network": ip.network, "ip_asn": ip.asn,
+        }
+        if history.window_votes > c.fraud_velocity_max_votes:
+            fired.append(Reason("velocity", c.fraud_weight_velocity,
+                                f"{history.window_votes} votes in "
+                                f"{c.fraud_velocity_window_seconds:g} s"))
+        if history.device_users > c.fraud_device_max_users:
+            fired.append(Reason("shared_device", c.fraud_weight_shared_device,
+                                f"device used by {history.device_users} users"))
+        if ip.anonymous:
+            fired.append(Reason("vpn_proxy", c.fraud_weight_vpn_proxy,
+                                f"VPN/proxy/hosting network {ip.network}"))
+        country = facts.country_hint.upper() or ip.country
+        inputs["country"] = country
+        foreign = country is not None and country not in self.allowed
+        if foreign and traveller:
+            inputs["traveller_exemption"] = True
+        elif foreign:
+            fired.append(Reason("foreign_country", c.fraud_weight_foreign_country,
+                                f"voting from {country}"))
+        has_gps = facts.latitude is not None and facts.longitude is not None
+        gps_km: float | None = None
+        if has_gps and ip.latitude is not None and ip.longitude is not None:
+            assert facts.latitude is not None and facts.longitude is not None
+            gps_km = distance_km(facts.latitude, facts.longitude, ip.latitude, ip.longitude)
+            inputs["gps_km"] = gps_km
+            if gps_km > c.fraud_gps_mismatch_km:
+                fired.append(Reason("gps_mismatch", c.fraud_weight_gps_mismatch,
+                                    f"GPS {gps_km:.0f} km from the IP's location"))
+        if (history.intervals >= c.fraud_bot_timing_min_intervals
+                and history.interval_std_s < c.fraud_bot_timing_min_std_seconds):
+            fired.append(Reason("bot_timing", c.fraud_weight_bot_timing,
+                                f"interval std dev {history.interval_std_s:.2f} s over "
+                                f"{history.intervals} intervals"))
+        probability = self.model.predict(model_inputs(
+            history, ip, country, foreign and not traveller, gps_km, has_gps, c))
+        inputs["model"] = probability
+        inputs["model_version"] = self.model.version
+        fired.append(Reason("model", c.fraud_weight_model * probability,
+                            f"model {self.model.version} p={probability:.2f}"))
+        # Noisy-OR: each signal removes its share of the remaining doubt. Signals are applied
+        # largest first and each reports what it added, so the contributions sum to the score.
+        fired.sort(key=lambda reason: reason.contribution, reverse=True)
+        clean = 1.0
+        reasons = []
+        for reason in fired:
+            added = clean * min(1.0, max(0.0, reason.contribution))
+            clean -= added
+            if added > 0:
+                reasons.append(Reason(reason.name, added, reason.detail))
+        score = 1.0 - clean
+        if score > c.fraud_block_threshold:
+            action = "BLOCK"
+        elif score > c.fraud_review_threshold:
+            action = "REVIEW"
+        else:
+            action = "ALLOW"
+        return Verdict(action, score, reasons, inputs)
+
+
+class FeatureMemory:
+    """The Redis feature state (state.py's scripts) kept in memory, for training and tests."""
+
+    def __init__(self, config: FraudConfig) -> None:
+        self.config = config
+        self._votes: dict[str, deque[tuple[float, str]]] = {}
+        self._devices: dict[str, set[str]] = {}
+
+    def record(self, user_id: str, device_id: str, ip: str, now: float) -> History:
+        c = self.config
+        votes = self._votes.setdefault(user_id, deque())
+        votes.append((now, ip))
+        while votes and votes[0][0] <= now - c.fraud_bot_timing_window_seconds:
+            votes.popleft()
+        while len(votes) > c.fraud_user_history:
+            votes.popleft()
+        window = sum(1 for t, _ in votes if t > now - c.fraud_velocity_window_seconds)
+        times = sorted(t for t, _ in votes)
+        intervals = [b - a for a, b in itertools.pairwise(times)]
+        mean, std = _stats(intervals)
+        users = 0
+        if device_id:
+            seen = self._devices.setdefault(device_id, set())
+            seen.add(user_id)
+            users = len(seen)
+        return History(window, len(intervals), mean, std, len({ip for _, ip in votes if ip}),
+                       users)
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return 0.0, 0.0
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))

@@ -1,0 +1,444 @@
+"""FraudReviewService: the operators' review queue, blocks and the fraud audit trail."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from psycopg import errors as pg_errors
+
+from fraud_svc.state import FeatureState
+from fraud_svc.store import (
+    ACTION_PREFIX,
+    AuditRecord,
+    BlocklistCache,
+    Conn,
+    Pool,
+    attribute_text,
+    write_audit,
+)
+from runtime.errors import ApiError, FieldViolation, invalid_argument
+from runtime.interceptors import current_principal
+from televote.fraud.v1 import (
+    fraud_review_service_pb2 as pb,
+)
+from televote.fraud.v1 import (
+    fraud_review_service_pb2_grpc,
+    fraud_types_pb2,
+)
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 1_000
+MAX_VALUE = 128
+
+_STATES = {"PENDING": fraud_types_pb2.REVIEW_STATE_PENDING,
+           "APPROVED": fraud_types_pb2.REVIEW_STATE_APPROVED,
+           "REJECTED": fraud_types_pb2.REVIEW_STATE_REJECTED}
+_KINDS = {fraud_types_pb2.BLOCK_KIND_USER: "USER", fraud_types_pb2.BLOCK_KIND_DEVICE: "DEVICE",
+          fraud_types_pb2.BLOCK_KIND_IP: "IP", fraud_types_pb2.BLOCK_KIND_CIDR: "CIDR"}
+_KIND_NUMBERS = {name: number for number, name in _KINDS.items()}
+
+
+def _page_size(value: int, field: str = "page_size") -> int:
+    if value < 0 or value > MAX_PAGE:
+        raise invalid_argument(FieldViolation(field, f"must be 0..{MAX_PAGE}"))
+    return value or DEFAULT_PAGE
+
+
+def _encode_token(position: list[Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode()
+
+
+def _decode_token(token: str, length: int) -> list[Any] | None:
+    if not token:
+        return None
+    try:
+        position = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        position = None
+    if not isinstance(position, list) or len(position) != length:
+        raise invalid_argument(FieldViolation("page_token", "not a token this RPC issued"))
+    return position
+
+
+def _uuid(value: str, field: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise invalid_argument(FieldViolation(field, "must be a UUID")) from None
+
+
+def _ts(value: Any) -> timestamp_pb2.Timestamp | None:
+    if not isinstance(value, datetime):
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _signals(raw: Any) -> list[fraud_types_pb2.FraudSignal]:
+    return [fraud_types_pb2.FraudSignal(name=str(s.get("name", "")),
+                                        contribution=float(s.get("contribution", 0.0)),
+                                        detail=str(s.get("detail", "")))
+            for s in raw or []]
+
+
+def _review(row: dict[str, Any]) -> fraud_types_pb2.Review:
+    return fraud_types_pb2.Review(
+        review_id=str(row["review_id"]), vote_id=row["vote_ref"], user_id=row["user_id"],
+        round_id=row["round_id"], score=row["score"], signals=_signals(row["signals"]),
+        state=_STATES[row["state"]], user_round_votes=int(row.get("user_round_votes") or 0),
+        create_time=_ts(row["created_at"]), resolved_by=row["resolved_by"] or "",
+        resolve_time=_ts(row["resolved_at"]), note=row["note"])
+
+
+def _block(row: dict[str, Any]) -> fraud_types_pb2.Block:
+    return fraud_types_pb2.Block(
+        block_id=str(row["block_id"]), kind=_KIND_NUMBERS[row["kind"]], value=row["value"],
+        reason=row["reason"], created_by=row["created_by"],
+        create_time=_ts(row["created_at"]), expire_time=_ts(row["expire_at"]))
+
+
+def normalize_block_value(kind: str, value: str) -> str:
+    """The canonical form of a block's value, or INVALID_REQUEST naming the problem."""
+    value = value.strip()
+    if not value:
+        raise invalid_argument(FieldViolation("value", "required"))
+    if kind == "IP":
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise invalid_argument(FieldViolation("value", "not an IP address")) from None
+    if kind == "CIDR":
+        try:
+            return str(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise invalid_argument(FieldViolation(
+                "value", "not a network in CIDR notation")) from None
+    if len(value) > MAX_VALUE:
+        raise invalid_argument(FieldViolation("value", f"longer than {MAX_VALUE} chars"))
+    return value
+
+
+_REVIEW_COLUMNS = """
+    r.review_id, r.seq, r.vote_ref, r.user_id, r.round_id, r.score, r.signals, r.state,
+    r.created_at, r.resolved_by, r.resolved_at, r.note, r.resolve_request_id, r.resolve_decision,
+    r.resolve_scope, r.affected_votes,
+    (SELECT count(*) FROM fraud_reviews o
+     WHERE o.user_id = r.user_id AND o.round_id = r.round_id) AS user_round_votes
+"""
+
+
+class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServicer):
+    """Operator RPCs; every change is audited in the same transaction as the change."""
+
+    def __init__(self, pool: Pool, state: FeatureState, blocklist: BlocklistCache) -> None:
+        self._pool = pool
+        self._state = state
+        self._blocklist = blocklist
+
+    async def ListReviews(self, request: pb.ListReviewsRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListReviewsResponse:
+        size = _page_size(request.page_size)
+        after = _decode_token(request.page_token, 1)
+        where: list[str] = ["true"]
+        params: list[Any] = []
+        if request.round_id:
+            where.append("r.round_id = %s")
+            params.append(request.round_id)
+        if request.user_id:
+            where.append("r.user_id = %s")
+            params.append(request.user_id)
+        if request.state:
+            names = {number: name for name, number in _STATES.items()}
+            if request.state not in names:
+                raise invalid_argument(FieldViolation("state", "unknown state"))
+            where.append("r.state = %s")
+            params.append(names[request.state])
+        if after is not None:
+            if not isinstance(after[0], int):
+                raise invalid_argument(FieldViolation("page_token", "not a token this RPC issued"))
+            where.append("r.seq > %s")
+            params.append(after[0])
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(
+                f"SELECT {_REVIEW_COLUMNS} FROM fraud_reviews r WHERE {' AND '.join(where)}"
+                " ORDER BY r.seq LIMIT %s", [*params, size + 1])).fetchall()
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = _encode_token([int(rows[-1]["seq"])])
+        return pb.ListReviewsResponse(reviews=[_review(r) for r in rows], next_page_token=token)
+
+    async def ResolveReview(self, request: pb.ResolveReviewRequest,
+                            context: grpc.aio.ServicerContext[Any, Any],
+                            ) -> pb.ResolveReviewResponse:
+        problems = []
+        if not request.request_id:
+            problems.append(FieldViolation("request_id", "required"))
+        if not request.review_id:
+            problems.append(FieldViolation("review_id", "required"))
+        if request.decision not in (pb.REVIEW_DECISION_APPROVE, pb.REVIEW_DECISION_REJECT):
+            problems.append(FieldViolation("decision", "APPROVE or REJECT required"))
+        if request.scope not in (pb.REVIEW_SCOPE_VOTE, pb.REVIEW_SCOPE_USER_ROUND):
+            problems.append(FieldViolation("scope", "VOTE or USER_ROUND required"))
+        if len(request.note) > 2_000:
+            problems.append(FieldViolation("note", "longer than 2,000 chars"))
+        if problems:
+            raise invalid_argument(*problems)
+        request_id = _uuid(request.request_id, "request_id")
+        review_id = _uuid(request.review_id, "review_id")
+        decision = "APPROVE" if request.decision == pb.REVIEW_DECISION_APPROVE else "REJECT"
+        scope = "VOTE" if request.scope == pb.REVIEW_SCOPE_VOTE else "USER_ROUND"
+        actor = current_principal().subject
+        async with self._pool.connection() as conn, conn.transaction():
+            previous = await (await conn.execute(
+                "SELECT review_id, resolve_decision, resolve_scope FROM fraud_reviews"
+                " WHERE resolve_request_id = %s", [request_id])).fetchone()
+            if previous is not None:
+                if (str(previous["review_id"]), previous["resolve_decision"],
+                        previous["resolve_scope"]) != (review_id, decision, scope):
+                    raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
+                                   "request_id was used for another resolution")
+                original = await self._fetch_review(conn, review_id)
+                return pb.ResolveReviewResponse(
+                    review=_review(original), affected_votes=original["affected_votes"] or 0)
+            row = await (await conn.execute(
+                "SELECT * FROM fraud_reviews WHERE review_id = %s FOR UPDATE",
+                [review_id])).fetchone()
+            if row is None:
+                raise ApiError(grpc.StatusCode.NOT_FOUND, "REVIEW_NOT_FOUND",
+                               f"no review {review_id}")
+            if row["state"] != "PENDING":
+                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "REVIEW_ALREADY_RESOLVED",
+                               f"review {review_id} is already {row['state'].lower()}")
+            state = "APPROVED" if decision == "APPROVE" else "REJECTED"
+            user_id, round_id = row["user_id"], row["round_id"]
+            affected = 1
+            if decision == "REJECT":
+                await conn.execute(
+                    "INSERT INTO fraud_rejections (rejection_id, round_id, user_id, vote_ref,"
+                    " decision_id, review_id, rejected_by) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT DO NOTHING",
+                    [str(uuid.uuid4()), round_id, user_id,
+                     row["vote_ref"] if scope == "VOTE" else None,
+                     row["decision_id"] if scope == "VOTE" else None, review_id, actor])
+            if scope == "USER_ROUND":
+                # The user's other pending reviews in the round share the verdict.
+                others = await conn.execute(
+                    "UPDATE fraud_reviews SET state = %s, resolved_by = %s,"
+                    " resolved_at = now(), note = %s WHERE user_id = %s AND round_id = %s"
+                    " AND state = 'PENDING' AND review_id <> %s",
+                    [state, actor, request.note, user_id, round_id, review_id])
+                affected += max(0, others.rowcount)
+            await conn.execute(
+                "UPDATE fraud_reviews SET state = %s, resolved_by = %s, resolved_at = now(),"
+                " note = %s, resolve_request_id = %s, resolve_decision = %s,"
+                " resolve_scope = %s, affected_votes = %s WHERE review_id = %s",
+                [state, actor, request.note, request_id, decision, scope, affected, review_id])
+            await write_audit(conn, [AuditRecord(
+                actor_role="operator", actor=actor, action="review.resolve",
+                target_id=review_id, reason=request.note, user_id=user_id, round_id=round_id,
+                request_id=request_id, attributes={
+                    "decision": decision, "scope": scope, "vote_id": row["vote_ref"],
+                    "score": row["score"], "signals": row["signals"],
+                    "affected_votes": affected})])
+            resolved = await self._fetch_review(conn, review_id)
+        return pb.ResolveReviewResponse(review=_review(resolved), affected_votes=affected)
+
+    async def _fetch_review(self, conn: Conn, review_id: str) -> dict[str, Any]:
+        row = await (await conn.execute(
+            f"SELECT {_REVIEW_COLUMNS} FROM fraud_reviews r WHERE r.review_id = %s",
+            [review_id])).fetchone()
+        assert row is not None
+        return row
+
+    async def CreateBlock(self, request: pb.CreateBlockRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.CreateBlockResponse:
+        problems = []
+        if not request.request_id:
+            problems.append(FieldViolation("request_id", "required"))
+        kind = _KINDS.get(request.kind)
+        if kind is None:
+            problems.append(FieldViolation("kind", "USER, DEVICE, IP or CIDR required"))
+        reason = request.reason.strip()
+        if not 1 <= len(reason) <= 500:
+            problems.append(FieldViolation("reason", "1 to 500 chars required"))
+        expire_at: datetime | None = None
+        if request.HasField("expire_time"):
+            expire_at = request.expire_time.ToDatetime(tzinfo=UTC)
+            if expire_at <= datetime.now(UTC):
+                problems.append(FieldViolation("expire_time", "in the past"))
+        if problems:
+            raise invalid_argument(*problems)
+        assert kind is not None
+        value = normalize_block_value(kind, request.value)
+        request_id = _uuid(request.request_id, "request_id")
+        actor = current_principal().subject
+        async with self._pool.connection() as conn, conn.transaction():
+            previous = await (await conn.execute(
+                "SELECT * FROM fraud_blocks WHERE create_request_id = %s",
+                [request_id])).fetchone()
+            if previous is not None:
+                if (previous["kind"], previous["value"], previous["reason"]) != (
+                        kind, value, reason):
+                    raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
+                                   "request_id was used for another block")
+                return pb.CreateBlockResponse(block=_block(previous))
+            # An expired block no longer applies: retire it so the new one can take its place.
+            await conn.execute(
+                "UPDATE fraud_blocks SET deleted_at = now(), deleted_by = 'expired'"
+                " WHERE kind = %s AND value = %s AND deleted_at IS NULL"
+                " AND expire_at <= now()", [kind, value])
+            try:
+                async with conn.transaction():
+                    row = await (await conn.execute(
+                        "INSERT INTO fraud_blocks (block_id, kind, value, reason, created_by,"
+                        " expire_at, create_request_id) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                        " RETURNING *",
+                        [str(uuid.uuid4()), kind, value, reason, actor, expire_at,
+                         request_id])).fetchone()
+            except pg_errors.UniqueViolation:
+                raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "BLOCK_ALREADY_EXISTS",
+                               f"an active {kind.lower()} block of {value} exists") from None
+            assert row is not None
+            await write_audit(conn, [AuditRecord(
+                actor_role="operator", actor=actor, action="block.create",
+                target_id=str(row["block_id"]), reason=reason,
+                user_id=value if kind == "USER" else "", request_id=request_id,
+                attributes={"kind": kind, "value": value,
+                            "expire_time": expire_at.isoformat() if expire_at else ""})])
+        if kind == "USER":
+            until = {value: int(expire_at.timestamp() * 1000)} if expire_at else None
+            await self._state.set_blocked([value], until_ms=until)
+        await self._blocklist.reload()
+        return pb.CreateBlockResponse(block=_block(row))
+
+    async def DeleteBlock(self, request: pb.DeleteBlockRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.DeleteBlockResponse:
+        problems = []
+        if not request.block_id:
+            problems.append(FieldViolation("block_id", "required"))
+        if not request.request_id:
+            problems.append(FieldViolation("request_id", "required"))
+        if problems:
+            raise invalid_argument(*problems)
+        block_id = _uuid(request.block_id, "block_id")
+        request_id = _uuid(request.request_id, "request_id")
+        actor = current_principal().subject
+        async with self._pool.connection() as conn, conn.transaction():
+            row = await (await conn.execute(
+                "SELECT * FROM fraud_blocks WHERE block_id = %s FOR UPDATE",
+                [block_id])).fetchone()
+            if row is None or (row["deleted_at"] is not None
+                               and row["delete_request_id"] != request_id):
+                raise ApiError(grpc.StatusCode.NOT_FOUND, "BLOCK_NOT_FOUND",
+                               f"no active block {block_id}")
+            if row["deleted_at"] is not None:  # a retry of the delete that removed it
+                return pb.DeleteBlockResponse(block=_block(row))
+            await conn.execute(
+                "UPDATE fraud_blocks SET deleted_at = now(), deleted_by = %s,"
+                " delete_request_id = %s WHERE block_id = %s", [actor, request_id, block_id])
+            await write_audit(conn, [AuditRecord(
+                actor_role="operator", actor=actor, action="block.delete", target_id=block_id,
+                reason=f"unblock {row['kind'].lower()} {row['value']}",
+                user_id=row["value"] if row["kind"] == "USER" else "", request_id=request_id,
+                attributes={"kind": row["kind"], "value": row["value"],
+                            "block_reason": row["reason"], "created_by": row["created_by"]})])
+        if row["kind"] == "USER":
+            await self._state.set_blocked([row["value"]], blocked=False)
+        await self._blocklist.reload()
+        return pb.DeleteBlockResponse(block=_block(row))
+
+    async def ListBlocks(self, request: pb.ListBlocksRequest,
+                         context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListBlocksResponse:
+        size = _page_size(request.page_size)
+        after = _decode_token(request.page_token, 2)
+        where = ["deleted_at IS NULL", "(expire_at IS NULL OR expire_at > now())"]
+        params: list[Any] = []
+        if request.kind:
+            kind = _KINDS.get(request.kind)
+            if kind is None:
+                raise invalid_argument(FieldViolation("kind", "unknown kind"))
+            where.append("kind = %s")
+            params.append(kind)
+        if after is not None:
+            where.append("(created_at, block_id) < (%s::timestamptz, %s::uuid)")
+            params += after
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(
+                f"SELECT * FROM fraud_blocks WHERE {' AND '.join(where)}"
+                " ORDER BY created_at DESC, block_id DESC LIMIT %s",
+                [*params, size + 1])).fetchall()
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = _encode_token([rows[-1]["created_at"].isoformat(),
+                                   str(rows[-1]["block_id"])])
+        return pb.ListBlocksResponse(blocks=[_block(r) for r in rows], next_page_token=token)
+
+    async def ListAuditEntries(self, request: pb.ListAuditEntriesRequest,
+                               context: grpc.aio.ServicerContext[Any, Any],
+                               ) -> pb.ListAuditEntriesResponse:
+        size = _page_size(request.page_size)
+        after = _decode_token(request.page_token, 1)
+        where = ["action LIKE %s"]
+        params: list[Any] = [ACTION_PREFIX + "%"]
+        if request.user_id:
+            where.append("details ->> 'user_id' = %s")
+            params.append(request.user_id)
+        if request.round_id:
+            where.append("details ->> 'round_id' = %s")
+            params.append(request.round_id)
+        if request.actor:
+            where.append("actor_subject = %s")
+            params.append(request.actor)
+        if request.action:
+            where.append("action = %s")
+            params.append(ACTION_PREFIX + request.action)
+        start = request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None
+        end = request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None
+        if start is not None and end is not None and start > end:
+            raise invalid_argument(FieldViolation("start_time", "after end_time"))
+        if start is not None:
+            where.append("recorded_at >= %s")
+            params.append(start)
+        if end is not None:
+            where.append("recorded_at < %s")
+            params.append(end)
+        if after is not None:
+            if not isinstance(after[0], int):
+                raise invalid_argument(FieldViolation("page_token", "not a token this RPC issued"))
+            where.append("audit_id < %s")
+            params.append(after[0])
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(
+                f"SELECT * FROM audit_log WHERE {' AND '.join(where)}"
+                " ORDER BY audit_id DESC LIMIT %s", [*params, size + 1])).fetchall()
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = _encode_token([int(rows[-1]["audit_id"])])
+        return pb.ListAuditEntriesResponse(entries=[_entry(r) for r in rows],
+                                           next_page_token=token)
+
+
+def _entry(row: dict[str, Any]) -> fraud_types_pb2.AuditEntry:
+    details = row["details"] or {}
+    attributes = {key: attribute_text(value)
+                  for key, value in (details.get("attributes") or {}).items()}
+    if row["reason"]:
+        attributes.setdefault("reason", row["reason"])
+    return fraud_types_pb2.AuditEntry(
+        entry_id=str(row["audit_id"]), time=_ts(row["recorded_at"]), actor=row["actor_subject"],
+        action=str(row["action"]).removeprefix(ACTION_PREFIX),
+        user_id=str(details.get("user_id", "")), round_id=str(details.get("round_id", "")),
+        target_id=str(details.get("target_id", row["target"])), attributes=attributes,
+        request_id=str(details.get("request_id", "")))

@@ -1,0 +1,186 @@
+"""fraud_svc's PostgreSQL side: the blocklist cache, travellers, and the audit log.
+
+Blocks and traveller exemptions are read on every vote, so each replica keeps them in memory
+and reloads them every `fraud_refresh_seconds` (and at once after its own changes). User
+blocks are also mirrored into Redis (state.py), so a flag applies on every replica at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from fraud_svc.geoip import IPNetwork, parse_ip
+
+log = logging.getLogger(__name__)
+
+Pool = AsyncConnectionPool[AsyncConnection[dict[str, Any]]]
+Conn = AsyncConnection[dict[str, Any]]
+
+#: audit_log.action of fraud_svc's entries carry this prefix; AuditEntry.action omits it.
+ACTION_PREFIX = "fraud."
+
+
+@dataclass
+class Blocklist:
+    """The active blocks and traveller exemptions, as of the last reload."""
+
+    users: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
+    ips: dict[str, str] = field(default_factory=dict)
+    networks: list[tuple[IPNetwork, str]] = field(default_factory=list)
+    #: user id -> allowed countries (None: anywhere).
+    travellers: dict[str, frozenset[str] | None] = field(default_factory=dict)
+
+    def match(self, user_id: str, device_id: str, ip: str) -> str | None:
+        """A description of the block that applies to the vote, if any."""
+        if user_id in self.users:
+            return f"user blocked ({self.users[user_id]})"
+        if device_id and device_id in self.devices:
+            return f"device blocked ({self.devices[device_id]})"
+        if ip and self.ips:
+            found = self.ips.get(ip)
+            if found is not None:
+                return f"IP blocked ({found})"
+        if ip and self.networks:
+            address = parse_ip(ip)
+            if address is not None:
+                version, value = address
+                for network, reason in self.networks:
+                    shift = network.max_prefixlen - network.prefixlen
+                    if (version == network.version
+                            and value >> shift == int(network.network_address) >> shift):
+                        return f"network {network} blocked ({reason})"
+        return None
+
+    def is_traveller(self, user_id: str, country: str | None) -> bool:
+        if user_id not in self.travellers:
+            return False
+        countries = self.travellers[user_id]
+        return countries is None or (country is not None and country in countries)
+
+
+class BlocklistCache:
+    """Reloads the blocklist from PostgreSQL in the background."""
+
+    def __init__(self, pool: Pool, refresh_seconds: float,
+                 on_first_load: Callable[[Blocklist], Awaitable[None]] | None = None) -> None:
+        self._pool = pool
+        self._refresh_seconds = refresh_seconds
+        self._on_first_load = on_first_load
+        self.current = Blocklist()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def ensure_started(self) -> None:
+        """Loads the list and starts reloading it, on the first RPC.
+
+        Lazily, because the pool opens only after the server starts (runtime/server.py).
+        """
+        if self._task is not None:
+            return
+        async with self._lock:
+            if self._task is not None:
+                return
+            await self.reload()
+            if self._on_first_load is not None:
+                await self._on_first_load(self.current)
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def reload(self) -> None:
+        fresh = Blocklist()
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(
+                "SELECT kind, value, reason FROM fraud_blocks WHERE deleted_at IS NULL"
+                " AND (expire_at IS NULL OR expire_at > now())")).fetchall()
+            travellers = await (await conn.execute(
+                "SELECT user_id, countries FROM fraud_travellers"
+                " WHERE expire_at IS NULL OR expire_at > now()")).fetchall()
+        for row in rows:
+            kind, value, reason = str(row["kind"]), str(row["value"]), str(row["reason"])
+            if kind == "USER":
+                fresh.users[value] = reason
+            elif kind == "DEVICE":
+                fresh.devices[value] = reason
+            elif kind == "IP":
+                fresh.ips[value] = reason
+            else:
+                fresh.networks.append((ipaddress.ip_network(value), reason))
+        for row in travellers:
+            countries = row["countries"]
+            fresh.travellers[str(row["user_id"])] = (
+                None if countries is None else frozenset(str(c).upper() for c in countries))
+        self.current = fresh
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_seconds)
+            try:
+                await self.reload()
+            except Exception:  # keep the last good list; the next reload may succeed
+                log.exception("blocklist reload failed")
+
+
+@dataclass
+class AuditRecord:
+    """One audit_log row written by fraud_svc."""
+
+    actor_role: str
+    actor: str
+    action: str  # without the "fraud." prefix
+    target_id: str
+    reason: str = ""
+    user_id: str = ""
+    round_id: str = ""
+    request_id: str = ""
+    attributes: Mapping[str, object] = field(default_factory=dict)
+
+    def params(self) -> tuple[str, str, str, str, str, Jsonb]:
+        return (self.actor_role, self.actor, ACTION_PREFIX + self.action, self.target_id,
+                self.reason, Jsonb({
+                    "user_id": self.user_id, "round_id": self.round_id,
+                    "target_id": self.target_id, "request_id": self.request_id,
+                    "attributes": dict(self.attributes)}))
+
+
+async def write_audit(conn: Conn, records: list[AuditRecord]) -> list[int]:
+    """Appends the records; returns their audit ids in order."""
+    if not records:
+        return []
+    ids: list[int] = []
+    # executemany with returning pipelines the inserts: one round trip for the batch.
+    async with conn.cursor() as cursor:
+        await cursor.executemany(
+            "INSERT INTO audit_log (actor_role, actor_subject, action, target, reason, details)"
+            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING audit_id",
+            [record.params() for record in records], returning=True)
+        while True:
+            row = await cursor.fetchone()
+            assert row is not None
+            ids.append(int(row["audit_id"]))
+            if not cursor.nextset():
+                break
+    return ids
+
+
+def attribute_text(value: object) -> str:
+    """An audit attribute as AuditEntry's string map shows it."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)

@@ -1,0 +1,629 @@
+"""fraud_svc against real PostgreSQL, Redis and Envoy: signals, flags, reviews, blocks, audit.
+
+Scoring is driven through an in-process server (port 0, same database and Redis as the mesh)
+with a GeoIP database written by the test and the model's weight set to 0, so each rule
+signal can be seen on its own; the mesh's own fraud_svc (no GeoIP database, shipped model)
+serves the operator RPCs through the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+import pytest_asyncio
+from psycopg.rows import dict_row
+
+from fraud_svc.behaviour import NETWORKS, Network
+from fraud_svc.config import FraudConfig
+from fraud_svc.devgeo import write_database
+from fraud_svc.server import create_server
+from fraud_svc.state import blocked_key
+from ops.stack import Stack
+from runtime.access import Principal, Role
+from runtime.errors import error_info
+from runtime.storage import create_redis
+from televote.fraud.v1 import (
+    fraud_review_service_pb2,
+    fraud_review_service_pb2_grpc,
+    fraud_scoring_service_pb2,
+    fraud_scoring_service_pb2_grpc,
+    fraud_types_pb2,
+)
+from tests.conftest import bearer
+
+INTERNAL = Principal(Role.INTERNAL, "vote_svc").to_metadata()
+KH_IP = "100.64.1.10"  # Phnom Penh
+TH_IP = "100.80.1.10"  # Bangkok
+VN_IP = "100.81.1.10"
+ASN_VPN_IP = "100.99.1.10"  # a Cambodian network whose AS is on the VPN list
+CIDR_VPN_IP = "100.100.1.10"  # not in the database; its network is on the VPN list
+PHNOM_PENH = (11.5564, 104.9282)
+SIEM_REAP = (13.3633, 103.8564)
+T0 = 1_900_000_000_000  # a fixed clock (ms) so timing signals do not depend on the machine
+DECISION_SQL = ("SELECT * FROM audit_log WHERE action = 'fraud.score'"
+                " AND details -> 'attributes' ->> 'decision_id' = %s")
+Vote = fraud_scoring_service_pb2.VoteFacts
+Action = fraud_types_pb2.FraudAction
+
+
+@dataclass
+class Fraud:
+    host: Any
+    stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceStub
+    config: FraudConfig
+
+    async def score(self, *votes: Vote) -> list[fraud_scoring_service_pb2.VoteScore]:
+        reply = await self.stub.ScoreVotes(
+            fraud_scoring_service_pb2.ScoreVotesRequest(votes=votes), metadata=INTERNAL,
+            timeout=10)
+        return list(reply.scores)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def fraud(stack: Stack, tmp_path_factory: pytest.TempPathFactory,
+                ) -> AsyncIterator[Fraud]:
+    geo = write_database(tmp_path_factory.mktemp("geo") / "city.mmdb", [
+        *NETWORKS, Network("100.99.0.0/16", "KH", "Phnom Penh", *PHNOM_PENH, 64_999)])
+    config = FraudConfig(
+        database_url=stack.database_url, redis_url=stack.redis_url, fraud_geoip_db=str(geo),
+        fraud_vpn_cidrs=("100.100.0.0/16",), fraud_vpn_asns=("AS64999",),
+        fraud_weight_model=0.0, fraud_refresh_seconds=0.1,
+        televote_drain_announce_seconds=0.0, televote_grace_seconds=1.0)
+    host, port = create_server(config)
+    await host.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield Fraud(host, fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel), config)
+    await host.stop()
+
+
+def _user() -> str:
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+def vote(user: str, *, at_ms: int = T0, ip: str = KH_IP, device: str = "",
+         gps: tuple[float, float] | None = None, round_id: str = "round-1",
+         ref: str | None = None, country: str = "") -> Vote:
+    facts = Vote(ref=ref or str(uuid.uuid4()), user_id=user, round_id=round_id, ip=ip,
+                 device_id=device, contestant_id="c1", count=1, country_hint=country)
+    facts.server_time.FromMilliseconds(at_ms)
+    if gps is not None:
+        facts.location.latitude, facts.location.longitude = gps
+    return facts
+
+
+def reasons(score: fraud_scoring_service_pb2.VoteScore) -> dict[str, float]:
+    return {reason.name: reason.contribution for reason in score.reasons}
+
+
+async def _db(stack: Stack, sql: str, *params: Any) -> list[dict[str, Any]]:
+    async with await psycopg.AsyncConnection.connect(stack.database_url,
+                                                     row_factory=dict_row) as conn:
+        cursor = await conn.execute(sql, params)
+        return await cursor.fetchall() if cursor.description else []
+
+
+async def _refusal(call: Any) -> tuple[grpc.StatusCode, str, Sequence[str]]:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call
+    info = error_info(refused.value)
+    fields: list[str] = []
+    status = rpc_status.from_call(refused.value)  # type: ignore[arg-type]
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [violation.field for violation in bad.field_violations]
+    return refused.value.code(), info.reason if info else "", fields
+
+
+# --- signals, each on its own -------------------------------------------------------------
+
+async def test_a_clean_vote_is_allowed_with_nothing_against_it(fraud: Fraud) -> None:
+    [score] = await fraud.score(vote(_user(), gps=(11.60, 104.90), device=_user()))
+    assert score.action == Action.FRAUD_ACTION_ALLOW
+    assert score.score == 0.0 and list(score.reasons) == []
+    assert score.decision_id == ""  # ALLOW is not audited one by one
+
+
+async def test_velocity_counts_the_users_votes_in_the_last_60_seconds(fraud: Fraud) -> None:
+    user = _user()
+    # Uneven gaps (std dev ~1.1 s) so only velocity fires: 51 votes within 58 s.
+    times = [T0]
+    for index in range(50):
+        times.append(times[-1] + (50 if index % 2 else 2_250))
+    scores = await fraud.score(*(vote(user, at_ms=t) for t in times))
+    assert all("velocity" not in reasons(s) for s in scores[:50])
+    assert reasons(scores[50]) == {"velocity": pytest.approx(0.6)}
+    assert "51 votes in 60 s" in scores[50].reasons[0].detail
+    assert scores[50].action == Action.FRAUD_ACTION_REVIEW
+    # A minute later the window has moved on.
+    [later] = await fraud.score(vote(user, at_ms=times[-1] + 61_000))
+    assert "velocity" not in reasons(later)
+
+
+async def test_a_device_used_by_more_than_three_users_is_shared(fraud: Fraud) -> None:
+    device = f"dev-{uuid.uuid4().hex}"
+    scores = await fraud.score(*(vote(_user(), device=device) for _ in range(4)))
+    assert ["shared_device" in reasons(s) for s in scores] == [False, False, False, True]
+    assert reasons(scores[3])["shared_device"] == pytest.approx(0.4)
+    # The same user again does not make the device more shared.
+    assert "device used by 4 users" in scores[3].reasons[0].detail
+
+
+async def test_vpn_and_proxy_networks_come_from_the_cidr_and_asn_lists(fraud: Fraud) -> None:
+    by_asn, by_cidr, hosting, home = await fraud.score(
+        vote(_user(), ip=ASN_VPN_IP), vote(_user(), ip=CIDR_VPN_IP),
+        vote(_user(), ip="100.96.3.3"), vote(_user(), ip=KH_IP))
+    assert reasons(by_asn) == {"vpn_proxy": pytest.approx(0.35)}
+    assert "AS64999" in by_asn.reasons[0].detail
+    assert reasons(by_cidr) == {"vpn_proxy": pytest.approx(0.35)}
+    assert "100.100.0.0/16" in by_cidr.reasons[0].detail
+    # A network the database marks as hosting (Singapore, so also outside the geo-fence).
+    assert set(reasons(hosting)) == {"vpn_proxy", "foreign_country"}
+    assert reasons(home) == {}
+
+
+async def test_a_vote_from_outside_cambodia_is_geofenced(fraud: Fraud) -> None:
+    abroad, hinted = await fraud.score(vote(_user(), ip=TH_IP),
+                                       vote(_user(), ip=KH_IP, country="vn"))
+    assert reasons(abroad) == {"foreign_country": pytest.approx(0.3)}
+    assert "TH" in abroad.reasons[0].detail
+    assert reasons(hinted) == {"foreign_country": pytest.approx(0.3)}
+
+
+async def test_a_traveller_may_vote_from_the_countries_of_their_exemption(
+        stack: Stack, fraud: Fraud) -> None:
+    user = _user()
+    await _db(stack, "INSERT INTO fraud_travellers (user_id, countries, created_by, reason)"
+              " VALUES (%s, ARRAY['TH'], 'producer', 'on tour')", user)
+    await asyncio.sleep(0.4)  # the blocklist cache reloads every 0.1 s here
+    from_thailand, from_vietnam = await fraud.score(vote(user, ip=TH_IP),
+                                                    vote(user, ip=VN_IP, at_ms=T0 + 60_000))
+    assert reasons(from_thailand) == {}
+    assert reasons(from_vietnam) == {"foreign_country": pytest.approx(0.3)}
+
+
+async def test_gps_more_than_100_km_from_the_ip_location_is_a_mismatch(fraud: Fraud) -> None:
+    far, near, no_gps = await fraud.score(vote(_user(), gps=SIEM_REAP),
+                                          vote(_user(), gps=(11.9, 104.9)),
+                                          vote(_user()))
+    assert reasons(far) == {"gps_mismatch": pytest.approx(0.25)}
+    assert "km from the IP" in far.reasons[0].detail
+    assert reasons(near) == {} and reasons(no_gps) == {}
+
+
+async def test_votes_at_a_fixed_interval_are_bot_timing(fraud: Fraud) -> None:
+    user = _user()
+    scores = await fraud.score(*(vote(user, at_ms=T0 + i * 5_000) for i in range(6)))
+    # Five intervals are needed to judge a rhythm; the sixth vote has them.
+    assert ["bot_timing" in reasons(s) for s in scores] == [False] * 5 + [True]
+    assert reasons(scores[5]) == {"bot_timing": pytest.approx(0.55)}
+    human = _user()
+    rng = random.Random(4)
+    at = T0
+    human_votes = []
+    for _ in range(6):
+        at += rng.randint(2_000, 60_000)
+        human_votes.append(vote(human, at_ms=at))
+    assert "bot_timing" not in reasons((await fraud.score(*human_votes))[-1])
+
+
+async def test_votes_scored_again_with_the_same_ref_are_not_counted_twice(
+        fraud: Fraud) -> None:
+    user = _user()
+    same = vote(user, ref="retry-1")
+    for _ in range(60):
+        [score] = await fraud.score(same)
+    assert "velocity" not in reasons(score)
+
+
+async def test_without_a_geoip_database_ip_signals_say_unknown(stack: Stack) -> None:
+    async with grpc.aio.insecure_channel(stack.target("fraud_svc")) as channel:
+        stub = fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
+        reply = await stub.ScoreVotes(fraud_scoring_service_pb2.ScoreVotesRequest(
+            votes=[vote(_user(), ip=TH_IP, gps=SIEM_REAP)]), metadata=INTERNAL, timeout=10)
+    [score] = reply.scores
+    assert not {"foreign_country", "gps_mismatch", "vpn_proxy"} & set(reasons(score))
+    assert score.action == Action.FRAUD_ACTION_ALLOW
+    assert "model" in reasons(score)  # the shipped model is on in the mesh
+
+
+# --- combination, flagging and the audit trail ---------------------------------------------
+
+async def test_a_score_over_0_8_blocks_audits_and_flags_the_user(
+        stack: Stack, fraud: Fraud) -> None:
+    user = _user()
+    # 52 votes, 1 s apart: velocity (0.6) and bot timing (0.55) make 1 - 0.4 * 0.45 = 0.82.
+    scores = await fraud.score(*(vote(user, at_ms=T0 + i * 1_000) for i in range(52)))
+    blocked = scores[51]
+    assert blocked.action == Action.FRAUD_ACTION_BLOCK
+    assert blocked.score == pytest.approx(0.82)
+    assert [r.name for r in blocked.reasons] == ["velocity", "bot_timing"]
+    assert blocked.decision_id
+    [entry] = await _db(stack, DECISION_SQL, blocked.decision_id)
+    assert entry["action"] == "fraud.score" and entry["actor_subject"] == "fraud_svc"
+    attributes = entry["details"]["attributes"]
+    assert attributes["action"] == "BLOCK" and attributes["flagged_user"] is True
+    assert attributes["inputs"]["window_votes"] == 52
+    assert entry["details"]["user_id"] == user
+    [flag] = await _db(stack, "SELECT * FROM fraud_blocks WHERE kind = 'USER' AND value = %s"
+                       " AND deleted_at IS NULL", user)
+    assert flag["created_by"] == "fraud_svc"
+
+    # The flagged user's next vote, clean in every way, is blocked without scoring.
+    [next_vote] = await fraud.score(vote(user, at_ms=T0 + 3_600_000, gps=(11.6, 104.9)))
+    assert next_vote.action == Action.FRAUD_ACTION_BLOCK
+    assert [r.name for r in next_vote.reasons] == ["blocklist"]
+    redis = create_redis(stack.redis_url)
+    try:
+        assert await redis.zscore(blocked_key(user), user) is not None
+    finally:
+        await redis.aclose()
+
+
+async def test_a_review_decision_queues_a_review_and_is_audited(
+        stack: Stack, fraud: Fraud) -> None:
+    user = _user()
+    # Foreign (0.3) and VPN (0.35): 1 - 0.7 * 0.65 = 0.545, over 0.5.
+    [score] = await fraud.score(vote(user, ip="100.96.9.9", ref="vote-review-1"))
+    assert score.action == Action.FRAUD_ACTION_REVIEW
+    assert score.score == pytest.approx(0.545)
+    [review] = await _db(stack, "SELECT * FROM fraud_reviews WHERE user_id = %s", user)
+    assert review["state"] == "PENDING" and review["vote_ref"] == "vote-review-1"
+    assert review["decision_id"] == score.decision_id
+    [entry] = await _db(stack, DECISION_SQL, score.decision_id)
+    assert entry["details"]["attributes"]["review_id"] == str(review["review_id"])
+    assert entry["details"]["attributes"]["inputs"]["ip_country"] == "SG"
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+async def test_bad_batches_are_refused_with_reasons_and_change_nothing(
+        stack: Stack, fraud: Fraud) -> None:
+    request = fraud_scoring_service_pb2.ScoreVotesRequest
+    code, reason, _ = await _refusal(fraud.stub.ScoreVotes(request(), metadata=INTERNAL))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+    too_many = request(votes=[vote(_user()) for _ in range(1_001)])
+    code, reason, _ = await _refusal(fraud.stub.ScoreVotes(too_many, metadata=INTERNAL))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "BATCH_TOO_LARGE")
+    good_user = _user()
+    bad = request(votes=[
+        vote(good_user), Vote(round_id="r"), vote(_user(), ip="999.1.1.1"),
+        vote(_user(), gps=(91.0, 0.0), round_id=""), vote(_user(), country="Cambodia")])
+    code, reason, fields = await _refusal(fraud.stub.ScoreVotes(bad, metadata=INTERNAL))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+    assert set(fields) == {"votes[1].user_id", "votes[2].ip", "votes[3].round_id",
+                           "votes[3].location.latitude", "votes[4].country_hint"}
+    redis = create_redis(stack.redis_url)
+    try:
+        from fraud_svc.state import votes_key
+        assert await redis.exists(votes_key(good_user)) == 0  # the valid vote was not recorded
+    finally:
+        await redis.aclose()
+
+
+async def test_only_internal_callers_may_score(fraud: Fraud) -> None:
+    code, reason, _ = await _refusal(fraud.stub.ScoreVotes(
+        fraud_scoring_service_pb2.ScoreVotesRequest(votes=[vote(_user())]),
+        metadata=Principal(Role.OPERATOR, "op").to_metadata()))
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
+
+
+# --- operators, through the edge -------------------------------------------------------------
+
+def _http(stack: Stack, method: str, path: str, body: dict[str, Any] | None = None,
+          role: Role = Role.OPERATOR) -> tuple[int, dict[str, Any]]:
+    token = bearer(stack.settings.state_dir, role, "producer")[0][1]
+    request = urllib.request.Request(
+        f"{stack.edge_url}{path}", method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"authorization": token, "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        raw = error.read()
+        try:
+            return error.code, json.loads(raw or b"{}")
+        except ValueError:  # the edge's own refusals (RBAC) are plain text
+            return error.code, {"message": raw.decode(errors="replace")}
+
+
+def _reason(body: dict[str, Any]) -> str:
+    for detail in body.get("details", []):
+        if detail.get("@type", "").endswith("ErrorInfo"):
+            return str(detail["reason"])
+    return ""
+
+
+@pytest_asyncio.fixture(scope="module")
+async def review_stub(stack: Stack) -> AsyncIterator[
+        fraud_review_service_pb2_grpc.FraudReviewServiceStub]:
+    async with grpc.aio.insecure_channel(stack.edge_target) as channel:
+        yield fraud_review_service_pb2_grpc.FraudReviewServiceStub(channel)
+
+
+def _operator(stack: Stack) -> tuple[tuple[str, str]]:
+    return bearer(stack.settings.state_dir, Role.OPERATOR, "producer")
+
+
+async def _queue_reviews(fraud: Fraud, user: str, count: int, round_id: str) -> list[str]:
+    scores = await fraud.score(*(vote(user, ip="100.96.9.9", round_id=round_id,
+                                      ref=f"{user}-v{i}", at_ms=T0 + i * 7_000 + i * i * 900)
+                                 for i in range(count)))
+    assert all(s.action == Action.FRAUD_ACTION_REVIEW for s in scores)
+    return [s.decision_id for s in scores]
+
+
+async def test_an_operator_lists_and_rejects_a_reviewed_vote(
+        stack: Stack, fraud: Fraud, review_stub: Any) -> None:
+    user, round_id = _user(), f"round-{uuid.uuid4().hex[:8]}"
+    await _queue_reviews(fraud, user, 2, round_id)
+    status, body = await asyncio.to_thread(
+        _http, stack, "GET", f"/v1/fraud/reviews?userId={user}&state=REVIEW_STATE_PENDING")
+    assert status == 200, body
+    listed = body["reviews"]
+    assert [r["voteId"] for r in listed] == [f"{user}-v0", f"{user}-v1"]
+    assert {s["name"] for s in listed[0]["signals"]} == {"vpn_proxy", "foreign_country"}
+
+    request = fraud_review_service_pb2.ResolveReviewRequest(
+        request_id=str(uuid.uuid4()), review_id=listed[0]["reviewId"],
+        decision=fraud_review_service_pb2.REVIEW_DECISION_REJECT,
+        scope=fraud_review_service_pb2.REVIEW_SCOPE_VOTE, note="VPN from Singapore")
+    resolved = await review_stub.ResolveReview(request, metadata=_operator(stack), timeout=10)
+    assert resolved.review.state == fraud_types_pb2.REVIEW_STATE_REJECTED
+    assert resolved.review.resolved_by == "producer" and resolved.affected_votes == 1
+    again = await review_stub.ResolveReview(request, metadata=_operator(stack), timeout=10)
+    assert again.review == resolved.review  # a retry returns the original resolution
+    rejections = await _db(stack, "SELECT * FROM fraud_rejections WHERE user_id = %s", user)
+    assert [(r["round_id"], r["vote_ref"]) for r in rejections] == [(round_id, f"{user}-v0")]
+
+    other = fraud_review_service_pb2.ResolveReviewRequest()
+    other.CopyFrom(request)
+    other.decision = fraud_review_service_pb2.REVIEW_DECISION_APPROVE
+    assert (await _refusal(review_stub.ResolveReview(other, metadata=_operator(stack))))[:2] \
+        == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH")
+    other.request_id = str(uuid.uuid4())
+    assert (await _refusal(review_stub.ResolveReview(other, metadata=_operator(stack))))[:2] \
+        == (grpc.StatusCode.FAILED_PRECONDITION, "REVIEW_ALREADY_RESOLVED")
+    other.review_id = str(uuid.uuid4())
+    assert (await _refusal(review_stub.ResolveReview(other, metadata=_operator(stack))))[:2] \
+        == (grpc.StatusCode.NOT_FOUND, "REVIEW_NOT_FOUND")
+
+    audit = await review_stub.ListAuditEntries(fraud_review_service_pb2.ListAuditEntriesRequest(
+        user_id=user, action="review.resolve"), metadata=_operator(stack), timeout=10)
+    [entry] = audit.entries
+    assert entry.actor == "producer" and entry.target_id == listed[0]["reviewId"]
+    assert entry.attributes["decision"] == "REJECT" and entry.request_id == request.request_id
+    assert entry.round_id == round_id
+
+
+async def test_rejecting_a_users_votes_in_a_round_resolves_their_pending_reviews(
+        stack: Stack, fraud: Fraud, review_stub: Any) -> None:
+    user, round_id = _user(), f"round-{uuid.uuid4().hex[:8]}"
+    await _queue_reviews(fraud, user, 3, round_id)
+    listed = await review_stub.ListReviews(fraud_review_service_pb2.ListReviewsRequest(
+        user_id=user, page_size=2), metadata=_operator(stack), timeout=10)
+    assert len(listed.reviews) == 2 and listed.next_page_token
+    status, body = await asyncio.to_thread(
+        _http, stack, "POST", f"/v1/fraud/reviews/{listed.reviews[0].review_id}:resolve",
+        {"requestId": str(uuid.uuid4()), "decision": "REVIEW_DECISION_REJECT",
+         "scope": "REVIEW_SCOPE_USER_ROUND", "note": "device farm"})
+    assert status == 200, body
+    assert int(body["affectedVotes"]) == 3
+    states = await _db(stack, "SELECT state FROM fraud_reviews WHERE user_id = %s", user)
+    assert {r["state"] for r in states} == {"REJECTED"}
+    [rejection] = await _db(stack, "SELECT * FROM fraud_rejections WHERE user_id = %s", user)
+    assert rejection["vote_ref"] is None and rejection["round_id"] == round_id
+
+    status, body = await asyncio.to_thread(
+        _http, stack, "POST", f"/v1/fraud/reviews/{listed.reviews[1].review_id}:resolve",
+        {"requestId": str(uuid.uuid4())})
+    assert status == 400 and _reason(body) == "INVALID_REQUEST"
+
+
+async def _eventually(check: Any, timeout: float = 5.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result or asyncio.get_running_loop().time() > deadline:
+            return result
+        await asyncio.sleep(0.1)
+
+
+async def test_operators_block_and_unblock_devices_ips_networks_and_users(
+        stack: Stack, fraud: Fraud, review_stub: Any) -> None:
+    device, user = f"dev-{uuid.uuid4().hex}", _user()
+    blocks = {}
+    for kind, value in (("BLOCK_KIND_DEVICE", device), ("BLOCK_KIND_IP", "100.64.200.7"),
+                        ("BLOCK_KIND_CIDR", "100.65.77.9/24"), ("BLOCK_KIND_USER", user)):
+        status, body = await asyncio.to_thread(_http, stack, "POST", "/v1/fraud/blocks", {
+            "requestId": str(uuid.uuid4()), "kind": kind, "value": value,
+            "reason": "ticket 42"})
+        assert status == 200, body
+        blocks[kind] = body["block"]
+    assert blocks["BLOCK_KIND_CIDR"]["value"] == "100.65.77.0/24"  # normalized
+    assert blocks["BLOCK_KIND_USER"]["createdBy"] == "producer"
+
+    async def all_blocked() -> bool:
+        scores = await fraud.score(vote(_user(), device=device),
+                                   vote(_user(), ip="100.64.200.7"),
+                                   vote(_user(), ip="100.65.77.200"), vote(user))
+        return all(s.action == Action.FRAUD_ACTION_BLOCK
+                   and [r.name for r in s.reasons] == ["blocklist"] for s in scores)
+    assert await _eventually(all_blocked)
+
+    status, body = await asyncio.to_thread(_http, stack, "POST", "/v1/fraud/blocks", {
+        "requestId": str(uuid.uuid4()), "kind": "BLOCK_KIND_DEVICE", "value": device,
+        "reason": "again"})
+    assert status == 409 and _reason(body) == "BLOCK_ALREADY_EXISTS"
+    listed = await review_stub.ListBlocks(fraud_review_service_pb2.ListBlocksRequest(
+        kind=fraud_types_pb2.BLOCK_KIND_DEVICE, page_size=1000), metadata=_operator(stack))
+    assert device in {b.value for b in listed.blocks}
+
+    for block in blocks.values():
+        request_id = str(uuid.uuid4())
+        path = f"/v1/fraud/blocks/{block['blockId']}?requestId={request_id}"
+        status, body = await asyncio.to_thread(_http, stack, "DELETE", path)
+        assert status == 200, body
+        status, _ = await asyncio.to_thread(_http, stack, "DELETE", path)
+        assert status == 200  # a retry of the same delete succeeds
+
+    async def none_blocked() -> bool:
+        scores = await fraud.score(vote(_user(), device=device),
+                                   vote(_user(), ip="100.64.200.7"),
+                                   vote(_user(), ip="100.65.77.200"),
+                                   vote(user, at_ms=T0 + 7_200_000))
+        return all(s.action == Action.FRAUD_ACTION_ALLOW for s in scores)
+    assert await _eventually(none_blocked)
+
+    audit = await review_stub.ListAuditEntries(fraud_review_service_pb2.ListAuditEntriesRequest(
+        user_id=user), metadata=_operator(stack), timeout=10)
+    operator_entries = [e for e in audit.entries if e.action.startswith("block.")]
+    assert [e.action for e in operator_entries] == ["block.delete", "block.create"]
+    assert all(e.actor == "producer" for e in operator_entries)
+    assert operator_entries[1].attributes["reason"] == "ticket 42"
+    # Each vote refused by the block is audited as a decision too.
+    refused = [e for e in audit.entries if e.action == "score"]
+    assert refused and all(e.attributes["action"] == "BLOCK" for e in refused)
+
+
+async def test_bad_blocks_are_refused_with_reasons(stack: Stack, review_stub: Any) -> None:
+    def create(**fields: Any) -> Any:
+        request = fraud_review_service_pb2.CreateBlockRequest(
+            request_id=str(uuid.uuid4()), kind=fraud_types_pb2.BLOCK_KIND_CIDR,
+            value="10.0.0.0/8", reason="why")
+        for name, value in fields.items():
+            setattr(request, name, value)
+        return review_stub.CreateBlock(request, metadata=_operator(stack), timeout=10)
+
+    for fields, field in ((dict(value="10.0.0.0/33"), "value"),
+                          (dict(kind=fraud_types_pb2.BLOCK_KIND_IP, value="10.0.0"), "value"),
+                          (dict(kind=0), "kind"), (dict(reason=""), "reason"),
+                          (dict(request_id="not-a-uuid"), "request_id")):
+        code, reason, fields_seen = await _refusal(create(**fields))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+        assert field in fields_seen
+    code, reason, _ = await _refusal(review_stub.ListAuditEntries(
+        fraud_review_service_pb2.ListAuditEntriesRequest(page_token="garbage"),
+        metadata=_operator(stack)))
+    assert reason == "INVALID_REQUEST"
+    code, reason, _ = await _refusal(review_stub.DeleteBlock(
+        fraud_review_service_pb2.DeleteBlockRequest(block_id=str(uuid.uuid4()),
+                                                    request_id=str(uuid.uuid4())),
+        metadata=_operator(stack)))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "BLOCK_NOT_FOUND")
+
+
+def test_a_voter_may_not_review(stack: Stack) -> None:
+    status, _ = _http(stack, "GET", "/v1/fraud/reviews", role=Role.VOTER)
+    assert status == 403
+
+
+
+
+async def test_scoring_without_redis_is_unavailable_not_internal(stack: Stack) -> None:
+    from fraud_svc.features import Scorer
+    from fraud_svc.geoip import MaxMindIntel, VpnLists
+    from fraud_svc.model import Model
+    from fraud_svc.scoring import FraudScoringServicer
+    from fraud_svc.state import FeatureState
+    from fraud_svc.store import BlocklistCache
+    from ops.processes import free_port
+    from runtime.errors import ApiError
+    from runtime.storage import create_pool
+
+    config = FraudConfig(database_url=stack.database_url,
+                         redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    pool = create_pool(config.database_url)
+    await pool.open()
+    redis = create_redis(config.redis_url)
+    try:
+        blocklist = BlocklistCache(pool, 60.0)
+        servicer = FraudScoringServicer(
+            config, pool, FeatureState(redis, config), MaxMindIntel("", "", VpnLists([], [])),
+            blocklist, Scorer(config, Model.load()))
+        with pytest.raises(ApiError) as refused:
+            await servicer.ScoreVotes(fraud_scoring_service_pb2.ScoreVotesRequest(
+                votes=[vote(_user())]), None)  # type: ignore[arg-type]
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.reason == "UNAVAILABLE"
+        await blocklist.stop()
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
+async def test_on_a_cluster_each_script_call_stays_in_one_hash_slot(stack: Stack) -> None:
+    """Redis Cluster mode splits a batch by hash tag; the histories are the same as one call."""
+    import re
+
+    from fraud_svc.state import FeatureState, Observation
+
+    single = FraudConfig(database_url=stack.database_url, redis_url=stack.redis_url)
+    cluster = single.model_copy(update={"redis_cluster": True})
+    redis = create_redis(stack.redis_url)
+    try:
+        results = []
+        for config in (single, cluster):
+            run = uuid.uuid4().hex[:8]
+            votes = [Observation(f"{run}-r{i}", f"{run}-u{i % 7}", f"{run}-d{i % 3}",
+                                 f"100.64.0.{i % 5}", T0 + i * 1_000) for i in range(40)]
+            state = FeatureState(redis, config)
+            calls = state.plan(votes)
+            for call in calls.values():
+                tags = {re.search(r"\{[^}]*\}", key).group(0)  # type: ignore[union-attr]
+                        for key in call.keys}
+                assert len(tags) == 1 or config is single
+            assert (len(calls) > 1) == (config is cluster)
+            results.append(await state.record(votes))
+        assert results[0] == results[1]
+    finally:
+        await redis.aclose()
+
+
+async def test_the_redis_feature_state_matches_the_windows_the_model_was_trained_on(
+        stack: Stack) -> None:
+    from fraud_svc.behaviour import TrafficMix, generate
+    from fraud_svc.features import FeatureMemory
+    from fraud_svc.state import FeatureState, Observation
+
+    config = FraudConfig(database_url=stack.database_url, redis_url=stack.redis_url,
+                         fraud_user_history=60)  # small, so trimming by count is exercised
+    run = uuid.uuid4().hex[:8]
+    events = generate(TrafficMix(humans=40, fixed_interval_bots=2, device_farms=1,
+                                 farm_accounts=6, proxy_rotators=2, duration_seconds=900,
+                                 prefix=run), seed=9)
+    memory = FeatureMemory(config)
+    expected = [memory.record(e.user_id, e.device_id, e.ip, round(e.time, 3)) for e in events]
+    redis = create_redis(stack.redis_url)
+    try:
+        state = FeatureState(redis, config)
+        actual = []
+        for start in range(0, len(events), 100):
+            actual += await state.record([
+                Observation(f"{run}-{start + i}", e.user_id, e.device_id, e.ip,
+                            T0 + round(e.time * 1000))
+                for i, e in enumerate(events[start:start + 100])])
+    finally:
+        await redis.aclose()
+    assert len(actual) == len(expected) > 300
+    for got, want in zip(actual, expected, strict=True):
+        assert (got.window_votes, got.intervals, got.distinct_ips, got.device_users) == (
+            want.window_votes, want.intervals, want.distinct_ips, want.device_users)
+        assert got.interval_std_s == pytest.approx(want.interval_std_s, abs=2e-3)
+        assert got.interval_mean_s == pytest.approx(want.interval_mean_s, abs=2e-3)
