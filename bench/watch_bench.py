@@ -108,8 +108,8 @@ async def run(grpc_subscribers: int, sse_subscribers: int, connections: int,
             sse = [SseWatcher().start(stack.edge_target, f"/v1/episodes/{episode_id}/events")
                    for _ in range(sse_subscribers)]
             await asyncio.wait_for(ready.wait(), 300)
-            while sum(bool(w.events) for w in sse) < sse_subscribers:
-                await asyncio.sleep(0.2)  # noqa: ASYNC110 - polling other tasks' lists
+            while sum(bool(w.events) for w in sse) < sse_subscribers:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)  # polling other tasks' lists
             connected_s = time.monotonic() - started
             if FAILURES:
                 print(f"subscriptions refused: {FAILURES}")
