@@ -119,8 +119,14 @@ async def run(grpc_subscribers: int, sse_subscribers: int, connections: int,
                   f"{connected_s:.1f}s; sync_svc RSS {rss_before / 2**20:.0f} -> "
                   f"{rss_after / 2**20:.0f} MiB = {per_subscriber / 1024:.1f} KiB per subscriber")
 
+            cpu_before = sync_process.cpu_times()
             await operator.call("OpenVoting", round_id=round_id, duration=seconds(14))
             await asyncio.sleep(16)
+            cpu_after = sync_process.cpu_times()
+            busy = (cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system)
+            print(f"sync_svc CPU while the window ran: {busy / 16 * 100:.0f} % of one core "
+                  f"({busy / 16 / max(1, grpc_subscribers + sse_subscribers) * 1e6:.0f} µs "
+                  "per subscriber-second)")
             for watcher in sse:
                 await watcher.stop()
             for task in tasks:
