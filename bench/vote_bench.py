@@ -1,0 +1,272 @@
+"""Vote ingestion benchmark: durable accepted votes/s through the edge, and latency at 70 %.
+
+    python bench/vote_bench.py [--duration 10] [--replicas 2] [--modes json,grpc,batch,noop]
+
+Starts its own mesh (like `televote up`, fraud scoring off unless --fraud: fraud_svc would,
+rightly, block a benchmark's voters), opens a round per run whose quota and rate limit do not
+bind, and for each mode measures:
+- the maximum: closed-loop load, durable accepted votes per second (an OK is only sent after
+  the ledger commit, and the run checks every acknowledged vote is in the ledger);
+- p50/p99 latency with an open-loop load at 70 % of that maximum.
+Modes: json (Envoy JSON transcoding, wrk with a Lua script), grpc (native gRPC unary through
+Envoy, Python clients in 2 processes), batch (VoteGatewayService.SubmitVotes of 1,000 votes,
+direct to a replica: gateways are inside the mesh or carriers through the edge), and noop
+(ListVotePackages through the same edge path, one small query: the ceiling of the path).
+No assertions on timing: it prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ops import tokens
+from ops.stack import Stack, StackSettings
+from runtime.access import Principal, Role
+from televote.vote.v1 import (
+    vote_gateway_service_pb2,
+    vote_gateway_service_pb2_grpc,
+    vote_service_pb2,
+    vote_service_pb2_grpc,
+    vote_types_pb2,
+)
+from tests.support_windows import TestRound, open_test_round
+
+USERS = 500
+
+WRK_SCRIPT = """
+local tokens = {%(tokens)s}
+local round = "%(round)s"
+local contestants = {%(contestants)s}
+local pause = %(pause)s
+ok, failed = 0, 0
+math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
+local function uuid()
+  return (string.gsub("xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx", "[xy]", function (c)
+    local v = (c == "x") and math.random(0, 15) or math.random(8, 11)
+    return string.format("%%x", v)
+  end))
+end
+function setup(thread) table.insert(threads, thread) end
+threads = {}
+function request()
+  local body = '{"requestId":"' .. uuid() .. '","contestantId":"' ..
+    contestants[math.random(#contestants)] ..
+    '","voteType":"VOTE_TYPE_FREE","count":1,"channel":"CHANNEL_WEB"}'
+  return wrk.format("POST", "/v1/rounds/" .. round .. "/votes", {
+    ["content-type"] = "application/json",
+    ["authorization"] = "Bearer " .. tokens[math.random(#tokens)]}, body)
+end
+function response(status) if status == 200 then ok = ok + 1 else failed = failed + 1 end end
+function delay() return pause end
+function done(summary, latency, requests)
+  local total_ok, total_failed = 0, 0
+  for _, t in ipairs(threads) do
+    total_ok = total_ok + t:get("ok"); total_failed = total_failed + t:get("failed")
+  end
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d\\n", total_ok, total_failed,
+    latency:percentile(50), latency:percentile(99), summary.duration))
+end
+"""
+
+
+async def _round(stack: Stack) -> TestRound:
+    return await open_test_round(stack.database_url, stack.redis_url, duration_ms=3_600_000,
+                                 free_quota=1_000_000_000, rate_limit=1_000_000_000)
+
+
+async def _ledger_check(stack: Stack, test_round: TestRound,
+                        acknowledged: list[str] | int) -> int:
+    """Rows of the round; raises if an acknowledged vote is missing."""
+    async with await psycopg.AsyncConnection.connect(stack.database_url) as connection:
+        cursor = await connection.execute(
+            "SELECT vote_id::text FROM votes WHERE round_id = %s", (test_round.round_id,))
+        ids = {row[0] for row in await cursor.fetchall()}
+    if isinstance(acknowledged, int):
+        if acknowledged > len(ids):
+            raise SystemExit(f"{acknowledged} acknowledged but {len(ids)} in the ledger")
+    else:
+        missing = set(acknowledged) - ids
+        if missing:
+            raise SystemExit(f"{len(missing)} acknowledged votes missing from the ledger")
+    return len(ids)
+
+
+def _wrk(stack: Stack, test_round: TestRound, duration: int, connections: int,
+         pause_ms: int, path: str = "") -> tuple[int, int, float, float, float]:
+    voter_tokens = ",".join(f'"{tokens.mint(stack.settings.state_dir, Role.VOTER, f"b{n}")}"'
+                            for n in range(USERS))
+    script = Path(tempfile.mkdtemp()) / "vote.lua"
+    script.write_text(WRK_SCRIPT % {
+        "tokens": voter_tokens, "round": test_round.round_id,
+        "contestants": ",".join(f'"{c}"' for c in test_round.contestants),
+        "pause": pause_ms})
+    if path:  # the no-op ceiling: a GET of the same edge path
+        script.write_text(script.read_text().replace(
+            'return wrk.format("POST", "/v1/rounds/" .. round .. "/votes", {',
+            f'body = nil; return wrk.format("GET", "{path}", {{'))
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "-s",
+                          str(script), stack.edge_url], capture_output=True, text=True,
+                         check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("RESULT"))
+    ok, failed, p50, p99, micros = (int(part) for part in line.split()[1:])
+    return ok, failed, p50 / 1000, p99 / 1000, micros / 1e6
+
+
+def _grpc_worker(args: tuple[str, str, list[str], str, float, int, float, bool, int]) -> Any:
+    target, round_id, contestants, token, duration, concurrency, rate, batch, seed = args
+    return asyncio.run(_grpc_load(target, round_id, contestants, token, duration, concurrency,
+                                  rate, batch, seed))
+
+
+async def _grpc_load(target: str, round_id: str, contestants: list[str], token: str,
+                     duration: float, concurrency: int, rate: float, batch: bool,
+                     seed: int) -> tuple[list[str], list[float], int]:
+    """Closed loop (rate 0) or open loop at `rate` calls/s; returns vote ids, latencies (ms),
+    refusals."""
+    acked: list[str] = []
+    latencies: list[float] = []
+    failures = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        votes = vote_service_pb2_grpc.VoteServiceStub(channel)
+        gateway = vote_gateway_service_pb2_grpc.VoteGatewayServiceStub(channel)
+        metadata: Any = (("authorization", f"Bearer {token}"),)
+        gateway_metadata = Principal(Role.INTERNAL, "bench").to_metadata()
+
+        async def one() -> None:
+            nonlocal failures
+            start = time.perf_counter()
+            try:
+                if batch:
+                    reply = await gateway.SubmitVotes(vote_gateway_service_pb2.SubmitVotesRequest(
+                        votes=[vote_gateway_service_pb2.GatewayVote(
+                            request_id=str(uuid.uuid4()), user_id=f"sms:+855{seed}{n:06d}",
+                            round_id=round_id, contestant_id=contestants[n % len(contestants)],
+                            vote_type=vote_types_pb2.VOTE_TYPE_PREMIUM_SMS, count=1,
+                            channel=vote_types_pb2.CHANNEL_SMS) for n in range(1000)]),
+                        metadata=gateway_metadata, timeout=30)
+                    acked.extend(r.accepted.vote_id for r in reply.results if r.ok)
+                    failures += sum(1 for r in reply.results if not r.ok)
+                else:
+                    single = await votes.SubmitVote(vote_service_pb2.SubmitVoteRequest(
+                        request_id=str(uuid.uuid4()), round_id=round_id,
+                        contestant_id=contestants[len(acked) % len(contestants)],
+                        vote_type=vote_types_pb2.VOTE_TYPE_FREE, count=1,
+                        channel=vote_types_pb2.CHANNEL_APP), metadata=metadata, timeout=30)
+                    acked.append(single.vote_id)
+            except grpc.aio.AioRpcError:
+                failures += 1
+                return
+            latencies.append((time.perf_counter() - start) * 1000)
+
+        end = time.perf_counter() + duration
+        if rate <= 0:
+            async def loop() -> None:
+                while time.perf_counter() < end:
+                    await one()
+            await asyncio.gather(*(loop() for _ in range(concurrency)))
+        else:
+            tasks = set()
+            interval, next_at = 1 / rate, time.perf_counter()
+            while next_at < end:
+                now = time.perf_counter()
+                if now < next_at:
+                    await asyncio.sleep(next_at - now)
+                task = asyncio.create_task(one())
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                next_at += interval
+            await asyncio.gather(*tasks)
+    return acked, latencies, failures
+
+
+def _grpc(target: str, test_round: TestRound, token: str, duration: float, concurrency: int,
+          rate: float, batch: bool, processes: int = 2) -> tuple[list[str], list[float], int]:
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        parts = pool.map(_grpc_worker, [
+            (target, test_round.round_id, test_round.contestants, token, duration,
+             concurrency, rate / processes, batch, seed) for seed in range(processes)])
+    acked = [vote for part in parts for vote in part[0]]
+    latencies = [ms for part in parts for ms in part[1]]
+    return acked, latencies, sum(part[2] for part in parts)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else float("nan")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--modes", default="noop,json,grpc,batch")
+    parser.add_argument("--fraud", action="store_true", help="keep fraud scoring on")
+    options = parser.parse_args()
+    env = {"TELEVOTE_GRACE_SECONDS": "5", "TELEVOTE_LOG_LEVEL": "WARNING"}
+    if not options.fraud:
+        env["FRAUD_TARGET"] = ""
+    replicas = {"fraud_svc": 1, "sync_svc": 1, "vote_svc": options.replicas,
+                "results_svc": 1, "sms_svc": 1}
+    stack = Stack(StackSettings(state_dir=Path(tempfile.mkdtemp(prefix="vote-bench-")),
+                                edge_port=0, replicas=replicas, service_env=env))
+    await stack.start()
+    results: dict[str, Any] = {}
+    try:
+        token = tokens.mint(stack.settings.state_dir, Role.VOTER, "bench-voter")
+        duration = int(options.duration)
+        for mode in options.modes.split(","):
+            test_round = await _round(stack)
+            if mode in ("json", "noop"):
+                path = "/v1/vote-packages" if mode == "noop" else ""
+                ok, failed, _, _, seconds = await asyncio.to_thread(
+                    _wrk, stack, test_round, duration, 64, 0, path)
+                peak = ok / seconds
+                connections = 32
+                pause = max(1, int(connections * 1000 / (0.7 * peak)))
+                ok2, failed2, p50, p99, seconds2 = await asyncio.to_thread(
+                    _wrk, stack, test_round, duration, connections, pause, path)
+                if mode == "json":
+                    await _ledger_check(stack, test_round, ok + ok2)
+                results[mode] = {"max_per_s": round(peak), "refused": failed,
+                                 "at70_per_s": round(ok2 / seconds2), "p50_ms": p50,
+                                 "p99_ms": p99, "refused_at70": failed2}
+            else:
+                batch = mode == "batch"
+                target = (stack.target("vote_svc").removeprefix("ipv4:").split(",")[0]
+                          if batch else stack.edge_target)
+                acked, _, failed = await asyncio.to_thread(
+                    _grpc, target, test_round, token, options.duration, 2 if batch else 64, 0,
+                    batch)
+                peak = len(acked) / options.duration
+                calls = 0.7 * peak / (1000 if batch else 1)
+                acked2, latencies, failed2 = await asyncio.to_thread(
+                    _grpc, target, test_round, token, options.duration, 0, calls, batch)
+                await _ledger_check(stack, test_round, acked + acked2)
+                results[mode] = {"max_per_s": round(peak), "refused": failed,
+                                 "at70_per_s": round(len(acked2) / options.duration),
+                                 "p50_ms": round(_pct(latencies, 50), 1),
+                                 "p99_ms": round(_pct(latencies, 99), 1),
+                                 "refused_at70": failed2}
+            print(mode, json.dumps(results[mode]), flush=True)
+    finally:
+        await stack.stop()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

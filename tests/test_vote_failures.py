@@ -1,0 +1,298 @@
+"""Faults under load: a replica killed with SIGKILL, PostgreSQL cut off, Redis flushed.
+
+Whatever fails, an acknowledged vote is in the ledger, a request id is counted at most once,
+no user ends above the quota, and the final tally equals the ledger (invariants 1, 2, 4).
+The replicas are processes (for SIGKILL) or in this process, against the session stack's
+PostgreSQL and Redis, or against a Redis of the test's own (for the flush).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ops.infra import start_redis
+from ops.processes import Child, free_port
+from ops.stack import Stack
+from runtime import keys
+from runtime.access import Role
+from runtime.errors import error_info
+from runtime.storage import create_redis
+from televote.vote.v1 import vote_service_pb2, vote_service_pb2_grpc
+from tests.support_windows import TestRound, open_test_round
+from tests.test_vote_concurrency import start_replica, stop_replica
+from tests.vote_support import inside, ledger_rows, query, vote_request
+
+#: Refusals that are final: retrying the same request cannot change them.
+FINAL = {"NO_FREE_VOTES", "VOTING_CLOSED", "IDEMPOTENCY_MISMATCH", "RATE_LIMITED"}
+
+
+@dataclass
+class Load:
+    """Voters each casting their free votes, through whichever replica `pick` names."""
+
+    test_round: TestRound
+    users: int
+    votes_per_user: int = 5
+    acked: dict[str, str] = field(default_factory=dict)  # request_id -> vote_id
+    unacked: dict[str, tuple[str, vote_service_pb2.SubmitVoteRequest]] = field(
+        default_factory=dict)
+    refused: Counter[str] = field(default_factory=Counter)
+    _waiters: list[tuple[int, asyncio.Event]] = field(default_factory=list)
+
+    async def until_acknowledged(self, count: int) -> None:
+        """Returns once `count` votes have been acknowledged (to strike mid-load)."""
+        reached = asyncio.Event()
+        self._waiters.append((count, reached))
+        self._wake()
+        await reached.wait()
+
+    def _wake(self) -> None:
+        for count, event in self._waiters:
+            if len(self.acked) >= count:
+                event.set()
+
+    def plan(self) -> list[tuple[str, vote_service_pb2.SubmitVoteRequest]]:
+        return [(f"u{number}", vote_request(self.test_round, contestant=number % 3))
+                for _ in range(self.votes_per_user) for number in range(self.users)]
+
+    async def run(self, pick: Callable[[int], vote_service_pb2_grpc.VoteServiceStub],
+                  workers: int = 24) -> None:
+        queue = self.plan()
+
+        async def worker(number: int) -> None:
+            while queue:
+                user, request = queue.pop()
+                await self.send(pick(number), user, request)
+        await asyncio.gather(*(worker(number) for number in range(workers)))
+
+    async def send(self, stub: vote_service_pb2_grpc.VoteServiceStub, user: str,
+                   request: vote_service_pb2.SubmitVoteRequest) -> bool:
+        """True when the outcome is final (accepted or refused for good)."""
+        try:
+            reply = await stub.SubmitVote(request, metadata=inside(Role.VOTER, user),
+                                          timeout=8)
+        except grpc.aio.AioRpcError as error:
+            info = error_info(error)
+            reason = info.reason if info is not None else error.code().name
+            if reason in FINAL:
+                self.refused[reason] += 1
+                self.unacked.pop(request.request_id, None)
+                return True
+            # UNAVAILABLE, a dead replica, a timeout: not acknowledged, to be retried.
+            self.unacked[request.request_id] = (user, request)
+            return False
+        self.acked[request.request_id] = reply.vote_id
+        self.unacked.pop(request.request_id, None)
+        self._wake()
+        return True
+
+    async def retry_unacknowledged(self, stub: vote_service_pb2_grpc.VoteServiceStub,
+                                   deadline_s: float = 30) -> None:
+        """What a client does: retry with the same request id until it has an answer."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while self.unacked and loop.time() < end:
+            pending = list(self.unacked.values())
+            await asyncio.gather(*(self.send(stub, user, request) for user, request in pending))
+            if self.unacked:
+                await asyncio.sleep(0.3)
+        assert not self.unacked, f"{len(self.unacked)} votes never got an answer"
+
+    async def check_ledger(self, database_url: str) -> list[dict[str, Any]]:
+        rows = await ledger_rows(database_url, self.test_round.round_id)
+        by_request = Counter(row["request_id"] for row in rows)
+        assert max(by_request.values()) == 1  # counted at most once
+        vote_ids = {row["request_id"]: str(row["vote_id"]) for row in rows}
+        for request_id, vote_id in self.acked.items():  # every acknowledged vote is there
+            assert vote_ids.get(request_id) == vote_id, request_id
+        assert set(vote_ids) == set(self.acked)  # and nothing nobody was told about
+        per_user = Counter(row["user_id"] for row in rows)
+        assert max(per_user.values()) <= 5  # never above the free quota
+        tallies = await query(database_url, "SELECT contestant_id::text AS c, votes FROM"
+                              " round_tallies WHERE round_id = %s", self.test_round.round_id)
+        counted = Counter(str(row["contestant_id"]) for row in rows)
+        assert {row["c"]: row["votes"] for row in tallies} == dict(counted)
+        return rows
+
+
+async def _healthy(target: str, timeout: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while loop.time() < end:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{target} not serving")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+async def test_a_replica_killed_under_load_loses_no_acknowledged_vote(
+        stack: Stack, tmp_path: Path, signum: signal.Signals) -> None:
+    """SIGKILL: nothing acknowledged is lost, retries count once. SIGTERM: the same, and the
+    replica drains: it answers what it admitted after flushing its last batch."""
+    test_round = await open_test_round(stack.database_url, stack.redis_url)
+    children, targets = [], []
+    for name in ("k0", "k1"):
+        port = free_port()
+        children.append(await Child.spawn(f"vote-{name}", [sys.executable, "-m", "vote_svc"],
+                                          tmp_path, env={
+            "DATABASE_URL": stack.database_url, "REDIS_URL": stack.redis_url,
+            "TELEVOTE_PORT": str(port), "TELEVOTE_REPLICA": name, "FRAUD_TARGET": "",
+            "VOTE_LEASE_MS": "1500", "TELEVOTE_DRAIN_ANNOUNCE_SECONDS": "0"}))
+        targets.append(f"127.0.0.1:{port}")
+    channels = [grpc.aio.insecure_channel(target) for target in targets]
+    try:
+        await asyncio.gather(*(_healthy(target) for target in targets))
+        stubs = [vote_service_pb2_grpc.VoteServiceStub(channel) for channel in channels]
+        load = Load(test_round, users=200)
+
+        async def killer() -> None:
+            await load.until_acknowledged(150)
+            os.killpg(children[0].process.pid, signum)
+        await asyncio.gather(load.run(lambda number: stubs[number % 2]), killer())
+        assert children[0].process.returncode is not None or await asyncio.wait_for(
+            children[0].process.wait(), 5) is not None
+        if signum == signal.SIGKILL:
+            assert load.unacked, "the kill should have caught some votes in flight"
+        else:
+            assert await children[0].process.wait() == 0  # a clean, drained exit
+        await load.retry_unacknowledged(stubs[1])
+        rows = await load.check_ledger(stack.database_url)
+        assert len(rows) == 1000 and not load.refused
+    finally:
+        for channel in channels:
+            await channel.close()
+        for child in children:
+            await child.stop()
+
+
+class Proxy:
+    """A TCP proxy in front of PostgreSQL that the test can cut and restore."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        """Stop accepting and drop every connection: PostgreSQL is gone for the service."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update({writer, up_writer})
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.transport.abort()
+                self._writers.discard(sink)
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+
+async def test_postgresql_cut_off_mid_load_gives_unavailable_and_undoes_admissions(
+        stack: Stack) -> None:
+    test_round = await open_test_round(stack.database_url, stack.redis_url)
+    database = urlparse(stack.database_url)
+    proxy = Proxy(database.hostname or "127.0.0.1", database.port or 5432)
+    await proxy.start()
+    proxied = stack.database_url.replace(f":{database.port}/", f":{proxy.port}/")
+    replica = await start_replica(proxied, stack.redis_url, "pgcut", vote_lease_ms=1500,
+                                  vote_commit_timeout_ms=800, database_pool_max=4)
+    load = Load(test_round, users=120)
+    stub = replica.votes
+    try:
+        async def outage() -> None:
+            await load.until_acknowledged(120)
+            await proxy.cut()
+            await asyncio.sleep(1.5)
+            await proxy.start()
+        await asyncio.gather(load.run(lambda _: stub, workers=16), outage())
+        assert load.unacked, "votes during the outage must not be acknowledged"
+        await load.retry_unacknowledged(stub)
+        rows = await load.check_ledger(stack.database_url)
+        assert len(rows) == 600
+        # Undone admissions left nothing behind: the Redis cache is never looser than the
+        # ledger (it can only be stricter, by votes whose commit outcome was ambiguous).
+        redis = create_redis(stack.redis_url)
+        try:
+            per_user = Counter(row["user_id"] for row in rows)
+            for user, counted in per_user.items():
+                cached = await redis.hget(keys.user_key(keys.shard_of(user), user),
+                                          f"free:{test_round.episode_id}")
+                assert cached is not None and int(cached) >= counted
+        finally:
+            await redis.aclose()
+    finally:
+        await stop_replica(replica)
+        await proxy.cut()
+
+
+async def test_a_redis_flush_mid_round_keeps_the_tally_exact(
+        stack: Stack, tmp_path: Path) -> None:
+    child, redis_url = await start_redis(tmp_path)
+    replicas = []
+    try:
+        test_round = await open_test_round(stack.database_url, redis_url)
+        replicas = [await start_replica(stack.database_url, redis_url, name,
+                                        vote_rebuild_settle_ms=1200, vote_commit_timeout_ms=800)
+                    for name in ("f0", "f1")]
+        stubs = [replica.votes for replica in replicas]
+        load = Load(test_round, users=150)
+        redis = create_redis(redis_url)
+
+        async def flush() -> None:
+            await load.until_acknowledged(250)
+            await redis.flushall()
+        await asyncio.gather(load.run(lambda number: stubs[number % 2]), flush())
+        await load.retry_unacknowledged(stubs[0])
+        rows = await load.check_ledger(stack.database_url)
+        assert len(rows) == 750
+        # The provisional live counters were rebuilt from the ledger: they match it too.
+        live: Counter[str] = Counter()
+        for shard in range(keys.SHARDS):
+            for contestant, votes in (await redis.hgetall(
+                    keys.live_key(shard, test_round.round_id))).items():
+                live[contestant.decode()] += int(votes)
+        assert live == Counter(str(row["contestant_id"]) for row in rows)
+        await redis.aclose()
+    finally:
+        for replica in replicas:
+            await stop_replica(replica)
+        await child.stop()

@@ -1,0 +1,340 @@
+"""The Redis side of admission: one Lua script decides and applies each vote atomically.
+
+Every key a vote touches is in its voter's shard (`runtime.keys`), passed as KEYS, so the
+scripts run unchanged on Redis Cluster. The admission script, in order:
+
+1. idempotency: a request id seen before returns its first outcome (pending or committed);
+   the same id with other fields is IDEMPOTENCY_MISMATCH;
+2. the fraud verdict (BLOCK refuses, after idempotency so a retry of an accepted vote still
+   gets its first outcome);
+3. the shard marker (missing after Redis lost its data: vote_svc rebuilds first);
+4. the window, by `TIME` of the Redis server: NOT_OPEN before opens_at_ms, CLOSED at or after
+   the channel's close (`close_<channel>_ms`) or when state is not OPEN;
+5. the contestant is one of the round's;
+6. the per-user rate (votes per minute window of the Redis clock; the window's
+   `rate_limit_per_minute`, else VOTE_RATE_LIMIT_PER_MINUTE);
+7. the user's cache is loaded (else NEED_LOAD) and the free quota (episode `free_quota` and
+   round `free_cap`) / paid balance suffice;
+then applies: free used (episode and round) or paid spent, rate, live counter, minute bucket,
+and the pending idempotency record
+`P|fingerprint|vote_id|admitted_ms|lease_until_ms|free_left|paid|episode`.
+
+Nothing is changed unless every check passes. The undo script reverses exactly one admission,
+and only while its pending record is still there (so after a Redis flush, when the reloaded
+state never included it, nothing is reversed twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import hiredis
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, ResponseError
+
+from runtime import keys
+from runtime.storage import RedisClient
+
+RATE_WINDOW_MS = 60_000
+
+ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local prior = redis.call('GET', KEYS[3])
+if prior then
+  local state, fp = string.match(prior, '^(%a)|([^|]*)|')
+  if fp ~= ARGV[5] then return {'MISMATCH'} end
+  if state == 'D' then return {'DONE', prior} end
+  return {'PENDING', prior, tostring(now)}
+end
+if ARGV[9] == '1' then return {'BLOCKED'} end
+if redis.call('EXISTS', KEYS[7]) == 0 then return {'REBUILD'} end
+local w = redis.call('HMGET', KEYS[1], 'state', 'opens_at_ms', 'close_' .. ARGV[4] .. '_ms',
+                     'contestants', 'free_quota', 'episode_id', 'free_cap',
+                     'rate_limit_per_minute')
+if not w[1] then return {'NO_WINDOW'} end
+if now < tonumber(w[2]) then return {'NOT_OPEN', tostring(now), w[2]} end
+if w[1] ~= 'OPEN' or now >= tonumber(w[3]) then return {'CLOSED', tostring(now), w[3]} end
+if not string.find(',' .. w[4] .. ',', ',' .. ARGV[1] .. ',', 1, true) then
+  return {'INVALID_CONTESTANT'}
+end
+local count = tonumber(ARGV[3])
+local window = tonumber(ARGV[10])
+local limit = tonumber(w[8] or ARGV[8])
+local minute = now - (now % window)
+local r = redis.call('HMGET', KEYS[4], 'minute', 'n')
+local used = 0
+if r[1] and tonumber(r[1]) == minute then used = tonumber(r[2]) end
+if used + count > limit then
+  return {'RATE_LIMITED', tostring(minute + window - now)}
+end
+local episode = w[6]
+local rfield = 'rfree:' .. ARGV[12]
+local u = redis.call('HMGET', KEYS[2], 'credited', 'spent', 'free:' .. episode, rfield)
+if not u[1] or not u[3] or not u[4] then return {'NEED_LOAD', episode} end
+local credited, spent = tonumber(u[1]), tonumber(u[2])
+local free_used, round_used = tonumber(u[3]), tonumber(u[4])
+local quota, cap = tonumber(w[5]), tonumber(w[7] or '0')
+local function free_left()
+  local left = quota - free_used
+  if cap > 0 and cap - round_used < left then left = cap - round_used end
+  return math.max(left, 0)
+end
+if ARGV[2] == 'FREE' then
+  if count > free_left() then return {'NO_FREE', tostring(free_left())} end
+  free_used = redis.call('HINCRBY', KEYS[2], 'free:' .. episode, count)
+  round_used = redis.call('HINCRBY', KEYS[2], rfield, count)
+elseif ARGV[2] == 'PAID' then
+  if spent + count > credited then return {'NO_BALANCE', tostring(credited - spent)} end
+  spent = redis.call('HINCRBY', KEYS[2], 'spent', count)
+end
+redis.call('HSET', KEYS[4], 'minute', minute, 'n', used + count)
+redis.call('PEXPIRE', KEYS[4], window * 2)
+redis.call('HINCRBY', KEYS[5], ARGV[1], count)
+redis.call('HINCRBY', KEYS[6], minute .. ':' .. ARGV[1], count)
+local value = table.concat({'P', ARGV[5], ARGV[6], now, now + tonumber(ARGV[7]),
+                            free_left(), credited - spent, episode}, '|')
+redis.call('SET', KEYS[3], value, 'PX', ARGV[11])
+return {'OK', value}
+"""
+
+# KEYS: user, idempotency, rate, live, minutes.
+# ARGV: vote_id, vote_type, count, contestant_id, episode_id, admitted_ms, window_ms, round_id.
+UNDO = """
+local v = redis.call('GET', KEYS[2])
+if not v then return 0 end
+local state, vote_id = string.match(v, '^(%a)|[^|]*|([^|]*)|')
+if state ~= 'P' or vote_id ~= ARGV[1] then return 0 end
+local count = tonumber(ARGV[3])
+if ARGV[2] == 'FREE' then
+  redis.call('HINCRBY', KEYS[1], 'free:' .. ARGV[5], -count)
+  redis.call('HINCRBY', KEYS[1], 'rfree:' .. ARGV[8], -count)
+elseif ARGV[2] == 'PAID' then
+  redis.call('HINCRBY', KEYS[1], 'spent', -count)
+end
+local admitted = tonumber(ARGV[6])
+local minute = admitted - (admitted % tonumber(ARGV[7]))
+local r = redis.call('HGET', KEYS[3], 'minute')
+if r and tonumber(r) == minute then redis.call('HINCRBY', KEYS[3], 'n', -count) end
+redis.call('HINCRBY', KEYS[4], ARGV[4], -count)
+redis.call('HINCRBY', KEYS[5], minute .. ':' .. ARGV[4], -count)
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# KEYS: idempotency. ARGV: vote_id, ttl_ms, replacement value (a committed outcome) or ''.
+# Marks the pending admission `vote_id` committed (as itself, or as the replacement: the
+# ledger's original of the same request, whose charge this admission now carries); with no
+# vote_id, records the replacement where nothing is recorded (a refusal read from the ledger).
+DONE = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  local state, vote_id = string.match(v, '^(%a)|[^|]*|([^|]*)|')
+  if state == 'P' and vote_id == ARGV[1] then
+    if ARGV[3] ~= '' then
+      redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+    else
+      redis.call('SET', KEYS[1], 'D' .. string.sub(v, 2), 'PX', ARGV[2])
+    end
+    return 1
+  end
+  return 0
+end
+if ARGV[1] == '' and ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) end
+return 0
+"""
+
+# KEYS: user. ARGV: credited, spent, episode_id, free used in it, round_id, free used in it.
+# Fills what is not loaded yet. `credited` only rises, so a grant racing a load cannot be
+# counted twice: the larger committed total wins.
+LOAD = """
+local c = redis.call('HGET', KEYS[1], 'credited')
+if not c then
+  redis.call('HSET', KEYS[1], 'credited', ARGV[1], 'spent', ARGV[2])
+elseif tonumber(ARGV[1]) > tonumber(c) then
+  redis.call('HSET', KEYS[1], 'credited', ARGV[1])
+end
+redis.call('HSETNX', KEYS[1], 'free:' .. ARGV[3], ARGV[4])
+redis.call('HSETNX', KEYS[1], 'rfree:' .. ARGV[5], ARGV[6])
+return 1
+"""
+
+# KEYS: user. ARGV: credited (the committed total after a grant). Only raises a loaded cache.
+GRANT = """
+local c = redis.call('HGET', KEYS[1], 'credited')
+if c and tonumber(ARGV[1]) > tonumber(c) then redis.call('HSET', KEYS[1], 'credited', ARGV[1]) end
+return 1
+"""
+
+# KEYS: window. ARGV: field, value, ... Writes a window only if no one (sync_svc) has.
+WINDOW_IF_MISSING = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A parsed idempotency record."""
+
+    state: str
+    fingerprint: str
+    vote_id: str
+    admitted_ms: int
+    lease_until_ms: int
+    free_left: int
+    paid_balance: int
+    episode_id: str
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Outcome:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        state, fp, vote_id, admitted, lease, free_left, paid, episode = text.split("|")
+        return cls(state, fp, vote_id, int(admitted), int(lease), int(free_left), int(paid),
+                   episode)
+
+    def encode(self) -> str:
+        return "|".join([self.state, self.fingerprint, self.vote_id, str(self.admitted_ms),
+                         str(self.lease_until_ms), str(self.free_left), str(self.paid_balance),
+                         self.episode_id])
+
+
+@dataclass(frozen=True)
+class VoteKeys:
+    """The KEYS of one vote, all in its voter's shard."""
+
+    shard: int
+    window: str
+    user: str
+    idempotency: str
+    rate: str
+    live: str
+    minutes: str
+    marker: str
+
+    @classmethod
+    def of(cls, user_id: str, round_id: str, request_id: str) -> VoteKeys:
+        shard = keys.shard_of(user_id)
+        return cls(shard, keys.window_key(shard, round_id), keys.user_key(shard, user_id),
+                   keys.idempotency_key(shard, user_id, request_id),
+                   keys.rate_key(shard, user_id), keys.live_key(shard, round_id),
+                   keys.live_minutes_key(shard, round_id), keys.shard_marker_key(shard))
+
+    def admit_keys(self) -> list[str]:
+        return [self.window, self.user, self.idempotency, self.rate, self.live, self.minutes,
+                self.marker]
+
+    def undo_keys(self) -> list[str]:
+        return [self.user, self.idempotency, self.rate, self.live, self.minutes]
+
+
+class Scripts:
+    """The registered Lua scripts, and one pipeline for the calls of a loop iteration.
+
+    Concurrent RPCs' script calls (admissions, settlements) made in the same event-loop
+    iteration go to Redis as one pipeline of EVALSHAs: one round trip and one syscall for all
+    of them instead of one each. (redis-py's own pipelined scripts would add a SCRIPT EXISTS
+    round trip per pipeline; a NOSCRIPT reply, after a Redis restart, reloads them instead.)
+    """
+
+    def __init__(self, redis: RedisClient) -> None:
+        # Typed Any: redis-py's stubs do not admit a pipeline as `client`, which it supports.
+        self.redis = redis
+        self.admit: Any = redis.register_script(ADMIT)
+        self.undo: Any = redis.register_script(UNDO)
+        self.done: Any = redis.register_script(DONE)
+        self.load: Any = redis.register_script(LOAD)
+        self.grant: Any = redis.register_script(GRANT)
+        self.window_if_missing: Any = redis.register_script(WINDOW_IF_MISSING)
+        self._all = [self.admit, self.undo, self.done, self.load, self.grant,
+                     self.window_if_missing]
+        self._pending: list[tuple[Any, Sequence[Any], asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def call(self, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run `script` in the next shared pipeline; raises what Redis raised for it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((script, (len(keys), *keys, *args), future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._execute(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, batch: list[tuple[Any, Sequence[Any], asyncio.Future[Any]]],
+                       ) -> None:
+        try:
+            replies = await self._pipeline(batch)
+            if any(_noscript(reply) for reply in replies):
+                for script in self._all:
+                    script.sha = await self.redis.script_load(script.script)
+                replies = await self._pipeline(batch)
+        except Exception as error:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (_, _, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _pipeline(self, batch: list[tuple[Any, Sequence[Any], asyncio.Future[Any]]],
+                        ) -> list[Any]:
+        if isinstance(self.redis, Redis):
+            return await self._raw_pipeline(self.redis, batch)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for script, args, _ in batch:
+                pipe.evalsha(script.sha, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+
+    async def _raw_pipeline(self, redis: Redis,
+                            batch: list[tuple[Any, Sequence[Any], asyncio.Future[Any]]],
+                            ) -> list[Any]:
+        """The same pipeline without redis-py's per-command packing and per-reply timers
+        (most of the client's CPU per vote): hiredis packs, one timeout covers the batch."""
+        pool = redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            async with asyncio.timeout(_PIPELINE_TIMEOUT_S):
+                packed = b"".join(hiredis.pack_command(("EVALSHA", script.sha, *args))
+                                  for script, args, _ in batch)
+                await connection.send_packed_command([packed], check_health=False)
+                replies: list[Any] = []
+                for _ in batch:
+                    try:
+                        replies.append(await connection.read_response(timeout=math.inf))
+                    except ResponseError as error:  # that call's error; the rest follow
+                        replies.append(error)
+            return replies
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
+
+
+#: A pipeline of scripts that takes longer than this means Redis is in trouble.
+_PIPELINE_TIMEOUT_S = 5.0
+
+
+def _noscript(reply: Any) -> bool:
+    return isinstance(reply, NoScriptError)
+
+
+def decode_reply(reply: Sequence[bytes | str | int]) -> list[str]:
+    return [item.decode() if isinstance(item, bytes) else str(item) for item in reply]

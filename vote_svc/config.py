@@ -1,0 +1,48 @@
+"""vote_svc's configuration (environment variables, read once at start)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from runtime.config import ServiceConfig
+
+
+class VoteConfig(ServiceConfig):
+    service_name: ClassVar[str] = "vote_svc"
+
+    #: fraud_svc replicas ("ipv4:host:port,..."); empty means every vote is admitted unscored.
+    fraud_target: str = ""
+    #: Scoring requests of this many ms are sent as one ScoreVotes call (fewer RPCs, one hop).
+    vote_fraud_batch_ms: float = 2.0
+    #: A scoring call slower than this counts as "scoring unavailable" (voting must not stall).
+    vote_fraud_timeout_ms: float = 300.0
+    #: When scoring is unavailable: True admits votes as UNSCORED (recorded, to be scored
+    #: later; a broadcaster would rather not stop voting), False refuses with UNAVAILABLE.
+    vote_fraud_fail_open: bool = True
+    #: After a failed scoring call, skip fraud_svc for this long instead of paying its
+    #: timeout on every batch (a crude circuit breaker).
+    vote_fraud_retry_ms: float = 1000.0
+
+    #: Group commit: a batch is written when it has this many votes ...
+    vote_batch_max: int = 1000
+    #: ... or when its oldest vote has waited this long.
+    vote_batch_interval_ms: float = 3.0
+    #: Batches being written at once (each on its own PostgreSQL connection).
+    vote_max_inflight_batches: int = 4
+    #: A batch commit slower than this fails (clients get UNAVAILABLE, admissions are undone).
+    vote_commit_timeout_ms: float = 2000.0
+
+    #: How long an admitted-but-uncommitted vote holds its request id. A retry arriving later
+    #: than this (the replica that admitted it died) checks the ledger and takes over. Must be
+    #: well above the commit timeout plus the batch interval.
+    vote_lease_ms: int = 10_000
+    #: How long Redis remembers a committed request id (the ledger remembers forever).
+    vote_idempotency_ttl_s: int = 86_400
+    #: Votes (sum of counts) per user per minute, by the Redis clock.
+    vote_rate_limit_per_minute: int = 100
+    #: After Redis lost a shard's state, wait this long before rebuilding it from the ledger so
+    #: that votes admitted before the loss have been committed (or undone). Must exceed the
+    #: commit timeout plus the batch interval.
+    vote_rebuild_settle_ms: int = 2500
+    #: Salt of the voter pseudonym in receipts (the ledger tree names no user).
+    vote_pseudonym_salt: str = "televote-development-salt"

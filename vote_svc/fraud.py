@@ -1,0 +1,136 @@
+"""Fraud scoring of votes, batched: the votes of a few milliseconds go to fraud_svc in one call.
+
+When scoring is unavailable (fraud_svc down, too slow, UNIMPLEMENTED, no FRAUD_TARGET) the
+votes are admitted as UNSCORED by default (VOTE_FRAUD_FAIL_OPEN): voting during a live show
+must not stop because a side system failed. They are recorded with fraud_action 'UNSCORED' in
+the ledger so they can be scored afterwards, and the results issue decides how unscored votes
+count. With VOTE_FRAUD_FAIL_OPEN=false they are refused with UNAVAILABLE instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from runtime.access import Principal, Role
+from televote.fraud.v1 import (
+    fraud_scoring_service_pb2,
+    fraud_scoring_service_pb2_grpc,
+    fraud_types_pb2,
+)
+
+log = logging.getLogger(__name__)
+
+_METADATA = Principal(Role.INTERNAL, "vote_svc").to_metadata()
+MAX_BATCH = 1000
+
+_ACTIONS = {
+    fraud_types_pb2.FRAUD_ACTION_ALLOW: "ALLOW",
+    fraud_types_pb2.FRAUD_ACTION_REVIEW: "REVIEW",
+    fraud_types_pb2.FRAUD_ACTION_BLOCK: "BLOCK",
+}
+
+
+@dataclass(frozen=True)
+class Score:
+    """ALLOW, REVIEW, BLOCK, or UNSCORED (scoring unavailable)."""
+
+    action: str
+    score: float | None = None
+    decision_id: str = ""
+
+
+UNSCORED = Score("UNSCORED")
+
+
+class ScoringUnavailableError(Exception):
+    """Scoring failed and the config says not to admit unscored votes."""
+
+
+class FraudScorer:
+    """Gathers VoteFacts for `batch_ms`, sends one ScoreVotes per batch."""
+
+    def __init__(self, channel: grpc.aio.Channel | None, *, batch_ms: float, timeout_ms: float,
+                 fail_open: bool, retry_ms: float) -> None:
+        self._stub = (fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
+                      if channel is not None else None)
+        self._batch_s = batch_ms / 1000
+        self._timeout_s = timeout_ms / 1000
+        self._fail_open = fail_open
+        self._retry_s = retry_ms / 1000
+        self._skip_until = 0.0
+        self._pending: list[tuple[fraud_scoring_service_pb2.VoteFacts,
+                                  asyncio.Future[Score]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def available(self) -> bool:
+        """False when votes would be admitted unscored anyway (no target, or backing off)."""
+        return self._stub is not None and time.monotonic() >= self._skip_until
+
+    async def score(self, facts: list[fraud_scoring_service_pb2.VoteFacts]) -> list[Score]:
+        """Scores of `facts`, in order; raises ScoringUnavailableError only when failing closed."""
+        if not self.available:
+            return self._unavailable(len(facts))
+        loop = asyncio.get_running_loop()
+        futures = []
+        for fact in facts:
+            future: asyncio.Future[Score] = loop.create_future()
+            self._pending.append((fact, future))
+            futures.append(future)
+        if len(self._pending) >= MAX_BATCH:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._batch_s, self._flush)
+        results = await asyncio.gather(*futures)
+        if any(result is None for result in results):
+            return self._unavailable(len(facts))
+        return list(results)
+
+    def unavailable(self, count: int) -> list[Score]:
+        """What votes get when scoring is unavailable (or raises, when failing closed)."""
+        return self._unavailable(count)
+
+    def _unavailable(self, count: int) -> list[Score]:
+        if not self._fail_open:
+            raise ScoringUnavailableError()
+        return [UNSCORED] * count
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[fraud_scoring_service_pb2.VoteFacts,
+                                            asyncio.Future[Score]]]) -> None:
+        assert self._stub is not None
+        try:
+            reply = await self._stub.ScoreVotes(
+                fraud_scoring_service_pb2.ScoreVotesRequest(votes=[fact for fact, _ in batch]),
+                metadata=_METADATA, timeout=self._timeout_s)
+            if len(reply.scores) != len(batch):
+                raise ValueError(f"{len(reply.scores)} scores for {len(batch)} votes")
+            scores = [Score(_ACTIONS.get(s.action, "UNSCORED"), s.score, s.decision_id)
+                      for s in reply.scores]
+        except (grpc.aio.AioRpcError, ValueError) as error:
+            # Not worth a stack trace per batch: say what failed and back off for a moment.
+            code = error.code().name if isinstance(error, grpc.aio.AioRpcError) else str(error)
+            log.warning("fraud scoring unavailable (%s); admitting unscored", code)
+            self._skip_until = time.monotonic() + self._retry_s
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)  # type: ignore[arg-type]
+            return
+        for (_, future), score in zip(batch, scores, strict=True):
+            if not future.done():
+                future.set_result(score)

@@ -1,0 +1,471 @@
+"""The life of a vote inside vote_svc: score, admit (one Lua script), group-commit, answer.
+
+Used by both SubmitVote (one vote) and SubmitVotes (a gateway's batch): each vote gets either
+an AcceptedVote (only after its ledger batch committed) or an ApiError that changed nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from runtime import keys
+from runtime.errors import ApiError
+from runtime.storage import Storage
+from televote.fraud.v1 import fraud_scoring_service_pb2
+from televote.vote.v1 import vote_types_pb2
+from vote_svc.admission import RATE_WINDOW_MS, Outcome, Scripts, VoteKeys, decode_reply
+from vote_svc.config import VoteConfig
+from vote_svc.fraud import FraudScorer, Score, ScoringUnavailableError
+from vote_svc.ledger import CommitResult, Ledger, LedgerVote
+
+log = logging.getLogger(__name__)
+
+#: Rounds of the admit -> (load | rebuild | wait) loop before giving up with UNAVAILABLE.
+_MAX_ROUNDS = 400
+
+_CHANNEL_NAMES = {vote_types_pb2.CHANNEL_APP: "APP", vote_types_pb2.CHANNEL_WEB: "WEB",
+                  vote_types_pb2.CHANNEL_SMS: "SMS"}
+_CHANNEL_ENUMS = {name: number for number, name in _CHANNEL_NAMES.items()}
+_TYPE_NAMES = {vote_types_pb2.VOTE_TYPE_FREE: "FREE", vote_types_pb2.VOTE_TYPE_PAID: "PAID",
+               vote_types_pb2.VOTE_TYPE_PREMIUM_SMS: "PREMIUM_SMS"}
+
+
+@dataclass(frozen=True)
+class VoteRequest:
+    """A validated vote, whoever submitted it."""
+
+    request_id: str
+    user_id: str
+    round_id: str
+    contestant_id: str
+    vote_type: str  # FREE, PAID, PREMIUM_SMS
+    count: int
+    channel: str  # APP, WEB, SMS
+    device_id: str = ""
+    app_version: str = ""
+    latitude: float | None = None
+    longitude: float | None = None
+    accuracy: float = 0.0
+    ip: str = ""
+    client_time: timestamp_pb2.Timestamp | None = None
+    received_at: datetime | None = None
+
+    def fingerprint(self) -> str:
+        """What makes a retry "the same vote" (client metadata may differ between tries)."""
+        text = "|".join([self.round_id, self.contestant_id, self.vote_type, str(self.count),
+                         self.channel])
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def facts(self, server_time_ms: int) -> fraud_scoring_service_pb2.VoteFacts:
+        facts = fraud_scoring_service_pb2.VoteFacts(
+            ref=self.request_id, user_id=self.user_id, device_id=self.device_id, ip=self.ip,
+            channel=_CHANNEL_ENUMS[self.channel],
+            round_id=self.round_id, contestant_id=self.contestant_id, count=self.count,
+            app_version=self.app_version)
+        if self.latitude is not None and self.longitude is not None:
+            facts.location.latitude = self.latitude
+            facts.location.longitude = self.longitude
+            facts.location.accuracy_meters = self.accuracy
+        if self.client_time is not None:
+            facts.client_time.CopyFrom(self.client_time)
+        facts.server_time.FromMilliseconds(server_time_ms)
+        return facts
+
+
+Result = vote_types_pb2.AcceptedVote | ApiError
+
+
+def unavailable(message: str = "the vote was not recorded; retry with the same request_id",
+                ) -> ApiError:
+    return ApiError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", message,
+                    retry_after_seconds=0.2)
+
+
+class Ingestor:
+    """Admission and durable recording of votes for one vote_svc process."""
+
+    def __init__(self, storage: Storage, scripts: Scripts, ledger: Ledger, scorer: FraudScorer,
+                 config: VoteConfig) -> None:
+        self._storage = storage
+        self._scripts = scripts
+        self._ledger = ledger
+        self._scorer = scorer
+        self._config = config
+        self._salt = config.vote_pseudonym_salt.encode()
+
+    # -- the pipeline -------------------------------------------------------------------
+
+    async def submit(self, votes: list[VoteRequest]) -> list[Result]:
+        now_ms = int(time.time() * 1000)
+        try:
+            if self._scorer.available:
+                scores = await self._scorer.score([vote.facts(now_ms) for vote in votes])
+            else:  # no protos to build for a scorer that is not there
+                scores = self._scorer.unavailable(len(votes))
+        except ScoringUnavailableError:
+            return [unavailable("fraud scoring is unavailable")] * len(votes)
+        results: list[Result | None] = [None] * len(votes)
+        commits: dict[int, tuple[LedgerVote, asyncio.Future[CommitResult]]] = {}
+        todo = list(range(len(votes)))
+        backoff = 0.002
+        for _ in range(_MAX_ROUNDS):
+            if not todo:
+                break
+            todo, waiting = await self._admission_round(votes, scores, todo, results, commits)
+            if waiting:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 0.05)
+        for index in todo:
+            results[index] = unavailable("admission did not settle")
+        for index, (entry, future) in commits.items():
+            results[index] = self._after_commit(votes[index], entry, await future)
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]
+
+    async def _admission_round(
+            self, votes: list[VoteRequest], scores: list[Score], todo: list[int],
+            results: list[Result | None],
+            commits: dict[int, tuple[LedgerVote, asyncio.Future[CommitResult]]],
+    ) -> tuple[list[int], bool]:
+        """Runs the admission script for `todo`; returns the votes to try again."""
+        config = self._config
+        vote_keys = [VoteKeys.of(votes[i].user_id, votes[i].round_id, votes[i].request_id)
+                     for i in todo]
+        calls = []
+        for index, keyset in zip(todo, vote_keys, strict=True):
+            vote = votes[index]
+            calls.append(self._scripts.call(self._scripts.admit, keyset.admit_keys(), [
+                vote.contestant_id, vote.vote_type, vote.count, vote.channel.lower(),
+                vote.fingerprint(), str(uuid.uuid4()), config.vote_lease_ms,
+                config.vote_rate_limit_per_minute,
+                "1" if scores[index].action == "BLOCK" else "0", RATE_WINDOW_MS,
+                config.vote_idempotency_ttl_s * 1000, vote.round_id]))
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+
+        again: list[int] = []
+        waiting = False
+        need_load: dict[tuple[str, str, str], VoteKeys] = {}
+        missing_windows: dict[str, list[int]] = {}
+        rebuild: set[int] = set()
+        takeovers: list[tuple[int, VoteKeys, Outcome]] = []
+        for index, keyset, raw in zip(todo, vote_keys, replies, strict=True):
+            vote = votes[index]
+            if isinstance(raw, BaseException):
+                log.warning("admission script failed: %r", raw)
+                results[index] = unavailable()
+                continue
+            reply = decode_reply(raw)
+            status = reply[0]
+            if status == "OK":
+                outcome = Outcome.parse(reply[1])
+                entry = self._ledger_vote(vote, scores[index], keyset, outcome)
+                commits[index] = (entry, self._ledger.submit(entry))
+            elif status == "DONE":
+                results[index] = self._accepted(vote, Outcome.parse(reply[1]))
+            elif status == "PENDING":
+                outcome = Outcome.parse(reply[1])
+                if int(reply[2]) >= outcome.lease_until_ms:
+                    takeovers.append((index, keyset, outcome))
+                else:
+                    waiting = True
+                again.append(index)
+            elif status == "NEED_LOAD":
+                need_load[(vote.user_id, reply[1], vote.round_id)] = keyset
+                again.append(index)
+            elif status == "NO_WINDOW":
+                missing_windows.setdefault(vote.round_id, []).append(index)
+            elif status == "REBUILD":
+                rebuild.add(keyset.shard)
+                again.append(index)
+            else:
+                results[index] = _refusal(reply)
+        try:
+            if rebuild:
+                await asyncio.gather(*(self._rebuild_shard(shard) for shard in rebuild))
+            if need_load:
+                await self._load_users(need_load)
+            for round_id, indexes in missing_windows.items():
+                refusal = await self._restore_window(
+                    round_id, {VoteKeys.of(votes[i].user_id, round_id, "").window
+                               for i in indexes})
+                if refusal is None:
+                    again.extend(indexes)
+                else:
+                    for index in indexes:
+                        results[index] = refusal
+            for index, keyset, outcome in takeovers:
+                await self._take_over(votes[index], keyset, outcome)
+        except Exception as error:  # PostgreSQL or Redis failed: nothing was admitted for these
+            log.warning("admission slow path failed: %r", error)
+            for index in again + [i for ids in missing_windows.values() for i in ids]:
+                if results[index] is None and index not in commits:
+                    results[index] = unavailable()
+            return [], False
+        return sorted(again), waiting
+
+    def _after_commit(self, vote: VoteRequest, entry: LedgerVote, result: CommitResult) -> Result:
+        if result.kind == "committed":
+            return self._accepted(vote, entry.outcome)
+        if result.kind == "existing" and result.existing is not None:
+            first = result.existing
+            if first.fingerprint != vote.fingerprint():
+                return _mismatch()
+            return vote_types_pb2.AcceptedVote(
+                vote_id=first.vote_id, receipt_hash=first.receipt_hash,
+                accepted_at=_timestamp(first.admitted_ms),
+                free_votes_left=entry.outcome.free_left,
+                paid_balance=entry.outcome.paid_balance)
+        if result.kind == "quota":
+            # The Redis cache was looser than the ledger (after a Redis loss): the ledger's
+            # CHECK had the last word. Nothing was recorded.
+            if result.constraint == "wallet_not_overspent":
+                return ApiError(grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_BALANCE",
+                                "not enough paid votes", metadata={"paid_balance": "0"})
+            return ApiError(grpc.StatusCode.FAILED_PRECONDITION, "NO_FREE_VOTES",
+                            "no free votes left in this episode",
+                            metadata={"free_votes_left": "0"})
+        return unavailable()
+
+    async def watch_shards(self, every_s: float = 1.0) -> None:
+        """Notice a Redis loss before votes do: rebuild every shard whose marker is gone.
+
+        Runs for the life of the process; at a first start it rebuilds all shards at once
+        instead of one settle period per shard as votes arrive.
+        """
+        redis = self._storage.redis
+        while True:
+            try:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for shard in range(keys.SHARDS):
+                        pipe.exists(keys.shard_marker_key(shard))
+                    present = await pipe.execute()
+                missing = [shard for shard, exists in enumerate(present) if not exists]
+                if missing:
+                    await asyncio.gather(*(self._rebuild_shard(shard) for shard in missing))
+            except Exception as error:  # Redis or PostgreSQL not there yet: try again
+                log.debug("shard watch: %r", error)
+            await asyncio.sleep(every_s)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _db(self) -> Any:
+        """A pooled connection, waiting no longer than a commit may take (PostgreSQL down
+        must turn into UNAVAILABLE quickly, not a hung vote)."""
+        return self._storage.pool.connection(timeout=self._config.vote_commit_timeout_ms / 1000)
+
+    def _ledger_vote(self, vote: VoteRequest, score: Score, keyset: VoteKeys,
+                     outcome: Outcome) -> LedgerVote:
+        leaf = self.leaf_data(vote, outcome.vote_id, outcome.admitted_ms)
+        return LedgerVote(
+            vote_id=outcome.vote_id, request_id=vote.request_id, user_id=vote.user_id,
+            round_id=vote.round_id, episode_id=outcome.episode_id,
+            contestant_id=vote.contestant_id, vote_type=vote.vote_type, count=vote.count,
+            channel=vote.channel, admitted_ms=outcome.admitted_ms, fraud_action=score.action,
+            fraud_score=score.score, fraud_decision_id=score.decision_id, ip=vote.ip,
+            device_id=vote.device_id, app_version=vote.app_version, latitude=vote.latitude,
+            longitude=vote.longitude, received_at=vote.received_at,
+            fingerprint=vote.fingerprint(), leaf_data=leaf, receipt_hash=receipt_hash(leaf),
+            keys=keyset, outcome=outcome)
+
+    def leaf_data(self, vote: VoteRequest, vote_id: str, admitted_ms: int) -> bytes:
+        """The canonical bytes of a vote's ledger leaf (VoteReceipt.leaf_data)."""
+        voter = hmac.new(self._salt, vote.user_id.encode(), hashlib.sha256).hexdigest()[:32]
+        return json.dumps({
+            "accepted_at_ms": admitted_ms, "channel": vote.channel,
+            "contestant_id": vote.contestant_id, "count": vote.count,
+            "round_id": vote.round_id, "vote_id": vote_id, "vote_type": vote.vote_type,
+            "voter": voter}, sort_keys=True, separators=(",", ":")).encode()
+
+    def _accepted(self, vote: VoteRequest, outcome: Outcome) -> vote_types_pb2.AcceptedVote:
+        leaf = self.leaf_data(vote, outcome.vote_id, outcome.admitted_ms)
+        return vote_types_pb2.AcceptedVote(
+            vote_id=outcome.vote_id, receipt_hash=receipt_hash(leaf),
+            accepted_at=_timestamp(outcome.admitted_ms), free_votes_left=outcome.free_left,
+            paid_balance=outcome.paid_balance)
+
+    async def _load_users(self, wanted: dict[tuple[str, str, str], VoteKeys]) -> None:
+        """Fill the Redis cache of users from PostgreSQL (first vote, or after a Redis loss)."""
+        users = sorted({user for user, _, _ in wanted})
+        triples = sorted(wanted)
+        async with self._db() as connection:
+            cursor = await connection.execute(
+                "SELECT user_id, credited, spent FROM wallets WHERE user_id = ANY(%s)", (users,))
+            wallet_rows: list[dict[str, Any]] = await cursor.fetchall()
+            wallets = {row["user_id"]: row for row in wallet_rows}
+            cursor = await connection.execute(
+                "SELECT w.user_id, w.episode_id::text AS episode_id, w.round_id::text AS round_id,"
+                "       coalesce((SELECT f.used FROM free_vote_usage f WHERE f.user_id = w.user_id"
+                "                   AND f.episode_id = w.episode_id), 0) AS episode_used,"
+                "       coalesce((SELECT sum(v.count) FROM votes v WHERE v.user_id = w.user_id"
+                "                   AND v.round_id = w.round_id AND v.vote_type = 'FREE'), 0)"
+                "         AS round_used"
+                "  FROM unnest(%s::text[], %s::uuid[], %s::uuid[]) AS w(user_id, episode_id,"
+                "                                                       round_id)",
+                ([t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples]))
+            usage_rows: list[dict[str, Any]] = await cursor.fetchall()
+        loads = []
+        for row in usage_rows:
+            user = row["user_id"]
+            wallet = wallets.get(user, {"credited": 0, "spent": 0})
+            keyset = wanted[(user, row["episode_id"], row["round_id"])]
+            loads.append(self._scripts.call(self._scripts.load, [keyset.user], [
+                wallet["credited"], wallet["spent"], row["episode_id"],
+                int(row["episode_used"]), row["round_id"], int(row["round_used"])]))
+        await asyncio.gather(*loads)
+
+    async def _restore_window(self, round_id: str, window_keys: set[str]) -> ApiError | None:
+        """No window in Redis: the round does not exist, is not open, or Redis lost it (then
+        the OPEN round's window is rebuilt from PostgreSQL the way sync_svc writes it, into
+        the shard copies that are missing; sync_svc's own writes win)."""
+        async with self._db() as connection:
+            cursor = await connection.execute(
+                "SELECT r.state, r.episode_id::text AS episode_id, r.contestant_ids::text[] AS"
+                "       contestants, (extract(epoch FROM r.opens_at) * 1000)::bigint AS opens,"
+                "       (extract(epoch FROM r.closes_at) * 1000)::bigint AS closes,"
+                "       r.app_close_offset_ms, r.web_close_offset_ms, r.sms_close_offset_ms,"
+                "       r.free_vote_cap, e.free_vote_quota, e.rate_limit_per_minute, e.version"
+                "  FROM rounds r JOIN episodes e USING (episode_id) WHERE r.round_id = %s",
+                (round_id,))
+            row: dict[str, Any] | None = await cursor.fetchone()
+        if row is None:
+            return ApiError(grpc.StatusCode.NOT_FOUND, "ROUND_NOT_FOUND", "no such round")
+        if row["state"] == "PENDING" or row["opens"] is None:
+            return ApiError(grpc.StatusCode.FAILED_PRECONDITION, "VOTING_NOT_OPEN",
+                            "voting has not opened for this round")
+        if row["state"] != "OPEN" or row["closes"] is None:
+            return ApiError(grpc.StatusCode.FAILED_PRECONDITION, "VOTING_CLOSED",
+                            "voting has closed for this round")
+        closes = int(row["closes"])
+        fields: dict[str, str | int] = {
+            "episode_id": row["episode_id"], "state": "OPEN", "opens_at_ms": int(row["opens"]),
+            "closes_at_ms": closes, "contestants": ",".join(row["contestants"]),
+            "free_quota": row["free_vote_quota"], "free_cap": row["free_vote_cap"],
+            "rate_limit_per_minute": row["rate_limit_per_minute"], "version": row["version"]}
+        for channel in keys.CHANNELS:
+            fields[f"close_{channel}_ms"] = closes + int(row[f"{channel}_close_offset_ms"])
+        args: list[str | int] = [part for pair in fields.items() for part in pair]
+        await asyncio.gather(*(self._scripts.call(self._scripts.window_if_missing, [key], args)
+                               for key in window_keys))
+        log.info("restored window of round %s from PostgreSQL", round_id)
+        return None
+
+    async def _rebuild_shard(self, shard: int) -> None:
+        """Redis lost this shard's state (or never had it): rebuild its live counters from the
+        ledger once the votes admitted before the loss have settled, then set the marker.
+
+        Until the marker is back no vote of the shard is admitted, so the ledger sums read
+        after the settle period are exact and user caches loaded afterwards are exact too.
+        """
+        redis = self._storage.redis
+        marker = keys.shard_marker_key(shard)
+        lock = f"tv:{keys.tag(shard)}:rebuilding"
+        settle = self._config.vote_rebuild_settle_ms
+        if not await redis.set(lock, self._config.televote_replica, nx=True, px=settle + 15_000):
+            for _ in range(int((settle + 15_000) / 50)):
+                if await redis.exists(marker):
+                    return
+                await asyncio.sleep(0.05)
+            return
+        try:
+            await asyncio.sleep(settle / 1000)
+            async with self._db() as connection:
+                cursor = await connection.execute(
+                    "SELECT v.round_id::text AS round_id, v.contestant_id::text AS contestant,"
+                    "       v.admitted_ms - v.admitted_ms %% %s AS minute, sum(v.count) AS n"
+                    "  FROM votes v JOIN rounds r USING (round_id)"
+                    " WHERE v.shard = %s AND r.state = 'OPEN' GROUP BY 1, 2, 3",
+                    (RATE_WINDOW_MS, shard))
+                rows: list[dict[str, Any]] = await cursor.fetchall()
+            live: dict[str, dict[str, int]] = {}
+            minutes: dict[str, dict[str, int]] = {}
+            for row in rows:
+                totals = live.setdefault(row["round_id"], {})
+                totals[row["contestant"]] = totals.get(row["contestant"], 0) + int(row["n"])
+                minutes.setdefault(row["round_id"], {})[
+                    f"{row['minute']}:{row['contestant']}"] = int(row["n"])
+            async with redis.pipeline(transaction=True) as pipe:
+                for round_id, totals in live.items():
+                    pipe.delete(keys.live_key(shard, round_id))
+                    pipe.hset(keys.live_key(shard, round_id), mapping=totals)  # type: ignore[arg-type]
+                    pipe.delete(keys.live_minutes_key(shard, round_id))
+                    pipe.hset(keys.live_minutes_key(shard, round_id),
+                              mapping=minutes[round_id])  # type: ignore[arg-type]
+                pipe.set(marker, "1")
+                await pipe.execute()
+            log.info("rebuilt shard %d from the ledger (%d open rounds)", shard, len(live))
+        finally:
+            await redis.delete(lock)
+
+    async def _take_over(self, vote: VoteRequest, keyset: VoteKeys, stale: Outcome) -> None:
+        """A pending admission outlived its lease (its replica died or lost PostgreSQL): the
+        ledger says whether it was committed; if not, undo it so the retry can be admitted."""
+        async with self._db() as connection:
+            cursor = await connection.execute(
+                "SELECT vote_id::text FROM votes WHERE user_id = %s AND request_id = %s",
+                (vote.user_id, vote.request_id))
+            row: dict[str, Any] | None = await cursor.fetchone()
+        ttl = self._config.vote_idempotency_ttl_s * 1000
+        if row is not None and row["vote_id"] == stale.vote_id:
+            await self._scripts.call(self._scripts.done, [keyset.idempotency],
+                                     [stale.vote_id, ttl, ""])
+        else:  # not committed (or committed by another admission: the ledger will say so)
+            await self._scripts.call(self._scripts.undo, keyset.undo_keys(), [
+                stale.vote_id, vote.vote_type, vote.count, vote.contestant_id, stale.episode_id,
+                stale.admitted_ms, RATE_WINDOW_MS, vote.round_id])
+
+
+def receipt_hash(leaf_data: bytes) -> bytes:
+    """RFC 6962 leaf hash: SHA-256(0x00 || leaf_data)."""
+    return hashlib.sha256(b"\x00" + leaf_data).digest()
+
+
+def _refusal(reply: list[str]) -> ApiError:
+    status = reply[0]
+    precondition = grpc.StatusCode.FAILED_PRECONDITION
+    if status == "MISMATCH":
+        return _mismatch()
+    if status == "BLOCKED":
+        return ApiError(grpc.StatusCode.PERMISSION_DENIED, "FRAUD_BLOCKED",
+                        "the vote was refused by fraud controls")
+    if status == "NOT_OPEN":
+        return ApiError(precondition, "VOTING_NOT_OPEN", "voting has not opened yet",
+                        metadata={"opens_at_ms": reply[2]})
+    if status == "CLOSED":
+        return ApiError(precondition, "VOTING_CLOSED", "voting has closed for this channel")
+    if status == "INVALID_CONTESTANT":
+        return ApiError(precondition, "INVALID_CONTESTANT", "the contestant is not in this round")
+    if status == "RATE_LIMITED":
+        delay_ms = int(reply[1])
+        return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED",
+                        "too many votes this minute", retry_after_seconds=delay_ms / 1000)
+    if status == "NO_FREE":
+        return ApiError(precondition, "NO_FREE_VOTES", "no free votes left in this episode",
+                        metadata={"free_votes_left": reply[1]})
+    if status == "NO_BALANCE":
+        return ApiError(precondition, "INSUFFICIENT_BALANCE", "not enough paid votes",
+                        metadata={"paid_balance": reply[1]})
+    log.error("unexpected admission reply %r", reply)
+    return unavailable()
+
+
+def _mismatch() -> ApiError:
+    return ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
+                    "this request_id was used before for a different vote")
+
+
+def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
