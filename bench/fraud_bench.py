@@ -1,6 +1,7 @@
 """fraud_svc benchmark: cost per vote and latency of 100-vote ScoreVotes batches.
 
-    python bench/fraud_bench.py [--batches 300] [--batch-size 100]
+    python bench/fraud_bench.py [--batches 300] [--batch-size 100] [--json out.json]
+                                [--baseline before.json]
 
 Starts PostgreSQL and Redis from their wheels (or uses DATABASE_URL / REDIS_URL), applies the
 migrations, writes a GeoIP database of the generator's network plan, runs fraud_svc as its own
@@ -11,12 +12,18 @@ process and calls it like vote_svc does (sequential batches, internal role). Pri
 - the model's precision and recall on the generator's held-out traffic.
 Targets: p99 <= 5 ms per 100-vote batch, <= 50 us CPU per vote. On a shared 2-core machine,
 read the figures as orders of magnitude: run it twice.
+
+--json saves the figures; --baseline prints each figure's ratio to a saved run (after/before).
+To measure a change in the same session, run the old tree with --json and the new one with
+--baseline, alternating (cd into the old tree and set PYTHONPATH to it and its gen/, so the
+spawned fraud_svc is the old one too).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -79,7 +86,7 @@ async def _wait_serving(target: str, child: Child) -> None:
 
 async def _run_batches(stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceStub,
                        events: list[VoteEvent], batch_size: int, batches: int, run: str,
-                       server: psutil.Process, label: str) -> None:
+                       server: psutil.Process, label: str) -> dict[str, float]:
     requests = [fraud_scoring_service_pb2.ScoreVotesRequest(
         votes=[_facts(e, run) for e in events[i * batch_size:(i + 1) * batch_size]])
         for i in range(batches)]
@@ -107,10 +114,12 @@ async def _run_batches(stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceS
           f"   max {latencies[-1]:.2f} ms   (target p99 <= 5 ms)")
     print(f"  fraud_svc CPU  {cpu / votes * 1e6:.1f} us per vote"
           f"   ({cpu / len(requests) * 1e3:.2f} ms per batch; target <= 50 us per vote)")
+    return {"p50_ms": statistics.median(latencies), "p99_ms": p99,
+            "cpu_us_per_vote": cpu / votes * 1e6}
 
 
 async def _in_process(database_url: str, redis_url: str, geo: Path, events: list[VoteEvent],
-                      batch_size: int, batches: int) -> None:
+                      batch_size: int, batches: int) -> float:
     """The handler without gRPC: how much of the cost is scoring rather than the RPC."""
     config = FraudConfig(  # type: ignore[call-arg]
         database_url=database_url, redis_url=redis_url, fraud_geoip_db=str(geo),
@@ -137,12 +146,13 @@ async def _in_process(database_url: str, redis_url: str, geo: Path, events: list
         print(f"handler in process (validate, Redis, score, audit; no gRPC): "
               f"{cost * 1e6:.1f} us CPU per vote")
         await blocklist.stop()
+        return cost * 1e6
     finally:
         await redis.aclose()
         await pool.close()
 
 
-def _scoring_cpu(events: list[VoteEvent]) -> None:
+def _scoring_cpu(events: list[VoteEvent]) -> float:
     config = offline_config().model_copy(update={"fraud_vpn_cidrs": tuple(
         str(n) for n in vpn_lists().networks)})
     scorer, memory, intel = Scorer(config, Model.load()), FeatureMemory(config), plan_intel()
@@ -154,12 +164,28 @@ def _scoring_cpu(events: list[VoteEvent]) -> None:
         scorer.score(facts, history, ip)
     cost = (time.process_time() - started) / len(prepared)
     print(f"pure scoring step (signals + model, in process): {cost * 1e6:.1f} us per vote")
+    return cost * 1e6
+
+
+def _save_and_compare(figures: dict[str, float], save: str | None,
+                      baseline: str | None) -> None:
+    if save:
+        Path(save).write_text(json.dumps(figures, indent=1))
+    if baseline:
+        before = json.loads(Path(baseline).read_text())
+        print(f"after/before ({baseline}):")
+        for key, value in figures.items():
+            if before.get(key):
+                print(f"  {key:28s} {before[key]:9.2f} -> {value:9.2f}"
+                      f"   x{value / before[key]:.2f}")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description="fraud_svc benchmark")
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--json", help="save the figures to this file")
+    parser.add_argument("--baseline", help="print after/before ratios against a saved run")
     args = parser.parse_args()
     state_dir = Path(tempfile.mkdtemp(prefix="fraud-bench-"))
     children: list[Child] = []
@@ -192,16 +218,21 @@ async def main() -> None:
         mixed = generate(TrafficMix(prefix="bench-m"), seed=12)
         async with grpc.aio.insecure_channel(target) as channel:
             stub = fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
-            await _run_batches(stub, humans, args.batch_size, args.batches, run + "h",
-                               process, "human traffic (mostly ALLOW)")
-            await _run_batches(stub, mixed, args.batch_size, args.batches, run + "m",
-                               process, "generator mix (65% bot votes: reviews, blocks, audit)")
-        await _in_process(database_url, redis_url, geo,
-                          generate(TrafficMix(humans=total // 4, fixed_interval_bots=0,
-                                              device_farms=0, proxy_rotators=0,
-                                              prefix="bench-i"), seed=13),
-                          args.batch_size, min(args.batches, 200))
-        _scoring_cpu(mixed[:20_000])
+            figures: dict[str, float] = {}
+            for name, events, label in (
+                    ("human", humans, "human traffic (mostly ALLOW)"),
+                    ("mix", mixed, "generator mix (65% bot votes: reviews, blocks, audit)")):
+                for key, value in (await _run_batches(
+                        stub, events, args.batch_size, args.batches, run + name[0], process,
+                        label)).items():
+                    figures[f"{name} {key}"] = value
+        figures["in-process cpu_us_per_vote"] = await _in_process(
+            database_url, redis_url, geo,
+            generate(TrafficMix(humans=total // 4, fixed_interval_bots=0, device_farms=0,
+                                proxy_rotators=0, prefix="bench-i"), seed=13),
+            args.batch_size, min(args.batches, 200))
+        figures["pure scoring us_per_vote"] = _scoring_cpu(mixed[:20_000])
+        _save_and_compare(figures, args.json, args.baseline)
         metrics = evaluate(Model.load(), offline_config().model_copy(update={
             "fraud_vpn_cidrs": tuple(str(n) for n in vpn_lists().networks)}))
         print(f"model on held-out traffic ({metrics['votes']:.0f} votes, "

@@ -110,7 +110,8 @@ class Scorer:
             detail = blocked_by or "user flagged"
             return Verdict("BLOCK", 1.0, [Reason("blocklist", 1.0, detail)],
                            {"blocklist": detail})
-        fired: list[Reason] = []
+        # (contribution, name, detail): plain tuples, several are made per vote.
+        fired: list[tuple[float, str, str]] = []
         inputs: dict[str, object] = {
             "window_votes": history.window_votes, "device_users": history.device_users,
             "intervals": history.intervals,
@@ -119,23 +120,23 @@ class Scorer:
             "ip_country": ip.country, "ip_network": ip.network, "ip_asn": ip.asn,
         }
         if history.window_votes > c.fraud_velocity_max_votes:
-            fired.append(Reason("velocity", c.fraud_weight_velocity,
-                                f"{history.window_votes} votes in "
-                                f"{c.fraud_velocity_window_seconds:g} s"))
+            fired.append((c.fraud_weight_velocity, "velocity",
+                          f"{history.window_votes} votes in "
+                          f"{c.fraud_velocity_window_seconds:g} s"))
         if history.device_users > c.fraud_device_max_users:
-            fired.append(Reason("shared_device", c.fraud_weight_shared_device,
-                                f"device used by {history.device_users} users"))
+            fired.append((c.fraud_weight_shared_device, "shared_device",
+                          f"device used by {history.device_users} users"))
         if ip.anonymous:
-            fired.append(Reason("vpn_proxy", c.fraud_weight_vpn_proxy,
-                                f"VPN/proxy/hosting network {ip.network}"))
+            fired.append((c.fraud_weight_vpn_proxy, "vpn_proxy",
+                          f"VPN/proxy/hosting network {ip.network}"))
         country = facts.country_hint.upper() or ip.country
         inputs["country"] = country
         foreign = country is not None and country not in self.allowed
         if foreign and traveller:
             inputs["traveller_exemption"] = True
         elif foreign:
-            fired.append(Reason("foreign_country", c.fraud_weight_foreign_country,
-                                f"voting from {country}"))
+            fired.append((c.fraud_weight_foreign_country, "foreign_country",
+                          f"voting from {country}"))
         has_gps = facts.latitude is not None and facts.longitude is not None
         gps_km: float | None = None
         if has_gps and ip.latitude is not None and ip.longitude is not None:
@@ -143,29 +144,30 @@ class Scorer:
             gps_km = distance_km(facts.latitude, facts.longitude, ip.latitude, ip.longitude)
             inputs["gps_km"] = gps_km
             if gps_km > c.fraud_gps_mismatch_km:
-                fired.append(Reason("gps_mismatch", c.fraud_weight_gps_mismatch,
-                                    f"GPS {gps_km:.0f} km from the IP's location"))
+                fired.append((c.fraud_weight_gps_mismatch, "gps_mismatch",
+                              f"GPS {gps_km:.0f} km from the IP's location"))
         if (history.intervals >= c.fraud_bot_timing_min_intervals
                 and history.interval_std_s < c.fraud_bot_timing_min_std_seconds):
-            fired.append(Reason("bot_timing", c.fraud_weight_bot_timing,
-                                f"interval std dev {history.interval_std_s:.2f} s over "
-                                f"{history.intervals} intervals"))
+            fired.append((c.fraud_weight_bot_timing, "bot_timing",
+                          f"interval std dev {history.interval_std_s:.2f} s over "
+                          f"{history.intervals} intervals"))
         probability = self.model.predict(model_inputs(
             history, ip, country, foreign and not traveller, gps_km, has_gps, c))
         inputs["model"] = probability
         inputs["model_version"] = self.model.version
-        fired.append(Reason("model", c.fraud_weight_model * probability,
-                            f"model {self.model.version} p={probability:.2f}"))
+        fired.append((c.fraud_weight_model * probability, "model",
+                      f"model {self.model.version} p={probability:.2f}"))
         # Noisy-OR: each signal removes its share of the remaining doubt. Signals are applied
         # largest first and each reports what it added, so the contributions sum to the score.
-        fired.sort(key=lambda reason: reason.contribution, reverse=True)
+        # (The sort is stable: equal contributions keep the order above.)
+        fired.sort(key=_contribution, reverse=True)
         clean = 1.0
         reasons = []
-        for reason in fired:
-            added = clean * min(1.0, max(0.0, reason.contribution))
+        for contribution, name, detail in fired:
+            added = clean * min(1.0, max(0.0, contribution))
             clean -= added
             if added > 0:
-                reasons.append(Reason(reason.name, added, reason.detail))
+                reasons.append(Reason(name, added, detail))
         score = 1.0 - clean
         if score > c.fraud_block_threshold:
             action = "BLOCK"
@@ -174,6 +176,10 @@ class Scorer:
         else:
             action = "ALLOW"
         return Verdict(action, score, reasons, inputs)
+
+
+def _contribution(fired: tuple[float, str, str]) -> float:
+    return fired[0]
 
 
 class FeatureMemory:
