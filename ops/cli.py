@@ -20,6 +20,9 @@ from runtime.access import Role
 
 app = typer.Typer(help="televote: live TV audience voting.", no_args_is_help=True,
                   add_completion=False)
+audit = typer.Typer(help="Export a round's ledger; verify an export or a receipt offline.",
+                    no_args_is_help=True)
+app.add_typer(audit, name="audit")
 
 StateDir = Annotated[Path, typer.Option(
     envvar="TELEVOTE_STATE_DIR", help="Where local data, keys and logs live.")]
@@ -108,3 +111,42 @@ def generate(
     from ops.codegen import generate as run_codegen
 
     raise typer.Exit(run_codegen(check=check))
+
+
+@audit.command("export")
+def audit_export(
+    round_id: Annotated[str, typer.Argument(help="The finalized round.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The export file (JSON lines).")],
+    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
+) -> None:
+    """Write a finalized round's ledger, rules and signed result to a file."""
+    from results_svc.audit import export_round
+    leaves = asyncio.run(export_round(database_url, round_id, out))
+    print(f"{out}: {leaves} leaves")
+
+
+@audit.command("verify")
+def audit_verify(
+    export: Annotated[Path, typer.Argument(help="A file written by `televote audit export`.")],
+    public_key: Annotated[str | None, typer.Option(
+        help="Pin the signing key (hex, GetLedgerPublicKey) instead of the export's.")] = None,
+    receipt: Annotated[Path | None, typer.Option(
+        help="Also check a GetVoteReceipt JSON response against the export's root.")] = None,
+) -> None:
+    """Recount an export by the round's rules, check its root and signature; exit 1 if not."""
+    import json
+
+    from results_svc.audit import verify_export, verify_receipt_document
+    verdict = verify_export(export, public_key)
+    problems = list(verdict.problems)
+    if receipt is not None:
+        header = json.loads(export.open().readline())
+        problems += verify_receipt_document(json.loads(receipt.read_text()),
+                                            bytes.fromhex(header["digest"]["root_hash"]))
+    if problems:
+        for problem in problems:
+            print(f"FAIL: {problem}", file=sys.stderr)
+        raise typer.Exit(1)
+    assert verdict.recount is not None
+    print(f"OK: root and signature verify; recount {verdict.recount.counts} "
+          f"(total {verdict.recount.total_votes}) equals the published result")

@@ -1,31 +1,42 @@
-"""results_svc's server."""
+"""results_svc's server: live and final results, receipts and proofs, reports."""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-from runtime.config import ServiceConfig
+from results_svc.config import ResultsConfig
+from results_svc.final import Finalizer
+from results_svc.live import Live
+from results_svc.servicer import ResultsServicer, register
+from results_svc.signing import Signer
 from runtime.server import ServiceHost, run_service
 from runtime.storage import Storage
 from televote.results.v1 import (
     report_service_pb2,
     report_service_pb2_grpc,
     results_service_pb2,
-    results_service_pb2_grpc,
 )
 
 
-class ResultsConfig(ServiceConfig):
-    service_name: ClassVar[str] = "results_svc"
-
-
 def create_server(config: ResultsConfig) -> tuple[ServiceHost, int]:
-    host = ServiceHost(config, Storage.from_config(config))
-    # These RPCs land with their own issues; until then the generated base servicers answer
-    # UNIMPLEMENTED.
-    host.add(results_service_pb2_grpc.add_ResultsServiceServicer_to_server,
-             results_service_pb2_grpc.ResultsServiceServicer(),  # type: ignore[abstract]
+    storage = Storage.from_config(config)
+    host = ServiceHost(config, storage)
+    signer = Signer.load_or_create(config.televote_state_dir)
+    finalizer = Finalizer(storage, config, signer)
+    live = Live(storage, config, finalizer)
+
+    async def start_background() -> None:
+        await live.start()
+        await finalizer.start()
+
+    async def stop_background() -> None:
+        await finalizer.stop()
+        await live.stop()
+
+    host.on_start(start_background)
+    host.on_stop(stop_background)
+    host.add(register, ResultsServicer(storage, live, finalizer, signer),
              results_service_pb2.DESCRIPTOR.services_by_name["ResultsService"])
+    # ReportService lands with its own issue; until then the base servicer answers
+    # UNIMPLEMENTED.
     host.add(report_service_pb2_grpc.add_ReportServiceServicer_to_server,
              report_service_pb2_grpc.ReportServiceServicer(),  # type: ignore[abstract]
              report_service_pb2.DESCRIPTOR.services_by_name["ReportService"])

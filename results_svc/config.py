@@ -1,0 +1,30 @@
+"""results_svc's configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from runtime.config import ServiceConfig
+
+
+class ResultsConfig(ServiceConfig):
+    service_name: ClassVar[str] = "results_svc"
+
+    #: sync_svc, told when a final result is stored (ShowInternalService.PublishResultsReady).
+    sync_target: str
+    #: Where the Ed25519 ledger signing key lives (created on first start).
+    televote_state_dir: Path
+    #: One live update per round per replica every this many ms (seed: 1 s).
+    results_tick_ms: int = 1000
+    #: After a round closes, wait this long for vote batches in flight to commit before
+    #: recounting. Longer than vote_svc's commit timeout (VOTE_COMMIT_TIMEOUT_MS, 2 s): a batch
+    #: admitted before the close either commits within it or is undone and refused.
+    results_settle_ms: int = 3000
+    #: Then also wait (up to this long after the close) for the live counters to match the
+    #: ledger; a difference that remains is logged and measured at reconciliation.
+    results_settle_max_ms: int = 8000
+    #: How often closed rounds are looked for in PostgreSQL.
+    results_poll_ms: int = 500
+    #: Final results whose tree is kept in memory for inclusion proofs.
+    results_cached_trees: int = 4

@@ -1,0 +1,385 @@
+"""The final result: recount the ledger in SQL by the round's rules, sign its Merkle digest,
+store it once whatever the number of replicas, announce it, reconcile the live counters.
+
+Any replica may finalize a closed round. Work is not duplicated (a transaction-scoped advisory
+lock per round: a replica that does not get it moves on) and a result is never stored twice
+(`round_results` is keyed by round; INSERT ... ON CONFLICT DO NOTHING). Announcing is retried
+until sync_svc marks the round FINALIZED (PublishResultsReady is idempotent), so a replica that
+dies between storing and announcing delays the announcement by one poll, never loses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from opentelemetry import metrics
+from psycopg import AsyncConnection, IsolationLevel
+
+from results_svc import rules
+from results_svc.config import ResultsConfig
+from results_svc.merkle import MerkleTree
+from results_svc.rounds import RoundInfo, load_round
+from results_svc.signing import Signer, tree_head
+from runtime import keys
+from runtime.access import Principal, Role
+from runtime.storage import Storage
+from televote.sync.v1 import show_internal_service_pb2 as internal
+from televote.sync.v1 import show_internal_service_pb2_grpc as internal_grpc
+
+log = logging.getLogger(__name__)
+_meter = metrics.get_meter("results_svc")
+_reconciliation = _meter.create_counter(
+    "televote.results.reconciliation.difference", unit="{vote}",
+    description="Votes by which the provisional live counters differed from the final result "
+                "at close, by cause")
+_finalized = _meter.create_counter("televote.results.finalized", unit="{round}",
+                                   description="Final results stored by this replica")
+
+LEAVES_PER_CHUNK = 65_536
+
+_WINDOW = "WINDOW w AS (PARTITION BY v.user_id ORDER BY v.admitted_ms, v.vote_id, v.receipt_hash" \
+          " ROWS UNBOUNDED PRECEDING)"
+
+#: Every ledger row of the round with the reason it does not count (NULL: it counts), in
+#: ledger (= tree) order. Parameters: round_id, episode_id, free quota, free cap, opens_ms,
+#: close ms of APP, WEB, SMS. See results_svc.rules for the rules in words.
+JUDGED_SQL = f"""
+WITH voters AS (SELECT DISTINCT user_id FROM votes WHERE round_id = %(round)s::uuid),
+mine AS (
+  SELECT v.vote_id, v.user_id, v.request_id, v.round_id, v.contestant_id, v.vote_type, v.count,
+         v.channel, v.admitted_ms, v.receipt_hash,
+         sum(CASE WHEN v.vote_type = 'FREE' AND v.episode_id = %(episode)s::uuid
+                  THEN v.count ELSE 0 END) OVER w AS free_run,
+         sum(CASE WHEN v.vote_type = 'FREE' AND v.round_id = %(round)s::uuid
+                  THEN v.count ELSE 0 END) OVER w AS round_free_run,
+         sum(CASE WHEN v.vote_type = 'PAID' THEN v.count ELSE 0 END) OVER w AS paid_run
+    FROM votes v WHERE v.user_id IN (SELECT user_id FROM voters)
+  {_WINDOW}
+),
+judged AS (
+  SELECT m.*, row_number() OVER (PARTITION BY m.vote_id
+                                 ORDER BY m.admitted_ms, m.receipt_hash) AS copy
+    FROM mine m WHERE m.round_id = %(round)s::uuid
+)
+SELECT j.vote_id::text, j.user_id, j.contestant_id::text, j.count, j.receipt_hash,
+  CASE WHEN j.copy > 1 THEN 'DUPLICATE'
+       WHEN NOT (j.contestant_id = ANY(%(contestants)s::uuid[])) THEN 'NOT_A_CONTESTANT'
+       WHEN j.admitted_ms < %(opens)s OR j.admitted_ms >= CASE j.channel
+            WHEN 'APP' THEN %(app)s WHEN 'WEB' THEN %(web)s ELSE %(sms)s END
+            THEN 'OUTSIDE_WINDOW'
+       WHEN EXISTS (SELECT 1 FROM fraud_rejections f
+                     WHERE f.round_id = j.round_id::text AND f.user_id = j.user_id
+                       AND (f.vote_ref IS NULL OR f.vote_ref = j.request_id))
+            THEN 'FRAUD_REJECTED'
+       WHEN j.vote_type = 'FREE' AND j.free_run > %(quota)s THEN 'OVER_FREE_QUOTA'
+       WHEN j.vote_type = 'FREE' AND %(cap)s > 0 AND j.round_free_run > %(cap)s
+            THEN 'OVER_ROUND_FREE_CAP'
+       WHEN j.vote_type = 'PAID' AND j.paid_run > coalesce(
+            (SELECT w.credited FROM wallets w WHERE w.user_id = j.user_id), 0)
+            THEN 'NO_BALANCE'
+  END AS reason
+  FROM judged j
+ ORDER BY j.admitted_ms, j.vote_id, j.receipt_hash
+"""
+
+#: The result itself, aggregated by PostgreSQL from the judged rows.
+TOTALS_SQL = f"""
+SELECT contestant_id, sum(count) FILTER (WHERE reason IS NULL)::bigint AS counted,
+       sum(count)::bigint AS ledger
+  FROM ({JUDGED_SQL}) judged GROUP BY contestant_id
+"""
+
+
+def judge_params(info: RoundInfo) -> dict[str, Any]:
+    return {"round": info.round_id, "episode": info.episode_id,
+            "contestants": list(info.contestant_ids), "opens": info.opens_ms,
+            "app": info.channel_close_ms("APP"), "web": info.channel_close_ms("WEB"),
+            "sms": info.channel_close_ms("SMS"), "quota": info.free_quota, "cap": info.free_cap}
+
+
+@dataclass
+class FinalResult:
+    """A stored final result, as read back from PostgreSQL."""
+
+    round_id: str
+    ledger_votes: int
+    invalidated_votes: int
+    total_votes: int
+    counts: dict[str, int]
+    winner_ids: list[str]
+    tree_size: int
+    root_hash: bytes
+    signed_tree_head: bytes
+    signature: bytes
+    key_id: str
+    signed_at: datetime
+    finalized_at: datetime
+    reconciliation: dict[str, Any] = field(default_factory=dict)
+
+
+async def read_final(connection: AsyncConnection[Any], round_id: str) -> FinalResult | None:
+    cursor = await connection.execute(
+        "SELECT round_id::text, ledger_votes, invalidated_votes, total_votes, counts,"
+        " winner_ids::text[] AS winner_ids, tree_size, root_hash, signed_tree_head, signature,"
+        " key_id, signed_at, finalized_at, reconciliation FROM round_results"
+        " WHERE round_id = %s", (round_id,))
+    row = await cursor.fetchone()
+    if row is None:
+        return None
+    return FinalResult(
+        row["round_id"], row["ledger_votes"], row["invalidated_votes"], row["total_votes"],
+        {k: int(v) for k, v in row["counts"].items()}, list(row["winner_ids"]),
+        row["tree_size"], bytes(row["root_hash"]), bytes(row["signed_tree_head"]),
+        bytes(row["signature"]), row["key_id"], row["signed_at"], row["finalized_at"],
+        row["reconciliation"])
+
+
+async def provisional_counts(storage: Storage, round_id: str) -> dict[str, int]:
+    """The live counters of a round, summed over the shards."""
+    async with storage.redis.pipeline(transaction=False) as pipe:
+        for shard in range(keys.SHARDS):
+            pipe.hgetall(keys.live_key(shard, round_id))
+        replies = await pipe.execute()
+    totals: dict[str, int] = {}
+    for reply in replies:
+        for contestant, votes in reply.items():
+            name = contestant.decode() if isinstance(contestant, bytes) else contestant
+            totals[name] = totals.get(name, 0) + int(votes)
+    return totals
+
+
+class Finalizer:
+    """Finds closed rounds and finalizes them; serves stored results and their trees."""
+
+    def __init__(self, storage: Storage, config: ResultsConfig, signer: Signer) -> None:
+        self._storage = storage
+        self._config = config
+        self._signer = signer
+        self._task: asyncio.Task[None] | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._trees: OrderedDict[str, MerkleTree] = OrderedDict()
+        #: round -> (failures, next attempt by the monotonic clock) of announcements
+        self._announce_backoff: dict[str, tuple[int, float]] = {}
+        self._tree_lock = asyncio.Lock()
+        self.wake = asyncio.Event()
+
+    async def start(self) -> None:
+        async with self._storage.pool.connection() as connection:
+            await connection.execute(
+                "INSERT INTO ledger_keys (key_id, public_key, created_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (key_id) DO NOTHING",
+                (self._signer.key_id, self._signer.public_key, self._signer.created_at))
+        self._channel = grpc.aio.insecure_channel(self._config.sync_target)
+        self._task = asyncio.create_task(self._run(), name="finalizer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._channel is not None:
+            await self._channel.close(None)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.pass_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("finalizer pass failed")
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self._config.results_poll_ms / 1000)
+
+    async def pass_once(self) -> None:
+        """Finalize every closed round whose votes have settled; announce stored results."""
+        async with self._storage.pool.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT r.round_id::text, (rr.round_id IS NOT NULL) AS stored,"
+                " floor(extract(epoch FROM coalesce(r.closed_at, r.lines_close_at)) * 1000)"
+                "::bigint AS closed_ms"
+                " FROM rounds r LEFT JOIN round_results rr USING (round_id)"
+                " WHERE r.state = 'CLOSED' ORDER BY r.closed_at")
+            rows: list[Any] = await cursor.fetchall()
+        if not rows:
+            return
+        now_ms = await keys.server_time_ms(self._storage.redis)
+        for row in rows:
+            if row["stored"]:
+                _, due = self._announce_backoff.get(row["round_id"], (0, 0.0))
+                if time.monotonic() >= due:
+                    await self.announce(row["round_id"])
+                continue
+            age = now_ms - row["closed_ms"]
+            if age < self._config.results_settle_ms:
+                continue
+            if age < self._config.results_settle_max_ms and not await self._counters_settled(
+                    row["round_id"]):
+                continue
+            if await self.finalize(row["round_id"]):
+                await self.announce(row["round_id"])
+
+    async def _counters_settled(self, round_id: str) -> bool:
+        live = await provisional_counts(self._storage, round_id)
+        async with self._storage.pool.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT contestant_id::text, sum(count)::bigint AS n FROM votes"
+                " WHERE round_id = %s GROUP BY 1", (round_id,))
+            ledger = {r["contestant_id"]: r["n"] for r in await cursor.fetchall()}
+        return {k: v for k, v in live.items() if v} == {k: v for k, v in ledger.items() if v}
+
+    async def finalize(self, round_id: str) -> bool:
+        """Recount, sign and store the round's result; False if another replica has it."""
+        provisional = await provisional_counts(self._storage, round_id)
+        async with self._storage.pool.connection() as connection:
+            await connection.set_isolation_level(IsolationLevel.REPEATABLE_READ)
+            try:
+                async with connection.transaction():
+                    stored = await self._finalize_in(connection, round_id, provisional)
+            finally:
+                await connection.set_isolation_level(None)
+        return stored
+
+    async def _finalize_in(self, connection: AsyncConnection[Any], round_id: str,
+                           provisional: dict[str, int]) -> bool:
+        cursor = await connection.execute(
+            "SELECT pg_try_advisory_xact_lock(hashtext('televote.results:' || %s)) AS mine",
+            (round_id,))
+        lock = await cursor.fetchone()
+        if not lock or not lock["mine"]:
+            return False  # another replica is on it
+        if await read_final(connection, round_id) is not None:
+            return False
+        info = await load_round(connection, round_id)
+        if info is None or info.state != "CLOSED" or info.opens_ms is None:
+            return False
+        params = judge_params(info)
+        cursor = await connection.execute(JUDGED_SQL, params)
+        leaves: list[bytes] = []
+        invalid: list[tuple[str, str]] = []
+        async for row in cursor:
+            leaves.append(bytes(row["receipt_hash"]))
+            if row["reason"] is not None:
+                invalid.append((row["vote_id"], row["reason"]))
+        cursor = await connection.execute(TOTALS_SQL, params)
+        counts = dict.fromkeys(info.contestant_ids, 0)
+        ledger_by_contestant: dict[str, int] = {}
+        ledger_votes = 0
+        for row in await cursor.fetchall():
+            ledger_votes += row["ledger"]
+            ledger_by_contestant[row["contestant_id"]] = row["ledger"]
+            if row["contestant_id"] in counts:
+                counts[row["contestant_id"]] = row["counted"] or 0
+        total = sum(counts.values())
+        tree = MerkleTree(leaves)
+        now = datetime.now(UTC)
+        signed_at = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        head = tree_head(round_id, tree.size, tree.root, signed_at)
+        reconciliation = reconcile(round_id, provisional, ledger_by_contestant, counts,
+                                   dict(invalid))
+        cursor = await connection.execute(
+            "INSERT INTO round_results (round_id, ledger_votes, invalidated_votes, total_votes,"
+            " counts, winner_ids, tree_size, root_hash, signed_tree_head, signature, key_id,"
+            " signed_at, reconciliation, computed_by)"
+            " VALUES (%s, %s, %s, %s, %s, %s::uuid[], %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (round_id) DO NOTHING RETURNING round_id",
+            (round_id, ledger_votes, ledger_votes - total, total, json.dumps(counts),
+             rules.winners(counts), tree.size, tree.root, head, self._signer.sign(head),
+             self._signer.key_id, signed_at, json.dumps(reconciliation),
+             f"results_svc/{self._config.televote_replica}"))
+        if await cursor.fetchone() is None:
+            return False
+        async with connection.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO round_result_leaves (round_id, chunk, leaves) VALUES (%s, %s, %s)",
+                [(round_id, n, b"".join(leaves[i:i + LEAVES_PER_CHUNK]))
+                 for n, i in enumerate(range(0, len(leaves), LEAVES_PER_CHUNK))])
+            if invalid:
+                await cur.executemany(
+                    "INSERT INTO round_result_invalid_votes (round_id, vote_id, reason)"
+                    " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                    [(round_id, vote_id, reason) for vote_id, reason in invalid])
+        _finalized.add(1)
+        log.info("final result stored", extra={"fields": {
+            "round_id": round_id, "total_votes": total, "ledger_votes": ledger_votes,
+            "tree_size": tree.size, "root_hash": tree.root.hex()}})
+        return True
+
+    async def announce(self, round_id: str) -> None:
+        assert self._channel is not None
+        stub = internal_grpc.ShowInternalServiceStub(self._channel)
+        try:
+            await stub.PublishResultsReady(
+                internal.PublishResultsReadyRequest(round_id=round_id),
+                metadata=Principal(Role.INTERNAL, "results_svc").to_metadata(), timeout=5)
+        except grpc.aio.AioRpcError as error:
+            failures = self._announce_backoff.get(round_id, (0, 0.0))[0] + 1
+            delay = min(60.0, 0.5 * 2 ** failures)
+            self._announce_backoff[round_id] = (failures, time.monotonic() + delay)
+            log.warning("PublishResultsReady(%s) failed, retrying in %.0f s: %s", round_id,
+                        delay, error.code().name)
+        else:
+            self._announce_backoff.pop(round_id, None)
+
+    async def tree(self, round_id: str) -> MerkleTree:
+        """The signed tree of a finalized round, from its stored leaves (cached)."""
+        async with self._tree_lock:
+            tree = self._trees.get(round_id)
+            if tree is not None:
+                self._trees.move_to_end(round_id)
+                return tree
+            async with self._storage.pool.connection() as connection:
+                cursor = await connection.execute(
+                    "SELECT leaves FROM round_result_leaves WHERE round_id = %s ORDER BY chunk",
+                    (round_id,))
+                chunks: list[Any] = await cursor.fetchall()
+                blob = b"".join([bytes(r["leaves"]) for r in chunks])
+            tree = MerkleTree([blob[i:i + 32] for i in range(0, len(blob), 32)])
+            self._trees[round_id] = tree
+            while len(self._trees) > self._config.results_cached_trees:
+                self._trees.popitem(last=False)
+            return tree
+
+
+def reconcile(round_id: str, provisional: dict[str, int], ledger: dict[str, int],
+              counted: dict[str, int], invalid: dict[str, str]) -> dict[str, Any]:
+    """Compare the live counters at close with the ledger and the final result; log and
+    measure every difference with its cause.
+
+    Causes: `counter_drift` (live counters against ledger rows: an admission undone in the
+    ledger but not in Redis, a Redis loss or rebuild) and `invalidated` (ledger rows the rules
+    did not count: fraud rejections, window, caps), broken down by reason in the log."""
+    differences = []
+    reasons: dict[str, int] = {}
+    for reason in invalid.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for contestant in sorted(set(provisional) | set(ledger) | set(counted)):
+        live = provisional.get(contestant, 0)
+        in_ledger = ledger.get(contestant, 0)
+        final = counted.get(contestant, 0)
+        if live == final:
+            continue
+        entry = {"contestant_id": contestant, "provisional": live, "ledger": in_ledger,
+                 "final": final, "counter_drift": live - in_ledger,
+                 "invalidated": in_ledger - final}
+        differences.append(entry)
+        if live != in_ledger:
+            _reconciliation.add(abs(live - in_ledger), {"cause": "counter_drift"})
+        if in_ledger != final:
+            _reconciliation.add(in_ledger - final, {"cause": "invalidated"})
+    if differences:
+        log.warning("live counters differ from the final result", extra={"fields": {
+            "round_id": round_id, "differences": differences,
+            "invalidated_rows_by_reason": reasons}})
+    return {"provisional": provisional, "ledger": ledger, "final": counted,
+            "differences": differences, "invalidated_rows_by_reason": reasons}

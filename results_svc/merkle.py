@@ -1,0 +1,99 @@
+"""RFC 6962 / RFC 9162 Merkle trees over a round's vote receipts.
+
+Leaves are hashed `SHA-256(0x00 || leaf_data)` (vote_svc stores that as `votes.receipt_hash`),
+interior nodes `SHA-256(0x01 || left || right)`. For n leaves the RFC splits at k, the largest
+power of two smaller than n; that is the same tree as building it level by level and carrying
+an unpaired last node up unchanged (never duplicated), which is how it is built here.
+The empty tree's hash is SHA-256 of nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+HASH_SIZE = 32
+
+
+def leaf_hash(leaf_data: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + leaf_data).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+class MerkleTree:
+    """All levels of a tree, for its root and any leaf's inclusion proof."""
+
+    def __init__(self, leaf_hashes: Sequence[bytes]) -> None:
+        self.levels: list[list[bytes]] = [list(leaf_hashes)]
+        level = self.levels[0]
+        while len(level) > 1:
+            up = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+            if len(level) % 2:
+                up.append(level[-1])
+            self.levels.append(up)
+            level = up
+
+    @property
+    def size(self) -> int:
+        return len(self.levels[0])
+
+    @property
+    def root(self) -> bytes:
+        if not self.levels[0]:
+            return hashlib.sha256(b"").digest()
+        return self.levels[-1][0]
+
+    def inclusion_proof(self, index: int) -> list[bytes]:
+        """PATH(index, D[n]) of RFC 9162 section 2.1.3.1, from the leaf up."""
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        path = []
+        for level in self.levels[:-1]:
+            sibling = index ^ 1
+            if sibling < len(level):
+                path.append(level[sibling])
+            index //= 2
+        return path
+
+
+def root_of(leaf_hashes: Sequence[bytes]) -> bytes:
+    return MerkleTree(leaf_hashes).root
+
+
+def reference_root(leaf_hashes: Sequence[bytes]) -> bytes:
+    """MTH(D[n]) exactly as RFC 9162 section 2.1.1 writes it (recursive; for tests)."""
+    n = len(leaf_hashes)
+    if n == 0:
+        return hashlib.sha256(b"").digest()
+    if n == 1:
+        return leaf_hashes[0]
+    k = 1
+    while k * 2 < n:
+        k *= 2
+    return node_hash(reference_root(leaf_hashes[:k]), reference_root(leaf_hashes[k:]))
+
+
+def verify_inclusion(leaf: bytes, index: int, tree_size: int, path: Sequence[bytes],
+                     root: bytes) -> bool:
+    """RFC 9162 section 2.1.3.2: does `path` lead from leaf hash `leaf` at `index` to `root`?"""
+    if index >= tree_size or tree_size <= 0:
+        return False
+    fn, sn = index, tree_size - 1
+    r = leaf
+    for p in path:
+        if len(p) != HASH_SIZE or sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and r == root
