@@ -119,3 +119,39 @@ async def read_window(redis: RedisClient, round_id: str, shard: int = 0) -> dict
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+# Closes one shard's copy of a window at the Redis server's own "now" (never later than what
+# it already says) and returns that moment. Reading the clock inside the script makes the
+# close and its time one step: no vote can be admitted in this shard at or after the returned
+# time, which is what lets the caller record a close time that every acknowledged vote
+# precedes.
+_CLOSE_WINDOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  for _, field in ipairs(ARGV) do
+    local close = tonumber(redis.call('HGET', KEYS[1], field))
+    if close == nil or close > now then redis.call('HSET', KEYS[1], field, now) end
+  end
+  redis.call('HSET', KEYS[1], 'state', 'CLOSED')
+end
+return now
+"""
+
+
+async def close_window(redis: RedisClient, round_id: str) -> int:
+    """Close every shard's copy of a round's window now; returns when the last one closed.
+
+    Every vote acknowledged in this round was admitted before the returned time (epoch ms,
+    Redis clock), so it is the close time to record.
+    """
+    script = redis.register_script(_CLOSE_WINDOW)
+    fields = [f"close_{channel}_ms" for channel in CHANNELS]
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard in range(SHARDS):
+            # redis-py queues a script call on a pipeline passed as its client.
+            await script(keys=[window_key(shard, round_id)], args=fields,
+                         client=pipe)  # type: ignore[arg-type]
+        closed_at = await pipe.execute()
+    return max(int(moment) for moment in closed_at)

@@ -503,8 +503,16 @@ class ShowStore:
 
     async def _close_round(self, connection: Connection, published: Published, round_row: Row,
                            now_ms: int, cause: str) -> types.Round:
-        """Close an open round at `now_ms` (or at its own close time, if that came first)."""
-        closed_at = min(ms_to_datetime(now_ms), round_row["lines_close_at"])
+        """Close an open round now (or at its own close time, if that came first).
+
+        Redis is closed first, inside the transaction that holds the episode lock, and the
+        close time recorded is the moment Redis closed: so every vote admission acknowledged
+        lies inside the recorded window and the final result counts it. Should the commit
+        then fail, the round is closed for votes but still OPEN here, and a retry finishes
+        the close: the safe direction for a live show.
+        """
+        redis_closed_ms = await keys.close_window(self._storage.redis, str(round_row["round_id"]))
+        closed_at = min(ms_to_datetime(max(now_ms, redis_closed_ms)), round_row["lines_close_at"])
         round_row = await _one(
             connection,
             "UPDATE rounds SET state = 'CLOSED', closed_at = %s, close_cause = %s"

@@ -60,7 +60,7 @@ async def open_test_round(database_url: str, redis_url: str, *, opens_in_ms: int
                 "INSERT INTO rounds (round_id, episode_id, name, contestant_ids, window_ms,"
                 "  free_vote_cap, visibility, app_close_offset_ms, web_close_offset_ms,"
                 "  sms_close_offset_ms, state, opens_at, closes_at, lines_close_at)"
-                " VALUES (%s, %s, 'Round', %s::uuid[], %s, %s, 'RESULTS_VISIBILITY_LIVE',"
+                " VALUES (%s, %s, 'Round', %s::uuid[], %s, %s, 'RESULTS_VISIBILITY_PUBLIC_COUNTS',"
                 "  %s, %s, %s, 'OPEN', to_timestamp(%s / 1000.0), to_timestamp(%s / 1000.0),"
                 "  to_timestamp(%s / 1000.0))",
                 (round_id, episode_id, contestant_ids, duration_ms, free_cap, offsets["app"],
@@ -81,7 +81,8 @@ async def close_test_round(database_url: str, redis_url: str, test_round: TestRo
     """Close the round now (what CloseVoting does); returns the close time (Redis clock)."""
     redis = create_redis(redis_url)
     try:
-        now = await keys.server_time_ms(redis)
+        # Redis first, as sync_svc does: the recorded close follows every admitted vote.
+        now = await keys.close_window(redis, test_round.round_id)
         async with await psycopg.AsyncConnection.connect(database_url) as connection:
             await connection.execute(
                 "UPDATE rounds SET state = 'CLOSED', closed_at = to_timestamp(%s / 1000.0),"

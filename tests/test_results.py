@@ -67,8 +67,7 @@ async def _finalized_state(stack: Stack, round_id: str, timeout: float = 30) -> 
 
 async def _open(stack: Stack, contestants: int, visibility: str = "PUBLIC_COUNTS",
                 **options: Any) -> TestRound:
-    """A round opened the way vote tests open one, with a visibility sync_svc knows (the
-    shared helper writes RESULTS_VISIBILITY_LIVE, which is not a ResultsVisibility)."""
+    """A round opened the way vote tests open one, with the visibility this test needs."""
     test_round = await open_test_round(stack.database_url, stack.redis_url,
                                        contestants=contestants, **options)
     await _sql(stack, "UPDATE rounds SET visibility = %s WHERE round_id = %s",
