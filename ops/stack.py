@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 import sys
 import time
@@ -148,7 +149,8 @@ class Stack:
 
     def _service_environment(self, state_dir: Path) -> dict[str, str]:
         env = {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
-               "TELEVOTE_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1"}
+               "TELEVOTE_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1",
+               "VOTE_PSEUDONYM_SALT": _secret(state_dir / "pseudonym-salt")}
         env.update({variable: self.target(service)
                     for service, variable in TARGET_VARIABLES.items()})
         env.update(self.settings.service_env)
@@ -228,3 +230,11 @@ class Stack:
             lines.append(f"{service:<33}{replicas}")
         lines.append(f"logs                             {self.settings.state_dir / 'logs'}")
         return "\n".join(lines)
+
+
+def _secret(path: Path) -> str:
+    """A random secret kept in the state directory, made on first use."""
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()

@@ -39,6 +39,8 @@ class ServiceConfig(BaseSettings):
     redis_url: str
     #: Talk to Redis Cluster instead of a single Redis (same keys, same scripts).
     redis_cluster: bool = False
+    #: Connections to Redis per process; callers wait for one when all are busy.
+    redis_max_connections: int = 200
     database_pool_min: int = 1
     database_pool_max: int = 10
 

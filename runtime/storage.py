@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 
 from runtime.config import ServiceConfig
 
@@ -29,11 +29,19 @@ def create_pool(url: str, min_size: int = 1, max_size: int = 10) -> AsyncConnect
         kwargs={"row_factory": dict_row}, name="televote")
 
 
-def create_redis(url: str, cluster: bool = False) -> RedisClient:
-    """A Redis client for a single server or a cluster; hiredis parses replies when installed."""
+def create_redis(url: str, cluster: bool = False, max_connections: int = 200) -> RedisClient:
+    """A Redis client for a single server or a cluster; hiredis parses replies when installed.
+
+    The pool blocks when all its connections are busy: at the close-of-lines peak a burst of
+    requests waits a moment for a connection instead of failing (redis-py's default pool
+    raises MaxConnectionsError past 100).
+    """
     if cluster:
-        return RedisCluster.from_url(url, decode_responses=False)
-    return Redis.from_url(url, decode_responses=False, health_check_interval=30)
+        return RedisCluster.from_url(url, decode_responses=False,
+                                     max_connections=max_connections)
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=5,
+                                           health_check_interval=30)
+    return Redis(connection_pool=pool)
 
 
 @dataclass
@@ -48,7 +56,8 @@ class Storage:
         return cls(
             pool=create_pool(config.database_url, config.database_pool_min,
                              config.database_pool_max),
-            redis=create_redis(config.redis_url, config.redis_cluster),
+            redis=create_redis(config.redis_url, config.redis_cluster,
+                               config.redis_max_connections),
         )
 
     async def connect(self, timeout: float = 30.0) -> None:

@@ -44,5 +44,7 @@ class VoteConfig(ServiceConfig):
     #: that votes admitted before the loss have been committed (or undone). Must exceed the
     #: commit timeout plus the batch interval.
     vote_rebuild_settle_ms: int = 2500
-    #: Salt of the voter pseudonym in receipts (the ledger tree names no user).
-    vote_pseudonym_salt: str = "televote-development-salt"
+    #: Secret salt of the voter pseudonym in receipts (the ledger tree names no user). No
+    #: default: a salt anyone can read would let anyone find a user's votes in an export.
+    #: `televote up` keeps a random one in its state directory.
+    vote_pseudonym_salt: str
