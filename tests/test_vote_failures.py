@@ -156,7 +156,9 @@ async def test_a_replica_killed_under_load_loses_no_acknowledged_vote(
                                           tmp_path, env={
             "DATABASE_URL": stack.database_url, "REDIS_URL": stack.redis_url,
             "TELEVOTE_PORT": str(port), "TELEVOTE_REPLICA": name, "FRAUD_TARGET": "",
-            "VOTE_LEASE_MS": "1500", "TELEVOTE_DRAIN_ANNOUNCE_SECONDS": "0"}))
+            "VOTE_LEASE_MS": "1500", "TELEVOTE_DRAIN_ANNOUNCE_SECONDS": "0",
+            # The mesh's own salt, so these replicas' receipts match the others'.
+            "VOTE_PSEUDONYM_SALT": (stack.settings.state_dir / "pseudonym-salt").read_text()}))
         targets.append(f"127.0.0.1:{port}")
     channels = [grpc.aio.insecure_channel(target) for target in targets]
     try:
