@@ -30,6 +30,7 @@ async def test_every_vote_acknowledged_before_a_close_is_inside_the_recorded_win
     votes = stub(edge_channel)
     acknowledged: list[str] = []
     closing = asyncio.Event()
+    flowing = asyncio.Event()
 
     async def keep_voting(user: int) -> None:
         metadata = voter(stack, f"racer-{user}")
@@ -39,13 +40,19 @@ async def test_every_vote_acknowledged_before_a_close_is_inside_the_recorded_win
                     vote_request(test_round, contestant=attempt % 2), metadata=metadata,
                     timeout=10)
                 acknowledged.append(reply.vote_id)
+                if len(acknowledged) >= 20:
+                    flowing.set()
             except grpc.aio.AioRpcError:
                 if closing.is_set():
                     return  # closed (or out of free votes): stop
+                if attempt > 150:
+                    return
             await asyncio.sleep(0.01)
 
     voters = [asyncio.create_task(keep_voting(user)) for user in range(40)]
-    await asyncio.sleep(0.3)
+    # Close while votes are flowing (a fresh mesh may refuse for a moment while vote_svc
+    # readies its Redis shards).
+    await asyncio.wait_for(flowing.wait(), 30)
     closing.set()
     await operator.call("CloseVoting", round_id=round_id)
     await asyncio.gather(*voters)
