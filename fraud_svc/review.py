@@ -7,6 +7,7 @@ import binascii
 import ipaddress
 import json
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -144,6 +145,18 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         self._state = state
         self._blocklist = blocklist
 
+    async def _page(self, sql: str, params: list[Any], size: int,
+                    position: Callable[[dict[str, Any]], list[Any]],
+                    ) -> tuple[list[dict[str, Any]], str]:
+        """One page of a keyset-paginated listing (`sql` ends in ORDER BY ... LIMIT %s), and
+        the token of the next page ("" on the last): `position` names the last row's place."""
+        async with self._pool.connection() as conn:
+            rows: list[dict[str, Any]] = await (
+                await conn.execute(sql, [*params, size + 1])).fetchall()
+        if len(rows) <= size:
+            return rows, ""
+        return rows[:size], _encode_token(position(rows[size - 1]))
+
     async def ListReviews(self, request: pb.ListReviewsRequest,
                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListReviewsResponse:
         size = _page_size(request.page_size)
@@ -167,14 +180,9 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                 raise invalid_argument(FieldViolation("page_token", "not a token this RPC issued"))
             where.append("r.seq > %s")
             params.append(after[0])
-        async with self._pool.connection() as conn:
-            rows = await (await conn.execute(
-                f"SELECT {_REVIEW_COLUMNS} FROM fraud_reviews r WHERE {' AND '.join(where)}"
-                " ORDER BY r.seq LIMIT %s", [*params, size + 1])).fetchall()
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = _encode_token([int(rows[-1]["seq"])])
+        rows, token = await self._page(
+            f"SELECT {_REVIEW_COLUMNS} FROM fraud_reviews r WHERE {' AND '.join(where)}"
+            " ORDER BY r.seq LIMIT %s", params, size, lambda last: [int(last["seq"])])
         return pb.ListReviewsResponse(reviews=[_review(r) for r in rows], next_page_token=token)
 
     async def ResolveReview(self, request: pb.ResolveReviewRequest,
@@ -372,16 +380,10 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         if after is not None:
             where.append("(created_at, block_id) < (%s::timestamptz, %s::uuid)")
             params += after
-        async with self._pool.connection() as conn:
-            rows = await (await conn.execute(
-                f"SELECT * FROM fraud_blocks WHERE {' AND '.join(where)}"
-                " ORDER BY created_at DESC, block_id DESC LIMIT %s",
-                [*params, size + 1])).fetchall()
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = _encode_token([rows[-1]["created_at"].isoformat(),
-                                   str(rows[-1]["block_id"])])
+        rows, token = await self._page(
+            f"SELECT * FROM fraud_blocks WHERE {' AND '.join(where)}"
+            " ORDER BY created_at DESC, block_id DESC LIMIT %s", params, size,
+            lambda last: [last["created_at"].isoformat(), str(last["block_id"])])
         return pb.ListBlocksResponse(blocks=[_block(r) for r in rows], next_page_token=token)
 
     async def ListAuditEntries(self, request: pb.ListAuditEntriesRequest,
@@ -418,14 +420,10 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                 raise invalid_argument(FieldViolation("page_token", "not a token this RPC issued"))
             where.append("audit_id < %s")
             params.append(after[0])
-        async with self._pool.connection() as conn:
-            rows = await (await conn.execute(
-                f"SELECT * FROM audit_log WHERE {' AND '.join(where)}"
-                " ORDER BY audit_id DESC LIMIT %s", [*params, size + 1])).fetchall()
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = _encode_token([int(rows[-1]["audit_id"])])
+        rows, token = await self._page(
+            f"SELECT * FROM audit_log WHERE {' AND '.join(where)}"
+            " ORDER BY audit_id DESC LIMIT %s", params, size,
+            lambda last: [int(last["audit_id"])])
         return pb.ListAuditEntriesResponse(entries=[_entry(r) for r in rows],
                                            next_page_token=token)
 
