@@ -79,8 +79,7 @@ def _route(prefix_or_path: dict[str, str], cluster: str, timeout: str) -> dict[s
 
 
 def _role_principal(role: Role) -> dict[str, Any]:
-    if role is Role.ANONYMOUS:
-        return {"any": True}
+    """Callers whose verified token carries `role` (anonymous callers have no token)."""
     return {"sourced_metadata": {"metadata_matcher": {
         "filter": "envoy.filters.http.jwt_authn",
         "path": [{"key": "jwt_payload"}, {"key": "role"}],
