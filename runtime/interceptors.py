@@ -4,7 +4,9 @@ It wraps each handler so that
 - the caller's Principal (from the edge's verified claims) is in a contextvar for the handler,
 - a role outside the access table is refused with PERMISSION_DENIED before the handler runs,
 - an ApiError raised anywhere below becomes the rich google.rpc.Status it describes,
-- any other exception is logged with its trace and answered INTERNAL without leaking details.
+- any other exception is logged with its trace and answered INTERNAL without leaking details,
+- the call is one OpenTelemetry server span (parent from the caller's `traceparent`), with the
+  gRPC status code the caller saw.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
 
 from runtime.access import ANONYMOUS, SERVICE_ROLES, Principal, Role, allowed
 from runtime.errors import ApiError
 
 log = logging.getLogger(__name__)
+
+_tracer = trace.get_tracer("televote.rpc")
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar(
     "principal", default=ANONYMOUS)
@@ -31,15 +37,27 @@ def current_principal() -> Principal:
     return _principal.get()
 
 
-async def _refuse(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], error: Exception,
+                  span: trace.Span) -> None:
     if isinstance(error, NotImplementedError):
         # The generated base servicer's answer for an RPC whose issue has not landed yet.
         error = ApiError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED",
                          "this RPC is not implemented yet")
     if isinstance(error, ApiError):
+        span.set_attribute("rpc.grpc.status_code", error.code.value[0])
         await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
     log.exception("unhandled error in handler")
+    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.INTERNAL.value[0])
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+def _span(method: str, metadata: dict[str, str]) -> Any:
+    """The server span of one call, a child of the caller's trace when it sent one."""
+    service, _, name = method.lstrip("/").partition("/")
+    return _tracer.start_as_current_span(
+        method.lstrip("/"), context=propagate.extract(metadata), kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        record_exception=False, set_status_on_exception=False)
 
 
 def _admit(method: str, metadata: dict[str, str],
@@ -78,59 +96,63 @@ class ServiceInterceptor(_Interceptor):
             return handler
         metadata = {key: value for key, value in handler_call_details.invocation_metadata or ()
                     if isinstance(value, str)}
-        admission = _admit(handler_call_details.method, metadata, self._table)
+        method = handler_call_details.method
+        admission = _admit(method, metadata, self._table)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, admission),
+                _unary(handler.unary_unary, admission, method, metadata),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _streaming(handler.unary_stream, admission),
+                _streaming(handler.unary_stream, admission, method, metadata),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _unary(handler.stream_unary, admission),
+                _unary(handler.stream_unary, admission, method, metadata),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
-            _streaming(handler.stream_stream, admission),
+            _streaming(handler.stream_stream, admission, method, metadata),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
 
-def _unary(behaviour: Callable[..., Any], admission: Principal | ApiError) -> Callable[..., Any]:
+def _unary(behaviour: Callable[..., Any], admission: Principal | ApiError, method: str,
+           metadata: dict[str, str]) -> Callable[..., Any]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            if isinstance(admission, ApiError):
-                raise admission
-            _principal.set(admission)
-            return await behaviour(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:
-            await _refuse(context, error)
+        with _span(method, metadata) as span:
+            try:
+                if isinstance(admission, ApiError):
+                    raise admission
+                _principal.set(admission)
+                return await behaviour(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                await _refuse(context, error, span)
     return handle
 
 
-def _streaming(behaviour: Callable[..., Any],
-               admission: Principal | ApiError) -> Callable[..., AsyncIterator[Any]]:
+def _streaming(behaviour: Callable[..., Any], admission: Principal | ApiError, method: str,
+               metadata: dict[str, str]) -> Callable[..., AsyncIterator[Any]]:
     async def handle(request: Any,
                      context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        try:
-            if isinstance(admission, ApiError):
-                raise admission
-            _principal.set(admission)
-            result = behaviour(request, context)
-            if inspect.isasyncgen(result):
-                async for response in result:
-                    yield response
-            else:  # a handler that writes with context.write() and returns
-                await result
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:
-            await _refuse(context, error)
+        with _span(method, metadata) as span:
+            try:
+                if isinstance(admission, ApiError):
+                    raise admission
+                _principal.set(admission)
+                result = behaviour(request, context)
+                if inspect.isasyncgen(result):
+                    async for response in result:
+                        yield response
+                else:  # a handler that writes with context.write() and returns
+                    await result
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                await _refuse(context, error, span)
     return handle

@@ -157,7 +157,7 @@ async def test_calls_are_traced_and_logs_carry_the_trace_id() -> None:
         if process.returncode is None:
             process.kill()
     spans = stdout.decode()
-    assert SLEEP_METHOD in spans
+    assert f"\"name\": \"{SLEEP_METHOD.lstrip('/')}\"" in spans
     logs = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
     slept = next(entry for entry in logs if entry["message"] == "slept")
     assert slept["service"] == "slow_test_svc"
