@@ -1,15 +1,43 @@
-"""The vote package catalogue, read from PostgreSQL (migrations seed the defaults)."""
+"""The vote package catalogue, read from PostgreSQL (migrations seed the defaults).
+
+Every app opens its store screen with ListVotePackages, most of them in the minutes a round is
+open, and the catalogue changes between shows, not between seconds: it is read at most once per
+CATALOGUE_TTL_S per process, and concurrent callers share that one read.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 from runtime.storage import Storage
 from televote.vote.v1 import vote_service_pb2, vote_types_pb2
 
+CATALOGUE_TTL_S = 10.0
 
-async def list_packages(storage: Storage) -> list[vote_service_pb2.VotePackage]:
-    """The packages on sale, cheapest first."""
+
+class PackageCatalogue:
+    """The packages on sale, cheapest first, cached for CATALOGUE_TTL_S."""
+
+    def __init__(self, storage: Storage, ttl_s: float = CATALOGUE_TTL_S) -> None:
+        self._storage = storage
+        self._ttl_s = ttl_s
+        self._packages: list[vote_service_pb2.VotePackage] = []
+        self._read_at = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def packages(self) -> list[vote_service_pb2.VotePackage]:
+        if time.monotonic() - self._read_at < self._ttl_s:
+            return self._packages
+        async with self._lock:  # one read for everyone who arrived while it was stale
+            if time.monotonic() - self._read_at >= self._ttl_s:
+                self._packages = await _read_packages(self._storage)
+                self._read_at = time.monotonic()
+        return self._packages
+
+
+async def _read_packages(storage: Storage) -> list[vote_service_pb2.VotePackage]:
     async with storage.pool.connection() as connection:
         cursor = await connection.execute(
             "SELECT package_id, display_name, votes, bonus_votes, price_micros, currency_code,"

@@ -30,7 +30,7 @@ from vote_svc.config import VoteConfig
 from vote_svc.fraud import FraudScorer
 from vote_svc.ingest import Ingestor, Result, VoteRequest
 from vote_svc.ledger import Ledger
-from vote_svc.packages import list_packages
+from vote_svc.packages import PackageCatalogue
 from vote_svc.validation import check_vote, client_ip, is_uuid, normalise_uuid
 from vote_svc.wallet import balance, grant_votes
 
@@ -45,6 +45,7 @@ class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
     def __init__(self, storage: Storage, ingestor: Ingestor) -> None:
         self._storage = storage
         self._ingestor = ingestor
+        self._catalogue = PackageCatalogue(storage)
 
     async def SubmitVote(self, request: vote_service_pb2.SubmitVoteRequest,
                          context: grpc.aio.ServicerContext[Any, Any],
@@ -81,7 +82,7 @@ class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
     async def ListVotePackages(self, request: vote_service_pb2.ListVotePackagesRequest,
                                context: Any) -> vote_service_pb2.ListVotePackagesResponse:
         return vote_service_pb2.ListVotePackagesResponse(
-            packages=await list_packages(self._storage))
+            packages=await self._catalogue.packages())
 
 
 class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServicer):
