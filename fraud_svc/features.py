@@ -95,6 +95,16 @@ def model_inputs(history: History, ip: IpInfo, country: str | None, foreign: boo
     ]
 
 
+@dataclass(frozen=True)
+class Policy:
+    """A show's own fraud policy (fraud_policies), in place of the deployment's defaults."""
+
+    show_id: str
+    block_threshold: float
+    review_threshold: float
+    allowed_countries: frozenset[str]
+
+
 class Scorer:
     """Turns a vote's facts and state into a verdict, by the configured weights."""
 
@@ -104,8 +114,15 @@ class Scorer:
         self.allowed = frozenset(config.fraud_allowed_countries)
 
     def score(self, facts: Facts, history: History, ip: IpInfo,
-              traveller: bool = False, blocked_by: str | None = None) -> Verdict:
+              traveller: bool = False, blocked_by: str | None = None,
+              policy: Policy | None = None) -> Verdict:
+        """The verdict on one vote; `policy` is its show's fraud policy, if it has one (the
+        deployment's thresholds and allowed countries otherwise)."""
         c = self.config
+        allowed = self.allowed if policy is None else policy.allowed_countries
+        block_threshold = c.fraud_block_threshold if policy is None else policy.block_threshold
+        review_threshold = (c.fraud_review_threshold if policy is None
+                            else policy.review_threshold)
         if blocked_by is not None or history.blocked:
             detail = blocked_by or "user flagged"
             return Verdict("BLOCK", 1.0, [Reason("blocklist", 1.0, detail)],
@@ -131,7 +148,9 @@ class Scorer:
                           f"VPN/proxy/hosting network {ip.network}"))
         country = facts.country_hint.upper() or ip.country
         inputs["country"] = country
-        foreign = country is not None and country not in self.allowed
+        foreign = country is not None and country not in allowed
+        if policy is not None:
+            inputs["policy_show_id"] = policy.show_id
         if foreign and traveller:
             inputs["traveller_exemption"] = True
         elif foreign:
@@ -169,9 +188,9 @@ class Scorer:
             if added > 0:
                 reasons.append(Reason(name, added, detail))
         score = 1.0 - clean
-        if score > c.fraud_block_threshold:
+        if score > block_threshold:
             action = "BLOCK"
-        elif score > c.fraud_review_threshold:
+        elif score > review_threshold:
             action = "REVIEW"
         else:
             action = "ALLOW"

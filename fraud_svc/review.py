@@ -6,13 +6,15 @@ import base64
 import binascii
 import ipaddress
 import json
+import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 from psycopg import errors as pg_errors
 
 from fraud_svc.state import FeatureState
@@ -26,6 +28,7 @@ from fraud_svc.store import (
     write_audit,
 )
 from runtime.errors import ApiError, FieldViolation, invalid_argument
+from runtime.idempotency import once, require_request_id
 from runtime.interceptors import current_principal
 from televote.fraud.v1 import (
     fraud_review_service_pb2 as pb,
@@ -36,8 +39,11 @@ from televote.fraud.v1 import (
 )
 
 DEFAULT_PAGE = 50
+MAX_COUNTRIES = 50
 MAX_PAGE = 1_000
 MAX_VALUE = 128
+
+ResponseT = TypeVar("ResponseT", bound=Message)
 
 _STATES = {"PENDING": fraud_types_pb2.REVIEW_STATE_PENDING,
            "APPROVED": fraud_types_pb2.REVIEW_STATE_APPROVED,
@@ -126,6 +132,29 @@ def normalize_block_value(kind: str, value: str) -> str:
     if len(value) > MAX_VALUE:
         raise invalid_argument(FieldViolation("value", f"longer than {MAX_VALUE} chars"))
     return value
+
+
+async def refuse_if_finalized(conn: Conn, round_id: str) -> None:
+    """ROUND_FINALIZED once the round's final result is stored: it can no longer change.
+
+    Takes the round's finalization lock (results_svc/final.py holds it while it recounts) for
+    the rest of the caller's transaction, so a verdict either commits before a recount
+    starts, and is counted, or finds the result stored and changes nothing.
+    """
+    try:
+        round_id = str(uuid.UUID(round_id))  # the key results_svc locks: the canonical text
+    except ValueError:
+        return  # not a round of the ledger (rounds are UUIDs): nothing to finalize
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('televote.results:' || %s))",
+                       [round_id])
+    final = await (await conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM round_results WHERE round_id = %s::uuid)"
+        " OR EXISTS (SELECT 1 FROM rounds WHERE round_id = %s::uuid AND state = 'FINALIZED')"
+        " AS final", [round_id, round_id])).fetchone()
+    if final is not None and final["final"]:
+        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "ROUND_FINALIZED",
+                       f"the final result of round {round_id} is published; its votes can no"
+                       " longer change", metadata={"round_id": round_id})
 
 
 _REVIEW_COLUMNS = """
@@ -218,12 +247,17 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                 original = await self._fetch_review(conn, review_id)
                 return pb.ResolveReviewResponse(
                     review=_review(original), affected_votes=original["affected_votes"] or 0)
+            round_row = await (await conn.execute(
+                "SELECT round_id FROM fraud_reviews WHERE review_id = %s",
+                [review_id])).fetchone()
+            if round_row is None:
+                raise ApiError(grpc.StatusCode.NOT_FOUND, "REVIEW_NOT_FOUND",
+                               f"no review {review_id}")
+            await refuse_if_finalized(conn, str(round_row["round_id"]))
             row = await (await conn.execute(
                 "SELECT * FROM fraud_reviews WHERE review_id = %s FOR UPDATE",
                 [review_id])).fetchone()
-            if row is None:
-                raise ApiError(grpc.StatusCode.NOT_FOUND, "REVIEW_NOT_FOUND",
-                               f"no review {review_id}")
+            assert row is not None  # reviews are never deleted
             if row["state"] != "PENDING":
                 raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "REVIEW_ALREADY_RESOLVED",
                                f"review {review_id} is already {row['state'].lower()}")
@@ -426,6 +460,207 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
             lambda last: [int(last["audit_id"])])
         return pb.ListAuditEntriesResponse(entries=[_entry(r) for r in rows],
                                            next_page_token=token)
+
+
+    # -- traveller exemptions ------------------------------------------------------------
+
+    async def GrantTravellerExemption(
+            self, request: pb.GrantTravellerExemptionRequest,
+            context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.GrantTravellerExemptionResponse:
+        problems = []
+        user_id = request.user_id.strip()
+        if not 1 <= len(user_id) <= MAX_VALUE or not user_id.isprintable():
+            problems.append(FieldViolation("user_id", f"1 to {MAX_VALUE} printable chars"))
+        countries: list[str] = []
+        if len(request.countries) > MAX_COUNTRIES:
+            problems.append(FieldViolation("countries", f"at most {MAX_COUNTRIES}"))
+        for index, code in enumerate(request.countries):
+            if len(code) != 2 or not code.isascii() or not code.isalpha():
+                problems.append(FieldViolation(f"countries[{index}]",
+                                               "not an ISO 3166-1 alpha-2 code"))
+            elif code.upper() not in countries:
+                countries.append(code.upper())
+        expire_at: datetime | None = None
+        if not request.HasField("expire_time"):
+            problems.append(FieldViolation("expire_time", "required"))
+        else:
+            expire_at = request.expire_time.ToDatetime(tzinfo=UTC)
+            if expire_at <= datetime.now(UTC):
+                problems.append(FieldViolation("expire_time", "in the past"))
+        note = request.note.strip()
+        if not 1 <= len(note) <= 500:
+            problems.append(FieldViolation("note", "1 to 500 chars required"))
+        if problems:
+            raise invalid_argument(*problems)
+        require_request_id(request.request_id)
+        actor = current_principal().subject
+
+        async def grant(conn: Conn) -> pb.GrantTravellerExemptionResponse:
+            row = await (await conn.execute(
+                "INSERT INTO fraud_travellers (user_id, countries, expire_at, created_by, reason)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id) DO UPDATE SET"
+                " countries = excluded.countries, expire_at = excluded.expire_at,"
+                " created_by = excluded.created_by, created_at = now(),"
+                " reason = excluded.reason RETURNING *",
+                [user_id, countries or None, expire_at, actor, note])).fetchone()
+            assert row is not None
+            await write_audit(conn, [AuditRecord(
+                actor_role="operator", actor=actor, action="traveller.grant",
+                target_id=user_id, reason=note, user_id=user_id,
+                request_id=request.request_id, attributes={
+                    "countries": countries or "anywhere",
+                    "expire_time": expire_at.isoformat() if expire_at else ""})])
+            return pb.GrantTravellerExemptionResponse(exemption=_traveller(row))
+
+        response = await self._once("GrantTravellerExemption", request.request_id, request,
+                                    pb.GrantTravellerExemptionResponse, grant)
+        await self._blocklist.reload()
+        return response
+
+    async def RevokeTravellerExemption(
+            self, request: pb.RevokeTravellerExemptionRequest,
+            context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.RevokeTravellerExemptionResponse:
+        if not request.user_id:
+            raise invalid_argument(FieldViolation("user_id", "required"))
+        require_request_id(request.request_id)
+        actor = current_principal().subject
+
+        async def revoke(conn: Conn) -> pb.RevokeTravellerExemptionResponse:
+            row = await (await conn.execute(
+                "DELETE FROM fraud_travellers WHERE user_id = %s RETURNING *",
+                [request.user_id])).fetchone()
+            if row is None:
+                raise ApiError(grpc.StatusCode.NOT_FOUND, "TRAVELLER_NOT_FOUND",
+                               f"{request.user_id} has no traveller exemption")
+            await write_audit(conn, [AuditRecord(
+                actor_role="operator", actor=actor, action="traveller.revoke",
+                target_id=request.user_id, reason=f"revoke exemption of {request.user_id}",
+                user_id=request.user_id, request_id=request.request_id, attributes={
+                    "countries": row["countries"] or "anywhere",
+                    "expire_time": row["expire_at"].isoformat() if row["expire_at"] else "",
+                    "granted_by": row["created_by"], "note": row["reason"]})])
+            return pb.RevokeTravellerExemptionResponse(exemption=_traveller(row))
+
+        response = await self._once("RevokeTravellerExemption", request.request_id, request,
+                                    pb.RevokeTravellerExemptionResponse, revoke)
+        await self._blocklist.reload()
+        return response
+
+    async def ListTravellerExemptions(
+            self, request: pb.ListTravellerExemptionsRequest,
+            context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.ListTravellerExemptionsResponse:
+        size = _page_size(request.page_size)
+        after = _decode_token(request.page_token, 1)
+        where = ["(expire_at IS NULL OR expire_at > now())"]
+        params: list[Any] = []
+        if after is not None:
+            if not isinstance(after[0], str):
+                raise invalid_argument(FieldViolation("page_token", "not a token this RPC issued"))
+            where.append("user_id > %s")
+            params.append(after[0])
+        rows, token = await self._page(
+            f"SELECT * FROM fraud_travellers WHERE {' AND '.join(where)}"
+            " ORDER BY user_id LIMIT %s", params, size, lambda last: [last["user_id"]])
+        return pb.ListTravellerExemptionsResponse(
+            exemptions=[_traveller(r) for r in rows], next_page_token=token)
+
+    # -- per-show fraud policy -----------------------------------------------------------
+
+    async def SetFraudPolicy(self, request: pb.SetFraudPolicyRequest,
+                             context: grpc.aio.ServicerContext[Any, Any],
+                             ) -> pb.SetFraudPolicyResponse:
+        problems = []
+        show_id = ""
+        try:
+            show_id = str(uuid.UUID(request.show_id))
+        except ValueError:
+            problems.append(FieldViolation("show_id", "must be a show id (UUID)"))
+        block, review = request.block_threshold, request.review_threshold
+        if not (math.isfinite(block) and math.isfinite(review)
+                and 0 < review <= block <= 1):
+            problems.append(FieldViolation(
+                "review_threshold", "need 0 < review_threshold <= block_threshold <= 1"))
+        countries: list[str] = []
+        if not 1 <= len(request.allowed_countries) <= MAX_COUNTRIES:
+            problems.append(FieldViolation("allowed_countries", f"1 to {MAX_COUNTRIES} required"))
+        for index, code in enumerate(request.allowed_countries):
+            if len(code) != 2 or not code.isascii() or not code.isalpha():
+                problems.append(FieldViolation(f"allowed_countries[{index}]",
+                                               "not an ISO 3166-1 alpha-2 code"))
+            elif code.upper() not in countries:
+                countries.append(code.upper())
+        note = request.note.strip()
+        if len(note) > 500:
+            problems.append(FieldViolation("note", "longer than 500 chars"))
+        if problems:
+            raise invalid_argument(*problems)
+        require_request_id(request.request_id)
+        actor = current_principal().subject
+
+        async def set_policy(conn: Conn) -> pb.SetFraudPolicyResponse:
+            show = await (await conn.execute("SELECT 1 FROM shows WHERE show_id = %s",
+                                             [show_id])).fetchone()
+            if show is None:
+                raise ApiError(grpc.StatusCode.NOT_FOUND, "SHOW_NOT_FOUND", f"no show {show_id}")
+            row = await (await conn.execute(
+                "INSERT INTO fraud_policies (show_id, block_threshold, review_threshold,"
+                " allowed_countries, note, updated_by) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (show_id) DO UPDATE SET block_threshold = excluded.block_threshold,"
+                " review_threshold = excluded.review_threshold,"
+                " allowed_countries = excluded.allowed_countries, note = excluded.note,"
+                " updated_by = excluded.updated_by, updated_at = now() RETURNING *",
+                [show_id, block, review, countries, note, actor])).fetchone()
+            assert row is not None
+            await write_audit(conn, [AuditRecord(
+                actor_role="operator", actor=actor, action="policy.set", target_id=show_id,
+                reason=note, request_id=request.request_id, attributes={
+                    "show_id": show_id, "block_threshold": block, "review_threshold": review,
+                    "allowed_countries": countries})])
+            return pb.SetFraudPolicyResponse(policy=_policy(row))
+
+        response = await self._once("SetFraudPolicy", request.request_id, request,
+                                    pb.SetFraudPolicyResponse, set_policy)
+        await self._blocklist.reload()
+        return response
+
+    async def GetFraudPolicy(self, request: pb.GetFraudPolicyRequest,
+                             context: grpc.aio.ServicerContext[Any, Any],
+                             ) -> pb.GetFraudPolicyResponse:
+        show_id = _uuid(request.show_id, "show_id")
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute("SELECT * FROM fraud_policies WHERE show_id = %s",
+                                            [show_id])).fetchone()
+        if row is None:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, "FRAUD_POLICY_NOT_FOUND",
+                           f"show {show_id} has no fraud policy: the defaults apply")
+        return pb.GetFraudPolicyResponse(policy=_policy(row))
+
+    async def _once(self, method: str, request_id: str, request: Any,
+                    response_type: type[ResponseT],
+                    perform: Callable[[Conn], Awaitable[ResponseT]]) -> ResponseT:
+        """`perform` once per request id (runtime/idempotency.py), in one transaction with
+        its audit entry; a refusal it raises changes nothing and is not remembered."""
+        async with self._pool.connection() as conn, conn.transaction():
+            return await once(conn, f"televote.fraud.v1.FraudReviewService/{method}",
+                              request_id, request, response_type, lambda: perform(conn))
+
+
+def _policy(row: dict[str, Any]) -> fraud_types_pb2.FraudPolicy:
+    return fraud_types_pb2.FraudPolicy(
+        show_id=str(row["show_id"]), block_threshold=row["block_threshold"],
+        review_threshold=row["review_threshold"],
+        allowed_countries=list(row["allowed_countries"]), note=row["note"],
+        updated_by=row["updated_by"], update_time=_ts(row["updated_at"]))
+
+
+def _traveller(row: dict[str, Any]) -> fraud_types_pb2.TravellerExemption:
+    return fraud_types_pb2.TravellerExemption(
+        user_id=row["user_id"], countries=list(row["countries"] or []),
+        expire_time=_ts(row["expire_at"]), note=row["reason"], granted_by=row["created_by"],
+        grant_time=_ts(row["created_at"]))
 
 
 def _entry(row: dict[str, Any]) -> fraud_types_pb2.AuditEntry:

@@ -172,14 +172,16 @@ class FraudScoringServicer(fraud_scoring_service_pb2_grpc.FraudScoringServiceSer
         blocklist = self._blocklist.current
         lookup, score = self._intel.lookup, self._scorer.score
         is_traveller, match = blocklist.is_traveller, blocklist.match
+        policies = blocklist.policies  # per-show fraud policies, by round (store.py)
         verdicts = []
-        for fact, history in zip(facts, histories, strict=True):
+        for fact, history, vote in zip(facts, histories, votes, strict=True):
             ip = lookup(fact.ip) if fact.ip else _NO_IP
             country = fact.country_hint.upper() or ip.country
             verdicts.append(score(
                 fact, history, ip,
                 traveller=is_traveller(fact.user_id, country) if blocklist.travellers else False,
-                blocked_by=match(fact.user_id, fact.device_id, fact.ip)))
+                blocked_by=match(fact.user_id, fact.device_id, fact.ip),
+                policy=policies.get(vote.round_id) if policies else None))
         return verdicts
 
     async def _record(self, votes: Any, verdicts: list[Verdict]) -> dict[int, str]:

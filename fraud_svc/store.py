@@ -1,4 +1,4 @@
-"""fraud_svc's PostgreSQL side: the blocklist cache, travellers, and the audit log.
+"""fraud_svc's PostgreSQL side: the blocklist cache, travellers, show policies, the audit log.
 
 Blocks and traveller exemptions are read on every vote, so each replica keeps them in memory
 and reloads them every `fraud_refresh_seconds` (and at once after its own changes). User
@@ -20,6 +20,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from fraud_svc.features import Policy
 from fraud_svc.geoip import IPNetwork, parse_ip
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class Blocklist:
     networks: list[tuple[IPNetwork, str]] = field(default_factory=list)
     #: user id -> allowed countries (None: anywhere).
     travellers: dict[str, frozenset[str] | None] = field(default_factory=dict)
+    #: round id -> its show's fraud policy (rounds not yet finalized of shows that have one).
+    policies: dict[str, Policy] = field(default_factory=dict)
 
     def match(self, user_id: str, device_id: str, ip: str) -> str | None:
         """A description of the block that applies to the vote, if any."""
@@ -106,6 +109,11 @@ class BlocklistCache:
             travellers = await (await conn.execute(
                 "SELECT user_id, countries FROM fraud_travellers"
                 " WHERE expire_at IS NULL OR expire_at > now()")).fetchall()
+            policies = await (await conn.execute(
+                "SELECT r.round_id::text AS round_id, p.show_id::text AS show_id,"
+                " p.block_threshold, p.review_threshold, p.allowed_countries"
+                " FROM fraud_policies p JOIN episodes e USING (show_id)"
+                " JOIN rounds r USING (episode_id) WHERE r.state <> 'FINALIZED'")).fetchall()
         for row in rows:
             kind, value, reason = str(row["kind"]), str(row["value"]), str(row["reason"])
             if kind == "USER":
@@ -120,6 +128,11 @@ class BlocklistCache:
             countries = row["countries"]
             fresh.travellers[str(row["user_id"])] = (
                 None if countries is None else frozenset(str(c).upper() for c in countries))
+        for row in policies:
+            fresh.policies[str(row["round_id"])] = Policy(
+                str(row["show_id"]), float(row["block_threshold"]),
+                float(row["review_threshold"]),
+                frozenset(str(c).upper() for c in row["allowed_countries"]))
         self.current = fresh
 
     async def stop(self) -> None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import signal
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +71,8 @@ class Stack:
     _infra: list[Child] = field(default_factory=list)
     _services: list[Child] = field(default_factory=list)
     _edge: Child | None = None
+    #: Extra environment per service (fraud_svc's development GeoIP database).
+    _service_extra: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def edge_target(self) -> str:
@@ -93,6 +97,8 @@ class Stack:
             applied = await asyncio.to_thread(migrate, self.database_url)
             log.info("migrations applied: %s", applied or "none pending")
             jwks = tokens.ensure_signing_key(state_dir)
+            self._service_extra["fraud_svc"] = await asyncio.to_thread(
+                dev_geoip_environment, state_dir, {**os.environ, **self.settings.service_env})
 
             for service in SERVICES:
                 count = self.settings.replicas.get(service, 1)
@@ -122,8 +128,9 @@ class Stack:
     async def _spawn_replica(self, service: str, replica: int) -> Child:
         state_dir = self.settings.state_dir.resolve()
         host, port = self.addresses[service][replica]
-        env = {**self._service_environment(state_dir), "TELEVOTE_HOST": host,
-               "TELEVOTE_PORT": str(port), "TELEVOTE_REPLICA": str(replica)}
+        env = {**self._service_environment(state_dir), **self._service_extra.get(service, {}),
+               "TELEVOTE_HOST": host, "TELEVOTE_PORT": str(port),
+               "TELEVOTE_REPLICA": str(replica)}
         return await Child.spawn(f"{service}-{replica}", [sys.executable, "-m", service],
                                  state_dir / "logs", env=env)
 
@@ -230,6 +237,28 @@ class Stack:
             lines.append(f"{service:<33}{replicas}")
         lines.append(f"logs                             {self.settings.state_dir / 'logs'}")
         return "\n".join(lines)
+
+
+def dev_geoip_environment(state_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """fraud_svc's GeoIP database for a local mesh: FRAUD_GEOIP_DB when it is configured
+    (production, or a real GeoLite2 file), else a development database of the synthetic
+    network plan (fraud_svc/devgeo.py), written into the state directory on first start, so
+    country, location and VPN/hosting signals are scored for real. Without the dev extra
+    (mmdb-writer) there is none and those signals say unknown, as fraud_svc logs."""
+    if environ.get("FRAUD_GEOIP_DB"):
+        return {}
+    path = state_dir / "dev-geoip.mmdb"
+    if not path.exists():
+        try:
+            from fraud_svc.devgeo import write_database
+            partial = path.with_suffix(".partial")
+            write_database(partial)
+            partial.replace(path)  # never a half-written database at the final path
+        except ImportError:
+            log.warning("no development GeoIP database (install the dev extra, or set "
+                        "FRAUD_GEOIP_DB)")
+            return {}
+    return {"FRAUD_GEOIP_DB": str(path)}
 
 
 def _secret(path: Path) -> str:

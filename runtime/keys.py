@@ -66,6 +66,17 @@ def idempotency_key(shard: int, user_id: str, request_id: str) -> str:
     return f"tv:{tag(shard)}:idem:{user_id}:{request_id}"
 
 
+def pending_key(shard: int) -> str:
+    """The shard's admissions waiting for their ledger commit (a sorted set, vote_svc's).
+
+    Member `vote_id|round_id|contestant_id|vote_type|count|admitted_ms|episode_id|<the
+    idempotency key>`, score the lease's end (ms, Redis clock). Written by the admission
+    script; vote_svc's reconciler (vote_svc/reconcile.py) removes members once settled and
+    undoes those whose replica died without committing them.
+    """
+    return f"tv:{tag(shard)}:pending"
+
+
 def rate_key(shard: int, user_id: str) -> str:
     """A voter's rate-limit window (a hash: `minute` start ms, `n` votes in it)."""
     return f"tv:{tag(shard)}:rate:{user_id}"

@@ -2,8 +2,8 @@
 
 Scoring is driven through an in-process server (port 0, same database and Redis as the mesh)
 with a GeoIP database written by the test and the model's weight set to 0, so each rule
-signal can be seen on its own; the mesh's own fraud_svc (no GeoIP database, shipped model)
-serves the operator RPCs through the edge.
+signal can be seen on its own; the mesh's own fraud_svc (the development GeoIP database
+`televote up` writes, shipped model) serves the operator RPCs through the edge.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 import psycopg
 import pytest
 import pytest_asyncio
+from google.protobuf import timestamp_pb2
 from psycopg.rows import dict_row
 
 from fraud_svc.behaviour import NETWORKS, Network
@@ -29,7 +31,7 @@ from fraud_svc.config import FraudConfig
 from fraud_svc.devgeo import write_database
 from fraud_svc.server import create_server
 from fraud_svc.state import blocked_key
-from ops.stack import Stack
+from ops.stack import Stack, dev_geoip_environment
 from runtime.access import Principal, Role
 from runtime.errors import error_info
 from runtime.storage import create_redis
@@ -41,6 +43,7 @@ from televote.fraud.v1 import (
     fraud_types_pb2,
 )
 from tests.conftest import bearer
+from tests.support_windows import close_test_round, open_test_round
 
 INTERNAL = Principal(Role.INTERNAL, "vote_svc").to_metadata()
 KH_IP = "100.64.1.10"  # Phnom Penh
@@ -185,18 +188,6 @@ async def test_a_vote_from_outside_cambodia_is_geofenced(fraud: Fraud) -> None:
     assert reasons(hinted) == {"foreign_country": pytest.approx(0.3)}
 
 
-async def test_a_traveller_may_vote_from_the_countries_of_their_exemption(
-        stack: Stack, fraud: Fraud) -> None:
-    user = _user()
-    await _db(stack, "INSERT INTO fraud_travellers (user_id, countries, created_by, reason)"
-              " VALUES (%s, ARRAY['TH'], 'producer', 'on tour')", user)
-    await asyncio.sleep(0.4)  # the blocklist cache reloads every 0.1 s here
-    from_thailand, from_vietnam = await fraud.score(vote(user, ip=TH_IP),
-                                                    vote(user, ip=VN_IP, at_ms=T0 + 60_000))
-    assert reasons(from_thailand) == {}
-    assert reasons(from_vietnam) == {"foreign_country": pytest.approx(0.3)}
-
-
 async def test_gps_more_than_100_km_from_the_ip_location_is_a_mismatch(fraud: Fraud) -> None:
     far, near, no_gps = await fraud.score(vote(_user(), gps=SIEM_REAP),
                                           vote(_user(), gps=(11.9, 104.9)),
@@ -231,15 +222,42 @@ async def test_votes_scored_again_with_the_same_ref_are_not_counted_twice(
     assert "velocity" not in reasons(score)
 
 
-async def test_without_a_geoip_database_ip_signals_say_unknown(stack: Stack) -> None:
+async def test_the_local_mesh_scores_country_and_vpn_signals_from_its_dev_database(
+        stack: Stack, tmp_path: Any) -> None:
+    """`televote up` (the session stack) wrote the synthetic plan's database into its state
+    directory and pointed fraud_svc at it; a configured FRAUD_GEOIP_DB is left alone."""
+    assert (stack.settings.state_dir / "dev-geoip.mmdb").is_file()
     async with grpc.aio.insecure_channel(stack.target("fraud_svc")) as channel:
         stub = fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
         reply = await stub.ScoreVotes(fraud_scoring_service_pb2.ScoreVotesRequest(
-            votes=[vote(_user(), ip=TH_IP, gps=SIEM_REAP)]), metadata=INTERNAL, timeout=10)
+            votes=[vote(_user(), ip=TH_IP), vote(_user(), ip="100.97.4.4"),
+                   vote(_user(), ip=KH_IP)]), metadata=INTERNAL, timeout=10)
+    abroad, hosting, home = reply.scores
+    assert {"foreign_country"} <= set(reasons(abroad)) and "TH" in abroad.reasons[0].detail
+    assert {"vpn_proxy", "foreign_country"} <= set(reasons(hosting))
+    assert not {"foreign_country", "vpn_proxy"} & set(reasons(home))
+    assert dev_geoip_environment(tmp_path, {"FRAUD_GEOIP_DB": "/data/GeoLite2-City.mmdb"}) == {}
+    assert not list(tmp_path.iterdir())
+
+
+async def test_without_a_geoip_database_ip_signals_say_unknown(stack: Stack) -> None:
+    config = FraudConfig(database_url=stack.database_url, redis_url=stack.redis_url,
+                         fraud_geoip_db="", televote_drain_announce_seconds=0.0,
+                         televote_grace_seconds=1.0)
+    host, port = create_server(config)
+    await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
+            reply = await stub.ScoreVotes(fraud_scoring_service_pb2.ScoreVotesRequest(
+                votes=[vote(_user(), ip=TH_IP, gps=SIEM_REAP)]), metadata=INTERNAL,
+                timeout=10)
+    finally:
+        await host.stop()
     [score] = reply.scores
     assert not {"foreign_country", "gps_mismatch", "vpn_proxy"} & set(reasons(score))
     assert score.action == Action.FRAUD_ACTION_ALLOW
-    assert "model" in reasons(score)  # the shipped model is on in the mesh
+    assert "model" in reasons(score)  # the shipped model is on by default
 
 
 # --- combination, flagging and the audit trail ---------------------------------------------
@@ -434,6 +452,202 @@ async def test_rejecting_a_users_votes_in_a_round_resolves_their_pending_reviews
         _http, stack, "POST", f"/v1/fraud/reviews/{listed.reviews[1].review_id}:resolve",
         {"requestId": str(uuid.uuid4())})
     assert status == 400 and _reason(body) == "INVALID_REQUEST"
+
+
+async def test_a_review_can_no_longer_be_resolved_once_the_final_result_is_published(
+        stack: Stack, fraud: Fraud, review_stub: Any) -> None:
+    test_round = await open_test_round(stack.database_url, stack.redis_url)
+    user = _user()
+    await _queue_reviews(fraud, user, 2, test_round.round_id)
+    listed = await review_stub.ListReviews(fraud_review_service_pb2.ListReviewsRequest(
+        user_id=user), metadata=_operator(stack), timeout=10)
+    first, second = listed.reviews
+    resolved = fraud_review_service_pb2.ResolveReviewRequest(
+        request_id=str(uuid.uuid4()), review_id=first.review_id,
+        decision=fraud_review_service_pb2.REVIEW_DECISION_APPROVE,
+        scope=fraud_review_service_pb2.REVIEW_SCOPE_VOTE, note="a fan on holiday")
+    before = await review_stub.ResolveReview(resolved, metadata=_operator(stack), timeout=10)
+
+    await close_test_round(stack.database_url, stack.redis_url, test_round)
+
+    async def stored() -> bool:  # results_svc recounts and stores the final result
+        return bool(await _db(stack, "SELECT 1 FROM round_results WHERE round_id = %s",
+                              test_round.round_id))
+    assert await _eventually(stored, timeout=30)
+
+    def state() -> Any:
+        return asyncio.gather(
+            _db(stack, "SELECT review_id, state, note FROM fraud_reviews WHERE user_id = %s"
+                " ORDER BY seq", user),
+            _db(stack, "SELECT * FROM fraud_rejections WHERE user_id = %s", user),
+            _db(stack, "SELECT audit_id FROM audit_log WHERE details ->> 'user_id' = %s"
+                " ORDER BY audit_id", user))
+    unchanged = await state()
+    for scope in (fraud_review_service_pb2.REVIEW_SCOPE_VOTE,
+                  fraud_review_service_pb2.REVIEW_SCOPE_USER_ROUND):
+        late = fraud_review_service_pb2.ResolveReviewRequest(
+            request_id=str(uuid.uuid4()), review_id=second.review_id,
+            decision=fraud_review_service_pb2.REVIEW_DECISION_REJECT, scope=scope)
+        code, reason, _ = await _refusal(review_stub.ResolveReview(
+            late, metadata=_operator(stack), timeout=10))
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ROUND_FINALIZED")
+    status, body = await asyncio.to_thread(
+        _http, stack, "POST", f"/v1/fraud/reviews/{second.review_id}:resolve",
+        {"requestId": str(uuid.uuid4()), "decision": "REVIEW_DECISION_REJECT",
+         "scope": "REVIEW_SCOPE_VOTE"})
+    assert (status, _reason(body)) == (400, "ROUND_FINALIZED"), body
+    assert await state() == unchanged
+    # A retry of a resolution made before the result still gets its original answer.
+    again = await review_stub.ResolveReview(resolved, metadata=_operator(stack), timeout=10)
+    assert again.review == before.review
+
+
+async def test_a_traveller_may_vote_from_the_countries_of_their_exemption(
+        stack: Stack, fraud: Fraud, review_stub: Any) -> None:
+    user, other = _user(), _user()
+    expire = timestamp_pb2.Timestamp()
+    expire.FromDatetime(datetime.now(UTC) + timedelta(days=3))
+    grant = fraud_review_service_pb2.GrantTravellerExemptionRequest(
+        request_id=str(uuid.uuid4()), user_id=user, countries=["th", "TH"], expire_time=expire,
+        note="on tour in Thailand, ticket 7")
+    granted = await review_stub.GrantTravellerExemption(grant, metadata=_operator(stack),
+                                                        timeout=10)
+    assert list(granted.exemption.countries) == ["TH"]
+    assert (granted.exemption.granted_by, granted.exemption.note) == (
+        "producer", "on tour in Thailand, ticket 7")
+    again = await review_stub.GrantTravellerExemption(grant, metadata=_operator(stack),
+                                                      timeout=10)
+    assert again == granted  # a retry returns the original answer
+    changed = fraud_review_service_pb2.GrantTravellerExemptionRequest()
+    changed.CopyFrom(grant)
+    changed.countries.append("VN")
+    assert (await _refusal(review_stub.GrantTravellerExemption(
+        changed, metadata=_operator(stack))))[:2] == (grpc.StatusCode.ALREADY_EXISTS,
+                                                     "IDEMPOTENCY_MISMATCH")
+
+    async def exempt_in_thailand() -> bool:
+        [score] = await fraud.score(vote(user, ip=TH_IP, ref=f"probe-{uuid.uuid4()}",
+                                         at_ms=T0 - 3_600_000))
+        return reasons(score) == {}
+    assert await _eventually(exempt_in_thailand)  # the other replica reloads every 0.1 s
+    from_thailand, other_from_thailand, from_vietnam = await fraud.score(
+        vote(user, ip=TH_IP), vote(other, ip=TH_IP), vote(user, ip=VN_IP, at_ms=T0 + 60_000))
+    assert reasons(from_thailand) == {}
+    assert reasons(other_from_thailand) == {"foreign_country": pytest.approx(0.3)}
+    assert reasons(from_vietnam) == {"foreign_country": pytest.approx(0.3)}
+
+    status, body = await asyncio.to_thread(_http, stack, "GET",
+                                           "/v1/fraud/travellers?pageSize=1000")
+    assert status == 200, body
+    [listed] = [e for e in body["exemptions"] if e["userId"] == user]
+    assert listed["countries"] == ["TH"] and listed["grantedBy"] == "producer"
+
+    revoke_id = str(uuid.uuid4())
+    for _ in range(2):  # the retry gets the same answer
+        status, body = await asyncio.to_thread(
+            _http, stack, "DELETE", f"/v1/fraud/travellers/{user}?requestId={revoke_id}")
+        assert status == 200 and body["exemption"]["userId"] == user, body
+    status, body = await asyncio.to_thread(
+        _http, stack, "DELETE", f"/v1/fraud/travellers/{user}?requestId={uuid.uuid4()}")
+    assert (status, _reason(body)) == (404, "TRAVELLER_NOT_FOUND")
+
+    async def fenced_again() -> bool:
+        [score] = await fraud.score(vote(user, ip=TH_IP, ref=f"probe-{uuid.uuid4()}",
+                                         at_ms=T0 + 7_200_000))
+        return reasons(score) == {"foreign_country": pytest.approx(0.3)}
+    assert await _eventually(fenced_again)
+    audit = await review_stub.ListAuditEntries(fraud_review_service_pb2.ListAuditEntriesRequest(
+        user_id=user), metadata=_operator(stack), timeout=10)
+    assert [(e.action, e.actor) for e in audit.entries] == [
+        ("traveller.revoke", "producer"), ("traveller.grant", "producer")]
+    assert audit.entries[1].request_id == grant.request_id
+    assert audit.entries[0].request_id == revoke_id
+
+
+async def test_bad_traveller_exemptions_are_refused_with_reasons_and_change_nothing(
+        stack: Stack, review_stub: Any) -> None:
+    user = _user()
+    past = timestamp_pb2.Timestamp()
+    past.FromDatetime(datetime.now(UTC) - timedelta(minutes=1))
+    later = timestamp_pb2.Timestamp()
+    later.FromDatetime(datetime.now(UTC) + timedelta(days=1))
+    request = fraud_review_service_pb2.GrantTravellerExemptionRequest
+    for bad, fields in (
+            (request(request_id=str(uuid.uuid4()), user_id=user, countries=["Thailand", "T1"],
+                     expire_time=past, note=""),
+             {"countries[0]", "countries[1]", "expire_time", "note"}),
+            (request(request_id=str(uuid.uuid4()), note="x"),
+             {"user_id", "expire_time"}),
+            (request(request_id="retry-me", user_id=user, expire_time=later, note="x"),
+             {"request_id"})):
+        code, reason, named = await _refusal(review_stub.GrantTravellerExemption(
+            bad, metadata=_operator(stack), timeout=10))
+        assert (code, reason, set(named)) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                              "INVALID_REQUEST", fields)
+    assert not await _db(stack, "SELECT 1 FROM fraud_travellers WHERE user_id = %s", user)
+    assert not await _db(stack, "SELECT 1 FROM audit_log WHERE details ->> 'user_id' = %s",
+                         user)
+    status, body = await asyncio.to_thread(_http, stack, "POST", "/v1/fraud/travellers", {
+        "requestId": str(uuid.uuid4()), "userId": user, "note": "x"}, Role.VOTER)
+    assert status == 403, body
+
+
+async def test_a_shows_fraud_policy_sets_its_thresholds_and_geo_fence(
+        stack: Stack, fraud: Fraud, review_stub: Any) -> None:
+    test_round = await open_test_round(stack.database_url, stack.redis_url)
+    show, round_id = test_round.show_id, test_round.round_id
+    request_id = str(uuid.uuid4())
+    body = {"requestId": request_id, "blockThreshold": 0.95, "reviewThreshold": 0.9,
+            "allowedCountries": ["kh", "TH"], "note": "touring final, lenient"}
+    for _ in range(2):  # the retry gets the same answer
+        status, reply = await asyncio.to_thread(
+            _http, stack, "PUT", f"/v1/shows/{show}/fraud-policy", body)
+        assert status == 200, reply
+        assert reply["policy"]["allowedCountries"] == ["KH", "TH"]
+    status, reply = await asyncio.to_thread(
+        _http, stack, "PUT", f"/v1/shows/{show}/fraud-policy", {**body, "blockThreshold": 1})
+    assert (status, _reason(reply)) == (409, "IDEMPOTENCY_MISMATCH")
+    got = await review_stub.GetFraudPolicy(fraud_review_service_pb2.GetFraudPolicyRequest(
+        show_id=show), metadata=_operator(stack), timeout=10)
+    assert (got.policy.block_threshold, got.policy.review_threshold) == (0.95, 0.9)
+    assert got.policy.updated_by == "producer"
+
+    async def applied() -> bool:
+        [score] = await fraud.score(vote(_user(), ip=TH_IP, round_id=round_id))
+        return reasons(score) == {}
+    assert await _eventually(applied)  # the other replica reloads every 0.1 s
+    # Thailand is inside this show's geo-fence, not the deployment's; a VPN from Singapore
+    # (0.545) is a REVIEW by default and below this show's review threshold.
+    here_th, elsewhere_th, here_vpn, elsewhere_vpn = await fraud.score(
+        vote(_user(), ip=TH_IP, round_id=round_id), vote(_user(), ip=TH_IP),
+        vote(_user(), ip="100.96.9.9", round_id=round_id), vote(_user(), ip="100.96.9.9"))
+    assert reasons(here_th) == {} and "foreign_country" in reasons(elsewhere_th)
+    assert here_vpn.action == Action.FRAUD_ACTION_ALLOW
+    assert here_vpn.score == pytest.approx(0.545)
+    assert elsewhere_vpn.action == Action.FRAUD_ACTION_REVIEW
+    audit = await review_stub.ListAuditEntries(fraud_review_service_pb2.ListAuditEntriesRequest(
+        action="policy.set"), metadata=_operator(stack), timeout=10)
+    assert [e.request_id for e in audit.entries if e.target_id == show] == [request_id]
+
+    other = str(uuid.uuid4())
+    before = await _db(stack, "SELECT * FROM fraud_policies WHERE show_id = %s", show)
+    for change, code, reason in (
+            ({"reviewThreshold": 0.97}, 400, "INVALID_REQUEST"),
+            ({"allowedCountries": ["KHM"]}, 400, "INVALID_REQUEST"),
+            ({"allowedCountries": []}, 400, "INVALID_REQUEST"),
+            ({"requestId": "again"}, 400, "INVALID_REQUEST")):
+        status, reply = await asyncio.to_thread(
+            _http, stack, "PUT", f"/v1/shows/{show}/fraud-policy",
+            {**body, "requestId": str(uuid.uuid4()), **change})
+        assert (status, _reason(reply)) == (code, reason), change
+    status, reply = await asyncio.to_thread(
+        _http, stack, "PUT", f"/v1/shows/{other}/fraud-policy",
+        {**body, "requestId": str(uuid.uuid4())})
+    assert (status, _reason(reply)) == (404, "SHOW_NOT_FOUND")
+    assert await _db(stack, "SELECT * FROM fraud_policies WHERE show_id = %s", show) == before
+    status, reply = await asyncio.to_thread(_http, stack, "GET",
+                                            f"/v1/shows/{other}/fraud-policy")
+    assert (status, _reason(reply)) == (404, "FRAUD_POLICY_NOT_FOUND")
 
 
 async def _eventually(check: Any, timeout: float = 5.0) -> Any:

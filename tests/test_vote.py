@@ -80,9 +80,12 @@ async def test_an_acknowledged_vote_is_in_the_ledger_with_its_receipt(
     try:
         live = await redis.hget(keys.live_key(keys.shard_of("alice"), test_round.round_id),
                                 test_round.contestants[1])
+        pending = await redis.zrange(keys.pending_key(keys.shard_of("alice")), 0, -1)
     finally:
         await redis.aclose()
     assert live == b"1"
+    # Settled before the answer: off the reconciler's work list already.
+    assert not [member for member in pending if reply.vote_id.encode() in member]
 
 
 async def test_a_retry_returns_the_first_outcome_and_counts_once(

@@ -30,11 +30,13 @@ from ops.stack import Stack
 from runtime import keys
 from runtime.access import Role
 from runtime.errors import error_info
-from runtime.storage import create_redis
+from runtime.storage import Storage, create_pool, create_redis
 from televote.vote.v1 import vote_service_pb2, vote_service_pb2_grpc
 from tests.support_windows import TestRound, open_test_round
 from tests.test_vote_concurrency import start_replica, stop_replica
-from tests.vote_support import inside, ledger_rows, query, vote_request
+from tests.vote_support import inside, ledger_rows, new_id, query, vote_request
+from vote_svc.admission import Scripts
+from vote_svc.reconcile import Reconciler
 
 #: Refusals that are final: retrying the same request cannot change them.
 FINAL = {"NO_FREE_VOTES", "VOTING_CLOSED", "IDEMPOTENCY_MISMATCH", "RATE_LIMITED"}
@@ -298,3 +300,84 @@ async def test_a_redis_flush_mid_round_keeps_the_tally_exact(
         for replica in replicas:
             await stop_replica(replica)
         await child.stop()
+
+
+async def test_a_dead_replicas_uncommitted_admissions_are_given_back_exactly_once(
+        stack: Stack, tmp_path: Path) -> None:
+    """A replica admits votes (quota charged in Redis), is killed -9 before its batch
+    commits, and the clients never retry: once the leases end, reconcilers (two here, plus the
+    mesh's own) undo each admission exactly once, and the voters have their quota back."""
+    test_round = await open_test_round(stack.database_url, stack.redis_url)
+    port = free_port()
+    doomed = await Child.spawn("vote-doomed", [sys.executable, "-m", "vote_svc"], tmp_path, env={
+        "DATABASE_URL": stack.database_url, "REDIS_URL": stack.redis_url,
+        "TELEVOTE_PORT": str(port), "TELEVOTE_REPLICA": "doomed", "FRAUD_TARGET": "",
+        "VOTE_LEASE_MS": "1000", "VOTE_BATCH_INTERVAL_MS": "600000", "VOTE_BATCH_MAX": "100000",
+        "VOTE_RECONCILE_INTERVAL_MS": "600000",
+        "VOTE_PSEUDONYM_SALT": (stack.settings.state_dir / "pseudonym-salt").read_text()})
+    users = [f"stranded-{new_id()[:8]}-{n}" for n in range(6)]
+    episode = test_round.episode_id
+    redis = create_redis(stack.redis_url)
+    storages = [Storage(create_pool(stack.database_url), create_redis(stack.redis_url))
+                for _ in range(2)]
+    calls: list[Any] = []
+    try:
+        await _healthy(f"127.0.0.1:{port}")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            votes = vote_service_pb2_grpc.VoteServiceStub(channel)
+            calls = [asyncio.ensure_future(votes.SubmitVote(
+                vote_request(test_round, contestant=n % 3), metadata=inside(Role.VOTER, user),
+                timeout=30)) for user in users for n in range(2)]
+
+            async def charged(user: str) -> int:
+                value = await redis.hget(keys.user_key(keys.shard_of(user), user),
+                                         f"free:{episode}")
+                return int(value or 0)
+            async with asyncio.timeout(20):  # admitted, waiting in the replica's batch
+                for _ in range(1000):
+                    if [await charged(user) for user in users] == [2] * len(users):
+                        break
+                    await asyncio.sleep(0.05)
+            os.killpg(doomed.process.pid, signal.SIGKILL)
+            await asyncio.gather(*calls, return_exceptions=True)
+        assert not await ledger_rows(stack.database_url, test_round.round_id)
+
+        for storage in storages:
+            await storage.connect()
+        reconcilers = [Reconciler(storage, Scripts(storage.redis), interval_ms=100,
+                                  idempotency_ttl_ms=60_000) for storage in storages]
+        async with asyncio.timeout(20):
+            for _ in range(100):
+                if not any([await charged(user) for user in users]):
+                    break
+                # Both at once, again and again, racing the mesh's reconciler as well.
+                await asyncio.gather(*(r.pass_once() for r in reconcilers for _ in range(3)))
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(1)
+        await asyncio.gather(*(r.pass_once() for r in reconcilers))
+        # Exactly once: each charge given back, nothing more (a second undo would go below 0).
+        assert [await charged(user) for user in users] == [0] * len(users)
+        live = await asyncio.gather(*(redis.hgetall(keys.live_key(shard, test_round.round_id))
+                                      for shard in range(keys.SHARDS)))
+        assert all(int(votes) == 0 for counters in live for votes in counters.values())
+        for user in users:
+            shard = keys.shard_of(user)
+            assert not await redis.keys(f"tv:{keys.tag(shard)}:idem:{user}:*")
+            members = await redis.zrange(keys.pending_key(shard), 0, -1)
+            assert not [m for m in members if f":idem:{user}:".encode() in m]
+
+        # The voters have their quota back: all 5 free votes.
+        replica = await start_replica(stack.database_url, stack.redis_url, "after-the-kill")
+        try:
+            reply = await replica.votes.SubmitVote(
+                vote_request(test_round), metadata=inside(Role.VOTER, users[0]), timeout=10)
+            assert reply.free_votes_left == 4
+        finally:
+            await stop_replica(replica)
+    finally:
+        for call in calls:
+            call.cancel()
+        await doomed.stop()
+        for storage in storages:
+            await storage.close()
+        await redis.aclose()

@@ -17,7 +17,8 @@ scripts run unchanged on Redis Cluster. The admission script, in order:
    round `free_cap`) / paid balance suffice;
 then applies: free used (episode and round) or paid spent, rate, live counter, minute bucket,
 and the pending idempotency record
-`P|fingerprint|vote_id|admitted_ms|lease_until_ms|free_left|paid|episode`.
+`P|fingerprint|vote_id|admitted_ms|lease_until_ms|free_left|paid|episode`, listed in the
+shard's pending set (`runtime.keys.pending_key`) for the reconciler.
 
 Nothing is changed unless every check passes. The undo script reverses exactly one admission,
 and only while its pending record is still there (so after a Redis flush, when the reloaded
@@ -99,11 +100,28 @@ redis.call('HINCRBY', KEYS[6], minute .. ':' .. ARGV[1], count)
 local value = table.concat({'P', ARGV[5], ARGV[6], now, now + tonumber(ARGV[7]),
                             free_left(), credited - spent, episode}, '|')
 redis.call('SET', KEYS[3], value, 'PX', ARGV[11])
-return {'OK', value}
+-- What the reconciler needs to undo this admission if its replica dies (vote_svc/reconcile.py);
+-- the settling done/undo removes it, so normally the reconciler finds nothing.
+local member = table.concat({ARGV[6], ARGV[12], ARGV[1], ARGV[2], ARGV[3], now, episode,
+                             KEYS[3]}, '|')
+redis.call('ZADD', KEYS[8], now + tonumber(ARGV[7]), member)
+return {'OK', value, member}
 """
 
-# KEYS: user, idempotency, rate, live, minutes.
-# ARGV: vote_id, vote_type, count, contestant_id, episode_id, admitted_ms, window_ms, round_id.
+# Settling an admission (done or undo) also takes it off its shard's pending set when given
+# the pending key and the member the admission script returned (the reconciler's work list).
+_SETTLES_PENDING = """
+local function settle()
+$script
+end
+local settled = settle()
+if ARGV[$arg] and ARGV[$arg] ~= '' then redis.call('ZREM', KEYS[$key], ARGV[$arg]) end
+return settled
+"""
+
+# KEYS: user, idempotency, rate, live, minutes[, pending].
+# ARGV: vote_id, vote_type, count, contestant_id, episode_id, admitted_ms, window_ms, round_id
+#       [, pending member].
 UNDO = """
 local v = redis.call('GET', KEYS[2])
 if not v then return 0 end
@@ -125,8 +143,10 @@ redis.call('HINCRBY', KEYS[5], minute .. ':' .. ARGV[4], -count)
 redis.call('DEL', KEYS[2])
 return 1
 """
+UNDO = _SETTLES_PENDING.replace("$script", UNDO).replace("$key", "6").replace("$arg", "9")
 
-# KEYS: idempotency. ARGV: vote_id, ttl_ms, replacement value (a committed outcome) or ''.
+# KEYS: idempotency[, pending].
+# ARGV: vote_id, ttl_ms, replacement value (a committed outcome) or ''[, pending member].
 # Marks the pending admission `vote_id` committed (as itself, or as the replacement: the
 # ledger's original of the same request, whose charge this admission now carries); with no
 # vote_id, records the replacement where nothing is recorded (a refusal read from the ledger).
@@ -147,6 +167,7 @@ end
 if ARGV[1] == '' and ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2]) end
 return 0
 """
+DONE = _SETTLES_PENDING.replace("$script", DONE).replace("$key", "2").replace("$arg", "4")
 
 # KEYS: user. ARGV: credited, spent, episode_id, free used in it, round_id, free used in it.
 # Fills what is not loaded yet. `credited` only rises, so a grant racing a load cannot be
@@ -216,6 +237,7 @@ class VoteKeys:
     live: str
     minutes: str
     marker: str
+    pending: str
 
     @classmethod
     def of(cls, user_id: str, round_id: str, request_id: str) -> VoteKeys:
@@ -223,11 +245,12 @@ class VoteKeys:
         return cls(shard, keys.window_key(shard, round_id), keys.user_key(shard, user_id),
                    keys.idempotency_key(shard, user_id, request_id),
                    keys.rate_key(shard, user_id), keys.live_key(shard, round_id),
-                   keys.live_minutes_key(shard, round_id), keys.shard_marker_key(shard))
+                   keys.live_minutes_key(shard, round_id), keys.shard_marker_key(shard),
+                   keys.pending_key(shard))
 
     def admit_keys(self) -> list[str]:
         return [self.window, self.user, self.idempotency, self.rate, self.live, self.minutes,
-                self.marker]
+                self.marker, self.pending]
 
     def undo_keys(self) -> list[str]:
         return [self.user, self.idempotency, self.rate, self.live, self.minutes]

@@ -36,6 +36,15 @@ class VoteConfig(ServiceConfig):
     #: than this (the replica that admitted it died) checks the ledger and takes over. Must be
     #: well above the commit timeout plus the batch interval.
     vote_lease_ms: int = 10_000
+    #: How often each replica looks for admissions whose replica died before committing them
+    #: (leases ended, vote_svc/reconcile.py) and gives their quota and balance back.
+    vote_reconcile_interval_ms: float = 2000.0
+    #: How often UNSCORED ledger votes are looked for and scored again (vote_svc/rescore.py;
+    #: one replica at a time), and how many go to fraud_svc in one ScoreVotes call.
+    vote_rescore_interval_ms: float = 1000.0
+    vote_rescore_batch: int = 500
+    #: A re-scoring call slower than this fails; the batch is tried again later.
+    vote_rescore_timeout_ms: float = 10_000.0
     #: How long Redis remembers a committed request id (the ledger remembers forever).
     vote_idempotency_ttl_s: int = 86_400
     #: Votes (sum of counts) per user per minute, by the Redis clock.

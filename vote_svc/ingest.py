@@ -171,6 +171,7 @@ class Ingestor:
             if status == "OK":
                 outcome = Outcome.parse(reply[1])
                 entry = self._ledger_vote(vote, scores[index], keyset, outcome)
+                entry.pending_member = reply[2]
                 commits[index] = (entry, self._ledger.submit(entry))
             elif status == "DONE":
                 results[index] = self._accepted(vote, Outcome.parse(reply[1]))

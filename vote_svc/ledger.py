@@ -99,6 +99,8 @@ class LedgerVote:
     receipt_hash: bytes
     keys: VoteKeys
     outcome: Outcome
+    #: This admission's entry in its shard's pending set, removed when it is settled.
+    pending_member: str = ""
 
     def row(self) -> tuple[Any, ...]:
         return (self.vote_id, self.request_id, self.user_id, self.keys.shard, self.round_id,
@@ -275,9 +277,11 @@ class Ledger:
         """Committed: pending record -> committed. Anything else: undo the admission."""
         calls = []
         for vote, result in zip(votes, results, strict=True):
+            done_keys = [vote.keys.idempotency, vote.keys.pending]
             if result.kind == "committed":
-                calls.append(self._scripts.call(self._scripts.done, [vote.keys.idempotency],
-                                                [vote.vote_id, self._ttl_ms, ""]))
+                calls.append(self._scripts.call(self._scripts.done, done_keys,
+                                                [vote.vote_id, self._ttl_ms, "",
+                                                 vote.pending_member]))
                 continue
             first = result.existing
             if first is not None:
@@ -288,13 +292,15 @@ class Ledger:
                     # The same vote is already in the ledger (its first commit looked failed
                     # and was undone, or Redis lost it): this admission's charge stands for it,
                     # so Redis is exact (or, after a Redis loss, stricter by one), never looser.
-                    calls.append(self._scripts.call(self._scripts.done,
-                                                    [vote.keys.idempotency],
-                                                    [vote.vote_id, self._ttl_ms, record]))
+                    calls.append(self._scripts.call(self._scripts.done, done_keys,
+                                                    [vote.vote_id, self._ttl_ms, record,
+                                                     vote.pending_member]))
                     continue
-            calls.append(self._scripts.call(self._scripts.undo, vote.keys.undo_keys(), [
-                vote.vote_id, vote.vote_type, vote.count, vote.contestant_id, vote.episode_id,
-                vote.admitted_ms, RATE_WINDOW_MS, vote.round_id]))
+            calls.append(self._scripts.call(
+                self._scripts.undo, [*vote.keys.undo_keys(), vote.keys.pending], [
+                    vote.vote_id, vote.vote_type, vote.count, vote.contestant_id,
+                    vote.episode_id, vote.admitted_ms, RATE_WINDOW_MS, vote.round_id,
+                    vote.pending_member]))
             if first is not None:  # another vote under this request id: remember that one
                 calls.append(self._scripts.call(self._scripts.done, [vote.keys.idempotency],
                                                 ["", self._ttl_ms, record]))

@@ -31,6 +31,8 @@ from vote_svc.fraud import FraudScorer
 from vote_svc.ingest import Ingestor, Result, VoteRequest
 from vote_svc.ledger import Ledger
 from vote_svc.packages import PackageCatalogue
+from vote_svc.reconcile import Reconciler
+from vote_svc.rescore import Rescorer
 from vote_svc.validation import check_vote, client_ip, is_uuid, normalise_uuid
 from vote_svc.wallet import balance, grant_votes
 
@@ -189,10 +191,18 @@ def create_server(config: VoteConfig) -> tuple[ServiceHost, int]:
     ingestor = Ingestor(storage, scripts, ledger, scorer, config)
     ledger.start()
     watch = asyncio.get_running_loop().create_task(ingestor.watch_shards())
+    background: list[asyncio.Task[None]] = []
+
+    async def start_background() -> None:
+        background.extend(_start_background(config, storage, scripts, fraud_channel))
+
+    host.on_start(start_background)
 
     async def flush() -> None:
         # After in-flight RPCs drained: write what is queued so no admitted vote is dropped.
         watch.cancel()
+        for task in background:
+            task.cancel()
         await ledger.close()
         if fraud_channel is not None:
             await fraud_channel.close(None)
@@ -208,6 +218,23 @@ def create_server(config: VoteConfig) -> tuple[ServiceHost, int]:
              WalletAdminServicer(storage, scripts),
              wallet_admin_service_pb2.DESCRIPTOR.services_by_name["WalletAdminService"])
     return host, host.bind()
+
+
+def _start_background(config: VoteConfig, storage: Storage, scripts: Scripts,
+                      fraud_channel: grpc.aio.Channel | None) -> list[asyncio.Task[None]]:
+    """The reconciler of dead replicas' admissions and, with fraud scoring configured, the
+    re-scorer of UNSCORED votes (started once storage is connected)."""
+    loop = asyncio.get_running_loop()
+    reconciler = Reconciler(storage, scripts, interval_ms=config.vote_reconcile_interval_ms,
+                            idempotency_ttl_ms=config.vote_idempotency_ttl_s * 1000)
+    tasks = [loop.create_task(reconciler.run(), name="reconciler")]
+    if fraud_channel is not None:
+        rescorer = Rescorer(storage, fraud_channel, interval_ms=config.vote_rescore_interval_ms,
+                            batch=config.vote_rescore_batch,
+                            timeout_ms=config.vote_rescore_timeout_ms,
+                            replica=config.televote_replica)
+        tasks.append(loop.create_task(rescorer.run(), name="rescorer"))
+    return tasks
 
 
 def main() -> None:

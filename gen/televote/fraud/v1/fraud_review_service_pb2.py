@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from televote.fraud.v1 import fraud_types_pb2 as televote_dot_fraud_dot_v1_dot_fraud__types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,televote/fraud/v1/fraud_review_service.proto\x12\x11televote.fraud.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#televote/fraud/v1/fraud_types.proto\"\x8d\x01\n\x12ListReviewsRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.televote.fraud.v1.ReviewState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"Z\n\x13ListReviewsResponse\x12*\n\x07reviews\x18\x01 \x03(\x0b\x32\x19.televote.fraud.v1.Review\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc7\x01\n\x14ResolveReviewRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\treview_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x39\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32!.televote.fraud.v1.ReviewDecisionB\x04\xe2\x41\x01\x02\x12\x33\n\x05scope\x18\x04 \x01(\x0e\x32\x1e.televote.fraud.v1.ReviewScopeB\x04\xe2\x41\x01\x02\x12\x0c\n\x04note\x18\x05 \x01(\t\"Z\n\x15ResolveReviewResponse\x12)\n\x06review\x18\x01 \x01(\x0b\x32\x19.televote.fraud.v1.Review\x12\x16\n\x0e\x61\x66\x66\x65\x63ted_votes\x18\x02 \x01(\x03\"\xbc\x01\n\x12\x43reateBlockRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x30\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.televote.fraud.v1.BlockKindB\x04\xe2\x41\x01\x02\x12\x13\n\x05value\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06reason\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x13\x43reateBlockResponse\x12\'\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x18.televote.fraud.v1.Block\"F\n\x12\x44\x65leteBlockRequest\x12\x16\n\x08\x62lock_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\">\n\x13\x44\x65leteBlockResponse\x12\'\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x18.televote.fraud.v1.Block\"f\n\x11ListBlocksRequest\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.televote.fraud.v1.BlockKind\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x12ListBlocksResponse\x12(\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x18.televote.fraud.v1.Block\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe0\x01\n\x17ListAuditEntriesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\"c\n\x18ListAuditEntriesResponse\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.televote.fraud.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*j\n\x0eReviewDecision\x12\x1f\n\x1bREVIEW_DECISION_UNSPECIFIED\x10\x00\x12\x1b\n\x17REVIEW_DECISION_APPROVE\x10\x01\x12\x1a\n\x16REVIEW_DECISION_REJECT\x10\x02*_\n\x0bReviewScope\x12\x1c\n\x18REVIEW_SCOPE_UNSPECIFIED\x10\x00\x12\x15\n\x11REVIEW_SCOPE_VOTE\x10\x01\x12\x1b\n\x17REVIEW_SCOPE_USER_ROUND\x10\x02\x32\xa7\x06\n\x12\x46raudReviewService\x12w\n\x0bListReviews\x12%.televote.fraud.v1.ListReviewsRequest\x1a&.televote.fraud.v1.ListReviewsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/fraud/reviews\x12\x94\x01\n\rResolveReview\x12\'.televote.fraud.v1.ResolveReviewRequest\x1a(.televote.fraud.v1.ResolveReviewResponse\"0\x82\xd3\xe4\x93\x02*\"%/v1/fraud/reviews/{review_id}:resolve:\x01*\x12y\n\x0b\x43reateBlock\x12%.televote.fraud.v1.CreateBlockRequest\x1a&.televote.fraud.v1.CreateBlockResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/fraud/blocks:\x01*\x12\x81\x01\n\x0b\x44\x65leteBlock\x12%.televote.fraud.v1.DeleteBlockRequest\x1a&.televote.fraud.v1.DeleteBlockResponse\"#\x82\xd3\xe4\x93\x02\x1d*\x1b/v1/fraud/blocks/{block_id}\x12s\n\nListBlocks\x12$.televote.fraud.v1.ListBlocksRequest\x1a%.televote.fraud.v1.ListBlocksResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/fraud/blocks\x12\x8c\x01\n\x10ListAuditEntries\x12*.televote.fraud.v1.ListAuditEntriesRequest\x1a+.televote.fraud.v1.ListAuditEntriesResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/fraud/audit-entriesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,televote/fraud/v1/fraud_review_service.proto\x12\x11televote.fraud.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#televote/fraud/v1/fraud_types.proto\"\x8d\x01\n\x12ListReviewsRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.televote.fraud.v1.ReviewState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"Z\n\x13ListReviewsResponse\x12*\n\x07reviews\x18\x01 \x03(\x0b\x32\x19.televote.fraud.v1.Review\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc7\x01\n\x14ResolveReviewRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\treview_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x39\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32!.televote.fraud.v1.ReviewDecisionB\x04\xe2\x41\x01\x02\x12\x33\n\x05scope\x18\x04 \x01(\x0e\x32\x1e.televote.fraud.v1.ReviewScopeB\x04\xe2\x41\x01\x02\x12\x0c\n\x04note\x18\x05 \x01(\t\"Z\n\x15ResolveReviewResponse\x12)\n\x06review\x18\x01 \x01(\x0b\x32\x19.televote.fraud.v1.Review\x12\x16\n\x0e\x61\x66\x66\x65\x63ted_votes\x18\x02 \x01(\x03\"\xbc\x01\n\x12\x43reateBlockRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x30\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.televote.fraud.v1.BlockKindB\x04\xe2\x41\x01\x02\x12\x13\n\x05value\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06reason\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x13\x43reateBlockResponse\x12\'\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x18.televote.fraud.v1.Block\"F\n\x12\x44\x65leteBlockRequest\x12\x16\n\x08\x62lock_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\">\n\x13\x44\x65leteBlockResponse\x12\'\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x18.televote.fraud.v1.Block\"f\n\x11ListBlocksRequest\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.televote.fraud.v1.BlockKind\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x12ListBlocksResponse\x12(\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x18.televote.fraud.v1.Block\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe0\x01\n\x17ListAuditEntriesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\"c\n\x18ListAuditEntriesResponse\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.televote.fraud.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xaf\x01\n\x1eGrantTravellerExemptionRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07user_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tcountries\x18\x03 \x03(\t\x12\x35\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x12\n\x04note\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\"[\n\x1fGrantTravellerExemptionResponse\x12\x38\n\texemption\x18\x01 \x01(\x0b\x32%.televote.fraud.v1.TravellerExemption\"R\n\x1fRevokeTravellerExemptionRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\\\n RevokeTravellerExemptionResponse\x12\x38\n\texemption\x18\x01 \x01(\x0b\x32%.televote.fraud.v1.TravellerExemption\"G\n\x1eListTravellerExemptionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"u\n\x1fListTravellerExemptionsResponse\x12\x39\n\nexemptions\x18\x01 \x03(\x0b\x32%.televote.fraud.v1.TravellerExemption\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb6\x01\n\x15SetFraudPolicyRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07show_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0f\x62lock_threshold\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x02\x12\x1e\n\x10review_threshold\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x02\x12\x1f\n\x11\x61llowed_countries\x18\x05 \x03(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04note\x18\x06 \x01(\t\"H\n\x16SetFraudPolicyResponse\x12.\n\x06policy\x18\x01 \x01(\x0b\x32\x1e.televote.fraud.v1.FraudPolicy\".\n\x15GetFraudPolicyRequest\x12\x15\n\x07show_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"H\n\x16GetFraudPolicyResponse\x12.\n\x06policy\x18\x01 \x01(\x0b\x32\x1e.televote.fraud.v1.FraudPolicy*j\n\x0eReviewDecision\x12\x1f\n\x1bREVIEW_DECISION_UNSPECIFIED\x10\x00\x12\x1b\n\x17REVIEW_DECISION_APPROVE\x10\x01\x12\x1a\n\x16REVIEW_DECISION_REJECT\x10\x02*_\n\x0bReviewScope\x12\x1c\n\x18REVIEW_SCOPE_UNSPECIFIED\x10\x00\x12\x15\n\x11REVIEW_SCOPE_VOTE\x10\x01\x12\x1b\n\x17REVIEW_SCOPE_USER_ROUND\x10\x02\x32\xc1\x0c\n\x12\x46raudReviewService\x12w\n\x0bListReviews\x12%.televote.fraud.v1.ListReviewsRequest\x1a&.televote.fraud.v1.ListReviewsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/fraud/reviews\x12\x94\x01\n\rResolveReview\x12\'.televote.fraud.v1.ResolveReviewRequest\x1a(.televote.fraud.v1.ResolveReviewResponse\"0\x82\xd3\xe4\x93\x02*\"%/v1/fraud/reviews/{review_id}:resolve:\x01*\x12y\n\x0b\x43reateBlock\x12%.televote.fraud.v1.CreateBlockRequest\x1a&.televote.fraud.v1.CreateBlockResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/fraud/blocks:\x01*\x12\x81\x01\n\x0b\x44\x65leteBlock\x12%.televote.fraud.v1.DeleteBlockRequest\x1a&.televote.fraud.v1.DeleteBlockResponse\"#\x82\xd3\xe4\x93\x02\x1d*\x1b/v1/fraud/blocks/{block_id}\x12s\n\nListBlocks\x12$.televote.fraud.v1.ListBlocksRequest\x1a%.televote.fraud.v1.ListBlocksResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/fraud/blocks\x12\xa1\x01\n\x17GrantTravellerExemption\x12\x31.televote.fraud.v1.GrantTravellerExemptionRequest\x1a\x32.televote.fraud.v1.GrantTravellerExemptionResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/fraud/travellers:\x01*\x12\xab\x01\n\x18RevokeTravellerExemption\x12\x32.televote.fraud.v1.RevokeTravellerExemptionRequest\x1a\x33.televote.fraud.v1.RevokeTravellerExemptionResponse\"&\x82\xd3\xe4\x93\x02 *\x1e/v1/fraud/travellers/{user_id}\x12\x9e\x01\n\x17ListTravellerExemptions\x12\x31.televote.fraud.v1.ListTravellerExemptionsRequest\x1a\x32.televote.fraud.v1.ListTravellerExemptionsResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/fraud/travellers\x12\x92\x01\n\x0eSetFraudPolicy\x12(.televote.fraud.v1.SetFraudPolicyRequest\x1a).televote.fraud.v1.SetFraudPolicyResponse\"+\x82\xd3\xe4\x93\x02%\x1a /v1/shows/{show_id}/fraud-policy:\x01*\x12\x8f\x01\n\x0eGetFraudPolicy\x12(.televote.fraud.v1.GetFraudPolicyRequest\x1a).televote.fraud.v1.GetFraudPolicyResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/shows/{show_id}/fraud-policy\x12\x8c\x01\n\x10ListAuditEntries\x12*.televote.fraud.v1.ListAuditEntriesRequest\x1a+.televote.fraud.v1.ListAuditEntriesResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/fraud/audit-entriesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,6 +55,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEBLOCKREQUEST'].fields_by_name['block_id']._serialized_options = b'\342A\001\002'
   _globals['_DELETEBLOCKREQUEST'].fields_by_name['request_id']._loaded_options = None
   _globals['_DELETEBLOCKREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\002'
+  _globals['_GRANTTRAVELLEREXEMPTIONREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_GRANTTRAVELLEREXEMPTIONREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\002'
+  _globals['_GRANTTRAVELLEREXEMPTIONREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_GRANTTRAVELLEREXEMPTIONREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_GRANTTRAVELLEREXEMPTIONREQUEST'].fields_by_name['expire_time']._loaded_options = None
+  _globals['_GRANTTRAVELLEREXEMPTIONREQUEST'].fields_by_name['expire_time']._serialized_options = b'\342A\001\002'
+  _globals['_GRANTTRAVELLEREXEMPTIONREQUEST'].fields_by_name['note']._loaded_options = None
+  _globals['_GRANTTRAVELLEREXEMPTIONREQUEST'].fields_by_name['note']._serialized_options = b'\342A\001\002'
+  _globals['_REVOKETRAVELLEREXEMPTIONREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_REVOKETRAVELLEREXEMPTIONREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_REVOKETRAVELLEREXEMPTIONREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_REVOKETRAVELLEREXEMPTIONREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\002'
+  _globals['_SETFRAUDPOLICYREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_SETFRAUDPOLICYREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\002'
+  _globals['_SETFRAUDPOLICYREQUEST'].fields_by_name['show_id']._loaded_options = None
+  _globals['_SETFRAUDPOLICYREQUEST'].fields_by_name['show_id']._serialized_options = b'\342A\001\002'
+  _globals['_SETFRAUDPOLICYREQUEST'].fields_by_name['block_threshold']._loaded_options = None
+  _globals['_SETFRAUDPOLICYREQUEST'].fields_by_name['block_threshold']._serialized_options = b'\342A\001\002'
+  _globals['_SETFRAUDPOLICYREQUEST'].fields_by_name['review_threshold']._loaded_options = None
+  _globals['_SETFRAUDPOLICYREQUEST'].fields_by_name['review_threshold']._serialized_options = b'\342A\001\002'
+  _globals['_SETFRAUDPOLICYREQUEST'].fields_by_name['allowed_countries']._loaded_options = None
+  _globals['_SETFRAUDPOLICYREQUEST'].fields_by_name['allowed_countries']._serialized_options = b'\342A\001\002'
+  _globals['_GETFRAUDPOLICYREQUEST'].fields_by_name['show_id']._loaded_options = None
+  _globals['_GETFRAUDPOLICYREQUEST'].fields_by_name['show_id']._serialized_options = b'\342A\001\002'
   _globals['_FRAUDREVIEWSERVICE'].methods_by_name['ListReviews']._loaded_options = None
   _globals['_FRAUDREVIEWSERVICE'].methods_by_name['ListReviews']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/fraud/reviews'
   _globals['_FRAUDREVIEWSERVICE'].methods_by_name['ResolveReview']._loaded_options = None
@@ -65,12 +89,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAUDREVIEWSERVICE'].methods_by_name['DeleteBlock']._serialized_options = b'\202\323\344\223\002\035*\033/v1/fraud/blocks/{block_id}'
   _globals['_FRAUDREVIEWSERVICE'].methods_by_name['ListBlocks']._loaded_options = None
   _globals['_FRAUDREVIEWSERVICE'].methods_by_name['ListBlocks']._serialized_options = b'\202\323\344\223\002\022\022\020/v1/fraud/blocks'
+  _globals['_FRAUDREVIEWSERVICE'].methods_by_name['GrantTravellerExemption']._loaded_options = None
+  _globals['_FRAUDREVIEWSERVICE'].methods_by_name['GrantTravellerExemption']._serialized_options = b'\202\323\344\223\002\031\"\024/v1/fraud/travellers:\001*'
+  _globals['_FRAUDREVIEWSERVICE'].methods_by_name['RevokeTravellerExemption']._loaded_options = None
+  _globals['_FRAUDREVIEWSERVICE'].methods_by_name['RevokeTravellerExemption']._serialized_options = b'\202\323\344\223\002 *\036/v1/fraud/travellers/{user_id}'
+  _globals['_FRAUDREVIEWSERVICE'].methods_by_name['ListTravellerExemptions']._loaded_options = None
+  _globals['_FRAUDREVIEWSERVICE'].methods_by_name['ListTravellerExemptions']._serialized_options = b'\202\323\344\223\002\026\022\024/v1/fraud/travellers'
+  _globals['_FRAUDREVIEWSERVICE'].methods_by_name['SetFraudPolicy']._loaded_options = None
+  _globals['_FRAUDREVIEWSERVICE'].methods_by_name['SetFraudPolicy']._serialized_options = b'\202\323\344\223\002%\032 /v1/shows/{show_id}/fraud-policy:\001*'
+  _globals['_FRAUDREVIEWSERVICE'].methods_by_name['GetFraudPolicy']._loaded_options = None
+  _globals['_FRAUDREVIEWSERVICE'].methods_by_name['GetFraudPolicy']._serialized_options = b'\202\323\344\223\002\"\022 /v1/shows/{show_id}/fraud-policy'
   _globals['_FRAUDREVIEWSERVICE'].methods_by_name['ListAuditEntries']._loaded_options = None
   _globals['_FRAUDREVIEWSERVICE'].methods_by_name['ListAuditEntries']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/fraud/audit-entries'
-  _globals['_REVIEWDECISION']._serialized_start=1642
-  _globals['_REVIEWDECISION']._serialized_end=1748
-  _globals['_REVIEWSCOPE']._serialized_start=1750
-  _globals['_REVIEWSCOPE']._serialized_end=1845
+  _globals['_REVIEWDECISION']._serialized_start=2664
+  _globals['_REVIEWDECISION']._serialized_end=2770
+  _globals['_REVIEWSCOPE']._serialized_start=2772
+  _globals['_REVIEWSCOPE']._serialized_end=2867
   _globals['_LISTREVIEWSREQUEST']._serialized_start=201
   _globals['_LISTREVIEWSREQUEST']._serialized_end=342
   _globals['_LISTREVIEWSRESPONSE']._serialized_start=344
@@ -95,6 +129,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=1539
   _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=1541
   _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=1640
-  _globals['_FRAUDREVIEWSERVICE']._serialized_start=1848
-  _globals['_FRAUDREVIEWSERVICE']._serialized_end=2655
+  _globals['_GRANTTRAVELLEREXEMPTIONREQUEST']._serialized_start=1643
+  _globals['_GRANTTRAVELLEREXEMPTIONREQUEST']._serialized_end=1818
+  _globals['_GRANTTRAVELLEREXEMPTIONRESPONSE']._serialized_start=1820
+  _globals['_GRANTTRAVELLEREXEMPTIONRESPONSE']._serialized_end=1911
+  _globals['_REVOKETRAVELLEREXEMPTIONREQUEST']._serialized_start=1913
+  _globals['_REVOKETRAVELLEREXEMPTIONREQUEST']._serialized_end=1995
+  _globals['_REVOKETRAVELLEREXEMPTIONRESPONSE']._serialized_start=1997
+  _globals['_REVOKETRAVELLEREXEMPTIONRESPONSE']._serialized_end=2089
+  _globals['_LISTTRAVELLEREXEMPTIONSREQUEST']._serialized_start=2091
+  _globals['_LISTTRAVELLEREXEMPTIONSREQUEST']._serialized_end=2162
+  _globals['_LISTTRAVELLEREXEMPTIONSRESPONSE']._serialized_start=2164
+  _globals['_LISTTRAVELLEREXEMPTIONSRESPONSE']._serialized_end=2281
+  _globals['_SETFRAUDPOLICYREQUEST']._serialized_start=2284
+  _globals['_SETFRAUDPOLICYREQUEST']._serialized_end=2466
+  _globals['_SETFRAUDPOLICYRESPONSE']._serialized_start=2468
+  _globals['_SETFRAUDPOLICYRESPONSE']._serialized_end=2540
+  _globals['_GETFRAUDPOLICYREQUEST']._serialized_start=2542
+  _globals['_GETFRAUDPOLICYREQUEST']._serialized_end=2588
+  _globals['_GETFRAUDPOLICYRESPONSE']._serialized_start=2590
+  _globals['_GETFRAUDPOLICYRESPONSE']._serialized_end=2662
+  _globals['_FRAUDREVIEWSERVICE']._serialized_start=2870
+  _globals['_FRAUDREVIEWSERVICE']._serialized_end=4471
 # @@protoc_insertion_point(module_scope)

@@ -454,3 +454,289 @@ class ListAuditEntriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEntriesResponse: _TypeAlias = ListAuditEntriesResponse  # noqa: Y015
+
+@_typing.final
+class GrantTravellerExemptionRequest(_message.Message):
+    """Request for FraudReviewService.GrantTravellerExemption."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    COUNTRIES_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (UUID)."""
+    user_id: _builtins.str
+    """The user to exempt (1 to 128 chars)."""
+    note: _builtins.str
+    """Why, for the audit log; 1 to 500 chars."""
+    @_builtins.property
+    def countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ISO 3166-1 alpha-2 codes the user may vote from (any case; at most 50); empty for
+        anywhere.
+        """
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the exemption stops applying; must be in the future."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        countries: _abc.Iterable[_builtins.str] | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["countries", b"countries", "expire_time", b"expire_time", "note", b"note", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantTravellerExemptionRequest: _TypeAlias = GrantTravellerExemptionRequest  # noqa: Y015
+
+@_typing.final
+class GrantTravellerExemptionResponse(_message.Message):
+    """Response for FraudReviewService.GrantTravellerExemption."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXEMPTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def exemption(self) -> _fraud_types_pb2.TravellerExemption:
+        """The exemption in force."""
+
+    def __init__(
+        self,
+        *,
+        exemption: _fraud_types_pb2.TravellerExemption | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exemption", b"exemption"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exemption", b"exemption"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantTravellerExemptionResponse: _TypeAlias = GrantTravellerExemptionResponse  # noqa: Y015
+
+@_typing.final
+class RevokeTravellerExemptionRequest(_message.Message):
+    """Request for FraudReviewService.RevokeTravellerExemption."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The exempted user."""
+    request_id: _builtins.str
+    """Idempotency key (UUID); over HTTP, the `request_id` query parameter."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeTravellerExemptionRequest: _TypeAlias = RevokeTravellerExemptionRequest  # noqa: Y015
+
+@_typing.final
+class RevokeTravellerExemptionResponse(_message.Message):
+    """Response for FraudReviewService.RevokeTravellerExemption."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXEMPTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def exemption(self) -> _fraud_types_pb2.TravellerExemption:
+        """The exemption as it was when revoked."""
+
+    def __init__(
+        self,
+        *,
+        exemption: _fraud_types_pb2.TravellerExemption | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exemption", b"exemption"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exemption", b"exemption"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeTravellerExemptionResponse: _TypeAlias = RevokeTravellerExemptionResponse  # noqa: Y015
+
+@_typing.final
+class ListTravellerExemptionsRequest(_message.Message):
+    """Request for FraudReviewService.ListTravellerExemptions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (default 50, at most 1,000)."""
+    page_token: _builtins.str
+    """next_page_token of the previous page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTravellerExemptionsRequest: _TypeAlias = ListTravellerExemptionsRequest  # noqa: Y015
+
+@_typing.final
+class ListTravellerExemptionsResponse(_message.Message):
+    """Response for FraudReviewService.ListTravellerExemptions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXEMPTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last."""
+    @_builtins.property
+    def exemptions(self) -> _containers.RepeatedCompositeFieldContainer[_fraud_types_pb2.TravellerExemption]:
+        """The exemptions in force."""
+
+    def __init__(
+        self,
+        *,
+        exemptions: _abc.Iterable[_fraud_types_pb2.TravellerExemption] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exemptions", b"exemptions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTravellerExemptionsResponse: _TypeAlias = ListTravellerExemptionsResponse  # noqa: Y015
+
+@_typing.final
+class SetFraudPolicyRequest(_message.Message):
+    """Request for FraudReviewService.SetFraudPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SHOW_ID_FIELD_NUMBER: _builtins.int
+    BLOCK_THRESHOLD_FIELD_NUMBER: _builtins.int
+    REVIEW_THRESHOLD_FIELD_NUMBER: _builtins.int
+    ALLOWED_COUNTRIES_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (UUID)."""
+    show_id: _builtins.str
+    """The show (a UUID)."""
+    block_threshold: _builtins.float
+    """A score above this blocks the vote and flags the user."""
+    review_threshold: _builtins.float
+    """A score above this sends the vote to review."""
+    note: _builtins.str
+    """Why, for the audit log; at most 500 chars."""
+    @_builtins.property
+    def allowed_countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ISO 3166-1 alpha-2 codes voters may vote from (any case; 1 to 50)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        show_id: _builtins.str = ...,
+        block_threshold: _builtins.float = ...,
+        review_threshold: _builtins.float = ...,
+        allowed_countries: _abc.Iterable[_builtins.str] | None = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_countries", b"allowed_countries", "block_threshold", b"block_threshold", "note", b"note", "request_id", b"request_id", "review_threshold", b"review_threshold", "show_id", b"show_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetFraudPolicyRequest: _TypeAlias = SetFraudPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetFraudPolicyResponse(_message.Message):
+    """Response for FraudReviewService.SetFraudPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> _fraud_types_pb2.FraudPolicy:
+        """The policy in force."""
+
+    def __init__(
+        self,
+        *,
+        policy: _fraud_types_pb2.FraudPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetFraudPolicyResponse: _TypeAlias = SetFraudPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetFraudPolicyRequest(_message.Message):
+    """Request for FraudReviewService.GetFraudPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOW_ID_FIELD_NUMBER: _builtins.int
+    show_id: _builtins.str
+    """The show (a UUID)."""
+    def __init__(
+        self,
+        *,
+        show_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["show_id", b"show_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFraudPolicyRequest: _TypeAlias = GetFraudPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetFraudPolicyResponse(_message.Message):
+    """Response for FraudReviewService.GetFraudPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> _fraud_types_pb2.FraudPolicy:
+        """The show's policy."""
+
+    def __init__(
+        self,
+        *,
+        policy: _fraud_types_pb2.FraudPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFraudPolicyResponse: _TypeAlias = GetFraudPolicyResponse  # noqa: Y015

@@ -61,6 +61,31 @@ class FraudReviewServiceStub:
                 request_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListBlocksRequest.SerializeToString,
                 response_deserializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListBlocksResponse.FromString,
                 _registered_method=True)
+        self.GrantTravellerExemption = channel.unary_unary(
+                '/televote.fraud.v1.FraudReviewService/GrantTravellerExemption',
+                request_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.GrantTravellerExemptionRequest.SerializeToString,
+                response_deserializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.GrantTravellerExemptionResponse.FromString,
+                _registered_method=True)
+        self.RevokeTravellerExemption = channel.unary_unary(
+                '/televote.fraud.v1.FraudReviewService/RevokeTravellerExemption',
+                request_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.RevokeTravellerExemptionRequest.SerializeToString,
+                response_deserializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.RevokeTravellerExemptionResponse.FromString,
+                _registered_method=True)
+        self.ListTravellerExemptions = channel.unary_unary(
+                '/televote.fraud.v1.FraudReviewService/ListTravellerExemptions',
+                request_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListTravellerExemptionsRequest.SerializeToString,
+                response_deserializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListTravellerExemptionsResponse.FromString,
+                _registered_method=True)
+        self.SetFraudPolicy = channel.unary_unary(
+                '/televote.fraud.v1.FraudReviewService/SetFraudPolicy',
+                request_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.SetFraudPolicyRequest.SerializeToString,
+                response_deserializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.SetFraudPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetFraudPolicy = channel.unary_unary(
+                '/televote.fraud.v1.FraudReviewService/GetFraudPolicy',
+                request_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.GetFraudPolicyRequest.SerializeToString,
+                response_deserializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.GetFraudPolicyResponse.FromString,
+                _registered_method=True)
         self.ListAuditEntries = channel.unary_unary(
                 '/televote.fraud.v1.FraudReviewService/ListAuditEntries',
                 request_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListAuditEntriesRequest.SerializeToString,
@@ -94,8 +119,9 @@ class FraudReviewServiceServicer:
         * INVALID_ARGUMENT `INVALID_REQUEST`: missing decision or scope.
         * NOT_FOUND `REVIEW_NOT_FOUND`.
         * FAILED_PRECONDITION `REVIEW_ALREADY_RESOLVED`: resolved before by another request.
-        * FAILED_PRECONDITION `ROUND_FINALIZED`: the round's final result is published and can no
-        longer change.
+        * FAILED_PRECONDITION `ROUND_FINALIZED`: the round's final result is stored (the round is
+        FINALIZED or being announced) and can no longer change; nothing is changed. A retry of a
+        resolution made before still returns it.
         * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -133,6 +159,79 @@ class FraudReviewServiceServicer:
         Returns:
         * OK.
         * INVALID_ARGUMENT `INVALID_REQUEST`: page_size outside 0..1000 or a bad page_token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrantTravellerExemption(self, request, context):
+        """Exempts a user from the geo-fence until `expire_time`: votes from the listed countries
+        (from anywhere when none are listed) no longer get the `foreign_country` signal. Replaces
+        the user's current exemption, if any. Audited (`traveller.grant`). A retry with the same
+        `request_id` returns the original answer.
+
+        Returns:
+        * OK.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id, missing user_id, a
+        country that is not an ISO 3166-1 alpha-2 code, expire_time missing or in the past, a
+        note missing or longer than 500 chars.
+        * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeTravellerExemption(self, request, context):
+        """Revokes a user's traveller exemption: the geo-fence applies to their next votes.
+        Audited (`traveller.revoke`). A retry with the same `request_id` returns the original
+        answer.
+
+        Returns:
+        * OK.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id, missing user_id.
+        * NOT_FOUND `TRAVELLER_NOT_FOUND`: the user has no exemption.
+        * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTravellerExemptions(self, request, context):
+        """Lists the exemptions in force, by user id.
+
+        Returns:
+        * OK.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: page_size outside 0..1000 or a bad page_token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetFraudPolicy(self, request, context):
+        """Sets a show's fraud policy (thresholds and allowed countries) for the votes of its rounds
+        from now on; replaces the show's current policy. Every fraud_svc replica applies it within
+        FRAUD_REFRESH_SECONDS. Audited (`policy.set`). A retry with the same `request_id` returns
+        the original answer.
+
+        Returns:
+        * OK.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id or show_id, not
+        0 < review_threshold <= block_threshold <= 1, no allowed country or one that is not an
+        ISO 3166-1 alpha-2 code, a note longer than 500 chars.
+        * NOT_FOUND `SHOW_NOT_FOUND`.
+        * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFraudPolicy(self, request, context):
+        """Returns a show's fraud policy.
+
+        Returns:
+        * OK.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: show_id is not a UUID.
+        * NOT_FOUND `FRAUD_POLICY_NOT_FOUND`: the show has none (the deployment's defaults apply).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -177,6 +276,31 @@ def add_FraudReviewServiceServicer_to_server(servicer, server):
                     servicer.ListBlocks,
                     request_deserializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListBlocksRequest.FromString,
                     response_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListBlocksResponse.SerializeToString,
+            ),
+            'GrantTravellerExemption': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantTravellerExemption,
+                    request_deserializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.GrantTravellerExemptionRequest.FromString,
+                    response_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.GrantTravellerExemptionResponse.SerializeToString,
+            ),
+            'RevokeTravellerExemption': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeTravellerExemption,
+                    request_deserializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.RevokeTravellerExemptionRequest.FromString,
+                    response_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.RevokeTravellerExemptionResponse.SerializeToString,
+            ),
+            'ListTravellerExemptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTravellerExemptions,
+                    request_deserializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListTravellerExemptionsRequest.FromString,
+                    response_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListTravellerExemptionsResponse.SerializeToString,
+            ),
+            'SetFraudPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFraudPolicy,
+                    request_deserializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.SetFraudPolicyRequest.FromString,
+                    response_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.SetFraudPolicyResponse.SerializeToString,
+            ),
+            'GetFraudPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFraudPolicy,
+                    request_deserializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.GetFraudPolicyRequest.FromString,
+                    response_serializer=televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.GetFraudPolicyResponse.SerializeToString,
             ),
             'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAuditEntries,
@@ -321,6 +445,141 @@ class FraudReviewService:
             '/televote.fraud.v1.FraudReviewService/ListBlocks',
             televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListBlocksRequest.SerializeToString,
             televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListBlocksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantTravellerExemption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/televote.fraud.v1.FraudReviewService/GrantTravellerExemption',
+            televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.GrantTravellerExemptionRequest.SerializeToString,
+            televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.GrantTravellerExemptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeTravellerExemption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/televote.fraud.v1.FraudReviewService/RevokeTravellerExemption',
+            televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.RevokeTravellerExemptionRequest.SerializeToString,
+            televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.RevokeTravellerExemptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTravellerExemptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/televote.fraud.v1.FraudReviewService/ListTravellerExemptions',
+            televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListTravellerExemptionsRequest.SerializeToString,
+            televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.ListTravellerExemptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFraudPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/televote.fraud.v1.FraudReviewService/SetFraudPolicy',
+            televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.SetFraudPolicyRequest.SerializeToString,
+            televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.SetFraudPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFraudPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/televote.fraud.v1.FraudReviewService/GetFraudPolicy',
+            televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.GetFraudPolicyRequest.SerializeToString,
+            televote_dot_fraud_dot_v1_dot_fraud__review__service__pb2.GetFraudPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

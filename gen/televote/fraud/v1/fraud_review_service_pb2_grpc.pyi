@@ -52,8 +52,9 @@ class FraudReviewServiceStub:
     * INVALID_ARGUMENT `INVALID_REQUEST`: missing decision or scope.
     * NOT_FOUND `REVIEW_NOT_FOUND`.
     * FAILED_PRECONDITION `REVIEW_ALREADY_RESOLVED`: resolved before by another request.
-    * FAILED_PRECONDITION `ROUND_FINALIZED`: the round's final result is published and can no
-      longer change.
+    * FAILED_PRECONDITION `ROUND_FINALIZED`: the round's final result is stored (the round is
+      FINALIZED or being announced) and can no longer change; nothing is changed. A retry of a
+      resolution made before still returns it.
     * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`.
     """
     CreateBlock: _grpc.UnaryUnaryMultiCallable[_fraud_review_service_pb2.CreateBlockRequest, _fraud_review_service_pb2.CreateBlockResponse]
@@ -79,6 +80,59 @@ class FraudReviewServiceStub:
     Returns:
     * OK.
     * INVALID_ARGUMENT `INVALID_REQUEST`: page_size outside 0..1000 or a bad page_token.
+    """
+    GrantTravellerExemption: _grpc.UnaryUnaryMultiCallable[_fraud_review_service_pb2.GrantTravellerExemptionRequest, _fraud_review_service_pb2.GrantTravellerExemptionResponse]
+    """Exempts a user from the geo-fence until `expire_time`: votes from the listed countries
+    (from anywhere when none are listed) no longer get the `foreign_country` signal. Replaces
+    the user's current exemption, if any. Audited (`traveller.grant`). A retry with the same
+    `request_id` returns the original answer.
+
+    Returns:
+    * OK.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id, missing user_id, a
+      country that is not an ISO 3166-1 alpha-2 code, expire_time missing or in the past, a
+      note missing or longer than 500 chars.
+    * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
+    """
+    RevokeTravellerExemption: _grpc.UnaryUnaryMultiCallable[_fraud_review_service_pb2.RevokeTravellerExemptionRequest, _fraud_review_service_pb2.RevokeTravellerExemptionResponse]
+    """Revokes a user's traveller exemption: the geo-fence applies to their next votes.
+    Audited (`traveller.revoke`). A retry with the same `request_id` returns the original
+    answer.
+
+    Returns:
+    * OK.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id, missing user_id.
+    * NOT_FOUND `TRAVELLER_NOT_FOUND`: the user has no exemption.
+    * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
+    """
+    ListTravellerExemptions: _grpc.UnaryUnaryMultiCallable[_fraud_review_service_pb2.ListTravellerExemptionsRequest, _fraud_review_service_pb2.ListTravellerExemptionsResponse]
+    """Lists the exemptions in force, by user id.
+
+    Returns:
+    * OK.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: page_size outside 0..1000 or a bad page_token.
+    """
+    SetFraudPolicy: _grpc.UnaryUnaryMultiCallable[_fraud_review_service_pb2.SetFraudPolicyRequest, _fraud_review_service_pb2.SetFraudPolicyResponse]
+    """Sets a show's fraud policy (thresholds and allowed countries) for the votes of its rounds
+    from now on; replaces the show's current policy. Every fraud_svc replica applies it within
+    FRAUD_REFRESH_SECONDS. Audited (`policy.set`). A retry with the same `request_id` returns
+    the original answer.
+
+    Returns:
+    * OK.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id or show_id, not
+      0 < review_threshold <= block_threshold <= 1, no allowed country or one that is not an
+      ISO 3166-1 alpha-2 code, a note longer than 500 chars.
+    * NOT_FOUND `SHOW_NOT_FOUND`.
+    * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
+    """
+    GetFraudPolicy: _grpc.UnaryUnaryMultiCallable[_fraud_review_service_pb2.GetFraudPolicyRequest, _fraud_review_service_pb2.GetFraudPolicyResponse]
+    """Returns a show's fraud policy.
+
+    Returns:
+    * OK.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: show_id is not a UUID.
+    * NOT_FOUND `FRAUD_POLICY_NOT_FOUND`: the show has none (the deployment's defaults apply).
     """
     ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_fraud_review_service_pb2.ListAuditEntriesRequest, _fraud_review_service_pb2.ListAuditEntriesResponse]
     """Lists audit entries, newest first.
@@ -113,8 +167,9 @@ class FraudReviewServiceAsyncStub(FraudReviewServiceStub):
     * INVALID_ARGUMENT `INVALID_REQUEST`: missing decision or scope.
     * NOT_FOUND `REVIEW_NOT_FOUND`.
     * FAILED_PRECONDITION `REVIEW_ALREADY_RESOLVED`: resolved before by another request.
-    * FAILED_PRECONDITION `ROUND_FINALIZED`: the round's final result is published and can no
-      longer change.
+    * FAILED_PRECONDITION `ROUND_FINALIZED`: the round's final result is stored (the round is
+      FINALIZED or being announced) and can no longer change; nothing is changed. A retry of a
+      resolution made before still returns it.
     * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`.
     """
     CreateBlock: _aio.UnaryUnaryMultiCallable[_fraud_review_service_pb2.CreateBlockRequest, _fraud_review_service_pb2.CreateBlockResponse]  # type: ignore[assignment]
@@ -140,6 +195,59 @@ class FraudReviewServiceAsyncStub(FraudReviewServiceStub):
     Returns:
     * OK.
     * INVALID_ARGUMENT `INVALID_REQUEST`: page_size outside 0..1000 or a bad page_token.
+    """
+    GrantTravellerExemption: _aio.UnaryUnaryMultiCallable[_fraud_review_service_pb2.GrantTravellerExemptionRequest, _fraud_review_service_pb2.GrantTravellerExemptionResponse]  # type: ignore[assignment]
+    """Exempts a user from the geo-fence until `expire_time`: votes from the listed countries
+    (from anywhere when none are listed) no longer get the `foreign_country` signal. Replaces
+    the user's current exemption, if any. Audited (`traveller.grant`). A retry with the same
+    `request_id` returns the original answer.
+
+    Returns:
+    * OK.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id, missing user_id, a
+      country that is not an ISO 3166-1 alpha-2 code, expire_time missing or in the past, a
+      note missing or longer than 500 chars.
+    * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
+    """
+    RevokeTravellerExemption: _aio.UnaryUnaryMultiCallable[_fraud_review_service_pb2.RevokeTravellerExemptionRequest, _fraud_review_service_pb2.RevokeTravellerExemptionResponse]  # type: ignore[assignment]
+    """Revokes a user's traveller exemption: the geo-fence applies to their next votes.
+    Audited (`traveller.revoke`). A retry with the same `request_id` returns the original
+    answer.
+
+    Returns:
+    * OK.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id, missing user_id.
+    * NOT_FOUND `TRAVELLER_NOT_FOUND`: the user has no exemption.
+    * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
+    """
+    ListTravellerExemptions: _aio.UnaryUnaryMultiCallable[_fraud_review_service_pb2.ListTravellerExemptionsRequest, _fraud_review_service_pb2.ListTravellerExemptionsResponse]  # type: ignore[assignment]
+    """Lists the exemptions in force, by user id.
+
+    Returns:
+    * OK.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: page_size outside 0..1000 or a bad page_token.
+    """
+    SetFraudPolicy: _aio.UnaryUnaryMultiCallable[_fraud_review_service_pb2.SetFraudPolicyRequest, _fraud_review_service_pb2.SetFraudPolicyResponse]  # type: ignore[assignment]
+    """Sets a show's fraud policy (thresholds and allowed countries) for the votes of its rounds
+    from now on; replaces the show's current policy. Every fraud_svc replica applies it within
+    FRAUD_REFRESH_SECONDS. Audited (`policy.set`). A retry with the same `request_id` returns
+    the original answer.
+
+    Returns:
+    * OK.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id or show_id, not
+      0 < review_threshold <= block_threshold <= 1, no allowed country or one that is not an
+      ISO 3166-1 alpha-2 code, a note longer than 500 chars.
+    * NOT_FOUND `SHOW_NOT_FOUND`.
+    * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
+    """
+    GetFraudPolicy: _aio.UnaryUnaryMultiCallable[_fraud_review_service_pb2.GetFraudPolicyRequest, _fraud_review_service_pb2.GetFraudPolicyResponse]  # type: ignore[assignment]
+    """Returns a show's fraud policy.
+
+    Returns:
+    * OK.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: show_id is not a UUID.
+    * NOT_FOUND `FRAUD_POLICY_NOT_FOUND`: the show has none (the deployment's defaults apply).
     """
     ListAuditEntries: _aio.UnaryUnaryMultiCallable[_fraud_review_service_pb2.ListAuditEntriesRequest, _fraud_review_service_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
     """Lists audit entries, newest first.
@@ -183,8 +291,9 @@ class FraudReviewServiceServicer(metaclass=_abc_1.ABCMeta):
         * INVALID_ARGUMENT `INVALID_REQUEST`: missing decision or scope.
         * NOT_FOUND `REVIEW_NOT_FOUND`.
         * FAILED_PRECONDITION `REVIEW_ALREADY_RESOLVED`: resolved before by another request.
-        * FAILED_PRECONDITION `ROUND_FINALIZED`: the round's final result is published and can no
-          longer change.
+        * FAILED_PRECONDITION `ROUND_FINALIZED`: the round's final result is stored (the round is
+          FINALIZED or being announced) and can no longer change; nothing is changed. A retry of a
+          resolution made before still returns it.
         * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`.
         """
 
@@ -228,6 +337,89 @@ class FraudReviewServiceServicer(metaclass=_abc_1.ABCMeta):
         Returns:
         * OK.
         * INVALID_ARGUMENT `INVALID_REQUEST`: page_size outside 0..1000 or a bad page_token.
+        """
+
+    @_abc_1.abstractmethod
+    def GrantTravellerExemption(
+        self,
+        request: _fraud_review_service_pb2.GrantTravellerExemptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fraud_review_service_pb2.GrantTravellerExemptionResponse, _abc.Awaitable[_fraud_review_service_pb2.GrantTravellerExemptionResponse]]:
+        """Exempts a user from the geo-fence until `expire_time`: votes from the listed countries
+        (from anywhere when none are listed) no longer get the `foreign_country` signal. Replaces
+        the user's current exemption, if any. Audited (`traveller.grant`). A retry with the same
+        `request_id` returns the original answer.
+
+        Returns:
+        * OK.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id, missing user_id, a
+          country that is not an ISO 3166-1 alpha-2 code, expire_time missing or in the past, a
+          note missing or longer than 500 chars.
+        * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeTravellerExemption(
+        self,
+        request: _fraud_review_service_pb2.RevokeTravellerExemptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fraud_review_service_pb2.RevokeTravellerExemptionResponse, _abc.Awaitable[_fraud_review_service_pb2.RevokeTravellerExemptionResponse]]:
+        """Revokes a user's traveller exemption: the geo-fence applies to their next votes.
+        Audited (`traveller.revoke`). A retry with the same `request_id` returns the original
+        answer.
+
+        Returns:
+        * OK.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id, missing user_id.
+        * NOT_FOUND `TRAVELLER_NOT_FOUND`: the user has no exemption.
+        * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTravellerExemptions(
+        self,
+        request: _fraud_review_service_pb2.ListTravellerExemptionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fraud_review_service_pb2.ListTravellerExemptionsResponse, _abc.Awaitable[_fraud_review_service_pb2.ListTravellerExemptionsResponse]]:
+        """Lists the exemptions in force, by user id.
+
+        Returns:
+        * OK.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: page_size outside 0..1000 or a bad page_token.
+        """
+
+    @_abc_1.abstractmethod
+    def SetFraudPolicy(
+        self,
+        request: _fraud_review_service_pb2.SetFraudPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fraud_review_service_pb2.SetFraudPolicyResponse, _abc.Awaitable[_fraud_review_service_pb2.SetFraudPolicyResponse]]:
+        """Sets a show's fraud policy (thresholds and allowed countries) for the votes of its rounds
+        from now on; replaces the show's current policy. Every fraud_svc replica applies it within
+        FRAUD_REFRESH_SECONDS. Audited (`policy.set`). A retry with the same `request_id` returns
+        the original answer.
+
+        Returns:
+        * OK.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id or show_id, not
+          0 < review_threshold <= block_threshold <= 1, no allowed country or one that is not an
+          ISO 3166-1 alpha-2 code, a note longer than 500 chars.
+        * NOT_FOUND `SHOW_NOT_FOUND`.
+        * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
+        """
+
+    @_abc_1.abstractmethod
+    def GetFraudPolicy(
+        self,
+        request: _fraud_review_service_pb2.GetFraudPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fraud_review_service_pb2.GetFraudPolicyResponse, _abc.Awaitable[_fraud_review_service_pb2.GetFraudPolicyResponse]]:
+        """Returns a show's fraud policy.
+
+        Returns:
+        * OK.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: show_id is not a UUID.
+        * NOT_FOUND `FRAUD_POLICY_NOT_FOUND`: the show has none (the deployment's defaults apply).
         """
 
     @_abc_1.abstractmethod

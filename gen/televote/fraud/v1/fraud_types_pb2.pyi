@@ -195,6 +195,110 @@ class Block(_message.Message):
 Global___Block: _TypeAlias = Block  # noqa: Y015
 
 @_typing.final
+class TravellerExemption(_message.Message):
+    """A traveller exemption: the user may vote from outside the allowed countries (the
+    geo-fence signal `foreign_country` does not fire for them) until it expires.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    COUNTRIES_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    GRANTED_BY_FIELD_NUMBER: _builtins.int
+    GRANT_TIME_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The exempted user."""
+    note: _builtins.str
+    """Why, for the audit log."""
+    granted_by: _builtins.str
+    """The operator who granted it."""
+    @_builtins.property
+    def countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ISO 3166-1 alpha-2 codes (upper case) the user may vote from; empty for anywhere."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the exemption stops applying."""
+
+    @_builtins.property
+    def grant_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was granted (or last changed)."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        countries: _abc.Iterable[_builtins.str] | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        note: _builtins.str = ...,
+        granted_by: _builtins.str = ...,
+        grant_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "grant_time", b"grant_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["countries", b"countries", "expire_time", b"expire_time", "grant_time", b"grant_time", "granted_by", b"granted_by", "note", b"note", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TravellerExemption: _TypeAlias = TravellerExemption  # noqa: Y015
+
+@_typing.final
+class FraudPolicy(_message.Message):
+    """A show's own fraud policy, in place of the deployment's defaults (FRAUD_BLOCK_THRESHOLD,
+    FRAUD_REVIEW_THRESHOLD, FRAUD_ALLOWED_COUNTRIES) for the votes of its rounds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOW_ID_FIELD_NUMBER: _builtins.int
+    BLOCK_THRESHOLD_FIELD_NUMBER: _builtins.int
+    REVIEW_THRESHOLD_FIELD_NUMBER: _builtins.int
+    ALLOWED_COUNTRIES_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    show_id: _builtins.str
+    """The show."""
+    block_threshold: _builtins.float
+    """A score above this blocks the vote and flags the user (0 < review_threshold <=
+    block_threshold <= 1).
+    """
+    review_threshold: _builtins.float
+    """A score above this sends the vote to review."""
+    note: _builtins.str
+    """Why, for the audit log."""
+    updated_by: _builtins.str
+    """The operator who set it."""
+    @_builtins.property
+    def allowed_countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ISO 3166-1 alpha-2 codes (upper case) voters may vote from (the geo-fence)."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was set."""
+
+    def __init__(
+        self,
+        *,
+        show_id: _builtins.str = ...,
+        block_threshold: _builtins.float = ...,
+        review_threshold: _builtins.float = ...,
+        allowed_countries: _abc.Iterable[_builtins.str] | None = ...,
+        note: _builtins.str = ...,
+        updated_by: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_countries", b"allowed_countries", "block_threshold", b"block_threshold", "note", b"note", "review_threshold", b"review_threshold", "show_id", b"show_id", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FraudPolicy: _TypeAlias = FraudPolicy  # noqa: Y015
+
+@_typing.final
 class Review(_message.Message):
     """A vote sent to review by fraud scoring."""
 
