@@ -150,3 +150,104 @@ def audit_verify(
     assert verdict.recount is not None
     print(f"OK: root and signature verify; recount {verdict.recount.counts} "
           f"(total {verdict.recount.total_votes}) equals the published result")
+
+
+#: Scenario defaults that differ from the seed's (a shownight's users follow from its curve;
+#: bots run on the real clock so fraud's timing signals see human timing as human).
+_SCENARIO_DEFAULTS: dict[str, dict[str, float]] = {
+    "seed": {},
+    "retries": {"users": 2_000},
+    "shownight": {"compress": 15.0},
+    "bots": {"users": 300, "window_s": 180.0, "compress": 1.0},
+}
+
+
+@app.command()
+def loadtest(
+    scenario: Annotated[str, typer.Argument(
+        help="seed (the seed's test), shownight (bursts and a close-of-lines spike), "
+             "retries (duplicates, lost answers, reused ids) or bots (fraud generator).")],
+    users: Annotated[int | None, typer.Option(
+        min=1, help="Voters (seed 10,000; shownight derives them from its curve).")] = None,
+    votes_per_user: Annotated[int, typer.Option(min=1)] = 10,
+    paid_share: Annotated[float, typer.Option(min=0.0, max=1.0,
+                                              help="Share of votes that are paid.")] = 0.3,
+    window: Annotated[float | None, typer.Option(
+        min=1.0, help="The voting window in show seconds (default 1800).")] = None,
+    compress: Annotated[float | None, typer.Option(
+        min=0.01, help="Show seconds per real second: 30 runs 30 minutes in one.")] = None,
+    peak_rate: Annotated[float, typer.Option(
+        min=1.0, help="shownight: votes/s at the close-of-lines spike.")] = 500.0,
+    spike_seconds: Annotated[float, typer.Option(
+        min=1.0, help="shownight: real seconds of the spike, ending at the close.")] = 60.0,
+    performances: Annotated[int, typer.Option(min=0, help="shownight: performances.")] = 4,
+    paths: Annotated[str, typer.Option(
+        help="Comma-separated: grpc, json, grpcweb; users are spread over them.")]
+    = "grpc,json,grpcweb",
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Load driver processes.")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed of the plan.")] = 1,
+    edge: Annotated[str | None, typer.Option(
+        help="Drive a running edge (http://HOST:PORT) instead of starting a stack; needs "
+             "--state-dir (token key) and DATABASE_URL (verification).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        envvar="TELEVOTE_STATE_DIR", help="With --edge: the stack's state directory.")] = None,
+    database_url: Annotated[str | None, typer.Option(
+        envvar="DATABASE_URL", help="With --edge: the ledger's PostgreSQL.")] = None,
+    replicas: Annotated[list[str] | None, typer.Option(
+        "--replicas", help="Own stack: SERVICE=N, repeatable.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Report directory (default loadtest-runs/<time>-<scenario>).")] = None,
+    live: Annotated[bool, typer.Option(help="Live progress display.")] = True,
+) -> None:
+    """Simulate a show's audience through the edge, verify the ledger, write a report.
+
+    Exits 1 when verification fails, printing what failed.
+    """
+    from loadtest.plan import SCENARIOS, LoadConfig, validate
+    from loadtest.run import Target, run, run_with_own_stack
+
+    if scenario not in SCENARIOS:
+        raise typer.BadParameter(f"expected one of {', '.join(SCENARIOS)}",
+                                 param_hint="SCENARIO")
+    defaults = _SCENARIO_DEFAULTS[scenario]
+    config = LoadConfig(
+        scenario=scenario, users=users or int(defaults.get("users", 10_000)),
+        votes_per_user=votes_per_user, paid_share=paid_share,
+        window_s=window or defaults.get("window_s", 1800.0),
+        compress=compress or defaults.get("compress", 30.0),
+        paths=tuple(p.strip() for p in paths.split(",") if p.strip()), seed=seed,
+        peak_rate=peak_rate, spike_s=spike_seconds, performances=performances)
+    try:
+        validate(config)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    counts: dict[str, int] = {}
+    for item in replicas or []:
+        name, _, count = item.partition("=")
+        if name not in SERVICES or not count.isdigit() or int(count) < 1:
+            raise typer.BadParameter(f"expected SERVICE=N with SERVICE in {', '.join(SERVICES)}",
+                                     param_hint="--replicas")
+        counts[name] = int(count)
+    out = out or Path("loadtest-runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario}"
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if edge is not None:
+        host_port = edge.removeprefix("http://").rstrip("/")
+        if edge.startswith("https://") or ":" not in host_port:
+            raise typer.BadParameter("expected http://HOST:PORT", param_hint="--edge")
+        if state_dir is None or database_url is None:
+            raise typer.BadParameter("--edge needs --state-dir and --database-url",
+                                     param_hint="--edge")
+        if not (state_dir / "jwt").is_dir():
+            raise typer.BadParameter(f"{state_dir} holds no token key (jwt/)",
+                                     param_hint="--state-dir")
+        result = asyncio.run(run(config, Target(host_port, state_dir, database_url), out,
+                                 workers=workers, live=live))
+    else:
+        result = asyncio.run(run_with_own_stack(config, out, workers=workers,
+                                                replicas=counts, live=live))
+    print((out / "summary.md").read_text())
+    print(f"report: {out}/report.json, {out}/summary.md, {out}/plot.png")
+    if not result.verdict.ok:
+        for failure in result.verdict.failures:
+            print(f"VERIFICATION FAILED: {failure}", file=sys.stderr)
+        raise typer.Exit(1)

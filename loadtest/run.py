@@ -1,0 +1,202 @@
+"""One load test from start to finish: plan, show, grants, voting, final result, verification,
+report. `run()` drives a stack that is already up; `run_with_own_stack()` starts one first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from loadtest import report
+from loadtest.driver import Attempt, WorkerJob, drain, load_attempts, worker_main
+from loadtest.plan import LoadConfig, Plan, build
+from loadtest.progress import Progress, live_display
+from loadtest.resources import Sampler
+from loadtest.show import ControlRoom, wait_final
+from loadtest.verify import RunRecord, Verdict, verify
+from ops.stack import Stack, StackSettings
+
+#: The loadtest's own stack: quiet logs, and windows as short as a second so a smoke run of a
+#: compressed show can be tiny (a real show's minimum stays sync_svc's default elsewhere).
+OWN_STACK_ENV = {"TELEVOTE_LOG_LEVEL": "WARNING", "SYNC_MIN_WINDOW_MS": "1000"}
+
+
+@dataclass
+class Target:
+    """Where the stack is: the edge, the dev token key (state dir), the ledger."""
+
+    edge_target: str  # host:port
+    state_dir: Path
+    database_url: str
+    #: Whether this process started the stack (then its processes' CPU and memory are known).
+    own_stack: bool = False
+
+    @property
+    def edge_url(self) -> str:
+        return f"http://{self.edge_target}"
+
+    @classmethod
+    def of(cls, stack: Stack, own: bool = True) -> Target:
+        return cls(stack.edge_target, stack.settings.state_dir, stack.database_url, own)
+
+
+@dataclass
+class RunResult:
+    plan: Plan
+    verdict: Verdict
+    figures: dict[str, Any]
+    out_dir: Path | None
+    attempts: list[Attempt] = field(default_factory=list)
+    record: RunRecord | None = None
+
+
+async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *,
+              workers: int = 2, live: bool = True, log: Callable[[str], None] = print,
+              ) -> RunResult:
+    plan = build(config)
+    log(f"plan {plan.run_id} ({config.scenario}): {plan.summary()}")
+    room = ControlRoom(target.edge_target, target.state_dir)
+    try:
+        voting_round = await room.prepare(plan.run_id, config.contestants, config.free_quota,
+                                          config.wall_window_s)
+        started = time.monotonic()
+        await room.grant(plan.grants, plan.run_id)
+        log(f"granted {sum(plan.grants.values()):,} paid votes to {len(plan.grants):,} voters"
+            f" in {time.monotonic() - started:.1f}s (GrantVotes as an operator)")
+        attempts, progress, sampler = await _vote(plan, target, room, voting_round, workers,
+                                                  live, log)
+        progress.phase = "waiting for the final result"
+        finalized: datetime = await wait_final(target.database_url, voting_round.round_id)
+        log(f"final result stored {finalized.timestamp() - voting_round.closes_at:.1f}s"
+            " after the close")
+        with contextlib.suppress(Exception):  # the show is over either way
+            await room.end_show(voting_round.episode_id)
+    finally:
+        await room.close()
+    record = RunRecord(plan, voting_round, attempts)
+    async with await psycopg.AsyncConnection.connect(target.database_url,
+                                                     row_factory=dict_row) as connection:
+        verdict = await verify(connection, record)
+    resources = sampler.stop()
+    notes = [
+        "Paid voters are funded with WalletAdminService.GrantVotes by an operator:"
+        " PurchaseVotePackage answers UNIMPLEMENTED.",
+        "Latency runs from the planned send moment to the answer; the load drivers share the"
+        " machine's cores with the stack.",
+    ]
+    if not target.own_stack:
+        notes.append("Stack started elsewhere: CPU and memory are the load drivers' only.")
+    if config.scenario == "bots":
+        notes.append("Through the edge every vote has the simulator's IP (use_remote_address),"
+                     " so fraud sees the generator's devices, GPS and timing, not its IPs.")
+    data = report.figures(plan, attempts, voting_round.opens_at, voting_round.closes_at,
+                          verdict, resources, sampler.load_average, notes)
+    if out_dir is not None:
+        report.write(out_dir, data, plan, attempts, voting_round.opens_at,
+                     voting_round.closes_at)
+    return RunResult(plan, verdict, data, out_dir, attempts, record)
+
+
+async def _vote(plan: Plan, target: Target, room: ControlRoom, voting_round: Any,
+                workers: int, live: bool, log: Callable[[str], None],
+                ) -> tuple[list[Attempt], Progress, Sampler]:
+    """Start the drivers, open voting, follow progress until every driver is done."""
+    context = multiprocessing.get_context("spawn")
+    reports: Any = context.Queue()
+    start: Any = context.Value("d", 0.0)
+    started: Any = context.Event()
+    scratch = Path(tempfile.mkdtemp(prefix=f"loadtest-{plan.run_id}-"))
+    shares: list[list[tuple[int, Any]]] = [[] for _ in range(workers)]
+    for index, shot in enumerate(plan.shots):
+        shares[zlib.crc32(shot.user.encode()) % workers].append((index, shot))
+    jobs = [WorkerJob(n, share, voting_round.round_id, voting_round.contestant_ids,
+                      target.edge_target, target.edge_url, target.state_dir,
+                      scratch / f"worker-{n}.pickle",
+                      retry_errors=plan.config.scenario == "retries")
+            for n, share in enumerate(shares)]
+    processes = [context.Process(target=worker_main, args=(job, reports, start, started),
+                                 name=f"loadtest-driver-{job.worker}", daemon=True)
+                 for job in jobs]
+    for process in processes:
+        process.start()
+    progress = Progress(f"televote loadtest {plan.config.scenario} {plan.run_id}",
+                        len(plan.shots), plan.config.wall_window_s)
+    sampler = Sampler()
+    try:
+        ready, done = 0, 0
+        with live_display(progress, live) as display:
+            while ready < workers:
+                _check_alive(processes)
+                for kind, _, _ in await asyncio.to_thread(drain, reports, 0.2):
+                    ready += kind == "ready"
+            sampler.start()
+            await room.open_voting(voting_round, plan.config.wall_window_s)
+            start.value = voting_round.opens_at
+            started.set()
+            progress.start_at, progress.phase = voting_round.opens_at, "voting"
+            cues = asyncio.create_task(room.performances(voting_round, voting_round.opens_at,
+                                                         plan.performances))
+            while done < workers:
+                _check_alive(processes)
+                for kind, _, payload in await asyncio.to_thread(drain, reports, 0.2):
+                    if kind == "progress":
+                        progress.add(*payload)
+                    done += kind == "done"
+                if time.time() > voting_round.closes_at:
+                    progress.phase = "closed; answering the last votes"
+                display.refresh()
+            with contextlib.suppress(Exception):
+                await cues
+        for process in processes:
+            process.join(timeout=30)
+    except BaseException:
+        sampler.stop()
+        raise
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+    attempts = [attempt for job in jobs for attempt in load_attempts(job.result_path)]
+    log(f"{len(attempts):,} requests answered by {workers} drivers")
+    return attempts, progress, sampler
+
+
+def _check_alive(processes: list[Any]) -> None:
+    for process in processes:
+        if process.exitcode not in (None, 0):
+            raise RuntimeError(f"{process.name} exited with {process.exitcode}")
+
+
+async def run_with_own_stack(config: LoadConfig, out_dir: Path | None, *, workers: int = 2,
+                             replicas: dict[str, int] | None = None, live: bool = True,
+                             state_dir: Path | None = None,
+                             log: Callable[[str], None] = print) -> RunResult:
+    """Start the whole mesh (embedded PostgreSQL and Redis), run, stop it again."""
+    settings = StackSettings(
+        state_dir=state_dir or Path(tempfile.mkdtemp(prefix="loadtest-stack-")), edge_port=0,
+        service_env=OWN_STACK_ENV)
+    # Two vote_svc replicas by default: the vote path is where the load is, and replicas are
+    # how it is run (like bench/vote_bench.py).
+    settings.replicas.update({"vote_svc": 2, **(replicas or {})})
+    stack = Stack(settings)
+    started = time.monotonic()
+    await stack.start()
+    log(f"stack up in {time.monotonic() - started:.1f}s: edge {stack.edge_url},"
+        f" replicas {settings.replicas}")
+    try:
+        return await run(config, Target.of(stack), out_dir, workers=workers, live=live,
+                         log=log)
+    finally:
+        await stack.stop()

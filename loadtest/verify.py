@@ -1,0 +1,334 @@
+"""After a run: is every vote the simulator saw acknowledged in the ledger exactly once, does
+every refusal carry a reason the scenario allows (and the ledger agrees with), does the final
+result equal a recount, and do the balances and quotas hold?
+
+Everything is read from PostgreSQL, the system of record, through one connection the caller
+gives (so a test can damage the ledger inside a transaction and roll it back). The recount is
+independent of results_svc's SQL: ledger rows are read here and counted with the round's
+rules in plain Python (`results_svc.rules`, the module auditors run), and the result is also
+compared with what the voters were told (their acknowledged votes).
+
+An answer the client could not interpret (ERROR: a deadline, a reset, UNAVAILABLE) leaves the
+vote's fate open; such a vote may be in the ledger or not, and the balance checks allow for
+it. A vote that was acknowledged or refused has exactly one allowed fate.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from loadtest.driver import Attempt
+from loadtest.plan import FREE, PAID, Plan, Shot
+from loadtest.show import Round
+from loadtest.transports import ERROR, OK, REFUSED
+from results_svc import rules
+from results_svc.final import read_final
+from results_svc.rounds import load_round
+
+_ROWS_SQL = """
+SELECT v.vote_id::text, v.user_id, v.request_id, v.contestant_id::text, v.vote_type, v.count,
+       v.channel, v.admitted_ms, v.receipt_hash,
+       EXISTS (SELECT 1 FROM fraud_rejections f
+                WHERE f.round_id = v.round_id::text AND f.user_id = v.user_id
+                  AND (f.vote_ref IS NULL OR f.vote_ref = v.request_id)) AS fraud_rejected
+  FROM votes v WHERE v.round_id = %s
+"""
+_CONTEXT_SQL = """
+SELECT v.vote_id::text, v.user_id, v.vote_type, v.count, v.admitted_ms, v.receipt_hash,
+       v.episode_id = %(episode)s::uuid AS same_episode
+  FROM votes v
+ WHERE v.user_id = ANY(%(users)s::text[]) AND v.round_id <> %(round)s::uuid
+"""
+
+
+@dataclass
+class RunRecord:
+    """What the simulator did and saw: enough to verify the run afterwards."""
+
+    plan: Plan
+    voting_round: Round
+    attempts: list[Attempt]
+    rate_limit_per_minute: int = 100
+    #: Allowance between the simulator's clock and the server's (same host: small).
+    clock_tolerance_s: float = 0.5
+
+
+@dataclass
+class Verdict:
+    failures: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def fail(self, what: str, examples: list[str] | None = None) -> None:
+        if examples:
+            what += ": " + ", ".join(examples[:5]) + (" ..." if len(examples) > 5 else "")
+        self.failures.append(what)
+
+
+@dataclass
+class _ShotFate:
+    """Every attempt of one shot, boiled down."""
+
+    vote_ids: set[str] = field(default_factory=set)
+    refusals: list[Attempt] = field(default_factory=list)
+    mismatches: list[Attempt] = field(default_factory=list)
+    errors: int = 0
+
+
+async def verify(connection: AsyncConnection[Any], record: RunRecord) -> Verdict:
+    """Check a finished run against the ledger. `connection` must use dict rows."""
+    verdict = Verdict()
+    shots = record.plan.shots
+    fates = _fates(record.attempts)
+    round_id = record.voting_round.round_id
+    cursor = await connection.execute(_ROWS_SQL, (round_id,))
+    rows: list[dict[str, Any]] = await cursor.fetchall()
+    _check_answers(verdict, shots, fates)
+    _check_ledger(verdict, shots, fates, rows)
+    balances = await _balances(connection, record)
+    _check_refusals(verdict, record, fates, balances)
+    _check_balances(verdict, record, fates, balances, rows)
+    await _check_result(verdict, connection, record, rows)
+    return verdict
+
+
+async def ledger_check(connection: AsyncConnection[Any], round_id: str,
+                       acknowledged: list[str]) -> tuple[list[str], list[str], int]:
+    """(missing, doubled, rows): acknowledged vote ids absent from the round's ledger, those
+    in it more than once, and its row count. The quick check for benchmarks (bench/)."""
+    cursor = await connection.execute("SELECT vote_id::text FROM votes WHERE round_id = %s",
+                                      (round_id,))
+    rows = Counter(row[0] if isinstance(row, tuple) else row["vote_id"]
+                   for row in await cursor.fetchall())
+    return ([v for v in acknowledged if rows[v] == 0], [v for v in acknowledged if rows[v] > 1],
+            sum(rows.values()))
+
+
+def _fates(attempts: list[Attempt]) -> dict[int, _ShotFate]:
+    fates: dict[int, _ShotFate] = defaultdict(_ShotFate)
+    for attempt in attempts:
+        fate = fates[attempt.shot]
+        if attempt.mismatch:
+            fate.mismatches.append(attempt)
+        elif attempt.outcome == OK:
+            fate.vote_ids.add(attempt.vote_id)
+        elif attempt.outcome == REFUSED:
+            fate.refusals.append(attempt)
+        else:
+            fate.errors += 1
+    return fates
+
+
+def _check_answers(verdict: Verdict, shots: list[Shot], fates: dict[int, _ShotFate]) -> None:
+    """Retries and duplicates of one request must all name the same vote."""
+    split = [shots[i].request_id for i, fate in fates.items() if len(fate.vote_ids) > 1]
+    if split:
+        verdict.fail(f"{len(split)} requests acknowledged with different vote ids", split)
+    accepted_mismatch = [shots[i].request_id for i, fate in fates.items()
+                         if any(a.outcome == OK for a in fate.mismatches)]
+    if accepted_mismatch:
+        verdict.fail(f"{len(accepted_mismatch)} reused request ids with another contestant "
+                     "were accepted instead of IDEMPOTENCY_MISMATCH", accepted_mismatch)
+    both = [shots[i].request_id for i, fate in fates.items()
+            if fate.vote_ids and any(a.reason != "IDEMPOTENCY_MISMATCH" for a in fate.refusals)]
+    if both:
+        verdict.fail(f"{len(both)} requests both acknowledged and refused", both)
+
+
+def _check_ledger(verdict: Verdict, shots: list[Shot], fates: dict[int, _ShotFate],
+                  rows: list[dict[str, Any]]) -> None:
+    rows_per_vote = Counter(row["vote_id"] for row in rows)
+    acknowledged = {vote_id: index for index, fate in fates.items()
+                    for vote_id in fate.vote_ids}
+    missing = [v for v in acknowledged if rows_per_vote[v] == 0]
+    doubled = [v for v in acknowledged if rows_per_vote[v] > 1]
+    if missing:
+        verdict.fail(f"{len(missing)} acknowledged votes missing from the ledger", missing)
+    if doubled:
+        verdict.fail(f"{len(doubled)} acknowledged votes in the ledger more than once", doubled)
+    by_request = {(shot.user, shot.request_id): index for index, shot in enumerate(shots)}
+    unexplained, recorded_after_error, wrong = [], 0, []
+    for row in rows:
+        index = by_request.get((row["user_id"], row["request_id"]))
+        fate = fates.get(index) if index is not None else None
+        if fate is not None and row["vote_id"] in fate.vote_ids:
+            shot = shots[index] if index is not None else None
+            if shot is not None and (row["vote_type"] != shot.vote_type or row["count"] != 1):
+                wrong.append(row["vote_id"])
+        elif fate is not None and fate.errors and not fate.vote_ids:
+            recorded_after_error += 1
+        else:
+            unexplained.append(f"{row['vote_id']} ({row['user_id']}/{row['request_id']})")
+    if unexplained:
+        verdict.fail(f"{len(unexplained)} ledger rows that no client saw acknowledged",
+                     unexplained)
+    if wrong:
+        verdict.fail(f"{len(wrong)} ledger rows differ from the vote sent", wrong)
+    verdict.facts.update(acknowledged=len(acknowledged), ledger_rows=len(rows),
+                         recorded_after_client_error=recorded_after_error)
+
+
+async def _balances(connection: AsyncConnection[Any],
+                    record: RunRecord) -> dict[str, dict[str, int]]:
+    users = sorted({shot.user for shot in record.plan.shots})
+    balances: dict[str, dict[str, int]] = {
+        user: {"credited": 0, "spent": 0, "free_used": 0, "quota": record.plan.config.free_quota}
+        for user in users}
+    cursor = await connection.execute(
+        "SELECT user_id, credited, spent FROM wallets WHERE user_id = ANY(%s)", (users,))
+    for row in await cursor.fetchall():
+        balances[row["user_id"]].update(credited=row["credited"], spent=row["spent"])
+    cursor = await connection.execute(
+        "SELECT user_id, used, quota FROM free_vote_usage WHERE episode_id = %s"
+        " AND user_id = ANY(%s)", (record.voting_round.episode_id, users))
+    for row in await cursor.fetchall():
+        balances[row["user_id"]].update(free_used=row["used"], quota=row["quota"])
+    return balances
+
+
+def _check_refusals(verdict: Verdict, record: RunRecord, fates: dict[int, _ShotFate],
+                    balances: dict[str, dict[str, int]]) -> None:
+    """Each refusal's reason is one the scenario allows, and the ledger agrees with it."""
+    shots = record.plan.shots
+    unsure_users = {shots[i].user for i, fate in fates.items() if fate.errors}
+    sends_by_user: dict[str, list[float]] = defaultdict(list)
+    for attempt in record.attempts:
+        sends_by_user[shots[attempt.shot].user].append(attempt.sent)
+    for times in sends_by_user.values():
+        times.sort()
+    problems: dict[str, list[str]] = defaultdict(list)
+    reasons: Counter[str] = Counter()
+    close = record.voting_round.closes_at - record.clock_tolerance_s
+    for index, fate in fates.items():
+        shot = shots[index]
+        for attempt in fate.mismatches:
+            if attempt.outcome == REFUSED and attempt.reason != "IDEMPOTENCY_MISMATCH":
+                problems[f"reused request id refused with {attempt.reason}"].append(
+                    shot.request_id)
+        for attempt in fate.refusals:
+            reasons[attempt.reason] += 1
+            balance = balances[shot.user]
+            if attempt.reason not in record.plan.expected_reasons:
+                problems[f"unexpected reason {attempt.reason}"].append(shot.request_id)
+            elif attempt.reason == "NO_FREE_VOTES" and (
+                    shot.vote_type != FREE or (balance["free_used"] < balance["quota"]
+                                               and shot.user not in unsure_users)):
+                problems["NO_FREE_VOTES for a voter with free votes left"].append(
+                    shot.request_id)
+            elif attempt.reason == "INSUFFICIENT_BALANCE" and (
+                    balance["spent"] < balance["credited"] and shot.user not in unsure_users):
+                problems["INSUFFICIENT_BALANCE for a voter with paid votes left"].append(
+                    shot.request_id)
+            elif (attempt.reason == "VOTING_CLOSED"
+                  and attempt.sent + attempt.latency_ms / 1000 < close):
+                problems["VOTING_CLOSED answered before the round closed"].append(
+                    shot.request_id)
+            elif attempt.reason == "RATE_LIMITED" and _sends_within(
+                    sends_by_user[shot.user], attempt.sent, 60 + record.clock_tolerance_s,
+            ) <= record.rate_limit_per_minute:
+                problems["RATE_LIMITED below the rate limit"].append(shot.request_id)
+    for problem, examples in problems.items():
+        verdict.fail(f"{len(examples)} refusals: {problem}", examples)
+    verdict.facts["refused_by_reason"] = dict(reasons.most_common())
+
+
+def _sends_within(times: list[float], moment: float, seconds: float) -> int:
+    """How many of a user's requests were sent in the `seconds` up to `moment`."""
+    return sum(1 for t in times if moment - seconds <= t <= moment)
+
+
+def _check_balances(verdict: Verdict, record: RunRecord, fates: dict[int, _ShotFate],
+                    balances: dict[str, dict[str, int]], rows: list[dict[str, Any]]) -> None:
+    """Invariant 4 per voter, and the counters agree with the ledger and the answers."""
+    shots = record.plan.shots
+    ledger: dict[str, Counter[str]] = defaultdict(Counter)
+    for row in rows:
+        ledger[row["user_id"]][row["vote_type"]] += row["count"]
+    acked: dict[str, Counter[str]] = defaultdict(Counter)
+    for index, fate in fates.items():
+        if fate.vote_ids:
+            acked[shots[index].user][shots[index].vote_type] += 1
+    problems: dict[str, list[str]] = defaultdict(list)
+    for user, balance in balances.items():
+        granted = record.plan.grants.get(user, 0)
+        if balance["spent"] > balance["credited"]:
+            problems["wallets overspent"].append(user)
+        if balance["credited"] != granted:
+            problems["wallets credited other than granted"].append(user)
+        if balance["free_used"] > balance["quota"]:
+            problems["voters over the free quota"].append(user)
+        if balance["spent"] != ledger[user][PAID]:
+            problems["wallets whose spent differs from the ledger's paid votes"].append(user)
+        if balance["free_used"] != ledger[user][FREE]:
+            problems["free-vote usage that differs from the ledger's free votes"].append(user)
+        if ledger[user][PAID] < acked[user][PAID] or ledger[user][FREE] < acked[user][FREE]:
+            problems["voters with fewer ledger votes than acknowledged"].append(user)
+    for problem, users in problems.items():
+        verdict.fail(f"{len(users)} {problem}", users)
+    verdict.facts["voters_checked"] = len(balances)
+
+
+async def _check_result(verdict: Verdict, connection: AsyncConnection[Any], record: RunRecord,
+                        rows: list[dict[str, Any]]) -> None:
+    round_id = record.voting_round.round_id
+    final = await read_final(connection, round_id)
+    info = await load_round(connection, round_id)
+    if final is None or info is None:
+        verdict.fail(f"round {round_id} has no final result")
+        return
+    users = sorted({row["user_id"] for row in rows})
+    cursor = await connection.execute(_CONTEXT_SQL, {
+        "episode": record.voting_round.episode_id, "users": users, "round": round_id})
+    context = await cursor.fetchall()
+    cursor = await connection.execute(
+        "SELECT user_id, credited FROM wallets WHERE user_id = ANY(%s)", (users,))
+    credited = {row["user_id"]: int(row["credited"]) for row in await cursor.fetchall()}
+    ledger_rows = [rules.Row(
+        vote_id=row["vote_id"], voter=row["user_id"], vote_type=row["vote_type"],
+        count=row["count"], admitted_ms=row["admitted_ms"],
+        leaf_hash=bytes(row["receipt_hash"]), contestant_id=row["contestant_id"],
+        channel=row["channel"], fraud_rejected=row["fraud_rejected"]) for row in rows]
+    ledger_rows += [rules.Row(
+        vote_id=row["vote_id"], voter=row["user_id"], vote_type=row["vote_type"],
+        count=row["count"], admitted_ms=row["admitted_ms"],
+        leaf_hash=bytes(row["receipt_hash"]), in_round=False,
+        same_episode=row["same_episode"]) for row in context]
+    recount = rules.recount(info.rules(), ledger_rows, credited)
+    if recount.counts != final.counts:
+        verdict.fail(f"final result {final.counts} differs from the recount {recount.counts}")
+    for name, published, mine in (("total votes", final.total_votes, recount.total_votes),
+                                  ("ledger votes", final.ledger_votes, recount.ledger_votes),
+                                  ("invalidated votes", final.invalidated_votes,
+                                   recount.invalidated_votes),
+                                  ("tree size", final.tree_size, len(rows))):
+        if published != mine:
+            verdict.fail(f"final result's {name} {published} differs from the recount's {mine}")
+    if sorted(final.winner_ids) != recount.winners():
+        verdict.fail(f"final winners {final.winner_ids} are not the recount's "
+                     f"{recount.winners()}")
+    # What the voters were told: each acknowledged vote that the rules do not invalidate
+    # counts once for the contestant it was cast for.
+    told: Counter[str] = Counter(dict.fromkeys(record.voting_round.contestant_ids, 0))
+    shots = record.plan.shots
+    seen: set[str] = set()
+    for attempt in record.attempts:
+        if attempt.outcome == OK and not attempt.mismatch and attempt.vote_id not in seen:
+            seen.add(attempt.vote_id)
+            if attempt.vote_id not in recount.invalid:
+                told[record.voting_round.contestant_ids[shots[attempt.shot].contestant]] += 1
+    recorded_after_error = sum(1 for row in rows if row["vote_id"] not in seen
+                               and row["vote_id"] not in recount.invalid)
+    if recorded_after_error == 0 and dict(told) != final.counts:
+        verdict.fail(f"final result {final.counts} differs from the acknowledged votes "
+                     f"{dict(told)}")
+    verdict.facts.update(final_counts=final.counts, recount_counts=recount.counts,
+                         invalidated_by_reason=dict(Counter(recount.invalid.values())),
+                         outcomes_with_error=sum(1 for a in record.attempts
+                                                 if a.outcome == ERROR))

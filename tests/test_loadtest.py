@@ -1,0 +1,188 @@
+"""The load simulator: its plans and gRPC-Web framing, a short compressed seed scenario end to
+end through the real edge, and its verifier against a deliberately damaged ledger.
+
+The damage is done inside a transaction that is rolled back (with the append-only triggers
+off for that transaction only, `session_replication_role = replica`), and the verifier reads
+through the same connection, so no other test ever sees a damaged ledger.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_asyncio
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from psycopg.rows import dict_row
+from typer.testing import CliRunner
+
+from loadtest import grpcweb
+from loadtest.plan import LoadConfig, build, shownight_rate
+from loadtest.run import RunResult, Target, run
+from loadtest.verify import Verdict, verify
+from ops.cli import app
+from ops.stack import Stack
+
+# --- units -------------------------------------------------------------------------------
+
+
+def _trailer(text: str) -> bytes:
+    payload = text.encode()
+    return bytes([grpcweb.TRAILER_FLAG]) + len(payload).to_bytes(4, "big") + payload
+
+
+def _status_details(reason: str) -> str:
+    packed = any_pb2.Any()
+    packed.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="televote"))
+    status = status_pb2.Status(code=9, message="no", details=[packed])
+    return base64.b64encode(status.SerializeToString()).decode().rstrip("=")
+
+
+def test_grpcweb_reads_a_message_and_its_trailers() -> None:
+    body = grpcweb.frame(b"hello") + _trailer("grpc-status: 0\r\ngrpc-message: \r\n")
+    reply = grpcweb.parse(body, {})
+    assert (reply.status, reply.messages, reply.reason) == (0, [b"hello"], "")
+
+
+def test_grpcweb_reads_the_reason_of_an_error_in_trailers_or_headers() -> None:
+    details = _status_details("NO_FREE_VOTES")
+    in_trailers = grpcweb.parse(_trailer(f"grpc-status: 9\r\ngrpc-status-details-bin: "
+                                         f"{details}\r\n"), {})
+    trailers_only = grpcweb.parse(b"", {"Grpc-Status": "9", "Grpc-Status-Details-Bin": details})
+    assert (in_trailers.status, in_trailers.reason) == (9, "NO_FREE_VOTES")
+    assert (trailers_only.status, trailers_only.reason) == (9, "NO_FREE_VOTES")
+
+
+def test_grpcweb_refuses_a_truncated_body() -> None:
+    with pytest.raises(ValueError):
+        grpcweb.parse(grpcweb.frame(b"hello")[:-1], {})
+    with pytest.raises(ValueError):
+        grpcweb.parse(grpcweb.frame(b"hello"), {})  # no status anywhere
+
+
+def test_seed_plan_is_the_seeds_test_and_funds_exactly_the_paid_votes() -> None:
+    plan = build(LoadConfig(users=200, votes_per_user=10, paid_share=0.3, compress=30))
+    assert len(plan.shots) == 2000
+    assert len({shot.user for shot in plan.shots}) == 200
+    assert all(0 <= shot.at < 60 for shot in plan.shots)
+    paid = sum(shot.vote_type == "PAID" for shot in plan.shots)
+    assert 500 < paid < 700 and sum(plan.grants.values()) == paid
+    assert build(LoadConfig(users=200)).shots[5].request_id == plan.shots[5].request_id
+
+
+def test_shownight_builds_up_to_the_peak_at_the_close() -> None:
+    config = LoadConfig(scenario="shownight", window_s=1800, compress=15, peak_rate=400,
+                        spike_s=60)
+    rates, performances = shownight_rate(config)
+    assert len(performances) == 4 and max(rates) == rates[-1] == 400
+    assert rates[0] == pytest.approx(20)  # quiet: 5 % of the peak
+    plan = build(config)
+    late = [shot for shot in plan.shots if shot.at >= config.wall_window_s]
+    assert 0 < len(late) < len(plan.shots) * 0.01  # sent after the close: VOTING_CLOSED
+
+
+@pytest.mark.parametrize("arguments", [
+    ["loadtest", "nosuch"],
+    ["loadtest", "seed", "--paths", "grpc,carrier-pigeon"],
+    ["loadtest", "seed", "--paid-share", "1.5"],
+    ["loadtest", "seed", "--edge", "http://127.0.0.1:1"],  # no state dir / database
+    ["loadtest", "seed", "--replicas", "vote_svc=zero"],
+])
+def test_bad_command_line_is_a_clear_error(arguments: list[str]) -> None:
+    result = CliRunner().invoke(app, arguments, env={"DATABASE_URL": "", "TELEVOTE_STATE_DIR": ""})
+    assert result.exit_code == 2, result.output
+
+
+# --- end to end --------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module")
+async def seed_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory,
+                   ) -> AsyncIterator[RunResult]:
+    """The seed scenario, small and compressed: 30 users x 10 votes, a 120 s window in 4 s."""
+    config = LoadConfig(users=30, votes_per_user=10, window_s=120, compress=30)
+    out = tmp_path_factory.mktemp("loadtest")
+    yield await run(config, Target.of(stack, own=False), out, workers=2, live=False,
+                    log=lambda _: None)
+
+
+@pytest.mark.stack
+async def test_compressed_seed_scenario_passes_end_to_end(seed_run: RunResult) -> None:
+    assert seed_run.verdict.ok, seed_run.verdict.failures
+    figures = seed_run.figures
+    assert figures["plan"]["votes"] == 300
+    # Every user sends about 7 free votes for a quota of 5: NO_FREE_VOTES; on a busy machine
+    # a vote may also reach the server after the close (the verifier checks it did).
+    assert "NO_FREE_VOTES" in figures["refused_by_reason"]
+    assert set(figures["refused_by_reason"]) <= {"NO_FREE_VOTES", "VOTING_CLOSED"}
+    verification = figures["verification"]
+    assert verification["acknowledged"] + verification["recorded_after_client_error"] == \
+        verification["ledger_rows"] > 0
+    assert set(figures["latency_ms"]) == {"grpc", "json", "grpcweb"}
+    assert sum(verification["final_counts"].values()) == verification["ledger_rows"]
+    assert seed_run.out_dir is not None
+    for name in ("report.json", "summary.md", "plot.png"):
+        assert (seed_run.out_dir / name).stat().st_size > 0
+    assert json.loads((seed_run.out_dir / "report.json").read_text())["verification"]["ok"]
+
+
+async def _verify_damaged(stack: Stack, seed_run: RunResult,
+                          *damage: tuple[str, tuple[Any, ...]]) -> Verdict:
+    """Verify the run against the ledger as changed by `damage`, then undo the change."""
+    assert seed_run.record is not None
+    async with await psycopg.AsyncConnection.connect(stack.database_url,
+                                                     row_factory=dict_row) as connection:
+        async with connection.transaction(force_rollback=True):
+            await connection.execute("SET LOCAL session_replication_role = replica")
+            for statement, params in damage:
+                await connection.execute(statement, params)  # type: ignore[arg-type]
+            return await verify(connection, seed_run.record)
+
+
+def _acknowledged_vote(seed_run: RunResult) -> str:
+    return next(a.vote_id for a in seed_run.attempts if a.outcome == "ok")
+
+
+@pytest.mark.stack
+async def test_verifier_catches_a_lost_vote(stack: Stack, seed_run: RunResult) -> None:
+    vote_id = _acknowledged_vote(seed_run)
+    verdict = await _verify_damaged(stack, seed_run,
+                                    ("DELETE FROM votes WHERE vote_id = %s", (vote_id,)))
+    assert any(f.startswith("1 acknowledged votes missing from the ledger") and vote_id in f
+               for f in verdict.failures), verdict.failures
+    assert any("differs from the recount" in f for f in verdict.failures), verdict.failures
+
+
+@pytest.mark.stack
+async def test_verifier_catches_a_doubled_vote(stack: Stack, seed_run: RunResult) -> None:
+    vote_id = _acknowledged_vote(seed_run)
+    verdict = await _verify_damaged(
+        stack, seed_run,
+        ("CREATE TEMP TABLE doubled ON COMMIT DROP AS SELECT * FROM votes WHERE vote_id = %s",
+         (vote_id,)),
+        ("UPDATE doubled SET request_id = 'replayed-' || request_id", ()),
+        ("INSERT INTO votes SELECT * FROM doubled", ()))
+    assert any(f.startswith("1 acknowledged votes in the ledger more than once")
+               for f in verdict.failures), verdict.failures
+    assert any("ledger rows that no client saw acknowledged" in f
+               for f in verdict.failures), verdict.failures
+
+
+@pytest.mark.stack
+async def test_verifier_catches_a_wrong_final_result(stack: Stack, seed_run: RunResult) -> None:
+    assert seed_run.record is not None
+    winner = seed_run.record.voting_round.contestant_ids[0]
+    verdict = await _verify_damaged(
+        stack, seed_run,
+        ("UPDATE round_results SET counts = jsonb_set(counts, ARRAY[%s],"
+         " to_jsonb((counts->>%s)::int + 1)) WHERE round_id = %s",
+         (winner, winner, seed_run.record.voting_round.round_id)))
+    assert any(f.startswith("final result") and "differs from the recount" in f
+               for f in verdict.failures), verdict.failures
+    assert any("differs from the acknowledged votes" in f for f in verdict.failures)
+
