@@ -381,3 +381,43 @@ async def test_a_dead_replicas_uncommitted_admissions_are_given_back_exactly_onc
         for storage in storages:
             await storage.close()
         await redis.aclose()
+
+
+async def test_an_overloaded_replica_sheds_new_votes_at_once_and_changes_nothing(
+        stack: Stack) -> None:
+    """Past its in-flight limit a replica refuses new calls with UNAVAILABLE `OVERLOADED`
+    and a retry delay instead of queueing them; the refused votes leave no trace, the
+    admitted ones are all recorded, and a retry once the load is gone is accepted."""
+    test_round = await open_test_round(stack.database_url, stack.redis_url)
+    replica = await start_replica(stack.database_url, stack.redis_url, "shed",
+                                  vote_max_inflight_votes=3, vote_batch_interval_ms=300)
+    users = [f"shed-{new_id()[:8]}-{n}" for n in range(12)]
+    requests = {user: vote_request(test_round) for user in users}
+    votes = vote_service_pb2_grpc.VoteServiceStub(replica.channel)
+    try:
+        answers = await asyncio.gather(*(
+            votes.SubmitVote(requests[user], metadata=inside(Role.VOTER, user), timeout=15)
+            for user in users), return_exceptions=True)
+        accepted = {user for user, answer in zip(users, answers, strict=True)
+                    if isinstance(answer, vote_service_pb2.SubmitVoteResponse)}
+        shed = [answer for answer in answers if isinstance(answer, grpc.aio.AioRpcError)]
+        assert len(accepted) == 3 and len(shed) == 9
+        for error in shed:
+            info = error_info(error)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert info is not None and info.reason == "OVERLOADED"
+        rows = await ledger_rows(stack.database_url, test_round.round_id)
+        assert {row["user_id"] for row in rows} == accepted
+        redis = create_redis(stack.redis_url)
+        try:
+            for user in set(users) - accepted:  # nothing charged for a shed vote
+                used = await redis.hget(keys.user_key(keys.shard_of(user), user),
+                                        f"free:{test_round.episode_id}")
+                assert used in (None, b"0"), (user, used)
+        finally:
+            await redis.aclose()
+        retry = next(user for user in users if user not in accepted)
+        await votes.SubmitVote(requests[retry], metadata=inside(Role.VOTER, retry), timeout=15)
+        assert len(await ledger_rows(stack.database_url, test_round.round_id)) == 4
+    finally:
+        await stop_replica(replica)

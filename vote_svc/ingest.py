@@ -104,10 +104,43 @@ class Ingestor:
         self._scorer = scorer
         self._config = config
         self._salt = config.vote_pseudonym_salt.encode()
+        self._inflight = 0  # votes between submit() and their answer
 
     # -- the pipeline -------------------------------------------------------------------
 
-    async def submit(self, votes: list[VoteRequest]) -> list[Result]:
+    async def submit(self, votes: list[VoteRequest],
+                     time_left_s: float | None = None) -> list[Result]:
+        """Admit and record `votes`; `time_left_s` is what remains of the caller's deadline."""
+        refusal = self._shed(len(votes), time_left_s)
+        if refusal is not None:
+            return [refusal] * len(votes)
+        self._inflight += len(votes)
+        try:
+            return await self._submit(votes)
+        finally:
+            self._inflight -= len(votes)
+
+    def _shed(self, count: int, time_left_s: float | None) -> ApiError | None:
+        """Refuse before anything is admitted when the answer could not arrive in time.
+
+        In the close-of-lines spike an overloaded replica must not keep working on calls
+        whose clients have already given up (they retry, and the work doubles) nor queue
+        without bound (every vote gets slower): past `vote_max_inflight_votes` new calls are
+        refused at once with UNAVAILABLE `OVERLOADED` and a retry delay, and a call whose
+        deadline has (nearly) passed is not started. Nothing changes for a refused vote.
+        """
+        config = self._config
+        if time_left_s is not None and time_left_s * 1000 <= config.vote_min_time_left_ms:
+            return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
+                            "the call's deadline passed before the vote could be admitted; "
+                            "nothing was recorded")
+        if self._inflight and self._inflight + count > config.vote_max_inflight_votes:
+            return ApiError(grpc.StatusCode.UNAVAILABLE, "OVERLOADED",
+                            "this replica is at capacity; nothing was recorded, retry with "
+                            "the same request_id", retry_after_seconds=0.5)
+        return None
+
+    async def _submit(self, votes: list[VoteRequest]) -> list[Result]:
         now_ms = int(time.time() * 1000)
         try:
             if self._scorer.available:

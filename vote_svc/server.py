@@ -61,7 +61,7 @@ class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
             gateway=False)
         if vote is None:
             raise invalid_argument(*bad)
-        (result,) = await self._ingestor.submit([vote])
+        (result,) = await self._ingestor.submit([vote], context.time_remaining())
         if isinstance(result, ApiError):
             raise result
         return vote_service_pb2.SubmitVoteResponse(
@@ -122,7 +122,8 @@ class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServic
             else:
                 valid.append((index, vote))
         if valid:
-            outcomes = await self._ingestor.submit([vote for _, vote in valid])
+            outcomes = await self._ingestor.submit([vote for _, vote in valid],
+                                                   context.time_remaining())
             for (index, _), outcome in zip(valid, outcomes, strict=True):
                 results[index] = outcome
         return vote_gateway_service_pb2.SubmitVotesResponse(

@@ -89,6 +89,11 @@ class VoteServiceServicer:
         controls.
         * UNAVAILABLE `UNAVAILABLE`: the vote was not recorded (nothing changed); retry with the
         same `request_id`.
+        * UNAVAILABLE `OVERLOADED`: the replica is at capacity (the close-of-lines spike); the vote
+        was not recorded (nothing changed); retry with the same `request_id` after RetryInfo's
+        delay.
+        * DEADLINE_EXCEEDED `DEADLINE_EXCEEDED`: the call's deadline had passed before the vote
+        could be admitted; nothing changed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

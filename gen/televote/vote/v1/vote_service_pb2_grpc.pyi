@@ -60,6 +60,11 @@ class VoteServiceStub:
       controls.
     * UNAVAILABLE `UNAVAILABLE`: the vote was not recorded (nothing changed); retry with the
       same `request_id`.
+    * UNAVAILABLE `OVERLOADED`: the replica is at capacity (the close-of-lines spike); the vote
+      was not recorded (nothing changed); retry with the same `request_id` after RetryInfo's
+      delay.
+    * DEADLINE_EXCEEDED `DEADLINE_EXCEEDED`: the call's deadline had passed before the vote
+      could be admitted; nothing changed.
     """
     GetBalance: _grpc.UnaryUnaryMultiCallable[_vote_service_pb2.GetBalanceRequest, _vote_service_pb2.GetBalanceResponse]
     """Returns the caller's free votes left in an episode and their paid balance.
@@ -125,6 +130,11 @@ class VoteServiceAsyncStub(VoteServiceStub):
       controls.
     * UNAVAILABLE `UNAVAILABLE`: the vote was not recorded (nothing changed); retry with the
       same `request_id`.
+    * UNAVAILABLE `OVERLOADED`: the replica is at capacity (the close-of-lines spike); the vote
+      was not recorded (nothing changed); retry with the same `request_id` after RetryInfo's
+      delay.
+    * DEADLINE_EXCEEDED `DEADLINE_EXCEEDED`: the call's deadline had passed before the vote
+      could be admitted; nothing changed.
     """
     GetBalance: _aio.UnaryUnaryMultiCallable[_vote_service_pb2.GetBalanceRequest, _vote_service_pb2.GetBalanceResponse]  # type: ignore[assignment]
     """Returns the caller's free votes left in an episode and their paid balance.
@@ -193,6 +203,11 @@ class VoteServiceServicer(metaclass=_abc_1.ABCMeta):
           controls.
         * UNAVAILABLE `UNAVAILABLE`: the vote was not recorded (nothing changed); retry with the
           same `request_id`.
+        * UNAVAILABLE `OVERLOADED`: the replica is at capacity (the close-of-lines spike); the vote
+          was not recorded (nothing changed); retry with the same `request_id` after RetryInfo's
+          delay.
+        * DEADLINE_EXCEEDED `DEADLINE_EXCEEDED`: the call's deadline had passed before the vote
+          could be admitted; nothing changed.
         """
 
     @_abc_1.abstractmethod
