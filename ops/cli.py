@@ -38,6 +38,9 @@ def up(
                                       help="Address the edge listens on.")] = "127.0.0.1",
     replicas: Annotated[list[str] | None, typer.Option(
         "--replicas", help="SERVICE=N, repeatable, e.g. --replicas vote_svc=2.")] = None,
+    trusted_proxy_hops: Annotated[int, typer.Option(
+        envvar="TELEVOTE_EDGE_TRUSTED_PROXY_HOPS", min=0,
+        help="Load balancers in front of the edge whose X-Forwarded-For is trusted.")] = 0,
 ) -> None:
     """Start PostgreSQL, Redis, migrations, every service and the Envoy edge; stop on Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -51,6 +54,7 @@ def up(
         counts[name] = int(count)
     settings = StackSettings(
         state_dir=state_dir, edge_host=host, edge_port=port, replicas=counts,
+        trusted_proxy_hops=trusted_proxy_hops,
         database_url=os.environ.get("DATABASE_URL") or None,
         redis_url=os.environ.get("REDIS_URL") or None)
     asyncio.run(_run_until_signal(Stack(settings)))

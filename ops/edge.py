@@ -39,6 +39,10 @@ class EdgeSettings:
     admin_port: int = 9901
     cors_origins: tuple[str, ...] = ("http://localhost:8080", "http://127.0.0.1:8080")
     rate_limit_per_second: int = 50_000
+    #: Proxies in front of the edge (a cloud load balancer: 1) whose X-Forwarded-For entries
+    #: are trusted for the caller's IP; 0 when clients connect to the edge directly, so a
+    #: client cannot choose the IP that fraud scoring sees.
+    trusted_proxy_hops: int = 0
     descriptor_set: Path = DESCRIPTOR_SET
     #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas.
     upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
@@ -166,6 +170,7 @@ def render(settings: EdgeSettings) -> str:
         "jwt_rules": jwt_rules,
         "rbac_policies": rbac_policies,
         "rate_limit_per_second": settings.rate_limit_per_second,
+        "trusted_proxy_hops": settings.trusted_proxy_hops,
         "rate_limit_burst": settings.rate_limit_per_second * 2,
         "clusters": clusters,
     }

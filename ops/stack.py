@@ -50,6 +50,8 @@ class StackSettings:
     state_dir: Path
     edge_host: str = "127.0.0.1"
     edge_port: int = 8080
+    #: Load balancers in front of the edge whose X-Forwarded-For is trusted (ops/edge.py).
+    trusted_proxy_hops: int = 0
     admin_port: int = 0
     replicas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 1))
     database_url: str | None = None
@@ -116,7 +118,7 @@ class Stack:
             config_path.write_text(edge.render(edge.EdgeSettings(
                 jwks_path=jwks, jwt_issuer=tokens.ISSUER, jwt_audience=tokens.AUDIENCE,
                 host=self.settings.edge_host, port=self.edge_port, admin_port=self.admin_port,
-                upstreams=self.addresses)))
+                trusted_proxy_hops=self.settings.trusted_proxy_hops, upstreams=self.addresses)))
             self._edge = await Child.spawn("envoy", [
                 str(Path(sys.executable).parent / "envoy"), "-c", str(config_path),
                 "--use-dynamic-base-id", "--log-level", "warn"], logs)

@@ -7,12 +7,15 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
 
+from ops import edge, tokens
 from ops.stack import SERVICES, Stack
 from runtime.access import SERVICE_ROLES, Role
 from runtime.errors import error_info
@@ -164,3 +167,18 @@ async def test_an_rpc_whose_issue_has_not_landed_is_unimplemented(
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
     info = error_info(refused.value)
     assert info is not None and info.reason == "NOT_IMPLEMENTED"
+
+
+def test_an_edge_behind_a_load_balancer_trusts_its_forwarded_for(tmp_path: Path) -> None:
+    """With a proxy in front (trusted_proxy_hops=1) the edge takes the caller's IP from that
+    proxy's X-Forwarded-For entry; the config Envoy is given must be one it accepts."""
+    config = tmp_path / "edge.yaml"
+    config.write_text(edge.render(edge.EdgeSettings(
+        jwks_path=tokens.ensure_signing_key(tmp_path), jwt_issuer=tokens.ISSUER,
+        jwt_audience=tokens.AUDIENCE, trusted_proxy_hops=1,
+        upstreams={service: [("127.0.0.1", 1)] for service in SERVICES})))
+    assert "xff_num_trusted_hops: 1" in config.read_text()
+    envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -71,9 +71,10 @@ def stub(channel: grpc.aio.Channel) -> vote_service_pb2_grpc.VoteServiceStub:
 
 
 def http(stack: Stack, method: str, path: str, token: str, body: Any = None,
-         ) -> tuple[int, dict[str, Any]]:
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{stack.edge_url}{path}", data=data, method=method)
+    request = urllib.request.Request(f"{stack.edge_url}{path}", data=data, method=method,
+                                     headers=headers or {})
     request.add_header("content-type", "application/json")
     request.add_header("authorization", f"Bearer {token}")
     try:

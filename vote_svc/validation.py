@@ -106,16 +106,15 @@ def check_vote(*, request_id: str, user_id: str, round_id: str, contestant_id: s
 
 
 def client_ip(metadata: Sequence[tuple[str, str | bytes]] | None, peer: str) -> str:
-    """The caller's IP as the edge saw it (Envoy runs with use_remote_address), else the peer.
+    """The caller's IP as the edge judged it (`x-televote-client-ip`, which the edge always
+    overwrites: envoy/edge.yaml), else the peer (a caller inside the mesh).
 
-    Never from the request body: a client could put anything there.
+    Never from the request body or a client's X-Forwarded-For: a client could put anything
+    there.
     """
-    values = {key: value for key, value in metadata or () if isinstance(value, str)}
-    if values.get("x-envoy-external-address"):
-        return values["x-envoy-external-address"]
-    forwarded = values.get("x-forwarded-for", "")
-    if forwarded:
-        return forwarded.split(",")[0].strip()
+    for key, value in metadata or ():
+        if key == "x-televote-client-ip" and isinstance(value, str) and value:
+            return value
     # peer looks like "ipv4:127.0.0.1:5555" or "ipv6:[::1]:5555"
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
