@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -119,20 +120,24 @@ async def test_a_vote_through_json_and_grpc_web(stack: Stack) -> None:
     assert status == 200 and balance["freeVotesLeft"] == 3 and balance["freeVoteQuota"] == 5
 
 
-async def test_the_voters_ip_is_the_connections_not_one_the_client_claims(
+async def test_the_ip_and_arrival_are_what_the_edge_saw_not_what_the_client_claims(
         stack: Stack) -> None:
-    """Fraud scoring judges the IP the edge saw: a forged X-Forwarded-For or client-ip
-    header does not change it (the mesh's edge trusts no proxy in front of it)."""
+    """Fraud scoring judges the IP and the arrival time the edge observed: forged headers
+    do not change them (the mesh's edge trusts no proxy in front of it)."""
     test_round = await _round(stack)
     body = {"requestId": new_id(), "contestantId": test_round.contestants[0],
             "voteType": "VOTE_TYPE_FREE", "count": 1, "channel": "CHANNEL_WEB"}
+    before = datetime.now(UTC)
     status, reply = await asyncio.to_thread(
         http, stack, "POST", f"/v1/rounds/{test_round.round_id}/votes",
         token(stack, Role.VOTER, "mallory"), body,
-        {"x-forwarded-for": "203.0.113.9", "x-televote-client-ip": "198.51.100.7"})
+        {"x-forwarded-for": "203.0.113.9", "x-televote-client-ip": "198.51.100.7",
+         "x-televote-received-ms": "1000"})
+    after = datetime.now(UTC)
     assert status == 200, reply
     (row,) = await ledger_rows(stack.database_url, test_round.round_id)
     assert row["ip"] == "127.0.0.1"
+    assert before - timedelta(seconds=1) <= row["received_at"] <= after
 
 
 _HTTP_STATUS = {grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.NOT_FOUND: 404,

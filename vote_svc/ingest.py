@@ -144,7 +144,12 @@ class Ingestor:
         now_ms = int(time.time() * 1000)
         try:
             if self._scorer.available:
-                scores = await self._scorer.score([vote.facts(now_ms) for vote in votes])
+                # Timing signals judge when each vote arrived (at the edge, or at the SMS
+                # gateway), not when it reached this replica after a queue.
+                scores = await self._scorer.score([
+                    vote.facts(now_ms if vote.received_at is None
+                               else int(vote.received_at.timestamp() * 1000))
+                    for vote in votes])
             else:  # no protos to build for a scorer that is not there
                 scores = self._scorer.unavailable(len(votes))
         except ScoringUnavailableError:

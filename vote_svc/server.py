@@ -33,7 +33,13 @@ from vote_svc.ledger import Ledger
 from vote_svc.packages import PackageCatalogue
 from vote_svc.reconcile import Reconciler
 from vote_svc.rescore import Rescorer
-from vote_svc.validation import check_vote, client_ip, is_uuid, normalise_uuid
+from vote_svc.validation import (
+    check_vote,
+    client_ip,
+    edge_received_at,
+    is_uuid,
+    normalise_uuid,
+)
 from vote_svc.wallet import balance, grant_votes
 
 __all__ = ["VoteConfig", "create_server", "main"]
@@ -52,13 +58,14 @@ class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
     async def SubmitVote(self, request: vote_service_pb2.SubmitVoteRequest,
                          context: grpc.aio.ServicerContext[Any, Any],
                          ) -> vote_service_pb2.SubmitVoteResponse:
+        metadata = context.invocation_metadata()
         vote, bad = check_vote(
             request_id=request.request_id, user_id=current_principal().subject,
             round_id=request.round_id, contestant_id=request.contestant_id,
             vote_type=request.vote_type, count=request.count, channel=request.channel,
             client=request.client, has_client=request.HasField("client"),
-            ip=client_ip(context.invocation_metadata(), context.peer()),  # type: ignore[arg-type]
-            gateway=False)
+            ip=client_ip(metadata, context.peer()),  # type: ignore[arg-type]
+            gateway=False, received_at=edge_received_at(metadata))  # type: ignore[arg-type]
         if vote is None:
             raise invalid_argument(*bad)
         (result,) = await self._ingestor.submit([vote], context.time_remaining())
@@ -102,12 +109,14 @@ class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServic
             raise invalid_argument(
                 FieldViolation("votes", f"at most {MAX_BATCH} votes per batch"),
                 reason="BATCH_TOO_LARGE")
-        ip = client_ip(context.invocation_metadata(), context.peer())  # type: ignore[arg-type]
+        metadata = context.invocation_metadata()
+        ip = client_ip(metadata, context.peer())  # type: ignore[arg-type]
+        arrived = edge_received_at(metadata)  # type: ignore[arg-type]
         results: list[Result | None] = [None] * len(request.votes)
         valid: list[tuple[int, VoteRequest]] = []
         for index, gateway_vote in enumerate(request.votes):
-            received = None
-            if gateway_vote.HasField("received_at"):
+            received = arrived  # a carrier's webhook: when it reached the edge ...
+            if gateway_vote.HasField("received_at"):  # ... unless the gateway says when
                 received = datetime.fromtimestamp(
                     gateway_vote.received_at.seconds + gateway_vote.received_at.nanos / 1e9, UTC)
             vote, bad = check_vote(
