@@ -1,24 +1,31 @@
-"""How many StreamResults subscribers one results_svc process feeds at 1 update/s, how late
-the updates arrive, and what a subscriber costs in memory.
+"""Live results and final results at scale.
 
-Starts the real mesh (one results_svc replica), opens a round (PUBLIC_COUNTS) the way vote
-tests do, subscribes N native gRPC streams (through the edge unless --direct, multiplexed over
-a few HTTP/2 connections) and M Server-Sent-Events streams through the edge, lets them run for
---seconds, and records for every update how long after its server_time (when the tick read
-the counters) it arrived.
+Streams (default): how many StreamResults subscribers one results_svc process feeds at
+1 update/s, how late the updates arrive, and what a subscriber costs. Starts the real mesh
+(one replica of each service), opens a round (PUBLIC_COUNTS), subscribes N native gRPC streams
+(through the edge unless --direct) from several client processes, at most 100 per HTTP/2
+connection, opened at a steady rate (bench/stream_load.py), and M Server-Sent-Events streams
+through the edge; then records for --seconds how long after its server_time (when the tick
+read the counters) every update arrived.
 
     python -m bench.results_bench --grpc 10000 --sse 500
 
-Prints p50/p99/max lag and updates per subscriber per second per protocol, and results_svc's
-RSS growth per subscriber. The load generator shares the machine's cores with the server, so
-the figures are a floor of what the server does.
+Big round (--big-round N): bulk-loads N votes into one round with COPY (as vote_svc's group
+commit would have written them: valid leaves, free and paid votes, a few over quota), closes
+the round and measures VOTING_CLOSE -> RESULTS_READY (the round's close to the final result
+being stored and announced), then `televote audit export` and `televote audit verify`.
+
+    python -m bench.results_bench --big-round 1000000
+
+Prints lags, RSS per subscriber, results_svc's CPU (also per subscriber-second, robust to
+other load on the machine) and the load average; for a big round the phases' durations.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
+import os
 import signal
 import statistics
 import tempfile
@@ -26,84 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
 
+from bench.stream_load import Clients, Load
 from ops.stack import SERVICES, Stack, StackSettings
-from televote.results.v1 import results_service_pb2 as rpb
-from televote.results.v1 import results_service_pb2_grpc as rgrpc
 from tests.support_windows import open_test_round
 from tests.sync_support import SseWatcher
-
-FAILURES: dict[str, int] = {}
-RAMP_BATCH = 250
-
-
-async def _grpc_subscriber(channel: grpc.aio.Channel, round_id: str, lags: list[float],
-                           measuring: list[bool], ready: asyncio.Event,
-                           counter: list[int]) -> None:
-    """One viewer; like an app, it resubscribes when its stream is cut before it starts
-    (grpc's server resets connections that open thousands of streams at once)."""
-    stub = rgrpc.ResultsServiceStub(channel)
-    first = True
-    for attempt in range(10):
-        try:
-            async for update in stub.StreamResults(
-                    rpb.StreamResultsRequest(round_id=round_id)):
-                if first:
-                    first = False
-                    counter[0] += 1
-                    if counter[0] >= counter[1]:
-                        ready.set()
-                    continue
-                if measuring[0]:
-                    lags.append(time.time() * 1000
-                                - update.results.server_time.ToMilliseconds())
-            return
-        except grpc.aio.AioRpcError as error:
-            if first and attempt < 9 and error.code() in (grpc.StatusCode.CANCELLED,
-                                                          grpc.StatusCode.UNAVAILABLE):
-                await asyncio.sleep(0.5 + attempt * 0.5)
-                continue
-            if error.code() != grpc.StatusCode.CANCELLED or first:
-                key = f"{error.code().name}: {error.details()}"
-                FAILURES[key] = FAILURES.get(key, 0) + 1
-            if first:
-                counter[1] -= 1
-                if counter[0] >= counter[1]:
-                    ready.set()
-            return
-
-
-def _client_process(target: str, round_id: str, subscribers: int, connections: int,
-                    settle_s: float, seconds: float, out: Any) -> None:
-    """A load-generating process: its own subscribers, its lags sent back through `out`."""
-    async def subscribe_all() -> None:
-        options = [("grpc.max_concurrent_streams", 100_000)]
-        channels = [grpc.aio.insecure_channel(target, options=options)
-                    for _ in range(connections)]
-        lags: list[float] = []
-        measuring = [False]
-        ready = asyncio.Event()
-        counter = [0, subscribers]
-        tasks = []
-        for i in range(subscribers):
-            tasks.append(asyncio.create_task(_grpc_subscriber(
-                channels[i % connections], round_id, lags, measuring, ready, counter)))
-            if i % RAMP_BATCH == RAMP_BATCH - 1:
-                await asyncio.sleep(0.1)
-        await asyncio.wait_for(ready.wait(), 300)
-        out.put(("ready", counter[1]))
-        await asyncio.sleep(settle_s)
-        measuring[0] = True
-        await asyncio.sleep(seconds)
-        measuring[0] = False
-        out.put(("lags", lags, dict(FAILURES)))
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    asyncio.run(subscribe_all())
 
 
 def _summary(name: str, lags: list[float], subscribers: int, seconds: float) -> str:
@@ -123,140 +58,232 @@ def _ms(rfc3339: str) -> float:
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp() * 1000
 
 
-async def run(grpc_subscribers: int, sse_subscribers: int, connections: int, direct: bool,
-              seconds: float, processes: int = 1) -> None:
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def _public_round(stack: Stack, contestants: int, **options: Any) -> Any:
+    import psycopg
+
+    test_round = await open_test_round(stack.database_url, stack.redis_url,
+                                       contestants=contestants, **options)
+    async with await psycopg.AsyncConnection.connect(stack.database_url) as connection:
+        await connection.execute(
+            "UPDATE rounds SET visibility = 'RESULTS_VISIBILITY_PUBLIC_COUNTS'"
+            " WHERE round_id = %s", (test_round.round_id,))
+    return test_round
+
+
+async def run(grpc_subscribers: int, sse_subscribers: int, processes: int, open_rate: float,
+              direct: bool, seconds: float) -> None:
     state_dir = Path(tempfile.mkdtemp(prefix="results-bench-"))
     stack = Stack(StackSettings(state_dir=state_dir, edge_port=0,
                                 replicas=dict.fromkeys(SERVICES, 1)))
     await stack.start()
     try:
-        test_round = await open_test_round(stack.database_url, stack.redis_url, contestants=12,
-                                           duration_ms=3_600_000)
-        import psycopg
-        async with await psycopg.AsyncConnection.connect(stack.database_url) as connection:
-            await connection.execute(
-                "UPDATE rounds SET visibility = 'RESULTS_VISIBILITY_PUBLIC_COUNTS'"
-                " WHERE round_id = %s", (test_round.round_id,))
+        test_round = await _public_round(stack, 12, duration_ms=3_600_000)
         round_id = test_round.round_id
         host, port = stack.addresses["results_svc"][0]
         process = psutil.Process(stack.child("results_svc", 0).process.pid)
+        envoy = psutil.Process(stack._edge.process.pid) if stack._edge else None
         rss_before = process.memory_info().rss
-
-        options = [("grpc.max_concurrent_streams", 100_000)]
         target = f"{host}:{port}" if direct else stack.edge_target
-        if processes > 1:
-            await _run_processes(process, rss_before, target, round_id, grpc_subscribers,
-                                 connections, processes, seconds, direct)
-            return
-        channels = [grpc.aio.insecure_channel(target, options=options)
-                    for _ in range(connections)]
-        lags: list[float] = []
-        measuring = [False]
-        ready = asyncio.Event()
-        counter = [0, grpc_subscribers]
-        if grpc_subscribers == 0:
-            ready.set()
+        clients = Clients(Load(target, "results", round_id, grpc_subscribers,
+                               processes=processes, open_rate=open_rate))
         started = time.monotonic()
-        tasks = []
-        for i in range(grpc_subscribers):
-            tasks.append(asyncio.create_task(_grpc_subscriber(
-                channels[i % connections], round_id, lags, measuring, ready, counter)))
-            if i % RAMP_BATCH == RAMP_BATCH - 1:
-                await asyncio.sleep(0.1)
+        opened = await clients.open() if grpc_subscribers else 0
         sse = []
         for i in range(sse_subscribers):
             sse.append(SseWatcher().start(stack.edge_target,
                                           f"/v1/rounds/{round_id}/live-results"))
             if i % 50 == 49:
                 await asyncio.sleep(0.1)
-        await asyncio.wait_for(ready.wait(), 300)
-        deadline = time.monotonic() + 60
-        while sum(bool(w.events) or (w.task is not None and w.task.done())  # noqa: ASYNC110
-                  for w in sse) < sse_subscribers and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while sum(bool(w.events) for w in sse) < sse_subscribers \
+                and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.2)  # polling other tasks' lists
-        failed_sse = sum(not w.events for w in sse)
-        if failed_sse:
-            print(f"{failed_sse} SSE subscriptions failed")
         connected_s = time.monotonic() - started
         await asyncio.sleep(2)
+        sse_open = sum(bool(w.events) for w in sse)
+        subscribers = opened + sse_open
         rss_after = process.memory_info().rss
-        per_subscriber = (rss_after - rss_before) / max(1, grpc_subscribers + sse_subscribers)
-        print(f"subscribed {grpc_subscribers} gRPC + {sse_subscribers} SSE in "
-              f"{connected_s:.1f}s; results_svc RSS {rss_before / 2**20:.0f} -> "
-              f"{rss_after / 2**20:.0f} MiB = {per_subscriber / 1024:.1f} KiB per subscriber")
+        print(f"subscribed {opened}/{grpc_subscribers} gRPC + {sse_open}/{sse_subscribers} SSE"
+              f" in {connected_s:.1f}s; results_svc RSS {rss_before / 2**20:.0f} -> "
+              f"{rss_after / 2**20:.0f} MiB = "
+              f"{(rss_after - rss_before) / max(1, subscribers) / 1024:.1f} KiB per subscriber")
+
         sse_from = [len(w.events) for w in sse]
+        clients.start_measuring()
         measure_start = time.time() * 1000
-        measuring[0] = True
-        cpu_before = process.cpu_times()
+        cpu_before = _cpu(process)
+        envoy_before = _cpu(envoy) if envoy else 0.0
+        load_before = os.getloadavg()
         await asyncio.sleep(seconds)
-        measuring[0] = False
-        cpu_after = process.cpu_times()
+        cpu = _cpu(process) - cpu_before
+        envoy_cpu = (_cpu(envoy) - envoy_before) if envoy else 0.0
         measure_end = time.time() * 1000
-        cpu = (cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system)
-        if FAILURES:
-            print(f"streams failed: {FAILURES}")
+        load_after = os.getloadavg()
+        report = await clients.finish() if grpc_subscribers else None
         for watcher in sse:
             await watcher.stop()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for channel in channels:
-            await channel.close()
         sse_lags = [received - _ms(event["results"]["serverTime"])
                     for watcher, skip in zip(sse, sse_from, strict=True)
                     for event, received in list(zip(watcher.events, watcher.received_ms,
                                                     strict=True))[skip:]
                     if measure_start <= received <= measure_end]
-        print(f"results_svc CPU while measuring: {cpu / seconds * 100:.0f} % of one core")
-        print(_summary("native gRPC " + ("direct" if direct else "via edge"), lags,
-                       grpc_subscribers, seconds))
+        print(f"results_svc CPU while measuring: {cpu / seconds * 100:.0f} % of one core "
+              f"({cpu / seconds / max(1, subscribers) * 1e6:.1f} µs per subscriber-second); "
+              f"envoy {envoy_cpu / seconds * 100:.0f} %; load average {load_before[0]:.2f} -> "
+              f"{load_after[0]:.2f}")
+        if report is not None:
+            deliveries = sum(report.lags.values())
+            print(report.summary("native gRPC " + ("direct" if direct else "via edge"))
+                  + f" ({deliveries / max(1, opened) / seconds:.2f} updates/subscriber/s)")
         if sse_subscribers:
-            print(_summary("SSE via edge", sse_lags, sse_subscribers, seconds))
+            print(_summary("SSE via edge", sse_lags, sse_open, seconds))
     finally:
         await stack.stop()
 
 
-async def _run_processes(process: psutil.Process, rss_before: int, target: str,
-                         round_id: str, subscribers: int, connections: int, processes: int,
-                         seconds: float, direct: bool) -> None:
-    context = multiprocessing.get_context("spawn")
-    out = context.Queue()
-    share = subscribers // processes
-    settle_s = 25.0  # every process subscribes before any measures
-    workers = [context.Process(target=_client_process, args=(
-        target, round_id, share, max(1, connections // processes), settle_s, seconds, out))
-        for _ in range(processes)]
+VOTES_PER_USER = 5  # 4 free, 1 paid; every 50th voter also a 6th free vote over the quota
+
+
+def _ledger_rows(test_round: Any, votes: int) -> Any:
+    """`votes` ledger rows as vote_svc's group commit writes them (leaf bytes included)."""
+    import hashlib
+    import json
+    import uuid
+
+    contestants = test_round.contestants
+    admitted = test_round.opens_at_ms + 1
+    users = votes // VOTES_PER_USER + 1
+    made = 0
+    for user in range(users):
+        user_id = f"bench-{user}"
+        kinds = ["FREE"] * 4 + ["PAID"] + (["FREE"] if user % 50 == 0 else [])
+        for n, vote_type in enumerate(kinds):
+            if made >= votes:
+                return
+            made += 1
+            vote_id = str(uuid.uuid4())
+            contestant = contestants[(user * 7 + n) % len(contestants)]
+            admitted += 1 if made % 3 == 0 else 0  # several votes per ms, as under load
+            leaf = json.dumps({
+                "accepted_at_ms": admitted, "channel": "APP", "contestant_id": contestant,
+                "count": 1, "round_id": test_round.round_id, "vote_id": vote_id,
+                "vote_type": vote_type, "voter": hashlib.sha256(user_id.encode()).hexdigest()[:32],
+            }, sort_keys=True, separators=(",", ":")).encode()
+            yield (vote_id, f"req-{made}", user_id, 0, test_round.round_id,
+                   test_round.episode_id, contestant, vote_type, 1, "APP", admitted,
+                   "ALLOW", b"f", leaf, hashlib.sha256(b"\x00" + leaf).digest())
+
+
+async def _phases(database_url: str, round_id: str) -> None:
+    """Where a recount's time goes: judging the ledger in SQL (server side only, then fetched
+    into Python) and building the Merkle tree."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from results_svc.final import JUDGED_SQL, judge_params
+    from results_svc.merkle import MerkleTree
+    from results_svc.rounds import load_round
+
+    async with await psycopg.AsyncConnection.connect(database_url,
+                                                     row_factory=dict_row) as connection:
+        info = await load_round(connection, round_id)
+        assert info is not None
+        params = judge_params(info)
+        started = time.monotonic()
+        cursor = await connection.execute(f"SELECT count(*) FROM ({JUDGED_SQL}) j", params)
+        await cursor.fetchone()
+        in_sql = time.monotonic() - started
+        started = time.monotonic()
+        async with connection.cursor(row_factory=psycopg.rows.tuple_row) as rows:
+            await rows.execute(JUDGED_SQL, params)
+            leaves = [bytes(row[4]) async for row in rows]
+        fetched = time.monotonic() - started
     started = time.monotonic()
-    for worker in workers:
-        worker.start()
-    loop = asyncio.get_running_loop()
-    connected = 0
-    for _ in workers:
-        _, count = await loop.run_in_executor(None, out.get)
-        connected += count
-    print(f"subscribed {connected} gRPC in {time.monotonic() - started:.1f}s "
-          f"from {processes} client processes")
-    await asyncio.sleep(settle_s / 2)
-    rss_after = process.memory_info().rss
-    print(f"results_svc RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB = "
-          f"{(rss_after - rss_before) / max(1, connected) / 1024:.1f} KiB per subscriber")
-    cpu_before = process.cpu_times()
-    lags: list[float] = []
-    for _ in workers:
-        _, part, failures = await loop.run_in_executor(None, out.get)
-        lags.extend(part)
-        for key, value in failures.items():
-            FAILURES[key] = FAILURES.get(key, 0) + value
-    cpu_after = process.cpu_times()
-    for worker in workers:
-        await loop.run_in_executor(None, worker.join, 30)
-    if FAILURES:
-        print(f"streams failed: {FAILURES}")
-    cpu = cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system
-    print(f"results_svc CPU (subscribed, then measuring): "
-          f"{cpu / (settle_s / 2 + seconds) * 100:.0f} % of one core")
-    print(_summary("native gRPC " + ("direct" if direct else "via edge"), lags, connected,
-                   seconds))
+    MerkleTree(leaves)
+    tree = time.monotonic() - started
+    print(f"  phases: judging in SQL {in_sql * 1000:.0f} ms; judged rows fetched into Python "
+          f"{fetched * 1000:.0f} ms; Merkle tree {tree * 1000:.0f} ms")
+
+
+async def run_big_round(votes: int) -> None:
+    """VOTING_CLOSE -> RESULTS_READY and `televote audit export/verify` for a round of
+    `votes` ledger rows, bulk-loaded with COPY."""
+    import psycopg
+
+    from results_svc.audit import export_round, verify_export
+
+    state_dir = Path(tempfile.mkdtemp(prefix="results-big-"))
+    # No settling wait: the bench measures the recount, not the deliberate wait (3 s by
+    # default) for vote batches in flight at the close.
+    stack = Stack(StackSettings(state_dir=state_dir, edge_port=0,
+                                replicas=dict.fromkeys(SERVICES, 1),
+                                service_env={"RESULTS_SETTLE_MS": "0",
+                                             "RESULTS_SETTLE_MAX_MS": "0",
+                                             "RESULTS_POLL_MS": "100"}))
+    await stack.start()
+    try:
+        # Opened long enough ago that every vote (3 per ms) is inside the window.
+        span_ms = votes // 3 + 60_000
+        test_round = await _public_round(stack, 12, opens_in_ms=-span_ms,
+                                         duration_ms=span_ms + 3_600_000, free_quota=5)
+        started = time.monotonic()
+        async with await psycopg.AsyncConnection.connect(stack.database_url) as connection:
+            async with connection.cursor() as cursor, cursor.copy(
+                    "COPY votes (vote_id, request_id, user_id, shard, round_id, episode_id,"
+                    " contestant_id, vote_type, count, channel, admitted_ms, admitted_at,"
+                    " fraud_action, fingerprint, leaf_data, receipt_hash) FROM STDIN") as copy:
+                for row in _ledger_rows(test_round, votes):
+                    *head, admitted, action, fingerprint, leaf, receipt = row
+                    await copy.write_row((*head, admitted, time.strftime(
+                        "%Y-%m-%d %H:%M:%S+00", time.gmtime(admitted / 1000)), action,
+                        fingerprint, leaf, receipt))
+            users = votes // VOTES_PER_USER + 1
+            await connection.execute(
+                "INSERT INTO wallets (user_id, credited) SELECT 'bench-' || n, 1"
+                " FROM generate_series(0, %s) AS n ON CONFLICT DO NOTHING", (users,))
+            await connection.execute("ANALYZE votes")
+            await connection.commit()
+        print(f"loaded {votes} votes of {users} voters with COPY in "
+              f"{time.monotonic() - started:.1f}s")
+
+        from tests.support_windows import close_test_round
+        load_before = os.getloadavg()
+        closed_ms = await close_test_round(stack.database_url, stack.redis_url, test_round)
+        async with await psycopg.AsyncConnection.connect(stack.database_url) as connection:
+            for _ in range(36_000):
+                cursor = await connection.execute(
+                    "SELECT extract(epoch FROM rr.finalized_at) * 1000,"
+                    " (SELECT extract(epoch FROM e.recorded_at) * 1000 FROM show_events e"
+                    "   WHERE e.episode_id = r.episode_id"
+                    "     AND e.event_type = 'SHOW_EVENT_TYPE_RESULTS_READY')"
+                    " FROM rounds r JOIN round_results rr USING (round_id)"
+                    " WHERE r.round_id = %s AND r.state = 'FINALIZED'", (test_round.round_id,))
+                row = await cursor.fetchone()
+                if row is not None and row[1] is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert row is not None, "never finalized"
+        stored_ms, ready_ms = float(row[0]), float(row[1])
+        print(f"VOTING_CLOSE -> result stored {stored_ms - closed_ms:.0f} ms, -> RESULTS_READY "
+              f"{ready_ms - closed_ms:.0f} ms ({votes} votes; load average "
+              f"{load_before[0]:.2f} -> {os.getloadavg()[0]:.2f})")
+
+        await _phases(stack.database_url, test_round.round_id)
+        export = state_dir / "round.jsonl"
+        started = time.monotonic()
+        await export_round(stack.database_url, test_round.round_id, export)
+        print(f"televote audit export: {time.monotonic() - started:.1f}s, "
+              f"{export.stat().st_size / 2**20:.0f} MiB")
+        started = time.monotonic()
+        verdict = await asyncio.to_thread(verify_export, export)
+        print(f"televote audit verify: {time.monotonic() - started:.1f}s, ok={verdict.ok}")
+    finally:
+        await stack.stop()
 
 
 def main() -> None:
@@ -264,17 +291,22 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grpc", type=int, default=10_000, help="native gRPC subscribers")
     parser.add_argument("--sse", type=int, default=500, help="SSE subscribers")
-    parser.add_argument("--connections", type=int, default=20,
-                        help="HTTP/2 connections the gRPC subscribers share")
+    parser.add_argument("--processes", type=int, default=4,
+                        help="client processes for the gRPC subscribers")
+    parser.add_argument("--open-rate", type=float, default=1000,
+                        help="gRPC streams opened per second (all processes)")
     parser.add_argument("--direct", action="store_true",
                         help="gRPC subscribers call results_svc itself instead of the edge")
     parser.add_argument("--seconds", type=float, default=10, help="how long to measure")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="client processes for the gRPC subscribers (with --sse 0)")
+    parser.add_argument("--big-round", type=int, default=0, metavar="VOTES",
+                        help="instead: finalize and audit a round of this many votes")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    asyncio.run(run(args.grpc, args.sse, args.connections, args.direct, args.seconds,
-                    args.processes))
+    if args.big_round:
+        asyncio.run(run_big_round(args.big_round))
+        return
+    asyncio.run(run(args.grpc, args.sse, args.processes, args.open_rate, args.direct,
+                    args.seconds))
 
 
 if __name__ == "__main__":

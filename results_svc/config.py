@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+from pydantic import Field, field_validator
+
 from runtime.config import ServiceConfig
 
 
@@ -26,5 +28,16 @@ class ResultsConfig(ServiceConfig):
     results_settle_max_ms: int = 8000
     #: How often closed rounds are looked for in PostgreSQL.
     results_poll_ms: int = 500
-    #: Final results whose tree is kept in memory for inclusion proofs.
+    #: Final results whose whole tree is kept in memory for inclusion proofs (only results
+    #: stored before block roots were: see Finalizer.inclusion).
     results_cached_trees: int = 4
+    #: Leaves per receipt-lookup block: a receipt reads one block of leaves and the block
+    #: roots. A power of two that divides the 65,536 leaves of a stored chunk.
+    results_receipt_block_leaves: int = Field(default=1024, ge=1, le=65_536)
+
+    @field_validator("results_receipt_block_leaves")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("must be a power of two")
+        return value

@@ -26,7 +26,7 @@ from psycopg import AsyncConnection, IsolationLevel
 
 from results_svc import rules
 from results_svc.config import ResultsConfig
-from results_svc.merkle import MerkleTree
+from results_svc.merkle import HASH_SIZE, MerkleTree, TopTree
 from results_svc.rounds import RoundInfo, load_round
 from results_svc.signing import Signer, tree_head
 from runtime import keys
@@ -71,6 +71,7 @@ judged AS (
     FROM mine m WHERE m.round_id = %(round)s::uuid
 )
 SELECT j.vote_id::text, j.user_id, j.contestant_id::text, j.count, j.receipt_hash,
+  j.admitted_ms, j.vote_id AS vote_key,
   CASE WHEN j.copy > 1 THEN 'DUPLICATE'
        WHEN NOT (j.contestant_id = ANY(%(contestants)s::uuid[])) THEN 'NOT_A_CONTESTANT'
        WHEN j.admitted_ms < %(opens)s OR j.admitted_ms >= CASE j.channel
@@ -90,14 +91,6 @@ SELECT j.vote_id::text, j.user_id, j.contestant_id::text, j.count, j.receipt_has
   FROM judged j
  ORDER BY j.admitted_ms, j.vote_id, j.receipt_hash
 """
-
-#: The result itself, aggregated by PostgreSQL from the judged rows.
-TOTALS_SQL = f"""
-SELECT contestant_id, sum(count) FILTER (WHERE reason IS NULL)::bigint AS counted,
-       sum(count)::bigint AS ledger
-  FROM ({JUDGED_SQL}) judged GROUP BY contestant_id
-"""
-
 
 def judge_params(info: RoundInfo) -> dict[str, Any]:
     return {"round": info.round_id, "episode": info.episode_id,
@@ -167,6 +160,7 @@ class Finalizer:
         self._task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
         self._trees: OrderedDict[str, MerkleTree] = OrderedDict()
+        self._tops: OrderedDict[str, TopTree] = OrderedDict()
         #: round -> (failures, next attempt by the monotonic clock) of announcements
         self._announce_backoff: dict[str, tuple[int, float]] = {}
         self._tree_lock = asyncio.Lock()
@@ -264,22 +258,33 @@ class Finalizer:
         if info is None or info.state != "CLOSED" or info.opens_ms is None:
             return False
         params = judge_params(info)
-        cursor = await connection.execute(JUDGED_SQL, params)
-        leaves: list[bytes] = []
-        invalid: list[tuple[str, str]] = []
-        async for row in cursor:
-            leaves.append(bytes(row["receipt_hash"]))
-            if row["reason"] is not None:
-                invalid.append((row["vote_id"], row["reason"]))
-        cursor = await connection.execute(TOTALS_SQL, params)
+        # The ledger is judged once, into a temporary table numbered in tree order; what the
+        # result needs is then read from it by PostgreSQL (totals, reasons, the leaves as one
+        # blob per chunk) instead of fetching every judged row into Python.
+        await connection.execute(
+            "CREATE TEMPORARY TABLE judged ON COMMIT DROP AS SELECT row_number() OVER ("
+            f"ORDER BY admitted_ms, vote_key, receipt_hash) - 1 AS leaf_index, j.* FROM"
+            f" ({JUDGED_SQL}) j", params)
+        cursor = await connection.execute(
+            "SELECT contestant_id, sum(count) FILTER (WHERE reason IS NULL)::bigint AS counted,"
+            " sum(count)::bigint AS ledger FROM judged GROUP BY contestant_id")
         counts = dict.fromkeys(info.contestant_ids, 0)
         ledger_by_contestant: dict[str, int] = {}
-        ledger_votes = 0
         for row in await cursor.fetchall():
-            ledger_votes += row["ledger"]
             ledger_by_contestant[row["contestant_id"]] = row["ledger"]
             if row["contestant_id"] in counts:
                 counts[row["contestant_id"]] = row["counted"] or 0
+        ledger_votes = sum(ledger_by_contestant.values())
+        cursor = await connection.execute(
+            "SELECT vote_id, reason FROM judged WHERE reason IS NOT NULL ORDER BY leaf_index")
+        invalid = [(row["vote_id"], row["reason"]) for row in await cursor.fetchall()]
+        cursor = await connection.execute(
+            "SELECT leaf_index / %s AS chunk, string_agg(receipt_hash, ''::bytea ORDER BY"
+            " leaf_index) AS leaves FROM judged GROUP BY 1 ORDER BY 1", (LEAVES_PER_CHUNK,))
+        chunks = [bytes(row["leaves"]) for row in await cursor.fetchall()]
+        blob = b"".join(chunks)
+        leaves = [blob[i:i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)]
+        del blob
         total = sum(counts.values())
         tree = MerkleTree(leaves)
         now = datetime.now(UTC)
@@ -302,13 +307,23 @@ class Finalizer:
         async with connection.cursor() as cur:
             await cur.executemany(
                 "INSERT INTO round_result_leaves (round_id, chunk, leaves) VALUES (%s, %s, %s)",
-                [(round_id, n, b"".join(leaves[i:i + LEAVES_PER_CHUNK]))
-                 for n, i in enumerate(range(0, len(leaves), LEAVES_PER_CHUNK))])
-            if invalid:
-                await cur.executemany(
+                [(round_id, n, chunk) for n, chunk in enumerate(chunks)])
+            # Receipts find their leaf through these: the first leaf of every block of
+            # leaves (by ledger order) and each block's subtree root (merkle.TopTree).
+            block_leaves = self._config.results_receipt_block_leaves
+            await cur.execute(
+                "INSERT INTO round_result_blocks (round_id, block, admitted_ms, vote_id,"
+                " receipt_hash) SELECT %s, leaf_index / %s, admitted_ms, vote_key, receipt_hash"
+                " FROM judged WHERE leaf_index %% %s = 0", (round_id, block_leaves, block_leaves))
+            await cur.execute(
+                "INSERT INTO round_result_block_roots (round_id, block_leaves, roots)"
+                " VALUES (%s, %s, %s)",
+                (round_id, block_leaves, b"".join(TopTree.block_roots_of(tree, block_leaves))))
+            if invalid:  # a duplicate's first copy may be invalid too: its first reason
+                await cur.execute(
                     "INSERT INTO round_result_invalid_votes (round_id, vote_id, reason)"
-                    " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                    [(round_id, vote_id, reason) for vote_id, reason in invalid])
+                    " SELECT DISTINCT ON (vote_key) %s, vote_key, reason FROM judged"
+                    " WHERE reason IS NOT NULL ORDER BY vote_key, leaf_index", (round_id,))
         _finalized.add(1)
         log.info("final result stored", extra={"fields": {
             "round_id": round_id, "total_votes": total, "ledger_votes": ledger_votes,
@@ -331,8 +346,69 @@ class Finalizer:
         else:
             self._announce_backoff.pop(round_id, None)
 
+    async def inclusion(self, round_id: str, admitted_ms: int, vote_id: str, receipt: bytes
+                        ) -> tuple[int, int, list[bytes], bytes] | None:
+        """(leaf index, tree size, audit path, root) of a ledger row in its round's signed
+        tree, or None if the row is not in it (committed after the tree was taken).
+
+        O(log n): the row's block is found by its ledger-order key in round_result_blocks,
+        that block's leaves are one slice of a stored chunk, and the path above the block
+        comes from the block roots (a few KiB per million votes, cached)."""
+        top = await self._top_tree(round_id)
+        if top is None:  # finalized before block roots were stored: the whole tree
+            tree = await self.tree(round_id)
+            try:
+                index = tree.levels[0].index(receipt)
+            except ValueError:
+                return None
+            return index, tree.size, tree.inclusion_proof(index), tree.root
+        async with self._storage.pool.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT block FROM round_result_blocks WHERE round_id = %s"
+                " AND (admitted_ms, vote_id, receipt_hash) <= (%s, %s, %s)"
+                " ORDER BY admitted_ms DESC, vote_id DESC, receipt_hash DESC LIMIT 1",
+                (round_id, admitted_ms, vote_id, receipt))
+            row: Any = await cursor.fetchone()
+            if row is None:
+                return None
+            start = row["block"] * top.block_leaves
+            cursor = await connection.execute(
+                "SELECT substring(leaves FROM %s FOR %s) AS leaves FROM round_result_leaves"
+                " WHERE round_id = %s AND chunk = %s",
+                ((start % LEAVES_PER_CHUNK) * HASH_SIZE + 1, top.block_leaves * HASH_SIZE,
+                 round_id, start // LEAVES_PER_CHUNK))
+            row = await cursor.fetchone()
+        blob = bytes(row["leaves"]) if row is not None else b""
+        block = [blob[i:i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)]
+        try:
+            index = start + block.index(receipt)
+        except ValueError:
+            return None
+        return index, top.size, top.inclusion_proof(index, block), top.root
+
+    async def _top_tree(self, round_id: str) -> TopTree | None:
+        top = self._tops.get(round_id)
+        if top is not None:
+            self._tops.move_to_end(round_id)
+            return top
+        async with self._storage.pool.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT b.block_leaves, b.roots, r.tree_size FROM round_result_block_roots b"
+                " JOIN round_results r USING (round_id) WHERE b.round_id = %s", (round_id,))
+            row: Any = await cursor.fetchone()
+        if row is None:
+            return None
+        roots = bytes(row["roots"])
+        top = TopTree([roots[i:i + HASH_SIZE] for i in range(0, len(roots), HASH_SIZE)],
+                      row["block_leaves"], row["tree_size"])
+        self._tops[round_id] = top
+        while len(self._tops) > 256:  # ~0.3 MB each at 10 million votes
+            self._tops.popitem(last=False)
+        return top
+
     async def tree(self, round_id: str) -> MerkleTree:
-        """The signed tree of a finalized round, from its stored leaves (cached)."""
+        """The whole signed tree of a finalized round, from its stored leaves (cached): for
+        results stored before block roots were (see `inclusion`)."""
         async with self._tree_lock:
             tree = self._trees.get(round_id)
             if tree is not None:

@@ -1,4 +1,5 @@
-"""Live results: one update per round per tick on each replica, fanned out to every subscriber.
+"""Live results: one update per round per tick on each replica, fanned out to every subscriber
+(runtime/fanout.py: each view serialized once per tick, one latest-value mailbox per stream).
 
 Each tick reads the provisional counters once (the SHARDS live hashes and the minute buckets
 of the last 10 minutes, one pipeline) and builds the round's results once per view (everything;
@@ -13,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from google.protobuf.duration_pb2 import Duration
@@ -23,7 +23,7 @@ from results_svc import standings as calc
 from results_svc.config import ResultsConfig
 from results_svc.final import Finalizer, FinalResult, provisional_counts, read_final
 from results_svc.rounds import RoundInfo, load_round, round_not_found
-from runtime import keys
+from runtime import fanout, keys
 from runtime.access import Role
 from runtime.storage import Storage
 from televote.results.v1 import results_service_pb2 as rpb
@@ -57,46 +57,16 @@ class Update:
         per-stream part (the sequence) is a few bytes in front of it."""
         name = self.view_name(role)
         view = self.encoded.get(name)
-        if view is None:
-            view = self.encoded[name] = self.views[name].SerializeToString()
-        return b"\x08" + _varint(sequence) + b"\x12" + _varint(len(view)) + view
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
-
-
-@dataclass(eq=False)
-class Subscriber:
-    """A 1-slot mailbox: only the latest update is kept."""
-
-    latest: Update | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def offer(self, update: Update) -> None:
-        self.latest = update
-        self.ready.set()
-
-    async def take(self) -> Update:
-        await self.ready.wait()
-        self.ready.clear()
-        update = self.latest
-        assert update is not None
-        return update
+        if view is None:  # field 2, results: serialized once per tick and view
+            view = self.encoded[name] = fanout.length_delimited(
+                2, self.views[name].SerializeToString())
+        return fanout.sequence_prefix(sequence) + view
 
 
 @dataclass(eq=False)
 class Feed:
     round_id: str
-    subscribers: set[Subscriber] = field(default_factory=set)
+    subscribers: fanout.Topic[Update] = field(default_factory=fanout.Topic)
     latest: Update | None = None
     ranks: dict[str, int] = field(default_factory=dict)
     rank_changes: dict[str, int] = field(default_factory=dict)
@@ -168,7 +138,12 @@ def final_update(info: RoundInfo, final: FinalResult, now_ms: float) -> Update:
 class Live:
     """The feeds of the rounds this replica's subscribers watch."""
 
-    def __init__(self, storage: Storage, config: ResultsConfig, finalizer: Finalizer) -> None:
+    def __init__(self, storage: Storage, config: ResultsConfig, finalizer: Finalizer,
+                 streams: fanout.Streams | None = None) -> None:
+        self.streams = streams if streams is not None else fanout.Streams()
+        #: GetResults of rounds nobody streams here: round -> (tick number, its reading), so
+        #: a burst of calls in one tick costs one reading.
+        self._reads: dict[str, tuple[int, asyncio.Future[Update]]] = {}
         self._storage = storage
         self._config = config
         self._finalizer = finalizer
@@ -182,6 +157,7 @@ class Live:
 
     async def stop(self) -> None:
         for feed in list(self._feeds.values()):
+            feed.subscribers.stop()
             if feed.task is not None:
                 feed.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -194,39 +170,52 @@ class Live:
     def subscriber_count(self) -> int:
         return sum(len(feed.subscribers) for feed in self._feeds.values())
 
-    async def subscribe(self, round_id: str) -> AsyncIterator[Update]:
-        """The updates one subscriber is sent: the latest right away, then one per tick (or
-        fewer, if it reads slower), until the final update."""
-        feed = self._feeds.get(round_id)
-        if feed is None:
-            info = await self._round(round_id)  # NOT_FOUND before anything is set up
-            feed = self._feeds.setdefault(round_id, Feed(round_id))
-            del info
-        subscriber = Subscriber()
-        feed.subscribers.add(subscriber)
+    async def subscribe(self, round_id: str) -> fanout.Latest[Update]:
+        """A subscriber's mailbox of the round's updates: the latest right away, then one per
+        tick (or fewer, if it reads slower), until the final update. `unsubscribe` it."""
+        if round_id not in self._feeds:
+            await self._round(round_id)  # NOT_FOUND before anything is set up
+        mailbox: fanout.Latest[Update] = fanout.Latest()
+        self.streams.open(mailbox)  # UNAVAILABLE once this replica drains
+        feed = self._feeds.setdefault(round_id, Feed(round_id))
+        feed.subscribers.mailboxes.add(mailbox)
         if feed.latest is not None:
-            subscriber.offer(feed.latest)
+            mailbox.offer(feed.latest)
         if feed.task is None:
             feed.task = asyncio.create_task(self._tick(feed), name=f"results-{round_id}")
-        try:
-            while True:
-                update = await subscriber.take()
-                yield update
-                if update.final:
-                    return
-        finally:
-            feed.subscribers.discard(subscriber)
-            if not feed.subscribers and self._feeds.get(round_id) is feed:
-                del self._feeds[round_id]
-                if feed.task is not None:
-                    feed.task.cancel()
+        return mailbox
+
+    def unsubscribe(self, round_id: str, mailbox: fanout.Latest[Update]) -> None:
+        self.streams.close(mailbox)
+        feed = self._feeds.get(round_id)
+        if feed is None:
+            return
+        feed.subscribers.mailboxes.discard(mailbox)
+        if not feed.subscribers:
+            del self._feeds[round_id]
+            feed.subscribers.stop()
+            if feed.task is not None:
+                feed.task.cancel()
 
     async def current(self, round_id: str) -> Update:
-        """GetResults: this replica's latest update of the round, or one computed now."""
+        """GetResults: this replica's latest update of the round, or one reading per tick."""
         feed = self._feeds.get(round_id)
         if feed is not None and feed.latest is not None:
             return feed.latest
-        return await self._compute(Feed(round_id))
+        tick = int(self.now_ms() // self._config.results_tick_ms)
+        cached = self._reads.get(round_id)
+        if cached is not None and cached[0] == tick:
+            return await asyncio.shield(cached[1])
+        for stale in [r for r, (t, _) in self._reads.items() if t != tick]:
+            del self._reads[stale]
+        reading = asyncio.ensure_future(self._compute(Feed(round_id)))
+        self._reads[round_id] = (tick, reading)
+        try:
+            return await asyncio.shield(reading)
+        except Exception:
+            if self._reads.get(round_id, (0, None))[1] is reading:
+                del self._reads[round_id]  # errors (NOT_FOUND) are not remembered
+            raise
 
     async def _round(self, round_id: str) -> RoundInfo:
         async with self._storage.pool.connection() as connection:
@@ -247,8 +236,7 @@ class Live:
                 update = None
             if update is not None:
                 feed.latest = update
-                for subscriber in list(feed.subscribers):
-                    subscriber.offer(update)
+                feed.subscribers.publish(update)
                 if update.final:
                     return
             # Ticks on whole multiples of the tick by the Redis clock: every replica's

@@ -59,6 +59,45 @@ class MerkleTree:
         return path
 
 
+class TopTree:
+    """The levels of a tree from its blocks up: each block is `block_leaves` (a power of two)
+    consecutive leaves, the last block possibly fewer, and its root is the node of the full
+    tree at that height (the level-by-level construction pairs nodes inside aligned blocks
+    and carries a last unpaired node up unchanged, so a block's own tree is exactly its part
+    of the full tree). With one block's leaves this gives any leaf's inclusion proof, while
+    keeping n / block_leaves nodes instead of 2n."""
+
+    def __init__(self, block_roots: Sequence[bytes], block_leaves: int, size: int) -> None:
+        assert block_leaves & (block_leaves - 1) == 0, "a power of two"
+        self.block_leaves = block_leaves
+        self.size = size
+        self.top = MerkleTree(block_roots)
+
+    @staticmethod
+    def block_roots_of(tree: MerkleTree, block_leaves: int) -> list[bytes]:
+        height = block_leaves.bit_length() - 1
+        if not tree.size:
+            return []
+        if height < len(tree.levels):
+            return list(tree.levels[height])
+        return [tree.root]
+
+    @property
+    def root(self) -> bytes:
+        return self.top.root
+
+    def block_of(self, index: int) -> int:
+        return index // self.block_leaves
+
+    def inclusion_proof(self, index: int, block_leaf_hashes: Sequence[bytes]) -> list[bytes]:
+        """PATH(index, D[n]), given the leaves of the block holding `index`."""
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        block = self.block_of(index)
+        lower = MerkleTree(block_leaf_hashes).inclusion_proof(index - block * self.block_leaves)
+        return lower + self.top.inclusion_proof(block)
+
+
 def root_of(leaf_hashes: Sequence[bytes]) -> bytes:
     return MerkleTree(leaf_hashes).root
 

@@ -7,6 +7,7 @@ from results_svc.final import Finalizer
 from results_svc.live import Live
 from results_svc.servicer import ResultsServicer, register
 from results_svc.signing import Signer
+from runtime.fanout import Streams
 from runtime.server import ServiceHost, run_service
 from runtime.storage import Storage
 from televote.results.v1 import (
@@ -19,9 +20,11 @@ from televote.results.v1 import (
 def create_server(config: ResultsConfig) -> tuple[ServiceHost, int]:
     storage = Storage.from_config(config)
     host = ServiceHost(config, storage)
+    streams = Streams()
+    host.on_drain(streams.end)
     signer = Signer.load_or_create(config.televote_state_dir)
     finalizer = Finalizer(storage, config, signer)
-    live = Live(storage, config, finalizer)
+    live = Live(storage, config, finalizer, streams)
 
     async def start_background() -> None:
         await live.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -15,6 +14,7 @@ from results_svc.rounds import load_round, parse_uuid, round_not_found
 from results_svc.signing import Signer, public_pem
 from runtime.access import Role
 from runtime.errors import ApiError
+from runtime.fanout import add_servicer
 from runtime.interceptors import current_principal
 from runtime.storage import Storage
 from televote.results.v1 import results_service_pb2 as rpb
@@ -50,16 +50,22 @@ class ResultsServicer(rgrpc.ResultsServiceServicer):
         return rpb.GetResultsResponse(results=update.for_role(current_principal().role))
 
     async def StreamResults(self, request: rpb.StreamResultsRequest,  # type: ignore[override]
-                            context: Any) -> AsyncIterator[bytes]:
-        """Yields StreamResultsResponse already serialized (see `register`): thousands of
+                            context: Any) -> None:
+        """Writes each StreamResultsResponse already serialized (see `register`): thousands of
         streams share one serialization of each tick's update."""
         round_id = parse_uuid(request.round_id, "round_id")
         role = current_principal().role
-        sequence = 0
-        async for update in self._live.subscribe(round_id):
-            sequence += 1
-            yield update.stream_message(role, sequence)
-
+        mailbox = await self._live.subscribe(round_id)
+        try:
+            sequence = 0
+            while True:
+                update = await mailbox.take()
+                sequence += 1
+                await context.write(update.stream_message(role, sequence))
+                if update.final:
+                    return
+        finally:
+            self._live.unsubscribe(round_id, mailbox)
 
     async def GetFinalResults(self, request: rpb.GetFinalResultsRequest, context: Any
                               ) -> rpb.GetFinalResultsResponse:
@@ -87,7 +93,8 @@ class ResultsServicer(rgrpc.ResultsServiceServicer):
         vote_id = parse_uuid(request.vote_id, "vote_id")
         async with self._storage.pool.connection() as connection:
             cursor = await connection.execute(
-                "SELECT round_id::text, leaf_data, receipt_hash FROM votes WHERE vote_id = %s"
+                "SELECT round_id::text, leaf_data, receipt_hash, admitted_ms FROM votes"
+                " WHERE vote_id = %s"
                 " ORDER BY admitted_ms, receipt_hash LIMIT 1", (vote_id,))
             row: Any = await cursor.fetchone()
             if row is None:
@@ -105,14 +112,14 @@ class ResultsServicer(rgrpc.ResultsServiceServicer):
                                                                   bytes(row["receipt_hash"])))
         if final is None:
             return response
-        tree = await self._finalizer.tree(row["round_id"])
-        index = find_leaf(tree.levels[0], bytes(row["receipt_hash"]))
-        if index is None:  # committed after the signed tree was taken: not part of it
+        found = await self._finalizer.inclusion(row["round_id"], row["admitted_ms"], vote_id,
+                                                 bytes(row["receipt_hash"]))
+        if found is None:  # committed after the signed tree was taken: not part of it
             return response
+        index, size, path, root = found
         response.counted = invalid is None
         response.proof.CopyFrom(rtypes.InclusionProof(
-            leaf_index=index, tree_size=tree.size, audit_path=tree.inclusion_proof(index),
-            root_hash=tree.root))
+            leaf_index=index, tree_size=size, audit_path=path, root_hash=root))
         response.digest.CopyFrom(digest_of(final))
         return response
 
@@ -129,13 +136,6 @@ class ResultsServicer(rgrpc.ResultsServiceServicer):
         return rpb.GetLedgerPublicKeyResponse(key_id=key_id, public_key=public,
                                               public_key_pem=public_pem(public),
                                               create_time=_stamp_dt(row["created_at"]))
-
-
-def find_leaf(leaves: list[bytes], leaf: bytes) -> int | None:
-    try:
-        return leaves.index(leaf)
-    except ValueError:
-        return None
 
 
 def digest_of(final: Any) -> rtypes.LedgerDigest:
@@ -159,21 +159,7 @@ def receipt_of(leaf_data: bytes, leaf_hash: bytes) -> vtypes.VoteReceipt:
         leaf_data=leaf_data, leaf_hash=leaf_hash)
 
 
-def _already_serialized(message: bytes) -> bytes:
-    return message
-
-
-def register(servicer: ResultsServicer, server: grpc.aio.Server) -> None:
-    """add_ResultsServiceServicer_to_server, except that StreamResults sends the bytes its
-    handler yields as they are."""
-    handlers = {
-        name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=getattr(rpb, f"{name}Request").FromString,
-            response_serializer=getattr(rpb, f"{name}Response").SerializeToString)
-        for name in ("GetResults", "GetFinalResults", "GetVoteReceipt", "GetLedgerPublicKey")}
-    handlers["StreamResults"] = grpc.unary_stream_rpc_method_handler(
-        servicer.StreamResults, request_deserializer=rpb.StreamResultsRequest.FromString,
-        response_serializer=_already_serialized)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "televote.results.v1.ResultsService", handlers),))
+#: add_ResultsServiceServicer_to_server, except that StreamResults sends the bytes its
+#: handler writes as they are.
+register = add_servicer(rpb.DESCRIPTOR.services_by_name["ResultsService"],
+                        prebuilt=["StreamResults"])

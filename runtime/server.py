@@ -6,8 +6,9 @@ servicers and binds, `serve()` that runs it until SIGTERM, and a thin `main()`; 
 
 Lifecycle: bind -> health NOT_SERVING -> start -> connect storage -> SERVING -> ... ->
 SIGTERM/SIGINT -> NOT_SERVING (load balancers stop sending) -> a short announce period ->
-stop accepting, drain in-flight RPCs for the grace period -> on_stop hooks (flush what is
-buffered) -> close storage -> exit.
+on_drain hooks (end open streams so their clients reconnect elsewhere) -> stop accepting,
+drain in-flight RPCs for the grace period -> on_stop hooks (flush what is buffered) -> close
+storage -> exit.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.max_concurrent_streams", 100_000),
+    # Calls that have arrived but that the asyncio server has not taken yet (it cannot while a
+    # countdown second is handed to ten thousand watchers): grpc-core's defaults cancel them
+    # beyond ~1,000-3,000, which cut thousands of viewers opening their streams at once.
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 50_000),
 ]
 
 
@@ -61,6 +67,7 @@ class ServiceHost:
         self._service_names: list[str] = []
         self._start_hooks: list[Hook] = []
         self._stop_hooks: list[Hook] = []
+        self._drain_hooks: list[Callable[[], None]] = []
         self._stopped = asyncio.Event()
 
     def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any,
@@ -72,6 +79,12 @@ class ServiceHost:
     def on_start(self, hook: Hook) -> None:
         """Run `hook` once storage is connected, before the service says SERVING."""
         self._start_hooks.append(hook)
+
+    def on_drain(self, hook: Callable[[], None]) -> None:
+        """Run `hook` once load balancers know this replica is going, before in-flight RPCs
+        drain: streams that would last the whole show end now (runtime/fanout.Streams.end)
+        instead of being cancelled when the grace period runs out."""
+        self._drain_hooks.append(hook)
 
     def on_stop(self, hook: Hook) -> None:
         """Run `hook` after in-flight RPCs have drained, before storage closes."""
@@ -110,6 +123,8 @@ class ServiceHost:
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.config.televote_drain_announce_seconds)
+        for drain in self._drain_hooks:
+            drain()
         await self.server.stop(self.config.televote_grace_seconds)
         for hook in self._stop_hooks:
             await hook()

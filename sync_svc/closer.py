@@ -9,6 +9,10 @@ changes nothing: whoever runs next finds the due round and closes it.
 Votes never depend on this loop being on time: the admission script already refuses a vote
 after the window's close times by the Redis clock. The loop makes the close durable and
 announces VOTING_CLOSED.
+
+The same loop publishes show events left unpublished in the outbox (`show_events` rows whose
+replica died between the commit and the publish): a VOTING_CLOSED committed by a replica that
+crashed right after still reaches every watcher, within a poll.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Closer:
         self._storage = storage
         self._store = store
         self._poll_ms = config.sync_close_poll_ms
+        self._outbox_after_ms = config.sync_outbox_replay_after_ms
         self.poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -54,6 +59,11 @@ class Closer:
 
     async def _close_when_due(self) -> None:
         self.poke.clear()
+        # Events whose replica died between commit and publish (show.py's outbox).
+        replayed = await self._store.publish_outbox(self._outbox_after_ms)
+        if replayed:
+            log.warning("published show events another replica left unpublished",
+                        extra={"fields": {"count": replayed}})
         due_ms = await self._store.next_close_ms()
         now_ms = await keys.server_time_ms(self._storage.redis)
         if due_ms is not None and due_ms <= now_ms:

@@ -31,3 +31,6 @@ class SyncConfig(ServiceConfig):
     #: The longest the closer sleeps before looking for due rounds in PostgreSQL again, so a
     #: round opened by another replica whose announcement was lost is still closed on time.
     sync_close_poll_ms: int = 1000
+    #: Show events still unpublished this long after their commit are published by the
+    #: closer loop of any replica (their replica died before publishing them).
+    sync_outbox_replay_after_ms: int = 2000

@@ -9,6 +9,12 @@ moments without any cross-replica traffic.
 A watcher that falls behind never holds up the others and never grows an unbounded queue:
 when its queue is full it is marked stale, its backlog is dropped, and it is sent a fresh
 snapshot instead (the same thing a reconnecting client gets).
+
+Every event is serialized once for all watchers (the published bytes as they came from Redis,
+each tick once): a watcher's message is its sequence in front of those bytes
+(runtime/fanout.py, the same fan-out StreamResults uses). A watcher that sees an episode
+version skip (an event published out of order, or replayed later from show.py's outbox) is
+sent a snapshot; events it already has are dropped by version, so a replay is harmless.
 """
 
 from __future__ import annotations
@@ -18,12 +24,11 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from runtime import keys
+from runtime import fanout, keys
 from runtime.storage import Storage
 from sync_svc.config import SyncConfig
 from sync_svc.show import ShowStore, datetime_to_ms, duration, ms_to_datetime, timestamp
@@ -37,23 +42,22 @@ EventType = watch.ShowEventType
 _PATTERN = keys.show_channel("*")
 
 
-@dataclass(eq=False)  # each watcher is its own identity in the feed's set
-class Watcher:
-    """One WatchShow stream on this replica."""
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A show event as every watcher receives it: serialized once, without a sequence."""
 
-    queue: asyncio.Queue[Event]
-    stale: bool = False
+    body: bytes
+    type: int
+    #: The episode version the event brings (0 for ticks, which change no state).
+    version: int
 
-    def offer(self, event: Event) -> None:
-        if self.stale:
-            return
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.stale = True
-            while not self.queue.empty():
-                self.queue.get_nowait()
-            self.queue.put_nowait(Event(type=EventType.SHOW_EVENT_TYPE_SNAPSHOT))
+    @classmethod
+    def of(cls, event: Event) -> Frame:
+        return cls(event.SerializeToString(), event.type, event.episode_version)
+
+
+#: Events after which a watcher's stream may end (if the episode has nothing more to say).
+_MAYBE_LAST = (EventType.SHOW_EVENT_TYPE_RESULTS_READY, EventType.SHOW_EVENT_TYPE_STATE_CHANGED)
 
 
 @dataclass
@@ -61,7 +65,7 @@ class Feed:
     """The watchers of one episode on this replica, and the timing their ticks follow."""
 
     episode_id: str
-    watchers: set[Watcher] = field(default_factory=set)
+    watchers: fanout.Topic[Frame] = field(default_factory=fanout.Topic)
     version: int = 0
     open_round: types.Round | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -89,7 +93,9 @@ class Feed:
 class Hub:
     """Receives show events from Redis and feeds this replica's watchers."""
 
-    def __init__(self, storage: Storage, store: ShowStore, config: SyncConfig) -> None:
+    def __init__(self, storage: Storage, store: ShowStore, config: SyncConfig,
+                 streams: fanout.Streams | None = None) -> None:
+        self.streams = streams if streams is not None else fanout.Streams()
         self._storage = storage
         self._store = store
         self._config = config
@@ -105,6 +111,8 @@ class Hub:
         await asyncio.wait_for(self._subscribed.wait(), 10)
 
     async def stop(self) -> None:
+        for feed in self._feeds.values():
+            feed.watchers.stop()
         for task in [self._listener, *(feed.ticker for feed in self._feeds.values())]:
             if task is not None:
                 task.cancel()
@@ -121,14 +129,15 @@ class Hub:
                 self._subscribed.set()
                 async for message in pubsub.listen():
                     if message["type"] == "pmessage":
-                        self._deliver(Event.FromString(message["data"]))
+                        self._deliver(bytes(message["data"]))
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("show event subscription lost; resubscribing")
                 await asyncio.sleep(0.5)
 
-    def _deliver(self, event: Event) -> None:
+    def _deliver(self, data: bytes) -> None:
+        event = Event.FromString(data)
         if event.type in (EventType.SHOW_EVENT_TYPE_VOTING_OPEN,
                           EventType.SHOW_EVENT_TYPE_VOTING_EXTENDED):
             for poke in self.on_round_change:
@@ -138,49 +147,33 @@ class Hub:
             return
         feed.follow(event.episode_version, event.type,
                     event.round if event.HasField("round") else None)
-        for watcher in feed.watchers:
-            watcher.offer(event)
+        # The published bytes are the event as watchers get it (minus their sequence).
+        feed.watchers.publish(Frame(data, event.type, event.episode_version))
 
     # -- watching --------------------------------------------------------------------------
 
-    async def watch(self, episode_id: str) -> AsyncIterator[Event]:
-        """The events one watcher is sent: a snapshot, then every change and tick."""
+    def watch(self, episode_id: str) -> Watch:
+        """One watcher's stream of the episode: `Watch.next` gives the snapshot, then every
+        change and tick, as serialized events. Close it with `Watch.close`."""
+        mailbox: fanout.Bounded[Frame] = fanout.Bounded(self._config.sync_watcher_queue)
+        self.streams.open(mailbox)  # UNAVAILABLE once this replica drains
         feed = self._feeds.get(episode_id)
         if feed is None:
             feed = self._feeds[episode_id] = Feed(episode_id)
-        watcher = Watcher(asyncio.Queue(maxsize=self._config.sync_watcher_queue))
         # Registered before the snapshot is read, so no event can fall between the two.
-        feed.watchers.add(watcher)
+        feed.watchers.mailboxes.add(mailbox)
         if feed.ticker is None:
             feed.ticker = asyncio.create_task(self._tick(feed), name=f"ticks-{episode_id}")
-        try:
-            snapshot = await self._snapshot(feed)
-            seen = int(snapshot.episode_version)
-            yield self._snapshot_event(snapshot)
-            while True:
-                event = await watcher.queue.get()
-                if event.type == EventType.SHOW_EVENT_TYPE_SNAPSHOT:
-                    watcher.stale = False
-                    snapshot = await self._snapshot(feed)
-                    seen = int(snapshot.episode_version)
-                    yield self._snapshot_event(snapshot)
-                    continue
-                if event.episode_version:
-                    if event.episode_version <= seen:
-                        continue  # already in the snapshot this watcher was sent
-                    seen = event.episode_version
-                yield event
-                if (event.type == EventType.SHOW_EVENT_TYPE_RESULTS_READY or (
-                        event.type == EventType.SHOW_EVENT_TYPE_STATE_CHANGED
-                        and event.state == types.SHOW_STATE_ENDED)) \
-                        and await self._store.episode_finished(episode_id):
-                    return
-        finally:
-            feed.watchers.discard(watcher)
-            if not feed.watchers and self._feeds.get(episode_id) is feed:
-                del self._feeds[episode_id]
-                if feed.ticker is not None:
-                    feed.ticker.cancel()
+        return Watch(self, feed, mailbox)
+
+    def _unwatch(self, feed: Feed, mailbox: fanout.Bounded[Frame]) -> None:
+        self.streams.close(mailbox)
+        feed.watchers.mailboxes.discard(mailbox)
+        if not feed.watchers and self._feeds.get(feed.episode_id) is feed:
+            del self._feeds[feed.episode_id]
+            feed.watchers.stop()
+            if feed.ticker is not None:
+                feed.ticker.cancel()
 
     async def _snapshot(self, feed: Feed) -> types.ShowSnapshot:
         """The show as it is now: the feed's shared snapshot if nothing changed since."""
@@ -249,8 +242,7 @@ class Hub:
                              closes_at=round_.closes_at, channel_closes=round_.channel_closes,
                              time_remaining=duration(seconds * 1000),
                              seconds_remaining=seconds))
-            for watcher in list(feed.watchers):
-                watcher.offer(tick)
+            feed.watchers.publish(Frame.of(tick))  # serialized once for every watcher
 
     def _now_ms(self) -> float:
         return time.time() * 1000 + self._clock_offset_ms
@@ -260,6 +252,56 @@ class Hub:
         server = await keys.server_time_ms(self._storage.redis)
         after = time.time() * 1000
         self._clock_offset_ms = server - (before + after) / 2
+
+
+class Watch:
+    """One WatchShow stream: what it has been sent, and where its next event comes from."""
+
+    __slots__ = ("_done", "_feed", "_hub", "_mailbox", "_seen")
+
+    def __init__(self, hub: Hub, feed: Feed, mailbox: fanout.Bounded[Frame]) -> None:
+        self._hub = hub
+        self._feed = feed
+        self._mailbox = mailbox
+        self._seen = -1  # the episode version this watcher's last snapshot had
+        self._done = False
+
+    async def next(self) -> bytes | None:
+        """The next event to send (serialized, without its sequence), or None at the end."""
+        if self._done:
+            return None
+        if self._seen < 0:
+            return await self._snapshot()
+        while True:
+            frame = await self._mailbox.take()
+            if frame is fanout.RESYNC:
+                return await self._snapshot()
+            if frame.version:
+                if frame.version <= self._seen:
+                    continue  # already sent (in a snapshot, or announced twice)
+                if frame.version > self._seen + 1:
+                    # One or more events are still on their way (published out of order, or
+                    # replayed from the outbox later): a snapshot is the whole state.
+                    return await self._snapshot()
+                self._seen = frame.version
+            if frame.type in _MAYBE_LAST and self._ends_show(frame) \
+                    and await self._hub._store.episode_finished(self._feed.episode_id):
+                self._done = True
+            return frame.body
+
+    @staticmethod
+    def _ends_show(frame: Frame) -> bool:
+        if frame.type == EventType.SHOW_EVENT_TYPE_RESULTS_READY:
+            return True
+        return Event.FromString(frame.body).state == types.SHOW_STATE_ENDED
+
+    async def _snapshot(self) -> bytes:
+        snapshot = await self._hub._snapshot(self._feed)
+        self._seen = int(snapshot.episode_version)
+        return self._hub._snapshot_event(snapshot).SerializeToString()
+
+    def close(self) -> None:
+        self._hub._unwatch(self._feed, self._mailbox)
 
 
 def _stamp_ms(ms: float) -> Timestamp:

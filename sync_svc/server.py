@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from runtime.fanout import Streams, add_servicer
 from runtime.server import ServiceHost, run_service
 from runtime.storage import Storage
 from sync_svc.closer import Closer
@@ -15,15 +16,16 @@ from televote.sync.v1 import (
     show_internal_service_pb2,
     show_internal_service_pb2_grpc,
     show_watch_service_pb2,
-    show_watch_service_pb2_grpc,
 )
 
 
 def create_server(config: SyncConfig) -> tuple[ServiceHost, int]:
     storage = Storage.from_config(config)
     host = ServiceHost(config, storage)
+    streams = Streams()
+    host.on_drain(streams.end)
     store = ShowStore(storage, config)
-    hub = Hub(storage, store, config)
+    hub = Hub(storage, store, config, streams)
     closer = Closer(storage, store, config)
     hub.on_round_change.append(closer.poke)
 
@@ -40,9 +42,9 @@ def create_server(config: SyncConfig) -> tuple[ServiceHost, int]:
     host.add(show_control_service_pb2_grpc.add_ShowControlServiceServicer_to_server,
              ShowControlServicer(store),
              show_control_service_pb2.DESCRIPTOR.services_by_name["ShowControlService"])
-    host.add(show_watch_service_pb2_grpc.add_ShowWatchServiceServicer_to_server,
-             ShowWatchServicer(store, hub),
-             show_watch_service_pb2.DESCRIPTOR.services_by_name["ShowWatchService"])
+    watch_service = show_watch_service_pb2.DESCRIPTOR.services_by_name["ShowWatchService"]
+    host.add(add_servicer(watch_service, prebuilt=["WatchShow"]), ShowWatchServicer(store, hub),
+             watch_service)
     host.add(show_internal_service_pb2_grpc.add_ShowInternalServiceServicer_to_server,
              ShowInternalServicer(store),
              show_internal_service_pb2.DESCRIPTOR.services_by_name["ShowInternalService"])

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
+from runtime import fanout
 from runtime.errors import FieldViolation, invalid_argument
 from sync_svc.hub import Hub
 from sync_svc.show import ShowStore, parse_id
@@ -83,15 +83,19 @@ class ShowWatchServicer(watch_grpc.ShowWatchServiceServicer):
         return watch.GetShowStateResponse(snapshot=await self._store.get_snapshot(
             _episode_id(request.episode_id)))
 
-    async def WatchShow(self, request: watch.WatchShowRequest, context: Any
-                        ) -> AsyncIterator[watch.WatchShowResponse]:
-        sequence = 0
-        async for event in self._hub.watch(_episode_id(request.episode_id)):
-            sequence += 1
-            numbered = watch.WatchShowResponse()
-            numbered.CopyFrom(event)  # events are shared by every watcher; number a copy
-            numbered.sequence = sequence
-            yield numbered
+    async def WatchShow(self, request: watch.WatchShowRequest,  # type: ignore[override]
+                        context: Any) -> None:
+        """Writes each WatchShowResponse already serialized (registered with
+        `fanout.add_servicer(prebuilt=["WatchShow"])`): every watcher shares one serialization
+        of an event and only its sequence is its own."""
+        stream = self._hub.watch(_episode_id(request.episode_id))
+        try:
+            sequence = 0
+            while (body := await stream.next()) is not None:
+                sequence += 1
+                await context.write(fanout.sequence_prefix(sequence) + body)
+        finally:
+            stream.close()
 
 
 class ShowInternalServicer(internal_grpc.ShowInternalServiceServicer):

@@ -50,6 +50,8 @@ class Published:
 
     events: list[watch.WatchShowResponse] = field(default_factory=list)
     windows: list[Row] = field(default_factory=list)  # rounds whose Redis window to rewrite
+    #: The windows' Redis fields, read in the change's own transaction (`_settle`).
+    window_fields: list[tuple[str, dict[str, str | int]]] = field(default_factory=list)
 
 
 def failed(reason: str, message: str) -> ApiError:
@@ -114,43 +116,62 @@ class ShowStore:
             response = await once(connection, method, request.request_id, request,
                                   response_type,
                                   lambda: perform(connection, published, now_ms))
+            await self._settle(connection, published)
         await self.apply(published)
         return response
 
-    async def apply(self, published: Published) -> None:
-        """Mirror windows into Redis, then announce the events (after the commit)."""
+    async def _settle(self, connection: Connection, published: Published) -> None:
+        """At the end of a change's transaction: the Redis fields of the windows it moved, from
+        the rows as this transaction leaves them (no second connection, no later version)."""
         for round_row in published.windows:
-            await keys.write_window(self._storage.redis, str(round_row["round_id"]),
-                                    await self._window_fields(round_row))
+            episode = await _one(connection, "SELECT free_vote_quota, rate_limit_per_minute,"
+                                 " version FROM episodes WHERE episode_id = %s",
+                                 (round_row["episode_id"],))
+            published.window_fields.append(
+                (str(round_row["round_id"]), window_fields(round_row, episode)))
+
+    async def apply(self, published: Published) -> None:
+        """After the commit: mirror windows into Redis, then announce the events and mark
+        their outbox rows published. A crash before the mark leaves the rows for
+        `publish_outbox` on any replica; watchers drop what they already have (by
+        episode_version), so an event announced twice is harmless."""
+        for round_id, fields in published.window_fields:
+            await keys.write_window(self._storage.redis, round_id, fields)
         for event in published.events:
             # Every replica's Hub (this one's too) hands it to its watchers.
             await self._storage.redis.publish(keys.show_channel(event.episode_id),
                                               event.SerializeToString())
+        if published.events:
+            async with self._storage.pool.connection() as connection:
+                await connection.execute(
+                    "UPDATE show_events SET published_at = now() FROM unnest(%s::uuid[],"
+                    " %s::bigint[]) AS e(episode_id, version) WHERE show_events.episode_id ="
+                    " e.episode_id AND show_events.version = e.version",
+                    ([e.episode_id for e in published.events],
+                     [e.episode_version for e in published.events]))
 
-    async def _window_fields(self, round_row: Row) -> dict[str, str | int]:
-        async with self._storage.pool.connection() as connection:
-            episode = await _one(connection, "SELECT free_vote_quota, rate_limit_per_minute,"
-                                 " version FROM episodes WHERE episode_id = %s",
-                                 (round_row["episode_id"],))
-        closes_ms = datetime_to_ms(round_row["closes_at"])
-        fields: dict[str, str | int] = {
-            "episode_id": str(round_row["episode_id"]),
-            "state": round_row["state"],
-            "opens_at_ms": datetime_to_ms(round_row["opens_at"]),
-            "closes_at_ms": closes_ms,
-            "contestants": ",".join(str(c) for c in round_row["contestant_ids"]),
-            "free_quota": episode["free_vote_quota"],
-            "free_cap": round_row["free_vote_cap"],
-            "rate_limit_per_minute": episode["rate_limit_per_minute"],
-            "version": episode["version"],
-        }
-        for channel in keys.CHANNELS:
-            close = closes_ms + round_row[f"{channel}_close_offset_ms"]
-            if round_row["state"] != "OPEN":
-                # A closed round is closed on every channel from the moment it closed.
-                close = min(close, datetime_to_ms(round_row["closed_at"]))
-            fields[f"close_{channel}_ms"] = close
-        return fields
+    async def publish_outbox(self, older_than_ms: int, limit: int = 500) -> int:
+        """Announce events committed at least `older_than_ms` ago and never marked published
+        (their replica died between commit and publish); returns how many. Replicas share
+        the work without waiting on each other (SKIP LOCKED)."""
+        async with self._storage.pool.connection() as connection, connection.transaction():
+            cursor = await connection.execute(
+                "SELECT episode_id::text, version, payload FROM show_events"
+                " WHERE published_at IS NULL AND recorded_at < now() - %s"
+                " ORDER BY recorded_at, episode_id, version LIMIT %s FOR UPDATE SKIP LOCKED",
+                (timedelta(milliseconds=older_than_ms), limit))
+            rows: list[Any] = await cursor.fetchall()
+            for row in rows:
+                await self._storage.redis.publish(keys.show_channel(row["episode_id"]),
+                                                  bytes(row["payload"]))
+            if rows:
+                await connection.execute(
+                    "UPDATE show_events SET published_at = now() FROM unnest(%s::uuid[],"
+                    " %s::bigint[]) AS e(episode_id, version) WHERE show_events.episode_id ="
+                    " e.episode_id AND show_events.version = e.version",
+                    ([r["episode_id"] for r in rows], [r["version"] for r in rows]))
+        return len(rows)
+
 
     async def _event(self, connection: Connection, published: Published, episode_id: str,
                      now_ms: int, event_type: int, **payload: Any) -> int:
@@ -631,6 +652,7 @@ class ShowStore:
                 if round_row["state"] != "OPEN":
                     continue  # another replica closed it first
                 await self._close_round(connection, published, round_row, now_ms, "AUTO")
+                await self._settle(connection, published)
             await self.apply(published)
             closed += 1
         return closed
@@ -655,6 +677,7 @@ class ShowStore:
             message = round_message(round_row)
             await self._event(connection, published, str(round_row["episode_id"]), now_ms,
                               EventType.SHOW_EVENT_TYPE_RESULTS_READY, round=message)
+            await self._settle(connection, published)
         await self.apply(published)
         return message
 
@@ -799,3 +822,26 @@ async def _one(connection: Connection, query: str, params: tuple[Any, ...]) -> R
     row = await _maybe_one(connection, query, params)
     assert row is not None, query
     return row
+
+
+def window_fields(round_row: Row, episode: Row) -> dict[str, str | int]:
+    """A round's window as vote admission reads it from Redis."""
+    closes_ms = datetime_to_ms(round_row["closes_at"])
+    fields: dict[str, str | int] = {
+        "episode_id": str(round_row["episode_id"]),
+        "state": round_row["state"],
+        "opens_at_ms": datetime_to_ms(round_row["opens_at"]),
+        "closes_at_ms": closes_ms,
+        "contestants": ",".join(str(c) for c in round_row["contestant_ids"]),
+        "free_quota": episode["free_vote_quota"],
+        "free_cap": round_row["free_vote_cap"],
+        "rate_limit_per_minute": episode["rate_limit_per_minute"],
+        "version": episode["version"],
+    }
+    for channel in keys.CHANNELS:
+        close = closes_ms + round_row[f"{channel}_close_offset_ms"]
+        if round_row["state"] != "OPEN":
+            # A closed round is closed on every channel from the moment it closed.
+            close = min(close, datetime_to_ms(round_row["closed_at"]))
+        fields[f"close_{channel}_ms"] = close
+    return fields

@@ -30,6 +30,8 @@ FAST_SHOW_ENV = {
     "SYNC_WARNING_AT_S": "6",
     "SYNC_COUNTDOWN_FROM_S": "3",
     "SYNC_CLOSE_POLL_MS": "500",
+    # Receipt proofs come from blocks of leaves: small blocks, so tests cross block edges.
+    "RESULTS_RECEIPT_BLOCK_LEAVES": "4",
 }
 
 

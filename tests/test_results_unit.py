@@ -138,3 +138,17 @@ def test_a_stream_message_built_from_the_shared_view_is_a_stream_results_respons
         as_voter = rpb.StreamResultsResponse.FromString(
             update.stream_message(Role.VOTER, sequence))
         assert as_voter.results == hidden
+
+
+def test_proofs_from_block_roots_and_one_block_equal_the_full_trees() -> None:
+    from results_svc.merkle import MerkleTree, TopTree, leaf_hash
+    for size in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 33, 64, 100):
+        leaves = [leaf_hash(str(i).encode()) for i in range(size)]
+        full = MerkleTree(leaves)
+        for block in (1, 2, 4, 8):
+            top = TopTree(TopTree.block_roots_of(full, block), block, size)
+            assert top.root == full.root
+            for index in range(size):
+                start = index // block * block
+                assert top.inclusion_proof(index, leaves[start:start + block]) \
+                    == full.inclusion_proof(index), (size, block, index)

@@ -13,7 +13,9 @@ import pytest
 from ops.stack import Stack
 from runtime import keys
 from runtime.errors import error_info
-from runtime.storage import create_redis
+from runtime.storage import Storage, create_redis
+from sync_svc.config import SyncConfig
+from sync_svc.show import Published, ShowStore
 from televote.sync.v1 import show_control_service_pb2 as control
 from televote.sync.v1 import show_watch_service_pb2 as watch
 from televote.sync.v1 import show_watch_service_pb2_grpc as watch_grpc
@@ -263,3 +265,40 @@ async def test_results_ready_is_announced_once_and_ends_the_finished_show(
     assert watcher.task is not None
     await asyncio.wait_for(watcher.task, 10)  # the stream ends: nothing more to announce
     assert watcher.types() == ["SNAPSHOT", "VOTING_CLOSED", "STATE_CHANGED", "RESULTS_READY"]
+
+
+class _DiesBeforePublishing(ShowStore):
+    """A sync_svc replica that dies right after a change commits, before announcing it."""
+
+    async def apply(self, published: Published) -> None:
+        raise _Died
+
+
+class _Died(Exception):
+    pass
+
+
+async def test_a_close_whose_replica_dies_before_publishing_still_reaches_watchers(
+        stack: Stack, operator: Operator, edge_channel: grpc.aio.Channel) -> None:
+    episode_id, contestants = await operator.episode_with_contestants(2)
+    round_id = (await operator.call("CreateRound", episode_id=episode_id,
+                                    contestant_ids=contestants)).round.round_id
+    await operator.call("StartShow", episode_id=episode_id)
+    await operator.call("OpenVoting", round_id=round_id, duration=seconds(600))
+    watcher = GrpcWatcher().start(edge_channel, episode_id)
+    await watcher.wait_for(watch.SHOW_EVENT_TYPE_SNAPSHOT)
+
+    config = SyncConfig(database_url=stack.database_url, redis_url=stack.redis_url)
+    storage = Storage.from_config(config)
+    await storage.connect()
+    try:
+        with pytest.raises(_Died):
+            await _DiesBeforePublishing(storage, config).close_voting(
+                control.CloseVotingRequest(request_id=request_id(), round_id=round_id))
+    finally:
+        await storage.close()
+    # The live replicas' closer loops publish what the dead one committed but never sent.
+    await watcher.wait_for(watch.SHOW_EVENT_TYPE_VOTING_CLOSED, timeout=30)
+    closed = [e for e in watcher.events if e.type == watch.SHOW_EVENT_TYPE_VOTING_CLOSED]
+    assert len(closed) == 1 and closed[0].round.state == types.ROUND_STATE_CLOSED
+    await watcher.stop()

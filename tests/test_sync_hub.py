@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from sync_svc.hub import Feed, Watcher
+import grpc
+import pytest
+
+from runtime import fanout
+from runtime.errors import ApiError
+from sync_svc.hub import Feed, Frame
 from televote.sync.v1 import show_watch_service_pb2 as watch
 from televote.sync.v1 import sync_types_pb2 as types
 
@@ -14,17 +19,48 @@ def _event(version: int) -> watch.WatchShowResponse:
                                    episode_version=version, state=types.SHOW_STATE_LIVE)
 
 
-def test_a_watcher_that_falls_behind_gets_a_snapshot_instead_of_a_growing_backlog() -> None:
-    slow, fast = Watcher(asyncio.Queue(maxsize=4)), Watcher(asyncio.Queue(maxsize=1000))
+async def test_a_watcher_that_falls_behind_gets_a_snapshot_instead_of_a_growing_backlog(
+        ) -> None:
+    slow: fanout.Bounded[Frame] = fanout.Bounded(4)
+    fast: fanout.Bounded[Frame] = fanout.Bounded(1000)
     for version in range(1, 101):
         for watcher in (slow, fast):
-            watcher.offer(_event(version))
-        if fast.queue.qsize():
-            fast.queue.get_nowait()  # the fast client keeps up
+            watcher.offer(Frame.of(_event(version)))
+        if len(fast):
+            await fast.take()  # the fast client keeps up
     assert slow.stale
-    assert slow.queue.qsize() == 1  # never more than its bound; just "resync"
-    assert slow.queue.get_nowait().type == watch.SHOW_EVENT_TYPE_SNAPSHOT
+    assert len(slow) == 1  # never more than its bound; just "resync"
+    assert await slow.take() is fanout.RESYNC
     assert not fast.stale
+    slow.offer(Frame.of(_event(101)))  # after the resync, events queue again
+    assert (await slow.take()).version == 101
+
+
+async def test_a_draining_server_ends_every_stream_and_refuses_new_ones() -> None:
+    streams = fanout.Streams()
+    waiting: fanout.Bounded[Frame] = fanout.Bounded(4)
+    latest: fanout.Latest[int] = fanout.Latest()
+    streams.open(waiting)
+    streams.open(latest)
+    reader = asyncio.create_task(waiting.take())
+    await asyncio.sleep(0)
+    streams.end()
+    for pending in (reader, latest.take()):
+        with pytest.raises(ApiError) as ended:
+            await pending
+        assert ended.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ApiError):
+        streams.open(fanout.Latest())
+
+
+def test_a_shared_event_with_a_sequence_in_front_parses_as_the_numbered_event() -> None:
+    event = _event(7)
+    body = Frame.of(event).body
+    for sequence in (1, 127, 128, 300, 2**40):
+        numbered = watch.WatchShowResponse.FromString(fanout.sequence_prefix(sequence) + body)
+        assert numbered.sequence == sequence
+        event.sequence = sequence
+        assert numbered == event
 
 
 def test_the_feed_follows_the_open_round_and_ignores_older_news() -> None:
