@@ -10,8 +10,9 @@ bind, and for each mode measures:
 - p50/p99 latency with an open-loop load at 70 % of that maximum.
 Modes: json (Envoy JSON transcoding, wrk with a Lua script), grpc (native gRPC unary through
 Envoy, Python clients in 2 processes), batch (VoteGatewayService.SubmitVotes of 1,000 votes,
-direct to a replica: gateways are inside the mesh or carriers through the edge), and noop
-(ListVotePackages through the same edge path, one small query: the ceiling of the path).
+spread over the replicas the way the SMS gateway's channel does: gateways are inside the mesh
+or carriers through the edge), and noop (ListVotePackages through the same edge path, served
+from the catalogue cache: the ceiling of the path).
 No assertions on timing: it prints figures.
 """
 
@@ -142,7 +143,8 @@ async def _grpc_load(target: str, round_id: str, contestants: list[str], token: 
     acked: list[str] = []
     latencies: list[float] = []
     failures = 0
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(
+            target, options=[("grpc.lb_policy_name", "round_robin")]) as channel:
         votes = vote_service_pb2_grpc.VoteServiceStub(channel)
         gateway = vote_gateway_service_pb2_grpc.VoteGatewayServiceStub(channel)
         metadata: Any = (("authorization", f"Bearer {token}"),)
@@ -247,8 +249,7 @@ async def main() -> None:
                                  "p99_ms": p99, "refused_at70": failed2}
             else:
                 batch = mode == "batch"
-                target = (stack.target("vote_svc").removeprefix("ipv4:").split(",")[0]
-                          if batch else stack.edge_target)
+                target = stack.target("vote_svc") if batch else stack.edge_target
                 acked, _, failed = await asyncio.to_thread(
                     _grpc, target, test_round, token, options.duration, 2 if batch else 64, 0,
                     batch)

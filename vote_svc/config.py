@@ -32,9 +32,9 @@ class VoteConfig(ServiceConfig):
     #: A batch commit slower than this fails (clients get UNAVAILABLE, admissions are undone).
     vote_commit_timeout_ms: float = 2000.0
 
-    #: Load shedding (vote_svc/ingest.py): votes one replica works on at once; past this, new
-    #: calls are refused at once with UNAVAILABLE `OVERLOADED` instead of queueing. Set it
-    #: to what a replica commits in about half a second.
+    #: Load shedding (vote_svc/ingest.py): votes one replica works on at once; once there, new
+    #: calls (a gateway's batch counts its votes) are refused at once with UNAVAILABLE
+    #: `OVERLOADED` instead of queueing. About what a replica commits in a second or two.
     vote_max_inflight_votes: int = 2000
     #: A call with this little of its deadline left is not started (DEADLINE_EXCEEDED).
     vote_min_time_left_ms: float = 5.0

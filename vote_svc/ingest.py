@@ -134,7 +134,7 @@ class Ingestor:
             return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
                             "the call's deadline passed before the vote could be admitted; "
                             "nothing was recorded")
-        if self._inflight and self._inflight + count > config.vote_max_inflight_votes:
+        if self._inflight >= config.vote_max_inflight_votes:  # a call may overshoot by itself
             return ApiError(grpc.StatusCode.UNAVAILABLE, "OVERLOADED",
                             "this replica is at capacity; nothing was recorded, retry with "
                             "the same request_id", retry_after_seconds=0.5)
