@@ -34,8 +34,8 @@ class VoteConfig(ServiceConfig):
 
     #: Load shedding (vote_svc/ingest.py): votes one replica works on at once; once there, new
     #: calls (a gateway's batch counts its votes) are refused at once with UNAVAILABLE
-    #: `OVERLOADED` instead of queueing. About what a replica commits in a second or two.
-    vote_max_inflight_votes: int = 2000
+    #: `OVERLOADED` instead of queueing. About what a replica commits in a second.
+    vote_max_inflight_votes: int = 500
     #: A call with this little of its deadline left is not started (DEADLINE_EXCEEDED).
     vote_min_time_left_ms: float = 5.0
 
