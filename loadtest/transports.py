@@ -119,22 +119,30 @@ class _HttpClient:
     async def close(self) -> None:
         await self._session.close()
 
+    async def _post(self, path: str, timeout: float, headers: dict[str, str],
+                    **body: Any) -> tuple[int, dict[str, str], bytes] | Answer:
+        """Status, headers and body of a POST to the edge, or the transport's failure."""
+        try:
+            async with self._session.post(
+                    f"{self._base_url}{path}", headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout), **body) as response:
+                return response.status, dict(response.headers), await response.read()
+        except TimeoutError:
+            return Answer(ERROR, reason="DEADLINE_EXCEEDED")
+        except aiohttp.ClientError as error:
+            return Answer(ERROR, reason=f"HTTP_CLIENT_{type(error).__name__}")
+
 
 class JsonClient(_HttpClient):
     """POST /v1/rounds/{round}/votes through the edge's JSON transcoding."""
 
     async def submit(self, vote: Vote, timeout: float) -> Answer:
-        try:
-            async with self._session.post(
-                    f"{self._base_url}/v1/rounds/{vote.round_id}/votes", json=vote.json_body(),
-                    headers={"authorization": f"Bearer {vote.token}"},
-                    timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-                body = await response.read()
-                status = response.status
-        except TimeoutError:
-            return Answer(ERROR, reason="DEADLINE_EXCEEDED")
-        except aiohttp.ClientError as error:
-            return Answer(ERROR, reason=f"HTTP_CLIENT_{type(error).__name__}")
+        answer = await self._post(f"/v1/rounds/{vote.round_id}/votes", timeout,
+                                  {"authorization": f"Bearer {vote.token}"},
+                                  json=vote.json_body())
+        if isinstance(answer, Answer):
+            return answer
+        status, _, body = answer
         try:
             document = json.loads(body) if body else {}
         except ValueError:
@@ -150,21 +158,14 @@ class GrpcWebClient(_HttpClient):
     """Binary gRPC-Web through the edge's grpc_web filter, over HTTP/1.1 like a browser."""
 
     async def submit(self, vote: Vote, timeout: float) -> Answer:
-        try:
-            async with self._session.post(
-                    f"{self._base_url}{SUBMIT_PATH}",
-                    data=grpcweb.frame(vote.message().SerializeToString()),
-                    headers={"authorization": f"Bearer {vote.token}",
-                             "content-type": grpcweb.CONTENT_TYPE, "x-grpc-web": "1",
-                             "accept": grpcweb.CONTENT_TYPE},
-                    timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-                body = await response.read()
-                headers = dict(response.headers)
-                status = response.status
-        except TimeoutError:
-            return Answer(ERROR, reason="DEADLINE_EXCEEDED")
-        except aiohttp.ClientError as error:
-            return Answer(ERROR, reason=f"HTTP_CLIENT_{type(error).__name__}")
+        answer = await self._post(
+            SUBMIT_PATH, timeout, {"authorization": f"Bearer {vote.token}",
+                                   "content-type": grpcweb.CONTENT_TYPE, "x-grpc-web": "1",
+                                   "accept": grpcweb.CONTENT_TYPE},
+            data=grpcweb.frame(vote.message().SerializeToString()))
+        if isinstance(answer, Answer):
+            return answer
+        status, headers, body = answer
         try:
             reply = grpcweb.parse(body, headers)
         except ValueError:

@@ -43,6 +43,12 @@ class EdgeSettings:
     #: are trusted for the caller's IP; 0 when clients connect to the edge directly, so a
     #: client cannot choose the IP that fraud scoring sees.
     trusted_proxy_hops: int = 0
+    #: Load shedding at the edge, where it is cheapest: requests one replica of a service
+    #: without streams (votes, wallet, reviews, carriers) may have outstanding. Beyond it the
+    #: edge answers UNAVAILABLE at once (HTTP 503, `x-envoy-overloaded`) instead of queueing
+    #: calls in front of a saturated replica until every client's deadline has passed. About
+    #: what a replica answers in a second or two.
+    unary_requests_per_replica: int = 500
     descriptor_set: Path = DESCRIPTOR_SET
     #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas.
     upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
@@ -93,7 +99,7 @@ def _role_principal(role: Role) -> dict[str, Any]:
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-def _cluster(name: str, endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int) -> dict[str, Any]:
     return {
         "name": name,
         "type": "STATIC",
@@ -108,11 +114,11 @@ def _cluster(name: str, endpoints: list[tuple[str, int]]) -> dict[str, Any]:
                     "max_concurrent_streams": 500}},
             }
         },
-        # Live results and countdowns hold one stream per viewer: the default ceiling of 1,024
-        # concurrent requests per cluster would refuse most of an audience.
+        # max_requests: see EdgeSettings.unary_requests_per_replica; live results and
+        # countdowns hold one stream per viewer, so their services take (nearly) unlimited.
         "circuit_breakers": {"thresholds": [{
             "max_connections": 100000, "max_pending_requests": 100000,
-            "max_requests": 1000000, "max_retries": 10}]},
+            "max_requests": max_requests, "max_retries": 10}]},
         "health_checks": [{
             "timeout": "1s", "interval": "2s", "unhealthy_threshold": 2,
             "healthy_threshold": 1, "grpc_health_check": {}}],
@@ -155,7 +161,11 @@ def render(settings: EdgeSettings) -> str:
 
     transcoded = [service for service in routed
                   if any(method.transcoded for method in methods.get(service, []))]
-    clusters = [_cluster(name, endpoints) for name, endpoints in sorted(settings.upstreams.items())]
+    streaming = {process_of(service) for service in routed
+                 if any(method.server_streaming for method in methods.get(service, []))}
+    clusters = [_cluster(name, endpoints, 1_000_000 if name in streaming
+                         else settings.unary_requests_per_replica * len(endpoints))
+                for name, endpoints in sorted(settings.upstreams.items())]
     values = {
         "edge_host": settings.host,
         "edge_port": settings.port,
