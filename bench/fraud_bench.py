@@ -34,7 +34,6 @@ from pathlib import Path
 
 import grpc
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fraud_svc.behaviour import TrafficMix, VoteEvent, generate, plan_intel, vpn_lists
 from fraud_svc.config import FraudConfig
@@ -48,7 +47,7 @@ from fraud_svc.store import BlocklistCache
 from fraud_svc.train import evaluate, offline_config
 from ops.infra import start_postgres, start_redis
 from ops.migrate import migrate
-from ops.processes import Child, free_port
+from ops.processes import Child, free_port, wait_serving
 from runtime.access import Principal, Role
 from runtime.storage import create_pool, create_redis
 from televote.fraud.v1 import fraud_scoring_service_pb2, fraud_scoring_service_pb2_grpc
@@ -66,22 +65,6 @@ def _facts(event: VoteEvent, run: str) -> fraud_scoring_service_pb2.VoteFacts:
         facts.location.latitude, facts.location.longitude = event.latitude, event.longitude
     facts.server_time.FromMilliseconds(T0_MS + int(event.time * 1000))
     return facts
-
-
-async def _wait_serving(target: str, child: Child) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(300):
-            if not child.running:
-                raise RuntimeError(child.log_tail())
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError("fraud_svc did not start")
 
 
 async def _run_batches(stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceStub,
@@ -209,7 +192,7 @@ async def main() -> None:
             "FRAUD_VPN_CIDRS": ",".join(str(n) for n in vpn_lists().networks)})
         children.append(server)
         target = f"127.0.0.1:{port}"
-        await _wait_serving(target, server)
+        await wait_serving(target, server, timeout=30)
         process = psutil.Process(server.process.pid)
         run = uuid.uuid4().hex[:6]
         total = (args.batches + 20) * args.batch_size

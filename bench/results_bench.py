@@ -35,10 +35,9 @@ from typing import Any
 
 import psutil
 
-from bench.stream_load import Clients, Load
+from bench.stream_load import Clients, Load, open_sse
 from ops.stack import SERVICES, Stack, StackSettings
 from tests.support_windows import open_test_round
-from tests.sync_support import SseWatcher
 
 
 def _summary(name: str, lags: list[float], subscribers: int, seconds: float) -> str:
@@ -93,16 +92,8 @@ async def run(grpc_subscribers: int, sse_subscribers: int, processes: int, open_
                                processes=processes, open_rate=open_rate))
         started = time.monotonic()
         opened = await clients.open() if grpc_subscribers else 0
-        sse = []
-        for i in range(sse_subscribers):
-            sse.append(SseWatcher().start(stack.edge_target,
-                                          f"/v1/rounds/{round_id}/live-results"))
-            if i % 50 == 49:
-                await asyncio.sleep(0.1)
-        deadline = time.monotonic() + 120
-        while sum(bool(w.events) for w in sse) < sse_subscribers \
-                and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.2)  # polling other tasks' lists
+        sse = await open_sse(stack.edge_target, f"/v1/rounds/{round_id}/live-results",
+                             sse_subscribers)
         connected_s = time.monotonic() - started
         await asyncio.sleep(2)
         sse_open = sum(bool(w.events) for w in sse)

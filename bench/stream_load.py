@@ -30,6 +30,7 @@ import grpc
 
 from televote.results.v1 import results_service_pb2 as rpb
 from televote.sync.v1 import show_watch_service_pb2 as watch
+from tests.sync_support import SseWatcher
 
 BUCKET_MS = 10
 RETRYABLE = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE,
@@ -225,3 +226,19 @@ class Clients:
             if worker.is_alive():
                 worker.kill()
         return total
+
+
+async def open_sse(edge_target: str, path: str, count: int,
+                   timeout: float = 120.0) -> list[SseWatcher]:
+    """`count` SSE watchers of `path` through the edge, opened 50 at a time; returns once
+    each has its first event, or when `timeout` runs out."""
+    watchers = []
+    for i in range(count):
+        watchers.append(SseWatcher().start(edge_target, path))
+        if i % 50 == 49:
+            await asyncio.sleep(0.1)
+    deadline = time.monotonic() + timeout
+    while sum(bool(w.events) for w in watchers) < count \
+            and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.2)  # polling other tasks' lists
+    return watchers

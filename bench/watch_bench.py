@@ -26,10 +26,10 @@ from pathlib import Path
 
 import psutil
 
-from bench.stream_load import Clients, Load
+from bench.stream_load import Clients, Load, open_sse
 from ops.stack import SERVICES, Stack, StackSettings
 from runtime.access import Principal, Role
-from tests.sync_support import Operator, SseWatcher, seconds
+from tests.sync_support import Operator, seconds
 
 WINDOW_S = 14
 
@@ -81,16 +81,8 @@ async def run(grpc_subscribers: int, sse_subscribers: int, processes: int, open_
                                    processes=processes, open_rate=open_rate))
             started = time.monotonic()
             opened = await clients.open() if grpc_subscribers else 0
-            sse = []
-            for i in range(sse_subscribers):
-                sse.append(SseWatcher().start(stack.edge_target,
-                                              f"/v1/episodes/{episode_id}/events"))
-                if i % 50 == 49:
-                    await asyncio.sleep(0.1)
-            deadline = time.monotonic() + 120
-            while sum(bool(w.events) for w in sse) < sse_subscribers \
-                    and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.2)  # polling other tasks' lists
+            sse = await open_sse(stack.edge_target, f"/v1/episodes/{episode_id}/events",
+                                 sse_subscribers)
             connected_s = time.monotonic() - started
             await asyncio.sleep(2)
             subscribers = opened + sum(bool(w.events) for w in sse)

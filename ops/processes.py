@@ -8,8 +8,12 @@ import contextlib
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def free_port() -> int:
@@ -69,3 +73,23 @@ class Child:
     def _signal_group(self, signum: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signum)
+
+
+async def wait_serving(target: str, child: Child | None = None, timeout: float = 60.0,
+                       name: str = "") -> None:
+    """Wait until the gRPC server at `target` (host:port) reports SERVING on its health
+    service; raises with `child`'s log tail if it exits first or the time runs out."""
+    what = name or (child.name if child else target)
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if child is not None and not child.running:
+                raise RuntimeError(f"{what} exited at start:\n{child.log_tail()}")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.1)
+    tail = f":\n{child.log_tail()}" if child else ""
+    raise RuntimeError(f"{what} not SERVING after {timeout:.0f}s{tail}")

@@ -21,13 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from ops import edge, tokens
 from ops.infra import start_postgres, start_redis
 from ops.migrate import migrate
-from ops.processes import Child, free_port
+from ops.processes import Child, free_port, wait_serving
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +105,7 @@ class Stack:
             for service in SERVICES:
                 for replica in range(len(self.addresses[service])):
                     self._services.append(await self._spawn_replica(service, replica))
-            await asyncio.gather(*(self._wait_serving(child, address)
+            await asyncio.gather(*(wait_serving(f"{address[0]}:{address[1]}", child)
                                    for child, address in zip(self._services, self._all_addresses(),
                                                              strict=True)))
 
@@ -154,7 +151,8 @@ class Stack:
             raise RuntimeError(f"{old.name} is still running")
         child = await self._spawn_replica(service, replica)
         self._services[self._services.index(old)] = child
-        await self._wait_serving(child, self.addresses[service][replica])
+        host, port = self.addresses[service][replica]
+        await wait_serving(f"{host}:{port}", child)
 
     def _service_environment(self, state_dir: Path) -> dict[str, str]:
         env = {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
@@ -177,23 +175,6 @@ class Stack:
         child, url = await start_redis(state_dir)
         self._infra.append(child)
         return url
-
-    async def _wait_serving(self, child: Child, address: tuple[str, int],
-                            timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(f"{address[0]}:{address[1]}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if not child.running:
-                    raise RuntimeError(f"{child.name} exited at start:\n{child.log_tail()}")
-                try:
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise RuntimeError(f"{child.name} not SERVING after {timeout:.0f}s:\n{child.log_tail()}")
 
     async def _wait_edge_ready(self, timeout: float = 30.0) -> None:
         """Ready when Envoy is live and has seen every upstream replica pass a health check."""

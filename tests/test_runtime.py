@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from ops.processes import free_port
+from ops.processes import free_port, wait_serving
 from runtime.access import Principal, Role, allowed
 from runtime.config import ConfigError, ServiceConfig
 from runtime.errors import ApiError, FieldViolation, invalid_argument
@@ -108,8 +108,8 @@ async def test_sigterm_drains_an_in_flight_rpc_before_exit() -> None:
         stderr=asyncio.subprocess.PIPE)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await wait_serving(f"127.0.0.1:{port}", timeout=10)
             health = health_pb2_grpc.HealthStub(channel)
-            await _wait_serving(health)
             sleep = channel.unary_unary(SLEEP_METHOD)
             in_flight = asyncio.ensure_future(sleep(b"1.5", timeout=10))
             await asyncio.sleep(0.3)
@@ -127,18 +127,6 @@ async def test_sigterm_drains_an_in_flight_rpc_before_exit() -> None:
             await process.wait()
 
 
-async def _wait_serving(health: health_pb2_grpc.HealthStub) -> None:
-    for _ in range(100):
-        try:
-            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("service never became SERVING")
-
-
 async def test_calls_are_traced_and_logs_carry_the_trace_id() -> None:
     """OTEL_TRACES_EXPORTER switches export on; here the console exporter prints the spans."""
     port = free_port()
@@ -149,7 +137,7 @@ async def test_calls_are_traced_and_logs_carry_the_trace_id() -> None:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await _wait_serving(health_pb2_grpc.HealthStub(channel))
+            await wait_serving(f"127.0.0.1:{port}", timeout=10)
             assert await channel.unary_unary(SLEEP_METHOD)(b"0", timeout=5) == b"slept 0"
         process.send_signal(signal.SIGTERM)
         stdout, stderr = await asyncio.wait_for(process.communicate(), 15)

@@ -9,7 +9,6 @@ PostgreSQL and Redis, or against a Redis of the test's own (for the flush).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -22,10 +21,9 @@ from urllib.parse import urlparse
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ops.infra import start_redis
-from ops.processes import Child, free_port
+from ops.processes import Child, free_port, wait_serving
 from ops.stack import Stack
 from runtime import keys
 from runtime.access import Role
@@ -131,20 +129,6 @@ class Load:
         return rows
 
 
-async def _healthy(target: str, timeout: float = 30) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while loop.time() < end:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{target} not serving")
-
-
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 async def test_a_replica_killed_under_load_loses_no_acknowledged_vote(
         stack: Stack, tmp_path: Path, signum: signal.Signals) -> None:
@@ -164,7 +148,7 @@ async def test_a_replica_killed_under_load_loses_no_acknowledged_vote(
         targets.append(f"127.0.0.1:{port}")
     channels = [grpc.aio.insecure_channel(target) for target in targets]
     try:
-        await asyncio.gather(*(_healthy(target) for target in targets))
+        await asyncio.gather(*(wait_serving(target, timeout=30) for target in targets))
         stubs = [vote_service_pb2_grpc.VoteServiceStub(channel) for channel in channels]
         load = Load(test_round, users=200)
 
@@ -322,7 +306,7 @@ async def test_a_dead_replicas_uncommitted_admissions_are_given_back_exactly_onc
                 for _ in range(2)]
     calls: list[Any] = []
     try:
-        await _healthy(f"127.0.0.1:{port}")
+        await wait_serving(f"127.0.0.1:{port}", doomed, timeout=30)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             votes = vote_service_pb2_grpc.VoteServiceStub(channel)
             calls = [asyncio.ensure_future(votes.SubmitVote(

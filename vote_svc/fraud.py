@@ -25,7 +25,8 @@ from televote.fraud.v1 import (
 
 log = logging.getLogger(__name__)
 
-_METADATA = Principal(Role.INTERNAL, "vote_svc").to_metadata()
+#: How vote_svc calls FraudScoringService (live batches and re-scoring alike).
+SCORING_METADATA = Principal(Role.INTERNAL, "vote_svc").to_metadata()
 MAX_BATCH = 1000
 
 _ACTIONS = {
@@ -117,7 +118,7 @@ class FraudScorer:
         try:
             reply = await self._stub.ScoreVotes(
                 fraud_scoring_service_pb2.ScoreVotesRequest(votes=[fact for fact, _ in batch]),
-                metadata=_METADATA, timeout=self._timeout_s)
+                metadata=SCORING_METADATA, timeout=self._timeout_s)
             if len(reply.scores) != len(batch):
                 raise ValueError(f"{len(reply.scores)} scores for {len(batch)} votes")
             scores = [Score(_ACTIONS.get(s.action, "UNSCORED"), s.score, s.decision_id)

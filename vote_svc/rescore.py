@@ -30,7 +30,6 @@ from typing import Any
 import grpc
 from psycopg.types.json import Jsonb
 
-from runtime.access import Principal, Role
 from runtime.storage import Storage
 from televote.fraud.v1 import (
     fraud_scoring_service_pb2,
@@ -38,10 +37,10 @@ from televote.fraud.v1 import (
     fraud_types_pb2,
 )
 from televote.vote.v1 import vote_types_pb2
+from vote_svc.fraud import SCORING_METADATA
 
 log = logging.getLogger(__name__)
 
-_METADATA = Principal(Role.INTERNAL, "vote_svc").to_metadata()
 _LOCK = "televote.vote.rescore"
 _ACTIONS = {fraud_types_pb2.FRAUD_ACTION_ALLOW: "ALLOW",
             fraud_types_pb2.FRAUD_ACTION_REVIEW: "REVIEW",
@@ -137,7 +136,7 @@ class Rescorer:
                 return 0
             reply = await self._stub.ScoreVotes(
                 fraud_scoring_service_pb2.ScoreVotesRequest(votes=[_facts(v) for v in votes]),
-                metadata=_METADATA, timeout=self._timeout)
+                metadata=SCORING_METADATA, timeout=self._timeout)
             if len(reply.scores) != len(votes):
                 raise ValueError(f"{len(reply.scores)} scores for {len(votes)} votes")
             scores = list(reply.scores)
