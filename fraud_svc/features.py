@@ -105,44 +105,62 @@ class Policy:
     allowed_countries: frozenset[str]
 
 
+@dataclass(slots=True)
+class Prepared:
+    """What a vote's verdict takes from the vote alone, before its feature state is known."""
+
+    blocked_by: str | None
+    block_threshold: float
+    review_threshold: float
+    #: The signals that do not depend on the history, in the order they are combined.
+    fired: list[tuple[float, str, str]]
+    inputs: dict[str, object]
+    #: The model's inputs that do not depend on the history.
+    ip: IpInfo
+    country: str | None
+    foreign: bool
+    gps_km: float | None
+    has_gps: bool
+
+
 class Scorer:
-    """Turns a vote's facts and state into a verdict, by the configured weights."""
+    """Turns a vote's facts and state into a verdict, by the configured weights.
+
+    In two steps, so that the service does the first (`prepare`, the vote alone) while Redis
+    computes the feature state the second (`finish`) needs; `score` does both.
+    """
 
     def __init__(self, config: FraudConfig, model: Model) -> None:
         self.config = config
         self.model = model
         self.allowed = frozenset(config.fraud_allowed_countries)
+        self._model_detail = f"model {model.version} p="
 
     def score(self, facts: Facts, history: History, ip: IpInfo,
               traveller: bool = False, blocked_by: str | None = None,
               policy: Policy | None = None) -> Verdict:
         """The verdict on one vote; `policy` is its show's fraud policy, if it has one (the
         deployment's thresholds and allowed countries otherwise)."""
+        return self.finish(self.prepare(facts, ip, traveller, blocked_by, policy), history)
+
+    def prepare(self, facts: Facts, ip: IpInfo, traveller: bool = False,
+                blocked_by: str | None = None, policy: Policy | None = None) -> Prepared:
+        """The part of `score` that needs no feature state."""
         c = self.config
-        allowed = self.allowed if policy is None else policy.allowed_countries
-        block_threshold = c.fraud_block_threshold if policy is None else policy.block_threshold
-        review_threshold = (c.fraud_review_threshold if policy is None
-                            else policy.review_threshold)
-        if blocked_by is not None or history.blocked:
-            detail = blocked_by or "user flagged"
-            return Verdict("BLOCK", 1.0, [Reason("blocklist", 1.0, detail)],
-                           {"blocklist": detail})
+        if policy is None:
+            allowed = self.allowed
+            block_threshold, review_threshold = (c.fraud_block_threshold,
+                                                 c.fraud_review_threshold)
+        else:
+            allowed = policy.allowed_countries
+            block_threshold, review_threshold = policy.block_threshold, policy.review_threshold
+        if blocked_by is not None:
+            return Prepared(blocked_by, block_threshold, review_threshold, [], {}, ip, None,
+                            False, None, False)
         # (contribution, name, detail): plain tuples, several are made per vote.
         fired: list[tuple[float, str, str]] = []
-        inputs: dict[str, object] = {
-            "window_votes": history.window_votes, "device_users": history.device_users,
-            "intervals": history.intervals,
-            "interval_std_s": history.interval_std_s,
-            "distinct_ips": history.distinct_ips, "ip": facts.ip,
-            "ip_country": ip.country, "ip_network": ip.network, "ip_asn": ip.asn,
-        }
-        if history.window_votes > c.fraud_velocity_max_votes:
-            fired.append((c.fraud_weight_velocity, "velocity",
-                          f"{history.window_votes} votes in "
-                          f"{c.fraud_velocity_window_seconds:g} s"))
-        if history.device_users > c.fraud_device_max_users:
-            fired.append((c.fraud_weight_shared_device, "shared_device",
-                          f"device used by {history.device_users} users"))
+        inputs: dict[str, object] = {"ip": facts.ip, "ip_country": ip.country,
+                                     "ip_network": ip.network, "ip_asn": ip.asn}
         if ip.anonymous:
             fired.append((c.fraud_weight_vpn_proxy, "vpn_proxy",
                           f"VPN/proxy/hosting network {ip.network}"))
@@ -165,17 +183,35 @@ class Scorer:
             if gps_km > c.fraud_gps_mismatch_km:
                 fired.append((c.fraud_weight_gps_mismatch, "gps_mismatch",
                               f"GPS {gps_km:.0f} km from the IP's location"))
+        return Prepared(None, block_threshold, review_threshold, fired, inputs, ip, country,
+                        foreign and not traveller, gps_km, has_gps)
+
+    def finish(self, prepared: Prepared, history: History) -> Verdict:
+        """The verdict, from the prepared vote and its feature state."""
+        c = self.config
+        if prepared.blocked_by is not None or history.blocked:
+            detail = prepared.blocked_by or "user flagged"
+            return Verdict("BLOCK", 1.0, [Reason("blocklist", 1.0, detail)],
+                           {"blocklist": detail})
+        fired: list[tuple[float, str, str]] = []
+        if history.window_votes > c.fraud_velocity_max_votes:
+            fired.append((c.fraud_weight_velocity, "velocity",
+                          f"{history.window_votes} votes in "
+                          f"{c.fraud_velocity_window_seconds:g} s"))
+        if history.device_users > c.fraud_device_max_users:
+            fired.append((c.fraud_weight_shared_device, "shared_device",
+                          f"device used by {history.device_users} users"))
+        fired += prepared.fired
         if (history.intervals >= c.fraud_bot_timing_min_intervals
                 and history.interval_std_s < c.fraud_bot_timing_min_std_seconds):
             fired.append((c.fraud_weight_bot_timing, "bot_timing",
                           f"interval std dev {history.interval_std_s:.2f} s over "
                           f"{history.intervals} intervals"))
         probability = self.model.predict(model_inputs(
-            history, ip, country, foreign and not traveller, gps_km, has_gps, c))
-        inputs["model"] = probability
-        inputs["model_version"] = self.model.version
+            history, prepared.ip, prepared.country, prepared.foreign, prepared.gps_km,
+            prepared.has_gps, c))
         fired.append((c.fraud_weight_model * probability, "model",
-                      f"model {self.model.version} p={probability:.2f}"))
+                      f"{self._model_detail}{probability:.2f}"))
         # Noisy-OR: each signal removes its share of the remaining doubt. Signals are applied
         # largest first and each reports what it added, so the contributions sum to the score.
         # (The sort is stable: equal contributions keep the order above.)
@@ -188,12 +224,16 @@ class Scorer:
             if added > 0:
                 reasons.append(Reason(name, added, detail))
         score = 1.0 - clean
-        if score > block_threshold:
+        if score > prepared.block_threshold:
             action = "BLOCK"
-        elif score > review_threshold:
+        elif score > prepared.review_threshold:
             action = "REVIEW"
         else:
             action = "ALLOW"
+        inputs = {"window_votes": history.window_votes, "device_users": history.device_users,
+                  "intervals": history.intervals, "interval_std_s": history.interval_std_s,
+                  "distinct_ips": history.distinct_ips, **prepared.inputs,
+                  "model": probability, "model_version": self.model.version}
         return Verdict(action, score, reasons, inputs)
 
 

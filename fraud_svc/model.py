@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from operator import mul
 from pathlib import Path
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "model" / "v1.json"
@@ -39,9 +40,12 @@ class Model:
 
     def predict(self, inputs: list[float]) -> float:
         """The probability that the vote is fraudulent."""
-        z: float = self._intercept  # type: ignore[attr-defined]
-        for x, w in zip(inputs, self._folded, strict=True):  # type: ignore[attr-defined]
-            z += w * x
+        folded: tuple[float, ...] = self._folded  # type: ignore[attr-defined]
+        if len(inputs) != len(folded):
+            raise ValueError(f"{len(inputs)} inputs for a model of {len(folded)} features")
+        # sum() over map(): the dot product at C speed (in the order of a loop; from Python
+        # 3.12 sum() also compensates rounding, which can move the last bit).
+        z: float = sum(map(mul, inputs, folded), self._intercept)  # type: ignore[attr-defined]
         if z < -30:
             return 0.0
         return 1.0 / (1.0 + math.exp(-z))

@@ -841,3 +841,75 @@ async def test_the_redis_feature_state_matches_the_windows_the_model_was_trained
             want.window_votes, want.intervals, want.distinct_ips, want.device_users)
         assert got.interval_std_s == pytest.approx(want.interval_std_s, abs=2e-3)
         assert got.interval_mean_s == pytest.approx(want.interval_mean_s, abs=2e-3)
+
+
+async def test_work_done_while_redis_runs_the_batch_runs_once_even_when_redis_lost_the_script(
+        stack: Stack) -> None:
+    """`FeatureState.record(meanwhile=...)`: the scoring that needs no feature state runs
+    once while the script runs, also when the batch is replayed because Redis lost the script
+    (a restart), and the replay records nothing twice."""
+    from fraud_svc.state import FeatureState, Observation
+
+    config = FraudConfig(database_url=stack.database_url, redis_url=stack.redis_url)
+    redis = create_redis(stack.redis_url)
+    try:
+        state = FeatureState(redis, config)
+        run = uuid.uuid4().hex[:8]
+        user = f"{run}-u"
+        calls: list[int] = []
+        first = await state.record(
+            [Observation(f"{run}-r0", user, f"{run}-d", KH_IP, T0)],
+            meanwhile=lambda: calls.append(0))
+        assert calls == [0]
+        await redis.script_flush()  # what a Redis restart does to the loaded script
+        second = await state.record(
+            [Observation(f"{run}-r1", user, f"{run}-d", KH_IP, T0 + 5_000),
+             Observation(f"{run}-r1", user, f"{run}-d", KH_IP, T0 + 5_000)],
+            meanwhile=lambda: calls.append(1))
+        assert calls == [0, 1]
+        assert await redis.script_exists(state._sha) == [True]  # it was replayed after a reload
+        assert (first[0].window_votes, second[0].window_votes, second[1].window_votes) == (
+            1, 2, 2)
+        assert second[0].intervals == 1 and second[0].interval_mean_s == 5.0
+    finally:
+        await redis.aclose()
+
+
+async def test_the_blocklist_is_rebuilt_only_when_its_blocks_change(stack: Stack) -> None:
+    """Each replica reloads every FRAUD_REFRESH_SECONDS: unchanged blocks are kept as they
+    are (not rebuilt in the event loop), and a new, expired or deleted block is seen."""
+    from fraud_svc.store import BlocklistCache
+    from runtime.storage import create_pool
+
+    pool = create_pool(stack.database_url)
+    await pool.open()
+    try:
+        cache = BlocklistCache(pool, 60.0)
+        await cache.reload()
+        before = cache.current
+        await cache.reload()
+        assert cache.current.devices is before.devices and cache.current.users is before.users
+
+        expiring, deleted = f"dev-{uuid.uuid4()}", f"dev-{uuid.uuid4()}"
+        async with pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO fraud_blocks (block_id, kind, value, reason, created_by,"
+                " expire_at) VALUES (%s, 'DEVICE', %s, 'test', 'test', now() + interval '1 s'),"
+                " (%s, 'DEVICE', %s, 'test', 'test', NULL)",
+                (uuid.uuid4(), expiring, uuid.uuid4(), deleted))
+            await conn.commit()
+        await cache.reload()
+        assert {expiring, deleted} <= cache.current.devices.keys()
+
+        await asyncio.sleep(1.2)
+        await cache.reload()
+        assert expiring not in cache.current.devices and deleted in cache.current.devices
+
+        async with pool.connection() as conn:
+            await conn.execute("UPDATE fraud_blocks SET deleted_at = now(), deleted_by = 'test'"
+                               " WHERE value = %s", (deleted,))
+            await conn.commit()
+        await cache.reload()
+        assert deleted not in cache.current.devices
+    finally:
+        await pool.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from fraud_svc.behaviour import LABELS, TrafficMix, generate, plan_intel
 from fraud_svc.features import Facts, History, Scorer, distance_km
 from fraud_svc.geoip import IpInfo
@@ -93,3 +95,46 @@ def test_model_inference_is_a_cheap_probability() -> None:
     assert model.version == "v1"
     p = model.predict([0.0] * len(model.features))
     assert 0.0 <= p <= 1.0
+
+
+def test_the_model_refuses_inputs_of_another_length() -> None:
+    model = Model.load()
+    with pytest.raises(ValueError, match="inputs"):
+        model.predict([0.0] * (len(model.features) - 1))
+
+
+def test_equal_signals_combine_in_the_documented_order_whichever_step_finds_them() -> None:
+    """Ties keep the order velocity, shared_device, vpn_proxy, foreign_country, gps_mismatch,
+    bot_timing, although the service finds the vote's own signals (`Scorer.prepare`) before
+    the ones from its history (`Scorer.finish`)."""
+    same = 0.3
+    scorer = _scorer(fraud_weight_velocity=same, fraud_weight_shared_device=same,
+                     fraud_weight_vpn_proxy=same, fraud_weight_foreign_country=same,
+                     fraud_weight_gps_mismatch=same, fraud_weight_bot_timing=same)
+    history = History(window_votes=60, intervals=59, interval_mean_s=1.0, interval_std_s=0.01,
+                      distinct_ips=1, device_users=5)
+    ip = IpInfo("SG", 1.35, 103.8, 64_500, "100.96.0.0/16", True)
+    facts = Facts("u", "d", "100.96.0.1", 11.5564, 104.9282)
+    verdict = scorer.score(facts, history, ip)
+    assert [r.name for r in verdict.reasons] == [
+        "velocity", "shared_device", "vpn_proxy", "foreign_country", "gps_mismatch",
+        "bot_timing"]
+    assert scorer.finish(scorer.prepare(facts, ip), history) == verdict
+
+
+def test_the_service_freezes_what_it_loaded_out_of_full_garbage_collections(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full collection scanning ~70,000 long-lived objects costs tens of ms in some batch."""
+    import gc
+
+    import fraud_svc.server
+
+    frozen: list[int] = []
+    monkeypatch.setattr(fraud_svc.server, "run_service",
+                        lambda *_: frozen.append(gc.get_freeze_count()))
+    gc.unfreeze()
+    try:
+        fraud_svc.server.main()
+    finally:
+        gc.unfreeze()
+    assert frozen and frozen[0] > 10_000
