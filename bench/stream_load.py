@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import psutil
 
 from televote.results.v1 import results_service_pb2 as rpb
 from televote.sync.v1 import show_watch_service_pb2 as watch
@@ -59,6 +60,7 @@ class Report:
     retried_opens: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     lags: Counter[int] = field(default_factory=Counter)  # bucket -> deliveries
+    received: int = 0  # every message that arrived while measuring, counted or not
     cpu_s: float = 0.0  # the client processes' own CPU
 
     def merge(self, other: Report) -> None:
@@ -66,6 +68,7 @@ class Report:
         self.retried_opens += other.retried_opens
         self.failures.update(other.failures)
         self.lags.update(other.lags)
+        self.received += other.received
         self.cpu_s += other.cpu_s
 
     def percentile(self, q: float) -> float:
@@ -86,7 +89,7 @@ class Report:
         return (f"{name}: {self.opened} subscribers ({self.retried_opens} opened on a retry), "
                 f"{deliveries} deliveries, lag p50 {self.percentile(0.5):.0f} ms, "
                 f"p99 {self.percentile(0.99):.0f} ms, max {self.percentile(1.0):.0f} ms"
-                + f"; client processes used {self.cpu_s:.0f} s CPU"
+                + (f"; client processes used {self.cpu_s:.0f} s CPU" if self.cpu_s else "")
                 + (f"; failed: {dict(self.failures)}" if self.failures else ""))
 
 
@@ -144,9 +147,11 @@ async def _work(load: Load, share: int, index: int, out: Any, measure: Any, stop
                         first_seen[0] += 1
                         if first_seen[0] >= share:
                             started.set()
-                    if counted and measuring[0] and not first:
-                        lag = time.time() * 1000 - server_ms
-                        report.lags[max(0, int(lag // BUCKET_MS))] += 1
+                    if measuring[0]:
+                        report.received += 1
+                        if counted and not first:
+                            lag = time.time() * 1000 - server_ms
+                            report.lags[max(0, int(lag // BUCKET_MS))] += 1
                 return
             except grpc.aio.AioRpcError as error:
                 if not opened and error.code() in RETRYABLE and attempt < 19:
@@ -211,6 +216,10 @@ class Clients:
             opened += count
         return opened
 
+    @property
+    def pids(self) -> list[int]:
+        return [worker.pid for worker in self._workers if worker.pid is not None]
+
     def start_measuring(self) -> None:
         self._measure.set()
 
@@ -226,6 +235,42 @@ class Clients:
             if worker.is_alive():
                 worker.kill()
         return total
+
+
+class CpuMeter:
+    """CPU seconds (user + system) that named groups of processes spend between `start` and
+    `stop`: who was busy while a bench measured, so a saturated load generator shows."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self._groups = {name: [psutil.Process(pid) for pid in pids]
+                        for name, pids in groups.items() if pids}
+        self._before: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+        self._started = 0.0
+        self.seconds = 0.0
+
+    def _now(self) -> dict[str, float]:
+        return {name: sum(_cpu_s(p) for p in processes)
+                for name, processes in self._groups.items()}
+
+    def start(self) -> None:
+        self._before = self._now()
+        self._started = time.monotonic()
+
+    def stop(self) -> None:
+        self.seconds = time.monotonic() - self._started
+        after = self._now()
+        self.used = {name: after[name] - self._before[name] for name in after}
+
+    def summary(self) -> str:
+        """Each group's CPU while measuring, in % of one core."""
+        return ", ".join(f"{name} {used / self.seconds * 100:.0f} %"
+                         for name, used in self.used.items())
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 async def open_sse(edge_target: str, path: str, count: int,

@@ -8,9 +8,16 @@ event, how long after its scheduled second (its server_time) it arrived.
 
     python -m bench.watch_bench --grpc 10000 --sse 500
 
-Prints p50/p99/max delivery lag per protocol, sync_svc's RSS growth per subscriber, and its
-CPU while the window ran, also per subscriber-second (robust to other load on the machine).
-The load generator and Envoy run on the same cores as the server: the figures are a floor.
+Prints p50/p99/max delivery lag per protocol, sync_svc's RSS growth per subscriber, the CPU
+of every process involved while the window ran (sync_svc, Envoy, the client processes, this
+one), and sync_svc's CPU per event delivered (robust to other load on the machine) and per
+event sent to every subscriber (how long one countdown tick keeps one core busy).
+
+The target is what the server process delivers, so the load must not be what is measured:
+sync_svc gets the first CPU to itself and Envoy and every client process share the others
+(`--no-pin` to let the scheduler mix them). Other load on the machine still shares the cores:
+the lags are only as good as the machine is quiet, while the CPU figures hold on a busy one
+(how long one event to every subscriber keeps a core busy is the lag's floor).
 """
 
 from __future__ import annotations
@@ -19,17 +26,23 @@ import argparse
 import asyncio
 import os
 import signal
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
 
-from bench.stream_load import Clients, Load, open_sse
+from bench.stream_load import (
+    BUCKET_MS,
+    Clients,
+    CpuMeter,
+    Load,
+    Report,
+    open_sse,
+)
 from ops.stack import SERVICES, Stack, StackSettings
 from runtime.access import Principal, Role
-from tests.sync_support import Operator, seconds
+from tests.sync_support import Operator, SseWatcher, seconds
 
 WINDOW_S = 14
 
@@ -40,22 +53,30 @@ class DirectOperator(Operator):
         return Principal(Role.OPERATOR, "bench").to_metadata()
 
 
-def _summary(name: str, lags: list[float], subscribers: int) -> str:
-    if not lags:
-        return f"{name}: no countdown events received"
-    ordered = sorted(lags)
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return (f"{name}: {subscribers} subscribers, {len(lags)} countdown deliveries, lag p50 "
-            f"{statistics.median(ordered):.0f} ms, p99 {p99:.0f} ms, max {ordered[-1]:.0f} ms")
+def _sse_report(watchers: list[SseWatcher]) -> Report:
+    report = Report(opened=sum(bool(w.events) for w in watchers))
+    for watcher in watchers:
+        for event, received in zip(watcher.events, watcher.received_ms, strict=True):
+            if event["type"] == "SHOW_EVENT_TYPE_COUNTDOWN":
+                server_ms = round(_ms(event["serverTime"]))
+                report.lags[max(0, int((received - server_ms) // BUCKET_MS))] += 1
+    return report
 
 
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
+def _pin(server: int, others: list[int]) -> str:
+    """sync_svc on the first CPU, everything that loads it on the rest."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return "not pinned (one CPU)"
+    for pids, where in (([server], cpus[:1]), (others, cpus[1:])):
+        for pid in pids:
+            for thread in os.listdir(f"/proc/{pid}/task"):  # a process's threads are pinned
+                os.sched_setaffinity(int(thread), where)  # one by one
+    return f"sync_svc pinned to CPU {cpus[0]}, Envoy and clients to {cpus[1:]}"
 
 
 async def run(grpc_subscribers: int, sse_subscribers: int, processes: int, open_rate: float,
-              direct: bool) -> None:
+              direct: bool, pin: bool) -> None:
     import grpc
 
     state_dir = Path(tempfile.mkdtemp(prefix="watch-bench-"))
@@ -93,33 +114,41 @@ async def run(grpc_subscribers: int, sse_subscribers: int, processes: int, open_
                   f"{connected_s:.1f}s; sync_svc RSS {rss_before / 2**20:.0f} -> "
                   f"{rss_after / 2**20:.0f} MiB = {per_subscriber / 1024:.1f} KiB per subscriber")
 
+            groups = {"sync_svc": [sync_process.pid], "envoy": [envoy.pid] if envoy else [],
+                      "gRPC clients": clients.pids, "bench (SSE clients)": [os.getpid()]}
+            if pin:
+                print(_pin(sync_process.pid, [pid for name, pids in groups.items()
+                                              if name != "sync_svc" for pid in pids]))
+            window, total = CpuMeter(groups), CpuMeter(groups)
             clients.start_measuring()
-            cpu_before = _cpu(sync_process)
-            envoy_before = _cpu(envoy) if envoy else 0.0
+            sse_before = sum(len(w.events) for w in sse)
+            window.start()
+            total.start()
             load_before = os.getloadavg()
             await operator.call("OpenVoting", round_id=round_id, duration=seconds(WINDOW_S))
             await asyncio.sleep(WINDOW_S + 2)
-            busy = _cpu(sync_process) - cpu_before
-            envoy_busy = (_cpu(envoy) - envoy_before) if envoy else 0.0
+            window.stop()
             load_after = os.getloadavg()
             await asyncio.sleep(15)  # late deliveries still count: the lag is not truncated
+            total.stop()
             report = await clients.finish() if grpc_subscribers else None
-            span = WINDOW_S + 2
-            print(f"sync_svc CPU while the window ran: {busy / span * 100:.0f} % of one core "
-                  f"({busy / span / max(1, subscribers) * 1e6:.1f} µs per subscriber-second); "
-                  f"envoy {envoy_busy / span * 100:.0f} %; load average "
-                  f"{load_before[0]:.2f} -> {load_after[0]:.2f}")
+            busy = window.used["sync_svc"]
+            deliveries = (report.received if report else 0) + sum(
+                len(w.events) for w in sse) - sse_before
+            print(f"CPU while the window ran ({window.seconds:.0f} s): {window.summary()}; "
+                  f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
+            per_event = total.used["sync_svc"] / max(1, deliveries)
+            print(f"sync_svc: {busy / window.seconds / max(1, subscribers) * 1e6:.1f} µs CPU per "
+                  f"subscriber-second, {per_event * 1e6:.1f} µs per event delivered "
+                  f"({deliveries} events): one event to all {subscribers} subscribers keeps a "
+                  f"core busy {per_event * subscribers * 1000:.0f} ms")
             for watcher in sse:
                 await watcher.stop()
 
         if report is not None:
             print(report.summary("native gRPC " + ("direct" if direct else "via edge")))
-        sse_lags = [received - _ms(event["serverTime"])
-                    for watcher in sse
-                    for event, received in zip(watcher.events, watcher.received_ms, strict=True)
-                    if event["type"] == "SHOW_EVENT_TYPE_COUNTDOWN"]
         if sse_subscribers:
-            print(_summary("SSE via edge", sse_lags, sse_subscribers))
+            print(_sse_report(sse).summary("SSE via edge"))
     finally:
         await stack.stop()
 
@@ -141,10 +170,13 @@ def main() -> None:
                         help="gRPC streams opened per second (all processes)")
     parser.add_argument("--direct", action="store_true",
                         help="gRPC subscribers call sync_svc itself instead of the edge")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not give sync_svc a CPU of its own")
     args = parser.parse_args()
     # A SIGTERM (timeout, pkill) unwinds like Ctrl-C, so the mesh is stopped, not orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    asyncio.run(run(args.grpc, args.sse, args.processes, args.open_rate, args.direct))
+    asyncio.run(run(args.grpc, args.sse, args.processes, args.open_rate, args.direct,
+                    not args.no_pin))
 
 
 if __name__ == "__main__":

@@ -114,12 +114,45 @@ async def server_time_ms(redis: RedisClient) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-async def write_window(redis: RedisClient, round_id: str, fields: Mapping[str, str | int]) -> None:
-    """Mirror a round's window into every shard (the only writer is sync_svc)."""
+# Writes one shard's copy of a window unless the copy already holds a later state: a write
+# whose `version` (the episode version it was read at) is below the stored one is refused, and
+# so is any write that would reopen a CLOSED copy (a round opens once; `_CLOSE_WINDOW` closes
+# the copies before the close commits, without a version). So a delayed or replayed write of
+# an older committed state (sync_svc's periodic repair, a slow replica) can never reopen a
+# closed window or undo an extension. Returns -1 when refused, else how many fields other
+# than `version` it changed (0: the copy already said so).
+# ARGV: field, value, ... (window fields; a write without `version` is not ordered).
+_WRITE_WINDOW = """
+local new = {}
+for i = 1, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
+local stored = redis.call('HMGET', KEYS[1], 'version', 'state')
+if stored[2] == 'CLOSED' and new['state'] == 'OPEN' then return -1 end
+if stored[1] and new['version'] and tonumber(new['version']) < tonumber(stored[1]) then
+  return -1
+end
+local changed = 0
+for i = 1, #ARGV, 2 do
+  if ARGV[i] ~= 'version' and redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then
+    changed = changed + 1
+  end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return changed
+"""
+
+
+async def write_window(redis: RedisClient, round_id: str, fields: Mapping[str, str | int]
+                       ) -> int:
+    """Mirror a round's window into every shard (the only writer is sync_svc), except where a
+    shard's copy holds a later state (`_WRITE_WINDOW`); returns how many copies it changed."""
+    script = redis.register_script(_WRITE_WINDOW)
+    args = [str(part) for pair in fields.items() for part in pair]
     async with redis.pipeline(transaction=False) as pipe:
         for shard in range(SHARDS):
-            pipe.hset(window_key(shard, round_id), mapping={k: v for k, v in fields.items()})
-        await pipe.execute()
+            await script(keys=[window_key(shard, round_id)], args=args,
+                         client=pipe)  # type: ignore[arg-type]
+        replies = await pipe.execute()
+    return sum(int(reply) > 0 for reply in replies)
 
 
 async def read_window(redis: RedisClient, round_id: str, shard: int = 0) -> dict[str, str]:
@@ -137,16 +170,18 @@ def _text(value: bytes | str) -> str:
 # close and its time one step: no vote can be admitted in this shard at or after the returned
 # time, which is what lets the caller record a close time that every acknowledged vote
 # precedes.
+# A copy that Redis lost is closed too, as a closed window that opened and closed now: else
+# vote_svc, finding no window, could restore the OPEN round it read from PostgreSQL just
+# before the close committed, after this close ran (its restore only fills missing copies).
 _CLOSE_WINDOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  for _, field in ipairs(ARGV) do
-    local close = tonumber(redis.call('HGET', KEYS[1], field))
-    if close == nil or close > now then redis.call('HSET', KEYS[1], field, now) end
-  end
-  redis.call('HSET', KEYS[1], 'state', 'CLOSED')
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HSET', KEYS[1], 'opens_at_ms', now) end
+for _, field in ipairs(ARGV) do
+  local close = tonumber(redis.call('HGET', KEYS[1], field))
+  if close == nil or close > now then redis.call('HSET', KEYS[1], field, now) end
 end
+redis.call('HSET', KEYS[1], 'state', 'CLOSED')
 return now
 """
 

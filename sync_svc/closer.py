@@ -13,6 +13,11 @@ announces VOTING_CLOSED.
 The same loop publishes show events left unpublished in the outbox (`show_events` rows whose
 replica died between the commit and the publish): a VOTING_CLOSED committed by a replica that
 crashed right after still reaches every watcher, within a poll.
+
+And it repairs Redis: every `sync_window_repair_ms` (and at start) it re-applies the committed
+window of every open or recently closed round (`ShowStore.repair_windows`), so a window write
+lost between a commit and its Redis write (an open, an extension) is back within a period,
+instead of votes being refused until the round closes.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class Closer:
         self._store = store
         self._poll_ms = config.sync_close_poll_ms
         self._outbox_after_ms = config.sync_outbox_replay_after_ms
+        self._repair_every_ms = config.sync_window_repair_ms
+        self._next_repair_ms = 0  # Redis clock; 0: at start
         self.poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -72,6 +79,13 @@ class Closer:
                 log.info("closed rounds", extra={"fields": {
                     "count": closed, "late_ms": now_ms - due_ms}})
             return
+        if now_ms >= self._next_repair_ms:  # after the close: it never delays one
+            self._next_repair_ms = now_ms + self._repair_every_ms
+            repaired = await self._store.repair_windows(now_ms)
+            if repaired:
+                log.warning("repaired Redis window copies from PostgreSQL",
+                            extra={"fields": {"copies": repaired}})
+            now_ms = await keys.server_time_ms(self._storage.redis)
         wait_ms = self._poll_ms if due_ms is None else min(self._poll_ms, due_ms - now_ms)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.poke.wait(), wait_ms / 1000)

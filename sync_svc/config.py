@@ -34,3 +34,6 @@ class SyncConfig(ServiceConfig):
     #: Show events still unpublished this long after their commit are published by the
     #: closer loop of any replica (their replica died before publishing them).
     sync_outbox_replay_after_ms: int = 2000
+    #: How often every replica re-applies the committed windows of open and recently closed
+    #: rounds to Redis (a window write lost between a commit and its Redis write).
+    sync_window_repair_ms: int = 1000

@@ -50,14 +50,17 @@ class Frame:
     type: int
     #: The episode version the event brings (0 for ticks, which change no state).
     version: int
+    #: After it a watcher's stream may end (if the episode has nothing more to announce).
+    may_end: bool = False
 
     @classmethod
-    def of(cls, event: Event) -> Frame:
-        return cls(event.SerializeToString(), event.type, event.episode_version)
-
-
-#: Events after which a watcher's stream may end (if the episode has nothing more to say).
-_MAYBE_LAST = (EventType.SHOW_EVENT_TYPE_RESULTS_READY, EventType.SHOW_EVENT_TYPE_STATE_CHANGED)
+    def of(cls, event: Event, body: bytes | None = None) -> Frame:
+        """`event` as watchers get it; `body` when it is serialized already."""
+        may_end = event.type == EventType.SHOW_EVENT_TYPE_RESULTS_READY or (
+            event.type == EventType.SHOW_EVENT_TYPE_STATE_CHANGED
+            and event.state == types.SHOW_STATE_ENDED)
+        return cls(event.SerializeToString() if body is None else body, event.type,
+                   event.episode_version, may_end)
 
 
 @dataclass
@@ -74,6 +77,8 @@ class Feed:
     #: burst of viewers tuning in costs one read of PostgreSQL, not one each.
     snapshot: types.ShowSnapshot | None = None
     snapshot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Whether the show had finished as of an event's version, asked once for all watchers.
+    finished: tuple[int, asyncio.Task[bool]] | None = None
 
     def follow(self, version: int, event_type: int, round_: types.Round | None) -> None:
         """Track the open round from the snapshot or events so ticks follow the real close."""
@@ -148,7 +153,7 @@ class Hub:
         feed.follow(event.episode_version, event.type,
                     event.round if event.HasField("round") else None)
         # The published bytes are the event as watchers get it (minus their sequence).
-        feed.watchers.publish(Frame(data, event.type, event.episode_version))
+        feed.watchers.publish(Frame.of(event, data))
 
     # -- watching --------------------------------------------------------------------------
 
@@ -193,6 +198,15 @@ class Hub:
             closes_ms = cached.current_round.closes_at.ToMilliseconds()
             snapshot.time_remaining.CopyFrom(duration(max(0, closes_ms - now_ms)))
         return snapshot
+
+    async def _finished(self, feed: Feed, version: int) -> bool:
+        """Whether the episode has nothing more to announce, once `version` is out: one read
+        of PostgreSQL for all of this replica's watchers of the episode, not one each."""
+        asked = feed.finished
+        if asked is None or asked[0] != version or _failed(asked[1]):
+            asked = feed.finished = (version, asyncio.ensure_future(
+                self._store.episode_finished(feed.episode_id)))
+        return await asyncio.shield(asked[1])  # a cancelled watcher leaves it to the others
 
     @staticmethod
     def _snapshot_event(snapshot: types.ShowSnapshot) -> Event:
@@ -284,16 +298,9 @@ class Watch:
                     # replayed from the outbox later): a snapshot is the whole state.
                     return await self._snapshot()
                 self._seen = frame.version
-            if frame.type in _MAYBE_LAST and self._ends_show(frame) \
-                    and await self._hub._store.episode_finished(self._feed.episode_id):
+            if frame.may_end and await self._hub._finished(self._feed, frame.version):
                 self._done = True
             return frame.body
-
-    @staticmethod
-    def _ends_show(frame: Frame) -> bool:
-        if frame.type == EventType.SHOW_EVENT_TYPE_RESULTS_READY:
-            return True
-        return Event.FromString(frame.body).state == types.SHOW_STATE_ENDED
 
     async def _snapshot(self) -> bytes:
         snapshot = await self._hub._snapshot(self._feed)
@@ -302,6 +309,10 @@ class Watch:
 
     def close(self) -> None:
         self._hub._unwatch(self._feed, self._mailbox)
+
+
+def _failed(task: asyncio.Task[bool]) -> bool:
+    return task.done() and (task.cancelled() or task.exception() is not None)
 
 
 def _stamp_ms(ms: float) -> Timestamp:

@@ -37,6 +37,9 @@ Connection = AsyncConnection[Row]
 ResponseT = TypeVar("ResponseT", bound=Message)
 EventType = watch.ShowEventType
 
+#: Closed rounds whose Redis window the periodic repair still rewrites (`repair_windows`).
+RECENTLY_CLOSED_MS = 5 * 60 * 1000
+
 CHANNEL_COLUMNS = {
     vote_types_pb2.CHANNEL_APP: "app",
     vote_types_pb2.CHANNEL_WEB: "web",
@@ -149,6 +152,30 @@ class ShowStore:
                     " e.episode_id AND show_events.version = e.version",
                     ([e.episode_id for e in published.events],
                      [e.episode_version for e in published.events]))
+
+    async def repair_windows(self, now_ms: int) -> int:
+        """Re-apply the committed window of every open or recently closed round to Redis;
+        returns how many shard copies were wrong.
+
+        A change's own window write happens after its commit, so a crash in between leaves
+        Redis behind PostgreSQL: an open round without a window, or an extension not
+        applied (votes refused as closed until the round really closes). Every replica runs
+        this periodically (the closer loop), so Redis converges within a period. Round and
+        episode are read in one statement, so the fields carry the episode version they are
+        true at, and the Redis write refuses them where a later state is already there
+        (`keys.write_window`): a repair racing a close or an extension cannot undo it."""
+        async with self._storage.pool.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT r.*, e.free_vote_quota, e.rate_limit_per_minute, e.version"
+                " FROM rounds r JOIN episodes e USING (episode_id) WHERE r.state = 'OPEN'"
+                " OR (r.state = 'CLOSED' AND r.closed_at > %s)",
+                (ms_to_datetime(now_ms - RECENTLY_CLOSED_MS),))
+            rows: list[Row] = await cursor.fetchall()
+        repaired = 0
+        for row in rows:
+            repaired += await keys.write_window(self._storage.redis, str(row["round_id"]),
+                                                window_fields(row, row))
+        return repaired
 
     async def publish_outbox(self, older_than_ms: int, limit: int = 500) -> int:
         """Announce events committed at least `older_than_ms` ago and never marked published

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import grpc
 import pytest
 
 from runtime import fanout
 from runtime.errors import ApiError
-from sync_svc.hub import Feed, Frame
+from sync_svc.config import SyncConfig
+from sync_svc.hub import Feed, Frame, Hub
 from televote.sync.v1 import show_watch_service_pb2 as watch
 from televote.sync.v1 import sync_types_pb2 as types
 
@@ -72,3 +74,34 @@ def test_the_feed_follows_the_open_round_and_ignores_older_news() -> None:
     assert feed.open_round == opened
     feed.follow(6, watch.SHOW_EVENT_TYPE_VOTING_CLOSED, None)
     assert feed.open_round is None
+
+
+class _CountingStore:
+    """Stands in for ShowStore.episode_finished (PostgreSQL) to count how often it is asked."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def episode_finished(self, episode_id: str) -> bool:
+        self.asked += 1
+        await asyncio.sleep(0.01)
+        return True
+
+
+async def test_whether_the_show_finished_is_asked_once_per_event_for_all_watchers() -> None:
+    store = _CountingStore()
+    hub = Hub(None, store, SyncConfig(database_url="unused", redis_url="unused"))  # type: ignore[arg-type]
+    feed = Feed("episode")
+    assert all(await asyncio.gather(*(hub._finished(feed, 12) for _ in range(1000))))
+    assert store.asked == 1  # ten thousand watchers would otherwise ask PostgreSQL each
+    assert await hub._finished(feed, 13)  # a later event is asked about again
+    assert store.asked == 2
+
+
+def test_fan_out_processes_collect_young_objects_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        fanout.quiet_gc()
+        assert gc.get_threshold() == (fanout.GC_YOUNG_OBJECTS, *before[1:])
+    finally:
+        gc.set_threshold(*before)
