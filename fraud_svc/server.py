@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 
 from fraud_svc.config import FraudConfig
@@ -54,8 +53,4 @@ def create_server(config: FraudConfig) -> tuple[ServiceHost, int]:
 
 
 def main() -> None:
-    # What is loaded by now (modules, protobuf descriptors: ~70,000 objects) lives as long as
-    # the process. Frozen, it is left out of the garbage collector's full passes, each of
-    # which would otherwise scan it all (tens of ms) in the middle of some batch.
-    gc.freeze()
     run_service(create_server, FraudConfig)

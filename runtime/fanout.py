@@ -12,8 +12,8 @@
   snapshot, the same thing a reconnecting client gets. Neither grows with a slow reader.
 - Handlers write with `await context.write(...)` from a plain coroutine rather than yielding
   through nested async generators: one await per message between the mailbox and grpc.
-- A process that serves many streams calls `quiet_gc` at start: a fan-out burst would
-  otherwise set off full garbage collections that stop every stream for most of a second.
+- Every service process sizes the garbage collector for such bursts (`runtime.server.quiet_gc`):
+  otherwise a fan-out sets off full collections that stop every stream for most of a second.
 - When the server drains, `Streams.end` ends every open stream with UNAVAILABLE (clients
   reconnect to another replica and get the current state) instead of leaving them to be
   cancelled when the grace period runs out (registered with `ServiceHost.on_drain`).
@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
@@ -245,24 +244,6 @@ class Streams:
 
     def __len__(self) -> int:
         return len(self._open)
-
-
-#: The collector's young generation in processes that fan out to many streams (`quiet_gc`).
-GC_YOUNG_OBJECTS = 50_000
-
-
-def quiet_gc() -> None:
-    """Give the garbage collector's young generation room for a whole fan-out burst.
-
-    An event handed to ten thousand streams allocates a few objects per stream (futures, grpc
-    operations) that live until that stream's write completes. With CPython's default young
-    generation (700 allocations) a burst runs hundreds of young collections that find most
-    of them still in flight and promote them, and the promoted objects soon trigger full
-    collections that walk every stream's objects: with 10,000 WatchShow streams, pauses of
-    0.3-0.9 s, 2 s of a 14 s countdown window (measured with gc.callbacks). With room for a
-    burst they die young (no full collection in the same run). Full collections still run
-    when the survivors grow by a quarter (CPython's rule), so cyclic garbage is still freed."""
-    gc.set_threshold(GC_YOUNG_OBJECTS, *gc.get_threshold()[1:])
 
 
 def _as_is(message: bytes) -> bytes:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.fanout import Streams, add_servicer, quiet_gc
+from runtime.fanout import Streams, add_servicer
 from runtime.server import ServiceHost, run_service
 from runtime.storage import Storage
 from sync_svc.closer import Closer
@@ -52,5 +52,4 @@ def create_server(config: SyncConfig) -> tuple[ServiceHost, int]:
 
 
 def main() -> None:
-    quiet_gc()  # WatchShow fans every tick out to thousands of streams
     run_service(create_server, SyncConfig)

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 import pytest
@@ -150,3 +150,29 @@ async def test_calls_are_traced_and_logs_carry_the_trace_id() -> None:
     slept = next(entry for entry in logs if entry["message"] == "slept")
     assert slept["service"] == "slow_test_svc"
     assert slept["trace_id"] in spans.replace("0x", "")
+
+
+def test_every_service_keeps_full_garbage_collections_out_of_its_requests(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frozen startup objects and a young generation sized for a burst (runtime.server)."""
+    import gc
+
+    from runtime import server
+
+    seen: list[tuple[int, int]] = []
+
+    def serve(coroutine: Any) -> None:
+        coroutine.close()
+        seen.append((gc.get_freeze_count(), gc.get_threshold()[0]))
+
+    monkeypatch.setattr(server.asyncio, "run", serve)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://unused")
+    monkeypatch.setenv("REDIS_URL", "redis://unused")
+    before = gc.get_threshold()
+    gc.unfreeze()
+    try:
+        server.run_service(lambda config: (None, 0), ServiceConfig)  # type: ignore[arg-type,return-value]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    assert seen and seen[0][0] > 10_000 and seen[0][1] == server.GC_YOUNG_OBJECTS

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 
 import grpc
 import pytest
@@ -97,11 +96,3 @@ async def test_whether_the_show_finished_is_asked_once_per_event_for_all_watcher
     assert await hub._finished(feed, 13)  # a later event is asked about again
     assert store.asked == 2
 
-
-def test_fan_out_processes_collect_young_objects_less_often() -> None:
-    before = gc.get_threshold()
-    try:
-        fanout.quiet_gc()
-        assert gc.get_threshold() == (fanout.GC_YOUNG_OBJECTS, *before[1:])
-    finally:
-        gc.set_threshold(*before)
