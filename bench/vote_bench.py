@@ -9,10 +9,14 @@ bind, and for each mode measures:
   the ledger commit, and the run checks every acknowledged vote is in the ledger);
 - p50/p99 latency with an open-loop load at 70 % of that maximum.
 Modes: json (Envoy JSON transcoding, wrk with a Lua script), grpc (native gRPC unary through
-Envoy, Python clients in 2 processes), batch (VoteGatewayService.SubmitVotes of 1,000 votes,
-spread over the replicas the way the SMS gateway's channel does: gateways are inside the mesh
-or carriers through the edge), and noop (ListVotePackages through the same edge path, served
-from the catalogue cache: the ceiling of the path).
+Envoy, Python clients in 2 processes), both voting as the same 500 voters; batch
+(VoteGatewayService.SubmitVotes of 1,000 votes, one client process per replica with one batch
+in flight: gateways are inside the mesh); and noop (ListVotePackages through the same edge
+path, served from the catalogue cache: the ceiling of the path).
+Each maximum also prints the CPU time per accepted vote of every process of the run, by
+role (each service's replicas, envoy, postgres backends by the service they serve and its
+other processes, redis, and the load generator), in microseconds: on a shared machine this
+is the steady figure, where votes/s depends on what else runs.
 No assertions on timing: it prints figures.
 """
 
@@ -22,6 +26,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -87,6 +93,55 @@ end
 """
 
 
+def _role(process: psutil.Process, clients: dict[int, str]) -> str:
+    command = process.cmdline()
+    if "-m" in command:  # a service replica: python -m vote_svc
+        return command[command.index("-m") + 1]
+    if any("multiprocessing" in part for part in command):
+        return "load generator"
+    if command and command[0].startswith("postgres: "):
+        # A backend: "postgres: user db 127.0.0.1(port) state"; charged to its client.
+        port = int(command[0].partition("(")[2].partition(")")[0] or 0)
+        return f"postgres for {clients.get(port, 'others')}"
+    return process.name().split()[0]
+
+
+def _cpu_by_role() -> dict[str, float]:
+    """CPU seconds so far of every process under this one, by role. Exited children (wrk,
+    the gRPC client processes) are in RUSAGE_CHILDREN once reaped."""
+    processes = psutil.Process().children(recursive=True)
+    clients: dict[int, str] = {}  # local port of a service's connection -> the service
+    for process in processes:
+        try:
+            command = process.cmdline()
+            if "-m" in command:
+                for connection in process.net_connections("tcp"):
+                    clients[connection.laddr.port] = command[command.index("-m") + 1]
+        except psutil.Error:
+            continue
+    totals: dict[str, float] = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            role = _role(process, clients)
+        except psutil.Error:
+            continue
+        totals[role] = totals.get(role, 0.0) + times.user + times.system
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    totals["load generator"] = (totals.get("load generator", 0.0) + reaped.ru_utime
+                                + reaped.ru_stime)
+    return totals
+
+
+def _cpu_per_vote(before: dict[str, float], after: dict[str, float],
+                  votes: int) -> dict[str, int]:
+    """Microseconds of CPU per accepted vote, by role, largest first, with the total."""
+    used = {role: after[role] - before.get(role, 0.0) for role in after}
+    per_vote = {role: round(seconds * 1e6 / max(votes, 1)) for role, seconds in
+                sorted(used.items(), key=lambda item: -item[1]) if seconds > 0.005}
+    return {**per_vote, "total": sum(per_vote.values())}
+
+
 async def _round(stack: Stack) -> TestRound:
     return await open_test_round(stack.database_url, stack.redis_url, duration_ms=3_600_000,
                                  free_quota=1_000_000_000, rate_limit=1_000_000_000)
@@ -108,10 +163,15 @@ async def _ledger_check(stack: Stack, test_round: TestRound,
     return rows
 
 
+def _voter_tokens(stack: Stack) -> list[str]:
+    """Tokens of USERS voters: the votes of a run spread over users as real ones do (one
+    user's votes would all queue for the same ledger rows)."""
+    return [tokens.mint(stack.settings.state_dir, Role.VOTER, f"b{n}") for n in range(USERS)]
+
+
 def _wrk(stack: Stack, test_round: TestRound, duration: int, connections: int,
          pause_ms: int, path: str = "") -> tuple[int, int, float, float, float]:
-    voter_tokens = ",".join(f'"{tokens.mint(stack.settings.state_dir, Role.VOTER, f"b{n}")}"'
-                            for n in range(USERS))
+    voter_tokens = ",".join(f'"{token}"' for token in _voter_tokens(stack))
     script = Path(tempfile.mkdtemp()) / "vote.lua"
     script.write_text(WRK_SCRIPT % {
         "tokens": voter_tokens, "round": test_round.round_id,
@@ -129,13 +189,14 @@ def _wrk(stack: Stack, test_round: TestRound, duration: int, connections: int,
     return ok, failed, p50 / 1000, p99 / 1000, micros / 1e6
 
 
-def _grpc_worker(args: tuple[str, str, list[str], str, float, int, float, bool, int]) -> Any:
-    target, round_id, contestants, token, duration, concurrency, rate, batch, seed = args
-    return asyncio.run(_grpc_load(target, round_id, contestants, token, duration, concurrency,
+def _grpc_worker(args: tuple[str, str, list[str], list[str], float, int, float, bool, int],
+                 ) -> Any:
+    target, round_id, contestants, voters, duration, concurrency, rate, batch, seed = args
+    return asyncio.run(_grpc_load(target, round_id, contestants, voters, duration, concurrency,
                                   rate, batch, seed))
 
 
-async def _grpc_load(target: str, round_id: str, contestants: list[str], token: str,
+async def _grpc_load(target: str, round_id: str, contestants: list[str], voters: list[str],
                      duration: float, concurrency: int, rate: float, batch: bool,
                      seed: int) -> tuple[list[str], list[float], int]:
     """Closed loop (rate 0) or open loop at `rate` calls/s; returns vote ids, latencies (ms),
@@ -147,11 +208,13 @@ async def _grpc_load(target: str, round_id: str, contestants: list[str], token: 
             target, options=[("grpc.lb_policy_name", "round_robin")]) as channel:
         votes = vote_service_pb2_grpc.VoteServiceStub(channel)
         gateway = vote_gateway_service_pb2_grpc.VoteGatewayServiceStub(channel)
-        metadata: Any = (("authorization", f"Bearer {token}"),)
+        metadata: list[Any] = [(("authorization", f"Bearer {token}"),) for token in voters]
+        sent = 0
         gateway_metadata = Principal(Role.INTERNAL, "bench").to_metadata()
 
         async def one() -> None:
-            nonlocal failures
+            nonlocal failures, sent
+            sent += 1
             start = time.perf_counter()
             try:
                 if batch:
@@ -167,9 +230,10 @@ async def _grpc_load(target: str, round_id: str, contestants: list[str], token: 
                 else:
                     single = await votes.SubmitVote(vote_service_pb2.SubmitVoteRequest(
                         request_id=str(uuid.uuid4()), round_id=round_id,
-                        contestant_id=contestants[len(acked) % len(contestants)],
+                        contestant_id=contestants[sent % len(contestants)],
                         vote_type=vote_types_pb2.VOTE_TYPE_FREE, count=1,
-                        channel=vote_types_pb2.CHANNEL_APP), metadata=metadata, timeout=30)
+                        channel=vote_types_pb2.CHANNEL_APP),
+                        metadata=metadata[sent % len(metadata)], timeout=30)
                     acked.append(single.vote_id)
             except grpc.aio.AioRpcError:
                 failures += 1
@@ -197,12 +261,15 @@ async def _grpc_load(target: str, round_id: str, contestants: list[str], token: 
     return acked, latencies, failures
 
 
-def _grpc(target: str, test_round: TestRound, token: str, duration: float, concurrency: int,
-          rate: float, batch: bool, processes: int = 2) -> tuple[list[str], list[float], int]:
+def _grpc(targets: list[str], test_round: TestRound, voters: list[str], duration: float,
+          concurrency: int, rate: float, batch: bool, processes: int = 2,
+          ) -> tuple[list[str], list[float], int]:
+    """Load from `processes` client processes, process n sending to targets[n % len]."""
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         parts = pool.map(_grpc_worker, [
-            (target, test_round.round_id, test_round.contestants, token, duration,
-             concurrency, rate / processes, batch, seed) for seed in range(processes)])
+            (targets[seed % len(targets)], test_round.round_id, test_round.contestants, voters,
+             duration, concurrency, rate / processes, batch, seed)
+            for seed in range(processes)])
     acked = [vote for part in parts for vote in part[0]]
     latencies = [ms for part in parts for ms in part[1]]
     return acked, latencies, sum(part[2] for part in parts)
@@ -229,14 +296,16 @@ async def main() -> None:
     await stack.start()
     results: dict[str, Any] = {}
     try:
-        token = tokens.mint(stack.settings.state_dir, Role.VOTER, "bench-voter")
+        voters = _voter_tokens(stack)
         duration = int(options.duration)
         for mode in options.modes.split(","):
             test_round = await _round(stack)
             if mode in ("json", "noop"):
                 path = "/v1/vote-packages" if mode == "noop" else ""
+                before = _cpu_by_role()
                 ok, failed, _, _, seconds = await asyncio.to_thread(
                     _wrk, stack, test_round, duration, 64, 0, path)
+                cpu = _cpu_per_vote(before, _cpu_by_role(), ok)
                 peak = ok / seconds
                 connections = 32
                 pause = max(1, int(connections * 1000 / (0.7 * peak)))
@@ -246,23 +315,30 @@ async def main() -> None:
                     await _ledger_check(stack, test_round, ok + ok2)
                 results[mode] = {"max_per_s": round(peak), "refused": failed,
                                  "at70_per_s": round(ok2 / seconds2), "p50_ms": p50,
-                                 "p99_ms": p99, "refused_at70": failed2}
+                                 "p99_ms": p99, "refused_at70": failed2,
+                                 "cpu_us_per_vote": cpu}
             else:
                 batch = mode == "batch"
-                target = stack.target("vote_svc") if batch else stack.edge_target
+                # A gateway keeps one batch in flight per replica: a replica sheds calls past
+                # VOTE_MAX_INFLIGHT_VOTES (500), and a batch of 1,000 fills it on its own.
+                targets = ([f"{host}:{port}" for host, port in stack.addresses["vote_svc"]]
+                           if batch else [stack.edge_target])
+                before = _cpu_by_role()
                 acked, _, failed = await asyncio.to_thread(
-                    _grpc, target, test_round, token, options.duration, 2 if batch else 64, 0,
-                    batch)
+                    _grpc, targets, test_round, voters, options.duration, 1 if batch else 64, 0,
+                    batch, len(targets) if batch else 2)
+                cpu = _cpu_per_vote(before, _cpu_by_role(), len(acked))
                 peak = len(acked) / options.duration
                 calls = 0.7 * peak / (1000 if batch else 1)
                 acked2, latencies, failed2 = await asyncio.to_thread(
-                    _grpc, target, test_round, token, options.duration, 0, calls, batch)
+                    _grpc, targets, test_round, voters, options.duration, 0, calls, batch,
+                    len(targets) if batch else 2)
                 await _ledger_check(stack, test_round, acked + acked2)
                 results[mode] = {"max_per_s": round(peak), "refused": failed,
                                  "at70_per_s": round(len(acked2) / options.duration),
                                  "p50_ms": round(_pct(latencies, 50), 1),
                                  "p99_ms": round(_pct(latencies, 99), 1),
-                                 "refused_at70": failed2}
+                                 "refused_at70": failed2, "cpu_us_per_vote": cpu}
             print(mode, json.dumps(results[mode]), flush=True)
     finally:
         await stack.stop()

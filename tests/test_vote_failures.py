@@ -29,7 +29,13 @@ from runtime import keys
 from runtime.access import Role
 from runtime.errors import error_info
 from runtime.storage import Storage, create_pool, create_redis
-from televote.vote.v1 import vote_service_pb2, vote_service_pb2_grpc
+from televote.vote.v1 import (
+    vote_gateway_service_pb2,
+    vote_gateway_service_pb2_grpc,
+    vote_service_pb2,
+    vote_service_pb2_grpc,
+    vote_types_pb2,
+)
 from tests.support_windows import TestRound, open_test_round
 from tests.test_vote_concurrency import start_replica, stop_replica
 from tests.vote_support import inside, ledger_rows, new_id, query, vote_request
@@ -378,10 +384,26 @@ async def test_an_overloaded_replica_sheds_new_votes_at_once_and_changes_nothing
     users = [f"shed-{new_id()[:8]}-{n}" for n in range(12)]
     requests = {user: vote_request(test_round) for user in users}
     votes = vote_service_pb2_grpc.VoteServiceStub(replica.channel)
+    gateway = vote_gateway_service_pb2_grpc.VoteGatewayServiceStub(replica.channel)
+
+    async def gateway_batch() -> vote_gateway_service_pb2.SubmitVotesResponse:
+        await asyncio.sleep(0.1)  # the admitted votes wait for their 300 ms batch
+        sms = vote_gateway_service_pb2.GatewayVote(
+            request_id=new_id(), user_id=f"shed-sms-{new_id()[:8]}",
+            round_id=test_round.round_id, contestant_id=test_round.contestants[0],
+            vote_type=vote_types_pb2.VOTE_TYPE_PREMIUM_SMS, count=1,
+            channel=vote_types_pb2.CHANNEL_SMS)
+        malformed = vote_gateway_service_pb2.GatewayVote(request_id="not-a-uuid")
+        return await gateway.SubmitVotes(  # type: ignore[no-any-return]
+            vote_gateway_service_pb2.SubmitVotesRequest(votes=[sms, malformed]),
+            metadata=inside(Role.INTERNAL, "sms_svc"), timeout=15)
     try:
-        answers = await asyncio.gather(*(
+        *answers, batch = await asyncio.gather(*(
             votes.SubmitVote(requests[user], metadata=inside(Role.VOTER, user), timeout=15)
-            for user in users), return_exceptions=True)
+            for user in users), gateway_batch(), return_exceptions=True)
+        # A gateway batch is refused as a whole before its votes are even validated.
+        assert isinstance(batch, vote_gateway_service_pb2.SubmitVotesResponse), batch
+        assert [(r.ok, r.error.reason) for r in batch.results] == [(False, "OVERLOADED")] * 2
         accepted = {user for user, answer in zip(users, answers, strict=True)
                     if isinstance(answer, vote_service_pb2.SubmitVoteResponse)}
         shed = [answer for answer in answers if isinstance(answer, grpc.aio.AioRpcError)]

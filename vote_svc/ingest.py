@@ -11,10 +11,11 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import grpc
@@ -62,6 +63,7 @@ class VoteRequest:
     client_time: timestamp_pb2.Timestamp | None = None
     received_at: datetime | None = None
 
+    @cached_property
     def fingerprint(self) -> str:
         """What makes a retry "the same vote" (client metadata may differ between tries)."""
         text = "|".join([self.round_id, self.contestant_id, self.vote_type, str(self.count),
@@ -108,20 +110,18 @@ class Ingestor:
 
     # -- the pipeline -------------------------------------------------------------------
 
-    async def submit(self, votes: list[VoteRequest],
-                     time_left_s: float | None = None) -> list[Result]:
-        """Admit and record `votes`; `time_left_s` is what remains of the caller's deadline."""
-        refusal = self._shed(len(votes), time_left_s)
-        if refusal is not None:
-            return [refusal] * len(votes)
+    async def submit(self, votes: list[VoteRequest]) -> list[Result]:
+        """Admit and record `votes` (the caller has asked `shed` first)."""
         self._inflight += len(votes)
         try:
             return await self._submit(votes)
         finally:
             self._inflight -= len(votes)
 
-    def _shed(self, count: int, time_left_s: float | None) -> ApiError | None:
-        """Refuse before anything is admitted when the answer could not arrive in time.
+    def shed(self, count: int, time_left_s: float | None) -> ApiError | None:
+        """Refuse a call of `count` votes before anything is admitted (or even validated)
+        when its answer could not arrive in time; `time_left_s` is what remains of the
+        caller's deadline.
 
         In the close-of-lines spike an overloaded replica must not keep working on calls
         whose clients have already given up (they retry, and the work doubles) nor queue
@@ -182,11 +182,12 @@ class Ingestor:
         vote_keys = [VoteKeys.of(votes[i].user_id, votes[i].round_id, votes[i].request_id)
                      for i in todo]
         calls = []
-        for index, keyset in zip(todo, vote_keys, strict=True):
+        for index, keyset, vote_id in zip(todo, vote_keys, new_vote_ids(len(todo)),
+                                          strict=True):
             vote = votes[index]
             calls.append(self._scripts.call(self._scripts.admit, keyset.admit_keys(), [
                 vote.contestant_id, vote.vote_type, vote.count, vote.channel.lower(),
-                vote.fingerprint(), str(uuid.uuid4()), config.vote_lease_ms,
+                vote.fingerprint, vote_id, config.vote_lease_ms,
                 config.vote_rate_limit_per_minute,
                 "1" if scores[index].action == "BLOCK" else "0", RATE_WINDOW_MS,
                 config.vote_idempotency_ttl_s * 1000, vote.round_id]))
@@ -256,10 +257,10 @@ class Ingestor:
 
     def _after_commit(self, vote: VoteRequest, entry: LedgerVote, result: CommitResult) -> Result:
         if result.kind == "committed":
-            return self._accepted(vote, entry.outcome)
+            return _answer(entry.outcome, entry.receipt_hash)
         if result.kind == "existing" and result.existing is not None:
             first = result.existing
-            if first.fingerprint != vote.fingerprint():
+            if first.fingerprint != vote.fingerprint:
                 return _mismatch()
             return vote_types_pb2.AcceptedVote(
                 vote_id=first.vote_id, receipt_hash=first.receipt_hash,
@@ -315,7 +316,7 @@ class Ingestor:
             fraud_score=score.score, fraud_decision_id=score.decision_id, ip=vote.ip,
             device_id=vote.device_id, app_version=vote.app_version, latitude=vote.latitude,
             longitude=vote.longitude, received_at=vote.received_at,
-            fingerprint=vote.fingerprint(), leaf_data=leaf, receipt_hash=receipt_hash(leaf),
+            fingerprint=vote.fingerprint, leaf_data=leaf, receipt_hash=receipt_hash(leaf),
             keys=keyset, outcome=outcome)
 
     def leaf_data(self, vote: VoteRequest, vote_id: str, admitted_ms: int) -> bytes:
@@ -329,10 +330,7 @@ class Ingestor:
 
     def _accepted(self, vote: VoteRequest, outcome: Outcome) -> vote_types_pb2.AcceptedVote:
         leaf = self.leaf_data(vote, outcome.vote_id, outcome.admitted_ms)
-        return vote_types_pb2.AcceptedVote(
-            vote_id=outcome.vote_id, receipt_hash=receipt_hash(leaf),
-            accepted_at=_timestamp(outcome.admitted_ms), free_votes_left=outcome.free_left,
-            paid_balance=outcome.paid_balance)
+        return _answer(outcome, receipt_hash(leaf))
 
     async def _load_users(self, wanted: dict[tuple[str, str, str], VoteKeys]) -> None:
         """Fill the Redis cache of users from PostgreSQL (first vote, or after a Redis loss)."""
@@ -465,6 +463,18 @@ class Ingestor:
                 stale.admitted_ms, RATE_WINDOW_MS, vote.round_id])
 
 
+def new_vote_ids(count: int) -> list[str]:
+    """`count` random (version 4) UUIDs, as uuid.uuid4() makes them, from one read of the
+    system's randomness and without a UUID object each."""
+    raw = os.urandom(16 * count).hex()
+    ids = []
+    for start in range(0, 32 * count, 32):
+        h = raw[start:start + 32]
+        variant = "89ab"[int(h[16], 16) & 3]
+        ids.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}")
+    return ids
+
+
 def receipt_hash(leaf_data: bytes) -> bytes:
     """RFC 6962 leaf hash: SHA-256(0x00 || leaf_data)."""
     return hashlib.sha256(b"\x00" + leaf_data).digest()
@@ -497,6 +507,12 @@ def _refusal(reply: list[str]) -> ApiError:
                         metadata={"paid_balance": reply[1]})
     log.error("unexpected admission reply %r", reply)
     return unavailable()
+
+
+def _answer(outcome: Outcome, receipt: bytes) -> vote_types_pb2.AcceptedVote:
+    return vote_types_pb2.AcceptedVote(
+        vote_id=outcome.vote_id, receipt_hash=receipt, accepted_at=_timestamp(outcome.admitted_ms),
+        free_votes_left=outcome.free_left, paid_balance=outcome.paid_balance)
 
 
 def _mismatch() -> ApiError:

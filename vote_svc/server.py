@@ -58,6 +58,9 @@ class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
     async def SubmitVote(self, request: vote_service_pb2.SubmitVoteRequest,
                          context: grpc.aio.ServicerContext[Any, Any],
                          ) -> vote_service_pb2.SubmitVoteResponse:
+        refusal = self._ingestor.shed(1, context.time_remaining())
+        if refusal is not None:
+            raise refusal
         metadata = context.invocation_metadata()
         vote, bad = check_vote(
             request_id=request.request_id, user_id=current_principal().subject,
@@ -68,7 +71,7 @@ class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
             gateway=False, received_at=edge_received_at(metadata))  # type: ignore[arg-type]
         if vote is None:
             raise invalid_argument(*bad)
-        (result,) = await self._ingestor.submit([vote], context.time_remaining())
+        (result,) = await self._ingestor.submit([vote])
         if isinstance(result, ApiError):
             raise result
         return vote_service_pb2.SubmitVoteResponse(
@@ -109,6 +112,10 @@ class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServic
             raise invalid_argument(
                 FieldViolation("votes", f"at most {MAX_BATCH} votes per batch"),
                 reason="BATCH_TOO_LARGE")
+        refusal = self._ingestor.shed(len(request.votes), context.time_remaining())
+        if refusal is not None:  # before validating a thousand votes for nothing
+            return vote_gateway_service_pb2.SubmitVotesResponse(
+                results=[_vote_result(index, refusal) for index in range(len(request.votes))])
         metadata = context.invocation_metadata()
         ip = client_ip(metadata, context.peer())  # type: ignore[arg-type]
         arrived = edge_received_at(metadata)  # type: ignore[arg-type]
@@ -131,8 +138,7 @@ class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServic
             else:
                 valid.append((index, vote))
         if valid:
-            outcomes = await self._ingestor.submit([vote for _, vote in valid],
-                                                   context.time_remaining())
+            outcomes = await self._ingestor.submit([vote for _, vote in valid])
             for (index, _), outcome in zip(valid, outcomes, strict=True):
                 results[index] = outcome
         return vote_gateway_service_pb2.SubmitVotesResponse(

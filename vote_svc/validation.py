@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -22,12 +23,23 @@ _CHANNELS = {vote_types_pb2.CHANNEL_APP: "APP", vote_types_pb2.CHANNEL_WEB: "WEB
              vote_types_pb2.CHANNEL_SMS: "SMS"}
 
 
-def is_uuid(value: str) -> bool:
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def canonical_uuid(value: str) -> str | None:
+    """The canonical (lower-case, hyphenated) form of a 36-character UUID, else None."""
+    if _CANONICAL_UUID.fullmatch(value):  # what clients send: nothing to parse
+        return value
+    if len(value) != 36:
+        return None
     try:
-        uuid.UUID(value)
+        return str(uuid.UUID(value))
     except ValueError:
-        return False
-    return len(value) == 36
+        return None
+
+
+def is_uuid(value: str) -> bool:
+    return canonical_uuid(value) is not None
 
 
 def normalise_uuid(value: str) -> str:
@@ -45,15 +57,18 @@ def check_vote(*, request_id: str, user_id: str, round_id: str, contestant_id: s
     def violation(name: str, description: str) -> None:
         bad.append(FieldViolation(prefix + name, description))
 
-    if not is_uuid(request_id):
+    request_uuid = canonical_uuid(request_id)
+    round_uuid = canonical_uuid(round_id)
+    contestant_uuid = canonical_uuid(contestant_id)
+    if request_uuid is None:
         violation("request_id", "must be a UUID")
     if not user_id:
         violation("user_id", "is required")
     elif len(user_id) > MAX_USER_ID or any(c.isspace() or c in "{}" for c in user_id):
         violation("user_id", f"at most {MAX_USER_ID} characters, no spaces or braces")
-    if not is_uuid(round_id):
+    if round_uuid is None:
         violation("round_id", "must be a round id (UUID)")
-    if not is_uuid(contestant_id):
+    if contestant_uuid is None:
         violation("contestant_id", "must be a contestant id (UUID)")
     type_name = _TYPES.get(vote_type)  # type: ignore[call-overload]
     channel_name = _CHANNELS.get(channel)  # type: ignore[call-overload]
@@ -97,9 +112,10 @@ def check_vote(*, request_id: str, user_id: str, round_id: str, contestant_id: s
     if bad:
         return None, bad
     assert type_name is not None and channel_name is not None
+    assert request_uuid is not None and round_uuid is not None and contestant_uuid is not None
     return VoteRequest(
-        request_id=normalise_uuid(request_id), user_id=user_id,
-        round_id=normalise_uuid(round_id), contestant_id=normalise_uuid(contestant_id),
+        request_id=request_uuid, user_id=user_id, round_id=round_uuid,
+        contestant_id=contestant_uuid,
         vote_type=type_name, count=count, channel=channel_name, device_id=device_id,
         app_version=app_version, latitude=latitude, longitude=longitude, accuracy=accuracy,
         ip=ip, client_time=client_time, received_at=received_at), []
