@@ -120,13 +120,15 @@ def generate(
 @audit.command("export")
 def audit_export(
     round_id: Annotated[str, typer.Argument(help="The finalized round.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The export file (JSON lines).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The export file (format: "
+                                      "results_svc/audit.py).")],
     database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
 ) -> None:
     """Write a finalized round's ledger, rules and signed result to a file."""
     from results_svc.audit import export_round
+    started = time.monotonic()
     leaves = asyncio.run(export_round(database_url, round_id, out))
-    print(f"{out}: {leaves} leaves")
+    print(f"{out}: {leaves} leaves in {time.monotonic() - started:.1f}s")
 
 
 @audit.command("verify")
@@ -137,23 +139,26 @@ def audit_verify(
     receipt: Annotated[Path | None, typer.Option(
         help="Also check a GetVoteReceipt JSON response against the export's root.")] = None,
 ) -> None:
-    """Recount an export by the round's rules, check its root and signature; exit 1 if not."""
+    """Recount an export by the round's rules, check its order, root and signature; exit 1
+    if anything does not match the published result."""
     import json
 
-    from results_svc.audit import verify_export, verify_receipt_document
+    from results_svc.audit import export_root_hash, verify_export, verify_receipt_document
+    started = time.monotonic()
     verdict = verify_export(export, public_key)
     problems = list(verdict.problems)
     if receipt is not None:
-        header = json.loads(export.open().readline())
         problems += verify_receipt_document(json.loads(receipt.read_text()),
-                                            bytes.fromhex(header["digest"]["root_hash"]))
+                                            export_root_hash(export))
     if problems:
         for problem in problems:
             print(f"FAIL: {problem}", file=sys.stderr)
         raise typer.Exit(1)
     assert verdict.recount is not None
     print(f"OK: root and signature verify; recount {verdict.recount.counts} "
-          f"(total {verdict.recount.total_votes}) equals the published result")
+          f"(total {verdict.recount.total_votes}) equals the published result; "
+          f"{verdict.leaves} leaves, not counted by reason {verdict.rows_by_reason}, "
+          f"{time.monotonic() - started:.1f}s")
 
 
 #: Scenario defaults that differ from the seed's (a shownight's users follow from its curve;

@@ -1,99 +1,97 @@
 """Ledger exports for auditors, and their offline verification (`televote audit ...`).
 
-An export is JSON lines. Line 1 is the header: the round's rules, the published final result,
-its signed digest with the public key, the voters' paid credits, and the other rounds' ledger
-rows of the round's voters that count towards their free quota (same episode) or paid balance
-(`context`). Every following line is one leaf of the round's tree, in tree order:
-{"leaf_data": <the exact leaf bytes as UTF-8>, "fraud_rejected": bool}. Voters appear only
-as vote_svc's salted pseudonym (the leaf's "voter").
+Format `televote-ledger-export/v2`: UTF-8 text, one record a line, each ending in "\\n".
 
-`verify` needs nothing but the file: it recomputes every leaf hash and the RFC 9162 root,
-checks the root and size against the signed tree head and the Ed25519 signature, and recounts
-the votes by `results_svc.rules`; each must match the published result.
+Line 1, the header, is a JSON object: `format`; `round`, the round's rules (contestants,
+window: `opens_at_ms` and per channel `close_ms`, free quota and per-round cap); `result`, the
+published final result; `digest`, its signed tree head, signature and public key; `credited`,
+the paid votes ever credited to each of the round's voters (voters with none are left out).
+
+Every other line is a ledger row, and the rows come in ledger order, (accepted_at_ms,
+vote_id, leaf hash) ascending (`results_svc.rules`), the order of the tree's leaves:
+
+    L <fraud> <accepted_at_ms> <channel> <contestant_id> <count> <vote_id> <vote_type> <voter>
+        One leaf of the round's tree, in tree order, given by its fields. <fraud> is 1 if
+        fraud_svc rejected the vote, else 0. The leaf's bytes (a receipt's leaf_data, the
+        canonical JSON vote_svc wrote: sorted keys, no spaces) are exactly
+
+            {"accepted_at_ms":<accepted_at_ms>,"channel":"<channel>","contestant_id":
+            "<contestant_id>","count":<count>,"round_id":"<round_id>","vote_id":"<vote_id>",
+            "vote_type":"<vote_type>","voter":"<voter>"}
+
+        on one line, with the header's round_id; its RFC 9162 leaf hash is
+        SHA-256(0x00 || leaf_data). No field holds a space, a quote or a backslash.
+    J <fraud> <leaf_data>
+        A leaf in any other form (a field missing, escapes, another key order): its bytes as
+        signed, parsed as JSON. vote_svc writes none; the format can carry them.
+    C <accepted_at_ms> <vote_id> <leaf_hash> <voter> <vote_type> <count> <same_episode>
+        Another round's vote of one of the round's voters that counts towards their free
+        quota (a FREE vote in the same episode: <same_episode> 1) or their paid balance (a
+        PAID vote, any round); <leaf_hash> in hex. Not part of this round's tree.
+
+Voters appear only as vote_svc's salted pseudonym (the leaf's "voter").
+
+`verify` needs nothing but the file and streams it: it checks the Ed25519 signature of the
+tree head, recomputes every leaf hash and the RFC 9162 root (`merkle.IncrementalRoot`, in a
+second process for big files) and checks root and size against the signed head, checks that
+the rows are in ledger order and of the round, and recounts the votes by the round's rules
+(`rules.LedgerTally`, equal to the reference `rules.recount`); each must match the published
+result. It keeps running totals per voter, never the rows. (The second process is spawned:
+a script calling `verify_export` on a big file needs the usual `if __name__ == "__main__"`.)
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
-from collections.abc import Iterator
+import multiprocessing
+import re
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import IsolationLevel
 from psycopg.rows import dict_row
 
 from results_svc import rules
-from results_svc.final import read_final
-from results_svc.merkle import leaf_hash, root_of, verify_inclusion
+from results_svc.final import FinalResult, read_final
+from results_svc.merkle import IncrementalRoot, leaf_hash, perfect_root, verify_inclusion
 from results_svc.rounds import load_round
 from results_svc.signing import parse_tree_head, verify_signature
 
-FORMAT = "televote-ledger-export/v1"
-
-_LEAVES_SQL = """
-SELECT v.vote_id::text, v.user_id, v.leaf_data, v.receipt_hash,
-       EXISTS (SELECT 1 FROM fraud_rejections f
-                WHERE f.round_id = v.round_id::text AND f.user_id = v.user_id
-                  AND (f.vote_ref IS NULL OR f.vote_ref = v.request_id)) AS fraud_rejected
-  FROM votes v WHERE v.round_id = %s ORDER BY v.admitted_ms, v.vote_id, v.receipt_hash
-"""
-_CONTEXT_SQL = """
-SELECT v.vote_id::text, v.user_id, v.vote_type, v.count, v.admitted_ms, v.receipt_hash,
-       v.episode_id = %(episode)s::uuid AS same_episode
-  FROM votes v
- WHERE v.user_id = ANY(%(users)s::text[]) AND v.round_id <> %(round)s::uuid
-   AND (v.vote_type = 'PAID' OR (v.vote_type = 'FREE' AND v.episode_id = %(episode)s::uuid))
-"""
+FORMAT = "televote-ledger-export/v2"
+#: A leaf in canonical form from its fields (see the module's docstring).
+LEAF_TEMPLATE = ('{"accepted_at_ms":%s,"channel":"%s","contestant_id":"%s","count":%s,'
+                 '"round_id":"%s","vote_id":"%s","vote_type":"%s","voter":"%s"}')
+_LEAF_TEMPLATE = LEAF_TEMPLATE.encode()
+#: Where a J line's leaf bytes start ("J 0 " or "J 1 ").
+LEAF_AT = 4
+#: Above this size the tree is hashed in a second process while this one recounts.
+BACKGROUND_TREE_BYTES = 16 * 2**20
+#: Leaves hashed as one perfect subtree before it joins the tree (see IncrementalRoot).
+TREE_BLOCK = 4096
+#: Problems reported one by one; beyond that only their number.
+MAX_PROBLEMS = 50
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-async def export_round(database_url: str, round_id: str, out: Path) -> int:
-    """Write the round's export; returns the number of leaves."""
-    async with await psycopg.AsyncConnection.connect(database_url,
-                                                     row_factory=dict_row) as connection:
-        info = await load_round(connection, round_id)
-        if info is None:
-            raise SystemExit(f"no round {round_id}")
-        final = await read_final(connection, round_id)
-        if final is None:
-            raise SystemExit(f"round {round_id} has no final result yet")
-        cursor = await connection.execute(
-            "SELECT leaves FROM round_result_leaves WHERE round_id = %s ORDER BY chunk",
-            (round_id,))
-        blob = b"".join([bytes(r["leaves"]) for r in await cursor.fetchall()])
-        signed = {blob[i:i + 32] for i in range(0, len(blob), 32)}
-        cursor = await connection.execute(
-            "SELECT public_key FROM ledger_keys WHERE key_id = %s", (final.key_id,))
-        key_row = await cursor.fetchone()
-        assert key_row is not None
-        cursor = await connection.execute(_LEAVES_SQL, (round_id,))
-        leaves = [row for row in await cursor.fetchall() if bytes(row["receipt_hash"]) in signed]
-        pseudonym: dict[str, str] = {}
-        for row in leaves:
-            pseudonym.setdefault(row["user_id"], json.loads(row["leaf_data"]).get("voter", ""))
-        users = sorted(pseudonym)
-        cursor = await connection.execute(_CONTEXT_SQL, {"episode": info.episode_id,
-                                                         "users": users, "round": round_id})
-        context = [{"voter": pseudonym[r["user_id"]], "vote_id": r["vote_id"],
-                    "vote_type": r["vote_type"], "count": r["count"],
-                    "accepted_at_ms": r["admitted_ms"],
-                    "leaf_hash": bytes(r["receipt_hash"]).hex(),
-                    "same_episode": r["same_episode"]} for r in await cursor.fetchall()]
-        cursor = await connection.execute(
-            "SELECT user_id, credited FROM wallets WHERE user_id = ANY(%s)", (users,))
-        credited = {pseudonym[r["user_id"]]: r["credited"] for r in await cursor.fetchall()}
-    rules_ = info.rules()
-    header = {
+def header_line(round_rules: rules.RoundRules, episode_id: str, final: FinalResult,
+                public_key: bytes, credited: Mapping[str, int]) -> bytes:
+    return (json.dumps({
         "format": FORMAT,
-        "round": {"round_id": round_id, "episode_id": info.episode_id,
-                  "contestant_ids": list(rules_.contestant_ids), "opens_at_ms": rules_.opens_ms,
-                  "close_ms": dict(rules_.close_ms), "free_vote_quota": rules_.free_quota,
-                  "free_vote_cap": rules_.free_cap},
+        "round": {"round_id": round_rules.round_id, "episode_id": episode_id,
+                  "contestant_ids": list(round_rules.contestant_ids),
+                  "opens_at_ms": round_rules.opens_ms, "close_ms": dict(round_rules.close_ms),
+                  "free_vote_quota": round_rules.free_quota,
+                  "free_vote_cap": round_rules.free_cap},
         "result": {"counts": final.counts, "total_votes": final.total_votes,
                    "ledger_votes": final.ledger_votes,
                    "invalidated_votes": final.invalidated_votes,
@@ -101,94 +99,377 @@ async def export_round(database_url: str, round_id: str, out: Path) -> int:
         "digest": {"tree_size": final.tree_size, "root_hash": final.root_hash.hex(),
                    "signed_tree_head": _b64(final.signed_tree_head),
                    "signature": _b64(final.signature), "key_id": final.key_id,
-                   "public_key": bytes(key_row["public_key"]).hex()},
-        "credited": credited,
-        "context": context,
-    }
-    with out.open("w") as file:
-        file.write(json.dumps(header, sort_keys=True) + "\n")
-        for row in leaves:
-            file.write(json.dumps({"leaf_data": bytes(row["leaf_data"]).decode(),
-                                   "fraud_rejected": row["fraud_rejected"]}) + "\n")
-    return len(leaves)
+                   "public_key": public_key.hex()},
+        "credited": {voter: n for voter, n in sorted(credited.items()) if n},
+    }, sort_keys=True) + "\n").encode()
 
+
+def canonical_leaf(round_id: str, accepted_at_ms: int, channel: str, contestant_id: str,
+                   count: int, vote_id: str, vote_type: str, voter: str) -> bytes:
+    """The leaf vote_svc writes for these fields (when none needs escaping)."""
+    return (LEAF_TEMPLATE % (accepted_at_ms, channel, contestant_id, count, round_id, vote_id,
+                             vote_type, voter)).encode()
+
+
+def compact_leaf_line(fraud_rejected: bool, accepted_at_ms: int, channel: str,
+                      contestant_id: str, count: int, vote_id: str, vote_type: str,
+                      voter: str) -> bytes:
+    return (f"L {int(fraud_rejected)} {accepted_at_ms} {channel} {contestant_id} {count} "
+            f"{vote_id} {vote_type} {voter}\n").encode()
+
+
+_PLAIN = re.compile(r'[^ "\\\x00-\x1f\x7f-\U0010ffff]*')
+
+
+def leaf_line(round_id: str, leaf_data: bytes, fraud_rejected: bool) -> bytes:
+    """A leaf's line: L (its fields) if it is a canonical leaf of the round, else J (its
+    bytes)."""
+    try:
+        leaf = json.loads(leaf_data)
+        fields = [leaf["accepted_at_ms"], leaf["channel"], leaf["contestant_id"],
+                  leaf["count"], leaf["round_id"], leaf["vote_id"], leaf["vote_type"],
+                  leaf["voter"]]
+        plain = all(type(v) is int if i in (0, 3) else
+                    isinstance(v, str) and _PLAIN.fullmatch(v) is not None
+                    for i, v in enumerate(fields))
+    except (ValueError, KeyError, TypeError):
+        plain = False
+    if plain and fields[4] == round_id and \
+            canonical_leaf(round_id, *fields[:4], *fields[5:]) == leaf_data:
+        return compact_leaf_line(fraud_rejected, *fields[:4], *fields[5:])
+    return b"J %d " % fraud_rejected + leaf_data + b"\n"
+
+
+def other_round_line(accepted_at_ms: int, vote_id: str, leaf_hash_: bytes, voter: str,
+                     vote_type: str, count: int, same_episode: bool) -> bytes:
+    return (f"C {accepted_at_ms} {vote_id} {leaf_hash_.hex()} {voter} {vote_type} {count} "
+            f"{int(same_episode)}\n").encode()
+
+
+# -- export -------------------------------------------------------------------------------
+
+#: The round's voters and their pseudonym (the "voter" of their leaves), for the export's
+#: transaction.
+_VOTERS_SQL = """
+CREATE TEMPORARY TABLE export_voters ON COMMIT DROP AS
+SELECT user_id, convert_from(min(leaf_data), 'UTF8')::jsonb ->> 'voter' AS voter
+  FROM votes WHERE round_id = %(round)s GROUP BY user_id
+"""
+_SIGNED_ONLY = """
+   AND v.receipt_hash IN (SELECT substring(l.leaves FROM i * 32 + 1 FOR 32)
+                            FROM round_result_leaves l,
+                                 generate_series(0, length(l.leaves) / 32 - 1) AS i
+                           WHERE l.round_id = %(round)s)
+"""
+#: The export's rows (see the module's docstring), already as lines. CSV with a delimiter and
+#: a quote character that no line contains, so PostgreSQL writes every line verbatim.
+_ROWS_COPY = """
+COPY (
+  WITH fraud AS (SELECT user_id, vote_ref FROM fraud_rejections WHERE round_id = %(round)s)
+  SELECT line FROM (
+    SELECT admitted_ms, vote_id, receipt_hash,
+           CASE WHEN translate(voter, '0123456789abcdef', '') = ''
+                 AND leaf_data = convert_to(format(%(template)s, admitted_ms, channel,
+                     contestant_id, count, round_id, vote_id, vote_type, voter), 'UTF8')
+                THEN concat_ws(' ', 'L', fraud, admitted_ms, channel, contestant_id, count,
+                               vote_id, vote_type, voter)
+                ELSE concat_ws(' ', 'J', fraud, convert_from(leaf_data, 'UTF8'))
+           END AS line
+      FROM (SELECT v.*,
+                   -- What a canonical leaf's voter would be (the 32 bytes before its final
+                   -- `"}`): the L form is used only if the leaf is the template's with it.
+                   encode(substring(v.leaf_data FROM length(v.leaf_data) - 33 FOR 32),
+                          'escape') AS voter,
+                   CASE WHEN v.user_id IN (SELECT user_id FROM fraud WHERE vote_ref IS NULL)
+                          OR (v.user_id, v.request_id) IN (
+                             SELECT user_id, vote_ref FROM fraud WHERE vote_ref IS NOT NULL)
+                        THEN 1 ELSE 0 END AS fraud
+              FROM votes v WHERE v.round_id = %(round)s SIGNED_ONLY) leaves
+    UNION ALL
+    SELECT v.admitted_ms, v.vote_id, v.receipt_hash,
+           concat_ws(' ', 'C', v.admitted_ms, v.vote_id, encode(v.receipt_hash, 'hex'),
+                     coalesce(p.voter, ''), v.vote_type, v.count,
+                     CASE WHEN v.episode_id = %(episode)s::uuid THEN 1 ELSE 0 END)
+      FROM votes v JOIN export_voters p USING (user_id)
+     WHERE v.round_id <> %(round)s
+       AND (v.vote_type = 'PAID' OR (v.vote_type = 'FREE' AND v.episode_id = %(episode)s::uuid))
+  ) rows ORDER BY admitted_ms, vote_id, receipt_hash
+) TO STDOUT WITH (FORMAT csv, DELIMITER E'\\t', QUOTE E'\\x01')
+"""
+
+async def export_round(database_url: str, round_id: str, out: Path) -> int:
+    """Write the round's export, streaming it from PostgreSQL; returns the number of leaves."""
+    async with await psycopg.AsyncConnection.connect(
+            database_url, row_factory=dict_row, autocommit=False) as connection:
+        # One snapshot for the header and the rows.
+        await connection.set_isolation_level(IsolationLevel.REPEATABLE_READ)
+        info = await load_round(connection, round_id)
+        if info is None:
+            raise SystemExit(f"no round {round_id}")
+        final = await read_final(connection, round_id)
+        if final is None:
+            raise SystemExit(f"round {round_id} has no final result yet")
+        cursor = await connection.execute(
+            "SELECT public_key FROM ledger_keys WHERE key_id = %s", (final.key_id,))
+        key_row = await cursor.fetchone()
+        assert key_row is not None
+        params = {"round": round_id, "episode": info.episode_id}
+        # The rows are sorted into ledger order: in memory, not in temporary files.
+        await connection.execute("SET LOCAL work_mem = '256MB'")
+        await connection.execute(_VOTERS_SQL, params)
+        cursor = await connection.execute(
+            "SELECT p.voter, w.credited FROM wallets w JOIN export_voters p USING (user_id)"
+            " WHERE w.credited > 0")
+        credited = {r["voter"]: r["credited"] for r in await cursor.fetchall()}
+        cursor = await connection.execute(
+            "SELECT count(*) AS n FROM votes WHERE round_id = %s", (round_id,))
+        row = await cursor.fetchone()
+        # The ledger is append-only and the tree was built from it: if the round has as many
+        # rows as the tree has leaves, they are the leaves; otherwise some committed after
+        # the tree was taken, and only the signed ones are exported.
+        signed_only = "" if row is not None and row["n"] == final.tree_size else _SIGNED_ONLY
+        leaves = 0
+        with out.open("wb") as file:
+            file.write(header_line(info.rules(), info.episode_id, final,
+                                   bytes(key_row["public_key"]), credited))
+            async with connection.cursor() as rows, rows.copy(
+                    _ROWS_COPY.replace("SIGNED_ONLY", signed_only),
+                    {**params, "template": LEAF_TEMPLATE}) as copy:
+                async for chunk in copy:
+                    data = bytes(chunk)
+                    if b"\x01" in data:
+                        raise SystemExit("a ledger row holds a control character: not exported")
+                    # PostgreSQL sends whole rows (one a message), so a chunk's lines are
+                    # whole lines.
+                    leaves += data.count(b"\nL ") + data.count(b"\nJ ") + (data[:2] in (
+                        b"L ", b"J "))
+                    file.write(data)
+        await connection.rollback()
+    return leaves
+
+
+# -- verify -------------------------------------------------------------------------------
 
 @dataclass
 class Verdict:
     problems: list[str] = field(default_factory=list)
     recount: rules.Recount | None = None
+    #: The round's rows that do not count, by reason.
+    rows_by_reason: dict[str, int] = field(default_factory=dict)
+    leaves: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def _lines(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open() as file:
-        for line in file:
-            if line.strip():
-                yield json.loads(line)
+class _Problems:
+    """The problems found, the first MAX_PROBLEMS in words (a broken file of ten million rows
+    must not make ten million messages)."""
+
+    def __init__(self) -> None:
+        self.listed: list[str] = []
+        self.more = 0
+
+    def add(self, problem: str) -> None:
+        if len(self.listed) < MAX_PROBLEMS:
+            self.listed.append(problem)
+        else:
+            self.more += 1
+
+    def all(self) -> list[str]:
+        return self.listed + ([f"... and {self.more} more"] if self.more else [])
 
 
-def verify_export(path: Path, public_key_hex: str | None = None) -> Verdict:
-    """Check an export offline: signature, root, size, and a recount by the round's rules."""
-    verdict = Verdict()
-    lines = _lines(path)
-    header = next(lines)
-    if header.get("format") != FORMAT:
-        return Verdict([f"not a {FORMAT} file"])
-    digest, result, rnd = header["digest"], header["result"], header["round"]
-    public_key = bytes.fromhex(public_key_hex or digest["public_key"])
-    head = base64.b64decode(digest["signed_tree_head"])
-    if not verify_signature(public_key, head, base64.b64decode(digest["signature"])):
-        verdict.problems.append("the tree head's signature does not verify")
-    signed = parse_tree_head(head)
-    rows: list[rules.Row] = []
-    hashes: list[bytes] = []
-    for entry in lines:
-        data = entry["leaf_data"].encode()
-        hashes.append(leaf_hash(data))
+_Leaf = tuple[str, int, str, str, int, str, str, str, str]
+
+
+def _leaf_fields(line: str, round_id: str) -> tuple[_Leaf, bytes]:
+    """((fraud, accepted_at_ms, channel, contestant_id, count, round_id, vote_id, vote_type,
+    voter), leaf bytes) of an L or J line; ValueError if it is not one."""
+    if line[:4] not in ("L 0 ", "L 1 ", "J 0 ", "J 1 ") or not line.endswith("\n"):
+        raise ValueError("not `L <0|1> <fields>` or `J <0|1> <leaf_data>`")
+    if line[0] == "L":
+        parts = line[:-1].split(" ")
+        if len(parts) != 9 or '"' in line or "\\" in line:
+            raise ValueError("not `L <fraud> <accepted_at_ms> <channel> <contestant_id> "
+                             "<count> <vote_id> <vote_type> <voter>`")
+        _, fraud, ms, channel, contestant, count, vote_id, vote_type, voter = parts
+        values: _Leaf = (fraud, int(ms), channel, contestant, int(count), round_id, vote_id,
+                         vote_type, voter)
+        return values, canonical_leaf(round_id, *values[1:5], *values[6:])
+    data = line[LEAF_AT:-1]
+    try:
         leaf = json.loads(data)
-        rows.append(rules.Row(
-            vote_id=leaf["vote_id"], voter=leaf.get("voter", ""), vote_type=leaf["vote_type"],
-            count=int(leaf["count"]), admitted_ms=int(leaf["accepted_at_ms"]),
-            leaf_hash=hashes[-1], contestant_id=leaf["contestant_id"],
-            channel=leaf["channel"], fraud_rejected=bool(entry["fraud_rejected"])))
-        if leaf.get("round_id") != rnd["round_id"]:
-            verdict.problems.append(f"leaf {leaf['vote_id']} is of another round")
-    if [r.order for r in rows] != sorted(r.order for r in rows):
-        verdict.problems.append("leaves are not in ledger order")
-    root = root_of(hashes)
-    if signed.round_id != rnd["round_id"]:
-        verdict.problems.append("the signed head is for another round")
-    if signed.tree_size != len(hashes):
-        verdict.problems.append(f"{len(hashes)} leaves, the signed head says {signed.tree_size}")
-    if signed.root_hash != root:
-        verdict.problems.append(f"root {root.hex()} is not the signed root "
-                                f"{signed.root_hash.hex()}")
-    for row in header["context"]:
-        rows.append(rules.Row(
-            vote_id=row["vote_id"], voter=row["voter"], vote_type=row["vote_type"],
-            count=int(row["count"]), admitted_ms=int(row["accepted_at_ms"]),
-            leaf_hash=bytes.fromhex(row["leaf_hash"]), in_round=False,
-            same_episode=bool(row["same_episode"])))
+        values = (line[2], int(leaf["accepted_at_ms"]), leaf["channel"], leaf["contestant_id"],
+                  int(leaf["count"]), leaf["round_id"], leaf["vote_id"], leaf["vote_type"],
+                  leaf.get("voter", ""))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"the leaf is not a vote ({error!r})") from error
+    if not all(isinstance(v, str) for i, v in enumerate(values) if i not in (1, 4)):
+        raise ValueError("the leaf is not a vote (a field is not a string)")
+    return values, data.encode()
+
+
+def _other_fields(line: str) -> tuple[int, str, bytes, str, str, int, bool]:
+    """(accepted_at_ms, vote_id, leaf hash, voter, vote_type, count, same_episode) of a
+    `C ...` line; ValueError if it is not one."""
+    parts = line[:-1].split(" ") if line.endswith("\n") else []
+    if len(parts) != 8 or parts[7] not in ("0", "1"):
+        raise ValueError("not `C <accepted_at_ms> <vote_id> <leaf_hash> <voter> <vote_type> "
+                         "<count> <same_episode>`")
+    _, ms, vote_id, hashed, voter, vote_type, count, same = parts
+    return int(ms), vote_id, bytes.fromhex(hashed), voter, vote_type, int(count), same == "1"
+
+
+def _row_hash(line: str, round_id: str) -> bytes:
+    """The leaf hash of a row, to order rows with the same (accepted_at_ms, vote_id)."""
+    if line[0] == "C":
+        return _other_fields(line)[2]
+    return leaf_hash(_leaf_fields(line, round_id)[1])
+
+
+def _recount(lines: Iterable[bytes], header: dict[str, Any], problems: _Problems,
+             suspects: set[int] | None) -> tuple[rules.LedgerTally, int]:
+    """Check every row's form, order and round, and recount them: (tally, leaves)."""
+    rnd = header["round"]
     round_rules = rules.RoundRules(
         rnd["round_id"], tuple(rnd["contestant_ids"]), int(rnd["opens_at_ms"]),
         {k: int(v) for k, v in rnd["close_ms"].items()}, int(rnd["free_vote_quota"]),
         int(rnd["free_vote_cap"]))
-    recount = rules.recount(round_rules, rows, {k: int(v) for k, v in header["credited"].items()})
-    verdict.recount = recount
+    tally = rules.LedgerTally(round_rules, {k: int(v) for k, v in header["credited"].items()},
+                              suspects)
+    round_id = round_rules.round_id
+    counted, other_round = tally.leaf, tally.other_round
+    leaves = 0
+    previous_ms, previous_id, previous_line = -1, "", ""
+    # The hot loop: an L line costs a split (`_leaf_fields`' checks, inlined); its leaf is
+    # rebuilt and hashed by `export_tree`, in the other process for big files.
+    for number, raw in enumerate(lines, start=2):
+        try:
+            line = raw.decode()
+            kind = line[0]
+            if kind == "L":
+                parts = line.split(" ")
+                if len(parts) != 9 or '"' in line or "\\" in line or line[-1] != "\n" \
+                        or parts[1] not in ("0", "1"):
+                    raise ValueError("not `L <fraud> <accepted_at_ms> <channel> "
+                                     "<contestant_id> <count> <vote_id> <vote_type> <voter>`")
+                _, fraud, ms_text, channel, contestant, count_text, vote_id, vote_type, \
+                    voter = parts
+                ms, count, of_round, voter = int(ms_text), int(count_text), round_id, voter[:-1]
+                leaves += 1
+            elif kind == "J":
+                (fraud, ms, channel, contestant, count, of_round, vote_id, vote_type, voter), \
+                    _ = _leaf_fields(line, round_id)
+                leaves += 1
+            elif kind == "C":
+                ms, vote_id, _, voter, vote_type, count, same_episode = _other_fields(line)
+            else:
+                raise ValueError("not a leaf (L, J) nor another round's vote (C)")
+        except (ValueError, IndexError) as error:
+            problems.add(f"line {number}: {error}")
+            continue
+        if ms < previous_ms or (ms == previous_ms and vote_id <= previous_id and (
+                vote_id < previous_id
+                or _row_hash(line, round_id) < _row_hash(previous_line, round_id))):
+            problems.add(f"line {number}: vote {vote_id} is out of ledger order")
+        previous_ms, previous_id, previous_line = ms, vote_id, line
+        if kind == "C":
+            other_round(voter, vote_type, count, same_episode)
+            continue
+        if of_round != round_id:
+            problems.add(f"line {number}: leaf {vote_id} is of another round")
+        counted(vote_id, voter, vote_type, count, ms, contestant, channel, fraud == "1")
+    return tally, leaves
+
+
+def export_tree(path: str) -> tuple[int, bytes]:
+    """(size, RFC 9162 root) of the tree over an export's leaves, in O(log n) memory: an L
+    line's leaf is rebuilt from its fields, a J line's is its bytes. (A malformed line gives
+    some other leaf, so another root: the recount reports the line.)"""
+    tree = IncrementalRoot()
+    sha256 = hashlib.sha256
+    block: list[bytes] = []
+    with open(path, "rb") as file:
+        round_id = json.loads(file.readline())["round"]["round_id"].encode()
+        for line in file:
+            kind = line[0]
+            if kind == 76:  # L
+                parts = line[:-1].split(b" ")
+                if len(parts) == 9:
+                    _, _, ms, channel, contestant, count, vote_id, vote_type, voter = parts
+                    data = _LEAF_TEMPLATE % (ms, channel, contestant, count, round_id,
+                                             vote_id, vote_type, voter)
+                else:
+                    data = line
+            elif kind == 74:  # J
+                data = line[LEAF_AT:-1]
+            else:
+                continue
+            block.append(sha256(b"\x00" + data).digest())
+            if len(block) == TREE_BLOCK:
+                tree.add_subtree(perfect_root(block), TREE_BLOCK)
+                block = []
+    for leaf in block:
+        tree.add(leaf)
+    return tree.size, tree.root
+
+
+def verify_export(path: Path, public_key_hex: str | None = None) -> Verdict:
+    """Check an export offline: signature, root, size, order, and a recount by the round's
+    rules against the published result."""
+    with path.open("rb") as file, contextlib.ExitStack() as stack:
+        try:
+            header = json.loads(file.readline())
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                raise ValueError
+            digest, result, rnd = header["digest"], header["result"], header["round"]
+            public_key = bytes.fromhex(public_key_hex or digest["public_key"])
+            head = base64.b64decode(digest["signed_tree_head"])
+            signature = base64.b64decode(digest["signature"])
+            signed = parse_tree_head(head)
+        except (ValueError, KeyError, TypeError):
+            return Verdict([f"not a {FORMAT} file (line 1 is not its header)"])
+        tree: Callable[[], tuple[int, bytes]]
+        if path.stat().st_size >= BACKGROUND_TREE_BYTES:  # hash on the other core
+            pool = stack.enter_context(ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")))
+            tree = pool.submit(export_tree, str(path)).result
+        else:
+            def tree() -> tuple[int, bytes]:
+                return export_tree(str(path))
+        body = file.tell()
+        problems = _Problems()
+        tally, leaves = _recount(file, header, problems, None)
+        suspects = tally.repeated_hashes()
+        if suspects:  # a vote id seen twice (or a 64-bit hash collision): count exactly
+            file.seek(body)
+            problems = _Problems()
+            tally, leaves = _recount(file, header, problems, suspects)
+        size, root = tree()
+    if not verify_signature(public_key, head, signature):
+        problems.add("the tree head's signature does not verify")
+    if size != leaves:
+        problems.add(f"{leaves} leaf lines but {size} leaves hashed")
+    if signed.round_id != rnd["round_id"]:
+        problems.add("the signed head is for another round")
+    if signed.tree_size != size:
+        problems.add(f"{size} leaves, the signed head says {signed.tree_size}")
+    if signed.root_hash != root:
+        problems.add(f"root {root.hex()} is not the signed root {signed.root_hash.hex()}")
+    recount = tally.result()
     published = {k: int(v) for k, v in result["counts"].items()}
     if recount.counts != published:
-        verdict.problems.append(f"recount {recount.counts} != published {published}")
+        problems.add(f"recount {recount.counts} != published {published}")
     for name, mine in (("total_votes", recount.total_votes),
                        ("ledger_votes", recount.ledger_votes),
                        ("invalidated_votes", recount.invalidated_votes)):
         if int(result[name]) != mine:
-            verdict.problems.append(f"{name}: recount {mine} != published {result[name]}")
+            problems.add(f"{name}: recount {mine} != published {result[name]}")
     if sorted(result["winner_contestant_ids"]) != recount.winners():
-        verdict.problems.append("the published winners are not the recount's")
-    return verdict
+        problems.add("the published winners are not the recount's")
+    return Verdict(problems.all(), recount, dict(tally.rows_by_reason), leaves)
 
 
 def verify_receipt(leaf_data: bytes, leaf_index: int, tree_size: int, audit_path: list[bytes],
@@ -216,3 +497,10 @@ def verify_receipt_document(document: dict[str, Any], root_hash: bytes | None = 
     if root_hash is not None and root != root_hash:
         problems.append("the proof's root is not the export's signed root")
     return problems
+
+
+def export_root_hash(path: Path) -> bytes:
+    """The signed root an export's header claims (a receipt is checked against it once the
+    export verifies)."""
+    with path.open("rb") as file:
+        return bytes.fromhex(json.loads(file.readline())["digest"]["root_hash"])

@@ -136,3 +136,53 @@ def verify_inclusion(leaf: bytes, index: int, tree_size: int, path: Sequence[byt
         fn >>= 1
         sn >>= 1
     return sn == 0 and r == root
+
+
+class IncrementalRoot:
+    """MTH(D[n]) of RFC 9162 over leaves fed in order, in O(log n) memory.
+
+    n leaves split into perfect subtrees, one per binary digit of n, largest first (the
+    RFC's split at the largest power of two smaller than n, applied recursively); only their
+    roots are kept, and the tree's root folds them from the right. Appending a perfect subtree
+    of s leaves when n is a multiple of s merges it with the trailing subtrees as a binary
+    carry does, so a caller may hash a whole aligned block of leaves first (faster in Python
+    than one leaf at a time) and append its root."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._stack: list[bytes] = []
+
+    def add(self, leaf: bytes) -> None:
+        """Append one leaf hash."""
+        self.add_subtree(leaf, 1)
+
+    def add_subtree(self, root: bytes, leaves: int) -> None:
+        """Append the root of a perfect subtree of `leaves` (a power of two) leaf hashes."""
+        assert leaves > 0 and leaves & (leaves - 1) == 0, "a power of two"
+        assert self.size % leaves == 0, "a subtree starts at a multiple of its size"
+        self._stack.append(root)
+        self.size += leaves
+        carry = self.size // leaves
+        while carry % 2 == 0:
+            right = self._stack.pop()
+            self._stack.append(node_hash(self._stack.pop(), right))
+            carry //= 2
+
+    @property
+    def root(self) -> bytes:
+        if not self._stack:
+            return hashlib.sha256(b"").digest()
+        root = self._stack[-1]
+        for left in reversed(self._stack[:-1]):
+            root = node_hash(left, root)
+        return root
+
+
+def perfect_root(leaf_hashes: Sequence[bytes]) -> bytes:
+    """The root of a perfect subtree (a power of two of leaf hashes), level by level."""
+    level = list(leaf_hashes)
+    sha256 = hashlib.sha256
+    while len(level) > 1:
+        level = [sha256(b"\x01" + level[i] + level[i + 1]).digest()
+                 for i in range(0, len(level), 2)]
+    return level[0]
