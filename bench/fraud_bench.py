@@ -53,7 +53,7 @@ from ops.infra import start_postgres, start_redis
 from ops.migrate import migrate
 from ops.processes import Child, free_port, wait_serving
 from runtime.access import Principal, Role
-from runtime.storage import create_pool, create_redis
+from runtime.storage import RedisClient, create_pool, create_redis
 from televote.fraud.v1 import fraud_scoring_service_pb2, fraud_scoring_service_pb2_grpc
 
 INTERNAL = Principal(Role.INTERNAL, "vote_svc").to_metadata()
@@ -83,10 +83,19 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
+async def _redis_work(redis: RedisClient) -> tuple[int, int]:
+    """Commands Redis has run (those of scripts included) and bytes it appended to its AOF
+    (what it also sends replicas): how much work the feature state costs it, free of noise."""
+    commands = await redis.info("commandstats")
+    persistence = await redis.info("persistence")
+    return (sum(int(stats["calls"]) for stats in commands.values()),
+            int(persistence.get("aof_current_size", 0)))
+
+
 async def _run_batches(stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceStub,
                        events: list[VoteEvent], batch_size: int, batches: int, run: str,
                        server: psutil.Process, stores: dict[str, psutil.Process],
-                       label: str) -> dict[str, float]:
+                       redis: RedisClient, label: str) -> dict[str, float]:
     requests = [fraud_scoring_service_pb2.ScoreVotesRequest(
         votes=[_facts(e, run) for e in events[i * batch_size:(i + 1) * batch_size]])
         for i in range(batches)]
@@ -100,6 +109,7 @@ async def _run_batches(stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceS
     gc.freeze()
     cpu_before = sum(server.cpu_times()[:2])
     stores_before = {name: _cpu_seconds([p]) for name, p in stores.items()}
+    redis_before = await _redis_work(redis)
     latencies = []
     actions: dict[int, int] = {}
     for request in requests:
@@ -110,6 +120,7 @@ async def _run_batches(stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceS
             actions[score.action] = actions.get(score.action, 0) + 1
     cpu = sum(server.cpu_times()[:2]) - cpu_before
     stores_cpu = {name: _cpu_seconds([p]) - stores_before[name] for name, p in stores.items()}
+    redis_after = await _redis_work(redis)
     votes = len(requests) * batch_size
     latencies.sort()
 
@@ -137,6 +148,13 @@ async def _run_batches(stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceS
             " ms: the latency floor, less what overlaps)")
         for name, seconds in stores_cpu.items():
             figures[f"{name.lower()}_cpu_ms_per_batch"] = seconds / len(requests) * 1e3
+    # The INFO calls themselves count too: 2 commands, negligible over a run.
+    commands, aof_bytes = (after - before for after, before in zip(redis_after, redis_before,
+                                                                   strict=True))
+    print(f"  Redis work     {commands / votes:.1f} commands per vote (scripts' included),"
+          f" {aof_bytes / votes:.0f} AOF bytes per vote")
+    figures["redis_commands_per_vote"] = commands / votes
+    figures["redis_aof_bytes_per_vote"] = aof_bytes / votes
     return figures
 
 
@@ -242,6 +260,7 @@ async def main() -> None:
         humans = generate(TrafficMix(humans=total // 4, fixed_interval_bots=0, device_farms=0,
                                      proxy_rotators=0, prefix="bench-h"), seed=11)
         mixed = generate(TrafficMix(prefix="bench-m"), seed=12)
+        redis = create_redis(redis_url)
         async with grpc.aio.insecure_channel(target) as channel:
             stub = fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
             figures: dict[str, float] = {}
@@ -250,8 +269,9 @@ async def main() -> None:
                     ("mix", mixed, "generator mix (65% bot votes: reviews, blocks, audit)")):
                 for key, value in (await _run_batches(
                         stub, events, args.batch_size, args.batches, run + name[0], process,
-                        stores, label)).items():
+                        stores, redis, label)).items():
                     figures[f"{name} {key}"] = value
+        await redis.aclose()
         figures["in-process cpu_us_per_vote"] = await _in_process(
             database_url, redis_url, geo,
             generate(TrafficMix(humans=total // 4, fixed_interval_bots=0, device_farms=0,

@@ -12,6 +12,9 @@ Keys (Redis Cluster safe: every script call touches one hash slot):
 - `tv:{d<N>}:fraud:dev:<device>:users` set of user ids seen on a device, tagged by a device
   shard of its own.
 
+A user's two keys live at least the timing window after the user's last vote, a device's key
+at least the device TTL after its last vote (leases, see _SCRIPT: not refreshed on every vote).
+
 On a single Redis a batch is one script call. On Redis Cluster (REDIS_CLUSTER=true) a script
 may only touch one hash slot, so the batch is split into one call per user shard and per
 device shard, sent in one pipeline.
@@ -34,14 +37,14 @@ from fraud_svc.features import History
 from runtime.keys import SHARDS, shard_of, tag
 from runtime.storage import RedisClient
 
-# One script for a whole group of votes. ARGV[1..5]: velocity window (ms), timing window (ms),
-# history cap, device TTL (s), and U, the number of user records; then the user records, then
-# the device records. Every field is an argument of its own and every key sits at a fixed
-# place, so the script reads them without parsing (matching a packed line cost Redis ~4 us per
-# vote):
+# One script for a whole group of votes. ARGV[1..7]: velocity window (ms), timing window (ms),
+# history cap, device TTL (ms), the lease a user's keys get (ms), the lease a device's key
+# gets (ms), and U, the number of user records; then the user records, then the device
+# records. Every field is an argument of its own and every key sits at a fixed place, so the
+# script reads them without parsing (matching a packed line cost Redis ~4 us per vote):
 #   user record i (1..U):  KEYS[3i-2..3i] = votes, stats, blocked
-#                          ARGV[4i+2..4i+5] = time ms, ref, ip, user
-#   device record j:       KEYS[3U+j] = the device's users; ARGV[4U+5+j] = user
+#                          ARGV[4i+4..4i+7] = time ms, ref, ip, user
+#   device record j:       KEYS[3U+j] = the device's users; ARGV[4U+7+j] = user
 # Records of one kind are applied in vote order; a user record never reads what a device
 # record writes, so doing all user records first changes nothing. The reply is flat:
 #   per user record: blocked, window votes, intervals, mean interval (us), std dev (us),
@@ -57,11 +60,20 @@ from runtime.storage import RedisClient
 # Anything but an append in time order (a retried vote whose time changed, a vote older than
 # the user's newest), and a hash that disagrees with the history (lost, evicted), falls back
 # to the full scan, which rewrites the hash.
+#
+# Expiry is only garbage collection (the windows trim by vote time), and every write in a
+# script is also written to the AOF and replicas: instead of refreshing the TTLs on every vote,
+# a key whose remaining TTL is under its window (the user's timing window, the device TTL) gets
+# a lease a little longer (LEASE_SLACK), so a key still lives at least its window after its
+# last vote, and a voter refreshes it once per slack rather than per vote. The check is a read
+# (PTTL), which is neither logged nor replicated.
 _SCRIPT = """
 local window = tonumber(ARGV[1])
 local timing = tonumber(ARGV[2])
 local cap = tonumber(ARGV[3])
-local device_ttl = ARGV[4]
+local device_ttl = tonumber(ARGV[4])
+local user_lease = ARGV[5]
+local device_lease = ARGV[6]
 local out = {}
 local function int(x) return string.format('%d', x) end
 local function address(member)
@@ -100,9 +112,12 @@ local function rebuild(votes, stats, now, member)
   end
   redis.call('DEL', stats)
   redis.call('HSET', stats, unpack(fields))
+  redis.call('PEXPIRE', votes, user_lease)  -- the hash is new: no TTL yet
+  redis.call('PEXPIRE', stats, user_lease)
   return sum, sumsq, distinct, card, oldest
 end
--- Appends a vote at the end of the history (in time order) and updates the stats.
+-- Appends a vote at the end of the history (in time order) and updates the stats; returns
+-- them and the time of the user's previous vote (nil if unknown).
 -- Returns nil when the fast path does not apply (the caller rebuilds).
 local function append(votes, stats, now, member, ip)
   if redis.call('ZADD', votes, 'NX', now, member) == 0 then
@@ -110,12 +125,13 @@ local function append(votes, stats, now, member, ip)
     -- The same vote again (a retried batch): nothing changes.
     local h = redis.call('HMGET', stats, 's', 'q', 'n', 'c', 'o')
     if not h[1] or tonumber(h[4]) ~= redis.call('ZCARD', votes) then return nil end
-    return tonumber(h[1]), tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5])
+    return tonumber(h[1]), tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5]),
+           nil
   end
   local ip_field = 'i' .. ip
   local h = redis.call('HMGET', stats, 's', 'q', 'n', 'c', 'l', 'o', ip_field)
   local card = redis.call('ZCARD', votes)
-  local sum, sumsq, distinct, oldest
+  local sum, sumsq, distinct, oldest, previous
   if card == 1 then
     -- A fresh history: whatever the hash held belonged to an expired one.
     if h[1] then redis.call('DEL', stats) end
@@ -123,7 +139,8 @@ local function append(votes, stats, now, member, ip)
     h[7] = false
   else
     if not h[1] or tonumber(h[4]) + 1 ~= card then return nil end
-    local d = now - tonumber(h[5])
+    previous = tonumber(h[5])
+    local d = now - previous
     if d < 0 then return nil end  -- older than the newest vote: inserted in the middle
     sum, sumsq = tonumber(h[1]) + d, tonumber(h[2]) + d * d
     distinct, oldest = tonumber(h[3]), tonumber(h[6])
@@ -157,27 +174,33 @@ local function append(votes, stats, now, member, ip)
     redis.call('HSET', stats, 's', int(sum), 'q', int(sumsq), 'n', distinct, 'c', card,
                'l', int(now), 'o', int(oldest))
   end
-  return sum, sumsq, distinct, card, oldest
+  return sum, sumsq, distinct, card, oldest, previous
 end
-local users = tonumber(ARGV[5])
+local users = tonumber(ARGV[7])
 for i = 1, users do
   local votes, stats, blocked = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local now, ref, ip, user = tonumber(ARGV[4 * i + 2]), ARGV[4 * i + 3], ARGV[4 * i + 4],
-                             ARGV[4 * i + 5]
+  local now, ref, ip, user = tonumber(ARGV[4 * i + 4]), ARGV[4 * i + 5], ARGV[4 * i + 6],
+                             ARGV[4 * i + 7]
   local until_ms = redis.call('ZSCORE', blocked, user)
   if until_ms and tonumber(until_ms) > now then
     -- A flagged user's votes are refused without scoring: nothing to record or compute.
     for _, x in ipairs({1, 0, 0, 0, 0, 0}) do out[#out + 1] = x end
   else
     local member = ip .. '|' .. ref
-    local sum, sumsq, distinct, card, oldest = append(votes, stats, now, member, ip)
+    local sum, sumsq, distinct, card, oldest, previous = append(votes, stats, now, member, ip)
     if sum == nil then
       sum, sumsq, distinct, card, oldest = rebuild(votes, stats, now, member)
+    elseif redis.call('PTTL', votes) < timing then
+      -- Both keys always get the same lease; a new history's zset has none yet.
+      redis.call('PEXPIRE', votes, user_lease)
+      redis.call('PEXPIRE', stats, user_lease)
     end
-    redis.call('PEXPIRE', votes, timing)
-    redis.call('PEXPIRE', stats, timing)
+    -- Votes in (now - window, +inf]: the whole history if its oldest is in the window, only
+    -- this vote if the previous one (the newest of the rest) is not; else counted.
     local count = card
-    if oldest <= now - window then
+    if previous and previous <= now - window then
+      count = 1
+    elseif oldest <= now - window then
       count = redis.call('ZCOUNT', votes, '(' .. int(now - window), '+inf')
     end
     local k = card - 1
@@ -197,8 +220,8 @@ for i = 1, users do
 end
 for j = 1, #KEYS - 3 * users do
   local key = KEYS[3 * users + j]
-  redis.call('SADD', key, ARGV[4 * users + 5 + j])
-  redis.call('EXPIRE', key, device_ttl)
+  redis.call('SADD', key, ARGV[4 * users + 7 + j])
+  if redis.call('PTTL', key) < device_ttl then redis.call('PEXPIRE', key, device_lease) end
   out[#out + 1] = redis.call('SCARD', key)
 end
 return out
@@ -211,12 +234,25 @@ def _run(work: list[Callable[[], None]]) -> None:
         work.pop()()
 
 
+#: A key whose TTL ran under its window is given this much more than the window (see _SCRIPT):
+#: a steady voter then refreshes it about once per LEASE_SLACK of its window.
+LEASE_SLACK = 1 / 8
+
+
+def _lease(window_ms: int) -> int:
+    return window_ms + max(int(window_ms * LEASE_SLACK), 1)
+
+
 #: Blocks never expire unless given a time: a score far beyond any vote time.
 FOREVER_MS = 2**52
 
 
 def votes_key(user_id: str) -> str:
     return f"tv:{tag(shard_of(user_id))}:fraud:u:{user_id}:votes"
+
+
+def stats_key(user_id: str) -> str:
+    return f"tv:{tag(shard_of(user_id))}:fraud:u:{user_id}:stats"
 
 
 def blocked_key(user_id: str) -> str:
@@ -281,9 +317,11 @@ class FeatureState:
         # On a single Redis the whole batch is one script call; on a cluster a script may only
         # touch one hash slot, so the batch is split by shard tag (still one pipeline).
         self._by_slot = config.redis_cluster
-        self._head = (int(config.fraud_velocity_window_seconds * 1000),
-                      int(config.fraud_bot_timing_window_seconds * 1000),
-                      config.fraud_user_history, config.fraud_device_ttl_seconds)
+        timing_ms = int(config.fraud_bot_timing_window_seconds * 1000)
+        device_ttl_ms = config.fraud_device_ttl_seconds * 1000
+        self._head = (int(config.fraud_velocity_window_seconds * 1000), timing_ms,
+                      config.fraud_user_history, device_ttl_ms, _lease(timing_ms),
+                      _lease(device_ttl_ms))
 
     async def load_scripts(self) -> None:
         self._sha = str(await self.redis.script_load(_SCRIPT))

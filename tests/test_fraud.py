@@ -913,3 +913,90 @@ async def test_the_blocklist_is_rebuilt_only_when_its_blocks_change(stack: Stack
         assert deleted not in cache.current.devices
     finally:
         await pool.close()
+
+
+async def test_feature_keys_live_their_window_after_the_last_vote_without_a_refresh_per_vote(
+        stack: Stack) -> None:
+    """A user's keys (votes, stats) and a device's key get a lease a little longer than their
+    window when their TTL is under it (a new key, or one the previous release left with exactly
+    its window), and are not rewritten while it still covers the window."""
+    from fraud_svc.state import (
+        FeatureState,
+        Observation,
+        _lease,
+        device_key,
+        stats_key,
+        votes_key,
+    )
+
+    config = FraudConfig(database_url=stack.database_url, redis_url=stack.redis_url)
+    timing = int(config.fraud_bot_timing_window_seconds * 1000)
+    device_ttl = config.fraud_device_ttl_seconds * 1000
+    redis = create_redis(stack.redis_url)
+    try:
+        state = FeatureState(redis, config)
+        run = uuid.uuid4().hex[:8]
+        user, device = f"{run}-u", f"{run}-d"
+        keys = {votes_key(user): timing, stats_key(user): timing, device_key(device): device_ttl}
+
+        async def vote(index: int) -> None:
+            await state.record([Observation(f"{run}-r{index}", user, device, KH_IP,
+                                            T0 + index * 10_000)])
+
+        async def ttls() -> dict[str, int]:
+            return {key: await redis.pttl(key) for key in keys}
+
+        await vote(0)  # new keys: leased
+        assert all(window < ttl <= _lease(window)
+                   for (key, window), ttl in zip(keys.items(), (await ttls()).values(),
+                                                 strict=True))
+        for key, window in keys.items():  # still covering the window: left alone
+            await redis.pexpire(key, window + 60_000)
+        await vote(1)
+        assert all(window < ttl <= window + 60_000
+                   for (key, window), ttl in zip(keys.items(), (await ttls()).values(),
+                                                 strict=True))
+        for key, window in keys.items():  # under the window (as the previous release left it)
+            await redis.pexpire(key, window - 1)
+        await vote(2)
+        assert all(window + 60_000 < ttl <= _lease(window)
+                   for (key, window), ttl in zip(keys.items(), (await ttls()).values(),
+                                                 strict=True))
+        # The history is whole through all of it.
+        [history] = await state.record([Observation(f"{run}-r3", user, device, KH_IP,
+                                                    T0 + 30_000)])
+        assert (history.window_votes, history.intervals, history.device_users) == (4, 3, 1)
+    finally:
+        await redis.aclose()
+
+
+async def test_velocity_counts_only_the_vote_when_the_users_previous_one_left_the_window(
+        stack: Stack) -> None:
+    """The script counts the window without a ZCOUNT when the previous vote is out of it; the
+    count is the same as counting (edges included: a vote exactly 60 s old is out)."""
+    from fraud_svc.state import FeatureState, Observation
+
+    config = FraudConfig(database_url=stack.database_url, redis_url=stack.redis_url)
+    redis = create_redis(stack.redis_url)
+    try:
+        state = FeatureState(redis, config)
+        run = uuid.uuid4().hex[:8]
+        user = f"{run}-u"
+        offsets = [0, 1_000, 61_000, 61_500, 121_500, 121_501, 300_000, 359_999, 360_000]
+        counts = [(await state.record([Observation(f"{run}-r{i}", user, "", KH_IP,
+                                                   T0 + offset)]))[0].window_votes
+                  for i, offset in enumerate(offsets)]
+        window = config.fraud_velocity_window_seconds * 1000
+        assert counts == [sum(1 for earlier in offsets[:i + 1] if earlier > offset - window)
+                          for i, offset in enumerate(offsets)] == [1, 2, 1, 2, 1, 2, 1, 2, 2]
+    finally:
+        await redis.aclose()
+
+
+async def test_audit_log_does_not_index_decision_ids(stack: Stack) -> None:
+    """Every REVIEW and BLOCK writes an audit_log row in the scoring RPC: each index costs
+    every such vote. No query looks a decision up by its id (by the vote's ref: the target),
+    so migrations/0011 dropped that index; a new one should be as deliberate."""
+    rows = await _db(stack, "SELECT indexname FROM pg_indexes WHERE tablename = 'audit_log'")
+    assert {r["indexname"] for r in rows} == {
+        "audit_log_pkey", "audit_log_target", "audit_log_fraud_user", "audit_log_fraud_recent"}
