@@ -26,6 +26,16 @@ class ResultsConfig(ServiceConfig):
     #: Then also wait (up to this long after the close) for the live counters to match the
     #: ledger; a difference that remains is logged and measured at reconciliation.
     results_settle_max_ms: int = 8000
+    #: How often an open round's checkpoint is extended (results_svc.checkpoint); 0: never
+    #: (every close recounts the whole round).
+    results_checkpoint_ms: int = Field(default=250, ge=0)
+    #: The checkpoint's watermark stays this far before the oldest admission still waiting
+    #: for its ledger commit (and before the Redis clock): slack for clocks of several Redis
+    #: nodes. (A vote that commits below the watermark anyway is detected and costs a rebuild,
+    #: never a wrong result.)
+    results_checkpoint_lag_ms: int = Field(default=100, ge=0)
+    #: At most about this many ledger rows are judged in one step (one transaction).
+    results_checkpoint_rows: int = Field(default=100_000, ge=1000)
     #: How often closed rounds are looked for in PostgreSQL.
     results_poll_ms: int = 500
     #: Final results whose whole tree is kept in memory for inclusion proofs (only results

@@ -1,8 +1,13 @@
-"""The final result: recount the ledger in SQL by the round's rules, sign its Merkle digest,
-store it once whatever the number of replicas, announce it, reconcile the live counters.
+"""The final result: judge the ledger by the round's rules, sign its Merkle digest, store it
+once whatever the number of replicas, announce it, reconcile the live counters.
 
-Any replica may finalize a closed round. Work is not duplicated (a transaction-scoped advisory
-lock per round: a replica that does not get it moves on) and a result is never stored twice
+While a round is open its ledger is judged as it grows (`results_svc.checkpoint`), so at the
+close only the last seconds of votes are judged; when there is no valid checkpoint the whole
+ledger is recounted in SQL (`JUDGED_SQL`, the reference; both give the same result).
+
+Any replica may checkpoint an open round or finalize a closed one. Work is not duplicated (a
+session advisory lock per round: a checkpointer that does not get it moves on, a finalizer
+waits for it, then sees the result another replica stored) and a result is never stored twice
 (`round_results` is keyed by round; INSERT ... ON CONFLICT DO NOTHING). Announcing is retried
 until sync_svc marks the round FINALIZED (PublishResultsReady is idempotent), so a replica that
 dies between storing and announcing delays the announcement by one poll, never loses it.
@@ -16,6 +21,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +30,8 @@ import grpc
 from opentelemetry import metrics
 from psycopg import AsyncConnection, IsolationLevel
 
-from results_svc import rules
+from results_svc import checkpoint, rules
+from results_svc.checkpoint import LEAVES_PER_CHUNK, judge_params
 from results_svc.config import ResultsConfig
 from results_svc.merkle import HASH_SIZE, MerkleTree, TopTree
 from results_svc.rounds import RoundInfo, load_round
@@ -42,9 +49,11 @@ _reconciliation = _meter.create_counter(
     description="Votes by which the provisional live counters differed from the final result "
                 "at close, by cause")
 _finalized = _meter.create_counter("televote.results.finalized", unit="{round}",
-                                   description="Final results stored by this replica")
-
-LEAVES_PER_CHUNK = 65_536
+                                   description="Final results stored by this replica, by path "
+                                               "(checkpoint or full recount)")
+_rebuilt = _meter.create_counter(
+    "televote.results.checkpoint.rebuilt", unit="{checkpoint}",
+    description="Round checkpoints found stale (a late ledger row, changed rules) and rebuilt")
 
 _WINDOW = "WINDOW w AS (PARTITION BY v.user_id ORDER BY v.admitted_ms, v.vote_id, v.receipt_hash" \
           " ROWS UNBOUNDED PRECEDING)"
@@ -91,13 +100,6 @@ SELECT j.vote_id::text, j.user_id, j.contestant_id::text, j.count, j.receipt_has
   FROM judged j
  ORDER BY j.admitted_ms, j.vote_id, j.receipt_hash
 """
-
-def judge_params(info: RoundInfo) -> dict[str, Any]:
-    return {"round": info.round_id, "episode": info.episode_id,
-            "contestants": list(info.contestant_ids), "opens": info.opens_ms,
-            "app": info.channel_close_ms("APP"), "web": info.channel_close_ms("WEB"),
-            "sms": info.channel_close_ms("SMS"), "quota": info.free_quota, "cap": info.free_cap}
-
 
 @dataclass
 class FinalResult:
@@ -164,16 +166,24 @@ class Finalizer:
         #: round -> (failures, next attempt by the monotonic clock) of announcements
         self._announce_backoff: dict[str, tuple[int, float]] = {}
         self._tree_lock = asyncio.Lock()
+        #: round -> when (monotonic) its checkpoint is next extended
+        self._checkpoint_due: dict[str, float] = {}
+        #: when (monotonic) finished checkpoints and old log entries are next removed
+        self._tidy_due = 0.0
         self.wake = asyncio.Event()
 
     async def start(self) -> None:
+        await self.register_key()
+        self._channel = grpc.aio.insecure_channel(self._config.sync_target)
+        self._task = asyncio.create_task(self._run(), name="finalizer")
+
+    async def register_key(self) -> None:
+        """Publish the signing key (results name the key that signed them)."""
         async with self._storage.pool.connection() as connection:
             await connection.execute(
                 "INSERT INTO ledger_keys (key_id, public_key, created_at) VALUES (%s, %s, %s)"
                 " ON CONFLICT (key_id) DO NOTHING",
                 (self._signer.key_id, self._signer.public_key, self._signer.created_at))
-        self._channel = grpc.aio.insecure_channel(self._config.sync_target)
-        self._task = asyncio.create_task(self._run(), name="finalizer")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -192,71 +202,242 @@ class Finalizer:
             except Exception:
                 log.exception("finalizer pass failed")
             self.wake.clear()
+            wait_ms = self._config.results_poll_ms
+            if self._checkpoint_due and self._config.results_checkpoint_ms:
+                wait_ms = min(wait_ms, self._config.results_checkpoint_ms)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self._config.results_poll_ms / 1000)
+                await asyncio.wait_for(self.wake.wait(), wait_ms / 1000)
 
     async def pass_once(self) -> None:
-        """Finalize every closed round whose votes have settled; announce stored results."""
+        """Finalize every closed round whose votes have settled; announce stored results;
+        extend the checkpoints of the other rounds taking votes."""
         async with self._storage.pool.connection() as connection:
             cursor = await connection.execute(
-                "SELECT r.round_id::text, (rr.round_id IS NOT NULL) AS stored,"
+                "SELECT r.round_id::text, r.state, (rr.round_id IS NOT NULL) AS stored,"
                 " floor(extract(epoch FROM coalesce(r.closed_at, r.lines_close_at)) * 1000)"
                 "::bigint AS closed_ms"
                 " FROM rounds r LEFT JOIN round_results rr USING (round_id)"
-                " WHERE r.state = 'CLOSED' ORDER BY r.closed_at")
+                " WHERE r.state IN ('OPEN', 'CLOSED') ORDER BY r.closed_at")
             rows: list[Any] = await cursor.fetchall()
         if not rows:
             return
         now_ms = await keys.server_time_ms(self._storage.redis)
+        taking_votes = []
         for row in rows:
+            if row["state"] == "OPEN":
+                taking_votes.append(row["round_id"])
+                continue
             if row["stored"]:
                 _, due = self._announce_backoff.get(row["round_id"], (0, 0.0))
                 if time.monotonic() >= due:
                     await self.announce(row["round_id"])
                 continue
             age = now_ms - row["closed_ms"]
-            if age < self._config.results_settle_ms:
-                continue
-            if age < self._config.results_settle_max_ms and not await self._counters_settled(
-                    row["round_id"]):
+            if age < self._config.results_settle_ms or (
+                    age < self._config.results_settle_max_ms
+                    and not await self._counters_settled(row["round_id"])):
+                taking_votes.append(row["round_id"])  # its last batches are committing
                 continue
             if await self.finalize(row["round_id"]):
                 await self.announce(row["round_id"])
+                self._tidy_due = 0.0
+        if self._config.results_checkpoint_ms:
+            for round_id in taking_votes:
+                if time.monotonic() >= self._checkpoint_due.get(round_id, 0.0):
+                    caught_up = await self.checkpoint(round_id)
+                    self._checkpoint_due[round_id] = time.monotonic() + (
+                        self._config.results_checkpoint_ms / 1000 if caught_up else 0)
+            self._checkpoint_due = {r: due for r, due in self._checkpoint_due.items()
+                                    if r in taking_votes}
+        if time.monotonic() >= self._tidy_due:
+            async with self._storage.pool.connection() as connection:
+                await checkpoint.tidy(connection)
+            self._tidy_due = time.monotonic() + 60
+
+    async def checkpoint(self, round_id: str) -> bool:
+        """Extend the round's checkpoint by one step towards the watermark (a stale one is
+        rebuilt); True when it reached the watermark (or another replica is at it)."""
+        watermark = await self._watermark()
+        async with self._storage.pool.connection() as connection, self._round_lock(
+                connection, round_id, wait=False) as mine:
+            if not mine:
+                return True
+            await connection.set_isolation_level(IsolationLevel.REPEATABLE_READ)
+            try:
+                async with connection.transaction():
+                    if await read_final(connection, round_id) is not None:
+                        return True
+                    info = await load_round(connection, round_id)
+                    if (info is None or info.state not in ("OPEN", "CLOSED")
+                            or info.opens_ms is None or info.closes_ms is None):
+                        return True
+                    state = await checkpoint.load(connection, round_id)
+                    why = None if state is None else await checkpoint.staleness(
+                        connection, info, state)
+                    if why is not None:
+                        log.warning("round checkpoint rebuilt", extra={"fields": {
+                            "round_id": round_id, "why": why}})
+                        _rebuilt.add(1)
+                        await checkpoint.discard(connection, round_id)
+                    if state is None or why is not None:
+                        state = checkpoint.Checkpoint(
+                            round_id, self._config.results_receipt_block_leaves)
+                    return await checkpoint.advance(connection, info, state, watermark,
+                                                    self._config.results_checkpoint_rows)
+            finally:
+                await connection.set_isolation_level(None)
+
+    async def _watermark(self) -> int:
+        """A time (ms, Redis clock) below which every admitted vote has settled: before the
+        oldest admission still waiting for its ledger commit (the shards' pending sets,
+        runtime.keys.pending_key; every admission is listed there, atomically with its
+        `admitted_ms`, until its batch committed or was undone), and before now. Read before
+        the checkpoint's snapshot is taken, so a vote below it that is not in the snapshot
+        committed after its admission was settled: a fault that staleness() detects."""
+        redis = self._storage.redis
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            for shard in range(keys.SHARDS):
+                pipe.zrange(keys.pending_key(shard), 0, -1)
+            now, *pending = await pipe.execute()
+        oldest = int(now[0]) * 1000 + int(now[1]) // 1000
+        for members in pending:
+            for member in members:
+                fields = (member.decode() if isinstance(member, bytes) else member).split("|")
+                with contextlib.suppress(IndexError, ValueError):
+                    oldest = min(oldest, int(fields[5]))
+        return oldest - self._config.results_checkpoint_lag_ms
 
     async def _counters_settled(self, round_id: str) -> bool:
         live = await provisional_counts(self._storage, round_id)
         async with self._storage.pool.connection() as connection:
+            # vote_svc bumps round_tallies in the transaction that writes the ledger rows: the
+            # ledger's totals without reading the ledger.
             cursor = await connection.execute(
-                "SELECT contestant_id::text, sum(count)::bigint AS n FROM votes"
+                "SELECT contestant_id::text, sum(votes)::bigint AS n FROM round_tallies"
                 " WHERE round_id = %s GROUP BY 1", (round_id,))
             ledger = {r["contestant_id"]: r["n"] for r in await cursor.fetchall()}
         return {k: v for k, v in live.items() if v} == {k: v for k, v in ledger.items() if v}
 
+    @contextlib.asynccontextmanager
+    async def _round_lock(self, connection: AsyncConnection[Any], round_id: str, *,
+                          wait: bool) -> AsyncIterator[bool]:
+        """The round's advisory lock (one finalizer or checkpointer at a time, across
+        replicas), held by the session so that the REPEATABLE READ transaction that follows
+        takes its snapshot after the previous holder's commit. `wait` False: yield False at
+        once if another holds it."""
+        key = f"televote.results:{round_id}"
+        if wait:
+            await connection.execute("SET LOCAL lock_timeout = '30s'")
+            await connection.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+            got = True
+        else:
+            cursor = await connection.execute(
+                "SELECT pg_try_advisory_lock(hashtext(%s)) AS got", (key,))
+            row: Any = await cursor.fetchone()
+            got = bool(row["got"])
+        await connection.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                await connection.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+                await connection.commit()
+
     async def finalize(self, round_id: str) -> bool:
-        """Recount, sign and store the round's result; False if another replica has it."""
+        """Judge the rest of the ledger (or recount it all), sign and store the round's
+        result; False if another replica has it."""
+        started = time.monotonic()
         provisional = await provisional_counts(self._storage, round_id)
-        async with self._storage.pool.connection() as connection:
+        async with self._storage.pool.connection() as connection, self._round_lock(
+                connection, round_id, wait=True):
             await connection.set_isolation_level(IsolationLevel.REPEATABLE_READ)
             try:
                 async with connection.transaction():
                     stored = await self._finalize_in(connection, round_id, provisional)
             finally:
                 await connection.set_isolation_level(None)
+        if stored:
+            log.info("final result committed", extra={"fields": {
+                "round_id": round_id, "ms": round((time.monotonic() - started) * 1000)}})
         return stored
 
     async def _finalize_in(self, connection: AsyncConnection[Any], round_id: str,
                            provisional: dict[str, int]) -> bool:
-        cursor = await connection.execute(
-            "SELECT pg_try_advisory_xact_lock(hashtext('televote.results:' || %s)) AS mine",
-            (round_id,))
-        lock = await cursor.fetchone()
-        if not lock or not lock["mine"]:
-            return False  # another replica is on it
         if await read_final(connection, round_id) is not None:
             return False
         info = await load_round(connection, round_id)
         if info is None or info.state != "CLOSED" or info.opens_ms is None:
             return False
+        state = await checkpoint.load(connection, round_id)
+        why = "no checkpoint" if state is None else await checkpoint.staleness(
+            connection, info, state)
+        if state is not None and why is None:
+            started, judged_from = time.monotonic(), state.tree_size
+            while not await checkpoint.advance(connection, info, state, checkpoint.AFTER_ALL,
+                                               self._config.results_checkpoint_rows):
+                pass
+            log.info("checkpoint extended to the end of the ledger", extra={"fields": {
+                "round_id": round_id, "rows": state.tree_size - judged_from,
+                "ms": round((time.monotonic() - started) * 1000)}})
+            tree = await checkpoint.finish(connection, state)
+            cursor = await connection.execute(
+                "SELECT reason, count(*) AS n FROM round_checkpoint_invalid WHERE round_id = %s"
+                " GROUP BY 1", (round_id,))
+            reasons = {row["reason"]: row["n"] for row in await cursor.fetchall()}
+            if not await self._store(connection, info, provisional, state.ledger, state.counts,
+                                     reasons, tree.size, tree.root):
+                return False
+            await connection.execute(
+                "INSERT INTO round_result_block_roots (round_id, block_leaves, roots)"
+                " VALUES (%s, %s, %s)", (round_id, state.block_leaves, b"".join(tree.block_roots)))
+            await connection.execute(
+                "INSERT INTO round_result_invalid_votes (round_id, vote_id, reason)"
+                " SELECT DISTINCT ON (vote_id) round_id, vote_id, reason"
+                " FROM round_checkpoint_invalid WHERE round_id = %s"
+                " ORDER BY vote_id, admitted_ms, receipt_hash", (round_id,))
+            _finalized.add(1, {"path": "checkpoint"})  # its checkpoint goes later: tidy()
+            return True
+        log.warning("final result by full recount", extra={"fields": {
+            "round_id": round_id, "why": why}})
+        await checkpoint.discard(connection, round_id)
+        return await self.recount_in(connection, info, provisional)
+
+    async def _store(self, connection: AsyncConnection[Any], info: RoundInfo,
+                     provisional: dict[str, int], ledger: dict[str, int],
+                     counts: dict[str, int], reasons: dict[str, int], tree_size: int,
+                     root: bytes) -> bool:
+        """Sign and insert the result row; False if one is there already."""
+        round_id = info.round_id
+        counts = {c: counts.get(c, 0) for c in info.contestant_ids}
+        ledger = {c: n for c, n in ledger.items() if n}
+        ledger_votes = sum(ledger.values())
+        total = sum(counts.values())
+        now = datetime.now(UTC)
+        signed_at = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        head = tree_head(round_id, tree_size, root, signed_at)
+        reconciliation = reconcile(round_id, provisional, ledger, counts, reasons)
+        cursor = await connection.execute(
+            "INSERT INTO round_results (round_id, ledger_votes, invalidated_votes, total_votes,"
+            " counts, winner_ids, tree_size, root_hash, signed_tree_head, signature, key_id,"
+            " signed_at, reconciliation, computed_by)"
+            " VALUES (%s, %s, %s, %s, %s, %s::uuid[], %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (round_id) DO NOTHING RETURNING round_id",
+            (round_id, ledger_votes, ledger_votes - total, total, json.dumps(counts),
+             rules.winners(counts), tree_size, root, head, self._signer.sign(head),
+             self._signer.key_id, signed_at, json.dumps(reconciliation),
+             f"results_svc/{self._config.televote_replica}"))
+        if await cursor.fetchone() is None:
+            return False
+        log.info("final result stored", extra={"fields": {
+            "round_id": round_id, "total_votes": total, "ledger_votes": ledger_votes,
+            "tree_size": tree_size, "root_hash": root.hex()}})
+        return True
+
+    async def recount_in(self, connection: AsyncConnection[Any], info: RoundInfo,
+                          provisional: dict[str, int]) -> bool:
+        """The reference path: judge the whole round's ledger at once (final.JUDGED_SQL)."""
+        round_id = info.round_id
         params = judge_params(info)
         # The ledger is judged once, into a temporary table numbered in tree order; what the
         # result needs is then read from it by PostgreSQL (totals, reasons, the leaves as one
@@ -274,10 +455,9 @@ class Finalizer:
             ledger_by_contestant[row["contestant_id"]] = row["ledger"]
             if row["contestant_id"] in counts:
                 counts[row["contestant_id"]] = row["counted"] or 0
-        ledger_votes = sum(ledger_by_contestant.values())
         cursor = await connection.execute(
-            "SELECT vote_id, reason FROM judged WHERE reason IS NOT NULL ORDER BY leaf_index")
-        invalid = [(row["vote_id"], row["reason"]) for row in await cursor.fetchall()]
+            "SELECT reason, count(*) AS n FROM judged WHERE reason IS NOT NULL GROUP BY 1")
+        reasons = {row["reason"]: row["n"] for row in await cursor.fetchall()}
         cursor = await connection.execute(
             "SELECT leaf_index / %s AS chunk, string_agg(receipt_hash, ''::bytea ORDER BY"
             " leaf_index) AS leaves FROM judged GROUP BY 1 ORDER BY 1", (LEAVES_PER_CHUNK,))
@@ -285,24 +465,9 @@ class Finalizer:
         blob = b"".join(chunks)
         leaves = [blob[i:i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)]
         del blob
-        total = sum(counts.values())
         tree = MerkleTree(leaves)
-        now = datetime.now(UTC)
-        signed_at = now.replace(microsecond=now.microsecond // 1000 * 1000)
-        head = tree_head(round_id, tree.size, tree.root, signed_at)
-        reconciliation = reconcile(round_id, provisional, ledger_by_contestant, counts,
-                                   dict(invalid))
-        cursor = await connection.execute(
-            "INSERT INTO round_results (round_id, ledger_votes, invalidated_votes, total_votes,"
-            " counts, winner_ids, tree_size, root_hash, signed_tree_head, signature, key_id,"
-            " signed_at, reconciliation, computed_by)"
-            " VALUES (%s, %s, %s, %s, %s, %s::uuid[], %s, %s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (round_id) DO NOTHING RETURNING round_id",
-            (round_id, ledger_votes, ledger_votes - total, total, json.dumps(counts),
-             rules.winners(counts), tree.size, tree.root, head, self._signer.sign(head),
-             self._signer.key_id, signed_at, json.dumps(reconciliation),
-             f"results_svc/{self._config.televote_replica}"))
-        if await cursor.fetchone() is None:
+        if not await self._store(connection, info, provisional, ledger_by_contestant, counts,
+                                 reasons, tree.size, tree.root):
             return False
         async with connection.cursor() as cur:
             await cur.executemany(
@@ -319,15 +484,12 @@ class Finalizer:
                 "INSERT INTO round_result_block_roots (round_id, block_leaves, roots)"
                 " VALUES (%s, %s, %s)",
                 (round_id, block_leaves, b"".join(TopTree.block_roots_of(tree, block_leaves))))
-            if invalid:  # a duplicate's first copy may be invalid too: its first reason
+            if reasons:  # a duplicate's first copy may be invalid too: its first reason
                 await cur.execute(
                     "INSERT INTO round_result_invalid_votes (round_id, vote_id, reason)"
                     " SELECT DISTINCT ON (vote_key) %s, vote_key, reason FROM judged"
                     " WHERE reason IS NOT NULL ORDER BY vote_key, leaf_index", (round_id,))
-        _finalized.add(1)
-        log.info("final result stored", extra={"fields": {
-            "round_id": round_id, "total_votes": total, "ledger_votes": ledger_votes,
-            "tree_size": tree.size, "root_hash": tree.root.hex()}})
+        _finalized.add(1, {"path": "recount"})
         return True
 
     async def announce(self, round_id: str) -> None:
@@ -428,7 +590,7 @@ class Finalizer:
 
 
 def reconcile(round_id: str, provisional: dict[str, int], ledger: dict[str, int],
-              counted: dict[str, int], invalid: dict[str, str]) -> dict[str, Any]:
+              counted: dict[str, int], reasons: dict[str, int]) -> dict[str, Any]:
     """Compare the live counters at close with the ledger and the final result; log and
     measure every difference with its cause.
 
@@ -436,9 +598,6 @@ def reconcile(round_id: str, provisional: dict[str, int], ledger: dict[str, int]
     ledger but not in Redis, a Redis loss or rebuild) and `invalidated` (ledger rows the rules
     did not count: fraud rejections, window, caps), broken down by reason in the log."""
     differences = []
-    reasons: dict[str, int] = {}
-    for reason in invalid.values():
-        reasons[reason] = reasons.get(reason, 0) + 1
     for contestant in sorted(set(provisional) | set(ledger) | set(counted)):
         live = provisional.get(contestant, 0)
         in_ledger = ledger.get(contestant, 0)
