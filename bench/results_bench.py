@@ -155,10 +155,11 @@ def _ledger_row(test_round: Any, user_id: str, request: str, vote_type: str, con
     """A ledger row as vote_svc's group commit writes it (leaf bytes included)."""
     import hashlib
     import json
-    import uuid
     from datetime import UTC, datetime
 
-    vote_id = str(uuid.uuid4())
+    from vote_svc.ingest import new_vote_ids
+
+    [vote_id] = new_vote_ids(1, admitted)
     leaf = json.dumps({
         "accepted_at_ms": admitted, "channel": "APP", "contestant_id": contestant, "count": 1,
         "round_id": test_round.round_id, "vote_id": vote_id, "vote_type": vote_type,

@@ -85,7 +85,8 @@ mine AS (
 )
 SELECT m.vote_id::text, m.user_id, m.request_id, m.contestant_id::text, m.count,
   m.receipt_hash, m.admitted_ms, m.admitted_ms >= %(lo)s AS fresh,
-  CASE WHEN EXISTS (SELECT 1 FROM votes d WHERE d.vote_id = m.vote_id AND d.round_id = m.round_id
+  CASE WHEN m.vote_id = ANY(%(repeated)s::uuid[])
+        AND EXISTS (SELECT 1 FROM votes d WHERE d.vote_id = m.vote_id AND d.round_id = m.round_id
                       AND (d.admitted_ms, d.receipt_hash, d.user_id, d.request_id)
                         < (m.admitted_ms, m.receipt_hash, m.user_id, m.request_id))
             THEN 'DUPLICATE'
@@ -107,6 +108,26 @@ SELECT m.vote_id::text, m.user_id, m.request_id, m.contestant_id::text, m.count,
  WHERE m.round_id = %(round)s::uuid
    AND (m.admitted_ms >= %(lo)s OR m.user_id = ANY(%(users)s::text[]))
  ORDER BY m.admitted_ms, m.vote_id, m.receipt_hash
+"""
+
+#: A step's voters, and the vote ids of its rows that occur more than once in the ledger (any
+#: round, any voter): only those can be DUPLICATE, so DELTA_SQL looks for an earlier copy of
+#: those alone. Vote ids are in one index per partition (the ledger is partitioned by voter):
+#: probing all of them for every row cost ~100 us a row; one ScalarArrayOp scan per partition
+#: with the step's ids, which are time-ordered (vote_svc.ingest.new_vote_ids) and so sit
+#: together at the index's right edge, costs a few us.
+STEP_SQL = """
+WITH step AS MATERIALIZED (
+  SELECT user_id, vote_id FROM votes WHERE round_id = %(round)s::uuid
+     AND admitted_ms >= %(lo)s AND admitted_ms < %(hi)s
+  UNION ALL
+  SELECT user_id, vote_id FROM votes WHERE round_id = %(round)s::uuid
+     AND admitted_ms < %(lo)s AND user_id = ANY(%(users)s::text[])
+)
+SELECT coalesce((SELECT array_agg(DISTINCT user_id) FROM step), '{}') AS voters,
+       coalesce((SELECT array_agg(vote_id) FROM (
+         SELECT d.vote_id FROM votes d WHERE d.vote_id = ANY(ARRAY(SELECT vote_id FROM step))
+          GROUP BY 1 HAVING count(*) > 1) r), '{}') AS repeated
 """
 
 _KEY = "(admitted_ms, vote_id, receipt_hash)"
@@ -277,15 +298,13 @@ async def advance(connection: AsyncConnection[Any], info: RoundInfo, state: Chec
         else lo
     if not state.counts:
         state.counts = dict.fromkeys(info.contestant_ids, 0)
-    cursor = await connection.execute(
-        "SELECT coalesce(array_agg(DISTINCT user_id), '{}') AS voters FROM votes"
-        " WHERE round_id = %s AND admitted_ms >= %s AND admitted_ms < %s", (info.round_id, lo, hi),
-        prepare=False)
+    bounds = {"round": info.round_id, "lo": lo, "hi": hi, "users": users}
+    cursor = await connection.execute(STEP_SQL, bounds, prepare=False)
     found: Any = await cursor.fetchone()
     voters = sorted(set(found["voters"]) | set(users))
     cursor = await connection.execute(
-        DELTA_SQL, {**judge_params(info), "lo": lo, "hi": hi, "users": users, "voters": voters},
-        prepare=False)
+        DELTA_SQL, {**judge_params(info), **bounds, "voters": voters,
+                    "repeated": found["repeated"]}, prepare=False)
     rows: list[Any] = await cursor.fetchall()
     invalid = []
     block_keys = []

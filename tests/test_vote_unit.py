@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+
+import pytest
 
 from vote_svc.ingest import new_vote_ids
 from vote_svc.validation import canonical_uuid
 
 
-def test_vote_ids_are_distinct_random_version_4_uuids_in_canonical_form() -> None:
-    ids = new_vote_ids(5000)
+def test_vote_ids_are_distinct_version_7_uuids_in_canonical_form_ordered_by_time() -> None:
+    now_ms = 1_796_232_901_354
+    ids = new_vote_ids(5000, now_ms)
     assert len(set(ids)) == 5000
     for vote_id in ids:
         parsed = uuid.UUID(vote_id)
-        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, vote_id)
+        assert (parsed.version, parsed.variant, str(parsed)) == (7, uuid.RFC_4122, vote_id)
+        assert parsed.int >> 80 == now_ms  # RFC 9562: the first 48 bits are the unix ms
+    # A later millisecond sorts after every id of an earlier one (as text and as uuid).
+    later = new_vote_ids(1, now_ms + 1)[0]
+    assert later > max(ids) and uuid.UUID(later) > max(map(uuid.UUID, ids))
+    # Random bits differ where they may: the 12 after the version, the 62 after the variant.
+    assert len({vote_id[15:18] for vote_id in ids}) > 1000
+    assert len({vote_id[20:] for vote_id in ids}) == 5000
     assert new_vote_ids(0) == []
+    assert uuid.UUID(new_vote_ids(1)[0]).int >> 80 == pytest.approx(time.time() * 1000, abs=5000)
 
 
 def test_a_uuid_is_accepted_in_any_form_uuid_parses_and_given_back_canonical() -> None:

@@ -463,15 +463,23 @@ class Ingestor:
                 stale.admitted_ms, RATE_WINDOW_MS, vote.round_id])
 
 
-def new_vote_ids(count: int) -> list[str]:
-    """`count` random (version 4) UUIDs, as uuid.uuid4() makes them, from one read of the
-    system's randomness and without a UUID object each."""
-    raw = os.urandom(16 * count).hex()
+def new_vote_ids(count: int, now_ms: int | None = None) -> list[str]:
+    """`count` time-ordered (version 7, RFC 9562) UUIDs: the unix time in ms, then 74 random
+    bits, from one read of the system's randomness and without a UUID object each.
+
+    Time-ordered because the ledger is indexed by vote id: random (version 4) ids put every
+    insert, and every lookup of a recent vote (the result checkpoint's duplicate check), on a
+    random page of an index that outgrows memory at millions of votes; these land at its
+    right edge. The time they reveal is the one the vote's receipt already carries.
+    """
+    stamp = f"{(time.time_ns() // 1_000_000 if now_ms is None else now_ms) & (2**48 - 1):012x}"
+    head = f"{stamp[:8]}-{stamp[8:]}-7"
+    raw = os.urandom(10 * count).hex()
     ids = []
-    for start in range(0, 32 * count, 32):
-        h = raw[start:start + 32]
-        variant = "89ab"[int(h[16], 16) & 3]
-        ids.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}")
+    for start in range(0, 20 * count, 20):
+        h = raw[start:start + 20]
+        variant = "89ab"[int(h[3], 16) & 3]
+        ids.append(f"{head}{h[:3]}-{variant}{h[4:7]}-{h[7:19]}")
     return ids
 
 

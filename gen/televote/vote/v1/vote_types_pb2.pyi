@@ -220,7 +220,7 @@ class VoteReceipt(_message.Message):
     LEAF_DATA_FIELD_NUMBER: _builtins.int
     LEAF_HASH_FIELD_NUMBER: _builtins.int
     vote_id: _builtins.str
-    """The vote's id (a UUID)."""
+    """The vote's id (a UUID, time-ordered: version 7)."""
     round_id: _builtins.str
     """The round the vote was cast in."""
     contestant_id: _builtins.str
@@ -276,7 +276,7 @@ class AcceptedVote(_message.Message):
     FREE_VOTES_LEFT_FIELD_NUMBER: _builtins.int
     PAID_BALANCE_FIELD_NUMBER: _builtins.int
     vote_id: _builtins.str
-    """The vote's id (a UUID); the same id is returned for every retry with the same request_id."""
+    """The vote's id (a UUID, time-ordered: version 7). the same id is returned for every retry with the same request_id."""
     receipt_hash: _builtins.bytes
     """The receipt hash (VoteReceipt.leaf_hash), 32 bytes."""
     free_votes_left: _builtins.int
