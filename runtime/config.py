@@ -43,6 +43,11 @@ class ServiceConfig(BaseSettings):
     redis_max_connections: int = 200
     database_pool_min: int = 1
     database_pool_max: int = 10
+    #: PostgreSQL plans a prepared statement once (plan_cache_mode=force_generic_plan) instead
+    #: of for each execution's values: for a service whose statements look rows up by key, or
+    #: insert them, whatever the values (vote_svc's write path, where planning was a third of
+    #: PostgreSQL's CPU per vote).
+    database_generic_plans: bool = False
 
     @classmethod
     def load(cls) -> Self:

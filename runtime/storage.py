@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
@@ -21,12 +22,16 @@ log = logging.getLogger(__name__)
 RedisClient = Redis | RedisCluster
 
 
-def create_pool(url: str, min_size: int = 1, max_size: int = 10) -> AsyncConnectionPool[
+def create_pool(url: str, min_size: int = 1, max_size: int = 10, *,
+                generic_plans: bool = False) -> AsyncConnectionPool[
         AsyncConnection[dict[str, object]]]:
-    """An unopened async pool whose connections return rows as dicts."""
+    """An unopened async pool whose connections return rows as dicts (see
+    ServiceConfig.database_generic_plans for `generic_plans`)."""
+    kwargs: dict[str, Any] = {"row_factory": dict_row}
+    if generic_plans:
+        kwargs["options"] = "-c plan_cache_mode=force_generic_plan"
     return AsyncConnectionPool(
-        url, min_size=min_size, max_size=max_size, open=False,
-        kwargs={"row_factory": dict_row}, name="televote")
+        url, min_size=min_size, max_size=max_size, open=False, kwargs=kwargs, name="televote")
 
 
 def create_redis(url: str, cluster: bool = False, max_connections: int = 200) -> RedisClient:
@@ -55,7 +60,8 @@ class Storage:
     def from_config(cls, config: ServiceConfig) -> Storage:
         return cls(
             pool=create_pool(config.database_url, config.database_pool_min,
-                             config.database_pool_max),
+                             config.database_pool_max,
+                             generic_plans=config.database_generic_plans),
             redis=create_redis(config.redis_url, config.redis_cluster,
                                config.redis_max_connections),
         )

@@ -10,6 +10,10 @@ from runtime.config import ServiceConfig
 class VoteConfig(ServiceConfig):
     service_name: ClassVar[str] = "vote_svc"
 
+    #: Every statement of the vote path inserts rows or looks them up by key (the voter, the
+    #: request id, the wallet): a plan per execution only cost PostgreSQL CPU.
+    database_generic_plans: bool = True
+
     #: fraud_svc replicas ("ipv4:host:port,..."); empty means every vote is admitted unscored.
     fraud_target: str = ""
     #: Scoring requests of this many ms are sent as one ScoreVotes call (fewer RPCs, one hop).
