@@ -43,8 +43,9 @@ def create_server(config: FraudConfig) -> tuple[ServiceHost, int]:
     blocklist = BlocklistCache(storage.pool, config.fraud_refresh_seconds, mirror_user_blocks)
     host.on_stop(blocklist.stop)
     scorer = Scorer(config, Model.load(config.fraud_model_path))
-    host.add(fraud_scoring_service_pb2_grpc.add_FraudScoringServiceServicer_to_server,
-             FraudScoringServicer(config, storage.pool, state, intel, blocklist, scorer),
+    scoring = FraudScoringServicer(config, storage.pool, state, intel, blocklist, scorer)
+    host.on_drain(scoring.drain)
+    host.add(fraud_scoring_service_pb2_grpc.add_FraudScoringServiceServicer_to_server, scoring,
              fraud_scoring_service_pb2.DESCRIPTOR.services_by_name["FraudScoringService"])
     host.add(fraud_review_service_pb2_grpc.add_FraudReviewServiceServicer_to_server,
              FraudReviewServicer(storage.pool, state, blocklist),

@@ -43,6 +43,10 @@ class ApiError(Exception):
 
     def to_status(self) -> grpc.Status:
         """The rich status to abort an RPC with."""
+        return rpc_status.to_status(self.to_proto())
+
+    def to_proto(self) -> status_pb2.Status:
+        """The rich status as a message (for an error answered inside a stream)."""
         details = [_pack(error_details_pb2.ErrorInfo(
             reason=self.reason, domain=DOMAIN, metadata=dict(self.metadata)))]
         if self.field_violations:
@@ -55,9 +59,8 @@ class ApiError(Exception):
             delay = duration_pb2.Duration()
             delay.FromMilliseconds(max(0, round(self.retry_after_seconds * 1000)))
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-        status = status_pb2.Status(
+        return status_pb2.Status(
             code=_CODE_NUMBERS[self.code], message=self.message, details=details)
-        return rpc_status.to_status(status)
 
 
 def invalid_argument(*violations: FieldViolation, reason: str = "INVALID_REQUEST") -> ApiError:

@@ -1000,3 +1000,73 @@ async def test_audit_log_does_not_index_decision_ids(stack: Stack) -> None:
     rows = await _db(stack, "SELECT indexname FROM pg_indexes WHERE tablename = 'audit_log'")
     assert {r["indexname"] for r in rows} == {
         "audit_log_pkey", "audit_log_target", "audit_log_fraud_user", "audit_log_fraud_recent"}
+
+
+# --- the scoring stream ------------------------------------------------------------------
+async def test_the_scoring_stream_answers_each_batch_by_number_and_goes_on_after_a_bad_one(
+        stack: Stack, fraud: Fraud) -> None:
+    """Batches on one ScoreVoteStream call: each answered with its number, scored as
+    ScoreVotes scores (recorded in the feature state), a bad batch answered with its
+    error (as ScoreVotes refuses it) without ending the stream or recording anything."""
+    from google.rpc import error_details_pb2
+
+    user, bad_user = _user(), _user()
+    call = fraud.stub.ScoreVoteStream(metadata=INTERNAL)  # type: ignore[call-arg]
+    request = fraud_scoring_service_pb2.ScoreVoteStreamRequest
+    await call.write(request(batch=7, votes=[vote(user, at_ms=T0), vote(_user())]))
+    await call.write(request(batch=8, votes=[vote(bad_user), Vote(round_id="r")]))
+    await call.write(request(batch=9, votes=[vote(user, at_ms=T0 + 1000)]))
+    answers = {}
+    for _ in range(3):
+        answer = await asyncio.wait_for(call.read(), 10)
+        answers[answer.batch] = answer
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+
+    assert [s.action for s in answers[7].scores] == [Action.FRAUD_ACTION_ALLOW] * 2
+    assert not answers[7].HasField("error") and not answers[9].HasField("error")
+    [second] = answers[9].scores
+    assert second.action == Action.FRAUD_ACTION_ALLOW
+    assert not answers[8].scores
+    error = answers[8].error
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    found = {}
+    for detail in error.details:
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
+            if detail.Is(kind.DESCRIPTOR):
+                found[kind] = kind()
+                detail.Unpack(found[kind])
+    assert found[error_details_pb2.ErrorInfo].reason == "INVALID_REQUEST"
+    assert [v.field for v in found[error_details_pb2.BadRequest].field_violations] == [
+        "votes[1].user_id"]
+    redis = create_redis(stack.redis_url)
+    try:
+        from fraud_svc.state import votes_key
+        assert await redis.zcard(votes_key(user)) == 2
+        assert await redis.exists(votes_key(bad_user)) == 0
+    finally:
+        await redis.aclose()
+
+
+async def test_a_draining_replica_answers_what_it_read_then_ends_its_scoring_streams(
+        stack: Stack, fraud: Fraud) -> None:
+    """A replica going away must not hold a stream (and vote_svc's batches) until its grace
+    period runs out: it answers the batches it read and ends the stream OK; the caller opens
+    another."""
+    host, port = create_server(fraud.config.model_copy(update={
+        "televote_grace_seconds": 30.0}))
+    await host.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
+        call = stub.ScoreVoteStream(metadata=INTERNAL)  # type: ignore[call-arg]
+        await call.write(fraud_scoring_service_pb2.ScoreVoteStreamRequest(
+            batch=1, votes=[vote(_user())]))
+        first = await asyncio.wait_for(call.read(), 10)
+        assert (first.batch, len(first.scores)) == (1, 1)
+        started = asyncio.get_running_loop().time()
+        stopping = asyncio.create_task(host.stop())
+        assert await asyncio.wait_for(call.read(), 10) == grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+        await stopping
+        assert asyncio.get_running_loop().time() - started < 10  # not the 30 s grace

@@ -314,13 +314,22 @@ class _Scorer(fraud_scoring_service_pb2_grpc.FraudScoringServiceServicer):
         self.decide = decide
         self.calls: list[int] = []
 
+    def _scores(self, votes: Any) -> list[fraud_scoring_service_pb2.VoteScore]:
+        self.calls.append(len(votes))
+        return [fraud_scoring_service_pb2.VoteScore(ref=vote.ref, action=self.decide(vote),
+                                                    score=0.6, decision_id=f"d-{vote.ref}")
+                for vote in votes]
+
     async def ScoreVotes(self, request: fraud_scoring_service_pb2.ScoreVotesRequest,
                          context: Any) -> fraud_scoring_service_pb2.ScoreVotesResponse:
-        self.calls.append(len(request.votes))
-        return fraud_scoring_service_pb2.ScoreVotesResponse(scores=[
-            fraud_scoring_service_pb2.VoteScore(ref=vote.ref, action=self.decide(vote),
-                                                score=0.6, decision_id=f"d-{vote.ref}")
-            for vote in request.votes])
+        return fraud_scoring_service_pb2.ScoreVotesResponse(scores=self._scores(request.votes))
+
+    async def ScoreVoteStream(  # type: ignore[override]
+            self, requests: Any, context: Any,
+    ) -> AsyncIterator[fraud_scoring_service_pb2.ScoreVoteStreamResponse]:
+        async for request in requests:
+            yield fraud_scoring_service_pb2.ScoreVoteStreamResponse(
+                batch=request.batch, scores=self._scores(request.votes))
 
 
 async def test_fraud_verdicts_block_review_or_fail_open(stack: Stack) -> None:
@@ -345,7 +354,7 @@ async def test_fraud_verdicts_block_review_or_fail_open(stack: Stack) -> None:
         await asyncio.gather(*(replica.votes.SubmitVote(
             vote_request(test_round), metadata=inside(Role.VOTER, f"{who}-{i}"), timeout=10)
             for i in range(20) for who in ("doubtful", "honest")))
-        assert max(scorer.calls) > 1  # batched: several votes per ScoreVotes
+        assert max(scorer.calls) > 1  # batched: several votes per batch
         await server.stop(0)  # scoring goes away: votes are admitted unscored
         await replica.votes.SubmitVote(vote_request(test_round),
                                        metadata=inside(Role.VOTER, "crook-2"), timeout=10)

@@ -10,9 +10,11 @@ count. With VOTE_FRAUD_FAIL_OPEN=false they are refused with UNAVAILABLE instead
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -52,13 +54,72 @@ class ScoringUnavailableError(Exception):
     """Scoring failed and the config says not to admit unscored votes."""
 
 
+class _StreamEndedError(Exception):
+    """The scoring stream ended before the batch was answered."""
+
+
+class _ScoringStream:
+    """One ScoreVoteStream call carrying every batch (a batch is a message, not a call),
+    opened when needed and again after it ends. Batches are matched to answers by number."""
+
+    def __init__(self, stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceStub) -> None:
+        self._stub = stub
+        self._call: Any = None
+        self._writing = asyncio.Lock()  # one write at a time on a call
+        self._waiting: dict[int, asyncio.Future[
+            fraud_scoring_service_pb2.ScoreVoteStreamResponse]] = {}
+        self._numbers = itertools.count()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def score(self, votes: list[fraud_scoring_service_pb2.VoteFacts], timeout_s: float
+                    ) -> fraud_scoring_service_pb2.ScoreVoteStreamResponse:
+        """The batch's answer; raises AioRpcError, TimeoutError or _StreamEndedError."""
+        if self._call is None:
+            # No request iterator: batches are written with call.write() as they come.
+            self._call = self._stub.ScoreVoteStream(  # type: ignore[call-arg]
+                metadata=SCORING_METADATA)
+            self._reader = asyncio.get_running_loop().create_task(self._read(self._call))
+        call, number = self._call, next(self._numbers)
+        answer: asyncio.Future[fraud_scoring_service_pb2.ScoreVoteStreamResponse] = \
+            asyncio.get_running_loop().create_future()
+        self._waiting[number] = answer
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._writing:
+                    await call.write(fraud_scoring_service_pb2.ScoreVoteStreamRequest(
+                        batch=number, votes=votes))
+                return await answer
+        except grpc.aio.UsageError:  # written after the call ended: it is being replaced
+            raise _StreamEndedError() from None
+        finally:
+            del self._waiting[number]
+
+    async def _read(self, call: Any) -> None:
+        error: Exception = _StreamEndedError()
+        try:
+            async for response in call:
+                answer = self._waiting.get(response.batch)
+                if answer is not None and not answer.done():
+                    answer.set_result(response)
+        except grpc.aio.AioRpcError as failure:
+            error = failure
+        finally:
+            # Whatever was not answered on this call never will be.
+            if self._call is call:
+                self._call = None
+            for answer in self._waiting.values():
+                if not answer.done():
+                    answer.set_exception(error)
+
+
 class FraudScorer:
-    """Gathers VoteFacts for `batch_ms`, sends one ScoreVotes per batch."""
+    """Gathers VoteFacts for `batch_ms`, sends them as one batch on the scoring stream."""
 
     def __init__(self, channel: grpc.aio.Channel | None, *, batch_ms: float, timeout_ms: float,
                  fail_open: bool, retry_ms: float) -> None:
         self._stub = (fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
                       if channel is not None else None)
+        self._stream = _ScoringStream(self._stub) if self._stub is not None else None
         self._batch_s = batch_ms / 1000
         self._timeout_s = timeout_ms / 1000
         self._fail_open = fail_open
@@ -114,18 +175,19 @@ class FraudScorer:
 
     async def _send(self, batch: list[tuple[fraud_scoring_service_pb2.VoteFacts,
                                             asyncio.Future[Score]]]) -> None:
-        assert self._stub is not None
+        assert self._stream is not None
         try:
-            reply = await self._stub.ScoreVotes(
-                fraud_scoring_service_pb2.ScoreVotesRequest(votes=[fact for fact, _ in batch]),
-                metadata=SCORING_METADATA, timeout=self._timeout_s)
+            reply = await self._stream.score([fact for fact, _ in batch], self._timeout_s)
+            if reply.HasField("error"):
+                raise ValueError(f"status {reply.error.code}: {reply.error.message}")
             if len(reply.scores) != len(batch):
                 raise ValueError(f"{len(reply.scores)} scores for {len(batch)} votes")
             scores = [Score(_ACTIONS.get(s.action, "UNSCORED"), s.score, s.decision_id)
                       for s in reply.scores]
-        except (grpc.aio.AioRpcError, ValueError) as error:
+        except (grpc.aio.AioRpcError, ValueError, TimeoutError, _StreamEndedError) as error:
             # Not worth a stack trace per batch: say what failed and back off for a moment.
-            code = error.code().name if isinstance(error, grpc.aio.AioRpcError) else str(error)
+            code = (error.code().name if isinstance(error, grpc.aio.AioRpcError)
+                    else str(error) or type(error).__name__)
             log.warning("fraud scoring unavailable (%s); admitting unscored", code)
             self._skip_until = time.monotonic() + self._retry_s
             for _, future in batch:

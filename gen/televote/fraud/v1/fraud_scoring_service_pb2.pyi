@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.rpc import status_pb2 as _status_pb2
 from televote.fraud.v1 import fraud_types_pb2 as _fraud_types_pb2
 from televote.vote.v1 import vote_types_pb2 as _vote_types_pb2
 import builtins as _builtins
@@ -184,3 +185,67 @@ class ScoreVotesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ScoreVotesResponse: _TypeAlias = ScoreVotesResponse  # noqa: Y015
+
+@_typing.final
+class ScoreVoteStreamRequest(_message.Message):
+    """One batch on FraudScoringService.ScoreVoteStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_FIELD_NUMBER: _builtins.int
+    VOTES_FIELD_NUMBER: _builtins.int
+    batch: _builtins.int
+    """The caller's number for the batch, echoed in its response."""
+    @_builtins.property
+    def votes(self) -> _containers.RepeatedCompositeFieldContainer[Global___VoteFacts]:
+        """The votes, 1 to 1,000."""
+
+    def __init__(
+        self,
+        *,
+        batch: _builtins.int = ...,
+        votes: _abc.Iterable[Global___VoteFacts] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "votes", b"votes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreVoteStreamRequest: _TypeAlias = ScoreVoteStreamRequest  # noqa: Y015
+
+@_typing.final
+class ScoreVoteStreamResponse(_message.Message):
+    """The answer to one batch of FraudScoringService.ScoreVoteStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    batch: _builtins.int
+    """The request's `batch`."""
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___VoteScore]:
+        """One verdict per vote, in request order; empty when `error` is set."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why the batch was not scored, as ScoreVotes would have failed (code, message, ErrorInfo
+        reason, BadRequest); unset when it was.
+        """
+
+    def __init__(
+        self,
+        *,
+        batch: _builtins.int = ...,
+        scores: _abc.Iterable[Global___VoteScore] | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "error", b"error", "scores", b"scores"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreVoteStreamResponse: _TypeAlias = ScoreVoteStreamResponse  # noqa: Y015

@@ -42,6 +42,11 @@ class FraudScoringServiceStub:
                 request_serializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVotesRequest.SerializeToString,
                 response_deserializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVotesResponse.FromString,
                 _registered_method=True)
+        self.ScoreVoteStream = channel.stream_stream(
+                '/televote.fraud.v1.FraudScoringService/ScoreVoteStream',
+                request_serializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVoteStreamRequest.SerializeToString,
+                response_deserializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVoteStreamResponse.FromString,
+                _registered_method=True)
 
 
 class FraudScoringServiceServicer:
@@ -66,6 +71,19 @@ class FraudScoringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScoreVoteStream(self, request_iterator, context):
+        """ScoreVotes as one long-lived stream per caller and replica: a batch costs a message, not
+        a call (with single votes through the edge, vote_svc's batches hold one or two votes and
+        a call cost fraud_svc and vote_svc ~3x a message). Batches are scored as they arrive,
+        concurrently, and answered as they finish; a response names its request's `batch`. A
+        batch that cannot be scored is answered with its error (the codes and reasons of
+        ScoreVotes) and the stream goes on. The stream ends OK when the caller half-closes or the
+        replica drains (after answering every batch it read); the caller opens another.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FraudScoringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +91,11 @@ def add_FraudScoringServiceServicer_to_server(servicer, server):
                     servicer.ScoreVotes,
                     request_deserializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVotesRequest.FromString,
                     response_serializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVotesResponse.SerializeToString,
+            ),
+            'ScoreVoteStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ScoreVoteStream,
+                    request_deserializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVoteStreamRequest.FromString,
+                    response_serializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVoteStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -105,6 +128,33 @@ class FraudScoringService:
             '/televote.fraud.v1.FraudScoringService/ScoreVotes',
             televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVotesRequest.SerializeToString,
             televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVotesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreVoteStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/televote.fraud.v1.FraudScoringService/ScoreVoteStream',
+            televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVoteStreamRequest.SerializeToString,
+            televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVoteStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,15 @@ class FraudScoringServiceStub:
     * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides (vote_svc fails open to
       ALLOW with a "scoring_unavailable" audit entry, configurable).
     """
+    ScoreVoteStream: _grpc.StreamStreamMultiCallable[_fraud_scoring_service_pb2.ScoreVoteStreamRequest, _fraud_scoring_service_pb2.ScoreVoteStreamResponse]
+    """ScoreVotes as one long-lived stream per caller and replica: a batch costs a message, not
+    a call (with single votes through the edge, vote_svc's batches hold one or two votes and
+    a call cost fraud_svc and vote_svc ~3x a message). Batches are scored as they arrive,
+    concurrently, and answered as they finish; a response names its request's `batch`. A
+    batch that cannot be scored is answered with its error (the codes and reasons of
+    ScoreVotes) and the stream goes on. The stream ends OK when the caller half-closes or the
+    replica drains (after answering every batch it read); the caller opens another.
+    """
 
 @_typing.type_check_only
 class FraudScoringServiceAsyncStub(FraudScoringServiceStub):
@@ -68,6 +77,15 @@ class FraudScoringServiceAsyncStub(FraudScoringServiceStub):
     * INVALID_ARGUMENT `INVALID_REQUEST`: empty batch, or a vote without user or round.
     * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides (vote_svc fails open to
       ALLOW with a "scoring_unavailable" audit entry, configurable).
+    """
+    ScoreVoteStream: _aio.StreamStreamMultiCallable[_fraud_scoring_service_pb2.ScoreVoteStreamRequest, _fraud_scoring_service_pb2.ScoreVoteStreamResponse]  # type: ignore[assignment]
+    """ScoreVotes as one long-lived stream per caller and replica: a batch costs a message, not
+    a call (with single votes through the edge, vote_svc's batches hold one or two votes and
+    a call cost fraud_svc and vote_svc ~3x a message). Batches are scored as they arrive,
+    concurrently, and answered as they finish; a response names its request's `batch`. A
+    batch that cannot be scored is answered with its error (the codes and reasons of
+    ScoreVotes) and the stream goes on. The stream ends OK when the caller half-closes or the
+    replica drains (after answering every batch it read); the caller opens another.
     """
 
 class FraudScoringServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -92,6 +110,21 @@ class FraudScoringServiceServicer(metaclass=_abc_1.ABCMeta):
         * INVALID_ARGUMENT `INVALID_REQUEST`: empty batch, or a vote without user or round.
         * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides (vote_svc fails open to
           ALLOW with a "scoring_unavailable" audit entry, configurable).
+        """
+
+    @_abc_1.abstractmethod
+    def ScoreVoteStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_fraud_scoring_service_pb2.ScoreVoteStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_fraud_scoring_service_pb2.ScoreVoteStreamResponse], _abc.AsyncIterator[_fraud_scoring_service_pb2.ScoreVoteStreamResponse]]:
+        """ScoreVotes as one long-lived stream per caller and replica: a batch costs a message, not
+        a call (with single votes through the edge, vote_svc's batches hold one or two votes and
+        a call cost fraud_svc and vote_svc ~3x a message). Batches are scored as they arrive,
+        concurrently, and answered as they finish; a response names its request's `batch`. A
+        batch that cannot be scored is answered with its error (the codes and reasons of
+        ScoreVotes) and the stream goes on. The stream ends OK when the caller half-closes or the
+        replica drains (after answering every batch it read); the caller opens another.
         """
 
 def add_FraudScoringServiceServicer_to_server(servicer: FraudScoringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
