@@ -1,7 +1,10 @@
-"""fraud_svc benchmark: cost per vote and latency of 100-vote ScoreVotes batches.
+"""fraud_svc benchmark: cost per vote and latency of 100-vote scoring batches.
 
-    python bench/fraud_bench.py [--batches 300] [--batch-size 100] [--json out.json]
-                                [--baseline before.json]
+    python bench/fraud_bench.py [--batches 300] [--batch-size 100] [--stream]
+                                [--json out.json] [--baseline before.json]
+
+Batches go as ScoreVotes calls, or with --stream as messages of one ScoreVoteStream call
+(what vote_svc sends).
 
 Starts PostgreSQL and Redis from their wheels (or uses DATABASE_URL / REDIS_URL), applies the
 migrations, writes a GeoIP database of the generator's network plan, runs fraud_svc as its own
@@ -35,6 +38,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -92,7 +96,29 @@ async def _redis_work(redis: RedisClient) -> tuple[int, int]:
             int(persistence.get("aof_current_size", 0)))
 
 
-async def _run_batches(stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceStub,
+class _Caller:
+    """Sends a batch and waits for its scores as vote_svc does: on one long-lived
+    ScoreVoteStream call (--stream), or as a ScoreVotes call of its own."""
+
+    def __init__(self, stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceStub,
+                 stream: bool) -> None:
+        self._stub = stub
+        self._call: Any = (stub.ScoreVoteStream(metadata=INTERNAL)  # type: ignore[call-arg]
+                           if stream else None)
+        self._batch = 0
+
+    async def __call__(self, request: fraud_scoring_service_pb2.ScoreVotesRequest) -> Any:
+        if self._call is None:
+            return (await self._stub.ScoreVotes(request, metadata=INTERNAL, timeout=10)).scores
+        self._batch += 1
+        await self._call.write(fraud_scoring_service_pb2.ScoreVoteStreamRequest(
+            batch=self._batch, votes=request.votes))
+        reply = await self._call.read()
+        assert reply.batch == self._batch and not reply.HasField("error"), reply.error
+        return reply.scores
+
+
+async def _run_batches(stub: _Caller,
                        events: list[VoteEvent], batch_size: int, batches: int, run: str,
                        server: psutil.Process, stores: dict[str, psutil.Process],
                        redis: RedisClient, label: str) -> dict[str, float]:
@@ -101,7 +127,7 @@ async def _run_batches(stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceS
         for i in range(batches)]
     requests = [r for r in requests if len(r.votes) == batch_size]
     for request in requests[:20]:  # warm-up: scripts loaded, pools filled, caches warm
-        await stub.ScoreVotes(request, metadata=INTERNAL, timeout=10)
+        await stub(request)
     requests = requests[20:]
     # The caller's own full garbage collections (its traffic is ~10^6 objects) would be
     # timed as the server's latency: keep what exists now out of them.
@@ -114,9 +140,9 @@ async def _run_batches(stub: fraud_scoring_service_pb2_grpc.FraudScoringServiceS
     actions: dict[int, int] = {}
     for request in requests:
         started = time.perf_counter()
-        reply = await stub.ScoreVotes(request, metadata=INTERNAL, timeout=10)
+        scores = await stub(request)
         latencies.append((time.perf_counter() - started) * 1000)
-        for score in reply.scores:
+        for score in scores:
             actions[score.action] = actions.get(score.action, 0) + 1
     cpu = sum(server.cpu_times()[:2]) - cpu_before
     stores_cpu = {name: _cpu_seconds([p]) - stores_before[name] for name, p in stores.items()}
@@ -224,6 +250,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description="fraud_svc benchmark")
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--stream", action="store_true",
+                        help="send the batches on one ScoreVoteStream call, as vote_svc does")
     parser.add_argument("--json", help="save the figures to this file")
     parser.add_argument("--baseline", help="print after/before ratios against a saved run")
     args = parser.parse_args()
@@ -262,7 +290,8 @@ async def main() -> None:
         mixed = generate(TrafficMix(prefix="bench-m"), seed=12)
         redis = create_redis(redis_url)
         async with grpc.aio.insecure_channel(target) as channel:
-            stub = fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
+            stub = _Caller(fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel),
+                           args.stream)
             figures: dict[str, float] = {}
             for name, events, label in (
                     ("human", humans, "human traffic (mostly ALLOW)"),
