@@ -55,7 +55,7 @@ from fraud_svc.store import BlocklistCache
 from fraud_svc.train import evaluate, offline_config
 from ops.infra import start_postgres, start_redis
 from ops.migrate import migrate
-from ops.processes import Child, free_port, wait_serving
+from ops.processes import Child, free_port, run_stopping_on_sigterm, wait_serving
 from runtime.access import Principal, Role
 from runtime.storage import RedisClient, create_pool, create_redis
 from televote.fraud.v1 import fraud_scoring_service_pb2, fraud_scoring_service_pb2_grpc
@@ -324,4 +324,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_stopping_on_sigterm(main())

@@ -23,6 +23,7 @@ from typing import Any
 
 from loadtest.plan import LoadConfig
 from loadtest.run import OWN_STACK_ENV, Target, run
+from ops.processes import run_stopping_on_sigterm
 from ops.stack import Stack, StackSettings
 
 
@@ -90,7 +91,7 @@ def main() -> None:
                         help="run every step even after one is not sustained (noisy machines)")
     parser.add_argument("--json", help="save the steps to this file")
     options = parser.parse_args()
-    steps = asyncio.run(search(options))
+    steps = run_stopping_on_sigterm(search(options))
     if options.json:
         Path(options.json).write_text(json.dumps(steps, indent=2, default=str))
 

@@ -43,6 +43,7 @@ from typing import Any
 import psutil
 
 from bench.stream_load import Clients, Load, open_sse
+from ops.processes import run_stopping_on_sigterm
 from ops.stack import SERVICES, Stack, StackSettings
 from tests.support_windows import open_test_round
 
@@ -438,11 +439,12 @@ def main() -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.big_round:
-        asyncio.run(run_big_round(args.big_round, args.live_rate, args.live_seconds,
-                                  not args.no_recount, not args.no_audit))
+        run_stopping_on_sigterm(run_big_round(
+            args.big_round, args.live_rate, args.live_seconds, not args.no_recount,
+            not args.no_audit))
         return
-    asyncio.run(run(args.grpc, args.sse, args.processes, args.open_rate, args.direct,
-                    args.seconds))
+    run_stopping_on_sigterm(run(args.grpc, args.sse, args.processes, args.open_rate,
+                                args.direct, args.seconds))
 
 
 if __name__ == "__main__":

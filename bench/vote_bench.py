@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtest.verify import ledger_check
 from ops import tokens
+from ops.processes import run_stopping_on_sigterm
 from ops.stack import Stack, StackSettings
 from runtime.access import Principal, Role
 from televote.vote.v1 import (
@@ -351,4 +352,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_stopping_on_sigterm(main())

@@ -40,6 +40,7 @@ from bench.stream_load import (
     Report,
     open_sse,
 )
+from ops.processes import run_stopping_on_sigterm
 from ops.stack import SERVICES, Stack, StackSettings
 from runtime.access import Principal, Role
 from tests.sync_support import Operator, SseWatcher, seconds
@@ -175,8 +176,8 @@ def main() -> None:
     args = parser.parse_args()
     # A SIGTERM (timeout, pkill) unwinds like Ctrl-C, so the mesh is stopped, not orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    asyncio.run(run(args.grpc, args.sse, args.processes, args.open_rate, args.direct,
-                    not args.no_pin))
+    run_stopping_on_sigterm(run(args.grpc, args.sse, args.processes, args.open_rate,
+                                args.direct, not args.no_pin))
 
 
 if __name__ == "__main__":

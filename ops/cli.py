@@ -15,6 +15,7 @@ import typer
 
 from ops import tokens
 from ops.migrate import migrate as apply_migrations
+from ops.processes import run_stopping_on_sigterm
 from ops.stack import SERVICES, Stack, StackSettings
 from runtime.access import Role
 
@@ -252,8 +253,8 @@ def loadtest(
         result = asyncio.run(run(config, Target(host_port, state_dir, database_url), out,
                                  workers=workers, live=live))
     else:
-        result = asyncio.run(run_with_own_stack(config, out, workers=workers,
-                                                replicas=counts, live=live))
+        result = run_stopping_on_sigterm(run_with_own_stack(
+            config, out, workers=workers, replicas=counts, live=live))
     print((out / "summary.md").read_text())
     print(f"report: {out}/report.json, {out}/summary.md, {out}/plot.png")
     if not result.verdict.ok:

@@ -69,3 +69,42 @@ def test_televote_up_comes_up_answers_and_leaves_no_process_behind(tmp_path: Pat
             up.kill()
         for process in _descendants_of_state_dir(state_dir):
             process.kill()
+
+
+_HOLDER = """
+import asyncio, sys
+from pathlib import Path
+from ops.processes import Child, run_stopping_on_sigterm
+
+async def main() -> None:
+    here = Path(sys.argv[1])
+    child = await Child.spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"],
+                              here)
+    (here / "pid").write_text(str(child.process.pid))
+    try:
+        await asyncio.sleep(120)
+    finally:
+        await child.stop(timeout=5)
+
+run_stopping_on_sigterm(main())
+"""
+
+
+def test_a_bench_ended_by_sigterm_stops_the_processes_it_started(tmp_path: Path) -> None:
+    """Children run in sessions of their own (a Ctrl-C reaches only their supervisor), so a
+    bench or load test killed with SIGTERM used to leave its whole stack running."""
+    script = tmp_path / "holder.py"
+    script.write_text(_HOLDER)
+    holder = subprocess.Popen([sys.executable, str(script), str(tmp_path)],
+                              cwd=Path(__file__).resolve().parent.parent)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "pid").exists():
+            assert time.monotonic() < deadline and holder.poll() is None
+            time.sleep(0.05)
+        child = psutil.Process(int((tmp_path / "pid").read_text()))
+        holder.send_signal(signal.SIGTERM)
+        holder.wait(timeout=15)
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    finally:
+        holder.kill()
