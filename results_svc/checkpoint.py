@@ -218,13 +218,23 @@ async def discard(connection: AsyncConnection[Any], round_id: str) -> None:
         await connection.execute(f"DELETE FROM {table} WHERE round_id = %s", (round_id,))
 
 
-async def staleness(connection: AsyncConnection[Any], info: RoundInfo, state: Checkpoint
-                    ) -> str | None:
-    """Why the checkpoint no longer is a prefix of the round's result, or None."""
+async def staleness(connection: AsyncConnection[Any], info: RoundInfo, state: Checkpoint,
+                    rejudge_limit: int) -> str | None:
+    """Why the checkpoint no longer is a prefix of the round's result (or is one that costs
+    more to repair than to rebuild), or None."""
     if state.fresh:
         return None
     if rules_below(info, state.watermark_ms) != state.rules:
         return "the round's rules changed below the watermark"
+    # Each changed voter's rows are judged again (advance). Past a step's worth of voters (a
+    # credit granted to every voter at once, say) judging the round anew is the bounded cost;
+    # a list of millions of voters in one statement is not.
+    cursor = await connection.execute(
+        f"SELECT count(*) AS n FROM ({_CHANGED_VOTERS} LIMIT %(limit)s) c",
+        {"round": info.round_id, "limit": rejudge_limit + 1}, prepare=False)
+    row: Any = await cursor.fetchone()
+    if row["n"] > rejudge_limit:
+        return f"credits or fraud rejections of over {rejudge_limit} voters changed"
     cursor = await connection.execute(
         "SELECT 1 FROM ledger_appends a, round_checkpoints c WHERE c.round_id = %(round)s"
         " AND a.xid >= c.snapshot_xmin AND NOT pg_visible_in_snapshot(a.xid, c.snapshot)"
@@ -236,14 +246,17 @@ async def staleness(connection: AsyncConnection[Any], info: RoundInfo, state: Ch
     return None
 
 
+#: Voters whose fraud rejections or credits changed since the checkpoint's snapshot.
+_CHANGED_VOTERS = """
+SELECT DISTINCT i.user_id FROM result_input_changes i, round_checkpoints c
+ WHERE c.round_id = %(round)s::uuid AND i.xid >= c.snapshot_xmin
+   AND NOT pg_visible_in_snapshot(i.xid, c.snapshot)
+   AND (i.round_id IS NULL OR i.round_id = %(round)s::text)
+"""
+
+
 async def _changed_voters(connection: AsyncConnection[Any], round_id: str) -> list[str]:
-    """Voters whose fraud rejections or credits changed since the checkpoint's snapshot."""
-    cursor = await connection.execute(
-        "SELECT DISTINCT i.user_id FROM result_input_changes i, round_checkpoints c"
-        " WHERE c.round_id = %(round)s::uuid AND i.xid >= c.snapshot_xmin"
-        " AND NOT pg_visible_in_snapshot(i.xid, c.snapshot)"
-        " AND (i.round_id IS NULL OR i.round_id = %(round)s::text)", {"round": round_id},
-        prepare=False)
+    cursor = await connection.execute(_CHANGED_VOTERS, {"round": round_id}, prepare=False)
     return [row["user_id"] for row in await cursor.fetchall()]
 
 
@@ -288,8 +301,11 @@ async def advance(connection: AsyncConnection[Any], info: RoundInfo, state: Chec
     # (quadratic) or once per step (a step then costs the whole ledger). For the same reason
     # the step's queries are planned for their values each time (prepare=False), never with
     # a generic plan.
+    # No parallel plans either: a step is small, and a parallel plan carries its voter lists
+    # to every worker once per partition.
     await connection.execute("SET LOCAL work_mem = '64MB'; SET LOCAL enable_seqscan = off;"
-                             " SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+                             " SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;"
+                             " SET LOCAL max_parallel_workers_per_gather = 0")
     lo = state.watermark_ms
     if not state.fresh and state.chunk_start is None and state.tree_size % LEAVES_PER_CHUNK:
         raise AssertionError("a checkpoint inside a chunk knows where the chunk starts")

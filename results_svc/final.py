@@ -273,7 +273,7 @@ class Finalizer:
                         return True
                     state = await checkpoint.load(connection, round_id)
                     why = None if state is None else await checkpoint.staleness(
-                        connection, info, state)
+                        connection, info, state, self._config.results_checkpoint_rows)
                     if why is not None:
                         log.warning("round checkpoint rebuilt", extra={"fields": {
                             "round_id": round_id, "why": why}})
@@ -371,7 +371,7 @@ class Finalizer:
             return False
         state = await checkpoint.load(connection, round_id)
         why = "no checkpoint" if state is None else await checkpoint.staleness(
-            connection, info, state)
+            connection, info, state, self._config.results_checkpoint_rows)
         if state is not None and why is None:
             started, judged_from = time.monotonic(), state.tree_size
             while not await checkpoint.advance(connection, info, state, checkpoint.AFTER_ALL,

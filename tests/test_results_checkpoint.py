@@ -187,12 +187,12 @@ async def _full_recount(finalizer: Finalizer, url: str, round_id: str) -> dict[s
             return await _stored(connection, round_id)
 
 
-async def _staleness(url: str, round_id: str) -> str | None:
+async def _staleness(url: str, round_id: str, rejudge_limit: int = 1000) -> str | None:
     async with await psycopg.AsyncConnection.connect(url, row_factory=dict_row) as connection:
         info = await load_round(connection, round_id)
         state = await checkpoint.load(connection, round_id)
         assert info is not None and state is not None
-        return await checkpoint.staleness(connection, info, state)
+        return await checkpoint.staleness(connection, info, state, rejudge_limit)
 
 
 async def _catch_up(finalizer: Finalizer, round_id: str) -> None:
@@ -366,3 +366,28 @@ async def test_replicas_checkpointing_and_finalizing_at_once_store_one_equal_res
         assert sorted(stored) == [False, False, True]
     async with await psycopg.AsyncConnection.connect(database) as connection:
         assert await _stored(connection, round_id) == expected
+
+
+async def test_credits_granted_to_more_voters_than_a_step_judges_rebuild_the_checkpoint(
+        stack: Stack, database: str, finalizer: Finalizer) -> None:
+    """A promotion crediting every voter at once: judging each one's rows again would put
+    millions of voters in one statement; past a step's worth (RESULTS_CHECKPOINT_ROWS, 1,000
+    here) the checkpoint is judged anew instead, and the result still equals the recount."""
+    ledger = await _round(stack, database)
+    round_id = ledger.round.round_id
+    t = ledger.round.opens_at_ms
+    await ledger.write([ledger.row(f"grant-{n}", t + n, contestant=n % 3, vote_type="PAID")
+                        for n in range(1500)])
+    await _catch_up(finalizer, round_id)
+    await ledger.sql("INSERT INTO wallets (user_id, credited) SELECT 'grant-' || n, 1"
+                     " FROM generate_series(0, 1199) AS n ON CONFLICT (user_id) DO UPDATE"
+                     " SET credited = wallets.credited + 1")
+    assert await _staleness(database, round_id) == (
+        "credits or fraud rejections of over 1000 voters changed")
+    assert await _staleness(database, round_id, rejudge_limit=1200) is None
+    await _catch_up(finalizer, round_id)  # rebuilt, with the credits
+    assert await _staleness(database, round_id) is None
+    now = await ledger.now(stack)
+    await _finalize_and_compare(finalizer, ledger, now + 1000)
+    assert (await ledger.sql("SELECT total_votes FROM round_results WHERE round_id = %s",
+                             round_id)) == [(1200,)]
