@@ -334,36 +334,40 @@ class Ingestor:
 
     async def _load_users(self, wanted: dict[tuple[str, str, str], VoteKeys]) -> None:
         """Fill the Redis cache of users from PostgreSQL (first vote, or after a Redis loss)."""
-        users = sorted({user for user, _, _ in wanted})
         triples = sorted(wanted)
         async with self._db() as connection:
-            cursor = await connection.execute(
-                "SELECT user_id, credited, spent FROM wallets WHERE user_id = ANY(%s)", (users,))
-            wallet_rows: list[dict[str, Any]] = await cursor.fetchall()
-            wallets = {row["user_id"]: row for row in wallet_rows}
+            # One statement, in autocommit (a voter's first vote of an episode pays for it).
             # The user's free votes in the round are summed over the user's own ledger rows
             # (the voter's index, one partition): with the round in the WHERE clause the
             # planner, misled by a growing ledger's stale statistics, intersected it with the
             # round's index and read the whole round for every new voter (~1 ms a voter at
             # 200,000 votes, growing with the round).
-            cursor = await connection.execute(
-                "SELECT w.user_id, w.episode_id::text AS episode_id, w.round_id::text AS round_id,"
-                "       coalesce((SELECT f.used FROM free_vote_usage f WHERE f.user_id = w.user_id"
-                "                   AND f.episode_id = w.episode_id), 0) AS episode_used,"
-                "       coalesce((SELECT sum(CASE WHEN v.round_id = w.round_id"
-                "                             AND v.vote_type = 'FREE' THEN v.count END)"
-                "                   FROM votes v WHERE v.user_id = w.user_id), 0) AS round_used"
-                "  FROM unnest(%s::text[], %s::uuid[], %s::uuid[]) AS w(user_id, episode_id,"
-                "                                                       round_id)",
-                ([t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples]))
-            usage_rows: list[dict[str, Any]] = await cursor.fetchall()
+            await connection.set_autocommit(True)
+            try:
+                cursor = await connection.execute(
+                    "SELECT w.user_id, w.episode_id::text AS episode_id,"
+                    "       w.round_id::text AS round_id,"
+                    "       coalesce(p.credited, 0) AS credited, coalesce(p.spent, 0) AS spent,"
+                    "       coalesce((SELECT f.used FROM free_vote_usage f"
+                    "                  WHERE f.user_id = w.user_id"
+                    "                    AND f.episode_id = w.episode_id), 0) AS episode_used,"
+                    "       coalesce((SELECT sum(CASE WHEN v.round_id = w.round_id"
+                    "                                 AND v.vote_type = 'FREE' THEN v.count END)"
+                    "                   FROM votes v WHERE v.user_id = w.user_id), 0)"
+                    "         AS round_used"
+                    "  FROM unnest(%s::text[], %s::uuid[], %s::uuid[])"
+                    "       AS w(user_id, episode_id, round_id)"
+                    "  LEFT JOIN wallets p ON p.user_id = w.user_id",
+                    ([t[0] for t in triples], [t[1] for t in triples],
+                     [t[2] for t in triples]))
+                rows: list[dict[str, Any]] = await cursor.fetchall()
+            finally:
+                await connection.set_autocommit(False)
         loads = []
-        for row in usage_rows:
-            user = row["user_id"]
-            wallet = wallets.get(user, {"credited": 0, "spent": 0})
-            keyset = wanted[(user, row["episode_id"], row["round_id"])]
+        for row in rows:
+            keyset = wanted[(row["user_id"], row["episode_id"], row["round_id"])]
             loads.append(self._scripts.call(self._scripts.load, [keyset.user], [
-                wallet["credited"], wallet["spent"], row["episode_id"],
+                row["credited"], row["spent"], row["episode_id"],
                 int(row["episode_used"]), row["round_id"], int(row["round_used"])]))
         await asyncio.gather(*loads)
 
