@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +112,7 @@ class SseWatcher:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.received_ms: list[float] = []  # when each event arrived, by this host's clock
+        self.arrived = asyncio.Event()  # set at each event
         self.task: asyncio.Task[None] | None = None
 
     def start(self, target: str, path: str) -> SseWatcher:
@@ -137,8 +139,17 @@ class SseWatcher:
                         if line.startswith("data:"):
                             self.events.append(json.loads(line.removeprefix("data:")))
                             self.received_ms.append(time.time() * 1000)
+                            self.arrived.set()
         finally:
             writer.close()
+
+    async def wait_until(self, done: Callable[[dict[str, Any]], bool], timeout: float) -> None:
+        """Until an event satisfies `done` (the edge's stream may run a little behind a
+        native one)."""
+        async with asyncio.timeout(timeout):
+            while not any(done(event) for event in self.events):
+                self.arrived.clear()
+                await self.arrived.wait()
 
     def types(self) -> list[str]:
         return [e["type"].removeprefix("SHOW_EVENT_TYPE_") for e in self.events]

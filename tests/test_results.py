@@ -372,6 +372,7 @@ async def test_streams_get_one_update_per_tick_and_a_stalled_subscriber_costs_no
     assert update.results.total_votes == 1
     assert await reader.read() == grpc.aio.EOF
     stalled.cancel()
+    await sse.wait_until(lambda event: event["results"].get("isFinal", False), timeout=10)
     await sse.stop()
     assert [int(e["sequence"]) for e in sse.events[:2]] == [1, 2]
     assert sse.events[-1]["results"]["isFinal"] is True
