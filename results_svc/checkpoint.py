@@ -52,6 +52,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from results_svc import judging
 from results_svc.merkle import HASH_SIZE, MerkleTree
 from results_svc.rounds import RoundInfo
 
@@ -62,48 +63,32 @@ LEAVES_PER_CHUNK = 65_536
 BEFORE_ALL = -(2**62)
 AFTER_ALL = 2**62
 
+# An earlier row of the round with the same vote id (only ids that occur twice: STEP_SQL).
+_EARLIER_COPY = """m.vote_id = ANY(%(repeated)s::uuid[])
+        AND EXISTS (SELECT 1 FROM votes d WHERE d.vote_id = m.vote_id AND d.round_id = m.round_id
+                      AND (d.admitted_ms, d.receipt_hash, d.user_id, d.request_id)
+                        < (m.admitted_ms, m.receipt_hash, m.user_id, m.request_id))"""
+_REJECTED = """m.user_id IN (SELECT user_id FROM rejected WHERE vote_ref IS NULL)
+         OR (m.user_id, m.request_id) IN (SELECT user_id, vote_ref FROM rejected)"""
+
 #: The round's rows in [lo, hi) and every row of `users` below lo, judged; in ledger order.
-#: The same rules as final.JUDGED_SQL, over the rows' voters' (`voters`) whole ledger history.
-#: No joins whose plan depends on statistics: a growing ledger's are always stale.
-DELTA_SQL = """
+#: The same rules as final.JUDGED_SQL (results_svc.judging), over the rows' voters' (`voters`)
+#: whole ledger history. No joins whose plan depends on statistics: a growing ledger's are
+#: always stale.
+DELTA_SQL = f"""
 WITH rejected AS (  -- the round's rejections (few): hashed, not looked up row by row
   SELECT user_id, vote_ref FROM fraud_rejections WHERE round_id = %(round)s::text
 ),
 mine AS (
-  SELECT v.vote_id, v.user_id, v.request_id, v.round_id, v.contestant_id, v.vote_type, v.count,
-         v.channel, v.admitted_ms, v.receipt_hash,
-         sum(CASE WHEN v.vote_type = 'FREE' AND v.episode_id = %(episode)s::uuid
-                  THEN v.count ELSE 0 END) OVER w AS free_run,
-         sum(CASE WHEN v.vote_type = 'FREE' AND v.round_id = %(round)s::uuid
-                  THEN v.count ELSE 0 END) OVER w AS round_free_run,
-         sum(CASE WHEN v.vote_type = 'PAID' THEN v.count ELSE 0 END) OVER w AS paid_run
+  SELECT {judging.ROW_WITH_TOTALS}
     FROM unnest(%(voters)s::text[]) AS voter(user_id)
     JOIN votes v ON v.user_id = voter.user_id  -- one voter, one partition (pruned per voter)
    WHERE v.admitted_ms < %(hi)s
-  WINDOW w AS (PARTITION BY v.user_id ORDER BY v.admitted_ms, v.vote_id, v.receipt_hash
-               ROWS UNBOUNDED PRECEDING)
+  {judging.WINDOW}
 )
 SELECT m.vote_id::text, m.user_id, m.request_id, m.contestant_id::text, m.count,
   m.receipt_hash, m.admitted_ms, m.admitted_ms >= %(lo)s AS fresh,
-  CASE WHEN m.vote_id = ANY(%(repeated)s::uuid[])
-        AND EXISTS (SELECT 1 FROM votes d WHERE d.vote_id = m.vote_id AND d.round_id = m.round_id
-                      AND (d.admitted_ms, d.receipt_hash, d.user_id, d.request_id)
-                        < (m.admitted_ms, m.receipt_hash, m.user_id, m.request_id))
-            THEN 'DUPLICATE'
-       WHEN NOT (m.contestant_id = ANY(%(contestants)s::uuid[])) THEN 'NOT_A_CONTESTANT'
-       WHEN m.admitted_ms < %(opens)s OR m.admitted_ms >= CASE m.channel
-            WHEN 'APP' THEN %(app)s WHEN 'WEB' THEN %(web)s ELSE %(sms)s END
-            THEN 'OUTSIDE_WINDOW'
-       WHEN m.user_id IN (SELECT user_id FROM rejected WHERE vote_ref IS NULL)
-         OR (m.user_id, m.request_id) IN (SELECT user_id, vote_ref FROM rejected)
-            THEN 'FRAUD_REJECTED'
-       WHEN m.vote_type = 'FREE' AND m.free_run > %(quota)s THEN 'OVER_FREE_QUOTA'
-       WHEN m.vote_type = 'FREE' AND %(cap)s > 0 AND m.round_free_run > %(cap)s
-            THEN 'OVER_ROUND_FREE_CAP'
-       WHEN m.vote_type = 'PAID' AND m.paid_run > coalesce(
-            (SELECT w.credited FROM wallets w WHERE w.user_id = m.user_id), 0)
-            THEN 'NO_BALANCE'
-  END AS reason
+  {judging.reason("m", _EARLIER_COPY, _REJECTED)} AS reason
   FROM mine m
  WHERE m.round_id = %(round)s::uuid
    AND (m.admitted_ms >= %(lo)s OR m.user_id = ANY(%(users)s::text[]))

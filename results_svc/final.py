@@ -30,7 +30,7 @@ import grpc
 from opentelemetry import metrics
 from psycopg import AsyncConnection, IsolationLevel
 
-from results_svc import checkpoint, rules
+from results_svc import checkpoint, judging, rules
 from results_svc.checkpoint import LEAVES_PER_CHUNK, judge_params
 from results_svc.config import ResultsConfig
 from results_svc.merkle import HASH_SIZE, MerkleTree, TopTree
@@ -55,24 +55,19 @@ _rebuilt = _meter.create_counter(
     "televote.results.checkpoint.rebuilt", unit="{checkpoint}",
     description="Round checkpoints found stale (a late ledger row, changed rules) and rebuilt")
 
-_WINDOW = "WINDOW w AS (PARTITION BY v.user_id ORDER BY v.admitted_ms, v.vote_id, v.receipt_hash" \
-          " ROWS UNBOUNDED PRECEDING)"
+_REJECTED = """EXISTS (SELECT 1 FROM fraud_rejections f
+                      WHERE f.round_id = j.round_id::text AND f.user_id = j.user_id
+                        AND (f.vote_ref IS NULL OR f.vote_ref = j.request_id))"""
 
 #: Every ledger row of the round with the reason it does not count (NULL: it counts), in
-#: ledger (= tree) order. Parameters: round_id, episode_id, free quota, free cap, opens_ms,
-#: close ms of APP, WEB, SMS. See results_svc.rules for the rules in words.
+#: ledger (= tree) order. Parameters: results_svc.judging. See results_svc.rules for the rules
+#: in words.
 JUDGED_SQL = f"""
 WITH voters AS (SELECT DISTINCT user_id FROM votes WHERE round_id = %(round)s::uuid),
 mine AS (
-  SELECT v.vote_id, v.user_id, v.request_id, v.round_id, v.contestant_id, v.vote_type, v.count,
-         v.channel, v.admitted_ms, v.receipt_hash,
-         sum(CASE WHEN v.vote_type = 'FREE' AND v.episode_id = %(episode)s::uuid
-                  THEN v.count ELSE 0 END) OVER w AS free_run,
-         sum(CASE WHEN v.vote_type = 'FREE' AND v.round_id = %(round)s::uuid
-                  THEN v.count ELSE 0 END) OVER w AS round_free_run,
-         sum(CASE WHEN v.vote_type = 'PAID' THEN v.count ELSE 0 END) OVER w AS paid_run
+  SELECT {judging.ROW_WITH_TOTALS}
     FROM votes v WHERE v.user_id IN (SELECT user_id FROM voters)
-  {_WINDOW}
+  {judging.WINDOW}
 ),
 judged AS (
   SELECT m.*, row_number() OVER (PARTITION BY m.vote_id
@@ -81,25 +76,11 @@ judged AS (
 )
 SELECT j.vote_id::text, j.user_id, j.contestant_id::text, j.count, j.receipt_hash,
   j.admitted_ms, j.vote_id AS vote_key,
-  CASE WHEN j.copy > 1 THEN 'DUPLICATE'
-       WHEN NOT (j.contestant_id = ANY(%(contestants)s::uuid[])) THEN 'NOT_A_CONTESTANT'
-       WHEN j.admitted_ms < %(opens)s OR j.admitted_ms >= CASE j.channel
-            WHEN 'APP' THEN %(app)s WHEN 'WEB' THEN %(web)s ELSE %(sms)s END
-            THEN 'OUTSIDE_WINDOW'
-       WHEN EXISTS (SELECT 1 FROM fraud_rejections f
-                     WHERE f.round_id = j.round_id::text AND f.user_id = j.user_id
-                       AND (f.vote_ref IS NULL OR f.vote_ref = j.request_id))
-            THEN 'FRAUD_REJECTED'
-       WHEN j.vote_type = 'FREE' AND j.free_run > %(quota)s THEN 'OVER_FREE_QUOTA'
-       WHEN j.vote_type = 'FREE' AND %(cap)s > 0 AND j.round_free_run > %(cap)s
-            THEN 'OVER_ROUND_FREE_CAP'
-       WHEN j.vote_type = 'PAID' AND j.paid_run > coalesce(
-            (SELECT w.credited FROM wallets w WHERE w.user_id = j.user_id), 0)
-            THEN 'NO_BALANCE'
-  END AS reason
+  {judging.reason("j", "j.copy > 1", _REJECTED)} AS reason
   FROM judged j
  ORDER BY j.admitted_ms, j.vote_id, j.receipt_hash
 """
+
 
 @dataclass
 class FinalResult:
