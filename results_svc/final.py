@@ -284,9 +284,8 @@ class Finalizer:
         oldest = int(now[0]) * 1000 + int(now[1]) // 1000
         for members in pending:
             for member in members:
-                fields = (member.decode() if isinstance(member, bytes) else member).split("|")
-                with contextlib.suppress(IndexError, ValueError):
-                    oldest = min(oldest, int(fields[5]))
+                with contextlib.suppress(ValueError):  # malformed: the reconciler's to drop
+                    oldest = min(oldest, keys.parse_pending(member).admitted_ms)
         return oldest - self._config.results_checkpoint_lag_ms
 
     async def _counters_settled(self, round_id: str) -> bool:

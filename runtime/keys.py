@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from runtime.storage import RedisClient
 
@@ -75,6 +76,29 @@ def pending_key(shard: int) -> str:
     undoes those whose replica died without committing them.
     """
     return f"tv:{tag(shard)}:pending"
+
+
+@dataclass(frozen=True)
+class PendingMember:
+    """The fields of a pending_key member."""
+
+    vote_id: str
+    round_id: str
+    contestant_id: str
+    vote_type: str
+    count: int
+    admitted_ms: int
+    episode_id: str
+    idempotency_key: str
+
+
+def parse_pending(member: bytes | str) -> PendingMember:
+    """A pending_key member's fields; ValueError if it is not one."""
+    text = member.decode() if isinstance(member, bytes) else member
+    (vote_id, round_id, contestant_id, vote_type, count, admitted_ms, episode_id,
+     idempotency_key) = text.split("|", 7)
+    return PendingMember(vote_id, round_id, contestant_id, vote_type, int(count),
+                         int(admitted_ms), episode_id, idempotency_key)
 
 
 def rate_key(shard: int, user_id: str) -> str:

@@ -55,14 +55,15 @@ class PendingAdmission:
 
     @classmethod
     def parse(cls, shard: int, member: bytes) -> PendingAdmission:
-        (vote_id, round_id, contestant_id, vote_type, count, admitted_ms, episode_id,
-         idempotency_key) = member.decode().split("|", 7)
+        fields = keys.parse_pending(member)
         prefix = keys.idempotency_key(shard, "", "")[:-1]  # "tv:{sN}:idem:"
-        if not idempotency_key.startswith(prefix):
-            raise ValueError(f"not an idempotency key of shard {shard}: {idempotency_key}")
-        user_id, request_id = idempotency_key[len(prefix):].rsplit(":", 1)
-        return cls(shard, member, vote_id, round_id, contestant_id, vote_type, int(count),
-                   int(admitted_ms), episode_id, idempotency_key, user_id, request_id)
+        if not fields.idempotency_key.startswith(prefix):
+            raise ValueError(
+                f"not an idempotency key of shard {shard}: {fields.idempotency_key}")
+        user_id, request_id = fields.idempotency_key[len(prefix):].rsplit(":", 1)
+        return cls(shard, member, fields.vote_id, fields.round_id, fields.contestant_id,
+                   fields.vote_type, fields.count, fields.admitted_ms, fields.episode_id,
+                   fields.idempotency_key, user_id, request_id)
 
     def undo_args(self) -> list[str | int]:
         return [self.vote_id, self.vote_type, self.count, self.contestant_id, self.episode_id,
