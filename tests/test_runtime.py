@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 from ops.processes import free_port, wait_serving
 from ops.stack import Stack
 from runtime.access import Principal, Role, allowed
+from runtime.coalesce import Coalescer
 from runtime.config import ConfigError, ServiceConfig
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from tests.slow_service import SLEEP_METHOD
@@ -197,3 +198,39 @@ async def test_vote_svc_plans_its_statements_once_and_other_services_per_executi
             assert row["plan_cache_mode"] == expected
         finally:
             await pool.close()
+
+
+async def test_coalescer_sends_concurrent_requests_as_one_batch_and_answers_each() -> None:
+    batches: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int | BaseException]:
+        batches.append(items)
+        return [ValueError(item) if item < 0 else item * 10 for item in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(run)
+    first = [coalescer.submit(item) for item in (1, -2, 3)]
+    results = await asyncio.gather(*first, return_exceptions=True)
+    assert batches == [[1, -2, 3]]
+    assert results[0] == 10 and results[2] == 30
+    assert isinstance(results[1], ValueError)  # only that caller's request failed
+
+    # A request that may wait rides along with the next urgent one ...
+    patient = coalescer.submit(4, wait_ms=10_000)
+    await asyncio.sleep(0.01)
+    assert len(batches) == 1 and not patient.done()
+    assert await coalescer.submit(5) == 50
+    assert await patient == 40
+    assert batches[1] == [4, 5]
+    # ... and leaves on its own once its time is up.
+    assert await asyncio.wait_for(coalescer.submit(6, wait_ms=20), 1) == 60
+    assert batches[2] == [6]
+
+
+async def test_coalescer_fails_every_caller_of_a_batch_that_raised() -> None:
+    async def run(items: list[int]) -> list[int | BaseException]:
+        raise ConnectionError("down")
+
+    coalescer: Coalescer[int, int] = Coalescer(run)
+    results = await asyncio.gather(coalescer.submit(1), coalescer.submit(2),
+                                   return_exceptions=True)
+    assert all(isinstance(result, ConnectionError) for result in results)

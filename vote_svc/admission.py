@@ -13,7 +13,8 @@ scripts run unchanged on Redis Cluster. The admission script, in order:
 5. the contestant is one of the round's;
 6. the per-user rate (votes per minute window of the Redis clock; the window's
    `rate_limit_per_minute`, else VOTE_RATE_LIMIT_PER_MINUTE);
-7. the user's cache is loaded (else NEED_LOAD) and the free quota (episode `free_quota` and
+7. the user's cache is loaded (else NEED_LOAD; a call that brings PostgreSQL's figures for the
+   user fills it first) and the free quota (episode `free_quota` and
    round `free_cap`) / paid balance suffice;
 then applies: free used (episode and round) or paid spent, rate, live counter, minute bucket,
 and the pending idempotency record
@@ -38,11 +39,31 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from runtime import keys
+from runtime.coalesce import Coalescer
 from runtime.storage import RedisClient
 
 RATE_WINDOW_MS = 60_000
 
-ADMIT = """
+# Fills a user's cache with what PostgreSQL says (a voter's first vote, or after a Redis loss):
+# ARGV[a..a+5] = credited, spent, episode_id, free used in it, round_id, free used in it.
+# Fills only what is not loaded yet. `credited` only rises, so a grant racing a load cannot
+# be counted twice: the larger committed total wins.
+_LOAD = """
+local function load(user, a)
+  local c = redis.call('HGET', user, 'credited')
+  if not c then
+    redis.call('HSET', user, 'credited', ARGV[a], 'spent', ARGV[a + 1])
+  elseif tonumber(ARGV[a]) > tonumber(c) then
+    redis.call('HSET', user, 'credited', ARGV[a])
+  end
+  redis.call('HSETNX', user, 'free:' .. ARGV[a + 2], ARGV[a + 3])
+  redis.call('HSETNX', user, 'rfree:' .. ARGV[a + 4], ARGV[a + 5])
+end
+"""
+
+# ARGV[13..18], when given, is what PostgreSQL says of the user (see _LOAD): a cache that
+# lacks the user is filled first, in the same call, instead of answering NEED_LOAD.
+ADMIT = _LOAD + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prior = redis.call('GET', KEYS[3])
@@ -76,7 +97,11 @@ end
 local episode = w[6]
 local rfield = 'rfree:' .. ARGV[12]
 local u = redis.call('HMGET', KEYS[2], 'credited', 'spent', 'free:' .. episode, rfield)
-if not u[1] or not u[3] or not u[4] then return {'NEED_LOAD', episode} end
+if not u[1] or not u[3] or not u[4] then
+  if not ARGV[13] then return {'NEED_LOAD', episode} end
+  load(KEYS[2], 13)
+  u = redis.call('HMGET', KEYS[2], 'credited', 'spent', 'free:' .. episode, rfield)
+end
 local credited, spent = tonumber(u[1]), tonumber(u[2])
 local free_used, round_used = tonumber(u[3]), tonumber(u[4])
 local quota, cap = tonumber(w[5]), tonumber(w[7] or '0')
@@ -169,21 +194,6 @@ return 0
 """
 DONE = _SETTLES_PENDING.replace("$script", DONE).replace("$key", "2").replace("$arg", "4")
 
-# KEYS: user. ARGV: credited, spent, episode_id, free used in it, round_id, free used in it.
-# Fills what is not loaded yet. `credited` only rises, so a grant racing a load cannot be
-# counted twice: the larger committed total wins.
-LOAD = """
-local c = redis.call('HGET', KEYS[1], 'credited')
-if not c then
-  redis.call('HSET', KEYS[1], 'credited', ARGV[1], 'spent', ARGV[2])
-elseif tonumber(ARGV[1]) > tonumber(c) then
-  redis.call('HSET', KEYS[1], 'credited', ARGV[1])
-end
-redis.call('HSETNX', KEYS[1], 'free:' .. ARGV[3], ARGV[4])
-redis.call('HSETNX', KEYS[1], 'rfree:' .. ARGV[5], ARGV[6])
-return 1
-"""
-
 # KEYS: user. ARGV: credited (the committed total after a grant). Only raises a loaded cache.
 GRANT = """
 local c = redis.call('HGET', KEYS[1], 'credited')
@@ -256,13 +266,17 @@ class VoteKeys:
         return [self.user, self.idempotency, self.rate, self.live, self.minutes]
 
 
-class Scripts:
-    """The registered Lua scripts, and one pipeline for the calls of a loop iteration.
+#: One script call: the script and its EVALSHA arguments (number of keys, keys, args).
+_Call = tuple[Any, Sequence[Any]]
 
-    Concurrent RPCs' script calls (admissions, settlements) made in the same event-loop
-    iteration go to Redis as one pipeline of EVALSHAs: one round trip and one syscall for all
-    of them instead of one each. (redis-py's own pipelined scripts would add a SCRIPT EXISTS
-    round trip per pipeline; a NOSCRIPT reply, after a Redis restart, reloads them instead.)
+
+class Scripts:
+    """The registered Lua scripts, and one shared pipeline for the calls of concurrent RPCs.
+
+    Concurrent RPCs' script calls (admissions, settlements) go to Redis as one pipeline of
+    EVALSHAs: one round trip and one syscall for all of them instead of one each
+    (runtime.coalesce). (redis-py's own pipelined scripts would add a SCRIPT EXISTS round trip
+    per pipeline; a NOSCRIPT reply, after a Redis restart, reloads them instead.)
     """
 
     def __init__(self, redis: RedisClient) -> None:
@@ -271,67 +285,34 @@ class Scripts:
         self.admit: Any = redis.register_script(ADMIT)
         self.undo: Any = redis.register_script(UNDO)
         self.done: Any = redis.register_script(DONE)
-        self.load: Any = redis.register_script(LOAD)
         self.grant: Any = redis.register_script(GRANT)
         self.window_if_missing: Any = redis.register_script(WINDOW_IF_MISSING)
-        self._all = [self.admit, self.undo, self.done, self.load, self.grant,
-                     self.window_if_missing]
-        self._pending: list[tuple[Any, Sequence[Any], asyncio.Future[Any]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._all = [self.admit, self.undo, self.done, self.grant, self.window_if_missing]
+        self._calls: Coalescer[_Call, Any] = Coalescer(self._execute)
 
-    def call(self, script: Any, keys: Sequence[str], args: Sequence[str | int],
-             ) -> asyncio.Future[Any]:
-        """Run `script` in the next shared pipeline: its reply, or what Redis raised for it.
+    def call(self, script: Any, keys: Sequence[str], args: Sequence[str | int], *,
+             wait_ms: float = 0.0) -> asyncio.Future[Any]:
+        """Run `script` in a shared pipeline that leaves within `wait_ms` (0: at the end of
+        this event-loop iteration): its reply, or what Redis raised for it."""
+        return self._calls.submit((script, (len(keys), *keys, *args)), wait_ms=wait_ms)
 
-        A future, not a coroutine: gathering a batch's calls then costs no task per vote.
-        """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
-        self._pending.append((script, (len(keys), *keys, *args), future))
-        return future
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._execute(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _execute(self, batch: list[tuple[Any, Sequence[Any], asyncio.Future[Any]]],
-                       ) -> None:
-        try:
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        replies = await self._pipeline(batch)
+        if any(_noscript(reply) for reply in replies):
+            for script in self._all:
+                script.sha = await self.redis.script_load(script.script)
             replies = await self._pipeline(batch)
-            if any(_noscript(reply) for reply in replies):
-                for script in self._all:
-                    script.sha = await self.redis.script_load(script.script)
-                replies = await self._pipeline(batch)
-        except Exception as error:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        for (_, _, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+        return replies
 
-    async def _pipeline(self, batch: list[tuple[Any, Sequence[Any], asyncio.Future[Any]]],
-                        ) -> list[Any]:
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         if isinstance(self.redis, Redis):
             return await self._raw_pipeline(self.redis, batch)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for script, args, _ in batch:
+            for script, args in batch:
                 pipe.evalsha(script.sha, *args)
             return list(await pipe.execute(raise_on_error=False))
 
-
-    async def _raw_pipeline(self, redis: Redis,
-                            batch: list[tuple[Any, Sequence[Any], asyncio.Future[Any]]],
-                            ) -> list[Any]:
+    async def _raw_pipeline(self, redis: Redis, batch: list[_Call]) -> list[Any]:
         """The same pipeline without redis-py's per-command packing and per-reply timers
         (most of the client's CPU per vote): hiredis packs, one timeout covers the batch."""
         pool = redis.connection_pool
@@ -339,7 +320,7 @@ class Scripts:
         try:
             async with asyncio.timeout(_PIPELINE_TIMEOUT_S):
                 packed = b"".join(hiredis.pack_command(("EVALSHA", script.sha, *args))
-                                  for script, args, _ in batch)
+                                  for script, args in batch)
                 await connection.send_packed_command([packed], check_health=False)
                 replies: list[Any] = []
                 for _ in batch:

@@ -22,6 +22,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from runtime import keys
+from runtime.coalesce import Coalescer
 from runtime.errors import ApiError
 from runtime.storage import Storage
 from televote.fraud.v1 import fraud_scoring_service_pb2
@@ -87,6 +88,8 @@ class VoteRequest:
 
 
 Result = vote_types_pb2.AcceptedVote | ApiError
+#: A voter in a round: (user_id, episode_id, round_id).
+UserKey = tuple[str, str, str]
 
 
 def unavailable(message: str = "the vote was not recorded; retry with the same request_id",
@@ -106,6 +109,8 @@ class Ingestor:
         self._scorer = scorer
         self._config = config
         self._salt = config.vote_pseudonym_salt.encode()
+        # Voters' first votes arriving together: one PostgreSQL query for all of them.
+        self._users: Coalescer[UserKey, list[str | int]] = Coalescer(self._load_users)
         self._inflight = 0  # votes between submit() and their answer
 
     # -- the pipeline -------------------------------------------------------------------
@@ -156,12 +161,14 @@ class Ingestor:
             return [unavailable("fraud scoring is unavailable")] * len(votes)
         results: list[Result | None] = [None] * len(votes)
         commits: dict[int, tuple[LedgerVote, asyncio.Future[CommitResult]]] = {}
+        loaded: dict[int, list[str | int]] = {}  # PostgreSQL's figures for a vote's user
         todo = list(range(len(votes)))
         backoff = 0.002
         for _ in range(_MAX_ROUNDS):
             if not todo:
                 break
-            todo, waiting = await self._admission_round(votes, scores, todo, results, commits)
+            todo, waiting = await self._admission_round(votes, scores, todo, results, commits,
+                                                        loaded)
             if waiting:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 0.05)
@@ -176,8 +183,13 @@ class Ingestor:
             self, votes: list[VoteRequest], scores: list[Score], todo: list[int],
             results: list[Result | None],
             commits: dict[int, tuple[LedgerVote, asyncio.Future[CommitResult]]],
+            loaded: dict[int, list[str | int]],
     ) -> tuple[list[int], bool]:
-        """Runs the admission script for `todo`; returns the votes to try again."""
+        """Runs the admission script for `todo`; returns the votes to try again.
+
+        A voter the Redis cache does not know yet (NEED_LOAD) is read from PostgreSQL into
+        `loaded`, and the next round's admission fills the cache with it in the same call.
+        """
         config = self._config
         vote_keys = [VoteKeys.of(votes[i].user_id, votes[i].round_id, votes[i].request_id)
                      for i in todo]
@@ -190,12 +202,12 @@ class Ingestor:
                 vote.fingerprint, vote_id, config.vote_lease_ms,
                 config.vote_rate_limit_per_minute,
                 "1" if scores[index].action == "BLOCK" else "0", RATE_WINDOW_MS,
-                config.vote_idempotency_ttl_s * 1000, vote.round_id]))
+                config.vote_idempotency_ttl_s * 1000, vote.round_id, *loaded.get(index, ())]))
         replies = await asyncio.gather(*calls, return_exceptions=True)
 
         again: list[int] = []
         waiting = False
-        need_load: dict[tuple[str, str, str], VoteKeys] = {}
+        need_load: dict[int, UserKey] = {}
         missing_windows: dict[str, list[int]] = {}
         rebuild: set[int] = set()
         takeovers: list[tuple[int, VoteKeys, Outcome]] = []
@@ -222,7 +234,7 @@ class Ingestor:
                     waiting = True
                 again.append(index)
             elif status == "NEED_LOAD":
-                need_load[(vote.user_id, reply[1], vote.round_id)] = keyset
+                need_load[index] = (vote.user_id, reply[1], vote.round_id)
                 again.append(index)
             elif status == "NO_WINDOW":
                 missing_windows.setdefault(vote.round_id, []).append(index)
@@ -235,7 +247,8 @@ class Ingestor:
             if rebuild:
                 await asyncio.gather(*(self._rebuild_shard(shard) for shard in rebuild))
             if need_load:
-                await self._load_users(need_load)
+                figures = await asyncio.gather(*map(self._users.submit, need_load.values()))
+                loaded.update(zip(need_load, figures, strict=True))
             for round_id, indexes in missing_windows.items():
                 refusal = await self._restore_window(
                     round_id, {VoteKeys.of(votes[i].user_id, round_id, "").window
@@ -332,9 +345,10 @@ class Ingestor:
         leaf = self.leaf_data(vote, outcome.vote_id, outcome.admitted_ms)
         return _answer(outcome, receipt_hash(leaf))
 
-    async def _load_users(self, wanted: dict[tuple[str, str, str], VoteKeys]) -> None:
-        """Fill the Redis cache of users from PostgreSQL (first vote, or after a Redis loss)."""
-        triples = sorted(wanted)
+    async def _load_users(self, wanted: list[UserKey]) -> list[list[str | int]]:
+        """What PostgreSQL says of each (user, episode, round): the ADMIT script's ARGV[13..18]
+        (credited, spent, episode, free used in it, round, free used in it)."""
+        triples = sorted(set(wanted))
         async with self._db() as connection:
             # One statement, in autocommit (a voter's first vote of an episode pays for it).
             # The user's free votes in the round are summed over the user's own ledger rows
@@ -363,13 +377,11 @@ class Ingestor:
                 rows: list[dict[str, Any]] = await cursor.fetchall()
             finally:
                 await connection.set_autocommit(False)
-        loads = []
-        for row in rows:
-            keyset = wanted[(row["user_id"], row["episode_id"], row["round_id"])]
-            loads.append(self._scripts.call(self._scripts.load, [keyset.user], [
-                row["credited"], row["spent"], row["episode_id"],
-                int(row["episode_used"]), row["round_id"], int(row["round_used"])]))
-        await asyncio.gather(*loads)
+        figures: dict[UserKey, list[str | int]] = {
+            (row["user_id"], row["episode_id"], row["round_id"]): [
+                row["credited"], row["spent"], row["episode_id"], int(row["episode_used"]),
+                row["round_id"], int(row["round_used"])] for row in rows}
+        return [figures[triple] for triple in wanted]
 
     async def _restore_window(self, round_id: str, window_keys: set[str]) -> ApiError | None:
         """No window in Redis: the round does not exist, is not open, or Redis lost it (then

@@ -3,8 +3,8 @@
 Admitted votes queue in-process; a batch is written when it holds `batch_max` votes or its
 oldest vote has waited `interval`, in ONE statement (its own transaction): the rows into
 `votes`, and the per-round tallies, free-vote usage and wallet spends summed from them (in key
-order so concurrent batches of several replicas cannot deadlock). Only then is the batch's
-Redis state settled (pending idempotency records become committed) and its callers answered.
+order so concurrent batches of several replicas cannot deadlock). Only then are its callers
+answered, and its Redis state settled (pending idempotency records become committed).
 
 A request id already in the ledger (after a Redis loss or an ambiguous commit) is skipped and
 its caller gets the ledger's original vote. If the statement fails on a constraint (a quota or
@@ -32,6 +32,10 @@ from runtime.storage import RedisClient
 from vote_svc.admission import RATE_WINDOW_MS, Outcome, Scripts, VoteKeys
 
 log = logging.getLogger(__name__)
+
+#: How long a committed vote's settlement in Redis may wait for a pipeline to ride along with
+#: (far under the admission lease, `vote_lease_ms`).
+_SETTLE_WAIT_MS = 5.0
 
 #: The columns of a ledger row that LedgerVote.record() gives (admitted_at is derived).
 COLUMNS = ("vote_id", "request_id", "user_id", "shard", "round_id", "episode_id",
@@ -242,6 +246,14 @@ class Ledger:
             except Exception as error:  # PostgreSQL down, timeout, pool exhausted ...
                 log.warning("ledger batch of %d failed: %r", len(votes), error)
                 results = [CommitResult("failed")] * len(votes)
+            # A committed vote is answered now: its pending record in Redis only has to
+            # become committed before its lease runs out (until then a retry of it waits;
+            # after, it is resolved from the ledger), so its settlement rides along with
+            # the next admissions' pipeline instead of costing a round trip of its own. Any
+            # other vote is answered once its admission is undone (its retry is admitted).
+            for queued, result in zip(batch, results, strict=True):
+                if result.kind == "committed" and not queued.future.done():
+                    queued.future.set_result(result)
             await self._settle_redis(votes, results)
             for queued, result in zip(batch, results, strict=True):
                 if not queued.future.done():
@@ -304,7 +316,7 @@ class Ledger:
             if result.kind == "committed":
                 calls.append(self._scripts.call(self._scripts.done, done_keys,
                                                 [vote.vote_id, self._ttl_ms, "",
-                                                 vote.pending_member]))
+                                                 vote.pending_member], wait_ms=_SETTLE_WAIT_MS))
                 continue
             first = result.existing
             if first is not None:
