@@ -28,11 +28,12 @@ class Coalescer(Generic[Item, Reply]):
     """Runs `run_batch` on the items submitted together; each caller gets its own reply.
 
     A reply that is an exception is raised to that item's caller only. If `run_batch` raises,
-    every caller of the batch gets it.
+    every caller of the batch gets it. With `max_batch`, a batch leaves as soon as it is full.
     """
 
-    def __init__(self, run_batch: BatchRunner[Item, Reply]) -> None:
+    def __init__(self, run_batch: BatchRunner[Item, Reply], max_batch: int = 0) -> None:
         self._run_batch = run_batch
+        self._max_batch = max_batch  # 0: no limit
         self._items: list[Item] = []
         self._futures: list[asyncio.Future[Reply]] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
@@ -49,6 +50,11 @@ class Coalescer(Generic[Item, Reply]):
         future: asyncio.Future[Reply] = loop.create_future()
         self._items.append(item)
         self._futures.append(future)
+        if len(self._items) == self._max_batch:  # full: it leaves now
+            if self._timer is not None:
+                self._timer.cancel()
+            self._flush()
+            return future
         due = loop.time() + wait_ms / 1000
         if self._timer is None or due < self._due:
             if self._timer is not None:

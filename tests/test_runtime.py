@@ -226,6 +226,20 @@ async def test_coalescer_sends_concurrent_requests_as_one_batch_and_answers_each
     assert batches[2] == [6]
 
 
+async def test_a_full_batch_leaves_at_once() -> None:
+    batches: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int | BaseException]:
+        batches.append(items)
+        return items
+
+    coalescer: Coalescer[int, int] = Coalescer(run, max_batch=2)
+    replies = await asyncio.wait_for(asyncio.gather(
+        *(coalescer.submit(item, wait_ms=60_000) for item in range(4))), 1)
+    assert replies == [0, 1, 2, 3]
+    assert batches == [[0, 1], [2, 3]]
+
+
 async def test_coalescer_fails_every_caller_of_a_batch_that_raised() -> None:
     async def run(items: list[int]) -> list[int | BaseException]:
         raise ConnectionError("down")

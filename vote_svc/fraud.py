@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from runtime.access import Principal, Role
+from runtime.coalesce import Coalescer
 from televote.fraud.v1 import (
     fraud_scoring_service_pb2,
     fraud_scoring_service_pb2_grpc,
@@ -120,15 +121,13 @@ class FraudScorer:
         self._stub = (fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
                       if channel is not None else None)
         self._stream = _ScoringStream(self._stub) if self._stub is not None else None
-        self._batch_s = batch_ms / 1000
+        self._batch_ms = batch_ms
         self._timeout_s = timeout_ms / 1000
         self._fail_open = fail_open
         self._retry_s = retry_ms / 1000
         self._skip_until = 0.0
-        self._pending: list[tuple[fraud_scoring_service_pb2.VoteFacts,
-                                  asyncio.Future[Score]]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._batches: Coalescer[fraud_scoring_service_pb2.VoteFacts, Score | None] = \
+            Coalescer(self._send, max_batch=MAX_BATCH)
 
     @property
     def available(self) -> bool:
@@ -139,20 +138,12 @@ class FraudScorer:
         """Scores of `facts`, in order; raises ScoringUnavailableError only when failing closed."""
         if not self.available:
             return self._unavailable(len(facts))
-        loop = asyncio.get_running_loop()
-        futures = []
-        for fact in facts:
-            future: asyncio.Future[Score] = loop.create_future()
-            self._pending.append((fact, future))
-            futures.append(future)
-        if len(self._pending) >= MAX_BATCH:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self._batch_s, self._flush)
-        results = await asyncio.gather(*futures)
+        wait_ms = self._batch_ms
+        results = await asyncio.gather(*(self._batches.submit(fact, wait_ms=wait_ms)
+                                         for fact in facts))
         if any(result is None for result in results):
             return self._unavailable(len(facts))
-        return list(results)
+        return results  # type: ignore[return-value]  # no None in it
 
     def unavailable(self, count: int) -> list[Score]:
         """What votes get when scoring is unavailable (or raises, when failing closed)."""
@@ -163,37 +154,22 @@ class FraudScorer:
             raise ScoringUnavailableError()
         return [UNSCORED] * count
 
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._pending:
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-            task = asyncio.get_running_loop().create_task(self._send(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, batch: list[tuple[fraud_scoring_service_pb2.VoteFacts,
-                                            asyncio.Future[Score]]]) -> None:
+    async def _send(self, facts: list[fraud_scoring_service_pb2.VoteFacts],
+                    ) -> list[Score | None]:
+        """One batch's scores, or None for each when scoring is unavailable."""
         assert self._stream is not None
         try:
-            reply = await self._stream.score([fact for fact, _ in batch], self._timeout_s)
+            reply = await self._stream.score(facts, self._timeout_s)
             if reply.HasField("error"):
                 raise ValueError(f"status {reply.error.code}: {reply.error.message}")
-            if len(reply.scores) != len(batch):
-                raise ValueError(f"{len(reply.scores)} scores for {len(batch)} votes")
-            scores = [Score(_ACTIONS.get(s.action, "UNSCORED"), s.score, s.decision_id)
-                      for s in reply.scores]
+            if len(reply.scores) != len(facts):
+                raise ValueError(f"{len(reply.scores)} scores for {len(facts)} votes")
         except (grpc.aio.AioRpcError, ValueError, TimeoutError, _StreamEndedError) as error:
             # Not worth a stack trace per batch: say what failed and back off for a moment.
             code = (error.code().name if isinstance(error, grpc.aio.AioRpcError)
                     else str(error) or type(error).__name__)
             log.warning("fraud scoring unavailable (%s); admitting unscored", code)
             self._skip_until = time.monotonic() + self._retry_s
-            for _, future in batch:
-                if not future.done():
-                    future.set_result(None)  # type: ignore[arg-type]
-            return
-        for (_, future), score in zip(batch, scores, strict=True):
-            if not future.done():
-                future.set_result(score)
+            return [None] * len(facts)
+        return [Score(_ACTIONS.get(s.action, "UNSCORED"), s.score, s.decision_id)
+                for s in reply.scores]
