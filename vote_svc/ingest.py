@@ -202,7 +202,8 @@ class Ingestor:
                 vote.fingerprint, vote_id, config.vote_lease_ms,
                 config.vote_rate_limit_per_minute,
                 "1" if scores[index].action == "BLOCK" else "0", RATE_WINDOW_MS,
-                config.vote_idempotency_ttl_s * 1000, vote.round_id, *loaded.get(index, ())]))
+                config.vote_idempotency_ttl_s * 1000, vote.round_id, *loaded.get(index, ())],
+                wait_ms=config.vote_admit_wait_ms))
         replies = await asyncio.gather(*calls, return_exceptions=True)
 
         again: list[int] = []
