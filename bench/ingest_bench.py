@@ -34,11 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ops.stack import SERVICES, Stack, StackSettings
 from runtime.storage import Storage
 from tests.support_windows import TestRound, open_test_round
-from vote_svc.admission import Scripts
 from vote_svc.config import VoteConfig
-from vote_svc.fraud import FraudScorer
 from vote_svc.ingest import Ingestor, VoteRequest
-from vote_svc.ledger import Ledger
+from vote_svc.server import create_pipeline
 
 
 def _own_cpu() -> float:
@@ -107,16 +105,7 @@ async def main() -> None:
             config = VoteConfig()
             storage = Storage.from_config(config)
             await storage.connect()
-            scripts = Scripts(storage.redis)
-            ledger = Ledger(storage.pool, storage.redis, scripts, batch_max=config.vote_batch_max,
-                            interval_ms=config.vote_batch_interval_ms,
-                            inflight=config.vote_max_inflight_batches,
-                            timeout_ms=config.vote_commit_timeout_ms,
-                            idempotency_ttl_ms=config.vote_idempotency_ttl_s * 1000)
-            scorer = FraudScorer(None, batch_ms=config.vote_fraud_batch_ms,
-                                 timeout_ms=config.vote_fraud_timeout_ms, fail_open=True,
-                                 retry_ms=config.vote_fraud_retry_ms)
-            ingestor = Ingestor(storage, scripts, ledger, scorer, config)
+            _, ledger, ingestor = create_pipeline(config, storage, fraud_channel=None)
             ledger.start()
             watch = asyncio.get_running_loop().create_task(ingestor.watch_shards())
             try:

@@ -16,8 +16,9 @@ class VoteConfig(ServiceConfig):
 
     #: fraud_svc replicas ("ipv4:host:port,..."); empty means every vote is admitted unscored.
     fraud_target: str = ""
-    #: Scoring requests of this many ms are sent as one ScoreVotes call (fewer RPCs, one hop).
-    vote_fraud_batch_ms: float = 2.0
+    #: Scoring requests of this many ms are sent as one batch (fewer messages, one hop); with
+    #: scoring on, this is where a vote waits for company (see vote_admit_wait_ms).
+    vote_fraud_batch_ms: float = 4.0
     #: A scoring call slower than this counts as "scoring unavailable" (voting must not stall).
     vote_fraud_timeout_ms: float = 300.0
     #: When scoring is unavailable: True admits votes as UNSCORED (recorded, to be scored
@@ -28,10 +29,11 @@ class VoteConfig(ServiceConfig):
     vote_fraud_retry_ms: float = 1000.0
 
     #: An admission waits up to this long for other calls' votes, to go to Redis in the same
-    #: pipeline. Behind the edge a replica's pipeline holds only a few votes at once, and on a
-    #: small machine each round trip costs more CPU than a vote's own work: waiting a few ms
-    #: gathers enough votes per round trip to carry a third more votes on the same CPU
-    #: (vote_svc/README.md, Performance).
+    #: pipeline (unless they were scored together, which gathered them already). Behind the
+    #: edge a replica's pipeline holds only a few votes at once, and on a small machine each
+    #: round trip costs more CPU than a vote's own work: waiting a few ms gathers enough
+    #: votes per round trip to carry a third more votes on the same CPU (vote_svc/README.md,
+    #: Performance).
     vote_admit_wait_ms: float = 4.0
 
     #: Group commit: a batch is written when it has this many votes ...

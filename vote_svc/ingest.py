@@ -147,8 +147,13 @@ class Ingestor:
 
     async def _submit(self, votes: list[VoteRequest]) -> list[Result]:
         now_ms = int(time.time() * 1000)
+        # A vote waits for company once, at the first stage that batches: scoring, else the
+        # admission's Redis pipeline (VOTE_ADMIT_WAIT_MS). Votes scored together arrive at
+        # admission together, and retries (after a first vote's read) arrive together too.
+        wait_ms = self._config.vote_admit_wait_ms
         try:
             if self._scorer.available:
+                wait_ms = 0.0
                 # Timing signals judge when each vote arrived (at the edge, or at the SMS
                 # gateway), not when it reached this replica after a queue.
                 scores = await self._scorer.score([
@@ -168,7 +173,8 @@ class Ingestor:
             if not todo:
                 break
             todo, waiting = await self._admission_round(votes, scores, todo, results, commits,
-                                                        loaded)
+                                                        loaded, wait_ms)
+            wait_ms = 0.0
             if waiting:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 0.05)
@@ -183,7 +189,7 @@ class Ingestor:
             self, votes: list[VoteRequest], scores: list[Score], todo: list[int],
             results: list[Result | None],
             commits: dict[int, tuple[LedgerVote, asyncio.Future[CommitResult]]],
-            loaded: dict[int, list[str | int]],
+            loaded: dict[int, list[str | int]], wait_ms: float,
     ) -> tuple[list[int], bool]:
         """Runs the admission script for `todo`; returns the votes to try again.
 
@@ -203,7 +209,7 @@ class Ingestor:
                 config.vote_rate_limit_per_minute,
                 "1" if scores[index].action == "BLOCK" else "0", RATE_WINDOW_MS,
                 config.vote_idempotency_ttl_s * 1000, vote.round_id, *loaded.get(index, ())],
-                wait_ms=config.vote_admit_wait_ms))
+                wait_ms=wait_ms))
         replies = await asyncio.gather(*calls, return_exceptions=True)
 
         again: list[int] = []

@@ -189,22 +189,28 @@ class WalletAdminServicer(wallet_admin_service_pb2_grpc.WalletAdminServiceServic
         return reply
 
 
-def create_server(config: VoteConfig) -> tuple[ServiceHost, int]:
-    storage = Storage.from_config(config)
-    host = ServiceHost(config, storage)
+def create_pipeline(config: VoteConfig, storage: Storage, fraud_channel: grpc.aio.Channel | None,
+                    ) -> tuple[Scripts, Ledger, Ingestor]:
+    """The vote pipeline as configured (the caller starts the ledger)."""
     scripts = Scripts(storage.redis)
     ledger = Ledger(storage.pool, storage.redis, scripts, batch_max=config.vote_batch_max,
                     interval_ms=config.vote_batch_interval_ms,
                     inflight=config.vote_max_inflight_batches,
                     timeout_ms=config.vote_commit_timeout_ms,
                     idempotency_ttl_ms=config.vote_idempotency_ttl_s * 1000)
-    fraud_channel = (grpc.aio.insecure_channel(config.fraud_target)
-                     if config.fraud_target else None)
     scorer = FraudScorer(fraud_channel, batch_ms=config.vote_fraud_batch_ms,
                          timeout_ms=config.vote_fraud_timeout_ms,
                          fail_open=config.vote_fraud_fail_open,
                          retry_ms=config.vote_fraud_retry_ms)
-    ingestor = Ingestor(storage, scripts, ledger, scorer, config)
+    return scripts, ledger, Ingestor(storage, scripts, ledger, scorer, config)
+
+
+def create_server(config: VoteConfig) -> tuple[ServiceHost, int]:
+    storage = Storage.from_config(config)
+    host = ServiceHost(config, storage)
+    fraud_channel = (grpc.aio.insecure_channel(config.fraud_target)
+                     if config.fraud_target else None)
+    scripts, ledger, ingestor = create_pipeline(config, storage, fraud_channel)
     ledger.start()
     watch = asyncio.get_running_loop().create_task(ingestor.watch_shards())
     background: list[asyncio.Task[None]] = []
