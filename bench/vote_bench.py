@@ -7,7 +7,9 @@ rightly, block a benchmark's voters), opens a round per run whose quota and rate
 bind, and for each mode measures:
 - the maximum: closed-loop load, durable accepted votes per second (an OK is only sent after
   the ledger commit, and the run checks every acknowledged vote is in the ledger);
-- p50/p99 latency with an open-loop load at 70 % of that maximum.
+- p50/p99 latency with an open-loop load at 70 % of that maximum, as the load generator saw
+  it, and (`edge_p99_ms_at_most`, through the edge) the bucket of Envoy's histogram of
+  vote_svc's answer times that holds its p99: the service's side without the client's lag.
 Modes: json (Envoy JSON transcoding, wrk with a Lua script), grpc (native gRPC unary through
 Envoy, Python clients in 2 processes), both voting as the same 500 voters; batch
 (VoteGatewayService.SubmitVotes of 1,000 votes, one client process per replica with one batch
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import resource
 import statistics
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -144,6 +148,32 @@ def _cpu_per_vote(before: dict[str, float], after: dict[str, float],
     per_vote = {role: round(seconds * 1e6 / max(votes, 1)) for role, seconds in
                 sorted(used.items(), key=lambda item: -item[1]) if seconds > 0.005}
     return {**per_vote, "total": sum(per_vote.values())}
+
+
+async def _edge_histogram(stack: Stack) -> dict[float, int]:
+    """Envoy's cumulative histogram of vote_svc's answer times as the edge sees them (bucket
+    upper bound in ms -> requests), read once Envoy has flushed what came before (it updates
+    histograms every 5 s). Beside the client's figures, it tells the service's latency from
+    the load generator's own lag (the gRPC clients are Python, on the same two cores)."""
+    await asyncio.sleep(5.5)
+    url = f"http://127.0.0.1:{stack.admin_port}/stats/prometheus"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    buckets: dict[float, int] = {}
+    for line in text.splitlines():
+        if line.startswith('envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="vote_svc"'):
+            bound = line.partition('le="')[2].partition('"')[0]
+            buckets[math.inf if bound == "+Inf" else float(bound)] = int(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def _p99_bound(before: dict[float, int], after: dict[float, int]) -> float | None:
+    """The upper bound of the histogram bucket that holds the 99th percentile in between."""
+    counts = {bound: after[bound] - before.get(bound, 0) for bound in sorted(after)}
+    total = counts.get(math.inf, 0)
+    for bound, count in counts.items():
+        if total and count >= 0.99 * total:
+            return bound
+    return None
 
 
 async def _round(stack: Stack) -> TestRound:
@@ -315,13 +345,16 @@ async def main() -> None:
                 peak = ok / seconds
                 connections = 32
                 pause = max(1, int(connections * 1000 / (0.7 * peak)))
+                edge_before = await _edge_histogram(stack)
                 ok2, failed2, p50, p99, seconds2 = await asyncio.to_thread(
                     _wrk, stack, test_round, duration, connections, pause, path)
+                edge_after = await _edge_histogram(stack)
                 if mode == "json":
                     await _ledger_check(stack, test_round, ok + ok2)
                 results[mode] = {"max_per_s": round(peak), "refused": failed,
                                  "at70_per_s": round(ok2 / seconds2), "p50_ms": p50,
                                  "p99_ms": p99, "refused_at70": failed2,
+                                 "edge_p99_ms_at_most": _p99_bound(edge_before, edge_after),
                                  "cpu_us_per_vote": cpu}
             else:
                 batch = mode == "batch"
@@ -336,15 +369,18 @@ async def main() -> None:
                 cpu = _cpu_per_vote(before, _cpu_by_role(), len(acked))
                 peak = len(acked) / options.duration
                 calls = 0.7 * peak / (1000 if batch else 1)
+                edge_before = {} if batch else await _edge_histogram(stack)
                 acked2, latencies, failed2 = await asyncio.to_thread(
                     _grpc, targets, test_round, voters, options.duration, 0, calls, batch,
                     len(targets) if batch else 2)
+                edge = {} if batch else {"edge_p99_ms_at_most": _p99_bound(
+                    edge_before, await _edge_histogram(stack))}
                 await _ledger_check(stack, test_round, acked + acked2)
                 results[mode] = {"max_per_s": round(peak), "refused": failed,
                                  "at70_per_s": round(len(acked2) / options.duration),
                                  "p50_ms": round(_pct(latencies, 50), 1),
                                  "p99_ms": round(_pct(latencies, 99), 1),
-                                 "refused_at70": failed2, "cpu_us_per_vote": cpu}
+                                 "refused_at70": failed2, **edge, "cpu_us_per_vote": cpu}
             print(mode, json.dumps(results[mode]), flush=True)
     finally:
         await stack.stop()
