@@ -32,15 +32,15 @@ class VoteConfig(ServiceConfig):
     #: pipeline (unless they were scored together, which gathered them already). Behind the
     #: edge a replica's pipeline holds only a few votes at once, and on a small machine each
     #: round trip costs more CPU than a vote's own work: waiting a few ms gathers enough
-    #: votes per round trip to carry a third more votes on the same CPU (vote_svc/README.md,
-    #: Performance).
-    vote_admit_wait_ms: float = 4.0
+    #: votes per round trip to carry about a third more votes on the same CPU, for ~10 ms of
+    #: latency (vote_svc/README.md, Performance).
+    vote_admit_wait_ms: float = 2.0
 
     #: Group commit: a batch is written when it has this many votes ...
     vote_batch_max: int = 1000
     #: ... or when its oldest vote has waited this long (a ledger statement costs PostgreSQL
     #: ~300 µs of CPU whatever its size, plus ~30 µs a vote).
-    vote_batch_interval_ms: float = 8.0
+    vote_batch_interval_ms: float = 5.0
     #: Batches being written at once (each on its own PostgreSQL connection).
     vote_max_inflight_batches: int = 4
     #: A batch commit slower than this fails (clients get UNAVAILABLE, admissions are undone).
