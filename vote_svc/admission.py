@@ -317,9 +317,10 @@ class Scripts:
         """The same pipeline without redis-py's per-command packing and per-reply timers
         (most of the client's CPU per vote): hiredis packs, one timeout covers the batch.
 
-        On connections of its own, taken from the pool once and kept: the pool's checkout
-        (a lock, metrics hooks and a probing read of the socket) cost more than a vote's
-        packing and parsing.
+        On connections of its own, taken from the pool and kept (up to _KEPT_CONNECTIONS
+        idle ones): the pool's checkout (a lock, metrics hooks and a probing read of the
+        socket) cost more than a vote's packing and parsing. The rest go back to the pool, so
+        a burst of pipelines while Redis is slow does not keep the other users' connections.
         """
         pool = redis.connection_pool
         connection = (self._idle.pop() if self._idle
@@ -339,12 +340,17 @@ class Scripts:
             await connection.disconnect()
             await pool.release(connection)  # a broken connection goes back to be reconnected
             raise
-        self._idle.append(connection)
+        if len(self._idle) < _KEPT_CONNECTIONS:
+            self._idle.append(connection)
+        else:
+            await pool.release(connection)
         return replies
 
 
 #: A pipeline of scripts that takes longer than this means Redis is in trouble.
 _PIPELINE_TIMEOUT_S = 5.0
+#: Idle pipeline connections kept out of the pool (a few pipelines are in flight at once).
+_KEPT_CONNECTIONS = 8
 
 
 def _noscript(reply: Any) -> bool:
