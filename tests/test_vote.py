@@ -74,8 +74,9 @@ async def test_an_acknowledged_vote_is_in_the_ledger_with_its_receipt(
     assert bytes(row["receipt_hash"]) == reply.receipt_hash == hashlib.sha256(
         b"\x00" + bytes(row["leaf_data"])).digest()
     assert reply.accepted_at.ToMilliseconds() == row["admitted_ms"]
-    tallies = await query(stack.database_url, "SELECT contestant_id::text, votes FROM"
-                          " round_tallies WHERE round_id = %s", test_round.round_id)
+    tallies = await query(stack.database_url, "SELECT contestant_id::text, sum(votes) AS votes"
+                          " FROM round_tallies WHERE round_id = %s GROUP BY 1",
+                          test_round.round_id)
     assert tallies == [{"contestant_id": test_round.contestants[1], "votes": 1}]
     redis = create_redis(stack.redis_url)
     try:

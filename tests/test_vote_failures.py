@@ -128,8 +128,9 @@ class Load:
         assert set(vote_ids) == set(self.acked)  # and nothing nobody was told about
         per_user = Counter(row["user_id"] for row in rows)
         assert max(per_user.values()) <= 5  # never above the free quota
-        tallies = await query(database_url, "SELECT contestant_id::text AS c, votes FROM"
-                              " round_tallies WHERE round_id = %s", self.test_round.round_id)
+        tallies = await query(database_url, "SELECT contestant_id::text AS c, sum(votes) AS"
+                              " votes FROM round_tallies WHERE round_id = %s GROUP BY 1",
+                              self.test_round.round_id)
         counted = Counter(str(row["contestant_id"]) for row in rows)
         assert {row["c"]: row["votes"] for row in tallies} == dict(counted)
         return rows

@@ -4,9 +4,11 @@ batch writes the new rows, and every total is summed from the rows it actually i
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
+import psycopg
 import pytest_asyncio
 
 from ops.stack import Stack
@@ -15,7 +17,7 @@ from tests.support_windows import TestRound, open_test_round
 from tests.vote_support import new_id, query
 from vote_svc.admission import Outcome, Scripts, VoteKeys
 from vote_svc.ingest import receipt_hash
-from vote_svc.ledger import CommitResult, Ledger, LedgerVote
+from vote_svc.ledger import _WRITE, CommitResult, Ledger, LedgerVote
 
 
 @pytest_asyncio.fixture
@@ -101,3 +103,20 @@ async def test_a_paid_vote_without_credits_is_refused_and_the_rest_of_its_batch_
     assert [(row["user_id"], row["credited"], row["spent"]) for row in wallets] == [
         (funded, 1, 1)]
     assert await _tallies(stack.database_url, test_round.round_id) == 2
+
+
+async def test_a_batch_commits_while_another_writers_batch_of_the_same_contestant_is_open(
+        stack: Stack, ledger: Ledger) -> None:
+    """Replicas' batches are in flight at once; one that is slow to commit (its connection
+    descheduled, say) must not hold up the others: they share no tally row (migrations/0012).
+    With one row per contestant, the second batch would wait for the first one's commit."""
+    test_round = await open_test_round(stack.database_url, stack.redis_url)
+    held = _vote(test_round, f"ledger-{new_id()[:8]}")
+    async with await psycopg.AsyncConnection.connect(stack.database_url) as other_writer:
+        async with other_writer.transaction(force_rollback=True):
+            await other_writer.execute(_WRITE, (json.dumps([held.record()]),))
+            # The other writer's batch is written and not yet committed.
+            result = await asyncio.wait_for(
+                ledger.submit(_vote(test_round, f"ledger-{new_id()[:8]}")), 3)
+    assert result == CommitResult("committed")
+    assert await _tallies(stack.database_url, test_round.round_id) == 1

@@ -137,7 +137,8 @@ async def state_of(database_url: str, redis_url: str, user_id: str,
         "votes": await query(database_url, "SELECT vote_id FROM votes WHERE user_id = %s"
                              " ORDER BY vote_id", user_id),
         "tallies": await query(database_url, "SELECT * FROM round_tallies WHERE round_id = %s"
-                               " ORDER BY 1, 2, 3, 4", test_round.round_id),
+                               " ORDER BY contestant_id, vote_type, channel, slot",
+                               test_round.round_id),
         "free": await query(database_url, "SELECT * FROM free_vote_usage WHERE user_id = %s",
                             user_id),
         "wallet": await query(database_url, "SELECT * FROM wallets WHERE user_id = %s",

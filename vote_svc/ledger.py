@@ -46,7 +46,9 @@ COLUMNS = ("vote_id", "request_id", "user_id", "shard", "round_id", "episode_id"
 # transaction of COPY and three statements took six): the rows arrive as one JSON array, and
 # the tallies, free-vote usage and wallet spends are summed from the rows actually inserted,
 # each in key order (no deadlocks between replicas' batches: `locked` takes the wallets' row
-# locks in user order before the update can touch them). A request id already in the ledger
+# locks in user order before the update can touch them). Tallies go to the writing
+# connection's own rows (`slot`, migrations/0012): batches in flight at once never wait on
+# each other's tally rows. A request id already in the ledger
 # is skipped (ON CONFLICT), which the count of inserted rows shows; its caller gets the
 # ledger's original. A user without a wallet row has no credits: `unfunded` writes them one
 # with nothing credited, which fails the CHECK like any other overspend.
@@ -58,10 +60,10 @@ WITH inserted AS (
     ON CONFLICT (user_id, request_id) DO NOTHING
     RETURNING vote_id, user_id, round_id, episode_id, contestant_id, vote_type, channel, count
 ), tallies AS (
-    INSERT INTO round_tallies (round_id, contestant_id, vote_type, channel, votes)
-    SELECT round_id, contestant_id, vote_type, channel, sum(count) FROM inserted
-     GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-    ON CONFLICT (round_id, contestant_id, vote_type, channel)
+    INSERT INTO round_tallies (round_id, contestant_id, vote_type, channel, slot, votes)
+    SELECT round_id, contestant_id, vote_type, channel, pg_backend_pid(), sum(count)
+      FROM inserted GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (round_id, contestant_id, vote_type, channel, slot)
     DO UPDATE SET votes = round_tallies.votes + excluded.votes
 ), free AS (
     INSERT INTO free_vote_usage (user_id, episode_id, used, quota)
