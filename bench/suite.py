@@ -76,7 +76,7 @@ def _loadtest(scenario: str, *arguments: str) -> list[str]:
 BENCHES = (
     Bench("vote",
           [sys.executable, "bench/vote_bench.py", "--duration", "5",
-           "--modes", "noop,json,grpc,batch"],
+           "--modes", "noop,json,grpc_noop,grpc,batch"],
           [sys.executable, "bench/vote_bench.py", "--duration", "10"],
           lambda output, _: _last_json_object(output)),
     Bench("ingest",
@@ -123,6 +123,9 @@ def ratios(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
         return {}
     out = {f"{mode} max / no-op ceiling": vote[mode]["max_per_s"] / ceiling
            for mode in ("json", "grpc", "batch") if mode in vote}
+    if vote.get("grpc") and vote.get("grpc_noop", {}).get("max_per_s"):
+        out["grpc max / gRPC no-op ceiling"] = vote["grpc"]["max_per_s"] / \
+            vote["grpc_noop"]["max_per_s"]
     if "json" in vote and vote["json"].get("p99_ms") and vote["noop"].get("p99_ms"):
         out["json p99 at 70 % / no-op p99 at 70 %"] = vote["json"]["p99_ms"] / \
             vote["noop"]["p99_ms"]

@@ -1,6 +1,7 @@
 """Vote ingestion benchmark: durable accepted votes/s through the edge, and latency at 70 %.
 
-    python bench/vote_bench.py [--duration 10] [--replicas 2] [--modes json,grpc,batch,noop]
+    python bench/vote_bench.py [--duration 10] [--replicas 2]
+        [--modes noop,json,grpc_noop,grpc,batch]
 
 Starts its own mesh (like `televote up`, fraud scoring off unless --fraud: fraud_svc would,
 rightly, block a benchmark's voters), opens a round per run whose quota and rate limit do not
@@ -10,11 +11,16 @@ bind, and for each mode measures:
 - p50/p99 latency with an open-loop load at 70 % of that maximum, as the load generator saw
   it, and (`edge_p99_ms_at_most`, through the edge) the bucket of Envoy's histogram of
   vote_svc's answer times that holds its p99: the service's side without the client's lag.
-Modes: json (Envoy JSON transcoding, wrk with a Lua script), grpc (native gRPC unary through
-Envoy, Python clients in 2 processes), both voting as the same 500 voters; batch
+Modes: json (Envoy JSON transcoding, wrk with a Lua script) and its ceiling noop
+(ListVotePackages through the same edge path, served from the catalogue cache); grpc (native
+gRPC unary through Envoy) and its ceiling grpc_noop, both from bench/grpc_load (Go, with
+Debian's golang-go and golang-google-grpc-dev, built on first use: a Python client took a
+sixth of the machine); json and grpc vote as the same 5,000 voters; batch
 (VoteGatewayService.SubmitVotes of 1,000 votes, one client process per replica with one batch
-in flight: gateways are inside the mesh); and noop (ListVotePackages through the same edge
-path, served from the catalogue cache: the ceiling of the path).
+in flight: gateways are inside the mesh).
+wrk is a closed loop (each connection waits for its answer, then pauses): a stall delays its
+next requests instead of queueing them, so its p99 leaves stalls out. The Go client sends on
+schedule (open loop), as viewers do; compare gRPC's p99 with the gRPC no-op's.
 Each maximum also prints the CPU time per accepted vote of every process of the run, by
 role (each service's replicas, envoy, postgres backends by the service they serve and its
 other processes, redis, and the load generator), in microseconds: on a shared machine this
@@ -29,6 +35,7 @@ import asyncio
 import json
 import math
 import multiprocessing
+import os
 import resource
 import statistics
 import subprocess
@@ -55,7 +62,6 @@ from televote.vote.v1 import (
     vote_gateway_service_pb2,
     vote_gateway_service_pb2_grpc,
     vote_service_pb2,
-    vote_service_pb2_grpc,
     vote_types_pb2,
 )
 from tests.support_windows import TestRound, open_test_round
@@ -154,7 +160,7 @@ async def _edge_histogram(stack: Stack) -> dict[float, int]:
     """Envoy's cumulative histogram of vote_svc's answer times as the edge sees them (bucket
     upper bound in ms -> requests), read once Envoy has flushed what came before (it updates
     histograms every 5 s). Beside the client's figures, it tells the service's latency from
-    the load generator's own lag (the gRPC clients are Python, on the same two cores)."""
+    the load generator's own lag (on the same two cores)."""
     await asyncio.sleep(5.5)
     url = f"http://127.0.0.1:{stack.admin_port}/stats/prometheus"
     text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
@@ -223,26 +229,63 @@ def _wrk(stack: Stack, test_round: TestRound, duration: int, connections: int,
     return ok, failed, p50 / 1000, p99 / 1000, micros / 1e6
 
 
-def _grpc_worker(args: tuple[str, str, list[str], list[str], float, int, float, bool, int],
-                 ) -> Any:
-    target, round_id, contestants, voters, duration, concurrency, rate, batch, seed = args
-    return asyncio.run(_grpc_load(target, round_id, contestants, voters, duration, concurrency,
-                                  rate, batch, seed))
+#: A request id the gRPC load generator replaces with a fresh UUID in every call.
+_ID_PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
+_GO_SOURCE = Path(__file__).resolve().parent / "grpc_load"
 
 
-async def _grpc_load(target: str, round_id: str, contestants: list[str], voters: list[str],
-                     duration: float, concurrency: int, rate: float, batch: bool,
-                     seed: int) -> tuple[list[str], list[float], int]:
-    """Closed loop (rate 0) or open loop at `rate` calls/s; returns vote ids, latencies (ms),
-    refusals."""
+def _go_load_generator() -> Path:
+    """Builds bench/grpc_load (Go, with Debian's packaged gRPC) once per change of its source."""
+    source = _GO_SOURCE / "main.go"
+    binary = Path(tempfile.gettempdir()) / f"televote-grpc_load-{int(source.stat().st_mtime)}"
+    if not binary.exists():
+        try:
+            subprocess.run(["go", "build", "-o", str(binary), "."], cwd=_GO_SOURCE, check=True,
+                           env={**os.environ, "GOPATH": "/usr/share/gocode",
+                                "GO111MODULE": "off"})
+        except (OSError, subprocess.CalledProcessError) as error:
+            raise SystemExit("the gRPC runs need Go and its gRPC library: "
+                             "apt-get install golang-go golang-google-grpc-dev") from error
+    return binary
+
+
+def _go_grpc(target: str, method: str, requests: list[bytes], voters: list[str],
+             duration: float, concurrency: int, rate: float,
+             ) -> tuple[list[bytes], list[float], int]:
+    """Unary calls from the Go load generator over 2 connections to `target`: closed loop
+    (rate 0, `concurrency` calls in flight per connection) or open loop at `rate` calls/s.
+    Each call sends requests[n % len] with a fresh request id in place of _ID_PLACEHOLDER;
+    returns the OK replies, their latencies (ms) and the failures."""
+    job = {"targets": [target, target], "method": method, "seconds": duration,
+           "concurrency": concurrency, "rate": rate,
+           "templates": [{"body": body.hex(), "uuid_at": [
+               at for at in range(len(body)) if body.startswith(_ID_PLACEHOLDER.encode(), at)]}
+               for body in requests],
+           "metadata": [["authorization", f"Bearer {token}"] for token in voters]}
+    out = subprocess.run([str(_go_load_generator())], input=json.dumps(job), text=True,
+                         capture_output=True, check=True).stdout.splitlines()
+    replies, latencies = [], []
+    for line in out[:-1]:
+        ms, reply = line.split(" ")
+        latencies.append(float(ms))
+        replies.append(bytes.fromhex(reply))
+    return replies, latencies, int(out[-1].split()[1])
+
+
+def _batch_worker(args: tuple[str, str, list[str], float, int, float, int]) -> Any:
+    return asyncio.run(_batch_load(*args))
+
+
+async def _batch_load(target: str, round_id: str, contestants: list[str], duration: float,
+                      concurrency: int, rate: float, seed: int,
+                      ) -> tuple[list[str], list[float], int]:
+    """Gateway batches of 1,000 votes, closed loop (rate 0) or open loop at `rate` calls/s;
+    returns vote ids, latencies (ms), refusals."""
     acked: list[str] = []
     latencies: list[float] = []
     failures = 0
-    async with grpc.aio.insecure_channel(
-            target, options=[("grpc.lb_policy_name", "round_robin")]) as channel:
-        votes = vote_service_pb2_grpc.VoteServiceStub(channel)
+    async with grpc.aio.insecure_channel(target) as channel:
         gateway = vote_gateway_service_pb2_grpc.VoteGatewayServiceStub(channel)
-        metadata: list[Any] = [(("authorization", f"Bearer {token}"),) for token in voters]
         sent = 0
         gateway_metadata = Principal(Role.INTERNAL, "bench").to_metadata()
 
@@ -251,26 +294,17 @@ async def _grpc_load(target: str, round_id: str, contestants: list[str], voters:
             sent += 1
             start = time.perf_counter()
             try:
-                if batch:
-                    reply = await gateway.SubmitVotes(vote_gateway_service_pb2.SubmitVotesRequest(
-                        votes=[vote_gateway_service_pb2.GatewayVote(
-                            request_id=str(uuid.uuid4()),
-                            # A new thousand subscribers per call (per worker): each texts once.
-                            user_id=f"sms:+855{seed}{sent % 1000:03d}{n:03d}",
-                            round_id=round_id, contestant_id=contestants[n % len(contestants)],
-                            vote_type=vote_types_pb2.VOTE_TYPE_PREMIUM_SMS, count=1,
-                            channel=vote_types_pb2.CHANNEL_SMS) for n in range(1000)]),
-                        metadata=gateway_metadata, timeout=30)
-                    acked.extend(r.accepted.vote_id for r in reply.results if r.ok)
-                    failures += sum(1 for r in reply.results if not r.ok)
-                else:
-                    single = await votes.SubmitVote(vote_service_pb2.SubmitVoteRequest(
-                        request_id=str(uuid.uuid4()), round_id=round_id,
-                        contestant_id=contestants[sent % len(contestants)],
-                        vote_type=vote_types_pb2.VOTE_TYPE_FREE, count=1,
-                        channel=vote_types_pb2.CHANNEL_APP),
-                        metadata=metadata[sent % len(metadata)], timeout=30)
-                    acked.append(single.vote_id)
+                reply = await gateway.SubmitVotes(vote_gateway_service_pb2.SubmitVotesRequest(
+                    votes=[vote_gateway_service_pb2.GatewayVote(
+                        request_id=str(uuid.uuid4()),
+                        # A new thousand subscribers per call (per worker): each texts once.
+                        user_id=f"sms:+855{seed}{sent % 1000:03d}{n:03d}",
+                        round_id=round_id, contestant_id=contestants[n % len(contestants)],
+                        vote_type=vote_types_pb2.VOTE_TYPE_PREMIUM_SMS, count=1,
+                        channel=vote_types_pb2.CHANNEL_SMS) for n in range(1000)]),
+                    metadata=gateway_metadata, timeout=30)
+                acked.extend(r.accepted.vote_id for r in reply.results if r.ok)
+                failures += sum(1 for r in reply.results if not r.ok)
             except grpc.aio.AioRpcError:
                 failures += 1
                 return
@@ -297,15 +331,14 @@ async def _grpc_load(target: str, round_id: str, contestants: list[str], voters:
     return acked, latencies, failures
 
 
-def _grpc(targets: list[str], test_round: TestRound, voters: list[str], duration: float,
-          concurrency: int, rate: float, batch: bool, processes: int = 2,
-          ) -> tuple[list[str], list[float], int]:
-    """Load from `processes` client processes, process n sending to targets[n % len]."""
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        parts = pool.map(_grpc_worker, [
-            (targets[seed % len(targets)], test_round.round_id, test_round.contestants, voters,
-             duration, concurrency, rate / processes, batch, seed)
-            for seed in range(processes)])
+def _batches(targets: list[str], test_round: TestRound, duration: float, rate: float,
+             ) -> tuple[list[str], list[float], int]:
+    """One Python client process per replica, one batch in flight each (rate 0), or `rate`
+    batches/s in all."""
+    with multiprocessing.get_context("spawn").Pool(len(targets)) as pool:
+        parts = pool.map(_batch_worker, [
+            (target, test_round.round_id, test_round.contestants, duration,
+             1, rate / len(targets), seed) for seed, target in enumerate(targets)])
     acked = [vote for part in parts for vote in part[0]]
     latencies = [ms for part in parts for ms in part[1]]
     return acked, latencies, sum(part[2] for part in parts)
@@ -319,7 +352,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--modes", default="noop,json,grpc,batch")
+    parser.add_argument("--modes", default="noop,json,grpc_noop,grpc,batch")
     parser.add_argument("--fraud", action="store_true", help="keep fraud scoring on")
     options = parser.parse_args()
     env = {"TELEVOTE_GRACE_SECONDS": "5", "TELEVOTE_LOG_LEVEL": "WARNING"}
@@ -330,6 +363,8 @@ async def main() -> None:
     stack = Stack(StackSettings(state_dir=Path(tempfile.mkdtemp(prefix="vote-bench-")),
                                 edge_port=0, replicas=replicas, service_env=env))
     await stack.start()
+    if {"grpc", "grpc_noop"} & set(options.modes.split(",")):
+        _go_load_generator()  # built before any CPU is measured
     results: dict[str, Any] = {}
     try:
         voters = _voter_tokens(stack)
@@ -363,31 +398,55 @@ async def main() -> None:
                                  "p99_ms": p99, "refused_at70": failed2,
                                  "edge_p99_ms_at_most": _p99_bound(edge_before, edge_after),
                                  "cpu_us_per_vote": cpu}
-            else:
-                batch = mode == "batch"
-                # A gateway keeps one batch in flight per replica: a replica sheds calls past
-                # VOTE_MAX_INFLIGHT_VOTES (500), and a batch of 1,000 fills it on its own.
-                targets = ([f"{host}:{port}" for host, port in stack.addresses["vote_svc"]]
-                           if batch else [stack.edge_target])
+            elif mode in ("grpc", "grpc_noop"):
+                if mode == "grpc":
+                    method = "/televote.vote.v1.VoteService/SubmitVote"
+                    requests = [vote_service_pb2.SubmitVoteRequest(
+                        request_id=_ID_PLACEHOLDER, round_id=test_round.round_id,
+                        contestant_id=contestant, vote_type=vote_types_pb2.VOTE_TYPE_FREE,
+                        count=1, channel=vote_types_pb2.CHANNEL_APP).SerializeToString()
+                        for contestant in test_round.contestants]
+                else:  # the ceiling of this path: the no-op through the same edge
+                    method = "/televote.vote.v1.VoteService/ListVotePackages"
+                    requests = [vote_service_pb2.ListVotePackagesRequest().SerializeToString()]
                 before = _cpu_by_role()
-                acked, _, failed = await asyncio.to_thread(
-                    _grpc, targets, test_round, voters, options.duration, 1 if batch else 64, 0,
-                    batch, len(targets) if batch else 2)
-                cpu = _cpu_per_vote(before, _cpu_by_role(), len(acked))
-                peak = len(acked) / options.duration
-                calls = 0.7 * peak / (1000 if batch else 1)
-                edge_before = {} if batch else await _edge_histogram(stack)
-                acked2, latencies, failed2 = await asyncio.to_thread(
-                    _grpc, targets, test_round, voters, options.duration, 0, calls, batch,
-                    len(targets) if batch else 2)
-                edge = {} if batch else {"edge_p99_ms_at_most": _p99_bound(
-                    edge_before, await _edge_histogram(stack))}
-                await _ledger_check(stack, test_round, acked + acked2)
+                replies, _, failed = await asyncio.to_thread(
+                    _go_grpc, stack.edge_target, method, requests, voters, duration, 64, 0)
+                cpu = _cpu_per_vote(before, _cpu_by_role(), len(replies))
+                peak = len(replies) / duration
+                edge_before = await _edge_histogram(stack)
+                replies2, latencies, failed2 = await asyncio.to_thread(
+                    _go_grpc, stack.edge_target, method, requests, voters, duration, 0,
+                    0.7 * peak)
+                edge_p99 = _p99_bound(edge_before, await _edge_histogram(stack))
+                if mode == "grpc":
+                    await _ledger_check(stack, test_round, [
+                        vote_service_pb2.SubmitVoteResponse.FromString(reply).vote_id
+                        for reply in replies + replies2])
                 results[mode] = {"max_per_s": round(peak), "refused": failed,
-                                 "at70_per_s": round(len(acked2) / options.duration),
+                                 "at70_per_s": round(len(replies2) / duration),
                                  "p50_ms": round(_pct(latencies, 50), 1),
                                  "p99_ms": round(_pct(latencies, 99), 1),
-                                 "refused_at70": failed2, **edge, "cpu_us_per_vote": cpu}
+                                 "refused_at70": failed2, "edge_p99_ms_at_most": edge_p99,
+                                 "cpu_us_per_vote": cpu}
+            else:  # batch
+                # A gateway keeps one batch in flight per replica: a replica sheds calls past
+                # VOTE_MAX_INFLIGHT_VOTES (500), and a batch of 1,000 fills it on its own.
+                # Gateways are inside the mesh: they call the replicas directly.
+                targets = [f"{host}:{port}" for host, port in stack.addresses["vote_svc"]]
+                before = _cpu_by_role()
+                acked, _, failed = await asyncio.to_thread(
+                    _batches, targets, test_round, duration, 0)
+                cpu = _cpu_per_vote(before, _cpu_by_role(), len(acked))
+                peak = len(acked) / duration
+                acked2, latencies, failed2 = await asyncio.to_thread(
+                    _batches, targets, test_round, duration, 0.7 * peak / 1000)
+                await _ledger_check(stack, test_round, acked + acked2)
+                results[mode] = {"max_per_s": round(peak), "refused": failed,
+                                 "at70_per_s": round(len(acked2) / duration),
+                                 "p50_ms": round(_pct(latencies, 50), 1),
+                                 "p99_ms": round(_pct(latencies, 99), 1),
+                                 "refused_at70": failed2, "cpu_us_per_vote": cpu}
             print(mode, json.dumps(results[mode]), flush=True)
     finally:
         await stack.stop()
