@@ -1,7 +1,7 @@
 """Vote ingestion benchmark: durable accepted votes/s through the edge, and latency at 70 %.
 
     python bench/vote_bench.py [--duration 10] [--replicas 2]
-        [--modes noop,json,grpc_noop,grpc,batch]
+        [--modes noop,json,grpc_noop,grpc,batch] [--grpc-rates 400,800]
 
 Starts its own mesh (like `televote up`, fraud scoring off unless --fraud: fraud_svc would,
 rightly, block a benchmark's voters), opens a round per run whose quota and rate limit do not
@@ -272,6 +272,18 @@ def _go_grpc(target: str, method: str, requests: list[bytes], voters: list[str],
     return replies, latencies, int(out[-1].split()[1])
 
 
+_SUBMIT_VOTE = "/televote.vote.v1.VoteService/SubmitVote"
+
+
+def _vote_requests(test_round: TestRound) -> list[bytes]:
+    """A free app vote for each contestant, request id to be filled in per call."""
+    return [vote_service_pb2.SubmitVoteRequest(
+        request_id=_ID_PLACEHOLDER, round_id=test_round.round_id, contestant_id=contestant,
+        vote_type=vote_types_pb2.VOTE_TYPE_FREE, count=1,
+        channel=vote_types_pb2.CHANNEL_APP).SerializeToString()
+        for contestant in test_round.contestants]
+
+
 def _batch_worker(args: tuple[str, str, list[str], float, int, float, int]) -> Any:
     return asyncio.run(_batch_load(*args))
 
@@ -354,6 +366,9 @@ async def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--modes", default="noop,json,grpc_noop,grpc,batch")
     parser.add_argument("--fraud", action="store_true", help="keep fraud scoring on")
+    parser.add_argument("--grpc-rates", default="", help=(
+        "after the modes, gRPC votes open loop at each of these rates (votes/s, comma "
+        "separated): latency and CPU per vote below the maximum"))
     options = parser.parse_args()
     env = {"TELEVOTE_GRACE_SECONDS": "5", "TELEVOTE_LOG_LEVEL": "WARNING"}
     if not options.fraud:
@@ -363,13 +378,13 @@ async def main() -> None:
     stack = Stack(StackSettings(state_dir=Path(tempfile.mkdtemp(prefix="vote-bench-")),
                                 edge_port=0, replicas=replicas, service_env=env))
     await stack.start()
-    if {"grpc", "grpc_noop"} & set(options.modes.split(",")):
+    if {"grpc", "grpc_noop"} & set(options.modes.split(",")) or options.grpc_rates:
         _go_load_generator()  # built before any CPU is measured
     results: dict[str, Any] = {}
     try:
         voters = _voter_tokens(stack)
         duration = int(options.duration)
-        for mode in options.modes.split(","):
+        for mode in filter(None, options.modes.split(",")):
             test_round = await _round(stack)
             if mode in ("json", "noop"):
                 path = "/v1/vote-packages" if mode == "noop" else ""
@@ -400,12 +415,7 @@ async def main() -> None:
                                  "cpu_us_per_vote": cpu}
             elif mode in ("grpc", "grpc_noop"):
                 if mode == "grpc":
-                    method = "/televote.vote.v1.VoteService/SubmitVote"
-                    requests = [vote_service_pb2.SubmitVoteRequest(
-                        request_id=_ID_PLACEHOLDER, round_id=test_round.round_id,
-                        contestant_id=contestant, vote_type=vote_types_pb2.VOTE_TYPE_FREE,
-                        count=1, channel=vote_types_pb2.CHANNEL_APP).SerializeToString()
-                        for contestant in test_round.contestants]
+                    method, requests = _SUBMIT_VOTE, _vote_requests(test_round)
                 else:  # the ceiling of this path: the no-op through the same edge
                     method = "/televote.vote.v1.VoteService/ListVotePackages"
                     requests = [vote_service_pb2.ListVotePackagesRequest().SerializeToString()]
@@ -448,6 +458,25 @@ async def main() -> None:
                                  "p99_ms": round(_pct(latencies, 99), 1),
                                  "refused_at70": failed2, "cpu_us_per_vote": cpu}
             print(mode, json.dumps(results[mode]), flush=True)
+        for rate in [float(rate) for rate in options.grpc_rates.split(",") if rate]:
+            test_round = await _round(stack)
+            edge_before = await _edge_histogram(stack)
+            before = _cpu_by_role()
+            replies, latencies, failed = await asyncio.to_thread(
+                _go_grpc, stack.edge_target, _SUBMIT_VOTE, _vote_requests(test_round), voters,
+                duration, 0, rate)
+            cpu = _cpu_per_vote(before, _cpu_by_role(), len(replies))
+            edge_p99 = _p99_bound(edge_before, await _edge_histogram(stack))
+            await _ledger_check(stack, test_round, [
+                vote_service_pb2.SubmitVoteResponse.FromString(reply).vote_id
+                for reply in replies])
+            name = f"grpc_at_{rate:g}"
+            results[name] = {"per_s": round(len(replies) / duration),
+                             **{f"p{q}_ms": round(_pct(latencies, q), 1) for q in (50, 90, 99)},
+                             "max_ms": round(max(latencies, default=math.nan), 1),
+                             "refused": failed, "edge_p99_ms_at_most": edge_p99,
+                             "cpu_us_per_vote": cpu}
+            print(name, json.dumps(results[name]), flush=True)
     finally:
         await stack.stop()
     print(json.dumps(results, indent=2))
