@@ -87,13 +87,16 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
-async def _redis_work(redis: RedisClient) -> tuple[int, int]:
-    """Commands Redis has run (those of scripts included) and bytes it appended to its AOF
-    (what it also sends replicas): how much work the feature state costs it, free of noise."""
+async def _redis_work(redis: RedisClient) -> tuple[int, int, int]:
+    """Commands Redis has run (those of scripts included), bytes in its AOF (what it also sends
+    replicas) and the AOF's size after its last rewrite: how much work the feature state costs
+    it, free of noise. A rewrite (Redis's own, when the file doubled) shrinks the file: the
+    size after it, `aof_base_size`, changes, and the bytes between are not known."""
     commands = await redis.info("commandstats")
     persistence = await redis.info("persistence")
     return (sum(int(stats["calls"]) for stats in commands.values()),
-            int(persistence.get("aof_current_size", 0)))
+            int(persistence.get("aof_current_size", 0)),
+            int(persistence.get("aof_base_size", 0)))
 
 
 class _Caller:
@@ -175,12 +178,13 @@ async def _run_batches(stub: _Caller,
         for name, seconds in stores_cpu.items():
             figures[f"{name.lower()}_cpu_ms_per_batch"] = seconds / len(requests) * 1e3
     # The INFO calls themselves count too: 2 commands, negligible over a run.
-    commands, aof_bytes = (after - before for after, before in zip(redis_after, redis_before,
-                                                                   strict=True))
-    print(f"  Redis work     {commands / votes:.1f} commands per vote (scripts' included),"
-          f" {aof_bytes / votes:.0f} AOF bytes per vote")
+    commands, aof_bytes, rewritten = (after - before for after, before in zip(
+        redis_after, redis_before, strict=True))
+    aof = ("AOF rewritten meanwhile, its bytes not known" if rewritten
+           else f"{aof_bytes / votes:.0f} AOF bytes per vote")
+    print(f"  Redis work     {commands / votes:.1f} commands per vote (scripts' included), {aof}")
     figures["redis_commands_per_vote"] = commands / votes
-    figures["redis_aof_bytes_per_vote"] = aof_bytes / votes
+    figures["redis_aof_bytes_per_vote"] = None if rewritten else aof_bytes / votes
     return figures
 
 
@@ -241,7 +245,7 @@ def _save_and_compare(figures: dict[str, float], save: str | None,
         before = json.loads(Path(baseline).read_text())
         print(f"after/before ({baseline}):")
         for key, value in figures.items():
-            if before.get(key):
+            if before.get(key) and value is not None:
                 print(f"  {key:28s} {before[key]:9.2f} -> {value:9.2f}"
                       f"   x{value / before[key]:.2f}")
 
