@@ -284,14 +284,17 @@ def _vote_requests(test_round: TestRound) -> list[bytes]:
         for contestant in test_round.contestants]
 
 
-def _batch_worker(args: tuple[str, str, list[str], float, int, float, int]) -> Any:
+def _vote_ids(replies: list[bytes]) -> list[str]:
+    return [vote_service_pb2.SubmitVoteResponse.FromString(reply).vote_id for reply in replies]
+
+
+def _batch_worker(args: tuple[str, str, list[str], float, float, int]) -> Any:
     return asyncio.run(_batch_load(*args))
 
 
 async def _batch_load(target: str, round_id: str, contestants: list[str], duration: float,
-                      concurrency: int, rate: float, seed: int,
-                      ) -> tuple[list[str], list[float], int]:
-    """Gateway batches of 1,000 votes, closed loop (rate 0) or open loop at `rate` calls/s;
+                      rate: float, seed: int) -> tuple[list[str], list[float], int]:
+    """Gateway batches of 1,000 votes, one in flight (rate 0) or open loop at `rate` calls/s;
     returns vote ids, latencies (ms), refusals."""
     acked: list[str] = []
     latencies: list[float] = []
@@ -324,10 +327,8 @@ async def _batch_load(target: str, round_id: str, contestants: list[str], durati
 
         end = time.perf_counter() + duration
         if rate <= 0:
-            async def loop() -> None:
-                while time.perf_counter() < end:
-                    await one()
-            await asyncio.gather(*(loop() for _ in range(concurrency)))
+            while time.perf_counter() < end:
+                await one()
         else:
             tasks = set()
             interval, next_at = 1 / rate, time.perf_counter()
@@ -350,7 +351,7 @@ def _batches(targets: list[str], test_round: TestRound, duration: float, rate: f
     with multiprocessing.get_context("spawn").Pool(len(targets)) as pool:
         parts = pool.map(_batch_worker, [
             (target, test_round.round_id, test_round.contestants, duration,
-             1, rate / len(targets), seed) for seed, target in enumerate(targets)])
+             rate / len(targets), seed) for seed, target in enumerate(targets)])
     acked = [vote for part in parts for vote in part[0]]
     latencies = [ms for part in parts for ms in part[1]]
     return acked, latencies, sum(part[2] for part in parts)
@@ -430,9 +431,7 @@ async def main() -> None:
                     0.7 * peak)
                 edge_p99 = _p99_bound(edge_before, await _edge_histogram(stack))
                 if mode == "grpc":
-                    await _ledger_check(stack, test_round, [
-                        vote_service_pb2.SubmitVoteResponse.FromString(reply).vote_id
-                        for reply in replies + replies2])
+                    await _ledger_check(stack, test_round, _vote_ids(replies + replies2))
                 results[mode] = {"max_per_s": round(peak), "refused": failed,
                                  "at70_per_s": round(len(replies2) / duration),
                                  "p50_ms": round(_pct(latencies, 50), 1),
@@ -467,9 +466,7 @@ async def main() -> None:
                 duration, 0, rate)
             cpu = _cpu_per_vote(before, _cpu_by_role(), len(replies))
             edge_p99 = _p99_bound(edge_before, await _edge_histogram(stack))
-            await _ledger_check(stack, test_round, [
-                vote_service_pb2.SubmitVoteResponse.FromString(reply).vote_id
-                for reply in replies])
+            await _ledger_check(stack, test_round, _vote_ids(replies))
             name = f"grpc_at_{rate:g}"
             results[name] = {"per_s": round(len(replies) / duration),
                              **{f"p{q}_ms": round(_pct(latencies, q), 1) for q in (50, 90, 99)},

@@ -4,7 +4,6 @@ batch writes the new rows, and every total is summed from the rows it actually i
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -17,7 +16,7 @@ from tests.support_windows import TestRound, open_test_round
 from tests.vote_support import new_id, query
 from vote_svc.admission import Outcome, Scripts, VoteKeys
 from vote_svc.ingest import receipt_hash
-from vote_svc.ledger import _WRITE, CommitResult, Ledger, LedgerVote
+from vote_svc.ledger import WRITE_BATCH, CommitResult, Ledger, LedgerVote, batch_rows
 
 
 @pytest_asyncio.fixture
@@ -114,7 +113,7 @@ async def test_a_batch_commits_while_another_writers_batch_of_the_same_contestan
     held = _vote(test_round, f"ledger-{new_id()[:8]}")
     async with await psycopg.AsyncConnection.connect(stack.database_url) as other_writer:
         async with other_writer.transaction(force_rollback=True):
-            await other_writer.execute(_WRITE, (json.dumps([held.record()]),))
+            await other_writer.execute(WRITE_BATCH, (batch_rows([held]),))
             # The other writer's batch is written and not yet committed.
             result = await asyncio.wait_for(
                 ledger.submit(_vote(test_round, f"ledger-{new_id()[:8]}")), 3)
