@@ -129,6 +129,11 @@ def ratios(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
     if "json" in vote and vote["json"].get("p99_ms") and vote["noop"].get("p99_ms"):
         out["json p99 at 70 % / no-op p99 at 70 %"] = vote["json"]["p99_ms"] / \
             vote["noop"]["p99_ms"]
+    bounds = vote.get("machine_bounds", {})
+    for mode in ("json", "grpc"):
+        if mode in vote and bounds.get(f"{mode}_if_votes_cost_as_in_a_batch"):
+            out[f"{mode} max / its bound on this machine"] = vote[mode]["max_per_s"] / \
+                bounds[f"{mode}_if_votes_cost_as_in_a_batch"]
     seed = figures.get("seed", {}).get("achieved", {})
     if seed:
         out["seed scenario acknowledged/s / no-op ceiling"] = seed["acknowledged_per_s"] / \

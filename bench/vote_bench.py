@@ -25,6 +25,10 @@ Each maximum also prints the CPU time per accepted vote of every process of the 
 role (each service's replicas, envoy, postgres backends by the service they serve and its
 other processes, redis, and the load generator), in microseconds: on a shared machine this
 is the steady figure, where votes/s depends on what else runs.
+After the modes, `machine_bounds` says what this machine allows at best (see
+`machine_bounds`): JSON and gRPC if every vote cost its path's no-op plus what a vote costs
+inside a 1,000-vote batch, and batches if only Redis and PostgreSQL cost anything. A target
+above its bound cannot be met on this machine by batching better.
 No assertions on timing: it prints figures.
 """
 
@@ -357,6 +361,33 @@ def _batches(targets: list[str], test_round: TestRound, duration: float, rate: f
     return acked, latencies, sum(part[2] for part in parts)
 
 
+def machine_bounds(results: dict[str, Any], cores: int) -> dict[str, int]:
+    """The most votes/s this machine could carry per path, from the CPU per vote measured in
+    this run: whether a throughput target can be met here at all.
+
+    A path's maximum can be no higher than the machine's CPU over what each vote costs. The
+    cheapest a vote's own work gets is inside a 1,000-vote batch (every script call, row and
+    round trip shared by a thousand), so a JSON or gRPC vote costs at least its path's no-op
+    (the same edge and framework) plus that. And no batch can go faster than the stores
+    (Redis, PostgreSQL) allow, even if vote_svc and its client cost nothing. Optimistic on
+    purpose: the kernel's own work, and the benchmark process, are in no figure.
+    """
+    budget = cores * 1e6  # µs of CPU per second
+    batch = results.get("batch", {}).get("cpu_us_per_vote")
+    if not batch:
+        return {}
+    # A batch vote's own work: everything but its client and the edge it does not cross.
+    work = batch["total"] - batch.get("load generator", 0) - batch.get("envoy", 0)
+    stores = sum(us for role, us in batch.items()
+                 if role == "redis-server" or role.startswith("postgres"))
+    bounds = {"batch_if_only_the_stores_cost": round(budget / stores)}
+    for path, ceiling in (("json", "noop"), ("grpc", "grpc_noop")):
+        if ceiling in results:
+            no_op = results[ceiling]["cpu_us_per_vote"]["total"]
+            bounds[f"{path}_if_votes_cost_as_in_a_batch"] = round(budget / (no_op + work))
+    return bounds
+
+
 def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else float("nan")
 
@@ -474,6 +505,10 @@ async def main() -> None:
                              "refused": failed, "edge_p99_ms_at_most": edge_p99,
                              "cpu_us_per_vote": cpu}
             print(name, json.dumps(results[name]), flush=True)
+        bounds = machine_bounds(results, len(os.sched_getaffinity(0)))
+        if bounds:
+            results["machine_bounds"] = bounds
+            print("machine_bounds", json.dumps(bounds), flush=True)
     finally:
         await stack.stop()
     print(json.dumps(results, indent=2))
