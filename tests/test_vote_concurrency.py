@@ -307,6 +307,36 @@ async def test_a_gateway_batch_is_admitted_vote_by_vote_and_retried_whole(
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
 
 
+async def test_a_premium_sms_neither_reads_nor_reports_the_subscribers_wallet(
+        stack: Stack, replicas: list[Replica]) -> None:
+    """Its carrier charges a premium SMS: it takes no free vote and no paid vote, so its
+    admission needs no cache of the subscriber's wallet (no PostgreSQL read, no second
+    admission) and it answers 0 for both. The same user's app votes still see theirs."""
+    test_round = await _round(stack)
+    user = f"sms:+855{random.randrange(10**8, 10**9)}"
+    await replicas[0].wallet.GrantVotes(wallet_admin_service_pb2.GrantVotesRequest(
+        request_id=new_id(), user_id=user, count=3, reason="test credit"),
+        metadata=inside(Role.OPERATOR, "producer"), timeout=10)
+    sms = vote_gateway_service_pb2.SubmitVotesRequest(votes=[
+        vote_gateway_service_pb2.GatewayVote(
+            request_id=new_id(), user_id=user, round_id=test_round.round_id,
+            contestant_id=test_round.contestants[0], vote_type=SMS_TYPE, count=1,
+            channel=SMS)])
+    reply = await replicas[0].gateway.SubmitVotes(sms, metadata=inside(Role.CARRIER, "smart"),
+                                                  timeout=10)
+    accepted = reply.results[0].accepted
+    assert accepted.vote_id and (accepted.free_votes_left, accepted.paid_balance) == (0, 0)
+    redis = create_redis(stack.redis_url)
+    try:
+        assert not await redis.exists(keys.user_key(keys.shard_of(user), user))
+    finally:
+        await redis.aclose()
+    app = await replicas[1].votes.SubmitVote(vote_request(test_round),
+                                             metadata=inside(Role.VOTER, user), timeout=10)
+    assert (app.free_votes_left, app.paid_balance) == (4, 3)
+    assert len(await ledger_rows(stack.database_url, test_round.round_id)) == 2
+
+
 class _Scorer(fraud_scoring_service_pb2_grpc.FraudScoringServiceServicer):
     """Answers each vote with the action `decide(vote)` gives; or fails like a down scorer."""
 

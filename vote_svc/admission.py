@@ -13,9 +13,10 @@ scripts run unchanged on Redis Cluster. The admission script, in order:
 5. the contestant is one of the round's;
 6. the per-user rate (votes per minute window of the Redis clock; the window's
    `rate_limit_per_minute`, else VOTE_RATE_LIMIT_PER_MINUTE);
-7. the user's cache is loaded (else NEED_LOAD; a call that brings PostgreSQL's figures for the
-   user fills it first) and the free quota (episode `free_quota` and
-   round `free_cap`) / paid balance suffice;
+7. for a FREE or PAID vote, the user's cache is loaded (else NEED_LOAD; a call that brings
+   PostgreSQL's figures for the user fills it first) and the free quota (episode `free_quota`
+   and round `free_cap`) / paid balance suffice (a PREMIUM_SMS vote, charged by its carrier,
+   uses neither: it needs no cache and reports both as 0);
 then applies: free used (episode and round) or paid spent, rate, live counter, minute bucket,
 and the pending idempotency record
 `P|fingerprint|vote_id|admitted_ms|lease_until_ms|free_left|paid|episode`, listed in the
@@ -95,35 +96,41 @@ if used + count > limit then
   return {'RATE_LIMITED', tostring(minute + window - now)}
 end
 local episode = w[6]
-local rfield = 'rfree:' .. ARGV[12]
-local u = redis.call('HMGET', KEYS[2], 'credited', 'spent', 'free:' .. episode, rfield)
-if not u[1] or not u[3] or not u[4] then
-  if not ARGV[13] then return {'NEED_LOAD', episode} end
-  load(KEYS[2], 13)
-  u = redis.call('HMGET', KEYS[2], 'credited', 'spent', 'free:' .. episode, rfield)
-end
-local credited, spent = tonumber(u[1]), tonumber(u[2])
-local free_used, round_used = tonumber(u[3]), tonumber(u[4])
-local quota, cap = tonumber(w[5]), tonumber(w[7] or '0')
-local function free_left()
-  local left = quota - free_used
-  if cap > 0 and cap - round_used < left then left = cap - round_used end
-  return math.max(left, 0)
-end
-if ARGV[2] == 'FREE' then
-  if count > free_left() then return {'NO_FREE', tostring(free_left())} end
-  free_used = redis.call('HINCRBY', KEYS[2], 'free:' .. episode, count)
-  round_used = redis.call('HINCRBY', KEYS[2], rfield, count)
-elseif ARGV[2] == 'PAID' then
-  if spent + count > credited then return {'NO_BALANCE', tostring(credited - spent)} end
-  spent = redis.call('HINCRBY', KEYS[2], 'spent', count)
+-- A premium SMS is charged by its carrier: it uses neither the free quota nor the paid
+-- balance, so it needs no cache of them (no NEED_LOAD) and reports both as 0.
+local free_left_after, balance_after = 0, 0
+if ARGV[2] ~= 'PREMIUM_SMS' then
+  local rfield = 'rfree:' .. ARGV[12]
+  local u = redis.call('HMGET', KEYS[2], 'credited', 'spent', 'free:' .. episode, rfield)
+  if not u[1] or not u[3] or not u[4] then
+    if not ARGV[13] then return {'NEED_LOAD', episode} end
+    load(KEYS[2], 13)
+    u = redis.call('HMGET', KEYS[2], 'credited', 'spent', 'free:' .. episode, rfield)
+  end
+  local credited, spent = tonumber(u[1]), tonumber(u[2])
+  local free_used, round_used = tonumber(u[3]), tonumber(u[4])
+  local quota, cap = tonumber(w[5]), tonumber(w[7] or '0')
+  local function free_left()
+    local left = quota - free_used
+    if cap > 0 and cap - round_used < left then left = cap - round_used end
+    return math.max(left, 0)
+  end
+  if ARGV[2] == 'FREE' then
+    if count > free_left() then return {'NO_FREE', tostring(free_left())} end
+    free_used = redis.call('HINCRBY', KEYS[2], 'free:' .. episode, count)
+    round_used = redis.call('HINCRBY', KEYS[2], rfield, count)
+  elseif ARGV[2] == 'PAID' then
+    if spent + count > credited then return {'NO_BALANCE', tostring(credited - spent)} end
+    spent = redis.call('HINCRBY', KEYS[2], 'spent', count)
+  end
+  free_left_after, balance_after = free_left(), credited - spent
 end
 redis.call('HSET', KEYS[4], 'minute', minute, 'n', used + count)
 redis.call('PEXPIRE', KEYS[4], window * 2)
 redis.call('HINCRBY', KEYS[5], ARGV[1], count)
 redis.call('HINCRBY', KEYS[6], minute .. ':' .. ARGV[1], count)
 local value = table.concat({'P', ARGV[5], ARGV[6], now, now + tonumber(ARGV[7]),
-                            free_left(), credited - spent, episode}, '|')
+                            free_left_after, balance_after, episode}, '|')
 redis.call('SET', KEYS[3], value, 'PX', ARGV[11])
 -- What the reconciler needs to undo this admission if its replica dies (vote_svc/reconcile.py);
 -- the settling done/undo removes it, so normally the reconciler finds nothing.

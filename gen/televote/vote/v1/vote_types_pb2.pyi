@@ -280,9 +280,14 @@ class AcceptedVote(_message.Message):
     receipt_hash: _builtins.bytes
     """The receipt hash (VoteReceipt.leaf_hash), 32 bytes."""
     free_votes_left: _builtins.int
-    """Free votes the user has left in this episode after this vote."""
+    """Free votes the user has left in this episode after this vote. 0 for a PREMIUM_SMS vote,
+    which its carrier charges: it uses neither free votes nor the paid balance, and the
+    user's figures are not looked up for it (GetBalance has them).
+    """
     paid_balance: _builtins.int
-    """The user's paid balance, in votes, after this vote."""
+    """The user's paid balance, in votes, after this vote. 0 for a PREMIUM_SMS vote (see
+    free_votes_left).
+    """
     @_builtins.property
     def accepted_at(self) -> _timestamp_pb2.Timestamp:
         """When the vote was committed to the ledger, by the server clock."""
