@@ -122,6 +122,11 @@ class _Caller:
         return reply.scores
 
 
+def _quantile(ordered: list[float], q: float) -> float:
+    """The q-quantile of values sorted in ascending order."""
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
 async def _run_batches(stub: _Caller,
                        events: list[VoteEvent], batch_size: int, batches: int, run: str,
                        server: psutil.Process, stores: dict[str, psutil.Process],
@@ -154,20 +159,17 @@ async def _run_batches(stub: _Caller,
     votes = len(requests) * batch_size
     latencies.sort()
 
-    def quantile(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(len(latencies) * q))]
-
-    p99 = quantile(0.99)
+    p90, p99 = _quantile(latencies, 0.9), _quantile(latencies, 0.99)
     names = {1: "ALLOW", 2: "REVIEW", 3: "BLOCK"}
     mix = ", ".join(f"{names.get(k, k)} {v / votes:.0%}" for k, v in sorted(actions.items()))
     print(f"{label}: {len(requests)} batches of {batch_size} ({mix})")
     print(f"  batch latency  min {latencies[0]:.2f} ms   p50 {statistics.median(latencies):.2f} ms"
-          f"   p90 {quantile(0.9):.2f} ms   p99 {p99:.2f} ms   max {latencies[-1]:.2f} ms"
+          f"   p90 {p90:.2f} ms   p99 {p99:.2f} ms   max {latencies[-1]:.2f} ms"
           "   (target p99 <= 5 ms)")
     print(f"  fraud_svc CPU  {cpu / votes * 1e6:.1f} us per vote"
           f"   ({cpu / len(requests) * 1e3:.2f} ms per batch; target <= 50 us per vote)")
     figures = {"min_ms": latencies[0], "p50_ms": statistics.median(latencies),
-               "p90_ms": quantile(0.9), "p99_ms": p99,
+               "p90_ms": p90, "p99_ms": p99,
                "cpu_us_per_vote": cpu / votes * 1e6,
                "cpu_ms_per_batch": cpu / len(requests) * 1e3}
     if stores_cpu:
@@ -204,7 +206,7 @@ async def _no_op_calls(channel: grpc.aio.Channel, calls: int) -> dict[str, float
         await stub.Check(request, timeout=5)
         latencies.append((time.perf_counter() - started) * 1000)
     latencies.sort()
-    p50, p99 = statistics.median(latencies), latencies[int(len(latencies) * 0.99)]
+    p50, p99 = statistics.median(latencies), _quantile(latencies, 0.99)
     print(f"no-op call (health check, {calls} in turn): p50 {p50:.2f} ms   p99 {p99:.2f} ms"
           f"   max {latencies[-1]:.2f} ms   (the machine's and gRPC's share of a batch's"
           " latency)")
