@@ -30,6 +30,7 @@ from vote_svc.config import VoteConfig
 from vote_svc.fraud import FraudScorer
 from vote_svc.ingest import Ingestor, Result, VoteRequest
 from vote_svc.ledger import Ledger
+from vote_svc import profiles
 from vote_svc.packages import PackageCatalogue
 from vote_svc.reconcile import Reconciler
 from vote_svc.rescore import Rescorer
@@ -95,6 +96,14 @@ class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
                                context: Any) -> vote_service_pb2.ListVotePackagesResponse:
         return vote_service_pb2.ListVotePackagesResponse(
             packages=await self._catalogue.packages())
+
+    async def SetVoterProfile(self, request: vote_service_pb2.SetVoterProfileRequest,
+                              context: Any) -> vote_service_pb2.SetVoterProfileResponse:
+        profile = profiles.validate(request.age_band, request.gender, request.province)
+        stored = await profiles.set_profile(self._storage, current_principal().subject,
+                                            profile)
+        return vote_service_pb2.SetVoterProfileResponse(
+            age_band=stored.age_band, gender=stored.gender, province=stored.province)
 
 
 class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServicer):

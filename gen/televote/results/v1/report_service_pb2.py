@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from televote.vote.v1 import vote_types_pb2 as televote_dot_vote_dot_v1_dot_vote__types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(televote/results/v1/report_service.proto\x12\x13televote.results.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!televote/vote/v1/vote_types.proto\">\n\tVoteCount\x12\r\n\x05votes\x18\x01 \x01(\x03\x12\x0e\n\x06voters\x18\x02 \x01(\x03\x12\x12\n\npercentage\x18\x03 \x01(\x01\"M\n\x0cMinuteBucket\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05votes\x18\x02 \x01(\x03\"O\n\x0cSegmentCount\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\r\n\x05votes\x18\x03 \x01(\x03\x12\x0e\n\x06voters\x18\x04 \x01(\x03\"W\n\x0bRegionCount\x12\x14\n\x0c\x63ountry_code\x18\x01 \x01(\t\x12\x13\n\x0bregion_code\x18\x02 \x01(\t\x12\r\n\x05votes\x18\x03 \x01(\x03\x12\x0e\n\x06voters\x18\x04 \x01(\x03\"[\n\x0bRevenueLine\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x14\n\x0ctransactions\x18\x02 \x01(\x03\x12&\n\x05gross\x18\x03 \x01(\x0b\x32\x17.televote.vote.v1.Money\"l\n\x0cRoundSummary\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05votes\x18\x03 \x01(\x03\x12\x0e\n\x06voters\x18\x04 \x01(\x03\x12\x1d\n\x15winner_contestant_ids\x18\x05 \x03(\t\"\xdd\x01\n\nEngagement\x12\x1d\n\x15peak_votes_per_minute\x18\x01 \x01(\x03\x12/\n\x0bpeak_minute\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fvotes_per_voter\x18\x03 \x01(\x01\x12$\n\x1cmulti_round_voter_percentage\x18\x04 \x01(\x01\x12\x1f\n\x17paying_voter_percentage\x18\x05 \x01(\x01\x12\x1f\n\x17peak_concurrent_viewers\x18\x06 \x01(\x03\"3\n\x17GetEpisodeReportRequest\x12\x18\n\nepisode_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xb8\x05\n\x18GetEpisodeReportResponse\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x30\n\x0cgenerated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btotal_votes\x18\x04 \x01(\x03\x12\x19\n\x11invalidated_votes\x18\x05 \x01(\x03\x12\x15\n\runique_voters\x18\x06 \x01(\x03\x12,\n\x04\x66ree\x18\x07 \x01(\x0b\x32\x1e.televote.results.v1.VoteCount\x12,\n\x04paid\x18\x08 \x01(\x0b\x32\x1e.televote.results.v1.VoteCount\x12+\n\x03sms\x18\t \x01(\x0b\x32\x1e.televote.results.v1.VoteCount\x12;\n\x10votes_per_minute\x18\n \x03(\x0b\x32!.televote.results.v1.MinuteBucket\x12\x37\n\x0c\x64\x65mographics\x18\x0b \x03(\x0b\x32!.televote.results.v1.SegmentCount\x12\x33\n\tgeography\x18\x0c \x03(\x0b\x32 .televote.results.v1.RegionCount\x12\x31\n\x07revenue\x18\r \x03(\x0b\x32 .televote.results.v1.RevenueLine\x12.\n\rtotal_revenue\x18\x0e \x01(\x0b\x32\x17.televote.vote.v1.Money\x12\x33\n\nengagement\x18\x0f \x01(\x0b\x32\x1f.televote.results.v1.Engagement\x12\x31\n\x06rounds\x18\x10 \x03(\x0b\x32!.televote.results.v1.RoundSummary2\xab\x01\n\rReportService\x12\x99\x01\n\x10GetEpisodeReport\x12,.televote.results.v1.GetEpisodeReportRequest\x1a-.televote.results.v1.GetEpisodeReportResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/episodes/{episode_id}/reportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(televote/results/v1/report_service.proto\x12\x13televote.results.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!televote/vote/v1/vote_types.proto\">\n\tVoteCount\x12\r\n\x05votes\x18\x01 \x01(\x03\x12\x0e\n\x06voters\x18\x02 \x01(\x03\x12\x12\n\npercentage\x18\x03 \x01(\x01\"1\n\x10InvalidatedCount\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05votes\x18\x02 \x01(\x03\"\x97\x03\n\rReportSummary\x12\x14\n\x0cledger_votes\x18\x01 \x01(\x03\x12\x15\n\rcounted_votes\x18\x02 \x01(\x03\x12\x19\n\x11invalidated_votes\x18\x03 \x01(\x03\x12\x44\n\x15invalidated_by_reason\x18\x04 \x03(\x0b\x32%.televote.results.v1.InvalidatedCount\x12\x15\n\runique_voters\x18\x05 \x01(\x03\x12,\n\x04\x66ree\x18\x06 \x01(\x0b\x32\x1e.televote.results.v1.VoteCount\x12,\n\x04paid\x18\x07 \x01(\x0b\x32\x1e.televote.results.v1.VoteCount\x12+\n\x03sms\x18\x08 \x01(\x0b\x32\x1e.televote.results.v1.VoteCount\x12+\n\x03\x61pp\x18\t \x01(\x0b\x32\x1e.televote.results.v1.VoteCount\x12+\n\x03web\x18\n \x01(\x0b\x32\x1e.televote.results.v1.VoteCount\"\xcc\x01\n\x0eTimelineBucket\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12*\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x19.televote.vote.v1.Channel\x12-\n\tvote_type\x18\x04 \x01(\x0e\x32\x1a.televote.vote.v1.VoteType\x12\r\n\x05votes\x18\x05 \x01(\x03\x12\x0e\n\x06voters\x18\x06 \x01(\x03\"E\n\x04Peak\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05votes\x18\x02 \x01(\x03\"x\n\x06Moment\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x10\n\x08round_id\x18\x04 \x01(\t\x12\x15\n\rcontestant_id\x18\x05 \x01(\t\"i\n\x0f\x43ontestantCount\x12\x15\n\rcontestant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05votes\x18\x03 \x01(\x03\x12\x0e\n\x06voters\x18\x04 \x01(\x03\x12\x12\n\npercentage\x18\x05 \x01(\x01\"\xe7\x01\n\x0cRoundSummary\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05votes\x18\x03 \x01(\x03\x12\x0e\n\x06voters\x18\x04 \x01(\x03\x12\x1d\n\x15winner_contestant_ids\x18\x05 \x03(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x14\n\x0cledger_votes\x18\x07 \x01(\x03\x12\x19\n\x11invalidated_votes\x18\x08 \x01(\x03\x12\x39\n\x0b\x63ontestants\x18\t \x03(\x0b\x32$.televote.results.v1.ContestantCount\"T\n\x0bRegionCount\x12\x14\n\x0c\x63ountry_code\x18\x01 \x01(\t\x12\x10\n\x08province\x18\x02 \x01(\t\x12\r\n\x05votes\x18\x03 \x01(\x03\x12\x0e\n\x06voters\x18\x04 \x01(\x03\"O\n\x0cSegmentCount\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\r\n\x05votes\x18\x03 \x01(\x03\x12\x0e\n\x06voters\x18\x04 \x01(\x03\"i\n\x0bRevenueLine\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x14\n\x0ctransactions\x18\x03 \x01(\x03\x12&\n\x05gross\x18\x04 \x01(\x0b\x32\x17.televote.vote.v1.Money\"\x8a\x01\n\x0eRevenueSection\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x0c\n\x04note\x18\x02 \x01(\t\x12/\n\x05lines\x18\x03 \x03(\x0b\x32 .televote.results.v1.RevenueLine\x12&\n\x05total\x18\x04 \x01(\x0b\x32\x17.televote.vote.v1.Money\"\xe2\x01\n\x07Revenue\x12\x35\n\x08packages\x18\x01 \x01(\x0b\x32#.televote.results.v1.RevenueSection\x12\x30\n\x03sms\x18\x02 \x01(\x0b\x32#.televote.results.v1.RevenueSection\x12\x34\n\x07refunds\x18\x03 \x01(\x0b\x32#.televote.results.v1.RevenueSection\x12&\n\x05gross\x18\x04 \x01(\x0b\x32\x17.televote.vote.v1.Money\x12\x10\n\x08\x63omplete\x18\x05 \x01(\x08\"3\n\x12\x44istributionBucket\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0e\n\x06voters\x18\x02 \x01(\x03\"\x9f\x01\n\x13PerformanceResponse\x12\x15\n\rcontestant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x10\x66irst_vote_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xab\x03\n\nEngagement\x12\x1d\n\x15peak_votes_per_minute\x18\x01 \x01(\x03\x12/\n\x0bpeak_minute\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fvotes_per_voter\x18\x03 \x01(\x01\x12$\n\x1cmulti_round_voter_percentage\x18\x04 \x01(\x01\x12 \n\x18used_all_free_percentage\x18\x05 \x01(\x01\x12\x1f\n\x17\x66ree_to_paid_percentage\x18\x06 \x01(\x01\x12\x18\n\x10returning_voters\x18\x07 \x01(\x03\x12\"\n\x1areturning_voter_percentage\x18\x08 \x01(\x01\x12M\n\x1cvotes_per_voter_distribution\x18\t \x03(\x0b\x32\'.televote.results.v1.DistributionBucket\x12>\n\x0cperformances\x18\n \x03(\x0b\x32(.televote.results.v1.PerformanceResponse\"W\n\x10\x46raudSignalCount\x12\x0e\n\x06signal\x18\x01 \x01(\t\x12\x0f\n\x07\x62locked\x18\x02 \x01(\x03\x12\x10\n\x08reviewed\x18\x03 \x01(\x03\x12\x10\n\x08rejected\x18\x04 \x01(\x03\"\xb7\x01\n\x0b\x46raudReport\x12\x0f\n\x07\x62locked\x18\x01 \x01(\x03\x12\x10\n\x08reviewed\x18\x02 \x01(\x03\x12\x0f\n\x07pending\x18\x03 \x01(\x03\x12\x10\n\x08\x61pproved\x18\x04 \x01(\x03\x12\x10\n\x08rejected\x18\x05 \x01(\x03\x12\x16\n\x0erejected_votes\x18\x06 \x01(\x03\x12\x38\n\tby_signal\x18\x07 \x03(\x0b\x32%.televote.results.v1.FraudSignalCount\"3\n\x17GetEpisodeReportRequest\x12\x18\n\nepisode_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xc1\x05\n\x18GetEpisodeReportResponse\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x30\n\x0cgenerated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05title\x18\x04 \x01(\t\x12\x11\n\tshow_name\x18\x05 \x01(\t\x12\x15\n\repisode_state\x18\x06 \x01(\t\x12\x1a\n\x12privacy_min_voters\x18\x07 \x01(\x05\x12\x33\n\x07summary\x18\x08 \x01(\x0b\x32\".televote.results.v1.ReportSummary\x12\x35\n\x08timeline\x18\t \x03(\x0b\x32#.televote.results.v1.TimelineBucket\x12(\n\x05peaks\x18\n \x03(\x0b\x32\x19.televote.results.v1.Peak\x12,\n\x07moments\x18\x0b \x03(\x0b\x32\x1b.televote.results.v1.Moment\x12\x31\n\x06rounds\x18\x0c \x03(\x0b\x32!.televote.results.v1.RoundSummary\x12\x33\n\tgeography\x18\r \x03(\x0b\x32 .televote.results.v1.RegionCount\x12\x37\n\x0c\x64\x65mographics\x18\x0e \x03(\x0b\x32!.televote.results.v1.SegmentCount\x12-\n\x07revenue\x18\x0f \x01(\x0b\x32\x1c.televote.results.v1.Revenue\x12\x33\n\nengagement\x18\x10 \x01(\x0b\x32\x1f.televote.results.v1.Engagement\x12/\n\x05\x66raud\x18\x11 \x01(\x0b\x32 .televote.results.v1.FraudReport2\xab\x01\n\rReportService\x12\x99\x01\n\x10GetEpisodeReport\x12,.televote.results.v1.GetEpisodeReportRequest\x1a-.televote.results.v1.GetEpisodeReportResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/episodes/{episode_id}/reportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,24 +40,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETEPISODEREPORTREQUEST'].fields_by_name['episode_id']._serialized_options = b'\342A\001\002'
   _globals['_REPORTSERVICE'].methods_by_name['GetEpisodeReport']._loaded_options = None
   _globals['_REPORTSERVICE'].methods_by_name['GetEpisodeReport']._serialized_options = b'\202\323\344\223\002\"\022 /v1/episodes/{episode_id}/report'
-  _globals['_VOTECOUNT']._serialized_start=196
-  _globals['_VOTECOUNT']._serialized_end=258
-  _globals['_MINUTEBUCKET']._serialized_start=260
-  _globals['_MINUTEBUCKET']._serialized_end=337
-  _globals['_SEGMENTCOUNT']._serialized_start=339
-  _globals['_SEGMENTCOUNT']._serialized_end=418
-  _globals['_REGIONCOUNT']._serialized_start=420
-  _globals['_REGIONCOUNT']._serialized_end=507
-  _globals['_REVENUELINE']._serialized_start=509
-  _globals['_REVENUELINE']._serialized_end=600
-  _globals['_ROUNDSUMMARY']._serialized_start=602
-  _globals['_ROUNDSUMMARY']._serialized_end=710
-  _globals['_ENGAGEMENT']._serialized_start=713
-  _globals['_ENGAGEMENT']._serialized_end=934
-  _globals['_GETEPISODEREPORTREQUEST']._serialized_start=936
-  _globals['_GETEPISODEREPORTREQUEST']._serialized_end=987
-  _globals['_GETEPISODEREPORTRESPONSE']._serialized_start=990
-  _globals['_GETEPISODEREPORTRESPONSE']._serialized_end=1686
-  _globals['_REPORTSERVICE']._serialized_start=1689
-  _globals['_REPORTSERVICE']._serialized_end=1860
+  _globals['_VOTECOUNT']._serialized_start=228
+  _globals['_VOTECOUNT']._serialized_end=290
+  _globals['_INVALIDATEDCOUNT']._serialized_start=292
+  _globals['_INVALIDATEDCOUNT']._serialized_end=341
+  _globals['_REPORTSUMMARY']._serialized_start=344
+  _globals['_REPORTSUMMARY']._serialized_end=751
+  _globals['_TIMELINEBUCKET']._serialized_start=754
+  _globals['_TIMELINEBUCKET']._serialized_end=958
+  _globals['_PEAK']._serialized_start=960
+  _globals['_PEAK']._serialized_end=1029
+  _globals['_MOMENT']._serialized_start=1031
+  _globals['_MOMENT']._serialized_end=1151
+  _globals['_CONTESTANTCOUNT']._serialized_start=1153
+  _globals['_CONTESTANTCOUNT']._serialized_end=1258
+  _globals['_ROUNDSUMMARY']._serialized_start=1261
+  _globals['_ROUNDSUMMARY']._serialized_end=1492
+  _globals['_REGIONCOUNT']._serialized_start=1494
+  _globals['_REGIONCOUNT']._serialized_end=1578
+  _globals['_SEGMENTCOUNT']._serialized_start=1580
+  _globals['_SEGMENTCOUNT']._serialized_end=1659
+  _globals['_REVENUELINE']._serialized_start=1661
+  _globals['_REVENUELINE']._serialized_end=1766
+  _globals['_REVENUESECTION']._serialized_start=1769
+  _globals['_REVENUESECTION']._serialized_end=1907
+  _globals['_REVENUE']._serialized_start=1910
+  _globals['_REVENUE']._serialized_end=2136
+  _globals['_DISTRIBUTIONBUCKET']._serialized_start=2138
+  _globals['_DISTRIBUTIONBUCKET']._serialized_end=2189
+  _globals['_PERFORMANCERESPONSE']._serialized_start=2192
+  _globals['_PERFORMANCERESPONSE']._serialized_end=2351
+  _globals['_ENGAGEMENT']._serialized_start=2354
+  _globals['_ENGAGEMENT']._serialized_end=2781
+  _globals['_FRAUDSIGNALCOUNT']._serialized_start=2783
+  _globals['_FRAUDSIGNALCOUNT']._serialized_end=2870
+  _globals['_FRAUDREPORT']._serialized_start=2873
+  _globals['_FRAUDREPORT']._serialized_end=3056
+  _globals['_GETEPISODEREPORTREQUEST']._serialized_start=3058
+  _globals['_GETEPISODEREPORTREQUEST']._serialized_end=3109
+  _globals['_GETEPISODEREPORTRESPONSE']._serialized_start=3112
+  _globals['_GETEPISODEREPORTRESPONSE']._serialized_end=3817
+  _globals['_REPORTSERVICE']._serialized_start=3820
+  _globals['_REPORTSERVICE']._serialized_end=3991
 # @@protoc_insertion_point(module_scope)

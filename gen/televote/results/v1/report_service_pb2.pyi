@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -51,15 +52,157 @@ class VoteCount(_message.Message):
 Global___VoteCount: _TypeAlias = VoteCount  # noqa: Y015
 
 @_typing.final
-class MinuteBucket(_message.Message):
-    """Votes in one minute."""
+class InvalidatedCount(_message.Message):
+    """Votes the final result does not count, for one reason."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    VOTES_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """The rule (results_svc.rules): OUTSIDE_WINDOW, FRAUD_REJECTED, OVER_FREE_QUOTA,
+    OVER_ROUND_FREE_CAP, NO_BALANCE, NOT_A_CONTESTANT, DUPLICATE.
+    """
+    votes: _builtins.int
+    """Votes (sum of counts)."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        votes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "votes", b"votes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvalidatedCount: _TypeAlias = InvalidatedCount  # noqa: Y015
+
+@_typing.final
+class ReportSummary(_message.Message):
+    """The episode in a few numbers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_VOTES_FIELD_NUMBER: _builtins.int
+    COUNTED_VOTES_FIELD_NUMBER: _builtins.int
+    INVALIDATED_VOTES_FIELD_NUMBER: _builtins.int
+    INVALIDATED_BY_REASON_FIELD_NUMBER: _builtins.int
+    UNIQUE_VOTERS_FIELD_NUMBER: _builtins.int
+    FREE_FIELD_NUMBER: _builtins.int
+    PAID_FIELD_NUMBER: _builtins.int
+    SMS_FIELD_NUMBER: _builtins.int
+    APP_FIELD_NUMBER: _builtins.int
+    WEB_FIELD_NUMBER: _builtins.int
+    ledger_votes: _builtins.int
+    """Votes in the ledger (sum of counts), counted or not."""
+    counted_votes: _builtins.int
+    """Counted votes in all rounds."""
+    invalidated_votes: _builtins.int
+    """Votes in the ledger that the result does not count."""
+    unique_voters: _builtins.int
+    """Distinct voters with at least one counted vote."""
+    @_builtins.property
+    def invalidated_by_reason(self) -> _containers.RepeatedCompositeFieldContainer[Global___InvalidatedCount]:
+        """Why they do not count, largest first."""
+
+    @_builtins.property
+    def free(self) -> Global___VoteCount:
+        """Counted votes paid with the free quota."""
+
+    @_builtins.property
+    def paid(self) -> Global___VoteCount:
+        """Counted votes paid with the paid balance."""
+
+    @_builtins.property
+    def sms(self) -> Global___VoteCount:
+        """Counted votes by premium SMS."""
+
+    @_builtins.property
+    def app(self) -> Global___VoteCount:
+        """Counted votes from the native apps."""
+
+    @_builtins.property
+    def web(self) -> Global___VoteCount:
+        """Counted votes from browsers."""
+
+    def __init__(
+        self,
+        *,
+        ledger_votes: _builtins.int = ...,
+        counted_votes: _builtins.int = ...,
+        invalidated_votes: _builtins.int = ...,
+        invalidated_by_reason: _abc.Iterable[Global___InvalidatedCount] | None = ...,
+        unique_voters: _builtins.int = ...,
+        free: Global___VoteCount | None = ...,
+        paid: Global___VoteCount | None = ...,
+        sms: Global___VoteCount | None = ...,
+        app: Global___VoteCount | None = ...,
+        web: Global___VoteCount | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "free", b"free", "paid", b"paid", "sms", b"sms", "web", b"web"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "counted_votes", b"counted_votes", "free", b"free", "invalidated_by_reason", b"invalidated_by_reason", "invalidated_votes", b"invalidated_votes", "ledger_votes", b"ledger_votes", "paid", b"paid", "sms", b"sms", "unique_voters", b"unique_voters", "web", b"web"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportSummary: _TypeAlias = ReportSummary  # noqa: Y015
+
+@_typing.final
+class TimelineBucket(_message.Message):
+    """Counted votes of one round, one minute, one channel and one vote type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    VOTE_TYPE_FIELD_NUMBER: _builtins.int
+    VOTES_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    """The round (at most one round is open at a time; two can share the minute of a change)."""
+    channel: _vote_types_pb2.Channel.ValueType
+    """The channel."""
+    vote_type: _vote_types_pb2.VoteType.ValueType
+    """The vote type."""
+    votes: _builtins.int
+    """Counted votes."""
+    voters: _builtins.int
+    """Distinct voters (in this round and minute, by this channel and type)."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The start of the minute."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        round_id: _builtins.str = ...,
+        channel: _vote_types_pb2.Channel.ValueType = ...,
+        vote_type: _vote_types_pb2.VoteType.ValueType = ...,
+        votes: _builtins.int = ...,
+        voters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "round_id", b"round_id", "start_time", b"start_time", "vote_type", b"vote_type", "voters", b"voters", "votes", b"votes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimelineBucket: _TypeAlias = TimelineBucket  # noqa: Y015
+
+@_typing.final
+class Peak(_message.Message):
+    """One of the busiest minutes."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     START_TIME_FIELD_NUMBER: _builtins.int
     VOTES_FIELD_NUMBER: _builtins.int
     votes: _builtins.int
-    """Counted votes in the minute."""
+    """Counted votes in the minute, all rounds, channels and types."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """The start of the minute."""
@@ -76,11 +219,189 @@ class MinuteBucket(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___MinuteBucket: _TypeAlias = MinuteBucket  # noqa: Y015
+Global___Peak: _TypeAlias = Peak  # noqa: Y015
+
+@_typing.final
+class Moment(_message.Message):
+    """What happened on the show, on the timeline's axis."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    CONTESTANT_ID_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """PERFORMANCE_START, PERFORMANCE_END, VOTING_OPEN, VOTING_WARNING (a minute before the
+    broadcast close), VOTING_CLOSE.
+    """
+    label: _builtins.str
+    """What to print: the contestant's name, or the round's."""
+    round_id: _builtins.str
+    """The round, for voting moments."""
+    contestant_id: _builtins.str
+    """The contestant, for performances."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        kind: _builtins.str = ...,
+        label: _builtins.str = ...,
+        round_id: _builtins.str = ...,
+        contestant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contestant_id", b"contestant_id", "kind", b"kind", "label", b"label", "round_id", b"round_id", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Moment: _TypeAlias = Moment  # noqa: Y015
+
+@_typing.final
+class ContestantCount(_message.Message):
+    """One contestant's counted votes in a round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTESTANT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VOTES_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
+    PERCENTAGE_FIELD_NUMBER: _builtins.int
+    contestant_id: _builtins.str
+    """The contestant."""
+    name: _builtins.str
+    """The contestant's name."""
+    votes: _builtins.int
+    """Counted votes."""
+    voters: _builtins.int
+    """Distinct voters with a counted vote for them."""
+    percentage: _builtins.float
+    """Share of the round's counted votes in percent, one decimal."""
+    def __init__(
+        self,
+        *,
+        contestant_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        votes: _builtins.int = ...,
+        voters: _builtins.int = ...,
+        percentage: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contestant_id", b"contestant_id", "name", b"name", "percentage", b"percentage", "voters", b"voters", "votes", b"votes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContestantCount: _TypeAlias = ContestantCount  # noqa: Y015
+
+@_typing.final
+class RoundSummary(_message.Message):
+    """Per-round summary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VOTES_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
+    WINNER_CONTESTANT_IDS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    LEDGER_VOTES_FIELD_NUMBER: _builtins.int
+    INVALIDATED_VOTES_FIELD_NUMBER: _builtins.int
+    CONTESTANTS_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    """The round."""
+    name: _builtins.str
+    """The display name."""
+    votes: _builtins.int
+    """Counted votes."""
+    voters: _builtins.int
+    """Distinct voters with a counted vote."""
+    state: _builtins.str
+    """PENDING, OPEN, CLOSED or FINALIZED."""
+    ledger_votes: _builtins.int
+    """Votes in the ledger, counted or not."""
+    invalidated_votes: _builtins.int
+    """Votes in the ledger that the result does not count (final only once finalized)."""
+    @_builtins.property
+    def winner_contestant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The winners (empty until finalized)."""
+
+    @_builtins.property
+    def contestants(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContestantCount]:
+        """Counted votes per contestant, in the round's order."""
+
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        votes: _builtins.int = ...,
+        voters: _builtins.int = ...,
+        winner_contestant_ids: _abc.Iterable[_builtins.str] | None = ...,
+        state: _builtins.str = ...,
+        ledger_votes: _builtins.int = ...,
+        invalidated_votes: _builtins.int = ...,
+        contestants: _abc.Iterable[Global___ContestantCount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contestants", b"contestants", "invalidated_votes", b"invalidated_votes", "ledger_votes", b"ledger_votes", "name", b"name", "round_id", b"round_id", "state", b"state", "voters", b"voters", "votes", b"votes", "winner_contestant_ids", b"winner_contestant_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundSummary: _TypeAlias = RoundSummary  # noqa: Y015
+
+@_typing.final
+class RegionCount(_message.Message):
+    """Votes from one place. A voter is placed once per episode, where their first located vote
+    came from (GPS, else GeoIP); their counted votes count there.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTRY_CODE_FIELD_NUMBER: _builtins.int
+    PROVINCE_FIELD_NUMBER: _builtins.int
+    VOTES_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
+    country_code: _builtins.str
+    """ISO 3166-1 alpha-2 country code, e.g. "KH"; "unknown" when neither GPS nor GeoIP told;
+    "other" for places merged for privacy.
+    """
+    province: _builtins.str
+    """For Cambodia, the province (English name as in ISO 3166-2:KH), "unknown" when only the
+    country is known; empty abroad.
+    """
+    votes: _builtins.int
+    """Counted votes."""
+    voters: _builtins.int
+    """Distinct voters."""
+    def __init__(
+        self,
+        *,
+        country_code: _builtins.str = ...,
+        province: _builtins.str = ...,
+        votes: _builtins.int = ...,
+        voters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["country_code", b"country_code", "province", b"province", "voters", b"voters", "votes", b"votes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionCount: _TypeAlias = RegionCount  # noqa: Y015
 
 @_typing.final
 class SegmentCount(_message.Message):
-    """Votes of one audience segment."""
+    """Voters of one audience segment (self-declared profile)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -89,9 +410,11 @@ class SegmentCount(_message.Message):
     VOTES_FIELD_NUMBER: _builtins.int
     VOTERS_FIELD_NUMBER: _builtins.int
     dimension: _builtins.str
-    """The segment, e.g. dimension "age_band" value "18-24", or "gender" / "female"."""
+    """"age_band", "gender" or "province"."""
     value: _builtins.str
-    """The segment's value; "unknown" for voters without the attribute."""
+    """The segment's value; "unknown" for voters who did not tell; "other" for segments merged
+    for privacy.
+    """
     votes: _builtins.int
     """Counted votes."""
     voters: _builtins.int
@@ -113,52 +436,21 @@ class SegmentCount(_message.Message):
 Global___SegmentCount: _TypeAlias = SegmentCount  # noqa: Y015
 
 @_typing.final
-class RegionCount(_message.Message):
-    """Votes from one place."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    COUNTRY_CODE_FIELD_NUMBER: _builtins.int
-    REGION_CODE_FIELD_NUMBER: _builtins.int
-    VOTES_FIELD_NUMBER: _builtins.int
-    VOTERS_FIELD_NUMBER: _builtins.int
-    country_code: _builtins.str
-    """ISO 3166-1 alpha-2 country code, e.g. "KH"."""
-    region_code: _builtins.str
-    """ISO 3166-2 subdivision code (province), e.g. "KH-12"; empty when unknown."""
-    votes: _builtins.int
-    """Counted votes."""
-    voters: _builtins.int
-    """Distinct voters."""
-    def __init__(
-        self,
-        *,
-        country_code: _builtins.str = ...,
-        region_code: _builtins.str = ...,
-        votes: _builtins.int = ...,
-        voters: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["country_code", b"country_code", "region_code", b"region_code", "voters", b"voters", "votes", b"votes"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___RegionCount: _TypeAlias = RegionCount  # noqa: Y015
-
-@_typing.final
 class RevenueLine(_message.Message):
-    """Revenue from one source."""
+    """Revenue from one source and tier."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SOURCE_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
     TRANSACTIONS_FIELD_NUMBER: _builtins.int
     GROSS_FIELD_NUMBER: _builtins.int
     source: _builtins.str
-    """The source: "apple", "google", "sms:smart", "sms:cellcard", "sms:metfone"."""
+    """"apple", "google", or the carrier for SMS ("SMART", "CELLCARD", "METFONE")."""
+    tier: _builtins.str
+    """The package for store purchases (e.g. "votes_60"); empty for SMS."""
     transactions: _builtins.int
-    """Transactions (purchases or charged SMS)."""
+    """Transactions (purchases or charged SMS), refunds counted negative in `refunds`."""
     @_builtins.property
     def gross(self) -> _vote_types_pb2.Money:
         """Gross revenue, before store and carrier shares."""
@@ -167,56 +459,169 @@ class RevenueLine(_message.Message):
         self,
         *,
         source: _builtins.str = ...,
+        tier: _builtins.str = ...,
         transactions: _builtins.int = ...,
         gross: _vote_types_pb2.Money | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gross", b"gross"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gross", b"gross", "source", b"source", "transactions", b"transactions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gross", b"gross", "source", b"source", "tier", b"tier", "transactions", b"transactions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevenueLine: _TypeAlias = RevenueLine  # noqa: Y015
 
 @_typing.final
-class RoundSummary(_message.Message):
-    """Per-round summary."""
+class RevenueSection(_message.Message):
+    """One kind of money record."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ROUND_ID_FIELD_NUMBER: _builtins.int
-    NAME_FIELD_NUMBER: _builtins.int
-    VOTES_FIELD_NUMBER: _builtins.int
-    VOTERS_FIELD_NUMBER: _builtins.int
-    WINNER_CONTESTANT_IDS_FIELD_NUMBER: _builtins.int
-    round_id: _builtins.str
-    """The round."""
-    name: _builtins.str
-    """The display name."""
-    votes: _builtins.int
-    """Counted votes."""
-    voters: _builtins.int
-    """Distinct voters."""
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    available: _builtins.bool
+    """False while the records this section comes from do not exist yet: then the section has
+    no lines and `note` says why. Not available is not zero.
+    """
+    note: _builtins.str
+    """Why it is not available."""
     @_builtins.property
-    def winner_contestant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The winners (empty until finalized)."""
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevenueLine]:
+        """The lines, by source and tier."""
+
+    @_builtins.property
+    def total(self) -> _vote_types_pb2.Money:
+        """The section's gross (USD)."""
 
     def __init__(
         self,
         *,
-        round_id: _builtins.str = ...,
-        name: _builtins.str = ...,
-        votes: _builtins.int = ...,
-        voters: _builtins.int = ...,
-        winner_contestant_ids: _abc.Iterable[_builtins.str] | None = ...,
+        available: _builtins.bool = ...,
+        note: _builtins.str = ...,
+        lines: _abc.Iterable[Global___RevenueLine] | None = ...,
+        total: _vote_types_pb2.Money | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "round_id", b"round_id", "voters", b"voters", "votes", b"votes", "winner_contestant_ids", b"winner_contestant_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "lines", b"lines", "note", b"note", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RoundSummary: _TypeAlias = RoundSummary  # noqa: Y015
+Global___RevenueSection: _TypeAlias = RevenueSection  # noqa: Y015
+
+@_typing.final
+class Revenue(_message.Message):
+    """Money made by the episode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGES_FIELD_NUMBER: _builtins.int
+    SMS_FIELD_NUMBER: _builtins.int
+    REFUNDS_FIELD_NUMBER: _builtins.int
+    GROSS_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    complete: _builtins.bool
+    """True when every section is available (otherwise `gross` is a lower bound)."""
+    @_builtins.property
+    def packages(self) -> Global___RevenueSection:
+        """Vote packages sold in the app stores, by store and tier."""
+
+    @_builtins.property
+    def sms(self) -> Global___RevenueSection:
+        """Premium SMS charged, by carrier."""
+
+    @_builtins.property
+    def refunds(self) -> Global___RevenueSection:
+        """Refunds of store purchases (negative amounts)."""
+
+    @_builtins.property
+    def gross(self) -> _vote_types_pb2.Money:
+        """Gross in USD over the available sections."""
+
+    def __init__(
+        self,
+        *,
+        packages: Global___RevenueSection | None = ...,
+        sms: Global___RevenueSection | None = ...,
+        refunds: Global___RevenueSection | None = ...,
+        gross: _vote_types_pb2.Money | None = ...,
+        complete: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gross", b"gross", "packages", b"packages", "refunds", b"refunds", "sms", b"sms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "gross", b"gross", "packages", b"packages", "refunds", b"refunds", "sms", b"sms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Revenue: _TypeAlias = Revenue  # noqa: Y015
+
+@_typing.final
+class DistributionBucket(_message.Message):
+    """Voters who cast a number of counted votes in the episode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    """The range, e.g. "1", "2-5", "6-10", "11-50", "51-100", "101+"."""
+    voters: _builtins.int
+    """Voters in it."""
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        voters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "voters", b"voters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DistributionBucket: _TypeAlias = DistributionBucket  # noqa: Y015
+
+@_typing.final
+class PerformanceResponse(_message.Message):
+    """How soon the audience voted after a performance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTESTANT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FIRST_VOTE_AFTER_FIELD_NUMBER: _builtins.int
+    contestant_id: _builtins.str
+    """The contestant who performed."""
+    name: _builtins.str
+    """Their name."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the performance started."""
+
+    @_builtins.property
+    def first_vote_after(self) -> _duration_pb2.Duration:
+        """From the start of the performance to the first counted vote for the contestant after
+        it; absent when none came.
+        """
+
+    def __init__(
+        self,
+        *,
+        contestant_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        first_vote_after: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_vote_after", b"first_vote_after", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contestant_id", b"contestant_id", "first_vote_after", b"first_vote_after", "name", b"name", "started_at", b"started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PerformanceResponse: _TypeAlias = PerformanceResponse  # noqa: Y015
 
 @_typing.final
 class Engagement(_message.Message):
@@ -228,21 +633,39 @@ class Engagement(_message.Message):
     PEAK_MINUTE_FIELD_NUMBER: _builtins.int
     VOTES_PER_VOTER_FIELD_NUMBER: _builtins.int
     MULTI_ROUND_VOTER_PERCENTAGE_FIELD_NUMBER: _builtins.int
-    PAYING_VOTER_PERCENTAGE_FIELD_NUMBER: _builtins.int
-    PEAK_CONCURRENT_VIEWERS_FIELD_NUMBER: _builtins.int
+    USED_ALL_FREE_PERCENTAGE_FIELD_NUMBER: _builtins.int
+    FREE_TO_PAID_PERCENTAGE_FIELD_NUMBER: _builtins.int
+    RETURNING_VOTERS_FIELD_NUMBER: _builtins.int
+    RETURNING_VOTER_PERCENTAGE_FIELD_NUMBER: _builtins.int
+    VOTES_PER_VOTER_DISTRIBUTION_FIELD_NUMBER: _builtins.int
+    PERFORMANCES_FIELD_NUMBER: _builtins.int
     peak_votes_per_minute: _builtins.int
     """The busiest minute's counted votes."""
     votes_per_voter: _builtins.float
     """Counted votes per distinct voter."""
     multi_round_voter_percentage: _builtins.float
     """Share of voters who voted in more than one round, percent."""
-    paying_voter_percentage: _builtins.float
-    """Share of voters who bought at least one package during the episode, percent."""
-    peak_concurrent_viewers: _builtins.int
-    """Most concurrent WatchShow and StreamResults subscribers seen."""
+    used_all_free_percentage: _builtins.float
+    """Share of voters with a counted vote who used their whole free quota (every free vote
+    in the ledger, counted or not), percent.
+    """
+    free_to_paid_percentage: _builtins.float
+    """Of the voters who cast a free vote, the share who also cast a paid vote, percent."""
+    returning_voters: _builtins.int
+    """Voters who had voted in an earlier episode of the show."""
+    returning_voter_percentage: _builtins.float
+    """Their share of the episode's voters, percent."""
     @_builtins.property
     def peak_minute(self) -> _timestamp_pb2.Timestamp:
         """Start of the busiest minute."""
+
+    @_builtins.property
+    def votes_per_voter_distribution(self) -> _containers.RepeatedCompositeFieldContainer[Global___DistributionBucket]:
+        """Voters by counted votes cast."""
+
+    @_builtins.property
+    def performances(self) -> _containers.RepeatedCompositeFieldContainer[Global___PerformanceResponse]:
+        """Per performance, how soon the votes came."""
 
     def __init__(
         self,
@@ -251,16 +674,104 @@ class Engagement(_message.Message):
         peak_minute: _timestamp_pb2.Timestamp | None = ...,
         votes_per_voter: _builtins.float = ...,
         multi_round_voter_percentage: _builtins.float = ...,
-        paying_voter_percentage: _builtins.float = ...,
-        peak_concurrent_viewers: _builtins.int = ...,
+        used_all_free_percentage: _builtins.float = ...,
+        free_to_paid_percentage: _builtins.float = ...,
+        returning_voters: _builtins.int = ...,
+        returning_voter_percentage: _builtins.float = ...,
+        votes_per_voter_distribution: _abc.Iterable[Global___DistributionBucket] | None = ...,
+        performances: _abc.Iterable[Global___PerformanceResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["peak_minute", b"peak_minute"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["multi_round_voter_percentage", b"multi_round_voter_percentage", "paying_voter_percentage", b"paying_voter_percentage", "peak_concurrent_viewers", b"peak_concurrent_viewers", "peak_minute", b"peak_minute", "peak_votes_per_minute", b"peak_votes_per_minute", "votes_per_voter", b"votes_per_voter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_to_paid_percentage", b"free_to_paid_percentage", "multi_round_voter_percentage", b"multi_round_voter_percentage", "peak_minute", b"peak_minute", "peak_votes_per_minute", b"peak_votes_per_minute", "performances", b"performances", "returning_voter_percentage", b"returning_voter_percentage", "returning_voters", b"returning_voters", "used_all_free_percentage", b"used_all_free_percentage", "votes_per_voter", b"votes_per_voter", "votes_per_voter_distribution", b"votes_per_voter_distribution"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Engagement: _TypeAlias = Engagement  # noqa: Y015
+
+@_typing.final
+class FraudSignalCount(_message.Message):
+    """Fraud decisions of one signal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
+    REVIEWED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    signal: _builtins.str
+    """The signal's name, e.g. "velocity", "vpn"."""
+    blocked: _builtins.int
+    """Votes refused at admission (BLOCK) that this signal contributed to."""
+    reviewed: _builtins.int
+    """Votes sent to review that this signal contributed to."""
+    rejected: _builtins.int
+    """Of those, reviews rejected."""
+    def __init__(
+        self,
+        *,
+        signal: _builtins.str = ...,
+        blocked: _builtins.int = ...,
+        reviewed: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked", b"blocked", "rejected", b"rejected", "reviewed", b"reviewed", "signal", b"signal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FraudSignalCount: _TypeAlias = FraudSignalCount  # noqa: Y015
+
+@_typing.final
+class FraudReport(_message.Message):
+    """What fraud controls did in the episode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCKED_FIELD_NUMBER: _builtins.int
+    REVIEWED_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    APPROVED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    REJECTED_VOTES_FIELD_NUMBER: _builtins.int
+    BY_SIGNAL_FIELD_NUMBER: _builtins.int
+    blocked: _builtins.int
+    """Votes refused at admission by a BLOCK decision (never in the ledger)."""
+    reviewed: _builtins.int
+    """Votes sent to review."""
+    pending: _builtins.int
+    """Reviews still pending."""
+    approved: _builtins.int
+    """Reviews approved."""
+    rejected: _builtins.int
+    """Reviews rejected."""
+    rejected_votes: _builtins.int
+    """Ledger votes the result does not count because fraud was rejected (reason
+    FRAUD_REJECTED), vote counts.
+    """
+    @_builtins.property
+    def by_signal(self) -> _containers.RepeatedCompositeFieldContainer[Global___FraudSignalCount]:
+        """By signal, most decisions first."""
+
+    def __init__(
+        self,
+        *,
+        blocked: _builtins.int = ...,
+        reviewed: _builtins.int = ...,
+        pending: _builtins.int = ...,
+        approved: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+        rejected_votes: _builtins.int = ...,
+        by_signal: _abc.Iterable[Global___FraudSignalCount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "blocked", b"blocked", "by_signal", b"by_signal", "pending", b"pending", "rejected", b"rejected", "rejected_votes", b"rejected_votes", "reviewed", b"reviewed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FraudReport: _TypeAlias = FraudReport  # noqa: Y015
 
 @_typing.final
 class GetEpisodeReportRequest(_message.Message):
@@ -293,72 +804,75 @@ class GetEpisodeReportResponse(_message.Message):
     EPISODE_ID_FIELD_NUMBER: _builtins.int
     IS_FINAL_FIELD_NUMBER: _builtins.int
     GENERATED_AT_FIELD_NUMBER: _builtins.int
-    TOTAL_VOTES_FIELD_NUMBER: _builtins.int
-    INVALIDATED_VOTES_FIELD_NUMBER: _builtins.int
-    UNIQUE_VOTERS_FIELD_NUMBER: _builtins.int
-    FREE_FIELD_NUMBER: _builtins.int
-    PAID_FIELD_NUMBER: _builtins.int
-    SMS_FIELD_NUMBER: _builtins.int
-    VOTES_PER_MINUTE_FIELD_NUMBER: _builtins.int
-    DEMOGRAPHICS_FIELD_NUMBER: _builtins.int
-    GEOGRAPHY_FIELD_NUMBER: _builtins.int
-    REVENUE_FIELD_NUMBER: _builtins.int
-    TOTAL_REVENUE_FIELD_NUMBER: _builtins.int
-    ENGAGEMENT_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    SHOW_NAME_FIELD_NUMBER: _builtins.int
+    EPISODE_STATE_FIELD_NUMBER: _builtins.int
+    PRIVACY_MIN_VOTERS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
+    PEAKS_FIELD_NUMBER: _builtins.int
+    MOMENTS_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
+    GEOGRAPHY_FIELD_NUMBER: _builtins.int
+    DEMOGRAPHICS_FIELD_NUMBER: _builtins.int
+    REVENUE_FIELD_NUMBER: _builtins.int
+    ENGAGEMENT_FIELD_NUMBER: _builtins.int
+    FRAUD_FIELD_NUMBER: _builtins.int
     episode_id: _builtins.str
     """The episode."""
     is_final: _builtins.bool
-    """False while the episode is live or a round is not finalized."""
-    total_votes: _builtins.int
-    """Counted votes in all rounds."""
-    invalidated_votes: _builtins.int
-    """Votes received but not counted (outside windows, caps, fraud)."""
-    unique_voters: _builtins.int
-    """Distinct voters with at least one counted vote."""
+    """False while the episode is live or a round is not finalized (provisional figures)."""
+    title: _builtins.str
+    """The episode's title."""
+    show_name: _builtins.str
+    """The show's name."""
+    episode_state: _builtins.str
+    """SCHEDULED, LIVE or ENDED."""
+    privacy_min_voters: _builtins.int
+    """Buckets with fewer distinct voters than this were merged into "other"."""
     @_builtins.property
     def generated_at(self) -> _timestamp_pb2.Timestamp:
         """When the report was computed."""
 
     @_builtins.property
-    def free(self) -> Global___VoteCount:
-        """Votes paid with the free quota."""
+    def summary(self) -> Global___ReportSummary:
+        """The episode in numbers."""
 
     @_builtins.property
-    def paid(self) -> Global___VoteCount:
-        """Votes paid with the paid balance."""
+    def timeline(self) -> _containers.RepeatedCompositeFieldContainer[Global___TimelineBucket]:
+        """Counted votes per round, minute, channel and type, in time order."""
 
     @_builtins.property
-    def sms(self) -> Global___VoteCount:
-        """Votes by premium SMS."""
+    def peaks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Peak]:
+        """The busiest minutes, busiest first (at most 5)."""
 
     @_builtins.property
-    def votes_per_minute(self) -> _containers.RepeatedCompositeFieldContainer[Global___MinuteBucket]:
-        """Counted votes per minute across the episode, in time order."""
+    def moments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Moment]:
+        """The show's moments, in time order."""
 
     @_builtins.property
-    def demographics(self) -> _containers.RepeatedCompositeFieldContainer[Global___SegmentCount]:
-        """Votes by audience segment."""
+    def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundSummary]:
+        """One summary per round, in opening order."""
 
     @_builtins.property
     def geography(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionCount]:
-        """Votes by country and province."""
+        """Where the votes came from, most votes first."""
 
     @_builtins.property
-    def revenue(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevenueLine]:
-        """Revenue by source."""
+    def demographics(self) -> _containers.RepeatedCompositeFieldContainer[Global___SegmentCount]:
+        """Votes by self-declared audience segment."""
 
     @_builtins.property
-    def total_revenue(self) -> _vote_types_pb2.Money:
-        """Total gross revenue (USD)."""
+    def revenue(self) -> Global___Revenue:
+        """Money."""
 
     @_builtins.property
     def engagement(self) -> Global___Engagement:
         """Engagement figures."""
 
     @_builtins.property
-    def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundSummary]:
-        """One summary per round, in opening order."""
+    def fraud(self) -> Global___FraudReport:
+        """Fraud controls."""
 
     def __init__(
         self,
@@ -366,23 +880,24 @@ class GetEpisodeReportResponse(_message.Message):
         episode_id: _builtins.str = ...,
         is_final: _builtins.bool = ...,
         generated_at: _timestamp_pb2.Timestamp | None = ...,
-        total_votes: _builtins.int = ...,
-        invalidated_votes: _builtins.int = ...,
-        unique_voters: _builtins.int = ...,
-        free: Global___VoteCount | None = ...,
-        paid: Global___VoteCount | None = ...,
-        sms: Global___VoteCount | None = ...,
-        votes_per_minute: _abc.Iterable[Global___MinuteBucket] | None = ...,
-        demographics: _abc.Iterable[Global___SegmentCount] | None = ...,
-        geography: _abc.Iterable[Global___RegionCount] | None = ...,
-        revenue: _abc.Iterable[Global___RevenueLine] | None = ...,
-        total_revenue: _vote_types_pb2.Money | None = ...,
-        engagement: Global___Engagement | None = ...,
+        title: _builtins.str = ...,
+        show_name: _builtins.str = ...,
+        episode_state: _builtins.str = ...,
+        privacy_min_voters: _builtins.int = ...,
+        summary: Global___ReportSummary | None = ...,
+        timeline: _abc.Iterable[Global___TimelineBucket] | None = ...,
+        peaks: _abc.Iterable[Global___Peak] | None = ...,
+        moments: _abc.Iterable[Global___Moment] | None = ...,
         rounds: _abc.Iterable[Global___RoundSummary] | None = ...,
+        geography: _abc.Iterable[Global___RegionCount] | None = ...,
+        demographics: _abc.Iterable[Global___SegmentCount] | None = ...,
+        revenue: Global___Revenue | None = ...,
+        engagement: Global___Engagement | None = ...,
+        fraud: Global___FraudReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["engagement", b"engagement", "free", b"free", "generated_at", b"generated_at", "paid", b"paid", "sms", b"sms", "total_revenue", b"total_revenue"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["engagement", b"engagement", "fraud", b"fraud", "generated_at", b"generated_at", "revenue", b"revenue", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["demographics", b"demographics", "engagement", b"engagement", "episode_id", b"episode_id", "free", b"free", "generated_at", b"generated_at", "geography", b"geography", "invalidated_votes", b"invalidated_votes", "is_final", b"is_final", "paid", b"paid", "revenue", b"revenue", "rounds", b"rounds", "sms", b"sms", "total_revenue", b"total_revenue", "total_votes", b"total_votes", "unique_voters", b"unique_voters", "votes_per_minute", b"votes_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["demographics", b"demographics", "engagement", b"engagement", "episode_id", b"episode_id", "episode_state", b"episode_state", "fraud", b"fraud", "generated_at", b"generated_at", "geography", b"geography", "is_final", b"is_final", "moments", b"moments", "peaks", b"peaks", "privacy_min_voters", b"privacy_min_voters", "revenue", b"revenue", "rounds", b"rounds", "show_name", b"show_name", "summary", b"summary", "timeline", b"timeline", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -47,8 +47,11 @@ class ReportServiceServicer:
     """
 
     def GetEpisodeReport(self, request, context):
-        """Returns the report of an episode, computed from the ledger. While the episode is live it
-        is provisional (is_final false).
+        """Returns the post-show report of an episode: exact figures from the ledger, the final
+        results and the money records, aggregates only (a bucket of fewer voters than the
+        privacy threshold is merged into "other"). While the episode is live, or a round of it is
+        not finalized, the report is provisional (`is_final` false) and recomputed at most every
+        few seconds; once final it is computed once and kept.
 
         Returns:
         * OK.

@@ -34,8 +34,11 @@ class ReportServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ReportServiceAsyncStub: ...
     GetEpisodeReport: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.GetEpisodeReportRequest, _report_service_pb2.GetEpisodeReportResponse]
-    """Returns the report of an episode, computed from the ledger. While the episode is live it
-    is provisional (is_final false).
+    """Returns the post-show report of an episode: exact figures from the ledger, the final
+    results and the money records, aggregates only (a bucket of fewer voters than the
+    privacy threshold is merged into "other"). While the episode is live, or a round of it is
+    not finalized, the report is provisional (`is_final` false) and recomputed at most every
+    few seconds; once final it is computed once and kept.
 
     Returns:
     * OK.
@@ -49,8 +52,11 @@ class ReportServiceAsyncStub(ReportServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetEpisodeReport: _aio.UnaryUnaryMultiCallable[_report_service_pb2.GetEpisodeReportRequest, _report_service_pb2.GetEpisodeReportResponse]  # type: ignore[assignment]
-    """Returns the report of an episode, computed from the ledger. While the episode is live it
-    is provisional (is_final false).
+    """Returns the post-show report of an episode: exact figures from the ledger, the final
+    results and the money records, aggregates only (a bucket of fewer voters than the
+    privacy threshold is merged into "other"). While the episode is live, or a round of it is
+    not finalized, the report is provisional (`is_final` false) and recomputed at most every
+    few seconds; once final it is computed once and kept.
 
     Returns:
     * OK.
@@ -67,8 +73,11 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _report_service_pb2.GetEpisodeReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_report_service_pb2.GetEpisodeReportResponse, _abc.Awaitable[_report_service_pb2.GetEpisodeReportResponse]]:
-        """Returns the report of an episode, computed from the ledger. While the episode is live it
-        is provisional (is_final false).
+        """Returns the post-show report of an episode: exact figures from the ledger, the final
+        results and the money records, aggregates only (a bucket of fewer voters than the
+        privacy threshold is merged into "other"). While the episode is live, or a round of it is
+        not finalized, the report is provisional (`is_final` false) and recomputed at most every
+        few seconds; once final it is computed once and kept.
 
         Returns:
         * OK.

@@ -283,6 +283,68 @@ class ListVotePackagesResponse(_message.Message):
 Global___ListVotePackagesResponse: _TypeAlias = ListVotePackagesResponse  # noqa: Y015
 
 @_typing.final
+class SetVoterProfileRequest(_message.Message):
+    """Request for VoteService.SetVoterProfile. Values are lower case."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGE_BAND_FIELD_NUMBER: _builtins.int
+    GENDER_FIELD_NUMBER: _builtins.int
+    PROVINCE_FIELD_NUMBER: _builtins.int
+    age_band: _builtins.str
+    """One of "under-18", "18-24", "25-34", "35-44", "45-54", "55+", or empty (not told)."""
+    gender: _builtins.str
+    """One of "female", "male", "other", or empty (not told)."""
+    province: _builtins.str
+    """A Cambodian province by its English name as in ISO 3166-2:KH (e.g. "Phnom Penh",
+    "Siem Reap"), "abroad", or empty (not told).
+    """
+    def __init__(
+        self,
+        *,
+        age_band: _builtins.str = ...,
+        gender: _builtins.str = ...,
+        province: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_band", b"age_band", "gender", b"gender", "province", b"province"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetVoterProfileRequest: _TypeAlias = SetVoterProfileRequest  # noqa: Y015
+
+@_typing.final
+class SetVoterProfileResponse(_message.Message):
+    """Response for VoteService.SetVoterProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGE_BAND_FIELD_NUMBER: _builtins.int
+    GENDER_FIELD_NUMBER: _builtins.int
+    PROVINCE_FIELD_NUMBER: _builtins.int
+    age_band: _builtins.str
+    """The age band as stored (empty: not told)."""
+    gender: _builtins.str
+    """The gender as stored (empty: not told)."""
+    province: _builtins.str
+    """The province as stored (empty: not told)."""
+    def __init__(
+        self,
+        *,
+        age_band: _builtins.str = ...,
+        gender: _builtins.str = ...,
+        province: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_band", b"age_band", "gender", b"gender", "province", b"province"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetVoterProfileResponse: _TypeAlias = SetVoterProfileResponse  # noqa: Y015
+
+@_typing.final
 class PurchaseVotePackageRequest(_message.Message):
     """Request for VoteService.PurchaseVotePackage."""
 

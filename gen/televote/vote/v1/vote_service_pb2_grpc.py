@@ -57,6 +57,11 @@ class VoteServiceStub:
                 request_serializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.PurchaseVotePackageRequest.SerializeToString,
                 response_deserializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.PurchaseVotePackageResponse.FromString,
                 _registered_method=True)
+        self.SetVoterProfile = channel.unary_unary(
+                '/televote.vote.v1.VoteService/SetVoterProfile',
+                request_serializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.SetVoterProfileRequest.SerializeToString,
+                response_deserializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.SetVoterProfileResponse.FromString,
+                _registered_method=True)
 
 
 class VoteServiceServicer:
@@ -142,6 +147,19 @@ class VoteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetVoterProfile(self, request, context):
+        """Sets (replaces) the caller's self-declared profile: age band, gender and province. Every
+        field is optional; an empty field means "not told" and the post-show report counts the
+        voter as "unknown" there, never guessed. Setting the same profile again changes nothing.
+
+        Returns:
+        * OK: the profile as stored.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: a field has a value outside its list (BadRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VoteServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +182,11 @@ def add_VoteServiceServicer_to_server(servicer, server):
                     servicer.PurchaseVotePackage,
                     request_deserializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.PurchaseVotePackageRequest.FromString,
                     response_serializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.PurchaseVotePackageResponse.SerializeToString,
+            ),
+            'SetVoterProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetVoterProfile,
+                    request_deserializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.SetVoterProfileRequest.FromString,
+                    response_serializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.SetVoterProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -277,6 +300,33 @@ class VoteService:
             '/televote.vote.v1.VoteService/PurchaseVotePackage',
             televote_dot_vote_dot_v1_dot_vote__service__pb2.PurchaseVotePackageRequest.SerializeToString,
             televote_dot_vote_dot_v1_dot_vote__service__pb2.PurchaseVotePackageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetVoterProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/televote.vote.v1.VoteService/SetVoterProfile',
+            televote_dot_vote_dot_v1_dot_vote__service__pb2.SetVoterProfileRequest.SerializeToString,
+            televote_dot_vote_dot_v1_dot_vote__service__pb2.SetVoterProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

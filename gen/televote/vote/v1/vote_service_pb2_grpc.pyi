@@ -97,6 +97,15 @@ class VoteServiceStub:
     * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached; nothing was credited,
       retry with the same `request_id`.
     """
+    SetVoterProfile: _grpc.UnaryUnaryMultiCallable[_vote_service_pb2.SetVoterProfileRequest, _vote_service_pb2.SetVoterProfileResponse]
+    """Sets (replaces) the caller's self-declared profile: age band, gender and province. Every
+    field is optional; an empty field means "not told" and the post-show report counts the
+    voter as "unknown" there, never guessed. Setting the same profile again changes nothing.
+
+    Returns:
+    * OK: the profile as stored.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: a field has a value outside its list (BadRequest).
+    """
 
 @_typing.type_check_only
 class VoteServiceAsyncStub(VoteServiceStub):
@@ -166,6 +175,15 @@ class VoteServiceAsyncStub(VoteServiceStub):
     * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the `request_id` was used with different fields.
     * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached; nothing was credited,
       retry with the same `request_id`.
+    """
+    SetVoterProfile: _aio.UnaryUnaryMultiCallable[_vote_service_pb2.SetVoterProfileRequest, _vote_service_pb2.SetVoterProfileResponse]  # type: ignore[assignment]
+    """Sets (replaces) the caller's self-declared profile: age band, gender and province. Every
+    field is optional; an empty field means "not told" and the post-show report counts the
+    voter as "unknown" there, never guessed. Setting the same profile again changes nothing.
+
+    Returns:
+    * OK: the profile as stored.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: a field has a value outside its list (BadRequest).
     """
 
 class VoteServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -257,6 +275,21 @@ class VoteServiceServicer(metaclass=_abc_1.ABCMeta):
         * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the `request_id` was used with different fields.
         * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached; nothing was credited,
           retry with the same `request_id`.
+        """
+
+    @_abc_1.abstractmethod
+    def SetVoterProfile(
+        self,
+        request: _vote_service_pb2.SetVoterProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vote_service_pb2.SetVoterProfileResponse, _abc.Awaitable[_vote_service_pb2.SetVoterProfileResponse]]:
+        """Sets (replaces) the caller's self-declared profile: age band, gender and province. Every
+        field is optional; an empty field means "not told" and the post-show report counts the
+        voter as "unknown" there, never guessed. Setting the same profile again changes nothing.
+
+        Returns:
+        * OK: the profile as stored.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: a field has a value outside its list (BadRequest).
         """
 
 def add_VoteServiceServicer_to_server(servicer: VoteServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
