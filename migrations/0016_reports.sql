@@ -28,6 +28,8 @@ CREATE TABLE report_round_parts (
     -- {contestant_id: [votes, voters]} (counted votes).
     ledger_votes bigint NOT NULL,
     counted_votes bigint NOT NULL,
+    -- Distinct voters with a counted vote in the round.
+    voters       bigint NOT NULL,
     invalid      jsonb NOT NULL,
     minutes      jsonb NOT NULL,
     contestants  jsonb NOT NULL
@@ -35,7 +37,7 @@ CREATE TABLE report_round_parts (
 CREATE INDEX report_round_parts_by_episode ON report_round_parts (episode_id);
 
 -- Owner: results_svc. One row per voter of a round (any ledger row): their counted votes by
--- type, every free vote they cast (counted or not), when they first voted for each
+-- type and by channel (app, web; sms is its type), every free vote they cast (counted or not), when they first voted for each
 -- contestant, and their first located vote (GPS as [ms, lat, lon], and the first IP as
 -- 'ms ip', both ordered by admission time so the episode's first is a min over rounds).
 CREATE TABLE report_round_voters (
@@ -45,6 +47,8 @@ CREATE TABLE report_round_voters (
     free         bigint NOT NULL,
     paid         bigint NOT NULL,
     sms          bigint NOT NULL,
+    app          bigint NOT NULL,
+    web          bigint NOT NULL,
     free_cast    bigint NOT NULL,
     first_gps    float8[],
     first_ip     text,

@@ -47,6 +47,19 @@ class ResultsConfig(ServiceConfig):
     #: roots. A power of two that divides the 65,536 leaves of a stored chunk.
     results_receipt_block_leaves: int = Field(default=1024, ge=1, le=65_536)
 
+    #: The report's privacy threshold: a bucket of fewer voters (a place, a profile segment)
+    #: is merged into "other".
+    results_report_min_voters: int = Field(default=10, ge=1)
+    #: A provisional report (the episode live, a round not finalized) is recomputed at most
+    #: this often; a final one is computed once.
+    results_report_provisional_ms: int = Field(default=5000, ge=0)
+    #: The show's warning moment, this long before a round's broadcast close (sync_svc's
+    #: SYNC_WARNING_AT_S).
+    results_report_warning_s: int = Field(default=60, ge=0)
+    #: A MaxMind-format GeoIP database to place votes without GPS (fraud_svc's
+    #: FRAUD_GEOIP_DB); empty: such votes are "unknown".
+    results_geoip_db: str = ""
+
     @field_validator("results_receipt_block_leaves")
     @classmethod
     def _power_of_two(cls, value: int) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from results_svc.config import ResultsConfig
 from results_svc.final import Finalizer
 from results_svc.live import Live
+from results_svc.report.api import ReportServicer
+from results_svc.report.report import Reports
 from results_svc.servicer import ResultsServicer, register
 from results_svc.signing import Signer
 from runtime.fanout import Streams
@@ -38,10 +40,8 @@ def create_server(config: ResultsConfig) -> tuple[ServiceHost, int]:
     host.on_stop(stop_background)
     host.add(register, ResultsServicer(storage, live, finalizer, signer),
              results_service_pb2.DESCRIPTOR.services_by_name["ResultsService"])
-    # ReportService lands with its own issue; until then the base servicer answers
-    # UNIMPLEMENTED.
     host.add(report_service_pb2_grpc.add_ReportServiceServicer_to_server,
-             report_service_pb2_grpc.ReportServiceServicer(),  # type: ignore[abstract]
+             ReportServicer(Reports(storage, config)),
              report_service_pb2.DESCRIPTOR.services_by_name["ReportService"])
     return host, host.bind()
 

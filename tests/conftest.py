@@ -32,6 +32,9 @@ FAST_SHOW_ENV = {
     "SYNC_CLOSE_POLL_MS": "500",
     # Receipt proofs come from blocks of leaves: small blocks, so tests cross block edges.
     "RESULTS_RECEIPT_BLOCK_LEAVES": "4",
+    # The report: small audiences in tests, and provisional reports as fresh as the ledger.
+    "RESULTS_REPORT_MIN_VOTERS": "3",
+    "RESULTS_REPORT_PROVISIONAL_MS": "0",
 }
 
 

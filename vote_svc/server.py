@@ -25,12 +25,12 @@ from televote.vote.v1 import (
     wallet_admin_service_pb2,
     wallet_admin_service_pb2_grpc,
 )
+from vote_svc import profiles
 from vote_svc.admission import Scripts
 from vote_svc.config import VoteConfig
 from vote_svc.fraud import FraudScorer
 from vote_svc.ingest import Ingestor, Result, VoteRequest
 from vote_svc.ledger import Ledger
-from vote_svc import profiles
 from vote_svc.packages import PackageCatalogue
 from vote_svc.reconcile import Reconciler
 from vote_svc.rescore import Rescorer

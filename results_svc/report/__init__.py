@@ -1,0 +1,1 @@
+"""The post-show report (ReportService): `report` computes it, `api` serves it."""

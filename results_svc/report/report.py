@@ -1,0 +1,374 @@
+"""The post-show report of an episode (ReportService.GetEpisodeReport).
+
+Exact, from PostgreSQL, and cheap on show night:
+
+- Each round's ledger rows are read once into a part (report_round_parts and one row per
+  voter in report_round_voters: `store.PART_SQL`), judged as the result judges them: the final
+  result's invalid votes once the round is finalized, the result checkpoint's verdicts before
+  that. A finalized round's part is final and never read again from the ledger; an open
+  round's part is provisional and rebuilt at most every RESULTS_REPORT_PROVISIONAL_MS.
+- The episode's figures merge the parts: distinct voters across rounds from the per-voter
+  rows (one per voter and round, a tenth of the votes or less), everything else from the
+  parts' small aggregates.
+- Once the episode has ended and every round is finalized, the report is final: computed once,
+  stored (episode_reports) and served as stored. Before that it is provisional (`is_final`
+  false), kept in memory per replica for the same interval, and one computation serves every
+  caller waiting for it.
+
+Nothing per voter leaves this module: places, profiles and vote counts are aggregated, and
+buckets of fewer than RESULTS_REPORT_MIN_VOTERS voters merged into "other" (`privacy`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from results_svc.config import ResultsConfig
+from results_svc.report import privacy, revenue, store
+from results_svc.report.places import UNKNOWN, Locator
+from runtime.errors import ApiError
+from runtime.storage import Storage
+from televote.results.v1 import report_service_pb2 as pb
+from televote.vote.v1 import vote_types_pb2 as vtypes
+
+#: The vote-per-voter buckets, in display order.
+DISTRIBUTION = ("1", "2-5", "6-10", "11-50", "51-100", "101+")
+#: Rounds whose state leaves nothing more to count.
+SETTLED = ("FINALIZED", "PENDING")
+
+
+def _stamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _stamp_ms(ms: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
+
+
+def _percent(part: int, whole: int) -> float:
+    return round(100.0 * part / whole, 1) if whole else 0.0
+
+
+def _usd(micros: int) -> vtypes.Money:
+    return vtypes.Money(currency_code=revenue.USD, amount_micros=micros)
+
+
+def episode_not_found(episode_id: str) -> ApiError:
+    return ApiError(grpc.StatusCode.NOT_FOUND, "EPISODE_NOT_FOUND", f"no episode {episode_id}")
+
+
+@dataclass
+class _Cached:
+    at: float
+    report: pb.GetEpisodeReportResponse
+
+
+class Reports:
+    def __init__(self, storage: Storage, config: ResultsConfig) -> None:
+        self._storage = storage
+        self._min_voters = config.results_report_min_voters
+        self._max_age_ms = config.results_report_provisional_ms
+        self._warning = timedelta(seconds=config.results_report_warning_s)
+        self._locator = Locator(config.results_geoip_db)
+        self._cache: dict[str, _Cached] = {}
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def episode_report(self, episode_id: str) -> pb.GetEpisodeReportResponse:
+        cached = self._cache.get(episode_id)
+        if cached is not None and self._fresh(cached):
+            return cached.report
+        async with self._locks[episode_id]:  # one computation for every caller waiting
+            cached = self._cache.get(episode_id)
+            if cached is not None and self._fresh(cached):
+                return cached.report
+            report = await self._report(episode_id)
+            self._cache[episode_id] = _Cached(time.monotonic(), report)
+            return report
+
+    def _fresh(self, cached: _Cached) -> bool:
+        return cached.report.is_final or \
+            (time.monotonic() - cached.at) * 1000 < self._max_age_ms
+
+    async def _report(self, episode_id: str) -> pb.GetEpisodeReportResponse:
+        async with self._storage.pool.connection() as connection:
+            stored = await store.stored_report(connection, episode_id)
+            if stored is not None:
+                return pb.GetEpisodeReportResponse.FromString(stored)
+            cursor = await connection.execute(store.EPISODE_SQL, (episode_id,))
+            episode: Any = await cursor.fetchone()
+            if episode is None:
+                raise episode_not_found(episode_id)
+            cursor = await connection.execute(store.ROUNDS_SQL, (episode_id,))
+            rounds: list[Any] = await cursor.fetchall()
+        final = episode["state"] == "ENDED" and all(r["state"] in SETTLED for r in rounds)
+        opened = [r for r in rounds if r["state"] != "PENDING"]
+        for row in opened:
+            await self._ensure_part(row["round_id"], episode_id, row["state"] == "FINALIZED")
+        earlier = await self._earlier_rounds(episode)
+        async with self._storage.pool.connection() as connection:
+            report = await self._assemble(connection, episode, rounds, earlier, final)
+            if final:
+                await store.store_report(connection, episode_id, report.SerializeToString())
+        return report
+
+    async def _ensure_part(self, round_id: str, episode_id: str, finalized: bool) -> None:
+        async with self._storage.pool.connection() as connection:
+            if await store.part_is_current(connection, round_id, finalized, self._max_age_ms):
+                return
+            async with connection.transaction():
+                await store.build_part(connection, round_id, episode_id, finalized,
+                                       self._max_age_ms)
+
+    async def _earlier_rounds(self, episode: Any) -> list[str]:
+        """The finalized rounds of the show's earlier episodes, with their parts built (once:
+        they are final)."""
+        async with self._storage.pool.connection() as connection:
+            cursor = await connection.execute(
+                store.EARLIER_ROUNDS_SQL,
+                {"show": episode["show_id"], "episode": episode["episode_id"]})
+            rows: list[Any] = await cursor.fetchall()
+        for row in rows:
+            await self._ensure_part(row["round_id"], row["episode_id"], True)
+        return [row["round_id"] for row in rows]
+
+    async def _assemble(self, connection: store.Connection, episode: Any, rounds: list[Any],
+                        earlier: list[str], final: bool) -> pb.GetEpisodeReportResponse:
+        episode_id = episode["episode_id"]
+        round_ids = [r["round_id"] for r in rounds]
+        cursor = await connection.execute(store.PARTS_SQL, (round_ids,))
+        parts = {row["round_id"]: row for row in await cursor.fetchall()}
+        cursor = await connection.execute(store.CONTESTANTS_SQL, (episode_id,))
+        names = {row["contestant_id"]: row["name"] for row in await cursor.fetchall()}
+        cursor = await connection.execute(
+            store.MERGE_SQL, {"rounds": round_ids, "earlier": earlier,
+                              "quota": episode["free_vote_quota"]}, prepare=False)
+        merged: Any = await cursor.fetchone()
+
+        report = pb.GetEpisodeReportResponse(
+            episode_id=episode_id, is_final=final, generated_at=_stamp(datetime.now(UTC)),
+            title=episode["title"], show_name=episode["show_name"],
+            episode_state=episode["state"], privacy_min_voters=self._min_voters)
+        self._summary(report, parts.values(), merged)
+        self._timeline(report, parts.values())
+        self._rounds(report, rounds, parts, names)
+        await self._moments(connection, report, episode_id, rounds, names)
+        self._geography(report, merged["places"])
+        self._demographics(report, merged["segments"])
+        await self._revenue(connection, report, episode_id)
+        await self._engagement(connection, report, episode_id, rounds, names, merged)
+        await self._fraud(connection, report, round_ids, parts.values())
+        return report
+
+    def _summary(self, report: pb.GetEpisodeReportResponse, parts: Any, merged: Any) -> None:
+        summary = report.summary
+        by_type: dict[str, int] = defaultdict(int)
+        by_channel: dict[str, int] = defaultdict(int)
+        invalid: dict[str, int] = defaultdict(int)
+        for part in parts:
+            summary.ledger_votes += part["ledger_votes"]
+            summary.counted_votes += part["counted_votes"]
+            for reason, votes in part["invalid"].items():
+                invalid[reason] += votes
+            for _, channel, vote_type, votes, _ in part["minutes"]:
+                by_type[vote_type] += votes
+                by_channel[channel] += votes
+        summary.invalidated_votes = summary.ledger_votes - summary.counted_votes
+        for reason, votes in sorted(invalid.items(), key=lambda item: (-item[1], item[0])):
+            summary.invalidated_by_reason.add(reason=reason, votes=votes)
+        summary.unique_voters = merged["voters"]
+        total = summary.counted_votes
+
+        def count(votes: int, voters: int) -> pb.VoteCount:
+            return pb.VoteCount(votes=votes, voters=voters, percentage=_percent(votes, total))
+
+        summary.free.CopyFrom(count(by_type["FREE"], merged["free_voters"]))
+        summary.paid.CopyFrom(count(by_type["PAID"], merged["paid_voters"]))
+        summary.sms.CopyFrom(count(by_type["PREMIUM_SMS"], merged["sms_voters"]))
+        summary.app.CopyFrom(count(by_channel["APP"], merged["app_voters"]))
+        summary.web.CopyFrom(count(by_channel["WEB"], merged["web_voters"]))
+
+    def _timeline(self, report: pb.GetEpisodeReportResponse, parts: Any) -> None:
+        buckets = []
+        per_minute: dict[int, int] = defaultdict(int)
+        for part in parts:
+            for minute_ms, channel, vote_type, votes, voters in part["minutes"]:
+                buckets.append((minute_ms, part["round_id"], channel, vote_type, votes, voters))
+                per_minute[minute_ms] += votes
+        for minute_ms, round_id, channel, vote_type, votes, voters in sorted(buckets):
+            report.timeline.add(
+                start_time=_stamp_ms(minute_ms), round_id=round_id,
+                channel=vtypes.Channel.Value(f"CHANNEL_{channel}"),
+                vote_type=vtypes.VoteType.Value(f"VOTE_TYPE_{vote_type}"),
+                votes=votes, voters=voters)
+        for minute_ms, votes in sorted(per_minute.items(), key=lambda i: (-i[1], i[0]))[:5]:
+            report.peaks.add(start_time=_stamp_ms(minute_ms), votes=votes)
+
+    def _rounds(self, report: pb.GetEpisodeReportResponse, rounds: list[Any],
+                parts: dict[str, Any], names: dict[str, str]) -> None:
+        for row in rounds:
+            part = parts.get(row["round_id"])
+            summary = report.rounds.add(round_id=row["round_id"], name=row["name"],
+                                        state=row["state"],
+                                        winner_contestant_ids=row["winner_ids"] or [])
+            if part is None:
+                continue
+            summary.ledger_votes = part["ledger_votes"]
+            summary.votes = part["counted_votes"]
+            summary.invalidated_votes = part["ledger_votes"] - part["counted_votes"]
+            summary.voters = part["voters"]
+            for contestant_id in row["contestant_ids"]:
+                votes, voters = part["contestants"].get(contestant_id, (0, 0))
+                summary.contestants.add(
+                    contestant_id=contestant_id, name=names.get(contestant_id, ""),
+                    votes=votes, voters=voters,
+                    percentage=_percent(votes, part["counted_votes"]))
+
+    async def _moments(self, connection: store.Connection, report: pb.GetEpisodeReportResponse,
+                       episode_id: str, rounds: list[Any], names: dict[str, str]) -> None:
+        moments: list[tuple[datetime, str, str, str, str]] = []
+        cursor = await connection.execute(store.PERFORMANCES_SQL, (episode_id,))
+        for row in await cursor.fetchall():
+            name = names.get(row["contestant_id"], "")
+            moments.append((row["started_at"], "PERFORMANCE_START", name, "",
+                            row["contestant_id"]))
+            if row["ended_at"] is not None:
+                moments.append((row["ended_at"], "PERFORMANCE_END", name, "",
+                                row["contestant_id"]))
+        for row in rounds:
+            if row["opens_at"] is None:
+                continue
+            moments.append((row["opens_at"], "VOTING_OPEN", row["name"], row["round_id"], ""))
+            close = row["closed_at"]
+            if row["closes_at"] is not None:
+                warning = row["closes_at"] - self._warning
+                if warning > row["opens_at"] and (close is None or warning < close):
+                    moments.append((warning, "VOTING_WARNING", row["name"], row["round_id"],
+                                    ""))
+            if close is not None:
+                moments.append((close, "VOTING_CLOSE", row["name"], row["round_id"], ""))
+        for moment, kind, label, round_id, contestant_id in sorted(moments):
+            report.moments.add(time=_stamp(moment), kind=kind, label=label, round_id=round_id,
+                               contestant_id=contestant_id)
+
+    def _geography(self, report: pb.GetEpisodeReportResponse, places: list[Any]) -> None:
+        located = [(lat, lon, ip) for lat, lon, ip, _, _ in places]
+        totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for place, (_, _, _, voters, votes) in zip(self._locator.places(located), places,
+                                                    strict=True):
+            totals[place][0] += voters
+            totals[place][1] += votes
+        buckets = [privacy.Bucket(place, voters, votes)
+                   for place, (voters, votes) in totals.items()]
+        for bucket in privacy.merge_small(buckets, self._min_voters,
+                                          (privacy.OTHER, "")):
+            country, province = bucket.key
+            report.geography.add(country_code=country, province=province, votes=bucket.votes,
+                                 voters=bucket.voters)
+
+    def _demographics(self, report: pb.GetEpisodeReportResponse, segments: list[Any]) -> None:
+        order = {"age_band": 0, "gender": 1, "province": 2}
+        buckets = [privacy.Bucket((dimension, value), voters, votes)
+                   for dimension, value, voters, votes in
+                   sorted(segments, key=lambda s: (order[s[0]], s[1]))]
+        for bucket in privacy.grouped(buckets, lambda b: b.key[0],
+                                      self._min_voters, lambda d: (d, privacy.OTHER)):
+            dimension, value = bucket.key
+            report.demographics.add(dimension=dimension, value=value, votes=bucket.votes,
+                                    voters=bucket.voters)
+
+    async def _revenue(self, connection: store.Connection, report: pb.GetEpisodeReportResponse,
+                       episode_id: str) -> None:
+        money = await revenue.revenue(connection, episode_id)
+        out = report.revenue
+        for target, section in ((out.packages, money.packages), (out.sms, money.sms),
+                                (out.refunds, money.refunds)):
+            target.available = section.available
+            target.note = section.note
+            for line in section.lines:
+                target.lines.add(source=line.source, tier=line.tier,
+                                 transactions=line.transactions,
+                                 gross=_usd(line.gross_micros))
+            if section.available:
+                target.total.CopyFrom(_usd(section.total_micros))
+        out.gross.CopyFrom(_usd(money.gross_micros))
+        out.complete = money.complete
+
+    async def _engagement(self, connection: store.Connection,
+                          report: pb.GetEpisodeReportResponse, episode_id: str,
+                          rounds: list[Any], names: dict[str, str], merged: Any) -> None:
+        engagement = report.engagement
+        voters = merged["voters"]
+        if report.peaks:
+            engagement.peak_votes_per_minute = report.peaks[0].votes
+            engagement.peak_minute.CopyFrom(report.peaks[0].start_time)
+        engagement.votes_per_voter = round(report.summary.counted_votes / voters, 2) \
+            if voters else 0.0
+        engagement.multi_round_voter_percentage = _percent(merged["multi_round"], voters)
+        engagement.used_all_free_percentage = _percent(merged["used_all_free"], voters)
+        engagement.free_to_paid_percentage = _percent(merged["free_to_paid"],
+                                                      merged["free_casters"])
+        engagement.returning_voters = merged["returning"]
+        engagement.returning_voter_percentage = _percent(merged["returning"], voters)
+        distribution = dict((label, n) for label, n in merged["distribution"])
+        buckets = [privacy.Bucket(label, distribution.get(label, 0), 0)
+                   for label in DISTRIBUTION]
+        kept = {b.key: b.voters for b in privacy.merge_small(buckets, self._min_voters)}
+        for label in (*DISTRIBUTION, privacy.OTHER):
+            if label in kept:
+                engagement.votes_per_voter_distribution.add(label=label, voters=kept[label])
+        await self._performances(connection, engagement, episode_id, rounds, names)
+
+    async def _performances(self, connection: store.Connection, engagement: pb.Engagement,
+                            episode_id: str, rounds: list[Any], names: dict[str, str]) -> None:
+        cursor = await connection.execute(store.PERFORMANCES_SQL, (episode_id,))
+        for row in await cursor.fetchall():
+            started_ms = int(row["since_epoch"].total_seconds() * 1000)
+            first: int | None = None
+            for round_row in rounds:
+                if row["contestant_id"] not in round_row["contestant_ids"] or \
+                        round_row["opens_at"] is None:
+                    continue
+                found = await connection.execute(
+                    store.FIRST_VOTE_SQL, {"round": round_row["round_id"], "from_ms": started_ms,
+                                           "contestant": row["contestant_id"]}, prepare=False)
+                hit: Any = await found.fetchone()
+                if hit is not None and (first is None or hit["admitted_ms"] < first):
+                    first = hit["admitted_ms"]
+            response = engagement.performances.add(
+                contestant_id=row["contestant_id"], name=names.get(row["contestant_id"], ""),
+                started_at=_stamp(row["started_at"]))
+            if first is not None:
+                response.first_vote_after.FromMilliseconds(first - started_ms)
+
+    async def _fraud(self, connection: store.Connection, report: pb.GetEpisodeReportResponse,
+                     round_ids: list[str], parts: Any) -> None:
+        fraud = report.fraud
+        params = {"rounds": round_ids}
+        cursor = await connection.execute(store.FRAUD_REVIEWS_SQL, params)
+        states = {row["state"]: row["n"] for row in await cursor.fetchall()}
+        fraud.reviewed = sum(states.values())
+        fraud.pending = states.get("PENDING", 0)
+        fraud.approved = states.get("APPROVED", 0)
+        fraud.rejected = states.get("REJECTED", 0)
+        cursor = await connection.execute(store.FRAUD_BLOCKED_SQL, params)
+        row: Any = await cursor.fetchone()
+        fraud.blocked = row["n"]
+        fraud.rejected_votes = sum(part["invalid"].get("FRAUD_REJECTED", 0) for part in parts)
+        cursor = await connection.execute(store.FRAUD_SIGNALS_SQL, params)
+        signals: list[Any] = await cursor.fetchall()
+        for signal in sorted(signals, key=lambda s: (-(s["blocked"] + s["reviewed"]),
+                                                      s["signal"] or "")):
+            fraud.by_signal.add(signal=signal["signal"] or UNKNOWN, blocked=signal["blocked"],
+                                reviewed=signal["reviewed"], rejected=signal["rejected"])

@@ -1,0 +1,85 @@
+"""The report's money: store purchases by store and tier, premium SMS charged by carrier, and
+refunds, each from its own records, each one query.
+
+The records are built by their own work (sms_svc's SMS records; vote_svc's store purchases).
+A section whose records do not exist in this build says "not available" with a note, never
+zero: a zero would tell sales that nothing was sold. Wiring a section is giving it its query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from results_svc.report.store import Connection
+
+USD = "USD"
+
+
+@dataclass(frozen=True)
+class Line:
+    source: str
+    tier: str
+    transactions: int
+    gross_micros: int
+
+
+@dataclass
+class Section:
+    available: bool
+    note: str = ""
+    lines: list[Line] = field(default_factory=list)
+
+    @property
+    def total_micros(self) -> int:
+        return sum(line.gross_micros for line in self.lines)
+
+
+@dataclass
+class Revenue:
+    packages: Section
+    sms: Section
+    refunds: Section
+
+    @property
+    def sections(self) -> tuple[Section, ...]:
+        return (self.packages, self.sms, self.refunds)
+
+    @property
+    def complete(self) -> bool:
+        return all(section.available for section in self.sections)
+
+    @property
+    def gross_micros(self) -> int:
+        return sum(section.total_micros for section in self.sections if section.available)
+
+
+#: Each section's query over (episode), giving rows (source, tier, transactions,
+#: gross_micros) in USD; None while its records are not part of this build.
+PACKAGES_SQL: str | None = None
+SMS_SQL: str | None = None
+REFUNDS_SQL: str | None = None
+
+_NOT_YET = {
+    "packages": "store purchases are not recorded yet (PurchaseVotePackage is not built)",
+    "sms": "premium SMS charges are not recorded yet (sms_svc's SMS records are not built)",
+    "refunds": "store refunds are not recorded yet (store notifications are not built)",
+}
+
+
+async def _section(connection: Connection, name: str, sql: str | None,
+                   episode_id: str) -> Section:
+    if sql is None:
+        return Section(available=False, note=_NOT_YET[name])
+    cursor = await connection.execute(sql, {"episode": episode_id})
+    rows: list[Any] = await cursor.fetchall()
+    return Section(available=True, lines=[
+        Line(row["source"], row["tier"] or "", int(row["transactions"]),
+             int(row["gross_micros"])) for row in rows])
+
+
+async def revenue(connection: Connection, episode_id: str) -> Revenue:
+    return Revenue(
+        packages=await _section(connection, "packages", PACKAGES_SQL, episode_id),
+        sms=await _section(connection, "sms", SMS_SQL, episode_id),
+        refunds=await _section(connection, "refunds", REFUNDS_SQL, episode_id))

@@ -1,0 +1,1 @@
+"""Integration tests: a real grpc.aio server against real PostgreSQL and Redis."""
