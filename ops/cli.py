@@ -118,6 +118,28 @@ def generate(
     raise typer.Exit(run_codegen(check=check))
 
 
+@app.command()
+def report(
+    episode_id: Annotated[str, typer.Argument(help="The episode.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write into.")],
+    edge: Annotated[str, typer.Option(envvar="TELEVOTE_EDGE_URL",
+                                      help="The edge's URL.")] = "http://127.0.0.1:8080",
+    token: Annotated[str, typer.Option(
+        envvar="TELEVOTE_OPERATOR_TOKEN",
+        help="An operator token; default: one minted from the state directory's key.")] = "",
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Write the episode's report: report.html (charts inline), a CSV per table, report.json."""
+    from ops import report as episode_report
+    started = time.monotonic()
+    answer = episode_report.fetch(
+        edge, token or tokens.mint(state_dir, Role.OPERATOR, "televote-report", 600),
+        episode_id)
+    written = episode_report.write(answer, out)
+    kind = "final" if answer.is_final else "provisional"
+    print(f"{out}: {kind} report, {len(written)} files in {time.monotonic() - started:.1f}s")
+
+
 @audit.command("export")
 def audit_export(
     round_id: Annotated[str, typer.Argument(help="The finalized round.")],
