@@ -195,6 +195,10 @@ def chart_timeline(report: pb.GetEpisodeReportResponse) -> str:
     return _svg(figure)
 
 
+_COLOURS = {"free": "#1f77b4", "paid": "#9467bd", "premium SMS": "#ff7f0e", "app": "#1f77b4",
+            "web": "#2ca02c", "SMS": "#ff7f0e"}
+
+
 def chart_split(report: pb.GetEpisodeReportResponse) -> str:
     import matplotlib.pyplot as plt
     _figure()  # the shared style
@@ -209,7 +213,8 @@ def chart_split(report: pb.GetEpisodeReportResponse) -> str:
         shown = [(label, n) for label, n in parts if n > 0]
         if shown:
             axes.pie([n for _, n in shown], labels=[f"{label}\n{n:,}" for label, n in shown],
-                     autopct="%1.1f%%", startangle=90, counterclock=False)
+                     colors=[_COLOURS[label] for label, _ in shown], autopct="%1.1f%%",
+                     startangle=90, counterclock=False)
         else:
             _empty(axes, "no counted votes yet")
         axes.set_title(title)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from results_svc.config import ResultsConfig
 from results_svc.final import Finalizer
 from results_svc.live import Live
+from results_svc.report import places
 from results_svc.report.api import ReportServicer
 from results_svc.report.report import Reports
 from results_svc.servicer import ResultsServicer, register
@@ -22,6 +25,7 @@ from televote.results.v1 import (
 def create_server(config: ResultsConfig) -> tuple[ServiceHost, int]:
     storage = Storage.from_config(config)
     host = ServiceHost(config, storage)
+    warming: list[asyncio.Future[None]] = []
     streams = Streams()
     host.on_drain(streams.end)
     signer = Signer.load_or_create(config.televote_state_dir)
@@ -31,6 +35,8 @@ def create_server(config: ResultsConfig) -> tuple[ServiceHost, int]:
     async def start_background() -> None:
         await live.start()
         await finalizer.start()
+        # Off the event loop and not awaited: SERVING does not wait for the gazetteer.
+        warming.append(asyncio.ensure_future(asyncio.to_thread(places.warm)))
 
     async def stop_background() -> None:
         await finalizer.stop()

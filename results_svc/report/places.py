@@ -26,6 +26,11 @@ def _from_gazetteer(found: dict[str, object]) -> Place:
     return ("KH", province_name(str(found.get("state") or "")) or UNKNOWN)
 
 
+def warm() -> None:
+    """Load the gazetteer (seconds, once per process): at start, not in the first report."""
+    reverse_geocode.search([(0.0, 0.0)])
+
+
 class Locator:
     def __init__(self, geoip_db: str = "") -> None:
         self._intel = MaxMindIntel(geoip_db, "", VpnLists((), ())) if geoip_db else None

@@ -253,7 +253,8 @@ class Reports:
             close = row["closed_at"]
             if row["closes_at"] is not None:
                 warning = row["closes_at"] - self._warning
-                if warning > row["opens_at"] and (close is None or warning < close):
+                # Only a warning that was given: before the close, and not in the future.
+                if row["opens_at"] < warning < (close or datetime.now(UTC)):
                     moments.append((warning, "VOTING_WARNING", row["name"], row["round_id"],
                                     ""))
             if close is not None:

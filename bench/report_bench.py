@@ -1,0 +1,240 @@
+"""ReportService's cost on a generated episode of N votes (default 1 M; target: <= 2 s at 10 M).
+
+Generates an ENDED episode of three FINALIZED 30-minute rounds straight into a private
+PostgreSQL (server-side INSERT ... SELECT over generate_series, indexes built after the load,
+as a restore would), with ~N/8 voters, GPS for most app votes (towns of every province, some
+abroad), profiles for a third of the voters, then times what GetEpisodeReport does:
+
+- parts: each round's ledger read once into its part (what the first report after a round is
+  finalized pays, once per round, or a live round's provisional rebuild);
+- merge: the episode's report from the parts (what a report costs once the parts exist);
+- stored: a final report served as stored.
+
+    python -m bench.report_bench --votes 1000000
+    python -m bench.report_bench --votes 3000000 --state-dir /tmp/report-bench
+
+The data is kept in --state-dir and reused when a run asks for the same number of votes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import psycopg
+
+from ops.infra import start_postgres
+from ops.migrate import migrate
+from results_svc.report import places, store
+from results_svc.report.report import Reports
+from runtime.places import PROVINCES
+from runtime.storage import Storage, create_pool
+
+ROUNDS = 3
+CONTESTANTS = 6
+WINDOW_MS = 30 * 60_000
+CHUNK = 1_000_000
+
+#: A town in every province, to scatter GPS points around (lat, lon).
+TOWNS = [(11.56, 104.92), (13.10, 103.20), (13.36, 103.86), (10.61, 103.52), (12.00, 105.46),
+         (12.25, 104.67), (11.46, 104.52), (12.71, 104.89), (10.61, 104.18), (11.48, 104.94),
+         (11.62, 102.98), (12.49, 106.02), (12.45, 107.19), (13.80, 104.98), (11.48, 105.33),
+         (12.54, 103.92), (13.74, 106.99), (13.52, 105.97), (11.09, 105.80), (10.99, 104.78),
+         (14.18, 103.52), (10.48, 104.32), (12.85, 102.61), (13.58, 102.97), (11.99, 105.65)]
+ABROAD = [(13.76, 100.50), (21.03, 105.85), (48.86, 2.35), (40.71, -74.01), (-33.87, 151.21)]
+
+_DROP = """
+ALTER TABLE votes DISABLE TRIGGER votes_appends;
+ALTER TABLE votes DROP CONSTRAINT IF EXISTS votes_user_id_request_id_key;
+DROP INDEX IF EXISTS votes_by_round, votes_by_vote_id, votes_by_round_order, votes_unscored;
+"""
+_INDEXES = """
+ALTER TABLE votes ADD CONSTRAINT votes_user_id_request_id_key UNIQUE (user_id, request_id);
+CREATE INDEX votes_by_round ON votes (round_id, contestant_id);
+CREATE INDEX votes_by_vote_id ON votes (vote_id);
+CREATE INDEX votes_by_round_order ON votes (round_id, admitted_ms, vote_id);
+CREATE INDEX votes_unscored ON votes (admitted_ms, vote_id) WHERE fraud_action = 'UNSCORED';
+ALTER TABLE votes ENABLE TRIGGER votes_appends;
+"""
+
+#: One chunk of a round's votes. A voter's place follows from their number: ~55 % GPS near a
+#: province town, 5 % abroad, the rest without GPS (an IP the bench has no GeoIP for).
+_VOTES = """
+INSERT INTO votes (vote_id, request_id, user_id, shard, round_id, episode_id, contestant_id,
+                   vote_type, count, channel, admitted_ms, admitted_at, fraud_action, ip,
+                   latitude, longitude, fingerprint, leaf_data, receipt_hash)
+SELECT gen_random_uuid(), 'r' || g, 'u' || u, (u %% 1024)::smallint, %(round)s::uuid,
+       %(episode)s::uuid, (%(contestants)s::uuid[])[1 + (g * 7 + u) %% %(n_contestants)s],
+       kind, CASE WHEN kind = 'PAID' AND g %% 7 = 0 THEN 5 ELSE 1 END,
+       CASE WHEN kind = 'PREMIUM_SMS' THEN 'SMS' WHEN u %% 10 < 7 THEN 'APP' ELSE 'WEB' END,
+       at_ms, to_timestamp(at_ms / 1000.0), 'ALLOW',
+       '10.' || (u / 65536) %% 256 || '.' || (u / 256) %% 256 || '.' || u %% 256,
+       CASE WHEN u %% 20 < 11 THEN (%(towns)s::float8[])[1 + u %% 25][1]
+                                   + ((u / 25) %% 100 - 50) / 400.0
+            WHEN u %% 20 = 11 THEN (%(abroad)s::float8[])[1 + u %% 5][1] END,
+       CASE WHEN u %% 20 < 11 THEN (%(towns)s::float8[])[1 + u %% 25][2]
+                                   + ((u / 2500) %% 100 - 50) / 400.0
+            WHEN u %% 20 = 11 THEN (%(abroad)s::float8[])[1 + u %% 5][2] END,
+       '\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
+       convert_to(repeat('x', 260), 'UTF8'),
+       '\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea
+  FROM (SELECT g, (floor(%(voters)s * power(random(), 1.6)))::bigint AS u,
+               CASE WHEN g %% 10 < 6 THEN 'FREE' WHEN g %% 10 < 9 THEN 'PAID'
+                    ELSE 'PREMIUM_SMS' END AS kind,
+               %(opens)s + floor(%(window)s * power(random(), 1.3))::bigint AS at_ms
+          FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g) s
+"""
+
+
+async def generate(url: str, votes: int) -> str:
+    """The episode id of a generated episode of `votes` ledger rows (reused if present)."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as db:
+        found = await (await db.execute(
+            "SELECT episode_id::text FROM episodes WHERE title = %s", (f"bench {votes}",)
+        )).fetchone()
+        if found is not None:
+            return str(found[0])
+        show, episode = str(uuid.uuid4()), str(uuid.uuid4())
+        contestants = [str(uuid.uuid4()) for _ in range(CONTESTANTS)]
+        await db.execute("INSERT INTO shows (show_id, name) VALUES (%s, 'bench')", (show,))
+        await db.execute(
+            "INSERT INTO episodes (episode_id, show_id, title, state, free_vote_quota,"
+            " rate_limit_per_minute, started_at, ended_at)"
+            " VALUES (%s, %s, %s, 'ENDED', 5, 100, now() - interval '3 hours', now())",
+            (episode, show, f"bench {votes}"))
+        for number, contestant in enumerate(contestants, start=1):
+            await db.execute(
+                "INSERT INTO contestants (contestant_id, episode_id, name, sms_number)"
+                " VALUES (%s, %s, %s, %s)", (contestant, episode, f"Singer {number}", number))
+        await db.execute(_DROP)
+        voters = max(1, votes // 8)
+        start_ms = int(time.time() * 1000) - 3 * 3600_000
+        done = 0
+        for index in range(ROUNDS):
+            round_id = str(uuid.uuid4())
+            opens = start_ms + index * 3600_000
+            await db.execute(
+                "INSERT INTO rounds (round_id, episode_id, name, contestant_ids, window_ms,"
+                " visibility, state, opens_at, closes_at, lines_close_at, closed_at)"
+                " VALUES (%s, %s, %s, %s::uuid[], %s, 'RESULTS_VISIBILITY_PUBLIC_COUNTS',"
+                " 'FINALIZED', to_timestamp(%s / 1000.0), to_timestamp(%s / 1000.0),"
+                " to_timestamp(%s / 1000.0), to_timestamp(%s / 1000.0))",
+                (round_id, episode, f"Round {index + 1}", contestants, WINDOW_MS, opens,
+                 opens + WINDOW_MS, opens + WINDOW_MS, opens + WINDOW_MS))
+            await db.execute(
+                "INSERT INTO performances (performance_id, episode_id, contestant_id,"
+                " started_at, ended_at) VALUES (%s, %s, %s, to_timestamp(%s / 1000.0),"
+                " to_timestamp(%s / 1000.0))",
+                (str(uuid.uuid4()), episode, contestants[index], opens - 300_000, opens))
+            in_round = votes // ROUNDS + (votes % ROUNDS if index == ROUNDS - 1 else 0)
+            for lo in range(done, done + in_round, CHUNK):
+                hi = min(lo + CHUNK, done + in_round) - 1
+                started = time.monotonic()
+                await db.execute(_VOTES, {
+                    "round": round_id, "episode": episode, "contestants": contestants,
+                    "n_contestants": CONTESTANTS, "towns": [list(t) for t in TOWNS],
+                    "abroad": [list(t) for t in ABROAD], "voters": voters, "opens": opens,
+                    "window": WINDOW_MS, "lo": lo, "hi": hi})
+                print(f"  round {index + 1}: rows {lo:,}..{hi:,} in "
+                      f"{time.monotonic() - started:.1f}s", flush=True)
+            done += in_round
+        started = time.monotonic()
+        await db.execute(_INDEXES)
+        await db.execute(
+            "INSERT INTO voter_profiles (user_id, age_band, gender, province)"
+            " SELECT 'u' || u, (ARRAY['18-24','25-34','35-44','45-54','55+','under-18'])"
+            "   [1 + u %% 6], (ARRAY['female','male','other'])[1 + u %% 3],"
+            "   (%s::text[])[1 + u %% 25] FROM generate_series(0, %s) u WHERE u %% 3 = 0",
+            (list(PROVINCES.values()), voters))
+        await db.execute("VACUUM ANALYZE votes")
+        print(f"  indexes, profiles, vacuum in {time.monotonic() - started:.1f}s", flush=True)
+        return episode
+
+
+async def measure(url: str, episode: str) -> dict[str, Any]:
+    pool = create_pool(url, 1, 4)
+    await pool.open()
+    config: Any = SimpleNamespace(results_report_min_voters=10,
+                                  results_report_provisional_ms=5000,
+                                  results_report_warning_s=60, results_geoip_db="")
+    storage: Any = Storage(pool=pool, redis=None)  # type: ignore[arg-type]
+    try:
+        async with pool.connection() as db:
+            await db.execute("DELETE FROM episode_reports WHERE episode_id = %s", (episode,))
+            await db.execute("DELETE FROM report_round_parts WHERE episode_id = %s",
+                             (episode,))
+            rounds = [row["round_id"] for row in await (await db.execute(
+                store.ROUNDS_SQL, (episode,))).fetchall()]
+        started = time.monotonic()
+        places.warm()
+        gazetteer = time.monotonic() - started
+        parts = []
+        for round_id in rounds:
+            started = time.monotonic()
+            async with pool.connection() as db, db.transaction():
+                await store.build_part(db, round_id, episode, True, 0)
+            parts.append(time.monotonic() - started)
+        started = time.monotonic()
+        report = await Reports(storage, config).episode_report(episode)
+        merge = time.monotonic() - started
+        started = time.monotonic()
+        again = await Reports(storage, config).episode_report(episode)
+        stored = time.monotonic() - started
+        assert again == report and report.is_final
+        async with pool.connection() as db:
+            row: Any = await (await db.execute(
+                "SELECT count(*) AS n FROM report_round_voters WHERE round_id = ANY(%s::uuid[])",
+                (rounds,))).fetchone()
+        return {"votes": report.summary.ledger_votes, "counted": report.summary.counted_votes,
+                "voters": report.summary.unique_voters, "voter_rows": row["n"],
+                "parts_s": round(sum(parts), 2), "part_max_s": round(max(parts), 2),
+                "merge_s": round(merge, 2), "gazetteer_load_s": round(gazetteer, 2),
+                "stored_s": round(stored, 4),
+                "timeline_buckets": len(report.timeline), "places": len(report.geography)}
+    finally:
+        await pool.close()
+
+
+async def run(votes: int, state_dir: Path, database_url: str | None) -> dict[str, Any]:
+    child = None
+    if database_url is None:
+        await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
+        child, database_url = await start_postgres(state_dir)
+    try:
+        await asyncio.to_thread(migrate, database_url)
+        started = time.monotonic()
+        episode = await generate(database_url, votes)
+        print(f"episode of {votes:,} votes ready in {time.monotonic() - started:.0f}s",
+              flush=True)
+        figures = await measure(database_url, episode)
+        figures["load_average_1m"] = os.getloadavg()[0]
+        return figures
+    finally:
+        if child is not None:
+            await child.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--votes", type=int, default=1_000_000)
+    parser.add_argument("--state-dir", type=Path, default=Path("/tmp/televote-report-bench"))
+    parser.add_argument("--database-url", default=None,
+                        help="an existing PostgreSQL to generate into (default: a private one)")
+    args = parser.parse_args()
+    figures = asyncio.run(run(args.votes, args.state_dir, args.database_url))
+    print(json.dumps(figures))
+    print(f"report of {figures['votes']:,} votes ({figures['voters']:,} voters): parts "
+          f"{figures['parts_s']} s (once per finalized round; slowest round "
+          f"{figures['part_max_s']} s), merge {figures['merge_s']} s, stored "
+          f"{figures['stored_s'] * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
