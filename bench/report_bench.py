@@ -70,7 +70,7 @@ _VOTES = """
 INSERT INTO votes (vote_id, request_id, user_id, shard, round_id, episode_id, contestant_id,
                    vote_type, count, channel, admitted_ms, admitted_at, fraud_action, ip,
                    latitude, longitude, fingerprint, leaf_data, receipt_hash)
-SELECT gen_random_uuid(), 'r' || g, 'u' || u, (u %% 1024)::smallint, %(round)s::uuid,
+SELECT gen_random_uuid(), %(tag)s || g, 'u' || u, (u %% 1024)::smallint, %(round)s::uuid,
        %(episode)s::uuid, (%(contestants)s::uuid[])[1 + (g * 7 + u) %% %(n_contestants)s],
        kind, CASE WHEN kind = 'PAID' AND g %% 7 = 0 THEN 5 ELSE 1 END,
        CASE WHEN kind = 'PREMIUM_SMS' THEN 'SMS' WHEN u %% 10 < 7 THEN 'APP' ELSE 'WEB' END,
@@ -141,7 +141,7 @@ async def generate(url: str, votes: int) -> str:
                     "round": round_id, "episode": episode, "contestants": contestants,
                     "n_contestants": CONTESTANTS, "towns": [list(t) for t in TOWNS],
                     "abroad": [list(t) for t in ABROAD], "voters": voters, "opens": opens,
-                    "window": WINDOW_MS, "lo": lo, "hi": hi})
+                    "window": WINDOW_MS, "lo": lo, "hi": hi, "tag": f"r{episode[:8]}-"})
                 print(f"  round {index + 1}: rows {lo:,}..{hi:,} in "
                       f"{time.monotonic() - started:.1f}s", flush=True)
             done += in_round
@@ -163,7 +163,8 @@ async def measure(url: str, episode: str) -> dict[str, Any]:
     await pool.open()
     config: Any = SimpleNamespace(results_report_min_voters=10,
                                   results_report_provisional_ms=5000,
-                                  results_report_warning_s=60, results_geoip_db="")
+                                  results_report_warning_s=60, results_geoip_db="",
+                                  results_report_precompute_ms=0)
     storage: Any = Storage(pool=pool, redis=None)  # type: ignore[arg-type]
     try:
         async with pool.connection() as db:

@@ -53,6 +53,9 @@ class ResultsConfig(ServiceConfig):
     #: A provisional report (the episode live, a round not finalized) is recomputed at most
     #: this often; a final one is computed once.
     results_report_provisional_ms: int = Field(default=5000, ge=0)
+    #: How often a replica looks for finalized rounds and ended episodes whose report parts
+    #: are not computed yet, and computes them (0: only on request).
+    results_report_precompute_ms: int = Field(default=5000, ge=0)
     #: The show's warning moment, this long before a round's broadcast close (sync_svc's
     #: SYNC_WARNING_AT_S).
     results_report_warning_s: int = Field(default=60, ge=0)

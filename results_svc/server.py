@@ -31,14 +31,17 @@ def create_server(config: ResultsConfig) -> tuple[ServiceHost, int]:
     signer = Signer.load_or_create(config.televote_state_dir)
     finalizer = Finalizer(storage, config, signer)
     live = Live(storage, config, finalizer, streams)
+    reports = Reports(storage, config)
 
     async def start_background() -> None:
         await live.start()
         await finalizer.start()
+        await reports.start()
         # Off the event loop and not awaited: SERVING does not wait for the gazetteer.
         warming.append(asyncio.ensure_future(asyncio.to_thread(places.warm)))
 
     async def stop_background() -> None:
+        await reports.stop()
         await finalizer.stop()
         await live.stop()
 
@@ -47,7 +50,7 @@ def create_server(config: ResultsConfig) -> tuple[ServiceHost, int]:
     host.add(register, ResultsServicer(storage, live, finalizer, signer),
              results_service_pb2.DESCRIPTOR.services_by_name["ResultsService"])
     host.add(report_service_pb2_grpc.add_ReportServiceServicer_to_server,
-             ReportServicer(Reports(storage, config)),
+             ReportServicer(reports),
              report_service_pb2.DESCRIPTOR.services_by_name["ReportService"])
     return host, host.bind()
 

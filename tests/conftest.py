@@ -35,6 +35,7 @@ FAST_SHOW_ENV = {
     # The report: small audiences in tests, and provisional reports as fresh as the ledger.
     "RESULTS_REPORT_MIN_VOTERS": "3",
     "RESULTS_REPORT_PROVISIONAL_MS": "0",
+    "RESULTS_REPORT_PRECOMPUTE_MS": "300",
 }
 
 

@@ -11,9 +11,12 @@ Exact, from PostgreSQL, and cheap on show night:
   rows (one per voter and round, a tenth of the votes or less), everything else from the
   parts' small aggregates.
 - Once the episode has ended and every round is finalized, the report is final: computed once,
-  stored (episode_reports) and served as stored. Before that it is provisional (`is_final`
-  false), kept in memory per replica for the same interval, and one computation serves every
-  caller waiting for it.
+  stored (episode_reports) and served as stored.
+- Both are done ahead of the request (`precompute_once`, every RESULTS_REPORT_PRECOMPUTE_MS):
+  a round's final part right after its result is stored, an episode's final report right
+  after it ends, so a report asked for after the show is read, not computed.
+- Before that a report is provisional (`is_final` false), kept in memory per replica for
+  RESULTS_REPORT_PROVISIONAL_MS, and one computation serves every caller waiting for it.
 
 Nothing per voter leaves this module: places, profiles and vote counts are aggregated, and
 buckets of fewer than RESULTS_REPORT_MIN_VOTERS voters merged into "other" (`privacy`).
@@ -22,6 +25,8 @@ buckets of fewer than RESULTS_REPORT_MIN_VOTERS voters merged into "other" (`pri
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -38,6 +43,8 @@ from runtime.errors import ApiError
 from runtime.storage import Storage
 from televote.results.v1 import report_service_pb2 as pb
 from televote.vote.v1 import vote_types_pb2 as vtypes
+
+log = logging.getLogger(__name__)
 
 #: The vote-per-voter buckets, in display order.
 DISTRIBUTION = ("1", "2-5", "6-10", "11-50", "51-100", "101+")
@@ -84,6 +91,8 @@ class Reports:
         self._locator = Locator(config.results_geoip_db)
         self._cache: dict[str, _Cached] = {}
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._precompute_ms = config.results_report_precompute_ms
+        self._task: asyncio.Task[None] | None = None
 
     async def episode_report(self, episode_id: str) -> pb.GetEpisodeReportResponse:
         cached = self._cache.get(episode_id)
@@ -120,8 +129,49 @@ class Reports:
         async with self._storage.pool.connection() as connection:
             report = await self._assemble(connection, episode, rounds, earlier, final)
             if final:
-                await store.store_report(connection, episode_id, report.SerializeToString())
+                return pb.GetEpisodeReportResponse.FromString(await store.store_report(
+                    connection, episode_id, report.SerializeToString()))
         return report
+
+    # -- ahead of the request -------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._precompute_ms > 0:
+            self._task = asyncio.create_task(self._precompute_loop(), name="report-precompute")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _precompute_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._precompute_ms / 1000)
+            try:
+                while await self.precompute_once():
+                    pass
+            except Exception:  # the next pass tries again; a request computes it anyway
+                log.exception("report precompute failed")
+
+    async def precompute_once(self) -> bool:
+        """Do one piece of work a report would otherwise do on request: a finalized round's
+        final part (its one read of the ledger), else an ended episode's final report.
+        False when there was nothing to do."""
+        async with self._storage.pool.connection() as connection:
+            cursor = await connection.execute(store.UNREPORTED_ROUNDS_SQL)
+            row: Any = await cursor.fetchone()
+            if row is None:
+                cursor = await connection.execute(store.UNREPORTED_EPISODES_SQL)
+                episode: Any = await cursor.fetchone()
+        if row is not None:
+            await self._ensure_part(row["round_id"], row["episode_id"], True)
+            return True
+        if episode is not None:
+            await self.episode_report(episode["episode_id"])
+            return True
+        return False
 
     async def _ensure_part(self, round_id: str, episode_id: str, finalized: bool) -> None:
         async with self._storage.pool.connection() as connection:

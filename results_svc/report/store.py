@@ -254,8 +254,32 @@ async def stored_report(connection: Connection, episode_id: str) -> bytes | None
     return None if row is None else bytes(row["report"])
 
 
-async def store_report(connection: Connection, episode_id: str, report: bytes) -> None:
-    """The first final report stored wins; a replica's later copy is the same figures."""
+async def store_report(connection: Connection, episode_id: str, report: bytes) -> bytes:
+    """Store a final report unless one is stored; returns the stored one. The first stored
+    wins: another replica's copy has the same figures, and every caller then gets the same
+    bytes (generated_at included)."""
     await connection.execute(
         "INSERT INTO episode_reports (episode_id, report) VALUES (%s, %s)"
         " ON CONFLICT (episode_id) DO NOTHING", (episode_id, report))
+    stored = await stored_report(connection, episode_id)
+    assert stored is not None
+    return stored
+
+
+#: Finalized rounds whose part is not final yet (oldest first).
+UNREPORTED_ROUNDS_SQL = """
+SELECT r.round_id::text, r.episode_id::text FROM rounds r
+ WHERE r.state = 'FINALIZED'
+   AND NOT EXISTS (SELECT 1 FROM report_round_parts p WHERE p.round_id = r.round_id AND p.final)
+ ORDER BY r.closed_at NULLS LAST LIMIT 1
+"""
+
+#: Ended episodes with every round settled and no stored report (most recent first).
+UNREPORTED_EPISODES_SQL = """
+SELECT e.episode_id::text FROM episodes e
+ WHERE e.state = 'ENDED'
+   AND NOT EXISTS (SELECT 1 FROM episode_reports x WHERE x.episode_id = e.episode_id)
+   AND NOT EXISTS (SELECT 1 FROM rounds r WHERE r.episode_id = e.episode_id
+                      AND r.state NOT IN ('FINALIZED', 'PENDING'))
+ ORDER BY e.ended_at DESC NULLS LAST LIMIT 1
+"""
