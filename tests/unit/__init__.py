@@ -1,0 +1,1 @@
+"""Unit tests: logic called directly, no stack, seconds."""
