@@ -9,7 +9,6 @@ import asyncio
 from typing import Any
 
 import grpc
-import pytest
 
 from ops.stack import Stack
 from runtime.access import Role
@@ -34,8 +33,6 @@ from tests.vote_support import (
     vote_request,
     voter,
 )
-
-pytestmark = pytest.mark.stack
 
 
 def _operator(stack: Stack) -> tuple[tuple[str, str]]:

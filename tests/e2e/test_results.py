@@ -34,8 +34,6 @@ from tests.support_windows import TestRound, close_test_round, open_test_round
 from tests.sync_support import SseWatcher
 from tests.vote_support import FREE, stub, vote_request, voter
 
-pytestmark = pytest.mark.stack
-
 
 def results_stub(channel: grpc.aio.Channel) -> rgrpc.ResultsServiceStub:
     return rgrpc.ResultsServiceStub(channel)

@@ -17,14 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from ops.processes import free_port, wait_serving
-from ops.stack import Stack
 from runtime.access import Principal, Role, allowed
 from runtime.coalesce import Coalescer
 from runtime.config import ConfigError, ServiceConfig
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from tests.slow_service import SLEEP_METHOD
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _Config(ServiceConfig):
@@ -178,26 +177,6 @@ def test_every_service_keeps_full_garbage_collections_out_of_its_requests(
         gc.unfreeze()
         gc.set_threshold(*before)
     assert seen and seen[0][0] > 10_000 and seen[0][1] == server.GC_YOUNG_OBJECTS
-
-
-async def test_vote_svc_plans_its_statements_once_and_other_services_per_execution(
-        stack: Stack) -> None:
-    """vote_svc's statements look rows up by key or insert them: a plan per execution was a
-    third of PostgreSQL's CPU per vote. Other services keep PostgreSQL's default."""
-    from runtime.storage import create_pool
-    from vote_svc.config import VoteConfig
-
-    assert VoteConfig.model_fields["database_generic_plans"].default is True
-    assert ServiceConfig.model_fields["database_generic_plans"].default is False
-    for generic, expected in ((True, "force_generic_plan"), (False, "auto")):
-        pool = create_pool(stack.database_url, generic_plans=generic)
-        await pool.open()
-        try:
-            async with pool.connection() as connection:
-                row: Any = await (await connection.execute("SHOW plan_cache_mode")).fetchone()
-            assert row["plan_cache_mode"] == expected
-        finally:
-            await pool.close()
 
 
 async def test_coalescer_sends_concurrent_requests_as_one_batch_and_answers_each() -> None:

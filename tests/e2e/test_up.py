@@ -96,7 +96,7 @@ def test_a_bench_ended_by_sigterm_stops_the_processes_it_started(tmp_path: Path)
     script = tmp_path / "holder.py"
     script.write_text(_HOLDER)
     holder = subprocess.Popen([sys.executable, str(script), str(tmp_path)],
-                              cwd=Path(__file__).resolve().parent.parent)
+                              cwd=Path(__file__).resolve().parents[2])
     try:
         deadline = time.monotonic() + 30
         while not (tmp_path / "pid").exists():

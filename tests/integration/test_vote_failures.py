@@ -37,8 +37,15 @@ from televote.vote.v1 import (
     vote_types_pb2,
 )
 from tests.support_windows import TestRound, open_test_round
-from tests.test_vote_concurrency import start_replica, stop_replica
-from tests.vote_support import inside, ledger_rows, new_id, query, vote_request
+from tests.vote_support import (
+    inside,
+    ledger_rows,
+    new_id,
+    query,
+    start_replica,
+    stop_replica,
+    vote_request,
+)
 from vote_svc.admission import Scripts
 from vote_svc.reconcile import Reconciler
 
