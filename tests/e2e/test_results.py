@@ -179,7 +179,6 @@ async def test_replicas_racing_to_finalize_store_and_announce_one_result(
     try:
         for _, finalizer in replicas:
             await finalizer.start()
-        await asyncio.sleep(0.5)  # vote batches in flight (none left: every vote was acked)
         stored = await asyncio.gather(*(f.finalize(test_round.round_id) for _, f in replicas))
         assert sum(stored) <= 1
         for _, finalizer in replicas:

@@ -101,6 +101,15 @@ def test_access_table() -> None:
     assert not allowed("televote.unknown.v1.Whatever", Role.OPERATOR)
 
 
+async def _logged(stream: asyncio.StreamReader, message: str) -> None:
+    """Read a service's JSON log lines until one says `message`."""
+    async with asyncio.timeout(10):
+        while line := await stream.readline():
+            if line.startswith(b"{") and json.loads(line)["message"] == message:
+                return
+    raise AssertionError(f"the service ended without logging {message!r}")
+
+
 async def test_sigterm_drains_an_in_flight_rpc_before_exit() -> None:
     port = free_port()
     process = await asyncio.create_subprocess_exec(
@@ -113,9 +122,14 @@ async def test_sigterm_drains_an_in_flight_rpc_before_exit() -> None:
             health = health_pb2_grpc.HealthStub(channel)
             sleep = channel.unary_unary(SLEEP_METHOD)
             in_flight = asyncio.ensure_future(sleep(b"1.5", timeout=10))
-            await asyncio.sleep(0.3)
+            assert process.stderr is not None
+            await _logged(process.stderr, "sleeping")  # the call is in the server
+            watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
             process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            async for status in watch:
+                if status.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+            watch.cancel()
             # Draining: no longer SERVING, yet the call already in flight completes.
             reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -195,7 +209,7 @@ async def test_coalescer_sends_concurrent_requests_as_one_batch_and_answers_each
 
     # A request that may wait rides along with the next urgent one ...
     patient = coalescer.submit(4, wait_ms=10_000)
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # time in which a wrongly urgent batch would leave
     assert len(batches) == 1 and not patient.done()
     assert await coalescer.submit(5) == 50
     assert await patient == 40
