@@ -1,5 +1,6 @@
-"""The load simulator: its plans and gRPC-Web framing, a short compressed seed scenario end to
-end through the real edge, and its verifier against a deliberately damaged ledger.
+"""The load simulator: a short compressed seed scenario end to end through the real edge, and
+its verifier against a deliberately damaged ledger (its plans and gRPC-Web framing:
+tests/unit/test_loadtest_plan.py).
 
 The damage is done inside a transaction that is rolled back (with the append-only triggers
 off for that transaction only, `session_replication_role = replica`), and the verifier reads
