@@ -1,1 +1,1 @@
-"""End-to-end tests: through the Envoy edge, the whole mesh, and a browser for pages."""
+"""Through Envoy, the whole mesh: what a client of the edge sees."""

@@ -1,1 +1,1 @@
-"""Integration tests: a real grpc.aio server against real PostgreSQL and Redis."""
+"""Real grpc.aio servers against the session stack's real PostgreSQL and Redis."""

@@ -1,1 +1,1 @@
-"""Unit tests: logic called directly, no stack, seconds."""
+"""Tests that need no running service: seconds, no PostgreSQL, Redis or Envoy."""
