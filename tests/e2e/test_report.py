@@ -354,3 +354,11 @@ async def test_bad_requests_get_reasons(stack: Stack, edge_channel: grpc.aio.Cha
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
     assert not await query(stack.database_url,
                            "SELECT 1 FROM voter_profiles WHERE user_id = 'profile-tester'")
+    status, body = await asyncio.to_thread(
+        http, stack, "PUT", "/v1/voter-profile", token(stack, Role.VOTER, "profile-tester"),
+        {"ageBand": "18-24", "gender": "female", "province": "Phnom Penh"})
+    assert (status, body) == (200, {"ageBand": "18-24", "gender": "female",
+                                    "province": "Phnom Penh"})
+    assert await query(stack.database_url, "SELECT age_band, gender, province FROM"
+                       " voter_profiles WHERE user_id = 'profile-tester'") == [
+        {"age_band": "18-24", "gender": "female", "province": "Phnom Penh"}]
