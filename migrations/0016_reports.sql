@@ -54,8 +54,8 @@ CREATE TABLE report_round_voters (
     first_ip     text,
     PRIMARY KEY (round_id, user_id)
 );
--- Returning voters: was this voter in a round of an earlier episode?
-CREATE INDEX report_round_voters_by_user ON report_round_voters (user_id);
+-- No index by voter: returning voters are found by the earlier rounds' keys (a hash join),
+-- and an index here would cost every part's insert of a row per voter.
 
 -- Owner: results_svc. The final report of an episode (every round finalized, the episode
 -- ENDED), serialized GetEpisodeReportResponse: computed once, then served as stored.

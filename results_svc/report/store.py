@@ -165,7 +165,8 @@ SELECT admitted_ms FROM votes
 """
 
 #: The episode's voters, merged over its rounds' parts (one row per voter), then every figure
-#: that needs distinct voters across rounds, in one statement.
+#: that needs distinct voters across rounds, in one statement: the counts in one pass over the
+#: voters, then the distribution, the places and the profile segments.
 MERGE_SQL = """
 WITH u AS MATERIALIZED (
   SELECT user_id, sum(counted) AS counted, sum(free) AS free, sum(paid) AS paid,
@@ -173,21 +174,25 @@ WITH u AS MATERIALIZED (
          count(*) FILTER (WHERE counted > 0) AS rounds, min(first_gps) AS gps,
          min(first_ip) AS ip
     FROM report_round_voters WHERE round_id = ANY(%(rounds)s::uuid[]) GROUP BY user_id
-), c AS MATERIALIZED (SELECT * FROM u WHERE counted > 0)
-SELECT
-  (SELECT count(*) FROM c) AS voters,
-  (SELECT count(*) FROM c WHERE free > 0) AS free_voters,
-  (SELECT count(*) FROM c WHERE paid > 0) AS paid_voters,
-  (SELECT count(*) FROM c WHERE sms > 0) AS sms_voters,
-  (SELECT count(*) FROM c WHERE app > 0) AS app_voters,
-  (SELECT count(*) FROM c WHERE web > 0) AS web_voters,
-  (SELECT count(*) FROM c WHERE rounds > 1) AS multi_round,
-  (SELECT count(*) FROM c WHERE %(quota)s > 0 AND free_cast >= %(quota)s) AS used_all_free,
-  (SELECT count(*) FROM u WHERE free_cast > 0) AS free_casters,
-  (SELECT count(*) FROM u WHERE free_cast > 0 AND paid > 0) AS free_to_paid,
-  (SELECT count(*) FROM c WHERE user_id IN (
-     SELECT user_id FROM report_round_voters
-      WHERE round_id = ANY(%(earlier)s::uuid[]) AND counted > 0)) AS returning,
+), back AS (
+  SELECT DISTINCT user_id FROM report_round_voters
+   WHERE round_id = ANY(%(earlier)s::uuid[]) AND counted > 0
+), figures AS (
+  SELECT count(*) FILTER (WHERE counted > 0) AS voters,
+         count(*) FILTER (WHERE counted > 0 AND free > 0) AS free_voters,
+         count(*) FILTER (WHERE counted > 0 AND paid > 0) AS paid_voters,
+         count(*) FILTER (WHERE counted > 0 AND sms > 0) AS sms_voters,
+         count(*) FILTER (WHERE counted > 0 AND app > 0) AS app_voters,
+         count(*) FILTER (WHERE counted > 0 AND web > 0) AS web_voters,
+         count(*) FILTER (WHERE counted > 0 AND rounds > 1) AS multi_round,
+         count(*) FILTER (WHERE counted > 0 AND %(quota)s > 0 AND free_cast >= %(quota)s)
+           AS used_all_free,
+         count(*) FILTER (WHERE free_cast > 0) AS free_casters,
+         count(*) FILTER (WHERE free_cast > 0 AND paid > 0) AS free_to_paid,
+         count(*) FILTER (WHERE counted > 0 AND b.user_id IS NOT NULL) AS returning
+    FROM u LEFT JOIN back b USING (user_id)
+), c AS (SELECT * FROM u WHERE counted > 0)
+SELECT figures.*,
   (SELECT coalesce(jsonb_agg(jsonb_build_array(bucket, n)), '[]') FROM (
      SELECT CASE WHEN counted = 1 THEN '1' WHEN counted <= 5 THEN '2-5'
                  WHEN counted <= 10 THEN '6-10' WHEN counted <= 50 THEN '11-50'
@@ -207,6 +212,7 @@ SELECT
             count(*) AS voters, sum(c.counted) AS votes
        FROM c LEFT JOIN voter_profiles p USING (user_id)
       GROUP BY GROUPING SETS ((p.age_band), (p.gender), (p.province))) s) AS segments
+  FROM figures
 """
 
 #: Earlier episodes' finalized rounds of the same show (returning voters).
