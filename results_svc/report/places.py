@@ -39,23 +39,23 @@ class Locator:
                ) -> list[Place]:
         """The place of each (latitude, longitude, ip); the points are looked up together
         (one k-d tree query for all: ~30 us a point, against ~200 us one at a time)."""
-        points: dict[tuple[float, float], Place] = {}
-        fixed: list[Place | tuple[float, float]] = []
-        for latitude, longitude, ip in located:
+        places: list[Place] = []
+        pending: dict[tuple[float, float], list[int]] = {}
+        for index, (latitude, longitude, ip) in enumerate(located):
             if latitude is None or longitude is None:
                 latitude, longitude, known = self._by_ip(ip)
                 if known is not None:
-                    fixed.append(known)
+                    places.append(known)
                     continue
             assert latitude is not None and longitude is not None
-            points[(latitude, longitude)] = (UNKNOWN, "")
-            fixed.append((latitude, longitude))
-        if points:
-            keys = list(points)
-            for key, found in zip(keys, reverse_geocode.search(keys), strict=True):
-                points[key] = _from_gazetteer(found)
-        return [points[item] if isinstance(item[0], float) else item
-                for item in fixed]
+            places.append((UNKNOWN, ""))
+            pending.setdefault((float(latitude), float(longitude)), []).append(index)
+        if pending:
+            points = list(pending)
+            for point, found in zip(points, reverse_geocode.search(points), strict=True):
+                for index in pending[point]:
+                    places[index] = _from_gazetteer(found)
+        return places
 
     def _by_ip(self, ip: str | None) -> tuple[float | None, float | None, Place | None]:
         """A point to look up, or the place when the IP alone tells it."""

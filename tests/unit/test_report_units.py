@@ -39,9 +39,10 @@ def test_places_come_from_gps_and_never_from_a_guess() -> None:
     locator = Locator()  # no GeoIP database: an IP alone places nobody
     assert locator.places([(11.5564, 104.9282, None), (13.3633, 103.8564, "10.0.0.1"),
                            (10.61, 103.52, None), (48.8566, 2.3522, None),
-                           (None, None, "203.0.113.9"), (None, None, None)]) == [
+                           (None, None, "203.0.113.9"), (None, None, None),
+                           (48, 2, None)]) == [  # whole degrees come as ints from JSON
         ("KH", "Phnom Penh"), ("KH", "Siem Reap"), ("KH", "Preah Sihanouk"), ("FR", ""),
-        ("unknown", ""), ("unknown", "")]
+        ("unknown", ""), ("unknown", ""), ("FR", "")]
 
 
 def test_every_gazetteer_spelling_of_a_province_maps_to_its_iso_name() -> None:
