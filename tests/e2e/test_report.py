@@ -309,7 +309,12 @@ async def test_a_live_episode_is_provisional_and_follows_the_ledger(
     assert (first.summary.counted_votes, first.summary.unique_voters) == (2, 1)
     assert first.rounds[0].state == "OPEN"
     await _vote(stack, edge_channel, live, "live-2", contestant=1)
-    second = await _report(stack, edge_channel, live.episode_id)
+    async with asyncio.timeout(30):  # a provisional report may be reused for a moment
+        for _ in range(1000):
+            second = await _report(stack, edge_channel, live.episode_id)
+            if second.summary.counted_votes != 2:
+                break
+            await asyncio.sleep(0.1)
     assert not second.is_final
     assert (second.summary.counted_votes, second.summary.unique_voters) == (3, 2)
     assert [c.votes for c in second.rounds[0].contestants] == [2, 1, 0]
