@@ -23,6 +23,7 @@ from fraud_svc.features import Facts, Prepared, Scorer, Verdict
 from fraud_svc.geoip import IpInfo, IpIntel, parse_ip
 from fraud_svc.state import FeatureState, Observation
 from fraud_svc.store import BlocklistCache, Pool
+from runtime import audit as audit_log
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.interceptors import current_principal
 from televote.fraud.v1 import (
@@ -281,6 +282,7 @@ class FraudScoringServicer(fraud_scoring_service_pb2_grpc.FraudScoringServiceSer
                     + ", ".join(r.name for r in verdict.reasons))
                 attributes["flagged_user"] = True
             audit.append({
+                "actor_role": "internal", "actor": SELF, "action": "fraud.score",
                 "target": vote.ref,
                 "reason": f"{verdict.action}: " + ", ".join(r.name for r in verdict.reasons),
                 "details": {"user_id": vote.user_id, "round_id": vote.round_id,
@@ -322,11 +324,9 @@ def _uuid4s(count: int) -> Iterator[str]:
 
 # A vote scored again (vote_svc retried the batch) keeps its first review; a user flagged
 # twice keeps the first flag.
-_RECORD_SQL = """
+_RECORD_SQL = f"""
 WITH batch AS (SELECT %(batch)s::jsonb AS b), audit AS (
-    INSERT INTO audit_log (actor_role, actor_subject, action, target, reason, details)
-    SELECT 'internal', %(actor)s, 'fraud.score', a ->> 'target', a ->> 'reason', a -> 'details'
-    FROM batch, jsonb_array_elements(b -> 'audit') AS a
+    {audit_log.insert_sql("(SELECT b -> 'audit' FROM batch)")}
 ), reviews AS (
     INSERT INTO fraud_reviews (review_id, vote_ref, user_id, round_id, score, signals,
                                decision_id)

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg import AsyncConnection
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from fraud_svc.features import Policy
 from fraud_svc.geoip import IPNetwork, parse_ip
+from runtime import audit
 
 log = logging.getLogger(__name__)
 
@@ -187,32 +187,17 @@ class AuditRecord:
     request_id: str = ""
     attributes: Mapping[str, object] = field(default_factory=dict)
 
-    def params(self) -> tuple[str, str, str, str, str, Jsonb]:
-        return (self.actor_role, self.actor, ACTION_PREFIX + self.action, self.target_id,
-                self.reason, Jsonb({
-                    "user_id": self.user_id, "round_id": self.round_id,
-                    "target_id": self.target_id, "request_id": self.request_id,
-                    "attributes": dict(self.attributes)}))
+    def entry(self) -> audit.Entry:
+        return audit.Entry(self.actor_role, self.actor, ACTION_PREFIX + self.action,
+                           self.target_id, self.reason, {
+                               "user_id": self.user_id, "round_id": self.round_id,
+                               "target_id": self.target_id, "request_id": self.request_id,
+                               "attributes": dict(self.attributes)})
 
 
 async def write_audit(conn: Conn, records: list[AuditRecord]) -> list[int]:
     """Appends the records; returns their audit ids in order."""
-    if not records:
-        return []
-    ids: list[int] = []
-    # executemany with returning pipelines the inserts: one round trip for the batch.
-    async with conn.cursor() as cursor:
-        await cursor.executemany(
-            "INSERT INTO audit_log (actor_role, actor_subject, action, target, reason, details)"
-            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING audit_id",
-            [record.params() for record in records], returning=True)
-        while True:
-            row = await cursor.fetchone()
-            assert row is not None
-            ids.append(int(row["audit_id"]))
-            if not cursor.nextset():
-                break
-    return ids
+    return await audit.write(conn, [record.entry() for record in records])
 
 
 def attribute_text(value: object) -> str:

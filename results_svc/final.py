@@ -21,7 +21,6 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,7 +35,7 @@ from results_svc.config import ResultsConfig
 from results_svc.merkle import HASH_SIZE, MerkleTree, TopTree
 from results_svc.rounds import RoundInfo, load_round
 from results_svc.signing import Signer, tree_head
-from runtime import keys
+from runtime import keys, locks
 from runtime.access import Principal, Role
 from runtime.storage import Storage
 from televote.sync.v1 import show_internal_service_pb2 as internal
@@ -239,7 +238,7 @@ class Finalizer:
         """Extend the round's checkpoint by one step towards the watermark (a stale one is
         rebuilt); True when it reached the watermark (or another replica is at it)."""
         watermark = await self._watermark()
-        async with self._storage.pool.connection() as connection, self._round_lock(
+        async with self._storage.pool.connection() as connection, locks.round_results_session(
                 connection, round_id, wait=False) as mine:
             if not mine:
                 return True
@@ -299,37 +298,12 @@ class Finalizer:
             ledger = {r["contestant_id"]: r["n"] for r in await cursor.fetchall()}
         return {k: v for k, v in live.items() if v} == {k: v for k, v in ledger.items() if v}
 
-    @contextlib.asynccontextmanager
-    async def _round_lock(self, connection: AsyncConnection[Any], round_id: str, *,
-                          wait: bool) -> AsyncIterator[bool]:
-        """The round's advisory lock (one finalizer or checkpointer at a time, across
-        replicas), held by the session so that the REPEATABLE READ transaction that follows
-        takes its snapshot after the previous holder's commit. `wait` False: yield False at
-        once if another holds it."""
-        key = f"televote.results:{round_id}"
-        if wait:
-            await connection.execute("SET LOCAL lock_timeout = '30s'")
-            await connection.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
-            got = True
-        else:
-            cursor = await connection.execute(
-                "SELECT pg_try_advisory_lock(hashtext(%s)) AS got", (key,))
-            row: Any = await cursor.fetchone()
-            got = bool(row["got"])
-        await connection.commit()
-        try:
-            yield got
-        finally:
-            if got:
-                await connection.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
-                await connection.commit()
-
     async def finalize(self, round_id: str) -> bool:
         """Judge the rest of the ledger (or recount it all), sign and store the round's
         result; False if another replica has it."""
         started = time.monotonic()
         provisional = await provisional_counts(self._storage, round_id)
-        async with self._storage.pool.connection() as connection, self._round_lock(
+        async with self._storage.pool.connection() as connection, locks.round_results_session(
                 connection, round_id, wait=True):
             await connection.set_isolation_level(IsolationLevel.REPEATABLE_READ)
             try:
