@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 from psycopg import errors as pg_errors
 
@@ -27,9 +26,11 @@ from fraud_svc.store import (
     attribute_text,
     write_audit,
 )
+from runtime import ids, locks
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.idempotency import once, require_request_id
 from runtime.interceptors import current_principal
+from runtime.protoconv import timestamp
 from televote.fraud.v1 import (
     fraud_review_service_pb2 as pb,
 )
@@ -75,21 +76,6 @@ def _decode_token(token: str, length: int) -> list[Any] | None:
     return position
 
 
-def _uuid(value: str, field: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise invalid_argument(FieldViolation(field, "must be a UUID")) from None
-
-
-def _ts(value: Any) -> timestamp_pb2.Timestamp | None:
-    if not isinstance(value, datetime):
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def _signals(raw: Any) -> list[fraud_types_pb2.FraudSignal]:
     return [fraud_types_pb2.FraudSignal(name=str(s.get("name", "")),
                                         contribution=float(s.get("contribution", 0.0)),
@@ -102,15 +88,15 @@ def _review(row: dict[str, Any]) -> fraud_types_pb2.Review:
         review_id=str(row["review_id"]), vote_id=row["vote_ref"], user_id=row["user_id"],
         round_id=row["round_id"], score=row["score"], signals=_signals(row["signals"]),
         state=_STATES[row["state"]], user_round_votes=int(row.get("user_round_votes") or 0),
-        create_time=_ts(row["created_at"]), resolved_by=row["resolved_by"] or "",
-        resolve_time=_ts(row["resolved_at"]), note=row["note"])
+        create_time=timestamp(row["created_at"]), resolved_by=row["resolved_by"] or "",
+        resolve_time=timestamp(row["resolved_at"]), note=row["note"])
 
 
 def _block(row: dict[str, Any]) -> fraud_types_pb2.Block:
     return fraud_types_pb2.Block(
         block_id=str(row["block_id"]), kind=_KIND_NUMBERS[row["kind"]], value=row["value"],
         reason=row["reason"], created_by=row["created_by"],
-        create_time=_ts(row["created_at"]), expire_time=_ts(row["expire_at"]))
+        create_time=timestamp(row["created_at"]), expire_time=timestamp(row["expire_at"]))
 
 
 def normalize_block_value(kind: str, value: str) -> str:
@@ -141,12 +127,11 @@ async def refuse_if_finalized(conn: Conn, round_id: str) -> None:
     the rest of the caller's transaction, so a verdict either commits before a recount
     starts, and is counted, or finds the result stored and changes nothing.
     """
-    try:
-        round_id = str(uuid.UUID(round_id))  # the key results_svc locks: the canonical text
-    except ValueError:
+    canonical = ids.canonical(round_id)
+    if canonical is None:
         return  # not a round of the ledger (rounds are UUIDs): nothing to finalize
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('televote.results:' || %s))",
-                       [round_id])
+    round_id = canonical
+    await locks.round_results(conn, round_id)
     final = await (await conn.execute(
         "SELECT EXISTS (SELECT 1 FROM round_results WHERE round_id = %s::uuid)"
         " OR EXISTS (SELECT 1 FROM rounds WHERE round_id = %s::uuid AND state = 'FINALIZED')"
@@ -230,8 +215,8 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
             problems.append(FieldViolation("note", "longer than 2,000 chars"))
         if problems:
             raise invalid_argument(*problems)
-        request_id = _uuid(request.request_id, "request_id")
-        review_id = _uuid(request.review_id, "review_id")
+        request_id = ids.parse(request.request_id, "request_id")
+        review_id = ids.parse(request.review_id, "review_id")
         decision = "APPROVE" if request.decision == pb.REVIEW_DECISION_APPROVE else "REJECT"
         scope = "VOTE" if request.scope == pb.REVIEW_SCOPE_VOTE else "USER_ROUND"
         actor = current_principal().subject
@@ -322,7 +307,7 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
             raise invalid_argument(*problems)
         assert kind is not None
         value = normalize_block_value(kind, request.value)
-        request_id = _uuid(request.request_id, "request_id")
+        request_id = ids.parse(request.request_id, "request_id")
         actor = current_principal().subject
         async with self._pool.connection() as conn, conn.transaction():
             previous = await (await conn.execute(
@@ -372,8 +357,8 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
             problems.append(FieldViolation("request_id", "required"))
         if problems:
             raise invalid_argument(*problems)
-        block_id = _uuid(request.block_id, "block_id")
-        request_id = _uuid(request.request_id, "request_id")
+        block_id = ids.parse(request.block_id, "block_id")
+        request_id = ids.parse(request.request_id, "request_id")
         actor = current_principal().subject
         async with self._pool.connection() as conn, conn.transaction():
             row = await (await conn.execute(
@@ -573,10 +558,8 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                              context: grpc.aio.ServicerContext[Any, Any],
                              ) -> pb.SetFraudPolicyResponse:
         problems = []
-        show_id = ""
-        try:
-            show_id = str(uuid.UUID(request.show_id))
-        except ValueError:
+        show_id = ids.canonical(request.show_id) or ""
+        if not show_id:
             problems.append(FieldViolation("show_id", "must be a show id (UUID)"))
         block, review = request.block_threshold, request.review_threshold
         if not (math.isfinite(block) and math.isfinite(review)
@@ -629,7 +612,7 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
     async def GetFraudPolicy(self, request: pb.GetFraudPolicyRequest,
                              context: grpc.aio.ServicerContext[Any, Any],
                              ) -> pb.GetFraudPolicyResponse:
-        show_id = _uuid(request.show_id, "show_id")
+        show_id = ids.parse(request.show_id, "show_id")
         async with self._pool.connection() as conn:
             row = await (await conn.execute("SELECT * FROM fraud_policies WHERE show_id = %s",
                                             [show_id])).fetchone()
@@ -653,14 +636,14 @@ def _policy(row: dict[str, Any]) -> fraud_types_pb2.FraudPolicy:
         show_id=str(row["show_id"]), block_threshold=row["block_threshold"],
         review_threshold=row["review_threshold"],
         allowed_countries=list(row["allowed_countries"]), note=row["note"],
-        updated_by=row["updated_by"], update_time=_ts(row["updated_at"]))
+        updated_by=row["updated_by"], update_time=timestamp(row["updated_at"]))
 
 
 def _traveller(row: dict[str, Any]) -> fraud_types_pb2.TravellerExemption:
     return fraud_types_pb2.TravellerExemption(
         user_id=row["user_id"], countries=list(row["countries"] or []),
-        expire_time=_ts(row["expire_at"]), note=row["reason"], granted_by=row["created_by"],
-        grant_time=_ts(row["created_at"]))
+        expire_time=timestamp(row["expire_at"]), note=row["reason"], granted_by=row["created_by"],
+        grant_time=timestamp(row["created_at"]))
 
 
 def _entry(row: dict[str, Any]) -> fraud_types_pb2.AuditEntry:
@@ -670,7 +653,8 @@ def _entry(row: dict[str, Any]) -> fraud_types_pb2.AuditEntry:
     if row["reason"]:
         attributes.setdefault("reason", row["reason"])
     return fraud_types_pb2.AuditEntry(
-        entry_id=str(row["audit_id"]), time=_ts(row["recorded_at"]), actor=row["actor_subject"],
+        entry_id=str(row["audit_id"]), time=timestamp(row["recorded_at"]),
+        actor=row["actor_subject"],
         action=str(row["action"]).removeprefix(ACTION_PREFIX),
         user_id=str(details.get("user_id", "")), round_id=str(details.get("round_id", "")),
         target_id=str(details.get("target_id", row["target"])), attributes=attributes,

@@ -8,23 +8,26 @@ Redis window and the rounds' offset columns (`keys.CHANNELS`).
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TypeAlias
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from televote.vote.v1 import vote_types_pb2
 
+Channel: TypeAlias = vote_types_pb2.Channel.ValueType
+
 #: Channel enum -> stored name (`votes.channel`, fraud facts).
-CHANNEL_NAMES: dict[int, str] = {vote_types_pb2.CHANNEL_APP: "APP",
+CHANNEL_NAMES: dict[Channel, str] = {vote_types_pb2.CHANNEL_APP: "APP",
                                  vote_types_pb2.CHANNEL_WEB: "WEB",
                                  vote_types_pb2.CHANNEL_SMS: "SMS"}
 #: Stored name -> channel enum.
-CHANNEL_ENUMS: dict[str, int] = {name: number for number, name in CHANNEL_NAMES.items()}
+CHANNEL_ENUMS: dict[str, Channel] = {name: number for number, name in CHANNEL_NAMES.items()}
 #: Channel enum -> the lower-case key of window fields and offset columns (`keys.CHANNELS`).
-CHANNEL_KEYS: dict[int, str] = {number: name.lower() for number, name in CHANNEL_NAMES.items()}
+CHANNEL_KEYS: dict[Channel, str] = {number: name.lower() for number, name in CHANNEL_NAMES.items()}
 
 
-def channel_enum(name: str) -> int:
+def channel_enum(name: str) -> Channel:
     """The enum of a stored channel name; CHANNEL_UNSPECIFIED for one this build does not know."""
     return CHANNEL_ENUMS.get(name, vote_types_pb2.CHANNEL_UNSPECIFIED)
 

@@ -24,7 +24,10 @@ from google.protobuf import timestamp_pb2
 from runtime import keys
 from runtime.coalesce import Coalescer
 from runtime.errors import ApiError
+from runtime.protoconv import CHANNEL_ENUMS, timestamp_ms
+from runtime.receipts import leaf_hash
 from runtime.storage import Storage
+from runtime.window import Window
 from televote.fraud.v1 import fraud_scoring_service_pb2
 from televote.vote.v1 import vote_types_pb2
 from vote_svc.admission import RATE_WINDOW_MS, Outcome, Scripts, VoteKeys, decode_reply
@@ -37,9 +40,6 @@ log = logging.getLogger(__name__)
 #: Rounds of the admit -> (load | rebuild | wait) loop before giving up with UNAVAILABLE.
 _MAX_ROUNDS = 400
 
-_CHANNEL_NAMES = {vote_types_pb2.CHANNEL_APP: "APP", vote_types_pb2.CHANNEL_WEB: "WEB",
-                  vote_types_pb2.CHANNEL_SMS: "SMS"}
-_CHANNEL_ENUMS = {name: number for number, name in _CHANNEL_NAMES.items()}
 _TYPE_NAMES = {vote_types_pb2.VOTE_TYPE_FREE: "FREE", vote_types_pb2.VOTE_TYPE_PAID: "PAID",
                vote_types_pb2.VOTE_TYPE_PREMIUM_SMS: "PREMIUM_SMS"}
 
@@ -74,7 +74,7 @@ class VoteRequest:
     def facts(self, server_time_ms: int) -> fraud_scoring_service_pb2.VoteFacts:
         facts = fraud_scoring_service_pb2.VoteFacts(
             ref=self.request_id, user_id=self.user_id, device_id=self.device_id, ip=self.ip,
-            channel=_CHANNEL_ENUMS[self.channel],
+            channel=CHANNEL_ENUMS[self.channel],
             round_id=self.round_id, contestant_id=self.contestant_id, count=self.count,
             app_version=self.app_version)
         if self.latitude is not None and self.longitude is not None:
@@ -284,7 +284,7 @@ class Ingestor:
                 return _mismatch()
             return vote_types_pb2.AcceptedVote(
                 vote_id=first.vote_id, receipt_hash=first.receipt_hash,
-                accepted_at=_timestamp(first.admitted_ms),
+                accepted_at=timestamp_ms(first.admitted_ms),
                 free_votes_left=entry.outcome.free_left,
                 paid_balance=entry.outcome.paid_balance)
         if result.kind == "quota":
@@ -336,7 +336,7 @@ class Ingestor:
             fraud_score=score.score, fraud_decision_id=score.decision_id, ip=vote.ip,
             device_id=vote.device_id, app_version=vote.app_version, latitude=vote.latitude,
             longitude=vote.longitude, received_at=vote.received_at,
-            fingerprint=vote.fingerprint, leaf_data=leaf, receipt_hash=receipt_hash(leaf),
+            fingerprint=vote.fingerprint, leaf_data=leaf, receipt_hash=leaf_hash(leaf),
             keys=keyset, outcome=outcome)
 
     def leaf_data(self, vote: VoteRequest, vote_id: str, admitted_ms: int) -> bytes:
@@ -350,7 +350,7 @@ class Ingestor:
 
     def _accepted(self, vote: VoteRequest, outcome: Outcome) -> vote_types_pb2.AcceptedVote:
         leaf = self.leaf_data(vote, outcome.vote_id, outcome.admitted_ms)
-        return _answer(outcome, receipt_hash(leaf))
+        return _answer(outcome, leaf_hash(leaf))
 
     async def _load_users(self, wanted: list[UserKey]) -> list[list[str | int]]:
         """What PostgreSQL says of each (user, episode, round): the ADMIT script's ARGV[13..18]
@@ -396,30 +396,19 @@ class Ingestor:
         the shard copies that are missing; sync_svc's own writes win)."""
         async with self._db() as connection:
             cursor = await connection.execute(
-                "SELECT r.state, r.episode_id::text AS episode_id, r.contestant_ids::text[] AS"
-                "       contestants, (extract(epoch FROM r.opens_at) * 1000)::bigint AS opens,"
-                "       (extract(epoch FROM r.closes_at) * 1000)::bigint AS closes,"
-                "       r.app_close_offset_ms, r.web_close_offset_ms, r.sms_close_offset_ms,"
-                "       r.free_vote_cap, e.free_vote_quota, e.rate_limit_per_minute, e.version"
+                "SELECT r.*, e.free_vote_quota, e.rate_limit_per_minute, e.version"
                 "  FROM rounds r JOIN episodes e USING (episode_id) WHERE r.round_id = %s",
                 (round_id,))
             row: dict[str, Any] | None = await cursor.fetchone()
         if row is None:
             return ApiError(grpc.StatusCode.NOT_FOUND, "ROUND_NOT_FOUND", "no such round")
-        if row["state"] == "PENDING" or row["opens"] is None:
+        if row["state"] == "PENDING" or row["opens_at"] is None:
             return ApiError(grpc.StatusCode.FAILED_PRECONDITION, "VOTING_NOT_OPEN",
                             "voting has not opened for this round")
-        if row["state"] != "OPEN" or row["closes"] is None:
+        if row["state"] != "OPEN" or row["closes_at"] is None:
             return ApiError(grpc.StatusCode.FAILED_PRECONDITION, "VOTING_CLOSED",
                             "voting has closed for this round")
-        closes = int(row["closes"])
-        fields: dict[str, str | int] = {
-            "episode_id": row["episode_id"], "state": "OPEN", "opens_at_ms": int(row["opens"]),
-            "closes_at_ms": closes, "contestants": ",".join(row["contestants"]),
-            "free_quota": row["free_vote_quota"], "free_cap": row["free_vote_cap"],
-            "rate_limit_per_minute": row["rate_limit_per_minute"], "version": row["version"]}
-        for channel in keys.CHANNELS:
-            fields[f"close_{channel}_ms"] = closes + int(row[f"{channel}_close_offset_ms"])
+        fields = Window.of_round(row, row).fields()
         args: list[str | int] = [part for pair in fields.items() for part in pair]
         await asyncio.gather(*(self._scripts.call(self._scripts.window_if_missing, [key], args)
                                for key in window_keys))
@@ -511,11 +500,6 @@ def new_vote_ids(count: int, now_ms: int | None = None) -> list[str]:
     return ids
 
 
-def receipt_hash(leaf_data: bytes) -> bytes:
-    """RFC 6962 leaf hash: SHA-256(0x00 || leaf_data)."""
-    return hashlib.sha256(b"\x00" + leaf_data).digest()
-
-
 def _refusal(reply: list[str]) -> ApiError:
     status = reply[0]
     precondition = grpc.StatusCode.FAILED_PRECONDITION
@@ -547,16 +531,11 @@ def _refusal(reply: list[str]) -> ApiError:
 
 def _answer(outcome: Outcome, receipt: bytes) -> vote_types_pb2.AcceptedVote:
     return vote_types_pb2.AcceptedVote(
-        vote_id=outcome.vote_id, receipt_hash=receipt, accepted_at=_timestamp(outcome.admitted_ms),
+        vote_id=outcome.vote_id, receipt_hash=receipt,
+        accepted_at=timestamp_ms(outcome.admitted_ms),
         free_votes_left=outcome.free_left, paid_balance=outcome.paid_balance)
 
 
 def _mismatch() -> ApiError:
     return ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
                     "this request_id was used before for a different vote")
-
-
-def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromMilliseconds(ms)
-    return stamp

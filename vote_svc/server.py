@@ -12,8 +12,10 @@ from typing import Any
 
 import grpc
 
+from runtime import ids
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.interceptors import current_principal
+from runtime.protoconv import timestamp
 from runtime.server import ServiceHost, run_service
 from runtime.storage import Storage
 from televote.vote.v1 import (
@@ -37,8 +39,6 @@ from vote_svc.validation import (
     check_vote,
     client_ip,
     edge_received_at,
-    is_uuid,
-    normalise_uuid,
 )
 from vote_svc.wallet import balance, grant_votes
 
@@ -82,9 +82,7 @@ class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
     async def GetBalance(self, request: vote_service_pb2.GetBalanceRequest,
                          context: grpc.aio.ServicerContext[Any, Any],
                          ) -> vote_service_pb2.GetBalanceResponse:
-        if not is_uuid(request.episode_id):
-            raise invalid_argument(FieldViolation("episode_id", "must be an episode id (UUID)"))
-        episode_id = normalise_uuid(request.episode_id)
+        episode_id = ids.parse(request.episode_id, "episode_id", "must be an episode id (UUID)")
         left, quota, paid = await balance(self._storage, current_principal().subject,
                                           episode_id)
         return vote_service_pb2.GetBalanceResponse(
@@ -168,7 +166,7 @@ class WalletAdminServicer(wallet_admin_service_pb2_grpc.WalletAdminServiceServic
                          context: grpc.aio.ServicerContext[Any, Any],
                          ) -> wallet_admin_service_pb2.GrantVotesResponse:
         bad = []
-        if not is_uuid(request.request_id):
+        if not ids.is_id(request.request_id):
             bad.append(FieldViolation("request_id", "must be a UUID"))
         if not request.user_id or len(request.user_id) > 128:
             bad.append(FieldViolation("user_id", "1 to 128 characters"))
@@ -179,13 +177,12 @@ class WalletAdminServicer(wallet_admin_service_pb2_grpc.WalletAdminServiceServic
         if bad:
             raise invalid_argument(*bad)
         grant = await grant_votes(self._storage, self._scripts, current_principal(),
-                                  request_id=normalise_uuid(request.request_id),
+                                  request_id=ids.parse(request.request_id, "request_id"),
                                   user_id=request.user_id, count=request.count,
                                   reason=request.reason)
         reply = wallet_admin_service_pb2.GrantVotesResponse(
             grant_id=grant.grant_id, paid_balance=grant.paid_balance,
-            granted_by=grant.granted_by)
-        reply.granted_at.FromDatetime(grant.granted_at)
+            granted_by=grant.granted_by, granted_at=timestamp(grant.granted_at))
         return reply
 
 
