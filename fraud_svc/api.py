@@ -1,14 +1,16 @@
-"""FraudReviewService: the operators' review queue, blocks and the fraud audit trail."""
+"""fraud_svc's servicers: FraudScoringService (internal) and FraudReviewService (operators'
+review queue, blocks, exemptions, policies and the fraud audit trail)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import ipaddress
 import json
 import math
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -16,6 +18,12 @@ import grpc
 from google.protobuf.message import Message
 from psycopg import errors as pg_errors
 
+from fraud_svc import review
+from fraud_svc.config import FraudConfig
+from fraud_svc.features import Scorer
+from fraud_svc.geoip import IpIntel
+from fraud_svc.review import refuse_if_finalized
+from fraud_svc.scoring import Scoring
 from fraud_svc.state import FeatureState
 from fraud_svc.store import (
     ACTION_PREFIX,
@@ -26,7 +34,7 @@ from fraud_svc.store import (
     attribute_text,
     write_audit,
 )
-from runtime import ids, locks
+from runtime import ids
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.idempotency import once, require_request_id
 from runtime.interceptors import current_principal
@@ -36,8 +44,10 @@ from televote.fraud.v1 import (
 )
 from televote.fraud.v1 import (
     fraud_review_service_pb2_grpc,
+    fraud_scoring_service_pb2_grpc,
     fraud_types_pb2,
 )
+from televote.fraud.v1 import fraud_scoring_service_pb2 as scoring_pb
 
 DEFAULT_PAGE = 50
 MAX_COUNTRIES = 50
@@ -120,28 +130,6 @@ def normalize_block_value(kind: str, value: str) -> str:
     return value
 
 
-async def refuse_if_finalized(conn: Conn, round_id: str) -> None:
-    """ROUND_FINALIZED once the round's final result is stored: it can no longer change.
-
-    Takes the round's finalization lock (results_svc/final.py holds it while it recounts) for
-    the rest of the caller's transaction, so a verdict either commits before a recount
-    starts, and is counted, or finds the result stored and changes nothing.
-    """
-    canonical = ids.canonical(round_id)
-    if canonical is None:
-        return  # not a round of the ledger (rounds are UUIDs): nothing to finalize
-    round_id = canonical
-    await locks.round_results(conn, round_id)
-    final = await (await conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM round_results WHERE round_id = %s::uuid)"
-        " OR EXISTS (SELECT 1 FROM rounds WHERE round_id = %s::uuid AND state = 'FINALIZED')"
-        " AS final", [round_id, round_id])).fetchone()
-    if final is not None and final["final"]:
-        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "ROUND_FINALIZED",
-                       f"the final result of round {round_id} is published; its votes can no"
-                       " longer change", metadata={"round_id": round_id})
-
-
 _REVIEW_COLUMNS = """
     r.review_id, r.seq, r.vote_ref, r.user_id, r.round_id, r.score, r.signals, r.state,
     r.created_at, r.resolved_by, r.resolved_at, r.note, r.resolve_request_id, r.resolve_decision,
@@ -149,6 +137,91 @@ _REVIEW_COLUMNS = """
     (SELECT count(*) FROM fraud_reviews o
      WHERE o.user_id = r.user_id AND o.round_id = r.round_id) AS user_round_votes
 """
+
+
+class FraudScoringServicer(fraud_scoring_service_pb2_grpc.FraudScoringServiceServicer):
+    """Internal scoring (fraud_svc/scoring.py) and the rejection of blocked ledger votes."""
+
+    def __init__(self, config: FraudConfig, pool: Pool, state: FeatureState, intel: IpIntel,
+                 blocklist: BlocklistCache, scorer: Scorer) -> None:
+        self._pool = pool
+        self._scoring = Scoring(config, pool, state, intel, blocklist, scorer)
+
+    def drain(self) -> None:
+        self._scoring.drain()
+
+    async def ScoreVotes(self, request: scoring_pb.ScoreVotesRequest,
+                         context: grpc.aio.ServicerContext[Any, Any],
+                         ) -> scoring_pb.ScoreVotesResponse:
+        response = scoring_pb.ScoreVotesResponse()
+        await self._scoring.score_into(request.votes, response.scores)
+        return response
+
+    async def ScoreVoteStream(  # type: ignore[override]  # writes with context.write()
+            self, request_iterator: AsyncIterator[scoring_pb.ScoreVoteStreamRequest],
+            context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Each batch scored in a task of its own (as concurrent calls would be), answered as
+        it finishes; a batch's refusal is its answer, the stream goes on."""
+        writing = asyncio.Lock()  # one write at a time on a call
+        scoring: set[asyncio.Task[None]] = set()
+
+        async def answer(request: scoring_pb.ScoreVoteStreamRequest) -> None:
+            response = scoring_pb.ScoreVoteStreamResponse(batch=request.batch)
+            try:
+                await self._scoring.score_into(request.votes, response.scores)
+            except ApiError as error:
+                del response.scores[:]
+                response.error.CopyFrom(error.to_proto())
+            async with writing:
+                await context.write(response)
+
+        requests = aiter(request_iterator)
+        drained = asyncio.ensure_future(self._scoring.draining.wait())
+        try:
+            while True:
+                received = asyncio.ensure_future(anext(requests))
+                await asyncio.wait((received, drained), return_when=asyncio.FIRST_COMPLETED)
+                if not received.done():
+                    received.cancel()
+                    break
+                try:
+                    request = received.result()
+                except StopAsyncIteration:
+                    break
+                task = asyncio.create_task(answer(request))
+                scoring.add(task)
+                task.add_done_callback(scoring.discard)
+            await asyncio.gather(*scoring)
+        finally:
+            drained.cancel()
+            for task in scoring:
+                task.cancel()
+
+    async def RejectLedgerVotes(
+            self, request: scoring_pb.RejectLedgerVotesRequest,
+            context: grpc.aio.ServicerContext[Any, Any]) -> scoring_pb.RejectLedgerVotesResponse:
+        problems = []
+        if not 1 <= len(request.votes) <= MAX_PAGE:
+            problems.append(FieldViolation("votes", f"1 to {MAX_PAGE} required"))
+        if not request.rescored_by:
+            problems.append(FieldViolation("rescored_by", "required"))
+        for index, block in enumerate(request.votes):
+            at = f"votes[{index}]"
+            if not ids.is_id(block.vote_id):
+                problems.append(FieldViolation(f"{at}.vote_id", "must be a UUID"))
+            if not block.ref or not block.user_id:
+                problems.append(FieldViolation(at, "ref and user_id required"))
+            if ids.canonical(block.round_id) != block.round_id:
+                problems.append(FieldViolation(f"{at}.round_id", "must be a UUID, lower case"))
+            if block.score.action != fraud_types_pb2.FRAUD_ACTION_BLOCK:
+                problems.append(FieldViolation(f"{at}.score.action", "must be BLOCK"))
+        if problems:
+            raise invalid_argument(*problems)
+        finalized, rejected = await review.reject_ledger_votes(
+            self._pool, request.votes, caller=current_principal().subject,
+            rescored_by=request.rescored_by)
+        return scoring_pb.RejectLedgerVotesResponse(
+            finalized_round_ids=sorted(finalized), rejected=rejected)
 
 
 class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServicer):

@@ -14,11 +14,13 @@ import contextlib
 import ipaddress
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from fraud_svc.features import Policy
@@ -205,3 +207,48 @@ def attribute_text(value: object) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, sort_keys=True, default=str)
+
+
+async def finalized_rounds(conn: Conn, round_ids: list[str]) -> set[str]:
+    """Those of `round_ids` (canonical UUID text) whose final result is stored."""
+    rows = await (await conn.execute(
+        "SELECT r.round_id::text AS round_id FROM unnest(%s::uuid[]) AS r(round_id)"
+        " WHERE EXISTS (SELECT 1 FROM round_results f WHERE f.round_id = r.round_id)"
+        "    OR EXISTS (SELECT 1 FROM rounds o WHERE o.round_id = r.round_id"
+        "               AND o.state = 'FINALIZED')", [round_ids])).fetchall()
+    return {str(row["round_id"]) for row in rows}
+
+
+# The automatic verdict on a BLOCKed ledger vote: a review born REJECTED (or the vote's
+# existing review) and the rejection the final result reads; returns the rejection's id when
+# this call made it.
+_REJECT_SQL = """
+WITH review AS (
+    INSERT INTO fraud_reviews (review_id, vote_ref, decision_id, user_id, round_id, score,
+                               signals, state, resolved_by, resolved_at, note)
+    VALUES (%(review_id)s, %(ref)s, %(decision_id)s, %(user_id)s, %(round_id)s, %(score)s,
+            %(signals)s, 'REJECTED', %(actor)s, now(), %(note)s)
+    ON CONFLICT (round_id, user_id, vote_ref) DO NOTHING
+    RETURNING review_id
+)
+INSERT INTO fraud_rejections (rejection_id, round_id, user_id, vote_ref, decision_id,
+                              review_id, rejected_by)
+SELECT %(rejection_id)s, %(round_id)s, %(user_id)s, %(ref)s, %(decision_id)s,
+       coalesce((SELECT review_id FROM review),
+                (SELECT r.review_id FROM fraud_reviews r WHERE r.round_id = %(round_id)s
+                   AND r.user_id = %(user_id)s AND r.vote_ref = %(ref)s)),
+       %(actor)s
+ON CONFLICT DO NOTHING
+RETURNING rejection_id
+"""
+
+
+async def reject_vote(conn: Conn, *, ref: str, decision_id: str, user_id: str, round_id: str,
+                      score: float, signals: list[dict[str, object]], actor: str,
+                      note: str) -> bool:
+    """Reject one ledger vote (review and rejection); False when it already was."""
+    cursor = await conn.execute(_REJECT_SQL, {
+        "review_id": str(uuid.uuid4()), "rejection_id": str(uuid.uuid4()), "ref": ref,
+        "decision_id": decision_id, "user_id": user_id, "round_id": round_id, "score": score,
+        "signals": Jsonb(signals), "actor": actor, "note": note})
+    return await cursor.fetchone() is not None
