@@ -7,8 +7,9 @@ from typing import Any
 
 import grpc
 
-from results_svc.final import Finalizer, read_final
+from results_svc.final import read_final
 from results_svc.live import HIDDEN, Live, final_update, public_view
+from results_svc.proofs import Proofs
 from results_svc.rounds import load_round, round_not_found
 from results_svc.signing import Signer, public_pem
 from runtime import ids
@@ -25,11 +26,10 @@ from televote.vote.v1 import vote_types_pb2 as vtypes
 
 
 class ResultsServicer(rgrpc.ResultsServiceServicer):
-    def __init__(self, storage: Storage, live: Live, finalizer: Finalizer,
-                 signer: Signer) -> None:
+    def __init__(self, storage: Storage, live: Live, proofs: Proofs, signer: Signer) -> None:
         self._storage = storage
         self._live = live
-        self._finalizer = finalizer
+        self._proofs = proofs
         self._signer = signer
 
     async def GetResults(self, request: rpb.GetResultsRequest, context: Any
@@ -101,7 +101,7 @@ class ResultsServicer(rgrpc.ResultsServiceServicer):
                                                                   bytes(row["receipt_hash"])))
         if final is None:
             return response
-        found = await self._finalizer.inclusion(row["round_id"], row["admitted_ms"], vote_id,
+        found = await self._proofs.inclusion(row["round_id"], row["admitted_ms"], vote_id,
                                                  bytes(row["receipt_hash"]))
         if found is None:  # committed after the signed tree was taken: not part of it
             return response
