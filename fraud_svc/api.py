@@ -293,18 +293,8 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         decision = "APPROVE" if request.decision == pb.REVIEW_DECISION_APPROVE else "REJECT"
         scope = "VOTE" if request.scope == pb.REVIEW_SCOPE_VOTE else "USER_ROUND"
         actor = current_principal().subject
-        async with self._pool.connection() as conn, conn.transaction():
-            previous = await (await conn.execute(
-                "SELECT review_id, resolve_decision, resolve_scope FROM fraud_reviews"
-                " WHERE resolve_request_id = %s", [request_id])).fetchone()
-            if previous is not None:
-                if (str(previous["review_id"]), previous["resolve_decision"],
-                        previous["resolve_scope"]) != (review_id, decision, scope):
-                    raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
-                                   "request_id was used for another resolution")
-                original = await self._fetch_review(conn, review_id)
-                return pb.ResolveReviewResponse(
-                    review=_review(original), affected_votes=original["affected_votes"] or 0)
+
+        async def resolve(conn: Conn) -> pb.ResolveReviewResponse:
             round_row = await (await conn.execute(
                 "SELECT round_id FROM fraud_reviews WHERE review_id = %s",
                 [review_id])).fetchone()
@@ -351,7 +341,10 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                     "score": row["score"], "signals": row["signals"],
                     "affected_votes": affected})])
             resolved = await self._fetch_review(conn, review_id)
-        return pb.ResolveReviewResponse(review=_review(resolved), affected_votes=affected)
+            return pb.ResolveReviewResponse(review=_review(resolved), affected_votes=affected)
+
+        return await self._once("ResolveReview", request.request_id, request,
+                                pb.ResolveReviewResponse, resolve)
 
     async def _fetch_review(self, conn: Conn, review_id: str) -> dict[str, Any]:
         row = await (await conn.execute(
@@ -382,16 +375,10 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         value = normalize_block_value(kind, request.value)
         request_id = ids.parse(request.request_id, "request_id")
         actor = current_principal().subject
-        async with self._pool.connection() as conn, conn.transaction():
-            previous = await (await conn.execute(
-                "SELECT * FROM fraud_blocks WHERE create_request_id = %s",
-                [request_id])).fetchone()
-            if previous is not None:
-                if (previous["kind"], previous["value"], previous["reason"]) != (
-                        kind, value, reason):
-                    raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
-                                   "request_id was used for another block")
-                return pb.CreateBlockResponse(block=_block(previous))
+        created: dict[str, Any] | None = None
+
+        async def create(conn: Conn) -> pb.CreateBlockResponse:
+            nonlocal created
             # An expired block no longer applies: retire it so the new one can take its place.
             await conn.execute(
                 "UPDATE fraud_blocks SET deleted_at = now(), deleted_by = 'expired'"
@@ -415,11 +402,17 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                 user_id=value if kind == "USER" else "", request_id=request_id,
                 attributes={"kind": kind, "value": value,
                             "expire_time": expire_at.isoformat() if expire_at else ""})])
-        if kind == "USER":
-            until = {value: int(expire_at.timestamp() * 1000)} if expire_at else None
-            await self._state.set_blocked([value], until_ms=until)
-        await self._blocklist.reload()
-        return pb.CreateBlockResponse(block=_block(row))
+            created = row
+            return pb.CreateBlockResponse(block=_block(row))
+
+        response = await self._once("CreateBlock", request.request_id, request,
+                                    pb.CreateBlockResponse, create)
+        if created is not None:  # not for a retry: the block may have been deleted since
+            if kind == "USER":
+                until = {value: int(expire_at.timestamp() * 1000)} if expire_at else None
+                await self._state.set_blocked([value], until_ms=until)
+            await self._blocklist.reload()
+        return response
 
     async def DeleteBlock(self, request: pb.DeleteBlockRequest,
                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.DeleteBlockResponse:
@@ -433,16 +426,16 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         block_id = ids.parse(request.block_id, "block_id")
         request_id = ids.parse(request.request_id, "request_id")
         actor = current_principal().subject
-        async with self._pool.connection() as conn, conn.transaction():
+        deleted: dict[str, Any] | None = None
+
+        async def delete(conn: Conn) -> pb.DeleteBlockResponse:
+            nonlocal deleted
             row = await (await conn.execute(
                 "SELECT * FROM fraud_blocks WHERE block_id = %s FOR UPDATE",
                 [block_id])).fetchone()
-            if row is None or (row["deleted_at"] is not None
-                               and row["delete_request_id"] != request_id):
+            if row is None or row["deleted_at"] is not None:
                 raise ApiError(grpc.StatusCode.NOT_FOUND, "BLOCK_NOT_FOUND",
                                f"no active block {block_id}")
-            if row["deleted_at"] is not None:  # a retry of the delete that removed it
-                return pb.DeleteBlockResponse(block=_block(row))
             await conn.execute(
                 "UPDATE fraud_blocks SET deleted_at = now(), deleted_by = %s,"
                 " delete_request_id = %s WHERE block_id = %s", [actor, request_id, block_id])
@@ -452,10 +445,16 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                 user_id=row["value"] if row["kind"] == "USER" else "", request_id=request_id,
                 attributes={"kind": row["kind"], "value": row["value"],
                             "block_reason": row["reason"], "created_by": row["created_by"]})])
-        if row["kind"] == "USER":
-            await self._state.set_blocked([row["value"]], blocked=False)
-        await self._blocklist.reload()
-        return pb.DeleteBlockResponse(block=_block(row))
+            deleted = row
+            return pb.DeleteBlockResponse(block=_block(row))
+
+        response = await self._once("DeleteBlock", request.request_id, request,
+                                    pb.DeleteBlockResponse, delete)
+        if deleted is not None:  # not for a retry: a new block may have been made since
+            if deleted["kind"] == "USER":
+                await self._state.set_blocked([deleted["value"]], blocked=False)
+            await self._blocklist.reload()
+        return response
 
     async def ListBlocks(self, request: pb.ListBlocksRequest,
                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListBlocksResponse:

@@ -10,7 +10,6 @@ import grpc
 from runtime import ids
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.interceptors import current_principal
-from runtime.protoconv import timestamp
 from runtime.storage import Storage
 from televote.vote.v1 import (
     vote_gateway_service_pb2,
@@ -163,11 +162,4 @@ class WalletAdminServicer(wallet_admin_service_pb2_grpc.WalletAdminServiceServic
             bad.append(FieldViolation("reason", "1 to 500 characters"))
         if bad:
             raise invalid_argument(*bad)
-        grant = await grant_votes(self._storage, self._scripts, current_principal(),
-                                  request_id=ids.parse(request.request_id, "request_id"),
-                                  user_id=request.user_id, count=request.count,
-                                  reason=request.reason)
-        reply = wallet_admin_service_pb2.GrantVotesResponse(
-            grant_id=grant.grant_id, paid_balance=grant.paid_balance,
-            granted_by=grant.granted_by, granted_at=timestamp(grant.granted_at))
-        return reply
+        return await grant_votes(self._storage, self._scripts, current_principal(), request)
