@@ -55,7 +55,7 @@ def create_server(config: VoteConfig) -> tuple[ServiceHost, int]:
                      if config.fraud_target else None)
     scripts, ledger, ingestor = create_pipeline(config, storage, fraud_channel)
     ledger.start()
-    watch = asyncio.get_running_loop().create_task(ingestor.watch_shards())
+    watch = asyncio.get_running_loop().create_task(ingestor.recovery.watch_shards())
     background: list[asyncio.Task[None]] = []
 
     async def start_background() -> None:
