@@ -5,7 +5,8 @@ shard, pending admissions. When it loses them (a restart without persistence, a 
 or a replica dies mid-vote, this puts back what the ledger and the rounds say: a shard's
 counters once the votes admitted before the loss have settled (`rebuild_shard`, also noticed
 ahead of votes by `watch_shards`), an OPEN round's window (`restore_window`), and a pending
-admission whose lease ran out (`take_over`). See vote_svc/README.md, "Redis recovery".
+admission whose lease ran out (`take_over`). See vote_svc/README.md, "Recovery after Redis
+loses its data".
 """
 
 from __future__ import annotations
