@@ -570,10 +570,8 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                     "expire_time": expire_at.isoformat() if expire_at else ""})])
             return pb.GrantTravellerExemptionResponse(exemption=_traveller(row))
 
-        response = await self._once("GrantTravellerExemption", request.request_id, request,
-                                    pb.GrantTravellerExemptionResponse, grant)
-        await self._blocklist.reload()
-        return response
+        return await self._once("GrantTravellerExemption", request.request_id, request,
+                                pb.GrantTravellerExemptionResponse, grant, reload=True)
 
     async def RevokeTravellerExemption(
             self, request: pb.RevokeTravellerExemptionRequest,
@@ -600,10 +598,8 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                     "granted_by": row["created_by"], "note": row["reason"]})])
             return pb.RevokeTravellerExemptionResponse(exemption=_traveller(row))
 
-        response = await self._once("RevokeTravellerExemption", request.request_id, request,
-                                    pb.RevokeTravellerExemptionResponse, revoke)
-        await self._blocklist.reload()
-        return response
+        return await self._once("RevokeTravellerExemption", request.request_id, request,
+                                pb.RevokeTravellerExemptionResponse, revoke, reload=True)
 
     async def ListTravellerExemptions(
             self, request: pb.ListTravellerExemptionsRequest,
@@ -676,10 +672,8 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                     "allowed_countries": countries})])
             return pb.SetFraudPolicyResponse(policy=_policy(row))
 
-        response = await self._once("SetFraudPolicy", request.request_id, request,
-                                    pb.SetFraudPolicyResponse, set_policy)
-        await self._blocklist.reload()
-        return response
+        return await self._once("SetFraudPolicy", request.request_id, request,
+                                pb.SetFraudPolicyResponse, set_policy, reload=True)
 
     async def GetFraudPolicy(self, request: pb.GetFraudPolicyRequest,
                              context: grpc.aio.ServicerContext[Any, Any],
@@ -695,12 +689,17 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
 
     async def _once(self, method: str, request_id: str, request: Any,
                     response_type: type[ResponseT],
-                    perform: Callable[[Conn], Awaitable[ResponseT]]) -> ResponseT:
+                    perform: Callable[[Conn], Awaitable[ResponseT]], *,
+                    reload: bool = False) -> ResponseT:
         """`perform` once per request id (runtime/idempotency.py), in one transaction with
-        its audit entry; a refusal it raises changes nothing and is not remembered."""
+        its audit entry; a refusal it raises changes nothing and is not remembered. `reload`:
+        then reload the blocklist (which the change, or the retried one, is in)."""
         async with self._pool.connection() as conn, conn.transaction():
-            return await once(conn, f"televote.fraud.v1.FraudReviewService/{method}",
-                              request_id, request, response_type, lambda: perform(conn))
+            response = await once(conn, f"televote.fraud.v1.FraudReviewService/{method}",
+                                  request_id, request, response_type, lambda: perform(conn))
+        if reload:
+            await self._blocklist.reload()
+        return response
 
 
 def _policy(row: dict[str, Any]) -> fraud_types_pb2.FraudPolicy:

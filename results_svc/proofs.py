@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import Any
+from typing import Any, TypeVar
 
 from results_svc.checkpoint import LEAVES_PER_CHUNK
 from results_svc.config import ResultsConfig
@@ -68,9 +68,8 @@ class Proofs:
         return index, top.size, top.inclusion_proof(index, block), top.root
 
     async def _top_tree(self, round_id: str) -> TopTree | None:
-        top = self._tops.get(round_id)
+        top = _lookup(self._tops, round_id)
         if top is not None:
-            self._tops.move_to_end(round_id)
             return top
         async with self._storage.pool.connection() as connection:
             cursor = await connection.execute(
@@ -82,18 +81,14 @@ class Proofs:
         roots = bytes(row["roots"])
         top = TopTree([roots[i:i + HASH_SIZE] for i in range(0, len(roots), HASH_SIZE)],
                       row["block_leaves"], row["tree_size"])
-        self._tops[round_id] = top
-        while len(self._tops) > 256:  # ~0.3 MB each at 10 million votes
-            self._tops.popitem(last=False)
-        return top
+        return _keep(self._tops, round_id, top, 256)  # ~0.3 MB each at 10 million votes
 
     async def tree(self, round_id: str) -> MerkleTree:
         """The whole signed tree of a finalized round, from its stored leaves (cached): for
         results stored before block roots were (see `inclusion`)."""
         async with self._tree_lock:
-            tree = self._trees.get(round_id)
+            tree = _lookup(self._trees, round_id)
             if tree is not None:
-                self._trees.move_to_end(round_id)
                 return tree
             async with self._storage.pool.connection() as connection:
                 cursor = await connection.execute(
@@ -102,7 +97,23 @@ class Proofs:
                 chunks: list[Any] = await cursor.fetchall()
                 blob = b"".join([bytes(r["leaves"]) for r in chunks])
             tree = MerkleTree([blob[i:i + 32] for i in range(0, len(blob), 32)])
-            self._trees[round_id] = tree
-            while len(self._trees) > self._config.results_cached_trees:
-                self._trees.popitem(last=False)
-            return tree
+            return _keep(self._trees, round_id, tree, self._config.results_cached_trees)
+
+
+CachedT = TypeVar("CachedT")
+
+
+def _lookup(cache: OrderedDict[str, CachedT], key: str) -> CachedT | None:
+    """A cached value, now the most recently used."""
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def _keep(cache: OrderedDict[str, CachedT], key: str, value: CachedT, size: int) -> CachedT:
+    """Cache `value`, dropping the least recently used beyond `size`."""
+    cache[key] = value
+    while len(cache) > size:
+        cache.popitem(last=False)
+    return value
