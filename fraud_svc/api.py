@@ -9,30 +9,25 @@ import binascii
 import ipaddress
 import json
 import math
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from psycopg import errors as pg_errors
 
-from fraud_svc import review
+from fraud_svc import moderation, store
 from fraud_svc.config import FraudConfig
 from fraud_svc.features import Scorer
 from fraud_svc.geoip import IpIntel
-from fraud_svc.review import refuse_if_finalized
 from fraud_svc.scoring import Scoring
 from fraud_svc.state import FeatureState
 from fraud_svc.store import (
     ACTION_PREFIX,
-    AuditRecord,
     BlocklistCache,
     Conn,
     Pool,
     attribute_text,
-    write_audit,
 )
 from runtime import ids
 from runtime.errors import ApiError, FieldViolation, invalid_argument
@@ -130,13 +125,6 @@ def normalize_block_value(kind: str, value: str) -> str:
     return value
 
 
-_REVIEW_COLUMNS = """
-    r.review_id, r.seq, r.vote_ref, r.user_id, r.round_id, r.score, r.signals, r.state,
-    r.created_at, r.resolved_by, r.resolved_at, r.note, r.resolve_request_id, r.resolve_decision,
-    r.resolve_scope, r.affected_votes,
-    (SELECT count(*) FROM fraud_reviews o
-     WHERE o.user_id = r.user_id AND o.round_id = r.round_id) AS user_round_votes
-"""
 
 
 class FraudScoringServicer(fraud_scoring_service_pb2_grpc.FraudScoringServiceServicer):
@@ -217,7 +205,7 @@ class FraudScoringServicer(fraud_scoring_service_pb2_grpc.FraudScoringServiceSer
                 problems.append(FieldViolation(f"{at}.score.action", "must be BLOCK"))
         if problems:
             raise invalid_argument(*problems)
-        finalized, rejected = await review.reject_ledger_votes(
+        finalized, rejected = await moderation.reject_ledger_votes(
             self._pool, request.votes, caller=current_principal().subject,
             rescored_by=request.rescored_by)
         return scoring_pb.RejectLedgerVotesResponse(
@@ -268,7 +256,7 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
             where.append("r.seq > %s")
             params.append(after[0])
         rows, token = await self._page(
-            f"SELECT {_REVIEW_COLUMNS} FROM fraud_reviews r WHERE {' AND '.join(where)}"
+            f"SELECT {store.REVIEW_COLUMNS} FROM fraud_reviews r WHERE {' AND '.join(where)}"
             " ORDER BY r.seq LIMIT %s", params, size, lambda last: [int(last["seq"])])
         return pb.ListReviewsResponse(reviews=[_review(r) for r in rows], next_page_token=token)
 
@@ -295,63 +283,13 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         actor = current_principal().subject
 
         async def resolve(conn: Conn) -> pb.ResolveReviewResponse:
-            round_row = await (await conn.execute(
-                "SELECT round_id FROM fraud_reviews WHERE review_id = %s",
-                [review_id])).fetchone()
-            if round_row is None:
-                raise ApiError(grpc.StatusCode.NOT_FOUND, "REVIEW_NOT_FOUND",
-                               f"no review {review_id}")
-            await refuse_if_finalized(conn, str(round_row["round_id"]))
-            row = await (await conn.execute(
-                "SELECT * FROM fraud_reviews WHERE review_id = %s FOR UPDATE",
-                [review_id])).fetchone()
-            assert row is not None  # reviews are never deleted
-            if row["state"] != "PENDING":
-                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "REVIEW_ALREADY_RESOLVED",
-                               f"review {review_id} is already {row['state'].lower()}")
-            state = "APPROVED" if decision == "APPROVE" else "REJECTED"
-            user_id, round_id = row["user_id"], row["round_id"]
-            affected = 1
-            if decision == "REJECT":
-                await conn.execute(
-                    "INSERT INTO fraud_rejections (rejection_id, round_id, user_id, vote_ref,"
-                    " decision_id, review_id, rejected_by) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT DO NOTHING",
-                    [str(uuid.uuid4()), round_id, user_id,
-                     row["vote_ref"] if scope == "VOTE" else None,
-                     row["decision_id"] if scope == "VOTE" else None, review_id, actor])
-            if scope == "USER_ROUND":
-                # The user's other pending reviews in the round share the verdict.
-                others = await conn.execute(
-                    "UPDATE fraud_reviews SET state = %s, resolved_by = %s,"
-                    " resolved_at = now(), note = %s WHERE user_id = %s AND round_id = %s"
-                    " AND state = 'PENDING' AND review_id <> %s",
-                    [state, actor, request.note, user_id, round_id, review_id])
-                affected += max(0, others.rowcount)
-            await conn.execute(
-                "UPDATE fraud_reviews SET state = %s, resolved_by = %s, resolved_at = now(),"
-                " note = %s, resolve_request_id = %s, resolve_decision = %s,"
-                " resolve_scope = %s, affected_votes = %s WHERE review_id = %s",
-                [state, actor, request.note, request_id, decision, scope, affected, review_id])
-            await write_audit(conn, [AuditRecord(
-                actor_role="operator", actor=actor, action="review.resolve",
-                target_id=review_id, reason=request.note, user_id=user_id, round_id=round_id,
-                request_id=request_id, attributes={
-                    "decision": decision, "scope": scope, "vote_id": row["vote_ref"],
-                    "score": row["score"], "signals": row["signals"],
-                    "affected_votes": affected})])
-            resolved = await self._fetch_review(conn, review_id)
+            resolved, affected = await moderation.resolve_review(
+                conn, review_id=review_id, decision=decision, scope=scope, note=request.note,
+                request_id=request_id, actor=actor)
             return pb.ResolveReviewResponse(review=_review(resolved), affected_votes=affected)
 
         return await self._once("ResolveReview", request.request_id, request,
                                 pb.ResolveReviewResponse, resolve)
-
-    async def _fetch_review(self, conn: Conn, review_id: str) -> dict[str, Any]:
-        row = await (await conn.execute(
-            f"SELECT {_REVIEW_COLUMNS} FROM fraud_reviews r WHERE r.review_id = %s",
-            [review_id])).fetchone()
-        assert row is not None
-        return row
 
     async def CreateBlock(self, request: pb.CreateBlockRequest,
                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.CreateBlockResponse:
@@ -379,31 +317,10 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
 
         async def create(conn: Conn) -> pb.CreateBlockResponse:
             nonlocal created
-            # An expired block no longer applies: retire it so the new one can take its place.
-            await conn.execute(
-                "UPDATE fraud_blocks SET deleted_at = now(), deleted_by = 'expired'"
-                " WHERE kind = %s AND value = %s AND deleted_at IS NULL"
-                " AND expire_at <= now()", [kind, value])
-            try:
-                async with conn.transaction():
-                    row = await (await conn.execute(
-                        "INSERT INTO fraud_blocks (block_id, kind, value, reason, created_by,"
-                        " expire_at, create_request_id) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                        " RETURNING *",
-                        [str(uuid.uuid4()), kind, value, reason, actor, expire_at,
-                         request_id])).fetchone()
-            except pg_errors.UniqueViolation:
-                raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "BLOCK_ALREADY_EXISTS",
-                               f"an active {kind.lower()} block of {value} exists") from None
-            assert row is not None
-            await write_audit(conn, [AuditRecord(
-                actor_role="operator", actor=actor, action="block.create",
-                target_id=str(row["block_id"]), reason=reason,
-                user_id=value if kind == "USER" else "", request_id=request_id,
-                attributes={"kind": kind, "value": value,
-                            "expire_time": expire_at.isoformat() if expire_at else ""})])
-            created = row
-            return pb.CreateBlockResponse(block=_block(row))
+            created = await moderation.create_block(
+                conn, kind=kind, value=value, reason=reason, expire_at=expire_at,
+                request_id=request_id, actor=actor)
+            return pb.CreateBlockResponse(block=_block(created))
 
         response = await self._once("CreateBlock", request.request_id, request,
                                     pb.CreateBlockResponse, create)
@@ -430,23 +347,9 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
 
         async def delete(conn: Conn) -> pb.DeleteBlockResponse:
             nonlocal deleted
-            row = await (await conn.execute(
-                "SELECT * FROM fraud_blocks WHERE block_id = %s FOR UPDATE",
-                [block_id])).fetchone()
-            if row is None or row["deleted_at"] is not None:
-                raise ApiError(grpc.StatusCode.NOT_FOUND, "BLOCK_NOT_FOUND",
-                               f"no active block {block_id}")
-            await conn.execute(
-                "UPDATE fraud_blocks SET deleted_at = now(), deleted_by = %s,"
-                " delete_request_id = %s WHERE block_id = %s", [actor, request_id, block_id])
-            await write_audit(conn, [AuditRecord(
-                actor_role="operator", actor=actor, action="block.delete", target_id=block_id,
-                reason=f"unblock {row['kind'].lower()} {row['value']}",
-                user_id=row["value"] if row["kind"] == "USER" else "", request_id=request_id,
-                attributes={"kind": row["kind"], "value": row["value"],
-                            "block_reason": row["reason"], "created_by": row["created_by"]})])
-            deleted = row
-            return pb.DeleteBlockResponse(block=_block(row))
+            deleted = await moderation.delete_block(conn, block_id=block_id,
+                                                    request_id=request_id, actor=actor)
+            return pb.DeleteBlockResponse(block=_block(deleted))
 
         response = await self._once("DeleteBlock", request.request_id, request,
                                     pb.DeleteBlockResponse, delete)
@@ -554,21 +457,10 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         actor = current_principal().subject
 
         async def grant(conn: Conn) -> pb.GrantTravellerExemptionResponse:
-            row = await (await conn.execute(
-                "INSERT INTO fraud_travellers (user_id, countries, expire_at, created_by, reason)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id) DO UPDATE SET"
-                " countries = excluded.countries, expire_at = excluded.expire_at,"
-                " created_by = excluded.created_by, created_at = now(),"
-                " reason = excluded.reason RETURNING *",
-                [user_id, countries or None, expire_at, actor, note])).fetchone()
-            assert row is not None
-            await write_audit(conn, [AuditRecord(
-                actor_role="operator", actor=actor, action="traveller.grant",
-                target_id=user_id, reason=note, user_id=user_id,
-                request_id=request.request_id, attributes={
-                    "countries": countries or "anywhere",
-                    "expire_time": expire_at.isoformat() if expire_at else ""})])
-            return pb.GrantTravellerExemptionResponse(exemption=_traveller(row))
+            return pb.GrantTravellerExemptionResponse(exemption=_traveller(
+                await moderation.grant_traveller(
+                    conn, user_id=user_id, countries=countries, expire_at=expire_at, note=note,
+                    request_id=request.request_id, actor=actor)))
 
         return await self._once("GrantTravellerExemption", request.request_id, request,
                                 pb.GrantTravellerExemptionResponse, grant, reload=True)
@@ -583,20 +475,9 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         actor = current_principal().subject
 
         async def revoke(conn: Conn) -> pb.RevokeTravellerExemptionResponse:
-            row = await (await conn.execute(
-                "DELETE FROM fraud_travellers WHERE user_id = %s RETURNING *",
-                [request.user_id])).fetchone()
-            if row is None:
-                raise ApiError(grpc.StatusCode.NOT_FOUND, "TRAVELLER_NOT_FOUND",
-                               f"{request.user_id} has no traveller exemption")
-            await write_audit(conn, [AuditRecord(
-                actor_role="operator", actor=actor, action="traveller.revoke",
-                target_id=request.user_id, reason=f"revoke exemption of {request.user_id}",
-                user_id=request.user_id, request_id=request.request_id, attributes={
-                    "countries": row["countries"] or "anywhere",
-                    "expire_time": row["expire_at"].isoformat() if row["expire_at"] else "",
-                    "granted_by": row["created_by"], "note": row["reason"]})])
-            return pb.RevokeTravellerExemptionResponse(exemption=_traveller(row))
+            return pb.RevokeTravellerExemptionResponse(exemption=_traveller(
+                await moderation.revoke_traveller(conn, user_id=request.user_id,
+                                                  request_id=request.request_id, actor=actor)))
 
         return await self._once("RevokeTravellerExemption", request.request_id, request,
                                 pb.RevokeTravellerExemptionResponse, revoke, reload=True)
@@ -652,25 +533,9 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         actor = current_principal().subject
 
         async def set_policy(conn: Conn) -> pb.SetFraudPolicyResponse:
-            show = await (await conn.execute("SELECT 1 FROM shows WHERE show_id = %s",
-                                             [show_id])).fetchone()
-            if show is None:
-                raise ApiError(grpc.StatusCode.NOT_FOUND, "SHOW_NOT_FOUND", f"no show {show_id}")
-            row = await (await conn.execute(
-                "INSERT INTO fraud_policies (show_id, block_threshold, review_threshold,"
-                " allowed_countries, note, updated_by) VALUES (%s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (show_id) DO UPDATE SET block_threshold = excluded.block_threshold,"
-                " review_threshold = excluded.review_threshold,"
-                " allowed_countries = excluded.allowed_countries, note = excluded.note,"
-                " updated_by = excluded.updated_by, updated_at = now() RETURNING *",
-                [show_id, block, review, countries, note, actor])).fetchone()
-            assert row is not None
-            await write_audit(conn, [AuditRecord(
-                actor_role="operator", actor=actor, action="policy.set", target_id=show_id,
-                reason=note, request_id=request.request_id, attributes={
-                    "show_id": show_id, "block_threshold": block, "review_threshold": review,
-                    "allowed_countries": countries})])
-            return pb.SetFraudPolicyResponse(policy=_policy(row))
+            return pb.SetFraudPolicyResponse(policy=_policy(await moderation.set_policy(
+                conn, show_id=show_id, block=block, review=review, countries=countries,
+                note=note, request_id=request.request_id, actor=actor)))
 
         return await self._once("SetFraudPolicy", request.request_id, request,
                                 pb.SetFraudPolicyResponse, set_policy, reload=True)

@@ -252,3 +252,20 @@ async def reject_vote(conn: Conn, *, ref: str, decision_id: str, user_id: str, r
         "decision_id": decision_id, "user_id": user_id, "round_id": round_id, "score": score,
         "signals": Jsonb(signals), "actor": actor, "note": note})
     return await cursor.fetchone() is not None
+
+
+REVIEW_COLUMNS = """
+    r.review_id, r.seq, r.vote_ref, r.user_id, r.round_id, r.score, r.signals, r.state,
+    r.created_at, r.resolved_by, r.resolved_at, r.note, r.resolve_request_id, r.resolve_decision,
+    r.resolve_scope, r.affected_votes,
+    (SELECT count(*) FROM fraud_reviews o
+     WHERE o.user_id = r.user_id AND o.round_id = r.round_id) AS user_round_votes
+"""
+
+
+async def fetch_review(conn: Conn, review_id: str) -> dict[str, Any]:
+    row = await (await conn.execute(
+        f"SELECT {REVIEW_COLUMNS} FROM fraud_reviews r WHERE r.review_id = %s",
+        [review_id])).fetchone()
+    assert row is not None
+    return row
