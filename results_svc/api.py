@@ -80,36 +80,19 @@ class ResultsServicer(rgrpc.ResultsServiceServicer):
     async def GetVoteReceipt(self, request: rpb.GetVoteReceiptRequest, context: Any
                              ) -> rpb.GetVoteReceiptResponse:
         vote_id = ids.parse(request.vote_id, "vote_id")
-        async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT round_id::text, leaf_data, receipt_hash, admitted_ms FROM votes"
-                " WHERE vote_id = %s"
-                " ORDER BY admitted_ms, receipt_hash LIMIT 1", (vote_id,))
-            row: Any = await cursor.fetchone()
-            if row is None:
-                raise ApiError(grpc.StatusCode.NOT_FOUND, "VOTE_NOT_FOUND",
-                               f"no vote {vote_id} in the ledger")
-            final = await read_final(connection, row["round_id"])
-            invalid = None
-            if final is not None:
-                cursor = await connection.execute(
-                    "SELECT reason FROM round_result_invalid_votes"
-                    " WHERE round_id = %s AND vote_id = %s", (row["round_id"], vote_id))
-                invalid = await cursor.fetchone()
-        leaf_data = bytes(row["leaf_data"])
-        response = rpb.GetVoteReceiptResponse(receipt=receipt_of(leaf_data,
-                                                                  bytes(row["receipt_hash"])))
-        if final is None:
+        found = await self._proofs.receipt(vote_id)
+        if found is None:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, "VOTE_NOT_FOUND",
+                           f"no vote {vote_id} in the ledger")
+        response = rpb.GetVoteReceiptResponse(
+            receipt=receipt_of(found.leaf_data, found.receipt_hash))
+        if found.final is None or found.proof is None:
             return response
-        found = await self._proofs.inclusion(row["round_id"], row["admitted_ms"], vote_id,
-                                                 bytes(row["receipt_hash"]))
-        if found is None:  # committed after the signed tree was taken: not part of it
-            return response
-        index, size, path, root = found
-        response.counted = invalid is None
+        index, size, path, root = found.proof
+        response.counted = found.counted
         response.proof.CopyFrom(rtypes.InclusionProof(
             leaf_index=index, tree_size=size, audit_path=path, root_hash=root))
-        response.digest.CopyFrom(digest_of(final))
+        response.digest.CopyFrom(digest_of(found.final))
         return response
 
     async def GetLedgerPublicKey(self, request: rpb.GetLedgerPublicKeyRequest, context: Any

@@ -1,4 +1,5 @@
-"""Inclusion proofs of a finalized round's receipts, from the tree results_svc/final.py stored.
+"""Vote receipts and their inclusion proofs in a finalized round's tree (results_svc/final.py
+stores it).
 
 A receipt is found in O(log n): its block by ledger-order key (round_result_blocks), that
 block's leaves in one stored chunk, and the path above the block from the block roots, cached
@@ -9,12 +10,27 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from results_svc.checkpoint import LEAVES_PER_CHUNK
 from results_svc.config import ResultsConfig
+from results_svc.final import FinalResult, read_final
 from results_svc.merkle import HASH_SIZE, MerkleTree, TopTree
 from runtime.storage import Storage
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A ledger vote's receipt and, once its round is final, where it stands in the result."""
+
+    leaf_data: bytes
+    receipt_hash: bytes
+    final: FinalResult | None
+    #: (leaf index, tree size, audit path, root); None before the result, or for a vote
+    #: committed after the signed tree was taken (not part of it)
+    proof: tuple[int, int, list[bytes], bytes] | None
+    counted: bool  # the final result counts it (meaningful with a proof)
 
 
 class Proofs:
@@ -26,6 +42,28 @@ class Proofs:
         self._trees: OrderedDict[str, MerkleTree] = OrderedDict()
         self._tops: OrderedDict[str, TopTree] = OrderedDict()
         self._tree_lock = asyncio.Lock()
+
+    async def receipt(self, vote_id: str) -> Receipt | None:
+        """The receipt of ledger vote `vote_id` (canonical), None if there is no such vote."""
+        async with self._storage.pool.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT round_id::text, leaf_data, receipt_hash, admitted_ms FROM votes"
+                " WHERE vote_id = %s"
+                " ORDER BY admitted_ms, receipt_hash LIMIT 1", (vote_id,))
+            row: Any = await cursor.fetchone()
+            if row is None:
+                return None
+            final = await read_final(connection, row["round_id"])
+            invalid = None
+            if final is not None:
+                cursor = await connection.execute(
+                    "SELECT reason FROM round_result_invalid_votes"
+                    " WHERE round_id = %s AND vote_id = %s", (row["round_id"], vote_id))
+                invalid = await cursor.fetchone()
+        receipt_hash = bytes(row["receipt_hash"])
+        proof = None if final is None else await self.inclusion(
+            row["round_id"], row["admitted_ms"], vote_id, receipt_hash)
+        return Receipt(bytes(row["leaf_data"]), receipt_hash, final, proof, invalid is None)
 
     async def inclusion(self, round_id: str, admitted_ms: int, vote_id: str, receipt: bytes
                         ) -> tuple[int, int, list[bytes], bytes] | None:
