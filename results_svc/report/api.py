@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from results_svc.report.report import Reports
-from results_svc.rounds import parse_uuid
+from runtime import ids
 from televote.results.v1 import report_service_pb2 as pb
 from televote.results.v1 import report_service_pb2_grpc as pb_grpc
 
@@ -16,5 +16,5 @@ class ReportServicer(pb_grpc.ReportServiceServicer):
 
     async def GetEpisodeReport(self, request: pb.GetEpisodeReportRequest, context: Any
                                ) -> pb.GetEpisodeReportResponse:
-        episode_id = parse_uuid(request.episode_id, "episode_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
         return await self._reports.episode_report(episode_id)

@@ -39,6 +39,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from results_svc.config import ResultsConfig
 from results_svc.report import privacy, revenue, store
 from results_svc.report.places import UNKNOWN, Locator
+from runtime import protoconv
 from runtime.errors import ApiError
 from runtime.storage import Storage
 from televote.results.v1 import report_service_pb2 as pb
@@ -53,15 +54,12 @@ SETTLED = ("FINALIZED", "PENDING")
 
 
 def _stamp(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
+    stamp = protoconv.timestamp(moment)
+    assert stamp is not None
     return stamp
 
 
-def _stamp_ms(ms: int) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromMilliseconds(ms)
-    return stamp
+_stamp_ms = protoconv.timestamp_ms
 
 
 def _percent(part: int, whole: int) -> float:
@@ -269,7 +267,7 @@ class Reports:
         for minute_ms, round_id, channel, vote_type, votes, voters in sorted(buckets):
             report.timeline.add(
                 start_time=_stamp_ms(minute_ms), round_id=round_id,
-                channel=vtypes.Channel.Value(f"CHANNEL_{channel}"),
+                channel=protoconv.channel_enum(channel),
                 vote_type=vtypes.VoteType.Value(f"VOTE_TYPE_{vote_type}"),
                 votes=votes, voters=voters)
         for minute_ms, votes in sorted(per_minute.items(), key=lambda i: (-i[1], i[0]))[:5]:
