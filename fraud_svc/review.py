@@ -17,6 +17,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 from psycopg import errors as pg_errors
 
+from fraud_svc.features import REFUSE, SCORE, SEED, TUNED
 from fraud_svc.state import FeatureState
 from fraud_svc.store import (
     ACTION_PREFIX,
@@ -595,6 +596,14 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         note = request.note.strip()
         if len(note) > 500:
             problems.append(FieldViolation("note", "longer than 500 chars"))
+        scoring = _SCORINGS.get(request.scoring, "?")
+        if scoring == "?":
+            problems.append(FieldViolation("scoring", "not a FraudScoring value"))
+        geo = {}
+        for name in ("foreign_country", "location_mismatch"):
+            geo[name] = _ENFORCEMENTS.get(getattr(request, name), "?")
+            if geo[name] == "?":
+                problems.append(FieldViolation(name, "not a GeoEnforcement value"))
         if problems:
             raise invalid_argument(*problems)
         require_request_id(request.request_id)
@@ -607,18 +616,24 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                 raise ApiError(grpc.StatusCode.NOT_FOUND, "SHOW_NOT_FOUND", f"no show {show_id}")
             row = await (await conn.execute(
                 "INSERT INTO fraud_policies (show_id, block_threshold, review_threshold,"
-                " allowed_countries, note, updated_by) VALUES (%s, %s, %s, %s, %s, %s)"
+                " allowed_countries, note, updated_by, scoring, foreign_country,"
+                " location_mismatch) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (show_id) DO UPDATE SET block_threshold = excluded.block_threshold,"
                 " review_threshold = excluded.review_threshold,"
                 " allowed_countries = excluded.allowed_countries, note = excluded.note,"
-                " updated_by = excluded.updated_by, updated_at = now() RETURNING *",
-                [show_id, block, review, countries, note, actor])).fetchone()
+                " updated_by = excluded.updated_by, updated_at = now(),"
+                " scoring = excluded.scoring, foreign_country = excluded.foreign_country,"
+                " location_mismatch = excluded.location_mismatch RETURNING *",
+                [show_id, block, review, countries, note, actor, scoring,
+                 geo["foreign_country"], geo["location_mismatch"]])).fetchone()
             assert row is not None
             await write_audit(conn, [AuditRecord(
                 actor_role="operator", actor=actor, action="policy.set", target_id=show_id,
                 reason=note, request_id=request.request_id, attributes={
                     "show_id": show_id, "block_threshold": block, "review_threshold": review,
-                    "allowed_countries": countries})])
+                    "allowed_countries": countries, "scoring": scoring or "default",
+                    "foreign_country": geo["foreign_country"] or "default",
+                    "location_mismatch": geo["location_mismatch"] or "default"})])
             return pb.SetFraudPolicyResponse(policy=_policy(row))
 
         response = await self._once("SetFraudPolicy", request.request_id, request,
@@ -648,12 +663,30 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                               request_id, request, response_type, lambda: perform(conn))
 
 
+#: FraudScoring and GeoEnforcement as fraud_policies stores them (NULL: the deployment's
+#: default, FRAUD_SCORING and FRAUD_GEO_*).
+_SCORINGS: dict[int, str | None] = {
+    fraud_types_pb2.FRAUD_SCORING_UNSPECIFIED: None, fraud_types_pb2.FRAUD_SCORING_SEED: SEED,
+    fraud_types_pb2.FRAUD_SCORING_TUNED: TUNED}
+_ENFORCEMENTS: dict[int, str | None] = {
+    fraud_types_pb2.GEO_ENFORCEMENT_UNSPECIFIED: None,
+    fraud_types_pb2.GEO_ENFORCEMENT_REFUSE: REFUSE, fraud_types_pb2.GEO_ENFORCEMENT_SCORE: SCORE}
+
+
+def _enum(values: dict[int, str | None], stored: str | None) -> int:
+    return next(number for number, name in values.items() if name == stored)
+
+
 def _policy(row: dict[str, Any]) -> fraud_types_pb2.FraudPolicy:
     return fraud_types_pb2.FraudPolicy(
         show_id=str(row["show_id"]), block_threshold=row["block_threshold"],
         review_threshold=row["review_threshold"],
         allowed_countries=list(row["allowed_countries"]), note=row["note"],
-        updated_by=row["updated_by"], update_time=_ts(row["updated_at"]))
+        updated_by=row["updated_by"], update_time=_ts(row["updated_at"]),
+        scoring=_enum(_SCORINGS, row["scoring"]),  # type: ignore[arg-type]
+        foreign_country=_enum(_ENFORCEMENTS, row["foreign_country"]),  # type: ignore[arg-type]
+        location_mismatch=_enum(_ENFORCEMENTS,  # type: ignore[arg-type]
+                                row["location_mismatch"]))
 
 
 def _traveller(row: dict[str, Any]) -> fraud_types_pb2.TravellerExemption:

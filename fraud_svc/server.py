@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from fraud_svc.config import FraudConfig
-from fraud_svc.features import Scorer
+from fraud_svc.features import Policy, Scorer
 from fraud_svc.geoip import MaxMindIntel, VpnLists
 from fraud_svc.model import Model
 from fraud_svc.review import FraudReviewServicer
@@ -40,7 +40,8 @@ def create_server(config: FraudConfig) -> tuple[ServiceHost, int]:
         # Redis may have been lost since the flags were set: PostgreSQL is the record.
         await state.set_blocked(list(blocklist.users))
 
-    blocklist = BlocklistCache(storage.pool, config.fraud_refresh_seconds, mirror_user_blocks)
+    blocklist = BlocklistCache(storage.pool, config.fraud_refresh_seconds, mirror_user_blocks,
+                               defaults=Policy.default(config))
     host.on_stop(blocklist.stop)
     scorer = Scorer(config, Model.load(config.fraud_model_path))
     scoring = FraudScoringServicer(config, storage.pool, state, intel, blocklist, scorer)

@@ -40,7 +40,7 @@ _SETTLE_WAIT_MS = 5.0
 #: The columns of a ledger row that LedgerVote.record() gives (admitted_at is derived).
 COLUMNS = ("vote_id", "request_id", "user_id", "shard", "round_id", "episode_id",
            "contestant_id", "vote_type", "count", "channel", "admitted_ms", "fraud_action",
-           "fraud_score", "fraud_decision_id", "ip", "device_id", "app_version", "latitude",
+           "fraud_score", "fraud_decision_id", "ip_hash", "device_id", "app_version", "latitude",
            "longitude", "received_at", "fingerprint", "leaf_data", "receipt_hash")
 # A whole batch in ONE statement, run as its own transaction (one round trip, where a
 # transaction of COPY and three statements took six): the rows arrive as one JSON array, and
@@ -115,7 +115,8 @@ class LedgerVote:
     fraud_action: str
     fraud_score: float | None
     fraud_decision_id: str
-    ip: str
+    #: The keyed hash of the voter's IP (never the address).
+    ip_hash: str
     device_id: str
     app_version: str
     latitude: float | None
@@ -137,7 +138,7 @@ class LedgerVote:
             "contestant_id": self.contestant_id, "vote_type": self.vote_type,
             "count": self.count, "channel": self.channel, "admitted_ms": self.admitted_ms,
             "fraud_action": self.fraud_action, "fraud_score": self.fraud_score,
-            "fraud_decision_id": self.fraud_decision_id, "ip": self.ip,
+            "fraud_decision_id": self.fraud_decision_id, "ip_hash": self.ip_hash,
             "device_id": self.device_id, "app_version": self.app_version,
             "latitude": self.latitude, "longitude": self.longitude,
             "received_at": None if self.received_at is None else self.received_at.isoformat(),

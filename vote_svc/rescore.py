@@ -50,7 +50,7 @@ _CHANNELS = {"APP": vote_types_pb2.CHANNEL_APP, "WEB": vote_types_pb2.CHANNEL_WE
 
 _UNSCORED_SQL = """
 SELECT v.vote_id::text AS vote_id, v.user_id, v.request_id, v.round_id::text AS round_id,
-       v.contestant_id::text AS contestant_id, v.count, v.channel, v.admitted_ms, v.ip,
+       v.contestant_id::text AS contestant_id, v.count, v.channel, v.admitted_ms, v.ip_hash,
        v.device_id, v.app_version, v.latitude, v.longitude
   FROM votes v
  WHERE v.fraud_action = 'UNSCORED'
@@ -176,7 +176,8 @@ class Rescorer:
 def _facts(vote: dict[str, Any]) -> fraud_scoring_service_pb2.VoteFacts:
     facts = fraud_scoring_service_pb2.VoteFacts(
         ref=vote["request_id"], user_id=vote["user_id"], device_id=vote["device_id"],
-        ip=vote["ip"], channel=_CHANNELS.get(vote["channel"], vote_types_pb2.CHANNEL_UNSPECIFIED),
+        ip_hash=vote["ip_hash"],
+        channel=_CHANNELS.get(vote["channel"], vote_types_pb2.CHANNEL_UNSPECIFIED),
         round_id=vote["round_id"], contestant_id=vote["contestant_id"], count=vote["count"],
         app_version=vote["app_version"])
     if vote["latitude"] is not None and vote["longitude"] is not None:

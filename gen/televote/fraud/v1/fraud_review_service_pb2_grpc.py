@@ -208,7 +208,8 @@ class FraudReviewServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetFraudPolicy(self, request, context):
-        """Sets a show's fraud policy (thresholds and allowed countries) for the votes of its rounds
+        """Sets a show's fraud policy (thresholds, allowed countries, the scoring, and whether the
+        geographic rules refuse a vote or only score it) for the votes of its rounds
         from now on; replaces the show's current policy. Every fraud_svc replica applies it within
         FRAUD_REFRESH_SECONDS. Audited (`policy.set`). A retry with the same `request_id` returns
         the original answer.

@@ -113,7 +113,8 @@ class FraudReviewServiceStub:
     * INVALID_ARGUMENT `INVALID_REQUEST`: page_size outside 0..1000 or a bad page_token.
     """
     SetFraudPolicy: _grpc.UnaryUnaryMultiCallable[_fraud_review_service_pb2.SetFraudPolicyRequest, _fraud_review_service_pb2.SetFraudPolicyResponse]
-    """Sets a show's fraud policy (thresholds and allowed countries) for the votes of its rounds
+    """Sets a show's fraud policy (thresholds, allowed countries, the scoring, and whether the
+    geographic rules refuse a vote or only score it) for the votes of its rounds
     from now on; replaces the show's current policy. Every fraud_svc replica applies it within
     FRAUD_REFRESH_SECONDS. Audited (`policy.set`). A retry with the same `request_id` returns
     the original answer.
@@ -228,7 +229,8 @@ class FraudReviewServiceAsyncStub(FraudReviewServiceStub):
     * INVALID_ARGUMENT `INVALID_REQUEST`: page_size outside 0..1000 or a bad page_token.
     """
     SetFraudPolicy: _aio.UnaryUnaryMultiCallable[_fraud_review_service_pb2.SetFraudPolicyRequest, _fraud_review_service_pb2.SetFraudPolicyResponse]  # type: ignore[assignment]
-    """Sets a show's fraud policy (thresholds and allowed countries) for the votes of its rounds
+    """Sets a show's fraud policy (thresholds, allowed countries, the scoring, and whether the
+    geographic rules refuse a vote or only score it) for the votes of its rounds
     from now on; replaces the show's current policy. Every fraud_svc replica applies it within
     FRAUD_REFRESH_SECONDS. Audited (`policy.set`). A retry with the same `request_id` returns
     the original answer.
@@ -394,7 +396,8 @@ class FraudReviewServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _fraud_review_service_pb2.SetFraudPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_fraud_review_service_pb2.SetFraudPolicyResponse, _abc.Awaitable[_fraud_review_service_pb2.SetFraudPolicyResponse]]:
-        """Sets a show's fraud policy (thresholds and allowed countries) for the votes of its rounds
+        """Sets a show's fraud policy (thresholds, allowed countries, the scoring, and whether the
+        geographic rules refuse a vote or only score it) for the votes of its rounds
         from now on; replaces the show's current policy. Every fraud_svc replica applies it within
         FRAUD_REFRESH_SECONDS. Audited (`policy.set`). A retry with the same `request_id` returns
         the original answer.
