@@ -284,9 +284,9 @@ class Scorer:
         if prepared.refusal is not None:
             action = "REFUSE"
             reasons.insert(0, Reason(prepared.refusal[0].lower(), 0.0, prepared.refusal[1]))
-        elif score > policy.block_threshold:
+        elif score > policy.block_threshold + _ON_THRESHOLD:
             action = "BLOCK"
-        elif score > policy.review_threshold:
+        elif score > policy.review_threshold + _ON_THRESHOLD:
             action = "REVIEW"
         else:
             action = "ALLOW"
@@ -295,6 +295,12 @@ class Scorer:
                   "distinct_ips": history.distinct_ips, **prepared.inputs,
                   "model": probability, "model_version": self.model.version}
         return Verdict(action, score, reasons, inputs, prepared.refusal)
+
+
+#: A score this close above a threshold is on it: the weights are decimals that binary floats
+#: only approximate (0.3 + 0.2 + 0.3 is 0.8000000000000002), and "above 0.8" must not turn on
+#: the last bit of a sum.
+_ON_THRESHOLD = 1e-9
 
 
 def _seed(fired: list[tuple[float, str, str]]) -> tuple[float, list[Reason]]:

@@ -217,18 +217,7 @@ class Hub:
     # -- ticks -----------------------------------------------------------------------------
 
     def _tick_kinds(self, seconds: int) -> tuple[int, ...]:
-        """The ticks due `seconds` before the close: a TIME_UPDATE on every multiple of the
-        update period, the WARNING and COUNTDOWN beside it (the seed sends both at 60 s and
-        at 10 s), TIME_UPDATE first."""
-        config = self._config
-        kinds: list[int] = []
-        if seconds % config.sync_time_update_every_s == 0:
-            kinds.append(EventType.SHOW_EVENT_TYPE_TIME_UPDATE)
-        if seconds == config.sync_warning_at_s:
-            kinds.append(EventType.SHOW_EVENT_TYPE_WARNING)
-        if 1 <= seconds <= config.sync_countdown_from_s:
-            kinds.append(EventType.SHOW_EVENT_TYPE_COUNTDOWN)
-        return tuple(kinds)
+        return tick_kinds(self._config, seconds)
 
     async def _tick(self, feed: Feed) -> None:
         """Send the open round's timing ticks to this replica's watchers of the episode."""
@@ -270,6 +259,20 @@ class Hub:
         server = await keys.server_time_ms(self._storage.redis)
         after = time.time() * 1000
         self._clock_offset_ms = server - (before + after) / 2
+
+
+def tick_kinds(config: SyncConfig, seconds: int) -> tuple[int, ...]:
+    """The ticks due `seconds` before the close: a TIME_UPDATE on every multiple of the update
+    period, the WARNING and COUNTDOWN beside it (the seed sends both at 60 s and at 10 s),
+    TIME_UPDATE first."""
+    kinds: list[int] = []
+    if seconds % config.sync_time_update_every_s == 0:
+        kinds.append(EventType.SHOW_EVENT_TYPE_TIME_UPDATE)
+    if seconds == config.sync_warning_at_s:
+        kinds.append(EventType.SHOW_EVENT_TYPE_WARNING)
+    if 1 <= seconds <= config.sync_countdown_from_s:
+        kinds.append(EventType.SHOW_EVENT_TYPE_COUNTDOWN)
+    return tuple(kinds)
 
 
 class Watch:
