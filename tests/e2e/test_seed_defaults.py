@@ -40,8 +40,6 @@ from tests.vote_support import (
 )
 from tests.vote_support import token as mint
 
-pytestmark = pytest.mark.stack
-
 KH_IP, TH_IP = "100.64.7.7", "100.80.7.7"  # Phnom Penh and Bangkok in the dev GeoIP plan
 PHNOM_PENH = (11.5564, 104.9282)
 KM_PER_DEGREE = 12_742 * math.pi / 360
