@@ -33,13 +33,14 @@ def rank_change(previous: int | None, current: int) -> int:
     return previous - current
 
 
-def trend(recent: int, before: int) -> int:
+def trend(recent: int, before: int, after_silence: int = Trend.TREND_STABLE) -> int:
     """The last 5 minutes (`recent`) against the 5 before: over +20 % rising fast, over +5 %
     rising, under -5 % falling, under -20 % falling fast, else stable. Exact at the bounds
     (integer arithmetic): +20 % is rising, not rising fast. No votes in the five minutes
-    before is stable, whatever came since (the specification: there is nothing to compare)."""
+    before is stable (the specification: there is nothing to compare), or `after_silence` when
+    votes came since (RESULTS_TREND_AFTER_SILENCE)."""
     if before == 0:
-        return Trend.TREND_STABLE
+        return after_silence if recent > 0 else Trend.TREND_STABLE
     if recent * 100 > before * 120:
         return Trend.TREND_RISING_FAST
     if recent * 100 > before * 105:

@@ -8,6 +8,7 @@ import pytest
 
 from results_svc import merkle, rules
 from results_svc import standings as calc
+from results_svc.config import ResultsConfig
 from televote.results.v1 import results_types_pb2 as rtypes
 
 
@@ -38,6 +39,12 @@ def test_ranks_share_ties_and_skip_and_rank_changes_count_places_moved() -> None
     (0, 5, rtypes.TREND_FALLING_FAST)])
 def test_trend_classes_at_their_boundaries(recent: int, before: int, expected: int) -> None:
     assert calc.trend(recent, before) == expected
+
+
+def test_a_deployment_may_show_votes_after_silence_as_rising_fast() -> None:
+    assert ResultsConfig.model_fields["results_trend_after_silence"].default == "stable"
+    assert calc.trend(1, 0, rtypes.TREND_RISING_FAST) == rtypes.TREND_RISING_FAST
+    assert calc.trend(0, 0, rtypes.TREND_RISING_FAST) == rtypes.TREND_STABLE
 
 
 def test_trend_windows_take_the_last_five_complete_minutes_against_the_five_before() -> None:

@@ -218,7 +218,8 @@ class FraudReviewServiceServicer:
         * OK.
         * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id or show_id, not
         0 < review_threshold <= block_threshold <= 1, no allowed country or one that is not an
-        ISO 3166-1 alpha-2 code, a note longer than 500 chars.
+        ISO 3166-1 alpha-2 code, a note longer than 500 chars, a scoring or geographic rule
+        value that is not one of its enum's.
         * NOT_FOUND `SHOW_NOT_FOUND`.
         * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
         """

@@ -123,7 +123,8 @@ class FraudReviewServiceStub:
     * OK.
     * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id or show_id, not
       0 < review_threshold <= block_threshold <= 1, no allowed country or one that is not an
-      ISO 3166-1 alpha-2 code, a note longer than 500 chars.
+      ISO 3166-1 alpha-2 code, a note longer than 500 chars, a scoring or geographic rule
+      value that is not one of its enum's.
     * NOT_FOUND `SHOW_NOT_FOUND`.
     * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
     """
@@ -239,7 +240,8 @@ class FraudReviewServiceAsyncStub(FraudReviewServiceStub):
     * OK.
     * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id or show_id, not
       0 < review_threshold <= block_threshold <= 1, no allowed country or one that is not an
-      ISO 3166-1 alpha-2 code, a note longer than 500 chars.
+      ISO 3166-1 alpha-2 code, a note longer than 500 chars, a scoring or geographic rule
+      value that is not one of its enum's.
     * NOT_FOUND `SHOW_NOT_FOUND`.
     * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
     """
@@ -406,7 +408,8 @@ class FraudReviewServiceServicer(metaclass=_abc_1.ABCMeta):
         * OK.
         * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id or show_id, not
           0 < review_threshold <= block_threshold <= 1, no allowed country or one that is not an
-          ISO 3166-1 alpha-2 code, a note longer than 500 chars.
+          ISO 3166-1 alpha-2 code, a note longer than 500 chars, a scoring or geographic rule
+          value that is not one of its enum's.
         * NOT_FOUND `SHOW_NOT_FOUND`.
         * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
         """

@@ -317,7 +317,8 @@ Global___TravellerExemption: _TypeAlias = TravellerExemption  # noqa: Y015
 @_typing.final
 class FraudPolicy(_message.Message):
     """A show's own fraud policy, in place of the deployment's defaults (FRAUD_BLOCK_THRESHOLD,
-    FRAUD_REVIEW_THRESHOLD, FRAUD_ALLOWED_COUNTRIES) for the votes of its rounds.
+    FRAUD_REVIEW_THRESHOLD, FRAUD_ALLOWED_COUNTRIES, FRAUD_SCORING, FRAUD_GEO_*) for the votes
+    of its rounds.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -345,14 +346,16 @@ class FraudPolicy(_message.Message):
     updated_by: _builtins.str
     """The operator who set it."""
     scoring: Global___FraudScoring.ValueType
-    """How the show's votes are scored."""
+    """How the show's votes are scored; UNSPECIFIED: the deployment's default (FRAUD_SCORING)."""
     foreign_country: Global___GeoEnforcement.ValueType
     """A vote from outside allowed_countries by a user without a traveller exemption for it:
-    refused with GEO_RESTRICTED, or scored with the `foreign_country` signal.
+    refused with GEO_RESTRICTED, or scored with the `foreign_country` signal; UNSPECIFIED:
+    the deployment's default (FRAUD_GEO_FOREIGN_COUNTRY, refuse).
     """
     location_mismatch: Global___GeoEnforcement.ValueType
     """A vote whose device GPS is more than 100 km (FRAUD_GPS_MISMATCH_KM) from its IP's
-    location: refused with LOCATION_MISMATCH, or scored with the `gps_mismatch` signal.
+    location: refused with LOCATION_MISMATCH, or scored with the `gps_mismatch` signal;
+    UNSPECIFIED: the deployment's default (FRAUD_GEO_LOCATION_MISMATCH, refuse).
     """
     @_builtins.property
     def allowed_countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
