@@ -62,7 +62,11 @@ from ops.migrate import migrate
 from ops.processes import Child, free_port, run_stopping_on_sigterm, wait_serving
 from runtime.access import Principal, Role
 from runtime.storage import RedisClient, create_pool, create_redis
-from televote.fraud.v1 import fraud_scoring_service_pb2, fraud_scoring_service_pb2_grpc
+from televote.fraud.v1 import (
+    fraud_scoring_service_pb2,
+    fraud_scoring_service_pb2_grpc,
+    fraud_types_pb2,
+)
 
 INTERNAL = Principal(Role.INTERNAL, "vote_svc").to_metadata()
 T0_MS = 1_900_000_000_000
@@ -163,8 +167,8 @@ async def _run_batches(stub: _Caller,
     latencies.sort()
 
     p90, p99 = _quantile(latencies, 0.9), _quantile(latencies, 0.99)
-    names = {1: "ALLOW", 2: "REVIEW", 3: "BLOCK"}
-    mix = ", ".join(f"{names.get(k, k)} {v / votes:.0%}" for k, v in sorted(actions.items()))
+    mix = ", ".join(f"{fraud_types_pb2.FraudAction.Name(k).removeprefix('FRAUD_ACTION_')} "
+                    f"{v / votes:.0%}" for k, v in sorted(actions.items()))
     print(f"{label}: {len(requests)} batches of {batch_size} ({mix})")
     print(f"  batch latency  min {latencies[0]:.2f} ms   p50 {statistics.median(latencies):.2f} ms"
           f"   p90 {p90:.2f} ms   p99 {p99:.2f} ms   max {latencies[-1]:.2f} ms"

@@ -242,9 +242,10 @@ class Scorer:
             if gps_km > c.fraud_gps_mismatch_km:
                 detail = f"GPS {gps_km:.0f} km from the IP's location"
                 if policy.location_mismatch == REFUSE:
-                    refusal = refusal or (LOCATION_MISMATCH,
-                                          f"Your location is {gps_km:.0f} km from your "
-                                          f"network's; voting refused")
+                    # The distance stays in the audit log: told to the voter, it would
+                    # show a spoofer how far off they are.
+                    refusal = refusal or (LOCATION_MISMATCH, "Your device's location does "
+                                          "not match your network's location")
                 else:
                     fired.append((weights.gps_mismatch, "gps_mismatch", detail))
         return Prepared(None, policy, weights, fired, inputs, ip, country,
