@@ -206,12 +206,9 @@ async def test_no_vote_is_accepted_at_or_after_the_close(
     assert closed and all(replied >= test_round.closes_at_ms for replied in closed)
     rows = await ledger_rows(stack.database_url, test_round.round_id)
     assert max(row["admitted_ms"] for row in rows) < test_round.closes_at_ms
+    # Every vote that replied OK was admitted before the close. (When its answer arrived says
+    # nothing more: a vote admitted just before the close may wait for its ledger commit.)
     assert len(rows) == sum(1 for outcome, _, _ in seen if outcome == "ok")
-    # Every vote that replied OK was admitted before the close; every vote after the close
-    # (with the reply's Redis time as an upper bound of the admission) was refused.
-    late = [replied for outcome, replied, _ in seen
-            if outcome == "ok" and replied > test_round.closes_at_ms + 200]
-    assert not late
 
 
 async def test_a_vote_one_millisecond_after_the_close_is_refused(
