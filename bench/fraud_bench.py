@@ -50,7 +50,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fraud_svc.behaviour import TrafficMix, VoteEvent, generate, plan_intel, vpn_lists
 from fraud_svc.config import FraudConfig
 from fraud_svc.devgeo import write_database
-from fraud_svc.features import Facts, FeatureMemory, Scorer
+from fraud_svc.features import Facts, FeatureMemory, Policy, Scorer
 from fraud_svc.geoip import MaxMindIntel, VpnLists
 from fraud_svc.model import Model
 from fraud_svc.scoring import FraudScoringServicer
@@ -230,7 +230,7 @@ async def _in_process(database_url: str, redis_url: str, geo: Path, events: list
     await pool.open()
     redis = create_redis(redis_url)
     try:
-        blocklist = BlocklistCache(pool, 1.0)
+        blocklist = BlocklistCache(pool, 1.0, Policy.default(config))
         servicer = FraudScoringServicer(
             config, pool, FeatureState(redis, config),
             MaxMindIntel(str(geo), "", VpnLists(config.fraud_vpn_cidrs, ())),

@@ -40,8 +40,8 @@ def create_server(config: FraudConfig) -> tuple[ServiceHost, int]:
         # Redis may have been lost since the flags were set: PostgreSQL is the record.
         await state.set_blocked(list(blocklist.users))
 
-    blocklist = BlocklistCache(storage.pool, config.fraud_refresh_seconds, mirror_user_blocks,
-                               defaults=Policy.default(config))
+    blocklist = BlocklistCache(storage.pool, config.fraud_refresh_seconds,
+                               Policy.default(config), mirror_user_blocks)
     host.on_stop(blocklist.stop)
     scorer = Scorer(config, Model.load(config.fraud_model_path))
     scoring = FraudScoringServicer(config, storage.pool, state, intel, blocklist, scorer)

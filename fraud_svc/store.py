@@ -86,12 +86,12 @@ FROM fraud_blocks WHERE deleted_at IS NULL AND (expire_at IS NULL OR expire_at >
 class BlocklistCache:
     """Reloads the blocklist from PostgreSQL in the background."""
 
-    def __init__(self, pool: Pool, refresh_seconds: float,
-                 on_first_load: Callable[[Blocklist], Awaitable[None]] | None = None,
-                 defaults: Policy | None = None) -> None:
+    def __init__(self, pool: Pool, refresh_seconds: float, defaults: Policy,
+                 on_first_load: Callable[[Blocklist], Awaitable[None]] | None = None) -> None:
         self._pool = pool
-        #: The deployment's policy, for what a show's policy leaves to it (NULL columns).
-        self._defaults = defaults or Policy("", 0.8, 0.5, frozenset({"KH"}))
+        #: The deployment's policy (`Policy.default`), for what a show's policy leaves to it
+        #: (NULL columns).
+        self._defaults = defaults
         self._refresh_seconds = refresh_seconds
         self._on_first_load = on_first_load
         self.current = Blocklist()

@@ -33,7 +33,7 @@ from psycopg.rows import dict_row
 from fraud_svc.behaviour import NETWORKS, Network
 from fraud_svc.config import FraudConfig
 from fraud_svc.devgeo import write_database
-from fraud_svc.features import FEATURES
+from fraud_svc.features import FEATURES, Policy
 from fraud_svc.server import create_server
 from fraud_svc.state import blocked_key
 from ops.stack import Stack, dev_geoip_environment
@@ -870,7 +870,7 @@ async def test_scoring_without_redis_is_unavailable_not_internal(stack: Stack) -
     await pool.open()
     redis = create_redis(config.redis_url)
     try:
-        blocklist = BlocklistCache(pool, 60.0)
+        blocklist = BlocklistCache(pool, 60.0, Policy.default(config))
         servicer = FraudScoringServicer(
             config, pool, FeatureState(redis, config), MaxMindIntel("", "", VpnLists([], [])),
             blocklist, Scorer(config, Model.load()))
@@ -990,7 +990,8 @@ async def test_the_blocklist_is_rebuilt_only_when_its_blocks_change(stack: Stack
     pool = create_pool(stack.database_url)
     await pool.open()
     try:
-        cache = BlocklistCache(pool, 60.0)
+        cache = BlocklistCache(pool, 60.0, Policy.default(FraudConfig(
+            database_url=stack.database_url, redis_url=stack.redis_url)))
         await cache.reload()
         before = cache.current
         await cache.reload()
