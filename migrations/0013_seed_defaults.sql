@@ -1,4 +1,5 @@
--- The seed's rules as the defaults (issue 16).
+-- Alters vote_svc's vote_packages and votes and fraud_svc's fraud_policies: the seed's rules
+-- as the defaults (issue 16).
 -- depends: 0001_foundation 0002_show_sync 0004_votes 0008_fraud_policies
 
 -- vote_svc's table: the packages under the specification's ids and store SKUs. Prices, votes
