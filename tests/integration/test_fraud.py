@@ -33,7 +33,7 @@ from psycopg.rows import dict_row
 from fraud_svc.behaviour import NETWORKS, Network
 from fraud_svc.config import FraudConfig
 from fraud_svc.devgeo import write_database
-from fraud_svc.features import FEATURES, Policy
+from fraud_svc.features import Policy
 from fraud_svc.server import create_server
 from fraud_svc.state import blocked_key
 from ops.stack import Stack, dev_geoip_environment
@@ -48,6 +48,7 @@ from televote.fraud.v1 import (
     fraud_types_pb2,
 )
 from tests.conftest import bearer
+from tests.fraud_support import write_zero_model
 from tests.support_windows import close_test_round, open_test_round
 
 INTERNAL = Principal(Role.INTERNAL, "vote_svc").to_metadata()
@@ -83,11 +84,7 @@ async def fraud(stack: Stack, tmp_path_factory: pytest.TempPathFactory,
                 ) -> AsyncIterator[Fraud]:
     geo = write_database(tmp_path_factory.mktemp("geo") / "city.mmdb", [
         *NETWORKS, Network("100.99.0.0/16", "KH", "Phnom Penh", *PHNOM_PENH, 64_999)])
-    n = len(FEATURES)
-    zero = tmp_path_factory.mktemp("model") / "zero.json"
-    zero.write_text(json.dumps({"version": "zero", "features": list(FEATURES),
-                                "mean": [0.0] * n, "scale": [1.0] * n, "weights": [0.0] * n,
-                                "bias": -100.0}))
+    zero = write_zero_model(tmp_path_factory.mktemp("model") / "zero.json")
     config = FraudConfig(
         database_url=stack.database_url, redis_url=stack.redis_url, fraud_geoip_db=str(geo),
         fraud_vpn_cidrs=("100.100.0.0/16",), fraud_vpn_asns=("AS64999",),
