@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from results_svc import store
 from results_svc.final import read_final
 from results_svc.live import HIDDEN, Live, final_update, public_view
 from results_svc.proofs import Proofs
@@ -100,7 +101,7 @@ class ResultsServicer(rgrpc.ResultsServiceServicer):
         key_id = request.key_id or self._signer.key_id
         async with self._storage.pool.connection() as connection:
             cursor = await connection.execute(
-                "SELECT public_key, created_at FROM ledger_keys WHERE key_id = %s", (key_id,))
+                store.LEDGER_KEY, (key_id,))
             row: Any = await cursor.fetchone()
         if row is None:
             raise ApiError(grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND", f"no key {key_id}")

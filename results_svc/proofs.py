@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from results_svc import store
 from results_svc.checkpoint import LEAVES_PER_CHUNK
 from results_svc.config import ResultsConfig
 from results_svc.final import FinalResult, read_final
@@ -47,9 +48,7 @@ class Proofs:
         """The receipt of ledger vote `vote_id` (canonical), None if there is no such vote."""
         async with self._storage.pool.connection() as connection:
             cursor = await connection.execute(
-                "SELECT round_id::text, leaf_data, receipt_hash, admitted_ms FROM votes"
-                " WHERE vote_id = %s"
-                " ORDER BY admitted_ms, receipt_hash LIMIT 1", (vote_id,))
+                store.VOTE_RECEIPT, (vote_id,))
             row: Any = await cursor.fetchone()
             if row is None:
                 return None
@@ -57,8 +56,7 @@ class Proofs:
             invalid = None
             if final is not None:
                 cursor = await connection.execute(
-                    "SELECT reason FROM round_result_invalid_votes"
-                    " WHERE round_id = %s AND vote_id = %s", (row["round_id"], vote_id))
+                    store.INVALID_REASON, (row["round_id"], vote_id))
                 invalid = await cursor.fetchone()
         receipt_hash = bytes(row["receipt_hash"])
         proof = None if final is None else await self.inclusion(
@@ -83,17 +81,14 @@ class Proofs:
             return index, tree.size, tree.inclusion_proof(index), tree.root
         async with self._storage.pool.connection() as connection:
             cursor = await connection.execute(
-                "SELECT block FROM round_result_blocks WHERE round_id = %s"
-                " AND (admitted_ms, vote_id, receipt_hash) <= (%s, %s, %s)"
-                " ORDER BY admitted_ms DESC, vote_id DESC, receipt_hash DESC LIMIT 1",
+                store.BLOCK_OF_VOTE,
                 (round_id, admitted_ms, vote_id, receipt))
             row: Any = await cursor.fetchone()
             if row is None:
                 return None
             start = row["block"] * top.block_leaves
             cursor = await connection.execute(
-                "SELECT substring(leaves FROM %s FOR %s) AS leaves FROM round_result_leaves"
-                " WHERE round_id = %s AND chunk = %s",
+                store.LEAVES_OF_CHUNK,
                 ((start % LEAVES_PER_CHUNK) * HASH_SIZE + 1, top.block_leaves * HASH_SIZE,
                  round_id, start // LEAVES_PER_CHUNK))
             row = await cursor.fetchone()
@@ -111,8 +106,7 @@ class Proofs:
             return top
         async with self._storage.pool.connection() as connection:
             cursor = await connection.execute(
-                "SELECT b.block_leaves, b.roots, r.tree_size FROM round_result_block_roots b"
-                " JOIN round_results r USING (round_id) WHERE b.round_id = %s", (round_id,))
+                store.BLOCK_ROOTS_OF_RESULT, (round_id,))
             row: Any = await cursor.fetchone()
         if row is None:
             return None
@@ -130,7 +124,7 @@ class Proofs:
                 return tree
             async with self._storage.pool.connection() as connection:
                 cursor = await connection.execute(
-                    "SELECT leaves FROM round_result_leaves WHERE round_id = %s ORDER BY chunk",
+                    store.ALL_LEAVES,
                     (round_id,))
                 chunks: list[Any] = await cursor.fetchall()
                 blob = b"".join([bytes(r["leaves"]) for r in chunks])

@@ -21,6 +21,7 @@ from runtime import keys
 from runtime.errors import ApiError
 from runtime.storage import Storage
 from runtime.window import Window
+from vote_svc import store
 from vote_svc.admission import RATE_WINDOW_MS, Outcome, Scripts, VoteKeys
 from vote_svc.config import VoteConfig
 
@@ -69,8 +70,7 @@ class Recovery:
         the shard copies that are missing; sync_svc's own writes win)."""
         async with self._db() as connection:
             cursor = await connection.execute(
-                "SELECT r.*, e.free_vote_quota, e.rate_limit_per_minute, e.version"
-                "  FROM rounds r JOIN episodes e USING (episode_id) WHERE r.round_id = %s",
+                store.ROUND_WINDOW,
                 (round_id,))
             row: dict[str, Any] | None = await cursor.fetchone()
         if row is None:
@@ -109,10 +109,7 @@ class Recovery:
             await asyncio.sleep(settle / 1000)
             async with self._db() as connection:
                 cursor = await connection.execute(
-                    "SELECT v.round_id::text AS round_id, v.contestant_id::text AS contestant,"
-                    "       v.admitted_ms - v.admitted_ms %% %s AS minute, sum(v.count) AS n"
-                    "  FROM votes v JOIN rounds r USING (round_id)"
-                    " WHERE v.shard = %s AND r.state = 'OPEN' GROUP BY 1, 2, 3",
+                    store.USER_ROUND_VOTES,
                     (RATE_WINDOW_MS, shard))
                 rows: list[dict[str, Any]] = await cursor.fetchall()
             live: dict[str, dict[str, int]] = {}
@@ -140,7 +137,7 @@ class Recovery:
         ledger says whether it was committed; if not, undo it so the retry can be admitted."""
         async with self._db() as connection:
             cursor = await connection.execute(
-                "SELECT vote_id::text FROM votes WHERE user_id = %s AND request_id = %s",
+                store.VOTE_OF_REQUEST,
                 (vote.user_id, vote.request_id))
             row: dict[str, Any] | None = await cursor.fetchone()
         ttl = self._config.vote_idempotency_ttl_s * 1000
