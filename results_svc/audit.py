@@ -63,6 +63,7 @@ from results_svc.final import FinalResult, read_final
 from results_svc.merkle import IncrementalRoot, leaf_hash, perfect_root, verify_inclusion
 from results_svc.rounds import load_round
 from results_svc.signing import parse_tree_head, verify_signature
+from runtime.storage import fetch_one
 
 FORMAT = "televote-ledger-export/v2"
 #: A leaf in canonical form from its fields (see the module's docstring).
@@ -160,20 +161,15 @@ async def export_round(database_url: str, round_id: str, out: Path) -> int:
         final = await read_final(connection, round_id)
         if final is None:
             raise SystemExit(f"round {round_id} has no final result yet")
-        cursor = await connection.execute(
-            store.LEDGER_PUBLIC_KEY, (final.key_id,))
-        key_row = await cursor.fetchone()
+        key_row = await fetch_one(connection, store.LEDGER_PUBLIC_KEY, (final.key_id,))
         assert key_row is not None
         params = {"round": round_id, "episode": info.episode_id}
         # The rows are sorted into ledger order: in memory, not in temporary files.
         await connection.execute(store.EXPORT_WORK_MEM)
         await connection.execute(store.EXPORT_VOTERS, params)
-        cursor = await connection.execute(
-            store.EXPORT_VOTER_CREDITS)
+        cursor = await connection.execute(store.EXPORT_VOTER_CREDITS)
         credited = {r["voter"]: r["credited"] for r in await cursor.fetchall()}
-        cursor = await connection.execute(
-            store.ROUND_VOTE_COUNT, (round_id,))
-        row = await cursor.fetchone()
+        row = await fetch_one(connection, store.ROUND_VOTE_COUNT, (round_id,))
         # The ledger is append-only and the tree was built from it: if the round has as many
         # rows as the tree has leaves, they are the leaves; otherwise some committed after
         # the tree was taken, and only the signed ones are exported.

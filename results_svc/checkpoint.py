@@ -55,6 +55,7 @@ from psycopg import AsyncConnection
 from results_svc import store
 from results_svc.merkle import HASH_SIZE, MerkleTree
 from results_svc.rounds import RoundInfo
+from runtime.storage import fetch_one
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,7 @@ class Checkpoint:
 
 
 async def load(connection: AsyncConnection[Any], round_id: str) -> Checkpoint | None:
-    cursor = await connection.execute(
-        store.CHECKPOINT, (round_id,))
-    row: Any = await cursor.fetchone()
+    row: Any = await fetch_one(connection, store.CHECKPOINT, (round_id,))
     if row is None:
         return None
     start = None
@@ -148,10 +147,9 @@ async def staleness(connection: AsyncConnection[Any], info: RoundInfo, state: Ch
     # Each changed voter's rows are judged again (advance). Past a step's worth of voters (a
     # credit granted to every voter at once, say) judging the round anew is the bounded cost;
     # a list of millions of voters in one statement is not.
-    cursor = await connection.execute(
-        store.CHANGED_VOTER_COUNT,
+    row: Any = await fetch_one(
+        connection, store.CHANGED_VOTER_COUNT,
         {"round": info.round_id, "limit": rejudge_limit + 1}, prepare=False)
-    row: Any = await cursor.fetchone()
     if row["n"] > rejudge_limit:
         return f"credits or fraud rejections of over {rejudge_limit} voters changed"
     cursor = await connection.execute(
@@ -217,8 +215,7 @@ async def advance(connection: AsyncConnection[Any], info: RoundInfo, state: Chec
     if not state.counts:
         state.counts = dict.fromkeys(info.contestant_ids, 0)
     bounds = {"round": info.round_id, "lo": lo, "hi": hi, "users": users}
-    cursor = await connection.execute(store.STEP_SQL, bounds, prepare=False)
-    found: Any = await cursor.fetchone()
+    found: Any = await fetch_one(connection, store.STEP_SQL, bounds, prepare=False)
     voters = sorted(set(found["voters"]) | set(users))
     cursor = await connection.execute(
         store.DELTA_SQL, {**judge_params(info), **bounds, "voters": voters,

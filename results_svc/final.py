@@ -36,7 +36,7 @@ from results_svc.rounds import RoundInfo, load_round
 from results_svc.signing import Signer, tree_head
 from runtime import keys, locks
 from runtime.access import Principal, Role
-from runtime.storage import Storage
+from runtime.storage import Storage, fetch_one
 from televote.sync.v1 import show_internal_service_pb2 as internal
 from televote.sync.v1 import show_internal_service_pb2_grpc as internal_grpc
 
@@ -75,9 +75,7 @@ class FinalResult:
 
 
 async def read_final(connection: AsyncConnection[Any], round_id: str) -> FinalResult | None:
-    cursor = await connection.execute(
-        store.FINAL_RESULT, (round_id,))
-    row = await cursor.fetchone()
+    row = await fetch_one(connection, store.FINAL_RESULT, (round_id,))
     if row is None:
         return None
     return FinalResult(

@@ -11,6 +11,7 @@ import grpc
 from results_svc import store
 from results_svc.rules import RoundRules
 from runtime.errors import ApiError
+from runtime.storage import fetch_one
 from televote.sync.v1 import sync_types_pb2 as stypes
 
 
@@ -75,8 +76,7 @@ def _visibility(text: str) -> int:
 
 
 async def load_round(connection: Any, round_id: str) -> RoundInfo | None:
-    cursor = await connection.execute(store.ROUND_SQL, (round_id,))
-    row = await cursor.fetchone()
+    row = await fetch_one(connection, store.ROUND_SQL, (round_id,))
     if row is None:
         return None
     cursor = await connection.execute(store.CONTESTANTS_SQL, (row["contestant_ids"],))

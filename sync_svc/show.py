@@ -32,7 +32,7 @@ from runtime.protoconv import (
     ms_to_datetime,
     timestamp,
 )
-from runtime.storage import Storage
+from runtime.storage import Storage, fetch_one
 from runtime.window import Window
 from sync_svc import store
 from sync_svc.config import SyncConfig
@@ -217,7 +217,7 @@ class ShowStore:
 
         async def perform(connection: Connection, _: Published, __: int
                           ) -> control.CreateEpisodeResponse:
-            if await _maybe_one(connection, store.SHOW_EXISTS,
+            if await fetch_one(connection, store.SHOW_EXISTS,
                                 (show_id,)) is None:
                 raise not_found("SHOW_NOT_FOUND", f"no show {show_id}")
             row = await _one(connection,
@@ -247,7 +247,7 @@ class ShowStore:
             episode = await self._lock_episode(connection, episode_id)
             if episode["state"] == "ENDED":
                 raise failed("SHOW_ALREADY_ENDED", "the episode has ended")
-            taken = await _maybe_one(
+            taken = await fetch_one(
                 connection, store.SMS_NUMBER_TAKEN,
                 (episode_id, request.sms_number))
             if taken:
@@ -366,7 +366,7 @@ class ShowStore:
                                  song_artist: str, now_ms: int) -> types.Performance:
         episode = await self._lock_episode(connection, episode_id)
         self._require_live(episode)
-        if await _maybe_one(connection, store.CONTESTANT_IN_EPISODE,
+        if await fetch_one(connection, store.CONTESTANT_IN_EPISODE,
                             (contestant_id, episode_id)) is None:
             raise not_found("CONTESTANT_NOT_FOUND", f"no contestant {contestant_id} here")
         if await self._on_stage(connection, episode_id) is not None:
@@ -429,7 +429,7 @@ class ShowStore:
             raise failed("VOTING_ALREADY_OPEN", "this round is already open")
         if round_row["state"] != "PENDING":
             raise failed("ROUND_ALREADY_CLOSED", "a round opens once")
-        if await _maybe_one(connection, store.OPEN_ROUND_EXISTS, (episode["episode_id"],)):
+        if await fetch_one(connection, store.OPEN_ROUND_EXISTS, (episode["episode_id"],)):
             raise failed("VOTING_ALREADY_OPEN", "another round of this episode is open")
         window = window_ms or round_row["window_ms"]
         closes_ms = now_ms + window
@@ -528,7 +528,7 @@ class ShowStore:
                         now_ms: int) -> types.Episode:
         episode = await self._lock_episode(connection, episode_id)
         self._require_live(episode)
-        open_round = await _maybe_one(connection, store.OPEN_ROUND_OF_EPISODE, (episode_id,))
+        open_round = await fetch_one(connection, store.OPEN_ROUND_OF_EPISODE, (episode_id,))
         if open_round is not None:
             await self._close_round(connection, published, open_round, now_ms, "SHOW_END")
         await self._end_performance(connection, published, episode_id, now_ms)
@@ -569,7 +569,7 @@ class ShowStore:
                 await self._open_voting(connection, published, target, window, now_ms)
             elif cue == control.CUE_TYPE_VOTING_CLOSE:
                 await self._lock_episode(connection, episode_id)
-                open_round = await _maybe_one(
+                open_round = await fetch_one(
                     connection, store.OPEN_ROUND_OF_EPISODE,
                     (episode_id,))
                 if open_round is None:
@@ -583,7 +583,7 @@ class ShowStore:
         return await self._change("ApplyCue", request, control.ApplyCueResponse, perform)
 
     async def _next_pending_round(self, connection: Connection, episode_id: str) -> str:
-        row = await _maybe_one(connection, store.NEXT_PENDING_ROUND,
+        row = await fetch_one(connection, store.NEXT_PENDING_ROUND,
                                (episode_id,))
         if row is None:
             raise failed("NO_PENDING_ROUND", "the episode has no round waiting to open")
@@ -661,7 +661,7 @@ class ShowStore:
         on_stage = await self._on_stage(connection, episode_id)
         if on_stage is not None:
             snapshot.current_performance.CopyFrom(performance_message(on_stage))
-        current = await _maybe_one(
+        current = await fetch_one(
             connection, store.CURRENT_ROUND, (episode_id,))
         if current is not None:
             snapshot.current_round.CopyFrom(round_message(current))
@@ -684,7 +684,7 @@ class ShowStore:
         return bool(row["finished"])
 
     async def _episode(self, connection: Connection, episode_id: str) -> Row:
-        row = await _maybe_one(connection, store.EPISODE,
+        row = await fetch_one(connection, store.EPISODE,
                                (episode_id,))
         if row is None:
             raise not_found("EPISODE_NOT_FOUND", f"no episode {episode_id}")
@@ -692,20 +692,20 @@ class ShowStore:
 
     async def _lock_episode(self, connection: Connection, episode_id: str) -> Row:
         """The episode row, locked: changes to one episode and its rounds happen one by one."""
-        row = await _maybe_one(connection, store.EPISODE_FOR_UPDATE, (episode_id,))
+        row = await fetch_one(connection, store.EPISODE_FOR_UPDATE, (episode_id,))
         if row is None:
             raise not_found("EPISODE_NOT_FOUND", f"no episode {episode_id}")
         return row
 
     async def _round(self, connection: Connection, round_id: str) -> Row:
-        row = await _maybe_one(connection, store.ROUND,
+        row = await fetch_one(connection, store.ROUND,
                                (round_id,))
         if row is None:
             raise not_found("ROUND_NOT_FOUND", f"no round {round_id}")
         return row
 
     async def _on_stage(self, connection: Connection, episode_id: str) -> Row | None:
-        return await _maybe_one(connection, store.CURRENT_PERFORMANCE, (episode_id,))
+        return await fetch_one(connection, store.CURRENT_PERFORMANCE, (episode_id,))
 
     @staticmethod
     def _require_live(episode: Row) -> None:
@@ -770,13 +770,8 @@ def round_message(row: Row) -> types.Round:
     return message
 
 
-async def _maybe_one(connection: Connection, query: str, params: tuple[Any, ...]) -> Row | None:
-    cursor = await connection.execute(query, params)
-    return await cursor.fetchone()
-
-
 async def _one(connection: Connection, query: str, params: tuple[Any, ...]) -> Row:
-    row = await _maybe_one(connection, query, params)
+    row: Row | None = await fetch_one(connection, query, params)
     assert row is not None, query
     return row
 
