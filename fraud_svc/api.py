@@ -453,17 +453,11 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
             problems.append(FieldViolation("note", "1 to 500 chars required"))
         if problems:
             raise invalid_argument(*problems)
-        require_request_id(request.request_id)
-        actor = current_principal().subject
-
-        async def grant(conn: Conn) -> pb.GrantTravellerExemptionResponse:
-            return pb.GrantTravellerExemptionResponse(exemption=_traveller(
-                await moderation.grant_traveller(
-                    conn, user_id=user_id, countries=countries, expire_at=expire_at, note=note,
-                    request_id=request.request_id, actor=actor)))
-
-        return await self._once("GrantTravellerExemption", request.request_id, request,
-                                pb.GrantTravellerExemptionResponse, grant, reload=True)
+        return await self._exemption(
+            "GrantTravellerExemption", request, pb.GrantTravellerExemptionResponse,
+            lambda conn, actor: moderation.grant_traveller(
+                conn, user_id=user_id, countries=countries, expire_at=expire_at, note=note,
+                request_id=request.request_id, actor=actor))
 
     async def RevokeTravellerExemption(
             self, request: pb.RevokeTravellerExemptionRequest,
@@ -471,16 +465,25 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
     ) -> pb.RevokeTravellerExemptionResponse:
         if not request.user_id:
             raise invalid_argument(FieldViolation("user_id", "required"))
+        return await self._exemption(
+            "RevokeTravellerExemption", request, pb.RevokeTravellerExemptionResponse,
+            lambda conn, actor: moderation.revoke_traveller(
+                conn, user_id=request.user_id, request_id=request.request_id, actor=actor))
+
+    async def _exemption(self, method: str, request: Any, response_type: type[ResponseT],
+                         change: Callable[[Conn, str], Awaitable[dict[str, Any]]],
+                         ) -> ResponseT:
+        """A validated grant or revoke of a traveller exemption: `change(conn, actor)` once
+        per request id; the response carries the exemption it returns."""
         require_request_id(request.request_id)
         actor = current_principal().subject
 
-        async def revoke(conn: Conn) -> pb.RevokeTravellerExemptionResponse:
-            return pb.RevokeTravellerExemptionResponse(exemption=_traveller(
-                await moderation.revoke_traveller(conn, user_id=request.user_id,
-                                                  request_id=request.request_id, actor=actor)))
+        async def perform(conn: Conn) -> ResponseT:
+            exemption = _traveller(await change(conn, actor))
+            return response_type(exemption=exemption)  # type: ignore[call-arg]  # both have it
 
-        return await self._once("RevokeTravellerExemption", request.request_id, request,
-                                pb.RevokeTravellerExemptionResponse, revoke, reload=True)
+        return await self._once(method, request.request_id, request, response_type, perform,
+                                reload=True)
 
     async def ListTravellerExemptions(
             self, request: pb.ListTravellerExemptionsRequest,
