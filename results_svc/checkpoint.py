@@ -65,7 +65,6 @@ BEFORE_ALL = -(2**62)
 AFTER_ALL = 2**62
 
 
-_KEY = "(admitted_ms, vote_id, receipt_hash)"
 
 
 def judge_params(info: RoundInfo) -> dict[str, Any]:
@@ -132,8 +131,8 @@ async def save(connection: AsyncConnection[Any], state: Checkpoint) -> None:
 
 async def discard(connection: AsyncConnection[Any], round_id: str) -> None:
     """Drop a round's checkpoint and the tree parts it wrote (only while it has no result)."""
-    for table in ("round_result_blocks", "round_result_leaves", "round_checkpoints"):
-        await connection.execute(f"DELETE FROM {table} WHERE round_id = %s", (round_id,))
+    for statement in store.DISCARD_CHECKPOINT:
+        await connection.execute(statement, (round_id,))
 
 
 async def staleness(connection: AsyncConnection[Any], info: RoundInfo, state: Checkpoint,
@@ -281,10 +280,7 @@ async def _write_chunk(cur: Any, round_id: str, chunk: int, first: tuple[int, st
     same snapshot that judged them: nothing else lies between). The plain bounds on
     admitted_ms keep the plan on the round's ordered index whatever the statistics say."""
     await cur.execute(
-        "INSERT INTO round_result_leaves (round_id, chunk, leaves)"
-        f" SELECT %s, %s, string_agg(receipt_hash, ''::bytea ORDER BY {_KEY}) FROM votes"
-        f" WHERE round_id = %s AND admitted_ms >= %s AND {_KEY} >= (%s, %s::uuid, %s)"
-        + ("" if last is None else f" AND admitted_ms <= %s AND {_KEY} <= (%s, %s::uuid, %s)"),
+        store.INSERT_CHUNK_LEAVES + ("" if last is None else store.CHUNK_LEAVES_UPTO),
         (round_id, chunk, round_id, first[0], *first,
          *(() if last is None else (last[0], *last))), prepare=False)
 
@@ -319,8 +315,5 @@ async def tidy(connection: AsyncConnection[Any]) -> None:
     that every live checkpoint's snapshot, and every later one, can see (a checkpoint of a
     round that no longer takes votes holds nothing back)."""
     await connection.execute(store.DROP_FINALIZED_CHECKPOINTS)
-    for table in ("ledger_appends", "result_input_changes"):
-        await connection.execute(
-            f"DELETE FROM {table} WHERE xid < (SELECT least(min(c.snapshot_xmin),"
-            " pg_snapshot_xmin(pg_current_snapshot())) FROM round_checkpoints c"
-            " JOIN rounds r USING (round_id) WHERE r.state IN ('OPEN', 'CLOSED'))")
+    for statement in store.FORGET_SEEN_CHANGES:
+        await connection.execute(statement)

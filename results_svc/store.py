@@ -223,6 +223,31 @@ DROP_FINALIZED_CHECKPOINTS = (
 )
 
 
+#: A round's checkpoint and the tree parts it wrote, table by table (`checkpoint.discard`).
+DISCARD_CHECKPOINT = tuple(
+    f"DELETE FROM {table} WHERE round_id = %s"
+    for table in ("round_result_blocks", "round_result_leaves", "round_checkpoints"))
+
+_KEY = "(admitted_ms, vote_id, receipt_hash)"
+#: A chunk's leaves from the ledger rows from its first leaf's key on (parameters: round,
+#: chunk, round, then the first key's admitted_ms and the key).
+INSERT_CHUNK_LEAVES = (
+    "INSERT INTO round_result_leaves (round_id, chunk, leaves)"
+    f" SELECT %s, %s, string_agg(receipt_hash, ''::bytea ORDER BY {_KEY}) FROM votes"
+    f" WHERE round_id = %s AND admitted_ms >= %s AND {_KEY} >= (%s, %s::uuid, %s)"
+)
+#: INSERT_CHUNK_LEAVES's upper bound, where the chunk's last leaf is known (its admitted_ms and
+#: key follow the other parameters).
+CHUNK_LEAVES_UPTO = f" AND admitted_ms <= %s AND {_KEY} <= (%s, %s::uuid, %s)"
+
+#: Log entries that every live checkpoint's snapshot, and every later one, can see.
+FORGET_SEEN_CHANGES = tuple(
+    f"DELETE FROM {table} WHERE xid < (SELECT least(min(c.snapshot_xmin),"
+    " pg_snapshot_xmin(pg_current_snapshot())) FROM round_checkpoints c"
+    " JOIN rounds r USING (round_id) WHERE r.state IN ('OPEN', 'CLOSED'))"
+    for table in ("ledger_appends", "result_input_changes"))
+
+
 # -- final.py ---------------------------------------------------------------------------------
 
 _JUDGED_REJECTED = """EXISTS (SELECT 1 FROM fraud_rejections f
