@@ -67,17 +67,16 @@ ALTER TABLE votes ENABLE TRIGGER votes_appends;
 """
 
 #: One chunk of a round's votes. A voter's place follows from their number: ~55 % GPS near a
-#: province town, 5 % abroad, the rest without GPS (an IP the bench has no GeoIP for).
+#: province town, 5 % abroad, the rest without GPS (unknown).
 _VOTES = """
 INSERT INTO votes (vote_id, request_id, user_id, shard, round_id, episode_id, contestant_id,
-                   vote_type, count, channel, admitted_ms, admitted_at, fraud_action, ip,
+                   vote_type, count, channel, admitted_ms, admitted_at, fraud_action,
                    latitude, longitude, fingerprint, leaf_data, receipt_hash)
 SELECT gen_random_uuid(), %(tag)s || g, 'u' || u, (u %% 1024)::smallint, %(round)s::uuid,
        %(episode)s::uuid, (%(contestants)s::uuid[])[1 + (g * 7 + u) %% %(n_contestants)s],
        kind, CASE WHEN kind = 'PAID' AND g %% 7 = 0 THEN 5 ELSE 1 END,
        CASE WHEN kind = 'PREMIUM_SMS' THEN 'SMS' WHEN u %% 10 < 7 THEN 'APP' ELSE 'WEB' END,
        at_ms, to_timestamp(at_ms / 1000.0), 'ALLOW',
-       '10.' || (u / 65536) %% 256 || '.' || (u / 256) %% 256 || '.' || u %% 256,
        CASE WHEN u %% 20 < 11 THEN (%(towns)s::float8[])[1 + u %% 25][1]
                                    + ((u / 25) %% 100 - 50) / 400.0
             WHEN u %% 20 = 11 THEN (%(abroad)s::float8[])[1 + u %% 5][1] END,
@@ -196,7 +195,7 @@ async def measure(url: str, episode: str, data_dir: Path | None = None) -> dict[
     await pool.open()
     config: Any = SimpleNamespace(results_report_min_voters=10,
                                   results_report_provisional_ms=5000,
-                                  results_report_warning_s=60, results_geoip_db="",
+                                  results_report_warning_s=60,
                                   results_report_precompute_ms=0)
     storage: Any = Storage(pool=pool, redis=None)  # type: ignore[arg-type]
     try:

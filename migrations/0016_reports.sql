@@ -1,6 +1,6 @@
 -- The post-show report (ReportService): the voters' self-declared profiles, and what the
 -- report keeps so that it never reads a finished round's ledger twice.
--- depends: 0005_results 0010_result_checkpoints 0012_round_tally_slots
+-- depends: 0005_results 0010_result_checkpoints 0012_round_tally_slots 0013_seed_defaults
 
 -- Owner: vote_svc (VoteService.SetVoterProfile). One row per voter who told us anything; an
 -- empty field is "not told" and the report says "unknown" for it, never a guess.
@@ -37,9 +37,9 @@ CREATE TABLE report_round_parts (
 CREATE INDEX report_round_parts_by_episode ON report_round_parts (episode_id);
 
 -- Owner: results_svc. One row per voter of a round (any ledger row): their counted votes by
--- type and by channel (app, web; sms is its type), every free vote they cast (counted or not), when they first voted for each
--- contestant, and their first located vote (GPS as [ms, lat, lon], and the first IP as
--- 'ms ip', both ordered by admission time so the episode's first is a min over rounds).
+-- type and by channel (app, web; sms is its type), every free vote they cast (counted or
+-- not), and their first vote with a GPS point ([ms, lat, lon], ordered by admission time so
+-- the episode's first is a min over rounds). No IP: the ledger keeps only its keyed hash.
 CREATE TABLE report_round_voters (
     round_id     uuid NOT NULL REFERENCES report_round_parts ON DELETE CASCADE,
     user_id      text NOT NULL,
@@ -51,7 +51,6 @@ CREATE TABLE report_round_voters (
     web          bigint NOT NULL,
     free_cast    bigint NOT NULL,
     first_gps    float8[],
-    first_ip     text,
     PRIMARY KEY (round_id, user_id)
 );
 -- No index by voter: returning voters are found by the earlier rounds' keys (a hash join),

@@ -38,7 +38,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from results_svc.config import ResultsConfig
 from results_svc.report import privacy, revenue, store
-from results_svc.report.places import UNKNOWN, Locator
+from results_svc.report.places import UNKNOWN, locate
 from runtime import protoconv
 from runtime.errors import ApiError
 from runtime.storage import Storage
@@ -93,7 +93,6 @@ class Reports:
         self._min_voters = config.results_report_min_voters
         self._max_age_ms = config.results_report_provisional_ms
         self._warning = timedelta(seconds=config.results_report_warning_s)
-        self._locator = Locator(config.results_geoip_db)
         self._cache: dict[str, _Cached] = {}
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._precompute_ms = config.results_report_precompute_ms
@@ -322,10 +321,9 @@ class Reports:
                                contestant_id=contestant_id)
 
     def _geography(self, report: pb.GetEpisodeReportResponse, places: list[Any]) -> None:
-        located = [(lat, lon, ip) for lat, lon, ip, _, _ in places]
+        located = [(lat, lon) for lat, lon, _, _ in places]
         totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        for place, (_, _, _, voters, votes) in zip(self._locator.places(located), places,
-                                                    strict=True):
+        for place, (_, _, voters, votes) in zip(locate(located), places, strict=True):
             totals[place][0] += voters
             totals[place][1] += votes
         buckets = [privacy.Bucket(place, voters, votes)

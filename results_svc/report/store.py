@@ -31,7 +31,7 @@ _VERDICT = """
 PART_SQL = f"""
 WITH judged AS (
   SELECT v.user_id, v.vote_type, v.channel, v.count, v.contestant_id,
-         v.admitted_ms - v.admitted_ms %% 60000 AS minute_ms, v.admitted_ms, v.ip,
+         v.admitted_ms - v.admitted_ms %% 60000 AS minute_ms, v.admitted_ms,
          v.latitude, v.longitude, coalesce(fi.reason, ci.reason) AS reason
     FROM votes v {_VERDICT}
    WHERE v.round_id = %(round)s::uuid
@@ -48,17 +48,14 @@ WITH judged AS (
          coalesce(sum(count) FILTER (WHERE reason IS NULL AND channel = 'WEB'), 0) AS web,
          coalesce(sum(count) FILTER (WHERE vote_type = 'FREE'), 0) AS free_cast,
          min(ARRAY[admitted_ms::float8, latitude, longitude])
-           FILTER (WHERE latitude IS NOT NULL AND longitude IS NOT NULL) AS first_gps,
-         min(lpad(admitted_ms::text, 16, '0') || ' ' || ip) FILTER (WHERE ip <> '')
-           AS first_ip
+           FILTER (WHERE latitude IS NOT NULL AND longitude IS NOT NULL) AS first_gps
     FROM judged
    GROUP BY GROUPING SETS ((user_id), (minute_ms, channel, vote_type, user_id),
                            (contestant_id, user_id), (reason))
 ), voters AS (
   INSERT INTO report_round_voters (round_id, user_id, counted, free, paid, sms, app, web,
-                                   free_cast, first_gps, first_ip)
-  SELECT %(round)s::uuid, user_id, counted, free, paid, sms, app, web, free_cast, first_gps,
-         first_ip
+                                   free_cast, first_gps)
+  SELECT %(round)s::uuid, user_id, counted, free, paid, sms, app, web, free_cast, first_gps
     FROM g WHERE grp = {0b011111}
   RETURNING 1
 )
@@ -171,8 +168,7 @@ MERGE_SQL = """
 WITH u AS MATERIALIZED (
   SELECT user_id, sum(counted) AS counted, sum(free) AS free, sum(paid) AS paid,
          sum(sms) AS sms, sum(app) AS app, sum(web) AS web, sum(free_cast) AS free_cast,
-         count(*) FILTER (WHERE counted > 0) AS rounds, min(first_gps) AS gps,
-         min(first_ip) AS ip
+         count(*) FILTER (WHERE counted > 0) AS rounds, min(first_gps) AS gps
     FROM report_round_voters WHERE round_id = ANY(%(rounds)s::uuid[]) GROUP BY user_id
 ), back AS (
   SELECT DISTINCT user_id FROM report_round_voters
@@ -198,11 +194,10 @@ SELECT figures.*,
                  WHEN counted <= 10 THEN '6-10' WHEN counted <= 50 THEN '11-50'
                  WHEN counted <= 100 THEN '51-100' ELSE '101+' END AS bucket,
             count(*) AS n FROM c GROUP BY 1) d) AS distribution,
-  (SELECT coalesce(jsonb_agg(jsonb_build_array(lat, lon, ip, voters, votes)), '[]') FROM (
+  (SELECT coalesce(jsonb_agg(jsonb_build_array(lat, lon, voters, votes)), '[]') FROM (
      SELECT round(gps[2]::numeric, 2)::float8 AS lat, round(gps[3]::numeric, 2)::float8 AS lon,
-            CASE WHEN gps IS NULL THEN split_part(ip, ' ', 2) END AS ip,
             count(*) AS voters, sum(counted) AS votes
-       FROM c GROUP BY 1, 2, 3) p) AS places,
+       FROM c GROUP BY 1, 2) p) AS places,
   (SELECT coalesce(jsonb_agg(jsonb_build_array(dimension, value, voters, votes)), '[]') FROM (
      SELECT CASE WHEN GROUPING(p.age_band) = 0 THEN 'age_band'
                  WHEN GROUPING(p.gender) = 0 THEN 'gender' ELSE 'province' END AS dimension,

@@ -16,7 +16,8 @@ from runtime.storage import Storage, create_pool, create_redis
 from tests.support_windows import TestRound, open_test_round
 from tests.vote_support import new_id, query
 from vote_svc.admission import Outcome, Scripts, VoteKeys
-from vote_svc.ledger import WRITE_BATCH, CommitResult, Ledger, LedgerVote, batch_rows
+from vote_svc.ledger import CommitResult, Ledger, LedgerVote, batch_rows
+from vote_svc.store import WRITE_BATCH
 
 
 @pytest_asyncio.fixture
@@ -43,7 +44,7 @@ def _vote(test_round: TestRound, user_id: str, *, request_id: str = "",
         vote_id=vote_id, request_id=request_id, user_id=user_id, round_id=test_round.round_id,
         episode_id=test_round.episode_id, contestant_id=test_round.contestants[contestant],
         vote_type=vote_type, count=1, channel="APP", admitted_ms=now, fraud_action="ALLOW",
-        fraud_score=0.1, fraud_decision_id="", ip="203.0.113.9", device_id="d", app_version="1",
+        fraud_score=0.1, fraud_decision_id="", ip_hash="3f1c", device_id="d", app_version="1",
         latitude=11.5, longitude=104.9, received_at=None, fingerprint="ab" * 16,
         leaf_data=leaf, receipt_hash=receipt_hash(leaf), keys=keyset,
         outcome=Outcome("P", "ab" * 16, vote_id, now, now + 10_000, 4, 0,

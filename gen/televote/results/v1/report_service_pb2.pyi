@@ -361,8 +361,9 @@ Global___RoundSummary: _TypeAlias = RoundSummary  # noqa: Y015
 
 @_typing.final
 class RegionCount(_message.Message):
-    """Votes from one place. A voter is placed once per episode, where their first located vote
-    came from (GPS, else GeoIP); their counted votes count there.
+    """Votes from one place. A voter is placed once per episode, where their first vote with a GPS
+    point came from; their counted votes count there. Without GPS a voter is "unknown" (the
+    ledger keeps no IP address to look up).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -372,7 +373,7 @@ class RegionCount(_message.Message):
     VOTES_FIELD_NUMBER: _builtins.int
     VOTERS_FIELD_NUMBER: _builtins.int
     country_code: _builtins.str
-    """ISO 3166-1 alpha-2 country code, e.g. "KH"; "unknown" when neither GPS nor GeoIP told;
+    """ISO 3166-1 alpha-2 country code, e.g. "KH"; "unknown" without GPS;
     "other" for places merged for privacy.
     """
     province: _builtins.str
