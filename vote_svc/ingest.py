@@ -354,7 +354,8 @@ class Ingestor:
 
     async def _load_users(self, wanted: list[UserKey]) -> list[list[str | int]]:
         """What PostgreSQL says of each (user, episode, round): the ADMIT script's ARGV[13..18]
-        (credited, spent, episode, free used in it, round, free used in it)."""
+        (credited, spent, episode, free used in it, round, free used in it); the cache's `spent`
+        includes the votes refunds clawed back (vote_svc/purchases.py)."""
         triples = sorted(set(wanted))
         async with self._db() as connection:
             # One statement, in autocommit (a voter's first vote of an episode pays for it).
@@ -368,7 +369,8 @@ class Ingestor:
                 cursor = await connection.execute(
                     "SELECT w.user_id, w.episode_id::text AS episode_id,"
                     "       w.round_id::text AS round_id,"
-                    "       coalesce(p.credited, 0) AS credited, coalesce(p.spent, 0) AS spent,"
+                    "       coalesce(p.credited, 0) AS credited,"
+                    "       coalesce(p.spent + p.clawed_back, 0) AS spent,"
                     "       coalesce((SELECT f.used FROM free_vote_usage f"
                     "                  WHERE f.user_id = w.user_id"
                     "                    AND f.episode_id = w.episode_id), 0) AS episode_used,"

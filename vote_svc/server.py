@@ -1,4 +1,5 @@
-"""vote_svc's server: voting for voters, batch submission for gateways, wallet grants.
+"""vote_svc's server: voting for voters, batch submission for gateways, wallet grants,
+store purchases and the stores' notifications.
 
 See vote_svc/README.md for the design (admission script, ledger, failure handling, recovery
 after a Redis loss and which invariants hold while it happens).
@@ -31,8 +32,10 @@ from vote_svc.fraud import FraudScorer
 from vote_svc.ingest import Ingestor, Result, VoteRequest
 from vote_svc.ledger import Ledger
 from vote_svc.packages import PackageCatalogue
+from vote_svc.purchases import MAX_RECEIPT_BYTES, STORE_NAMES, Purchases
 from vote_svc.reconcile import Reconciler
 from vote_svc.rescore import Rescorer
+from vote_svc.stores import Stores
 from vote_svc.validation import (
     check_vote,
     client_ip,
@@ -45,15 +48,18 @@ from vote_svc.wallet import balance, grant_votes
 __all__ = ["VoteConfig", "create_server", "main"]
 
 MAX_BATCH = 1000
+MAX_NOTIFICATION_BYTES = 256 * 1024
 
 
 class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
     """Voters' RPCs: the user is always the token's subject."""
 
-    def __init__(self, storage: Storage, ingestor: Ingestor) -> None:
+    def __init__(self, storage: Storage, ingestor: Ingestor, catalogue: PackageCatalogue,
+                 purchases: Purchases) -> None:
         self._storage = storage
         self._ingestor = ingestor
-        self._catalogue = PackageCatalogue(storage)
+        self._catalogue = catalogue
+        self._purchases = purchases
 
     async def SubmitVote(self, request: vote_service_pb2.SubmitVoteRequest,
                          context: grpc.aio.ServicerContext[Any, Any],
@@ -95,6 +101,60 @@ class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
                                context: Any) -> vote_service_pb2.ListVotePackagesResponse:
         return vote_service_pb2.ListVotePackagesResponse(
             packages=await self._catalogue.packages())
+
+    async def PurchaseVotePackage(self, request: vote_service_pb2.PurchaseVotePackageRequest,
+                                  context: Any) -> vote_service_pb2.PurchaseVotePackageResponse:
+        bad = []
+        if not is_uuid(request.request_id):
+            bad.append(FieldViolation("request_id", "must be a UUID"))
+        if request.store not in STORE_NAMES:
+            bad.append(FieldViolation("store", "must be STORE_APPLE or STORE_GOOGLE"))
+        if not 1 <= len(request.package_id) <= 64:
+            bad.append(FieldViolation("package_id", "1 to 64 characters"))
+        if not request.store_receipt:
+            bad.append(FieldViolation("store_receipt", "the store's proof of purchase"))
+        elif len(request.store_receipt.encode()) > MAX_RECEIPT_BYTES:
+            bad.append(FieldViolation("store_receipt", "at most 64 KiB"))
+        if bad:
+            raise invalid_argument(*bad)
+        credit = await self._purchases.purchase(
+            current_principal().subject, normalise_uuid(request.request_id),
+            STORE_NAMES[request.store], request.package_id, request.store_receipt)
+        reply = vote_service_pb2.PurchaseVotePackageResponse(
+            purchase_id=credit.purchase_id, store_transaction_id=credit.store_transaction_id,
+            votes_credited=credit.votes_credited, paid_balance=credit.paid_balance,
+            price=vote_types_pb2.Money(currency_code=credit.currency_code,
+                                       amount_micros=credit.price_micros))
+        reply.credited_at.FromDatetime(credit.credited_at)
+        return reply
+
+
+class StoreNotificationServicer(vote_service_pb2_grpc.StoreNotificationServiceServicer):
+    """The stores' pushes: each authenticated here, not by a televote token (see the proto)."""
+
+    def __init__(self, purchases: Purchases) -> None:
+        self._purchases = purchases
+
+    async def ReceiveAppleNotification(
+            self, request: vote_service_pb2.ReceiveAppleNotificationRequest, context: Any,
+    ) -> vote_service_pb2.ReceiveAppleNotificationResponse:
+        if not request.signed_payload:
+            raise invalid_argument(FieldViolation("signed_payload", "Apple's signed payload"))
+        if len(request.signed_payload.encode()) > MAX_NOTIFICATION_BYTES:
+            raise invalid_argument(FieldViolation("signed_payload", "at most 256 KiB"))
+        await self._purchases.apple_notification(request.signed_payload)
+        return vote_service_pb2.ReceiveAppleNotificationResponse()
+
+    async def ReceiveGoogleNotification(
+            self, request: vote_service_pb2.ReceiveGoogleNotificationRequest, context: Any,
+    ) -> vote_service_pb2.ReceiveGoogleNotificationResponse:
+        if not request.HasField("message"):
+            raise invalid_argument(FieldViolation("message", "the Pub/Sub message"))
+        if request.message.ByteSize() > MAX_NOTIFICATION_BYTES:
+            raise invalid_argument(FieldViolation("message", "at most 256 KiB"))
+        await self._purchases.google_notification(request.token, request.message,
+                                                  request.subscription)
+        return vote_service_pb2.ReceiveGoogleNotificationResponse()
 
 
 class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServicer):
@@ -215,8 +275,16 @@ def create_server(config: VoteConfig) -> tuple[ServiceHost, int]:
     watch = asyncio.get_running_loop().create_task(ingestor.watch_shards())
     background: list[asyncio.Task[None]] = []
 
+    stores = Stores.from_config(config)
+    catalogue = PackageCatalogue(storage)
+    purchases = Purchases(storage, scripts, stores, catalogue)
+
     async def start_background() -> None:
         background.extend(_start_background(config, storage, scripts, fraud_channel))
+        if stores.google is not None:
+            background.append(asyncio.get_running_loop().create_task(
+                purchases.run_poller(config.vote_voided_poll_interval_s),
+                name="purchase-poller"))
 
     host.on_start(start_background)
 
@@ -226,13 +294,17 @@ def create_server(config: VoteConfig) -> tuple[ServiceHost, int]:
         for task in background:
             task.cancel()
         await ledger.close()
+        stores.calls.close()
         if fraud_channel is not None:
             await fraud_channel.close(None)
 
     host.on_stop(flush)
     host.add(vote_service_pb2_grpc.add_VoteServiceServicer_to_server,
-             VoteServicer(storage, ingestor),  # type: ignore[abstract]
+             VoteServicer(storage, ingestor, catalogue, purchases),
              vote_service_pb2.DESCRIPTOR.services_by_name["VoteService"])
+    host.add(vote_service_pb2_grpc.add_StoreNotificationServiceServicer_to_server,
+             StoreNotificationServicer(purchases),
+             vote_service_pb2.DESCRIPTOR.services_by_name["StoreNotificationService"])
     host.add(vote_gateway_service_pb2_grpc.add_VoteGatewayServiceServicer_to_server,
              VoteGatewayServicer(ingestor),
              vote_gateway_service_pb2.DESCRIPTOR.services_by_name["VoteGatewayService"])

@@ -1,10 +1,11 @@
 """Paid balances: credits and spends in PostgreSQL (the truth), Redis as admission cache.
 
-balance = wallets.credited - wallets.spent. Grants add to `credited` and to wallet_credits
-and audit_log in one transaction; spends are added by the ledger's group commit with the
-votes that spend them. The Redis cache (`runtime.keys.user_key`) holds `credited` and `spent`
-too; a grant only raises a loaded cache's `credited` to the committed total, so a grant and a
-cache load racing each other cannot count the grant twice.
+balance = wallets.credited - wallets.spent - wallets.clawed_back. Grants (and store purchases,
+vote_svc/purchases.py) add to `credited` and to their own record and audit_log in one
+transaction; spends are added by the ledger's group commit with the votes that spend them;
+refunds add to `clawed_back`. The Redis cache (`runtime.keys.user_key`) holds `credited` and
+`spent` (there: spent + clawed back) too; a credit only raises a loaded cache's `credited` to
+the committed total, so a credit and a cache load racing each other cannot count it twice.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ async def _grant_once(storage: Storage, principal: Principal, request_id: str, u
         cursor = await connection.execute(
             "INSERT INTO wallets (user_id, credited) VALUES (%s, %s)"
             " ON CONFLICT (user_id) DO UPDATE SET credited = wallets.credited + excluded.credited"
-            " RETURNING credited - spent AS balance", (user_id, count))
+            " RETURNING credited - spent - clawed_back AS balance", (user_id, count))
         balance_row: dict[str, Any] | None = await cursor.fetchone()
         assert balance_row is not None
         grant_id = str(uuid.uuid4())
@@ -111,7 +112,8 @@ async def balance(storage: Storage, user_id: str, episode_id: str) -> tuple[int,
             "SELECT e.free_vote_quota AS quota,"
             "       (SELECT used FROM free_vote_usage f"
             "         WHERE f.user_id = %s AND f.episode_id = e.episode_id) AS used,"
-            "       (SELECT credited - spent FROM wallets w WHERE w.user_id = %s) AS paid"
+            "       (SELECT credited - spent - clawed_back FROM wallets w WHERE w.user_id = %s)"
+            "         AS paid"
             "  FROM episodes e WHERE e.episode_id = %s", (user_id, user_id, episode_id))
         row: dict[str, Any] | None = await cursor.fetchone()
     if row is None:

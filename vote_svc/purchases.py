@@ -1,0 +1,517 @@
+"""Vote packages bought in the app stores: verified, credited once, refunds clawed back.
+
+A purchase (PurchaseVotePackage):
+1. a retry of a request id returns its first answer (before the store is asked again);
+2. the store vouches for the receipt (vote_svc/stores.py, off the event loop);
+3. one PostgreSQL transaction adds votes + bonus to the wallet and appends the purchase and
+   its audit entry; the unique (store, transaction id) makes a receipt credit once, whoever
+   sends it and however often (the loser of a race sees RECEIPT_ALREADY_USED);
+4. the Redis admission cache's `credited` is raised to the committed total (as grants do);
+5. Google: the purchase is consumed so the voter can buy the package again; a failed
+   consumption is retried by the poller (the credit stands either way).
+
+A refund (Apple REFUND/REVOKE notifications, Google voided purchases) is applied once per
+purchase: under the wallet's row lock the Redis admission cache gives up what it can still
+spend (at most the purchase's votes, CLAW in vote_svc/admission.py), so no vote admitted at
+that moment spends the same votes; `wallets.clawed_back` records it. Votes of the purchase
+already cast stay counted, are recorded against the purchase (`already_spent`) and the voter
+is flagged for review (see vote_svc/README.md, Purchases, for why a refund never changes a
+result by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import psycopg
+from google.protobuf import json_format, struct_pb2
+
+from runtime import keys
+from runtime.errors import ApiError
+from runtime.storage import Storage
+from televote.vote.v1 import vote_service_pb2
+from vote_svc.admission import Scripts
+from vote_svc.packages import PackageCatalogue
+from vote_svc.stores import (
+    APPLE,
+    GOOGLE,
+    Stores,
+    Verified,
+    google_order_fallback,
+    not_configured,
+)
+
+log = logging.getLogger(__name__)
+
+#: Google keeps voided purchases for 30 days; the poll never asks further back, and each poll
+#: overlaps the last one a little (a refund recorded late on Google's side is still seen).
+VOIDED_HORIZON = timedelta(days=30)
+VOIDED_OVERLAP = timedelta(minutes=10)
+#: A Google purchase this old and still not consumed is consumed by the poller.
+CONSUME_RETRY_AFTER = timedelta(seconds=30)
+
+MAX_RECEIPT_BYTES = 64 * 1024
+STORE_NAMES = {vote_service_pb2.STORE_APPLE: APPLE, vote_service_pb2.STORE_GOOGLE: GOOGLE}
+#: The actor of audit entries written on a store's word.
+STORE_ACTOR = "store"
+
+
+@dataclass(frozen=True)
+class Credit:
+    purchase_id: str
+    store_transaction_id: str
+    votes_credited: int
+    paid_balance: int
+    price_micros: int
+    currency_code: str
+    credited_at: datetime
+
+
+@dataclass(frozen=True)
+class Refund:
+    purchase_id: str
+    clawed_back: int
+    already_spent: int
+    flagged_for_review: bool
+
+
+def _fingerprint(user_id: str, store: str, package_id: str, receipt: str) -> bytes:
+    receipt_hash = hashlib.sha256(receipt.encode()).hexdigest()
+    return hashlib.sha256(json.dumps([user_id, store, package_id, receipt_hash]).encode()
+                          ).digest()
+
+
+def _audit(connection: psycopg.AsyncConnection[Any], role: str, subject: str, action: str,
+           target: str, reason: str, details: dict[str, Any]) -> Any:
+    return connection.execute(
+        "INSERT INTO audit_log (actor_role, actor_subject, action, target, reason, details)"
+        " VALUES (%s, %s, %s, %s, %s, %s)",
+        (role, subject, action, target, reason, json.dumps(details, default=str)))
+
+
+class Purchases:
+    """The purchase path and the refund path of one replica."""
+
+    def __init__(self, storage: Storage, scripts: Scripts, stores: Stores,
+                 catalogue: PackageCatalogue) -> None:
+        self._storage = storage
+        self._scripts = scripts
+        self._stores = stores
+        self._catalogue = catalogue
+
+    # -- buying ------------------------------------------------------------------------------
+
+    async def purchase(self, user_id: str, request_id: str, store: str, package_id: str,
+                       receipt: str) -> Credit:
+        fingerprint = _fingerprint(user_id, store, package_id, receipt)
+        async with self._storage.pool.connection() as connection:
+            prior = await self._prior(connection, request_id, fingerprint)
+        if prior is not None:
+            return prior
+        package = next((p for p in await self._catalogue.packages()
+                        if p.package_id == package_id), None)
+        if package is None:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, "PACKAGE_NOT_FOUND",
+                           f"no package {package_id!r} on sale")
+        verified = await self._verify(store, package, receipt)
+        expected = (package.apple_product_id if store == APPLE else package.google_product_id)
+        if verified.product_id != expected:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "RECEIPT_INVALID",
+                           f"the receipt is for product {verified.product_id!r}, not for"
+                           f" package {package_id!r}", metadata={"cause": "OTHER_PRODUCT"})
+        credit = await self._credit(user_id, request_id, fingerprint, package, verified)
+        if store == GOOGLE:
+            await self._consume(credit.purchase_id, expected, receipt)
+        return credit
+
+    async def _verify(self, store: str, package: vote_service_pb2.VotePackage,
+                      receipt: str) -> Verified:
+        if store == APPLE:
+            if self._stores.apple is None:
+                raise not_configured(store)
+            return await self._stores.calls.run(self._stores.apple.verify_transaction, receipt)
+        if self._stores.google is None:
+            raise not_configured(store)
+        return await self._stores.calls.run(self._stores.google.verify,
+                                            package.google_product_id, receipt)
+
+    async def _prior(self, connection: psycopg.AsyncConnection[Any], request_id: str,
+                     fingerprint: bytes) -> Credit | None:
+        cursor = await connection.execute(
+            "SELECT purchase_id::text, store_transaction_id, votes + bonus_votes AS votes,"
+            "       balance_after, price_micros, currency_code, credited_at, fingerprint"
+            "  FROM purchases WHERE request_id = %s", (request_id,))
+        row: dict[str, Any] | None = await cursor.fetchone()
+        if row is None:
+            return None
+        if bytes(row["fingerprint"]) != fingerprint:
+            raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
+                           "this request_id was used for a different purchase")
+        return Credit(row["purchase_id"], row["store_transaction_id"], row["votes"],
+                      row["balance_after"], row["price_micros"], row["currency_code"].strip(),
+                      row["credited_at"])
+
+    async def _credit(self, user_id: str, request_id: str, fingerprint: bytes,
+                      package: vote_service_pb2.VotePackage, verified: Verified) -> Credit:
+        for _ in range(3):  # a concurrent submission may win an insert; then look again
+            try:
+                credit = await self._credit_once(user_id, request_id, fingerprint, package,
+                                                 verified)
+                break
+            except psycopg.errors.UniqueViolation:
+                continue
+        else:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE",
+                           "the purchase was not recorded; retry with the same request_id")
+        await self._raise_cache(user_id)
+        return credit
+
+    async def _credit_once(self, user_id: str, request_id: str, fingerprint: bytes,
+                           package: vote_service_pb2.VotePackage, verified: Verified,
+                           ) -> Credit:
+        used_by: dict[str, Any] | None = None
+        async with self._storage.pool.connection() as connection:
+            async with connection.transaction():
+                prior = await self._prior(connection, request_id, fingerprint)
+                if prior is not None:
+                    return prior
+                cursor = await connection.execute(
+                    "SELECT purchase_id::text, user_id FROM purchases"
+                    " WHERE store = %s AND store_transaction_id = %s",
+                    (verified.store, verified.transaction_id))
+                used_by = await cursor.fetchone()
+                if used_by is None:
+                    return await self._insert(connection, user_id, request_id, fingerprint,
+                                              package, verified)
+            # Refused outside the transaction (nothing of it is kept), audited on its own:
+            # another user presenting a receipt that credited someone is a fraud signal.
+            assert used_by is not None
+            await _audit(connection, "voter", user_id, "purchase.receipt_reused",
+                         f"user:{user_id}", verified.store, {
+                             "request_id": request_id, "store": verified.store,
+                             "store_transaction_id": verified.transaction_id,
+                             "credited_purchase_id": used_by["purchase_id"],
+                             "credited_user": used_by["user_id"]})
+            await connection.commit()
+        raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "RECEIPT_ALREADY_USED",
+                       "this receipt already credited a purchase")
+
+    async def _insert(self, connection: psycopg.AsyncConnection[Any], user_id: str,
+                      request_id: str, fingerprint: bytes,
+                      package: vote_service_pb2.VotePackage, verified: Verified) -> Credit:
+        """The credit, the purchase and its audit entry, in the caller's transaction. Of two
+        racing submissions of one receipt, the second waits on the purchases' unique key
+        until the first commits, then fails (UniqueViolation) and rolls its credit back."""
+        votes = package.votes + package.bonus_votes
+        cursor = await connection.execute(
+            "INSERT INTO wallets (user_id, credited) VALUES (%s, %s)"
+            " ON CONFLICT (user_id) DO UPDATE SET credited = wallets.credited + excluded.credited"
+            " RETURNING credited - spent - clawed_back AS balance", (user_id, votes))
+        balance_row = await cursor.fetchone()
+        assert balance_row is not None
+        balance = int(balance_row["balance"])
+        purchase_id = str(uuid.uuid4())
+        cursor = await connection.execute(
+            "INSERT INTO purchases (purchase_id, request_id, user_id, store,"
+            "   store_transaction_id, store_reference, environment, package_id, product_id,"
+            "   votes, bonus_votes, price_micros, currency_code, store_price_micros,"
+            "   store_currency, purchased_at, balance_after, fingerprint)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " RETURNING credited_at",
+            (purchase_id, request_id, user_id, verified.store, verified.transaction_id,
+             verified.reference, verified.environment, package.package_id,
+             verified.product_id, package.votes, package.bonus_votes,
+             package.price.amount_micros, package.price.currency_code,
+             verified.store_price_micros, verified.store_currency, verified.purchased_at,
+             balance, fingerprint))
+        created = await cursor.fetchone()
+        assert created is not None
+        await _audit(connection, "voter", user_id, "purchase.credit", f"user:{user_id}",
+                     verified.store, {
+                         "purchase_id": purchase_id, "request_id": request_id,
+                         "store": verified.store,
+                         "store_transaction_id": verified.transaction_id,
+                         "environment": verified.environment, "package_id": package.package_id,
+                         "product_id": verified.product_id, "votes": votes,
+                         "price_micros": package.price.amount_micros,
+                         "currency": package.price.currency_code,
+                         "store_price_micros": verified.store_price_micros,
+                         "store_currency": verified.store_currency, "balance_after": balance})
+        return Credit(purchase_id, verified.transaction_id, votes, balance,
+                      package.price.amount_micros, package.price.currency_code,
+                      created["credited_at"])
+
+    async def _raise_cache(self, user_id: str) -> None:
+        async with self._storage.pool.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT credited FROM wallets WHERE user_id = %s", (user_id,))
+            row: dict[str, Any] | None = await cursor.fetchone()
+        if row is not None:
+            await self._scripts.grant(keys=[keys.user_key(keys.shard_of(user_id), user_id)],
+                                      args=[row["credited"]])
+
+    async def _consume(self, purchase_id: str, product_id: str, token: str) -> None:
+        """Consume a credited Google purchase; on failure the poller tries again."""
+        assert self._stores.google is not None
+        try:
+            await self._stores.calls.run(self._stores.google.consume, product_id, token)
+        except ApiError as error:
+            log.warning("purchase %s not consumed yet: %s", purchase_id, error.message)
+            return
+        async with self._storage.pool.connection() as connection:
+            async with connection.transaction():
+                await connection.execute(
+                    "INSERT INTO purchase_consumptions (purchase_id) VALUES (%s)"
+                    " ON CONFLICT DO NOTHING", (purchase_id,))
+                await _audit(connection, "internal", "vote_svc", "purchase.consume",
+                             f"purchase:{purchase_id}", GOOGLE, {"purchase_id": purchase_id})
+
+    # -- refunds -----------------------------------------------------------------------------
+
+    async def refund(self, store: str, transaction_id: str, *, source: str, store_reason: str,
+                     refunded_at: datetime, details: dict[str, Any]) -> Refund | None:
+        """Apply a store's refund of a purchase once; None when there is nothing to apply
+        (not a purchase of ours, or refunded before)."""
+        user_key: str | None = None
+        clawed = 0
+        try:
+            async with self._storage.pool.connection() as connection:
+                async with connection.transaction():
+                    cursor = await connection.execute(
+                        "SELECT purchase_id::text, user_id, votes + bonus_votes AS votes"
+                        "  FROM purchases WHERE store = %s AND store_transaction_id = %s",
+                        (store, transaction_id))
+                    purchase: dict[str, Any] | None = await cursor.fetchone()
+                    if purchase is None:
+                        await _audit(connection, STORE_ACTOR, store, "purchase.refund_unmatched",
+                                     f"{store.lower()}:{transaction_id}", store_reason,
+                                     {"source": source, **details})
+                        return None
+                    user_id, votes = purchase["user_id"], int(purchase["votes"])
+                    # The wallet's row lock first: it orders this refund after any other of
+                    # the same purchase, and after the ledger batches spending the wallet.
+                    cursor = await connection.execute(
+                        "SELECT credited, spent, clawed_back FROM wallets WHERE user_id = %s"
+                        " FOR UPDATE", (user_id,))
+                    wallet: dict[str, Any] | None = await cursor.fetchone()
+                    assert wallet is not None
+                    cursor = await connection.execute(
+                        "SELECT 1 FROM purchase_refunds WHERE purchase_id = %s",
+                        (purchase["purchase_id"],))
+                    if await cursor.fetchone() is not None:
+                        return None
+                    user_key = keys.user_key(keys.shard_of(user_id), user_id)
+                    clawed = int(await self._scripts.claw(keys=[user_key], args=[
+                        votes, wallet["credited"], wallet["spent"] + wallet["clawed_back"]]))
+                    spent = votes - clawed
+                    refund = Refund(purchase["purchase_id"], clawed, spent, spent > 0)
+                    await connection.execute(
+                        "INSERT INTO purchase_refunds (refund_id, purchase_id, user_id, source,"
+                        "   store_reason, refunded_at, votes_credited, clawed_back,"
+                        "   already_spent, flagged_for_review)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        (str(uuid.uuid4()), refund.purchase_id, user_id, source, store_reason,
+                         refunded_at, votes, clawed, spent, refund.flagged_for_review))
+                    await connection.execute(
+                        "UPDATE wallets SET clawed_back = clawed_back + %s WHERE user_id = %s",
+                        (clawed, user_id))
+                    await _audit(connection, STORE_ACTOR, store, "purchase.refund",
+                                 f"user:{user_id}", store_reason, {
+                                     "purchase_id": refund.purchase_id, "source": source,
+                                     "store_transaction_id": transaction_id,
+                                     "votes_credited": votes, "clawed_back": clawed,
+                                     "already_spent": spent, **details})
+                    if refund.flagged_for_review:
+                        await _audit(connection, STORE_ACTOR, store, "purchase.flag_for_review",
+                                     f"user:{user_id}", "votes of a refunded purchase were cast",
+                                     {"purchase_id": refund.purchase_id,
+                                      "already_spent": spent})
+                user_key = None  # committed: the claw-back stands
+                return refund
+        finally:
+            if user_key is not None and clawed:
+                # Not committed: give admission back what the cache gave up.
+                await self._storage.redis.hincrby(user_key, "spent", -clawed)
+
+    async def apple_notification(self, signed_payload: str) -> None:
+        if self._stores.apple is None:
+            raise not_configured(APPLE)
+        notification, transaction = await self._stores.calls.run(
+            self._stores.apple.verify_notification, signed_payload)
+        kind = notification.rawNotificationType or ""
+        subtype = notification.rawSubtype or ""
+        details: dict[str, Any] = {"notification_uuid": notification.notificationUUID,
+                                   "type": kind, "subtype": subtype}
+        if kind in ("REFUND", "REVOKE") and transaction is not None \
+                and transaction.transactionId:
+            reason = transaction.rawRevocationReason
+            await self.refund(
+                APPLE, str(transaction.transactionId), source="APPLE_NOTIFICATION",
+                store_reason=f"{kind} revocationReason={reason}",
+                refunded_at=_millis(transaction.revocationDate), details=details)
+            return
+        # Anything else (a declined or reversed refund, a consumption request, a test) is
+        # recorded for the people who answer Apple, and changes no balance.
+        async with self._storage.pool.connection() as connection:
+            await _audit(connection, STORE_ACTOR, APPLE, "purchase.store_notification",
+                         f"apple:{getattr(transaction, 'transactionId', None)}", kind, details)
+            await connection.commit()
+
+    async def google_notification(self, push_token: str, message: struct_pb2.Struct,
+                                  subscription: str) -> None:
+        google = self._stores.google
+        if google is None:
+            raise not_configured(GOOGLE)
+        expected = self._stores.google_push_token
+        if not expected or not hmac.compare_digest(push_token.encode(), expected.encode()):
+            raise ApiError(grpc.StatusCode.PERMISSION_DENIED, "NOTIFICATION_UNAUTHENTICATED",
+                           "the push token is missing or wrong")
+        fields = json_format.MessageToDict(message)
+        try:
+            notification = json.loads(base64.b64decode(fields["data"], validate=True))
+            if not isinstance(notification, dict):
+                raise ValueError("not an object")
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise _notification_invalid("message.data is not base64 JSON") from None
+        if notification.get("packageName") != google.package_name:
+            raise _notification_invalid("the notification is for another app")
+        voided = notification.get("voidedPurchaseNotification") or {}
+        one_time = notification.get("oneTimeProductNotification") or {}
+        token = voided.get("purchaseToken") or (
+            one_time.get("purchaseToken") if one_time.get("notificationType") == 2 else None)
+        details = {"message_id": fields.get("messageId") or fields.get("message_id"),
+                   "subscription": subscription,
+                   "event_time_ms": notification.get("eventTimeMillis")}
+        if isinstance(token, str) and token:
+            await self._confirm_google_refund(token, notification.get("eventTimeMillis"),
+                                              details)
+            return
+        async with self._storage.pool.connection() as connection:
+            await _audit(connection, STORE_ACTOR, GOOGLE, "purchase.store_notification",
+                         "google", next(iter(set(notification) - {
+                             "version", "packageName", "eventTimeMillis"}), ""), details)
+            await connection.commit()
+
+    async def _confirm_google_refund(self, token: str, event_ms: Any,
+                                     details: dict[str, Any]) -> None:
+        """A push names a token; only Google's Voided Purchases API says it was voided (a
+        forged push, past the push token, can make us ask, never claw back)."""
+        google = self._stores.google
+        assert google is not None
+        now = datetime.now(UTC)
+        try:
+            start = datetime.fromtimestamp(int(event_ms) / 1000, UTC) - timedelta(hours=1)
+        except (TypeError, ValueError):
+            start = now - timedelta(days=3)
+        start = max(start, now - VOIDED_HORIZON + timedelta(minutes=1))
+        voided = await self._stores.calls.run(google.voided, _ms(start), _ms(now))
+        match = next((v for v in voided if v.get("purchaseToken") == token), None)
+        if match is None:
+            async with self._storage.pool.connection() as connection:
+                await _audit(connection, STORE_ACTOR, GOOGLE, "purchase.refund_unconfirmed",
+                             "google", "not among Google's voided purchases", details)
+                await connection.commit()
+            return
+        await self._apply_voided(match, "GOOGLE_RTDN", details)
+
+    async def _apply_voided(self, voided: dict[str, Any], source: str,
+                            details: dict[str, Any]) -> Refund | None:
+        token = str(voided.get("purchaseToken", ""))
+        order_id = voided.get("orderId") or google_order_fallback(token)
+        return await self.refund(
+            GOOGLE, str(order_id), source=source,
+            store_reason=(f"voidedSource={voided.get('voidedSource')}"
+                          f" voidedReason={voided.get('voidedReason')}"),
+            refunded_at=_millis(voided.get("voidedTimeMillis")), details=details)
+
+    # -- the poller ----------------------------------------------------------------------------
+
+    async def run_poller(self, interval_s: float) -> None:
+        """Google's voided purchases and unconsumed purchases, on one replica at a time."""
+        while True:
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the next round tries again; a store outage must not kill it
+                log.exception("purchase poll failed")
+            await asyncio.sleep(interval_s)
+
+    async def poll_once(self) -> int:
+        """One poll; returns the refunds it applied (0 when another replica holds the turn)."""
+        google = self._stores.google
+        if google is None:
+            return 0
+        applied = 0
+        async with self._storage.pool.connection() as lock:
+            await lock.set_autocommit(True)
+            try:
+                cursor = await lock.execute(
+                    "SELECT pg_try_advisory_lock(hashtextextended('purchase-poll', 0)) AS ok")
+                row = await cursor.fetchone()
+                if not (row and row["ok"]):
+                    return 0
+                try:
+                    now = datetime.now(UTC)
+                    cursor = await lock.execute(
+                        "SELECT polled_to FROM purchase_poll_state WHERE name = 'google_voided'")
+                    state: dict[str, Any] | None = await cursor.fetchone()
+                    horizon = now - VOIDED_HORIZON + timedelta(minutes=1)
+                    start = (max(state["polled_to"] - VOIDED_OVERLAP, horizon) if state
+                             else horizon)
+                    for voided in await self._stores.calls.run(google.voided, _ms(start),
+                                                               _ms(now)):
+                        if await self._apply_voided(voided, "GOOGLE_VOIDED_POLL", {}):
+                            applied += 1
+                    await lock.execute(
+                        "INSERT INTO purchase_poll_state (name, polled_to)"
+                        " VALUES ('google_voided', %s)"
+                        " ON CONFLICT (name) DO UPDATE SET polled_to = excluded.polled_to",
+                        (now,))
+                    await self._consume_missing()
+                finally:
+                    await lock.execute(
+                        "SELECT pg_advisory_unlock(hashtextextended('purchase-poll', 0))")
+            finally:
+                await lock.set_autocommit(False)
+        return applied
+
+    async def _consume_missing(self) -> None:
+        async with self._storage.pool.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT p.purchase_id::text, p.product_id, p.store_reference FROM purchases p"
+                " WHERE p.store = 'GOOGLE' AND p.credited_at < now() - %s"
+                "   AND p.credited_at > now() - interval '3 days'"
+                "   AND NOT EXISTS (SELECT 1 FROM purchase_consumptions c"
+                "                    WHERE c.purchase_id = p.purchase_id)"
+                "   AND NOT EXISTS (SELECT 1 FROM purchase_refunds r"
+                "                    WHERE r.purchase_id = p.purchase_id)"
+                " LIMIT 500", (CONSUME_RETRY_AFTER,))
+            rows: list[dict[str, Any]] = await cursor.fetchall()
+        for row in rows:
+            await self._consume(row["purchase_id"], row["product_id"], row["store_reference"])
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _millis(value: Any) -> datetime:
+    if value is None:
+        return datetime.now(UTC)
+    return datetime.fromtimestamp(int(value) / 1000, UTC)
+
+
+def _notification_invalid(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, "NOTIFICATION_INVALID", message)
