@@ -24,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -100,6 +102,18 @@ def _audit(connection: psycopg.AsyncConnection[Any], role: str, subject: str, ac
         (role, subject, action, target, reason, json.dumps(details, default=str)))
 
 
+@contextlib.asynccontextmanager
+async def _autocommit(storage: Storage) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A pooled connection where each statement commits by itself: the purchase path's
+    statements are each atomic, and a BEGIN and a COMMIT apiece cost a round trip each."""
+    async with storage.pool.connection() as connection:
+        await connection.set_autocommit(True)
+        try:
+            yield connection
+        finally:
+            await connection.set_autocommit(False)
+
+
 class Purchases:
     """The purchase path and the refund path of one replica."""
 
@@ -115,7 +129,7 @@ class Purchases:
     async def purchase(self, user_id: str, request_id: str, store: str, package_id: str,
                        receipt: str) -> Credit:
         fingerprint = _fingerprint(user_id, store, package_id, receipt)
-        async with self._storage.pool.connection() as connection:
+        async with _autocommit(self._storage) as connection:
             prior = await self._prior(connection, request_id, fingerprint)
         if prior is not None:
             return prior
@@ -148,118 +162,83 @@ class Purchases:
 
     async def _prior(self, connection: psycopg.AsyncConnection[Any], request_id: str,
                      fingerprint: bytes) -> Credit | None:
-        cursor = await connection.execute(
-            "SELECT purchase_id::text, store_transaction_id, votes + bonus_votes AS votes,"
-            "       balance_after, price_micros, currency_code, credited_at, fingerprint"
-            "  FROM purchases WHERE request_id = %s", (request_id,))
+        cursor = await connection.execute(_PRIOR_SQL + " WHERE request_id = %s", (request_id,))
         row: dict[str, Any] | None = await cursor.fetchone()
-        if row is None:
-            return None
-        if bytes(row["fingerprint"]) != fingerprint:
-            raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
-                           "this request_id was used for a different purchase")
-        return Credit(row["purchase_id"], row["store_transaction_id"], row["votes"],
-                      row["balance_after"], row["price_micros"], row["currency_code"].strip(),
-                      row["credited_at"])
+        return None if row is None else _replay(row, fingerprint)
 
     async def _credit(self, user_id: str, request_id: str, fingerprint: bytes,
                       package: vote_service_pb2.VotePackage, verified: Verified) -> Credit:
-        for _ in range(3):  # a concurrent submission may win an insert; then look again
-            try:
-                credit = await self._credit_once(user_id, request_id, fingerprint, package,
-                                                 verified)
-                break
-            except psycopg.errors.UniqueViolation:
-                continue
-        else:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE",
-                           "the purchase was not recorded; retry with the same request_id")
-        await self._raise_cache(user_id)
-        return credit
-
-    async def _credit_once(self, user_id: str, request_id: str, fingerprint: bytes,
-                           package: vote_service_pb2.VotePackage, verified: Verified,
-                           ) -> Credit:
-        used_by: dict[str, Any] | None = None
-        async with self._storage.pool.connection() as connection:
-            async with connection.transaction():
-                prior = await self._prior(connection, request_id, fingerprint)
-                if prior is not None:
-                    return prior
+        """Credit once, then raise the admission cache. Two statements in autocommit: a look
+        for this request id or this receipt, then one statement that credits the wallet and
+        appends the purchase and its audit entry (atomic by itself). Racing submissions meet
+        at the purchases' unique keys: the loser's statement fails whole and it looks again."""
+        for _ in range(3):
+            async with _autocommit(self._storage) as connection:
                 cursor = await connection.execute(
-                    "SELECT purchase_id::text, user_id FROM purchases"
-                    " WHERE store = %s AND store_transaction_id = %s",
-                    (verified.store, verified.transaction_id))
-                used_by = await cursor.fetchone()
-                if used_by is None:
-                    return await self._insert(connection, user_id, request_id, fingerprint,
-                                              package, verified)
-            # Refused outside the transaction (nothing of it is kept), audited on its own:
-            # another user presenting a receipt that credited someone is a fraud signal.
-            assert used_by is not None
-            await _audit(connection, "voter", user_id, "purchase.receipt_reused",
-                         f"user:{user_id}", verified.store, {
-                             "request_id": request_id, "store": verified.store,
-                             "store_transaction_id": verified.transaction_id,
-                             "credited_purchase_id": used_by["purchase_id"],
-                             "credited_user": used_by["user_id"]})
-            await connection.commit()
+                    _PRIOR_SQL + " WHERE request_id = %s"
+                    "    OR (store = %s AND store_transaction_id = %s)",
+                    (request_id, verified.store, verified.transaction_id))
+                rows: list[dict[str, Any]] = await cursor.fetchall()
+                mine = next((r for r in rows if r["request_id"] == request_id), None)
+                if mine is not None:
+                    return _replay(mine, fingerprint)
+                if rows:
+                    await self._receipt_reused(connection, user_id, request_id, verified,
+                                               rows[0])
+                try:
+                    credit, credited = await self._insert(connection, user_id, request_id,
+                                                          fingerprint, package, verified)
+                except psycopg.errors.UniqueViolation:
+                    continue
+            await self._scripts.grant(keys=[keys.user_key(keys.shard_of(user_id), user_id)],
+                                      args=[credited])
+            return credit
+        raise ApiError(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE",
+                       "the purchase was not recorded; retry with the same request_id")
+
+    async def _receipt_reused(self, connection: psycopg.AsyncConnection[Any], user_id: str,
+                              request_id: str, verified: Verified, used: dict[str, Any],
+                              ) -> None:
+        """Refuse, audited: someone presenting a receipt that credited another purchase is a
+        fraud signal."""
+        await _audit(connection, "voter", user_id, "purchase.receipt_reused", f"user:{user_id}",
+                     verified.store, {"request_id": request_id, "store": verified.store,
+                                      "store_transaction_id": verified.transaction_id,
+                                      "credited_purchase_id": used["purchase_id"],
+                                      "credited_user": used["user_id"]})
         raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "RECEIPT_ALREADY_USED",
                        "this receipt already credited a purchase")
 
     async def _insert(self, connection: psycopg.AsyncConnection[Any], user_id: str,
                       request_id: str, fingerprint: bytes,
-                      package: vote_service_pb2.VotePackage, verified: Verified) -> Credit:
-        """The credit, the purchase and its audit entry, in the caller's transaction. Of two
-        racing submissions of one receipt, the second waits on the purchases' unique key
-        until the first commits, then fails (UniqueViolation) and rolls its credit back."""
+                      package: vote_service_pb2.VotePackage, verified: Verified,
+                      ) -> tuple[Credit, int]:
+        """(the credit, the wallet's credited total after it)."""
         votes = package.votes + package.bonus_votes
-        cursor = await connection.execute(
-            "INSERT INTO wallets (user_id, credited) VALUES (%s, %s)"
-            " ON CONFLICT (user_id) DO UPDATE SET credited = wallets.credited + excluded.credited"
-            " RETURNING credited - spent - clawed_back AS balance", (user_id, votes))
-        balance_row = await cursor.fetchone()
-        assert balance_row is not None
-        balance = int(balance_row["balance"])
         purchase_id = str(uuid.uuid4())
-        cursor = await connection.execute(
-            "INSERT INTO purchases (purchase_id, request_id, user_id, store,"
-            "   store_transaction_id, store_reference, environment, package_id, product_id,"
-            "   votes, bonus_votes, price_micros, currency_code, store_price_micros,"
-            "   store_currency, purchased_at, balance_after, fingerprint)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            " RETURNING credited_at",
-            (purchase_id, request_id, user_id, verified.store, verified.transaction_id,
-             verified.reference, verified.environment, package.package_id,
-             verified.product_id, package.votes, package.bonus_votes,
-             package.price.amount_micros, package.price.currency_code,
-             verified.store_price_micros, verified.store_currency, verified.purchased_at,
-             balance, fingerprint))
-        created = await cursor.fetchone()
-        assert created is not None
-        await _audit(connection, "voter", user_id, "purchase.credit", f"user:{user_id}",
-                     verified.store, {
-                         "purchase_id": purchase_id, "request_id": request_id,
-                         "store": verified.store,
-                         "store_transaction_id": verified.transaction_id,
-                         "environment": verified.environment, "package_id": package.package_id,
-                         "product_id": verified.product_id, "votes": votes,
-                         "price_micros": package.price.amount_micros,
-                         "currency": package.price.currency_code,
-                         "store_price_micros": verified.store_price_micros,
-                         "store_currency": verified.store_currency, "balance_after": balance})
-        return Credit(purchase_id, verified.transaction_id, votes, balance,
-                      package.price.amount_micros, package.price.currency_code,
-                      created["credited_at"])
-
-    async def _raise_cache(self, user_id: str) -> None:
-        async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT credited FROM wallets WHERE user_id = %s", (user_id,))
-            row: dict[str, Any] | None = await cursor.fetchone()
-        if row is not None:
-            await self._scripts.grant(keys=[keys.user_key(keys.shard_of(user_id), user_id)],
-                                      args=[row["credited"]])
+        details = {"purchase_id": purchase_id, "request_id": request_id,
+                   "store": verified.store, "store_transaction_id": verified.transaction_id,
+                   "environment": verified.environment, "package_id": package.package_id,
+                   "product_id": verified.product_id, "votes": votes,
+                   "price_micros": package.price.amount_micros,
+                   "currency": package.price.currency_code,
+                   "store_price_micros": verified.store_price_micros,
+                   "store_currency": verified.store_currency}
+        cursor = await connection.execute(_CREDIT_SQL, {
+            "user": user_id, "votes": votes, "purchase": purchase_id, "request": request_id,
+            "store": verified.store, "transaction": verified.transaction_id,
+            "reference": verified.reference, "environment": verified.environment,
+            "package": package.package_id, "product": verified.product_id,
+            "bought": package.votes, "bonus": package.bonus_votes,
+            "price": package.price.amount_micros, "currency": package.price.currency_code,
+            "store_price": verified.store_price_micros, "store_currency": verified.store_currency,
+            "purchased_at": verified.purchased_at, "fingerprint": fingerprint,
+            "details": json.dumps(details)})
+        row: dict[str, Any] | None = await cursor.fetchone()
+        assert row is not None
+        return (Credit(purchase_id, verified.transaction_id, votes, row["balance"],
+                       package.price.amount_micros, package.price.currency_code,
+                       row["credited_at"]), int(row["credited"]))
 
     async def _consume(self, purchase_id: str, product_id: str, token: str) -> None:
         """Consume a credited Google purchase; on failure the poller tries again."""
@@ -269,13 +248,15 @@ class Purchases:
         except ApiError as error:
             log.warning("purchase %s not consumed yet: %s", purchase_id, error.message)
             return
-        async with self._storage.pool.connection() as connection:
-            async with connection.transaction():
-                await connection.execute(
-                    "INSERT INTO purchase_consumptions (purchase_id) VALUES (%s)"
-                    " ON CONFLICT DO NOTHING", (purchase_id,))
-                await _audit(connection, "internal", "vote_svc", "purchase.consume",
-                             f"purchase:{purchase_id}", GOOGLE, {"purchase_id": purchase_id})
+        async with _autocommit(self._storage) as connection:
+            await connection.execute(
+                "WITH c AS (INSERT INTO purchase_consumptions (purchase_id) VALUES (%(p)s)"
+                "           ON CONFLICT DO NOTHING RETURNING purchase_id)"
+                " INSERT INTO audit_log (actor_role, actor_subject, action, target, reason,"
+                "                        details)"
+                " SELECT 'internal', 'vote_svc', 'purchase.consume', 'purchase:' || %(p)s,"
+                "        'GOOGLE', jsonb_build_object('purchase_id', %(p)s) FROM c",
+                {"p": purchase_id})
 
     # -- refunds -----------------------------------------------------------------------------
 
@@ -501,6 +482,49 @@ class Purchases:
             rows: list[dict[str, Any]] = await cursor.fetchall()
         for row in rows:
             await self._consume(row["purchase_id"], row["product_id"], row["store_reference"])
+
+
+_PRIOR_SQL = (
+    "SELECT purchase_id::text, request_id, user_id, store_transaction_id,"
+    "       votes + bonus_votes AS votes, balance_after, price_micros, currency_code,"
+    "       credited_at, fingerprint FROM purchases")
+
+# The credit, the purchase and its audit entry as one statement (atomic in autocommit): the
+# wallet's new balance goes into the purchase row (a retry's answer) and the audit entry.
+_CREDIT_SQL = """
+WITH w AS (
+    INSERT INTO wallets (user_id, credited) VALUES (%(user)s, %(votes)s)
+    ON CONFLICT (user_id) DO UPDATE SET credited = wallets.credited + excluded.credited
+    RETURNING credited, credited - spent - clawed_back AS balance
+), p AS (
+    INSERT INTO purchases (purchase_id, request_id, user_id, store, store_transaction_id,
+        store_reference, environment, package_id, product_id, votes, bonus_votes,
+        price_micros, currency_code, store_price_micros, store_currency, purchased_at,
+        balance_after, fingerprint)
+    SELECT %(purchase)s, %(request)s, %(user)s, %(store)s, %(transaction)s, %(reference)s,
+        %(environment)s, %(package)s, %(product)s, %(bought)s, %(bonus)s, %(price)s,
+        %(currency)s, %(store_price)s, %(store_currency)s, %(purchased_at)s, w.balance,
+        %(fingerprint)s
+      FROM w
+    RETURNING credited_at
+), a AS (
+    INSERT INTO audit_log (actor_role, actor_subject, action, target, reason, details)
+    SELECT 'voter', %(user)s, 'purchase.credit', 'user:' || %(user)s, %(store)s,
+           %(details)s::jsonb || jsonb_build_object('balance_after', w.balance)
+      FROM w
+)
+SELECT w.credited, w.balance, p.credited_at FROM w, p
+"""
+
+
+def _replay(row: dict[str, Any], fingerprint: bytes) -> Credit:
+    """The first answer to a request id, if this is the same request."""
+    if bytes(row["fingerprint"]) != fingerprint:
+        raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
+                       "this request_id was used for a different purchase")
+    return Credit(row["purchase_id"], row["store_transaction_id"], row["votes"],
+                  row["balance_after"], row["price_micros"], row["currency_code"].strip(),
+                  row["credited_at"])
 
 
 def _ms(moment: datetime) -> int:
