@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 import psycopg
+import psycopg.rows
 from google.protobuf import json_format, struct_pb2
 
 from runtime import keys
@@ -482,6 +483,33 @@ class Purchases:
             rows: list[dict[str, Any]] = await cursor.fetchall()
         for row in rows:
             await self._consume(row["purchase_id"], row["product_id"], row["store_reference"])
+
+
+async def refund_report(database_url: str, since: datetime | None = None) -> dict[str, Any]:
+    """What refunds took back and what they could not: every refund since `since`, and the
+    votes of refunded purchases that had already been cast and stay counted (the policy in
+    vote_svc/README.md, Purchases). `televote refunds` prints it."""
+    async with await psycopg.AsyncConnection.connect(database_url) as connection:
+        cursor = connection.cursor(row_factory=psycopg.rows.dict_row)
+        await cursor.execute(
+            "SELECT r.recorded_at, r.refunded_at, r.user_id, p.store, p.store_transaction_id,"
+            "       p.package_id, p.price_micros, p.currency_code, r.source, r.store_reason,"
+            "       r.votes_credited, r.clawed_back, r.already_spent, r.flagged_for_review"
+            "  FROM purchase_refunds r JOIN purchases p USING (purchase_id)"
+            " WHERE r.recorded_at >= %s ORDER BY r.recorded_at",
+            (since or datetime.fromtimestamp(0, UTC),))
+        rows = await cursor.fetchall()
+    refunds = [{key: (value.isoformat() if isinstance(value, datetime) else
+                      value.strip() if key == "currency_code" else value)
+                for key, value in row.items()} for row in rows]
+    return {
+        "refunds": refunds,
+        "votes_credited": sum(r["votes_credited"] for r in refunds),
+        "votes_clawed_back": sum(r["clawed_back"] for r in refunds),
+        "votes_already_cast_and_counted": sum(r["already_spent"] for r in refunds),
+        "voters_flagged_for_review": sorted({r["user_id"] for r in refunds
+                                             if r["flagged_for_review"]}),
+    }
 
 
 _PRIOR_SQL = (

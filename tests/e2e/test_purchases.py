@@ -40,7 +40,7 @@ from tests.vote_support import (
 from vote_svc.admission import Scripts
 from vote_svc.config import VoteConfig
 from vote_svc.packages import PackageCatalogue
-from vote_svc.purchases import Purchases
+from vote_svc.purchases import Purchases, refund_report
 from vote_svc.stores import Stores
 
 APPLE = vote_service_pb2.STORE_APPLE
@@ -449,6 +449,12 @@ async def test_an_apple_refund_after_some_votes_were_spent_claws_back_the_rest(
                           " WHERE action = 'purchase.flag_for_review' AND target = %s",
                           f"user:{user}")
     assert [f["details"]["already_spent"] for f in flagged] == [4]
+    # ... and reported: the refunded votes already cast stay counted, the voter is listed.
+    report = await refund_report(stack.database_url)
+    (mine,) = [r for r in report["refunds"] if r["user_id"] == user]
+    assert (mine["clawed_back"], mine["already_spent"]) == (6, 4)
+    assert user in report["voters_flagged_for_review"]
+    assert report["votes_already_cast_and_counted"] >= 4
     # A notification not signed by the trusted chain changes nothing.
     forged = FakeAppStore().refund(transaction, "REVOKE")
     expected = ("400" if path == "json" else "INVALID_ARGUMENT", "NOTIFICATION_INVALID")
