@@ -19,6 +19,7 @@ import pytest
 from fakestores import FakeAppStore
 from fakestores.google import CANCELLED, PENDING
 from ops.stack import Stack
+from runtime import keys
 from runtime.access import Role
 from runtime.errors import error_info
 from runtime.storage import Storage, create_pool, create_redis
@@ -439,6 +440,18 @@ async def test_an_apple_refund_after_some_votes_were_spent_claws_back_the_rest(
     code, reason, _ = await refusal(stub(edge_channel).SubmitVote(
         vote_request(test_round, vote_type=PAID), metadata=voter(stack, user)))
     assert reason == "INSUFFICIENT_BALANCE", code
+    balance = await stub(edge_channel).GetBalance(vote_service_pb2.GetBalanceRequest(
+        episode_id=test_round.episode_id), metadata=voter(stack, user))
+    assert balance.paid_balance == 0
+    # Redis forgets the voter: the cache is filled again from PostgreSQL, claw-back included.
+    redis = create_redis(stack.redis_url)
+    try:
+        await redis.delete(keys.user_key(keys.shard_of(user), user))
+    finally:
+        await redis.aclose()
+    code, reason, metadata = await refusal(stub(edge_channel).SubmitVote(
+        vote_request(test_round, vote_type=PAID), metadata=voter(stack, user)))
+    assert (reason, metadata.get("paid_balance")) == ("INSUFFICIENT_BALANCE", "0"), code
     balance = await stub(edge_channel).GetBalance(vote_service_pb2.GetBalanceRequest(
         episode_id=test_round.episode_id), metadata=voter(stack, user))
     assert balance.paid_balance == 0
