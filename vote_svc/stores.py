@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from runtime.config import ConfigError
 from runtime.errors import ApiError
 
 T = TypeVar("T")
@@ -309,14 +310,28 @@ class Stores:
         timeout_s = config.vote_store_timeout_ms / 1000
         apple = None
         if config.vote_apple_root_certs:
-            apple = AppleStore([Path(p.strip()) for p in config.vote_apple_root_certs.split(",")
-                                if p.strip()],
-                               config.vote_apple_bundle_id, config.vote_apple_environment,
-                               config.vote_apple_app_apple_id, config.vote_apple_online_checks)
+            try:
+                apple = AppleStore(
+                    [Path(p.strip()) for p in config.vote_apple_root_certs.split(",")
+                     if p.strip()],
+                    config.vote_apple_bundle_id, config.vote_apple_environment,
+                    config.vote_apple_app_apple_id, config.vote_apple_online_checks)
+            except (OSError, ValueError) as error:
+                raise ConfigError(
+                    "vote_svc: invalid configuration: VOTE_APPLE_ROOT_CERTS,"
+                    f" VOTE_APPLE_ENVIRONMENT or VOTE_APPLE_APP_APPLE_ID: {error}") from None
         google = None
         if config.vote_google_credentials:
-            google = GooglePlay(Path(config.vote_google_credentials),
-                                config.vote_google_package_name, config.vote_google_api_url,
-                                config.vote_google_environment, timeout_s)
+            if config.vote_google_environment not in ("Production", "Sandbox"):
+                raise ConfigError("vote_svc: invalid configuration: VOTE_GOOGLE_ENVIRONMENT:"
+                                  " Production or Sandbox")
+            try:
+                google = GooglePlay(Path(config.vote_google_credentials),
+                                    config.vote_google_package_name,
+                                    config.vote_google_api_url,
+                                    config.vote_google_environment, timeout_s)
+            except (OSError, ValueError, KeyError) as error:
+                raise ConfigError("vote_svc: invalid configuration: VOTE_GOOGLE_CREDENTIALS:"
+                                  f" not a service-account key file ({error})") from None
         return cls(StoreCalls(config.vote_store_threads, config.vote_store_max_inflight,
                               timeout_s), apple, google, config.vote_google_push_token)

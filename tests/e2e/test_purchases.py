@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 
 from fakestores import FakeAppStore
 from fakestores.google import CANCELLED, PENDING
@@ -502,6 +503,17 @@ async def test_an_unspent_purchase_refunded_by_google_push_is_clawed_back_whole(
     status, body = await asyncio.to_thread(_post_anonymous, stack, url, {
         "message": {"data": "%%%"}, "subscription": "s"})
     assert (status, json_reason(body)) == (400, "NOTIFICATION_INVALID")
+    # The same service over native gRPC through the edge.
+    message = struct_pb2.Struct()
+    message.update(push["message"])
+    notifications = vote_service_pb2_grpc.StoreNotificationServiceStub(edge_channel)
+    code, reason, _ = await refusal(notifications.ReceiveGoogleNotification(
+        vote_service_pb2.ReceiveGoogleNotificationRequest(message=message, token="wrong")))
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "NOTIFICATION_UNAUTHENTICATED")
+    await notifications.ReceiveGoogleNotification(
+        vote_service_pb2.ReceiveGoogleNotificationRequest(
+            message=message, token=google.push_token, subscription="s"))
+    assert await _wallet(stack, user) == {"credited": 10, "spent": 0, "clawed_back": 10}
 
 
 async def test_the_voided_purchases_poll_finds_a_refund_no_push_announced(
