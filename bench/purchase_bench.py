@@ -114,7 +114,7 @@ def _library_cpu(env: dict[str, str], apple: FakeAppStore, google: FakePlayStore
         stores.google.verify(product[1], token)
         stores.google.consume(product[1], token)
     google_ms = (time.thread_time() - started) * 1000 / calls
-    stores.calls.close()
+    stores.close()
     return {"apple_verify": round(apple_ms, 2), "google_get_and_consume": round(google_ms, 2)}
 
 

@@ -329,7 +329,7 @@ class Purchases:
     async def apple_notification(self, signed_payload: str) -> None:
         if self._stores.apple is None:
             raise not_configured(APPLE)
-        notification, transaction = await self._stores.calls.run(
+        notification, transaction = await self._stores.pushes.run(
             self._stores.apple.verify_notification, signed_payload)
         kind = notification.rawNotificationType or ""
         subtype = notification.rawSubtype or ""
@@ -397,7 +397,7 @@ class Purchases:
         except (TypeError, ValueError):
             start = now - timedelta(days=3)
         start = max(start, now - VOIDED_HORIZON + timedelta(minutes=1))
-        voided = await self._stores.calls.run(google.voided, _ms(start), _ms(now))
+        voided = await self._stores.pushes.run(google.voided, _ms(start), _ms(now))
         match = next((v for v in voided if v.get("purchaseToken") == token), None)
         if match is None:
             async with self._storage.pool.connection() as connection:
@@ -452,7 +452,7 @@ class Purchases:
                     horizon = now - VOIDED_HORIZON + timedelta(minutes=1)
                     start = (max(state["polled_to"] - VOIDED_OVERLAP, horizon) if state
                              else horizon)
-                    for voided in await self._stores.calls.run(google.voided, _ms(start),
+                    for voided in await self._stores.pushes.run(google.voided, _ms(start),
                                                                _ms(now)):
                         if await self._apply_voided(voided, "GOOGLE_VOIDED_POLL", {}):
                             applied += 1

@@ -294,7 +294,7 @@ def create_server(config: VoteConfig) -> tuple[ServiceHost, int]:
         for task in background:
             task.cancel()
         await ledger.close()
-        stores.calls.close()
+        stores.close()
         if fraud_channel is not None:
             await fraud_channel.close(None)
 

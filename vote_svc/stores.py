@@ -298,12 +298,19 @@ class GooglePlay:
 
 @dataclass
 class Stores:
-    """The stores this deployment sells through (None: not configured) and their thread pool."""
+    """The stores this deployment sells through (None: not configured) and their threads:
+    `calls` for purchases, `pushes` for notifications and the poller, so that a flood of
+    (anonymous, possibly junk) notifications cannot take the threads purchases need."""
 
     calls: StoreCalls
+    pushes: StoreCalls
     apple: AppleStore | None
     google: GooglePlay | None
     google_push_token: str
+
+    def close(self) -> None:
+        self.calls.close()
+        self.pushes.close()
 
     @classmethod
     def from_config(cls, config: Any) -> Stores:
@@ -334,4 +341,6 @@ class Stores:
                 raise ConfigError("vote_svc: invalid configuration: VOTE_GOOGLE_CREDENTIALS:"
                                   f" not a service-account key file ({error})") from None
         return cls(StoreCalls(config.vote_store_threads, config.vote_store_max_inflight,
-                              timeout_s), apple, google, config.vote_google_push_token)
+                              timeout_s),
+                   StoreCalls(2, config.vote_store_max_inflight, timeout_s),
+                   apple, google, config.vote_google_push_token)

@@ -535,7 +535,7 @@ async def test_the_voided_purchases_poll_finds_a_refund_no_push_announced(
             await purchases.poll_once()  # 0 while a replica's own poll holds the turn
             await asyncio.sleep(0.05)
     finally:
-        stores.calls.close()
+        stores.close()
         await storage.close()
     assert await _wallet(stack, user) == {"credited": 10, "spent": 3, "clawed_back": 7}
     (refund,) = await query(stack.database_url, "SELECT * FROM purchase_refunds"
