@@ -37,7 +37,7 @@ def stack_environment(apple: FakeAppStore, google: FakePlayStore, state_dir: Pat
         "VOTE_APPLE_BUNDLE_ID": apple.bundle_id,
         "VOTE_APPLE_ENVIRONMENT": apple.environment,
         "VOTE_APPLE_APP_APPLE_ID": str(apple.app_apple_id),
-        "VOTE_APPLE_ONLINE_CHECKS": "false",
+        "VOTE_APPLE_ONLINE_CHECKS": "true" if apple.ocsp_url else "false",
         "VOTE_GOOGLE_PACKAGE_NAME": google.package_name,
         "VOTE_GOOGLE_CREDENTIALS": str(key),
         "VOTE_GOOGLE_API_URL": google.url,

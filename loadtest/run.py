@@ -215,7 +215,7 @@ async def run_with_own_stack(config: LoadConfig, out_dir: Path | None, *, worker
                              log: Callable[[str], None] = print) -> RunResult:
     """Start the whole mesh (embedded PostgreSQL and Redis), run, stop it again."""
     state_dir = state_dir or Path(tempfile.mkdtemp(prefix="loadtest-stack-"))
-    apple, google = FakeAppStore(), FakePlayStore()
+    apple, google = FakeAppStore(ocsp=True), FakePlayStore()
     settings = StackSettings(
         state_dir=state_dir, edge_port=0,
         service_env={**OWN_STACK_ENV,
@@ -233,4 +233,5 @@ async def run_with_own_stack(config: LoadConfig, out_dir: Path | None, *, worker
                          log=log, stores=StoreFunding(apple, google))
     finally:
         await stack.stop()
+        apple.close()
         google.close()

@@ -72,8 +72,10 @@ class FakeStores:
 
 @pytest.fixture(scope="session")
 def fake_stores() -> Iterator[FakeStores]:
-    stores = FakeStores(FakeAppStore(), FakePlayStore())
+    # Apple with its OCSP responder: vote_svc verifies with online checks on, as in production.
+    stores = FakeStores(FakeAppStore(ocsp=True), FakePlayStore())
     yield stores
+    stores.apple.close()
     stores.google.close()
 
 

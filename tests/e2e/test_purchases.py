@@ -359,6 +359,37 @@ async def test_an_unavailable_store_credits_nothing_and_the_retry_succeeds(
     assert await _credited(stack, user) == 10
 
 
+@pytest.mark.parametrize("trouble", ["down", "slow"])
+async def test_apple_unreachable_for_certificate_status_credits_nothing_until_it_answers(
+        stack: Stack, edge_channel: grpc.aio.Channel, fake_stores: FakeStores,
+        trouble: str) -> None:
+    """With online checks on, verifying a chain asks Apple's OCSP responders; the library
+    caches a verified chain, so the store signs with a new leaf to make it ask."""
+    apple = fake_stores.apple
+    package = await _package(edge_channel, stack, 10)
+    user = f"apple-{trouble}-{new_id()}"
+    apple.rotate_leaf()
+    receipt = apple.sign_transaction(package.apple_product_id)
+    request_id = new_id()
+    asked = apple.ocsp_requests
+    if trouble == "down":
+        apple.ocsp_down = True
+    else:
+        apple.ocsp_delay_s = 2.5  # beyond VOTE_STORE_TIMEOUT_MS (1.5 s)
+    try:
+        code, reason, _ = await refusal(_grpc_buy(stack, edge_channel, user, APPLE,
+                                                  package.package_id, receipt, request_id))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
+        assert apple.ocsp_requests > asked
+        assert await _credited(stack, user) == 0
+    finally:
+        apple.ocsp_down, apple.ocsp_delay_s = False, 0.0
+    reply = await _grpc_buy(stack, edge_channel, user, APPLE, package.package_id, receipt,
+                            request_id)
+    assert reply.votes_credited == 10
+    assert await _credited(stack, user) == 10
+
+
 async def test_a_slow_store_does_not_hold_up_votes(
         stack: Stack, edge_channel: grpc.aio.Channel, fake_stores: FakeStores) -> None:
     google = fake_stores.google
