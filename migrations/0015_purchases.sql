@@ -1,6 +1,6 @@
--- Vote packages bought in the App Store and Google Play, and their refunds.
+-- Vote packages bought in the App Store and Google Play, and their refunds (vote_svc's:
+-- vote_packages and wallets are altered, four tables created).
 -- depends: 0004_votes
--- Owner: vote_svc (every table below, and the new wallets column).
 
 -- The seed's store SKUs (com.hangmeas.votes.N on iOS, votes_N on Android, N = votes bought).
 -- A deployment with its own app sets its product ids in vote_packages; bundle id and package
@@ -17,6 +17,7 @@ ALTER TABLE wallets ADD COLUMN clawed_back bigint NOT NULL DEFAULT 0;
 ALTER TABLE wallets DROP CONSTRAINT wallet_not_overspent;
 ALTER TABLE wallets ADD CONSTRAINT wallet_not_overspent CHECK (spent + clawed_back <= credited);
 
+-- Owner: vote_svc.
 -- One row per credited store purchase. Append-only: a refund is a row of purchase_refunds.
 CREATE TABLE purchases (
     purchase_id          uuid PRIMARY KEY,
@@ -48,6 +49,7 @@ CREATE TABLE purchases (
 CREATE INDEX purchases_by_user ON purchases (user_id);
 CREATE INDEX purchases_by_reference ON purchases (store, store_reference);
 
+-- Owner: vote_svc.
 -- A refund or revocation of a purchase, applied once. `clawed_back` came out of the unspent
 -- balance; `already_spent` votes had been cast before the refund and stay counted (see
 -- vote_svc/README.md, Purchases: refunds never change a result); such a voter is flagged.
@@ -70,6 +72,7 @@ CREATE TABLE purchase_refunds (
 );
 CREATE INDEX purchase_refunds_flagged ON purchase_refunds (recorded_at) WHERE flagged_for_review;
 
+-- Owner: vote_svc.
 -- Google Play purchases consumed after their credit (an unconsumed purchase cannot be bought
 -- again, and Google refunds it by itself after three days): the poller consumes what is
 -- missing here.
@@ -78,6 +81,7 @@ CREATE TABLE purchase_consumptions (
     consumed_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Owner: vote_svc.
 -- Where the Voided Purchases API poll got to (one row; replicas take turns with a lock).
 CREATE TABLE purchase_poll_state (
     name       text PRIMARY KEY,

@@ -40,7 +40,7 @@ import psycopg
 import psycopg.rows
 from google.protobuf import json_format, struct_pb2
 
-from runtime import keys
+from runtime import audit, keys, locks
 from runtime.errors import ApiError
 from runtime.storage import Storage
 from televote.vote.v1 import vote_service_pb2
@@ -95,12 +95,9 @@ def _fingerprint(user_id: str, store: str, package_id: str, receipt: str) -> byt
                           ).digest()
 
 
-def _audit(connection: psycopg.AsyncConnection[Any], role: str, subject: str, action: str,
-           target: str, reason: str, details: dict[str, Any]) -> Any:
-    return connection.execute(
-        "INSERT INTO audit_log (actor_role, actor_subject, action, target, reason, details)"
-        " VALUES (%s, %s, %s, %s, %s, %s)",
-        (role, subject, action, target, reason, json.dumps(details, default=str)))
+async def _audit(connection: psycopg.AsyncConnection[Any], role: str, subject: str,
+                 action: str, target: str, reason: str, details: dict[str, Any]) -> None:
+    await audit.write(connection, [audit.Entry(role, subject, action, target, reason, details)])
 
 
 @contextlib.asynccontextmanager
@@ -250,14 +247,15 @@ class Purchases:
             log.warning("purchase %s not consumed yet: %s", purchase_id, error.message)
             return
         async with _autocommit(self._storage) as connection:
+            # The consumption and its audit entry in one statement (none if it was recorded).
             await connection.execute(
                 "WITH c AS (INSERT INTO purchase_consumptions (purchase_id) VALUES (%(p)s)"
-                "           ON CONFLICT DO NOTHING RETURNING purchase_id)"
-                " INSERT INTO audit_log (actor_role, actor_subject, action, target, reason,"
-                "                        details)"
-                " SELECT 'internal', 'vote_svc', 'purchase.consume', 'purchase:' || %(p)s,"
-                "        'GOOGLE', jsonb_build_object('purchase_id', %(p)s) FROM c",
-                {"p": purchase_id})
+                "           ON CONFLICT DO NOTHING RETURNING purchase_id) "
+                + audit.insert_sql(
+                    "(SELECT jsonb_agg(jsonb_build_object('actor_role', 'internal', 'actor',"
+                    " 'vote_svc', 'action', 'purchase.consume', 'target', 'purchase:' || %(p)s,"
+                    " 'reason', 'GOOGLE', 'details', jsonb_build_object('purchase_id', %(p)s)))"
+                    " FROM c)"), {"p": purchase_id})
 
     # -- refunds -----------------------------------------------------------------------------
 
@@ -436,37 +434,25 @@ class Purchases:
         if google is None:
             return 0
         applied = 0
-        async with self._storage.pool.connection() as lock:
-            await lock.set_autocommit(True)
-            try:
-                cursor = await lock.execute(
-                    "SELECT pg_try_advisory_lock(hashtextextended('purchase-poll', 0)) AS ok")
-                row = await cursor.fetchone()
-                if not (row and row["ok"]):
-                    return 0
-                try:
-                    now = datetime.now(UTC)
-                    cursor = await lock.execute(
-                        "SELECT polled_to FROM purchase_poll_state WHERE name = 'google_voided'")
-                    state: dict[str, Any] | None = await cursor.fetchone()
-                    horizon = now - VOIDED_HORIZON + timedelta(minutes=1)
-                    start = (max(state["polled_to"] - VOIDED_OVERLAP, horizon) if state
-                             else horizon)
-                    for voided in await self._stores.pushes.run(google.voided, _ms(start),
-                                                               _ms(now)):
-                        if await self._apply_voided(voided, "GOOGLE_VOIDED_POLL", {}):
-                            applied += 1
-                    await lock.execute(
-                        "INSERT INTO purchase_poll_state (name, polled_to)"
-                        " VALUES ('google_voided', %s)"
-                        " ON CONFLICT (name) DO UPDATE SET polled_to = excluded.polled_to",
-                        (now,))
-                    await self._consume_missing()
-                finally:
-                    await lock.execute(
-                        "SELECT pg_advisory_unlock(hashtextextended('purchase-poll', 0))")
-            finally:
-                await lock.set_autocommit(False)
+        # The turn is the transaction's (runtime.locks.try_singleton): held while Google is
+        # asked (under the store timeout) and the refunds are applied, each in its own
+        # transaction; the new high-water mark commits with the turn.
+        async with self._storage.pool.connection() as turn, turn.transaction():
+            if not await locks.try_singleton(turn, "vote_svc.purchase-poll"):
+                return 0
+            now = datetime.now(UTC)
+            cursor = await turn.execute(
+                "SELECT polled_to FROM purchase_poll_state WHERE name = 'google_voided'")
+            state: dict[str, Any] | None = await cursor.fetchone()
+            horizon = now - VOIDED_HORIZON + timedelta(minutes=1)
+            start = max(state["polled_to"] - VOIDED_OVERLAP, horizon) if state else horizon
+            for voided in await self._stores.pushes.run(google.voided, _ms(start), _ms(now)):
+                if await self._apply_voided(voided, "GOOGLE_VOIDED_POLL", {}):
+                    applied += 1
+            await turn.execute(
+                "INSERT INTO purchase_poll_state (name, polled_to) VALUES ('google_voided', %s)"
+                " ON CONFLICT (name) DO UPDATE SET polled_to = excluded.polled_to", (now,))
+            await self._consume_missing()
         return applied
 
     async def _consume_missing(self) -> None:
@@ -536,10 +522,11 @@ WITH w AS (
       FROM w
     RETURNING credited_at
 ), a AS (
-    INSERT INTO audit_log (actor_role, actor_subject, action, target, reason, details)
-    SELECT 'voter', %(user)s, 'purchase.credit', 'user:' || %(user)s, %(store)s,
-           %(details)s::jsonb || jsonb_build_object('balance_after', w.balance)
-      FROM w
+    """ + audit.insert_sql("""(SELECT jsonb_build_array(jsonb_build_object(
+        'actor_role', 'voter', 'actor', %(user)s, 'action', 'purchase.credit',
+        'target', 'user:' || %(user)s, 'reason', %(store)s,
+        'details', %(details)s::jsonb || jsonb_build_object('balance_after', w.balance)))
+      FROM w)""") + """
 )
 SELECT w.credited, w.balance, p.credited_at FROM w, p
 """
