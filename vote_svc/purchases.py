@@ -42,8 +42,9 @@ from google.protobuf import json_format, struct_pb2
 
 from runtime import audit, keys, locks
 from runtime.errors import ApiError
-from runtime.storage import Storage
+from runtime.storage import Storage, fetch_one
 from televote.vote.v1 import vote_service_pb2
+from vote_svc import store as store_sql
 from vote_svc.admission import Scripts
 from vote_svc.packages import PackageCatalogue
 from vote_svc.stores import (
@@ -160,8 +161,7 @@ class Purchases:
 
     async def _prior(self, connection: psycopg.AsyncConnection[Any], request_id: str,
                      fingerprint: bytes) -> Credit | None:
-        cursor = await connection.execute(_PRIOR_SQL + " WHERE request_id = %s", (request_id,))
-        row: dict[str, Any] | None = await cursor.fetchone()
+        row = await fetch_one(connection, store_sql.PURCHASE_BY_REQUEST, (request_id,))
         return None if row is None else _replay(row, fingerprint)
 
     async def _credit(self, user_id: str, request_id: str, fingerprint: bytes,
@@ -173,8 +173,7 @@ class Purchases:
         for _ in range(3):
             async with _autocommit(self._storage) as connection:
                 cursor = await connection.execute(
-                    _PRIOR_SQL + " WHERE request_id = %s"
-                    "    OR (store = %s AND store_transaction_id = %s)",
+                    store_sql.PURCHASE_BY_REQUEST_OR_RECEIPT,
                     (request_id, verified.store, verified.transaction_id))
                 rows: list[dict[str, Any]] = await cursor.fetchall()
                 mine = next((r for r in rows if r["request_id"] == request_id), None)
@@ -222,7 +221,7 @@ class Purchases:
                    "currency": package.price.currency_code,
                    "store_price_micros": verified.store_price_micros,
                    "store_currency": verified.store_currency}
-        cursor = await connection.execute(_CREDIT_SQL, {
+        cursor = await connection.execute(store_sql.CREDIT_PURCHASE, {
             "user": user_id, "votes": votes, "purchase": purchase_id, "request": request_id,
             "store": verified.store, "transaction": verified.transaction_id,
             "reference": verified.reference, "environment": verified.environment,
@@ -247,15 +246,7 @@ class Purchases:
             log.warning("purchase %s not consumed yet: %s", purchase_id, error.message)
             return
         async with _autocommit(self._storage) as connection:
-            # The consumption and its audit entry in one statement (none if it was recorded).
-            await connection.execute(
-                "WITH c AS (INSERT INTO purchase_consumptions (purchase_id) VALUES (%(p)s)"
-                "           ON CONFLICT DO NOTHING RETURNING purchase_id) "
-                + audit.insert_sql(
-                    "(SELECT jsonb_agg(jsonb_build_object('actor_role', 'internal', 'actor',"
-                    " 'vote_svc', 'action', 'purchase.consume', 'target', 'purchase:' || %(p)s,"
-                    " 'reason', 'GOOGLE', 'details', jsonb_build_object('purchase_id', %(p)s)))"
-                    " FROM c)"), {"p": purchase_id})
+            await connection.execute(store_sql.RECORD_CONSUMPTION, {"p": purchase_id})
 
     # -- refunds -----------------------------------------------------------------------------
 
@@ -268,11 +259,8 @@ class Purchases:
         try:
             async with self._storage.pool.connection() as connection:
                 async with connection.transaction():
-                    cursor = await connection.execute(
-                        "SELECT purchase_id::text, user_id, votes + bonus_votes AS votes"
-                        "  FROM purchases WHERE store = %s AND store_transaction_id = %s",
-                        (store, transaction_id))
-                    purchase: dict[str, Any] | None = await cursor.fetchone()
+                    purchase = await fetch_one(connection, store_sql.PURCHASE_TO_REFUND,
+                                               (store, transaction_id))
                     if purchase is None:
                         await _audit(connection, STORE_ACTOR, store, "purchase.refund_unmatched",
                                      f"{store.lower()}:{transaction_id}", store_reason,
@@ -281,31 +269,20 @@ class Purchases:
                     user_id, votes = purchase["user_id"], int(purchase["votes"])
                     # The wallet's row lock first: it orders this refund after any other of
                     # the same purchase, and after the ledger batches spending the wallet.
-                    cursor = await connection.execute(
-                        "SELECT credited, spent, clawed_back FROM wallets WHERE user_id = %s"
-                        " FOR UPDATE", (user_id,))
-                    wallet: dict[str, Any] | None = await cursor.fetchone()
+                    wallet = await fetch_one(connection, store_sql.LOCK_WALLET, (user_id,))
                     assert wallet is not None
-                    cursor = await connection.execute(
-                        "SELECT 1 FROM purchase_refunds WHERE purchase_id = %s",
-                        (purchase["purchase_id"],))
-                    if await cursor.fetchone() is not None:
+                    if await fetch_one(connection, store_sql.REFUNDED,
+                                       (purchase["purchase_id"],)) is not None:
                         return None
                     user_key = keys.user_key(keys.shard_of(user_id), user_id)
                     clawed = int(await self._scripts.claw(keys=[user_key], args=[
                         votes, wallet["credited"], wallet["spent"] + wallet["clawed_back"]]))
                     spent = votes - clawed
                     refund = Refund(purchase["purchase_id"], clawed, spent, spent > 0)
-                    await connection.execute(
-                        "INSERT INTO purchase_refunds (refund_id, purchase_id, user_id, source,"
-                        "   store_reason, refunded_at, votes_credited, clawed_back,"
-                        "   already_spent, flagged_for_review)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                        (str(uuid.uuid4()), refund.purchase_id, user_id, source, store_reason,
-                         refunded_at, votes, clawed, spent, refund.flagged_for_review))
-                    await connection.execute(
-                        "UPDATE wallets SET clawed_back = clawed_back + %s WHERE user_id = %s",
-                        (clawed, user_id))
+                    await connection.execute(store_sql.INSERT_REFUND, (
+                        str(uuid.uuid4()), refund.purchase_id, user_id, source, store_reason,
+                        refunded_at, votes, clawed, spent, refund.flagged_for_review))
+                    await connection.execute(store_sql.CLAW_BACK, (clawed, user_id))
                     await _audit(connection, STORE_ACTOR, store, "purchase.refund",
                                  f"user:{user_id}", store_reason, {
                                      "purchase_id": refund.purchase_id, "source": source,
@@ -441,31 +418,19 @@ class Purchases:
             if not await locks.try_singleton(turn, "vote_svc.purchase-poll"):
                 return 0
             now = datetime.now(UTC)
-            cursor = await turn.execute(
-                "SELECT polled_to FROM purchase_poll_state WHERE name = 'google_voided'")
-            state: dict[str, Any] | None = await cursor.fetchone()
+            state = await fetch_one(turn, store_sql.VOIDED_POLLED_TO)
             horizon = now - VOIDED_HORIZON + timedelta(minutes=1)
             start = max(state["polled_to"] - VOIDED_OVERLAP, horizon) if state else horizon
             for voided in await self._stores.pushes.run(google.voided, _ms(start), _ms(now)):
                 if await self._apply_voided(voided, "GOOGLE_VOIDED_POLL", {}):
                     applied += 1
-            await turn.execute(
-                "INSERT INTO purchase_poll_state (name, polled_to) VALUES ('google_voided', %s)"
-                " ON CONFLICT (name) DO UPDATE SET polled_to = excluded.polled_to", (now,))
+            await turn.execute(store_sql.SET_VOIDED_POLLED_TO, (now,))
             await self._consume_missing()
         return applied
 
     async def _consume_missing(self) -> None:
         async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT p.purchase_id::text, p.product_id, p.store_reference FROM purchases p"
-                " WHERE p.store = 'GOOGLE' AND p.credited_at < now() - %s"
-                "   AND p.credited_at > now() - interval '3 days'"
-                "   AND NOT EXISTS (SELECT 1 FROM purchase_consumptions c"
-                "                    WHERE c.purchase_id = p.purchase_id)"
-                "   AND NOT EXISTS (SELECT 1 FROM purchase_refunds r"
-                "                    WHERE r.purchase_id = p.purchase_id)"
-                " LIMIT 500", (CONSUME_RETRY_AFTER,))
+            cursor = await connection.execute(store_sql.UNCONSUMED, (CONSUME_RETRY_AFTER,))
             rows: list[dict[str, Any]] = await cursor.fetchall()
         for row in rows:
             await self._consume(row["purchase_id"], row["product_id"], row["store_reference"])
@@ -477,13 +442,7 @@ async def refund_report(database_url: str, since: datetime | None = None) -> dic
     vote_svc/README.md, Purchases). `televote refunds` prints it."""
     async with await psycopg.AsyncConnection.connect(database_url) as connection:
         cursor = connection.cursor(row_factory=psycopg.rows.dict_row)
-        await cursor.execute(
-            "SELECT r.recorded_at, r.refunded_at, r.user_id, p.store, p.store_transaction_id,"
-            "       p.package_id, p.price_micros, p.currency_code, r.source, r.store_reason,"
-            "       r.votes_credited, r.clawed_back, r.already_spent, r.flagged_for_review"
-            "  FROM purchase_refunds r JOIN purchases p USING (purchase_id)"
-            " WHERE r.recorded_at >= %s ORDER BY r.recorded_at",
-            (since or datetime.fromtimestamp(0, UTC),))
+        await cursor.execute(store_sql.REFUNDS_SINCE, (since or datetime.fromtimestamp(0, UTC),))
         rows = await cursor.fetchall()
     refunds = [{key: (value.isoformat() if isinstance(value, datetime) else
                       value.strip() if key == "currency_code" else value)
@@ -496,40 +455,6 @@ async def refund_report(database_url: str, since: datetime | None = None) -> dic
         "voters_flagged_for_review": sorted({r["user_id"] for r in refunds
                                              if r["flagged_for_review"]}),
     }
-
-
-_PRIOR_SQL = (
-    "SELECT purchase_id::text, request_id, user_id, store_transaction_id,"
-    "       votes + bonus_votes AS votes, balance_after, price_micros, currency_code,"
-    "       credited_at, fingerprint FROM purchases")
-
-# The credit, the purchase and its audit entry as one statement (atomic in autocommit): the
-# wallet's new balance goes into the purchase row (a retry's answer) and the audit entry.
-_CREDIT_SQL = """
-WITH w AS (
-    INSERT INTO wallets (user_id, credited) VALUES (%(user)s, %(votes)s)
-    ON CONFLICT (user_id) DO UPDATE SET credited = wallets.credited + excluded.credited
-    RETURNING credited, credited - spent - clawed_back AS balance
-), p AS (
-    INSERT INTO purchases (purchase_id, request_id, user_id, store, store_transaction_id,
-        store_reference, environment, package_id, product_id, votes, bonus_votes,
-        price_micros, currency_code, store_price_micros, store_currency, purchased_at,
-        balance_after, fingerprint)
-    SELECT %(purchase)s, %(request)s, %(user)s, %(store)s, %(transaction)s, %(reference)s,
-        %(environment)s, %(package)s, %(product)s, %(bought)s, %(bonus)s, %(price)s,
-        %(currency)s, %(store_price)s, %(store_currency)s, %(purchased_at)s, w.balance,
-        %(fingerprint)s
-      FROM w
-    RETURNING credited_at
-), a AS (
-    """ + audit.insert_sql("""(SELECT jsonb_build_array(jsonb_build_object(
-        'actor_role', 'voter', 'actor', %(user)s, 'action', 'purchase.credit',
-        'target', 'user:' || %(user)s, 'reason', %(store)s,
-        'details', %(details)s::jsonb || jsonb_build_object('balance_after', w.balance)))
-      FROM w)""") + """
-)
-SELECT w.credited, w.balance, p.credited_at FROM w, p
-"""
 
 
 def _replay(row: dict[str, Any], fingerprint: bytes) -> Credit:
