@@ -2,9 +2,11 @@
 -- vote_packages and wallets are altered, four tables created).
 -- depends: 0004_votes
 
--- The seed's store SKUs (com.hangmeas.votes.N on iOS, votes_N on Android, N = votes bought).
--- A deployment with its own app sets its product ids in vote_packages; bundle id and package
--- name are vote_svc's configuration (VOTE_APPLE_BUNDLE_ID, VOTE_GOOGLE_PACKAGE_NAME).
+-- The seed's store SKUs (com.hangmeas.votes.N on iOS, votes_N on Android, N = votes bought),
+-- for rows that still carry the first catalogue's ids; where an earlier migration set the
+-- specification's SKUs already, nothing is left to change here. A deployment with its own
+-- app sets its product ids in vote_packages; bundle id and package name are vote_svc's
+-- configuration (VOTE_APPLE_BUNDLE_ID, VOTE_GOOGLE_PACKAGE_NAME).
 UPDATE vote_packages
    SET apple_product_id = 'com.hangmeas.votes.' || votes,
        google_product_id = 'votes_' || votes
