@@ -111,7 +111,7 @@ def _library_cpu(env: dict[str, str], apple: FakeAppStore, google: FakePlayStore
                  product: tuple[str, str], calls: int) -> dict[str, float]:
     """CPU ms per call of each store library alone, in this thread."""
     config = VoteConfig(database_url="unused", redis_url="unused",
-                        vote_pseudonym_salt="unused",
+                        vote_pseudonym_salt="unused", vote_ip_hash_key="unused",
                         **{key.lower(): value for key, value in env.items()})
     stores = Stores.from_config(config)
     assert stores.apple is not None and stores.google is not None

@@ -584,4 +584,4 @@ def _vote_config(stack: Stack) -> VoteConfig:
     settings = {key.lower(): value for key, value in stack.settings.service_env.items()
                 if key.startswith("VOTE_")}
     return VoteConfig(database_url=stack.database_url, redis_url=stack.redis_url,
-                      vote_pseudonym_salt="unused", **settings)
+                      vote_pseudonym_salt="unused", vote_ip_hash_key="unused", **settings)
