@@ -1,9 +1,9 @@
 """The report's money: store purchases by store and tier, premium SMS charged by carrier, and
 refunds, each from its own records, each one query.
 
-The records are built by their own work (sms_svc's SMS records; vote_svc's store purchases).
-A section whose records do not exist in this build says "not available" with a note, never
-zero: a zero would tell sales that nothing was sold. Wiring a section is giving it its query.
+Store purchases and refunds come from vote_svc's records. sms_svc's SMS records are being
+built: until they land the SMS section says "not available" with a note, never zero (a zero
+would tell sales that nothing was sold). Wiring a section is giving it its query.
 """
 
 from __future__ import annotations
@@ -54,16 +54,32 @@ class Revenue:
         return sum(section.total_micros for section in self.sections if section.available)
 
 
+#: A purchase belongs to the episode it was made during (a wallet holds votes for any
+#: episode, so a purchase names none): from the show's start to its end (or now, while live).
+_DURING = """
+  FROM purchases p JOIN episodes e ON e.episode_id = %(episode)s::uuid
+ WHERE e.started_at IS NOT NULL AND p.purchased_at >= e.started_at
+   AND p.purchased_at < coalesce(e.ended_at, now()) AND p.currency_code = 'USD'
+"""
+
 #: Each section's query over (episode), giving rows (source, tier, transactions,
 #: gross_micros) in USD; None while its records are not part of this build.
-PACKAGES_SQL: str | None = None
+PACKAGES_SQL: str | None = f"""
+SELECT lower(p.store) AS source, p.package_id AS tier, count(*) AS transactions,
+       sum(p.price_micros)::bigint AS gross_micros {_DURING}
+ GROUP BY 1, 2 ORDER BY 1, 2
+"""
 SMS_SQL: str | None = None
-REFUNDS_SQL: str | None = None
+#: Refunds of the episode's purchases (whenever refunded), as negative amounts.
+REFUNDS_SQL: str | None = f"""
+SELECT lower(p.store) AS source, p.package_id AS tier, count(*) AS transactions,
+       -sum(p.price_micros)::bigint AS gross_micros {_DURING}
+   AND EXISTS (SELECT 1 FROM purchase_refunds r WHERE r.purchase_id = p.purchase_id)
+ GROUP BY 1, 2 ORDER BY 1, 2
+"""
 
 _NOT_YET = {
-    "packages": "store purchases are not recorded yet (PurchaseVotePackage is not built)",
     "sms": "premium SMS charges are not recorded yet (sms_svc's SMS records are not built)",
-    "refunds": "store refunds are not recorded yet (store notifications are not built)",
 }
 
 

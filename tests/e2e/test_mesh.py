@@ -17,6 +17,7 @@ from ops.stack import SERVICES, Stack
 from runtime.access import SERVICE_ROLES, Role
 from runtime.errors import error_info
 from televote.fraud.v1 import fraud_scoring_service_pb2, fraud_scoring_service_pb2_grpc
+from televote.sms.v1 import carrier_service_pb2, carrier_service_pb2_grpc
 from televote.sync.v1 import show_control_service_pb2, show_control_service_pb2_grpc
 from televote.vote.v1 import vote_service_pb2, vote_service_pb2_grpc
 from tests.conftest import bearer
@@ -164,11 +165,11 @@ async def test_the_service_itself_refuses_a_role_the_table_does_not_allow(stack:
 
 async def test_an_rpc_whose_issue_has_not_landed_is_unimplemented(
         stack: Stack, edge_channel: grpc.aio.Channel) -> None:
-    stub = vote_service_pb2_grpc.VoteServiceStub(edge_channel)
+    stub = carrier_service_pb2_grpc.CarrierServiceStub(edge_channel)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await stub.PurchaseVotePackage(vote_service_pb2.PurchaseVotePackageRequest(),
-                                       metadata=bearer(stack.settings.state_dir, Role.VOTER, "v"),
-                                       timeout=5)
+        await stub.ReceiveInboundSms(
+            carrier_service_pb2.ReceiveInboundSmsRequest(),
+            metadata=bearer(stack.settings.state_dir, Role.CARRIER, "smart"), timeout=5)
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
     info = error_info(refused.value)
     assert info is not None and info.reason == "NOT_IMPLEMENTED"

@@ -115,8 +115,27 @@ async def scripted(stack: Stack, edge_channel: grpc.aio.Channel
     await _end(stack, earlier.episode_id)
 
     episode = await open_test_round(db, stack.redis_url)
-    await query(db, "UPDATE episodes SET show_id = %s WHERE episode_id = %s RETURNING 1",
-                earlier.show_id, episode.episode_id)
+    await query(db, "UPDATE episodes SET show_id = %s, started_at = now() - interval '1 minute'"
+                " WHERE episode_id = %s RETURNING 1", earlier.show_id, episode.episode_id)
+    # Store purchases as vote_svc records them: one before the show (not the episode's), two
+    # of the smallest package in the App Store (one later refunded), one in Google Play.
+    purchases = [("APPLE", "vote_pack_10", 990_000, "2 hours"),
+                 ("APPLE", "vote_pack_10", 990_000, "10 seconds"),
+                 ("APPLE", "vote_pack_10", 990_000, "5 seconds"),
+                 ("GOOGLE", "vote_pack_50", 3_990_000, "3 seconds")]
+    purchase_ids = [new_id() for _ in purchases]
+    for purchase_id, (store, package, price, ago) in zip(purchase_ids, purchases, strict=True):
+        await query(db, "INSERT INTO purchases (purchase_id, request_id, user_id, store,"
+                    " store_transaction_id, store_reference, environment, package_id,"
+                    " product_id, votes, bonus_votes, price_micros, currency_code,"
+                    " purchased_at, balance_after, fingerprint) VALUES (%s, %s, 'buyer', %s,"
+                    " %s, %s, 'Sandbox', %s, %s, 10, 0, %s, 'USD', now() - %s::interval, 10,"
+                    " '\\x00') RETURNING 1", purchase_id, new_id(), store, new_id(), new_id(),
+                    package, package, price, ago)
+    await query(db, "INSERT INTO purchase_refunds (refund_id, purchase_id, user_id, source,"
+                " store_reason, refunded_at, votes_credited, clawed_back, already_spent,"
+                " flagged_for_review) VALUES (%s, %s, 'buyer', 'APPLE_NOTIFICATION', 'REFUND',"
+                " now(), 10, 10, 0, false) RETURNING 1", new_id(), purchase_ids[1])
     await query(db, "INSERT INTO performances (performance_id, episode_id, contestant_id,"
                 " started_at, ended_at) VALUES (%s, %s, %s, to_timestamp(%s / 1000.0),"
                 " to_timestamp(%s / 1000.0) + interval '1 second') RETURNING 1", new_id(),
@@ -228,9 +247,17 @@ async def test_a_scripted_episode_reports_every_figure_exactly(
         ("velocity", 0, 2, 1), ("device_shared", 0, 1, 1), ("vpn", 1, 0, 0)]
 
     r = report.revenue
-    assert not r.complete and r.gross.amount_micros == 0
-    for section in (r.packages, r.sms, r.refunds):
-        assert not section.available and section.note and not section.lines
+    assert r.packages.available and r.refunds.available
+    assert [(x.source, x.tier, x.transactions, x.gross.amount_micros)
+            for x in r.packages.lines] == [("apple", "vote_pack_10", 2, 1_980_000),
+                                           ("google", "vote_pack_50", 1, 3_990_000)]
+    assert r.packages.total.amount_micros == 5_970_000
+    assert [(x.source, x.tier, x.transactions, x.gross.amount_micros)
+            for x in r.refunds.lines] == [("apple", "vote_pack_10", 1, -990_000)]
+    # SMS records are not built: not available, and not a zero.
+    assert not r.sms.available and r.sms.note and not r.sms.lines
+    assert not r.sms.HasField("total")
+    assert not r.complete and r.gross.amount_micros == 4_980_000
 
 
 async def test_the_timeline_and_moments_agree_with_the_ledger(
@@ -292,7 +319,8 @@ async def test_the_report_is_served_as_json_and_to_operators_only(
                                            token(stack, Role.OPERATOR, "producer"))
     assert status == 200, body
     assert body["isFinal"] is True and body["summary"]["countedVotes"] == "26"
-    assert body["revenue"]["sms"]["available"] is False
+    assert body["revenue"]["sms"].get("available", False) is False
+    assert body["revenue"]["packages"]["available"] is True
     with pytest.raises(grpc.aio.AioRpcError) as refused:  # the edge's RBAC: no ErrorInfo
         await rgrpc.ReportServiceStub(edge_channel).GetEpisodeReport(
             rpb.GetEpisodeReportRequest(episode_id=episode.episode_id),
