@@ -54,12 +54,16 @@ class Revenue:
         return sum(section.total_micros for section in self.sections if section.available)
 
 
-#: A purchase belongs to the episode it was made during (a wallet holds votes for any
-#: episode, so a purchase names none): from the show's start to its end (or now, while live).
+#: A purchase names no episode (a wallet's votes are for any): it is the episode's when one of
+#: the episode's voters made it while the episode was live (from the show's start to its end,
+#: or now), so shows running at the same time do not share their sales.
 _DURING = """
   FROM purchases p JOIN episodes e ON e.episode_id = %(episode)s::uuid
  WHERE e.started_at IS NOT NULL AND p.purchased_at >= e.started_at
    AND p.purchased_at < coalesce(e.ended_at, now()) AND p.currency_code = 'USD'
+   AND p.user_id IN (SELECT v.user_id FROM report_round_voters v
+                       JOIN report_round_parts rp USING (round_id)
+                      WHERE rp.episode_id = %(episode)s::uuid)
 """
 
 #: Each section's query over (episode), giving rows (source, tier, transactions,

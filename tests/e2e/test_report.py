@@ -108,7 +108,7 @@ async def scripted(stack: Stack, edge_channel: grpc.aio.Channel
     """An earlier episode (voters r1, r2, r3), then the scripted one, finalized and ended."""
     db = stack.database_url
     earlier = await open_test_round(db, stack.redis_url)
-    for user in ("r1", "r2", "r3"):
+    for user in ("report-r1", "report-r2", "report-r3"):
         await _vote(stack, edge_channel, earlier, user, contestant=0)
     await close_test_round(db, stack.redis_url, earlier)
     await _finalized(stack, earlier.round_id)
@@ -117,25 +117,29 @@ async def scripted(stack: Stack, edge_channel: grpc.aio.Channel
     episode = await open_test_round(db, stack.redis_url)
     await query(db, "UPDATE episodes SET show_id = %s, started_at = now() - interval '1 minute'"
                 " WHERE episode_id = %s RETURNING 1", earlier.show_id, episode.episode_id)
-    # Store purchases as vote_svc records them: one before the show (not the episode's), two
-    # of the smallest package in the App Store (one later refunded), one in Google Play.
+    # Store purchases as vote_svc records them, by voter r2: one before the show (not the
+    # episode's), two of the smallest package in the App Store (one later refunded), one in
+    # Google Play; and one by someone who never voted in the episode (not its sale either).
     purchases = [("APPLE", "vote_pack_10", 990_000, "2 hours"),
                  ("APPLE", "vote_pack_10", 990_000, "10 seconds"),
                  ("APPLE", "vote_pack_10", 990_000, "5 seconds"),
-                 ("GOOGLE", "vote_pack_50", 3_990_000, "3 seconds")]
+                 ("GOOGLE", "vote_pack_50", 3_990_000, "3 seconds"),
+                 ("GOOGLE", "vote_pack_50", 3_990_000, "2 seconds")]
     purchase_ids = [new_id() for _ in purchases]
-    for purchase_id, (store, package, price, ago) in zip(purchase_ids, purchases, strict=True):
+    buyers = ["report-r2", "report-r2", "report-r2", "report-r2", "not-a-voter"]
+    for purchase_id, buyer, (store, package, price, ago) in zip(
+            purchase_ids, buyers, purchases, strict=True):
         await query(db, "INSERT INTO purchases (purchase_id, request_id, user_id, store,"
                     " store_transaction_id, store_reference, environment, package_id,"
                     " product_id, votes, bonus_votes, price_micros, currency_code,"
-                    " purchased_at, balance_after, fingerprint) VALUES (%s, %s, 'buyer', %s,"
+                    " purchased_at, balance_after, fingerprint) VALUES (%s, %s, %s, %s,"
                     " %s, %s, 'Sandbox', %s, %s, 10, 0, %s, 'USD', now() - %s::interval, 10,"
-                    " '\\x00') RETURNING 1", purchase_id, new_id(), store, new_id(), new_id(),
-                    package, package, price, ago)
+                    " '\\x00') RETURNING 1", purchase_id, new_id(), buyer, store, new_id(),
+                    new_id(), package, package, price, ago)
     await query(db, "INSERT INTO purchase_refunds (refund_id, purchase_id, user_id, source,"
                 " store_reason, refunded_at, votes_credited, clawed_back, already_spent,"
-                " flagged_for_review) VALUES (%s, %s, 'buyer', 'APPLE_NOTIFICATION', 'REFUND',"
-                " now(), 10, 10, 0, false) RETURNING 1", new_id(), purchase_ids[1])
+                " flagged_for_review) VALUES (%s, %s, 'report-r2', 'APPLE_NOTIFICATION',"
+                " 'REFUND', now(), 10, 10, 0, false) RETURNING 1", new_id(), purchase_ids[1])
     await query(db, "INSERT INTO performances (performance_id, episode_id, contestant_id,"
                 " started_at, ended_at) VALUES (%s, %s, %s, to_timestamp(%s / 1000.0),"
                 " to_timestamp(%s / 1000.0) + interval '1 second') RETURNING 1", new_id(),
@@ -154,13 +158,13 @@ async def scripted(stack: Stack, edge_channel: grpc.aio.Channel
     for country, point in ABROAD.items():
         await _vote(stack, edge_channel, episode, f"tourist-{country}", contestant=2, at=point)
     for _ in range(5):
-        await _vote(stack, edge_channel, episode, "r1", contestant=0)
-    await _vote(stack, edge_channel, episode, "r2", contestant=1)
+        await _vote(stack, edge_channel, episode, "report-r1", contestant=0)
+    await _vote(stack, edge_channel, episode, "report-r2", contestant=1)
     await wallet_admin_service_pb2_grpc.WalletAdminServiceStub(edge_channel).GrantVotes(
-        wallet_admin_service_pb2.GrantVotesRequest(request_id=new_id(), user_id="r2",
+        wallet_admin_service_pb2.GrantVotesRequest(request_id=new_id(), user_id="report-r2",
                                                    count=10, reason="test credit"),
         metadata=_operator(stack), timeout=15)
-    await _vote(stack, edge_channel, episode, "r2", contestant=1, count=3, vote_type=PAID)
+    await _vote(stack, edge_channel, episode, "report-r2", contestant=1, count=3, vote_type=PAID)
     async with grpc.aio.insecure_channel(stack.target("vote_svc")) as internal:
         reply = await vote_gateway_service_pb2_grpc.VoteGatewayServiceStub(internal).SubmitVotes(
             vote_gateway_service_pb2.SubmitVotesRequest(votes=[
