@@ -46,7 +46,9 @@ class VoteGatewayServiceStub:
     `VOTING_CLOSED`, `ROUND_NOT_FOUND`, `INVALID_CONTESTANT`, `NO_FREE_VOTES`,
     `INSUFFICIENT_BALANCE`, `RATE_LIMITED`, `FRAUD_BLOCKED`, `IDEMPOTENCY_MISMATCH`,
     `INVALID_REQUEST`, `UNAVAILABLE`, `OVERLOADED` (the replica is at capacity; retry after
-    the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed).
+    the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed),
+    `CARRIER_VOTE_NOT_ALLOWED` (a caller with the carrier role submits only PREMIUM_SMS votes
+    on CHANNEL_SMS for users in the SMS namespace, "sms:...").
 
     Returns:
     * OK: every vote has a result (accepted or refused).
@@ -73,7 +75,9 @@ class VoteGatewayServiceAsyncStub(VoteGatewayServiceStub):
     `VOTING_CLOSED`, `ROUND_NOT_FOUND`, `INVALID_CONTESTANT`, `NO_FREE_VOTES`,
     `INSUFFICIENT_BALANCE`, `RATE_LIMITED`, `FRAUD_BLOCKED`, `IDEMPOTENCY_MISMATCH`,
     `INVALID_REQUEST`, `UNAVAILABLE`, `OVERLOADED` (the replica is at capacity; retry after
-    the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed).
+    the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed),
+    `CARRIER_VOTE_NOT_ALLOWED` (a caller with the carrier role submits only PREMIUM_SMS votes
+    on CHANNEL_SMS for users in the SMS namespace, "sms:...").
 
     Returns:
     * OK: every vote has a result (accepted or refused).
@@ -103,7 +107,9 @@ class VoteGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         `VOTING_CLOSED`, `ROUND_NOT_FOUND`, `INVALID_CONTESTANT`, `NO_FREE_VOTES`,
         `INSUFFICIENT_BALANCE`, `RATE_LIMITED`, `FRAUD_BLOCKED`, `IDEMPOTENCY_MISMATCH`,
         `INVALID_REQUEST`, `UNAVAILABLE`, `OVERLOADED` (the replica is at capacity; retry after
-        the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed).
+        the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed),
+        `CARRIER_VOTE_NOT_ALLOWED` (a caller with the carrier role submits only PREMIUM_SMS votes
+        on CHANNEL_SMS for users in the SMS namespace, "sms:...").
 
         Returns:
         * OK: every vote has a result (accepted or refused).
