@@ -42,6 +42,10 @@ def up(
     trusted_proxy_hops: Annotated[int, typer.Option(
         envvar="TELEVOTE_EDGE_TRUSTED_PROXY_HOPS", min=0,
         help="Load balancers in front of the edge whose X-Forwarded-For is trusted.")] = 0,
+    kannel: Annotated[bool, typer.Option(
+        help="Also start Kannel (bearerbox, smsbox) with a fake SMSC link per carrier, for "
+             "premium SMS through a real SMS gateway (Debian's kannel, kannel-extras).")]
+    = False,
 ) -> None:
     """Start PostgreSQL, Redis, migrations, every service and the Envoy edge; stop on Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -55,7 +59,7 @@ def up(
         counts[name] = int(count)
     settings = StackSettings(
         state_dir=state_dir, edge_host=host, edge_port=port, replicas=counts,
-        trusted_proxy_hops=trusted_proxy_hops,
+        trusted_proxy_hops=trusted_proxy_hops, kannel=kannel,
         database_url=os.environ.get("DATABASE_URL") or None,
         redis_url=os.environ.get("REDIS_URL") or None)
     asyncio.run(_run_until_signal(Stack(settings)))

@@ -38,7 +38,7 @@ class SmsConfig(ServiceConfig):
     sms_kannel_sendsms_url: str = ""
     sms_kannel_username: str = ""
     sms_kannel_password: str = ""
-    #: Per carrier (CARRIER_SMART, ...): the delivery-report URL Kannel calls for our reply
+    #: Per carrier (SMART, CELLCARD, METFONE): the delivery-report URL Kannel calls for our reply
     #: (with `%d` for the DLR type); sms_svc adds `carrier_message_id`. JSON object.
     sms_kannel_dlr_urls: str = "{}"
     #: Per carrier: Kannel's smsc-id to send replies through. JSON object.

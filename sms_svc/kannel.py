@@ -25,7 +25,7 @@ class KannelReplies:
     sendsms_url: str
     username: str
     password: str
-    #: carrier (CARRIER_SMART, ...) -> the DLR URL template (with %d) for that carrier.
+    #: carrier (SMART, CELLCARD, METFONE) -> the DLR URL template (with %d) for it.
     dlr_urls: dict[str, str]
     #: carrier -> Kannel smsc-id.
     smsc_ids: dict[str, str]
@@ -41,7 +41,9 @@ class KannelReplies:
             text: str) -> str:
         """The sendsms request of one reply."""
         params = {"username": self.username, "password": self.password, "from": short_code,
-                  "to": msisdn, "text": text, "charset": "UTF-8", "coding": "2"}
+                  "to": msisdn, "text": text, "charset": "UTF-8"}
+        if not text.isascii():  # Khmer: UCS-2 (GSM 7-bit has no Khmer)
+            params["coding"] = "2"
         if carrier in self.smsc_ids:
             params["smsc"] = self.smsc_ids[carrier]
         if carrier in self.dlr_urls:
