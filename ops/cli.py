@@ -24,6 +24,9 @@ app = typer.Typer(help="televote: live TV audience voting.", no_args_is_help=Tru
 audit = typer.Typer(help="Export a round's ledger; verify an export or a receipt offline.",
                     no_args_is_help=True)
 app.add_typer(audit, name="audit")
+sms = typer.Typer(help="Premium SMS: carriers' settlement files, purge of subscribers' numbers.",
+                  no_args_is_help=True)
+app.add_typer(sms, name="sms")
 
 StateDir = Annotated[Path, typer.Option(
     envvar="TELEVOTE_STATE_DIR", help="Where local data, keys and logs live.")]
@@ -164,6 +167,56 @@ def audit_verify(
           f"(total {verdict.recount.total_votes}) equals the published result; "
           f"{verdict.leaves} leaves, not counted by reason {verdict.rows_by_reason}, "
           f"{time.monotonic() - started:.1f}s")
+
+
+@sms.command("settlement")
+def sms_settlement(
+    episode: Annotated[str, typer.Option(help="The episode (UUID).")],
+    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
+    carrier: Annotated[str | None, typer.Option(
+        help="SMART, CELLCARD or METFONE; default all, each with its totals.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV file (default: stdout).")]
+    = None,
+) -> None:
+    """Write the CSV of an episode's charged SMS per carrier, with credits for votes fraud
+    review rejected, and totals: the file a carrier reconciles against."""
+    import uuid
+
+    from sms_svc.settlement import settlement_csv
+    try:
+        episode_id = str(uuid.UUID(episode))
+    except ValueError:
+        raise typer.BadParameter("expected an episode id (UUID)", param_hint="--episode") from None
+    name = carrier.upper().removeprefix("CARRIER_") if carrier else None
+    if name is not None and name not in ("SMART", "CELLCARD", "METFONE"):
+        raise typer.BadParameter("expected SMART, CELLCARD or METFONE", param_hint="--carrier")
+    text = asyncio.run(settlement_csv(database_url, episode_id, name))
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+
+
+@sms.command("purge")
+def sms_purge(
+    before: Annotated[str, typer.Option(help="Remove numbers of messages received before this "
+                                             "date (YYYY-MM-DD, UTC) or time (ISO 8601).")],
+    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
+) -> None:
+    """Remove subscribers' phone numbers (kept only to address replies); the SMS records keep
+    their keyed pseudonym."""
+    from datetime import UTC, datetime
+
+    from sms_svc.settlement import purge_msisdns
+    try:
+        when = datetime.fromisoformat(before)
+    except ValueError:
+        raise typer.BadParameter("expected YYYY-MM-DD or an ISO 8601 time",
+                                 param_hint="--before") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    removed = asyncio.run(purge_msisdns(database_url, when))
+    print(f"removed {removed} phone numbers of messages received before {when.isoformat()}")
 
 
 #: Scenario defaults that differ from the seed's (a shownight's users follow from its curve;

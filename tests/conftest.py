@@ -32,6 +32,8 @@ FAST_SHOW_ENV = {
     "SYNC_CLOSE_POLL_MS": "500",
     # Receipt proofs come from blocks of leaves: small blocks, so tests cross block edges.
     "RESULTS_RECEIPT_BLOCK_LEAVES": "4",
+    # A killed sms_svc's messages are taken over by a carrier's redelivery after 2 s, not 10.
+    "SMS_PROCESSING_LEASE_MS": "2000",
 }
 
 

@@ -307,3 +307,105 @@ async def test_delivery_reports_are_recorded_and_a_charge_we_did_not_ask_for_is_
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "MESSAGE_NOT_FOUND")
     assert error_info  # imported for refusal's callers
     assert SHORT_CODE == "1255"
+
+
+async def test_kill_9_of_sms_svc_during_a_burst_counts_and_charges_each_message_once(
+        stack: Stack, edge_channel: grpc.aio.Channel) -> None:
+    test_round = await sms_round(stack, edge_channel)
+    carriers = carrier_stub(edge_channel)
+    metadata = carrier_metadata(stack, "smart")
+    requests = [inbound("smart", text=f"V{1 + n % 3}", msisdn=f"+8551{n:07d}")
+                for n in range(150)]
+    first: dict[str, carrier_service_pb2.ReceiveInboundSmsResponse] = {}
+    answered = asyncio.Event()
+
+    async def send(request: carrier_service_pb2.ReceiveInboundSmsRequest) -> None:
+        try:
+            first[request.carrier_message_id] = await carriers.ReceiveInboundSms(
+                request, metadata=metadata, timeout=20)
+            if len(first) >= 20:
+                answered.set()
+        except grpc.aio.AioRpcError as error:  # the carrier got no success: it redelivers
+            assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
+                                    grpc.StatusCode.UNKNOWN), error
+
+    burst = asyncio.gather(*(send(request) for request in requests))
+    await asyncio.wait_for(answered.wait(), 30)
+    await stack.kill("sms_svc")
+    await burst
+    assert 20 <= len(first) < len(requests)
+    await stack.restart("sms_svc")
+    for _ in range(60):  # the carrier redelivers what it got no success for, and more
+        pending = [r for r in requests if r.carrier_message_id not in first]
+        if not pending:
+            break
+        await asyncio.gather(*(send(request) for request in pending))
+        await asyncio.sleep(0.5)
+    assert len(first) == len(requests)
+    # Every success the carrier saw before the kill stands: a redelivery gets the same vote.
+    again = await asyncio.gather(*(carriers.ReceiveInboundSms(r, metadata=metadata, timeout=20)
+                                   for r in requests))
+    for request, reply in zip(requests, again, strict=True):
+        assert reply == first[request.carrier_message_id]
+        assert reply.outcome == COUNTED and reply.charge
+    votes = await sms_votes(stack, test_round.round_id)
+    assert len(votes) == len(requests)
+    assert {str(v["vote_id"]) for v in votes} == {r.vote_id for r in again}
+    charged = await stack_charged(stack, test_round.round_id)
+    assert charged == len(requests)
+
+
+async def stack_charged(stack: Stack, round_id: str) -> int:
+    from tests.vote_support import query
+    (row,) = await query(stack.database_url, "SELECT count(*) AS n FROM sms_records"
+                         " WHERE round_id = %s AND charged", round_id)
+    return int(row["n"])
+
+
+@pytest.mark.parametrize("how", ["json", "query"])
+async def test_invalid_utf8_text_is_a_400_and_records_nothing(
+        stack: Stack, edge_channel: grpc.aio.Channel, how: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    from runtime.access import Role
+    from tests.vote_support import token
+    test_round = await sms_round(stack, edge_channel)
+    carrier_token = token(stack, Role.CARRIER, "smart")
+    sent = message_id()
+    if how == "json":
+        request = urllib.request.Request(
+            f"{stack.edge_url}/v1/carriers/CARRIER_SMART/sms", method="POST",
+            data=(b'{"carrierMessageId": "' + sent.encode() + b'", "msisdn": "+85512345678",'
+                  b' "shortCode": "1255", "text": "V\xff\xfe1"}'),
+            headers={"content-type": "application/json",
+                     "authorization": f"Bearer {carrier_token}"})
+    else:
+        request = urllib.request.Request(
+            f"{stack.edge_url}/v1/carriers/CARRIER_SMART/sms?carrier_message_id={sent}"
+            f"&msisdn=85512345678&short_code=1255&text=V%FF%FE1&access_token={carrier_token}")
+
+    def call() -> int:
+        try:
+            with urllib.request.urlopen(request, timeout=15) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+    assert await asyncio.to_thread(call) == 400
+    assert await records(stack, "smart", sent) == []
+    assert await sms_votes(stack, test_round.round_id) == []
+
+
+async def test_the_sms_records_are_append_only(
+        stack: Stack, edge_channel: grpc.aio.Channel) -> None:
+    from tests.vote_support import query
+    await sms_round(stack, edge_channel)
+    sent = message_id()
+    await asyncio.to_thread(post_sms, stack, "smart", text="1", carrier_message_id=sent)
+    for table in ("sms_messages", "sms_outcomes"):
+        with pytest.raises(Exception, match="append-only"):
+            await query(stack.database_url, f"UPDATE {table} SET message_id = message_id")
+        with pytest.raises(Exception, match="append-only"):
+            await query(stack.database_url, f"DELETE FROM {table}")
+    (record,) = await records(stack, "smart", sent)
+    assert record["charged"]
