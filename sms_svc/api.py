@@ -191,7 +191,7 @@ class ShortCodeServicer(short_code_service_pb2_grpc.ShortCodeServiceServicer):
                 raise ApiError(grpc.StatusCode.NOT_FOUND, "SHOW_NOT_FOUND", "no such show")
             return short_code_service_pb2.BindShortCodeResponse(short_code=_short_code(bound))
 
-        async with self._storage.pool.connection() as connection:
+        async with self._storage.pool.connection() as connection, connection.transaction():
             return await once(connection, "sms.BindShortCode", request.request_id, request,
                               short_code_service_pb2.BindShortCodeResponse, perform)
 

@@ -14,6 +14,10 @@ from runtime.config import ServiceConfig
 class SmsConfig(ServiceConfig):
     service_name: ClassVar[str] = "sms_svc"
 
+    #: A message's claim and its outcome are one statement each (many messages' at once);
+    #: the few multi-statement writes open their own transaction.
+    database_autocommit: bool = True
+
     #: vote_svc replicas ("ipv4:host:port,...").
     vote_target: str = ""
     #: Secret of the subscriber pseudonym (HMAC of the MSISDN). Empty: read
@@ -32,6 +36,9 @@ class SmsConfig(ServiceConfig):
     #: One replica works on a message at a time (a lease in Redis); a replica that died
     #: holding it is taken over after this long.
     sms_processing_lease_ms: int = 10_000
+    #: A short code's binding is read again after this long: a re-binding (another show)
+    #: takes effect within it on every replica.
+    sms_binding_cache_ms: float = 1000.0
     #: A carrier's `received_at` may be at most this much older than the edge's receipt.
     sms_gateway_max_age_ms: int = 120_000
     #: Kannel's sendsms URL for replies (MT); empty: replies are only returned to the caller.

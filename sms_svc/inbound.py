@@ -50,6 +50,11 @@ MAX_MESSAGE_ID = 128
 #: Namespace of the vote request ids derived from (carrier, carrier message id).
 REQUEST_ID_NAMESPACE = uuid.UUID("6f0f1b9e-3c55-4a8e-9d64-0b5f4f6a1255")
 
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 #: vote_svc's refusal reasons -> the message's outcome.
 _REFUSALS = {
     "VOTING_CLOSED": Outcome.CLOSED, "VOTING_NOT_OPEN": Outcome.CLOSED,
@@ -115,18 +120,26 @@ class InboundProcessor:
         deadline = time.monotonic() + self._deadline_ms / 1000
         lease_key = f"tv:sms:lease:{sms.carrier}:{sms.carrier_message_id}"
         token = secrets.token_hex(8)
-        pause = 0.01
-        while True:
+        if not claim.first:  # a redelivery: most often decided long ago
             answer = await self._store.answer(claim.message_id)
             if answer is not None:
                 return answer
+        pause, waited = 0.01, False
+        while True:
             if await self._redis.set(lease_key, token, nx=True, px=self._lease_ms):
                 break
+            waited = True
             if time.monotonic() + pause >= deadline:
                 raise unavailable("the message is being decided; redeliver it")
             await asyncio.sleep(pause)  # another copy of it is being decided
             pause = min(pause * 2, 0.2)
         try:
+            # Under the lease, no other copy decides meanwhile; one may have decided before
+            # (unless this is the first receipt and nobody held the lease).
+            answer = (await self._store.answer(claim.message_id)
+                      if waited or not claim.first else None)
+            if answer is not None:
+                return answer
             answer, mine = await self._decide(sms, binding, claim.message_id, claim.received_at,
                                               language, parsed.number, msisdn)
         finally:
@@ -175,7 +188,7 @@ class InboundProcessor:
                 vote_id=vote_id, price_micros=binding.price_micros,
                 currency_code=binding.currency_code,
                 reply_text=reply(outcome, language, number=number or 0, name=name,
-                                 short_code=sms.short_code))
+                                 short_code=sms.short_code), language=language)
 
         if number is None:
             return await record(Outcome.INVALID_FORMAT)
@@ -210,9 +223,7 @@ class InboundProcessor:
 
     async def _release(self, key: str, token: str) -> None:
         # Only our own lease: after a pause longer than the lease, another replica owns it.
-        value = await self._redis.get(key)
-        if value is not None and (value.decode() if isinstance(value, bytes) else value) == token:
-            await self._redis.delete(key)
+        await self._redis.eval(_RELEASE, 1, key, token)
 
     def _reply(self, sms: InboundSms, msisdn: str, text: str) -> None:
         assert self._send_reply is not None

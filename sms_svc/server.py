@@ -45,7 +45,7 @@ def create_server(config: SmsConfig) -> tuple[ServiceHost, int]:
                 sessions.append(aiohttp.ClientSession())
             return await kannel.send(sessions[0], **reply)
         send_reply = send
-    store = SmsStore(storage)
+    store = SmsStore(storage, binding_cache_ms=config.sms_binding_cache_ms)
     inbound = InboundProcessor(
         store, storage.redis, votes, secret=config.msisdn_secret(),
         default_language=config.sms_default_language, lease_ms=config.sms_processing_lease_ms,

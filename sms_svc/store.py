@@ -5,15 +5,18 @@ It reads sync_svc's shows, episodes, rounds and contestants and writes only its 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import astuple, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import AsyncConnection
 
 from runtime.access import Principal
+from runtime.coalesce import Coalescer
 from runtime.storage import Storage
 
 
@@ -80,15 +83,115 @@ def _binding(row: dict[str, Any]) -> Binding:
                    row["currency_code"], row["bound_by"], row["bound_at"])
 
 
-class SmsStore:
-    """Everything sms_svc reads and writes in PostgreSQL."""
+#: How long a claim or an outcome waits for other messages' to share a statement.
+_WAIT_MS = 2.0
 
-    def __init__(self, storage: Storage) -> None:
+_CLAIM = """
+WITH input AS (
+    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[], %s::text[],
+                         %s::text[], %s::text[], %s::text[], %s::timestamptz[],
+                         %s::timestamptz[], %s::text[])
+        AS i(message_id, carrier, carrier_message_id, content_hash, pseudonym, short_code,
+             text, language, received_at, gateway_received_at, msisdn)),
+inserted AS (
+    INSERT INTO sms_messages (message_id, carrier, carrier_message_id, content_hash,
+                              pseudonym, short_code, text, language, received_at,
+                              gateway_received_at)
+    SELECT message_id, carrier, carrier_message_id, content_hash, pseudonym, short_code,
+           text, language, received_at, gateway_received_at FROM input
+    ON CONFLICT (carrier, carrier_message_id) DO NOTHING
+    RETURNING message_id),
+addresses AS (
+    INSERT INTO sms_reply_addresses (message_id, msisdn, received_at)
+    SELECT i.message_id, i.msisdn, i.received_at FROM input i JOIN inserted USING (message_id))
+SELECT message_id FROM inserted
+"""
+
+_RECORD = """
+INSERT INTO sms_outcomes (message_id, outcome, contestant_number, show_id, episode_id,
+                          round_id, vote_id, charged, price_micros, currency_code, reply_text)
+SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::uuid[], %s::uuid[], %s::uuid[],
+                     %s::uuid[], %s::bool[], %s::bigint[], %s::text[], %s::text[])
+ON CONFLICT (message_id) DO NOTHING RETURNING message_id
+"""
+
+
+@dataclass(frozen=True)
+class _Round:
+    round_id: str
+    episode_id: str
+    opens_at: datetime
+    #: When SMS lines closed (or will): the channel's close, or the round's early close.
+    sms_close: datetime
+    #: SMS number -> (contestant id, name), the round's contestants only.
+    contestants: dict[int, tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class _ClaimRow:
+    message_id: str
+    carrier: str
+    carrier_message_id: str
+    content: bytes
+    pseudonym: str
+    short_code: str
+    text: str
+    language: str
+    received_at: datetime
+    gateway_received_at: datetime | None
+    msisdn: str
+
+
+@dataclass(frozen=True)
+class _OutcomeRow:
+    message_id: str
+    outcome: str
+    contestant_number: int
+    show_id: str | None
+    episode_id: str | None
+    round_id: str | None
+    vote_id: str | None
+    charged: bool
+    price_micros: int
+    currency_code: str
+    reply_text: str
+    language: str  # not a column: for the answer
+
+
+class SmsStore:
+    """Everything sms_svc reads and writes in PostgreSQL.
+
+    A burst of messages (the close-of-lines peak) shares statements: each claim and each
+    outcome waits up to 2 ms for others and goes in one multi-row INSERT, as vote_svc's
+    ledger does, instead of a pooled connection and a round trip each.
+    """
+
+    def __init__(self, storage: Storage, *, binding_cache_ms: float = 1000.0) -> None:
         self._pool = storage.pool
+        self._binding_cache_s = binding_cache_ms / 1000
+        self._claims: Coalescer[_ClaimRow, Claim] = Coalescer(self._claim_batch, max_batch=500)
+        self._outcomes: Coalescer[_OutcomeRow, tuple[Answer, bool]] = Coalescer(
+            self._record_batch, max_batch=500)
+        #: show -> (when the read began, its rounds); and the read in flight per show.
+        self._rounds: dict[str, tuple[datetime, list[_Round]]] = {}
+        self._reading: dict[str, tuple[datetime, asyncio.Future[list[_Round]]]] = {}
+        #: (carrier, short code) -> (monotonic time read, binding).
+        self._bindings: dict[tuple[str, str], tuple[float, Binding | None]] = {}
 
     # -- short codes ----------------------------------------------------------------------
 
     async def binding(self, carrier: str, short_code: str) -> Binding | None:
+        """The binding, read at most once per SMS_BINDING_CACHE_MS: a re-binding takes
+        effect within that."""
+        cached = self._bindings.get((carrier, short_code))
+        if cached is not None and time.monotonic() - cached[0] < self._binding_cache_s:
+            return cached[1]
+        read_at = time.monotonic()
+        binding = await self._read_binding(carrier, short_code)
+        self._bindings[(carrier, short_code)] = (read_at, binding)
+        return binding
+
+    async def _read_binding(self, carrier: str, short_code: str) -> Binding | None:
         async with self._pool.connection() as connection:
             cursor = await connection.execute(
                 f"SELECT {_BINDING_COLUMNS} FROM sms_short_codes"
@@ -138,25 +241,62 @@ class SmsStore:
         """The show's round that had opened when the message reached the edge (the latest),
         and whether SMS lines were still open for it then; None when no round had opened.
 
-        Judged from the round's recorded times, so every redelivery of one message, whenever
-        it arrives, is judged alike (the first receipt's time)."""
-        async with self._pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT r.round_id::text AS round_id, r.episode_id::text AS episode_id,"
-                "       %(at)s < least(r.closes_at + r.sms_close_offset_ms * interval '1 ms',"
-                "                      coalesce(r.closed_at, 'infinity')) AS sms_open,"
-                "       c.contestant_id::text AS contestant_id, c.name"
-                "  FROM episodes e JOIN rounds r USING (episode_id)"
-                "  LEFT JOIN contestants c ON c.episode_id = r.episode_id"
-                "       AND c.sms_number = %(number)s AND c.contestant_id = ANY (r.contestant_ids)"
-                " WHERE e.show_id = %(show)s AND r.opens_at <= %(at)s"
-                " ORDER BY r.opens_at DESC LIMIT 1",
-                {"at": received_at, "number": number, "show": show_id})
-            row: dict[str, Any] | None = await cursor.fetchone()
-        if row is None:
+        Judged from the rounds' recorded times, so every redelivery of one message, whenever
+        it arrives, is judged alike (by the first receipt's time). The show's rounds are
+        read once for all the messages received before the read began: a read that began
+        after a message arrived knows every round that had opened by then."""
+        rounds = await self._rounds_since(show_id, received_at)
+        opened = [r for r in rounds if r.opens_at <= received_at]
+        if not opened:
             return None
-        return Target(row["episode_id"], row["round_id"], bool(row["sms_open"]),
-                      row["contestant_id"], row["name"] or "")
+        latest = max(opened, key=lambda r: r.opens_at)
+        contestant = latest.contestants.get(number)
+        return Target(latest.episode_id, latest.round_id, received_at < latest.sms_close,
+                      contestant[0] if contestant else None, contestant[1] if contestant else "")
+
+    async def _rounds_since(self, show_id: str, received_at: datetime) -> list[_Round]:
+        cached = self._rounds.get(show_id)
+        if cached is not None and cached[0] >= received_at:
+            return cached[1]
+        pending = self._reading.get(show_id)
+        if pending is None or pending[0] < received_at:
+            began = datetime.now(UTC)
+            future = asyncio.ensure_future(self._read_rounds(show_id, began))
+            pending = (began, future)
+            self._reading[show_id] = pending
+        return await asyncio.shield(pending[1])
+
+    async def _read_rounds(self, show_id: str, began: datetime) -> list[_Round]:
+        try:
+            async with self._pool.connection() as connection:
+                cursor = await connection.execute(
+                    "SELECT r.round_id::text AS round_id, r.episode_id::text AS episode_id,"
+                    "       r.opens_at, least(r.closes_at + r.sms_close_offset_ms"
+                    "                          * interval '1 ms', coalesce(r.closed_at,"
+                    "                          'infinity')) AS sms_close,"
+                    "       c.sms_number, c.contestant_id::text AS contestant_id, c.name"
+                    "  FROM episodes e JOIN rounds r USING (episode_id)"
+                    "  LEFT JOIN contestants c ON c.episode_id = r.episode_id"
+                    "       AND c.contestant_id = ANY (r.contestant_ids)"
+                    " WHERE e.show_id = %s AND r.opens_at > %s - interval '1 day'",
+                    (show_id, began))
+                rows: list[dict[str, Any]] = await cursor.fetchall()
+        finally:
+            if self._reading.get(show_id, (None,))[0] == began:
+                del self._reading[show_id]
+        rounds: dict[str, _Round] = {}
+        for row in rows:
+            found = rounds.setdefault(row["round_id"], _Round(
+                row["round_id"], row["episode_id"], row["opens_at"],
+                row["sms_close"] if row["sms_close"] is not None else datetime.max.replace(
+                    tzinfo=UTC), {}))
+            if row["sms_number"] is not None:
+                found.contestants[int(row["sms_number"])] = (row["contestant_id"], row["name"])
+        result = list(rounds.values())
+        cached = self._rounds.get(show_id)
+        if cached is None or cached[0] < began:
+            self._rounds[show_id] = (began, result)
+        return result
 
     # -- the records ----------------------------------------------------------------------
 
@@ -164,30 +304,38 @@ class SmsStore:
                     pseudonym: str, msisdn: str, short_code: str, text: str, language: str,
                     received_at: datetime, gateway_received_at: datetime | None) -> Claim:
         """Record a message's first receipt, or find it; raises ContentMismatchError when the
-        id came before with other content."""
-        message_id = str(uuid.uuid4())
+        id came before with other content. Concurrent messages share one statement."""
+        return await self._claims.submit(_ClaimRow(
+            str(uuid.uuid4()), carrier, carrier_message_id, content, pseudonym, short_code,
+            text, language, received_at, gateway_received_at, msisdn), wait_ms=_WAIT_MS)
+
+    async def _claim_batch(self, rows: list[_ClaimRow]) -> list[Claim | BaseException]:
+        columns = [list(column) for column in zip(*(astuple(row) for row in rows), strict=True)]
         async with self._pool.connection() as connection:
-            cursor = await connection.execute(
-                "INSERT INTO sms_messages (message_id, carrier, carrier_message_id, content_hash,"
-                "     pseudonym, short_code, text, language, received_at, gateway_received_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (carrier, carrier_message_id) DO NOTHING RETURNING message_id",
-                (message_id, carrier, carrier_message_id, content, pseudonym, short_code, text,
-                 language, received_at, gateway_received_at))
-            if await cursor.fetchone() is not None:
-                await connection.execute(
-                    "INSERT INTO sms_reply_addresses (message_id, msisdn, received_at)"
-                    " VALUES (%s, %s, %s)", (message_id, msisdn, received_at))
-                return Claim(message_id, received_at, language, True)
-            cursor = await connection.execute(
-                "SELECT message_id::text AS message_id, content_hash, received_at, language"
-                "  FROM sms_messages WHERE carrier = %s AND carrier_message_id = %s",
-                (carrier, carrier_message_id))
-            row: dict[str, Any] | None = await cursor.fetchone()
-        assert row is not None
-        if bytes(row["content_hash"]) != content:
-            raise ContentMismatchError
-        return Claim(row["message_id"], row["received_at"], row["language"], False)
+            cursor = await connection.execute(_CLAIM, columns)
+            inserted = {str(row["message_id"]) for row in await cursor.fetchall()}
+            later = [row for row in rows if row.message_id not in inserted]
+            existing: dict[tuple[str, str], dict[str, Any]] = {}
+            if later:
+                cursor = await connection.execute(
+                    "SELECT carrier, carrier_message_id, message_id::text AS message_id,"
+                    "       content_hash, received_at, language FROM sms_messages"
+                    " WHERE (carrier, carrier_message_id) IN"
+                    "       (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                    ([row.carrier for row in later], [row.carrier_message_id for row in later]))
+                rows_found: list[dict[str, Any]] = await cursor.fetchall()
+                existing = {(found["carrier"], found["carrier_message_id"]): found
+                            for found in rows_found}
+        claims: list[Claim | BaseException] = []
+        for row in rows:
+            if row.message_id in inserted:
+                claims.append(Claim(row.message_id, row.received_at, row.language, True))
+                continue
+            found = existing[(row.carrier, row.carrier_message_id)]
+            claims.append(ContentMismatchError() if bytes(found["content_hash"]) != row.content
+                          else Claim(found["message_id"], found["received_at"],
+                                     found["language"], False))
+        return claims
 
     async def answer(self, message_id: str) -> Answer | None:
         async with self._pool.connection() as connection:
@@ -196,23 +344,35 @@ class SmsStore:
     async def record(self, message_id: str, *, outcome: str, contestant_number: int,
                      show_id: str | None, episode_id: str | None, round_id: str | None,
                      vote_id: str | None, price_micros: int, currency_code: str,
-                     reply_text: str) -> tuple[Answer, bool]:
+                     reply_text: str, language: str) -> tuple[Answer, bool]:
         """Record a message's outcome unless one is recorded; (the recorded one, whether it
-        is this one)."""
+        is this one). Concurrent messages share one statement."""
         charged = outcome == "COUNTED"
+        return await self._outcomes.submit(_OutcomeRow(
+            message_id, outcome, contestant_number, show_id, episode_id, round_id, vote_id,
+            charged, price_micros if charged else 0, currency_code, reply_text, language),
+            wait_ms=_WAIT_MS)
+
+    async def _record_batch(self, rows: list[_OutcomeRow],
+                            ) -> list[tuple[Answer, bool] | BaseException]:
+        columns = [list(column)
+                   for column in zip(*(astuple(row)[:-1] for row in rows), strict=True)]
         async with self._pool.connection() as connection:
-            cursor = await connection.execute(
-                "INSERT INTO sms_outcomes (message_id, outcome, contestant_number, show_id,"
-                "     episode_id, round_id, vote_id, charged, price_micros, currency_code,"
-                "     reply_text)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
-                (message_id, outcome, contestant_number, show_id, episode_id, round_id,
-                 vote_id, charged, price_micros if charged else 0, currency_code, reply_text))
-            mine = await cursor.fetchone() is not None
-            recorded = await _answer(connection, message_id)
-        assert recorded is not None
-        return recorded, mine
+            cursor = await connection.execute(_RECORD, columns)
+            mine = {str(row["message_id"]) for row in await cursor.fetchall()}
+            earlier = {row.message_id: await _answer(connection, row.message_id)
+                       for row in rows if row.message_id not in mine}
+        results: list[tuple[Answer, bool] | BaseException] = []
+        for row in rows:
+            if row.message_id in mine:
+                results.append((Answer(row.message_id, row.outcome, row.contestant_number,
+                                       row.vote_id or "", row.charged, row.price_micros,
+                                       row.currency_code, row.reply_text, row.language), True))
+            else:
+                answer = earlier[row.message_id]
+                assert answer is not None
+                results.append((answer, False))
+        return results
 
     async def reply_address(self, message_id: str) -> str | None:
         async with self._pool.connection() as connection:
@@ -227,7 +387,7 @@ class SmsStore:
         """Append a delivery report; (message id, disputed), or None for an unknown message.
 
         A redelivered report (same status, charge and time) is recorded once."""
-        async with self._pool.connection() as connection:
+        async with self._pool.connection() as connection, connection.transaction():
             cursor = await connection.execute(
                 "SELECT m.message_id::text AS message_id, coalesce(o.charged, false) AS charged"
                 "  FROM sms_messages m LEFT JOIN sms_outcomes o USING (message_id)"

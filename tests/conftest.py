@@ -34,6 +34,8 @@ FAST_SHOW_ENV = {
     "RESULTS_RECEIPT_BLOCK_LEAVES": "4",
     # A killed sms_svc's messages are taken over by a carrier's redelivery after 2 s, not 10.
     "SMS_PROCESSING_LEASE_MS": "2000",
+    # Each SMS test binds 1255 to a show of its own, one right after the other.
+    "SMS_BINDING_CACHE_MS": "0",
 }
 
 
