@@ -63,7 +63,7 @@ def post_sms(stack: Stack, carrier: str, *, text: str, msisdn: str = "+855123456
     """A carrier's JSON webhook: POST /v1/carriers/CARRIER_X/sms."""
     body = {"carrierMessageId": carrier_message_id or message_id(), "msisdn": msisdn,
             "shortCode": short_code, "text": text, **extra}
-    return _http(stack, "POST", f"/v1/carriers/CARRIER_{carrier.upper()}/sms",
+    return edge_http(stack, "POST", f"/v1/carriers/CARRIER_{carrier.upper()}/sms",
                  token(stack, Role.CARRIER, as_carrier or carrier), json.dumps(body).encode())
 
 
@@ -75,11 +75,11 @@ def get_sms(stack: Stack, carrier: str, *, text: str, msisdn: str = "85512345678
         "carrier_message_id": carrier_message_id or message_id(), "msisdn": msisdn,
         "short_code": short_code, "text": text,
         "access_token": token(stack, Role.CARRIER, carrier)})
-    return _http(stack, "GET", f"/v1/carriers/CARRIER_{carrier.upper()}/sms?{params}", None,
+    return edge_http(stack, "GET", f"/v1/carriers/CARRIER_{carrier.upper()}/sms?{params}", None,
                  None)
 
 
-def _http(stack: Stack, method: str, path: str, bearer_token: str | None,
+def edge_http(stack: Stack, method: str, path: str, bearer_token: str | None,
           data: bytes | None) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(f"{stack.edge_url}{path}", data=data, method=method)
     request.add_header("content-type", "application/json")

@@ -409,3 +409,52 @@ async def test_the_sms_records_are_append_only(
             await query(stack.database_url, f"DELETE FROM {table}")
     (record,) = await records(stack, "smart", sent)
     assert record["charged"]
+
+
+async def test_binding_1255_as_json_is_idempotent_audited_and_moves_the_votes(
+        stack: Stack, edge_channel: grpc.aio.Channel) -> None:
+    import json
+    import urllib.request
+
+    from runtime.access import Role
+    from tests.support_windows import open_test_round
+    from tests.vote_support import http, query, token
+    operator = token(stack, Role.OPERATOR, "producer")
+    first = await open_test_round(stack.database_url, stack.redis_url)
+    second = await open_test_round(stack.database_url, stack.redis_url)
+    request_id = new_id()
+    body = {"requestId": request_id, "carrier": "CARRIER_SMART", "showId": first.show_id}
+    status, bound = await asyncio.to_thread(http, stack, "POST", "/v1/short-codes/1255/bindings",
+                                            operator, body)
+    assert status == 200, bound
+    assert bound["shortCode"]["price"] == {"currencyCode": "USD", "amountMicros": "500000"}
+    again = await asyncio.to_thread(http, stack, "POST", "/v1/short-codes/1255/bindings",
+                                    operator, body)
+    assert again == (200, bound)
+    other = await asyncio.to_thread(http, stack, "POST", "/v1/short-codes/1255/bindings",
+                                    operator, {**body, "showId": second.show_id})
+    assert other[0] == 409 and json_reason(other[1]) == "IDEMPOTENCY_MISMATCH"
+    audited = await query(stack.database_url, "SELECT * FROM audit_log WHERE action ="
+                          " 'sms.short_code.bind' AND details->>'request_id' = %s", request_id)
+    assert len(audited) == 1 and audited[0]["actor_subject"] == "producer"
+    status, _ = await asyncio.to_thread(post_sms, stack, "smart", text="1")
+    assert len(await sms_votes(stack, first.round_id)) == 1
+    status, moved = await asyncio.to_thread(
+        http, stack, "POST", "/v1/short-codes/1255/bindings", operator,
+        {"requestId": new_id(), "carrier": "CARRIER_SMART", "showId": second.show_id,
+         "price": {"currencyCode": "USD", "amountMicros": "250000"}})
+    assert status == 200, moved
+    _, counted = await asyncio.to_thread(post_sms, stack, "smart", text="1")
+    assert counted["price"]["amountMicros"] == "250000"
+    assert len(await sms_votes(stack, second.round_id)) == 1
+    # A carrier cannot bind; an unknown show is NOT_FOUND.
+    from tests.sms_support import edge_http
+    status, _ = await asyncio.to_thread(
+        edge_http, stack, "POST", "/v1/short-codes/1255/bindings",
+        token(stack, Role.CARRIER, "smart"), json.dumps(body).encode())
+    assert status == 403
+    status, missing = await asyncio.to_thread(
+        http, stack, "POST", "/v1/short-codes/1255/bindings", operator,
+        {"requestId": new_id(), "carrier": "CARRIER_SMART", "showId": new_id()})
+    assert status == 404 and json_reason(missing) == "SHOW_NOT_FOUND"
+    assert json and urllib.request
