@@ -10,6 +10,7 @@
 -- by `televote sms purge --before DATE`.
 -- depends: 0002_show_sync 0004_votes
 
+-- Owner: sms_svc
 CREATE TABLE sms_short_codes (
     carrier       text NOT NULL CHECK (carrier IN ('SMART', 'CELLCARD', 'METFONE')),
     short_code    text NOT NULL CHECK (short_code ~ '^[0-9]{3,8}$'),
@@ -21,6 +22,7 @@ CREATE TABLE sms_short_codes (
     PRIMARY KEY (carrier, short_code)
 );
 
+-- Owner: sms_svc
 CREATE TABLE sms_messages (
     message_id          uuid PRIMARY KEY,
     carrier             text NOT NULL,
@@ -40,6 +42,7 @@ CREATE TABLE sms_messages (
 );
 CREATE INDEX sms_messages_received ON sms_messages (received_at);
 
+-- Owner: sms_svc
 CREATE TABLE sms_outcomes (
     message_id        uuid PRIMARY KEY REFERENCES sms_messages,
     outcome           text NOT NULL CHECK (outcome IN ('COUNTED', 'CLOSED', 'INVALID_FORMAT',
@@ -60,6 +63,7 @@ CREATE TABLE sms_outcomes (
 );
 CREATE INDEX sms_outcomes_episode ON sms_outcomes (episode_id) WHERE charged;
 
+-- Owner: sms_svc
 CREATE TABLE sms_deliveries (
     delivery_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     message_id         uuid NOT NULL REFERENCES sms_messages,
@@ -85,6 +89,7 @@ CREATE TRIGGER sms_outcomes_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON s
 CREATE TRIGGER sms_deliveries_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON sms_deliveries
     FOR EACH STATEMENT EXECUTE FUNCTION sms_records_are_append_only();
 
+-- Owner: sms_svc
 -- The sender of each message, only to address the reply (and its DLR); purged by date.
 CREATE TABLE sms_reply_addresses (
     message_id   uuid PRIMARY KEY REFERENCES sms_messages,
@@ -93,7 +98,7 @@ CREATE TABLE sms_reply_addresses (
 );
 CREATE INDEX sms_reply_addresses_received ON sms_reply_addresses (received_at);
 
--- One row per message: the record a carrier reconciles against.
+-- Owner: sms_svc. One row per message: the record a carrier reconciles against.
 CREATE VIEW sms_records AS
 SELECT m.message_id, m.carrier, m.carrier_message_id, m.pseudonym, m.short_code, m.text,
        m.language, m.received_at, m.gateway_received_at,

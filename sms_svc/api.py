@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
+from runtime import ids
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.gateway_time import edge_received_at
 from runtime.idempotency import once, require_request_id
@@ -159,7 +159,7 @@ class ShortCodeServicer(short_code_service_pb2_grpc.ShortCodeServiceServicer):
     async def BindShortCode(self, request: short_code_service_pb2.BindShortCodeRequest,
                             context: grpc.aio.ServicerContext[Any, Any],
                             ) -> short_code_service_pb2.BindShortCodeResponse:
-        require_request_id(request.request_id)
+        request_id = require_request_id(request.request_id)
         bad = []
         carrier = CARRIERS.get(request.carrier)
         if carrier is None:
@@ -167,10 +167,8 @@ class ShortCodeServicer(short_code_service_pb2_grpc.ShortCodeServiceServicer):
         if not (request.short_code.isascii() and request.short_code.isdigit()
                 and 3 <= len(request.short_code) <= 8):
             bad.append(FieldViolation("short_code", "3 to 8 digits"))
-        try:
-            show_id = str(uuid.UUID(request.show_id))
-        except ValueError:
-            show_id = ""
+        show_id = ids.canonical(request.show_id) or ""
+        if not show_id:
             bad.append(FieldViolation("show_id", "must be a show id (UUID)"))
         price = request.price if request.HasField("price") else DEFAULT_PRICE
         if not (len(price.currency_code) == 3 and price.currency_code.isalpha()
@@ -186,13 +184,13 @@ class ShortCodeServicer(short_code_service_pb2_grpc.ShortCodeServiceServicer):
         async def perform() -> short_code_service_pb2.BindShortCodeResponse:
             bound = await self._store.bind(connection, principal, Binding(
                 carrier, request.short_code, show_id, price.amount_micros,
-                price.currency_code), request.request_id)
+                price.currency_code), request_id)
             if bound is None:
                 raise ApiError(grpc.StatusCode.NOT_FOUND, "SHOW_NOT_FOUND", "no such show")
             return short_code_service_pb2.BindShortCodeResponse(short_code=_short_code(bound))
 
         async with self._storage.pool.connection() as connection, connection.transaction():
-            return await once(connection, "sms.BindShortCode", request.request_id, request,
+            return await once(connection, "sms.BindShortCode", request_id, request,
                               short_code_service_pb2.BindShortCodeResponse, perform)
 
     async def ListShortCodes(self, request: short_code_service_pb2.ListShortCodesRequest,

@@ -6,7 +6,6 @@ It reads sync_svc's shows, episodes, rounds and contestants and writes only its 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from dataclasses import astuple, dataclass
@@ -15,6 +14,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from runtime import audit
 from runtime.access import Principal
 from runtime.coalesce import Coalescer
 from runtime.storage import Storage
@@ -225,14 +225,12 @@ class SmsStore:
              binding.currency_code, principal.subject))
         row = await cursor.fetchone()
         assert row is not None
-        await connection.execute(
-            "INSERT INTO audit_log (actor_role, actor_subject, action, target, details)"
-            " VALUES (%s, %s, 'sms.short_code.bind', %s, %s)",
-            (principal.role.value, principal.subject,
-             f"short_code:{binding.carrier}:{binding.short_code}",
-             json.dumps({"request_id": request_id, "show_id": binding.show_id,
-                         "price_micros": binding.price_micros,
-                         "currency_code": binding.currency_code})))
+        await audit.write(connection, [audit.Entry(
+            principal.role.value, principal.subject, "sms.short_code.bind",
+            f"short_code:{binding.carrier}:{binding.short_code}",
+            details={"request_id": request_id, "show_id": binding.show_id,
+                     "price_micros": binding.price_micros,
+                     "currency_code": binding.currency_code})])
         return _binding(row)
 
     # -- where a vote goes ----------------------------------------------------------------
