@@ -108,6 +108,8 @@ SELECT m.message_id, m.carrier, m.carrier_message_id, m.pseudonym, m.short_code,
        d.status AS delivery_status, d.recorded_at AS delivered_at
   FROM sms_messages m
   LEFT JOIN sms_outcomes o USING (message_id)
+  -- The latest final report (delivered, failed, expired, rejected), else the latest: a
+  -- gateway's reports may arrive out of order (Kannel's "SMSC accepted" after "delivered").
   LEFT JOIN LATERAL (SELECT status, recorded_at FROM sms_deliveries s
                       WHERE s.message_id = m.message_id
-                      ORDER BY delivery_id DESC LIMIT 1) d ON true;
+                      ORDER BY status = 'ACCEPTED', delivery_id DESC LIMIT 1) d ON true;

@@ -48,17 +48,23 @@ def binaries() -> dict[str, Path]:
             "fakesmsc": FAKESMSC}
 
 
+def _any_port() -> int:
+    # Kannel's fake SMSC and box ports listen on every address: a port free on loopback may
+    # still be held on another (a connection from 127.0.0.2 in TIME_WAIT was seen).
+    return free_port("0.0.0.0")
+
+
 @dataclass
 class Kannel:
     """Ports and credentials of one Kannel, chosen before anything starts."""
 
     state_dir: Path
     edge_url: str
-    admin_port: int = field(default_factory=free_port)
-    smsbox_port: int = field(default_factory=free_port)
-    sendsms_port: int = field(default_factory=free_port)
+    admin_port: int = field(default_factory=_any_port)
+    smsbox_port: int = field(default_factory=_any_port)
+    sendsms_port: int = field(default_factory=_any_port)
     smsc_ports: dict[str, int] = field(
-        default_factory=lambda: {carrier: free_port() for carrier in CARRIERS})
+        default_factory=lambda: {carrier: _any_port() for carrier in CARRIERS})
     password: str = field(default_factory=lambda: secrets.token_hex(12))
     _children: list[Child] = field(default_factory=list)
 
@@ -118,7 +124,7 @@ concatenation = true
 """)
         for carrier in CARRIERS:
             query = "&".join([
-                "carrier_message_id=%I", "msisdn=%p", "short_code=%P", "text=%a",
+                "carrier_message_id=%I", "msisdn=%p", "short_code=%P", "text=%b",
                 f"access_token={urllib.parse.quote(self._token(carrier))}"])
             groups.append(f"""group = sms-service
 keyword-regex = .*
@@ -130,8 +136,23 @@ get-url = "{self.edge_url}/v1/carriers/CARRIER_{carrier.upper()}/sms?{query}"
 """)
         return "\n".join(groups)
 
-    async def start(self) -> None:
+    async def start(self, attempts: int = 5) -> None:
+        """Start bearerbox, then smsbox. A port picked free may be taken by the time
+        bearerbox binds it (other processes on the machine pick too): then bearerbox's own
+        ports are picked again. The sendsms port, which sms_svc already knows, stays."""
         found = binaries()
+        for attempt in range(attempts):
+            try:
+                await self._start_once(found)
+                return
+            except RuntimeError:
+                await self.stop()
+                if attempt == attempts - 1:
+                    raise
+                self.admin_port, self.smsbox_port = _any_port(), _any_port()
+                self.smsc_ports = {carrier: _any_port() for carrier in CARRIERS}
+
+    async def _start_once(self, found: dict[str, Path]) -> None:
         path = self.state_dir / "kannel.conf"
         path.write_text(self.config())
         path.chmod(0o600)  # it holds carriers' tokens and the sendsms password
@@ -139,6 +160,8 @@ get-url = "{self.edge_url}/v1/carriers/CARRIER_{carrier.upper()}/sms?{query}"
         self._children.append(await Child.spawn(
             "bearerbox", [str(found["bearerbox"]), str(path)], logs))
         await _wait_port(self.smsbox_port, self._children[0])
+        for port in self.smsc_ports.values():
+            await _wait_port(port, self._children[0])
         self._children.append(await Child.spawn("smsbox", [str(found["smsbox"]), str(path)],
                                                 logs))
         await _wait_port(self.sendsms_port, self._children[1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.parse
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -74,6 +76,22 @@ def _valid_time(stamp: Any, name: str) -> datetime:
     return _time(stamp)
 
 
+def _query_text(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The text of a message an SMS gateway sent as a query parameter, decoded as the form
+    encoding gateways use ("+" is a space, "%2B" a plus: Kannel's `%a`), which the edge's
+    transcoder does not do; None for a message sent in a body."""
+    for key, value in metadata or ():
+        if key == "x-envoy-original-path" and isinstance(value, str) and "?" in value:
+            try:
+                fields = urllib.parse.parse_qs(value.partition("?")[2], keep_blank_values=True,
+                                               errors="strict")
+            except UnicodeDecodeError:
+                raise invalid_argument(FieldViolation("text", "not UTF-8")) from None
+            texts = fields.get("text")
+            return texts[0] if texts else None
+    return None
+
+
 def _response(answer: Answer) -> carrier_service_pb2.ReceiveInboundSmsResponse:
     response = carrier_service_pb2.ReceiveInboundSmsResponse(
         outcome=OUTCOMES[Outcome(answer.outcome)], reply_text=answer.reply_text,
@@ -96,12 +114,14 @@ class CarrierServicer(carrier_service_pb2_grpc.CarrierServiceServicer):
                                 context: grpc.aio.ServicerContext[Any, Any],
                                 ) -> carrier_service_pb2.ReceiveInboundSmsResponse:
         carrier = caller_carrier(request.carrier)
-        arrived = edge_received_at(context.invocation_metadata())  # type: ignore[arg-type]
+        metadata = context.invocation_metadata()
+        arrived = edge_received_at(metadata)  # type: ignore[arg-type]
+        text = _query_text(metadata) or request.text  # type: ignore[arg-type]
         gateway_time = (_valid_time(request.received_at, "received_at")
                         if request.HasField("received_at") else None)
         answer = await self._inbound.receive(InboundSms(
             carrier=carrier, carrier_message_id=request.carrier_message_id,
-            msisdn=request.msisdn, short_code=request.short_code, text=request.text,
+            msisdn=request.msisdn, short_code=request.short_code, text=text,
             # Inside the mesh (tests calling the replica) there is no edge: this host's clock.
             received_at=arrived or datetime.now(UTC), gateway_received_at=gateway_time))
         return _response(answer)
