@@ -20,22 +20,11 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from sms_svc.store import PURGE_MSISDNS, SETTLEMENT_CHARGES
+
 COLUMNS = ("carrier", "line", "carrier_message_id", "message_id", "received_at", "answered_at",
            "subscriber", "contestant_number", "vote_id", "amount", "currency")
 
-_CHARGES = """
-SELECT r.carrier, r.carrier_message_id, r.message_id::text AS message_id, r.received_at,
-       r.answered_at, r.pseudonym, r.contestant_number, r.vote_id::text AS vote_id,
-       r.price_micros, r.currency_code,
-       EXISTS (SELECT 1 FROM votes v JOIN fraud_rejections f
-                    ON f.round_id = v.round_id::text AND f.user_id = v.user_id
-                   AND (f.vote_ref IS NULL OR f.vote_ref = v.request_id)
-                WHERE v.user_id = 'sms:' || r.pseudonym AND v.vote_id = r.vote_id) AS rejected
-  FROM sms_records r
- WHERE r.episode_id = %(episode)s AND r.charged
-   AND (%(carrier)s::text IS NULL OR r.carrier = %(carrier)s)
- ORDER BY r.carrier, r.received_at, r.message_id
-"""
 
 
 def _amount(micros: int) -> str:
@@ -48,7 +37,8 @@ async def settlement_csv(database_url: str, episode_id: str, carrier: str | None
     """The settlement file of an episode (all carriers, or one)."""
     async with await psycopg.AsyncConnection.connect(database_url,
                                                      row_factory=dict_row) as connection:
-        cursor = await connection.execute(_CHARGES, {"episode": episode_id, "carrier": carrier})
+        cursor = await connection.execute(SETTLEMENT_CHARGES,
+                                          {"episode": episode_id, "carrier": carrier})
         rows: list[dict[str, Any]] = await cursor.fetchall()
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -75,6 +65,5 @@ async def settlement_csv(database_url: str, episode_id: str, carrier: str | None
 async def purge_msisdns(database_url: str, before: datetime) -> int:
     """Remove the subscribers' numbers of messages received before `before`."""
     async with await psycopg.AsyncConnection.connect(database_url) as connection:
-        cursor = await connection.execute(
-            "DELETE FROM sms_reply_addresses WHERE received_at < %s", (before,))
+        cursor = await connection.execute(PURGE_MSISDNS, (before,))
         return cursor.rowcount

@@ -17,7 +17,7 @@ from psycopg import AsyncConnection
 from runtime import audit
 from runtime.access import Principal
 from runtime.coalesce import Coalescer
-from runtime.storage import Storage
+from runtime.storage import Storage, fetch_one
 
 
 @dataclass(frozen=True)
@@ -193,10 +193,9 @@ class SmsStore:
 
     async def _read_binding(self, carrier: str, short_code: str) -> Binding | None:
         async with self._pool.connection() as connection:
-            cursor = await connection.execute(
-                f"SELECT {_BINDING_COLUMNS} FROM sms_short_codes"
+            row = await fetch_one(
+                connection, f"SELECT {_BINDING_COLUMNS} FROM sms_short_codes"
                 " WHERE carrier = %s AND short_code = %s", (carrier, short_code))
-            row: dict[str, Any] | None = await cursor.fetchone()
         return None if row is None else _binding(row)
 
     async def bindings(self) -> list[Binding]:
@@ -374,9 +373,9 @@ class SmsStore:
 
     async def reply_address(self, message_id: str) -> str | None:
         async with self._pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT msisdn FROM sms_reply_addresses WHERE message_id = %s", (message_id,))
-            row: dict[str, Any] | None = await cursor.fetchone()
+            row = await fetch_one(
+                connection, "SELECT msisdn FROM sms_reply_addresses WHERE message_id = %s",
+                (message_id,))
         return None if row is None else str(row["msisdn"])
 
     async def deliver(self, *, carrier: str, carrier_message_id: str, status: str,
@@ -412,14 +411,34 @@ class SmsStore:
 
 
 async def _answer(connection: AsyncConnection[Any], message_id: str) -> Answer | None:
-    cursor = await connection.execute(
+    row = await fetch_one(
+        connection,
         "SELECT o.outcome, o.contestant_number, coalesce(o.vote_id::text, '') AS vote_id,"
         "       o.charged, o.price_micros, o.currency_code, o.reply_text, m.language"
         "  FROM sms_outcomes o JOIN sms_messages m USING (message_id)"
         " WHERE o.message_id = %s", (message_id,))
-    row: dict[str, Any] | None = await cursor.fetchone()
     if row is None:
         return None
     return Answer(message_id, row["outcome"], row["contestant_number"], row["vote_id"],
                   row["charged"], int(row["price_micros"]), row["currency_code"],
                   row["reply_text"], row["language"])
+
+
+#: An episode's charged messages, all carriers or one, with whether fraud review rejected
+#: the vote (read as the final result reads fraud_rejections): `televote sms settlement`.
+SETTLEMENT_CHARGES = """
+SELECT r.carrier, r.carrier_message_id, r.message_id::text AS message_id, r.received_at,
+       r.answered_at, r.pseudonym, r.contestant_number, r.vote_id::text AS vote_id,
+       r.price_micros, r.currency_code,
+       EXISTS (SELECT 1 FROM votes v JOIN fraud_rejections f
+                    ON f.round_id = v.round_id::text AND f.user_id = v.user_id
+                   AND (f.vote_ref IS NULL OR f.vote_ref = v.request_id)
+                WHERE v.user_id = 'sms:' || r.pseudonym AND v.vote_id = r.vote_id) AS rejected
+  FROM sms_records r
+ WHERE r.episode_id = %(episode)s AND r.charged
+   AND (%(carrier)s::text IS NULL OR r.carrier = %(carrier)s)
+ ORDER BY r.carrier, r.received_at, r.message_id
+"""
+
+#: `televote sms purge --before DATE`: the numbers kept for replies go; records stay.
+PURGE_MSISDNS = "DELETE FROM sms_reply_addresses WHERE received_at < %s"
