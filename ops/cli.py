@@ -239,6 +239,10 @@ def loadtest(
     votes_per_user: Annotated[int, typer.Option(min=1)] = 10,
     paid_share: Annotated[float, typer.Option(min=0.0, max=1.0,
                                               help="Share of votes that are paid.")] = 0.3,
+    sms_share: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="seed, shownight: share of voters who text 1255 instead "
+                               "(premium SMS through the carrier API, over three carriers).")]
+    = 0.2,
     window: Annotated[float | None, typer.Option(
         min=1.0, help="The voting window in show seconds (default 1800).")] = None,
     compress: Annotated[float | None, typer.Option(
@@ -279,7 +283,7 @@ def loadtest(
     defaults = _SCENARIO_DEFAULTS[scenario]
     config = LoadConfig(
         scenario=scenario, users=users or int(defaults.get("users", 10_000)),
-        votes_per_user=votes_per_user, paid_share=paid_share,
+        votes_per_user=votes_per_user, paid_share=paid_share, sms_share=sms_share,
         window_s=window or defaults.get("window_s", 1800.0),
         compress=compress or defaults.get("compress", 30.0),
         paths=tuple(p.strip() for p in paths.split(",") if p.strip()), seed=seed,
