@@ -170,6 +170,7 @@ class Stack:
         env = {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
                "TELEVOTE_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1",
                "VOTE_PSEUDONYM_SALT": _secret(state_dir / "pseudonym-salt"),
+               "VOTE_IP_HASH_KEY": _secret(state_dir / "ip-hash-key"),
                "SMS_MSISDN_SECRET": _secret(state_dir / "msisdn-secret")}
         env.update({variable: self.target(service)
                     for service, variable in TARGET_VARIABLES.items()})
