@@ -10,7 +10,7 @@ from vote_svc.ingest import Ingestor
 
 def ingestor(**settings: Any) -> Ingestor:
     config = VoteConfig(database_url="postgresql://unused", redis_url="redis://unused",
-                        vote_pseudonym_salt="salt", **settings)
+                        vote_pseudonym_salt="salt", vote_ip_hash_key="key", **settings)
     return Ingestor(None, None, None, None, config)  # type: ignore[arg-type]
 
 

@@ -238,8 +238,8 @@ class ReceiveInboundSmsResponse(_message.Message):
     outcome: Global___InboundSmsOutcome.ValueType
     """What became of the message."""
     reply_text: _builtins.str
-    """The reply to send to the sender (Khmer or English per the show), at most 160 GSM chars or
-    70 UCS-2 chars.
+    """The reply to send to the sender, in Khmer or English (see `language`). A Khmer reply may
+    be longer than one UCS-2 SMS (70 chars) and is then sent concatenated.
     """
     charge: _builtins.bool
     """Whether to bill the premium rate for this message. True only for VOTE_COUNTED."""
