@@ -5,7 +5,7 @@
 // Fragment parameters: episode (required), round (pin one round instead of following the
 // show), bg (overlays: green, blue, magenta, black or transparent — the key colour of the
 // graphics machine), rows (overlay: most rows shown), lang.
-import { $, clients, followResults, formatClock, params, ShowFeed, type ShowView } from "./common";
+import { $, clients, followResults, formatClock, onSecondEdges, params, ShowFeed, type ShowView } from "./common";
 import { Board } from "./standings";
 import { RoundState } from "./gen/televote/sync/v1/sync_types_pb";
 import { ShowEventType } from "./gen/televote/sync/v1/show_watch_service_pb";
@@ -92,20 +92,6 @@ if (!episodeId) {
   const feed = new ShowFeed(client, episodeId, render,
                             (connected) => document.body.classList.toggle("offline", !connected));
   feed.run().catch((error) => { status.textContent = `Episode unavailable: ${String(error)}`; });
-  // A display must be smooth at the seconds' edges: re-render on each animation frame only
-  // when the shown second changes (cheap), instead of a setInterval that drifts.
-  let shown = "";
-  const frame = () => {
-    const remaining = Math.ceil(feed.remainingMs() / 1000);
-    const key = `${remaining}|${feed.view?.snapshot.currentRound?.state}`;
-    if (key !== shown) {
-      shown = key;
-      tick(feed);
-    }
-    requestAnimationFrame(frame);
-  };
-  requestAnimationFrame(frame);
-  // Hidden tabs get no animation frames; keep data-remaining-ms honest for them too.
-  setInterval(() => tick(feed), 1000);
+  onSecondEdges(() => feed.remainingMs(), () => tick(feed));
 }
 

@@ -146,6 +146,19 @@ export function formatClock(remainingMs: number): string {
   return `${minutes}:${String(total % 60).padStart(2, "0")}`;
 }
 
+/** Calls `tick` each time the shown second of a countdown changes, and at least once a second.
+ * A timer aimed at the next edge instead of an animation-frame loop: an idle page must not
+ * wake the main thread sixty times a second. */
+export function onSecondEdges(remainingMs: () => number, tick: () => void): void {
+  const loop = () => {
+    tick();
+    const remaining = remainingMs();
+    const delay = remaining > 0 ? (remaining % 1000) + 5 : 1000;
+    setTimeout(loop, Math.min(1000, Math.max(20, delay)));
+  };
+  loop();
+}
+
 // ---- the show ---------------------------------------------------------------------------------
 
 /** Structural events after which the page re-reads the whole snapshot (contestants of a newly

@@ -5,7 +5,7 @@
 // removed from the address bar), lang (en or km), sms (the short code shown, default 1255).
 import { Code } from "@connectrpc/connect";
 import {
-  $, avatar, claimsOf, clients, formatClock, h, hex, ms, newRequestId, params, refusalOf,
+  $, avatar, claimsOf, clients, formatClock, h, hex, ms, newRequestId, onSecondEdges, params, refusalOf,
   ShowFeed, storeToken, takeToken, withRetries, type ShowView,
 } from "./common";
 import { I18n, initialLang, isKey, type Key } from "./i18n";
@@ -370,16 +370,6 @@ if (!episodeId) {
     if (connected) void refreshBalance();
   });
   feed.run().catch((error) => say("error", String(refusalOf(error).message), "EPISODE"));
-  let shown = "";
-  const frame = () => {
-    const key = `${Math.ceil(feed.remainingMs() / 1000)}|${feed.view?.snapshot.currentRound?.state}`;
-    if (key !== shown) {
-      shown = key;
-      tick(feed);
-    }
-    requestAnimationFrame(frame);
-  };
-  requestAnimationFrame(frame);
-  setInterval(() => tick(feed), 1000);
+  onSecondEdges(() => feed.remainingMs(), () => tick(feed));
   void refreshBalance();
 }
