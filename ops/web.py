@@ -32,6 +32,12 @@ DIST = WEB / "dist"
 NODE_MODULES = WEB / "node_modules"
 #: One bundle per app; the results board, the overlay and the countdown share board.ts.
 ENTRY_POINTS = ("voter.ts", "board.ts", "control.ts")
+#: Khmer glyphs for every screen (the broadcast graphics machine, a desktop without Khmer
+#: fonts): Noto Sans Khmer's Khmer subset (SIL OFL), loaded only where Khmer text appears.
+FONTS = {"noto-sans-khmer.woff2": "@fontsource-variable/noto-sans-khmer/files/"
+                                  "noto-sans-khmer-khmer-wght-normal.woff2",
+         # The OFL asks that the licence travel with the font.
+         "noto-sans-khmer-OFL.txt": "@fontsource-variable/noto-sans-khmer/LICENSE"}
 #: Browsers the bundles are written for (the oldest that a viewer's phone still runs).
 TARGETS = "es2022,chrome109,safari16,firefox115"
 
@@ -52,6 +58,8 @@ CONTENT_TYPES = {
     ".css": "text/css; charset=utf-8",
     ".svg": "image/svg+xml",
     ".png": "image/png",
+    ".woff2": "font/woff2",
+    ".txt": "text/plain; charset=utf-8",
 }
 
 
@@ -92,6 +100,8 @@ def render(out: Path) -> None:
           "--bundle", "--minify", "--format=esm", f"--target={TARGETS}",
           "--legal-comments=none", "--charset=utf8", f"--outdir={dist}"], cwd=WEB)
     shutil.copytree(STATIC, dist, dirs_exist_ok=True)
+    for name, source in FONTS.items():
+        shutil.copyfile(NODE_MODULES / source, dist / name)
 
 
 def _files(root: Path) -> set[str]:
