@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -131,6 +133,39 @@ async def vote_in_page(page: Any, contestant_id: str) -> Any:
     message = page.locator("#message:not(.message-info)")
     await message.wait_for()
     return message
+
+
+def _get(url: str, method: str = "GET", headers: dict[str, str] | None = None
+         ) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+async def test_the_edge_serves_the_pages_and_nothing_else_without_a_token(stack: Stack) -> None:
+    status, headers, body = await asyncio.to_thread(_get, f"{stack.edge_url}/vote")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in headers["content-security-policy"]
+    assert b"/assets/voter.js" in body
+    status, headers, body = await asyncio.to_thread(_get, f"{stack.edge_url}/assets/voter.js")
+    assert status == 200 and headers["content-type"].startswith("text/javascript")
+    assert body == (web.DIST / "voter.js").read_bytes()
+    status, _, body = await asyncio.to_thread(_get, f"{stack.edge_url}/")  # redirected
+    assert status == 200 and b"/assets/voter.js" in body
+    # Only the built files are public; any other path still needs a token.
+    for path in ("/assets/nope.js", "/vote/../etc/passwd", "/assets/"):
+        status, _, _ = await asyncio.to_thread(_get, f"{stack.edge_url}{path}")
+        assert status == 401, path
+    status, _, _ = await asyncio.to_thread(_get, f"{stack.edge_url}/vote", "POST")
+    assert status == 404  # pages are read-only
+    # Same origin: the pages need no CORS, and a foreign origin still gets none.
+    status, headers, _ = await asyncio.to_thread(
+        _get, f"{stack.edge_url}/televote.vote.v1.VoteService/SubmitVote", "OPTIONS",
+        {"origin": "https://evil.example", "access-control-request-method": "POST"})
+    assert "access-control-allow-origin" not in {k.lower() for k in headers}
 
 
 async def test_a_voter_votes_until_no_free_votes_and_the_receipt_verifies_in_the_page(
