@@ -289,11 +289,7 @@ async def test_the_overlay_shows_a_rank_change_after_votes_move(
     message = await vote_in_page(page, contestants[3])
     assert await message.get_attribute("data-reason") == "OK"
     fourth = overlay.page.locator(f'.standing[data-contestant="{contestants[3]}"]')
-    try:
-        await fourth.locator(".change-up", has_text="+2").wait_for(timeout=15_000)
-    except Exception:
-        print(await overlay.page.evaluate("document.querySelector('#board').outerHTML"))
-        raise
+    await fourth.locator(".change-up", has_text="+2").wait_for(timeout=15_000)
     await third.locator(".change-down", has_text="\N{MINUS SIGN}1").wait_for(timeout=5_000)
     assert await fourth.get_attribute("data-rank") == "1"
     assert await fourth.locator(".badge-gold").count() == 1
