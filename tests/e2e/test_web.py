@@ -397,6 +397,7 @@ async def test_the_control_room_runs_a_whole_show_to_results_ready(
     await page.locator("#final", has_text="Final:").wait_for(timeout=10_000)
     await cue("#end-show", "Show ended", confirm=True)
     await page.locator("#show-state", has_text="ENDED").wait_for(timeout=10_000)
+    await page.locator("#connection", has_text="show ended").wait_for(timeout=10_000)
 
     # Blocks: create and lift one.
     await page.select_option("#block-kind", "1")

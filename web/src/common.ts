@@ -7,7 +7,7 @@ import type { DescService } from "@bufbuild/protobuf";
 import { timestampMs, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { ErrorInfoSchema, RetryInfoSchema } from "./gen/google/rpc/error_details_pb";
 import { ShowWatchService, ShowEventType, type WatchShowResponse } from "./gen/televote/sync/v1/show_watch_service_pb";
-import type { ShowSnapshot } from "./gen/televote/sync/v1/sync_types_pb";
+import { ShowState, type ShowSnapshot } from "./gen/televote/sync/v1/sync_types_pb";
 import { ResultsService } from "./gen/televote/results/v1/results_service_pb";
 import type { RoundResults } from "./gen/televote/results/v1/results_service_pb";
 
@@ -203,7 +203,8 @@ export class ShowFeed {
     this.onChange(this.view, event);
   }
 
-  async run(): Promise<never> {
+  /** Follows the show until it ends (the server closes every watch then). */
+  async run(): Promise<void> {
     for (let failures = 0; ; ) {
       try {
         for await (const event of this.watch.watchShow({ episodeId: this.episodeId })) {
@@ -212,6 +213,7 @@ export class ShowFeed {
           this.clock.sample(ms(event.serverTime));
           await this.apply(event);
         }
+        if (this.view?.snapshot.episode?.state === ShowState.ENDED) return;
       } catch (error) {
         const refusal = refusalOf(error);
         if (refusal.code === Code.NotFound || refusal.code === Code.InvalidArgument) {

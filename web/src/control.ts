@@ -292,7 +292,8 @@ function startFeed(): void {
   const current = new ShowFeed(client, setup.episodeId, showStatus,
                                (connected) => { $("#connection").textContent = connected ? "live" : "reconnecting"; });
   feed = current;
-  current.run().catch((error) => note("error", `Episode: ${refusalOf(error).message}`));
+  current.run().then(() => { $("#connection").textContent = "show ended"; })
+    .catch((error) => note("error", `Episode: ${refusalOf(error).message}`));
 }
 
 setInterval(() => {
