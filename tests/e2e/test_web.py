@@ -24,11 +24,20 @@ import pytest_asyncio
 from ops import tokens, web
 from ops.stack import Stack
 from runtime.access import Role
+from televote.fraud.v1 import (
+    fraud_review_service_pb2,
+    fraud_review_service_pb2_grpc,
+    fraud_types_pb2,
+)
 from televote.sync.v1 import show_watch_service_pb2 as watch
 from televote.sync.v1 import show_watch_service_pb2_grpc as watch_grpc
 from televote.sync.v1 import sync_types_pb2
 from televote.vote.v1 import wallet_admin_service_pb2, wallet_admin_service_pb2_grpc
 from tests.conftest import bearer
+
+# The fraud scoring server of fraud_svc's own tests (a test GeoIP database) queues the reviews.
+from tests.integration.test_fraud import Fraud, _queue_reviews, _user
+from tests.integration.test_fraud import fraud as fraud
 from tests.sync_support import GrpcWatcher, Operator, request_id, seconds
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -410,4 +419,36 @@ async def test_the_control_room_runs_a_whole_show_to_results_ready(
     await row.locator("button").click()
     await page.locator("#confirm-yes").click()
     await row.wait_for(state="detached", timeout=10_000)
+    assert control.errors == []
+
+
+async def test_the_control_room_works_the_fraud_review_queue(
+        stack: Stack, edge_channel: grpc.aio.Channel, browser: Any, fraud: Fraud) -> None:
+    """Two of a user's votes wait for review (a VPN from abroad); the producer rejects one and
+    approves the other from the page."""
+    user = _user()
+    await _queue_reviews(fraud, user, 2, f"round-{user}")
+    control = await open_page(browser, f"{stack.edge_url}/control#token="
+                                       f"{token(stack, Role.OPERATOR, 'producer-web')}",
+                              width=1600, height=1300)
+    page = control.page
+    rows = page.locator("#reviews tr", has_text=user)
+    one_vote = str(fraud_review_service_pb2.REVIEW_SCOPE_VOTE)
+    await rows.nth(1).wait_for(timeout=15_000)
+    assert "vpn_proxy" in (await rows.first.text_content() or "")
+    await rows.first.locator("select").select_option(one_vote)
+    await rows.first.locator("button", has_text="Reject").click()
+    await page.locator("#log li.log-ok", has_text=f"Rejected review of {user}").wait_for()
+    await page.locator("#reviews tr", has_text=user).nth(1).wait_for(state="detached")
+    await rows.first.locator("select").select_option(one_vote)
+    await rows.first.locator("button", has_text="Approve").click()
+    await page.locator("#log li.log-ok", has_text=f"Approved review of {user}").wait_for()
+    await rows.first.wait_for(state="detached")
+    reviews = await fraud_review_service_pb2_grpc.FraudReviewServiceStub(edge_channel).ListReviews(
+        fraud_review_service_pb2.ListReviewsRequest(user_id=user),
+        metadata=bearer(stack.settings.state_dir, Role.OPERATOR, "producer"), timeout=10)
+    assert sorted(r.state for r in reviews.reviews) == sorted(
+        [fraud_types_pb2.REVIEW_STATE_REJECTED, fraud_types_pb2.REVIEW_STATE_APPROVED])
+    assert {r.resolved_by for r in reviews.reviews} == {"producer-web"}
+    await control.screenshot("control-review-queue")
     assert control.errors == []
