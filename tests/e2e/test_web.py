@@ -436,6 +436,7 @@ async def test_the_control_room_works_the_fraud_review_queue(
     one_vote = str(fraud_review_service_pb2.REVIEW_SCOPE_VOTE)
     await rows.nth(1).wait_for(timeout=15_000)
     assert "vpn_proxy" in (await rows.first.text_content() or "")
+    await control.screenshot("control-review-queue")
     await rows.first.locator("select").select_option(one_vote)
     await rows.first.locator("button", has_text="Reject").click()
     await page.locator("#log li.log-ok", has_text=f"Rejected review of {user}").wait_for()
@@ -450,5 +451,4 @@ async def test_the_control_room_works_the_fraud_review_queue(
     assert sorted(r.state for r in reviews.reviews) == sorted(
         [fraud_types_pb2.REVIEW_STATE_REJECTED, fraud_types_pb2.REVIEW_STATE_APPROVED])
     assert {r.resolved_by for r in reviews.reviews} == {"producer-web"}
-    await control.screenshot("control-review-queue")
     assert control.errors == []

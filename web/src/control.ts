@@ -107,6 +107,8 @@ function renderSetup(): void {
   $("#performer").replaceChildren(...contestantOptions);
   $("#round-select").replaceChildren(...setup.rounds.map((r) =>
     h("option", { value: r.roundId }, `${r.name || "Round"} (${r.contestantIds.length})`)));
+  // Cues need an episode; an operator with none has nothing to fire them at.
+  for (const id of Object.keys(cues)) $<HTMLButtonElement>(`#${id}`).disabled = !setup.episodeId;
   const links = $("#links");
   links.replaceChildren();
   if (setup.episodeId) {
@@ -220,7 +222,7 @@ for (const [id, run] of Object.entries(cues)) {
     try {
       await run();
     } finally {
-      button.disabled = false;
+      button.disabled = !setup.episodeId;
     }
   });
 }
