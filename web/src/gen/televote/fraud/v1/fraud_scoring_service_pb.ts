@@ -19,7 +19,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file televote/fraud/v1/fraud_scoring_service.proto.
  */
 export const file_televote_fraud_v1_fraud_scoring_service: GenFile = /*@__PURE__*/
-  fileDesc("Ci10ZWxldm90ZS9mcmF1ZC92MS9mcmF1ZF9zY29yaW5nX3NlcnZpY2UucHJvdG8SEXRlbGV2b3RlLmZyYXVkLnYxIvMCCglWb3RlRmFjdHMSCwoDcmVmGAEgASgJEhUKB3VzZXJfaWQYAiABKAlCBOJBAQISEQoJZGV2aWNlX2lkGAMgASgJEgoKAmlwGAQgASgJEhQKDGNvdW50cnlfaGludBgFIAEoCRIsCghsb2NhdGlvbhgGIAEoCzIaLnRlbGV2b3RlLnZvdGUudjEuR2VvUG9pbnQSKgoHY2hhbm5lbBgHIAEoDjIZLnRlbGV2b3RlLnZvdGUudjEuQ2hhbm5lbBIWCghyb3VuZF9pZBgIIAEoCUIE4kEBAhIVCg1jb250ZXN0YW50X2lkGAkgASgJEg0KBWNvdW50GAogASgFEi8KC2NsaWVudF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtzZXJ2ZXJfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLYXBwX3ZlcnNpb24YDSABKAkinQEKCVZvdGVTY29yZRILCgNyZWYYASABKAkSLgoGYWN0aW9uGAIgASgOMh4udGVsZXZvdGUuZnJhdWQudjEuRnJhdWRBY3Rpb24SDQoFc2NvcmUYAyABKAESLwoHcmVhc29ucxgEIAMoCzIeLnRlbGV2b3RlLmZyYXVkLnYxLkZyYXVkU2lnbmFsEhMKC2RlY2lzaW9uX2lkGAUgASgJIkYKEVNjb3JlVm90ZXNSZXF1ZXN0EjEKBXZvdGVzGAEgAygLMhwudGVsZXZvdGUuZnJhdWQudjEuVm90ZUZhY3RzQgTiQQECIkIKElNjb3JlVm90ZXNSZXNwb25zZRIsCgZzY29yZXMYASADKAsyHC50ZWxldm90ZS5mcmF1ZC52MS5Wb3RlU2NvcmUiWgoWU2NvcmVWb3RlU3RyZWFtUmVxdWVzdBINCgViYXRjaBgBIAEoBBIxCgV2b3RlcxgCIAMoCzIcLnRlbGV2b3RlLmZyYXVkLnYxLlZvdGVGYWN0c0IE4kEBAiJ5ChdTY29yZVZvdGVTdHJlYW1SZXNwb25zZRINCgViYXRjaBgBIAEoBBIsCgZzY29yZXMYAiADKAsyHC50ZWxldm90ZS5mcmF1ZC52MS5Wb3RlU2NvcmUSIQoFZXJyb3IYAyABKAsyEi5nb29nbGUucnBjLlN0YXR1czLeAQoTRnJhdWRTY29yaW5nU2VydmljZRJZCgpTY29yZVZvdGVzEiQudGVsZXZvdGUuZnJhdWQudjEuU2NvcmVWb3Rlc1JlcXVlc3QaJS50ZWxldm90ZS5mcmF1ZC52MS5TY29yZVZvdGVzUmVzcG9uc2USbAoPU2NvcmVWb3RlU3RyZWFtEikudGVsZXZvdGUuZnJhdWQudjEuU2NvcmVWb3RlU3RyZWFtUmVxdWVzdBoqLnRlbGV2b3RlLmZyYXVkLnYxLlNjb3JlVm90ZVN0cmVhbVJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_google_api_field_behavior, file_google_protobuf_timestamp, file_google_rpc_status, file_televote_fraud_v1_fraud_types, file_televote_vote_v1_vote_types]);
+  fileDesc("Ci10ZWxldm90ZS9mcmF1ZC92MS9mcmF1ZF9zY29yaW5nX3NlcnZpY2UucHJvdG8SEXRlbGV2b3RlLmZyYXVkLnYxIvMCCglWb3RlRmFjdHMSCwoDcmVmGAEgASgJEhUKB3VzZXJfaWQYAiABKAlCBOJBAQISEQoJZGV2aWNlX2lkGAMgASgJEgoKAmlwGAQgASgJEhQKDGNvdW50cnlfaGludBgFIAEoCRIsCghsb2NhdGlvbhgGIAEoCzIaLnRlbGV2b3RlLnZvdGUudjEuR2VvUG9pbnQSKgoHY2hhbm5lbBgHIAEoDjIZLnRlbGV2b3RlLnZvdGUudjEuQ2hhbm5lbBIWCghyb3VuZF9pZBgIIAEoCUIE4kEBAhIVCg1jb250ZXN0YW50X2lkGAkgASgJEg0KBWNvdW50GAogASgFEi8KC2NsaWVudF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtzZXJ2ZXJfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLYXBwX3ZlcnNpb24YDSABKAkinQEKCVZvdGVTY29yZRILCgNyZWYYASABKAkSLgoGYWN0aW9uGAIgASgOMh4udGVsZXZvdGUuZnJhdWQudjEuRnJhdWRBY3Rpb24SDQoFc2NvcmUYAyABKAESLwoHcmVhc29ucxgEIAMoCzIeLnRlbGV2b3RlLmZyYXVkLnYxLkZyYXVkU2lnbmFsEhMKC2RlY2lzaW9uX2lkGAUgASgJIkYKEVNjb3JlVm90ZXNSZXF1ZXN0EjEKBXZvdGVzGAEgAygLMhwudGVsZXZvdGUuZnJhdWQudjEuVm90ZUZhY3RzQgTiQQECIkIKElNjb3JlVm90ZXNSZXNwb25zZRIsCgZzY29yZXMYASADKAsyHC50ZWxldm90ZS5mcmF1ZC52MS5Wb3RlU2NvcmUiWgoWU2NvcmVWb3RlU3RyZWFtUmVxdWVzdBINCgViYXRjaBgBIAEoBBIxCgV2b3RlcxgCIAMoCzIcLnRlbGV2b3RlLmZyYXVkLnYxLlZvdGVGYWN0c0IE4kEBAiJ5ChdTY29yZVZvdGVTdHJlYW1SZXNwb25zZRINCgViYXRjaBgBIAEoBBIsCgZzY29yZXMYAiADKAsyHC50ZWxldm90ZS5mcmF1ZC52MS5Wb3RlU2NvcmUSIQoFZXJyb3IYAyABKAsyEi5nb29nbGUucnBjLlN0YXR1cyKdAQoPTGVkZ2VyVm90ZUJsb2NrEhUKB3ZvdGVfaWQYASABKAlCBOJBAQISEQoDcmVmGAIgASgJQgTiQQECEhUKB3VzZXJfaWQYAyABKAlCBOJBAQISFgoIcm91bmRfaWQYBCABKAlCBOJBAQISMQoFc2NvcmUYBSABKAsyHC50ZWxldm90ZS5mcmF1ZC52MS5Wb3RlU2NvcmVCBOJBAQIibgoYUmVqZWN0TGVkZ2VyVm90ZXNSZXF1ZXN0EjcKBXZvdGVzGAEgAygLMiIudGVsZXZvdGUuZnJhdWQudjEuTGVkZ2VyVm90ZUJsb2NrQgTiQQECEhkKC3Jlc2NvcmVkX2J5GAIgASgJQgTiQQECIkoKGVJlamVjdExlZGdlclZvdGVzUmVzcG9uc2USGwoTZmluYWxpemVkX3JvdW5kX2lkcxgBIAMoCRIQCghyZWplY3RlZBgCIAEoBTLOAgoTRnJhdWRTY29yaW5nU2VydmljZRJZCgpTY29yZVZvdGVzEiQudGVsZXZvdGUuZnJhdWQudjEuU2NvcmVWb3Rlc1JlcXVlc3QaJS50ZWxldm90ZS5mcmF1ZC52MS5TY29yZVZvdGVzUmVzcG9uc2USbAoPU2NvcmVWb3RlU3RyZWFtEikudGVsZXZvdGUuZnJhdWQudjEuU2NvcmVWb3RlU3RyZWFtUmVxdWVzdBoqLnRlbGV2b3RlLmZyYXVkLnYxLlNjb3JlVm90ZVN0cmVhbVJlc3BvbnNlKAEwARJuChFSZWplY3RMZWRnZXJWb3RlcxIrLnRlbGV2b3RlLmZyYXVkLnYxLlJlamVjdExlZGdlclZvdGVzUmVxdWVzdBosLnRlbGV2b3RlLmZyYXVkLnYxLlJlamVjdExlZGdlclZvdGVzUmVzcG9uc2ViBnByb3RvMw", [file_google_api_field_behavior, file_google_protobuf_timestamp, file_google_rpc_status, file_televote_fraud_v1_fraud_types, file_televote_vote_v1_vote_types]);
 
 /**
  * The facts about one vote.
@@ -282,6 +282,111 @@ export const ScoreVoteStreamResponseSchema: GenMessage<ScoreVoteStreamResponse> 
   messageDesc(file_televote_fraud_v1_fraud_scoring_service, 5);
 
 /**
+ * A ledger vote whose re-scoring said BLOCK.
+ *
+ * @generated from message televote.fraud.v1.LedgerVoteBlock
+ */
+export type LedgerVoteBlock = Message<"televote.fraud.v1.LedgerVoteBlock"> & {
+  /**
+   * The ledger's vote id.
+   *
+   * @generated from field: string vote_id = 1;
+   */
+  voteId: string;
+
+  /**
+   * The ref it was scored under (the vote's request_id).
+   *
+   * @generated from field: string ref = 2;
+   */
+  ref: string;
+
+  /**
+   * The voter.
+   *
+   * @generated from field: string user_id = 3;
+   */
+  userId: string;
+
+  /**
+   * The vote's round (a UUID).
+   *
+   * @generated from field: string round_id = 4;
+   */
+  roundId: string;
+
+  /**
+   * ScoreVotes' verdict on it (action BLOCK).
+   *
+   * @generated from field: televote.fraud.v1.VoteScore score = 5;
+   */
+  score?: VoteScore | undefined;
+};
+
+/**
+ * Describes the message televote.fraud.v1.LedgerVoteBlock.
+ * Use `create(LedgerVoteBlockSchema)` to create a new message.
+ */
+export const LedgerVoteBlockSchema: GenMessage<LedgerVoteBlock> = /*@__PURE__*/
+  messageDesc(file_televote_fraud_v1_fraud_scoring_service, 6);
+
+/**
+ * Request for FraudScoringService.RejectLedgerVotes.
+ *
+ * @generated from message televote.fraud.v1.RejectLedgerVotesRequest
+ */
+export type RejectLedgerVotesRequest = Message<"televote.fraud.v1.RejectLedgerVotesRequest"> & {
+  /**
+   * The votes, 1 to 1,000.
+   *
+   * @generated from field: repeated televote.fraud.v1.LedgerVoteBlock votes = 1;
+   */
+  votes: LedgerVoteBlock[];
+
+  /**
+   * Who re-scored them (recorded as the rejections' author), e.g. `vote_svc/<replica>`.
+   *
+   * @generated from field: string rescored_by = 2;
+   */
+  rescoredBy: string;
+};
+
+/**
+ * Describes the message televote.fraud.v1.RejectLedgerVotesRequest.
+ * Use `create(RejectLedgerVotesRequestSchema)` to create a new message.
+ */
+export const RejectLedgerVotesRequestSchema: GenMessage<RejectLedgerVotesRequest> = /*@__PURE__*/
+  messageDesc(file_televote_fraud_v1_fraud_scoring_service, 7);
+
+/**
+ * Response for FraudScoringService.RejectLedgerVotes.
+ *
+ * @generated from message televote.fraud.v1.RejectLedgerVotesResponse
+ */
+export type RejectLedgerVotesResponse = Message<"televote.fraud.v1.RejectLedgerVotesResponse"> & {
+  /**
+   * The rounds among the votes' whose final result was already stored.
+   *
+   * @generated from field: repeated string finalized_round_ids = 1;
+   */
+  finalizedRoundIds: string[];
+
+  /**
+   * How many votes this call rejected (0 for a retry).
+   *
+   * @generated from field: int32 rejected = 2;
+   */
+  rejected: number;
+};
+
+/**
+ * Describes the message televote.fraud.v1.RejectLedgerVotesResponse.
+ * Use `create(RejectLedgerVotesResponseSchema)` to create a new message.
+ */
+export const RejectLedgerVotesResponseSchema: GenMessage<RejectLedgerVotesResponse> = /*@__PURE__*/
+  messageDesc(file_televote_fraud_v1_fraud_scoring_service, 8);
+
+/**
  * Scores votes for fraud before they are admitted. Called by vote_svc with batches gathered
  * over a few milliseconds. Audience: internal (role `internal`); never routed by the edge,
  * hence no HTTP bindings.
@@ -298,8 +403,10 @@ export const FraudScoringService: GenService<{
    * * OK: one score per vote.
    * * INVALID_ARGUMENT `BATCH_TOO_LARGE`: more than 1,000 votes.
    * * INVALID_ARGUMENT `INVALID_REQUEST`: empty batch, or a vote without user or round.
-   * * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides (vote_svc fails open to
-   *   ALLOW with a "scoring_unavailable" audit entry, configurable).
+   * * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides. vote_svc admits the
+   *   votes as UNSCORED (VOTE_FRAUD_FAIL_OPEN, on by default; nothing is audited then) and
+   *   scores them through this RPC once scoring answers again; with it off it refuses them
+   *   with UNAVAILABLE.
    *
    * @generated from rpc televote.fraud.v1.FraudScoringService.ScoreVotes
    */
@@ -323,6 +430,27 @@ export const FraudScoringService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof ScoreVoteStreamRequestSchema;
     output: typeof ScoreVoteStreamResponseSchema;
+  },
+  /**
+   * Carries out BLOCK verdicts on votes already in the ledger (votes vote_svc admitted
+   * UNSCORED while scoring was unavailable and scored afterwards with ScoreVotes): a ledger
+   * vote cannot be refused any more, so each is rejected instead, unless its round's final
+   * result is stored. A rejection is a review born REJECTED (or the vote's existing review),
+   * a rejection the final result's FRAUD_REJECTED rule leaves out, and an audit entry
+   * `fraud.rescore.reject`, written under the round's finalization lock, so it either lands
+   * before the recount or not at all. Idempotent: a vote already rejected is left as it is.
+   *
+   * Returns:
+   * * OK: which of the votes' rounds were already final (their votes were left alone).
+   * * INVALID_ARGUMENT `INVALID_REQUEST`: more than 1,000 votes, or a vote without vote_id,
+   *   ref, user or round, or whose score is not a BLOCK.
+   *
+   * @generated from rpc televote.fraud.v1.FraudScoringService.RejectLedgerVotes
+   */
+  rejectLedgerVotes: {
+    methodKind: "unary";
+    input: typeof RejectLedgerVotesRequestSchema;
+    output: typeof RejectLedgerVotesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_televote_fraud_v1_fraud_scoring_service, 0);
