@@ -132,6 +132,10 @@ export class Board {
       row.position = position;
       row.element.style.transform = `translateY(${position * this.options.rowHeight}px)`;
     }
+    // The server's rank_change is relative to the update before on its side; an update this
+    // page never saw (a slow reader gets only the latest) would hide a move, so the move
+    // against what this page last showed counts too.
+    const moved = standing.rankChange || (row.rank && standing.rank ? row.rank - standing.rank : 0);
     if (row.rank !== standing.rank) {
       row.rank = standing.rank;
       row.element.dataset.rank = String(standing.rank);
@@ -143,14 +147,14 @@ export class Board {
         h("span.badge-rank", {}, medal ? (standing.rank === 1 ? "1" : String(standing.rank)) : `#${standing.rank}`));
       row.badge.setAttribute("aria-label", `rank ${standing.rank}`);
     }
-    if (standing.rankChange !== 0) {
+    if (moved !== 0) {
       row.changeUntil = now + CHANGE_SHOWN_MS;
-      if (row.changeValue !== standing.rankChange) {
-        row.changeValue = standing.rankChange;
-        const up = standing.rankChange > 0;
+      if (row.changeValue !== moved) {
+        row.changeValue = moved;
+        const up = moved > 0;
         row.change.className = `change ${up ? "change-up" : "change-down"}`;
-        row.change.textContent = `${up ? "+" : "−"}${Math.abs(standing.rankChange)}`;
-        row.change.setAttribute("aria-label", `${up ? "up" : "down"} ${Math.abs(standing.rankChange)}`);
+        row.change.textContent = `${up ? "+" : "−"}${Math.abs(moved)}`;
+        row.change.setAttribute("aria-label", `${up ? "up" : "down"} ${Math.abs(moved)}`);
       }
     } else if (row.changeValue !== 0 && now > row.changeUntil) {
       row.changeValue = 0;
