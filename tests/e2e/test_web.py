@@ -137,9 +137,11 @@ async def close_and_wait_final(stack: Stack, channel: grpc.aio.Channel, episode_
 
 
 async def vote_in_page(page: Any, contestant_id: str) -> Any:
-    """Taps Vote on a contestant's card and returns the message element once it answers."""
+    """Taps Vote on a contestant's card and returns the message element once this tap has its
+    answer (each answer carries its tap's number)."""
+    taps = int(await page.evaluate("Number(document.body.dataset.taps || 0)"))
     await page.locator(f'.card[data-contestant="{contestant_id}"] .vote-button:enabled').click()
-    message = page.locator("#message:not(.message-info)")
+    message = page.locator(f'#message[data-tap="{taps + 1}"]')
     await message.wait_for()
     return message
 
@@ -290,7 +292,13 @@ async def test_the_overlay_shows_a_rank_change_after_votes_move(
         message = await vote_in_page(page, contestant)
         assert await message.get_attribute("data-reason") == "OK"
     third = overlay.page.locator(f'.standing[data-contestant="{contestants[2]}"]')
-    await overlay.page.locator(f'.standing[data-contestant="{contestants[2]}"][data-rank="1"]'
+    # Both votes on the overlay: 3 and 1 tied first (everyone is first at 0 votes, so the
+    # counts say the overlay has them), 2 and 4 tied third.
+    for leader in (contestants[2], contestants[0]):
+        await overlay.page.locator(f'.standing[data-contestant="{leader}"][data-rank="1"]',
+                                   has=overlay.page.locator(".count", has_text="10")
+                                   ).wait_for(timeout=15_000)
+    await overlay.page.locator(f'.standing[data-contestant="{contestants[3]}"][data-rank="3"]'
                                ).wait_for(timeout=15_000)
     # Contestant 4 (tied third with 2) overtakes the two tied leaders: +2 (green), and
     # they drop (red).

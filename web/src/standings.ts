@@ -132,10 +132,10 @@ export class Board {
       row.position = position;
       row.element.style.transform = `translateY(${position * this.options.rowHeight}px)`;
     }
-    // The server's rank_change is relative to the update before on its side; an update this
-    // page never saw (a slow reader gets only the latest) would hide a move, so the move
-    // against what this page last showed counts too.
-    const moved = standing.rankChange || (row.rank && standing.rank ? row.rank - standing.rank : 0);
+    // The move this page showed: the server's rank_change is relative to its own previous
+    // tick, which a page that fell behind never saw (a slow reader gets only the latest
+    // update); the server's figure serves only a row's first update.
+    const moved = row.rank && standing.rank ? row.rank - standing.rank : standing.rankChange;
     if (row.rank !== standing.rank) {
       row.rank = standing.rank;
       row.element.dataset.rank = String(standing.rank);

@@ -47,6 +47,7 @@ const state = {
   voteType: VoteType.FREE,
   count: 1,
   busy: false,
+  taps: 0,
 };
 
 const receiptsKey = () => `televote.receipts.${claimsOf(token)?.sub ?? "anon"}.${episodeId}`;
@@ -57,8 +58,9 @@ const saveReceipts = (list: StoredReceipt[]) => localStorage.setItem(receiptsKey
 
 const message = $("#message");
 
-function say(kind: "info" | "ok" | "error", text: string, reason = ""): void {
+function say(kind: "info" | "ok" | "error", text: string, reason = "", tap = ""): void {
   message.className = `message message-${kind}`;
+  message.dataset.tap = tap;
   message.textContent = text;
   message.dataset.reason = reason;
   message.setAttribute("role", kind === "error" ? "alert" : "status");
@@ -189,6 +191,10 @@ async function vote(contestant: Contestant): Promise<void> {
   };
   state.busy = true;
   updateButtons();
+  // Each tap's answer carries its number, so a reader (a test, a screen reader's log) can tell
+  // this answer from the last one.
+  const tap = String(++state.taps);
+  document.body.dataset.taps = tap;
   say("info", i18n.t("sending"));
   try {
     const answer = await withRetries(() => votes.submitVote(request, { timeoutMs: 15_000 }),
@@ -203,11 +209,11 @@ async function vote(contestant: Contestant): Promise<void> {
     };
     saveReceipts([receipt, ...loadReceipts()]);
     renderReceipts();
-    say("ok", i18n.t("counted", { count: request.count, name: contestant.name }), "OK");
+    say("ok", i18n.t("counted", { count: request.count, name: contestant.name }), "OK", tap);
   } catch (error) {
     const key = refusalKey(error);
     const refusal = refusalOf(error);
-    say("error", i18n.t(key), refusal.reason || key);
+    say("error", i18n.t(key), refusal.reason || key, tap);
     if (key === "NO_FREE_VOTES") state.freeLeft = 0;
     if (key === "UNAUTHENTICATED") showSignIn();
     renderWallet();
