@@ -19,7 +19,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file televote/fraud/v1/fraud_scoring_service.proto.
  */
 export const file_televote_fraud_v1_fraud_scoring_service: GenFile = /*@__PURE__*/
-  fileDesc("Ci10ZWxldm90ZS9mcmF1ZC92MS9mcmF1ZF9zY29yaW5nX3NlcnZpY2UucHJvdG8SEXRlbGV2b3RlLmZyYXVkLnYxIvMCCglWb3RlRmFjdHMSCwoDcmVmGAEgASgJEhUKB3VzZXJfaWQYAiABKAlCBOJBAQISEQoJZGV2aWNlX2lkGAMgASgJEgoKAmlwGAQgASgJEhQKDGNvdW50cnlfaGludBgFIAEoCRIsCghsb2NhdGlvbhgGIAEoCzIaLnRlbGV2b3RlLnZvdGUudjEuR2VvUG9pbnQSKgoHY2hhbm5lbBgHIAEoDjIZLnRlbGV2b3RlLnZvdGUudjEuQ2hhbm5lbBIWCghyb3VuZF9pZBgIIAEoCUIE4kEBAhIVCg1jb250ZXN0YW50X2lkGAkgASgJEg0KBWNvdW50GAogASgFEi8KC2NsaWVudF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtzZXJ2ZXJfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLYXBwX3ZlcnNpb24YDSABKAkinQEKCVZvdGVTY29yZRILCgNyZWYYASABKAkSLgoGYWN0aW9uGAIgASgOMh4udGVsZXZvdGUuZnJhdWQudjEuRnJhdWRBY3Rpb24SDQoFc2NvcmUYAyABKAESLwoHcmVhc29ucxgEIAMoCzIeLnRlbGV2b3RlLmZyYXVkLnYxLkZyYXVkU2lnbmFsEhMKC2RlY2lzaW9uX2lkGAUgASgJIkYKEVNjb3JlVm90ZXNSZXF1ZXN0EjEKBXZvdGVzGAEgAygLMhwudGVsZXZvdGUuZnJhdWQudjEuVm90ZUZhY3RzQgTiQQECIkIKElNjb3JlVm90ZXNSZXNwb25zZRIsCgZzY29yZXMYASADKAsyHC50ZWxldm90ZS5mcmF1ZC52MS5Wb3RlU2NvcmUiWgoWU2NvcmVWb3RlU3RyZWFtUmVxdWVzdBINCgViYXRjaBgBIAEoBBIxCgV2b3RlcxgCIAMoCzIcLnRlbGV2b3RlLmZyYXVkLnYxLlZvdGVGYWN0c0IE4kEBAiJ5ChdTY29yZVZvdGVTdHJlYW1SZXNwb25zZRINCgViYXRjaBgBIAEoBBIsCgZzY29yZXMYAiADKAsyHC50ZWxldm90ZS5mcmF1ZC52MS5Wb3RlU2NvcmUSIQoFZXJyb3IYAyABKAsyEi5nb29nbGUucnBjLlN0YXR1cyKdAQoPTGVkZ2VyVm90ZUJsb2NrEhUKB3ZvdGVfaWQYASABKAlCBOJBAQISEQoDcmVmGAIgASgJQgTiQQECEhUKB3VzZXJfaWQYAyABKAlCBOJBAQISFgoIcm91bmRfaWQYBCABKAlCBOJBAQISMQoFc2NvcmUYBSABKAsyHC50ZWxldm90ZS5mcmF1ZC52MS5Wb3RlU2NvcmVCBOJBAQIibgoYUmVqZWN0TGVkZ2VyVm90ZXNSZXF1ZXN0EjcKBXZvdGVzGAEgAygLMiIudGVsZXZvdGUuZnJhdWQudjEuTGVkZ2VyVm90ZUJsb2NrQgTiQQECEhkKC3Jlc2NvcmVkX2J5GAIgASgJQgTiQQECIkoKGVJlamVjdExlZGdlclZvdGVzUmVzcG9uc2USGwoTZmluYWxpemVkX3JvdW5kX2lkcxgBIAMoCRIQCghyZWplY3RlZBgCIAEoBTLOAgoTRnJhdWRTY29yaW5nU2VydmljZRJZCgpTY29yZVZvdGVzEiQudGVsZXZvdGUuZnJhdWQudjEuU2NvcmVWb3Rlc1JlcXVlc3QaJS50ZWxldm90ZS5mcmF1ZC52MS5TY29yZVZvdGVzUmVzcG9uc2USbAoPU2NvcmVWb3RlU3RyZWFtEikudGVsZXZvdGUuZnJhdWQudjEuU2NvcmVWb3RlU3RyZWFtUmVxdWVzdBoqLnRlbGV2b3RlLmZyYXVkLnYxLlNjb3JlVm90ZVN0cmVhbVJlc3BvbnNlKAEwARJuChFSZWplY3RMZWRnZXJWb3RlcxIrLnRlbGV2b3RlLmZyYXVkLnYxLlJlamVjdExlZGdlclZvdGVzUmVxdWVzdBosLnRlbGV2b3RlLmZyYXVkLnYxLlJlamVjdExlZGdlclZvdGVzUmVzcG9uc2ViBnByb3RvMw", [file_google_api_field_behavior, file_google_protobuf_timestamp, file_google_rpc_status, file_televote_fraud_v1_fraud_types, file_televote_vote_v1_vote_types]);
+  fileDesc("Ci10ZWxldm90ZS9mcmF1ZC92MS9mcmF1ZF9zY29yaW5nX3NlcnZpY2UucHJvdG8SEXRlbGV2b3RlLmZyYXVkLnYxIoQDCglWb3RlRmFjdHMSCwoDcmVmGAEgASgJEhUKB3VzZXJfaWQYAiABKAlCBOJBAQISEQoJZGV2aWNlX2lkGAMgASgJEgoKAmlwGAQgASgJEhQKDGNvdW50cnlfaGludBgFIAEoCRIsCghsb2NhdGlvbhgGIAEoCzIaLnRlbGV2b3RlLnZvdGUudjEuR2VvUG9pbnQSKgoHY2hhbm5lbBgHIAEoDjIZLnRlbGV2b3RlLnZvdGUudjEuQ2hhbm5lbBIWCghyb3VuZF9pZBgIIAEoCUIE4kEBAhIVCg1jb250ZXN0YW50X2lkGAkgASgJEg0KBWNvdW50GAogASgFEi8KC2NsaWVudF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtzZXJ2ZXJfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLYXBwX3ZlcnNpb24YDSABKAkSDwoHaXBfaGFzaBgOIAEoCSLOAQoJVm90ZVNjb3JlEgsKA3JlZhgBIAEoCRIuCgZhY3Rpb24YAiABKA4yHi50ZWxldm90ZS5mcmF1ZC52MS5GcmF1ZEFjdGlvbhINCgVzY29yZRgDIAEoARIvCgdyZWFzb25zGAQgAygLMh4udGVsZXZvdGUuZnJhdWQudjEuRnJhdWRTaWduYWwSEwoLZGVjaXNpb25faWQYBSABKAkSFgoOcmVmdXNhbF9yZWFzb24YBiABKAkSFwoPcmVmdXNhbF9tZXNzYWdlGAcgASgJIkYKEVNjb3JlVm90ZXNSZXF1ZXN0EjEKBXZvdGVzGAEgAygLMhwudGVsZXZvdGUuZnJhdWQudjEuVm90ZUZhY3RzQgTiQQECIkIKElNjb3JlVm90ZXNSZXNwb25zZRIsCgZzY29yZXMYASADKAsyHC50ZWxldm90ZS5mcmF1ZC52MS5Wb3RlU2NvcmUiWgoWU2NvcmVWb3RlU3RyZWFtUmVxdWVzdBINCgViYXRjaBgBIAEoBBIxCgV2b3RlcxgCIAMoCzIcLnRlbGV2b3RlLmZyYXVkLnYxLlZvdGVGYWN0c0IE4kEBAiJ5ChdTY29yZVZvdGVTdHJlYW1SZXNwb25zZRINCgViYXRjaBgBIAEoBBIsCgZzY29yZXMYAiADKAsyHC50ZWxldm90ZS5mcmF1ZC52MS5Wb3RlU2NvcmUSIQoFZXJyb3IYAyABKAsyEi5nb29nbGUucnBjLlN0YXR1cyKdAQoPTGVkZ2VyVm90ZUJsb2NrEhUKB3ZvdGVfaWQYASABKAlCBOJBAQISEQoDcmVmGAIgASgJQgTiQQECEhUKB3VzZXJfaWQYAyABKAlCBOJBAQISFgoIcm91bmRfaWQYBCABKAlCBOJBAQISMQoFc2NvcmUYBSABKAsyHC50ZWxldm90ZS5mcmF1ZC52MS5Wb3RlU2NvcmVCBOJBAQIibgoYUmVqZWN0TGVkZ2VyVm90ZXNSZXF1ZXN0EjcKBXZvdGVzGAEgAygLMiIudGVsZXZvdGUuZnJhdWQudjEuTGVkZ2VyVm90ZUJsb2NrQgTiQQECEhkKC3Jlc2NvcmVkX2J5GAIgASgJQgTiQQECIkoKGVJlamVjdExlZGdlclZvdGVzUmVzcG9uc2USGwoTZmluYWxpemVkX3JvdW5kX2lkcxgBIAMoCRIQCghyZWplY3RlZBgCIAEoBTLOAgoTRnJhdWRTY29yaW5nU2VydmljZRJZCgpTY29yZVZvdGVzEiQudGVsZXZvdGUuZnJhdWQudjEuU2NvcmVWb3Rlc1JlcXVlc3QaJS50ZWxldm90ZS5mcmF1ZC52MS5TY29yZVZvdGVzUmVzcG9uc2USbAoPU2NvcmVWb3RlU3RyZWFtEikudGVsZXZvdGUuZnJhdWQudjEuU2NvcmVWb3RlU3RyZWFtUmVxdWVzdBoqLnRlbGV2b3RlLmZyYXVkLnYxLlNjb3JlVm90ZVN0cmVhbVJlc3BvbnNlKAEwARJuChFSZWplY3RMZWRnZXJWb3RlcxIrLnRlbGV2b3RlLmZyYXVkLnYxLlJlamVjdExlZGdlclZvdGVzUmVxdWVzdBosLnRlbGV2b3RlLmZyYXVkLnYxLlJlamVjdExlZGdlclZvdGVzUmVzcG9uc2ViBnByb3RvMw", [file_google_api_field_behavior, file_google_protobuf_timestamp, file_google_rpc_status, file_televote_fraud_v1_fraud_types, file_televote_vote_v1_vote_types]);
 
 /**
  * The facts about one vote.
@@ -49,7 +49,8 @@ export type VoteFacts = Message<"televote.fraud.v1.VoteFacts"> & {
   deviceId: string;
 
   /**
-   * The client IP as seen by the edge (never from the request body).
+   * The client IP as seen by the edge (never from the request body); used for GeoIP and
+   * IP blocks, never stored (see ip_hash).
    *
    * @generated from field: string ip = 4;
    */
@@ -91,7 +92,8 @@ export type VoteFacts = Message<"televote.fraud.v1.VoteFacts"> & {
   contestantId: string;
 
   /**
-   * Votes in this submission.
+   * Votes in this submission: the velocity signal counts votes, not calls (one call of 100
+   * votes counts 100); 0 counts as 1.
    *
    * @generated from field: int32 count = 10;
    */
@@ -117,6 +119,15 @@ export type VoteFacts = Message<"televote.fraud.v1.VoteFacts"> & {
    * @generated from field: string app_version = 13;
    */
   appVersion: string;
+
+  /**
+   * A keyed hash of `ip` (the vote ledger's ip_hash). What fraud_svc keeps of the address:
+   * the audit log records it instead of the IP, and the feature state in Redis counts
+   * distinct IPs by it; the raw `ip` is only looked up (GeoIP, blocks) and never stored.
+   *
+   * @generated from field: string ip_hash = 14;
+   */
+  ipHash: string;
 };
 
 /**
@@ -166,6 +177,23 @@ export type VoteScore = Message<"televote.fraud.v1.VoteScore"> & {
    * @generated from field: string decision_id = 5;
    */
   decisionId: string;
+
+  /**
+   * For FRAUD_ACTION_REFUSE: the reason the vote is refused with, `GEO_RESTRICTED` (the IP
+   * is outside the show's allowed countries and the voter has no traveller exemption) or
+   * `LOCATION_MISMATCH` (the device GPS is more than 100 km from the IP's location).
+   *
+   * @generated from field: string refusal_reason = 6;
+   */
+  refusalReason: string;
+
+  /**
+   * For FRAUD_ACTION_REFUSE: the message for the voter, e.g. "Voting only allowed from
+   * Cambodia".
+   *
+   * @generated from field: string refusal_message = 7;
+   */
+  refusalMessage: string;
 };
 
 /**

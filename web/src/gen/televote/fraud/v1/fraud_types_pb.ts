@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file televote/fraud/v1/fraud_types.proto.
  */
 export const file_televote_fraud_v1_fraud_types: GenFile = /*@__PURE__*/
-  fileDesc("CiN0ZWxldm90ZS9mcmF1ZC92MS9mcmF1ZF90eXBlcy5wcm90bxIRdGVsZXZvdGUuZnJhdWQudjEiQQoLRnJhdWRTaWduYWwSDAoEbmFtZRgBIAEoCRIUCgxjb250cmlidXRpb24YAiABKAESDgoGZGV0YWlsGAMgASgJItoBCgVCbG9jaxIQCghibG9ja19pZBgBIAEoCRIqCgRraW5kGAIgASgOMhwudGVsZXZvdGUuZnJhdWQudjEuQmxvY2tLaW5kEg0KBXZhbHVlGAMgASgJEg4KBnJlYXNvbhgEIAEoCRISCgpjcmVhdGVkX2J5GAUgASgJEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtleHBpcmVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiuwEKElRyYXZlbGxlckV4ZW1wdGlvbhIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdW50cmllcxgCIAMoCRIvCgtleHBpcmVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEbm90ZRgEIAEoCRISCgpncmFudGVkX2J5GAUgASgJEi4KCmdyYW50X3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIr8BCgtGcmF1ZFBvbGljeRIPCgdzaG93X2lkGAEgASgJEhcKD2Jsb2NrX3RocmVzaG9sZBgCIAEoARIYChByZXZpZXdfdGhyZXNob2xkGAMgASgBEhkKEWFsbG93ZWRfY291bnRyaWVzGAQgAygJEgwKBG5vdGUYBSABKAkSEgoKdXBkYXRlZF9ieRgGIAEoCRIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi3gIKBlJldmlldxIRCglyZXZpZXdfaWQYASABKAkSDwoHdm90ZV9pZBgCIAEoCRIPCgd1c2VyX2lkGAMgASgJEhAKCHJvdW5kX2lkGAQgASgJEg0KBXNjb3JlGAUgASgBEi8KB3NpZ25hbHMYBiADKAsyHi50ZWxldm90ZS5mcmF1ZC52MS5GcmF1ZFNpZ25hbBItCgVzdGF0ZRgHIAEoDjIeLnRlbGV2b3RlLmZyYXVkLnYxLlJldmlld1N0YXRlEhgKEHVzZXJfcm91bmRfdm90ZXMYCCABKAMSLwoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3Jlc29sdmVkX2J5GAogASgJEjAKDHJlc29sdmVfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEbm90ZRgMIAEoCSKnAgoKQXVkaXRFbnRyeRIQCghlbnRyeV9pZBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgDIAEoCRIOCgZhY3Rpb24YBCABKAkSDwoHdXNlcl9pZBgFIAEoCRIQCghyb3VuZF9pZBgGIAEoCRIRCgl0YXJnZXRfaWQYByABKAkSQQoKYXR0cmlidXRlcxgIIAMoCzItLnRlbGV2b3RlLmZyYXVkLnYxLkF1ZGl0RW50cnkuQXR0cmlidXRlc0VudHJ5EhIKCnJlcXVlc3RfaWQYCSABKAkaMQoPQXR0cmlidXRlc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEqdAoLRnJhdWRBY3Rpb24SHAoYRlJBVURfQUNUSU9OX1VOU1BFQ0lGSUVEEAASFgoSRlJBVURfQUNUSU9OX0FMTE9XEAESFwoTRlJBVURfQUNUSU9OX1JFVklFVxACEhYKEkZSQVVEX0FDVElPTl9CTE9DSxADKnsKCUJsb2NrS2luZBIaChZCTE9DS19LSU5EX1VOU1BFQ0lGSUVEEAASEwoPQkxPQ0tfS0lORF9VU0VSEAESFQoRQkxPQ0tfS0lORF9ERVZJQ0UQAhIRCg1CTE9DS19LSU5EX0lQEAMSEwoPQkxPQ0tfS0lORF9DSURSEAQqewoLUmV2aWV3U3RhdGUSHAoYUkVWSUVXX1NUQVRFX1VOU1BFQ0lGSUVEEAASGAoUUkVWSUVXX1NUQVRFX1BFTkRJTkcQARIZChVSRVZJRVdfU1RBVEVfQVBQUk9WRUQQAhIZChVSRVZJRVdfU1RBVEVfUkVKRUNURUQQA2IGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("CiN0ZWxldm90ZS9mcmF1ZC92MS9mcmF1ZF90eXBlcy5wcm90bxIRdGVsZXZvdGUuZnJhdWQudjEiQQoLRnJhdWRTaWduYWwSDAoEbmFtZRgBIAEoCRIUCgxjb250cmlidXRpb24YAiABKAESDgoGZGV0YWlsGAMgASgJItoBCgVCbG9jaxIQCghibG9ja19pZBgBIAEoCRIqCgRraW5kGAIgASgOMhwudGVsZXZvdGUuZnJhdWQudjEuQmxvY2tLaW5kEg0KBXZhbHVlGAMgASgJEg4KBnJlYXNvbhgEIAEoCRISCgpjcmVhdGVkX2J5GAUgASgJEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtleHBpcmVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiuwEKElRyYXZlbGxlckV4ZW1wdGlvbhIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdW50cmllcxgCIAMoCRIvCgtleHBpcmVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEbm90ZRgEIAEoCRISCgpncmFudGVkX2J5GAUgASgJEi4KCmdyYW50X3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIusCCgtGcmF1ZFBvbGljeRIPCgdzaG93X2lkGAEgASgJEhcKD2Jsb2NrX3RocmVzaG9sZBgCIAEoARIYChByZXZpZXdfdGhyZXNob2xkGAMgASgBEhkKEWFsbG93ZWRfY291bnRyaWVzGAQgAygJEgwKBG5vdGUYBSABKAkSEgoKdXBkYXRlZF9ieRgGIAEoCRIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoHc2NvcmluZxgIIAEoDjIfLnRlbGV2b3RlLmZyYXVkLnYxLkZyYXVkU2NvcmluZxI6Cg9mb3JlaWduX2NvdW50cnkYCSABKA4yIS50ZWxldm90ZS5mcmF1ZC52MS5HZW9FbmZvcmNlbWVudBI8ChFsb2NhdGlvbl9taXNtYXRjaBgKIAEoDjIhLnRlbGV2b3RlLmZyYXVkLnYxLkdlb0VuZm9yY2VtZW50It4CCgZSZXZpZXcSEQoJcmV2aWV3X2lkGAEgASgJEg8KB3ZvdGVfaWQYAiABKAkSDwoHdXNlcl9pZBgDIAEoCRIQCghyb3VuZF9pZBgEIAEoCRINCgVzY29yZRgFIAEoARIvCgdzaWduYWxzGAYgAygLMh4udGVsZXZvdGUuZnJhdWQudjEuRnJhdWRTaWduYWwSLQoFc3RhdGUYByABKA4yHi50ZWxldm90ZS5mcmF1ZC52MS5SZXZpZXdTdGF0ZRIYChB1c2VyX3JvdW5kX3ZvdGVzGAggASgDEi8KC2NyZWF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtyZXNvbHZlZF9ieRgKIAEoCRIwCgxyZXNvbHZlX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBG5vdGUYDCABKAkipwIKCkF1ZGl0RW50cnkSEAoIZW50cnlfaWQYASABKAkSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFYWN0b3IYAyABKAkSDgoGYWN0aW9uGAQgASgJEg8KB3VzZXJfaWQYBSABKAkSEAoIcm91bmRfaWQYBiABKAkSEQoJdGFyZ2V0X2lkGAcgASgJEkEKCmF0dHJpYnV0ZXMYCCADKAsyLS50ZWxldm90ZS5mcmF1ZC52MS5BdWRpdEVudHJ5LkF0dHJpYnV0ZXNFbnRyeRISCgpyZXF1ZXN0X2lkGAkgASgJGjEKD0F0dHJpYnV0ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBKo0BCgtGcmF1ZEFjdGlvbhIcChhGUkFVRF9BQ1RJT05fVU5TUEVDSUZJRUQQABIWChJGUkFVRF9BQ1RJT05fQUxMT1cQARIXChNGUkFVRF9BQ1RJT05fUkVWSUVXEAISFgoSRlJBVURfQUNUSU9OX0JMT0NLEAMSFwoTRlJBVURfQUNUSU9OX1JFRlVTRRAEKl4KDEZyYXVkU2NvcmluZxIdChlGUkFVRF9TQ09SSU5HX1VOU1BFQ0lGSUVEEAASFgoSRlJBVURfU0NPUklOR19TRUVEEAESFwoTRlJBVURfU0NPUklOR19UVU5FRBACKmgKDkdlb0VuZm9yY2VtZW50Eh8KG0dFT19FTkZPUkNFTUVOVF9VTlNQRUNJRklFRBAAEhoKFkdFT19FTkZPUkNFTUVOVF9SRUZVU0UQARIZChVHRU9fRU5GT1JDRU1FTlRfU0NPUkUQAip7CglCbG9ja0tpbmQSGgoWQkxPQ0tfS0lORF9VTlNQRUNJRklFRBAAEhMKD0JMT0NLX0tJTkRfVVNFUhABEhUKEUJMT0NLX0tJTkRfREVWSUNFEAISEQoNQkxPQ0tfS0lORF9JUBADEhMKD0JMT0NLX0tJTkRfQ0lEUhAEKnsKC1Jldmlld1N0YXRlEhwKGFJFVklFV19TVEFURV9VTlNQRUNJRklFRBAAEhgKFFJFVklFV19TVEFURV9QRU5ESU5HEAESGQoVUkVWSUVXX1NUQVRFX0FQUFJPVkVEEAISGQoVUkVWSUVXX1NUQVRFX1JFSkVDVEVEEANiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * One signal's part in a score.
@@ -21,8 +21,9 @@ export const file_televote_fraud_v1_fraud_types: GenFile = /*@__PURE__*/
  */
 export type FraudSignal = Message<"televote.fraud.v1.FraudSignal"> & {
   /**
-   * The signal: "velocity", "shared_device", "vpn_proxy", "foreign_country", "bot_timing",
-   * "model", "blocklist".
+   * The signal: "velocity", "shared_device", "vpn_proxy", "foreign_country", "gps_mismatch",
+   * "bot_timing", "model", "blocklist", or for a refused vote "geo_restricted" or
+   * "location_mismatch".
    *
    * @generated from field: string name = 1;
    */
@@ -114,8 +115,9 @@ export const BlockSchema: GenMessage<Block> = /*@__PURE__*/
   messageDesc(file_televote_fraud_v1_fraud_types, 1);
 
 /**
- * A traveller exemption: the user may vote from outside the allowed countries (the
- * geo-fence signal `foreign_country` does not fire for them) until it expires.
+ * A traveller exemption: the user may vote from outside the allowed countries until it
+ * expires (no GEO_RESTRICTED refusal; under the tuned scoring no `foreign_country` signal
+ * either, under the seed's the +0.3 of a foreign country still applies).
  *
  * @generated from message televote.fraud.v1.TravellerExemption
  */
@@ -172,7 +174,8 @@ export const TravellerExemptionSchema: GenMessage<TravellerExemption> = /*@__PUR
 
 /**
  * A show's own fraud policy, in place of the deployment's defaults (FRAUD_BLOCK_THRESHOLD,
- * FRAUD_REVIEW_THRESHOLD, FRAUD_ALLOWED_COUNTRIES) for the votes of its rounds.
+ * FRAUD_REVIEW_THRESHOLD, FRAUD_ALLOWED_COUNTRIES, FRAUD_SCORING, FRAUD_GEO_*) for the votes
+ * of its rounds.
  *
  * @generated from message televote.fraud.v1.FraudPolicy
  */
@@ -226,6 +229,31 @@ export type FraudPolicy = Message<"televote.fraud.v1.FraudPolicy"> & {
    * @generated from field: google.protobuf.Timestamp update_time = 7;
    */
   updateTime?: Timestamp | undefined;
+
+  /**
+   * How the show's votes are scored; UNSPECIFIED: the deployment's default (FRAUD_SCORING).
+   *
+   * @generated from field: televote.fraud.v1.FraudScoring scoring = 8;
+   */
+  scoring: FraudScoring;
+
+  /**
+   * A vote from outside allowed_countries by a user without a traveller exemption for it:
+   * refused with GEO_RESTRICTED, or scored with the `foreign_country` signal; UNSPECIFIED:
+   * the deployment's default (FRAUD_GEO_FOREIGN_COUNTRY, refuse).
+   *
+   * @generated from field: televote.fraud.v1.GeoEnforcement foreign_country = 9;
+   */
+  foreignCountry: GeoEnforcement;
+
+  /**
+   * A vote whose device GPS is more than 100 km (FRAUD_GPS_MISMATCH_KM) from its IP's
+   * location: refused with LOCATION_MISMATCH, or scored with the `gps_mismatch` signal;
+   * UNSPECIFIED: the deployment's default (FRAUD_GEO_LOCATION_MISMATCH, refuse).
+   *
+   * @generated from field: televote.fraud.v1.GeoEnforcement location_mismatch = 10;
+   */
+  locationMismatch: GeoEnforcement;
 };
 
 /**
@@ -444,6 +472,14 @@ export enum FraudAction {
    * @generated from enum value: FRAUD_ACTION_BLOCK = 3;
    */
   BLOCK = 3,
+
+  /**
+   * Refused by a geographic rule of the show's policy (VoteScore.refusal_reason says which:
+   * `GEO_RESTRICTED` or `LOCATION_MISMATCH`); audited, the user is not flagged.
+   *
+   * @generated from enum value: FRAUD_ACTION_REFUSE = 4;
+   */
+  REFUSE = 4,
 }
 
 /**
@@ -451,6 +487,78 @@ export enum FraudAction {
  */
 export const FraudActionSchema: GenEnum<FraudAction> = /*@__PURE__*/
   enumDesc(file_televote_fraud_v1_fraud_types, 0);
+
+/**
+ * How a show's votes are scored (the seed's rules are the default).
+ *
+ * @generated from enum televote.fraud.v1.FraudScoring
+ */
+export enum FraudScoring {
+  /**
+   * Not set: the deployment's default (FRAUD_SCORING, "seed" unless configured).
+   *
+   * @generated from enum value: FRAUD_SCORING_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The specification's rules: velocity +0.3, shared device +0.2, VPN/proxy +0.4, country
+   * outside the allowed ones +0.3, bot-like timing +0.5 summed into a rule score;
+   * score = min(1, (rule score + model probability) / 2).
+   *
+   * @generated from enum value: FRAUD_SCORING_SEED = 1;
+   */
+  SEED = 1,
+
+  /**
+   * Tuned weights (FRAUD_WEIGHT_*) combined as a noisy-OR with the model's probability times
+   * its weight: every signal alone weighs more, so it reviews and blocks more of the bots
+   * the generator makes (fraud_svc/README.md has the figures of both).
+   *
+   * @generated from enum value: FRAUD_SCORING_TUNED = 2;
+   */
+  TUNED = 2,
+}
+
+/**
+ * Describes the enum televote.fraud.v1.FraudScoring.
+ */
+export const FraudScoringSchema: GenEnum<FraudScoring> = /*@__PURE__*/
+  enumDesc(file_televote_fraud_v1_fraud_types, 1);
+
+/**
+ * What a geographic rule does with a vote that breaks it.
+ *
+ * @generated from enum televote.fraud.v1.GeoEnforcement
+ */
+export enum GeoEnforcement {
+  /**
+   * Not set: the deployment's default (refuse, as the specification says).
+   *
+   * @generated from enum value: GEO_ENFORCEMENT_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The vote is refused (GEO_RESTRICTED or LOCATION_MISMATCH).
+   *
+   * @generated from enum value: GEO_ENFORCEMENT_REFUSE = 1;
+   */
+  REFUSE = 1,
+
+  /**
+   * The vote is scored: the rule becomes a signal (`foreign_country`, `gps_mismatch`).
+   *
+   * @generated from enum value: GEO_ENFORCEMENT_SCORE = 2;
+   */
+  SCORE = 2,
+}
+
+/**
+ * Describes the enum televote.fraud.v1.GeoEnforcement.
+ */
+export const GeoEnforcementSchema: GenEnum<GeoEnforcement> = /*@__PURE__*/
+  enumDesc(file_televote_fraud_v1_fraud_types, 2);
 
 /**
  * What a block matches.
@@ -498,7 +606,7 @@ export enum BlockKind {
  * Describes the enum televote.fraud.v1.BlockKind.
  */
 export const BlockKindSchema: GenEnum<BlockKind> = /*@__PURE__*/
-  enumDesc(file_televote_fraud_v1_fraud_types, 1);
+  enumDesc(file_televote_fraud_v1_fraud_types, 3);
 
 /**
  * The state of a review.
@@ -539,5 +647,5 @@ export enum ReviewState {
  * Describes the enum televote.fraud.v1.ReviewState.
  */
 export const ReviewStateSchema: GenEnum<ReviewState> = /*@__PURE__*/
-  enumDesc(file_televote_fraud_v1_fraud_types, 2);
+  enumDesc(file_televote_fraud_v1_fraud_types, 4);
 

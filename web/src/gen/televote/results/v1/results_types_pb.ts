@@ -65,7 +65,8 @@ export type ContestantStanding = Message<"televote.results.v1.ContestantStanding
   percentage?: number | undefined;
 
   /**
-   * 1-based rank; ties share a rank. 0 when ranks are hidden.
+   * 1-based rank. Tied counts share a place (competition ranking): counts 50, 50, 30 rank
+   * 1, 1, 3; tied contestants are listed in the round's order. 0 when ranks are hidden.
    *
    * @generated from field: int32 rank = 7;
    */
@@ -86,7 +87,8 @@ export type ContestantStanding = Message<"televote.results.v1.ContestantStanding
   trend: Trend;
 
   /**
-   * The count for display: "987", "3.4K", "1.2M"; omitted unless counts are visible.
+   * The count for display, one decimal under a unit, truncated (never shown larger than it
+   * is): "987", "1.0K", "3.4K", "999.9K", "1.2M"; omitted unless counts are visible.
    *
    * @generated from field: optional string formatted_count = 10;
    */
@@ -236,7 +238,7 @@ export enum Trend {
   RISING = 2,
 
   /**
-   * Within 5 % either way.
+   * Within 5 % either way, or no votes in the five minutes before (nothing to compare).
    *
    * @generated from enum value: TREND_STABLE = 3;
    */

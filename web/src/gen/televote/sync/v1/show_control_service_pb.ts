@@ -285,7 +285,8 @@ export type CreateRoundRequest = Message<"televote.sync.v1.CreateRoundRequest"> 
   freeVoteCap: number;
 
   /**
-   * What the public sees while the round runs; default HIDDEN.
+   * What the public sees while the round runs; default PUBLIC_COUNTS (live results are
+   * public), HIDDEN and STANDINGS_ONLY on request.
    *
    * @generated from field: televote.sync.v1.ResultsVisibility visibility = 7;
    */

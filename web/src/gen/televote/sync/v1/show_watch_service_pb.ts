@@ -235,7 +235,8 @@ export enum ShowEventType {
   VOTING_EXTENDED = 6,
 
   /**
-   * Every 10 s while a round is open; `timing` is set.
+   * Every 10 s while a round is open (seconds remaining a multiple of 10, 60 and 10
+   * included); `timing` is set.
    *
    * @generated from enum value: SHOW_EVENT_TYPE_TIME_UPDATE = 7;
    */
@@ -301,8 +302,9 @@ export const ShowWatchService: GenService<{
   },
   /**
    * Streams the show: first a SNAPSHOT event, then an event for every change, plus timing
-   * ticks while a round is open: TIME_UPDATE every 10 s, WARNING once 1 minute before the
-   * close, COUNTDOWN every second from 10 to 1, then VOTING_CLOSED. The stream stays open
+   * ticks while a round is open: TIME_UPDATE every 10 s (at 60 s and 10 s too), WARNING once
+   * 1 minute before the close, COUNTDOWN every second from 10 to 1, then VOTING_CLOSED; where
+   * two fall on one second TIME_UPDATE comes first. The stream stays open
    * until the episode ends (after the last RESULTS_READY, if any) or the client leaves.
    * A client that reconnects gets a fresh snapshot.
    *

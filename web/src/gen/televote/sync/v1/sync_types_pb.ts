@@ -613,7 +613,8 @@ export const RoundStateSchema: GenEnum<RoundState> = /*@__PURE__*/
  */
 export enum ResultsVisibility {
   /**
-   * Not set; CreateRound treats it as RESULTS_VISIBILITY_HIDDEN.
+   * Not set; CreateRound treats it as RESULTS_VISIBILITY_PUBLIC_COUNTS (the specification
+   * shows live results to viewers).
    *
    * @generated from enum value: RESULTS_VISIBILITY_UNSPECIFIED = 0;
    */
