@@ -72,7 +72,7 @@ class Watched:
 
     async def screenshot(self, name: str) -> None:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        await self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+        await self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
 async def open_page(browser: Any, url: str, *, width: int = 1280, height: int = 900,
@@ -207,6 +207,7 @@ async def test_a_voter_votes_until_no_free_votes_and_the_receipt_verifies_in_the
     assert "សន្លឹកឆ្នោតឥតគិតថ្លៃ" in (await message.text_content() or "")
     await voter.screenshot("voter-khmer")
     await page.locator("#lang").click()
+    assert "used all your free votes" in (await message.text_content() or "")  # said again
 
     assert await page.locator(".receipt").count() == 5
     await close_and_wait_final(stack, edge_channel, episode_id, round_id)

@@ -58,6 +58,15 @@ const saveReceipts = (list: StoredReceipt[]) => localStorage.setItem(receiptsKey
 
 const message = $("#message");
 
+/** The message on screen, kept as words to say again when the language changes. */
+let said: (() => void) | null = null;
+
+function sayKey(kind: "info" | "ok" | "error", key: Key, vars: Record<string, string | number> = {},
+                reason = "", tap = ""): void {
+  said = () => say(kind, i18n.t(key, vars), reason, tap);
+  said();
+}
+
 function say(kind: "info" | "ok" | "error", text: string, reason = "", tap = ""): void {
   message.className = `message message-${kind}`;
   message.dataset.tap = tap;
@@ -195,10 +204,10 @@ async function vote(contestant: Contestant): Promise<void> {
   // this answer from the last one.
   const tap = String(++state.taps);
   document.body.dataset.taps = tap;
-  say("info", i18n.t("sending"));
+  sayKey("info", "sending");
   try {
     const answer = await withRetries(() => votes.submitVote(request, { timeoutMs: 15_000 }),
-                                     (n) => say("info", i18n.t("retrying", { n })));
+                                     (n) => sayKey("info", "retrying", { n }));
     state.freeLeft = answer.freeVotesLeft;
     state.paid = Number(answer.paidBalance);
     renderWallet();
@@ -209,11 +218,11 @@ async function vote(contestant: Contestant): Promise<void> {
     };
     saveReceipts([receipt, ...loadReceipts()]);
     renderReceipts();
-    say("ok", i18n.t("counted", { count: request.count, name: contestant.name }), "OK", tap);
+    sayKey("ok", "counted", { count: request.count, name: contestant.name }, "OK", tap);
   } catch (error) {
     const key = refusalKey(error);
     const refusal = refusalOf(error);
-    say("error", i18n.t(key), refusal.reason || key, tap);
+    sayKey("error", key, {}, refusal.reason || key, tap);
     if (key === "NO_FREE_VOTES") state.freeLeft = 0;
     if (key === "UNAUTHENTICATED") showSignIn();
     renderWallet();
@@ -332,6 +341,7 @@ function applyLanguage(): void {
   renderAccount();
   renderReceipts();
   void loadPackages();
+  said?.();
 }
 
 $("#lang").addEventListener("click", () => {
