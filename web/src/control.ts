@@ -313,7 +313,10 @@ setInterval(() => {
 async function loadReviews(): Promise<void> {
   if (!token) return;
   try {
-    const { reviews } = await fraud.listReviews({ state: ReviewState.PENDING, pageSize: 50, roundId: followedRound });
+    const userId = value("#review-user");
+    // One user's reviews wherever they are, or the followed round's queue.
+    const { reviews } = await fraud.listReviews({ state: ReviewState.PENDING, pageSize: 50,
+                                                  userId, roundId: userId ? "" : followedRound });
     $("#review-count").textContent = String(reviews.length);
     $("#reviews").replaceChildren(...reviews.map((review) => {
       const scope = h("select", { "aria-label": "scope" },
@@ -340,6 +343,11 @@ async function loadReviews(): Promise<void> {
     $("#review-count").textContent = `? (${refusalOf(error).reason || refusalOf(error).code})`;
   }
 }
+
+$("#review-filter").addEventListener("submit", (event) => {
+  event.preventDefault();
+  void loadReviews();
+});
 
 async function loadBlocks(): Promise<void> {
   if (!token) return;
