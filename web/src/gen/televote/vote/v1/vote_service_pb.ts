@@ -7,16 +7,106 @@ import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf
 import { file_google_api_annotations } from "../../../google/api/annotations_pb";
 import { file_google_api_field_behavior } from "../../../google/api/field_behavior_pb";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Channel, ClientMetadata, Money, VoteType } from "./vote_types_pb";
 import { file_televote_vote_v1_vote_types } from "./vote_types_pb";
-import type { Message } from "@bufbuild/protobuf";
+import type { JsonObject, Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file televote/vote/v1/vote_service.proto.
  */
 export const file_televote_vote_v1_vote_service: GenFile = /*@__PURE__*/
-  fileDesc("CiN0ZWxldm90ZS92b3RlL3YxL3ZvdGVfc2VydmljZS5wcm90bxIQdGVsZXZvdGUudm90ZS52MSLNAQoLVm90ZVBhY2thZ2USEgoKcGFja2FnZV9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSDQoFdm90ZXMYAyABKAUSEwoLYm9udXNfdm90ZXMYBCABKAUSEwoLdG90YWxfdm90ZXMYBSABKAUSJgoFcHJpY2UYBiABKAsyFy50ZWxldm90ZS52b3RlLnYxLk1vbmV5EhgKEGFwcGxlX3Byb2R1Y3RfaWQYByABKAkSGQoRZ29vZ2xlX3Byb2R1Y3RfaWQYCCABKAkikAIKEVN1Ym1pdFZvdGVSZXF1ZXN0EhgKCnJlcXVlc3RfaWQYASABKAlCBOJBAQISFgoIcm91bmRfaWQYAiABKAlCBOJBAQISGwoNY29udGVzdGFudF9pZBgDIAEoCUIE4kEBAhIzCgl2b3RlX3R5cGUYBCABKA4yGi50ZWxldm90ZS52b3RlLnYxLlZvdGVUeXBlQgTiQQECEhMKBWNvdW50GAUgASgFQgTiQQECEjAKB2NoYW5uZWwYBiABKA4yGS50ZWxldm90ZS52b3RlLnYxLkNoYW5uZWxCBOJBAQISMAoGY2xpZW50GAcgASgLMiAudGVsZXZvdGUudm90ZS52MS5DbGllbnRNZXRhZGF0YSKbAQoSU3VibWl0Vm90ZVJlc3BvbnNlEg8KB3ZvdGVfaWQYASABKAkSFAoMcmVjZWlwdF9oYXNoGAIgASgMEi8KC2FjY2VwdGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9mcmVlX3ZvdGVzX2xlZnQYBCABKAUSFAoMcGFpZF9iYWxhbmNlGAUgASgDIi0KEUdldEJhbGFuY2VSZXF1ZXN0EhgKCmVwaXNvZGVfaWQYASABKAlCBOJBAQIicAoSR2V0QmFsYW5jZVJlc3BvbnNlEhIKCmVwaXNvZGVfaWQYASABKAkSFwoPZnJlZV92b3Rlc19sZWZ0GAIgASgFEhcKD2ZyZWVfdm90ZV9xdW90YRgDIAEoBRIUCgxwYWlkX2JhbGFuY2UYBCABKAMiGQoXTGlzdFZvdGVQYWNrYWdlc1JlcXVlc3QiSwoYTGlzdFZvdGVQYWNrYWdlc1Jlc3BvbnNlEi8KCHBhY2thZ2VzGAEgAygLMh0udGVsZXZvdGUudm90ZS52MS5Wb3RlUGFja2FnZSKbAQoaUHVyY2hhc2VWb3RlUGFja2FnZVJlcXVlc3QSGAoKcmVxdWVzdF9pZBgBIAEoCUIE4kEBAhIsCgVzdG9yZRgCIAEoDjIXLnRlbGV2b3RlLnZvdGUudjEuU3RvcmVCBOJBAQISGAoKcGFja2FnZV9pZBgDIAEoCUIE4kEBAhIbCg1zdG9yZV9yZWNlaXB0GAQgASgJQgTiQQECItcBChtQdXJjaGFzZVZvdGVQYWNrYWdlUmVzcG9uc2USEwoLcHVyY2hhc2VfaWQYASABKAkSHAoUc3RvcmVfdHJhbnNhY3Rpb25faWQYAiABKAkSFgoOdm90ZXNfY3JlZGl0ZWQYAyABKAUSFAoMcGFpZF9iYWxhbmNlGAQgASgDEiYKBXByaWNlGAUgASgLMhcudGVsZXZvdGUudm90ZS52MS5Nb25leRIvCgtjcmVkaXRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqQQoFU3RvcmUSFQoRU1RPUkVfVU5TUEVDSUZJRUQQABIPCgtTVE9SRV9BUFBMRRABEhAKDFNUT1JFX0dPT0dMRRACMqkECgtWb3RlU2VydmljZRJ/CgpTdWJtaXRWb3RlEiMudGVsZXZvdGUudm90ZS52MS5TdWJtaXRWb3RlUmVxdWVzdBokLnRlbGV2b3RlLnZvdGUudjEuU3VibWl0Vm90ZVJlc3BvbnNlIiaC0+STAiA6ASoiGy92MS9yb3VuZHMve3JvdW5kX2lkfS92b3RlcxKCAQoKR2V0QmFsYW5jZRIjLnRlbGV2b3RlLnZvdGUudjEuR2V0QmFsYW5jZVJlcXVlc3QaJC50ZWxldm90ZS52b3RlLnYxLkdldEJhbGFuY2VSZXNwb25zZSIpgtPkkwIjEiEvdjEvZXBpc29kZXMve2VwaXNvZGVfaWR9L2JhbGFuY2UShAEKEExpc3RWb3RlUGFja2FnZXMSKS50ZWxldm90ZS52b3RlLnYxLkxpc3RWb3RlUGFja2FnZXNSZXF1ZXN0GioudGVsZXZvdGUudm90ZS52MS5MaXN0Vm90ZVBhY2thZ2VzUmVzcG9uc2UiGYLT5JMCExIRL3YxL3ZvdGUtcGFja2FnZXMSjAEKE1B1cmNoYXNlVm90ZVBhY2thZ2USLC50ZWxldm90ZS52b3RlLnYxLlB1cmNoYXNlVm90ZVBhY2thZ2VSZXF1ZXN0Gi0udGVsZXZvdGUudm90ZS52MS5QdXJjaGFzZVZvdGVQYWNrYWdlUmVzcG9uc2UiGILT5JMCEjoBKiINL3YxL3B1cmNoYXNlc2IGcHJvdG8z", [file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_timestamp, file_televote_vote_v1_vote_types]);
+  fileDesc("CiN0ZWxldm90ZS92b3RlL3YxL3ZvdGVfc2VydmljZS5wcm90bxIQdGVsZXZvdGUudm90ZS52MSI/Ch9SZWNlaXZlQXBwbGVOb3RpZmljYXRpb25SZXF1ZXN0EhwKDnNpZ25lZF9wYXlsb2FkGAEgASgJQgTiQQECIiIKIFJlY2VpdmVBcHBsZU5vdGlmaWNhdGlvblJlc3BvbnNlIn0KIFJlY2VpdmVHb29nbGVOb3RpZmljYXRpb25SZXF1ZXN0Ei4KB21lc3NhZ2UYASABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0QgTiQQECEhQKDHN1YnNjcmlwdGlvbhgCIAEoCRITCgV0b2tlbhgDIAEoCUIE4kEBAiIjCiFSZWNlaXZlR29vZ2xlTm90aWZpY2F0aW9uUmVzcG9uc2UizQEKC1ZvdGVQYWNrYWdlEhIKCnBhY2thZ2VfaWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEg0KBXZvdGVzGAMgASgFEhMKC2JvbnVzX3ZvdGVzGAQgASgFEhMKC3RvdGFsX3ZvdGVzGAUgASgFEiYKBXByaWNlGAYgASgLMhcudGVsZXZvdGUudm90ZS52MS5Nb25leRIYChBhcHBsZV9wcm9kdWN0X2lkGAcgASgJEhkKEWdvb2dsZV9wcm9kdWN0X2lkGAggASgJIpACChFTdWJtaXRWb3RlUmVxdWVzdBIYCgpyZXF1ZXN0X2lkGAEgASgJQgTiQQECEhYKCHJvdW5kX2lkGAIgASgJQgTiQQECEhsKDWNvbnRlc3RhbnRfaWQYAyABKAlCBOJBAQISMwoJdm90ZV90eXBlGAQgASgOMhoudGVsZXZvdGUudm90ZS52MS5Wb3RlVHlwZUIE4kEBAhITCgVjb3VudBgFIAEoBUIE4kEBAhIwCgdjaGFubmVsGAYgASgOMhkudGVsZXZvdGUudm90ZS52MS5DaGFubmVsQgTiQQECEjAKBmNsaWVudBgHIAEoCzIgLnRlbGV2b3RlLnZvdGUudjEuQ2xpZW50TWV0YWRhdGEimwEKElN1Ym1pdFZvdGVSZXNwb25zZRIPCgd2b3RlX2lkGAEgASgJEhQKDHJlY2VpcHRfaGFzaBgCIAEoDBIvCgthY2NlcHRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFwoPZnJlZV92b3Rlc19sZWZ0GAQgASgFEhQKDHBhaWRfYmFsYW5jZRgFIAEoAyItChFHZXRCYWxhbmNlUmVxdWVzdBIYCgplcGlzb2RlX2lkGAEgASgJQgTiQQECInAKEkdldEJhbGFuY2VSZXNwb25zZRISCgplcGlzb2RlX2lkGAEgASgJEhcKD2ZyZWVfdm90ZXNfbGVmdBgCIAEoBRIXCg9mcmVlX3ZvdGVfcXVvdGEYAyABKAUSFAoMcGFpZF9iYWxhbmNlGAQgASgDIhkKF0xpc3RWb3RlUGFja2FnZXNSZXF1ZXN0IksKGExpc3RWb3RlUGFja2FnZXNSZXNwb25zZRIvCghwYWNrYWdlcxgBIAMoCzIdLnRlbGV2b3RlLnZvdGUudjEuVm90ZVBhY2thZ2UimwEKGlB1cmNoYXNlVm90ZVBhY2thZ2VSZXF1ZXN0EhgKCnJlcXVlc3RfaWQYASABKAlCBOJBAQISLAoFc3RvcmUYAiABKA4yFy50ZWxldm90ZS52b3RlLnYxLlN0b3JlQgTiQQECEhgKCnBhY2thZ2VfaWQYAyABKAlCBOJBAQISGwoNc3RvcmVfcmVjZWlwdBgEIAEoCUIE4kEBAiLXAQobUHVyY2hhc2VWb3RlUGFja2FnZVJlc3BvbnNlEhMKC3B1cmNoYXNlX2lkGAEgASgJEhwKFHN0b3JlX3RyYW5zYWN0aW9uX2lkGAIgASgJEhYKDnZvdGVzX2NyZWRpdGVkGAMgASgFEhQKDHBhaWRfYmFsYW5jZRgEIAEoAxImCgVwcmljZRgFIAEoCzIXLnRlbGV2b3RlLnZvdGUudjEuTW9uZXkSLwoLY3JlZGl0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKkEKBVN0b3JlEhUKEVNUT1JFX1VOU1BFQ0lGSUVEEAASDwoLU1RPUkVfQVBQTEUQARIQCgxTVE9SRV9HT09HTEUQAjKpBAoLVm90ZVNlcnZpY2USfwoKU3VibWl0Vm90ZRIjLnRlbGV2b3RlLnZvdGUudjEuU3VibWl0Vm90ZVJlcXVlc3QaJC50ZWxldm90ZS52b3RlLnYxLlN1Ym1pdFZvdGVSZXNwb25zZSImgtPkkwIgOgEqIhsvdjEvcm91bmRzL3tyb3VuZF9pZH0vdm90ZXMSggEKCkdldEJhbGFuY2USIy50ZWxldm90ZS52b3RlLnYxLkdldEJhbGFuY2VSZXF1ZXN0GiQudGVsZXZvdGUudm90ZS52MS5HZXRCYWxhbmNlUmVzcG9uc2UiKYLT5JMCIxIhL3YxL2VwaXNvZGVzL3tlcGlzb2RlX2lkfS9iYWxhbmNlEoQBChBMaXN0Vm90ZVBhY2thZ2VzEikudGVsZXZvdGUudm90ZS52MS5MaXN0Vm90ZVBhY2thZ2VzUmVxdWVzdBoqLnRlbGV2b3RlLnZvdGUudjEuTGlzdFZvdGVQYWNrYWdlc1Jlc3BvbnNlIhmC0+STAhMSES92MS92b3RlLXBhY2thZ2VzEowBChNQdXJjaGFzZVZvdGVQYWNrYWdlEiwudGVsZXZvdGUudm90ZS52MS5QdXJjaGFzZVZvdGVQYWNrYWdlUmVxdWVzdBotLnRlbGV2b3RlLnZvdGUudjEuUHVyY2hhc2VWb3RlUGFja2FnZVJlc3BvbnNlIhiC0+STAhI6ASoiDS92MS9wdXJjaGFzZXMy+gIKGFN0b3JlTm90aWZpY2F0aW9uU2VydmljZRKrAQoYUmVjZWl2ZUFwcGxlTm90aWZpY2F0aW9uEjEudGVsZXZvdGUudm90ZS52MS5SZWNlaXZlQXBwbGVOb3RpZmljYXRpb25SZXF1ZXN0GjIudGVsZXZvdGUudm90ZS52MS5SZWNlaXZlQXBwbGVOb3RpZmljYXRpb25SZXNwb25zZSIogtPkkwIiOgEqIh0vdjEvc3RvcmUtbm90aWZpY2F0aW9ucy9hcHBsZRKvAQoZUmVjZWl2ZUdvb2dsZU5vdGlmaWNhdGlvbhIyLnRlbGV2b3RlLnZvdGUudjEuUmVjZWl2ZUdvb2dsZU5vdGlmaWNhdGlvblJlcXVlc3QaMy50ZWxldm90ZS52b3RlLnYxLlJlY2VpdmVHb29nbGVOb3RpZmljYXRpb25SZXNwb25zZSIpgtPkkwIjOgEqIh4vdjEvc3RvcmUtbm90aWZpY2F0aW9ucy9nb29nbGViBnByb3RvMw", [file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_struct, file_google_protobuf_timestamp, file_televote_vote_v1_vote_types]);
+
+/**
+ * Request for StoreNotificationService.ReceiveAppleNotification: Apple's JSON body.
+ *
+ * @generated from message televote.vote.v1.ReceiveAppleNotificationRequest
+ */
+export type ReceiveAppleNotificationRequest = Message<"televote.vote.v1.ReceiveAppleNotificationRequest"> & {
+  /**
+   * The notification, a JWS signed by Apple (responseBodyV2).
+   *
+   * @generated from field: string signed_payload = 1;
+   */
+  signedPayload: string;
+};
+
+/**
+ * Describes the message televote.vote.v1.ReceiveAppleNotificationRequest.
+ * Use `create(ReceiveAppleNotificationRequestSchema)` to create a new message.
+ */
+export const ReceiveAppleNotificationRequestSchema: GenMessage<ReceiveAppleNotificationRequest> = /*@__PURE__*/
+  messageDesc(file_televote_vote_v1_vote_service, 0);
+
+/**
+ * Response for StoreNotificationService.ReceiveAppleNotification (empty: Apple reads the
+ * HTTP status only).
+ *
+ * @generated from message televote.vote.v1.ReceiveAppleNotificationResponse
+ */
+export type ReceiveAppleNotificationResponse = Message<"televote.vote.v1.ReceiveAppleNotificationResponse"> & {
+};
+
+/**
+ * Describes the message televote.vote.v1.ReceiveAppleNotificationResponse.
+ * Use `create(ReceiveAppleNotificationResponseSchema)` to create a new message.
+ */
+export const ReceiveAppleNotificationResponseSchema: GenMessage<ReceiveAppleNotificationResponse> = /*@__PURE__*/
+  messageDesc(file_televote_vote_v1_vote_service, 1);
+
+/**
+ * Request for StoreNotificationService.ReceiveGoogleNotification: a Pub/Sub push body.
+ *
+ * @generated from message televote.vote.v1.ReceiveGoogleNotificationRequest
+ */
+export type ReceiveGoogleNotificationRequest = Message<"televote.vote.v1.ReceiveGoogleNotificationRequest"> & {
+  /**
+   * The Pub/Sub message: `data` (base64 of the DeveloperNotification JSON), `messageId`,
+   * `publishTime`, `attributes`. Kept as JSON because Pub/Sub sends some keys twice
+   * (camelCase and snake_case).
+   *
+   * @generated from field: google.protobuf.Struct message = 1;
+   */
+  message?: JsonObject | undefined;
+
+  /**
+   * The subscription that pushed it, for the audit log.
+   *
+   * @generated from field: string subscription = 2;
+   */
+  subscription: string;
+
+  /**
+   * The deployment's push token, from the push endpoint's query string.
+   *
+   * @generated from field: string token = 3;
+   */
+  token: string;
+};
+
+/**
+ * Describes the message televote.vote.v1.ReceiveGoogleNotificationRequest.
+ * Use `create(ReceiveGoogleNotificationRequestSchema)` to create a new message.
+ */
+export const ReceiveGoogleNotificationRequestSchema: GenMessage<ReceiveGoogleNotificationRequest> = /*@__PURE__*/
+  messageDesc(file_televote_vote_v1_vote_service, 2);
+
+/**
+ * Response for StoreNotificationService.ReceiveGoogleNotification (empty: Pub/Sub reads the
+ * HTTP status only).
+ *
+ * @generated from message televote.vote.v1.ReceiveGoogleNotificationResponse
+ */
+export type ReceiveGoogleNotificationResponse = Message<"televote.vote.v1.ReceiveGoogleNotificationResponse"> & {
+};
+
+/**
+ * Describes the message televote.vote.v1.ReceiveGoogleNotificationResponse.
+ * Use `create(ReceiveGoogleNotificationResponseSchema)` to create a new message.
+ */
+export const ReceiveGoogleNotificationResponseSchema: GenMessage<ReceiveGoogleNotificationResponse> = /*@__PURE__*/
+  messageDesc(file_televote_vote_v1_vote_service, 3);
 
 /**
  * A bundle of paid votes for sale.
@@ -86,7 +176,7 @@ export type VotePackage = Message<"televote.vote.v1.VotePackage"> & {
  * Use `create(VotePackageSchema)` to create a new message.
  */
 export const VotePackageSchema: GenMessage<VotePackage> = /*@__PURE__*/
-  messageDesc(file_televote_vote_v1_vote_service, 0);
+  messageDesc(file_televote_vote_v1_vote_service, 4);
 
 /**
  * Request for VoteService.SubmitVote.
@@ -149,7 +239,7 @@ export type SubmitVoteRequest = Message<"televote.vote.v1.SubmitVoteRequest"> & 
  * Use `create(SubmitVoteRequestSchema)` to create a new message.
  */
 export const SubmitVoteRequestSchema: GenMessage<SubmitVoteRequest> = /*@__PURE__*/
-  messageDesc(file_televote_vote_v1_vote_service, 1);
+  messageDesc(file_televote_vote_v1_vote_service, 5);
 
 /**
  * Response for VoteService.SubmitVote.
@@ -198,7 +288,7 @@ export type SubmitVoteResponse = Message<"televote.vote.v1.SubmitVoteResponse"> 
  * Use `create(SubmitVoteResponseSchema)` to create a new message.
  */
 export const SubmitVoteResponseSchema: GenMessage<SubmitVoteResponse> = /*@__PURE__*/
-  messageDesc(file_televote_vote_v1_vote_service, 2);
+  messageDesc(file_televote_vote_v1_vote_service, 6);
 
 /**
  * Request for VoteService.GetBalance.
@@ -219,7 +309,7 @@ export type GetBalanceRequest = Message<"televote.vote.v1.GetBalanceRequest"> & 
  * Use `create(GetBalanceRequestSchema)` to create a new message.
  */
 export const GetBalanceRequestSchema: GenMessage<GetBalanceRequest> = /*@__PURE__*/
-  messageDesc(file_televote_vote_v1_vote_service, 3);
+  messageDesc(file_televote_vote_v1_vote_service, 7);
 
 /**
  * Response for VoteService.GetBalance.
@@ -261,7 +351,7 @@ export type GetBalanceResponse = Message<"televote.vote.v1.GetBalanceResponse"> 
  * Use `create(GetBalanceResponseSchema)` to create a new message.
  */
 export const GetBalanceResponseSchema: GenMessage<GetBalanceResponse> = /*@__PURE__*/
-  messageDesc(file_televote_vote_v1_vote_service, 4);
+  messageDesc(file_televote_vote_v1_vote_service, 8);
 
 /**
  * Request for VoteService.ListVotePackages.
@@ -276,7 +366,7 @@ export type ListVotePackagesRequest = Message<"televote.vote.v1.ListVotePackages
  * Use `create(ListVotePackagesRequestSchema)` to create a new message.
  */
 export const ListVotePackagesRequestSchema: GenMessage<ListVotePackagesRequest> = /*@__PURE__*/
-  messageDesc(file_televote_vote_v1_vote_service, 5);
+  messageDesc(file_televote_vote_v1_vote_service, 9);
 
 /**
  * Response for VoteService.ListVotePackages.
@@ -297,7 +387,7 @@ export type ListVotePackagesResponse = Message<"televote.vote.v1.ListVotePackage
  * Use `create(ListVotePackagesResponseSchema)` to create a new message.
  */
 export const ListVotePackagesResponseSchema: GenMessage<ListVotePackagesResponse> = /*@__PURE__*/
-  messageDesc(file_televote_vote_v1_vote_service, 6);
+  messageDesc(file_televote_vote_v1_vote_service, 10);
 
 /**
  * Request for VoteService.PurchaseVotePackage.
@@ -340,7 +430,7 @@ export type PurchaseVotePackageRequest = Message<"televote.vote.v1.PurchaseVoteP
  * Use `create(PurchaseVotePackageRequestSchema)` to create a new message.
  */
 export const PurchaseVotePackageRequestSchema: GenMessage<PurchaseVotePackageRequest> = /*@__PURE__*/
-  messageDesc(file_televote_vote_v1_vote_service, 7);
+  messageDesc(file_televote_vote_v1_vote_service, 11);
 
 /**
  * Response for VoteService.PurchaseVotePackage.
@@ -396,7 +486,7 @@ export type PurchaseVotePackageResponse = Message<"televote.vote.v1.PurchaseVote
  * Use `create(PurchaseVotePackageResponseSchema)` to create a new message.
  */
 export const PurchaseVotePackageResponseSchema: GenMessage<PurchaseVotePackageResponse> = /*@__PURE__*/
-  messageDesc(file_televote_vote_v1_vote_service, 8);
+  messageDesc(file_televote_vote_v1_vote_service, 12);
 
 /**
  * The app store a package was bought in.
@@ -517,16 +607,29 @@ export const VoteService: GenService<{
    * with the same `request_id` returns the original purchase.
    *
    * Returns:
+   * Apple: `store_receipt` is the StoreKit 2 signed transaction (JWS), verified against the
+   * deployment's Apple root certificate, bundle id and environment. Google Play:
+   * `store_receipt` is the purchase token, checked with the Google Play Developer API
+   * (purchases.products.get, then consumed so the voter can buy the package again). The
+   * store's transaction id (Apple transactionId, Google orderId) credits once, across users.
+   *
+   * Returns:
    * * OK: the votes are credited.
-   * * INVALID_ARGUMENT `INVALID_REQUEST`: a field is missing (BadRequest).
+   * * INVALID_ARGUMENT `INVALID_REQUEST`: a field is missing or malformed, or the receipt is
+   *   over 64 KiB (BadRequest).
    * * NOT_FOUND `PACKAGE_NOT_FOUND`: no such package on sale.
-   * * FAILED_PRECONDITION `RECEIPT_INVALID`: the store rejected the receipt, or it is for
-   *   another product, app or environment.
+   * * FAILED_PRECONDITION `RECEIPT_INVALID`: the receipt is forged, truncated or not signed
+   *   by a chain to the configured root; it is for another app, another product or the
+   *   other environment (sandbox vs production); the purchase is pending, cancelled or
+   *   refunded. ErrorInfo metadata `cause` says which.
+   * * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through that
+   *   store.
    * * ALREADY_EXISTS `RECEIPT_ALREADY_USED`: the receipt already credited a purchase under
    *   another `request_id` or user.
    * * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the `request_id` was used with different fields.
-   * * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached; nothing was credited,
-   *   retry with the same `request_id`.
+   * * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached or was too slow, or
+   *   too many purchases are being verified at once; nothing was credited, retry with the
+   *   same `request_id`.
    *
    * @generated from rpc televote.vote.v1.VoteService.PurchaseVotePackage
    */
@@ -537,4 +640,60 @@ export const VoteService: GenService<{
   },
 }> = /*@__PURE__*/
   serviceDesc(file_televote_vote_v1_vote_service, 0);
+
+/**
+ * Store server notifications: refunds and revocations pushed by the app stores. The stores
+ * carry no televote token, so the edge lets anyone in (role `anonymous`) and the service
+ * authenticates each push itself: Apple's payload is signed by Apple (verified with the App
+ * Store Server Library against the configured root); a Google Pub/Sub push must carry the
+ * deployment's push token in its URL, and even then the notification is only a hint: the
+ * purchase is looked up with the Google Play Developer API before anything is clawed back.
+ *
+ * @generated from service televote.vote.v1.StoreNotificationService
+ */
+export const StoreNotificationService: GenService<{
+  /**
+   * App Store Server Notifications V2 (the URL configured in App Store Connect). REFUND and
+   * REVOKE claw back the purchase's votes (what is unspent; what was already spent is
+   * recorded against the purchase and the voter is flagged for review); other types are
+   * acknowledged and audited. Apple retries a notification that was not answered OK.
+   *
+   * Returns:
+   * * OK: handled (or nothing to do: an unknown transaction, a repeat).
+   * * INVALID_ARGUMENT `NOTIFICATION_INVALID`: not a payload signed by a chain to the
+   *   configured root, or for another app or environment.
+   * * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through Apple.
+   * * UNAVAILABLE `UNAVAILABLE`: not recorded; the store's retry will bring it again.
+   *
+   * @generated from rpc televote.vote.v1.StoreNotificationService.ReceiveAppleNotification
+   */
+  receiveAppleNotification: {
+    methodKind: "unary";
+    input: typeof ReceiveAppleNotificationRequestSchema;
+    output: typeof ReceiveAppleNotificationResponseSchema;
+  },
+  /**
+   * Google Play real-time developer notifications, as a Cloud Pub/Sub push subscription posts
+   * them (`?token=` is the deployment's push token). A voidedPurchaseNotification or a
+   * cancelled oneTimeProductNotification makes the service ask Google Play about the
+   * purchase and claw it back if Google says it is cancelled; other notifications are
+   * acknowledged and audited.
+   *
+   * Returns:
+   * * OK: handled, or nothing to do (Pub/Sub stops redelivering).
+   * * INVALID_ARGUMENT `NOTIFICATION_INVALID`: no `message.data`, not base64 JSON, or for
+   *   another package name.
+   * * PERMISSION_DENIED `NOTIFICATION_UNAUTHENTICATED`: the push token is missing or wrong.
+   * * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through Google.
+   * * UNAVAILABLE `STORE_UNAVAILABLE`: Google Play could not be asked; Pub/Sub redelivers.
+   *
+   * @generated from rpc televote.vote.v1.StoreNotificationService.ReceiveGoogleNotification
+   */
+  receiveGoogleNotification: {
+    methodKind: "unary";
+    input: typeof ReceiveGoogleNotificationRequestSchema;
+    output: typeof ReceiveGoogleNotificationResponseSchema;
+  },
+}> = /*@__PURE__*/
+  serviceDesc(file_televote_vote_v1_vote_service, 1);
 
