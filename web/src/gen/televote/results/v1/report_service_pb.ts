@@ -6,9 +6,9 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import { file_google_api_annotations } from "../../../google/api/annotations_pb";
 import { file_google_api_field_behavior } from "../../../google/api/field_behavior_pb";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { Money } from "../../vote/v1/vote_types_pb";
+import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Channel, Money, VoteType } from "../../vote/v1/vote_types_pb";
 import { file_televote_vote_v1_vote_types } from "../../vote/v1/vote_types_pb";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file televote/results/v1/report_service.proto.
  */
 export const file_televote_results_v1_report_service: GenFile = /*@__PURE__*/
-  fileDesc("Cih0ZWxldm90ZS9yZXN1bHRzL3YxL3JlcG9ydF9zZXJ2aWNlLnByb3RvEhN0ZWxldm90ZS5yZXN1bHRzLnYxIj4KCVZvdGVDb3VudBINCgV2b3RlcxgBIAEoAxIOCgZ2b3RlcnMYAiABKAMSEgoKcGVyY2VudGFnZRgDIAEoASJNCgxNaW51dGVCdWNrZXQSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFdm90ZXMYAiABKAMiTwoMU2VnbWVudENvdW50EhEKCWRpbWVuc2lvbhgBIAEoCRINCgV2YWx1ZRgCIAEoCRINCgV2b3RlcxgDIAEoAxIOCgZ2b3RlcnMYBCABKAMiVwoLUmVnaW9uQ291bnQSFAoMY291bnRyeV9jb2RlGAEgASgJEhMKC3JlZ2lvbl9jb2RlGAIgASgJEg0KBXZvdGVzGAMgASgDEg4KBnZvdGVycxgEIAEoAyJbCgtSZXZlbnVlTGluZRIOCgZzb3VyY2UYASABKAkSFAoMdHJhbnNhY3Rpb25zGAIgASgDEiYKBWdyb3NzGAMgASgLMhcudGVsZXZvdGUudm90ZS52MS5Nb25leSJsCgxSb3VuZFN1bW1hcnkSEAoIcm91bmRfaWQYASABKAkSDAoEbmFtZRgCIAEoCRINCgV2b3RlcxgDIAEoAxIOCgZ2b3RlcnMYBCABKAMSHQoVd2lubmVyX2NvbnRlc3RhbnRfaWRzGAUgAygJIt0BCgpFbmdhZ2VtZW50Eh0KFXBlYWtfdm90ZXNfcGVyX21pbnV0ZRgBIAEoAxIvCgtwZWFrX21pbnV0ZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFwoPdm90ZXNfcGVyX3ZvdGVyGAMgASgBEiQKHG11bHRpX3JvdW5kX3ZvdGVyX3BlcmNlbnRhZ2UYBCABKAESHwoXcGF5aW5nX3ZvdGVyX3BlcmNlbnRhZ2UYBSABKAESHwoXcGVha19jb25jdXJyZW50X3ZpZXdlcnMYBiABKAMiMwoXR2V0RXBpc29kZVJlcG9ydFJlcXVlc3QSGAoKZXBpc29kZV9pZBgBIAEoCUIE4kEBAiK4BQoYR2V0RXBpc29kZVJlcG9ydFJlc3BvbnNlEhIKCmVwaXNvZGVfaWQYASABKAkSEAoIaXNfZmluYWwYAiABKAgSMAoMZ2VuZXJhdGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgt0b3RhbF92b3RlcxgEIAEoAxIZChFpbnZhbGlkYXRlZF92b3RlcxgFIAEoAxIVCg11bmlxdWVfdm90ZXJzGAYgASgDEiwKBGZyZWUYByABKAsyHi50ZWxldm90ZS5yZXN1bHRzLnYxLlZvdGVDb3VudBIsCgRwYWlkGAggASgLMh4udGVsZXZvdGUucmVzdWx0cy52MS5Wb3RlQ291bnQSKwoDc21zGAkgASgLMh4udGVsZXZvdGUucmVzdWx0cy52MS5Wb3RlQ291bnQSOwoQdm90ZXNfcGVyX21pbnV0ZRgKIAMoCzIhLnRlbGV2b3RlLnJlc3VsdHMudjEuTWludXRlQnVja2V0EjcKDGRlbW9ncmFwaGljcxgLIAMoCzIhLnRlbGV2b3RlLnJlc3VsdHMudjEuU2VnbWVudENvdW50EjMKCWdlb2dyYXBoeRgMIAMoCzIgLnRlbGV2b3RlLnJlc3VsdHMudjEuUmVnaW9uQ291bnQSMQoHcmV2ZW51ZRgNIAMoCzIgLnRlbGV2b3RlLnJlc3VsdHMudjEuUmV2ZW51ZUxpbmUSLgoNdG90YWxfcmV2ZW51ZRgOIAEoCzIXLnRlbGV2b3RlLnZvdGUudjEuTW9uZXkSMwoKZW5nYWdlbWVudBgPIAEoCzIfLnRlbGV2b3RlLnJlc3VsdHMudjEuRW5nYWdlbWVudBIxCgZyb3VuZHMYECADKAsyIS50ZWxldm90ZS5yZXN1bHRzLnYxLlJvdW5kU3VtbWFyeTKrAQoNUmVwb3J0U2VydmljZRKZAQoQR2V0RXBpc29kZVJlcG9ydBIsLnRlbGV2b3RlLnJlc3VsdHMudjEuR2V0RXBpc29kZVJlcG9ydFJlcXVlc3QaLS50ZWxldm90ZS5yZXN1bHRzLnYxLkdldEVwaXNvZGVSZXBvcnRSZXNwb25zZSIogtPkkwIiEiAvdjEvZXBpc29kZXMve2VwaXNvZGVfaWR9L3JlcG9ydGIGcHJvdG8z", [file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_timestamp, file_televote_vote_v1_vote_types]);
+  fileDesc("Cih0ZWxldm90ZS9yZXN1bHRzL3YxL3JlcG9ydF9zZXJ2aWNlLnByb3RvEhN0ZWxldm90ZS5yZXN1bHRzLnYxIj4KCVZvdGVDb3VudBINCgV2b3RlcxgBIAEoAxIOCgZ2b3RlcnMYAiABKAMSEgoKcGVyY2VudGFnZRgDIAEoASIxChBJbnZhbGlkYXRlZENvdW50Eg4KBnJlYXNvbhgBIAEoCRINCgV2b3RlcxgCIAEoAyKXAwoNUmVwb3J0U3VtbWFyeRIUCgxsZWRnZXJfdm90ZXMYASABKAMSFQoNY291bnRlZF92b3RlcxgCIAEoAxIZChFpbnZhbGlkYXRlZF92b3RlcxgDIAEoAxJEChVpbnZhbGlkYXRlZF9ieV9yZWFzb24YBCADKAsyJS50ZWxldm90ZS5yZXN1bHRzLnYxLkludmFsaWRhdGVkQ291bnQSFQoNdW5pcXVlX3ZvdGVycxgFIAEoAxIsCgRmcmVlGAYgASgLMh4udGVsZXZvdGUucmVzdWx0cy52MS5Wb3RlQ291bnQSLAoEcGFpZBgHIAEoCzIeLnRlbGV2b3RlLnJlc3VsdHMudjEuVm90ZUNvdW50EisKA3NtcxgIIAEoCzIeLnRlbGV2b3RlLnJlc3VsdHMudjEuVm90ZUNvdW50EisKA2FwcBgJIAEoCzIeLnRlbGV2b3RlLnJlc3VsdHMudjEuVm90ZUNvdW50EisKA3dlYhgKIAEoCzIeLnRlbGV2b3RlLnJlc3VsdHMudjEuVm90ZUNvdW50IswBCg5UaW1lbGluZUJ1Y2tldBIuCgpzdGFydF90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghyb3VuZF9pZBgCIAEoCRIqCgdjaGFubmVsGAMgASgOMhkudGVsZXZvdGUudm90ZS52MS5DaGFubmVsEi0KCXZvdGVfdHlwZRgEIAEoDjIaLnRlbGV2b3RlLnZvdGUudjEuVm90ZVR5cGUSDQoFdm90ZXMYBSABKAMSDgoGdm90ZXJzGAYgASgDIkUKBFBlYWsSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFdm90ZXMYAiABKAMieAoGTW9tZW50EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGtpbmQYAiABKAkSDQoFbGFiZWwYAyABKAkSEAoIcm91bmRfaWQYBCABKAkSFQoNY29udGVzdGFudF9pZBgFIAEoCSJpCg9Db250ZXN0YW50Q291bnQSFQoNY29udGVzdGFudF9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEg0KBXZvdGVzGAMgASgDEg4KBnZvdGVycxgEIAEoAxISCgpwZXJjZW50YWdlGAUgASgBIucBCgxSb3VuZFN1bW1hcnkSEAoIcm91bmRfaWQYASABKAkSDAoEbmFtZRgCIAEoCRINCgV2b3RlcxgDIAEoAxIOCgZ2b3RlcnMYBCABKAMSHQoVd2lubmVyX2NvbnRlc3RhbnRfaWRzGAUgAygJEg0KBXN0YXRlGAYgASgJEhQKDGxlZGdlcl92b3RlcxgHIAEoAxIZChFpbnZhbGlkYXRlZF92b3RlcxgIIAEoAxI5Cgtjb250ZXN0YW50cxgJIAMoCzIkLnRlbGV2b3RlLnJlc3VsdHMudjEuQ29udGVzdGFudENvdW50IlQKC1JlZ2lvbkNvdW50EhQKDGNvdW50cnlfY29kZRgBIAEoCRIQCghwcm92aW5jZRgCIAEoCRINCgV2b3RlcxgDIAEoAxIOCgZ2b3RlcnMYBCABKAMiTwoMU2VnbWVudENvdW50EhEKCWRpbWVuc2lvbhgBIAEoCRINCgV2YWx1ZRgCIAEoCRINCgV2b3RlcxgDIAEoAxIOCgZ2b3RlcnMYBCABKAMiaQoLUmV2ZW51ZUxpbmUSDgoGc291cmNlGAEgASgJEgwKBHRpZXIYAiABKAkSFAoMdHJhbnNhY3Rpb25zGAMgASgDEiYKBWdyb3NzGAQgASgLMhcudGVsZXZvdGUudm90ZS52MS5Nb25leSKKAQoOUmV2ZW51ZVNlY3Rpb24SEQoJYXZhaWxhYmxlGAEgASgIEgwKBG5vdGUYAiABKAkSLwoFbGluZXMYAyADKAsyIC50ZWxldm90ZS5yZXN1bHRzLnYxLlJldmVudWVMaW5lEiYKBXRvdGFsGAQgASgLMhcudGVsZXZvdGUudm90ZS52MS5Nb25leSLiAQoHUmV2ZW51ZRI1CghwYWNrYWdlcxgBIAEoCzIjLnRlbGV2b3RlLnJlc3VsdHMudjEuUmV2ZW51ZVNlY3Rpb24SMAoDc21zGAIgASgLMiMudGVsZXZvdGUucmVzdWx0cy52MS5SZXZlbnVlU2VjdGlvbhI0CgdyZWZ1bmRzGAMgASgLMiMudGVsZXZvdGUucmVzdWx0cy52MS5SZXZlbnVlU2VjdGlvbhImCgVncm9zcxgEIAEoCzIXLnRlbGV2b3RlLnZvdGUudjEuTW9uZXkSEAoIY29tcGxldGUYBSABKAgiMwoSRGlzdHJpYnV0aW9uQnVja2V0Eg0KBWxhYmVsGAEgASgJEg4KBnZvdGVycxgCIAEoAyKfAQoTUGVyZm9ybWFuY2VSZXNwb25zZRIVCg1jb250ZXN0YW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSLgoKc3RhcnRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoQZmlyc3Rfdm90ZV9hZnRlchgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKrAwoKRW5nYWdlbWVudBIdChVwZWFrX3ZvdGVzX3Blcl9taW51dGUYASABKAMSLwoLcGVha19taW51dGUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3ZvdGVzX3Blcl92b3RlchgDIAEoARIkChxtdWx0aV9yb3VuZF92b3Rlcl9wZXJjZW50YWdlGAQgASgBEiAKGHVzZWRfYWxsX2ZyZWVfcGVyY2VudGFnZRgFIAEoARIfChdmcmVlX3RvX3BhaWRfcGVyY2VudGFnZRgGIAEoARIYChByZXR1cm5pbmdfdm90ZXJzGAcgASgDEiIKGnJldHVybmluZ192b3Rlcl9wZXJjZW50YWdlGAggASgBEk0KHHZvdGVzX3Blcl92b3Rlcl9kaXN0cmlidXRpb24YCSADKAsyJy50ZWxldm90ZS5yZXN1bHRzLnYxLkRpc3RyaWJ1dGlvbkJ1Y2tldBI+CgxwZXJmb3JtYW5jZXMYCiADKAsyKC50ZWxldm90ZS5yZXN1bHRzLnYxLlBlcmZvcm1hbmNlUmVzcG9uc2UiVwoQRnJhdWRTaWduYWxDb3VudBIOCgZzaWduYWwYASABKAkSDwoHYmxvY2tlZBgCIAEoAxIQCghyZXZpZXdlZBgDIAEoAxIQCghyZWplY3RlZBgEIAEoAyK3AQoLRnJhdWRSZXBvcnQSDwoHYmxvY2tlZBgBIAEoAxIQCghyZXZpZXdlZBgCIAEoAxIPCgdwZW5kaW5nGAMgASgDEhAKCGFwcHJvdmVkGAQgASgDEhAKCHJlamVjdGVkGAUgASgDEhYKDnJlamVjdGVkX3ZvdGVzGAYgASgDEjgKCWJ5X3NpZ25hbBgHIAMoCzIlLnRlbGV2b3RlLnJlc3VsdHMudjEuRnJhdWRTaWduYWxDb3VudCIzChdHZXRFcGlzb2RlUmVwb3J0UmVxdWVzdBIYCgplcGlzb2RlX2lkGAEgASgJQgTiQQECIsEFChhHZXRFcGlzb2RlUmVwb3J0UmVzcG9uc2USEgoKZXBpc29kZV9pZBgBIAEoCRIQCghpc19maW5hbBgCIAEoCBIwCgxnZW5lcmF0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBXRpdGxlGAQgASgJEhEKCXNob3dfbmFtZRgFIAEoCRIVCg1lcGlzb2RlX3N0YXRlGAYgASgJEhoKEnByaXZhY3lfbWluX3ZvdGVycxgHIAEoBRIzCgdzdW1tYXJ5GAggASgLMiIudGVsZXZvdGUucmVzdWx0cy52MS5SZXBvcnRTdW1tYXJ5EjUKCHRpbWVsaW5lGAkgAygLMiMudGVsZXZvdGUucmVzdWx0cy52MS5UaW1lbGluZUJ1Y2tldBIoCgVwZWFrcxgKIAMoCzIZLnRlbGV2b3RlLnJlc3VsdHMudjEuUGVhaxIsCgdtb21lbnRzGAsgAygLMhsudGVsZXZvdGUucmVzdWx0cy52MS5Nb21lbnQSMQoGcm91bmRzGAwgAygLMiEudGVsZXZvdGUucmVzdWx0cy52MS5Sb3VuZFN1bW1hcnkSMwoJZ2VvZ3JhcGh5GA0gAygLMiAudGVsZXZvdGUucmVzdWx0cy52MS5SZWdpb25Db3VudBI3CgxkZW1vZ3JhcGhpY3MYDiADKAsyIS50ZWxldm90ZS5yZXN1bHRzLnYxLlNlZ21lbnRDb3VudBItCgdyZXZlbnVlGA8gASgLMhwudGVsZXZvdGUucmVzdWx0cy52MS5SZXZlbnVlEjMKCmVuZ2FnZW1lbnQYECABKAsyHy50ZWxldm90ZS5yZXN1bHRzLnYxLkVuZ2FnZW1lbnQSLwoFZnJhdWQYESABKAsyIC50ZWxldm90ZS5yZXN1bHRzLnYxLkZyYXVkUmVwb3J0MqsBCg1SZXBvcnRTZXJ2aWNlEpkBChBHZXRFcGlzb2RlUmVwb3J0EiwudGVsZXZvdGUucmVzdWx0cy52MS5HZXRFcGlzb2RlUmVwb3J0UmVxdWVzdBotLnRlbGV2b3RlLnJlc3VsdHMudjEuR2V0RXBpc29kZVJlcG9ydFJlc3BvbnNlIiiC0+STAiISIC92MS9lcGlzb2Rlcy97ZXBpc29kZV9pZH0vcmVwb3J0YgZwcm90bzM", [file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp, file_televote_vote_v1_vote_types]);
 
 /**
  * Votes of one kind.
@@ -54,11 +54,124 @@ export const VoteCountSchema: GenMessage<VoteCount> = /*@__PURE__*/
   messageDesc(file_televote_results_v1_report_service, 0);
 
 /**
- * Votes in one minute.
+ * Votes the final result does not count, for one reason.
  *
- * @generated from message televote.results.v1.MinuteBucket
+ * @generated from message televote.results.v1.InvalidatedCount
  */
-export type MinuteBucket = Message<"televote.results.v1.MinuteBucket"> & {
+export type InvalidatedCount = Message<"televote.results.v1.InvalidatedCount"> & {
+  /**
+   * The rule (results_svc.rules): OUTSIDE_WINDOW, FRAUD_REJECTED, OVER_FREE_QUOTA,
+   * OVER_ROUND_FREE_CAP, NO_BALANCE, NOT_A_CONTESTANT, DUPLICATE.
+   *
+   * @generated from field: string reason = 1;
+   */
+  reason: string;
+
+  /**
+   * Votes (sum of counts).
+   *
+   * @generated from field: int64 votes = 2;
+   */
+  votes: bigint;
+};
+
+/**
+ * Describes the message televote.results.v1.InvalidatedCount.
+ * Use `create(InvalidatedCountSchema)` to create a new message.
+ */
+export const InvalidatedCountSchema: GenMessage<InvalidatedCount> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 1);
+
+/**
+ * The episode in a few numbers.
+ *
+ * @generated from message televote.results.v1.ReportSummary
+ */
+export type ReportSummary = Message<"televote.results.v1.ReportSummary"> & {
+  /**
+   * Votes in the ledger (sum of counts), counted or not.
+   *
+   * @generated from field: int64 ledger_votes = 1;
+   */
+  ledgerVotes: bigint;
+
+  /**
+   * Counted votes in all rounds.
+   *
+   * @generated from field: int64 counted_votes = 2;
+   */
+  countedVotes: bigint;
+
+  /**
+   * Votes in the ledger that the result does not count.
+   *
+   * @generated from field: int64 invalidated_votes = 3;
+   */
+  invalidatedVotes: bigint;
+
+  /**
+   * Why they do not count, largest first.
+   *
+   * @generated from field: repeated televote.results.v1.InvalidatedCount invalidated_by_reason = 4;
+   */
+  invalidatedByReason: InvalidatedCount[];
+
+  /**
+   * Distinct voters with at least one counted vote.
+   *
+   * @generated from field: int64 unique_voters = 5;
+   */
+  uniqueVoters: bigint;
+
+  /**
+   * Counted votes paid with the free quota.
+   *
+   * @generated from field: televote.results.v1.VoteCount free = 6;
+   */
+  free?: VoteCount | undefined;
+
+  /**
+   * Counted votes paid with the paid balance.
+   *
+   * @generated from field: televote.results.v1.VoteCount paid = 7;
+   */
+  paid?: VoteCount | undefined;
+
+  /**
+   * Counted votes by premium SMS.
+   *
+   * @generated from field: televote.results.v1.VoteCount sms = 8;
+   */
+  sms?: VoteCount | undefined;
+
+  /**
+   * Counted votes from the native apps.
+   *
+   * @generated from field: televote.results.v1.VoteCount app = 9;
+   */
+  app?: VoteCount | undefined;
+
+  /**
+   * Counted votes from browsers.
+   *
+   * @generated from field: televote.results.v1.VoteCount web = 10;
+   */
+  web?: VoteCount | undefined;
+};
+
+/**
+ * Describes the message televote.results.v1.ReportSummary.
+ * Use `create(ReportSummarySchema)` to create a new message.
+ */
+export const ReportSummarySchema: GenMessage<ReportSummary> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 2);
+
+/**
+ * Counted votes of one round, one minute, one channel and one vote type.
+ *
+ * @generated from message televote.results.v1.TimelineBucket
+ */
+export type TimelineBucket = Message<"televote.results.v1.TimelineBucket"> & {
   /**
    * The start of the minute.
    *
@@ -67,7 +180,63 @@ export type MinuteBucket = Message<"televote.results.v1.MinuteBucket"> & {
   startTime?: Timestamp | undefined;
 
   /**
-   * Counted votes in the minute.
+   * The round (at most one round is open at a time; two can share the minute of a change).
+   *
+   * @generated from field: string round_id = 2;
+   */
+  roundId: string;
+
+  /**
+   * The channel.
+   *
+   * @generated from field: televote.vote.v1.Channel channel = 3;
+   */
+  channel: Channel;
+
+  /**
+   * The vote type.
+   *
+   * @generated from field: televote.vote.v1.VoteType vote_type = 4;
+   */
+  voteType: VoteType;
+
+  /**
+   * Counted votes.
+   *
+   * @generated from field: int64 votes = 5;
+   */
+  votes: bigint;
+
+  /**
+   * Distinct voters (in this round and minute, by this channel and type).
+   *
+   * @generated from field: int64 voters = 6;
+   */
+  voters: bigint;
+};
+
+/**
+ * Describes the message televote.results.v1.TimelineBucket.
+ * Use `create(TimelineBucketSchema)` to create a new message.
+ */
+export const TimelineBucketSchema: GenMessage<TimelineBucket> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 3);
+
+/**
+ * One of the busiest minutes.
+ *
+ * @generated from message televote.results.v1.Peak
+ */
+export type Peak = Message<"televote.results.v1.Peak"> & {
+  /**
+   * The start of the minute.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 1;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Counted votes in the minute, all rounds, channels and types.
    *
    * @generated from field: int64 votes = 2;
    */
@@ -75,130 +244,110 @@ export type MinuteBucket = Message<"televote.results.v1.MinuteBucket"> & {
 };
 
 /**
- * Describes the message televote.results.v1.MinuteBucket.
- * Use `create(MinuteBucketSchema)` to create a new message.
+ * Describes the message televote.results.v1.Peak.
+ * Use `create(PeakSchema)` to create a new message.
  */
-export const MinuteBucketSchema: GenMessage<MinuteBucket> = /*@__PURE__*/
-  messageDesc(file_televote_results_v1_report_service, 1);
-
-/**
- * Votes of one audience segment.
- *
- * @generated from message televote.results.v1.SegmentCount
- */
-export type SegmentCount = Message<"televote.results.v1.SegmentCount"> & {
-  /**
-   * The segment, e.g. dimension "age_band" value "18-24", or "gender" / "female".
-   *
-   * @generated from field: string dimension = 1;
-   */
-  dimension: string;
-
-  /**
-   * The segment's value; "unknown" for voters without the attribute.
-   *
-   * @generated from field: string value = 2;
-   */
-  value: string;
-
-  /**
-   * Counted votes.
-   *
-   * @generated from field: int64 votes = 3;
-   */
-  votes: bigint;
-
-  /**
-   * Distinct voters.
-   *
-   * @generated from field: int64 voters = 4;
-   */
-  voters: bigint;
-};
-
-/**
- * Describes the message televote.results.v1.SegmentCount.
- * Use `create(SegmentCountSchema)` to create a new message.
- */
-export const SegmentCountSchema: GenMessage<SegmentCount> = /*@__PURE__*/
-  messageDesc(file_televote_results_v1_report_service, 2);
-
-/**
- * Votes from one place.
- *
- * @generated from message televote.results.v1.RegionCount
- */
-export type RegionCount = Message<"televote.results.v1.RegionCount"> & {
-  /**
-   * ISO 3166-1 alpha-2 country code, e.g. "KH".
-   *
-   * @generated from field: string country_code = 1;
-   */
-  countryCode: string;
-
-  /**
-   * ISO 3166-2 subdivision code (province), e.g. "KH-12"; empty when unknown.
-   *
-   * @generated from field: string region_code = 2;
-   */
-  regionCode: string;
-
-  /**
-   * Counted votes.
-   *
-   * @generated from field: int64 votes = 3;
-   */
-  votes: bigint;
-
-  /**
-   * Distinct voters.
-   *
-   * @generated from field: int64 voters = 4;
-   */
-  voters: bigint;
-};
-
-/**
- * Describes the message televote.results.v1.RegionCount.
- * Use `create(RegionCountSchema)` to create a new message.
- */
-export const RegionCountSchema: GenMessage<RegionCount> = /*@__PURE__*/
-  messageDesc(file_televote_results_v1_report_service, 3);
-
-/**
- * Revenue from one source.
- *
- * @generated from message televote.results.v1.RevenueLine
- */
-export type RevenueLine = Message<"televote.results.v1.RevenueLine"> & {
-  /**
-   * The source: "apple", "google", "sms:smart", "sms:cellcard", "sms:metfone".
-   *
-   * @generated from field: string source = 1;
-   */
-  source: string;
-
-  /**
-   * Transactions (purchases or charged SMS).
-   *
-   * @generated from field: int64 transactions = 2;
-   */
-  transactions: bigint;
-
-  /**
-   * Gross revenue, before store and carrier shares.
-   *
-   * @generated from field: televote.vote.v1.Money gross = 3;
-   */
-  gross?: Money | undefined;
-};
-
-/**
- * Describes the message televote.results.v1.RevenueLine.
- * Use `create(RevenueLineSchema)` to create a new message.
- */
-export const RevenueLineSchema: GenMessage<RevenueLine> = /*@__PURE__*/
+export const PeakSchema: GenMessage<Peak> = /*@__PURE__*/
   messageDesc(file_televote_results_v1_report_service, 4);
+
+/**
+ * What happened on the show, on the timeline's axis.
+ *
+ * @generated from message televote.results.v1.Moment
+ */
+export type Moment = Message<"televote.results.v1.Moment"> & {
+  /**
+   * When.
+   *
+   * @generated from field: google.protobuf.Timestamp time = 1;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * PERFORMANCE_START, PERFORMANCE_END, VOTING_OPEN, VOTING_WARNING (a minute before the
+   * broadcast close), VOTING_CLOSE.
+   *
+   * @generated from field: string kind = 2;
+   */
+  kind: string;
+
+  /**
+   * What to print: the contestant's name, or the round's.
+   *
+   * @generated from field: string label = 3;
+   */
+  label: string;
+
+  /**
+   * The round, for voting moments.
+   *
+   * @generated from field: string round_id = 4;
+   */
+  roundId: string;
+
+  /**
+   * The contestant, for performances.
+   *
+   * @generated from field: string contestant_id = 5;
+   */
+  contestantId: string;
+};
+
+/**
+ * Describes the message televote.results.v1.Moment.
+ * Use `create(MomentSchema)` to create a new message.
+ */
+export const MomentSchema: GenMessage<Moment> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 5);
+
+/**
+ * One contestant's counted votes in a round.
+ *
+ * @generated from message televote.results.v1.ContestantCount
+ */
+export type ContestantCount = Message<"televote.results.v1.ContestantCount"> & {
+  /**
+   * The contestant.
+   *
+   * @generated from field: string contestant_id = 1;
+   */
+  contestantId: string;
+
+  /**
+   * The contestant's name.
+   *
+   * @generated from field: string name = 2;
+   */
+  name: string;
+
+  /**
+   * Counted votes.
+   *
+   * @generated from field: int64 votes = 3;
+   */
+  votes: bigint;
+
+  /**
+   * Distinct voters with a counted vote for them.
+   *
+   * @generated from field: int64 voters = 4;
+   */
+  voters: bigint;
+
+  /**
+   * Share of the round's counted votes in percent, one decimal.
+   *
+   * @generated from field: double percentage = 5;
+   */
+  percentage: number;
+};
+
+/**
+ * Describes the message televote.results.v1.ContestantCount.
+ * Use `create(ContestantCountSchema)` to create a new message.
+ */
+export const ContestantCountSchema: GenMessage<ContestantCount> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 6);
 
 /**
  * Per-round summary.
@@ -228,7 +377,7 @@ export type RoundSummary = Message<"televote.results.v1.RoundSummary"> & {
   votes: bigint;
 
   /**
-   * Distinct voters.
+   * Distinct voters with a counted vote.
    *
    * @generated from field: int64 voters = 4;
    */
@@ -240,6 +389,34 @@ export type RoundSummary = Message<"televote.results.v1.RoundSummary"> & {
    * @generated from field: repeated string winner_contestant_ids = 5;
    */
   winnerContestantIds: string[];
+
+  /**
+   * PENDING, OPEN, CLOSED or FINALIZED.
+   *
+   * @generated from field: string state = 6;
+   */
+  state: string;
+
+  /**
+   * Votes in the ledger, counted or not.
+   *
+   * @generated from field: int64 ledger_votes = 7;
+   */
+  ledgerVotes: bigint;
+
+  /**
+   * Votes in the ledger that the result does not count (final only once finalized).
+   *
+   * @generated from field: int64 invalidated_votes = 8;
+   */
+  invalidatedVotes: bigint;
+
+  /**
+   * Counted votes per contestant, in the round's order.
+   *
+   * @generated from field: repeated televote.results.v1.ContestantCount contestants = 9;
+   */
+  contestants: ContestantCount[];
 };
 
 /**
@@ -247,7 +424,301 @@ export type RoundSummary = Message<"televote.results.v1.RoundSummary"> & {
  * Use `create(RoundSummarySchema)` to create a new message.
  */
 export const RoundSummarySchema: GenMessage<RoundSummary> = /*@__PURE__*/
-  messageDesc(file_televote_results_v1_report_service, 5);
+  messageDesc(file_televote_results_v1_report_service, 7);
+
+/**
+ * Votes from one place. A voter is placed once per episode, where their first vote with a GPS
+ * point came from; their counted votes count there. Without GPS a voter is "unknown" (the
+ * ledger keeps no IP address to look up).
+ *
+ * @generated from message televote.results.v1.RegionCount
+ */
+export type RegionCount = Message<"televote.results.v1.RegionCount"> & {
+  /**
+   * ISO 3166-1 alpha-2 country code, e.g. "KH"; "unknown" without GPS;
+   * "other" for places merged for privacy.
+   *
+   * @generated from field: string country_code = 1;
+   */
+  countryCode: string;
+
+  /**
+   * For Cambodia, the province (English name as in ISO 3166-2:KH), "unknown" when only the
+   * country is known; empty abroad.
+   *
+   * @generated from field: string province = 2;
+   */
+  province: string;
+
+  /**
+   * Counted votes.
+   *
+   * @generated from field: int64 votes = 3;
+   */
+  votes: bigint;
+
+  /**
+   * Distinct voters.
+   *
+   * @generated from field: int64 voters = 4;
+   */
+  voters: bigint;
+};
+
+/**
+ * Describes the message televote.results.v1.RegionCount.
+ * Use `create(RegionCountSchema)` to create a new message.
+ */
+export const RegionCountSchema: GenMessage<RegionCount> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 8);
+
+/**
+ * Voters of one audience segment (self-declared profile).
+ *
+ * @generated from message televote.results.v1.SegmentCount
+ */
+export type SegmentCount = Message<"televote.results.v1.SegmentCount"> & {
+  /**
+   * "age_band", "gender" or "province".
+   *
+   * @generated from field: string dimension = 1;
+   */
+  dimension: string;
+
+  /**
+   * The segment's value; "unknown" for voters who did not tell; "other" for segments merged
+   * for privacy.
+   *
+   * @generated from field: string value = 2;
+   */
+  value: string;
+
+  /**
+   * Counted votes.
+   *
+   * @generated from field: int64 votes = 3;
+   */
+  votes: bigint;
+
+  /**
+   * Distinct voters.
+   *
+   * @generated from field: int64 voters = 4;
+   */
+  voters: bigint;
+};
+
+/**
+ * Describes the message televote.results.v1.SegmentCount.
+ * Use `create(SegmentCountSchema)` to create a new message.
+ */
+export const SegmentCountSchema: GenMessage<SegmentCount> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 9);
+
+/**
+ * Revenue from one source and tier.
+ *
+ * @generated from message televote.results.v1.RevenueLine
+ */
+export type RevenueLine = Message<"televote.results.v1.RevenueLine"> & {
+  /**
+   * "apple", "google", or the carrier for SMS ("SMART", "CELLCARD", "METFONE").
+   *
+   * @generated from field: string source = 1;
+   */
+  source: string;
+
+  /**
+   * The package for store purchases (e.g. "votes_60"); empty for SMS.
+   *
+   * @generated from field: string tier = 2;
+   */
+  tier: string;
+
+  /**
+   * Transactions (purchases or charged SMS), refunds counted negative in `refunds`.
+   *
+   * @generated from field: int64 transactions = 3;
+   */
+  transactions: bigint;
+
+  /**
+   * Gross revenue, before store and carrier shares.
+   *
+   * @generated from field: televote.vote.v1.Money gross = 4;
+   */
+  gross?: Money | undefined;
+};
+
+/**
+ * Describes the message televote.results.v1.RevenueLine.
+ * Use `create(RevenueLineSchema)` to create a new message.
+ */
+export const RevenueLineSchema: GenMessage<RevenueLine> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 10);
+
+/**
+ * One kind of money record.
+ *
+ * @generated from message televote.results.v1.RevenueSection
+ */
+export type RevenueSection = Message<"televote.results.v1.RevenueSection"> & {
+  /**
+   * False while the records this section comes from do not exist yet: then the section has
+   * no lines and `note` says why. Not available is not zero.
+   *
+   * @generated from field: bool available = 1;
+   */
+  available: boolean;
+
+  /**
+   * Why it is not available.
+   *
+   * @generated from field: string note = 2;
+   */
+  note: string;
+
+  /**
+   * The lines, by source and tier.
+   *
+   * @generated from field: repeated televote.results.v1.RevenueLine lines = 3;
+   */
+  lines: RevenueLine[];
+
+  /**
+   * The section's gross (USD).
+   *
+   * @generated from field: televote.vote.v1.Money total = 4;
+   */
+  total?: Money | undefined;
+};
+
+/**
+ * Describes the message televote.results.v1.RevenueSection.
+ * Use `create(RevenueSectionSchema)` to create a new message.
+ */
+export const RevenueSectionSchema: GenMessage<RevenueSection> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 11);
+
+/**
+ * Money made by the episode.
+ *
+ * @generated from message televote.results.v1.Revenue
+ */
+export type Revenue = Message<"televote.results.v1.Revenue"> & {
+  /**
+   * Vote packages sold in the app stores, by store and tier.
+   *
+   * @generated from field: televote.results.v1.RevenueSection packages = 1;
+   */
+  packages?: RevenueSection | undefined;
+
+  /**
+   * Premium SMS charged, by carrier.
+   *
+   * @generated from field: televote.results.v1.RevenueSection sms = 2;
+   */
+  sms?: RevenueSection | undefined;
+
+  /**
+   * Refunds of store purchases (negative amounts).
+   *
+   * @generated from field: televote.results.v1.RevenueSection refunds = 3;
+   */
+  refunds?: RevenueSection | undefined;
+
+  /**
+   * Gross in USD over the available sections.
+   *
+   * @generated from field: televote.vote.v1.Money gross = 4;
+   */
+  gross?: Money | undefined;
+
+  /**
+   * True when every section is available (otherwise `gross` is a lower bound).
+   *
+   * @generated from field: bool complete = 5;
+   */
+  complete: boolean;
+};
+
+/**
+ * Describes the message televote.results.v1.Revenue.
+ * Use `create(RevenueSchema)` to create a new message.
+ */
+export const RevenueSchema: GenMessage<Revenue> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 12);
+
+/**
+ * Voters who cast a number of counted votes in the episode.
+ *
+ * @generated from message televote.results.v1.DistributionBucket
+ */
+export type DistributionBucket = Message<"televote.results.v1.DistributionBucket"> & {
+  /**
+   * The range, e.g. "1", "2-5", "6-10", "11-50", "51-100", "101+".
+   *
+   * @generated from field: string label = 1;
+   */
+  label: string;
+
+  /**
+   * Voters in it.
+   *
+   * @generated from field: int64 voters = 2;
+   */
+  voters: bigint;
+};
+
+/**
+ * Describes the message televote.results.v1.DistributionBucket.
+ * Use `create(DistributionBucketSchema)` to create a new message.
+ */
+export const DistributionBucketSchema: GenMessage<DistributionBucket> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 13);
+
+/**
+ * How soon the audience voted after a performance.
+ *
+ * @generated from message televote.results.v1.PerformanceResponse
+ */
+export type PerformanceResponse = Message<"televote.results.v1.PerformanceResponse"> & {
+  /**
+   * The contestant who performed.
+   *
+   * @generated from field: string contestant_id = 1;
+   */
+  contestantId: string;
+
+  /**
+   * Their name.
+   *
+   * @generated from field: string name = 2;
+   */
+  name: string;
+
+  /**
+   * When the performance started.
+   *
+   * @generated from field: google.protobuf.Timestamp started_at = 3;
+   */
+  startedAt?: Timestamp | undefined;
+
+  /**
+   * From the start of the performance to the first counted vote for the contestant after
+   * it; absent when none came.
+   *
+   * @generated from field: google.protobuf.Duration first_vote_after = 4;
+   */
+  firstVoteAfter?: Duration | undefined;
+};
+
+/**
+ * Describes the message televote.results.v1.PerformanceResponse.
+ * Use `create(PerformanceResponseSchema)` to create a new message.
+ */
+export const PerformanceResponseSchema: GenMessage<PerformanceResponse> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 14);
 
 /**
  * How engaged the audience was.
@@ -284,18 +755,47 @@ export type Engagement = Message<"televote.results.v1.Engagement"> & {
   multiRoundVoterPercentage: number;
 
   /**
-   * Share of voters who bought at least one package during the episode, percent.
+   * Share of voters with a counted vote who used their whole free quota (every free vote
+   * in the ledger, counted or not), percent.
    *
-   * @generated from field: double paying_voter_percentage = 5;
+   * @generated from field: double used_all_free_percentage = 5;
    */
-  payingVoterPercentage: number;
+  usedAllFreePercentage: number;
 
   /**
-   * Most concurrent WatchShow and StreamResults subscribers seen.
+   * Of the voters who cast a free vote, the share who also cast a paid vote, percent.
    *
-   * @generated from field: int64 peak_concurrent_viewers = 6;
+   * @generated from field: double free_to_paid_percentage = 6;
    */
-  peakConcurrentViewers: bigint;
+  freeToPaidPercentage: number;
+
+  /**
+   * Voters who had voted in an earlier episode of the show.
+   *
+   * @generated from field: int64 returning_voters = 7;
+   */
+  returningVoters: bigint;
+
+  /**
+   * Their share of the episode's voters, percent.
+   *
+   * @generated from field: double returning_voter_percentage = 8;
+   */
+  returningVoterPercentage: number;
+
+  /**
+   * Voters by counted votes cast.
+   *
+   * @generated from field: repeated televote.results.v1.DistributionBucket votes_per_voter_distribution = 9;
+   */
+  votesPerVoterDistribution: DistributionBucket[];
+
+  /**
+   * Per performance, how soon the votes came.
+   *
+   * @generated from field: repeated televote.results.v1.PerformanceResponse performances = 10;
+   */
+  performances: PerformanceResponse[];
 };
 
 /**
@@ -303,7 +803,113 @@ export type Engagement = Message<"televote.results.v1.Engagement"> & {
  * Use `create(EngagementSchema)` to create a new message.
  */
 export const EngagementSchema: GenMessage<Engagement> = /*@__PURE__*/
-  messageDesc(file_televote_results_v1_report_service, 6);
+  messageDesc(file_televote_results_v1_report_service, 15);
+
+/**
+ * Fraud decisions of one signal.
+ *
+ * @generated from message televote.results.v1.FraudSignalCount
+ */
+export type FraudSignalCount = Message<"televote.results.v1.FraudSignalCount"> & {
+  /**
+   * The signal's name, e.g. "velocity", "vpn".
+   *
+   * @generated from field: string signal = 1;
+   */
+  signal: string;
+
+  /**
+   * Votes refused at admission (BLOCK) that this signal contributed to.
+   *
+   * @generated from field: int64 blocked = 2;
+   */
+  blocked: bigint;
+
+  /**
+   * Votes sent to review that this signal contributed to.
+   *
+   * @generated from field: int64 reviewed = 3;
+   */
+  reviewed: bigint;
+
+  /**
+   * Of those, reviews rejected.
+   *
+   * @generated from field: int64 rejected = 4;
+   */
+  rejected: bigint;
+};
+
+/**
+ * Describes the message televote.results.v1.FraudSignalCount.
+ * Use `create(FraudSignalCountSchema)` to create a new message.
+ */
+export const FraudSignalCountSchema: GenMessage<FraudSignalCount> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 16);
+
+/**
+ * What fraud controls did in the episode.
+ *
+ * @generated from message televote.results.v1.FraudReport
+ */
+export type FraudReport = Message<"televote.results.v1.FraudReport"> & {
+  /**
+   * Votes refused at admission by a BLOCK decision (never in the ledger).
+   *
+   * @generated from field: int64 blocked = 1;
+   */
+  blocked: bigint;
+
+  /**
+   * Votes sent to review.
+   *
+   * @generated from field: int64 reviewed = 2;
+   */
+  reviewed: bigint;
+
+  /**
+   * Reviews still pending.
+   *
+   * @generated from field: int64 pending = 3;
+   */
+  pending: bigint;
+
+  /**
+   * Reviews approved.
+   *
+   * @generated from field: int64 approved = 4;
+   */
+  approved: bigint;
+
+  /**
+   * Reviews rejected.
+   *
+   * @generated from field: int64 rejected = 5;
+   */
+  rejected: bigint;
+
+  /**
+   * Ledger votes the result does not count because fraud was rejected (reason
+   * FRAUD_REJECTED), vote counts.
+   *
+   * @generated from field: int64 rejected_votes = 6;
+   */
+  rejectedVotes: bigint;
+
+  /**
+   * By signal, most decisions first.
+   *
+   * @generated from field: repeated televote.results.v1.FraudSignalCount by_signal = 7;
+   */
+  bySignal: FraudSignalCount[];
+};
+
+/**
+ * Describes the message televote.results.v1.FraudReport.
+ * Use `create(FraudReportSchema)` to create a new message.
+ */
+export const FraudReportSchema: GenMessage<FraudReport> = /*@__PURE__*/
+  messageDesc(file_televote_results_v1_report_service, 17);
 
 /**
  * Request for ReportService.GetEpisodeReport.
@@ -324,7 +930,7 @@ export type GetEpisodeReportRequest = Message<"televote.results.v1.GetEpisodeRep
  * Use `create(GetEpisodeReportRequestSchema)` to create a new message.
  */
 export const GetEpisodeReportRequestSchema: GenMessage<GetEpisodeReportRequest> = /*@__PURE__*/
-  messageDesc(file_televote_results_v1_report_service, 7);
+  messageDesc(file_televote_results_v1_report_service, 18);
 
 /**
  * Response for ReportService.GetEpisodeReport.
@@ -340,7 +946,7 @@ export type GetEpisodeReportResponse = Message<"televote.results.v1.GetEpisodeRe
   episodeId: string;
 
   /**
-   * False while the episode is live or a round is not finalized.
+   * False while the episode is live or a round is not finalized (provisional figures).
    *
    * @generated from field: bool is_final = 2;
    */
@@ -354,95 +960,102 @@ export type GetEpisodeReportResponse = Message<"televote.results.v1.GetEpisodeRe
   generatedAt?: Timestamp | undefined;
 
   /**
-   * Counted votes in all rounds.
+   * The episode's title.
    *
-   * @generated from field: int64 total_votes = 4;
+   * @generated from field: string title = 4;
    */
-  totalVotes: bigint;
+  title: string;
 
   /**
-   * Votes received but not counted (outside windows, caps, fraud).
+   * The show's name.
    *
-   * @generated from field: int64 invalidated_votes = 5;
+   * @generated from field: string show_name = 5;
    */
-  invalidatedVotes: bigint;
+  showName: string;
 
   /**
-   * Distinct voters with at least one counted vote.
+   * SCHEDULED, LIVE or ENDED.
    *
-   * @generated from field: int64 unique_voters = 6;
+   * @generated from field: string episode_state = 6;
    */
-  uniqueVoters: bigint;
+  episodeState: string;
 
   /**
-   * Votes paid with the free quota.
+   * Buckets with fewer distinct voters than this were merged into "other".
    *
-   * @generated from field: televote.results.v1.VoteCount free = 7;
+   * @generated from field: int32 privacy_min_voters = 7;
    */
-  free?: VoteCount | undefined;
+  privacyMinVoters: number;
 
   /**
-   * Votes paid with the paid balance.
+   * The episode in numbers.
    *
-   * @generated from field: televote.results.v1.VoteCount paid = 8;
+   * @generated from field: televote.results.v1.ReportSummary summary = 8;
    */
-  paid?: VoteCount | undefined;
+  summary?: ReportSummary | undefined;
 
   /**
-   * Votes by premium SMS.
+   * Counted votes per round, minute, channel and type, in time order.
    *
-   * @generated from field: televote.results.v1.VoteCount sms = 9;
+   * @generated from field: repeated televote.results.v1.TimelineBucket timeline = 9;
    */
-  sms?: VoteCount | undefined;
+  timeline: TimelineBucket[];
 
   /**
-   * Counted votes per minute across the episode, in time order.
+   * The busiest minutes, busiest first (at most 5).
    *
-   * @generated from field: repeated televote.results.v1.MinuteBucket votes_per_minute = 10;
+   * @generated from field: repeated televote.results.v1.Peak peaks = 10;
    */
-  votesPerMinute: MinuteBucket[];
+  peaks: Peak[];
 
   /**
-   * Votes by audience segment.
+   * The show's moments, in time order.
    *
-   * @generated from field: repeated televote.results.v1.SegmentCount demographics = 11;
+   * @generated from field: repeated televote.results.v1.Moment moments = 11;
    */
-  demographics: SegmentCount[];
-
-  /**
-   * Votes by country and province.
-   *
-   * @generated from field: repeated televote.results.v1.RegionCount geography = 12;
-   */
-  geography: RegionCount[];
-
-  /**
-   * Revenue by source.
-   *
-   * @generated from field: repeated televote.results.v1.RevenueLine revenue = 13;
-   */
-  revenue: RevenueLine[];
-
-  /**
-   * Total gross revenue (USD).
-   *
-   * @generated from field: televote.vote.v1.Money total_revenue = 14;
-   */
-  totalRevenue?: Money | undefined;
-
-  /**
-   * Engagement figures.
-   *
-   * @generated from field: televote.results.v1.Engagement engagement = 15;
-   */
-  engagement?: Engagement | undefined;
+  moments: Moment[];
 
   /**
    * One summary per round, in opening order.
    *
-   * @generated from field: repeated televote.results.v1.RoundSummary rounds = 16;
+   * @generated from field: repeated televote.results.v1.RoundSummary rounds = 12;
    */
   rounds: RoundSummary[];
+
+  /**
+   * Where the votes came from, most votes first.
+   *
+   * @generated from field: repeated televote.results.v1.RegionCount geography = 13;
+   */
+  geography: RegionCount[];
+
+  /**
+   * Votes by self-declared audience segment.
+   *
+   * @generated from field: repeated televote.results.v1.SegmentCount demographics = 14;
+   */
+  demographics: SegmentCount[];
+
+  /**
+   * Money.
+   *
+   * @generated from field: televote.results.v1.Revenue revenue = 15;
+   */
+  revenue?: Revenue | undefined;
+
+  /**
+   * Engagement figures.
+   *
+   * @generated from field: televote.results.v1.Engagement engagement = 16;
+   */
+  engagement?: Engagement | undefined;
+
+  /**
+   * Fraud controls.
+   *
+   * @generated from field: televote.results.v1.FraudReport fraud = 17;
+   */
+  fraud?: FraudReport | undefined;
 };
 
 /**
@@ -450,7 +1063,7 @@ export type GetEpisodeReportResponse = Message<"televote.results.v1.GetEpisodeRe
  * Use `create(GetEpisodeReportResponseSchema)` to create a new message.
  */
 export const GetEpisodeReportResponseSchema: GenMessage<GetEpisodeReportResponse> = /*@__PURE__*/
-  messageDesc(file_televote_results_v1_report_service, 8);
+  messageDesc(file_televote_results_v1_report_service, 19);
 
 /**
  * Post-show reports for the broadcaster. Audience: operators (role `operator`).
@@ -459,8 +1072,11 @@ export const GetEpisodeReportResponseSchema: GenMessage<GetEpisodeReportResponse
  */
 export const ReportService: GenService<{
   /**
-   * Returns the report of an episode, computed from the ledger. While the episode is live it
-   * is provisional (is_final false).
+   * Returns the post-show report of an episode: exact figures from the ledger, the final
+   * results and the money records, aggregates only (a bucket of fewer voters than the
+   * privacy threshold is merged into "other"). While the episode is live, or a round of it is
+   * not finalized, the report is provisional (`is_final` false) and recomputed at most every
+   * few seconds; once final it is computed once and kept.
    *
    * Returns:
    * * OK.

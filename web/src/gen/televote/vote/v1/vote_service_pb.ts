@@ -16,7 +16,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file televote/vote/v1/vote_service.proto.
  */
 export const file_televote_vote_v1_vote_service: GenFile = /*@__PURE__*/
-  fileDesc("CiN0ZWxldm90ZS92b3RlL3YxL3ZvdGVfc2VydmljZS5wcm90bxIQdGVsZXZvdGUudm90ZS52MSI/Ch9SZWNlaXZlQXBwbGVOb3RpZmljYXRpb25SZXF1ZXN0EhwKDnNpZ25lZF9wYXlsb2FkGAEgASgJQgTiQQECIiIKIFJlY2VpdmVBcHBsZU5vdGlmaWNhdGlvblJlc3BvbnNlIn0KIFJlY2VpdmVHb29nbGVOb3RpZmljYXRpb25SZXF1ZXN0Ei4KB21lc3NhZ2UYASABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0QgTiQQECEhQKDHN1YnNjcmlwdGlvbhgCIAEoCRITCgV0b2tlbhgDIAEoCUIE4kEBAiIjCiFSZWNlaXZlR29vZ2xlTm90aWZpY2F0aW9uUmVzcG9uc2UizQEKC1ZvdGVQYWNrYWdlEhIKCnBhY2thZ2VfaWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEg0KBXZvdGVzGAMgASgFEhMKC2JvbnVzX3ZvdGVzGAQgASgFEhMKC3RvdGFsX3ZvdGVzGAUgASgFEiYKBXByaWNlGAYgASgLMhcudGVsZXZvdGUudm90ZS52MS5Nb25leRIYChBhcHBsZV9wcm9kdWN0X2lkGAcgASgJEhkKEWdvb2dsZV9wcm9kdWN0X2lkGAggASgJIpACChFTdWJtaXRWb3RlUmVxdWVzdBIYCgpyZXF1ZXN0X2lkGAEgASgJQgTiQQECEhYKCHJvdW5kX2lkGAIgASgJQgTiQQECEhsKDWNvbnRlc3RhbnRfaWQYAyABKAlCBOJBAQISMwoJdm90ZV90eXBlGAQgASgOMhoudGVsZXZvdGUudm90ZS52MS5Wb3RlVHlwZUIE4kEBAhITCgVjb3VudBgFIAEoBUIE4kEBAhIwCgdjaGFubmVsGAYgASgOMhkudGVsZXZvdGUudm90ZS52MS5DaGFubmVsQgTiQQECEjAKBmNsaWVudBgHIAEoCzIgLnRlbGV2b3RlLnZvdGUudjEuQ2xpZW50TWV0YWRhdGEimwEKElN1Ym1pdFZvdGVSZXNwb25zZRIPCgd2b3RlX2lkGAEgASgJEhQKDHJlY2VpcHRfaGFzaBgCIAEoDBIvCgthY2NlcHRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFwoPZnJlZV92b3Rlc19sZWZ0GAQgASgFEhQKDHBhaWRfYmFsYW5jZRgFIAEoAyItChFHZXRCYWxhbmNlUmVxdWVzdBIYCgplcGlzb2RlX2lkGAEgASgJQgTiQQECInAKEkdldEJhbGFuY2VSZXNwb25zZRISCgplcGlzb2RlX2lkGAEgASgJEhcKD2ZyZWVfdm90ZXNfbGVmdBgCIAEoBRIXCg9mcmVlX3ZvdGVfcXVvdGEYAyABKAUSFAoMcGFpZF9iYWxhbmNlGAQgASgDIhkKF0xpc3RWb3RlUGFja2FnZXNSZXF1ZXN0IksKGExpc3RWb3RlUGFja2FnZXNSZXNwb25zZRIvCghwYWNrYWdlcxgBIAMoCzIdLnRlbGV2b3RlLnZvdGUudjEuVm90ZVBhY2thZ2UimwEKGlB1cmNoYXNlVm90ZVBhY2thZ2VSZXF1ZXN0EhgKCnJlcXVlc3RfaWQYASABKAlCBOJBAQISLAoFc3RvcmUYAiABKA4yFy50ZWxldm90ZS52b3RlLnYxLlN0b3JlQgTiQQECEhgKCnBhY2thZ2VfaWQYAyABKAlCBOJBAQISGwoNc3RvcmVfcmVjZWlwdBgEIAEoCUIE4kEBAiLXAQobUHVyY2hhc2VWb3RlUGFja2FnZVJlc3BvbnNlEhMKC3B1cmNoYXNlX2lkGAEgASgJEhwKFHN0b3JlX3RyYW5zYWN0aW9uX2lkGAIgASgJEhYKDnZvdGVzX2NyZWRpdGVkGAMgASgFEhQKDHBhaWRfYmFsYW5jZRgEIAEoAxImCgVwcmljZRgFIAEoCzIXLnRlbGV2b3RlLnZvdGUudjEuTW9uZXkSLwoLY3JlZGl0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKkEKBVN0b3JlEhUKEVNUT1JFX1VOU1BFQ0lGSUVEEAASDwoLU1RPUkVfQVBQTEUQARIQCgxTVE9SRV9HT09HTEUQAjKpBAoLVm90ZVNlcnZpY2USfwoKU3VibWl0Vm90ZRIjLnRlbGV2b3RlLnZvdGUudjEuU3VibWl0Vm90ZVJlcXVlc3QaJC50ZWxldm90ZS52b3RlLnYxLlN1Ym1pdFZvdGVSZXNwb25zZSImgtPkkwIgOgEqIhsvdjEvcm91bmRzL3tyb3VuZF9pZH0vdm90ZXMSggEKCkdldEJhbGFuY2USIy50ZWxldm90ZS52b3RlLnYxLkdldEJhbGFuY2VSZXF1ZXN0GiQudGVsZXZvdGUudm90ZS52MS5HZXRCYWxhbmNlUmVzcG9uc2UiKYLT5JMCIxIhL3YxL2VwaXNvZGVzL3tlcGlzb2RlX2lkfS9iYWxhbmNlEoQBChBMaXN0Vm90ZVBhY2thZ2VzEikudGVsZXZvdGUudm90ZS52MS5MaXN0Vm90ZVBhY2thZ2VzUmVxdWVzdBoqLnRlbGV2b3RlLnZvdGUudjEuTGlzdFZvdGVQYWNrYWdlc1Jlc3BvbnNlIhmC0+STAhMSES92MS92b3RlLXBhY2thZ2VzEowBChNQdXJjaGFzZVZvdGVQYWNrYWdlEiwudGVsZXZvdGUudm90ZS52MS5QdXJjaGFzZVZvdGVQYWNrYWdlUmVxdWVzdBotLnRlbGV2b3RlLnZvdGUudjEuUHVyY2hhc2VWb3RlUGFja2FnZVJlc3BvbnNlIhiC0+STAhI6ASoiDS92MS9wdXJjaGFzZXMy+gIKGFN0b3JlTm90aWZpY2F0aW9uU2VydmljZRKrAQoYUmVjZWl2ZUFwcGxlTm90aWZpY2F0aW9uEjEudGVsZXZvdGUudm90ZS52MS5SZWNlaXZlQXBwbGVOb3RpZmljYXRpb25SZXF1ZXN0GjIudGVsZXZvdGUudm90ZS52MS5SZWNlaXZlQXBwbGVOb3RpZmljYXRpb25SZXNwb25zZSIogtPkkwIiOgEqIh0vdjEvc3RvcmUtbm90aWZpY2F0aW9ucy9hcHBsZRKvAQoZUmVjZWl2ZUdvb2dsZU5vdGlmaWNhdGlvbhIyLnRlbGV2b3RlLnZvdGUudjEuUmVjZWl2ZUdvb2dsZU5vdGlmaWNhdGlvblJlcXVlc3QaMy50ZWxldm90ZS52b3RlLnYxLlJlY2VpdmVHb29nbGVOb3RpZmljYXRpb25SZXNwb25zZSIpgtPkkwIjOgEqIh4vdjEvc3RvcmUtbm90aWZpY2F0aW9ucy9nb29nbGViBnByb3RvMw", [file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_struct, file_google_protobuf_timestamp, file_televote_vote_v1_vote_types]);
+  fileDesc("CiN0ZWxldm90ZS92b3RlL3YxL3ZvdGVfc2VydmljZS5wcm90bxIQdGVsZXZvdGUudm90ZS52MSI/Ch9SZWNlaXZlQXBwbGVOb3RpZmljYXRpb25SZXF1ZXN0EhwKDnNpZ25lZF9wYXlsb2FkGAEgASgJQgTiQQECIiIKIFJlY2VpdmVBcHBsZU5vdGlmaWNhdGlvblJlc3BvbnNlIn0KIFJlY2VpdmVHb29nbGVOb3RpZmljYXRpb25SZXF1ZXN0Ei4KB21lc3NhZ2UYASABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0QgTiQQECEhQKDHN1YnNjcmlwdGlvbhgCIAEoCRITCgV0b2tlbhgDIAEoCUIE4kEBAiIjCiFSZWNlaXZlR29vZ2xlTm90aWZpY2F0aW9uUmVzcG9uc2UizQEKC1ZvdGVQYWNrYWdlEhIKCnBhY2thZ2VfaWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEg0KBXZvdGVzGAMgASgFEhMKC2JvbnVzX3ZvdGVzGAQgASgFEhMKC3RvdGFsX3ZvdGVzGAUgASgFEiYKBXByaWNlGAYgASgLMhcudGVsZXZvdGUudm90ZS52MS5Nb25leRIYChBhcHBsZV9wcm9kdWN0X2lkGAcgASgJEhkKEWdvb2dsZV9wcm9kdWN0X2lkGAggASgJIpACChFTdWJtaXRWb3RlUmVxdWVzdBIYCgpyZXF1ZXN0X2lkGAEgASgJQgTiQQECEhYKCHJvdW5kX2lkGAIgASgJQgTiQQECEhsKDWNvbnRlc3RhbnRfaWQYAyABKAlCBOJBAQISMwoJdm90ZV90eXBlGAQgASgOMhoudGVsZXZvdGUudm90ZS52MS5Wb3RlVHlwZUIE4kEBAhITCgVjb3VudBgFIAEoBUIE4kEBAhIwCgdjaGFubmVsGAYgASgOMhkudGVsZXZvdGUudm90ZS52MS5DaGFubmVsQgTiQQECEjAKBmNsaWVudBgHIAEoCzIgLnRlbGV2b3RlLnZvdGUudjEuQ2xpZW50TWV0YWRhdGEimwEKElN1Ym1pdFZvdGVSZXNwb25zZRIPCgd2b3RlX2lkGAEgASgJEhQKDHJlY2VpcHRfaGFzaBgCIAEoDBIvCgthY2NlcHRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFwoPZnJlZV92b3Rlc19sZWZ0GAQgASgFEhQKDHBhaWRfYmFsYW5jZRgFIAEoAyItChFHZXRCYWxhbmNlUmVxdWVzdBIYCgplcGlzb2RlX2lkGAEgASgJQgTiQQECInAKEkdldEJhbGFuY2VSZXNwb25zZRISCgplcGlzb2RlX2lkGAEgASgJEhcKD2ZyZWVfdm90ZXNfbGVmdBgCIAEoBRIXCg9mcmVlX3ZvdGVfcXVvdGEYAyABKAUSFAoMcGFpZF9iYWxhbmNlGAQgASgDIhkKF0xpc3RWb3RlUGFja2FnZXNSZXF1ZXN0IksKGExpc3RWb3RlUGFja2FnZXNSZXNwb25zZRIvCghwYWNrYWdlcxgBIAMoCzIdLnRlbGV2b3RlLnZvdGUudjEuVm90ZVBhY2thZ2UiTAoWU2V0Vm90ZXJQcm9maWxlUmVxdWVzdBIQCghhZ2VfYmFuZBgBIAEoCRIOCgZnZW5kZXIYAiABKAkSEAoIcHJvdmluY2UYAyABKAkiTQoXU2V0Vm90ZXJQcm9maWxlUmVzcG9uc2USEAoIYWdlX2JhbmQYASABKAkSDgoGZ2VuZGVyGAIgASgJEhAKCHByb3ZpbmNlGAMgASgJIpsBChpQdXJjaGFzZVZvdGVQYWNrYWdlUmVxdWVzdBIYCgpyZXF1ZXN0X2lkGAEgASgJQgTiQQECEiwKBXN0b3JlGAIgASgOMhcudGVsZXZvdGUudm90ZS52MS5TdG9yZUIE4kEBAhIYCgpwYWNrYWdlX2lkGAMgASgJQgTiQQECEhsKDXN0b3JlX3JlY2VpcHQYBCABKAlCBOJBAQIi1wEKG1B1cmNoYXNlVm90ZVBhY2thZ2VSZXNwb25zZRITCgtwdXJjaGFzZV9pZBgBIAEoCRIcChRzdG9yZV90cmFuc2FjdGlvbl9pZBgCIAEoCRIWCg52b3Rlc19jcmVkaXRlZBgDIAEoBRIUCgxwYWlkX2JhbGFuY2UYBCABKAMSJgoFcHJpY2UYBSABKAsyFy50ZWxldm90ZS52b3RlLnYxLk1vbmV5Ei8KC2NyZWRpdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCpBCgVTdG9yZRIVChFTVE9SRV9VTlNQRUNJRklFRBAAEg8KC1NUT1JFX0FQUExFEAESEAoMU1RPUkVfR09PR0xFEAIysAUKC1ZvdGVTZXJ2aWNlEn8KClN1Ym1pdFZvdGUSIy50ZWxldm90ZS52b3RlLnYxLlN1Ym1pdFZvdGVSZXF1ZXN0GiQudGVsZXZvdGUudm90ZS52MS5TdWJtaXRWb3RlUmVzcG9uc2UiJoLT5JMCIDoBKiIbL3YxL3JvdW5kcy97cm91bmRfaWR9L3ZvdGVzEoIBCgpHZXRCYWxhbmNlEiMudGVsZXZvdGUudm90ZS52MS5HZXRCYWxhbmNlUmVxdWVzdBokLnRlbGV2b3RlLnZvdGUudjEuR2V0QmFsYW5jZVJlc3BvbnNlIimC0+STAiMSIS92MS9lcGlzb2Rlcy97ZXBpc29kZV9pZH0vYmFsYW5jZRKEAQoQTGlzdFZvdGVQYWNrYWdlcxIpLnRlbGV2b3RlLnZvdGUudjEuTGlzdFZvdGVQYWNrYWdlc1JlcXVlc3QaKi50ZWxldm90ZS52b3RlLnYxLkxpc3RWb3RlUGFja2FnZXNSZXNwb25zZSIZgtPkkwITEhEvdjEvdm90ZS1wYWNrYWdlcxKMAQoTUHVyY2hhc2VWb3RlUGFja2FnZRIsLnRlbGV2b3RlLnZvdGUudjEuUHVyY2hhc2VWb3RlUGFja2FnZVJlcXVlc3QaLS50ZWxldm90ZS52b3RlLnYxLlB1cmNoYXNlVm90ZVBhY2thZ2VSZXNwb25zZSIYgtPkkwISOgEqIg0vdjEvcHVyY2hhc2VzEoQBCg9TZXRWb3RlclByb2ZpbGUSKC50ZWxldm90ZS52b3RlLnYxLlNldFZvdGVyUHJvZmlsZVJlcXVlc3QaKS50ZWxldm90ZS52b3RlLnYxLlNldFZvdGVyUHJvZmlsZVJlc3BvbnNlIhyC0+STAhY6ASoaES92MS92b3Rlci1wcm9maWxlMvoCChhTdG9yZU5vdGlmaWNhdGlvblNlcnZpY2USqwEKGFJlY2VpdmVBcHBsZU5vdGlmaWNhdGlvbhIxLnRlbGV2b3RlLnZvdGUudjEuUmVjZWl2ZUFwcGxlTm90aWZpY2F0aW9uUmVxdWVzdBoyLnRlbGV2b3RlLnZvdGUudjEuUmVjZWl2ZUFwcGxlTm90aWZpY2F0aW9uUmVzcG9uc2UiKILT5JMCIjoBKiIdL3YxL3N0b3JlLW5vdGlmaWNhdGlvbnMvYXBwbGUSrwEKGVJlY2VpdmVHb29nbGVOb3RpZmljYXRpb24SMi50ZWxldm90ZS52b3RlLnYxLlJlY2VpdmVHb29nbGVOb3RpZmljYXRpb25SZXF1ZXN0GjMudGVsZXZvdGUudm90ZS52MS5SZWNlaXZlR29vZ2xlTm90aWZpY2F0aW9uUmVzcG9uc2UiKYLT5JMCIzoBKiIeL3YxL3N0b3JlLW5vdGlmaWNhdGlvbnMvZ29vZ2xlYgZwcm90bzM", [file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_struct, file_google_protobuf_timestamp, file_televote_vote_v1_vote_types]);
 
 /**
  * Request for StoreNotificationService.ReceiveAppleNotification: Apple's JSON body.
@@ -390,6 +390,77 @@ export const ListVotePackagesResponseSchema: GenMessage<ListVotePackagesResponse
   messageDesc(file_televote_vote_v1_vote_service, 10);
 
 /**
+ * Request for VoteService.SetVoterProfile. Values are lower case.
+ *
+ * @generated from message televote.vote.v1.SetVoterProfileRequest
+ */
+export type SetVoterProfileRequest = Message<"televote.vote.v1.SetVoterProfileRequest"> & {
+  /**
+   * One of "under-18", "18-24", "25-34", "35-44", "45-54", "55+", or empty (not told).
+   *
+   * @generated from field: string age_band = 1;
+   */
+  ageBand: string;
+
+  /**
+   * One of "female", "male", "other", or empty (not told).
+   *
+   * @generated from field: string gender = 2;
+   */
+  gender: string;
+
+  /**
+   * A Cambodian province by its English name as in ISO 3166-2:KH (e.g. "Phnom Penh",
+   * "Siem Reap"), "abroad", or empty (not told).
+   *
+   * @generated from field: string province = 3;
+   */
+  province: string;
+};
+
+/**
+ * Describes the message televote.vote.v1.SetVoterProfileRequest.
+ * Use `create(SetVoterProfileRequestSchema)` to create a new message.
+ */
+export const SetVoterProfileRequestSchema: GenMessage<SetVoterProfileRequest> = /*@__PURE__*/
+  messageDesc(file_televote_vote_v1_vote_service, 11);
+
+/**
+ * Response for VoteService.SetVoterProfile.
+ *
+ * @generated from message televote.vote.v1.SetVoterProfileResponse
+ */
+export type SetVoterProfileResponse = Message<"televote.vote.v1.SetVoterProfileResponse"> & {
+  /**
+   * The age band as stored (empty: not told).
+   *
+   * @generated from field: string age_band = 1;
+   */
+  ageBand: string;
+
+  /**
+   * The gender as stored (empty: not told).
+   *
+   * @generated from field: string gender = 2;
+   */
+  gender: string;
+
+  /**
+   * The province as stored (empty: not told).
+   *
+   * @generated from field: string province = 3;
+   */
+  province: string;
+};
+
+/**
+ * Describes the message televote.vote.v1.SetVoterProfileResponse.
+ * Use `create(SetVoterProfileResponseSchema)` to create a new message.
+ */
+export const SetVoterProfileResponseSchema: GenMessage<SetVoterProfileResponse> = /*@__PURE__*/
+  messageDesc(file_televote_vote_v1_vote_service, 12);
+
+/**
  * Request for VoteService.PurchaseVotePackage.
  *
  * @generated from message televote.vote.v1.PurchaseVotePackageRequest
@@ -430,7 +501,7 @@ export type PurchaseVotePackageRequest = Message<"televote.vote.v1.PurchaseVoteP
  * Use `create(PurchaseVotePackageRequestSchema)` to create a new message.
  */
 export const PurchaseVotePackageRequestSchema: GenMessage<PurchaseVotePackageRequest> = /*@__PURE__*/
-  messageDesc(file_televote_vote_v1_vote_service, 11);
+  messageDesc(file_televote_vote_v1_vote_service, 13);
 
 /**
  * Response for VoteService.PurchaseVotePackage.
@@ -486,7 +557,7 @@ export type PurchaseVotePackageResponse = Message<"televote.vote.v1.PurchaseVote
  * Use `create(PurchaseVotePackageResponseSchema)` to create a new message.
  */
 export const PurchaseVotePackageResponseSchema: GenMessage<PurchaseVotePackageResponse> = /*@__PURE__*/
-  messageDesc(file_televote_vote_v1_vote_service, 12);
+  messageDesc(file_televote_vote_v1_vote_service, 14);
 
 /**
  * The app store a package was bought in.
@@ -637,6 +708,22 @@ export const VoteService: GenService<{
     methodKind: "unary";
     input: typeof PurchaseVotePackageRequestSchema;
     output: typeof PurchaseVotePackageResponseSchema;
+  },
+  /**
+   * Sets (replaces) the caller's self-declared profile: age band, gender and province. Every
+   * field is optional; an empty field means "not told" and the post-show report counts the
+   * voter as "unknown" there, never guessed. Setting the same profile again changes nothing.
+   *
+   * Returns:
+   * * OK: the profile as stored.
+   * * INVALID_ARGUMENT `INVALID_REQUEST`: a field has a value outside its list (BadRequest).
+   *
+   * @generated from rpc televote.vote.v1.VoteService.SetVoterProfile
+   */
+  setVoterProfile: {
+    methodKind: "unary";
+    input: typeof SetVoterProfileRequestSchema;
+    output: typeof SetVoterProfileResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_televote_vote_v1_vote_service, 0);
