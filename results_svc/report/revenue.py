@@ -1,9 +1,9 @@
 """The report's money: store purchases by store and tier, premium SMS charged by carrier, and
 refunds, each from its own records, each one query.
 
-Store purchases and refunds come from vote_svc's records. sms_svc's SMS records are being
-built: until they land the SMS section says "not available" with a note, never zero (a zero
-would tell sales that nothing was sold). Wiring a section is giving it its query.
+Store purchases and refunds come from vote_svc's records, premium SMS charges from sms_svc's.
+A section whose records a build lacks says "not available" with a note, never zero (a zero
+would tell sales that nothing was sold); wiring a section is giving it its query.
 """
 
 from __future__ import annotations
@@ -73,7 +73,14 @@ SELECT lower(p.store) AS source, p.package_id AS tier, count(*) AS transactions,
        sum(p.price_micros)::bigint AS gross_micros {_DURING}
  GROUP BY 1, 2 ORDER BY 1, 2
 """
-SMS_SQL: str | None = None
+#: Premium SMS charged (only a counted vote is charged), by carrier.
+SMS_SQL: str | None = """
+SELECT m.carrier AS source, '' AS tier, count(*) AS transactions,
+       sum(o.price_micros)::bigint AS gross_micros
+  FROM sms_outcomes o JOIN sms_messages m USING (message_id)
+ WHERE o.episode_id = %(episode)s::uuid AND o.charged AND o.currency_code = 'USD'
+ GROUP BY 1 ORDER BY 1
+"""
 #: Refunds of the episode's purchases (whenever refunded), as negative amounts.
 REFUNDS_SQL: str | None = f"""
 SELECT lower(p.store) AS source, p.package_id AS tier, count(*) AS transactions,
@@ -82,15 +89,14 @@ SELECT lower(p.store) AS source, p.package_id AS tier, count(*) AS transactions,
  GROUP BY 1, 2 ORDER BY 1, 2
 """
 
-_NOT_YET = {
-    "sms": "premium SMS charges are not recorded yet (sms_svc's SMS records are not built)",
-}
+#: Why a section without a query says "not available" (none today).
+_NOT_YET: dict[str, str] = {}
 
 
 async def _section(connection: Connection, name: str, sql: str | None,
                    episode_id: str) -> Section:
     if sql is None:
-        return Section(available=False, note=_NOT_YET[name])
+        return Section(available=False, note=_NOT_YET.get(name, "not recorded in this build"))
     cursor = await connection.execute(sql, {"episode": episode_id})
     rows: list[Any] = await cursor.fetchall()
     return Section(available=True, lines=[

@@ -174,6 +174,20 @@ async def scripted(stack: Stack, edge_channel: grpc.aio.Channel
                     channel=SMS) for n in range(3)]),
             metadata=inside(Role.INTERNAL, "sms_svc"), timeout=15)
         assert all(result.ok for result in reply.results), reply
+    # The SMS records as sms_svc keeps them: two charged on Smart, one on Cellcard, one that
+    # came after the close on Metfone (not charged).
+    for carrier, charged in (("SMART", True), ("SMART", True), ("CELLCARD", True),
+                             ("METFONE", False)):
+        message_id = new_id()
+        await query(db, "INSERT INTO sms_messages (message_id, carrier, carrier_message_id,"
+                    " content_hash, pseudonym, short_code, text, language, received_at)"
+                    " VALUES (%s, %s, %s, '\\x00', 'p', '1255', '1', 'en', now())"
+                    " RETURNING 1", message_id, carrier, new_id())
+        await query(db, "INSERT INTO sms_outcomes (message_id, outcome, episode_id, round_id,"
+                    " vote_id, charged, price_micros, reply_text) VALUES (%s, %s, %s, %s, %s,"
+                    " %s, %s, 'ok') RETURNING 1", message_id,
+                    "COUNTED" if charged else "CLOSED", episode.episode_id, episode.round_id,
+                    new_id() if charged else None, charged, 500_000 if charged else 0)
     await _vote(stack, edge_channel, episode, "bot", contestant=0, count=2, at=PHNOM_PENH)
     # Fraud decisions, as fraud_svc records them: the bot reviewed and rejected (every vote
     # of the round), pp1 reviewed and pending, one vote blocked at admission.
@@ -258,10 +272,10 @@ async def test_a_scripted_episode_reports_every_figure_exactly(
     assert r.packages.total.amount_micros == 5_970_000
     assert [(x.source, x.tier, x.transactions, x.gross.amount_micros)
             for x in r.refunds.lines] == [("apple", "vote_pack_10", 1, -990_000)]
-    # SMS records are not built: not available, and not a zero.
-    assert not r.sms.available and r.sms.note and not r.sms.lines
-    assert not r.sms.HasField("total")
-    assert not r.complete and r.gross.amount_micros == 4_980_000
+    assert r.sms.available and [(x.source, x.transactions, x.gross.amount_micros)
+                                for x in r.sms.lines] == [("CELLCARD", 1, 500_000),
+                                                          ("SMART", 2, 1_000_000)]
+    assert r.complete and r.gross.amount_micros == 4_980_000 + 1_500_000
 
 
 async def test_the_timeline_and_moments_agree_with_the_ledger(
@@ -323,8 +337,8 @@ async def test_the_report_is_served_as_json_and_to_operators_only(
                                            token(stack, Role.OPERATOR, "producer"))
     assert status == 200, body
     assert body["isFinal"] is True and body["summary"]["countedVotes"] == "26"
-    assert body["revenue"]["sms"].get("available", False) is False
-    assert body["revenue"]["packages"]["available"] is True
+    assert body["revenue"]["complete"] is True
+    assert body["revenue"]["gross"] == {"currencyCode": "USD", "amountMicros": "6480000"}
     with pytest.raises(grpc.aio.AioRpcError) as refused:  # the edge's RBAC: no ErrorInfo
         await rgrpc.ReportServiceStub(edge_channel).GetEpisodeReport(
             rpb.GetEpisodeReportRequest(episode_id=episode.episode_id),
