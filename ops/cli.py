@@ -16,7 +16,7 @@ import typer
 from ops import tokens
 from ops.migrate import migrate as apply_migrations
 from ops.processes import run_stopping_on_sigterm
-from ops.stack import SERVICES, Stack, StackSettings
+from ops.stack import ADDRESSES_FILE, SERVICES, Stack, StackSettings, read_addresses
 from runtime.access import Role
 
 app = typer.Typer(help="televote: live TV audience voting.", no_args_is_help=True,
@@ -28,6 +28,18 @@ app.add_typer(audit, name="audit")
 StateDir = Annotated[Path, typer.Option(
     envvar="TELEVOTE_STATE_DIR", help="Where local data, keys and logs live.")]
 DEFAULT_STATE_DIR = Path(".televote")
+DatabaseUrl = Annotated[str | None, typer.Option(
+    envvar="DATABASE_URL",
+    help="The ledger's PostgreSQL (default: the stack running from --state-dir).")]
+
+
+def _database_url(given: str | None, state_dir: Path) -> str:
+    """The PostgreSQL named, else the one of the stack running from `state_dir`."""
+    found = given or str(read_addresses(state_dir).get("database", ""))
+    if not found:
+        raise typer.BadParameter(f"no stack is running from {state_dir}: give "
+                                 "--database-url or DATABASE_URL", param_hint="--database-url")
+    return found
 
 
 @app.command()
@@ -83,6 +95,35 @@ async def _run_until_signal(stack: Stack) -> None:
     print("stopped.", file=sys.stderr, flush=True)
 
 
+#: What `televote address` knows besides the services.
+_STACK_PARTS = ("edge", "envoy-admin", "database", "redis")
+
+
+@app.command()
+def address(
+    part: Annotated[str, typer.Argument(
+        help=f"One of {', '.join(_STACK_PARTS + SERVICES)}.")],
+    replica: Annotated[int, typer.Option(min=0, help="Which replica of a service.")] = 0,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Print where a part of the running stack listens: host:port (database, redis: a URL)."""
+    if part not in _STACK_PARTS + SERVICES:
+        raise typer.BadParameter(f"expected one of {', '.join(_STACK_PARTS + SERVICES)}",
+                                 param_hint="PART")
+    addresses = read_addresses(state_dir)
+    if not addresses:
+        typer.echo(f"no stack is running from {state_dir} (no live {ADDRESSES_FILE}): "
+                   "start one with ./scripts/up", err=True)
+        raise typer.Exit(1)
+    found = addresses[part]
+    if isinstance(found, list):
+        if replica >= len(found):
+            raise typer.BadParameter(f"{part} runs {len(found)} replica(s)",
+                                     param_hint="--replica")
+        found = found[replica]
+    typer.echo(found)
+
+
 @app.command()
 def migrate(
     database_url: Annotated[str, typer.Option(envvar="DATABASE_URL",
@@ -123,12 +164,14 @@ def audit_export(
     round_id: Annotated[str, typer.Argument(help="The finalized round.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The export file (format: "
                                       "results_svc/audit.py).")],
-    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
+    database_url: DatabaseUrl = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Write a finalized round's ledger, rules and signed result to a file."""
     from results_svc.audit import export_round
+    url = _database_url(database_url, state_dir)
     started = time.monotonic()
-    leaves = asyncio.run(export_round(database_url, round_id, out))
+    leaves = asyncio.run(export_round(url, round_id, out))
     print(f"{out}: {leaves} leaves in {time.monotonic() - started:.1f}s")
 
 
@@ -197,12 +240,12 @@ def loadtest(
     workers: Annotated[int, typer.Option(min=1, max=64, help="Load driver processes.")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed of the plan.")] = 1,
     edge: Annotated[str | None, typer.Option(
-        help="Drive a running edge (http://HOST:PORT) instead of starting a stack; needs "
-             "--state-dir (token key) and DATABASE_URL (verification).")] = None,
-    state_dir: Annotated[Path | None, typer.Option(
-        envvar="TELEVOTE_STATE_DIR", help="With --edge: the stack's state directory.")] = None,
-    database_url: Annotated[str | None, typer.Option(
-        envvar="DATABASE_URL", help="With --edge: the ledger's PostgreSQL.")] = None,
+        help="Drive a running edge (http://HOST:PORT) instead of starting a stack; tokens are "
+             "signed with the key in --state-dir.")] = None,
+    state_dir: Annotated[Path, typer.Option(
+        envvar="TELEVOTE_STATE_DIR", help="With --edge: the stack's state directory.")]
+    = DEFAULT_STATE_DIR,
+    database_url: DatabaseUrl = None,
     replicas: Annotated[list[str] | None, typer.Option(
         "--replicas", help="Own stack: SERVICE=N, repeatable.")] = None,
     out: Annotated[Path | None, typer.Option(
@@ -244,9 +287,7 @@ def loadtest(
         host_port = edge.removeprefix("http://").rstrip("/")
         if edge.startswith("https://") or ":" not in host_port:
             raise typer.BadParameter("expected http://HOST:PORT", param_hint="--edge")
-        if state_dir is None or database_url is None:
-            raise typer.BadParameter("--edge needs --state-dir and --database-url",
-                                     param_hint="--edge")
+        database_url = _database_url(database_url, state_dir)
         if not (state_dir / "jwt").is_dir():
             raise typer.BadParameter(f"{state_dir} holds no token key (jwt/)",
                                      param_hint="--state-dir")
