@@ -9,18 +9,24 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ops import tokens
-from ops.migrate import migrate as apply_migrations
-from ops.processes import run_stopping_on_sigterm
-from ops.stack import ADDRESSES_FILE, SERVICES, Stack, StackSettings, read_addresses
+from ops.addresses import ADDRESSES_FILE, read_addresses
 from runtime.access import Role
 
+if TYPE_CHECKING:
+    from ops.stack import Stack
+
+# The stack (psycopg, grpc, ...) is imported by the commands that start one, so that the
+# quick commands (token, address) start quickly.
+
+# No locals in tracebacks: they would print signing keys, tokens and database URLs into
+# terminals and CI logs.
 app = typer.Typer(help="televote: live TV audience voting.", no_args_is_help=True,
-                  add_completion=False)
+                  add_completion=False, pretty_exceptions_show_locals=False)
 audit = typer.Typer(help="Export a round's ledger; verify an export or a receipt offline.",
                     no_args_is_help=True)
 app.add_typer(audit, name="audit")
@@ -42,6 +48,20 @@ def _database_url(given: str | None, state_dir: Path) -> str:
     return found
 
 
+def _replica_counts(items: list[str] | None) -> dict[str, int]:
+    """--replicas SERVICE=N options, checked."""
+    from ops.stack import SERVICES
+
+    counts: dict[str, int] = {}
+    for item in items or []:
+        name, _, count = item.partition("=")
+        if name not in SERVICES or not count.isdigit() or int(count) < 1:
+            raise typer.BadParameter(f"expected SERVICE=N with SERVICE in {', '.join(SERVICES)}",
+                                     param_hint="--replicas")
+        counts[name] = int(count)
+    return counts
+
+
 @app.command()
 def up(
     state_dir: StateDir = DEFAULT_STATE_DIR,
@@ -58,15 +78,11 @@ def up(
     """Start PostgreSQL, Redis, migrations, every service and the Envoy edge; stop on Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("yoyo").setLevel(logging.WARNING)  # one line per SQL step otherwise
-    counts = dict.fromkeys(SERVICES, 1)
-    for item in replicas or []:
-        name, _, count = item.partition("=")
-        if name not in counts or not count.isdigit() or int(count) < 1:
-            raise typer.BadParameter(f"expected SERVICE=N with SERVICE in {', '.join(SERVICES)}",
-                                     param_hint="--replicas")
-        counts[name] = int(count)
+    from ops.stack import SERVICES, Stack, StackSettings
+
     settings = StackSettings(
-        state_dir=state_dir, edge_host=host, edge_port=port, replicas=counts,
+        state_dir=state_dir, edge_host=host, edge_port=port,
+        replicas={**dict.fromkeys(SERVICES, 1), **_replica_counts(replicas)},
         trusted_proxy_hops=trusted_proxy_hops,
         database_url=os.environ.get("DATABASE_URL") or None,
         redis_url=os.environ.get("REDIS_URL") or None)
@@ -95,26 +111,22 @@ async def _run_until_signal(stack: Stack) -> None:
     print("stopped.", file=sys.stderr, flush=True)
 
 
-#: What `televote address` knows besides the services.
-_STACK_PARTS = ("edge", "envoy-admin", "database", "redis")
-
-
 @app.command()
 def address(
     part: Annotated[str, typer.Argument(
-        help=f"One of {', '.join(_STACK_PARTS + SERVICES)}.")],
+        help="edge, envoy-admin, database, redis or a service (vote_svc, sync_svc, ...).")],
     replica: Annotated[int, typer.Option(min=0, help="Which replica of a service.")] = 0,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Print where a part of the running stack listens: host:port (database, redis: a URL)."""
-    if part not in _STACK_PARTS + SERVICES:
-        raise typer.BadParameter(f"expected one of {', '.join(_STACK_PARTS + SERVICES)}",
-                                 param_hint="PART")
     addresses = read_addresses(state_dir)
     if not addresses:
         typer.echo(f"no stack is running from {state_dir} (no live {ADDRESSES_FILE}): "
                    "start one with ./scripts/up", err=True)
         raise typer.Exit(1)
+    parts = [name for name in addresses if name != "pid"]
+    if part not in parts:
+        raise typer.BadParameter(f"expected one of {', '.join(parts)}", param_hint="PART")
     found = addresses[part]
     if isinstance(found, list):
         if replica >= len(found):
@@ -130,6 +142,8 @@ def migrate(
                                               help="PostgreSQL to migrate.")],
 ) -> None:
     """Apply pending schema migrations."""
+    from ops.migrate import migrate as apply_migrations
+
     applied = apply_migrations(database_url)
     typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
@@ -274,13 +288,7 @@ def loadtest(
         validate(config)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
-    counts: dict[str, int] = {}
-    for item in replicas or []:
-        name, _, count = item.partition("=")
-        if name not in SERVICES or not count.isdigit() or int(count) < 1:
-            raise typer.BadParameter(f"expected SERVICE=N with SERVICE in {', '.join(SERVICES)}",
-                                     param_hint="--replicas")
-        counts[name] = int(count)
+    counts = _replica_counts(replicas)
     out = out or Path("loadtest-runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario}"
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if edge is not None:
@@ -294,6 +302,8 @@ def loadtest(
         result = asyncio.run(run(config, Target(host_port, state_dir, database_url), out,
                                  workers=workers, live=live))
     else:
+        from ops.processes import run_stopping_on_sigterm
+
         result = run_stopping_on_sigterm(run_with_own_stack(
             config, out, workers=workers, replicas=counts, live=live))
     print((out / "summary.md").read_text())

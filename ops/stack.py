@@ -10,7 +10,6 @@ PostgreSQL, so an acknowledged vote is always on disk before its database stops.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ops import edge, tokens
+from ops.addresses import remove_addresses, write_addresses
 from ops.infra import start_postgres, start_redis
 from ops.migrate import migrate
 from ops.processes import Child, free_port, wait_serving
@@ -121,7 +121,11 @@ class Stack:
                 str(Path(sys.executable).parent / "envoy"), "-c", str(config_path),
                 "--use-dynamic-base-id", "--log-level", "warn"], logs)
             await self._wait_edge_ready()
-            self._write_addresses(state_dir)
+            write_addresses(state_dir, {
+                "edge": self.edge_target, "envoy-admin": f"127.0.0.1:{self.admin_port}",
+                "database": self.database_url, "redis": self.redis_url,
+                **{service: [f"{host}:{port}" for host, port in self.addresses[service]]
+                   for service in SERVICES}})
         except BaseException:
             await self.stop()
             raise
@@ -202,27 +206,9 @@ class Stack:
         except OSError:
             return None
 
-    def _write_addresses(self, state_dir: Path) -> None:
-        """What `televote address` reads: where each part of this stack listens, for the
-        commands an operator runs in another terminal (the ports are picked at each start)."""
-        addresses = {
-            "pid": os.getpid(),
-            "edge": self.edge_target,
-            "envoy-admin": f"127.0.0.1:{self.admin_port}",
-            "database": self.database_url,
-            "redis": self.redis_url,
-            **{service: [f"{host}:{port}" for host, port in self.addresses[service]]
-               for service in SERVICES},
-        }
-        partial = state_dir / f"{ADDRESSES_FILE}.partial"
-        partial.write_text(json.dumps(addresses, indent=2) + "\n")
-        partial.replace(state_dir / ADDRESSES_FILE)
-
     async def stop(self) -> None:
         """Stop in reverse dependency order; leaves no process behind."""
-        addresses = self.settings.state_dir.resolve() / ADDRESSES_FILE
-        if read_addresses(self.settings.state_dir).get("pid") == os.getpid():
-            addresses.unlink()
+        remove_addresses(self.settings.state_dir.resolve())
         if self._edge is not None:
             await self._edge.stop()
         for child in reversed(self._services):
@@ -243,24 +229,6 @@ class Stack:
         lines.append(f"data, keys (state directory)     {state_dir}")
         lines.append(f"logs                             {state_dir / 'logs'}")
         return "\n".join(lines)
-
-
-#: In the state directory while a stack runs: `{"edge": "host:port", "database": URL,
-#: "vote_svc": ["host:port", ...], ...}`, written once every part is ready.
-ADDRESSES_FILE = "addresses.json"
-
-
-def read_addresses(state_dir: Path) -> dict[str, object]:
-    """The addresses of the stack running from `state_dir`; empty when none runs there (no
-    file, or one left by a stack that was killed before it could remove it)."""
-    try:
-        addresses = json.loads((state_dir / ADDRESSES_FILE).read_text())
-        os.kill(int(addresses["pid"]), 0)
-    except PermissionError:  # alive, under another user
-        pass
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return dict(addresses)
 
 
 def dev_geoip_environment(state_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:

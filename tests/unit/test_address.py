@@ -11,8 +11,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from ops.addresses import ADDRESSES_FILE
 from ops.cli import app
-from ops.stack import ADDRESSES_FILE
 
 
 def _write(state_dir: Path, pid: int) -> None:
