@@ -312,7 +312,8 @@ def run_readme(blocks: list[Block], work: Path, state_dir: Path) -> Run:
     finally:
         if bash.poll() is None:
             os.killpg(bash.pid, signal.SIGKILL)
-        leftovers = _processes_of(state_dir)
+        # A group killed a moment ago may still be on its way out: give it a few seconds.
+        _, leftovers = psutil.wait_procs(_processes_of(state_dir), timeout=5)
         for process in leftovers:
             process.kill()
     assert not leftovers, f"README.md's run left processes behind: {leftovers}"
