@@ -7,7 +7,7 @@ votes of an earlier round of the episode (using up part of their free quota) and
 episodes (spending their paid credit), and every kind of vote the rules do not count: over
 the free quota or the round's cap, paid beyond the balance, outside the window (early, late,
 in an SMS grace period after the app lines closed), rejected by fraud_svc. The published
-result is counted while writing by `rules.LedgerTally` (tests/test_audit.py proves it equal
+result is counted while writing by `rules.LedgerTally` (tests/unit/test_audit.py proves it equal
 to the reference `rules.recount`); the tree head is signed with a throwaway Ed25519 key.
 
 Then runs `televote audit verify` on it as an auditor would and prints its wall time,

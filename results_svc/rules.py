@@ -140,7 +140,7 @@ def recount(rules: RoundRules, rows: Iterable[Row], credited: Mapping[str, int])
 class LedgerTally:
     """`recount` for ledgers too big to hold: rows are fed one at a time, in ledger order (the
     caller checks the order), and only running totals per voter are kept, never the rows.
-    `televote audit verify` recounts exports with it; tests/test_audit.py checks that it
+    `televote audit verify` recounts exports with it; tests/unit/test_audit.py checks that it
     judges every row of random ledgers as `recount` does.
 
     Duplicates without a set of every vote id: a first pass keeps a 64-bit hash of each vote

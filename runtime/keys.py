@@ -197,9 +197,13 @@ def _text(value: bytes | str) -> str:
 # A copy that Redis lost is closed too, as a closed window that opened and closed now: else
 # vote_svc, finding no window, could restore the OPEN round it read from PostgreSQL just
 # before the close committed, after this close ran (its restore only fills missing copies).
+# The close is recorded as the millisecond AFTER the script ran: a vote admitted earlier in the
+# same millisecond carries that millisecond as its time, and the round's rules count votes
+# admitted strictly before the close, so closing "at now" would refuse to count a vote that was
+# acknowledged. Admissions after the script are refused by `state`, whatever their time.
 _CLOSE_WINDOW = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + 1
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HSET', KEYS[1], 'opens_at_ms', now) end
 for _, field in ipairs(ARGV) do
   local close = tonumber(redis.call('HGET', KEYS[1], field))

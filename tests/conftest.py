@@ -4,6 +4,11 @@
 servers named by TELEVOTE_TEST_DATABASE_URL / TELEVOTE_TEST_REDIS_URL), migrations, every
 service as its own process, Envoy in front. Later issues' tests take `stack` and call through
 `stack.edge_target` (native gRPC), `stack.edge_url` (JSON, gRPC-Web) or a service directly.
+
+Tests live by what they need: tests/unit (no stack), tests/integration (real grpc.aio servers
+against real PostgreSQL and Redis), tests/e2e (through Envoy, the whole mesh). The `stack`
+marker is not written by hand: it is set here from the fixtures a test uses, so
+`pytest -m "not stack"` and `pytest tests/unit` start nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +38,24 @@ FAST_SHOW_ENV = {
     # Receipt proofs come from blocks of leaves: small blocks, so tests cross block edges.
     "RESULTS_RECEIPT_BLOCK_LEAVES": "4",
 }
+
+
+TESTS = Path(__file__).resolve().parent
+#: Folders whose tests run our services (some start their own, e.g. `televote up`).
+SERVICE_TIERS = (TESTS / "integration", TESTS / "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs running services `stack`: it takes the `stack` fixture
+    (`fixturenames` is the closure, so fixtures built on `stack` count) or lives in a service
+    tier. A unit test that reaches for the stack is a collection error, not a slow unit run."""
+    for item in items:
+        uses_stack = "stack" in getattr(item, "fixturenames", ())
+        if uses_stack and (TESTS / "unit") in item.path.parents:
+            raise pytest.UsageError(f"{item.nodeid} uses the stack: it belongs in "
+                                    "tests/integration or tests/e2e, not tests/unit")
+        if uses_stack or any(tier in item.path.parents for tier in SERVICE_TIERS):
+            item.add_marker(pytest.mark.stack)
 
 
 @pytest_asyncio.fixture(scope="session")

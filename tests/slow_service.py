@@ -26,6 +26,7 @@ class SlowConfig(ServiceConfig):
 
 
 async def _sleep(request: bytes, context: Any) -> bytes:
+    logging.getLogger(__name__).info("sleeping")
     await asyncio.sleep(float(request.decode()))
     logging.getLogger(__name__).info("slept")
     return b"slept " + request

@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -17,10 +18,19 @@ from ops.stack import Stack
 from runtime import keys
 from runtime.access import Principal, Role
 from runtime.errors import error_info
+from runtime.server import ServiceHost
 from runtime.storage import create_redis
-from televote.vote.v1 import vote_service_pb2, vote_service_pb2_grpc, vote_types_pb2
+from televote.vote.v1 import (
+    vote_gateway_service_pb2_grpc,
+    vote_service_pb2,
+    vote_service_pb2_grpc,
+    vote_types_pb2,
+    wallet_admin_service_pb2_grpc,
+)
 from tests.conftest import bearer
 from tests.support_windows import TestRound
+from vote_svc.config import VoteConfig
+from vote_svc.server import create_server
 
 FREE = vote_types_pb2.VOTE_TYPE_FREE
 PAID = vote_types_pb2.VOTE_TYPE_PAID
@@ -145,3 +155,38 @@ async def state_of(database_url: str, redis_url: str, user_id: str,
                               user_id),
         "redis_user": effective, "live": live, "minutes": minutes, "rate": rate, "idem": idem,
     }
+
+
+@dataclass
+class Replica:
+    host: ServiceHost
+    channel: grpc.aio.Channel
+
+    @property
+    def votes(self) -> vote_service_pb2_grpc.VoteServiceStub:
+        return vote_service_pb2_grpc.VoteServiceStub(self.channel)
+
+    @property
+    def gateway(self) -> vote_gateway_service_pb2_grpc.VoteGatewayServiceStub:
+        return vote_gateway_service_pb2_grpc.VoteGatewayServiceStub(self.channel)
+
+    @property
+    def wallet(self) -> wallet_admin_service_pb2_grpc.WalletAdminServiceStub:
+        return wallet_admin_service_pb2_grpc.WalletAdminServiceStub(self.channel)
+
+
+async def start_replica(database_url: str, redis_url: str, name: str,
+                        **settings: Any) -> Replica:
+    settings.setdefault("fraud_target", "")
+    config = VoteConfig(database_url=database_url, redis_url=redis_url, televote_port=0,
+                        televote_replica=name, televote_grace_seconds=2,
+                        televote_drain_announce_seconds=0,
+                        vote_pseudonym_salt="concurrency-test-salt", **settings)
+    host, port = create_server(config)
+    await host.start()
+    return Replica(host, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+
+
+async def stop_replica(replica: Replica) -> None:
+    await replica.channel.close()
+    await replica.host.stop()

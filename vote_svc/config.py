@@ -33,7 +33,7 @@ class VoteConfig(ServiceConfig):
     #: edge a replica's pipeline holds only a few votes at once, and on a small machine each
     #: round trip costs more CPU than a vote's own work: waiting a few ms gathers enough
     #: votes per round trip to carry about a third more votes on the same CPU, for ~10 ms of
-    #: latency (vote_svc/README.md, Performance).
+    #: latency (bench/RESULTS.md, vote_bench 2026-12-02).
     vote_admit_wait_ms: float = 2.0
 
     #: Group commit: a batch is written when it has this many votes ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from runtime.storage import Storage
@@ -20,20 +21,22 @@ CATALOGUE_TTL_S = 10.0
 class PackageCatalogue:
     """The packages on sale, cheapest first, cached for CATALOGUE_TTL_S."""
 
-    def __init__(self, storage: Storage, ttl_s: float = CATALOGUE_TTL_S) -> None:
+    def __init__(self, storage: Storage, ttl_s: float = CATALOGUE_TTL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._storage = storage
         self._ttl_s = ttl_s
+        self._clock = clock
         self._packages: list[vote_service_pb2.VotePackage] = []
         self._read_at = -float("inf")
         self._lock = asyncio.Lock()
 
     async def packages(self) -> list[vote_service_pb2.VotePackage]:
-        if time.monotonic() - self._read_at < self._ttl_s:
+        if self._clock() - self._read_at < self._ttl_s:
             return self._packages
         async with self._lock:  # one read for everyone who arrived while it was stale
-            if time.monotonic() - self._read_at >= self._ttl_s:
+            if self._clock() - self._read_at >= self._ttl_s:
                 self._packages = await _read_packages(self._storage)
-                self._read_at = time.monotonic()
+                self._read_at = self._clock()
         return self._packages
 
 

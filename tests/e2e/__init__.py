@@ -1,0 +1,1 @@
+"""Through Envoy, the whole mesh: what a client of the edge sees."""

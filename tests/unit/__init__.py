@@ -1,0 +1,1 @@
+"""Tests that need no running service: seconds, no PostgreSQL, Redis or Envoy."""

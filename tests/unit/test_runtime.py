@@ -17,14 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from ops.processes import free_port, wait_serving
-from ops.stack import Stack
 from runtime.access import Principal, Role, allowed
 from runtime.coalesce import Coalescer
 from runtime.config import ConfigError, ServiceConfig
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from tests.slow_service import SLEEP_METHOD
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _Config(ServiceConfig):
@@ -102,6 +101,15 @@ def test_access_table() -> None:
     assert not allowed("televote.unknown.v1.Whatever", Role.OPERATOR)
 
 
+async def _logged(stream: asyncio.StreamReader, message: str) -> None:
+    """Read a service's JSON log lines until one says `message`."""
+    async with asyncio.timeout(10):
+        while line := await stream.readline():
+            if line.startswith(b"{") and json.loads(line)["message"] == message:
+                return
+    raise AssertionError(f"the service ended without logging {message!r}")
+
+
 async def test_sigterm_drains_an_in_flight_rpc_before_exit() -> None:
     port = free_port()
     process = await asyncio.create_subprocess_exec(
@@ -114,9 +122,14 @@ async def test_sigterm_drains_an_in_flight_rpc_before_exit() -> None:
             health = health_pb2_grpc.HealthStub(channel)
             sleep = channel.unary_unary(SLEEP_METHOD)
             in_flight = asyncio.ensure_future(sleep(b"1.5", timeout=10))
-            await asyncio.sleep(0.3)
+            assert process.stderr is not None
+            await _logged(process.stderr, "sleeping")  # the call is in the server
+            watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
             process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            async for status in watch:
+                if status.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+            watch.cancel()
             # Draining: no longer SERVING, yet the call already in flight completes.
             reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -180,26 +193,6 @@ def test_every_service_keeps_full_garbage_collections_out_of_its_requests(
     assert seen and seen[0][0] > 10_000 and seen[0][1] == server.GC_YOUNG_OBJECTS
 
 
-async def test_vote_svc_plans_its_statements_once_and_other_services_per_execution(
-        stack: Stack) -> None:
-    """vote_svc's statements look rows up by key or insert them: a plan per execution was a
-    third of PostgreSQL's CPU per vote. Other services keep PostgreSQL's default."""
-    from runtime.storage import create_pool
-    from vote_svc.config import VoteConfig
-
-    assert VoteConfig.model_fields["database_generic_plans"].default is True
-    assert ServiceConfig.model_fields["database_generic_plans"].default is False
-    for generic, expected in ((True, "force_generic_plan"), (False, "auto")):
-        pool = create_pool(stack.database_url, generic_plans=generic)
-        await pool.open()
-        try:
-            async with pool.connection() as connection:
-                row: Any = await (await connection.execute("SHOW plan_cache_mode")).fetchone()
-            assert row["plan_cache_mode"] == expected
-        finally:
-            await pool.close()
-
-
 async def test_coalescer_sends_concurrent_requests_as_one_batch_and_answers_each() -> None:
     batches: list[list[int]] = []
 
@@ -216,7 +209,7 @@ async def test_coalescer_sends_concurrent_requests_as_one_batch_and_answers_each
 
     # A request that may wait rides along with the next urgent one ...
     patient = coalescer.submit(4, wait_ms=10_000)
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # time in which a wrongly urgent batch would leave
     assert len(batches) == 1 and not patient.done()
     assert await coalescer.submit(5) == 50
     assert await patient == 40

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 import pytest_asyncio
 from psycopg.rows import dict_row, tuple_row
 
@@ -36,8 +35,6 @@ from results_svc.signing import Signer
 from runtime import keys
 from runtime.storage import Storage, create_redis
 from tests.support_windows import TestRound, open_test_round
-
-pytestmark = pytest.mark.stack
 
 COLUMNS = ("vote_id, request_id, user_id, shard, round_id, episode_id, contestant_id, vote_type,"
            " count, channel, admitted_ms, admitted_at, fraud_action, fingerprint, leaf_data,"

@@ -1,5 +1,6 @@
-"""The load simulator: its plans and gRPC-Web framing, a short compressed seed scenario end to
-end through the real edge, and its verifier against a deliberately damaged ledger.
+"""The load simulator: a short compressed seed scenario end to end through the real edge, and
+its verifier against a deliberately damaged ledger (its plans and gRPC-Web framing:
+tests/unit/test_loadtest_plan.py).
 
 The damage is done inside a transaction that is rolled back (with the append-only triggers
 off for that transaction only, `session_replication_role = replica`), and the verifier reads
@@ -8,7 +9,6 @@ through the same connection, so no other test ever sees a damaged ledger.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,87 +16,12 @@ from typing import Any
 import psycopg
 import pytest
 import pytest_asyncio
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
 from psycopg.rows import dict_row
-from typer.testing import CliRunner
 
-from loadtest import grpcweb
-from loadtest.plan import LoadConfig, build, shownight_rate
+from loadtest.plan import LoadConfig
 from loadtest.run import RunResult, Target, run
 from loadtest.verify import Verdict, verify
-from ops.cli import app
 from ops.stack import Stack
-
-# --- units -------------------------------------------------------------------------------
-
-
-def _trailer(text: str) -> bytes:
-    payload = text.encode()
-    return bytes([grpcweb.TRAILER_FLAG]) + len(payload).to_bytes(4, "big") + payload
-
-
-def _status_details(reason: str) -> str:
-    packed = any_pb2.Any()
-    packed.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="televote"))
-    status = status_pb2.Status(code=9, message="no", details=[packed])
-    return base64.b64encode(status.SerializeToString()).decode().rstrip("=")
-
-
-def test_grpcweb_reads_a_message_and_its_trailers() -> None:
-    body = grpcweb.frame(b"hello") + _trailer("grpc-status: 0\r\ngrpc-message: \r\n")
-    reply = grpcweb.parse(body, {})
-    assert (reply.status, reply.messages, reply.reason) == (0, [b"hello"], "")
-
-
-def test_grpcweb_reads_the_reason_of_an_error_in_trailers_or_headers() -> None:
-    details = _status_details("NO_FREE_VOTES")
-    in_trailers = grpcweb.parse(_trailer(f"grpc-status: 9\r\ngrpc-status-details-bin: "
-                                         f"{details}\r\n"), {})
-    trailers_only = grpcweb.parse(b"", {"Grpc-Status": "9", "Grpc-Status-Details-Bin": details})
-    assert (in_trailers.status, in_trailers.reason) == (9, "NO_FREE_VOTES")
-    assert (trailers_only.status, trailers_only.reason) == (9, "NO_FREE_VOTES")
-
-
-def test_grpcweb_refuses_a_truncated_body() -> None:
-    with pytest.raises(ValueError):
-        grpcweb.parse(grpcweb.frame(b"hello")[:-1], {})
-    with pytest.raises(ValueError):
-        grpcweb.parse(grpcweb.frame(b"hello"), {})  # no status anywhere
-
-
-def test_seed_plan_is_the_seeds_test_and_funds_exactly_the_paid_votes() -> None:
-    plan = build(LoadConfig(users=200, votes_per_user=10, paid_share=0.3, compress=30))
-    assert len(plan.shots) == 2000
-    assert len({shot.user for shot in plan.shots}) == 200
-    assert all(0 <= shot.at < 60 for shot in plan.shots)
-    paid = sum(shot.vote_type == "PAID" for shot in plan.shots)
-    assert 500 < paid < 700 and sum(plan.grants.values()) == paid
-    assert build(LoadConfig(users=200)).shots[5].request_id == plan.shots[5].request_id
-
-
-def test_shownight_builds_up_to_the_peak_at_the_close() -> None:
-    config = LoadConfig(scenario="shownight", window_s=1800, compress=15, peak_rate=400,
-                        spike_s=60)
-    rates, performances = shownight_rate(config)
-    assert len(performances) == 4 and max(rates) == rates[-1] == 400
-    assert rates[0] == pytest.approx(20)  # quiet: 5 % of the peak
-    plan = build(config)
-    late = [shot for shot in plan.shots if shot.at >= config.wall_window_s]
-    assert 0 < len(late) < len(plan.shots) * 0.01  # sent after the close: VOTING_CLOSED
-
-
-@pytest.mark.parametrize("arguments", [
-    ["loadtest", "nosuch"],
-    ["loadtest", "seed", "--paths", "grpc,carrier-pigeon"],
-    ["loadtest", "seed", "--paid-share", "1.5"],
-    ["loadtest", "seed", "--edge", "http://127.0.0.1:1"],  # no state dir / database
-    ["loadtest", "seed", "--replicas", "vote_svc=zero"],
-])
-def test_bad_command_line_is_a_clear_error(arguments: list[str]) -> None:
-    result = CliRunner().invoke(app, arguments, env={"DATABASE_URL": "", "TELEVOTE_STATE_DIR": ""})
-    assert result.exit_code == 2, result.output
-
 
 # --- end to end --------------------------------------------------------------------------
 
@@ -111,7 +36,6 @@ async def seed_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory,
                     log=lambda _: None)
 
 
-@pytest.mark.stack
 async def test_compressed_seed_scenario_passes_end_to_end(seed_run: RunResult) -> None:
     assert seed_run.verdict.ok, seed_run.verdict.failures
     figures = seed_run.figures
@@ -148,7 +72,6 @@ def _acknowledged_vote(seed_run: RunResult) -> str:
     return next(a.vote_id for a in seed_run.attempts if a.outcome == "ok")
 
 
-@pytest.mark.stack
 async def test_verifier_catches_a_lost_vote(stack: Stack, seed_run: RunResult) -> None:
     vote_id = _acknowledged_vote(seed_run)
     verdict = await _verify_damaged(stack, seed_run,
@@ -158,7 +81,6 @@ async def test_verifier_catches_a_lost_vote(stack: Stack, seed_run: RunResult) -
     assert any("differs from the recount" in f for f in verdict.failures), verdict.failures
 
 
-@pytest.mark.stack
 async def test_verifier_catches_a_doubled_vote(stack: Stack, seed_run: RunResult) -> None:
     vote_id = _acknowledged_vote(seed_run)
     verdict = await _verify_damaged(
@@ -173,7 +95,6 @@ async def test_verifier_catches_a_doubled_vote(stack: Stack, seed_run: RunResult
                for f in verdict.failures), verdict.failures
 
 
-@pytest.mark.stack
 async def test_verifier_catches_a_wrong_final_result(stack: Stack, seed_run: RunResult) -> None:
     assert seed_run.record is not None
     winner = seed_run.record.voting_round.contestant_ids[0]
@@ -185,4 +106,3 @@ async def test_verifier_catches_a_wrong_final_result(stack: Stack, seed_run: Run
     assert any(f.startswith("final result") and "differs from the recount" in f
                for f in verdict.failures), verdict.failures
     assert any("differs from the acknowledged votes" in f for f in verdict.failures)
-

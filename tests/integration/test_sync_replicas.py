@@ -102,7 +102,9 @@ async def test_auto_close_happens_once_on_time_and_reaches_watchers_of_both_repl
 
         for watcher in watchers:
             await watcher.wait_for(watch.SHOW_EVENT_TYPE_VOTING_CLOSED, timeout=15)
-        await asyncio.sleep(1)  # room for a second, wrong announcement to show up
+        # Nothing more may happen: two close polls (SYNC_CLOSE_POLL_MS) of both replicas in
+        # which a second, wrong announcement would show up.
+        await asyncio.sleep(1)
         for watcher in watchers:
             await watcher.stop()
             assert watcher.types().count("VOTING_CLOSED") == 1
@@ -137,5 +139,5 @@ async def test_the_round_closes_once_after_every_sync_replica_restarts(
     assert (await _close_record(replicated, episode_id, round_id))[0] == 0
     await asyncio.gather(replicated.restart("sync_svc", 0), replicated.restart("sync_svc", 1))
     await _wait_closed(replicated, episode_id, round_id, timeout=15)
-    await asyncio.sleep(1)
+    await asyncio.sleep(1)  # two close polls of both replicas: a second close would be in
     assert (await _close_record(replicated, episode_id, round_id))[0] == 1

@@ -12,7 +12,6 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,7 +20,6 @@ import pytest_asyncio
 from ops.stack import Stack
 from runtime import keys
 from runtime.access import Role
-from runtime.server import ServiceHost
 from runtime.storage import create_redis
 from televote.fraud.v1 import (
     fraud_scoring_service_pb2,
@@ -30,60 +28,23 @@ from televote.fraud.v1 import (
 )
 from televote.vote.v1 import (
     vote_gateway_service_pb2,
-    vote_gateway_service_pb2_grpc,
-    vote_service_pb2_grpc,
     wallet_admin_service_pb2,
-    wallet_admin_service_pb2_grpc,
 )
 from tests.support_windows import TestRound, open_test_round
 from tests.vote_support import (
     PAID,
     SMS,
     SMS_TYPE,
+    Replica,
     inside,
     ledger_rows,
     new_id,
     query,
     refusal,
+    start_replica,
+    stop_replica,
     vote_request,
 )
-from vote_svc.config import VoteConfig
-from vote_svc.server import create_server
-
-
-@dataclass
-class Replica:
-    host: ServiceHost
-    channel: grpc.aio.Channel
-
-    @property
-    def votes(self) -> vote_service_pb2_grpc.VoteServiceStub:
-        return vote_service_pb2_grpc.VoteServiceStub(self.channel)
-
-    @property
-    def gateway(self) -> vote_gateway_service_pb2_grpc.VoteGatewayServiceStub:
-        return vote_gateway_service_pb2_grpc.VoteGatewayServiceStub(self.channel)
-
-    @property
-    def wallet(self) -> wallet_admin_service_pb2_grpc.WalletAdminServiceStub:
-        return wallet_admin_service_pb2_grpc.WalletAdminServiceStub(self.channel)
-
-
-async def start_replica(database_url: str, redis_url: str, name: str,
-                        **settings: Any) -> Replica:
-    settings.setdefault("fraud_target", "")
-    config = VoteConfig(database_url=database_url, redis_url=redis_url, televote_port=0,
-                        televote_replica=name, televote_grace_seconds=2,
-                        televote_drain_announce_seconds=0,
-                        vote_pseudonym_salt="concurrency-test-salt", **settings)
-    host, port = create_server(config)
-    await host.start()
-    return Replica(host, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
-
-
-async def stop_replica(replica: Replica) -> None:
-    await replica.channel.close()
-    await replica.host.stop()
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -245,12 +206,9 @@ async def test_no_vote_is_accepted_at_or_after_the_close(
     assert closed and all(replied >= test_round.closes_at_ms for replied in closed)
     rows = await ledger_rows(stack.database_url, test_round.round_id)
     assert max(row["admitted_ms"] for row in rows) < test_round.closes_at_ms
+    # Every vote that replied OK was admitted before the close. (When its answer arrived says
+    # nothing more: a vote admitted just before the close may wait for its ledger commit.)
     assert len(rows) == sum(1 for outcome, _, _ in seen if outcome == "ok")
-    # Every vote that replied OK was admitted before the close; every vote after the close
-    # (with the reply's Redis time as an upper bound of the admission) was refused.
-    late = [replied for outcome, replied, _ in seen
-            if outcome == "ok" and replied > test_round.closes_at_ms + 200]
-    assert not late
 
 
 async def test_a_vote_one_millisecond_after_the_close_is_refused(

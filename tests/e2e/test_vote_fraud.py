@@ -9,7 +9,6 @@ import asyncio
 from typing import Any
 
 import grpc
-import pytest
 
 from ops.stack import Stack
 from runtime.access import Role
@@ -34,8 +33,6 @@ from tests.vote_support import (
     vote_request,
     voter,
 )
-
-pytestmark = pytest.mark.stack
 
 
 def _operator(stack: Stack) -> tuple[tuple[str, str]]:
@@ -150,7 +147,8 @@ async def test_votes_admitted_unscored_while_fraud_svc_was_down_are_scored_when_
     scored = await query(stack.database_url, "SELECT target FROM audit_log WHERE action ="
                          " 'fraud.score' AND details ->> 'user_id' = %s", crook)
     assert {row["target"] for row in scored} >= {r.request_id for r in requests[crook]}
-    # Nothing is scored twice.
+    # Nothing is scored twice: time for another re-score pass (VOTE_RESCORE_INTERVAL_MS, 1 s),
+    # which would score them again if it could.
     await asyncio.sleep(1.5)
     assert len(await query(stack.database_url, "SELECT 1 FROM vote_fraud_decisions"
                            " WHERE round_id = %s", test_round.round_id)) == 4

@@ -83,7 +83,7 @@ class _CountingStore:
 
     async def episode_finished(self, episode_id: str) -> bool:
         self.asked += 1
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # a query takes a while: the other callers arrive meanwhile
         return True
 
 

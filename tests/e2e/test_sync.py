@@ -51,10 +51,7 @@ async def test_a_full_show_run_through_cues_reaches_watchers_over_grpc_and_sse(
     native = GrpcWatcher().start(edge_channel, episode_id)  # anonymous viewer, no token
     sse = SseWatcher().start(stack.edge_target, f"/v1/episodes/{episode_id}/events")
     await native.wait_for(watch.SHOW_EVENT_TYPE_SNAPSHOT)
-    for _ in range(50):
-        if sse.events:
-            break
-        await asyncio.sleep(0.1)
+    await sse.wait_until(lambda _: True, timeout=5)  # its snapshot: the stream is open
 
     await operator.cue(episode_id, Cue.CUE_TYPE_SHOW_START)
     await operator.cue(episode_id, Cue.CUE_TYPE_PERFORMANCE_START, contestant_id=contestants[0],
@@ -66,10 +63,10 @@ async def test_a_full_show_run_through_cues_reaches_watchers_over_grpc_and_sse(
     await native.wait_for(watch.SHOW_EVENT_TYPE_VOTING_CLOSED, timeout=20)
     await operator.cue(episode_id, Cue.CUE_TYPE_SHOW_END)
     await native.wait_for(watch.SHOW_EVENT_TYPE_STATE_CHANGED, count=2)
-    for _ in range(50):
-        if len(sse.events) >= len(EXPECTED_SHOW):
-            break
-        await asyncio.sleep(0.1)
+    async with asyncio.timeout(5):  # the edge's stream may run a little behind the native one
+        while len(sse.events) < len(EXPECTED_SHOW):
+            sse.arrived.clear()
+            await sse.arrived.wait()
     await native.stop()
     await sse.stop()
 

@@ -4,6 +4,7 @@ repaired, and a stale write can never reopen a closed window or undo an extensio
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -160,3 +161,22 @@ async def test_a_copy_lost_before_the_close_stays_closed_against_a_late_restore(
     late = [part for pair in at_open.items() for part in pair]
     assert await restore(keys=[lost], args=late) == 0
     assert await keys.read_window(storage.redis, opened.round_id, 3) == tombstone
+
+
+async def test_a_vote_admitted_in_the_closing_millisecond_lies_inside_the_recorded_window(
+        storage: Storage) -> None:
+    """An admission reads the Redis clock, then a shard's close script runs in the same
+    millisecond: the admission's time must still be before the close that gets recorded, or the
+    final result (which counts votes admitted strictly before it) would drop a vote that was
+    acknowledged. A pipeline runs the clock read and the close back to back, so they share a
+    millisecond on almost every try."""
+    close = storage.redis.register_script(keys._CLOSE_WINDOW)
+    fields = [f"close_{channel}_ms" for channel in keys.CHANNELS]
+    for _ in range(20):
+        key = keys.window_key(0, str(uuid.uuid4()))
+        async with storage.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            await close(keys=[key], args=fields, client=pipe)  # type: ignore[arg-type]
+            (seconds, micros), closed_ms = await pipe.execute()
+        await storage.redis.delete(key)
+        assert int(seconds) * 1000 + int(micros) // 1000 < int(closed_ms)

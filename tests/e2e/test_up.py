@@ -58,11 +58,13 @@ def test_televote_up_comes_up_answers_and_leaves_no_process_behind(tmp_path: Pat
                                          headers={"authorization": f"Bearer {token}"})
         with urllib.request.urlopen(request, timeout=10) as response:
             assert len(json.loads(response.read())["packages"]) == 4
-        assert _descendants_of_state_dir(state_dir), "expected running children"
+        children = _descendants_of_state_dir(state_dir)
+        assert children, "expected running children"
 
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
-        time.sleep(0.5)
+        _, alive = psutil.wait_procs(children, timeout=5)
+        assert alive == []
         assert _descendants_of_state_dir(state_dir) == []
     finally:
         if up.poll() is None:
@@ -96,7 +98,7 @@ def test_a_bench_ended_by_sigterm_stops_the_processes_it_started(tmp_path: Path)
     script = tmp_path / "holder.py"
     script.write_text(_HOLDER)
     holder = subprocess.Popen([sys.executable, str(script), str(tmp_path)],
-                              cwd=Path(__file__).resolve().parent.parent)
+                              cwd=Path(__file__).resolve().parents[2])
     try:
         deadline = time.monotonic() + 30
         while not (tmp_path / "pid").exists():

@@ -37,8 +37,15 @@ from televote.vote.v1 import (
     vote_types_pb2,
 )
 from tests.support_windows import TestRound, open_test_round
-from tests.test_vote_concurrency import start_replica, stop_replica
-from tests.vote_support import inside, ledger_rows, new_id, query, vote_request
+from tests.vote_support import (
+    inside,
+    ledger_rows,
+    new_id,
+    query,
+    start_replica,
+    stop_replica,
+    vote_request,
+)
 from vote_svc.admission import Scripts
 from vote_svc.reconcile import Reconciler
 
@@ -236,7 +243,7 @@ async def test_postgresql_cut_off_mid_load_gives_unavailable_and_undoes_admissio
         async def outage() -> None:
             await load.until_acknowledged(120)
             await proxy.cut()
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.5)  # the outage: past the commit timeout, as long as a lease
             await proxy.start()
         await asyncio.gather(load.run(lambda _: stub, workers=16), outage())
         assert load.unacked, "votes during the outage must not be acknowledged"
@@ -344,6 +351,8 @@ async def test_a_dead_replicas_uncommitted_admissions_are_given_back_exactly_onc
                 # Both at once, again and again, racing the mesh's reconciler as well.
                 await asyncio.gather(*(r.pass_once() for r in reconcilers for _ in range(3)))
                 await asyncio.sleep(0.2)
+        # What is checked is that nothing more happens: time for passes of the mesh's own
+        # reconciler, then ours again, any of which would undo a second time if it could.
         await asyncio.sleep(1)
         await asyncio.gather(*(r.pass_once() for r in reconcilers))
         # Exactly once: each charge given back, nothing more (a second undo would go below 0).
@@ -387,8 +396,22 @@ async def test_an_overloaded_replica_sheds_new_votes_at_once_and_changes_nothing
     votes = vote_service_pb2_grpc.VoteServiceStub(replica.channel)
     gateway = vote_gateway_service_pb2_grpc.VoteGatewayServiceStub(replica.channel)
 
+    answered, full = 0, asyncio.Event()
+
+    async def vote(user: str) -> vote_service_pb2.SubmitVoteResponse:
+        nonlocal answered
+        try:
+            return await votes.SubmitVote(  # type: ignore[no-any-return]
+                requests[user], metadata=inside(Role.VOTER, user), timeout=15)
+        finally:
+            answered += 1
+            if answered == len(users) - 3:
+                full.set()
+
     async def gateway_batch() -> vote_gateway_service_pb2.SubmitVotesResponse:
-        await asyncio.sleep(0.1)  # the admitted votes wait for their 300 ms batch
+        # Sent once the replica is full: the nine votes past its limit were shed at once,
+        # and the three it admitted wait for their 300 ms batch.
+        await asyncio.wait_for(full.wait(), 10)
         sms = vote_gateway_service_pb2.GatewayVote(
             request_id=new_id(), user_id=f"shed-sms-{new_id()[:8]}",
             round_id=test_round.round_id, contestant_id=test_round.contestants[0],
@@ -399,9 +422,8 @@ async def test_an_overloaded_replica_sheds_new_votes_at_once_and_changes_nothing
             vote_gateway_service_pb2.SubmitVotesRequest(votes=[sms, malformed]),
             metadata=inside(Role.INTERNAL, "sms_svc"), timeout=15)
     try:
-        *answers, batch = await asyncio.gather(*(
-            votes.SubmitVote(requests[user], metadata=inside(Role.VOTER, user), timeout=15)
-            for user in users), gateway_batch(), return_exceptions=True)
+        *answers, batch = await asyncio.gather(*(vote(user) for user in users),
+                                               gateway_batch(), return_exceptions=True)
         # A gateway batch is refused as a whole before its votes are even validated.
         assert isinstance(batch, vote_gateway_service_pb2.SubmitVotesResponse), batch
         assert [(r.ok, r.error.reason) for r in batch.results] == [(False, "OVERLOADED")] * 2

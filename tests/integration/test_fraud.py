@@ -901,7 +901,7 @@ async def test_the_blocklist_is_rebuilt_only_when_its_blocks_change(stack: Stack
         await cache.reload()
         assert {expiring, deleted} <= cache.current.devices.keys()
 
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(1.2)  # past the expiry: no row changes, only the time
         await cache.reload()
         assert expiring not in cache.current.devices and deleted in cache.current.devices
 

@@ -1,0 +1,1 @@
+"""Real grpc.aio servers against the session stack's real PostgreSQL and Redis."""

@@ -1,0 +1,34 @@
+"""The edge's Envoy config as ops/edge.py renders it, checked by Envoy itself (no mesh)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ops import edge, tokens
+from ops.stack import SERVICES
+
+
+def test_an_edge_behind_a_load_balancer_trusts_its_forwarded_for(tmp_path: Path) -> None:
+    """With a proxy in front (trusted_proxy_hops=1) the edge takes the caller's IP from that
+    proxy's X-Forwarded-For entry, and unary services have their load-shedding ceiling; the
+    config Envoy is given must be one it accepts."""
+    config = tmp_path / "edge.yaml"
+    config.write_text(edge.render(edge.EdgeSettings(
+        jwks_path=tokens.ensure_signing_key(tmp_path), jwt_issuer=tokens.ISSUER,
+        jwt_audience=tokens.AUDIENCE, trusted_proxy_hops=1,
+        upstreams={service: [("127.0.0.1", 1)] for service in SERVICES})))
+    text = config.read_text()
+    assert "xff_num_trusted_hops: 1" in text
+    # Unary services shed load at the edge; streaming ones carry an audience.
+    clusters = next(line for line in text.splitlines() if line.strip().startswith("clusters:"))
+    limits = {cluster["name"]: cluster["circuit_breakers"]["thresholds"][0]["max_requests"]
+              for cluster in json.loads(clusters.split(":", 1)[1])}
+    assert limits["vote_svc"] == 500 and limits["sync_svc"] == limits["results_svc"] == 1_000_000
+    envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
