@@ -105,7 +105,7 @@ def render(out: Path) -> None:
         *sources,
     )
     # protoc writes modules but no packages; empty __init__.py files make gen/ an ordinary
-    # import root that setuptools and mypy both understand.
+    # import root that the packaging and mypy both understand.
     for directory in sorted({p.parent for p in gen.rglob("*.py")}):
         while directory != gen:
             (directory / "__init__.py").touch()
