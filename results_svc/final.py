@@ -20,8 +20,6 @@ import contextlib
 import json
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,7 +34,7 @@ from results_svc.config import ResultsConfig
 from results_svc.merkle import HASH_SIZE, MerkleTree, TopTree
 from results_svc.rounds import RoundInfo, load_round
 from results_svc.signing import Signer, tree_head
-from runtime import keys
+from runtime import keys, locks
 from runtime.access import Principal, Role
 from runtime.storage import Storage
 from televote.sync.v1 import show_internal_service_pb2 as internal
@@ -134,7 +132,7 @@ async def provisional_counts(storage: Storage, round_id: str) -> dict[str, int]:
 
 
 class Finalizer:
-    """Finds closed rounds and finalizes them; serves stored results and their trees."""
+    """Finds closed rounds and finalizes them (the proofs of a stored result: proofs.py)."""
 
     def __init__(self, storage: Storage, config: ResultsConfig, signer: Signer) -> None:
         self._storage = storage
@@ -142,11 +140,8 @@ class Finalizer:
         self._signer = signer
         self._task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
-        self._trees: OrderedDict[str, MerkleTree] = OrderedDict()
-        self._tops: OrderedDict[str, TopTree] = OrderedDict()
         #: round -> (failures, next attempt by the monotonic clock) of announcements
         self._announce_backoff: dict[str, tuple[int, float]] = {}
-        self._tree_lock = asyncio.Lock()
         #: round -> when (monotonic) its checkpoint is next extended
         self._checkpoint_due: dict[str, float] = {}
         #: when (monotonic) finished checkpoints and old log entries are next removed
@@ -239,7 +234,7 @@ class Finalizer:
         """Extend the round's checkpoint by one step towards the watermark (a stale one is
         rebuilt); True when it reached the watermark (or another replica is at it)."""
         watermark = await self._watermark()
-        async with self._storage.pool.connection() as connection, self._round_lock(
+        async with self._storage.pool.connection() as connection, locks.round_results_session(
                 connection, round_id, wait=False) as mine:
             if not mine:
                 return True
@@ -299,37 +294,12 @@ class Finalizer:
             ledger = {r["contestant_id"]: r["n"] for r in await cursor.fetchall()}
         return {k: v for k, v in live.items() if v} == {k: v for k, v in ledger.items() if v}
 
-    @contextlib.asynccontextmanager
-    async def _round_lock(self, connection: AsyncConnection[Any], round_id: str, *,
-                          wait: bool) -> AsyncIterator[bool]:
-        """The round's advisory lock (one finalizer or checkpointer at a time, across
-        replicas), held by the session so that the REPEATABLE READ transaction that follows
-        takes its snapshot after the previous holder's commit. `wait` False: yield False at
-        once if another holds it."""
-        key = f"televote.results:{round_id}"
-        if wait:
-            await connection.execute("SET LOCAL lock_timeout = '30s'")
-            await connection.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
-            got = True
-        else:
-            cursor = await connection.execute(
-                "SELECT pg_try_advisory_lock(hashtext(%s)) AS got", (key,))
-            row: Any = await cursor.fetchone()
-            got = bool(row["got"])
-        await connection.commit()
-        try:
-            yield got
-        finally:
-            if got:
-                await connection.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
-                await connection.commit()
-
     async def finalize(self, round_id: str) -> bool:
         """Judge the rest of the ledger (or recount it all), sign and store the round's
         result; False if another replica has it."""
         started = time.monotonic()
         provisional = await provisional_counts(self._storage, round_id)
-        async with self._storage.pool.connection() as connection, self._round_lock(
+        async with self._storage.pool.connection() as connection, locks.round_results_session(
                 connection, round_id, wait=True):
             await connection.set_isolation_level(IsolationLevel.REPEATABLE_READ)
             try:
@@ -487,86 +457,6 @@ class Finalizer:
                         delay, error.code().name)
         else:
             self._announce_backoff.pop(round_id, None)
-
-    async def inclusion(self, round_id: str, admitted_ms: int, vote_id: str, receipt: bytes
-                        ) -> tuple[int, int, list[bytes], bytes] | None:
-        """(leaf index, tree size, audit path, root) of a ledger row in its round's signed
-        tree, or None if the row is not in it (committed after the tree was taken).
-
-        O(log n): the row's block is found by its ledger-order key in round_result_blocks,
-        that block's leaves are one slice of a stored chunk, and the path above the block
-        comes from the block roots (a few KiB per million votes, cached)."""
-        top = await self._top_tree(round_id)
-        if top is None:  # finalized before block roots were stored: the whole tree
-            tree = await self.tree(round_id)
-            try:
-                index = tree.levels[0].index(receipt)
-            except ValueError:
-                return None
-            return index, tree.size, tree.inclusion_proof(index), tree.root
-        async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT block FROM round_result_blocks WHERE round_id = %s"
-                " AND (admitted_ms, vote_id, receipt_hash) <= (%s, %s, %s)"
-                " ORDER BY admitted_ms DESC, vote_id DESC, receipt_hash DESC LIMIT 1",
-                (round_id, admitted_ms, vote_id, receipt))
-            row: Any = await cursor.fetchone()
-            if row is None:
-                return None
-            start = row["block"] * top.block_leaves
-            cursor = await connection.execute(
-                "SELECT substring(leaves FROM %s FOR %s) AS leaves FROM round_result_leaves"
-                " WHERE round_id = %s AND chunk = %s",
-                ((start % LEAVES_PER_CHUNK) * HASH_SIZE + 1, top.block_leaves * HASH_SIZE,
-                 round_id, start // LEAVES_PER_CHUNK))
-            row = await cursor.fetchone()
-        blob = bytes(row["leaves"]) if row is not None else b""
-        block = [blob[i:i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)]
-        try:
-            index = start + block.index(receipt)
-        except ValueError:
-            return None
-        return index, top.size, top.inclusion_proof(index, block), top.root
-
-    async def _top_tree(self, round_id: str) -> TopTree | None:
-        top = self._tops.get(round_id)
-        if top is not None:
-            self._tops.move_to_end(round_id)
-            return top
-        async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT b.block_leaves, b.roots, r.tree_size FROM round_result_block_roots b"
-                " JOIN round_results r USING (round_id) WHERE b.round_id = %s", (round_id,))
-            row: Any = await cursor.fetchone()
-        if row is None:
-            return None
-        roots = bytes(row["roots"])
-        top = TopTree([roots[i:i + HASH_SIZE] for i in range(0, len(roots), HASH_SIZE)],
-                      row["block_leaves"], row["tree_size"])
-        self._tops[round_id] = top
-        while len(self._tops) > 256:  # ~0.3 MB each at 10 million votes
-            self._tops.popitem(last=False)
-        return top
-
-    async def tree(self, round_id: str) -> MerkleTree:
-        """The whole signed tree of a finalized round, from its stored leaves (cached): for
-        results stored before block roots were (see `inclusion`)."""
-        async with self._tree_lock:
-            tree = self._trees.get(round_id)
-            if tree is not None:
-                self._trees.move_to_end(round_id)
-                return tree
-            async with self._storage.pool.connection() as connection:
-                cursor = await connection.execute(
-                    "SELECT leaves FROM round_result_leaves WHERE round_id = %s ORDER BY chunk",
-                    (round_id,))
-                chunks: list[Any] = await cursor.fetchall()
-                blob = b"".join([bytes(r["leaves"]) for r in chunks])
-            tree = MerkleTree([blob[i:i + 32] for i in range(0, len(blob), 32)])
-            self._trees[round_id] = tree
-            while len(self._trees) > self._config.results_cached_trees:
-                self._trees.popitem(last=False)
-            return tree
 
 
 def reconcile(round_id: str, provisional: dict[str, int], ledger: dict[str, int],

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from results_svc.rules import RoundRules
-from runtime.errors import ApiError, FieldViolation, invalid_argument
+from runtime.errors import ApiError
 from televote.sync.v1 import sync_types_pb2 as stypes
 
 _MS = "floor(extract(epoch FROM {}) * 1000)::bigint"
@@ -77,16 +77,6 @@ class RoundInfo:
         return RoundRules(self.round_id, self.contestant_ids, self.opens_ms,
                           {c: self.channel_close_ms(c) for c in ("APP", "WEB", "SMS")},
                           self.free_quota, self.free_cap)
-
-
-def parse_uuid(value: str, name: str) -> str:
-    import uuid
-    if not value:
-        raise invalid_argument(FieldViolation(name, "is required"))
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise invalid_argument(FieldViolation(name, "is not a UUID")) from None
 
 
 def round_not_found(round_id: str) -> ApiError:

@@ -12,25 +12,32 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg import AsyncConnection
 
-from runtime import keys
+from runtime import ids, keys
+from runtime import window as redis_window
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.idempotency import once, require_request_id
+from runtime.protoconv import (
+    CHANNEL_KEYS,
+    datetime_to_ms,
+    duration,
+    duration_ms,
+    ms_to_datetime,
+    timestamp,
+)
 from runtime.storage import Storage
+from runtime.window import Window
 from sync_svc.config import SyncConfig
 from televote.sync.v1 import show_control_service_pb2 as control
 from televote.sync.v1 import show_watch_service_pb2 as watch
 from televote.sync.v1 import sync_types_pb2 as types
-from televote.vote.v1 import vote_types_pb2
 
 Row = dict[str, Any]
 Connection = AsyncConnection[Row]
@@ -40,11 +47,6 @@ EventType = watch.ShowEventType
 #: Closed rounds whose Redis window the periodic repair still rewrites (`repair_windows`).
 RECENTLY_CLOSED_MS = 5 * 60 * 1000
 
-CHANNEL_COLUMNS = {
-    vote_types_pb2.CHANNEL_APP: "app",
-    vote_types_pb2.CHANNEL_WEB: "web",
-    vote_types_pb2.CHANNEL_SMS: "sms",
-}
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Published:
     events: list[watch.WatchShowResponse] = field(default_factory=list)
     windows: list[Row] = field(default_factory=list)  # rounds whose Redis window to rewrite
     #: The windows' Redis fields, read in the change's own transaction (`_settle`).
-    window_fields: list[tuple[str, dict[str, str | int]]] = field(default_factory=list)
+    windows_read: list[tuple[str, Window]] = field(default_factory=list)
 
 
 def failed(reason: str, message: str) -> ApiError:
@@ -63,40 +65,6 @@ def failed(reason: str, message: str) -> ApiError:
 
 def not_found(reason: str, message: str) -> ApiError:
     return ApiError(grpc.StatusCode.NOT_FOUND, reason, message)
-
-
-def parse_id(value: str, field_name: str) -> str:
-    """A UUID from a request field, or INVALID_REQUEST naming the field."""
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise invalid_argument(FieldViolation(field_name, "must be a UUID")) from None
-
-
-def timestamp(moment: datetime | None) -> Timestamp | None:
-    if moment is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
-def ms_to_datetime(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
-
-
-def datetime_to_ms(moment: datetime) -> int:
-    return round(moment.timestamp() * 1000)
-
-
-def duration_ms(value: Duration) -> int:
-    return value.seconds * 1000 + value.nanos // 1_000_000
-
-
-def duration(ms: int) -> Duration:
-    value = Duration()
-    value.FromMilliseconds(ms)
-    return value
 
 
 class ShowStore:
@@ -130,16 +98,16 @@ class ShowStore:
             episode = await _one(connection, "SELECT free_vote_quota, rate_limit_per_minute,"
                                  " version FROM episodes WHERE episode_id = %s",
                                  (round_row["episode_id"],))
-            published.window_fields.append(
-                (str(round_row["round_id"]), window_fields(round_row, episode)))
+            published.windows_read.append(
+                (str(round_row["round_id"]), Window.of_round(round_row, episode)))
 
     async def apply(self, published: Published) -> None:
         """After the commit: mirror windows into Redis, then announce the events and mark
         their outbox rows published. A crash before the mark leaves the rows for
         `publish_outbox` on any replica; watchers drop what they already have (by
         episode_version), so an event announced twice is harmless."""
-        for round_id, fields in published.window_fields:
-            await keys.write_window(self._storage.redis, round_id, fields)
+        for round_id, read in published.windows_read:
+            await redis_window.write(self._storage.redis, round_id, read)
         for event in published.events:
             # Every replica's Hub (this one's too) hands it to its watchers.
             await self._storage.redis.publish(keys.show_channel(event.episode_id),
@@ -173,8 +141,8 @@ class ShowStore:
             rows: list[Row] = await cursor.fetchall()
         repaired = 0
         for row in rows:
-            repaired += await keys.write_window(self._storage.redis, str(row["round_id"]),
-                                                window_fields(row, row))
+            repaired += await redis_window.write(self._storage.redis, str(row["round_id"]),
+                                           Window.of_round(row, row))
         return repaired
 
     async def publish_outbox(self, older_than_ms: int, limit: int = 500) -> int:
@@ -243,7 +211,7 @@ class ShowStore:
 
     async def create_episode(self, request: control.CreateEpisodeRequest
                              ) -> control.CreateEpisodeResponse:
-        show_id = parse_id(request.show_id, "show_id")
+        show_id = ids.parse(request.show_id, "show_id")
         problems = []
         if not request.title.strip():
             problems.append(FieldViolation("title", "must not be empty"))
@@ -277,7 +245,7 @@ class ShowStore:
 
     async def add_contestant(self, request: control.AddContestantRequest
                              ) -> control.AddContestantResponse:
-        episode_id = parse_id(request.episode_id, "episode_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
         problems = []
         if not request.name.strip():
             problems.append(FieldViolation("name", "must not be empty"))
@@ -311,8 +279,8 @@ class ShowStore:
 
     async def create_round(self, request: control.CreateRoundRequest
                            ) -> control.CreateRoundResponse:
-        episode_id = parse_id(request.episode_id, "episode_id")
-        contestant_ids = [parse_id(value, "contestant_ids") for value in request.contestant_ids]
+        episode_id = ids.parse(request.episode_id, "episode_id")
+        contestant_ids = [ids.parse(value, "contestant_ids") for value in request.contestant_ids]
         problems = []
         if len(contestant_ids) < 2:
             problems.append(FieldViolation("contestant_ids", "a round needs 2 or more"))
@@ -326,7 +294,7 @@ class ShowStore:
         offsets = dict.fromkeys(keys.CHANNELS, 0)
         seen = set()
         for index, close in enumerate(request.channel_closes):
-            name = CHANNEL_COLUMNS.get(close.channel)
+            name = CHANNEL_KEYS.get(close.channel)
             if name is None or name in seen:
                 problems.append(FieldViolation(f"channel_closes[{index}].channel",
                                                "must be APP, WEB or SMS, each at most once"))
@@ -375,7 +343,7 @@ class ShowStore:
     # -- show control ----------------------------------------------------------------------
 
     async def start_show(self, request: control.StartShowRequest) -> control.StartShowResponse:
-        episode_id = parse_id(request.episode_id, "episode_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
 
         async def perform(connection: Connection, published: Published, now_ms: int
                           ) -> control.StartShowResponse:
@@ -400,8 +368,8 @@ class ShowStore:
 
     async def start_performance(self, request: control.StartPerformanceRequest
                                 ) -> control.StartPerformanceResponse:
-        episode_id = parse_id(request.episode_id, "episode_id")
-        contestant_id = parse_id(request.contestant_id, "contestant_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
+        contestant_id = ids.parse(request.contestant_id, "contestant_id")
 
         async def perform(connection: Connection, published: Published, now_ms: int
                           ) -> control.StartPerformanceResponse:
@@ -435,7 +403,7 @@ class ShowStore:
 
     async def end_performance(self, request: control.EndPerformanceRequest
                               ) -> control.EndPerformanceResponse:
-        episode_id = parse_id(request.episode_id, "episode_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
 
         async def perform(connection: Connection, published: Published, now_ms: int
                           ) -> control.EndPerformanceResponse:
@@ -461,7 +429,7 @@ class ShowStore:
 
     async def open_voting(self, request: control.OpenVotingRequest
                           ) -> control.OpenVotingResponse:
-        round_id = parse_id(request.round_id, "round_id")
+        round_id = ids.parse(request.round_id, "round_id")
         window = duration_ms(request.duration) if request.HasField("duration") else None
         if window is not None and (problems := self._window_problems(window, "duration")):
             raise invalid_argument(*problems)
@@ -504,7 +472,7 @@ class ShowStore:
 
     async def extend_voting(self, request: control.ExtendVotingRequest
                             ) -> control.ExtendVotingResponse:
-        round_id = parse_id(request.round_id, "round_id")
+        round_id = ids.parse(request.round_id, "round_id")
         extension = duration_ms(request.extension)
         if not 0 < extension <= 3_600_000:
             raise invalid_argument(FieldViolation("extension", "must be more than 0, up to 1 h"))
@@ -536,7 +504,7 @@ class ShowStore:
 
     async def close_voting(self, request: control.CloseVotingRequest
                            ) -> control.CloseVotingResponse:
-        round_id = parse_id(request.round_id, "round_id")
+        round_id = ids.parse(request.round_id, "round_id")
 
         async def perform(connection: Connection, published: Published, now_ms: int
                           ) -> control.CloseVotingResponse:
@@ -573,7 +541,7 @@ class ShowStore:
         return message
 
     async def end_show(self, request: control.EndShowRequest) -> control.EndShowResponse:
-        episode_id = parse_id(request.episode_id, "episode_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
 
         async def perform(connection: Connection, published: Published, now_ms: int
                           ) -> control.EndShowResponse:
@@ -599,11 +567,11 @@ class ShowStore:
 
     async def apply_cue(self, request: control.ApplyCueRequest) -> control.ApplyCueResponse:
         """A broadcast automation cue: the same transition as its explicit RPC."""
-        episode_id = parse_id(request.episode_id, "episode_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
         cue = request.type
         if cue == control.CUE_TYPE_PERFORMANCE_START:
-            contestant_id = parse_id(request.contestant_id, "contestant_id")
-        round_id = parse_id(request.round_id, "round_id") if request.round_id else None
+            contestant_id = ids.parse(request.contestant_id, "contestant_id")
+        round_id = ids.parse(request.round_id, "round_id") if request.round_id else None
         window = (duration_ms(request.voting_duration)
                   if request.HasField("voting_duration") else None)
         if cue == control.CUE_TYPE_VOTING_OPEN and window is not None and (
@@ -686,7 +654,7 @@ class ShowStore:
 
     async def publish_results_ready(self, round_id: str) -> types.Round:
         """results_svc stored a round's final result: mark it FINALIZED and announce it once."""
-        round_id = parse_id(round_id, "round_id")
+        round_id = ids.parse(round_id, "round_id")
         published = Published()
         now_ms = await keys.server_time_ms(self._storage.redis)
         async with self._storage.pool.connection() as connection, connection.transaction():
@@ -711,7 +679,7 @@ class ShowStore:
     # -- reading ---------------------------------------------------------------------------
 
     async def get_snapshot(self, episode_id: str) -> types.ShowSnapshot:
-        episode_id = parse_id(episode_id, "episode_id")
+        episode_id = ids.parse(episode_id, "episode_id")
         now_ms = await keys.server_time_ms(self._storage.redis)
         async with self._storage.pool.connection() as connection:
             return await self.snapshot(connection, episode_id, now_ms)
@@ -828,7 +796,7 @@ def round_message(row: Row) -> types.Round:
         state=types.RoundState.Value(f"ROUND_STATE_{row['state']}"),
         opens_at=timestamp(row["opens_at"]), closes_at=timestamp(row["closes_at"]),
         create_time=timestamp(row["created_at"]))
-    for channel, name in CHANNEL_COLUMNS.items():
+    for channel, name in CHANNEL_KEYS.items():
         offset = row[f"{name}_close_offset_ms"]
         close = types.ChannelClose(channel=channel, offset=duration(offset))
         if row["closes_at"] is not None:
@@ -851,24 +819,3 @@ async def _one(connection: Connection, query: str, params: tuple[Any, ...]) -> R
     return row
 
 
-def window_fields(round_row: Row, episode: Row) -> dict[str, str | int]:
-    """A round's window as vote admission reads it from Redis."""
-    closes_ms = datetime_to_ms(round_row["closes_at"])
-    fields: dict[str, str | int] = {
-        "episode_id": str(round_row["episode_id"]),
-        "state": round_row["state"],
-        "opens_at_ms": datetime_to_ms(round_row["opens_at"]),
-        "closes_at_ms": closes_ms,
-        "contestants": ",".join(str(c) for c in round_row["contestant_ids"]),
-        "free_quota": episode["free_vote_quota"],
-        "free_cap": round_row["free_vote_cap"],
-        "rate_limit_per_minute": episode["rate_limit_per_minute"],
-        "version": episode["version"],
-    }
-    for channel in keys.CHANNELS:
-        close = closes_ms + round_row[f"{channel}_close_offset_ms"]
-        if round_row["state"] != "OPEN":
-            # A closed round is closed on every channel from the moment it closed.
-            close = min(close, datetime_to_ms(round_row["closed_at"]))
-        fields[f"close_{channel}_ms"] = close
-    return fields

@@ -1,42 +1,48 @@
-"""FraudReviewService: the operators' review queue, blocks and the fraud audit trail."""
+"""fraud_svc's servicers: FraudScoringService (internal) and FraudReviewService (operators'
+review queue, blocks, exemptions, policies and the fraud audit trail)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import ipaddress
 import json
 import math
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
-from psycopg import errors as pg_errors
 
+from fraud_svc import moderation, store
+from fraud_svc.config import FraudConfig
+from fraud_svc.features import Scorer
+from fraud_svc.geoip import IpIntel
+from fraud_svc.scoring import Scoring
 from fraud_svc.state import FeatureState
 from fraud_svc.store import (
     ACTION_PREFIX,
-    AuditRecord,
     BlocklistCache,
     Conn,
     Pool,
     attribute_text,
-    write_audit,
 )
+from runtime import ids
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.idempotency import once, require_request_id
 from runtime.interceptors import current_principal
+from runtime.protoconv import timestamp
 from televote.fraud.v1 import (
     fraud_review_service_pb2 as pb,
 )
 from televote.fraud.v1 import (
     fraud_review_service_pb2_grpc,
+    fraud_scoring_service_pb2_grpc,
     fraud_types_pb2,
 )
+from televote.fraud.v1 import fraud_scoring_service_pb2 as scoring_pb
 
 DEFAULT_PAGE = 50
 MAX_COUNTRIES = 50
@@ -75,21 +81,6 @@ def _decode_token(token: str, length: int) -> list[Any] | None:
     return position
 
 
-def _uuid(value: str, field: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise invalid_argument(FieldViolation(field, "must be a UUID")) from None
-
-
-def _ts(value: Any) -> timestamp_pb2.Timestamp | None:
-    if not isinstance(value, datetime):
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def _signals(raw: Any) -> list[fraud_types_pb2.FraudSignal]:
     return [fraud_types_pb2.FraudSignal(name=str(s.get("name", "")),
                                         contribution=float(s.get("contribution", 0.0)),
@@ -102,15 +93,15 @@ def _review(row: dict[str, Any]) -> fraud_types_pb2.Review:
         review_id=str(row["review_id"]), vote_id=row["vote_ref"], user_id=row["user_id"],
         round_id=row["round_id"], score=row["score"], signals=_signals(row["signals"]),
         state=_STATES[row["state"]], user_round_votes=int(row.get("user_round_votes") or 0),
-        create_time=_ts(row["created_at"]), resolved_by=row["resolved_by"] or "",
-        resolve_time=_ts(row["resolved_at"]), note=row["note"])
+        create_time=timestamp(row["created_at"]), resolved_by=row["resolved_by"] or "",
+        resolve_time=timestamp(row["resolved_at"]), note=row["note"])
 
 
 def _block(row: dict[str, Any]) -> fraud_types_pb2.Block:
     return fraud_types_pb2.Block(
         block_id=str(row["block_id"]), kind=_KIND_NUMBERS[row["kind"]], value=row["value"],
         reason=row["reason"], created_by=row["created_by"],
-        create_time=_ts(row["created_at"]), expire_time=_ts(row["expire_at"]))
+        create_time=timestamp(row["created_at"]), expire_time=timestamp(row["expire_at"]))
 
 
 def normalize_block_value(kind: str, value: str) -> str:
@@ -134,36 +125,91 @@ def normalize_block_value(kind: str, value: str) -> str:
     return value
 
 
-async def refuse_if_finalized(conn: Conn, round_id: str) -> None:
-    """ROUND_FINALIZED once the round's final result is stored: it can no longer change.
-
-    Takes the round's finalization lock (results_svc/final.py holds it while it recounts) for
-    the rest of the caller's transaction, so a verdict either commits before a recount
-    starts, and is counted, or finds the result stored and changes nothing.
-    """
-    try:
-        round_id = str(uuid.UUID(round_id))  # the key results_svc locks: the canonical text
-    except ValueError:
-        return  # not a round of the ledger (rounds are UUIDs): nothing to finalize
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('televote.results:' || %s))",
-                       [round_id])
-    final = await (await conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM round_results WHERE round_id = %s::uuid)"
-        " OR EXISTS (SELECT 1 FROM rounds WHERE round_id = %s::uuid AND state = 'FINALIZED')"
-        " AS final", [round_id, round_id])).fetchone()
-    if final is not None and final["final"]:
-        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "ROUND_FINALIZED",
-                       f"the final result of round {round_id} is published; its votes can no"
-                       " longer change", metadata={"round_id": round_id})
 
 
-_REVIEW_COLUMNS = """
-    r.review_id, r.seq, r.vote_ref, r.user_id, r.round_id, r.score, r.signals, r.state,
-    r.created_at, r.resolved_by, r.resolved_at, r.note, r.resolve_request_id, r.resolve_decision,
-    r.resolve_scope, r.affected_votes,
-    (SELECT count(*) FROM fraud_reviews o
-     WHERE o.user_id = r.user_id AND o.round_id = r.round_id) AS user_round_votes
-"""
+class FraudScoringServicer(fraud_scoring_service_pb2_grpc.FraudScoringServiceServicer):
+    """Internal scoring (fraud_svc/scoring.py) and the rejection of blocked ledger votes."""
+
+    def __init__(self, config: FraudConfig, pool: Pool, state: FeatureState, intel: IpIntel,
+                 blocklist: BlocklistCache, scorer: Scorer) -> None:
+        self._pool = pool
+        self._scoring = Scoring(config, pool, state, intel, blocklist, scorer)
+
+    def drain(self) -> None:
+        self._scoring.drain()
+
+    async def ScoreVotes(self, request: scoring_pb.ScoreVotesRequest,
+                         context: grpc.aio.ServicerContext[Any, Any],
+                         ) -> scoring_pb.ScoreVotesResponse:
+        response = scoring_pb.ScoreVotesResponse()
+        await self._scoring.score_into(request.votes, response.scores)
+        return response
+
+    async def ScoreVoteStream(  # type: ignore[override]  # writes with context.write()
+            self, request_iterator: AsyncIterator[scoring_pb.ScoreVoteStreamRequest],
+            context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Each batch scored in a task of its own (as concurrent calls would be), answered as
+        it finishes; a batch's refusal is its answer, the stream goes on."""
+        writing = asyncio.Lock()  # one write at a time on a call
+        scoring: set[asyncio.Task[None]] = set()
+
+        async def answer(request: scoring_pb.ScoreVoteStreamRequest) -> None:
+            response = scoring_pb.ScoreVoteStreamResponse(batch=request.batch)
+            try:
+                await self._scoring.score_into(request.votes, response.scores)
+            except ApiError as error:
+                del response.scores[:]
+                response.error.CopyFrom(error.to_proto())
+            async with writing:
+                await context.write(response)
+
+        requests = aiter(request_iterator)
+        drained = asyncio.ensure_future(self._scoring.draining.wait())
+        try:
+            while True:
+                received = asyncio.ensure_future(anext(requests))
+                await asyncio.wait((received, drained), return_when=asyncio.FIRST_COMPLETED)
+                if not received.done():
+                    received.cancel()
+                    break
+                try:
+                    request = received.result()
+                except StopAsyncIteration:
+                    break
+                task = asyncio.create_task(answer(request))
+                scoring.add(task)
+                task.add_done_callback(scoring.discard)
+            await asyncio.gather(*scoring)
+        finally:
+            drained.cancel()
+            for task in scoring:
+                task.cancel()
+
+    async def RejectLedgerVotes(
+            self, request: scoring_pb.RejectLedgerVotesRequest,
+            context: grpc.aio.ServicerContext[Any, Any]) -> scoring_pb.RejectLedgerVotesResponse:
+        problems = []
+        if not 1 <= len(request.votes) <= MAX_PAGE:
+            problems.append(FieldViolation("votes", f"1 to {MAX_PAGE} required"))
+        if not request.rescored_by:
+            problems.append(FieldViolation("rescored_by", "required"))
+        for index, block in enumerate(request.votes):
+            at = f"votes[{index}]"
+            if not ids.is_id(block.vote_id):
+                problems.append(FieldViolation(f"{at}.vote_id", "must be a UUID"))
+            if not block.ref or not block.user_id:
+                problems.append(FieldViolation(at, "ref and user_id required"))
+            if ids.canonical(block.round_id) != block.round_id:
+                problems.append(FieldViolation(f"{at}.round_id", "must be a UUID, lower case"))
+            if block.score.action != fraud_types_pb2.FRAUD_ACTION_BLOCK:
+                problems.append(FieldViolation(f"{at}.score.action", "must be BLOCK"))
+        if problems:
+            raise invalid_argument(*problems)
+        finalized, rejected = await moderation.reject_ledger_votes(
+            self._pool, request.votes, caller=current_principal().subject,
+            rescored_by=request.rescored_by)
+        return scoring_pb.RejectLedgerVotesResponse(
+            finalized_round_ids=sorted(finalized), rejected=rejected)
 
 
 class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServicer):
@@ -210,7 +256,7 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
             where.append("r.seq > %s")
             params.append(after[0])
         rows, token = await self._page(
-            f"SELECT {_REVIEW_COLUMNS} FROM fraud_reviews r WHERE {' AND '.join(where)}"
+            f"SELECT {store.REVIEW_COLUMNS} FROM fraud_reviews r WHERE {' AND '.join(where)}"
             " ORDER BY r.seq LIMIT %s", params, size, lambda last: [int(last["seq"])])
         return pb.ListReviewsResponse(reviews=[_review(r) for r in rows], next_page_token=token)
 
@@ -230,77 +276,20 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
             problems.append(FieldViolation("note", "longer than 2,000 chars"))
         if problems:
             raise invalid_argument(*problems)
-        request_id = _uuid(request.request_id, "request_id")
-        review_id = _uuid(request.review_id, "review_id")
+        request_id = ids.parse(request.request_id, "request_id")
+        review_id = ids.parse(request.review_id, "review_id")
         decision = "APPROVE" if request.decision == pb.REVIEW_DECISION_APPROVE else "REJECT"
         scope = "VOTE" if request.scope == pb.REVIEW_SCOPE_VOTE else "USER_ROUND"
         actor = current_principal().subject
-        async with self._pool.connection() as conn, conn.transaction():
-            previous = await (await conn.execute(
-                "SELECT review_id, resolve_decision, resolve_scope FROM fraud_reviews"
-                " WHERE resolve_request_id = %s", [request_id])).fetchone()
-            if previous is not None:
-                if (str(previous["review_id"]), previous["resolve_decision"],
-                        previous["resolve_scope"]) != (review_id, decision, scope):
-                    raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
-                                   "request_id was used for another resolution")
-                original = await self._fetch_review(conn, review_id)
-                return pb.ResolveReviewResponse(
-                    review=_review(original), affected_votes=original["affected_votes"] or 0)
-            round_row = await (await conn.execute(
-                "SELECT round_id FROM fraud_reviews WHERE review_id = %s",
-                [review_id])).fetchone()
-            if round_row is None:
-                raise ApiError(grpc.StatusCode.NOT_FOUND, "REVIEW_NOT_FOUND",
-                               f"no review {review_id}")
-            await refuse_if_finalized(conn, str(round_row["round_id"]))
-            row = await (await conn.execute(
-                "SELECT * FROM fraud_reviews WHERE review_id = %s FOR UPDATE",
-                [review_id])).fetchone()
-            assert row is not None  # reviews are never deleted
-            if row["state"] != "PENDING":
-                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "REVIEW_ALREADY_RESOLVED",
-                               f"review {review_id} is already {row['state'].lower()}")
-            state = "APPROVED" if decision == "APPROVE" else "REJECTED"
-            user_id, round_id = row["user_id"], row["round_id"]
-            affected = 1
-            if decision == "REJECT":
-                await conn.execute(
-                    "INSERT INTO fraud_rejections (rejection_id, round_id, user_id, vote_ref,"
-                    " decision_id, review_id, rejected_by) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT DO NOTHING",
-                    [str(uuid.uuid4()), round_id, user_id,
-                     row["vote_ref"] if scope == "VOTE" else None,
-                     row["decision_id"] if scope == "VOTE" else None, review_id, actor])
-            if scope == "USER_ROUND":
-                # The user's other pending reviews in the round share the verdict.
-                others = await conn.execute(
-                    "UPDATE fraud_reviews SET state = %s, resolved_by = %s,"
-                    " resolved_at = now(), note = %s WHERE user_id = %s AND round_id = %s"
-                    " AND state = 'PENDING' AND review_id <> %s",
-                    [state, actor, request.note, user_id, round_id, review_id])
-                affected += max(0, others.rowcount)
-            await conn.execute(
-                "UPDATE fraud_reviews SET state = %s, resolved_by = %s, resolved_at = now(),"
-                " note = %s, resolve_request_id = %s, resolve_decision = %s,"
-                " resolve_scope = %s, affected_votes = %s WHERE review_id = %s",
-                [state, actor, request.note, request_id, decision, scope, affected, review_id])
-            await write_audit(conn, [AuditRecord(
-                actor_role="operator", actor=actor, action="review.resolve",
-                target_id=review_id, reason=request.note, user_id=user_id, round_id=round_id,
-                request_id=request_id, attributes={
-                    "decision": decision, "scope": scope, "vote_id": row["vote_ref"],
-                    "score": row["score"], "signals": row["signals"],
-                    "affected_votes": affected})])
-            resolved = await self._fetch_review(conn, review_id)
-        return pb.ResolveReviewResponse(review=_review(resolved), affected_votes=affected)
 
-    async def _fetch_review(self, conn: Conn, review_id: str) -> dict[str, Any]:
-        row = await (await conn.execute(
-            f"SELECT {_REVIEW_COLUMNS} FROM fraud_reviews r WHERE r.review_id = %s",
-            [review_id])).fetchone()
-        assert row is not None
-        return row
+        async def resolve(conn: Conn) -> pb.ResolveReviewResponse:
+            resolved, affected = await moderation.resolve_review(
+                conn, review_id=review_id, decision=decision, scope=scope, note=request.note,
+                request_id=request_id, actor=actor)
+            return pb.ResolveReviewResponse(review=_review(resolved), affected_votes=affected)
+
+        return await self._once("ResolveReview", request.request_id, request,
+                                pb.ResolveReviewResponse, resolve)
 
     async def CreateBlock(self, request: pb.CreateBlockRequest,
                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.CreateBlockResponse:
@@ -322,46 +311,25 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
             raise invalid_argument(*problems)
         assert kind is not None
         value = normalize_block_value(kind, request.value)
-        request_id = _uuid(request.request_id, "request_id")
+        request_id = ids.parse(request.request_id, "request_id")
         actor = current_principal().subject
-        async with self._pool.connection() as conn, conn.transaction():
-            previous = await (await conn.execute(
-                "SELECT * FROM fraud_blocks WHERE create_request_id = %s",
-                [request_id])).fetchone()
-            if previous is not None:
-                if (previous["kind"], previous["value"], previous["reason"]) != (
-                        kind, value, reason):
-                    raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
-                                   "request_id was used for another block")
-                return pb.CreateBlockResponse(block=_block(previous))
-            # An expired block no longer applies: retire it so the new one can take its place.
-            await conn.execute(
-                "UPDATE fraud_blocks SET deleted_at = now(), deleted_by = 'expired'"
-                " WHERE kind = %s AND value = %s AND deleted_at IS NULL"
-                " AND expire_at <= now()", [kind, value])
-            try:
-                async with conn.transaction():
-                    row = await (await conn.execute(
-                        "INSERT INTO fraud_blocks (block_id, kind, value, reason, created_by,"
-                        " expire_at, create_request_id) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                        " RETURNING *",
-                        [str(uuid.uuid4()), kind, value, reason, actor, expire_at,
-                         request_id])).fetchone()
-            except pg_errors.UniqueViolation:
-                raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "BLOCK_ALREADY_EXISTS",
-                               f"an active {kind.lower()} block of {value} exists") from None
-            assert row is not None
-            await write_audit(conn, [AuditRecord(
-                actor_role="operator", actor=actor, action="block.create",
-                target_id=str(row["block_id"]), reason=reason,
-                user_id=value if kind == "USER" else "", request_id=request_id,
-                attributes={"kind": kind, "value": value,
-                            "expire_time": expire_at.isoformat() if expire_at else ""})])
-        if kind == "USER":
-            until = {value: int(expire_at.timestamp() * 1000)} if expire_at else None
-            await self._state.set_blocked([value], until_ms=until)
-        await self._blocklist.reload()
-        return pb.CreateBlockResponse(block=_block(row))
+        created: dict[str, Any] | None = None
+
+        async def create(conn: Conn) -> pb.CreateBlockResponse:
+            nonlocal created
+            created = await moderation.create_block(
+                conn, kind=kind, value=value, reason=reason, expire_at=expire_at,
+                request_id=request_id, actor=actor)
+            return pb.CreateBlockResponse(block=_block(created))
+
+        response = await self._once("CreateBlock", request.request_id, request,
+                                    pb.CreateBlockResponse, create)
+        if created is not None:  # not for a retry: the block may have been deleted since
+            if kind == "USER":
+                until = {value: int(expire_at.timestamp() * 1000)} if expire_at else None
+                await self._state.set_blocked([value], until_ms=until)
+            await self._blocklist.reload()
+        return response
 
     async def DeleteBlock(self, request: pb.DeleteBlockRequest,
                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.DeleteBlockResponse:
@@ -372,32 +340,24 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
             problems.append(FieldViolation("request_id", "required"))
         if problems:
             raise invalid_argument(*problems)
-        block_id = _uuid(request.block_id, "block_id")
-        request_id = _uuid(request.request_id, "request_id")
+        block_id = ids.parse(request.block_id, "block_id")
+        request_id = ids.parse(request.request_id, "request_id")
         actor = current_principal().subject
-        async with self._pool.connection() as conn, conn.transaction():
-            row = await (await conn.execute(
-                "SELECT * FROM fraud_blocks WHERE block_id = %s FOR UPDATE",
-                [block_id])).fetchone()
-            if row is None or (row["deleted_at"] is not None
-                               and row["delete_request_id"] != request_id):
-                raise ApiError(grpc.StatusCode.NOT_FOUND, "BLOCK_NOT_FOUND",
-                               f"no active block {block_id}")
-            if row["deleted_at"] is not None:  # a retry of the delete that removed it
-                return pb.DeleteBlockResponse(block=_block(row))
-            await conn.execute(
-                "UPDATE fraud_blocks SET deleted_at = now(), deleted_by = %s,"
-                " delete_request_id = %s WHERE block_id = %s", [actor, request_id, block_id])
-            await write_audit(conn, [AuditRecord(
-                actor_role="operator", actor=actor, action="block.delete", target_id=block_id,
-                reason=f"unblock {row['kind'].lower()} {row['value']}",
-                user_id=row["value"] if row["kind"] == "USER" else "", request_id=request_id,
-                attributes={"kind": row["kind"], "value": row["value"],
-                            "block_reason": row["reason"], "created_by": row["created_by"]})])
-        if row["kind"] == "USER":
-            await self._state.set_blocked([row["value"]], blocked=False)
-        await self._blocklist.reload()
-        return pb.DeleteBlockResponse(block=_block(row))
+        deleted: dict[str, Any] | None = None
+
+        async def delete(conn: Conn) -> pb.DeleteBlockResponse:
+            nonlocal deleted
+            deleted = await moderation.delete_block(conn, block_id=block_id,
+                                                    request_id=request_id, actor=actor)
+            return pb.DeleteBlockResponse(block=_block(deleted))
+
+        response = await self._once("DeleteBlock", request.request_id, request,
+                                    pb.DeleteBlockResponse, delete)
+        if deleted is not None:  # not for a retry: a new block may have been made since
+            if deleted["kind"] == "USER":
+                await self._state.set_blocked([deleted["value"]], blocked=False)
+            await self._blocklist.reload()
+        return response
 
     async def ListBlocks(self, request: pb.ListBlocksRequest,
                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListBlocksResponse:
@@ -497,26 +457,13 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         actor = current_principal().subject
 
         async def grant(conn: Conn) -> pb.GrantTravellerExemptionResponse:
-            row = await (await conn.execute(
-                "INSERT INTO fraud_travellers (user_id, countries, expire_at, created_by, reason)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id) DO UPDATE SET"
-                " countries = excluded.countries, expire_at = excluded.expire_at,"
-                " created_by = excluded.created_by, created_at = now(),"
-                " reason = excluded.reason RETURNING *",
-                [user_id, countries or None, expire_at, actor, note])).fetchone()
-            assert row is not None
-            await write_audit(conn, [AuditRecord(
-                actor_role="operator", actor=actor, action="traveller.grant",
-                target_id=user_id, reason=note, user_id=user_id,
-                request_id=request.request_id, attributes={
-                    "countries": countries or "anywhere",
-                    "expire_time": expire_at.isoformat() if expire_at else ""})])
-            return pb.GrantTravellerExemptionResponse(exemption=_traveller(row))
+            return pb.GrantTravellerExemptionResponse(exemption=_traveller(
+                await moderation.grant_traveller(
+                    conn, user_id=user_id, countries=countries, expire_at=expire_at, note=note,
+                    request_id=request.request_id, actor=actor)))
 
-        response = await self._once("GrantTravellerExemption", request.request_id, request,
-                                    pb.GrantTravellerExemptionResponse, grant)
-        await self._blocklist.reload()
-        return response
+        return await self._once("GrantTravellerExemption", request.request_id, request,
+                                pb.GrantTravellerExemptionResponse, grant, reload=True)
 
     async def RevokeTravellerExemption(
             self, request: pb.RevokeTravellerExemptionRequest,
@@ -528,25 +475,12 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         actor = current_principal().subject
 
         async def revoke(conn: Conn) -> pb.RevokeTravellerExemptionResponse:
-            row = await (await conn.execute(
-                "DELETE FROM fraud_travellers WHERE user_id = %s RETURNING *",
-                [request.user_id])).fetchone()
-            if row is None:
-                raise ApiError(grpc.StatusCode.NOT_FOUND, "TRAVELLER_NOT_FOUND",
-                               f"{request.user_id} has no traveller exemption")
-            await write_audit(conn, [AuditRecord(
-                actor_role="operator", actor=actor, action="traveller.revoke",
-                target_id=request.user_id, reason=f"revoke exemption of {request.user_id}",
-                user_id=request.user_id, request_id=request.request_id, attributes={
-                    "countries": row["countries"] or "anywhere",
-                    "expire_time": row["expire_at"].isoformat() if row["expire_at"] else "",
-                    "granted_by": row["created_by"], "note": row["reason"]})])
-            return pb.RevokeTravellerExemptionResponse(exemption=_traveller(row))
+            return pb.RevokeTravellerExemptionResponse(exemption=_traveller(
+                await moderation.revoke_traveller(conn, user_id=request.user_id,
+                                                  request_id=request.request_id, actor=actor)))
 
-        response = await self._once("RevokeTravellerExemption", request.request_id, request,
-                                    pb.RevokeTravellerExemptionResponse, revoke)
-        await self._blocklist.reload()
-        return response
+        return await self._once("RevokeTravellerExemption", request.request_id, request,
+                                pb.RevokeTravellerExemptionResponse, revoke, reload=True)
 
     async def ListTravellerExemptions(
             self, request: pb.ListTravellerExemptionsRequest,
@@ -573,10 +507,8 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                              context: grpc.aio.ServicerContext[Any, Any],
                              ) -> pb.SetFraudPolicyResponse:
         problems = []
-        show_id = ""
-        try:
-            show_id = str(uuid.UUID(request.show_id))
-        except ValueError:
+        show_id = ids.canonical(request.show_id) or ""
+        if not show_id:
             problems.append(FieldViolation("show_id", "must be a show id (UUID)"))
         block, review = request.block_threshold, request.review_threshold
         if not (math.isfinite(block) and math.isfinite(review)
@@ -601,35 +533,17 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         actor = current_principal().subject
 
         async def set_policy(conn: Conn) -> pb.SetFraudPolicyResponse:
-            show = await (await conn.execute("SELECT 1 FROM shows WHERE show_id = %s",
-                                             [show_id])).fetchone()
-            if show is None:
-                raise ApiError(grpc.StatusCode.NOT_FOUND, "SHOW_NOT_FOUND", f"no show {show_id}")
-            row = await (await conn.execute(
-                "INSERT INTO fraud_policies (show_id, block_threshold, review_threshold,"
-                " allowed_countries, note, updated_by) VALUES (%s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (show_id) DO UPDATE SET block_threshold = excluded.block_threshold,"
-                " review_threshold = excluded.review_threshold,"
-                " allowed_countries = excluded.allowed_countries, note = excluded.note,"
-                " updated_by = excluded.updated_by, updated_at = now() RETURNING *",
-                [show_id, block, review, countries, note, actor])).fetchone()
-            assert row is not None
-            await write_audit(conn, [AuditRecord(
-                actor_role="operator", actor=actor, action="policy.set", target_id=show_id,
-                reason=note, request_id=request.request_id, attributes={
-                    "show_id": show_id, "block_threshold": block, "review_threshold": review,
-                    "allowed_countries": countries})])
-            return pb.SetFraudPolicyResponse(policy=_policy(row))
+            return pb.SetFraudPolicyResponse(policy=_policy(await moderation.set_policy(
+                conn, show_id=show_id, block=block, review=review, countries=countries,
+                note=note, request_id=request.request_id, actor=actor)))
 
-        response = await self._once("SetFraudPolicy", request.request_id, request,
-                                    pb.SetFraudPolicyResponse, set_policy)
-        await self._blocklist.reload()
-        return response
+        return await self._once("SetFraudPolicy", request.request_id, request,
+                                pb.SetFraudPolicyResponse, set_policy, reload=True)
 
     async def GetFraudPolicy(self, request: pb.GetFraudPolicyRequest,
                              context: grpc.aio.ServicerContext[Any, Any],
                              ) -> pb.GetFraudPolicyResponse:
-        show_id = _uuid(request.show_id, "show_id")
+        show_id = ids.parse(request.show_id, "show_id")
         async with self._pool.connection() as conn:
             row = await (await conn.execute("SELECT * FROM fraud_policies WHERE show_id = %s",
                                             [show_id])).fetchone()
@@ -640,12 +554,17 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
 
     async def _once(self, method: str, request_id: str, request: Any,
                     response_type: type[ResponseT],
-                    perform: Callable[[Conn], Awaitable[ResponseT]]) -> ResponseT:
+                    perform: Callable[[Conn], Awaitable[ResponseT]], *,
+                    reload: bool = False) -> ResponseT:
         """`perform` once per request id (runtime/idempotency.py), in one transaction with
-        its audit entry; a refusal it raises changes nothing and is not remembered."""
+        its audit entry; a refusal it raises changes nothing and is not remembered. `reload`:
+        then reload the blocklist (which the change, or the retried one, is in)."""
         async with self._pool.connection() as conn, conn.transaction():
-            return await once(conn, f"televote.fraud.v1.FraudReviewService/{method}",
-                              request_id, request, response_type, lambda: perform(conn))
+            response = await once(conn, f"televote.fraud.v1.FraudReviewService/{method}",
+                                  request_id, request, response_type, lambda: perform(conn))
+        if reload:
+            await self._blocklist.reload()
+        return response
 
 
 def _policy(row: dict[str, Any]) -> fraud_types_pb2.FraudPolicy:
@@ -653,14 +572,14 @@ def _policy(row: dict[str, Any]) -> fraud_types_pb2.FraudPolicy:
         show_id=str(row["show_id"]), block_threshold=row["block_threshold"],
         review_threshold=row["review_threshold"],
         allowed_countries=list(row["allowed_countries"]), note=row["note"],
-        updated_by=row["updated_by"], update_time=_ts(row["updated_at"]))
+        updated_by=row["updated_by"], update_time=timestamp(row["updated_at"]))
 
 
 def _traveller(row: dict[str, Any]) -> fraud_types_pb2.TravellerExemption:
     return fraud_types_pb2.TravellerExemption(
         user_id=row["user_id"], countries=list(row["countries"] or []),
-        expire_time=_ts(row["expire_at"]), note=row["reason"], granted_by=row["created_by"],
-        grant_time=_ts(row["created_at"]))
+        expire_time=timestamp(row["expire_at"]), note=row["reason"], granted_by=row["created_by"],
+        grant_time=timestamp(row["created_at"]))
 
 
 def _entry(row: dict[str, Any]) -> fraud_types_pb2.AuditEntry:
@@ -670,7 +589,8 @@ def _entry(row: dict[str, Any]) -> fraud_types_pb2.AuditEntry:
     if row["reason"]:
         attributes.setdefault("reason", row["reason"])
     return fraud_types_pb2.AuditEntry(
-        entry_id=str(row["audit_id"]), time=_ts(row["recorded_at"]), actor=row["actor_subject"],
+        entry_id=str(row["audit_id"]), time=timestamp(row["recorded_at"]),
+        actor=row["actor_subject"],
         action=str(row["action"]).removeprefix(ACTION_PREFIX),
         user_id=str(details.get("user_id", "")), round_id=str(details.get("round_id", "")),
         target_id=str(details.get("target_id", row["target"])), attributes=attributes,
