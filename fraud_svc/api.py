@@ -9,7 +9,7 @@ import binascii
 import ipaddress
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -69,16 +69,49 @@ def _encode_token(position: list[Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(position).encode()).decode()
 
 
-def _decode_token(token: str, length: int) -> list[Any] | None:
+def _decode_token(token: str, *kinds: type) -> list[Any] | None:
+    """The position a page token names (one value of each of `kinds`), None for no token."""
     if not token:
         return None
     try:
         position = json.loads(base64.urlsafe_b64decode(token.encode()))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         position = None
-    if not isinstance(position, list) or len(position) != length:
+    if (not isinstance(position, list) or len(position) != len(kinds)
+            or not all(isinstance(v, k) for v, k in zip(position, kinds, strict=True))):
         raise invalid_argument(FieldViolation("page_token", "not a token this RPC issued"))
     return position
+
+
+def _countries(codes: Sequence[str], field: str, problems: list[FieldViolation], *,
+               required: bool) -> list[str]:
+    """`codes` as distinct upper-case ISO 3166-1 alpha-2 codes; what is wrong with them goes
+    into `problems`."""
+    if len(codes) > MAX_COUNTRIES or (required and not codes):
+        problems.append(FieldViolation(
+            field, f"1 to {MAX_COUNTRIES} required" if required else f"at most {MAX_COUNTRIES}"))
+    countries: list[str] = []
+    for index, code in enumerate(codes):
+        if len(code) != 2 or not code.isascii() or not code.isalpha():
+            problems.append(FieldViolation(f"{field}[{index}]", "not an ISO 3166-1 alpha-2 code"))
+        elif code.upper() not in countries:
+            countries.append(code.upper())
+    return countries
+
+
+class _Where:
+    """A listing's filter: its conditions (joined by AND) and their parameters, in order."""
+
+    def __init__(self, *conditions: str) -> None:
+        self.conditions = list(conditions)
+        self.params: list[Any] = []
+
+    def add(self, condition: str, *params: Any) -> None:
+        self.conditions.append(condition)
+        self.params.extend(params)
+
+    def __str__(self) -> str:
+        return " AND ".join(self.conditions)
 
 
 def _signals(raw: Any) -> list[fraud_types_pb2.FraudSignal]:
@@ -235,29 +268,22 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
     async def ListReviews(self, request: pb.ListReviewsRequest,
                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListReviewsResponse:
         size = _page_size(request.page_size)
-        after = _decode_token(request.page_token, 1)
-        where: list[str] = ["true"]
-        params: list[Any] = []
+        after = _decode_token(request.page_token, int)
+        where = _Where("true")
         if request.round_id:
-            where.append("r.round_id = %s")
-            params.append(request.round_id)
+            where.add("r.round_id = %s", request.round_id)
         if request.user_id:
-            where.append("r.user_id = %s")
-            params.append(request.user_id)
+            where.add("r.user_id = %s", request.user_id)
         if request.state:
             names = {number: name for name, number in _STATES.items()}
             if request.state not in names:
                 raise invalid_argument(FieldViolation("state", "unknown state"))
-            where.append("r.state = %s")
-            params.append(names[request.state])
+            where.add("r.state = %s", names[request.state])
         if after is not None:
-            if not isinstance(after[0], int):
-                raise invalid_argument(FieldViolation("page_token", "not a token this RPC issued"))
-            where.append("r.seq > %s")
-            params.append(after[0])
+            where.add("r.seq > %s", after[0])
         rows, token = await self._page(
-            f"SELECT {store.REVIEW_COLUMNS} FROM fraud_reviews r WHERE {' AND '.join(where)}"
-            " ORDER BY r.seq LIMIT %s", params, size, lambda last: [int(last["seq"])])
+            f"SELECT {store.REVIEW_COLUMNS} FROM fraud_reviews r WHERE {where}"
+            " ORDER BY r.seq LIMIT %s", where.params, size, lambda last: [int(last["seq"])])
         return pb.ListReviewsResponse(reviews=[_review(r) for r in rows], next_page_token=token)
 
     async def ResolveReview(self, request: pb.ResolveReviewRequest,
@@ -362,21 +388,18 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
     async def ListBlocks(self, request: pb.ListBlocksRequest,
                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListBlocksResponse:
         size = _page_size(request.page_size)
-        after = _decode_token(request.page_token, 2)
-        where = ["deleted_at IS NULL", "(expire_at IS NULL OR expire_at > now())"]
-        params: list[Any] = []
+        after = _decode_token(request.page_token, str, str)
+        where = _Where("deleted_at IS NULL", "(expire_at IS NULL OR expire_at > now())")
         if request.kind:
             kind = _KINDS.get(request.kind)
             if kind is None:
                 raise invalid_argument(FieldViolation("kind", "unknown kind"))
-            where.append("kind = %s")
-            params.append(kind)
+            where.add("kind = %s", kind)
         if after is not None:
-            where.append("(created_at, block_id) < (%s::timestamptz, %s::uuid)")
-            params += after
+            where.add("(created_at, block_id) < (%s::timestamptz, %s::uuid)", *after)
         rows, token = await self._page(
-            f"SELECT * FROM fraud_blocks WHERE {' AND '.join(where)}"
-            " ORDER BY created_at DESC, block_id DESC LIMIT %s", params, size,
+            f"SELECT * FROM fraud_blocks WHERE {where}"
+            " ORDER BY created_at DESC, block_id DESC LIMIT %s", where.params, size,
             lambda last: [last["created_at"].isoformat(), str(last["block_id"])])
         return pb.ListBlocksResponse(blocks=[_block(r) for r in rows], next_page_token=token)
 
@@ -384,39 +407,30 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                                context: grpc.aio.ServicerContext[Any, Any],
                                ) -> pb.ListAuditEntriesResponse:
         size = _page_size(request.page_size)
-        after = _decode_token(request.page_token, 1)
-        where = ["action LIKE %s"]
-        params: list[Any] = [ACTION_PREFIX + "%"]
+        after = _decode_token(request.page_token, int)
+        where = _Where()
+        where.add("action LIKE %s", ACTION_PREFIX + "%")
         if request.user_id:
-            where.append("details ->> 'user_id' = %s")
-            params.append(request.user_id)
+            where.add("details ->> 'user_id' = %s", request.user_id)
         if request.round_id:
-            where.append("details ->> 'round_id' = %s")
-            params.append(request.round_id)
+            where.add("details ->> 'round_id' = %s", request.round_id)
         if request.actor:
-            where.append("actor_subject = %s")
-            params.append(request.actor)
+            where.add("actor_subject = %s", request.actor)
         if request.action:
-            where.append("action = %s")
-            params.append(ACTION_PREFIX + request.action)
+            where.add("action = %s", ACTION_PREFIX + request.action)
         start = request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None
         end = request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None
         if start is not None and end is not None and start > end:
             raise invalid_argument(FieldViolation("start_time", "after end_time"))
         if start is not None:
-            where.append("recorded_at >= %s")
-            params.append(start)
+            where.add("recorded_at >= %s", start)
         if end is not None:
-            where.append("recorded_at < %s")
-            params.append(end)
+            where.add("recorded_at < %s", end)
         if after is not None:
-            if not isinstance(after[0], int):
-                raise invalid_argument(FieldViolation("page_token", "not a token this RPC issued"))
-            where.append("audit_id < %s")
-            params.append(after[0])
+            where.add("audit_id < %s", after[0])
         rows, token = await self._page(
-            f"SELECT * FROM audit_log WHERE {' AND '.join(where)}"
-            " ORDER BY audit_id DESC LIMIT %s", params, size,
+            f"SELECT * FROM audit_log WHERE {where}"
+            " ORDER BY audit_id DESC LIMIT %s", where.params, size,
             lambda last: [int(last["audit_id"])])
         return pb.ListAuditEntriesResponse(entries=[_entry(r) for r in rows],
                                            next_page_token=token)
@@ -432,15 +446,7 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         user_id = request.user_id.strip()
         if not 1 <= len(user_id) <= MAX_VALUE or not user_id.isprintable():
             problems.append(FieldViolation("user_id", f"1 to {MAX_VALUE} printable chars"))
-        countries: list[str] = []
-        if len(request.countries) > MAX_COUNTRIES:
-            problems.append(FieldViolation("countries", f"at most {MAX_COUNTRIES}"))
-        for index, code in enumerate(request.countries):
-            if len(code) != 2 or not code.isascii() or not code.isalpha():
-                problems.append(FieldViolation(f"countries[{index}]",
-                                               "not an ISO 3166-1 alpha-2 code"))
-            elif code.upper() not in countries:
-                countries.append(code.upper())
+        countries = _countries(request.countries, "countries", problems, required=False)
         expire_at: datetime | None = None
         if not request.HasField("expire_time"):
             problems.append(FieldViolation("expire_time", "required"))
@@ -453,17 +459,11 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
             problems.append(FieldViolation("note", "1 to 500 chars required"))
         if problems:
             raise invalid_argument(*problems)
-        require_request_id(request.request_id)
-        actor = current_principal().subject
-
-        async def grant(conn: Conn) -> pb.GrantTravellerExemptionResponse:
-            return pb.GrantTravellerExemptionResponse(exemption=_traveller(
-                await moderation.grant_traveller(
-                    conn, user_id=user_id, countries=countries, expire_at=expire_at, note=note,
-                    request_id=request.request_id, actor=actor)))
-
-        return await self._once("GrantTravellerExemption", request.request_id, request,
-                                pb.GrantTravellerExemptionResponse, grant, reload=True)
+        return await self._exemption(
+            "GrantTravellerExemption", request, pb.GrantTravellerExemptionResponse,
+            lambda conn, actor: moderation.grant_traveller(
+                conn, user_id=user_id, countries=countries, expire_at=expire_at, note=note,
+                request_id=request.request_id, actor=actor))
 
     async def RevokeTravellerExemption(
             self, request: pb.RevokeTravellerExemptionRequest,
@@ -471,33 +471,38 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
     ) -> pb.RevokeTravellerExemptionResponse:
         if not request.user_id:
             raise invalid_argument(FieldViolation("user_id", "required"))
+        return await self._exemption(
+            "RevokeTravellerExemption", request, pb.RevokeTravellerExemptionResponse,
+            lambda conn, actor: moderation.revoke_traveller(
+                conn, user_id=request.user_id, request_id=request.request_id, actor=actor))
+
+    async def _exemption(self, method: str, request: Any, response_type: type[ResponseT],
+                         change: Callable[[Conn, str], Awaitable[dict[str, Any]]],
+                         ) -> ResponseT:
+        """A validated grant or revoke of a traveller exemption: `change(conn, actor)` once
+        per request id; the response carries the exemption it returns."""
         require_request_id(request.request_id)
         actor = current_principal().subject
 
-        async def revoke(conn: Conn) -> pb.RevokeTravellerExemptionResponse:
-            return pb.RevokeTravellerExemptionResponse(exemption=_traveller(
-                await moderation.revoke_traveller(conn, user_id=request.user_id,
-                                                  request_id=request.request_id, actor=actor)))
+        async def perform(conn: Conn) -> ResponseT:
+            exemption = _traveller(await change(conn, actor))
+            return response_type(exemption=exemption)  # type: ignore[call-arg]  # both have it
 
-        return await self._once("RevokeTravellerExemption", request.request_id, request,
-                                pb.RevokeTravellerExemptionResponse, revoke, reload=True)
+        return await self._once(method, request.request_id, request, response_type, perform,
+                                reload=True)
 
     async def ListTravellerExemptions(
             self, request: pb.ListTravellerExemptionsRequest,
             context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.ListTravellerExemptionsResponse:
         size = _page_size(request.page_size)
-        after = _decode_token(request.page_token, 1)
-        where = ["(expire_at IS NULL OR expire_at > now())"]
-        params: list[Any] = []
+        after = _decode_token(request.page_token, str)
+        where = _Where("(expire_at IS NULL OR expire_at > now())")
         if after is not None:
-            if not isinstance(after[0], str):
-                raise invalid_argument(FieldViolation("page_token", "not a token this RPC issued"))
-            where.append("user_id > %s")
-            params.append(after[0])
+            where.add("user_id > %s", after[0])
         rows, token = await self._page(
-            f"SELECT * FROM fraud_travellers WHERE {' AND '.join(where)}"
-            " ORDER BY user_id LIMIT %s", params, size, lambda last: [last["user_id"]])
+            f"SELECT * FROM fraud_travellers WHERE {where}"
+            " ORDER BY user_id LIMIT %s", where.params, size, lambda last: [last["user_id"]])
         return pb.ListTravellerExemptionsResponse(
             exemptions=[_traveller(r) for r in rows], next_page_token=token)
 
@@ -515,15 +520,8 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                 and 0 < review <= block <= 1):
             problems.append(FieldViolation(
                 "review_threshold", "need 0 < review_threshold <= block_threshold <= 1"))
-        countries: list[str] = []
-        if not 1 <= len(request.allowed_countries) <= MAX_COUNTRIES:
-            problems.append(FieldViolation("allowed_countries", f"1 to {MAX_COUNTRIES} required"))
-        for index, code in enumerate(request.allowed_countries):
-            if len(code) != 2 or not code.isascii() or not code.isalpha():
-                problems.append(FieldViolation(f"allowed_countries[{index}]",
-                                               "not an ISO 3166-1 alpha-2 code"))
-            elif code.upper() not in countries:
-                countries.append(code.upper())
+        countries = _countries(request.allowed_countries, "allowed_countries", problems,
+                               required=True)
         note = request.note.strip()
         if len(note) > 500:
             problems.append(FieldViolation("note", "longer than 500 chars"))

@@ -22,6 +22,7 @@ from fraud_svc import store
 from fraud_svc.store import AuditRecord, Conn, Pool, write_audit
 from runtime import ids, locks
 from runtime.errors import ApiError
+from runtime.storage import fetch_one
 from televote.fraud.v1 import fraud_scoring_service_pb2 as scoring_pb
 
 
@@ -83,16 +84,14 @@ async def resolve_review(conn: Conn, *, review_id: str, decision: str, scope: st
     """Resolve a pending review (and with scope USER_ROUND the user's other pending reviews in
     the round); a REJECT is a rejection the final result leaves out. Returns the review as it
     is now and how many reviews the verdict resolved."""
-    round_row = await (await conn.execute(
-        "SELECT round_id FROM fraud_reviews WHERE review_id = %s",
-        [review_id])).fetchone()
+    round_row = await fetch_one(
+        conn, "SELECT round_id FROM fraud_reviews WHERE review_id = %s", [review_id])
     if round_row is None:
         raise ApiError(grpc.StatusCode.NOT_FOUND, "REVIEW_NOT_FOUND",
                        f"no review {review_id}")
     await refuse_if_finalized(conn, str(round_row["round_id"]))
-    row = await (await conn.execute(
-        "SELECT * FROM fraud_reviews WHERE review_id = %s FOR UPDATE",
-        [review_id])).fetchone()
+    row = await fetch_one(
+        conn, "SELECT * FROM fraud_reviews WHERE review_id = %s FOR UPDATE", [review_id])
     assert row is not None  # reviews are never deleted
     if row["state"] != "PENDING":
         raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "REVIEW_ALREADY_RESOLVED",
@@ -142,106 +141,107 @@ async def create_block(conn: Conn, *, kind: str, value: str, reason: str,
         " AND expire_at <= now()", [kind, value])
     try:
         async with conn.transaction():
-            row = await (await conn.execute(
+            row = await fetch_one(
+                conn,
                 "INSERT INTO fraud_blocks (block_id, kind, value, reason, created_by,"
                 " expire_at, create_request_id) VALUES (%s, %s, %s, %s, %s, %s, %s)"
                 " RETURNING *",
                 [str(uuid.uuid4()), kind, value, reason, actor, expire_at,
-                 request_id])).fetchone()
+                 request_id])
     except pg_errors.UniqueViolation:
         raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "BLOCK_ALREADY_EXISTS",
                        f"an active {kind.lower()} block of {value} exists") from None
     assert row is not None
-    await write_audit(conn, [AuditRecord(
-        actor_role="operator", actor=actor, action="block.create",
+    return await _operator_did(
+        conn, row, actor=actor, action="block.create",
         target_id=str(row["block_id"]), reason=reason,
         user_id=value if kind == "USER" else "", request_id=request_id,
         attributes={"kind": kind, "value": value,
-                    "expire_time": expire_at.isoformat() if expire_at else ""})])
-    return row
+                    "expire_time": expire_at.isoformat() if expire_at else ""})
 
 
 async def delete_block(conn: Conn, *, block_id: str, request_id: str, actor: str,
                        ) -> dict[str, Any]:
     """End an active block (BLOCK_NOT_FOUND if there is none); returns it as it was."""
-    row = await (await conn.execute(
-        "SELECT * FROM fraud_blocks WHERE block_id = %s FOR UPDATE",
-        [block_id])).fetchone()
+    row = await fetch_one(
+        conn, "SELECT * FROM fraud_blocks WHERE block_id = %s FOR UPDATE", [block_id])
     if row is None or row["deleted_at"] is not None:
         raise ApiError(grpc.StatusCode.NOT_FOUND, "BLOCK_NOT_FOUND",
                        f"no active block {block_id}")
     await conn.execute(
         "UPDATE fraud_blocks SET deleted_at = now(), deleted_by = %s,"
         " delete_request_id = %s WHERE block_id = %s", [actor, request_id, block_id])
-    await write_audit(conn, [AuditRecord(
-        actor_role="operator", actor=actor, action="block.delete", target_id=block_id,
+    return await _operator_did(
+        conn, row, actor=actor, action="block.delete", target_id=block_id,
         reason=f"unblock {row['kind'].lower()} {row['value']}",
         user_id=row["value"] if row["kind"] == "USER" else "", request_id=request_id,
         attributes={"kind": row["kind"], "value": row["value"],
-                    "block_reason": row["reason"], "created_by": row["created_by"]})])
-    return row
+                    "block_reason": row["reason"], "created_by": row["created_by"]})
 
 
 async def grant_traveller(conn: Conn, *, user_id: str, countries: list[str],
                           expire_at: datetime | None, note: str, request_id: str, actor: str,
                           ) -> dict[str, Any]:
     """Exempt a user from the country rules (`countries`, or anywhere when empty)."""
-    row = await (await conn.execute(
+    row = await fetch_one(
+        conn,
         "INSERT INTO fraud_travellers (user_id, countries, expire_at, created_by, reason)"
         " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id) DO UPDATE SET"
         " countries = excluded.countries, expire_at = excluded.expire_at,"
         " created_by = excluded.created_by, created_at = now(),"
         " reason = excluded.reason RETURNING *",
-        [user_id, countries or None, expire_at, actor, note])).fetchone()
+        [user_id, countries or None, expire_at, actor, note])
     assert row is not None
-    await write_audit(conn, [AuditRecord(
-        actor_role="operator", actor=actor, action="traveller.grant",
+    return await _operator_did(
+        conn, row, actor=actor, action="traveller.grant",
         target_id=user_id, reason=note, user_id=user_id,
         request_id=request_id, attributes={
             "countries": countries or "anywhere",
-            "expire_time": expire_at.isoformat() if expire_at else ""})])
-    return row
+            "expire_time": expire_at.isoformat() if expire_at else ""})
 
 
 async def revoke_traveller(conn: Conn, *, user_id: str, request_id: str, actor: str,
                            ) -> dict[str, Any]:
     """End a user's exemption (TRAVELLER_NOT_FOUND without one); returns it as it was."""
-    row = await (await conn.execute(
-        "DELETE FROM fraud_travellers WHERE user_id = %s RETURNING *",
-        [user_id])).fetchone()
+    row = await fetch_one(
+        conn, "DELETE FROM fraud_travellers WHERE user_id = %s RETURNING *", [user_id])
     if row is None:
         raise ApiError(grpc.StatusCode.NOT_FOUND, "TRAVELLER_NOT_FOUND",
                        f"{user_id} has no traveller exemption")
-    await write_audit(conn, [AuditRecord(
-        actor_role="operator", actor=actor, action="traveller.revoke",
+    return await _operator_did(
+        conn, row, actor=actor, action="traveller.revoke",
         target_id=user_id, reason=f"revoke exemption of {user_id}",
         user_id=user_id, request_id=request_id, attributes={
             "countries": row["countries"] or "anywhere",
             "expire_time": row["expire_at"].isoformat() if row["expire_at"] else "",
-            "granted_by": row["created_by"], "note": row["reason"]})])
-    return row
+            "granted_by": row["created_by"], "note": row["reason"]})
 
 
 async def set_policy(conn: Conn, *, show_id: str, block: float, review: float,
                      countries: list[str], note: str, request_id: str, actor: str,
                      ) -> dict[str, Any]:
     """A show's fraud policy (SHOW_NOT_FOUND for no such show)."""
-    show = await (await conn.execute("SELECT 1 FROM shows WHERE show_id = %s",
-                                     [show_id])).fetchone()
+    show = await fetch_one(conn, "SELECT 1 FROM shows WHERE show_id = %s", [show_id])
     if show is None:
         raise ApiError(grpc.StatusCode.NOT_FOUND, "SHOW_NOT_FOUND", f"no show {show_id}")
-    row = await (await conn.execute(
+    row = await fetch_one(
+        conn,
         "INSERT INTO fraud_policies (show_id, block_threshold, review_threshold,"
         " allowed_countries, note, updated_by) VALUES (%s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (show_id) DO UPDATE SET block_threshold = excluded.block_threshold,"
         " review_threshold = excluded.review_threshold,"
         " allowed_countries = excluded.allowed_countries, note = excluded.note,"
         " updated_by = excluded.updated_by, updated_at = now() RETURNING *",
-        [show_id, block, review, countries, note, actor])).fetchone()
+        [show_id, block, review, countries, note, actor])
     assert row is not None
-    await write_audit(conn, [AuditRecord(
-        actor_role="operator", actor=actor, action="policy.set", target_id=show_id,
+    return await _operator_did(
+        conn, row, actor=actor, action="policy.set", target_id=show_id,
         reason=note, request_id=request_id, attributes={
             "show_id": show_id, "block_threshold": block, "review_threshold": review,
-            "allowed_countries": countries})])
+            "allowed_countries": countries})
+
+
+async def _operator_did(conn: Conn, row: dict[str, Any], **record: Any) -> dict[str, Any]:
+    """`row`, once the audit entry of the operator's change that gave it is written."""
+    await write_audit(conn, [AuditRecord(actor_role="operator", **record)])
     return row

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from results_svc import store
 from results_svc.final import read_final
 from results_svc.live import HIDDEN, Live, final_update, public_view
 from results_svc.proofs import Proofs
@@ -18,7 +19,7 @@ from runtime.errors import ApiError
 from runtime.fanout import add_servicer
 from runtime.interceptors import current_principal
 from runtime.protoconv import timestamp, timestamp_ms
-from runtime.storage import Storage
+from runtime.storage import Storage, fetch_one
 from televote.results.v1 import results_service_pb2 as rpb
 from televote.results.v1 import results_service_pb2_grpc as rgrpc
 from televote.results.v1 import results_types_pb2 as rtypes
@@ -99,9 +100,7 @@ class ResultsServicer(rgrpc.ResultsServiceServicer):
                                  ) -> rpb.GetLedgerPublicKeyResponse:
         key_id = request.key_id or self._signer.key_id
         async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT public_key, created_at FROM ledger_keys WHERE key_id = %s", (key_id,))
-            row: Any = await cursor.fetchone()
+            row: Any = await fetch_one(connection, store.LEDGER_KEY, (key_id,))
         if row is None:
             raise ApiError(grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND", f"no key {key_id}")
         public = bytes(row["public_key"])

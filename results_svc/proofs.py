@@ -13,11 +13,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from results_svc import store
 from results_svc.checkpoint import LEAVES_PER_CHUNK
 from results_svc.config import ResultsConfig
 from results_svc.final import FinalResult, read_final
 from results_svc.merkle import HASH_SIZE, MerkleTree, TopTree
-from runtime.storage import Storage
+from runtime.storage import Storage, fetch_one
 
 
 @dataclass(frozen=True)
@@ -46,20 +47,14 @@ class Proofs:
     async def receipt(self, vote_id: str) -> Receipt | None:
         """The receipt of ledger vote `vote_id` (canonical), None if there is no such vote."""
         async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT round_id::text, leaf_data, receipt_hash, admitted_ms FROM votes"
-                " WHERE vote_id = %s"
-                " ORDER BY admitted_ms, receipt_hash LIMIT 1", (vote_id,))
-            row: Any = await cursor.fetchone()
+            row: Any = await fetch_one(connection, store.VOTE_RECEIPT, (vote_id,))
             if row is None:
                 return None
             final = await read_final(connection, row["round_id"])
             invalid = None
             if final is not None:
-                cursor = await connection.execute(
-                    "SELECT reason FROM round_result_invalid_votes"
-                    " WHERE round_id = %s AND vote_id = %s", (row["round_id"], vote_id))
-                invalid = await cursor.fetchone()
+                invalid = await fetch_one(connection, store.INVALID_REASON,
+                                          (row["round_id"], vote_id))
         receipt_hash = bytes(row["receipt_hash"])
         proof = None if final is None else await self.inclusion(
             row["round_id"], row["admitted_ms"], vote_id, receipt_hash)
@@ -82,21 +77,15 @@ class Proofs:
                 return None
             return index, tree.size, tree.inclusion_proof(index), tree.root
         async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT block FROM round_result_blocks WHERE round_id = %s"
-                " AND (admitted_ms, vote_id, receipt_hash) <= (%s, %s, %s)"
-                " ORDER BY admitted_ms DESC, vote_id DESC, receipt_hash DESC LIMIT 1",
-                (round_id, admitted_ms, vote_id, receipt))
-            row: Any = await cursor.fetchone()
+            row: Any = await fetch_one(connection, store.BLOCK_OF_VOTE,
+                                       (round_id, admitted_ms, vote_id, receipt))
             if row is None:
                 return None
             start = row["block"] * top.block_leaves
-            cursor = await connection.execute(
-                "SELECT substring(leaves FROM %s FOR %s) AS leaves FROM round_result_leaves"
-                " WHERE round_id = %s AND chunk = %s",
+            row = await fetch_one(
+                connection, store.LEAVES_OF_CHUNK,
                 ((start % LEAVES_PER_CHUNK) * HASH_SIZE + 1, top.block_leaves * HASH_SIZE,
                  round_id, start // LEAVES_PER_CHUNK))
-            row = await cursor.fetchone()
         blob = bytes(row["leaves"]) if row is not None else b""
         block = [blob[i:i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)]
         try:
@@ -110,10 +99,7 @@ class Proofs:
         if top is not None:
             return top
         async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT b.block_leaves, b.roots, r.tree_size FROM round_result_block_roots b"
-                " JOIN round_results r USING (round_id) WHERE b.round_id = %s", (round_id,))
-            row: Any = await cursor.fetchone()
+            row: Any = await fetch_one(connection, store.BLOCK_ROOTS_OF_RESULT, (round_id,))
         if row is None:
             return None
         roots = bytes(row["roots"])
@@ -130,7 +116,7 @@ class Proofs:
                 return tree
             async with self._storage.pool.connection() as connection:
                 cursor = await connection.execute(
-                    "SELECT leaves FROM round_result_leaves WHERE round_id = %s ORDER BY chunk",
+                    store.ALL_LEAVES,
                     (round_id,))
                 chunks: list[Any] = await cursor.fetchall()
                 blob = b"".join([bytes(r["leaves"]) for r in chunks])

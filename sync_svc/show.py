@@ -32,8 +32,9 @@ from runtime.protoconv import (
     ms_to_datetime,
     timestamp,
 )
-from runtime.storage import Storage
+from runtime.storage import Storage, fetch_one
 from runtime.window import Window
+from sync_svc import store
 from sync_svc.config import SyncConfig
 from televote.sync.v1 import show_control_service_pb2 as control
 from televote.sync.v1 import show_watch_service_pb2 as watch
@@ -46,7 +47,6 @@ EventType = watch.ShowEventType
 
 #: Closed rounds whose Redis window the periodic repair still rewrites (`repair_windows`).
 RECENTLY_CLOSED_MS = 5 * 60 * 1000
-
 
 
 @dataclass
@@ -95,8 +95,7 @@ class ShowStore:
         """At the end of a change's transaction: the Redis fields of the windows it moved, from
         the rows as this transaction leaves them (no second connection, no later version)."""
         for round_row in published.windows:
-            episode = await _one(connection, "SELECT free_vote_quota, rate_limit_per_minute,"
-                                 " version FROM episodes WHERE episode_id = %s",
+            episode = await _one(connection, store.EPISODE_WINDOW_FIELDS,
                                  (round_row["episode_id"],))
             published.windows_read.append(
                 (str(round_row["round_id"]), Window.of_round(round_row, episode)))
@@ -115,9 +114,7 @@ class ShowStore:
         if published.events:
             async with self._storage.pool.connection() as connection:
                 await connection.execute(
-                    "UPDATE show_events SET published_at = now() FROM unnest(%s::uuid[],"
-                    " %s::bigint[]) AS e(episode_id, version) WHERE show_events.episode_id ="
-                    " e.episode_id AND show_events.version = e.version",
+                    store.MARK_EVENTS_PUBLISHED,
                     ([e.episode_id for e in published.events],
                      [e.episode_version for e in published.events]))
 
@@ -134,9 +131,7 @@ class ShowStore:
         (`keys.write_window`): a repair racing a close or an extension cannot undo it."""
         async with self._storage.pool.connection() as connection:
             cursor = await connection.execute(
-                "SELECT r.*, e.free_vote_quota, e.rate_limit_per_minute, e.version"
-                " FROM rounds r JOIN episodes e USING (episode_id) WHERE r.state = 'OPEN'"
-                " OR (r.state = 'CLOSED' AND r.closed_at > %s)",
+                store.WINDOWS_TO_REPAIR,
                 (ms_to_datetime(now_ms - RECENTLY_CLOSED_MS),))
             rows: list[Row] = await cursor.fetchall()
         repaired = 0
@@ -151,9 +146,7 @@ class ShowStore:
         the work without waiting on each other (SKIP LOCKED)."""
         async with self._storage.pool.connection() as connection, connection.transaction():
             cursor = await connection.execute(
-                "SELECT episode_id::text, version, payload FROM show_events"
-                " WHERE published_at IS NULL AND recorded_at < now() - %s"
-                " ORDER BY recorded_at, episode_id, version LIMIT %s FOR UPDATE SKIP LOCKED",
+                store.UNPUBLISHED_EVENTS,
                 (timedelta(milliseconds=older_than_ms), limit))
             rows: list[Any] = await cursor.fetchall()
             for row in rows:
@@ -161,9 +154,7 @@ class ShowStore:
                                                   bytes(row["payload"]))
             if rows:
                 await connection.execute(
-                    "UPDATE show_events SET published_at = now() FROM unnest(%s::uuid[],"
-                    " %s::bigint[]) AS e(episode_id, version) WHERE show_events.episode_id ="
-                    " e.episode_id AND show_events.version = e.version",
+                    store.MARK_EVENTS_PUBLISHED,
                     ([r["episode_id"] for r in rows], [r["version"] for r in rows]))
         return len(rows)
 
@@ -171,14 +162,12 @@ class ShowStore:
     async def _event(self, connection: Connection, published: Published, episode_id: str,
                      now_ms: int, event_type: int, **payload: Any) -> int:
         """Record an event of the episode and bump its version; returns the new version."""
-        row = await _one(connection, "UPDATE episodes SET version = version + 1"
-                         " WHERE episode_id = %s RETURNING version", (episode_id,))
+        row = await _one(connection, store.BUMP_EPISODE_VERSION, (episode_id,))
         event = watch.WatchShowResponse(
             server_time=timestamp(ms_to_datetime(now_ms)), type=event_type,  # type: ignore[arg-type]
             episode_id=episode_id, episode_version=row["version"], **payload)
         await connection.execute(
-            "INSERT INTO show_events (episode_id, version, event_type, payload)"
-            " VALUES (%s, %s, %s, %s)",
+            store.INSERT_SHOW_EVENT,
             (episode_id, row["version"], EventType.Name(event_type),  # type: ignore[arg-type]
              event.SerializeToString()))
         published.events.append(event)
@@ -199,8 +188,7 @@ class ShowStore:
         async def perform(connection: Connection, _: Published, __: int
                           ) -> control.CreateShowResponse:
             row = await _one(connection,
-                             "INSERT INTO shows (show_id, name, broadcaster, time_zone)"
-                             " VALUES (%s, %s, %s, %s) RETURNING *",
+                             store.INSERT_SHOW,
                              (uuid.uuid4(), request.name.strip(), request.broadcaster,
                               time_zone))
             return control.CreateShowResponse(show=types.Show(
@@ -229,13 +217,11 @@ class ShowStore:
 
         async def perform(connection: Connection, _: Published, __: int
                           ) -> control.CreateEpisodeResponse:
-            if await _maybe_one(connection, "SELECT 1 FROM shows WHERE show_id = %s",
+            if await fetch_one(connection, store.SHOW_EXISTS,
                                 (show_id,)) is None:
                 raise not_found("SHOW_NOT_FOUND", f"no show {show_id}")
             row = await _one(connection,
-                             "INSERT INTO episodes (episode_id, show_id, title,"
-                             " scheduled_start_time, free_vote_quota, rate_limit_per_minute)"
-                             " VALUES (%s, %s, %s, %s, %s, %s) RETURNING *",
+                             store.INSERT_EPISODE,
                              (uuid.uuid4(), show_id, request.title.strip(), scheduled, quota,
                               rate))
             return control.CreateEpisodeResponse(episode=episode_message(row))
@@ -261,15 +247,14 @@ class ShowStore:
             episode = await self._lock_episode(connection, episode_id)
             if episode["state"] == "ENDED":
                 raise failed("SHOW_ALREADY_ENDED", "the episode has ended")
-            taken = await _maybe_one(
-                connection, "SELECT 1 FROM contestants WHERE episode_id = %s AND sms_number = %s",
+            taken = await fetch_one(
+                connection, store.SMS_NUMBER_TAKEN,
                 (episode_id, request.sms_number))
             if taken:
                 raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "SMS_NUMBER_TAKEN",
                                f"sms number {request.sms_number} is taken in this episode")
             row = await _one(connection,
-                             "INSERT INTO contestants (contestant_id, episode_id, name,"
-                             " photo_url, sms_number) VALUES (%s, %s, %s, %s, %s) RETURNING *",
+                             store.INSERT_CONTESTANT,
                              (uuid.uuid4(), episode_id, request.name.strip(), request.photo_url,
                               request.sms_number))
             return control.AddContestantResponse(contestant=contestant_message(row))
@@ -315,17 +300,14 @@ class ShowStore:
             if episode["state"] == "ENDED":
                 raise failed("SHOW_ALREADY_ENDED", "the episode has ended")
             cursor = await connection.execute(
-                "SELECT contestant_id FROM contestants WHERE episode_id = %s", (episode_id,))
+                store.EPISODE_CONTESTANT_IDS, (episode_id,))
             known = {str(row["contestant_id"]) for row in await cursor.fetchall()}
             missing = [c for c in contestant_ids if c not in known]
             if missing:
                 raise failed("INVALID_CONTESTANT", f"not in this episode: {', '.join(missing)}")
             row = await _one(
                 connection,
-                "INSERT INTO rounds (round_id, episode_id, name, contestant_ids, window_ms,"
-                " free_vote_cap, visibility, app_close_offset_ms, web_close_offset_ms,"
-                " sms_close_offset_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " RETURNING *",
+                store.INSERT_ROUND,
                 (uuid.uuid4(), episode_id, request.name or "Voting", contestant_ids, window,
                  request.free_vote_cap, types.ResultsVisibility.Name(visibility),
                  offsets["app"], offsets["web"], offsets["sms"]))
@@ -359,8 +341,7 @@ class ShowStore:
             raise failed("SHOW_ALREADY_STARTED", "the episode is already live")
         if episode["state"] == "ENDED":
             raise failed("SHOW_ALREADY_ENDED", "the episode has ended")
-        await connection.execute("UPDATE episodes SET state = 'LIVE', started_at = %s"
-                                 " WHERE episode_id = %s", (ms_to_datetime(now_ms), episode_id))
+        await connection.execute(store.START_EPISODE, (ms_to_datetime(now_ms), episode_id))
         await self._event(connection, published, episode_id, now_ms,
                           EventType.SHOW_EVENT_TYPE_STATE_CHANGED,
                           state=types.SHOW_STATE_LIVE)
@@ -385,15 +366,13 @@ class ShowStore:
                                  song_artist: str, now_ms: int) -> types.Performance:
         episode = await self._lock_episode(connection, episode_id)
         self._require_live(episode)
-        if await _maybe_one(connection, "SELECT 1 FROM contestants WHERE contestant_id = %s"
-                            " AND episode_id = %s", (contestant_id, episode_id)) is None:
+        if await fetch_one(connection, store.CONTESTANT_IN_EPISODE,
+                            (contestant_id, episode_id)) is None:
             raise not_found("CONTESTANT_NOT_FOUND", f"no contestant {contestant_id} here")
         if await self._on_stage(connection, episode_id) is not None:
             raise failed("PERFORMANCE_IN_PROGRESS", "end the current performance first")
         row = await _one(connection,
-                         "INSERT INTO performances (performance_id, episode_id, contestant_id,"
-                         " song_title, song_artist, started_at) VALUES (%s, %s, %s, %s, %s, %s)"
-                         " RETURNING *",
+                         store.INSERT_PERFORMANCE,
                          (uuid.uuid4(), episode_id, contestant_id, song_title, song_artist,
                           ms_to_datetime(now_ms)))
         performance = performance_message(row)
@@ -420,8 +399,7 @@ class ShowStore:
                                episode_id: str, now_ms: int) -> types.Performance | None:
         if await self._on_stage(connection, episode_id) is None:
             return None
-        row = await _one(connection, "UPDATE performances SET ended_at = %s WHERE episode_id = %s"
-                         " AND ended_at IS NULL RETURNING *", (ms_to_datetime(now_ms), episode_id))
+        row = await _one(connection, store.END_PERFORMANCE, (ms_to_datetime(now_ms), episode_id))
         performance = performance_message(row)
         await self._event(connection, published, episode_id, now_ms,
                           EventType.SHOW_EVENT_TYPE_PERFORMANCE_ENDED, performance=performance)
@@ -451,8 +429,7 @@ class ShowStore:
             raise failed("VOTING_ALREADY_OPEN", "this round is already open")
         if round_row["state"] != "PENDING":
             raise failed("ROUND_ALREADY_CLOSED", "a round opens once")
-        if await _maybe_one(connection, "SELECT 1 FROM rounds WHERE episode_id = %s"
-                            " AND state = 'OPEN'", (episode["episode_id"],)):
+        if await fetch_one(connection, store.OPEN_ROUND_EXISTS, (episode["episode_id"],)):
             raise failed("VOTING_ALREADY_OPEN", "another round of this episode is open")
         window = window_ms or round_row["window_ms"]
         closes_ms = now_ms + window
@@ -460,8 +437,7 @@ class ShowStore:
             round_row[f"{channel}_close_offset_ms"] for channel in keys.CHANNELS)
         round_row = await _one(
             connection,
-            "UPDATE rounds SET state = 'OPEN', window_ms = %s, opens_at = %s, closes_at = %s,"
-            " lines_close_at = %s WHERE round_id = %s RETURNING *",
+            store.OPEN_ROUND,
             (window, ms_to_datetime(now_ms), ms_to_datetime(closes_ms),
              ms_to_datetime(max(lines_close_ms, closes_ms)), round_id))
         message = round_message(round_row)
@@ -490,8 +466,7 @@ class ShowStore:
                 raise failed("ROUND_ALREADY_CLOSED", "the round has closed")
             round_row = await _one(
                 connection,
-                "UPDATE rounds SET closes_at = closes_at + %s, lines_close_at = lines_close_at"
-                " + %s, window_ms = window_ms + %s WHERE round_id = %s RETURNING *",
+                store.EXTEND_ROUND,
                 (timedelta(milliseconds=extension), timedelta(milliseconds=extension), extension,
                  round_id))
             message = round_message(round_row)
@@ -531,8 +506,7 @@ class ShowStore:
         closed_at = min(ms_to_datetime(max(now_ms, redis_closed_ms)), round_row["lines_close_at"])
         round_row = await _one(
             connection,
-            "UPDATE rounds SET state = 'CLOSED', closed_at = %s, close_cause = %s"
-            " WHERE round_id = %s AND state = 'OPEN' RETURNING *",
+            store.CLOSE_ROUND,
             (closed_at, cause, round_row["round_id"]))
         message = round_message(round_row)
         await self._event(connection, published, str(round_row["episode_id"]), now_ms,
@@ -554,13 +528,11 @@ class ShowStore:
                         now_ms: int) -> types.Episode:
         episode = await self._lock_episode(connection, episode_id)
         self._require_live(episode)
-        open_round = await _maybe_one(connection, "SELECT * FROM rounds WHERE episode_id = %s"
-                                      " AND state = 'OPEN'", (episode_id,))
+        open_round = await fetch_one(connection, store.OPEN_ROUND_OF_EPISODE, (episode_id,))
         if open_round is not None:
             await self._close_round(connection, published, open_round, now_ms, "SHOW_END")
         await self._end_performance(connection, published, episode_id, now_ms)
-        await connection.execute("UPDATE episodes SET state = 'ENDED', ended_at = %s"
-                                 " WHERE episode_id = %s", (ms_to_datetime(now_ms), episode_id))
+        await connection.execute(store.END_EPISODE, (ms_to_datetime(now_ms), episode_id))
         await self._event(connection, published, episode_id, now_ms,
                           EventType.SHOW_EVENT_TYPE_STATE_CHANGED, state=types.SHOW_STATE_ENDED)
         return episode_message(await self._episode(connection, episode_id))
@@ -597,8 +569,8 @@ class ShowStore:
                 await self._open_voting(connection, published, target, window, now_ms)
             elif cue == control.CUE_TYPE_VOTING_CLOSE:
                 await self._lock_episode(connection, episode_id)
-                open_round = await _maybe_one(
-                    connection, "SELECT * FROM rounds WHERE episode_id = %s AND state = 'OPEN'",
+                open_round = await fetch_one(
+                    connection, store.OPEN_ROUND_OF_EPISODE,
                     (episode_id,))
                 if open_round is None:
                     raise failed("NO_OPEN_ROUND", "no round of this episode is open")
@@ -611,8 +583,7 @@ class ShowStore:
         return await self._change("ApplyCue", request, control.ApplyCueResponse, perform)
 
     async def _next_pending_round(self, connection: Connection, episode_id: str) -> str:
-        row = await _maybe_one(connection, "SELECT round_id FROM rounds WHERE episode_id = %s"
-                               " AND state = 'PENDING' ORDER BY created_at LIMIT 1",
+        row = await fetch_one(connection, store.NEXT_PENDING_ROUND,
                                (episode_id,))
         if row is None:
             raise failed("NO_PENDING_ROUND", "the episode has no round waiting to open")
@@ -623,8 +594,7 @@ class ShowStore:
     async def next_close_ms(self) -> int | None:
         """When the next open round's lines close, if any round is open."""
         async with self._storage.pool.connection() as connection:
-            row = await _one(connection, "SELECT min(lines_close_at) AS due FROM rounds"
-                             " WHERE state = 'OPEN'", ())
+            row = await _one(connection, store.NEXT_LINES_CLOSE, ())
         return None if row["due"] is None else datetime_to_ms(row["due"])
 
     async def close_due_rounds(self, now_ms: int) -> int:
@@ -635,8 +605,7 @@ class ShowStore:
         """
         async with self._storage.pool.connection() as connection:
             cursor = await connection.execute(
-                "SELECT round_id, episode_id FROM rounds WHERE state = 'OPEN'"
-                " AND lines_close_at <= %s", (ms_to_datetime(now_ms),))
+                store.ROUNDS_DUE_TO_CLOSE, (ms_to_datetime(now_ms),))
             due = await cursor.fetchall()
         closed = 0
         for row in due:
@@ -667,8 +636,7 @@ class ShowStore:
                 raise failed("NO_OPEN_ROUND", "the round never opened")
             if round_row["state"] == "OPEN":
                 raise failed("ROUND_NOT_CLOSED", "the round is still open")
-            round_row = await _one(connection, "UPDATE rounds SET state = 'FINALIZED'"
-                                   " WHERE round_id = %s RETURNING *", (round_id,))
+            round_row = await _one(connection, store.FINALIZE_ROUND, (round_id,))
             message = round_message(round_row)
             await self._event(connection, published, str(round_row["episode_id"]), now_ms,
                               EventType.SHOW_EVENT_TYPE_RESULTS_READY, round=message)
@@ -693,13 +661,12 @@ class ShowStore:
         on_stage = await self._on_stage(connection, episode_id)
         if on_stage is not None:
             snapshot.current_performance.CopyFrom(performance_message(on_stage))
-        current = await _maybe_one(
-            connection, "SELECT * FROM rounds WHERE episode_id = %s AND opens_at IS NOT NULL"
-            " ORDER BY (state = 'OPEN') DESC, opens_at DESC LIMIT 1", (episode_id,))
+        current = await fetch_one(
+            connection, store.CURRENT_ROUND, (episode_id,))
         if current is not None:
             snapshot.current_round.CopyFrom(round_message(current))
             cursor = await connection.execute(
-                "SELECT * FROM contestants WHERE contestant_id = ANY(%s)",
+                store.CONTESTANTS_BY_ID,
                 (current["contestant_ids"],))
             by_id = {row["contestant_id"]: row for row in await cursor.fetchall()}
             snapshot.round_contestants.extend(
@@ -713,14 +680,11 @@ class ShowStore:
         """Ended, and no closed round still waits for its result: nothing more to announce."""
         async with self._storage.pool.connection() as connection:
             row = await _one(connection,
-                             "SELECT e.state = 'ENDED' AND NOT EXISTS (SELECT 1 FROM rounds r"
-                             " WHERE r.episode_id = e.episode_id AND r.state IN"
-                             " ('OPEN', 'CLOSED')) AS finished FROM episodes e"
-                             " WHERE e.episode_id = %s", (episode_id,))
+                             store.EPISODE_FINISHED, (episode_id,))
         return bool(row["finished"])
 
     async def _episode(self, connection: Connection, episode_id: str) -> Row:
-        row = await _maybe_one(connection, "SELECT * FROM episodes WHERE episode_id = %s",
+        row = await fetch_one(connection, store.EPISODE,
                                (episode_id,))
         if row is None:
             raise not_found("EPISODE_NOT_FOUND", f"no episode {episode_id}")
@@ -728,22 +692,20 @@ class ShowStore:
 
     async def _lock_episode(self, connection: Connection, episode_id: str) -> Row:
         """The episode row, locked: changes to one episode and its rounds happen one by one."""
-        row = await _maybe_one(connection, "SELECT * FROM episodes WHERE episode_id = %s"
-                               " FOR UPDATE", (episode_id,))
+        row = await fetch_one(connection, store.EPISODE_FOR_UPDATE, (episode_id,))
         if row is None:
             raise not_found("EPISODE_NOT_FOUND", f"no episode {episode_id}")
         return row
 
     async def _round(self, connection: Connection, round_id: str) -> Row:
-        row = await _maybe_one(connection, "SELECT * FROM rounds WHERE round_id = %s",
+        row = await fetch_one(connection, store.ROUND,
                                (round_id,))
         if row is None:
             raise not_found("ROUND_NOT_FOUND", f"no round {round_id}")
         return row
 
     async def _on_stage(self, connection: Connection, episode_id: str) -> Row | None:
-        return await _maybe_one(connection, "SELECT * FROM performances WHERE episode_id = %s"
-                                " AND ended_at IS NULL", (episode_id,))
+        return await fetch_one(connection, store.CURRENT_PERFORMANCE, (episode_id,))
 
     @staticmethod
     def _require_live(episode: Row) -> None:
@@ -808,13 +770,8 @@ def round_message(row: Row) -> types.Round:
     return message
 
 
-async def _maybe_one(connection: Connection, query: str, params: tuple[Any, ...]) -> Row | None:
-    cursor = await connection.execute(query, params)
-    return await cursor.fetchone()
-
-
 async def _one(connection: Connection, query: str, params: tuple[Any, ...]) -> Row:
-    row = await _maybe_one(connection, query, params)
+    row: Row | None = await fetch_one(connection, query, params)
     assert row is not None, query
     return row
 

@@ -28,6 +28,7 @@ from runtime.receipts import leaf_hash
 from runtime.storage import Storage
 from televote.fraud.v1 import fraud_scoring_service_pb2
 from televote.vote.v1 import vote_types_pb2
+from vote_svc import store
 from vote_svc.admission import RATE_WINDOW_MS, Outcome, Scripts, VoteKeys, decode_reply
 from vote_svc.config import VoteConfig
 from vote_svc.fraud import FraudScorer, Score, ScoringUnavailableError
@@ -357,19 +358,7 @@ class Ingestor:
             await connection.set_autocommit(True)
             try:
                 cursor = await connection.execute(
-                    "SELECT w.user_id, w.episode_id::text AS episode_id,"
-                    "       w.round_id::text AS round_id,"
-                    "       coalesce(p.credited, 0) AS credited, coalesce(p.spent, 0) AS spent,"
-                    "       coalesce((SELECT f.used FROM free_vote_usage f"
-                    "                  WHERE f.user_id = w.user_id"
-                    "                    AND f.episode_id = w.episode_id), 0) AS episode_used,"
-                    "       coalesce((SELECT sum(CASE WHEN v.round_id = w.round_id"
-                    "                                 AND v.vote_type = 'FREE' THEN v.count END)"
-                    "                   FROM votes v WHERE v.user_id = w.user_id), 0)"
-                    "         AS round_used"
-                    "  FROM unnest(%s::text[], %s::uuid[], %s::uuid[])"
-                    "       AS w(user_id, episode_id, round_id)"
-                    "  LEFT JOIN wallets p ON p.user_id = w.user_id",
+                    store.USER_CACHE,
                     ([t[0] for t in triples], [t[1] for t in triples],
                      [t[2] for t in triples]))
                 rows: list[dict[str, Any]] = await cursor.fetchall()

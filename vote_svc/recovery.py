@@ -19,8 +19,9 @@ import grpc
 
 from runtime import keys
 from runtime.errors import ApiError
-from runtime.storage import Storage
+from runtime.storage import Storage, fetch_one
 from runtime.window import Window
+from vote_svc import store
 from vote_svc.admission import RATE_WINDOW_MS, Outcome, Scripts, VoteKeys
 from vote_svc.config import VoteConfig
 
@@ -68,11 +69,8 @@ class Recovery:
         the OPEN round's window is rebuilt from PostgreSQL the way sync_svc writes it, into
         the shard copies that are missing; sync_svc's own writes win)."""
         async with self._db() as connection:
-            cursor = await connection.execute(
-                "SELECT r.*, e.free_vote_quota, e.rate_limit_per_minute, e.version"
-                "  FROM rounds r JOIN episodes e USING (episode_id) WHERE r.round_id = %s",
-                (round_id,))
-            row: dict[str, Any] | None = await cursor.fetchone()
+            row: dict[str, Any] | None = await fetch_one(connection, store.ROUND_WINDOW,
+                                                         (round_id,))
         if row is None:
             return ApiError(grpc.StatusCode.NOT_FOUND, "ROUND_NOT_FOUND", "no such round")
         if row["state"] == "PENDING" or row["opens_at"] is None:
@@ -109,10 +107,7 @@ class Recovery:
             await asyncio.sleep(settle / 1000)
             async with self._db() as connection:
                 cursor = await connection.execute(
-                    "SELECT v.round_id::text AS round_id, v.contestant_id::text AS contestant,"
-                    "       v.admitted_ms - v.admitted_ms %% %s AS minute, sum(v.count) AS n"
-                    "  FROM votes v JOIN rounds r USING (round_id)"
-                    " WHERE v.shard = %s AND r.state = 'OPEN' GROUP BY 1, 2, 3",
+                    store.USER_ROUND_VOTES,
                     (RATE_WINDOW_MS, shard))
                 rows: list[dict[str, Any]] = await cursor.fetchall()
             live: dict[str, dict[str, int]] = {}
@@ -139,10 +134,8 @@ class Recovery:
         """A pending admission outlived its lease (its replica died or lost PostgreSQL): the
         ledger says whether it was committed; if not, undo it so the retry can be admitted."""
         async with self._db() as connection:
-            cursor = await connection.execute(
-                "SELECT vote_id::text FROM votes WHERE user_id = %s AND request_id = %s",
-                (vote.user_id, vote.request_id))
-            row: dict[str, Any] | None = await cursor.fetchone()
+            row: dict[str, Any] | None = await fetch_one(
+                connection, store.VOTE_OF_REQUEST, (vote.user_id, vote.request_id))
         ttl = self._config.vote_idempotency_ttl_s * 1000
         if row is not None and row["vote_id"] == stale.vote_id:
             await self._scripts.call(self._scripts.done, [keyset.idempotency],

@@ -34,6 +34,7 @@ from runtime.protoconv import channel_enum
 from runtime.storage import Storage
 from televote.fraud.v1 import fraud_scoring_service_pb2 as scoring_pb
 from televote.fraud.v1 import fraud_scoring_service_pb2_grpc, fraud_types_pb2
+from vote_svc import store
 from vote_svc.fraud import SCORING_METADATA
 
 log = logging.getLogger(__name__)
@@ -43,25 +44,6 @@ _ACTIONS = {fraud_types_pb2.FRAUD_ACTION_ALLOW: "ALLOW",
             fraud_types_pb2.FRAUD_ACTION_REVIEW: "REVIEW",
             fraud_types_pb2.FRAUD_ACTION_BLOCK: "BLOCK"}
 
-_UNSCORED_SQL = """
-SELECT v.vote_id::text AS vote_id, v.user_id, v.request_id, v.round_id::text AS round_id,
-       v.contestant_id::text AS contestant_id, v.count, v.channel, v.admitted_ms, v.ip,
-       v.device_id, v.app_version, v.latitude, v.longitude
-  FROM votes v
- WHERE v.fraud_action = 'UNSCORED'
-   AND NOT EXISTS (SELECT 1 FROM vote_fraud_decisions d WHERE d.vote_id = v.vote_id)
- ORDER BY v.admitted_ms, v.vote_id
- LIMIT %s
-"""
-
-_DECISIONS_SQL = """
-INSERT INTO vote_fraud_decisions (vote_id, user_id, request_id, round_id, action, score,
-                                  decision_id, round_finalized, scored_by)
-SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::uuid[], %s::text[], %s::real[],
-                     %s::text[], %s::boolean[], %s::text[])
-ON CONFLICT (vote_id) DO NOTHING
-RETURNING vote_id::text
-"""
 
 class Rescorer:
     """Scores UNSCORED ledger votes in batches while fraud_svc answers."""
@@ -95,7 +77,7 @@ class Rescorer:
         async with self._storage.pool.connection() as connection, connection.transaction():
             if not await locks.try_singleton(connection, _LOCK):
                 return 0
-            cursor = await connection.execute(_UNSCORED_SQL, (self._batch,))
+            cursor = await connection.execute(store.UNSCORED_VOTES, (self._batch,))
             votes: list[dict[str, Any]] = await cursor.fetchall()
             if not votes:
                 return 0
@@ -122,12 +104,11 @@ class Rescorer:
                 rejected = rejection.rejected
             blocked_rounds = {block.round_id for block in blocked}
             cursor = await connection.execute(
-                "SELECT round_id::text AS round_id FROM round_results"
-                " WHERE round_id = ANY(%s::uuid[])",
+                store.FINALIZED_ROUNDS,
                 (sorted({v["round_id"] for v in votes} - blocked_rounds),))
             finalized_rows: list[dict[str, Any]] = await cursor.fetchall()
             finalized.update(str(row["round_id"]) for row in finalized_rows)
-            cursor = await connection.execute(_DECISIONS_SQL, (
+            cursor = await connection.execute(store.INSERT_DECISIONS, (
                 [v["vote_id"] for v in votes], [v["user_id"] for v in votes],
                 [v["request_id"] for v in votes], [v["round_id"] for v in votes], actions,
                 [s.score for s in scores], [s.decision_id for s in scores],

@@ -21,8 +21,9 @@ from runtime.access import Principal
 from runtime.errors import ApiError
 from runtime.idempotency import fingerprint, once, require_request_id
 from runtime.protoconv import timestamp
-from runtime.storage import Storage
+from runtime.storage import Storage, fetch_one
 from televote.vote.v1 import wallet_admin_service_pb2
+from vote_svc import store
 from vote_svc.admission import Scripts
 
 GRANT_METHOD = "televote.vote.v1.WalletAdminService/GrantVotes"
@@ -38,9 +39,8 @@ async def grant_votes(storage: Storage, scripts: Scripts, principal: Principal,
             connection, GRANT_METHOD, request.request_id, request,
             wallet_admin_service_pb2.GrantVotesResponse,
             lambda: _grant(connection, principal, request))
-        cursor = await connection.execute(
-            "SELECT credited FROM wallets WHERE user_id = %s", (request.user_id,))
-        row: dict[str, Any] | None = await cursor.fetchone()
+        row: dict[str, Any] | None = await fetch_one(connection, store.WALLET_CREDITED,
+                                                     (request.user_id,))
     if row is not None:
         await scripts.grant(keys=[keys.user_key(keys.shard_of(request.user_id), request.user_id)],
                             args=[row["credited"]])
@@ -52,20 +52,14 @@ async def _grant(connection: psycopg.AsyncConnection[Any], principal: Principal,
                  ) -> wallet_admin_service_pb2.GrantVotesResponse:
     user_id, count, reason = request.user_id, request.count, request.reason
     request_id = require_request_id(request.request_id)
-    cursor = await connection.execute(
-        "INSERT INTO wallets (user_id, credited) VALUES (%s, %s)"
-        " ON CONFLICT (user_id) DO UPDATE SET credited = wallets.credited + excluded.credited"
-        " RETURNING credited - spent AS balance", (user_id, count))
-    balance_row: dict[str, Any] | None = await cursor.fetchone()
+    balance_row: dict[str, Any] | None = await fetch_one(connection, store.CREDIT_WALLET,
+                                                         (user_id, count))
     assert balance_row is not None
     grant_id = str(uuid.uuid4())
-    cursor = await connection.execute(
-        "INSERT INTO wallet_credits (credit_id, request_id, user_id, votes, source, reason,"
-        "                            granted_by, fingerprint, balance_after)"
-        " VALUES (%s, %s, %s, %s, 'grant', %s, %s, %s, %s) RETURNING created_at",
+    created: dict[str, Any] | None = await fetch_one(
+        connection, store.INSERT_WALLET_CREDIT,
         (grant_id, request_id, user_id, count, reason, principal.subject,
          fingerprint(GRANT_METHOD, request), balance_row["balance"]))
-    created: dict[str, Any] | None = await cursor.fetchone()
     assert created is not None
     await audit.write(connection, [audit.Entry(
         principal.role.value, principal.subject, "wallet.grant", f"user:{user_id}", reason,
@@ -84,13 +78,8 @@ async def balance(storage: Storage, user_id: str, episode_id: str) -> tuple[int,
     to be complete).
     """
     async with storage.pool.connection() as connection:
-        cursor = await connection.execute(
-            "SELECT e.free_vote_quota AS quota,"
-            "       (SELECT used FROM free_vote_usage f"
-            "         WHERE f.user_id = %s AND f.episode_id = e.episode_id) AS used,"
-            "       (SELECT credited - spent FROM wallets w WHERE w.user_id = %s) AS paid"
-            "  FROM episodes e WHERE e.episode_id = %s", (user_id, user_id, episode_id))
-        row: dict[str, Any] | None = await cursor.fetchone()
+        row: dict[str, Any] | None = await fetch_one(connection, store.BALANCE,
+                                                     (user_id, user_id, episode_id))
     if row is None:
         raise ApiError(grpc.StatusCode.NOT_FOUND, "EPISODE_NOT_FOUND", "no such episode")
     quota = int(row["quota"])
