@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from fraud_svc import moderation, store
 from fraud_svc.config import FraudConfig
-from fraud_svc.features import Scorer
+from fraud_svc.features import REFUSE, SCORE, SEED, TUNED, Scorer
 from fraud_svc.geoip import IpIntel
 from fraud_svc.scoring import Scoring
 from fraud_svc.state import FeatureState
@@ -525,6 +525,14 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         note = request.note.strip()
         if len(note) > 500:
             problems.append(FieldViolation("note", "longer than 500 chars"))
+        scoring = _SCORINGS.get(request.scoring, "?")
+        if scoring == "?":
+            problems.append(FieldViolation("scoring", "not a FraudScoring value"))
+        geo = {}
+        for name in ("foreign_country", "location_mismatch"):
+            geo[name] = _ENFORCEMENTS.get(getattr(request, name), "?")
+            if geo[name] == "?":
+                problems.append(FieldViolation(name, "not a GeoEnforcement value"))
         if problems:
             raise invalid_argument(*problems)
         require_request_id(request.request_id)
@@ -533,7 +541,9 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         async def set_policy(conn: Conn) -> pb.SetFraudPolicyResponse:
             return pb.SetFraudPolicyResponse(policy=_policy(await moderation.set_policy(
                 conn, show_id=show_id, block=block, review=review, countries=countries,
-                note=note, request_id=request.request_id, actor=actor)))
+                note=note, request_id=request.request_id, actor=actor, scoring=scoring,
+                foreign_country=geo["foreign_country"],
+                location_mismatch=geo["location_mismatch"])))
 
         return await self._once("SetFraudPolicy", request.request_id, request,
                                 pb.SetFraudPolicyResponse, set_policy, reload=True)
@@ -565,12 +575,30 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         return response
 
 
+#: FraudScoring and GeoEnforcement as fraud_policies stores them (NULL: the deployment's
+#: default, FRAUD_SCORING and FRAUD_GEO_*).
+_SCORINGS: dict[int, str | None] = {
+    fraud_types_pb2.FRAUD_SCORING_UNSPECIFIED: None, fraud_types_pb2.FRAUD_SCORING_SEED: SEED,
+    fraud_types_pb2.FRAUD_SCORING_TUNED: TUNED}
+_ENFORCEMENTS: dict[int, str | None] = {
+    fraud_types_pb2.GEO_ENFORCEMENT_UNSPECIFIED: None,
+    fraud_types_pb2.GEO_ENFORCEMENT_REFUSE: REFUSE, fraud_types_pb2.GEO_ENFORCEMENT_SCORE: SCORE}
+
+
+def _enum(values: dict[int, str | None], stored: str | None) -> int:
+    return next(number for number, name in values.items() if name == stored)
+
+
 def _policy(row: dict[str, Any]) -> fraud_types_pb2.FraudPolicy:
     return fraud_types_pb2.FraudPolicy(
         show_id=str(row["show_id"]), block_threshold=row["block_threshold"],
         review_threshold=row["review_threshold"],
         allowed_countries=list(row["allowed_countries"]), note=row["note"],
-        updated_by=row["updated_by"], update_time=timestamp(row["updated_at"]))
+        updated_by=row["updated_by"], update_time=timestamp(row["updated_at"]),
+        scoring=_enum(_SCORINGS, row["scoring"]),  # type: ignore[arg-type]
+        foreign_country=_enum(_ENFORCEMENTS, row["foreign_country"]),  # type: ignore[arg-type]
+        location_mismatch=_enum(_ENFORCEMENTS,  # type: ignore[arg-type]
+                                row["location_mismatch"]))
 
 
 def _traveller(row: dict[str, Any]) -> fraud_types_pb2.TravellerExemption:

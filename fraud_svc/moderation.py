@@ -219,26 +219,34 @@ async def revoke_traveller(conn: Conn, *, user_id: str, request_id: str, actor: 
 
 async def set_policy(conn: Conn, *, show_id: str, block: float, review: float,
                      countries: list[str], note: str, request_id: str, actor: str,
-                     ) -> dict[str, Any]:
-    """A show's fraud policy (SHOW_NOT_FOUND for no such show)."""
+                     scoring: str | None, foreign_country: str | None,
+                     location_mismatch: str | None) -> dict[str, Any]:
+    """A show's fraud policy (SHOW_NOT_FOUND for no such show). A None scoring or geographic
+    rule is stored as NULL: the deployment's default applies."""
     show = await fetch_one(conn, "SELECT 1 FROM shows WHERE show_id = %s", [show_id])
     if show is None:
         raise ApiError(grpc.StatusCode.NOT_FOUND, "SHOW_NOT_FOUND", f"no show {show_id}")
     row = await fetch_one(
         conn,
         "INSERT INTO fraud_policies (show_id, block_threshold, review_threshold,"
-        " allowed_countries, note, updated_by) VALUES (%s, %s, %s, %s, %s, %s)"
+        " allowed_countries, note, updated_by, scoring, foreign_country,"
+        " location_mismatch) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (show_id) DO UPDATE SET block_threshold = excluded.block_threshold,"
         " review_threshold = excluded.review_threshold,"
         " allowed_countries = excluded.allowed_countries, note = excluded.note,"
-        " updated_by = excluded.updated_by, updated_at = now() RETURNING *",
-        [show_id, block, review, countries, note, actor])
+        " updated_by = excluded.updated_by, updated_at = now(),"
+        " scoring = excluded.scoring, foreign_country = excluded.foreign_country,"
+        " location_mismatch = excluded.location_mismatch RETURNING *",
+        [show_id, block, review, countries, note, actor, scoring, foreign_country,
+         location_mismatch])
     assert row is not None
     return await _operator_did(
         conn, row, actor=actor, action="policy.set", target_id=show_id,
         reason=note, request_id=request_id, attributes={
             "show_id": show_id, "block_threshold": block, "review_threshold": review,
-            "allowed_countries": countries})
+            "allowed_countries": countries, "scoring": scoring or "default",
+            "foreign_country": foreign_country or "default",
+            "location_mismatch": location_mismatch or "default"})
 
 
 async def _operator_did(conn: Conn, row: dict[str, Any], **record: Any) -> dict[str, Any]:

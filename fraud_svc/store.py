@@ -88,9 +88,12 @@ FROM fraud_blocks WHERE deleted_at IS NULL AND (expire_at IS NULL OR expire_at >
 class BlocklistCache:
     """Reloads the blocklist from PostgreSQL in the background."""
 
-    def __init__(self, pool: Pool, refresh_seconds: float,
+    def __init__(self, pool: Pool, refresh_seconds: float, defaults: Policy,
                  on_first_load: Callable[[Blocklist], Awaitable[None]] | None = None) -> None:
         self._pool = pool
+        #: The deployment's policy (`Policy.default`), for what a show's policy leaves to it
+        #: (NULL columns).
+        self._defaults = defaults
         self._refresh_seconds = refresh_seconds
         self._on_first_load = on_first_load
         self.current = Blocklist()
@@ -128,7 +131,8 @@ class BlocklistCache:
                 " WHERE expire_at IS NULL OR expire_at > now()")).fetchall()
             policies = await (await conn.execute(
                 "SELECT r.round_id::text AS round_id, p.show_id::text AS show_id,"
-                " p.block_threshold, p.review_threshold, p.allowed_countries"
+                " p.block_threshold, p.review_threshold, p.allowed_countries,"
+                " p.scoring, p.foreign_country, p.location_mismatch"
                 " FROM fraud_policies p JOIN episodes e USING (show_id)"
                 " JOIN rounds r USING (episode_id) WHERE r.state <> 'FINALIZED'")).fetchall()
         if rows is None:
@@ -152,11 +156,15 @@ class BlocklistCache:
             countries = row["countries"]
             fresh.travellers[str(row["user_id"])] = (
                 None if countries is None else frozenset(str(c).upper() for c in countries))
+        defaults = self._defaults
         for row in policies:
             fresh.policies[str(row["round_id"])] = Policy(
                 str(row["show_id"]), float(row["block_threshold"]),
                 float(row["review_threshold"]),
-                frozenset(str(c).upper() for c in row["allowed_countries"]))
+                frozenset(str(c).upper() for c in row["allowed_countries"]),
+                row["scoring"] or defaults.scoring,
+                row["foreign_country"] or defaults.foreign_country,
+                row["location_mismatch"] or defaults.location_mismatch)
         self.current = fresh
         self._blocks_fingerprint = fingerprint
 

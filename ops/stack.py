@@ -163,7 +163,8 @@ class Stack:
     def _service_environment(self, state_dir: Path) -> dict[str, str]:
         env = {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
                "TELEVOTE_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1",
-               "VOTE_PSEUDONYM_SALT": _secret(state_dir / "pseudonym-salt")}
+               "VOTE_PSEUDONYM_SALT": _secret(state_dir / "pseudonym-salt"),
+               "VOTE_IP_HASH_KEY": _secret(state_dir / "ip-hash-key")}
         env.update({variable: self.target(service)
                     for service, variable in TARGET_VARIABLES.items()})
         env.update(self.settings.service_env)
