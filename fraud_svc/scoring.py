@@ -18,12 +18,12 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
 
+from fraud_svc import store
 from fraud_svc.config import FraudConfig
 from fraud_svc.features import Facts, Prepared, Scorer, Verdict
 from fraud_svc.geoip import IpInfo, IpIntel, parse_ip
 from fraud_svc.state import FeatureState, Observation
 from fraud_svc.store import BlocklistCache, Pool
-from runtime import audit as audit_log
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.interceptors import current_principal
 from televote.fraud.v1 import (
@@ -257,7 +257,7 @@ class Scoring:
         async with self._pool.connection() as conn:
             await conn.set_autocommit(True)
             try:
-                await conn.execute(_RECORD_SQL, {"actor": SELF, "batch": batch})
+                await conn.execute(store.RECORD_SCORES, {"actor": SELF, "batch": batch})
             finally:
                 await conn.set_autocommit(False)
         if flagged:
@@ -279,26 +279,3 @@ def _uuid4s(count: int) -> Iterator[str]:
         data[at + 8] = data[at + 8] & 0x3F | 0x80  # RFC 4122 variant
         text = data[at:at + 16].hex()
         yield f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
-
-
-# A vote scored again (vote_svc retried the batch) keeps its first review; a user flagged
-# twice keeps the first flag.
-_RECORD_SQL = f"""
-WITH batch AS (SELECT %(batch)s::jsonb AS b), audit AS (
-    {audit_log.insert_sql("(SELECT b -> 'audit' FROM batch)")}
-), reviews AS (
-    INSERT INTO fraud_reviews (review_id, vote_ref, user_id, round_id, score, signals,
-                               decision_id)
-    SELECT (r ->> 'review_id')::uuid, r ->> 'vote_ref', r ->> 'user_id', r ->> 'round_id',
-           (r ->> 'score')::float8, r -> 'signals', r ->> 'decision_id'
-    FROM batch, jsonb_array_elements(b -> 'reviews') WITH ORDINALITY AS e(r, position)
-    ORDER BY position
-    ON CONFLICT (round_id, user_id, vote_ref) DO NOTHING
-), blocks AS (
-    INSERT INTO fraud_blocks (block_id, kind, value, reason, created_by)
-    SELECT (f ->> 'block_id')::uuid, 'USER', f ->> 'value', f ->> 'reason', %(actor)s
-    FROM batch, jsonb_array_elements(b -> 'blocks') AS f
-    ON CONFLICT (kind, value) WHERE deleted_at IS NULL DO NOTHING
-)
-SELECT 1
-"""
