@@ -64,6 +64,13 @@ class _Method:
     path: str
     server_streaming: bool
     transcoded: bool
+    #: The HTTP paths up to their first variable, of the GET bindings ("/v1/carriers/").
+    get_prefixes: tuple[str, ...] = ()
+
+
+def _get_prefixes(rule: Any) -> tuple[str, ...]:
+    rules = [rule, *rule.additional_bindings]
+    return tuple(binding.get.split("{", 1)[0] for binding in rules if binding.get)
 
 
 def _methods(descriptor_set: Path) -> dict[str, list[_Method]]:
@@ -74,7 +81,8 @@ def _methods(descriptor_set: Path) -> dict[str, list[_Method]]:
             full_name = f"{proto.package}.{service.name}"
             methods[full_name] = [
                 _Method(f"/{full_name}/{method.name}", method.server_streaming,
-                        method.options.HasExtension(annotations_pb2.http))
+                        method.options.HasExtension(annotations_pb2.http),
+                        _get_prefixes(method.options.Extensions[annotations_pb2.http]))
                 for method in service.method
             ]
     return methods
@@ -140,12 +148,26 @@ def render(settings: EdgeSettings) -> str:
                    for method in methods.get(service, []) if method.server_streaming]
         routes.append(_route({"prefix": f"/{service}/"}, cluster, UNARY_TIMEOUT))
 
+    # Carriers' SMS gateways (Kannel's get-url and dlr-url) can only put their token in the
+    # URL: the transcoder drops the query string when it turns a GET into a gRPC call, so
+    # the token is read and verified before it, on the GET routes of carrier services.
+    query_token_services = {service for service in routed
+                            if Role.CARRIER in SERVICE_ROLES[service]
+                            and any(m.get_prefixes for m in methods.get(service, []))}
+    query_token_rules = [
+        {"match": {"prefix": prefix}, "requires": {"requires_any": {"requirements": [
+            {"provider_name": "televote_query"}, {"allow_missing": {}}]}}}
+        for prefix in sorted({prefix for service in query_token_services
+                              for method in methods[service] for prefix in method.get_prefixes})]
     jwt_rules: list[dict[str, Any]] = []
     rbac_policies: dict[str, Any] = {}
     for service in routed:
         roles = SERVICE_ROLES[service] - {Role.INTERNAL}
         prefix = {"prefix": f"/{service}/"}
-        if Role.ANONYMOUS in roles:
+        if Role.ANONYMOUS in roles or service in query_token_services:
+            # Anonymous callers have no token; an SMS gateway's came in the query string and
+            # was verified before transcoding (`query_token_rules`). RBAC still requires
+            # the role either way.
             requirement: dict[str, Any] = {"requires_any": {"requirements": [
                 {"provider_name": "televote"}, {"allow_missing": {}}]}}
         else:
@@ -178,6 +200,7 @@ def render(settings: EdgeSettings) -> str:
         "jwt_audience": settings.jwt_audience,
         "jwks": str(settings.jwks_path),
         "jwt_rules": jwt_rules,
+        "query_token_rules": query_token_rules or [{"match": {"prefix": "/-/"}}],
         "rbac_policies": rbac_policies,
         "rate_limit_per_second": settings.rate_limit_per_second,
         "trusted_proxy_hops": settings.trusted_proxy_hops,

@@ -24,6 +24,7 @@ from pathlib import Path
 from ops import edge, tokens
 from ops.addresses import remove_addresses, write_addresses
 from ops.infra import start_postgres, start_redis
+from ops.kannel import Kannel
 from ops.migrate import migrate
 from ops.processes import Child, free_port, wait_serving
 
@@ -56,6 +57,9 @@ class StackSettings:
     redis_url: str | None = None
     #: Extra environment for every service (durations shortened by tests, log level, ...).
     service_env: dict[str, str] = field(default_factory=dict)
+    #: Start Kannel (bearerbox, smsbox) in front of the edge, a fake SMSC link per carrier
+    #: (ops/kannel.py), and send SMS replies through it.
+    kannel: bool = False
 
 
 @dataclass
@@ -71,6 +75,7 @@ class Stack:
     _infra: list[Child] = field(default_factory=list)
     _services: list[Child] = field(default_factory=list)
     _edge: Child | None = None
+    kannel: Kannel | None = None
     #: Extra environment per service (fraud_svc's development GeoIP database).
     _service_extra: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -100,6 +105,13 @@ class Stack:
             self._service_extra["fraud_svc"] = await asyncio.to_thread(
                 dev_geoip_environment, state_dir, {**os.environ, **self.settings.service_env})
 
+            # The edge's port first: Kannel calls it, and sms_svc gives Kannel URLs on it.
+            self.edge_port = self.settings.edge_port or free_port()
+            self.admin_port = self.settings.admin_port or free_port()
+            if self.settings.kannel:
+                # Kannel runs beside the edge: it calls it on loopback whatever its address.
+                self.kannel = Kannel(state_dir, f"http://127.0.0.1:{self.edge_port}")
+                self._service_extra["sms_svc"] = self.kannel.sms_env()
             for service in SERVICES:
                 count = self.settings.replicas.get(service, 1)
                 self.addresses[service] = [("127.0.0.1", free_port()) for _ in range(count)]
@@ -110,8 +122,6 @@ class Stack:
                                    for child, address in zip(self._services, self._all_addresses(),
                                                              strict=True)))
 
-            self.edge_port = self.settings.edge_port or free_port()
-            self.admin_port = self.settings.admin_port or free_port()
             config_path = state_dir / "envoy.yaml"
             config_path.write_text(edge.render(edge.EdgeSettings(
                 jwks_path=jwks, jwt_issuer=tokens.ISSUER, jwt_audience=tokens.AUDIENCE,
@@ -121,6 +131,8 @@ class Stack:
                 str(Path(sys.executable).parent / "envoy"), "-c", str(config_path),
                 "--use-dynamic-base-id", "--log-level", "warn"], logs)
             await self._wait_edge_ready()
+            if self.kannel is not None:
+                await self.kannel.start()
             write_addresses(state_dir, {
                 "edge": self.edge_target, "envoy-admin": f"127.0.0.1:{self.admin_port}",
                 "database": self.database_url, "redis": self.redis_url,
@@ -164,7 +176,8 @@ class Stack:
         env = {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
                "TELEVOTE_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1",
                "VOTE_PSEUDONYM_SALT": _secret(state_dir / "pseudonym-salt"),
-               "VOTE_IP_HASH_KEY": _secret(state_dir / "ip-hash-key")}
+               "VOTE_IP_HASH_KEY": _secret(state_dir / "ip-hash-key"),
+               "SMS_MSISDN_SECRET": _secret(state_dir / "msisdn-secret")}
         env.update({variable: self.target(service)
                     for service, variable in TARGET_VARIABLES.items()})
         env.update(self.settings.service_env)
@@ -210,6 +223,8 @@ class Stack:
     async def stop(self) -> None:
         """Stop in reverse dependency order; leaves no process behind."""
         remove_addresses(self.settings.state_dir.resolve())
+        if self.kannel is not None:
+            await self.kannel.stop()
         if self._edge is not None:
             await self._edge.stop()
         for child in reversed(self._services):
@@ -226,6 +241,11 @@ class Stack:
         for service in SERVICES:
             replicas = ", ".join(f"{h}:{p}" for h, p in self.addresses.get(service, []))
             lines.append(f"{service:<33}{replicas}")
+        if self.kannel is not None:
+            ports = ", ".join(f"{carrier} {port}"
+                              for carrier, port in self.kannel.smsc_ports.items())
+            lines.append(f"Kannel sendsms                   {self.kannel.sendsms_url}")
+            lines.append(f"Kannel fake SMSC links           {ports} (fakesmsc -r PORT)")
         state_dir = self.settings.state_dir.resolve()
         lines.append(f"data, keys (state directory)     {state_dir}")
         lines.append(f"logs                             {state_dir / 'logs'}")

@@ -45,6 +45,7 @@ SERVICE_ROLES: dict[str, frozenset[Role]] = {
     "televote.results.v1.ResultsService": PUBLIC,
     "televote.results.v1.ReportService": frozenset({Role.OPERATOR}),
     "televote.sms.v1.CarrierService": frozenset({Role.CARRIER}),
+    "televote.sms.v1.ShortCodeService": frozenset({Role.OPERATOR}),
     "televote.fraud.v1.FraudScoringService": frozenset({Role.INTERNAL}),
     "televote.fraud.v1.FraudReviewService": frozenset({Role.OPERATOR}),
 }

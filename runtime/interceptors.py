@@ -18,11 +18,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from runtime.access import ANONYMOUS, SERVICE_ROLES, Principal, Role, allowed
-from runtime.errors import ApiError
+from runtime.errors import ApiError, FieldViolation, invalid_argument
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,34 @@ def _admit(method: str, metadata: dict[str, str],
                     f"role {principal.role.value} may not call {service}")
 
 
+class _Undecodable:
+    """A request whose bytes are no valid message (a string field that is not UTF-8, which
+    the edge's transcoder passes on from a query parameter): answered INVALID_ARGUMENT by the
+    handler wrapper instead of the INTERNAL grpc gives when a deserializer raises."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            return _Undecodable(str(error))
+    return parse
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise invalid_argument(FieldViolation(
+            "", "the request is not a valid message (e.g. text that is not UTF-8): "
+                + request.problem))
+
+
 if TYPE_CHECKING:
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # grpc's runtime class is not generic; only its stubs are
@@ -101,12 +130,12 @@ class ServiceInterceptor(_Interceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _unary(handler.unary_unary, admission, method, metadata),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _streaming(handler.unary_stream, admission, method, metadata),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
@@ -127,6 +156,7 @@ def _unary(behaviour: Callable[..., Any], admission: Principal | ApiError, metho
             try:
                 if isinstance(admission, ApiError):
                     raise admission
+                _check_decoded(request)
                 _principal.set(admission)
                 return await behaviour(request, context)
             except grpc.aio.AbortError:
@@ -145,6 +175,7 @@ def _streaming(behaviour: Callable[..., Any], admission: Principal | ApiError, m
             try:
                 if isinstance(admission, ApiError):
                     raise admission
+                _check_decoded(request)
                 _principal.set(admission)
                 result = behaviour(request, context)
                 if inspect.isasyncgen(result):
