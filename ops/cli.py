@@ -180,6 +180,17 @@ def generate(
     raise typer.Exit(run_codegen(check=check))
 
 
+@app.command()
+def web(
+    check: Annotated[bool, typer.Option(
+        help="Fail if web/src/gen or the bundles in web/dist are stale.")] = False,
+) -> None:
+    """Rebuild the web apps (TypeScript clients from protos/, bundles the edge serves)."""
+    from ops.web import build
+
+    raise typer.Exit(build(check=check))
+
+
 @audit.command("export")
 def audit_export(
     round_id: Annotated[str, typer.Argument(help="The finalized round.")],

@@ -17,6 +17,7 @@ from typing import Any
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
+from ops import web
 from runtime.access import SERVICE_ROLES, Role, routed_services
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
@@ -50,6 +51,8 @@ class EdgeSettings:
     #: what a replica answers in a second or two.
     unary_requests_per_replica: int = 500
     descriptor_set: Path = DESCRIPTOR_SET
+    #: The built web apps (web/dist), served by the edge itself under the API's origin.
+    web_dir: Path = web.DIST
     #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas.
     upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
@@ -136,11 +139,52 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int) -> 
     }
 
 
+#: Every page and asset the edge serves itself. Same origin as the API, so the browser apps
+#: need no CORS; the policy allows scripts, styles and calls to this origin only (photos may
+#: come from any https host).
+_WEB_HEADERS = {
+    "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' https: data:; connect-src 'self'; "
+                               "base-uri 'none'; form-action 'self'; object-src 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    # Bundles are not content-hashed: a minute of caching spares the edge a reload storm and
+    # a redeploy reaches everyone within it.
+    "cache-control": "public, max-age=60",
+}
+
+
+def _web_files(web_dir: Path) -> dict[str, Path]:
+    """URL path -> file, for every page and asset of the built web apps."""
+    if not web_dir.is_dir():
+        return {}
+    files = {path: web_dir / name for path, name in web.PAGES.items()}
+    pages = set(web.PAGES.values())
+    files |= {f"{web.ASSETS_PREFIX}{p.name}": p for p in sorted(web_dir.iterdir())
+              if p.is_file() and p.name not in pages}
+    return files
+
+
+def _web_route(path: str, file: Path) -> dict[str, Any]:
+    headers = {**_WEB_HEADERS,
+               "content-type": web.CONTENT_TYPES.get(file.suffix, "application/octet-stream")}
+    return {"match": {"path": path, "headers": [{"name": ":method", "string_match": {
+                "safe_regex": {"regex": "GET|HEAD"}}}]},
+            "direct_response": {"status": 200, "body": {"filename": str(file)}},
+            "response_headers_to_add": [
+                {"header": {"key": key, "value": value},
+                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                for key, value in headers.items()]}
+
+
 def render(settings: EdgeSettings) -> str:
     """The Envoy config for these settings, as YAML text."""
     methods = _methods(settings.descriptor_set)
     routed = routed_services()
-    routes: list[dict[str, Any]] = []
+    web_files = _web_files(settings.web_dir)
+    routes: list[dict[str, Any]] = [_web_route(path, file) for path, file in web_files.items()]
+    if web_files:
+        routes.append({"match": {"path": "/"}, "redirect": {"path_redirect": "/vote"}})
     for service in routed:
         cluster = process_of(service)
         # Streams stay open for a whole show: Envoy would cut them at the route timeout.
@@ -177,6 +221,13 @@ def render(settings: EdgeSettings) -> str:
                       else [_role_principal(role) for role in sorted(roles)])
         rbac_policies[service] = {"permissions": [{"url_path": {"path": prefix}}],
                                   "principals": principals}
+    # The web apps are public files; what they call is held to the rules above.
+    web_paths = [*web_files, "/"] if web_files else []
+    jwt_rules += [{"match": {"path": path}} for path in web_paths]
+    if web_paths:
+        rbac_policies["web"] = {
+            "permissions": [{"url_path": {"path": {"exact": path}}} for path in web_paths],
+            "principals": [{"any": True}]}
     # Anything else (unknown paths, the internal fraud scoring service) still needs a token,
     # and then finds no RBAC policy: 401 without a token, 403 with one.
     jwt_rules.append({"match": {"prefix": "/"}, "requires": {"provider_name": "televote"}})
@@ -206,6 +257,9 @@ def render(settings: EdgeSettings) -> str:
         "trusted_proxy_hops": settings.trusted_proxy_hops,
         "rate_limit_burst": settings.rate_limit_per_second * 2,
         "clusters": clusters,
+        # Envoy's default cap is 4 KiB; a bundle is a few hundred.
+        "max_direct_response_body_bytes": max(
+            [4096, *(file.stat().st_size + 1 for file in web_files.values())]),
     }
     return Template(TEMPLATE.read_text()).substitute(
         {key: json.dumps(value) for key, value in values.items()})
