@@ -17,7 +17,6 @@ from ops.stack import SERVICES, Stack
 from runtime.access import SERVICE_ROLES, Role
 from runtime.errors import error_info
 from televote.fraud.v1 import fraud_scoring_service_pb2, fraud_scoring_service_pb2_grpc
-from televote.sms.v1 import carrier_service_pb2, carrier_service_pb2_grpc
 from televote.sync.v1 import show_control_service_pb2, show_control_service_pb2_grpc
 from televote.vote.v1 import vote_service_pb2, vote_service_pb2_grpc
 from tests.conftest import bearer
@@ -161,15 +160,3 @@ async def test_the_service_itself_refuses_a_role_the_table_does_not_allow(stack:
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     info = error_info(refused.value)
     assert info is not None and info.reason == "PERMISSION_DENIED"
-
-
-async def test_an_rpc_whose_issue_has_not_landed_is_unimplemented(
-        stack: Stack, edge_channel: grpc.aio.Channel) -> None:
-    stub = carrier_service_pb2_grpc.CarrierServiceStub(edge_channel)
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await stub.ReceiveInboundSms(
-            carrier_service_pb2.ReceiveInboundSmsRequest(),
-            metadata=bearer(stack.settings.state_dir, Role.CARRIER, "smart"), timeout=5)
-    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    info = error_info(refused.value)
-    assert info is not None and info.reason == "NOT_IMPLEMENTED"
