@@ -28,6 +28,8 @@ from televote.vote.v1 import vote_types_pb2 as vtypes
 
 def fetch(edge_url: str, token: str, episode_id: str, timeout: float = 120
           ) -> pb.GetEpisodeReportResponse:
+    if "://" not in edge_url:  # "127.0.0.1:8080", as curl takes it
+        edge_url = f"http://{edge_url}"
     request = urllib.request.Request(
         f"{edge_url.rstrip('/')}/v1/episodes/{episode_id}/report",
         headers={"authorization": f"Bearer {token}", "accept": "application/json"})
