@@ -17,7 +17,13 @@ from typing import Any
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
-from runtime.access import SERVICE_ROLES, Role, routed_services
+from runtime.access import (
+    SERVICE_ROLES,
+    TOKEN_CLOCK_SKEW_SECONDS,
+    TOKEN_LIFETIME_SECONDS,
+    Role,
+    routed_services,
+)
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 TEMPLATE = ENVOY_DIR / "edge.yaml"
@@ -88,12 +94,56 @@ def _route(prefix_or_path: dict[str, str], cluster: str, timeout: str) -> dict[s
             "route": {"cluster": cluster, "timeout": timeout, "retry_policy": retry}}
 
 
+def _lifetimes() -> list[int]:
+    """The distinct token lifetimes of the roles, shortest first: one JWT provider each."""
+    return sorted(set(TOKEN_LIFETIME_SECONDS.values()))
+
+
+def _provider_name(lifetime: int) -> str:
+    return f"televote_{lifetime}s"
+
+
+def _jwt_providers(settings: EdgeSettings) -> dict[str, Any]:
+    """One provider per lifetime cap, each writing the claims it verified under its own name.
+
+    Envoy caps a provider's tokens (`max_lifetime`, exp - iat) but not per claim, so a role's
+    cap is enforced by which provider verified its token: the requirements try the providers
+    shortest cap first, and RBAC accepts a role only from a provider whose cap is within the
+    role's (`_role_principal`). An operator token minted for a day verifies only with the
+    day-long provider, and RBAC then refuses it.
+    """
+    return {_provider_name(lifetime): {
+        "issuer": settings.jwt_issuer,
+        "audiences": [settings.jwt_audience],
+        "local_jwks": {"filename": str(settings.jwks_path)},
+        "require_expiration": True,
+        "max_lifetime": f"{lifetime}s",
+        "clock_skew_seconds": TOKEN_CLOCK_SKEW_SECONDS,
+        "forward_payload_header": "x-jwt-payload",
+        "payload_in_metadata": _provider_name(lifetime),
+        # An app sends the same token with every vote: its ES256 signature is verified once
+        # per worker, not per request (expiry is still checked).
+        "jwt_cache_config": {"jwt_cache_size": 100000},
+    } for lifetime in _lifetimes()}
+
+
+def _any_token(allow_missing: bool) -> dict[str, Any]:
+    requirements: list[dict[str, Any]] = [
+        {"provider_name": _provider_name(lifetime)} for lifetime in _lifetimes()]
+    if allow_missing:
+        requirements.append({"allow_missing": {}})
+    return {"requires_any": {"requirements": requirements}}
+
+
 def _role_principal(role: Role) -> dict[str, Any]:
-    """Callers whose verified token carries `role` (anonymous callers have no token)."""
-    return {"sourced_metadata": {"metadata_matcher": {
-        "filter": "envoy.filters.http.jwt_authn",
-        "path": [{"key": "jwt_payload"}, {"key": "role"}],
-        "value": {"string_match": {"exact": role.value}}}}}
+    """Callers whose verified token carries `role` and lives no longer than the role may
+    (anonymous callers have no token)."""
+    return {"or_ids": {"ids": [
+        {"sourced_metadata": {"metadata_matcher": {
+            "filter": "envoy.filters.http.jwt_authn",
+            "path": [{"key": _provider_name(lifetime)}, {"key": "role"}],
+            "value": {"string_match": {"exact": role.value}}}}}
+        for lifetime in _lifetimes() if lifetime <= TOKEN_LIFETIME_SECONDS[role]]}}
 
 
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -145,19 +195,15 @@ def render(settings: EdgeSettings) -> str:
     for service in routed:
         roles = SERVICE_ROLES[service] - {Role.INTERNAL}
         prefix = {"prefix": f"/{service}/"}
-        if Role.ANONYMOUS in roles:
-            requirement: dict[str, Any] = {"requires_any": {"requirements": [
-                {"provider_name": "televote"}, {"allow_missing": {}}]}}
-        else:
-            requirement = {"provider_name": "televote"}
-        jwt_rules.append({"match": prefix, "requires": requirement})
+        jwt_rules.append({"match": prefix,
+                          "requires": _any_token(allow_missing=Role.ANONYMOUS in roles)})
         principals = ([{"any": True}] if Role.ANONYMOUS in roles
                       else [_role_principal(role) for role in sorted(roles)])
         rbac_policies[service] = {"permissions": [{"url_path": {"path": prefix}}],
                                   "principals": principals}
     # Anything else (unknown paths, the internal fraud scoring service) still needs a token,
     # and then finds no RBAC policy: 401 without a token, 403 with one.
-    jwt_rules.append({"match": {"prefix": "/"}, "requires": {"provider_name": "televote"}})
+    jwt_rules.append({"match": {"prefix": "/"}, "requires": _any_token(allow_missing=False)})
 
     transcoded = [service for service in routed
                   if any(method.transcoded for method in methods.get(service, []))]
@@ -174,9 +220,7 @@ def render(settings: EdgeSettings) -> str:
         "cors_origins": [{"exact": origin} for origin in settings.cors_origins],
         "descriptor": str(settings.descriptor_set),
         "transcoded_services": transcoded,
-        "jwt_issuer": settings.jwt_issuer,
-        "jwt_audience": settings.jwt_audience,
-        "jwks": str(settings.jwks_path),
+        "jwt_providers": _jwt_providers(settings),
         "jwt_rules": jwt_rules,
         "rbac_policies": rbac_policies,
         "rate_limit_per_second": settings.rate_limit_per_second,

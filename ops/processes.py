@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import signal
 import socket
 import time
@@ -41,6 +42,15 @@ def run_stopping_on_sigterm(main: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(guarded())
 
 
+def as_user(user: str | None) -> dict[str, Any]:
+    """subprocess arguments that run a child as `user` with that user's group alone: without
+    them it keeps root's groups, and the group that lets it into the state directory
+    (ops/infra.py) is not among them."""
+    if user is None:
+        return {}
+    return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
+
+
 @dataclass
 class Child:
     """One supervised process."""
@@ -59,7 +69,7 @@ class Child:
         with log_path.open("ab") as log_file:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                env={**os.environ, **(env or {})}, user=user,
+                env={**os.environ, **(env or {})}, **as_user(user),
                 # Its own session: a Ctrl-C in the terminal reaches only `televote up`, which
                 # then stops the children in order instead of all at once.
                 start_new_session=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 import sys
 import time
@@ -25,6 +24,8 @@ from ops import edge, tokens
 from ops.infra import start_postgres, start_redis
 from ops.migrate import migrate
 from ops.processes import Child, free_port, wait_serving
+from results_svc.signing import KEY_FILE as LEDGER_KEY_FILE
+from runtime.secrets import private_dir, read_or_create_secret
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,10 @@ class Stack:
 
     async def start(self) -> None:
         state_dir = self.settings.state_dir.resolve()
+        # Keys, passwords and the database live below: nobody else may even look inside (as
+        # root, PostgreSQL's system user gets to traverse it through the group, ops/infra.py).
         state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.chmod(state_dir.stat().st_mode & 0o710)
         logs = state_dir / "logs"
         try:
             self.database_url = self.settings.database_url or await self._own_postgres(state_dir)
@@ -128,6 +132,7 @@ class Stack:
         state_dir = self.settings.state_dir.resolve()
         host, port = self.addresses[service][replica]
         env = {**self._service_environment(state_dir), **self._service_extra.get(service, {}),
+               **self._service_secrets(state_dir, service),
                "TELEVOTE_HOST": host, "TELEVOTE_PORT": str(port),
                "TELEVOTE_REPLICA": str(replica)}
         return await Child.spawn(f"{service}-{replica}", [sys.executable, "-m", service],
@@ -154,10 +159,22 @@ class Stack:
         host, port = self.addresses[service][replica]
         await wait_serving(f"{host}:{port}", child)
 
+    def _service_secrets(self, state_dir: Path, service: str) -> dict[str, str]:
+        """What only `service` is given: its own private directory (results_svc keeps the
+        ledger signing key there) and the secrets it alone uses. No service is told where the
+        token signing key is."""
+        own = service_dir(state_dir, service)
+        env = {"TELEVOTE_STATE_DIR": str(own)}
+        if service == "vote_svc":
+            env["VOTE_PSEUDONYM_SALT"] = read_or_create_secret(
+                _adopt(state_dir / "pseudonym-salt", own / "pseudonym-salt"))
+        if service == "results_svc":
+            _adopt(state_dir / LEDGER_KEY_FILE, own / LEDGER_KEY_FILE)
+        return env
+
     def _service_environment(self, state_dir: Path) -> dict[str, str]:
         env = {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
-               "TELEVOTE_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1",
-               "VOTE_PSEUDONYM_SALT": _secret(state_dir / "pseudonym-salt")}
+               "PYTHONUNBUFFERED": "1"}
         env.update({variable: self.target(service)
                     for service, variable in TARGET_VARIABLES.items()})
         env.update(self.settings.service_env)
@@ -244,9 +261,13 @@ def dev_geoip_environment(state_dir: Path, environ: Mapping[str, str]) -> dict[s
     return {"FRAUD_GEOIP_DB": str(path)}
 
 
-def _secret(path: Path) -> str:
-    """A random secret kept in the state directory, made on first use."""
-    if not path.exists():
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-    return path.read_text().strip()
+def service_dir(state_dir: Path, service: str) -> Path:
+    """The private directory of one service in the state directory."""
+    return private_dir(state_dir / "services" / service)
+
+
+def _adopt(legacy: Path, path: Path) -> Path:
+    """`path`, moved there from where a state directory made before issue 21 kept it."""
+    if legacy.exists() and not path.exists():
+        legacy.replace(path)
+    return path

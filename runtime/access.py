@@ -29,6 +29,18 @@ class Role(StrEnum):
     INTERNAL = "internal"  # services of the mesh calling each other; never routed by the edge
 
 
+#: The longest a token of each role may live (exp - iat), enforced by the edge. An operator
+#: token opens and closes voting on live TV: a stolen one is worth little an hour later. A
+#: role without an entry gets no tokens.
+TOKEN_LIFETIME_SECONDS: dict[Role, int] = {
+    Role.OPERATOR: 3600,
+    Role.VOTER: 24 * 3600,
+    Role.CARRIER: 24 * 3600,
+}
+
+#: How far the edge's clock may be from the issuer's when it judges `exp`, `nbf` and `iat`.
+TOKEN_CLOCK_SKEW_SECONDS = 30
+
 PUBLIC = frozenset({Role.ANONYMOUS, Role.VOTER, Role.OPERATOR})
 
 #: Full gRPC service name -> the roles allowed to call it.
