@@ -17,6 +17,7 @@ from typing import Any
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
+from ops.pki import Identity
 from runtime.access import (
     SERVICE_ROLES,
     TOKEN_CLOCK_SKEW_SECONDS,
@@ -24,10 +25,14 @@ from runtime.access import (
     Role,
     routed_services,
 )
+from runtime.mesh import peer_name
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 TEMPLATE = ENVOY_DIR / "edge.yaml"
 DESCRIPTOR_SET = ENVOY_DIR / "televote.pb"
+
+#: The verified token's subject, for the per-subject rate limit (clients' copies stripped).
+_SUBJECT_HEADER = "x-televote-subject"
 
 #: How long a unary RPC may take through the edge before it is cut.
 UNARY_TIMEOUT = "15s"
@@ -45,6 +50,23 @@ class EdgeSettings:
     admin_port: int = 9901
     cors_origins: tuple[str, ...] = ("http://localhost:8080", "http://127.0.0.1:8080")
     rate_limit_per_second: int = 50_000
+    #: Requests per second (burst: twice) from one client IP, whoever it is. Generous: a
+    #: mobile carrier's NAT puts thousands of viewers behind one address.
+    per_ip_per_second: int = 2_000
+    #: Requests per second (burst: twice) without a token from one client IP: viewers open
+    #: their show and results streams and poll results; one address opening thousands of
+    #: streams is throttled to this.
+    anonymous_per_ip_per_second: int = 100
+    #: Requests per second (burst: twice) of one token subject (a voter, an operator, a
+    #: carrier): far above what an app or a person does, far below a script's flood.
+    per_subject_per_second: int = 50
+    #: Concurrent streams on one HTTP/2 connection to the edge.
+    max_streams_per_connection: int = 1000
+    #: The largest request body the edge takes (gRPC message, JSON or gRPC-Web body).
+    max_request_bytes: int = 64 * 1024
+    #: The overload manager's ceilings.
+    max_heap_bytes: int = 1 << 30
+    max_connections: int = 50_000
     #: Proxies in front of the edge (a cloud load balancer: 1) whose X-Forwarded-For entries
     #: are trusted for the caller's IP; 0 when clients connect to the edge directly, so a
     #: client cannot choose the IP that fraud scoring sees.
@@ -58,6 +80,9 @@ class EdgeSettings:
     descriptor_set: Path = DESCRIPTOR_SET
     #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas.
     upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    #: The edge's mesh certificate (ops/pki.py): upstreams are reached with mutual TLS and
+    #: must present their own service's certificate. None: plaintext upstreams.
+    upstream_tls: Identity | None = None
 
 
 def process_of(service: str) -> str:
@@ -121,6 +146,7 @@ def _jwt_providers(settings: EdgeSettings) -> dict[str, Any]:
         "clock_skew_seconds": TOKEN_CLOCK_SKEW_SECONDS,
         "forward_payload_header": "x-jwt-payload",
         "payload_in_metadata": _provider_name(lifetime),
+        "claim_to_headers": [{"header_name": _SUBJECT_HEADER, "claim_name": "sub"}],
         # An app sends the same token with every vote: its ES256 signature is verified once
         # per worker, not per request (expiry is still checked).
         "jwt_cache_config": {"jwt_cache_size": 100000},
@@ -149,8 +175,27 @@ def _role_principal(role: Role) -> dict[str, Any]:
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int) -> dict[str, Any]:
-    return {
+def _upstream_tls(name: str, tls: Identity) -> dict[str, Any]:
+    """Mutual TLS to `name`'s replicas: the edge shows its certificate and accepts only one
+    from the mesh's CA naming that service."""
+    context = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": f"type.googleapis.com/{context}",
+        "sni": peer_name(name),
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [{"certificate_chain": {"filename": str(tls.certificate)},
+                                  "private_key": {"filename": str(tls.key)}}],
+            "validation_context": {
+                "trusted_ca": {"filename": str(tls.ca)},
+                "match_typed_subject_alt_names": [{
+                    "san_type": "DNS", "matcher": {"exact": peer_name(name)}}]},
+        }}}
+
+
+def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int,
+             tls: Identity | None) -> dict[str, Any]:
+    cluster = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
@@ -176,6 +221,39 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int) -> 
             {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
             for host, port in endpoints]}]},
     }
+    if tls is not None:
+        cluster["transport_socket"] = _upstream_tls(name, tls)
+    return cluster
+
+
+def _rate_limits(settings: EdgeSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The local rate limit's descriptor actions and their buckets, one bucket per value.
+
+    The subject comes from the verified token (jwt_authn copies `sub` into a header the edge
+    strips from clients); an anonymous request is one without the verified claims header.
+    """
+    def bucket(per_second: int) -> dict[str, Any]:
+        return {"max_tokens": per_second * 2, "tokens_per_fill": per_second,
+                "fill_interval": "1s"}
+
+    actions: list[dict[str, Any]] = [
+        {"actions": [{"remote_address": {}}]},
+        {"actions": [{"header_value_match": {
+            "descriptor_key": "anonymous", "descriptor_value": "yes", "expect_match": False,
+            "headers": [{"name": "x-jwt-payload", "present_match": True}]}},
+            {"remote_address": {}}]},
+        {"actions": [{"request_headers": {"header_name": _SUBJECT_HEADER,
+                                          "descriptor_key": "subject",
+                                          "skip_if_absent": True}}]},
+    ]
+    descriptors: list[dict[str, Any]] = [
+        {"entries": [{"key": "remote_address"}],
+         "token_bucket": bucket(settings.per_ip_per_second)},
+        {"entries": [{"key": "anonymous", "value": "yes"}, {"key": "remote_address"}],
+         "token_bucket": bucket(settings.anonymous_per_ip_per_second)},
+        {"entries": [{"key": "subject"}], "token_bucket": bucket(settings.per_subject_per_second)},
+    ]
+    return actions, descriptors
 
 
 def render(settings: EdgeSettings) -> str:
@@ -210,8 +288,10 @@ def render(settings: EdgeSettings) -> str:
     streaming = {process_of(service) for service in routed
                  if any(method.server_streaming for method in methods.get(service, []))}
     clusters = [_cluster(name, endpoints, 1_000_000 if name in streaming
-                         else settings.unary_requests_per_replica * len(endpoints))
+                         else settings.unary_requests_per_replica * len(endpoints),
+                         settings.upstream_tls)
                 for name, endpoints in sorted(settings.upstreams.items())]
+    rate_limits, rate_limit_descriptors = _rate_limits(settings)
     values = {
         "edge_host": settings.host,
         "edge_port": settings.port,
@@ -227,6 +307,12 @@ def render(settings: EdgeSettings) -> str:
         "trusted_proxy_hops": settings.trusted_proxy_hops,
         "rate_limit_burst": settings.rate_limit_per_second * 2,
         "clusters": clusters,
+        "rate_limits": rate_limits,
+        "rate_limit_descriptors": rate_limit_descriptors,
+        "max_streams_per_connection": settings.max_streams_per_connection,
+        "max_request_bytes": settings.max_request_bytes,
+        "max_heap_bytes": settings.max_heap_bytes,
+        "max_connections": settings.max_connections,
     }
     return Template(TEMPLATE.read_text()).substitute(
         {key: json.dumps(value) for key, value in values.items()})
