@@ -104,12 +104,13 @@ class Child:
 
 
 async def wait_serving(target: str, child: Child | None = None, timeout: float = 60.0,
-                       name: str = "") -> None:
+                       name: str = "", channel: grpc.aio.Channel | None = None) -> None:
     """Wait until the gRPC server at `target` (host:port) reports SERVING on its health
-    service; raises with `child`'s log tail if it exits first or the time runs out."""
+    service; raises with `child`'s log tail if it exits first or the time runs out. `channel`
+    reaches it another way than plaintext (the mesh's mutual TLS)."""
     what = name or (child.name if child else target)
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with channel or grpc.aio.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if child is not None and not child.running:

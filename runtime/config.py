@@ -6,6 +6,7 @@ variable, instead of failing on the first request that needs it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Self
 
 from pydantic import ValidationError
@@ -35,6 +36,8 @@ class ServiceConfig(BaseSettings):
     #: health-checks every 2 s) move traffic away before the listener closes.
     televote_drain_announce_seconds: float = 1.0
     televote_log_level: str = "INFO"
+    #: This process's mesh certificate, key and CA (runtime/mesh.py); unset: plaintext.
+    televote_tls_dir: Path | None = None
     database_url: str
     redis_url: str
     #: Talk to Redis Cluster instead of a single Redis (same keys, same scripts).

@@ -1,7 +1,10 @@
 """The server interceptor every service runs: who is calling, may they, and how refusals look.
 
 It wraps each handler so that
-- the caller's Principal (from the edge's verified claims) is in a contextvar for the handler,
+- the caller's Principal is in a contextvar for the handler: with mutual TLS, the end user the
+  edge verified when the caller's certificate is the edge's, the named service (role internal)
+  when it is a service's, anonymous otherwise (runtime/mesh.py); in plaintext (a lone service
+  in a test), whatever the claims header says,
 - a role outside the access table is refused with PERMISSION_DENIED before the handler runs,
 - an ApiError raised anywhere below becomes the rich google.rpc.Status it describes,
 - any other exception is logged with its trace and answered INTERNAL without leaking details,
@@ -21,8 +24,9 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
-from runtime.access import ANONYMOUS, SERVICE_ROLES, Principal, Role, allowed
+from runtime.access import ANONYMOUS, MESH_SERVICES, SERVICE_ROLES, Principal, Role, allowed
 from runtime.errors import ApiError
+from runtime.mesh import EDGE, peer_of, service_of
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +64,20 @@ def _span(method: str, metadata: dict[str, str]) -> Any:
         record_exception=False, set_status_on_exception=False)
 
 
-def _admit(method: str, metadata: dict[str, str],
-           table: Mapping[str, frozenset[Role]]) -> Principal | ApiError:
-    principal = Principal.from_metadata(metadata)
+def _principal_of(metadata: dict[str, str], peer: str | None, mesh_tls: bool) -> Principal:
+    if not mesh_tls:
+        return Principal.from_metadata(metadata)
+    if peer == EDGE:
+        claimed = Principal.from_metadata(metadata)
+        # The edge never forwards an internal role (no token carries one).
+        return ANONYMOUS if claimed.role == Role.INTERNAL else claimed
+    if peer is not None and service_of(peer) in MESH_SERVICES:
+        return Principal(Role.INTERNAL, service_of(peer))
+    return ANONYMOUS
+
+
+def _admit(method: str, metadata: dict[str, str], table: Mapping[str, frozenset[Role]],
+           principal: Principal) -> Principal | ApiError:
     service = method.lstrip("/").split("/", 1)[0]
     if allowed(service, principal.role, table):
         return principal
@@ -82,8 +97,10 @@ else:  # grpc's runtime class is not generic; only its stubs are
 class ServiceInterceptor(_Interceptor):
     """Access control and error translation around every handler of a service."""
 
-    def __init__(self, table: Mapping[str, frozenset[Role]] = SERVICE_ROLES) -> None:
+    def __init__(self, table: Mapping[str, frozenset[Role]] = SERVICE_ROLES,
+                 mesh_tls: bool = False) -> None:
         self._table = table
+        self._mesh_tls = mesh_tls
 
     async def intercept_service(
         self,
@@ -97,7 +114,11 @@ class ServiceInterceptor(_Interceptor):
         metadata = {key: value for key, value in handler_call_details.invocation_metadata or ()
                     if isinstance(value, str)}
         method = handler_call_details.method
-        admission = _admit(method, metadata, self._table)
+        table, mesh_tls = self._table, self._mesh_tls
+
+        def admission(context: grpc.aio.ServicerContext[Any, Any]) -> Principal | ApiError:
+            peer = peer_of(context) if mesh_tls else None
+            return _admit(method, metadata, table, _principal_of(metadata, peer, mesh_tls))
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _unary(handler.unary_unary, admission, method, metadata),
@@ -120,14 +141,18 @@ class ServiceInterceptor(_Interceptor):
             response_serializer=handler.response_serializer)
 
 
-def _unary(behaviour: Callable[..., Any], admission: Principal | ApiError, method: str,
+_Admission = Callable[[grpc.aio.ServicerContext[Any, Any]], Principal | ApiError]
+
+
+def _unary(behaviour: Callable[..., Any], admission: _Admission, method: str,
            metadata: dict[str, str]) -> Callable[..., Any]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         with _span(method, metadata) as span:
             try:
-                if isinstance(admission, ApiError):
-                    raise admission
-                _principal.set(admission)
+                admitted = admission(context)
+                if isinstance(admitted, ApiError):
+                    raise admitted
+                _principal.set(admitted)
                 return await behaviour(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -136,16 +161,17 @@ def _unary(behaviour: Callable[..., Any], admission: Principal | ApiError, metho
     return handle
 
 
-def _streaming(behaviour: Callable[..., Any], admission: Principal | ApiError, method: str,
+def _streaming(behaviour: Callable[..., Any], admission: _Admission, method: str,
                metadata: dict[str, str]) -> Callable[..., Awaitable[None]]:
     # A coroutine that writes, not an async generator that re-yields: one layer less per
     # message on streams that carry a countdown to ten thousand watchers.
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         with _span(method, metadata) as span:
             try:
-                if isinstance(admission, ApiError):
-                    raise admission
-                _principal.set(admission)
+                admitted = admission(context)
+                if isinstance(admitted, ApiError):
+                    raise admitted
+                _principal.set(admitted)
                 result = behaviour(request, context)
                 if inspect.isasyncgen(result):
                     async for response in result:
