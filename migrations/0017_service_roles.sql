@@ -61,9 +61,12 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON fraud_travellers TO televote_fraud_svc;
 GRANT SELECT ON shows, episodes, contestants, rounds, votes, round_tallies, wallets,
     wallet_credits, fraud_rejections, vote_fraud_decisions
     TO televote_results_svc;
-GRANT SELECT, INSERT ON round_results, round_result_leaves, round_result_invalid_votes,
-    round_result_blocks, round_result_block_roots, ledger_keys
+GRANT SELECT, INSERT ON round_results, round_result_invalid_votes, round_result_block_roots,
+    ledger_keys
     TO televote_results_svc;
+-- A checkpoint writes leaves and blocks before the round has a result and discards them when
+-- it starts over; once the result is stored their triggers refuse any change.
+GRANT SELECT, INSERT, DELETE ON round_result_leaves, round_result_blocks TO televote_results_svc;
 GRANT SELECT, INSERT, UPDATE, DELETE ON round_checkpoints, round_checkpoint_roots,
     round_checkpoint_invalid
     TO televote_results_svc;
@@ -73,7 +76,6 @@ GRANT SELECT, DELETE ON ledger_appends, result_input_changes TO televote_results
 -- empties them (their triggers refuse too, but a superuser can switch triggers off with
 -- session_replication_role; no service role can set it: it is a superuser setting).
 REVOKE UPDATE, DELETE, TRUNCATE ON votes, audit_log, fraud_rejections, vote_fraud_decisions,
-    round_results, round_result_leaves, round_result_invalid_votes, round_result_blocks,
-    round_result_block_roots, ledger_keys
+    round_results, round_result_invalid_votes, round_result_block_roots, ledger_keys
     FROM televote_sync_svc, televote_vote_svc, televote_fraud_svc, televote_results_svc,
          televote_sms_svc;

@@ -122,12 +122,12 @@ class ServiceInterceptor(_Interceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _unary(handler.unary_unary, admission, method, metadata),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _streaming(handler.unary_stream, admission, method, metadata),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
@@ -141,6 +141,33 @@ class ServiceInterceptor(_Interceptor):
             response_serializer=handler.response_serializer)
 
 
+class _Malformed:
+    """A request message that did not parse (see `_tolerant`)."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that hands bytes that are not the request message on as `_MALFORMED`:
+    grpc answers a failing deserializer with INTERNAL, but bad input is the caller's
+    mistake, refused with INVALID_ARGUMENT by the handler wrapper (invariant 8)."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # protobuf's DecodeError, or anything a custom parser raises
+            return _MALFORMED
+    return parse
+
+
+def _malformed() -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST",
+                    "the request is not a valid message of this RPC")
+
+
 _Admission = Callable[[grpc.aio.ServicerContext[Any, Any]], Principal | ApiError]
 
 
@@ -152,6 +179,8 @@ def _unary(behaviour: Callable[..., Any], admission: _Admission, method: str,
                 admitted = admission(context)
                 if isinstance(admitted, ApiError):
                     raise admitted
+                if request is _MALFORMED:
+                    raise _malformed()
                 _principal.set(admitted)
                 return await behaviour(request, context)
             except grpc.aio.AbortError:
@@ -171,6 +200,8 @@ def _streaming(behaviour: Callable[..., Any], admission: _Admission, method: str
                 admitted = admission(context)
                 if isinstance(admitted, ApiError):
                     raise admitted
+                if request is _MALFORMED:
+                    raise _malformed()
                 _principal.set(admitted)
                 result = behaviour(request, context)
                 if inspect.isasyncgen(result):

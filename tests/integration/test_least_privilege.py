@@ -12,7 +12,7 @@ from ops.stack import SERVICES, Stack
 
 #: Append-only tables: no service may change or empty them.
 APPEND_ONLY = ("votes", "audit_log", "fraud_rejections", "vote_fraud_decisions",
-               "round_results", "round_result_leaves")
+               "round_results", "round_result_invalid_votes", "ledger_keys")
 
 
 def _as(stack: Stack, service: str) -> psycopg.Connection:
