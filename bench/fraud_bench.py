@@ -44,13 +44,13 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fraud_svc.api import FraudScoringServicer
 from fraud_svc.behaviour import TrafficMix, VoteEvent, generate, plan_intel, vpn_lists
 from fraud_svc.config import FraudConfig
 from fraud_svc.devgeo import write_database
 from fraud_svc.features import Facts, FeatureMemory, Scorer
 from fraud_svc.geoip import MaxMindIntel, VpnLists
 from fraud_svc.model import Model
-from fraud_svc.scoring import FraudScoringServicer
 from fraud_svc.state import FeatureState
 from fraud_svc.store import BlocklistCache
 from fraud_svc.train import evaluate, offline_config

@@ -107,7 +107,7 @@ async def main() -> None:
             await storage.connect()
             _, ledger, ingestor = create_pipeline(config, storage, fraud_channel=None)
             ledger.start()
-            watch = asyncio.get_running_loop().create_task(ingestor.watch_shards())
+            watch = asyncio.get_running_loop().create_task(ingestor.recovery.watch_shards())
             try:
                 for concurrency in (int(c) for c in options.concurrency.split(",")):
                     # A round and voters of its own per run: every run has the same share of

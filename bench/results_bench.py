@@ -246,7 +246,7 @@ class _Cpu:
 
 async def _full_recount(database_url: str, state_dir: Path, round_id: str
                         ) -> tuple[float, float, Any]:
-    """The reference path (the whole round judged at close, results_svc.final.JUDGED_SQL), timed
+    """The reference path (the whole round judged at close, results_svc.store.JUDGED_SQL), timed
     in a transaction that is rolled back; returns its duration, the CPU seconds of its
     PostgreSQL backend and of this process, and what it would store."""
     import psycopg

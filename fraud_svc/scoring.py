@@ -8,7 +8,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -23,11 +23,11 @@ from fraud_svc.features import Facts, Prepared, Scorer, Verdict
 from fraud_svc.geoip import IpInfo, IpIntel, parse_ip
 from fraud_svc.state import FeatureState, Observation
 from fraud_svc.store import BlocklistCache, Pool
+from runtime import audit as audit_log
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.interceptors import current_principal
 from televote.fraud.v1 import (
     fraud_scoring_service_pb2,
-    fraud_scoring_service_pb2_grpc,
     fraud_types_pb2,
 )
 from televote.vote.v1 import vote_types_pb2
@@ -129,7 +129,7 @@ def _problems(index: int, vote: fraud_scoring_service_pb2.VoteFacts) -> list[Fie
     return problems
 
 
-class FraudScoringServicer(fraud_scoring_service_pb2_grpc.FraudScoringServiceServicer):
+class Scoring:
     """Scores batches: feature state from Redis, blocks from memory, decisions audited."""
 
     def __init__(self, config: FraudConfig, pool: Pool, state: FeatureState, intel: IpIntel,
@@ -141,61 +141,14 @@ class FraudScoringServicer(fraud_scoring_service_pb2_grpc.FraudScoringServiceSer
         self._blocklist = blocklist
         self._scorer = scorer
         #: Set when the replica drains: open streams stop taking batches (see drain).
-        self._draining = asyncio.Event()
+        self.draining = asyncio.Event()
 
     def drain(self) -> None:
         """End the scoring streams: each answers the batches it has read, then ends OK, and
         its caller opens a new one (on another replica)."""
-        self._draining.set()
+        self.draining.set()
 
-    async def ScoreVotes(self, request: fraud_scoring_service_pb2.ScoreVotesRequest,
-                         context: grpc.aio.ServicerContext[Any, Any],
-                         ) -> fraud_scoring_service_pb2.ScoreVotesResponse:
-        response = fraud_scoring_service_pb2.ScoreVotesResponse()
-        await self._score_into(request.votes, response.scores)
-        return response
-
-    async def ScoreVoteStream(  # type: ignore[override]  # writes with context.write()
-            self, request_iterator: AsyncIterator[fraud_scoring_service_pb2.ScoreVoteStreamRequest],
-            context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Each batch scored in a task of its own (as concurrent calls would be), answered as
-        it finishes; a batch's refusal is its answer, the stream goes on."""
-        writing = asyncio.Lock()  # one write at a time on a call
-        scoring: set[asyncio.Task[None]] = set()
-
-        async def answer(request: fraud_scoring_service_pb2.ScoreVoteStreamRequest) -> None:
-            response = fraud_scoring_service_pb2.ScoreVoteStreamResponse(batch=request.batch)
-            try:
-                await self._score_into(request.votes, response.scores)
-            except ApiError as error:
-                del response.scores[:]
-                response.error.CopyFrom(error.to_proto())
-            async with writing:
-                await context.write(response)
-
-        requests = aiter(request_iterator)
-        drained = asyncio.ensure_future(self._draining.wait())
-        try:
-            while True:
-                received = asyncio.ensure_future(anext(requests))
-                await asyncio.wait((received, drained), return_when=asyncio.FIRST_COMPLETED)
-                if not received.done():
-                    received.cancel()
-                    break
-                try:
-                    request = received.result()
-                except StopAsyncIteration:
-                    break
-                task = asyncio.create_task(answer(request))
-                scoring.add(task)
-                task.add_done_callback(scoring.discard)
-            await asyncio.gather(*scoring)
-        finally:
-            drained.cancel()
-            for task in scoring:
-                task.cancel()
-
-    async def _score_into(self, votes: Any, scores: Any) -> None:
+    async def score_into(self, votes: Any, scores: Any) -> None:
         """Scores `votes` (VoteFacts) into `scores` (a repeated VoteScore field), in order."""
         facts, observations = read(votes, int(time.time() * 1000))
         try:
@@ -281,6 +234,7 @@ class FraudScoringServicer(fraud_scoring_service_pb2_grpc.FraudScoringServiceSer
                     + ", ".join(r.name for r in verdict.reasons))
                 attributes["flagged_user"] = True
             audit.append({
+                "actor_role": "internal", "actor": SELF, "action": "fraud.score",
                 "target": vote.ref,
                 "reason": f"{verdict.action}: " + ", ".join(r.name for r in verdict.reasons),
                 "details": {"user_id": vote.user_id, "round_id": vote.round_id,
@@ -322,11 +276,9 @@ def _uuid4s(count: int) -> Iterator[str]:
 
 # A vote scored again (vote_svc retried the batch) keeps its first review; a user flagged
 # twice keeps the first flag.
-_RECORD_SQL = """
+_RECORD_SQL = f"""
 WITH batch AS (SELECT %(batch)s::jsonb AS b), audit AS (
-    INSERT INTO audit_log (actor_role, actor_subject, action, target, reason, details)
-    SELECT 'internal', %(actor)s, 'fraud.score', a ->> 'target', a ->> 'reason', a -> 'details'
-    FROM batch, jsonb_array_elements(b -> 'audit') AS a
+    {audit_log.insert_sql("(SELECT b -> 'audit' FROM batch)")}
 ), reviews AS (
     INSERT INTO fraud_reviews (review_id, vote_ref, user_id, round_id, score, signals,
                                decision_id)

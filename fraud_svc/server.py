@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from fraud_svc.api import FraudReviewServicer, FraudScoringServicer
 from fraud_svc.config import FraudConfig
 from fraud_svc.features import Scorer
 from fraud_svc.geoip import MaxMindIntel, VpnLists
 from fraud_svc.model import Model
-from fraud_svc.review import FraudReviewServicer
-from fraud_svc.scoring import FraudScoringServicer
 from fraud_svc.state import FeatureState
 from fraud_svc.store import Blocklist, BlocklistCache
 from runtime.server import ServiceHost, run_service

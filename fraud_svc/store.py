@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from fraud_svc.features import Policy
 from fraud_svc.geoip import IPNetwork, parse_ip
+from runtime import audit
 
 log = logging.getLogger(__name__)
 
@@ -187,32 +189,17 @@ class AuditRecord:
     request_id: str = ""
     attributes: Mapping[str, object] = field(default_factory=dict)
 
-    def params(self) -> tuple[str, str, str, str, str, Jsonb]:
-        return (self.actor_role, self.actor, ACTION_PREFIX + self.action, self.target_id,
-                self.reason, Jsonb({
-                    "user_id": self.user_id, "round_id": self.round_id,
-                    "target_id": self.target_id, "request_id": self.request_id,
-                    "attributes": dict(self.attributes)}))
+    def entry(self) -> audit.Entry:
+        return audit.Entry(self.actor_role, self.actor, ACTION_PREFIX + self.action,
+                           self.target_id, self.reason, {
+                               "user_id": self.user_id, "round_id": self.round_id,
+                               "target_id": self.target_id, "request_id": self.request_id,
+                               "attributes": dict(self.attributes)})
 
 
 async def write_audit(conn: Conn, records: list[AuditRecord]) -> list[int]:
     """Appends the records; returns their audit ids in order."""
-    if not records:
-        return []
-    ids: list[int] = []
-    # executemany with returning pipelines the inserts: one round trip for the batch.
-    async with conn.cursor() as cursor:
-        await cursor.executemany(
-            "INSERT INTO audit_log (actor_role, actor_subject, action, target, reason, details)"
-            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING audit_id",
-            [record.params() for record in records], returning=True)
-        while True:
-            row = await cursor.fetchone()
-            assert row is not None
-            ids.append(int(row["audit_id"]))
-            if not cursor.nextset():
-                break
-    return ids
+    return await audit.write(conn, [record.entry() for record in records])
 
 
 def attribute_text(value: object) -> str:
@@ -220,3 +207,65 @@ def attribute_text(value: object) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, sort_keys=True, default=str)
+
+
+async def finalized_rounds(conn: Conn, round_ids: list[str]) -> set[str]:
+    """Those of `round_ids` (canonical UUID text) whose final result is stored."""
+    rows = await (await conn.execute(
+        "SELECT r.round_id::text AS round_id FROM unnest(%s::uuid[]) AS r(round_id)"
+        " WHERE EXISTS (SELECT 1 FROM round_results f WHERE f.round_id = r.round_id)"
+        "    OR EXISTS (SELECT 1 FROM rounds o WHERE o.round_id = r.round_id"
+        "               AND o.state = 'FINALIZED')", [round_ids])).fetchall()
+    return {str(row["round_id"]) for row in rows}
+
+
+# The automatic verdict on a BLOCKed ledger vote: a review born REJECTED (or the vote's
+# existing review) and the rejection the final result reads; returns the rejection's id when
+# this call made it.
+_REJECT_SQL = """
+WITH review AS (
+    INSERT INTO fraud_reviews (review_id, vote_ref, decision_id, user_id, round_id, score,
+                               signals, state, resolved_by, resolved_at, note)
+    VALUES (%(review_id)s, %(ref)s, %(decision_id)s, %(user_id)s, %(round_id)s, %(score)s,
+            %(signals)s, 'REJECTED', %(actor)s, now(), %(note)s)
+    ON CONFLICT (round_id, user_id, vote_ref) DO NOTHING
+    RETURNING review_id
+)
+INSERT INTO fraud_rejections (rejection_id, round_id, user_id, vote_ref, decision_id,
+                              review_id, rejected_by)
+SELECT %(rejection_id)s, %(round_id)s, %(user_id)s, %(ref)s, %(decision_id)s,
+       coalesce((SELECT review_id FROM review),
+                (SELECT r.review_id FROM fraud_reviews r WHERE r.round_id = %(round_id)s
+                   AND r.user_id = %(user_id)s AND r.vote_ref = %(ref)s)),
+       %(actor)s
+ON CONFLICT DO NOTHING
+RETURNING rejection_id
+"""
+
+
+async def reject_vote(conn: Conn, *, ref: str, decision_id: str, user_id: str, round_id: str,
+                      score: float, signals: list[dict[str, object]], actor: str,
+                      note: str) -> bool:
+    """Reject one ledger vote (review and rejection); False when it already was."""
+    cursor = await conn.execute(_REJECT_SQL, {
+        "review_id": str(uuid.uuid4()), "rejection_id": str(uuid.uuid4()), "ref": ref,
+        "decision_id": decision_id, "user_id": user_id, "round_id": round_id, "score": score,
+        "signals": Jsonb(signals), "actor": actor, "note": note})
+    return await cursor.fetchone() is not None
+
+
+REVIEW_COLUMNS = """
+    r.review_id, r.seq, r.vote_ref, r.user_id, r.round_id, r.score, r.signals, r.state,
+    r.created_at, r.resolved_by, r.resolved_at, r.note, r.resolve_request_id, r.resolve_decision,
+    r.resolve_scope, r.affected_votes,
+    (SELECT count(*) FROM fraud_reviews o
+     WHERE o.user_id = r.user_id AND o.round_id = r.round_id) AS user_round_votes
+"""
+
+
+async def fetch_review(conn: Conn, review_id: str) -> dict[str, Any]:
+    row = await (await conn.execute(
+        f"SELECT {REVIEW_COLUMNS} FROM fraud_reviews r WHERE r.review_id = %s",
+        [review_id])).fetchone()
+    assert row is not None
+    return row

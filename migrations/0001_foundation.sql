@@ -1,6 +1,7 @@
 -- The foundation: the vote package catalogue (read by VoteService.ListVotePackages) and the
 -- append-only audit log that every operator action and fraud decision is written to.
 
+-- Owner: vote_svc.
 CREATE TABLE vote_packages (
     package_id        text PRIMARY KEY,
     display_name      text NOT NULL,
@@ -29,6 +30,7 @@ VALUES
     ('votes_1200', '1000 votes + 200 bonus', 1000, 200, 39990000,
      'com.hangmeas.xfactor.votes1200', 'votes_1200', 4);
 
+-- Owner: runtime (runtime/audit.py; every service writes through it).
 CREATE TABLE audit_log (
     audit_id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     recorded_at    timestamptz NOT NULL DEFAULT now(),

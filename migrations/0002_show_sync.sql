@@ -2,6 +2,7 @@
 -- and the outcomes of operators' mutating requests (idempotency).
 -- depends: 0001_foundation
 
+-- Owner: sync_svc.
 CREATE TABLE shows (
     show_id      uuid PRIMARY KEY,
     name         text NOT NULL,
@@ -10,6 +11,7 @@ CREATE TABLE shows (
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 
+-- Owner: sync_svc.
 CREATE TABLE episodes (
     episode_id              uuid PRIMARY KEY,
     show_id                 uuid NOT NULL REFERENCES shows,
@@ -27,6 +29,7 @@ CREATE TABLE episodes (
     created_at              timestamptz NOT NULL DEFAULT now()
 );
 
+-- Owner: sync_svc.
 CREATE TABLE contestants (
     contestant_id  uuid PRIMARY KEY,
     episode_id     uuid NOT NULL REFERENCES episodes,
@@ -36,6 +39,7 @@ CREATE TABLE contestants (
     UNIQUE (episode_id, sms_number)
 );
 
+-- Owner: sync_svc.
 CREATE TABLE performances (
     performance_id  uuid PRIMARY KEY,
     episode_id      uuid NOT NULL REFERENCES episodes,
@@ -48,6 +52,7 @@ CREATE TABLE performances (
 -- At most one performance on stage per episode.
 CREATE UNIQUE INDEX performances_one_on_stage ON performances (episode_id) WHERE ended_at IS NULL;
 
+-- Owner: sync_svc.
 CREATE TABLE rounds (
     round_id             uuid PRIMARY KEY,
     episode_id           uuid NOT NULL REFERENCES episodes,
@@ -77,6 +82,7 @@ CREATE TABLE rounds (
 CREATE UNIQUE INDEX rounds_one_open_per_episode ON rounds (episode_id) WHERE state = 'OPEN';
 CREATE INDEX rounds_open_by_close ON rounds (lines_close_at) WHERE state = 'OPEN';
 
+-- Owner: runtime (runtime/idempotency.py; every service writes through it).
 -- The outcome of every mutating request, so a retry with the same request id gets the same
 -- answer and changes nothing.
 CREATE TABLE request_outcomes (
@@ -87,6 +93,7 @@ CREATE TABLE request_outcomes (
     recorded_at  timestamptz NOT NULL DEFAULT now()
 );
 
+-- Owner: sync_svc.
 -- Every show event, in order per episode: what was announced and when, for auditors and for
 -- replicas that missed a pub/sub message.
 CREATE TABLE show_events (

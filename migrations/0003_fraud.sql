@@ -1,6 +1,7 @@
 -- Fraud: reviews, rejections (what the final result must exclude), blocks, traveller exemptions.
 -- depends: 0001_foundation
 
+-- Owner: fraud_svc.
 -- Votes that scoring sent to review (FRAUD_ACTION_REVIEW). One row per reviewed vote.
 -- vote_ref is VoteFacts.ref of the scored vote (vote_svc passes the vote's request_id, so it is
 -- votes.request_id of the user's ledger row); decision_id is VoteScore.decision_id (a UUID,
@@ -32,6 +33,7 @@ CREATE UNIQUE INDEX fraud_reviews_vote ON fraud_reviews (round_id, user_id, vote
 CREATE INDEX fraud_reviews_queue ON fraud_reviews (state, seq);
 CREATE INDEX fraud_reviews_user ON fraud_reviews (user_id, round_id);
 
+-- Owner: fraud_svc.
 -- THE TABLE THE FINAL RESULT READS: a ledger vote v is rejected (excluded from the round's
 -- result) iff
 --   EXISTS (SELECT 1 FROM fraud_rejections r
@@ -62,6 +64,7 @@ END $$;
 CREATE TRIGGER fraud_rejections_append_only BEFORE UPDATE OR DELETE OR TRUNCATE
     ON fraud_rejections FOR EACH STATEMENT EXECUTE FUNCTION fraud_rejections_are_final();
 
+-- Owner: fraud_svc.
 -- Blocks: operator blocks of a user, device, IP or network, and the automatic flag of a user
 -- whose vote scored over the block threshold (created_by 'fraud_svc'). A block is active
 -- while deleted_at is NULL and expire_at is NULL or in the future.
@@ -80,6 +83,7 @@ CREATE TABLE fraud_blocks (
 );
 CREATE UNIQUE INDEX fraud_blocks_active ON fraud_blocks (kind, value) WHERE deleted_at IS NULL;
 
+-- Owner: fraud_svc.
 -- Travellers: users allowed to vote from outside the allowed countries (the geo-fence).
 -- countries NULL means from anywhere.
 CREATE TABLE fraud_travellers (

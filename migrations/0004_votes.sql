@@ -1,6 +1,7 @@
 -- Vote ingestion: the append-only vote ledger, per-round tallies, free-vote usage and wallets.
 -- depends: 0002_show_sync
 
+-- Owner: vote_svc.
 -- The ledger. One row per accepted submission (a paid vote of count 5 is one row).
 -- Partitioned by HASH(user_id): the idempotency constraint is per user (user_id, request_id)
 -- and a unique constraint on a partitioned table must contain the partition key; hash
@@ -63,6 +64,7 @@ CREATE TRIGGER votes_append_only BEFORE UPDATE OR DELETE ON votes
 CREATE TRIGGER votes_append_only_truncate BEFORE TRUNCATE ON votes
     FOR EACH STATEMENT EXECUTE FUNCTION votes_are_append_only();
 
+-- Owner: vote_svc.
 -- Per-round tallies, bumped in the same transaction as the ledger rows they count.
 CREATE TABLE round_tallies (
     round_id       uuid NOT NULL,
@@ -73,6 +75,7 @@ CREATE TABLE round_tallies (
     PRIMARY KEY (round_id, contestant_id, vote_type, channel)
 );
 
+-- Owner: vote_svc.
 -- Free votes used per user per episode. The CHECK makes PostgreSQL the last line of
 -- invariant 4 whatever happened to the Redis admission cache.
 CREATE TABLE free_vote_usage (
@@ -84,6 +87,7 @@ CREATE TABLE free_vote_usage (
     CONSTRAINT free_votes_within_quota CHECK (used <= quota)
 );
 
+-- Owner: vote_svc.
 -- Paid balance = credited - spent. Same reasoning: overspending is impossible in the ledger.
 CREATE TABLE wallets (
     user_id    text PRIMARY KEY,
@@ -92,6 +96,7 @@ CREATE TABLE wallets (
     CONSTRAINT wallet_not_overspent CHECK (spent <= credited)
 );
 
+-- Owner: vote_svc.
 -- Every credit (operator grants now; store purchases later). Idempotent on request_id.
 CREATE TABLE wallet_credits (
     credit_id    uuid PRIMARY KEY,

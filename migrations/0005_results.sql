@@ -2,6 +2,7 @@
 -- keys that sign ledger digests.
 -- depends: 0003_fraud 0004_votes
 
+-- Owner: results_svc.
 -- Public keys that have signed ledger digests (the private key stays in results_svc's state
 -- directory). Never removed, so old digests stay verifiable.
 CREATE TABLE ledger_keys (
@@ -10,6 +11,7 @@ CREATE TABLE ledger_keys (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
+-- Owner: results_svc.
 -- One row per finalized round; the primary key is what makes several replicas store one
 -- result (INSERT ... ON CONFLICT DO NOTHING: the first commit wins, the others change nothing).
 CREATE TABLE round_results (
@@ -35,6 +37,7 @@ CREATE TABLE round_results (
     computed_by        text NOT NULL DEFAULT ''
 );
 
+-- Owner: results_svc.
 -- The tree's leaves (receipt hashes, 32 bytes each, concatenated in ledger order) in chunks:
 -- inclusion proofs are served from exactly the leaves that were signed.
 CREATE TABLE round_result_leaves (
@@ -44,6 +47,7 @@ CREATE TABLE round_result_leaves (
     PRIMARY KEY (round_id, chunk)
 );
 
+-- Owner: results_svc.
 -- The round's ledger rows that the final result does not count, and why (results_svc.rules).
 CREATE TABLE round_result_invalid_votes (
     round_id  uuid NOT NULL REFERENCES round_results,

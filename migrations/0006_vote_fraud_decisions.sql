@@ -3,6 +3,7 @@
 -- append-only, so the outcome is recorded here, never in votes.
 -- depends: 0003_fraud 0004_votes 0005_results
 
+-- Owner: vote_svc.
 -- One row per re-scored vote (the first decision wins; a re-run changes nothing).
 -- action is what FraudScoringService answered. A BLOCK of a vote already in the ledger is
 -- carried out as a fraud_rejections row (vote_ref = the vote's request_id), with an

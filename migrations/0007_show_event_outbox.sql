@@ -1,3 +1,4 @@
+-- Alters show_events (owner: sync_svc).
 -- Show events as an outbox: a change's event row is written in the change's transaction and
 -- marked published once it has gone out on Redis pub/sub; any sync_svc replica's closer loop
 -- publishes rows still unmarked (the replica that committed them died before publishing).

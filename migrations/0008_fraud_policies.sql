@@ -4,6 +4,7 @@
 -- every fraud_svc replica with its blocklist (reloaded every FRAUD_REFRESH_SECONDS).
 -- depends: 0002_show_sync 0003_fraud
 
+-- Owner: fraud_svc.
 CREATE TABLE fraud_policies (
     show_id            uuid PRIMARY KEY REFERENCES shows,
     block_threshold    double precision NOT NULL,

@@ -4,6 +4,7 @@
 -- builds its inclusion proof from them and the block roots; no replica keeps a whole tree.
 -- depends: 0005_results
 
+-- Owner: results_svc.
 CREATE TABLE round_result_blocks (
     round_id      uuid NOT NULL REFERENCES round_results,
     block         integer NOT NULL,
@@ -13,6 +14,7 @@ CREATE TABLE round_result_blocks (
     PRIMARY KEY (round_id, admitted_ms, vote_id, receipt_hash)
 );
 
+-- Owner: results_svc.
 CREATE TABLE round_result_block_roots (
     round_id      uuid PRIMARY KEY REFERENCES round_results,
     block_leaves  integer NOT NULL,

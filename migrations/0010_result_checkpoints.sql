@@ -5,6 +5,7 @@
 -- change how rows already judged count.
 -- depends: 0009_result_blocks
 
+-- Owner: results_svc.
 -- One row per round being checkpointed (removed when its final result is stored).
 CREATE TABLE round_checkpoints (
     round_id      uuid PRIMARY KEY REFERENCES rounds,
@@ -29,6 +30,7 @@ CREATE TABLE round_checkpoints (
     updated_at    timestamptz NOT NULL DEFAULT now()
 );
 
+-- Owner: results_svc.
 -- The subtree roots of the completed blocks (becomes round_result_block_roots at close).
 CREATE TABLE round_checkpoint_roots (
     round_id  uuid NOT NULL REFERENCES round_checkpoints ON DELETE CASCADE,
@@ -37,6 +39,7 @@ CREATE TABLE round_checkpoint_roots (
     PRIMARY KEY (round_id, block)
 );
 
+-- Owner: results_svc.
 -- The judged rows that do not count, by ledger row (user_id, request_id is its identity).
 CREATE TABLE round_checkpoint_invalid (
     round_id      uuid NOT NULL REFERENCES round_checkpoints ON DELETE CASCADE,
@@ -73,6 +76,7 @@ DROP TRIGGER round_result_blocks_final ON round_result_blocks;
 CREATE TRIGGER round_result_blocks_final BEFORE UPDATE OR DELETE ON round_result_blocks
     FOR EACH ROW EXECUTE FUNCTION round_result_parts_are_final();
 
+-- Owner: results_svc (filled by a trigger on votes, pruned by results_svc).
 -- Every ledger insert, per statement and round, with the transaction that made it: a row
 -- committed after a checkpoint's snapshot below its watermark is found here (its xid is not
 -- visible in that snapshot), whatever the writer. Pruned by results_svc once no checkpoint's
@@ -96,6 +100,7 @@ END $$;
 CREATE TRIGGER votes_appends AFTER INSERT ON votes REFERENCING NEW TABLE AS new_votes
     FOR EACH STATEMENT EXECUTE FUNCTION ledger_appends_log();
 
+-- Owner: results_svc (filled by triggers on fraud_rejections and wallets, pruned by results_svc).
 -- Changes to what judges a voter's rows after they were judged: fraud rejections (of a round)
 -- and paid credits (every round). Pruned like ledger_appends.
 CREATE TABLE result_input_changes (

@@ -1,3 +1,4 @@
+-- Alters audit_log's indexes (owner: runtime; the index served fraud_svc).
 -- audit_log_fraud_decision (0003) indexed fraud.score entries by their decision id, yet no
 -- query looks a decision up by it: fraud_svc's RPCs list the audit trail by user, round,
 -- actor, action and time (audit_log_fraud_user, audit_log_fraud_recent), and a vote's

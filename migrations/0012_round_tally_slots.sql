@@ -1,3 +1,4 @@
+-- Alters round_tallies (owner: vote_svc).
 -- round_tallies had one row per (round, contestant, vote type, channel): every ledger batch of
 -- every vote_svc replica updated the same few rows, so concurrent batches queued on their row
 -- locks until the holder committed, and one slow holder (descheduled on a busy machine) held

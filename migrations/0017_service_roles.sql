@@ -47,7 +47,7 @@ GRANT SELECT, INSERT ON request_outcomes TO televote_sync_svc;
 GRANT SELECT ON shows, episodes, contestants, rounds, vote_packages, round_results
     TO televote_vote_svc;
 GRANT SELECT, INSERT ON votes, wallet_credits, vote_fraud_decisions, audit_log,
-    fraud_reviews, fraud_rejections, request_outcomes
+    request_outcomes
     TO televote_vote_svc;
 GRANT SELECT, INSERT, UPDATE ON round_tallies, free_vote_usage, wallets TO televote_vote_svc;
 

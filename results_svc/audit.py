@@ -58,11 +58,12 @@ import psycopg
 from psycopg import IsolationLevel
 from psycopg.rows import dict_row
 
-from results_svc import rules
+from results_svc import rules, store
 from results_svc.final import FinalResult, read_final
 from results_svc.merkle import IncrementalRoot, leaf_hash, perfect_root, verify_inclusion
 from results_svc.rounds import load_round
 from results_svc.signing import parse_tree_head, verify_signature
+from runtime.storage import fetch_one
 
 FORMAT = "televote-ledger-export/v2"
 #: A leaf in canonical form from its fields (see the module's docstring).
@@ -148,55 +149,6 @@ def other_round_line(accepted_at_ms: int, vote_id: str, leaf_hash_: bytes, voter
 
 # -- export -------------------------------------------------------------------------------
 
-#: The round's voters and their pseudonym (the "voter" of their leaves), for the export's
-#: transaction.
-_VOTERS_SQL = """
-CREATE TEMPORARY TABLE export_voters ON COMMIT DROP AS
-SELECT user_id, convert_from(min(leaf_data), 'UTF8')::jsonb ->> 'voter' AS voter
-  FROM votes WHERE round_id = %(round)s GROUP BY user_id
-"""
-_SIGNED_ONLY = """
-   AND v.receipt_hash IN (SELECT substring(l.leaves FROM i * 32 + 1 FOR 32)
-                            FROM round_result_leaves l,
-                                 generate_series(0, length(l.leaves) / 32 - 1) AS i
-                           WHERE l.round_id = %(round)s)
-"""
-#: The export's rows (see the module's docstring), already as lines. CSV with a delimiter and
-#: a quote character that no line contains, so PostgreSQL writes every line verbatim.
-_ROWS_COPY = """
-COPY (
-  WITH fraud AS (SELECT user_id, vote_ref FROM fraud_rejections WHERE round_id = %(round)s)
-  SELECT line FROM (
-    SELECT admitted_ms, vote_id, receipt_hash,
-           CASE WHEN translate(voter, '0123456789abcdef', '') = ''
-                 AND leaf_data = convert_to(format(%(template)s, admitted_ms, channel,
-                     contestant_id, count, round_id, vote_id, vote_type, voter), 'UTF8')
-                THEN concat_ws(' ', 'L', fraud, admitted_ms, channel, contestant_id, count,
-                               vote_id, vote_type, voter)
-                ELSE concat_ws(' ', 'J', fraud, convert_from(leaf_data, 'UTF8'))
-           END AS line
-      FROM (SELECT v.*,
-                   -- What a canonical leaf's voter would be (the 32 bytes before its final
-                   -- `"}`): the L form is used only if the leaf is the template's with it.
-                   encode(substring(v.leaf_data FROM length(v.leaf_data) - 33 FOR 32),
-                          'escape') AS voter,
-                   CASE WHEN v.user_id IN (SELECT user_id FROM fraud WHERE vote_ref IS NULL)
-                          OR (v.user_id, v.request_id) IN (
-                             SELECT user_id, vote_ref FROM fraud WHERE vote_ref IS NOT NULL)
-                        THEN 1 ELSE 0 END AS fraud
-              FROM votes v WHERE v.round_id = %(round)s SIGNED_ONLY) leaves
-    UNION ALL
-    SELECT v.admitted_ms, v.vote_id, v.receipt_hash,
-           concat_ws(' ', 'C', v.admitted_ms, v.vote_id, encode(v.receipt_hash, 'hex'),
-                     coalesce(p.voter, ''), v.vote_type, v.count,
-                     CASE WHEN v.episode_id = %(episode)s::uuid THEN 1 ELSE 0 END)
-      FROM votes v JOIN export_voters p USING (user_id)
-     WHERE v.round_id <> %(round)s
-       AND (v.vote_type = 'PAID' OR (v.vote_type = 'FREE' AND v.episode_id = %(episode)s::uuid))
-  ) rows ORDER BY admitted_ms, vote_id, receipt_hash
-) TO STDOUT WITH (FORMAT csv, DELIMITER E'\\t', QUOTE E'\\x01')
-"""
-
 async def export_round(database_url: str, round_id: str, out: Path) -> int:
     """Write the round's export, streaming it from PostgreSQL; returns the number of leaves."""
     async with await psycopg.AsyncConnection.connect(
@@ -209,31 +161,25 @@ async def export_round(database_url: str, round_id: str, out: Path) -> int:
         final = await read_final(connection, round_id)
         if final is None:
             raise SystemExit(f"round {round_id} has no final result yet")
-        cursor = await connection.execute(
-            "SELECT public_key FROM ledger_keys WHERE key_id = %s", (final.key_id,))
-        key_row = await cursor.fetchone()
+        key_row = await fetch_one(connection, store.LEDGER_PUBLIC_KEY, (final.key_id,))
         assert key_row is not None
         params = {"round": round_id, "episode": info.episode_id}
         # The rows are sorted into ledger order: in memory, not in temporary files.
-        await connection.execute("SET LOCAL work_mem = '256MB'")
-        await connection.execute(_VOTERS_SQL, params)
-        cursor = await connection.execute(
-            "SELECT p.voter, w.credited FROM wallets w JOIN export_voters p USING (user_id)"
-            " WHERE w.credited > 0")
+        await connection.execute(store.EXPORT_WORK_MEM)
+        await connection.execute(store.EXPORT_VOTERS, params)
+        cursor = await connection.execute(store.EXPORT_VOTER_CREDITS)
         credited = {r["voter"]: r["credited"] for r in await cursor.fetchall()}
-        cursor = await connection.execute(
-            "SELECT count(*) AS n FROM votes WHERE round_id = %s", (round_id,))
-        row = await cursor.fetchone()
+        row = await fetch_one(connection, store.ROUND_VOTE_COUNT, (round_id,))
         # The ledger is append-only and the tree was built from it: if the round has as many
         # rows as the tree has leaves, they are the leaves; otherwise some committed after
         # the tree was taken, and only the signed ones are exported.
-        signed_only = "" if row is not None and row["n"] == final.tree_size else _SIGNED_ONLY
+        signed_only = "" if row is not None and row["n"] == final.tree_size else store.SIGNED_ONLY
         leaves = 0
         with out.open("wb") as file:
             file.write(header_line(info.rules(), info.episode_id, final,
                                    bytes(key_row["public_key"]), credited))
             async with connection.cursor() as rows, rows.copy(
-                    _ROWS_COPY.replace("SIGNED_ONLY", signed_only),
+                    store.EXPORT_ROWS_COPY.replace("SIGNED_ONLY", signed_only),
                     {**params, "template": LEAF_TEMPLATE}) as copy:
                 async for chunk in copy:
                     data = bytes(chunk)

@@ -4,7 +4,7 @@ million votes, where a recount of the whole round takes minutes).
 
 A checkpoint of round A is a durable prefix of the final result: every ledger row of A admitted
 before a watermark W (ms) judged by `results_svc.rules` exactly as the full recount judges it
-(`final.JUDGED_SQL`), with
+(`store.JUDGED_SQL`), with
 
 - the counted and ledger totals per contestant, and the rows that do not count with their
   reason (`round_checkpoint_invalid`, by ledger row);
@@ -52,9 +52,10 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from results_svc import judging
+from results_svc import store
 from results_svc.merkle import HASH_SIZE, MerkleTree
 from results_svc.rounds import RoundInfo
+from runtime.storage import fetch_one
 
 log = logging.getLogger(__name__)
 
@@ -63,61 +64,7 @@ LEAVES_PER_CHUNK = 65_536
 BEFORE_ALL = -(2**62)
 AFTER_ALL = 2**62
 
-# An earlier row of the round with the same vote id (only ids that occur twice: STEP_SQL).
-_EARLIER_COPY = """m.vote_id = ANY(%(repeated)s::uuid[])
-        AND EXISTS (SELECT 1 FROM votes d WHERE d.vote_id = m.vote_id AND d.round_id = m.round_id
-                      AND (d.admitted_ms, d.receipt_hash, d.user_id, d.request_id)
-                        < (m.admitted_ms, m.receipt_hash, m.user_id, m.request_id))"""
-_REJECTED = """m.user_id IN (SELECT user_id FROM rejected WHERE vote_ref IS NULL)
-         OR (m.user_id, m.request_id) IN (SELECT user_id, vote_ref FROM rejected)"""
 
-#: The round's rows in [lo, hi) and every row of `users` below lo, judged; in ledger order.
-#: The same rules as final.JUDGED_SQL (results_svc.judging), over the rows' voters' (`voters`)
-#: whole ledger history. No joins whose plan depends on statistics: a growing ledger's are
-#: always stale.
-DELTA_SQL = f"""
-WITH rejected AS (  -- the round's rejections (few): hashed, not looked up row by row
-  SELECT user_id, vote_ref FROM fraud_rejections WHERE round_id = %(round)s::text
-),
-mine AS (
-  SELECT {judging.ROW_WITH_TOTALS}
-    FROM unnest(%(voters)s::text[]) AS voter(user_id)
-    JOIN votes v ON v.user_id = voter.user_id  -- one voter, one partition (pruned per voter)
-   WHERE v.admitted_ms < %(hi)s
-  {judging.WINDOW}
-)
-SELECT m.vote_id::text, m.user_id, m.request_id, m.contestant_id::text, m.count,
-  m.receipt_hash, m.admitted_ms, m.admitted_ms >= %(lo)s AS fresh,
-  {judging.reason("m", _EARLIER_COPY, _REJECTED)} AS reason
-  FROM mine m
- WHERE m.round_id = %(round)s::uuid
-   AND (m.admitted_ms >= %(lo)s OR m.user_id = ANY(%(users)s::text[]))
- ORDER BY m.admitted_ms, m.vote_id, m.receipt_hash
-"""
-
-#: A step's voters, and the vote ids of its rows that occur more than once in the ledger (any
-#: round, any voter): only those can be DUPLICATE, so DELTA_SQL looks for an earlier copy of
-#: those alone. Vote ids are in one index per partition (the ledger is partitioned by voter):
-#: probing all of them for every row cost ~100 us a row; one ScalarArrayOp scan per partition
-#: with the step's ids, which are time-ordered (vote_svc.ingest.new_vote_ids) and so sit
-#: together at the index's right edge, costs a few us.
-STEP_SQL = """
-WITH step AS MATERIALIZED (
-  SELECT user_id, vote_id FROM votes WHERE round_id = %(round)s::uuid
-     AND admitted_ms >= %(lo)s AND admitted_ms < %(hi)s
-  UNION ALL
-  -- The changed voters' rows, by the voters' index: "IS TRUE" keeps the round's index out of
-  -- the plan (intersected with it, every row of the round below lo would be read).
-  SELECT user_id, vote_id FROM votes WHERE user_id = ANY(%(users)s::text[])
-     AND (round_id = %(round)s::uuid AND admitted_ms < %(lo)s) IS TRUE
-)
-SELECT coalesce((SELECT array_agg(DISTINCT user_id) FROM step), '{}') AS voters,
-       coalesce((SELECT array_agg(vote_id) FROM (
-         SELECT d.vote_id FROM votes d WHERE d.vote_id = ANY(ARRAY(SELECT vote_id FROM step))
-          GROUP BY 1 HAVING count(*) > 1) r), '{}') AS repeated
-"""
-
-_KEY = "(admitted_ms, vote_id, receipt_hash)"
 
 
 def judge_params(info: RoundInfo) -> dict[str, Any]:
@@ -158,11 +105,7 @@ class Checkpoint:
 
 
 async def load(connection: AsyncConnection[Any], round_id: str) -> Checkpoint | None:
-    cursor = await connection.execute(
-        "SELECT watermark_ms, snapshot::text AS snapshot, rules, tree_size, block_leaves,"
-        " block_tail, chunk_start_ms, chunk_start_id::text AS chunk_start_id, chunk_start_hash,"
-        " counts, ledger FROM round_checkpoints WHERE round_id = %s", (round_id,))
-    row: Any = await cursor.fetchone()
+    row: Any = await fetch_one(connection, store.CHECKPOINT, (round_id,))
     if row is None:
         return None
     start = None
@@ -178,18 +121,7 @@ async def save(connection: AsyncConnection[Any], state: Checkpoint) -> None:
     """Store the checkpoint as of this transaction's snapshot."""
     start = state.chunk_start or (None, None, None)
     await connection.execute(
-        "INSERT INTO round_checkpoints (round_id, watermark_ms, snapshot, snapshot_xmin, rules,"
-        " tree_size, block_leaves, block_tail, chunk_start_ms, chunk_start_id, chunk_start_hash,"
-        " counts, ledger) SELECT %(round)s, %(watermark)s, s, pg_snapshot_xmin(s), %(rules)s,"
-        " %(size)s, %(block_leaves)s, %(tail)s, %(start_ms)s, %(start_id)s, %(start_hash)s,"
-        " %(counts)s, %(ledger)s FROM pg_current_snapshot() AS s"
-        " ON CONFLICT (round_id) DO UPDATE SET watermark_ms = excluded.watermark_ms,"
-        " snapshot = excluded.snapshot, snapshot_xmin = excluded.snapshot_xmin,"
-        " rules = excluded.rules, tree_size = excluded.tree_size,"
-        " block_tail = excluded.block_tail, chunk_start_ms = excluded.chunk_start_ms,"
-        " chunk_start_id = excluded.chunk_start_id,"
-        " chunk_start_hash = excluded.chunk_start_hash, counts = excluded.counts,"
-        " ledger = excluded.ledger, updated_at = now()",
+        store.SAVE_CHECKPOINT,
         {"round": state.round_id, "watermark": state.watermark_ms,
          "rules": json.dumps(state.rules), "size": state.tree_size,
          "block_leaves": state.block_leaves, "tail": state.block_tail, "start_ms": start[0],
@@ -199,8 +131,8 @@ async def save(connection: AsyncConnection[Any], state: Checkpoint) -> None:
 
 async def discard(connection: AsyncConnection[Any], round_id: str) -> None:
     """Drop a round's checkpoint and the tree parts it wrote (only while it has no result)."""
-    for table in ("round_result_blocks", "round_result_leaves", "round_checkpoints"):
-        await connection.execute(f"DELETE FROM {table} WHERE round_id = %s", (round_id,))
+    for statement in store.DISCARD_CHECKPOINT:
+        await connection.execute(statement, (round_id,))
 
 
 async def staleness(connection: AsyncConnection[Any], info: RoundInfo, state: Checkpoint,
@@ -214,34 +146,21 @@ async def staleness(connection: AsyncConnection[Any], info: RoundInfo, state: Ch
     # Each changed voter's rows are judged again (advance). Past a step's worth of voters (a
     # credit granted to every voter at once, say) judging the round anew is the bounded cost;
     # a list of millions of voters in one statement is not.
-    cursor = await connection.execute(
-        f"SELECT count(*) AS n FROM ({_CHANGED_VOTERS} LIMIT %(limit)s) c",
+    row: Any = await fetch_one(
+        connection, store.CHANGED_VOTER_COUNT,
         {"round": info.round_id, "limit": rejudge_limit + 1}, prepare=False)
-    row: Any = await cursor.fetchone()
     if row["n"] > rejudge_limit:
         return f"credits or fraud rejections of over {rejudge_limit} voters changed"
     cursor = await connection.execute(
-        "SELECT 1 FROM ledger_appends a, round_checkpoints c WHERE c.round_id = %(round)s"
-        " AND a.xid >= c.snapshot_xmin AND NOT pg_visible_in_snapshot(a.xid, c.snapshot)"
-        " AND a.first_ms < c.watermark_ms AND (a.round_id = %(round)s::uuid"
-        "   OR a.episode_id = %(episode)s::uuid OR a.paid) LIMIT 1",
+        store.LEDGER_APPENDED_SINCE,
         {"round": info.round_id, "episode": info.episode_id}, prepare=False)
     if await cursor.fetchone() is not None:
         return "ledger rows committed below the watermark after it was taken"
     return None
 
 
-#: Voters whose fraud rejections or credits changed since the checkpoint's snapshot.
-_CHANGED_VOTERS = """
-SELECT DISTINCT i.user_id FROM result_input_changes i, round_checkpoints c
- WHERE c.round_id = %(round)s::uuid AND i.xid >= c.snapshot_xmin
-   AND NOT pg_visible_in_snapshot(i.xid, c.snapshot)
-   AND (i.round_id IS NULL OR i.round_id = %(round)s::text)
-"""
-
-
 async def _changed_voters(connection: AsyncConnection[Any], round_id: str) -> list[str]:
-    cursor = await connection.execute(_CHANGED_VOTERS, {"round": round_id}, prepare=False)
+    cursor = await connection.execute(store.CHANGED_VOTERS, {"round": round_id}, prepare=False)
     return [row["user_id"] for row in await cursor.fetchall()]
 
 
@@ -249,17 +168,13 @@ async def _take_out(connection: AsyncConnection[Any], state: Checkpoint, users: 
                     ) -> None:
     """Remove what `users`' rows below the watermark contributed to the counted totals."""
     cursor = await connection.execute(
-        "SELECT contestant_id::text AS contestant, sum(count)::bigint AS n FROM ("
-        "  SELECT contestant_id, count FROM votes WHERE user_id = ANY(%(users)s)"
-        "     AND (round_id = %(round)s AND admitted_ms < %(lo)s) IS TRUE"  # see STEP_SQL
-        "  UNION ALL SELECT contestant_id, -count FROM round_checkpoint_invalid"
-        "   WHERE round_id = %(round)s AND user_id = ANY(%(users)s)) c GROUP BY 1",
+        store.CHANGED_VOTER_COUNTS,
         {"users": users, "round": state.round_id, "lo": state.watermark_ms}, prepare=False)
     for row in await cursor.fetchall():
         if row["contestant"] in state.counts:
             state.counts[row["contestant"]] -= row["n"]
     await connection.execute(
-        "DELETE FROM round_checkpoint_invalid WHERE round_id = %s AND user_id = ANY(%s)",
+        store.FORGET_INVALID,
         (state.round_id, users))
 
 
@@ -267,8 +182,7 @@ async def _step_end(connection: AsyncConnection[Any], round_id: str, lo: int, hi
                     max_rows: int) -> int:
     """A watermark at most `hi` that leaves about `max_rows` rows in [lo, watermark)."""
     cursor = await connection.execute(
-        "SELECT admitted_ms FROM votes WHERE round_id = %s AND admitted_ms >= %s"
-        " AND admitted_ms < %s ORDER BY admitted_ms OFFSET %s LIMIT 1",
+        store.ADMITTED_BETWEEN,
         (round_id, lo, hi, max_rows), prepare=False)
     row: Any = await cursor.fetchone()
     return hi if row is None else max(row["admitted_ms"], lo + 1)
@@ -288,9 +202,7 @@ async def advance(connection: AsyncConnection[Any], info: RoundInfo, state: Chec
     # a generic plan.
     # No parallel plans either: a step is small, and a parallel plan carries its voter lists
     # to every worker once per partition.
-    await connection.execute("SET LOCAL work_mem = '64MB'; SET LOCAL enable_seqscan = off;"
-                             " SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;"
-                             " SET LOCAL max_parallel_workers_per_gather = 0")
+    await connection.execute(store.STEP_PLANNER_SETTINGS)
     lo = state.watermark_ms
     if not state.fresh and state.chunk_start is None and state.tree_size % LEAVES_PER_CHUNK:
         raise AssertionError("a checkpoint inside a chunk knows where the chunk starts")
@@ -302,11 +214,10 @@ async def advance(connection: AsyncConnection[Any], info: RoundInfo, state: Chec
     if not state.counts:
         state.counts = dict.fromkeys(info.contestant_ids, 0)
     bounds = {"round": info.round_id, "lo": lo, "hi": hi, "users": users}
-    cursor = await connection.execute(STEP_SQL, bounds, prepare=False)
-    found: Any = await cursor.fetchone()
+    found: Any = await fetch_one(connection, store.STEP_SQL, bounds, prepare=False)
     voters = sorted(set(found["voters"]) | set(users))
     cursor = await connection.execute(
-        DELTA_SQL, {**judge_params(info), **bounds, "voters": voters,
+        store.DELTA_SQL, {**judge_params(info), **bounds, "voters": voters,
                     "repeated": found["repeated"]}, prepare=False)
     rows: list[Any] = await cursor.fetchall()
     invalid = []
@@ -345,18 +256,15 @@ async def advance(connection: AsyncConnection[Any], info: RoundInfo, state: Chec
     async with connection.cursor() as cur:
         if invalid:
             async with cur.copy(
-                    "COPY round_checkpoint_invalid (round_id, user_id, request_id, vote_id,"
-                    " contestant_id, count, admitted_ms, receipt_hash, reason) FROM STDIN"
+                    store.COPY_INVALID
                     ) as copy:
                 for record in invalid:
                     await copy.write_row(record)
         if block_keys:
             await cur.executemany(
-                "INSERT INTO round_result_blocks (round_id, block, admitted_ms, vote_id,"
-                " receipt_hash) VALUES (%s, %s, %s, %s, %s)", block_keys)
+                store.INSERT_BLOCK_START, block_keys)
         if roots:
-            await cur.executemany("INSERT INTO round_checkpoint_roots (round_id, block, root)"
-                                  " VALUES (%s, %s, %s)", roots)
+            await cur.executemany(store.INSERT_BLOCK_ROOT, roots)
         for chunk, first, last in chunks:
             await _write_chunk(cur, state.round_id, chunk, first, last)
     return hi >= upto_ms
@@ -372,10 +280,7 @@ async def _write_chunk(cur: Any, round_id: str, chunk: int, first: tuple[int, st
     same snapshot that judged them: nothing else lies between). The plain bounds on
     admitted_ms keep the plan on the round's ordered index whatever the statistics say."""
     await cur.execute(
-        "INSERT INTO round_result_leaves (round_id, chunk, leaves)"
-        f" SELECT %s, %s, string_agg(receipt_hash, ''::bytea ORDER BY {_KEY}) FROM votes"
-        f" WHERE round_id = %s AND admitted_ms >= %s AND {_KEY} >= (%s, %s::uuid, %s)"
-        + ("" if last is None else f" AND admitted_ms <= %s AND {_KEY} <= (%s, %s::uuid, %s)"),
+        store.INSERT_CHUNK_LEAVES + ("" if last is None else store.CHUNK_LEAVES_UPTO),
         (round_id, chunk, round_id, first[0], *first,
          *(() if last is None else (last[0], *last))), prepare=False)
 
@@ -396,8 +301,7 @@ async def finish(connection: AsyncConnection[Any], state: Checkpoint) -> Tree:
         if state.chunk_start is not None:
             await _write_chunk(cur, state.round_id, state.tree_size // LEAVES_PER_CHUNK,
                                state.chunk_start, None)
-        await cur.execute("SELECT root FROM round_checkpoint_roots WHERE round_id = %s"
-                          " ORDER BY block", (state.round_id,))
+        await cur.execute(store.BLOCK_ROOTS, (state.round_id,))
         roots = [bytes(row["root"]) for row in await cur.fetchall()]
     if state.block_tail:
         roots.append(block_root(state.block_tail))
@@ -410,10 +314,6 @@ async def tidy(connection: AsyncConnection[Any]) -> None:
     million votes their roots and invalid rows take a while to delete), and forget log entries
     that every live checkpoint's snapshot, and every later one, can see (a checkpoint of a
     round that no longer takes votes holds nothing back)."""
-    await connection.execute("DELETE FROM round_checkpoints c USING round_results r"
-                             " WHERE c.round_id = r.round_id")
-    for table in ("ledger_appends", "result_input_changes"):
-        await connection.execute(
-            f"DELETE FROM {table} WHERE xid < (SELECT least(min(c.snapshot_xmin),"
-            " pg_snapshot_xmin(pg_current_snapshot())) FROM round_checkpoints c"
-            " JOIN rounds r USING (round_id) WHERE r.state IN ('OPEN', 'CLOSED'))")
+    await connection.execute(store.DROP_FINALIZED_CHECKPOINTS)
+    for statement in store.FORGET_SEEN_CHANGES:
+        await connection.execute(statement)

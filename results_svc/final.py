@@ -20,8 +20,6 @@ import contextlib
 import json
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -30,16 +28,16 @@ import grpc
 from opentelemetry import metrics
 from psycopg import AsyncConnection, IsolationLevel
 
-from results_svc import checkpoint, judging, rules
+from results_svc import checkpoint, rules, store
 from results_svc.checkpoint import LEAVES_PER_CHUNK, judge_params
 from results_svc.config import ResultsConfig
 from results_svc.merkle import HASH_SIZE, MerkleTree, TopTree
 from results_svc.rounds import RoundInfo, load_round
 from results_svc.signing import Signer, tree_head
-from runtime import keys, mesh
+from runtime import keys, locks, mesh
 from runtime.access import Principal, Role
 from runtime.mesh import MeshTls
-from runtime.storage import Storage
+from runtime.storage import Storage, fetch_one
 from televote.sync.v1 import show_internal_service_pb2 as internal
 from televote.sync.v1 import show_internal_service_pb2_grpc as internal_grpc
 
@@ -55,32 +53,6 @@ _finalized = _meter.create_counter("televote.results.finalized", unit="{round}",
 _rebuilt = _meter.create_counter(
     "televote.results.checkpoint.rebuilt", unit="{checkpoint}",
     description="Round checkpoints found stale (a late ledger row, changed rules) and rebuilt")
-
-_REJECTED = """EXISTS (SELECT 1 FROM fraud_rejections f
-                      WHERE f.round_id = j.round_id::text AND f.user_id = j.user_id
-                        AND (f.vote_ref IS NULL OR f.vote_ref = j.request_id))"""
-
-#: Every ledger row of the round with the reason it does not count (NULL: it counts), in
-#: ledger (= tree) order. Parameters: results_svc.judging. See results_svc.rules for the rules
-#: in words.
-JUDGED_SQL = f"""
-WITH voters AS (SELECT DISTINCT user_id FROM votes WHERE round_id = %(round)s::uuid),
-mine AS (
-  SELECT {judging.ROW_WITH_TOTALS}
-    FROM votes v WHERE v.user_id IN (SELECT user_id FROM voters)
-  {judging.WINDOW}
-),
-judged AS (
-  SELECT m.*, row_number() OVER (PARTITION BY m.vote_id
-                                 ORDER BY m.admitted_ms, m.receipt_hash) AS copy
-    FROM mine m WHERE m.round_id = %(round)s::uuid
-)
-SELECT j.vote_id::text, j.user_id, j.contestant_id::text, j.count, j.receipt_hash,
-  j.admitted_ms, j.vote_id AS vote_key,
-  {judging.reason("j", "j.copy > 1", _REJECTED)} AS reason
-  FROM judged j
- ORDER BY j.admitted_ms, j.vote_id, j.receipt_hash
-"""
 
 
 @dataclass
@@ -104,12 +76,7 @@ class FinalResult:
 
 
 async def read_final(connection: AsyncConnection[Any], round_id: str) -> FinalResult | None:
-    cursor = await connection.execute(
-        "SELECT round_id::text, ledger_votes, invalidated_votes, total_votes, counts,"
-        " winner_ids::text[] AS winner_ids, tree_size, root_hash, signed_tree_head, signature,"
-        " key_id, signed_at, finalized_at, reconciliation FROM round_results"
-        " WHERE round_id = %s", (round_id,))
-    row = await cursor.fetchone()
+    row = await fetch_one(connection, store.FINAL_RESULT, (round_id,))
     if row is None:
         return None
     return FinalResult(
@@ -135,7 +102,7 @@ async def provisional_counts(storage: Storage, round_id: str) -> dict[str, int]:
 
 
 class Finalizer:
-    """Finds closed rounds and finalizes them; serves stored results and their trees."""
+    """Finds closed rounds and finalizes them (the proofs of a stored result: proofs.py)."""
 
     def __init__(self, storage: Storage, config: ResultsConfig, signer: Signer) -> None:
         self._storage = storage
@@ -143,11 +110,8 @@ class Finalizer:
         self._signer = signer
         self._task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
-        self._trees: OrderedDict[str, MerkleTree] = OrderedDict()
-        self._tops: OrderedDict[str, TopTree] = OrderedDict()
         #: round -> (failures, next attempt by the monotonic clock) of announcements
         self._announce_backoff: dict[str, tuple[int, float]] = {}
-        self._tree_lock = asyncio.Lock()
         #: round -> when (monotonic) its checkpoint is next extended
         self._checkpoint_due: dict[str, float] = {}
         #: when (monotonic) finished checkpoints and old log entries are next removed
@@ -164,8 +128,7 @@ class Finalizer:
         """Publish the signing key (results name the key that signed them)."""
         async with self._storage.pool.connection() as connection:
             await connection.execute(
-                "INSERT INTO ledger_keys (key_id, public_key, created_at) VALUES (%s, %s, %s)"
-                " ON CONFLICT (key_id) DO NOTHING",
+                store.INSERT_LEDGER_KEY,
                 (self._signer.key_id, self._signer.public_key, self._signer.created_at))
 
     async def stop(self) -> None:
@@ -196,11 +159,7 @@ class Finalizer:
         extend the checkpoints of the other rounds taking votes."""
         async with self._storage.pool.connection() as connection:
             cursor = await connection.execute(
-                "SELECT r.round_id::text, r.state, (rr.round_id IS NOT NULL) AS stored,"
-                " floor(extract(epoch FROM coalesce(r.closed_at, r.lines_close_at)) * 1000)"
-                "::bigint AS closed_ms"
-                " FROM rounds r LEFT JOIN round_results rr USING (round_id)"
-                " WHERE r.state IN ('OPEN', 'CLOSED') ORDER BY r.closed_at")
+                store.ROUNDS_TO_FINALIZE)
             rows: list[Any] = await cursor.fetchall()
         if not rows:
             return
@@ -241,7 +200,7 @@ class Finalizer:
         """Extend the round's checkpoint by one step towards the watermark (a stale one is
         rebuilt); True when it reached the watermark (or another replica is at it)."""
         watermark = await self._watermark()
-        async with self._storage.pool.connection() as connection, self._round_lock(
+        async with self._storage.pool.connection() as connection, locks.round_results_session(
                 connection, round_id, wait=False) as mine:
             if not mine:
                 return True
@@ -296,42 +255,16 @@ class Finalizer:
             # vote_svc bumps round_tallies in the transaction that writes the ledger rows: the
             # ledger's totals without reading the ledger.
             cursor = await connection.execute(
-                "SELECT contestant_id::text, sum(votes)::bigint AS n FROM round_tallies"
-                " WHERE round_id = %s GROUP BY 1", (round_id,))
+                store.TALLIES, (round_id,))
             ledger = {r["contestant_id"]: r["n"] for r in await cursor.fetchall()}
         return {k: v for k, v in live.items() if v} == {k: v for k, v in ledger.items() if v}
-
-    @contextlib.asynccontextmanager
-    async def _round_lock(self, connection: AsyncConnection[Any], round_id: str, *,
-                          wait: bool) -> AsyncIterator[bool]:
-        """The round's advisory lock (one finalizer or checkpointer at a time, across
-        replicas), held by the session so that the REPEATABLE READ transaction that follows
-        takes its snapshot after the previous holder's commit. `wait` False: yield False at
-        once if another holds it."""
-        key = f"televote.results:{round_id}"
-        if wait:
-            await connection.execute("SET LOCAL lock_timeout = '30s'")
-            await connection.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
-            got = True
-        else:
-            cursor = await connection.execute(
-                "SELECT pg_try_advisory_lock(hashtext(%s)) AS got", (key,))
-            row: Any = await cursor.fetchone()
-            got = bool(row["got"])
-        await connection.commit()
-        try:
-            yield got
-        finally:
-            if got:
-                await connection.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
-                await connection.commit()
 
     async def finalize(self, round_id: str) -> bool:
         """Judge the rest of the ledger (or recount it all), sign and store the round's
         result; False if another replica has it."""
         started = time.monotonic()
         provisional = await provisional_counts(self._storage, round_id)
-        async with self._storage.pool.connection() as connection, self._round_lock(
+        async with self._storage.pool.connection() as connection, locks.round_results_session(
                 connection, round_id, wait=True):
             await connection.set_isolation_level(IsolationLevel.REPEATABLE_READ)
             try:
@@ -364,20 +297,15 @@ class Finalizer:
                 "ms": round((time.monotonic() - started) * 1000)}})
             tree = await checkpoint.finish(connection, state)
             cursor = await connection.execute(
-                "SELECT reason, count(*) AS n FROM round_checkpoint_invalid WHERE round_id = %s"
-                " GROUP BY 1", (round_id,))
+                store.INVALID_REASON_COUNTS, (round_id,))
             reasons = {row["reason"]: row["n"] for row in await cursor.fetchall()}
             if not await self._store(connection, info, provisional, state.ledger, state.counts,
                                      reasons, tree.size, tree.root):
                 return False
             await connection.execute(
-                "INSERT INTO round_result_block_roots (round_id, block_leaves, roots)"
-                " VALUES (%s, %s, %s)", (round_id, state.block_leaves, b"".join(tree.block_roots)))
-            await connection.execute(
-                "INSERT INTO round_result_invalid_votes (round_id, vote_id, reason)"
-                " SELECT DISTINCT ON (vote_id) round_id, vote_id, reason"
-                " FROM round_checkpoint_invalid WHERE round_id = %s"
-                " ORDER BY vote_id, admitted_ms, receipt_hash", (round_id,))
+                store.INSERT_BLOCK_ROOTS,
+                (round_id, state.block_leaves, b"".join(tree.block_roots)))
+            await connection.execute(store.COPY_INVALID_VOTES, (round_id,))
             _finalized.add(1, {"path": "checkpoint"})  # its checkpoint goes later: tidy()
             return True
         log.warning("final result by full recount", extra={"fields": {
@@ -400,11 +328,7 @@ class Finalizer:
         head = tree_head(round_id, tree_size, root, signed_at)
         reconciliation = reconcile(round_id, provisional, ledger, counts, reasons)
         cursor = await connection.execute(
-            "INSERT INTO round_results (round_id, ledger_votes, invalidated_votes, total_votes,"
-            " counts, winner_ids, tree_size, root_hash, signed_tree_head, signature, key_id,"
-            " signed_at, reconciliation, computed_by)"
-            " VALUES (%s, %s, %s, %s, %s, %s::uuid[], %s, %s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (round_id) DO NOTHING RETURNING round_id",
+            store.INSERT_RESULT,
             (round_id, ledger_votes, ledger_votes - total, total, json.dumps(counts),
              rules.winners(counts), tree_size, root, head, self._signer.sign(head),
              self._signer.key_id, signed_at, json.dumps(reconciliation),
@@ -418,19 +342,16 @@ class Finalizer:
 
     async def recount_in(self, connection: AsyncConnection[Any], info: RoundInfo,
                           provisional: dict[str, int]) -> bool:
-        """The reference path: judge the whole round's ledger at once (final.JUDGED_SQL)."""
+        """The reference path: judge the whole round's ledger at once (store.JUDGED_SQL)."""
         round_id = info.round_id
         params = judge_params(info)
         # The ledger is judged once, into a temporary table numbered in tree order; what the
         # result needs is then read from it by PostgreSQL (totals, reasons, the leaves as one
         # blob per chunk) instead of fetching every judged row into Python.
         await connection.execute(
-            "CREATE TEMPORARY TABLE judged ON COMMIT DROP AS SELECT row_number() OVER ("
-            f"ORDER BY admitted_ms, vote_key, receipt_hash) - 1 AS leaf_index, j.* FROM"
-            f" ({JUDGED_SQL}) j", params)
+            store.CREATE_JUDGED, params)
         cursor = await connection.execute(
-            "SELECT contestant_id, sum(count) FILTER (WHERE reason IS NULL)::bigint AS counted,"
-            " sum(count)::bigint AS ledger FROM judged GROUP BY contestant_id")
+            store.JUDGED_COUNTS)
         counts = dict.fromkeys(info.contestant_ids, 0)
         ledger_by_contestant: dict[str, int] = {}
         for row in await cursor.fetchall():
@@ -438,11 +359,10 @@ class Finalizer:
             if row["contestant_id"] in counts:
                 counts[row["contestant_id"]] = row["counted"] or 0
         cursor = await connection.execute(
-            "SELECT reason, count(*) AS n FROM judged WHERE reason IS NOT NULL GROUP BY 1")
+            store.JUDGED_REASON_COUNTS)
         reasons = {row["reason"]: row["n"] for row in await cursor.fetchall()}
         cursor = await connection.execute(
-            "SELECT leaf_index / %s AS chunk, string_agg(receipt_hash, ''::bytea ORDER BY"
-            " leaf_index) AS leaves FROM judged GROUP BY 1 ORDER BY 1", (LEAVES_PER_CHUNK,))
+            store.JUDGED_LEAF_CHUNKS, (LEAVES_PER_CHUNK,))
         chunks = [bytes(row["leaves"]) for row in await cursor.fetchall()]
         blob = b"".join(chunks)
         leaves = [blob[i:i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)]
@@ -453,24 +373,19 @@ class Finalizer:
             return False
         async with connection.cursor() as cur:
             await cur.executemany(
-                "INSERT INTO round_result_leaves (round_id, chunk, leaves) VALUES (%s, %s, %s)",
+                store.INSERT_LEAF_CHUNK,
                 [(round_id, n, chunk) for n, chunk in enumerate(chunks)])
             # Receipts find their leaf through these: the first leaf of every block of
             # leaves (by ledger order) and each block's subtree root (merkle.TopTree).
             block_leaves = self._config.results_receipt_block_leaves
             await cur.execute(
-                "INSERT INTO round_result_blocks (round_id, block, admitted_ms, vote_id,"
-                " receipt_hash) SELECT %s, leaf_index / %s, admitted_ms, vote_key, receipt_hash"
-                " FROM judged WHERE leaf_index %% %s = 0", (round_id, block_leaves, block_leaves))
+                store.INSERT_JUDGED_BLOCKS, (round_id, block_leaves, block_leaves))
             await cur.execute(
-                "INSERT INTO round_result_block_roots (round_id, block_leaves, roots)"
-                " VALUES (%s, %s, %s)",
+                store.INSERT_BLOCK_ROOTS,
                 (round_id, block_leaves, b"".join(TopTree.block_roots_of(tree, block_leaves))))
             if reasons:  # a duplicate's first copy may be invalid too: its first reason
                 await cur.execute(
-                    "INSERT INTO round_result_invalid_votes (round_id, vote_id, reason)"
-                    " SELECT DISTINCT ON (vote_key) %s, vote_key, reason FROM judged"
-                    " WHERE reason IS NOT NULL ORDER BY vote_key, leaf_index", (round_id,))
+                    store.INSERT_JUDGED_INVALID_VOTES, (round_id,))
         _finalized.add(1, {"path": "recount"})
         return True
 
@@ -489,86 +404,6 @@ class Finalizer:
                         delay, error.code().name)
         else:
             self._announce_backoff.pop(round_id, None)
-
-    async def inclusion(self, round_id: str, admitted_ms: int, vote_id: str, receipt: bytes
-                        ) -> tuple[int, int, list[bytes], bytes] | None:
-        """(leaf index, tree size, audit path, root) of a ledger row in its round's signed
-        tree, or None if the row is not in it (committed after the tree was taken).
-
-        O(log n): the row's block is found by its ledger-order key in round_result_blocks,
-        that block's leaves are one slice of a stored chunk, and the path above the block
-        comes from the block roots (a few KiB per million votes, cached)."""
-        top = await self._top_tree(round_id)
-        if top is None:  # finalized before block roots were stored: the whole tree
-            tree = await self.tree(round_id)
-            try:
-                index = tree.levels[0].index(receipt)
-            except ValueError:
-                return None
-            return index, tree.size, tree.inclusion_proof(index), tree.root
-        async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT block FROM round_result_blocks WHERE round_id = %s"
-                " AND (admitted_ms, vote_id, receipt_hash) <= (%s, %s, %s)"
-                " ORDER BY admitted_ms DESC, vote_id DESC, receipt_hash DESC LIMIT 1",
-                (round_id, admitted_ms, vote_id, receipt))
-            row: Any = await cursor.fetchone()
-            if row is None:
-                return None
-            start = row["block"] * top.block_leaves
-            cursor = await connection.execute(
-                "SELECT substring(leaves FROM %s FOR %s) AS leaves FROM round_result_leaves"
-                " WHERE round_id = %s AND chunk = %s",
-                ((start % LEAVES_PER_CHUNK) * HASH_SIZE + 1, top.block_leaves * HASH_SIZE,
-                 round_id, start // LEAVES_PER_CHUNK))
-            row = await cursor.fetchone()
-        blob = bytes(row["leaves"]) if row is not None else b""
-        block = [blob[i:i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)]
-        try:
-            index = start + block.index(receipt)
-        except ValueError:
-            return None
-        return index, top.size, top.inclusion_proof(index, block), top.root
-
-    async def _top_tree(self, round_id: str) -> TopTree | None:
-        top = self._tops.get(round_id)
-        if top is not None:
-            self._tops.move_to_end(round_id)
-            return top
-        async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT b.block_leaves, b.roots, r.tree_size FROM round_result_block_roots b"
-                " JOIN round_results r USING (round_id) WHERE b.round_id = %s", (round_id,))
-            row: Any = await cursor.fetchone()
-        if row is None:
-            return None
-        roots = bytes(row["roots"])
-        top = TopTree([roots[i:i + HASH_SIZE] for i in range(0, len(roots), HASH_SIZE)],
-                      row["block_leaves"], row["tree_size"])
-        self._tops[round_id] = top
-        while len(self._tops) > 256:  # ~0.3 MB each at 10 million votes
-            self._tops.popitem(last=False)
-        return top
-
-    async def tree(self, round_id: str) -> MerkleTree:
-        """The whole signed tree of a finalized round, from its stored leaves (cached): for
-        results stored before block roots were (see `inclusion`)."""
-        async with self._tree_lock:
-            tree = self._trees.get(round_id)
-            if tree is not None:
-                self._trees.move_to_end(round_id)
-                return tree
-            async with self._storage.pool.connection() as connection:
-                cursor = await connection.execute(
-                    "SELECT leaves FROM round_result_leaves WHERE round_id = %s ORDER BY chunk",
-                    (round_id,))
-                chunks: list[Any] = await cursor.fetchall()
-                blob = b"".join([bytes(r["leaves"]) for r in chunks])
-            tree = MerkleTree([blob[i:i + 32] for i in range(0, len(blob), 32)])
-            self._trees[round_id] = tree
-            while len(self._trees) > self._config.results_cached_trees:
-                self._trees.popitem(last=False)
-            return tree
 
 
 def reconcile(round_id: str, provisional: dict[str, int], ledger: dict[str, int],

@@ -1,5 +1,5 @@
-"""The round's rules in SQL, in one place: the full recount (`final.JUDGED_SQL`) and the
-checkpoint's steps (`checkpoint.DELTA_SQL`) are composed from these pieces, so the two judge
+"""The round's rules in SQL, in one place: the full recount (`store.JUDGED_SQL`) and the
+checkpoint's steps (`store.DELTA_SQL`) are composed from these pieces, so the two judge
 every ledger row alike (invariant 5: the checkpoint path must store the recount's result).
 `results_svc.rules` says the same rules in Python, for `televote audit verify`.
 

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from results_svc import standings as calc
 from results_svc.config import ResultsConfig
@@ -25,6 +24,7 @@ from results_svc.final import Finalizer, FinalResult, provisional_counts, read_f
 from results_svc.rounds import RoundInfo, load_round, round_not_found
 from runtime import fanout, keys
 from runtime.access import Role
+from runtime.protoconv import timestamp_ms
 from runtime.storage import Storage
 from televote.results.v1 import results_service_pb2 as rpb
 from televote.results.v1 import results_types_pb2 as rtypes
@@ -82,12 +82,6 @@ def public_view(info: RoundInfo, final: bool) -> str:
     return STANDINGS
 
 
-def _stamp(ms: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromMilliseconds(int(ms))
-    return stamp
-
-
 def build_views(info: RoundInfo, counts: dict[str, int], ranks: dict[str, int],
                 rank_changes: dict[str, int], trends: dict[str, int], now_ms: float,
                 final: bool) -> Update:
@@ -105,9 +99,9 @@ def build_views(info: RoundInfo, counts: dict[str, int], ranks: dict[str, int],
             visibility=info.visibility,  # type: ignore[arg-type]
             time_remaining=Duration(seconds=remaining // 1000,
                                     nanos=remaining % 1000 * 1_000_000),
-            server_time=_stamp(now_ms), is_final=final)
+            server_time=timestamp_ms(now_ms), is_final=final)
         if info.closes_ms is not None:
-            results.closes_at.CopyFrom(_stamp(info.closes_ms))
+            results.closes_at.CopyFrom(timestamp_ms(info.closes_ms))
         if view == FULL:
             results.total_votes = total
         for contestant_id in (info.contestant_ids if view == HIDDEN else order):

@@ -12,11 +12,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from runtime.receipts import leaf_hash as leaf_hash  # the receipts' leaf hash, with its tree
+
 HASH_SIZE = 32
-
-
-def leaf_hash(leaf_data: bytes) -> bytes:
-    return hashlib.sha256(b"\x00" + leaf_data).digest()
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:

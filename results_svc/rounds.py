@@ -8,27 +8,11 @@ from typing import Any
 
 import grpc
 
+from results_svc import store
 from results_svc.rules import RoundRules
-from runtime.errors import ApiError, FieldViolation, invalid_argument
+from runtime.errors import ApiError
+from runtime.storage import fetch_one
 from televote.sync.v1 import sync_types_pb2 as stypes
-
-_MS = "floor(extract(epoch FROM {}) * 1000)::bigint"
-
-ROUND_SQL = f"""
-SELECT r.round_id::text, r.episode_id::text, r.name, r.contestant_ids::text[] AS contestant_ids,
-       r.free_vote_cap, r.visibility, r.state, r.closes_at, e.free_vote_quota,
-       e.state AS episode_state,
-       {_MS.format("r.opens_at")} AS opens_ms, {_MS.format("r.closes_at")} AS closes_ms,
-       {_MS.format("r.closed_at")} AS closed_ms, {_MS.format("r.lines_close_at")} AS lines_ms,
-       r.app_close_offset_ms, r.web_close_offset_ms, r.sms_close_offset_ms
-  FROM rounds r JOIN episodes e USING (episode_id)
- WHERE r.round_id = %s
-"""
-
-CONTESTANTS_SQL = """
-SELECT contestant_id::text, name, photo_url, sms_number FROM contestants
- WHERE contestant_id = ANY(%s::uuid[])
-"""
 
 
 @dataclass(frozen=True)
@@ -79,16 +63,6 @@ class RoundInfo:
                           self.free_quota, self.free_cap)
 
 
-def parse_uuid(value: str, name: str) -> str:
-    import uuid
-    if not value:
-        raise invalid_argument(FieldViolation(name, "is required"))
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise invalid_argument(FieldViolation(name, "is not a UUID")) from None
-
-
 def round_not_found(round_id: str) -> ApiError:
     return ApiError(grpc.StatusCode.NOT_FOUND, "ROUND_NOT_FOUND", f"no round {round_id}")
 
@@ -102,11 +76,10 @@ def _visibility(text: str) -> int:
 
 
 async def load_round(connection: Any, round_id: str) -> RoundInfo | None:
-    cursor = await connection.execute(ROUND_SQL, (round_id,))
-    row = await cursor.fetchone()
+    row = await fetch_one(connection, store.ROUND_SQL, (round_id,))
     if row is None:
         return None
-    cursor = await connection.execute(CONTESTANTS_SQL, (row["contestant_ids"],))
+    cursor = await connection.execute(store.CONTESTANTS_SQL, (row["contestant_ids"],))
     by_id = {r["contestant_id"]: r for r in await cursor.fetchall()}
     contestants = tuple(
         Contestant(c, by_id[c]["name"], by_id[c]["photo_url"], by_id[c]["sms_number"])

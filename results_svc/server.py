@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from results_svc.api import ResultsServicer, register
 from results_svc.config import ResultsConfig
 from results_svc.final import Finalizer
 from results_svc.live import Live
-from results_svc.servicer import ResultsServicer, register
+from results_svc.proofs import Proofs
 from results_svc.signing import Signer
 from runtime.fanout import Streams
 from runtime.server import ServiceHost, run_service
@@ -36,10 +37,9 @@ def create_server(config: ResultsConfig) -> tuple[ServiceHost, int]:
 
     host.on_start(start_background)
     host.on_stop(stop_background)
-    host.add(register, ResultsServicer(storage, live, finalizer, signer),
+    host.add(register, ResultsServicer(storage, live, Proofs(storage, config), signer),
              results_service_pb2.DESCRIPTOR.services_by_name["ResultsService"])
-    # ReportService lands with its own issue; until then the base servicer answers
-    # UNIMPLEMENTED.
+    # ReportService is not implemented: the base servicer answers UNIMPLEMENTED.
     host.add(report_service_pb2_grpc.add_ReportServiceServicer_to_server,
              report_service_pb2_grpc.ReportServiceServicer(),  # type: ignore[abstract]
              report_service_pb2.DESCRIPTOR.services_by_name["ReportService"])

@@ -44,7 +44,7 @@ def current_principal() -> Principal:
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], error: Exception,
                   span: trace.Span) -> None:
     if isinstance(error, NotImplementedError):
-        # The generated base servicer's answer for an RPC whose issue has not landed yet.
+        # The generated base servicer's answer for an RPC this build does not implement.
         error = ApiError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED",
                          "this RPC is not implemented yet")
     if isinstance(error, ApiError):

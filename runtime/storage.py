@@ -7,6 +7,7 @@ and connected by `Storage.connect()` before the service reports SERVING.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from runtime.config import ServiceConfig
 
 log = logging.getLogger(__name__)
+
+Params = Sequence[Any] | Mapping[str, Any]
 
 RedisClient = Redis | RedisCluster
 
@@ -47,6 +50,15 @@ def create_redis(url: str, cluster: bool = False, max_connections: int = 200) ->
     pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=5,
                                            health_check_interval=30)
     return Redis(connection_pool=pool)
+
+
+async def fetch_one(connection: AsyncConnection[Any], query: str, params: Params | None = None,
+                    *, prepare: bool | None = None) -> dict[str, Any] | None:
+    """The first row `query` returns (a dict, as the pool's connections give rows), None if it
+    returns none."""
+    cursor = await connection.execute(query, params, prepare=prepare)
+    row: dict[str, Any] | None = await cursor.fetchone()
+    return row
 
 
 @dataclass

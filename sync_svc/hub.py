@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from runtime import fanout, keys
+from runtime.protoconv import datetime_to_ms, duration, ms_to_datetime, timestamp
 from runtime.storage import Storage
 from sync_svc.config import SyncConfig
-from sync_svc.show import ShowStore, datetime_to_ms, duration, ms_to_datetime, timestamp
+from sync_svc.show import ShowStore
 from televote.sync.v1 import show_watch_service_pb2 as watch
 from televote.sync.v1 import sync_types_pb2 as types
 

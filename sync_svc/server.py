@@ -5,10 +5,10 @@ from __future__ import annotations
 from runtime.fanout import Streams, add_servicer
 from runtime.server import ServiceHost, run_service
 from runtime.storage import Storage
+from sync_svc.api import ShowControlServicer, ShowInternalServicer, ShowWatchServicer
 from sync_svc.closer import Closer
 from sync_svc.config import SyncConfig
 from sync_svc.hub import Hub
-from sync_svc.servicers import ShowControlServicer, ShowInternalServicer, ShowWatchServicer
 from sync_svc.show import ShowStore
 from televote.sync.v1 import (
     show_control_service_pb2,

@@ -12,25 +12,33 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg import AsyncConnection
 
-from runtime import keys
+from runtime import ids, keys
+from runtime import window as redis_window
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.idempotency import once, require_request_id
-from runtime.storage import Storage
+from runtime.protoconv import (
+    CHANNEL_KEYS,
+    datetime_to_ms,
+    duration,
+    duration_ms,
+    ms_to_datetime,
+    timestamp,
+)
+from runtime.storage import Storage, fetch_one
+from runtime.window import Window
+from sync_svc import store
 from sync_svc.config import SyncConfig
 from televote.sync.v1 import show_control_service_pb2 as control
 from televote.sync.v1 import show_watch_service_pb2 as watch
 from televote.sync.v1 import sync_types_pb2 as types
-from televote.vote.v1 import vote_types_pb2
 
 Row = dict[str, Any]
 Connection = AsyncConnection[Row]
@@ -40,12 +48,6 @@ EventType = watch.ShowEventType
 #: Closed rounds whose Redis window the periodic repair still rewrites (`repair_windows`).
 RECENTLY_CLOSED_MS = 5 * 60 * 1000
 
-CHANNEL_COLUMNS = {
-    vote_types_pb2.CHANNEL_APP: "app",
-    vote_types_pb2.CHANNEL_WEB: "web",
-    vote_types_pb2.CHANNEL_SMS: "sms",
-}
-
 
 @dataclass
 class Published:
@@ -54,7 +56,7 @@ class Published:
     events: list[watch.WatchShowResponse] = field(default_factory=list)
     windows: list[Row] = field(default_factory=list)  # rounds whose Redis window to rewrite
     #: The windows' Redis fields, read in the change's own transaction (`_settle`).
-    window_fields: list[tuple[str, dict[str, str | int]]] = field(default_factory=list)
+    windows_read: list[tuple[str, Window]] = field(default_factory=list)
 
 
 def failed(reason: str, message: str) -> ApiError:
@@ -63,40 +65,6 @@ def failed(reason: str, message: str) -> ApiError:
 
 def not_found(reason: str, message: str) -> ApiError:
     return ApiError(grpc.StatusCode.NOT_FOUND, reason, message)
-
-
-def parse_id(value: str, field_name: str) -> str:
-    """A UUID from a request field, or INVALID_REQUEST naming the field."""
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise invalid_argument(FieldViolation(field_name, "must be a UUID")) from None
-
-
-def timestamp(moment: datetime | None) -> Timestamp | None:
-    if moment is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
-def ms_to_datetime(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
-
-
-def datetime_to_ms(moment: datetime) -> int:
-    return round(moment.timestamp() * 1000)
-
-
-def duration_ms(value: Duration) -> int:
-    return value.seconds * 1000 + value.nanos // 1_000_000
-
-
-def duration(ms: int) -> Duration:
-    value = Duration()
-    value.FromMilliseconds(ms)
-    return value
 
 
 class ShowStore:
@@ -127,19 +95,18 @@ class ShowStore:
         """At the end of a change's transaction: the Redis fields of the windows it moved, from
         the rows as this transaction leaves them (no second connection, no later version)."""
         for round_row in published.windows:
-            episode = await _one(connection, "SELECT free_vote_quota, rate_limit_per_minute,"
-                                 " version FROM episodes WHERE episode_id = %s",
+            episode = await _one(connection, store.EPISODE_WINDOW_FIELDS,
                                  (round_row["episode_id"],))
-            published.window_fields.append(
-                (str(round_row["round_id"]), window_fields(round_row, episode)))
+            published.windows_read.append(
+                (str(round_row["round_id"]), Window.of_round(round_row, episode)))
 
     async def apply(self, published: Published) -> None:
         """After the commit: mirror windows into Redis, then announce the events and mark
         their outbox rows published. A crash before the mark leaves the rows for
         `publish_outbox` on any replica; watchers drop what they already have (by
         episode_version), so an event announced twice is harmless."""
-        for round_id, fields in published.window_fields:
-            await keys.write_window(self._storage.redis, round_id, fields)
+        for round_id, read in published.windows_read:
+            await redis_window.write(self._storage.redis, round_id, read)
         for event in published.events:
             # Every replica's Hub (this one's too) hands it to its watchers.
             await self._storage.redis.publish(keys.show_channel(event.episode_id),
@@ -147,9 +114,7 @@ class ShowStore:
         if published.events:
             async with self._storage.pool.connection() as connection:
                 await connection.execute(
-                    "UPDATE show_events SET published_at = now() FROM unnest(%s::uuid[],"
-                    " %s::bigint[]) AS e(episode_id, version) WHERE show_events.episode_id ="
-                    " e.episode_id AND show_events.version = e.version",
+                    store.MARK_EVENTS_PUBLISHED,
                     ([e.episode_id for e in published.events],
                      [e.episode_version for e in published.events]))
 
@@ -166,15 +131,13 @@ class ShowStore:
         (`keys.write_window`): a repair racing a close or an extension cannot undo it."""
         async with self._storage.pool.connection() as connection:
             cursor = await connection.execute(
-                "SELECT r.*, e.free_vote_quota, e.rate_limit_per_minute, e.version"
-                " FROM rounds r JOIN episodes e USING (episode_id) WHERE r.state = 'OPEN'"
-                " OR (r.state = 'CLOSED' AND r.closed_at > %s)",
+                store.WINDOWS_TO_REPAIR,
                 (ms_to_datetime(now_ms - RECENTLY_CLOSED_MS),))
             rows: list[Row] = await cursor.fetchall()
         repaired = 0
         for row in rows:
-            repaired += await keys.write_window(self._storage.redis, str(row["round_id"]),
-                                                window_fields(row, row))
+            repaired += await redis_window.write(self._storage.redis, str(row["round_id"]),
+                                           Window.of_round(row, row))
         return repaired
 
     async def publish_outbox(self, older_than_ms: int, limit: int = 500) -> int:
@@ -183,9 +146,7 @@ class ShowStore:
         the work without waiting on each other (SKIP LOCKED)."""
         async with self._storage.pool.connection() as connection, connection.transaction():
             cursor = await connection.execute(
-                "SELECT episode_id::text, version, payload FROM show_events"
-                " WHERE published_at IS NULL AND recorded_at < now() - %s"
-                " ORDER BY recorded_at, episode_id, version LIMIT %s FOR UPDATE SKIP LOCKED",
+                store.UNPUBLISHED_EVENTS,
                 (timedelta(milliseconds=older_than_ms), limit))
             rows: list[Any] = await cursor.fetchall()
             for row in rows:
@@ -193,9 +154,7 @@ class ShowStore:
                                                   bytes(row["payload"]))
             if rows:
                 await connection.execute(
-                    "UPDATE show_events SET published_at = now() FROM unnest(%s::uuid[],"
-                    " %s::bigint[]) AS e(episode_id, version) WHERE show_events.episode_id ="
-                    " e.episode_id AND show_events.version = e.version",
+                    store.MARK_EVENTS_PUBLISHED,
                     ([r["episode_id"] for r in rows], [r["version"] for r in rows]))
         return len(rows)
 
@@ -203,14 +162,12 @@ class ShowStore:
     async def _event(self, connection: Connection, published: Published, episode_id: str,
                      now_ms: int, event_type: int, **payload: Any) -> int:
         """Record an event of the episode and bump its version; returns the new version."""
-        row = await _one(connection, "UPDATE episodes SET version = version + 1"
-                         " WHERE episode_id = %s RETURNING version", (episode_id,))
+        row = await _one(connection, store.BUMP_EPISODE_VERSION, (episode_id,))
         event = watch.WatchShowResponse(
             server_time=timestamp(ms_to_datetime(now_ms)), type=event_type,  # type: ignore[arg-type]
             episode_id=episode_id, episode_version=row["version"], **payload)
         await connection.execute(
-            "INSERT INTO show_events (episode_id, version, event_type, payload)"
-            " VALUES (%s, %s, %s, %s)",
+            store.INSERT_SHOW_EVENT,
             (episode_id, row["version"], EventType.Name(event_type),  # type: ignore[arg-type]
              event.SerializeToString()))
         published.events.append(event)
@@ -231,8 +188,7 @@ class ShowStore:
         async def perform(connection: Connection, _: Published, __: int
                           ) -> control.CreateShowResponse:
             row = await _one(connection,
-                             "INSERT INTO shows (show_id, name, broadcaster, time_zone)"
-                             " VALUES (%s, %s, %s, %s) RETURNING *",
+                             store.INSERT_SHOW,
                              (uuid.uuid4(), request.name.strip(), request.broadcaster,
                               time_zone))
             return control.CreateShowResponse(show=types.Show(
@@ -243,7 +199,7 @@ class ShowStore:
 
     async def create_episode(self, request: control.CreateEpisodeRequest
                              ) -> control.CreateEpisodeResponse:
-        show_id = parse_id(request.show_id, "show_id")
+        show_id = ids.parse(request.show_id, "show_id")
         problems = []
         if not request.title.strip():
             problems.append(FieldViolation("title", "must not be empty"))
@@ -261,13 +217,11 @@ class ShowStore:
 
         async def perform(connection: Connection, _: Published, __: int
                           ) -> control.CreateEpisodeResponse:
-            if await _maybe_one(connection, "SELECT 1 FROM shows WHERE show_id = %s",
+            if await fetch_one(connection, store.SHOW_EXISTS,
                                 (show_id,)) is None:
                 raise not_found("SHOW_NOT_FOUND", f"no show {show_id}")
             row = await _one(connection,
-                             "INSERT INTO episodes (episode_id, show_id, title,"
-                             " scheduled_start_time, free_vote_quota, rate_limit_per_minute)"
-                             " VALUES (%s, %s, %s, %s, %s, %s) RETURNING *",
+                             store.INSERT_EPISODE,
                              (uuid.uuid4(), show_id, request.title.strip(), scheduled, quota,
                               rate))
             return control.CreateEpisodeResponse(episode=episode_message(row))
@@ -277,7 +231,7 @@ class ShowStore:
 
     async def add_contestant(self, request: control.AddContestantRequest
                              ) -> control.AddContestantResponse:
-        episode_id = parse_id(request.episode_id, "episode_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
         problems = []
         if not request.name.strip():
             problems.append(FieldViolation("name", "must not be empty"))
@@ -293,15 +247,14 @@ class ShowStore:
             episode = await self._lock_episode(connection, episode_id)
             if episode["state"] == "ENDED":
                 raise failed("SHOW_ALREADY_ENDED", "the episode has ended")
-            taken = await _maybe_one(
-                connection, "SELECT 1 FROM contestants WHERE episode_id = %s AND sms_number = %s",
+            taken = await fetch_one(
+                connection, store.SMS_NUMBER_TAKEN,
                 (episode_id, request.sms_number))
             if taken:
                 raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "SMS_NUMBER_TAKEN",
                                f"sms number {request.sms_number} is taken in this episode")
             row = await _one(connection,
-                             "INSERT INTO contestants (contestant_id, episode_id, name,"
-                             " photo_url, sms_number) VALUES (%s, %s, %s, %s, %s) RETURNING *",
+                             store.INSERT_CONTESTANT,
                              (uuid.uuid4(), episode_id, request.name.strip(), request.photo_url,
                               request.sms_number))
             return control.AddContestantResponse(contestant=contestant_message(row))
@@ -311,8 +264,8 @@ class ShowStore:
 
     async def create_round(self, request: control.CreateRoundRequest
                            ) -> control.CreateRoundResponse:
-        episode_id = parse_id(request.episode_id, "episode_id")
-        contestant_ids = [parse_id(value, "contestant_ids") for value in request.contestant_ids]
+        episode_id = ids.parse(request.episode_id, "episode_id")
+        contestant_ids = [ids.parse(value, "contestant_ids") for value in request.contestant_ids]
         problems = []
         if len(contestant_ids) < 2:
             problems.append(FieldViolation("contestant_ids", "a round needs 2 or more"))
@@ -326,7 +279,7 @@ class ShowStore:
         offsets = dict.fromkeys(keys.CHANNELS, 0)
         seen = set()
         for index, close in enumerate(request.channel_closes):
-            name = CHANNEL_COLUMNS.get(close.channel)
+            name = CHANNEL_KEYS.get(close.channel)
             if name is None or name in seen:
                 problems.append(FieldViolation(f"channel_closes[{index}].channel",
                                                "must be APP, WEB or SMS, each at most once"))
@@ -347,17 +300,14 @@ class ShowStore:
             if episode["state"] == "ENDED":
                 raise failed("SHOW_ALREADY_ENDED", "the episode has ended")
             cursor = await connection.execute(
-                "SELECT contestant_id FROM contestants WHERE episode_id = %s", (episode_id,))
+                store.EPISODE_CONTESTANT_IDS, (episode_id,))
             known = {str(row["contestant_id"]) for row in await cursor.fetchall()}
             missing = [c for c in contestant_ids if c not in known]
             if missing:
                 raise failed("INVALID_CONTESTANT", f"not in this episode: {', '.join(missing)}")
             row = await _one(
                 connection,
-                "INSERT INTO rounds (round_id, episode_id, name, contestant_ids, window_ms,"
-                " free_vote_cap, visibility, app_close_offset_ms, web_close_offset_ms,"
-                " sms_close_offset_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " RETURNING *",
+                store.INSERT_ROUND,
                 (uuid.uuid4(), episode_id, request.name or "Voting", contestant_ids, window,
                  request.free_vote_cap, types.ResultsVisibility.Name(visibility),
                  offsets["app"], offsets["web"], offsets["sms"]))
@@ -375,7 +325,7 @@ class ShowStore:
     # -- show control ----------------------------------------------------------------------
 
     async def start_show(self, request: control.StartShowRequest) -> control.StartShowResponse:
-        episode_id = parse_id(request.episode_id, "episode_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
 
         async def perform(connection: Connection, published: Published, now_ms: int
                           ) -> control.StartShowResponse:
@@ -391,8 +341,7 @@ class ShowStore:
             raise failed("SHOW_ALREADY_STARTED", "the episode is already live")
         if episode["state"] == "ENDED":
             raise failed("SHOW_ALREADY_ENDED", "the episode has ended")
-        await connection.execute("UPDATE episodes SET state = 'LIVE', started_at = %s"
-                                 " WHERE episode_id = %s", (ms_to_datetime(now_ms), episode_id))
+        await connection.execute(store.START_EPISODE, (ms_to_datetime(now_ms), episode_id))
         await self._event(connection, published, episode_id, now_ms,
                           EventType.SHOW_EVENT_TYPE_STATE_CHANGED,
                           state=types.SHOW_STATE_LIVE)
@@ -400,8 +349,8 @@ class ShowStore:
 
     async def start_performance(self, request: control.StartPerformanceRequest
                                 ) -> control.StartPerformanceResponse:
-        episode_id = parse_id(request.episode_id, "episode_id")
-        contestant_id = parse_id(request.contestant_id, "contestant_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
+        contestant_id = ids.parse(request.contestant_id, "contestant_id")
 
         async def perform(connection: Connection, published: Published, now_ms: int
                           ) -> control.StartPerformanceResponse:
@@ -417,15 +366,13 @@ class ShowStore:
                                  song_artist: str, now_ms: int) -> types.Performance:
         episode = await self._lock_episode(connection, episode_id)
         self._require_live(episode)
-        if await _maybe_one(connection, "SELECT 1 FROM contestants WHERE contestant_id = %s"
-                            " AND episode_id = %s", (contestant_id, episode_id)) is None:
+        if await fetch_one(connection, store.CONTESTANT_IN_EPISODE,
+                            (contestant_id, episode_id)) is None:
             raise not_found("CONTESTANT_NOT_FOUND", f"no contestant {contestant_id} here")
         if await self._on_stage(connection, episode_id) is not None:
             raise failed("PERFORMANCE_IN_PROGRESS", "end the current performance first")
         row = await _one(connection,
-                         "INSERT INTO performances (performance_id, episode_id, contestant_id,"
-                         " song_title, song_artist, started_at) VALUES (%s, %s, %s, %s, %s, %s)"
-                         " RETURNING *",
+                         store.INSERT_PERFORMANCE,
                          (uuid.uuid4(), episode_id, contestant_id, song_title, song_artist,
                           ms_to_datetime(now_ms)))
         performance = performance_message(row)
@@ -435,7 +382,7 @@ class ShowStore:
 
     async def end_performance(self, request: control.EndPerformanceRequest
                               ) -> control.EndPerformanceResponse:
-        episode_id = parse_id(request.episode_id, "episode_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
 
         async def perform(connection: Connection, published: Published, now_ms: int
                           ) -> control.EndPerformanceResponse:
@@ -452,8 +399,7 @@ class ShowStore:
                                episode_id: str, now_ms: int) -> types.Performance | None:
         if await self._on_stage(connection, episode_id) is None:
             return None
-        row = await _one(connection, "UPDATE performances SET ended_at = %s WHERE episode_id = %s"
-                         " AND ended_at IS NULL RETURNING *", (ms_to_datetime(now_ms), episode_id))
+        row = await _one(connection, store.END_PERFORMANCE, (ms_to_datetime(now_ms), episode_id))
         performance = performance_message(row)
         await self._event(connection, published, episode_id, now_ms,
                           EventType.SHOW_EVENT_TYPE_PERFORMANCE_ENDED, performance=performance)
@@ -461,7 +407,7 @@ class ShowStore:
 
     async def open_voting(self, request: control.OpenVotingRequest
                           ) -> control.OpenVotingResponse:
-        round_id = parse_id(request.round_id, "round_id")
+        round_id = ids.parse(request.round_id, "round_id")
         window = duration_ms(request.duration) if request.HasField("duration") else None
         if window is not None and (problems := self._window_problems(window, "duration")):
             raise invalid_argument(*problems)
@@ -483,8 +429,7 @@ class ShowStore:
             raise failed("VOTING_ALREADY_OPEN", "this round is already open")
         if round_row["state"] != "PENDING":
             raise failed("ROUND_ALREADY_CLOSED", "a round opens once")
-        if await _maybe_one(connection, "SELECT 1 FROM rounds WHERE episode_id = %s"
-                            " AND state = 'OPEN'", (episode["episode_id"],)):
+        if await fetch_one(connection, store.OPEN_ROUND_EXISTS, (episode["episode_id"],)):
             raise failed("VOTING_ALREADY_OPEN", "another round of this episode is open")
         window = window_ms or round_row["window_ms"]
         closes_ms = now_ms + window
@@ -492,8 +437,7 @@ class ShowStore:
             round_row[f"{channel}_close_offset_ms"] for channel in keys.CHANNELS)
         round_row = await _one(
             connection,
-            "UPDATE rounds SET state = 'OPEN', window_ms = %s, opens_at = %s, closes_at = %s,"
-            " lines_close_at = %s WHERE round_id = %s RETURNING *",
+            store.OPEN_ROUND,
             (window, ms_to_datetime(now_ms), ms_to_datetime(closes_ms),
              ms_to_datetime(max(lines_close_ms, closes_ms)), round_id))
         message = round_message(round_row)
@@ -504,7 +448,7 @@ class ShowStore:
 
     async def extend_voting(self, request: control.ExtendVotingRequest
                             ) -> control.ExtendVotingResponse:
-        round_id = parse_id(request.round_id, "round_id")
+        round_id = ids.parse(request.round_id, "round_id")
         extension = duration_ms(request.extension)
         if not 0 < extension <= 3_600_000:
             raise invalid_argument(FieldViolation("extension", "must be more than 0, up to 1 h"))
@@ -522,8 +466,7 @@ class ShowStore:
                 raise failed("ROUND_ALREADY_CLOSED", "the round has closed")
             round_row = await _one(
                 connection,
-                "UPDATE rounds SET closes_at = closes_at + %s, lines_close_at = lines_close_at"
-                " + %s, window_ms = window_ms + %s WHERE round_id = %s RETURNING *",
+                store.EXTEND_ROUND,
                 (timedelta(milliseconds=extension), timedelta(milliseconds=extension), extension,
                  round_id))
             message = round_message(round_row)
@@ -536,7 +479,7 @@ class ShowStore:
 
     async def close_voting(self, request: control.CloseVotingRequest
                            ) -> control.CloseVotingResponse:
-        round_id = parse_id(request.round_id, "round_id")
+        round_id = ids.parse(request.round_id, "round_id")
 
         async def perform(connection: Connection, published: Published, now_ms: int
                           ) -> control.CloseVotingResponse:
@@ -563,8 +506,7 @@ class ShowStore:
         closed_at = min(ms_to_datetime(max(now_ms, redis_closed_ms)), round_row["lines_close_at"])
         round_row = await _one(
             connection,
-            "UPDATE rounds SET state = 'CLOSED', closed_at = %s, close_cause = %s"
-            " WHERE round_id = %s AND state = 'OPEN' RETURNING *",
+            store.CLOSE_ROUND,
             (closed_at, cause, round_row["round_id"]))
         message = round_message(round_row)
         await self._event(connection, published, str(round_row["episode_id"]), now_ms,
@@ -573,7 +515,7 @@ class ShowStore:
         return message
 
     async def end_show(self, request: control.EndShowRequest) -> control.EndShowResponse:
-        episode_id = parse_id(request.episode_id, "episode_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
 
         async def perform(connection: Connection, published: Published, now_ms: int
                           ) -> control.EndShowResponse:
@@ -586,24 +528,22 @@ class ShowStore:
                         now_ms: int) -> types.Episode:
         episode = await self._lock_episode(connection, episode_id)
         self._require_live(episode)
-        open_round = await _maybe_one(connection, "SELECT * FROM rounds WHERE episode_id = %s"
-                                      " AND state = 'OPEN'", (episode_id,))
+        open_round = await fetch_one(connection, store.OPEN_ROUND_OF_EPISODE, (episode_id,))
         if open_round is not None:
             await self._close_round(connection, published, open_round, now_ms, "SHOW_END")
         await self._end_performance(connection, published, episode_id, now_ms)
-        await connection.execute("UPDATE episodes SET state = 'ENDED', ended_at = %s"
-                                 " WHERE episode_id = %s", (ms_to_datetime(now_ms), episode_id))
+        await connection.execute(store.END_EPISODE, (ms_to_datetime(now_ms), episode_id))
         await self._event(connection, published, episode_id, now_ms,
                           EventType.SHOW_EVENT_TYPE_STATE_CHANGED, state=types.SHOW_STATE_ENDED)
         return episode_message(await self._episode(connection, episode_id))
 
     async def apply_cue(self, request: control.ApplyCueRequest) -> control.ApplyCueResponse:
         """A broadcast automation cue: the same transition as its explicit RPC."""
-        episode_id = parse_id(request.episode_id, "episode_id")
+        episode_id = ids.parse(request.episode_id, "episode_id")
         cue = request.type
         if cue == control.CUE_TYPE_PERFORMANCE_START:
-            contestant_id = parse_id(request.contestant_id, "contestant_id")
-        round_id = parse_id(request.round_id, "round_id") if request.round_id else None
+            contestant_id = ids.parse(request.contestant_id, "contestant_id")
+        round_id = ids.parse(request.round_id, "round_id") if request.round_id else None
         window = (duration_ms(request.voting_duration)
                   if request.HasField("voting_duration") else None)
         if cue == control.CUE_TYPE_VOTING_OPEN and window is not None and (
@@ -629,8 +569,8 @@ class ShowStore:
                 await self._open_voting(connection, published, target, window, now_ms)
             elif cue == control.CUE_TYPE_VOTING_CLOSE:
                 await self._lock_episode(connection, episode_id)
-                open_round = await _maybe_one(
-                    connection, "SELECT * FROM rounds WHERE episode_id = %s AND state = 'OPEN'",
+                open_round = await fetch_one(
+                    connection, store.OPEN_ROUND_OF_EPISODE,
                     (episode_id,))
                 if open_round is None:
                     raise failed("NO_OPEN_ROUND", "no round of this episode is open")
@@ -643,8 +583,7 @@ class ShowStore:
         return await self._change("ApplyCue", request, control.ApplyCueResponse, perform)
 
     async def _next_pending_round(self, connection: Connection, episode_id: str) -> str:
-        row = await _maybe_one(connection, "SELECT round_id FROM rounds WHERE episode_id = %s"
-                               " AND state = 'PENDING' ORDER BY created_at LIMIT 1",
+        row = await fetch_one(connection, store.NEXT_PENDING_ROUND,
                                (episode_id,))
         if row is None:
             raise failed("NO_PENDING_ROUND", "the episode has no round waiting to open")
@@ -655,8 +594,7 @@ class ShowStore:
     async def next_close_ms(self) -> int | None:
         """When the next open round's lines close, if any round is open."""
         async with self._storage.pool.connection() as connection:
-            row = await _one(connection, "SELECT min(lines_close_at) AS due FROM rounds"
-                             " WHERE state = 'OPEN'", ())
+            row = await _one(connection, store.NEXT_LINES_CLOSE, ())
         return None if row["due"] is None else datetime_to_ms(row["due"])
 
     async def close_due_rounds(self, now_ms: int) -> int:
@@ -667,8 +605,7 @@ class ShowStore:
         """
         async with self._storage.pool.connection() as connection:
             cursor = await connection.execute(
-                "SELECT round_id, episode_id FROM rounds WHERE state = 'OPEN'"
-                " AND lines_close_at <= %s", (ms_to_datetime(now_ms),))
+                store.ROUNDS_DUE_TO_CLOSE, (ms_to_datetime(now_ms),))
             due = await cursor.fetchall()
         closed = 0
         for row in due:
@@ -686,7 +623,7 @@ class ShowStore:
 
     async def publish_results_ready(self, round_id: str) -> types.Round:
         """results_svc stored a round's final result: mark it FINALIZED and announce it once."""
-        round_id = parse_id(round_id, "round_id")
+        round_id = ids.parse(round_id, "round_id")
         published = Published()
         now_ms = await keys.server_time_ms(self._storage.redis)
         async with self._storage.pool.connection() as connection, connection.transaction():
@@ -699,8 +636,7 @@ class ShowStore:
                 raise failed("NO_OPEN_ROUND", "the round never opened")
             if round_row["state"] == "OPEN":
                 raise failed("ROUND_NOT_CLOSED", "the round is still open")
-            round_row = await _one(connection, "UPDATE rounds SET state = 'FINALIZED'"
-                                   " WHERE round_id = %s RETURNING *", (round_id,))
+            round_row = await _one(connection, store.FINALIZE_ROUND, (round_id,))
             message = round_message(round_row)
             await self._event(connection, published, str(round_row["episode_id"]), now_ms,
                               EventType.SHOW_EVENT_TYPE_RESULTS_READY, round=message)
@@ -711,7 +647,7 @@ class ShowStore:
     # -- reading ---------------------------------------------------------------------------
 
     async def get_snapshot(self, episode_id: str) -> types.ShowSnapshot:
-        episode_id = parse_id(episode_id, "episode_id")
+        episode_id = ids.parse(episode_id, "episode_id")
         now_ms = await keys.server_time_ms(self._storage.redis)
         async with self._storage.pool.connection() as connection:
             return await self.snapshot(connection, episode_id, now_ms)
@@ -725,13 +661,12 @@ class ShowStore:
         on_stage = await self._on_stage(connection, episode_id)
         if on_stage is not None:
             snapshot.current_performance.CopyFrom(performance_message(on_stage))
-        current = await _maybe_one(
-            connection, "SELECT * FROM rounds WHERE episode_id = %s AND opens_at IS NOT NULL"
-            " ORDER BY (state = 'OPEN') DESC, opens_at DESC LIMIT 1", (episode_id,))
+        current = await fetch_one(
+            connection, store.CURRENT_ROUND, (episode_id,))
         if current is not None:
             snapshot.current_round.CopyFrom(round_message(current))
             cursor = await connection.execute(
-                "SELECT * FROM contestants WHERE contestant_id = ANY(%s)",
+                store.CONTESTANTS_BY_ID,
                 (current["contestant_ids"],))
             by_id = {row["contestant_id"]: row for row in await cursor.fetchall()}
             snapshot.round_contestants.extend(
@@ -745,14 +680,11 @@ class ShowStore:
         """Ended, and no closed round still waits for its result: nothing more to announce."""
         async with self._storage.pool.connection() as connection:
             row = await _one(connection,
-                             "SELECT e.state = 'ENDED' AND NOT EXISTS (SELECT 1 FROM rounds r"
-                             " WHERE r.episode_id = e.episode_id AND r.state IN"
-                             " ('OPEN', 'CLOSED')) AS finished FROM episodes e"
-                             " WHERE e.episode_id = %s", (episode_id,))
+                             store.EPISODE_FINISHED, (episode_id,))
         return bool(row["finished"])
 
     async def _episode(self, connection: Connection, episode_id: str) -> Row:
-        row = await _maybe_one(connection, "SELECT * FROM episodes WHERE episode_id = %s",
+        row = await fetch_one(connection, store.EPISODE,
                                (episode_id,))
         if row is None:
             raise not_found("EPISODE_NOT_FOUND", f"no episode {episode_id}")
@@ -760,22 +692,20 @@ class ShowStore:
 
     async def _lock_episode(self, connection: Connection, episode_id: str) -> Row:
         """The episode row, locked: changes to one episode and its rounds happen one by one."""
-        row = await _maybe_one(connection, "SELECT * FROM episodes WHERE episode_id = %s"
-                               " FOR UPDATE", (episode_id,))
+        row = await fetch_one(connection, store.EPISODE_FOR_UPDATE, (episode_id,))
         if row is None:
             raise not_found("EPISODE_NOT_FOUND", f"no episode {episode_id}")
         return row
 
     async def _round(self, connection: Connection, round_id: str) -> Row:
-        row = await _maybe_one(connection, "SELECT * FROM rounds WHERE round_id = %s",
+        row = await fetch_one(connection, store.ROUND,
                                (round_id,))
         if row is None:
             raise not_found("ROUND_NOT_FOUND", f"no round {round_id}")
         return row
 
     async def _on_stage(self, connection: Connection, episode_id: str) -> Row | None:
-        return await _maybe_one(connection, "SELECT * FROM performances WHERE episode_id = %s"
-                                " AND ended_at IS NULL", (episode_id,))
+        return await fetch_one(connection, store.CURRENT_PERFORMANCE, (episode_id,))
 
     @staticmethod
     def _require_live(episode: Row) -> None:
@@ -828,7 +758,7 @@ def round_message(row: Row) -> types.Round:
         state=types.RoundState.Value(f"ROUND_STATE_{row['state']}"),
         opens_at=timestamp(row["opens_at"]), closes_at=timestamp(row["closes_at"]),
         create_time=timestamp(row["created_at"]))
-    for channel, name in CHANNEL_COLUMNS.items():
+    for channel, name in CHANNEL_KEYS.items():
         offset = row[f"{name}_close_offset_ms"]
         close = types.ChannelClose(channel=channel, offset=duration(offset))
         if row["closes_at"] is not None:
@@ -840,35 +770,9 @@ def round_message(row: Row) -> types.Round:
     return message
 
 
-async def _maybe_one(connection: Connection, query: str, params: tuple[Any, ...]) -> Row | None:
-    cursor = await connection.execute(query, params)
-    return await cursor.fetchone()
-
-
 async def _one(connection: Connection, query: str, params: tuple[Any, ...]) -> Row:
-    row = await _maybe_one(connection, query, params)
+    row: Row | None = await fetch_one(connection, query, params)
     assert row is not None, query
     return row
 
 
-def window_fields(round_row: Row, episode: Row) -> dict[str, str | int]:
-    """A round's window as vote admission reads it from Redis."""
-    closes_ms = datetime_to_ms(round_row["closes_at"])
-    fields: dict[str, str | int] = {
-        "episode_id": str(round_row["episode_id"]),
-        "state": round_row["state"],
-        "opens_at_ms": datetime_to_ms(round_row["opens_at"]),
-        "closes_at_ms": closes_ms,
-        "contestants": ",".join(str(c) for c in round_row["contestant_ids"]),
-        "free_quota": episode["free_vote_quota"],
-        "free_cap": round_row["free_vote_cap"],
-        "rate_limit_per_minute": episode["rate_limit_per_minute"],
-        "version": episode["version"],
-    }
-    for channel in keys.CHANNELS:
-        close = closes_ms + round_row[f"{channel}_close_offset_ms"]
-        if round_row["state"] != "OPEN":
-            # A closed round is closed on every channel from the moment it closed.
-            close = min(close, datetime_to_ms(round_row["closed_at"]))
-        fields[f"close_{channel}_ms"] = close
-    return fields

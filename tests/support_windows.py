@@ -1,9 +1,8 @@
-"""Voting windows for vote tests, made the way show sync makes them.
+"""Voting windows for vote tests, made the way show sync makes them, without sync_svc.
 
-Until sync_svc's OpenVoting/CloseVoting land, vote tests create the PostgreSQL rows (show,
-episode, contestants, an OPEN round) and mirror the window into Redis with
-`runtime.keys.write_window`, stamped by the Redis server clock. Only this module does it, so
-it can be swapped for sync RPCs later.
+Vote tests that need a round open at a chosen moment, with chosen offsets, create the
+PostgreSQL rows (show, episode, contestants, an OPEN round) and mirror the window into Redis
+as sync_svc does (`runtime.window`), stamped by the Redis server clock.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from runtime import keys
+from runtime import keys, window
 from runtime.storage import create_redis
 
 
@@ -66,12 +65,11 @@ async def open_test_round(database_url: str, redis_url: str, *, opens_in_ms: int
                 (round_id, episode_id, contestant_ids, duration_ms, free_cap, offsets["app"],
                  offsets["web"], offsets["sms"], opens, closes,
                  closes + max(offsets.values())))
-        await keys.write_window(redis, round_id, {
-            "episode_id": episode_id, "state": "OPEN", "opens_at_ms": opens,
-            "closes_at_ms": closes, "close_app_ms": closes + offsets["app"],
-            "close_web_ms": closes + offsets["web"], "close_sms_ms": closes + offsets["sms"],
-            "contestants": ",".join(contestant_ids), "free_quota": free_quota,
-            "free_cap": free_cap, "rate_limit_per_minute": rate_limit, "version": 1})
+        await window.write(redis, round_id, window.Window(
+            episode_id=episode_id, state="OPEN", opens_at_ms=opens, closes_at_ms=closes,
+            close_ms={channel: closes + offsets[channel] for channel in keys.CHANNELS},
+            contestants=tuple(contestant_ids), free_quota=free_quota, free_cap=free_cap,
+            rate_limit_per_minute=rate_limit, version=1))
         return TestRound(show_id, episode_id, round_id, contestant_ids, opens, closes, offsets)
     finally:
         await redis.aclose()
@@ -88,9 +86,7 @@ async def close_test_round(database_url: str, redis_url: str, test_round: TestRo
                 "UPDATE rounds SET state = 'CLOSED', closed_at = to_timestamp(%s / 1000.0),"
                 " closes_at = to_timestamp(%s / 1000.0), close_cause = 'test'"
                 " WHERE round_id = %s", (now, now, test_round.round_id))
-        await keys.write_window(redis, test_round.round_id, {
-            "state": "CLOSED", "closes_at_ms": now, "close_app_ms": now, "close_web_ms": now,
-            "close_sms_ms": now})
+        await keys.write_window(redis, test_round.round_id, window.closed_fields(now))
         return now
     finally:
         await redis.aclose()

@@ -3,8 +3,9 @@
 When scoring is unavailable (fraud_svc down, too slow, UNIMPLEMENTED, no FRAUD_TARGET) the
 votes are admitted as UNSCORED by default (VOTE_FRAUD_FAIL_OPEN): voting during a live show
 must not stop because a side system failed. They are recorded with fraud_action 'UNSCORED' in
-the ledger so they can be scored afterwards, and the results issue decides how unscored votes
-count. With VOTE_FRAUD_FAIL_OPEN=false they are refused with UNAVAILABLE instead.
+the ledger and scored afterwards (vote_svc/rescore.py); a BLOCK found then is carried out as a
+rejection the final result leaves out, as long as the round has no final result yet. With
+VOTE_FRAUD_FAIL_OPEN=false they are refused with UNAVAILABLE instead.
 """
 
 from __future__ import annotations

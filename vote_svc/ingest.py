@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from typing import Any
@@ -21,25 +21,25 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
-from runtime import keys
 from runtime.coalesce import Coalescer
 from runtime.errors import ApiError
+from runtime.protoconv import CHANNEL_ENUMS, timestamp_ms
+from runtime.receipts import leaf_hash
 from runtime.storage import Storage
 from televote.fraud.v1 import fraud_scoring_service_pb2
 from televote.vote.v1 import vote_types_pb2
+from vote_svc import store
 from vote_svc.admission import RATE_WINDOW_MS, Outcome, Scripts, VoteKeys, decode_reply
 from vote_svc.config import VoteConfig
 from vote_svc.fraud import FraudScorer, Score, ScoringUnavailableError
 from vote_svc.ledger import CommitResult, Ledger, LedgerVote
+from vote_svc.recovery import Recovery
 
 log = logging.getLogger(__name__)
 
 #: Rounds of the admit -> (load | rebuild | wait) loop before giving up with UNAVAILABLE.
 _MAX_ROUNDS = 400
 
-_CHANNEL_NAMES = {vote_types_pb2.CHANNEL_APP: "APP", vote_types_pb2.CHANNEL_WEB: "WEB",
-                  vote_types_pb2.CHANNEL_SMS: "SMS"}
-_CHANNEL_ENUMS = {name: number for number, name in _CHANNEL_NAMES.items()}
 _TYPE_NAMES = {vote_types_pb2.VOTE_TYPE_FREE: "FREE", vote_types_pb2.VOTE_TYPE_PAID: "PAID",
                vote_types_pb2.VOTE_TYPE_PREMIUM_SMS: "PREMIUM_SMS"}
 
@@ -74,7 +74,7 @@ class VoteRequest:
     def facts(self, server_time_ms: int) -> fraud_scoring_service_pb2.VoteFacts:
         facts = fraud_scoring_service_pb2.VoteFacts(
             ref=self.request_id, user_id=self.user_id, device_id=self.device_id, ip=self.ip,
-            channel=_CHANNEL_ENUMS[self.channel],
+            channel=CHANNEL_ENUMS[self.channel],
             round_id=self.round_id, contestant_id=self.contestant_id, count=self.count,
             app_version=self.app_version)
         if self.latitude is not None and self.longitude is not None:
@@ -98,6 +98,20 @@ def unavailable(message: str = "the vote was not recorded; retry with the same r
                     retry_after_seconds=0.2)
 
 
+@dataclass
+class _Batch:
+    """One call's votes on their way through admission rounds, and what each came to."""
+
+    votes: list[VoteRequest]
+    scores: list[Score]
+    results: list[Result | None]  # the answer, once there is one
+    #: admitted votes waiting for the group commit
+    commits: dict[int, tuple[LedgerVote, asyncio.Future[CommitResult]]] = field(
+        default_factory=dict)
+    #: PostgreSQL's figures for a vote's user (NEED_LOAD), sent with the next admission
+    loaded: dict[int, list[str | int]] = field(default_factory=dict)
+
+
 class Ingestor:
     """Admission and durable recording of votes for one vote_svc process."""
 
@@ -112,6 +126,7 @@ class Ingestor:
         # Voters' first votes arriving together: one PostgreSQL query for all of them.
         self._users: Coalescer[UserKey, list[str | int]] = Coalescer(self._load_users)
         self._inflight = 0  # votes between submit() and their answer
+        self.recovery = Recovery(storage, scripts, config)
 
     # -- the pipeline -------------------------------------------------------------------
 
@@ -164,39 +179,36 @@ class Ingestor:
                 scores = self._scorer.unavailable(len(votes))
         except ScoringUnavailableError:
             return [unavailable("fraud scoring is unavailable")] * len(votes)
-        results: list[Result | None] = [None] * len(votes)
-        commits: dict[int, tuple[LedgerVote, asyncio.Future[CommitResult]]] = {}
-        loaded: dict[int, list[str | int]] = {}  # PostgreSQL's figures for a vote's user
+        batch = _Batch(votes, scores, [None] * len(votes))
         todo = list(range(len(votes)))
         backoff = 0.002
         for _ in range(_MAX_ROUNDS):
             if not todo:
                 break
-            todo, waiting = await self._admission_round(votes, scores, todo, results, commits,
-                                                        loaded, wait_ms)
+            todo, waiting = await self._admission_round(batch, todo, wait_ms)
             wait_ms = 0.0
             if waiting:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 0.05)
         for index in todo:
-            results[index] = unavailable("admission did not settle")
-        for index, (entry, future) in commits.items():
-            results[index] = self._after_commit(votes[index], entry, await future)
-        assert all(result is not None for result in results)
-        return results  # type: ignore[return-value]
+            batch.results[index] = unavailable("admission did not settle")
+        for index, (entry, future) in batch.commits.items():
+            batch.results[index] = self._after_commit(votes[index], entry, await future)
+        assert all(result is not None for result in batch.results)
+        return batch.results  # type: ignore[return-value]
 
-    async def _admission_round(
-            self, votes: list[VoteRequest], scores: list[Score], todo: list[int],
-            results: list[Result | None],
-            commits: dict[int, tuple[LedgerVote, asyncio.Future[CommitResult]]],
-            loaded: dict[int, list[str | int]], wait_ms: float,
-    ) -> tuple[list[int], bool]:
-        """Runs the admission script for `todo`; returns the votes to try again.
+    async def _admission_round(self, batch: _Batch, todo: list[int], wait_ms: float,
+                               ) -> tuple[list[int], bool]:
+        """Runs the admission script for the votes `todo` of `batch` (recording what each
+        came to in it); returns the votes to try again and whether one waits for another
+        replica's admission.
 
         A voter the Redis cache does not know yet (NEED_LOAD) is read from PostgreSQL into
-        `loaded`, and the next round's admission fills the cache with it in the same call.
+        `batch.loaded`, and the next round's admission fills the cache with it in the same
+        call.
         """
         config = self._config
+        votes, scores, results, commits = batch.votes, batch.scores, batch.results, batch.commits
         vote_keys = [VoteKeys.of(votes[i].user_id, votes[i].round_id, votes[i].request_id)
                      for i in todo]
         calls = []
@@ -208,7 +220,7 @@ class Ingestor:
                 vote.fingerprint, vote_id, config.vote_lease_ms,
                 config.vote_rate_limit_per_minute,
                 "1" if scores[index].action == "BLOCK" else "0", RATE_WINDOW_MS,
-                config.vote_idempotency_ttl_s * 1000, vote.round_id, *loaded.get(index, ())],
+                config.vote_idempotency_ttl_s * 1000, vote.round_id, *batch.loaded.get(index, ())],
                 wait_ms=wait_ms))
         replies = await asyncio.gather(*calls, return_exceptions=True)
 
@@ -252,12 +264,12 @@ class Ingestor:
                 results[index] = _refusal(reply)
         try:
             if rebuild:
-                await asyncio.gather(*(self._rebuild_shard(shard) for shard in rebuild))
+                await asyncio.gather(*(self.recovery.rebuild_shard(shard) for shard in rebuild))
             if need_load:
                 figures = await asyncio.gather(*map(self._users.submit, need_load.values()))
-                loaded.update(zip(need_load, figures, strict=True))
+                batch.loaded.update(zip(need_load, figures, strict=True))
             for round_id, indexes in missing_windows.items():
-                refusal = await self._restore_window(
+                refusal = await self.recovery.restore_window(
                     round_id, {VoteKeys.of(votes[i].user_id, round_id, "").window
                                for i in indexes})
                 if refusal is None:
@@ -266,7 +278,7 @@ class Ingestor:
                     for index in indexes:
                         results[index] = refusal
             for index, keyset, outcome in takeovers:
-                await self._take_over(votes[index], keyset, outcome)
+                await self.recovery.take_over(votes[index], keyset, outcome)
         except Exception as error:  # PostgreSQL or Redis failed: nothing was admitted for these
             log.warning("admission slow path failed: %r", error)
             for index in again + [i for ids in missing_windows.values() for i in ids]:
@@ -284,7 +296,7 @@ class Ingestor:
                 return _mismatch()
             return vote_types_pb2.AcceptedVote(
                 vote_id=first.vote_id, receipt_hash=first.receipt_hash,
-                accepted_at=_timestamp(first.admitted_ms),
+                accepted_at=timestamp_ms(first.admitted_ms),
                 free_votes_left=entry.outcome.free_left,
                 paid_balance=entry.outcome.paid_balance)
         if result.kind == "quota":
@@ -297,26 +309,6 @@ class Ingestor:
                             "no free votes left in this episode",
                             metadata={"free_votes_left": "0"})
         return unavailable()
-
-    async def watch_shards(self, every_s: float = 1.0) -> None:
-        """Notice a Redis loss before votes do: rebuild every shard whose marker is gone.
-
-        Runs for the life of the process; at a first start it rebuilds all shards at once
-        instead of one settle period per shard as votes arrive.
-        """
-        redis = self._storage.redis
-        while True:
-            try:
-                async with redis.pipeline(transaction=False) as pipe:
-                    for shard in range(keys.SHARDS):
-                        pipe.exists(keys.shard_marker_key(shard))
-                    present = await pipe.execute()
-                missing = [shard for shard, exists in enumerate(present) if not exists]
-                if missing:
-                    await asyncio.gather(*(self._rebuild_shard(shard) for shard in missing))
-            except Exception as error:  # Redis or PostgreSQL not there yet: try again
-                log.debug("shard watch: %r", error)
-            await asyncio.sleep(every_s)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -336,7 +328,7 @@ class Ingestor:
             fraud_score=score.score, fraud_decision_id=score.decision_id, ip=vote.ip,
             device_id=vote.device_id, app_version=vote.app_version, latitude=vote.latitude,
             longitude=vote.longitude, received_at=vote.received_at,
-            fingerprint=vote.fingerprint, leaf_data=leaf, receipt_hash=receipt_hash(leaf),
+            fingerprint=vote.fingerprint, leaf_data=leaf, receipt_hash=leaf_hash(leaf),
             keys=keyset, outcome=outcome)
 
     def leaf_data(self, vote: VoteRequest, vote_id: str, admitted_ms: int) -> bytes:
@@ -350,7 +342,7 @@ class Ingestor:
 
     def _accepted(self, vote: VoteRequest, outcome: Outcome) -> vote_types_pb2.AcceptedVote:
         leaf = self.leaf_data(vote, outcome.vote_id, outcome.admitted_ms)
-        return _answer(outcome, receipt_hash(leaf))
+        return _answer(outcome, leaf_hash(leaf))
 
     async def _load_users(self, wanted: list[UserKey]) -> list[list[str | int]]:
         """What PostgreSQL says of each (user, episode, round): the ADMIT script's ARGV[13..18]
@@ -366,19 +358,7 @@ class Ingestor:
             await connection.set_autocommit(True)
             try:
                 cursor = await connection.execute(
-                    "SELECT w.user_id, w.episode_id::text AS episode_id,"
-                    "       w.round_id::text AS round_id,"
-                    "       coalesce(p.credited, 0) AS credited, coalesce(p.spent, 0) AS spent,"
-                    "       coalesce((SELECT f.used FROM free_vote_usage f"
-                    "                  WHERE f.user_id = w.user_id"
-                    "                    AND f.episode_id = w.episode_id), 0) AS episode_used,"
-                    "       coalesce((SELECT sum(CASE WHEN v.round_id = w.round_id"
-                    "                                 AND v.vote_type = 'FREE' THEN v.count END)"
-                    "                   FROM votes v WHERE v.user_id = w.user_id), 0)"
-                    "         AS round_used"
-                    "  FROM unnest(%s::text[], %s::uuid[], %s::uuid[])"
-                    "       AS w(user_id, episode_id, round_id)"
-                    "  LEFT JOIN wallets p ON p.user_id = w.user_id",
+                    store.USER_CACHE,
                     ([t[0] for t in triples], [t[1] for t in triples],
                      [t[2] for t in triples]))
                 rows: list[dict[str, Any]] = await cursor.fetchall()
@@ -389,107 +369,6 @@ class Ingestor:
                 row["credited"], row["spent"], row["episode_id"], int(row["episode_used"]),
                 row["round_id"], int(row["round_used"])] for row in rows}
         return [figures[triple] for triple in wanted]
-
-    async def _restore_window(self, round_id: str, window_keys: set[str]) -> ApiError | None:
-        """No window in Redis: the round does not exist, is not open, or Redis lost it (then
-        the OPEN round's window is rebuilt from PostgreSQL the way sync_svc writes it, into
-        the shard copies that are missing; sync_svc's own writes win)."""
-        async with self._db() as connection:
-            cursor = await connection.execute(
-                "SELECT r.state, r.episode_id::text AS episode_id, r.contestant_ids::text[] AS"
-                "       contestants, (extract(epoch FROM r.opens_at) * 1000)::bigint AS opens,"
-                "       (extract(epoch FROM r.closes_at) * 1000)::bigint AS closes,"
-                "       r.app_close_offset_ms, r.web_close_offset_ms, r.sms_close_offset_ms,"
-                "       r.free_vote_cap, e.free_vote_quota, e.rate_limit_per_minute, e.version"
-                "  FROM rounds r JOIN episodes e USING (episode_id) WHERE r.round_id = %s",
-                (round_id,))
-            row: dict[str, Any] | None = await cursor.fetchone()
-        if row is None:
-            return ApiError(grpc.StatusCode.NOT_FOUND, "ROUND_NOT_FOUND", "no such round")
-        if row["state"] == "PENDING" or row["opens"] is None:
-            return ApiError(grpc.StatusCode.FAILED_PRECONDITION, "VOTING_NOT_OPEN",
-                            "voting has not opened for this round")
-        if row["state"] != "OPEN" or row["closes"] is None:
-            return ApiError(grpc.StatusCode.FAILED_PRECONDITION, "VOTING_CLOSED",
-                            "voting has closed for this round")
-        closes = int(row["closes"])
-        fields: dict[str, str | int] = {
-            "episode_id": row["episode_id"], "state": "OPEN", "opens_at_ms": int(row["opens"]),
-            "closes_at_ms": closes, "contestants": ",".join(row["contestants"]),
-            "free_quota": row["free_vote_quota"], "free_cap": row["free_vote_cap"],
-            "rate_limit_per_minute": row["rate_limit_per_minute"], "version": row["version"]}
-        for channel in keys.CHANNELS:
-            fields[f"close_{channel}_ms"] = closes + int(row[f"{channel}_close_offset_ms"])
-        args: list[str | int] = [part for pair in fields.items() for part in pair]
-        await asyncio.gather(*(self._scripts.call(self._scripts.window_if_missing, [key], args)
-                               for key in window_keys))
-        log.info("restored window of round %s from PostgreSQL", round_id)
-        return None
-
-    async def _rebuild_shard(self, shard: int) -> None:
-        """Redis lost this shard's state (or never had it): rebuild its live counters from the
-        ledger once the votes admitted before the loss have settled, then set the marker.
-
-        Until the marker is back no vote of the shard is admitted, so the ledger sums read
-        after the settle period are exact and user caches loaded afterwards are exact too.
-        """
-        redis = self._storage.redis
-        marker = keys.shard_marker_key(shard)
-        lock = f"tv:{keys.tag(shard)}:rebuilding"
-        settle = self._config.vote_rebuild_settle_ms
-        if not await redis.set(lock, self._config.televote_replica, nx=True, px=settle + 15_000):
-            for _ in range(int((settle + 15_000) / 50)):
-                if await redis.exists(marker):
-                    return
-                await asyncio.sleep(0.05)
-            return
-        try:
-            await asyncio.sleep(settle / 1000)
-            async with self._db() as connection:
-                cursor = await connection.execute(
-                    "SELECT v.round_id::text AS round_id, v.contestant_id::text AS contestant,"
-                    "       v.admitted_ms - v.admitted_ms %% %s AS minute, sum(v.count) AS n"
-                    "  FROM votes v JOIN rounds r USING (round_id)"
-                    " WHERE v.shard = %s AND r.state = 'OPEN' GROUP BY 1, 2, 3",
-                    (RATE_WINDOW_MS, shard))
-                rows: list[dict[str, Any]] = await cursor.fetchall()
-            live: dict[str, dict[str, int]] = {}
-            minutes: dict[str, dict[str, int]] = {}
-            for row in rows:
-                totals = live.setdefault(row["round_id"], {})
-                totals[row["contestant"]] = totals.get(row["contestant"], 0) + int(row["n"])
-                minutes.setdefault(row["round_id"], {})[
-                    f"{row['minute']}:{row['contestant']}"] = int(row["n"])
-            async with redis.pipeline(transaction=True) as pipe:
-                for round_id, totals in live.items():
-                    pipe.delete(keys.live_key(shard, round_id))
-                    pipe.hset(keys.live_key(shard, round_id), mapping=totals)  # type: ignore[arg-type]
-                    pipe.delete(keys.live_minutes_key(shard, round_id))
-                    pipe.hset(keys.live_minutes_key(shard, round_id),
-                              mapping=minutes[round_id])  # type: ignore[arg-type]
-                pipe.set(marker, "1")
-                await pipe.execute()
-            log.info("rebuilt shard %d from the ledger (%d open rounds)", shard, len(live))
-        finally:
-            await redis.delete(lock)
-
-    async def _take_over(self, vote: VoteRequest, keyset: VoteKeys, stale: Outcome) -> None:
-        """A pending admission outlived its lease (its replica died or lost PostgreSQL): the
-        ledger says whether it was committed; if not, undo it so the retry can be admitted."""
-        async with self._db() as connection:
-            cursor = await connection.execute(
-                "SELECT vote_id::text FROM votes WHERE user_id = %s AND request_id = %s",
-                (vote.user_id, vote.request_id))
-            row: dict[str, Any] | None = await cursor.fetchone()
-        ttl = self._config.vote_idempotency_ttl_s * 1000
-        if row is not None and row["vote_id"] == stale.vote_id:
-            await self._scripts.call(self._scripts.done, [keyset.idempotency],
-                                     [stale.vote_id, ttl, ""])
-        else:  # not committed (or committed by another admission: the ledger will say so)
-            await self._scripts.call(self._scripts.undo, keyset.undo_keys(), [
-                stale.vote_id, vote.vote_type, vote.count, vote.contestant_id, stale.episode_id,
-                stale.admitted_ms, RATE_WINDOW_MS, vote.round_id])
-
 
 def new_vote_ids(count: int, now_ms: int | None = None) -> list[str]:
     """`count` time-ordered (version 7, RFC 9562) UUIDs: the unix time in ms, then 74 random
@@ -509,11 +388,6 @@ def new_vote_ids(count: int, now_ms: int | None = None) -> list[str]:
         variant = "89ab"[int(h[3], 16) & 3]
         ids.append(f"{head}{h[:3]}-{variant}{h[4:7]}-{h[7:19]}")
     return ids
-
-
-def receipt_hash(leaf_data: bytes) -> bytes:
-    """RFC 6962 leaf hash: SHA-256(0x00 || leaf_data)."""
-    return hashlib.sha256(b"\x00" + leaf_data).digest()
 
 
 def _refusal(reply: list[str]) -> ApiError:
@@ -547,16 +421,11 @@ def _refusal(reply: list[str]) -> ApiError:
 
 def _answer(outcome: Outcome, receipt: bytes) -> vote_types_pb2.AcceptedVote:
     return vote_types_pb2.AcceptedVote(
-        vote_id=outcome.vote_id, receipt_hash=receipt, accepted_at=_timestamp(outcome.admitted_ms),
+        vote_id=outcome.vote_id, receipt_hash=receipt,
+        accepted_at=timestamp_ms(outcome.admitted_ms),
         free_votes_left=outcome.free_left, paid_balance=outcome.paid_balance)
 
 
 def _mismatch() -> ApiError:
     return ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
                     "this request_id was used before for a different vote")
-
-
-def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromMilliseconds(ms)
-    return stamp

@@ -29,6 +29,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from runtime.storage import RedisClient
+from vote_svc import store
 from vote_svc.admission import RATE_WINDOW_MS, Outcome, Scripts, VoteKeys
 
 log = logging.getLogger(__name__)
@@ -36,60 +37,6 @@ log = logging.getLogger(__name__)
 #: How long a committed vote's settlement in Redis may wait for a pipeline to ride along with
 #: (far under the admission lease, `vote_lease_ms`).
 _SETTLE_WAIT_MS = 5.0
-
-#: The columns of a ledger row that LedgerVote.record() gives (admitted_at is derived).
-COLUMNS = ("vote_id", "request_id", "user_id", "shard", "round_id", "episode_id",
-           "contestant_id", "vote_type", "count", "channel", "admitted_ms", "fraud_action",
-           "fraud_score", "fraud_decision_id", "ip", "device_id", "app_version", "latitude",
-           "longitude", "received_at", "fingerprint", "leaf_data", "receipt_hash")
-# A whole batch in ONE statement, run as its own transaction (one round trip, where a
-# transaction of COPY and three statements took six): the rows arrive as one JSON array, and
-# the tallies, free-vote usage and wallet spends are summed from the rows actually inserted,
-# each in key order (no deadlocks between replicas' batches: `locked` takes the wallets' row
-# locks in user order before the update can touch them). Tallies go to the writing
-# connection's own rows (`slot`, migrations/0012): batches in flight at once never wait on
-# each other's tally rows. A request id already in the ledger is skipped (ON CONFLICT), which
-# the count of inserted rows shows; its caller gets the ledger's original. A user without a
-# wallet row has no credits: `unfunded` writes them one with nothing credited, which fails
-# the CHECK like any other overspend. Its one parameter is batch_rows(votes).
-WRITE_BATCH = f"""
-WITH inserted AS (
-    INSERT INTO votes ({", ".join(COLUMNS)}, admitted_at)
-    SELECT {", ".join(COLUMNS)}, timestamptz 'epoch' + admitted_ms * interval '1 millisecond'
-      FROM json_populate_recordset(NULL::votes, %s::json)
-    ON CONFLICT (user_id, request_id) DO NOTHING
-    RETURNING vote_id, user_id, round_id, episode_id, contestant_id, vote_type, channel, count
-), tallies AS (
-    INSERT INTO round_tallies (round_id, contestant_id, vote_type, channel, slot, votes)
-    SELECT round_id, contestant_id, vote_type, channel, pg_backend_pid(), sum(count)
-      FROM inserted GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-    ON CONFLICT (round_id, contestant_id, vote_type, channel, slot)
-    DO UPDATE SET votes = round_tallies.votes + excluded.votes
-), free AS (
-    INSERT INTO free_vote_usage (user_id, episode_id, used, quota)
-    SELECT i.user_id, i.episode_id, sum(i.count), e.free_vote_quota
-      FROM inserted i JOIN episodes e USING (episode_id)
-     WHERE i.vote_type = 'FREE' GROUP BY 1, 2, 4 ORDER BY 1, 2
-    ON CONFLICT (user_id, episode_id) DO UPDATE SET used = free_vote_usage.used + excluded.used
-), paid AS (
-    SELECT user_id, sum(count) AS n FROM inserted WHERE vote_type = 'PAID' GROUP BY 1
-), locked AS (
-    SELECT w.user_id FROM wallets w JOIN paid USING (user_id) ORDER BY 1 FOR UPDATE OF w
-), spent AS (
-    UPDATE wallets w SET spent = w.spent + p.n FROM paid p JOIN locked l USING (user_id)
-     WHERE w.user_id = p.user_id
-), unfunded AS (
-    INSERT INTO wallets (user_id, credited, spent)
-    SELECT user_id, 0, n FROM paid WHERE user_id NOT IN (SELECT user_id FROM locked)
-)
-SELECT count(*) AS inserted FROM inserted
-"""
-_EXISTING = """
-SELECT v.user_id, v.request_id, v.vote_id::text, v.fingerprint, v.admitted_ms, v.receipt_hash,
-       v.episode_id::text
-  FROM votes v JOIN unnest(%s::text[], %s::text[]) AS k(user_id, request_id)
-       ON v.user_id = k.user_id AND v.request_id = k.request_id
-"""
 
 
 def batch_rows(votes: list[LedgerVote]) -> str:
@@ -130,7 +77,7 @@ class LedgerVote:
     pending_member: str = ""
 
     def record(self) -> dict[str, Any]:
-        """The ledger row (COLUMNS) as JSON values; bytea as PostgreSQL's hex text."""
+        """The ledger row (store.COLUMNS) as JSON values; bytea as PostgreSQL's hex text."""
         return {
             "vote_id": self.vote_id, "request_id": self.request_id, "user_id": self.user_id,
             "shard": self.keys.shard, "round_id": self.round_id, "episode_id": self.episode_id,
@@ -281,7 +228,7 @@ class Ledger:
         async with self._pool.connection(timeout=self._timeout) as connection:
             await connection.set_autocommit(True)  # the statement is its own transaction
             try:
-                cursor = await connection.execute(WRITE_BATCH, (rows,))
+                cursor = await connection.execute(store.WRITE_BATCH, (rows,))
                 row = await cursor.fetchone()
                 assert row is not None
                 # Some request ids were in the ledger already: which ones, and their votes.
@@ -360,7 +307,7 @@ class Ledger:
 async def _ledger_votes(connection: AsyncConnection[Any], votes: list[LedgerVote],
                         ) -> dict[tuple[str, str], ExistingVote]:
     """The ledger's votes under the (user_id, request_id) of `votes`."""
-    cursor = await connection.execute(_EXISTING, ([vote.user_id for vote in votes],
+    cursor = await connection.execute(store.EXISTING_VOTES, ([vote.user_id for vote in votes],
                                                   [vote.request_id for vote in votes]))
     return {(row["user_id"], row["request_id"]): ExistingVote(
         row["vote_id"], bytes(row["fingerprint"]).hex(), row["admitted_ms"],

@@ -14,6 +14,7 @@ from typing import Any
 
 from runtime.storage import Storage
 from televote.vote.v1 import vote_service_pb2, vote_types_pb2
+from vote_svc import store
 
 CATALOGUE_TTL_S = 10.0
 
@@ -43,9 +44,7 @@ class PackageCatalogue:
 async def _read_packages(storage: Storage) -> list[vote_service_pb2.VotePackage]:
     async with storage.pool.connection() as connection:
         cursor = await connection.execute(
-            "SELECT package_id, display_name, votes, bonus_votes, price_micros, currency_code,"
-            "       apple_product_id, google_product_id"
-            "  FROM vote_packages WHERE active ORDER BY price_micros, sort_order")
+            store.ACTIVE_PACKAGES)
         rows: list[dict[str, Any]] = await cursor.fetchall()
     return [
         vote_service_pb2.VotePackage(

@@ -31,6 +31,7 @@ from typing import Any
 
 from runtime import keys
 from runtime.storage import Storage
+from vote_svc import store
 from vote_svc.admission import RATE_WINDOW_MS, Scripts
 
 log = logging.getLogger(__name__)
@@ -170,9 +171,7 @@ class Reconciler:
         """(user_id, request_id) -> vote_id of those in the ledger."""
         async with self._storage.pool.connection(timeout=self._db_timeout) as connection:
             cursor = await connection.execute(
-                "SELECT v.user_id, v.request_id, v.vote_id::text AS vote_id"
-                "  FROM unnest(%s::text[], %s::text[]) AS w(user_id, request_id)"
-                "  JOIN votes v USING (user_id, request_id)",
+                store.COMMITTED_ADMISSIONS,
                 ([e.user_id for e in entries], [e.request_id for e in entries]))
             rows: list[dict[str, Any]] = await cursor.fetchall()
         return {(row["user_id"], row["request_id"]): row["vote_id"] for row in rows}

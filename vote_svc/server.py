@@ -7,14 +7,10 @@ after a Redis loss and which invariants hold while it happens).
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
-from typing import Any
 
 import grpc
 
 from runtime import mesh
-from runtime.errors import ApiError, FieldViolation, invalid_argument
-from runtime.interceptors import current_principal
 from runtime.server import ServiceHost, run_service
 from runtime.storage import Storage
 from televote.vote.v1 import (
@@ -22,172 +18,19 @@ from televote.vote.v1 import (
     vote_gateway_service_pb2_grpc,
     vote_service_pb2,
     vote_service_pb2_grpc,
-    vote_types_pb2,
     wallet_admin_service_pb2,
     wallet_admin_service_pb2_grpc,
 )
 from vote_svc.admission import Scripts
+from vote_svc.api import VoteGatewayServicer, VoteServicer, WalletAdminServicer
 from vote_svc.config import VoteConfig
 from vote_svc.fraud import FraudScorer
-from vote_svc.ingest import Ingestor, Result, VoteRequest
+from vote_svc.ingest import Ingestor
 from vote_svc.ledger import Ledger
-from vote_svc.packages import PackageCatalogue
 from vote_svc.reconcile import Reconciler
 from vote_svc.rescore import Rescorer
-from vote_svc.validation import (
-    check_vote,
-    client_ip,
-    edge_received_at,
-    is_uuid,
-    normalise_uuid,
-)
-from vote_svc.wallet import balance, grant_votes
 
 __all__ = ["VoteConfig", "create_server", "main"]
-
-MAX_BATCH = 1000
-
-
-class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
-    """Voters' RPCs: the user is always the token's subject."""
-
-    def __init__(self, storage: Storage, ingestor: Ingestor) -> None:
-        self._storage = storage
-        self._ingestor = ingestor
-        self._catalogue = PackageCatalogue(storage)
-
-    async def SubmitVote(self, request: vote_service_pb2.SubmitVoteRequest,
-                         context: grpc.aio.ServicerContext[Any, Any],
-                         ) -> vote_service_pb2.SubmitVoteResponse:
-        refusal = self._ingestor.shed(1, context.time_remaining())
-        if refusal is not None:
-            raise refusal
-        metadata = context.invocation_metadata()
-        vote, bad = check_vote(
-            request_id=request.request_id, user_id=current_principal().subject,
-            round_id=request.round_id, contestant_id=request.contestant_id,
-            vote_type=request.vote_type, count=request.count, channel=request.channel,
-            client=request.client, has_client=request.HasField("client"),
-            ip=client_ip(metadata, context.peer()),  # type: ignore[arg-type]
-            gateway=False, received_at=edge_received_at(metadata))  # type: ignore[arg-type]
-        if vote is None:
-            raise invalid_argument(*bad)
-        (result,) = await self._ingestor.submit([vote])
-        if isinstance(result, ApiError):
-            raise result
-        return vote_service_pb2.SubmitVoteResponse(
-            vote_id=result.vote_id, receipt_hash=result.receipt_hash,
-            accepted_at=result.accepted_at, free_votes_left=result.free_votes_left,
-            paid_balance=result.paid_balance)
-
-    async def GetBalance(self, request: vote_service_pb2.GetBalanceRequest,
-                         context: grpc.aio.ServicerContext[Any, Any],
-                         ) -> vote_service_pb2.GetBalanceResponse:
-        if not is_uuid(request.episode_id):
-            raise invalid_argument(FieldViolation("episode_id", "must be an episode id (UUID)"))
-        episode_id = normalise_uuid(request.episode_id)
-        left, quota, paid = await balance(self._storage, current_principal().subject,
-                                          episode_id)
-        return vote_service_pb2.GetBalanceResponse(
-            episode_id=episode_id, free_votes_left=left, free_vote_quota=quota,
-            paid_balance=paid)
-
-    async def ListVotePackages(self, request: vote_service_pb2.ListVotePackagesRequest,
-                               context: Any) -> vote_service_pb2.ListVotePackagesResponse:
-        return vote_service_pb2.ListVotePackagesResponse(
-            packages=await self._catalogue.packages())
-
-
-class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServicer):
-    """Batches from trusted gateways (SMS service, carriers): each vote names its user."""
-
-    def __init__(self, ingestor: Ingestor) -> None:
-        self._ingestor = ingestor
-
-    async def SubmitVotes(self, request: vote_gateway_service_pb2.SubmitVotesRequest,
-                          context: grpc.aio.ServicerContext[Any, Any],
-                          ) -> vote_gateway_service_pb2.SubmitVotesResponse:
-        if not request.votes:
-            raise invalid_argument(FieldViolation("votes", "at least one vote is required"))
-        if len(request.votes) > MAX_BATCH:
-            raise invalid_argument(
-                FieldViolation("votes", f"at most {MAX_BATCH} votes per batch"),
-                reason="BATCH_TOO_LARGE")
-        refusal = self._ingestor.shed(len(request.votes), context.time_remaining())
-        if refusal is not None:  # before validating a thousand votes for nothing
-            return vote_gateway_service_pb2.SubmitVotesResponse(
-                results=[_vote_result(index, refusal) for index in range(len(request.votes))])
-        metadata = context.invocation_metadata()
-        ip = client_ip(metadata, context.peer())  # type: ignore[arg-type]
-        arrived = edge_received_at(metadata)  # type: ignore[arg-type]
-        results: list[Result | None] = [None] * len(request.votes)
-        valid: list[tuple[int, VoteRequest]] = []
-        for index, gateway_vote in enumerate(request.votes):
-            received = arrived  # a carrier's webhook: when it reached the edge ...
-            if gateway_vote.HasField("received_at"):  # ... unless the gateway says when
-                received = datetime.fromtimestamp(
-                    gateway_vote.received_at.seconds + gateway_vote.received_at.nanos / 1e9, UTC)
-            vote, bad = check_vote(
-                request_id=gateway_vote.request_id, user_id=gateway_vote.user_id,
-                round_id=gateway_vote.round_id, contestant_id=gateway_vote.contestant_id,
-                vote_type=gateway_vote.vote_type, count=gateway_vote.count,
-                channel=gateway_vote.channel, client=gateway_vote.client,
-                has_client=gateway_vote.HasField("client"), ip=ip, gateway=True,
-                prefix=f"votes[{index}].", received_at=received)
-            if vote is None:
-                results[index] = invalid_argument(*bad)
-            else:
-                valid.append((index, vote))
-        if valid:
-            outcomes = await self._ingestor.submit([vote for _, vote in valid])
-            for (index, _), outcome in zip(valid, outcomes, strict=True):
-                results[index] = outcome
-        return vote_gateway_service_pb2.SubmitVotesResponse(
-            results=[_vote_result(index, result) for index, result in enumerate(results)])
-
-
-def _vote_result(index: int, result: Result | None) -> vote_gateway_service_pb2.VoteResult:
-    assert result is not None
-    if isinstance(result, ApiError):
-        error = vote_types_pb2.VoteError(
-            code=result.code.value[0], reason=result.reason,
-            message=result.message)
-        if result.retry_after_seconds is not None:
-            error.retry_delay.FromMilliseconds(round(result.retry_after_seconds * 1000))
-        return vote_gateway_service_pb2.VoteResult(index=index, ok=False, error=error)
-    return vote_gateway_service_pb2.VoteResult(index=index, ok=True, accepted=result)
-
-
-class WalletAdminServicer(wallet_admin_service_pb2_grpc.WalletAdminServiceServicer):
-    """Operators' grants of paid votes, audited."""
-
-    def __init__(self, storage: Storage, scripts: Scripts) -> None:
-        self._storage = storage
-        self._scripts = scripts
-
-    async def GrantVotes(self, request: wallet_admin_service_pb2.GrantVotesRequest,
-                         context: grpc.aio.ServicerContext[Any, Any],
-                         ) -> wallet_admin_service_pb2.GrantVotesResponse:
-        bad = []
-        if not is_uuid(request.request_id):
-            bad.append(FieldViolation("request_id", "must be a UUID"))
-        if not request.user_id or len(request.user_id) > 128:
-            bad.append(FieldViolation("user_id", "1 to 128 characters"))
-        if not 1 <= request.count <= 100_000:
-            bad.append(FieldViolation("count", "must be 1 to 100000"))
-        if not 1 <= len(request.reason) <= 500:
-            bad.append(FieldViolation("reason", "1 to 500 characters"))
-        if bad:
-            raise invalid_argument(*bad)
-        grant = await grant_votes(self._storage, self._scripts, current_principal(),
-                                  request_id=normalise_uuid(request.request_id),
-                                  user_id=request.user_id, count=request.count,
-                                  reason=request.reason)
-        reply = wallet_admin_service_pb2.GrantVotesResponse(
-            grant_id=grant.grant_id, paid_balance=grant.paid_balance,
-            granted_by=grant.granted_by)
-        reply.granted_at.FromDatetime(grant.granted_at)
-        return reply
 
 
 def create_pipeline(config: VoteConfig, storage: Storage, fraud_channel: grpc.aio.Channel | None,
@@ -213,7 +56,7 @@ def create_server(config: VoteConfig) -> tuple[ServiceHost, int]:
                      if config.fraud_target else None)
     scripts, ledger, ingestor = create_pipeline(config, storage, fraud_channel)
     ledger.start()
-    watch = asyncio.get_running_loop().create_task(ingestor.watch_shards())
+    watch = asyncio.get_running_loop().create_task(ingestor.recovery.watch_shards())
     background: list[asyncio.Task[None]] = []
 
     async def start_background() -> None:

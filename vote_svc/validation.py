@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import re
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from runtime import ids
 from runtime.errors import FieldViolation
+from runtime.protoconv import CHANNEL_NAMES
 from televote.vote.v1 import vote_types_pb2
 from vote_svc.ingest import VoteRequest
 
@@ -19,31 +19,7 @@ MAX_APP_VERSION = 64
 
 _TYPES = {vote_types_pb2.VOTE_TYPE_FREE: "FREE", vote_types_pb2.VOTE_TYPE_PAID: "PAID",
           vote_types_pb2.VOTE_TYPE_PREMIUM_SMS: "PREMIUM_SMS"}
-_CHANNELS = {vote_types_pb2.CHANNEL_APP: "APP", vote_types_pb2.CHANNEL_WEB: "WEB",
-             vote_types_pb2.CHANNEL_SMS: "SMS"}
 
-
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def canonical_uuid(value: str) -> str | None:
-    """The canonical (lower-case, hyphenated) form of a 36-character UUID, else None."""
-    if _CANONICAL_UUID.fullmatch(value):  # what clients send: nothing to parse
-        return value
-    if len(value) != 36:
-        return None
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        return None
-
-
-def is_uuid(value: str) -> bool:
-    return canonical_uuid(value) is not None
-
-
-def normalise_uuid(value: str) -> str:
-    return str(uuid.UUID(value))
 
 
 def check_vote(*, request_id: str, user_id: str, round_id: str, contestant_id: str,
@@ -57,9 +33,9 @@ def check_vote(*, request_id: str, user_id: str, round_id: str, contestant_id: s
     def violation(name: str, description: str) -> None:
         bad.append(FieldViolation(prefix + name, description))
 
-    request_uuid = canonical_uuid(request_id)
-    round_uuid = canonical_uuid(round_id)
-    contestant_uuid = canonical_uuid(contestant_id)
+    request_uuid = ids.canonical(request_id)
+    round_uuid = ids.canonical(round_id)
+    contestant_uuid = ids.canonical(contestant_id)
     if request_uuid is None:
         violation("request_id", "must be a UUID")
     if not user_id:
@@ -71,7 +47,7 @@ def check_vote(*, request_id: str, user_id: str, round_id: str, contestant_id: s
     if contestant_uuid is None:
         violation("contestant_id", "must be a contestant id (UUID)")
     type_name = _TYPES.get(vote_type)  # type: ignore[call-overload]
-    channel_name = _CHANNELS.get(channel)  # type: ignore[call-overload]
+    channel_name = CHANNEL_NAMES.get(channel)  # type: ignore[call-overload]
     if type_name is None:
         violation("vote_type", "must be FREE or PAID" + (" or PREMIUM_SMS" if gateway else ""))
     elif type_name == "PREMIUM_SMS" and not gateway:

@@ -751,10 +751,10 @@ def test_a_voter_may_not_review(stack: Stack) -> None:
 
 
 async def test_scoring_without_redis_is_unavailable_not_internal(stack: Stack) -> None:
+    from fraud_svc.api import FraudScoringServicer
     from fraud_svc.features import Scorer
     from fraud_svc.geoip import MaxMindIntel, VpnLists
     from fraud_svc.model import Model
-    from fraud_svc.scoring import FraudScoringServicer
     from fraud_svc.state import FeatureState
     from fraud_svc.store import BlocklistCache
     from ops.processes import free_port

@@ -30,6 +30,7 @@ from results_svc import checkpoint
 from results_svc.config import ResultsConfig
 from results_svc.final import Finalizer
 from results_svc.merkle import verify_inclusion
+from results_svc.proofs import Proofs
 from results_svc.rounds import load_round
 from results_svc.signing import Signer
 from runtime import keys
@@ -275,10 +276,11 @@ async def test_a_checkpointed_result_equals_the_recount_with_every_reason_and_la
                           "NO_BALANCE": 1, "NOT_A_CONTESTANT": 1, "DUPLICATE": 1,
                           "FRAUD_REJECTED": 4}
     # A receipt of the checkpointed tree proves its inclusion in the signed root.
+    proofs = Proofs(finalizer._storage, finalizer._config)  # the replica's own connections
     for vote_id, admitted_ms, receipt in await ledger.sql(
             "SELECT vote_id::text, admitted_ms, receipt_hash FROM votes WHERE round_id = %s"
             " ORDER BY random() LIMIT 5", test_round.round_id):
-        found = await finalizer.inclusion(test_round.round_id, admitted_ms, vote_id, receipt)
+        found = await proofs.inclusion(test_round.round_id, admitted_ms, vote_id, receipt)
         assert found is not None
         index, size, path, root = found
         assert verify_inclusion(receipt, index, size, path, root)

@@ -11,12 +11,13 @@ import psycopg
 import pytest_asyncio
 
 from ops.stack import Stack
+from runtime.receipts import leaf_hash as receipt_hash
 from runtime.storage import Storage, create_pool, create_redis
 from tests.support_windows import TestRound, open_test_round
 from tests.vote_support import new_id, query
 from vote_svc.admission import Outcome, Scripts, VoteKeys
-from vote_svc.ingest import receipt_hash
-from vote_svc.ledger import WRITE_BATCH, CommitResult, Ledger, LedgerVote, batch_rows
+from vote_svc.ledger import CommitResult, Ledger, LedgerVote, batch_rows
+from vote_svc.store import WRITE_BATCH
 
 
 @pytest_asyncio.fixture

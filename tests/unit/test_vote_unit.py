@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
+from runtime.ids import canonical as canonical_uuid
 from vote_svc.ingest import new_vote_ids
-from vote_svc.validation import canonical_uuid
 
 
 def test_vote_ids_are_distinct_version_7_uuids_in_canonical_form_ordered_by_time() -> None:
@@ -34,6 +34,7 @@ def test_a_uuid_is_accepted_in_any_form_uuid_parses_and_given_back_canonical() -
     assert canonical_uuid(canonical) == canonical
     assert canonical_uuid(canonical.upper()) == canonical
     assert canonical_uuid("{0f8e4f1c2b3a4c5d-8e9f-a0b1c2d3e4f5}") == canonical
-    for bad in ("", "not-a-uuid", canonical[:-1], canonical + "0", canonical.replace("f", "g"),
-                canonical.replace("-", "")):
+    assert canonical_uuid(canonical.replace("-", "")) == canonical
+    assert canonical_uuid(f"urn:uuid:{canonical}") == canonical
+    for bad in ("", "not-a-uuid", canonical[:-1], canonical + "0", canonical.replace("f", "g")):
         assert canonical_uuid(bad) is None, bad

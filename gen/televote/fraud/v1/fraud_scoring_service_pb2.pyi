@@ -249,3 +249,99 @@ class ScoreVoteStreamResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ScoreVoteStreamResponse: _TypeAlias = ScoreVoteStreamResponse  # noqa: Y015
+
+@_typing.final
+class LedgerVoteBlock(_message.Message):
+    """A ledger vote whose re-scoring said BLOCK."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOTE_ID_FIELD_NUMBER: _builtins.int
+    REF_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    vote_id: _builtins.str
+    """The ledger's vote id."""
+    ref: _builtins.str
+    """The ref it was scored under (the vote's request_id)."""
+    user_id: _builtins.str
+    """The voter."""
+    round_id: _builtins.str
+    """The vote's round (a UUID)."""
+    @_builtins.property
+    def score(self) -> Global___VoteScore:
+        """ScoreVotes' verdict on it (action BLOCK)."""
+
+    def __init__(
+        self,
+        *,
+        vote_id: _builtins.str = ...,
+        ref: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        round_id: _builtins.str = ...,
+        score: Global___VoteScore | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["score", b"score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "round_id", b"round_id", "score", b"score", "user_id", b"user_id", "vote_id", b"vote_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LedgerVoteBlock: _TypeAlias = LedgerVoteBlock  # noqa: Y015
+
+@_typing.final
+class RejectLedgerVotesRequest(_message.Message):
+    """Request for FraudScoringService.RejectLedgerVotes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOTES_FIELD_NUMBER: _builtins.int
+    RESCORED_BY_FIELD_NUMBER: _builtins.int
+    rescored_by: _builtins.str
+    """Who re-scored them (recorded as the rejections' author), e.g. `vote_svc/<replica>`."""
+    @_builtins.property
+    def votes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerVoteBlock]:
+        """The votes, 1 to 1,000."""
+
+    def __init__(
+        self,
+        *,
+        votes: _abc.Iterable[Global___LedgerVoteBlock] | None = ...,
+        rescored_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rescored_by", b"rescored_by", "votes", b"votes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectLedgerVotesRequest: _TypeAlias = RejectLedgerVotesRequest  # noqa: Y015
+
+@_typing.final
+class RejectLedgerVotesResponse(_message.Message):
+    """Response for FraudScoringService.RejectLedgerVotes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINALIZED_ROUND_IDS_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    rejected: _builtins.int
+    """How many votes this call rejected (0 for a retry)."""
+    @_builtins.property
+    def finalized_round_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The rounds among the votes' whose final result was already stored."""
+
+    def __init__(
+        self,
+        *,
+        finalized_round_ids: _abc.Iterable[_builtins.str] | None = ...,
+        rejected: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finalized_round_ids", b"finalized_round_ids", "rejected", b"rejected"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectLedgerVotesResponse: _TypeAlias = RejectLedgerVotesResponse  # noqa: Y015

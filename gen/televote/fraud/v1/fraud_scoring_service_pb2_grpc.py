@@ -47,6 +47,11 @@ class FraudScoringServiceStub:
                 request_serializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVoteStreamRequest.SerializeToString,
                 response_deserializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVoteStreamResponse.FromString,
                 _registered_method=True)
+        self.RejectLedgerVotes = channel.unary_unary(
+                '/televote.fraud.v1.FraudScoringService/RejectLedgerVotes',
+                request_serializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.RejectLedgerVotesRequest.SerializeToString,
+                response_deserializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.RejectLedgerVotesResponse.FromString,
+                _registered_method=True)
 
 
 class FraudScoringServiceServicer:
@@ -64,8 +69,10 @@ class FraudScoringServiceServicer:
         * OK: one score per vote.
         * INVALID_ARGUMENT `BATCH_TOO_LARGE`: more than 1,000 votes.
         * INVALID_ARGUMENT `INVALID_REQUEST`: empty batch, or a vote without user or round.
-        * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides (vote_svc fails open to
-        ALLOW with a "scoring_unavailable" audit entry, configurable).
+        * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides. vote_svc admits the
+        votes as UNSCORED (VOTE_FRAUD_FAIL_OPEN, on by default; nothing is audited then) and
+        scores them through this RPC once scoring answers again; with it off it refuses them
+        with UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +91,24 @@ class FraudScoringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RejectLedgerVotes(self, request, context):
+        """Carries out BLOCK verdicts on votes already in the ledger (votes vote_svc admitted
+        UNSCORED while scoring was unavailable and scored afterwards with ScoreVotes): a ledger
+        vote cannot be refused any more, so each is rejected instead, unless its round's final
+        result is stored. A rejection is a review born REJECTED (or the vote's existing review),
+        a rejection the final result's FRAUD_REJECTED rule leaves out, and an audit entry
+        `fraud.rescore.reject`, written under the round's finalization lock, so it either lands
+        before the recount or not at all. Idempotent: a vote already rejected is left as it is.
+
+        Returns:
+        * OK: which of the votes' rounds were already final (their votes were left alone).
+        * INVALID_ARGUMENT `INVALID_REQUEST`: more than 1,000 votes, or a vote without vote_id,
+        ref, user or round, or whose score is not a BLOCK.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FraudScoringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +121,11 @@ def add_FraudScoringServiceServicer_to_server(servicer, server):
                     servicer.ScoreVoteStream,
                     request_deserializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVoteStreamRequest.FromString,
                     response_serializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVoteStreamResponse.SerializeToString,
+            ),
+            'RejectLedgerVotes': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectLedgerVotes,
+                    request_deserializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.RejectLedgerVotesRequest.FromString,
+                    response_serializer=televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.RejectLedgerVotesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -155,6 +185,33 @@ class FraudScoringService:
             '/televote.fraud.v1.FraudScoringService/ScoreVoteStream',
             televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVoteStreamRequest.SerializeToString,
             televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.ScoreVoteStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectLedgerVotes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/televote.fraud.v1.FraudScoringService/RejectLedgerVotes',
+            televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.RejectLedgerVotesRequest.SerializeToString,
+            televote_dot_fraud_dot_v1_dot_fraud__scoring__service__pb2.RejectLedgerVotesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,8 +45,10 @@ class FraudScoringServiceStub:
     * OK: one score per vote.
     * INVALID_ARGUMENT `BATCH_TOO_LARGE`: more than 1,000 votes.
     * INVALID_ARGUMENT `INVALID_REQUEST`: empty batch, or a vote without user or round.
-    * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides (vote_svc fails open to
-      ALLOW with a "scoring_unavailable" audit entry, configurable).
+    * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides. vote_svc admits the
+      votes as UNSCORED (VOTE_FRAUD_FAIL_OPEN, on by default; nothing is audited then) and
+      scores them through this RPC once scoring answers again; with it off it refuses them
+      with UNAVAILABLE.
     """
     ScoreVoteStream: _grpc.StreamStreamMultiCallable[_fraud_scoring_service_pb2.ScoreVoteStreamRequest, _fraud_scoring_service_pb2.ScoreVoteStreamResponse]
     """ScoreVotes as one long-lived stream per caller and replica: a batch costs a message, not
@@ -56,6 +58,20 @@ class FraudScoringServiceStub:
     batch that cannot be scored is answered with its error (the codes and reasons of
     ScoreVotes) and the stream goes on. The stream ends OK when the caller half-closes or the
     replica drains (after answering every batch it read); the caller opens another.
+    """
+    RejectLedgerVotes: _grpc.UnaryUnaryMultiCallable[_fraud_scoring_service_pb2.RejectLedgerVotesRequest, _fraud_scoring_service_pb2.RejectLedgerVotesResponse]
+    """Carries out BLOCK verdicts on votes already in the ledger (votes vote_svc admitted
+    UNSCORED while scoring was unavailable and scored afterwards with ScoreVotes): a ledger
+    vote cannot be refused any more, so each is rejected instead, unless its round's final
+    result is stored. A rejection is a review born REJECTED (or the vote's existing review),
+    a rejection the final result's FRAUD_REJECTED rule leaves out, and an audit entry
+    `fraud.rescore.reject`, written under the round's finalization lock, so it either lands
+    before the recount or not at all. Idempotent: a vote already rejected is left as it is.
+
+    Returns:
+    * OK: which of the votes' rounds were already final (their votes were left alone).
+    * INVALID_ARGUMENT `INVALID_REQUEST`: more than 1,000 votes, or a vote without vote_id,
+      ref, user or round, or whose score is not a BLOCK.
     """
 
 @_typing.type_check_only
@@ -75,8 +91,10 @@ class FraudScoringServiceAsyncStub(FraudScoringServiceStub):
     * OK: one score per vote.
     * INVALID_ARGUMENT `BATCH_TOO_LARGE`: more than 1,000 votes.
     * INVALID_ARGUMENT `INVALID_REQUEST`: empty batch, or a vote without user or round.
-    * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides (vote_svc fails open to
-      ALLOW with a "scoring_unavailable" audit entry, configurable).
+    * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides. vote_svc admits the
+      votes as UNSCORED (VOTE_FRAUD_FAIL_OPEN, on by default; nothing is audited then) and
+      scores them through this RPC once scoring answers again; with it off it refuses them
+      with UNAVAILABLE.
     """
     ScoreVoteStream: _aio.StreamStreamMultiCallable[_fraud_scoring_service_pb2.ScoreVoteStreamRequest, _fraud_scoring_service_pb2.ScoreVoteStreamResponse]  # type: ignore[assignment]
     """ScoreVotes as one long-lived stream per caller and replica: a batch costs a message, not
@@ -86,6 +104,20 @@ class FraudScoringServiceAsyncStub(FraudScoringServiceStub):
     batch that cannot be scored is answered with its error (the codes and reasons of
     ScoreVotes) and the stream goes on. The stream ends OK when the caller half-closes or the
     replica drains (after answering every batch it read); the caller opens another.
+    """
+    RejectLedgerVotes: _aio.UnaryUnaryMultiCallable[_fraud_scoring_service_pb2.RejectLedgerVotesRequest, _fraud_scoring_service_pb2.RejectLedgerVotesResponse]  # type: ignore[assignment]
+    """Carries out BLOCK verdicts on votes already in the ledger (votes vote_svc admitted
+    UNSCORED while scoring was unavailable and scored afterwards with ScoreVotes): a ledger
+    vote cannot be refused any more, so each is rejected instead, unless its round's final
+    result is stored. A rejection is a review born REJECTED (or the vote's existing review),
+    a rejection the final result's FRAUD_REJECTED rule leaves out, and an audit entry
+    `fraud.rescore.reject`, written under the round's finalization lock, so it either lands
+    before the recount or not at all. Idempotent: a vote already rejected is left as it is.
+
+    Returns:
+    * OK: which of the votes' rounds were already final (their votes were left alone).
+    * INVALID_ARGUMENT `INVALID_REQUEST`: more than 1,000 votes, or a vote without vote_id,
+      ref, user or round, or whose score is not a BLOCK.
     """
 
 class FraudScoringServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -108,8 +140,10 @@ class FraudScoringServiceServicer(metaclass=_abc_1.ABCMeta):
         * OK: one score per vote.
         * INVALID_ARGUMENT `BATCH_TOO_LARGE`: more than 1,000 votes.
         * INVALID_ARGUMENT `INVALID_REQUEST`: empty batch, or a vote without user or round.
-        * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides (vote_svc fails open to
-          ALLOW with a "scoring_unavailable" audit entry, configurable).
+        * UNAVAILABLE `UNAVAILABLE`: scoring is down; the caller decides. vote_svc admits the
+          votes as UNSCORED (VOTE_FRAUD_FAIL_OPEN, on by default; nothing is audited then) and
+          scores them through this RPC once scoring answers again; with it off it refuses them
+          with UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -125,6 +159,26 @@ class FraudScoringServiceServicer(metaclass=_abc_1.ABCMeta):
         batch that cannot be scored is answered with its error (the codes and reasons of
         ScoreVotes) and the stream goes on. The stream ends OK when the caller half-closes or the
         replica drains (after answering every batch it read); the caller opens another.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectLedgerVotes(
+        self,
+        request: _fraud_scoring_service_pb2.RejectLedgerVotesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fraud_scoring_service_pb2.RejectLedgerVotesResponse, _abc.Awaitable[_fraud_scoring_service_pb2.RejectLedgerVotesResponse]]:
+        """Carries out BLOCK verdicts on votes already in the ledger (votes vote_svc admitted
+        UNSCORED while scoring was unavailable and scored afterwards with ScoreVotes): a ledger
+        vote cannot be refused any more, so each is rejected instead, unless its round's final
+        result is stored. A rejection is a review born REJECTED (or the vote's existing review),
+        a rejection the final result's FRAUD_REJECTED rule leaves out, and an audit entry
+        `fraud.rescore.reject`, written under the round's finalization lock, so it either lands
+        before the recount or not at all. Idempotent: a vote already rejected is left as it is.
+
+        Returns:
+        * OK: which of the votes' rounds were already final (their votes were left alone).
+        * INVALID_ARGUMENT `INVALID_REQUEST`: more than 1,000 votes, or a vote without vote_id,
+          ref, user or round, or whose score is not a BLOCK.
         """
 
 def add_FraudScoringServiceServicer_to_server(servicer: FraudScoringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

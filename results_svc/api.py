@@ -6,46 +6,36 @@ import json
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from results_svc.final import Finalizer, read_final
+from results_svc import store
+from results_svc.final import read_final
 from results_svc.live import HIDDEN, Live, final_update, public_view
-from results_svc.rounds import load_round, parse_uuid, round_not_found
+from results_svc.proofs import Proofs
+from results_svc.rounds import load_round, round_not_found
 from results_svc.signing import Signer, public_pem
+from runtime import ids
 from runtime.access import Role
 from runtime.errors import ApiError
 from runtime.fanout import add_servicer
 from runtime.interceptors import current_principal
-from runtime.storage import Storage
+from runtime.protoconv import timestamp, timestamp_ms
+from runtime.storage import Storage, fetch_one
 from televote.results.v1 import results_service_pb2 as rpb
 from televote.results.v1 import results_service_pb2_grpc as rgrpc
 from televote.results.v1 import results_types_pb2 as rtypes
 from televote.vote.v1 import vote_types_pb2 as vtypes
 
 
-def _stamp_dt(moment: Any) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
-def _stamp_ms(ms: int) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromMilliseconds(ms)
-    return stamp
-
-
 class ResultsServicer(rgrpc.ResultsServiceServicer):
-    def __init__(self, storage: Storage, live: Live, finalizer: Finalizer,
-                 signer: Signer) -> None:
+    def __init__(self, storage: Storage, live: Live, proofs: Proofs, signer: Signer) -> None:
         self._storage = storage
         self._live = live
-        self._finalizer = finalizer
+        self._proofs = proofs
         self._signer = signer
 
     async def GetResults(self, request: rpb.GetResultsRequest, context: Any
                          ) -> rpb.GetResultsResponse:
-        round_id = parse_uuid(request.round_id, "round_id")
+        round_id = ids.parse(request.round_id, "round_id")
         update = await self._live.current(round_id)
         return rpb.GetResultsResponse(results=update.for_role(current_principal().role))
 
@@ -53,7 +43,7 @@ class ResultsServicer(rgrpc.ResultsServiceServicer):
                             context: Any) -> None:
         """Writes each StreamResultsResponse already serialized (see `register`): thousands of
         streams share one serialization of each tick's update."""
-        round_id = parse_uuid(request.round_id, "round_id")
+        round_id = ids.parse(request.round_id, "round_id")
         role = current_principal().role
         mailbox = await self._live.subscribe(round_id)
         try:
@@ -69,7 +59,7 @@ class ResultsServicer(rgrpc.ResultsServiceServicer):
 
     async def GetFinalResults(self, request: rpb.GetFinalResultsRequest, context: Any
                               ) -> rpb.GetFinalResultsResponse:
-        round_id = parse_uuid(request.round_id, "round_id")
+        round_id = ids.parse(request.round_id, "round_id")
         async with self._storage.pool.connection() as connection:
             info = await load_round(connection, round_id)
             if info is None:
@@ -86,63 +76,44 @@ class ResultsServicer(rgrpc.ResultsServiceServicer):
             results=update.views["full"], ledger_votes=final.ledger_votes,
             invalidated_votes=final.invalidated_votes,
             winner_contestant_ids=final.winner_ids,
-            finalized_at=_stamp_dt(final.finalized_at), digest=digest_of(final))
+            finalized_at=timestamp(final.finalized_at), digest=digest_of(final))
 
     async def GetVoteReceipt(self, request: rpb.GetVoteReceiptRequest, context: Any
                              ) -> rpb.GetVoteReceiptResponse:
-        vote_id = parse_uuid(request.vote_id, "vote_id")
-        async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT round_id::text, leaf_data, receipt_hash, admitted_ms FROM votes"
-                " WHERE vote_id = %s"
-                " ORDER BY admitted_ms, receipt_hash LIMIT 1", (vote_id,))
-            row: Any = await cursor.fetchone()
-            if row is None:
-                raise ApiError(grpc.StatusCode.NOT_FOUND, "VOTE_NOT_FOUND",
-                               f"no vote {vote_id} in the ledger")
-            final = await read_final(connection, row["round_id"])
-            invalid = None
-            if final is not None:
-                cursor = await connection.execute(
-                    "SELECT reason FROM round_result_invalid_votes"
-                    " WHERE round_id = %s AND vote_id = %s", (row["round_id"], vote_id))
-                invalid = await cursor.fetchone()
-        leaf_data = bytes(row["leaf_data"])
-        response = rpb.GetVoteReceiptResponse(receipt=receipt_of(leaf_data,
-                                                                  bytes(row["receipt_hash"])))
-        if final is None:
+        vote_id = ids.parse(request.vote_id, "vote_id")
+        found = await self._proofs.receipt(vote_id)
+        if found is None:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, "VOTE_NOT_FOUND",
+                           f"no vote {vote_id} in the ledger")
+        response = rpb.GetVoteReceiptResponse(
+            receipt=receipt_of(found.leaf_data, found.receipt_hash))
+        if found.final is None or found.proof is None:
             return response
-        found = await self._finalizer.inclusion(row["round_id"], row["admitted_ms"], vote_id,
-                                                 bytes(row["receipt_hash"]))
-        if found is None:  # committed after the signed tree was taken: not part of it
-            return response
-        index, size, path, root = found
-        response.counted = invalid is None
+        index, size, path, root = found.proof
+        response.counted = found.counted
         response.proof.CopyFrom(rtypes.InclusionProof(
             leaf_index=index, tree_size=size, audit_path=path, root_hash=root))
-        response.digest.CopyFrom(digest_of(final))
+        response.digest.CopyFrom(digest_of(found.final))
         return response
 
     async def GetLedgerPublicKey(self, request: rpb.GetLedgerPublicKeyRequest, context: Any
                                  ) -> rpb.GetLedgerPublicKeyResponse:
         key_id = request.key_id or self._signer.key_id
         async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT public_key, created_at FROM ledger_keys WHERE key_id = %s", (key_id,))
-            row: Any = await cursor.fetchone()
+            row: Any = await fetch_one(connection, store.LEDGER_KEY, (key_id,))
         if row is None:
             raise ApiError(grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND", f"no key {key_id}")
         public = bytes(row["public_key"])
         return rpb.GetLedgerPublicKeyResponse(key_id=key_id, public_key=public,
                                               public_key_pem=public_pem(public),
-                                              create_time=_stamp_dt(row["created_at"]))
+                                              create_time=timestamp(row["created_at"]))
 
 
 def digest_of(final: Any) -> rtypes.LedgerDigest:
     return rtypes.LedgerDigest(
         round_id=final.round_id, tree_size=final.tree_size, root_hash=final.root_hash,
         signed_tree_head=final.signed_tree_head, signature=final.signature,
-        key_id=final.key_id, signed_at=_stamp_dt(final.signed_at))
+        key_id=final.key_id, signed_at=timestamp(final.signed_at))
 
 
 def receipt_of(leaf_data: bytes, leaf_hash: bytes) -> vtypes.VoteReceipt:
@@ -155,7 +126,7 @@ def receipt_of(leaf_data: bytes, leaf_hash: bytes) -> vtypes.VoteReceipt:
         vote_type=vtypes.VoteType.Value(f"VOTE_TYPE_{fields.get('vote_type', 'UNSPECIFIED')}"),
         count=int(fields.get("count", 0)),
         channel=vtypes.Channel.Value(f"CHANNEL_{fields.get('channel', 'UNSPECIFIED')}"),
-        accepted_at=_stamp_ms(int(fields.get("accepted_at_ms", 0))),
+        accepted_at=timestamp_ms(int(fields.get("accepted_at_ms", 0))),
         leaf_data=leaf_data, leaf_hash=leaf_hash)
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime import fanout
+from runtime import fanout, ids
 from runtime.errors import FieldViolation, invalid_argument
 from sync_svc.hub import Hub
-from sync_svc.show import ShowStore, parse_id
+from sync_svc.show import ShowStore
 from televote.sync.v1 import show_control_service_pb2 as control
 from televote.sync.v1 import show_control_service_pb2_grpc as control_grpc
 from televote.sync.v1 import show_internal_service_pb2 as internal
@@ -113,4 +113,4 @@ class ShowInternalServicer(internal_grpc.ShowInternalServiceServicer):
 def _episode_id(value: str) -> str:
     if not value:
         raise invalid_argument(FieldViolation("episode_id", "is required"))
-    return parse_id(value, "episode_id")
+    return ids.parse(value, "episode_id")
