@@ -26,6 +26,7 @@ from loadtest.progress import Progress, live_display
 from loadtest.resources import Sampler
 from loadtest.show import ControlRoom, wait_final
 from loadtest.verify import RunRecord, Verdict, verify
+from ops.edge import ONE_LOAD_GENERATOR
 from ops.stack import Stack, StackSettings
 
 #: The loadtest's own stack: quiet logs, and windows as short as a second so a smoke run of a
@@ -186,7 +187,7 @@ async def run_with_own_stack(config: LoadConfig, out_dir: Path | None, *, worker
     """Start the whole mesh (embedded PostgreSQL and Redis), run, stop it again."""
     settings = StackSettings(
         state_dir=state_dir or Path(tempfile.mkdtemp(prefix="loadtest-stack-")), edge_port=0,
-        service_env=OWN_STACK_ENV)
+        service_env=OWN_STACK_ENV, edge=ONE_LOAD_GENERATOR)
     # Two vote_svc replicas by default: the vote path is where the load is, and replicas are
     # how it is run (like bench/vote_bench.py).
     settings.replicas.update({"vote_svc": 2, **(replicas or {})})

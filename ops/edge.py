@@ -64,6 +64,9 @@ class EdgeSettings:
     max_streams_per_connection: int = 1000
     #: The largest request body the edge takes (gRPC message, JSON or gRPC-Web body).
     max_request_bytes: int = 64 * 1024
+    #: The per-IP, anonymous and per-subject buckets and the body buffer; off only to
+    #: measure what they cost (bench/mtls_bench.py).
+    abuse_filters: bool = True
     #: The overload manager's ceilings.
     max_heap_bytes: int = 1 << 30
     max_connections: int = 50_000
@@ -291,7 +294,8 @@ def render(settings: EdgeSettings) -> str:
                          else settings.unary_requests_per_replica * len(endpoints),
                          settings.upstream_tls)
                 for name, endpoints in sorted(settings.upstreams.items())]
-    rate_limits, rate_limit_descriptors = _rate_limits(settings)
+    rate_limits, rate_limit_descriptors = (_rate_limits(settings) if settings.abuse_filters
+                                           else ([], []))
     values = {
         "edge_host": settings.host,
         "edge_port": settings.port,
@@ -314,5 +318,25 @@ def render(settings: EdgeSettings) -> str:
         "max_heap_bytes": settings.max_heap_bytes,
         "max_connections": settings.max_connections,
     }
-    return Template(TEMPLATE.read_text()).substitute(
+    text = Template(TEMPLATE.read_text()).substitute(
         {key: json.dumps(value) for key, value in values.items()})
+    if not settings.abuse_filters:
+        text = _without_filter(text, "envoy.filters.http.buffer")
+    return text
+
+
+def _without_filter(text: str, name: str) -> str:
+    """The config without the HTTP filter `name` (its list entry up to the next one)."""
+    lines = text.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"- name: {name}")
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    end = next(i for i in range(start + 1, len(lines))
+               if len(lines[i]) - len(lines[i].lstrip()) <= indent and lines[i].strip())
+    return "".join(lines[:start] + lines[end:])
+
+
+#: Limits for a mesh that one load generator drives from one address (benchmarks, the load
+#: test's own stack): the per-address buckets would measure themselves.
+ONE_LOAD_GENERATOR: dict[str, Any] = {
+    "per_ip_per_second": 10_000_000, "anonymous_per_ip_per_second": 10_000_000,
+    "per_subject_per_second": 10_000_000}

@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import redis
@@ -64,6 +65,9 @@ class StackSettings:
     #: Mutual TLS from the edge to every service and between services (runtime/mesh.py);
     #: off only to measure what it costs (bench/mtls_bench.py).
     mtls: bool = True
+    #: EdgeSettings fields to override (its abuse limits, for a load generator that is one
+    #: client address: edge.ONE_LOAD_GENERATOR).
+    edge: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -137,7 +141,8 @@ class Stack:
                 jwks_path=jwks, jwt_issuer=tokens.ISSUER, jwt_audience=tokens.AUDIENCE,
                 host=self.settings.edge_host, port=self.edge_port, admin_port=self.admin_port,
                 trusted_proxy_hops=self.settings.trusted_proxy_hops, upstreams=self.addresses,
-                upstream_tls=edge_tls if self.settings.mtls else None)))
+                upstream_tls=edge_tls if self.settings.mtls else None,
+                **self.settings.edge)))
             self._edge = await Child.spawn("envoy", [
                 str(Path(sys.executable).parent / "envoy"), "-c", str(config_path),
                 "--use-dynamic-base-id", "--log-level", "warn"], logs)
