@@ -12,7 +12,7 @@ anything it says (runtime/interceptors.py):
 
 Without `TELEVOTE_TLS_DIR` a service listens in plaintext and believes the claims header of
 whoever connects: for tests that start one service on loopback, never for a mesh
-(`televote up` always gives one, unless told `--no-mtls` for the comparison benchmark).
+(`televote up` always gives one; only bench/mtls_bench.py turns it off, to measure its cost).
 """
 
 from __future__ import annotations
