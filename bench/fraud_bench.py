@@ -14,7 +14,10 @@ process and calls it like vote_svc does (sequential batches, internal role). Pri
 - fraud_svc's CPU time per vote and per batch (the server process only, from /proc via
   psutil), and the CPU per batch of the Redis and PostgreSQL it started (not of shared ones);
 - the in-process CPU cost of the pure scoring step (signals + model) per vote;
-- the model's precision and recall on the generator's held-out traffic.
+- precision and recall per vote on the generator's held-out traffic: of the model alone, and
+  of each scoring policy (the seed's, the default, and the tuned one) side by side on the same
+  votes, with the geographic rules refusing (the default) and as score signals
+  (`--quality-only` prints just these, in seconds, without services).
 Targets: p99 <= 5 ms per 100-vote batch, <= 50 us CPU per vote. On a shared 2-core machine,
 the latencies follow whatever else runs; the CPU figures per batch (fraud_svc, Redis,
 PostgreSQL: a batch waits for each in turn) are the robust ones to compare.
@@ -48,18 +51,22 @@ from fraud_svc.api import FraudScoringServicer
 from fraud_svc.behaviour import TrafficMix, VoteEvent, generate, plan_intel, vpn_lists
 from fraud_svc.config import FraudConfig
 from fraud_svc.devgeo import write_database
-from fraud_svc.features import Facts, FeatureMemory, Scorer
+from fraud_svc.features import Facts, FeatureMemory, Policy, Scorer
 from fraud_svc.geoip import MaxMindIntel, VpnLists
 from fraud_svc.model import Model
 from fraud_svc.state import FeatureState
 from fraud_svc.store import BlocklistCache
-from fraud_svc.train import evaluate, offline_config
+from fraud_svc.train import compare_policies, offline_config, print_comparison
 from ops.infra import start_postgres, start_redis
 from ops.migrate import migrate
 from ops.processes import Child, free_port, run_stopping_on_sigterm, wait_serving
 from runtime.access import Principal, Role
 from runtime.storage import RedisClient, create_pool, create_redis
-from televote.fraud.v1 import fraud_scoring_service_pb2, fraud_scoring_service_pb2_grpc
+from televote.fraud.v1 import (
+    fraud_scoring_service_pb2,
+    fraud_scoring_service_pb2_grpc,
+    fraud_types_pb2,
+)
 
 INTERNAL = Principal(Role.INTERNAL, "vote_svc").to_metadata()
 T0_MS = 1_900_000_000_000
@@ -160,8 +167,8 @@ async def _run_batches(stub: _Caller,
     latencies.sort()
 
     p90, p99 = _quantile(latencies, 0.9), _quantile(latencies, 0.99)
-    names = {1: "ALLOW", 2: "REVIEW", 3: "BLOCK"}
-    mix = ", ".join(f"{names.get(k, k)} {v / votes:.0%}" for k, v in sorted(actions.items()))
+    mix = ", ".join(f"{fraud_types_pb2.FraudAction.Name(k).removeprefix('FRAUD_ACTION_')} "
+                    f"{v / votes:.0%}" for k, v in sorted(actions.items()))
     print(f"{label}: {len(requests)} batches of {batch_size} ({mix})")
     print(f"  batch latency  min {latencies[0]:.2f} ms   p50 {statistics.median(latencies):.2f} ms"
           f"   p90 {p90:.2f} ms   p99 {p99:.2f} ms   max {latencies[-1]:.2f} ms"
@@ -223,7 +230,7 @@ async def _in_process(database_url: str, redis_url: str, geo: Path, events: list
     await pool.open()
     redis = create_redis(redis_url)
     try:
-        blocklist = BlocklistCache(pool, 1.0)
+        blocklist = BlocklistCache(pool, 1.0, Policy.default(config))
         servicer = FraudScoringServicer(
             config, pool, FeatureState(redis, config),
             MaxMindIntel(str(geo), "", VpnLists(config.fraud_vpn_cidrs, ())),
@@ -275,6 +282,12 @@ def _save_and_compare(figures: dict[str, float], save: str | None,
                       f"   x{value / before[key]:.2f}")
 
 
+def _quality() -> None:
+    """Both scoring policies' precision and recall, side by side on the same traffic."""
+    print_comparison(compare_policies(Model.load(), offline_config().model_copy(update={
+        "fraud_vpn_cidrs": tuple(str(n) for n in vpn_lists().networks)})))
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description="fraud_svc benchmark")
     parser.add_argument("--batches", type=int, default=300)
@@ -283,7 +296,12 @@ async def main() -> None:
                         help="send the batches on one ScoreVoteStream call, as vote_svc does")
     parser.add_argument("--json", help="save the figures to this file")
     parser.add_argument("--baseline", help="print after/before ratios against a saved run")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="only the policies' precision and recall (no services, seconds)")
     args = parser.parse_args()
+    if args.quality_only:
+        _quality()
+        return
     state_dir = Path(tempfile.mkdtemp(prefix="fraud-bench-"))
     children: list[Child] = []
     try:
@@ -338,16 +356,7 @@ async def main() -> None:
             args.batch_size, min(args.batches, 200))
         figures["pure scoring us_per_vote"] = _scoring_cpu(mixed[:20_000])
         _save_and_compare(figures, args.json, args.baseline)
-        metrics = evaluate(Model.load(), offline_config().model_copy(update={
-            "fraud_vpn_cidrs": tuple(str(n) for n in vpn_lists().networks)}))
-        print(f"model on held-out traffic ({metrics['votes']:.0f} votes, "
-              f"{metrics['fraud_share']:.0%} fraudulent):")
-        print(f"  model alone (p > 0.5)   precision {metrics['model_precision']:.3f}"
-              f"   recall {metrics['model_recall']:.3f}")
-        print(f"  scorer REVIEW or BLOCK  precision {metrics['flagged_precision']:.3f}"
-              f"   recall {metrics['flagged_recall']:.3f}")
-        print(f"  scorer BLOCK            precision {metrics['block_precision']:.3f}"
-              f"   recall {metrics['block_recall']:.3f}")
+        _quality()
     finally:
         for child in reversed(children):
             await child.stop()

@@ -101,7 +101,8 @@ async def main() -> None:
         await stack.start()
         try:
             os.environ.update(DATABASE_URL=stack.database_url, REDIS_URL=stack.redis_url,
-                              VOTE_PSEUDONYM_SALT=uuid.uuid4().hex)
+                              VOTE_PSEUDONYM_SALT=uuid.uuid4().hex,
+                              VOTE_IP_HASH_KEY=uuid.uuid4().hex)
             config = VoteConfig()
             storage = Storage.from_config(config)
             await storage.connect()

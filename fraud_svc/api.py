@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from fraud_svc import moderation, store
 from fraud_svc.config import FraudConfig
-from fraud_svc.features import Scorer
+from fraud_svc.features import REFUSE, SCORE, SEED, TUNED, Scorer
 from fraud_svc.geoip import IpIntel
 from fraud_svc.scoring import Scoring
 from fraud_svc.state import FeatureState
@@ -34,6 +34,7 @@ from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.idempotency import once, require_request_id
 from runtime.interceptors import current_principal
 from runtime.protoconv import timestamp
+from runtime.storage import fetch_one
 from televote.fraud.v1 import (
     fraud_review_service_pb2 as pb,
 )
@@ -259,8 +260,7 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         """One page of a keyset-paginated listing (`sql` ends in ORDER BY ... LIMIT %s), and
         the token of the next page ("" on the last): `position` names the last row's place."""
         async with self._pool.connection() as conn:
-            rows: list[dict[str, Any]] = await (
-                await conn.execute(sql, [*params, size + 1])).fetchall()
+            rows = await store.fetch_all(conn, sql, [*params, size + 1])
         if len(rows) <= size:
             return rows, ""
         return rows[:size], _encode_token(position(rows[size - 1]))
@@ -282,8 +282,8 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         if after is not None:
             where.add("r.seq > %s", after[0])
         rows, token = await self._page(
-            f"SELECT {store.REVIEW_COLUMNS} FROM fraud_reviews r WHERE {where}"
-            " ORDER BY r.seq LIMIT %s", where.params, size, lambda last: [int(last["seq"])])
+            store.LIST_REVIEWS.format(where=where), where.params, size,
+            lambda last: [int(last["seq"])])
         return pb.ListReviewsResponse(reviews=[_review(r) for r in rows], next_page_token=token)
 
     async def ResolveReview(self, request: pb.ResolveReviewRequest,
@@ -398,8 +398,7 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         if after is not None:
             where.add("(created_at, block_id) < (%s::timestamptz, %s::uuid)", *after)
         rows, token = await self._page(
-            f"SELECT * FROM fraud_blocks WHERE {where}"
-            " ORDER BY created_at DESC, block_id DESC LIMIT %s", where.params, size,
+            store.LIST_BLOCKS.format(where=where), where.params, size,
             lambda last: [last["created_at"].isoformat(), str(last["block_id"])])
         return pb.ListBlocksResponse(blocks=[_block(r) for r in rows], next_page_token=token)
 
@@ -429,8 +428,7 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         if after is not None:
             where.add("audit_id < %s", after[0])
         rows, token = await self._page(
-            f"SELECT * FROM audit_log WHERE {where}"
-            " ORDER BY audit_id DESC LIMIT %s", where.params, size,
+            store.LIST_AUDIT_ENTRIES.format(where=where), where.params, size,
             lambda last: [int(last["audit_id"])])
         return pb.ListAuditEntriesResponse(entries=[_entry(r) for r in rows],
                                            next_page_token=token)
@@ -501,8 +499,8 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         if after is not None:
             where.add("user_id > %s", after[0])
         rows, token = await self._page(
-            f"SELECT * FROM fraud_travellers WHERE {where}"
-            " ORDER BY user_id LIMIT %s", where.params, size, lambda last: [last["user_id"]])
+            store.LIST_TRAVELLERS.format(where=where), where.params, size,
+            lambda last: [last["user_id"]])
         return pb.ListTravellerExemptionsResponse(
             exemptions=[_traveller(r) for r in rows], next_page_token=token)
 
@@ -525,6 +523,14 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         note = request.note.strip()
         if len(note) > 500:
             problems.append(FieldViolation("note", "longer than 500 chars"))
+        scoring = _SCORINGS.get(request.scoring, "?")
+        if scoring == "?":
+            problems.append(FieldViolation("scoring", "not a FraudScoring value"))
+        geo = {}
+        for name in ("foreign_country", "location_mismatch"):
+            geo[name] = _ENFORCEMENTS.get(getattr(request, name), "?")
+            if geo[name] == "?":
+                problems.append(FieldViolation(name, "not a GeoEnforcement value"))
         if problems:
             raise invalid_argument(*problems)
         require_request_id(request.request_id)
@@ -533,7 +539,9 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         async def set_policy(conn: Conn) -> pb.SetFraudPolicyResponse:
             return pb.SetFraudPolicyResponse(policy=_policy(await moderation.set_policy(
                 conn, show_id=show_id, block=block, review=review, countries=countries,
-                note=note, request_id=request.request_id, actor=actor)))
+                note=note, request_id=request.request_id, actor=actor, scoring=scoring,
+                foreign_country=geo["foreign_country"],
+                location_mismatch=geo["location_mismatch"])))
 
         return await self._once("SetFraudPolicy", request.request_id, request,
                                 pb.SetFraudPolicyResponse, set_policy, reload=True)
@@ -543,8 +551,7 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
                              ) -> pb.GetFraudPolicyResponse:
         show_id = ids.parse(request.show_id, "show_id")
         async with self._pool.connection() as conn:
-            row = await (await conn.execute("SELECT * FROM fraud_policies WHERE show_id = %s",
-                                            [show_id])).fetchone()
+            row = await fetch_one(conn, store.POLICY, [show_id])
         if row is None:
             raise ApiError(grpc.StatusCode.NOT_FOUND, "FRAUD_POLICY_NOT_FOUND",
                            f"show {show_id} has no fraud policy: the defaults apply")
@@ -565,12 +572,30 @@ class FraudReviewServicer(fraud_review_service_pb2_grpc.FraudReviewServiceServic
         return response
 
 
+#: FraudScoring and GeoEnforcement as fraud_policies stores them (NULL: the deployment's
+#: default, FRAUD_SCORING and FRAUD_GEO_*).
+_SCORINGS: dict[int, str | None] = {
+    fraud_types_pb2.FRAUD_SCORING_UNSPECIFIED: None, fraud_types_pb2.FRAUD_SCORING_SEED: SEED,
+    fraud_types_pb2.FRAUD_SCORING_TUNED: TUNED}
+_ENFORCEMENTS: dict[int, str | None] = {
+    fraud_types_pb2.GEO_ENFORCEMENT_UNSPECIFIED: None,
+    fraud_types_pb2.GEO_ENFORCEMENT_REFUSE: REFUSE, fraud_types_pb2.GEO_ENFORCEMENT_SCORE: SCORE}
+
+
+def _enum(values: dict[int, str | None], stored: str | None) -> int:
+    return next(number for number, name in values.items() if name == stored)
+
+
 def _policy(row: dict[str, Any]) -> fraud_types_pb2.FraudPolicy:
     return fraud_types_pb2.FraudPolicy(
         show_id=str(row["show_id"]), block_threshold=row["block_threshold"],
         review_threshold=row["review_threshold"],
         allowed_countries=list(row["allowed_countries"]), note=row["note"],
-        updated_by=row["updated_by"], update_time=timestamp(row["updated_at"]))
+        updated_by=row["updated_by"], update_time=timestamp(row["updated_at"]),
+        scoring=_enum(_SCORINGS, row["scoring"]),  # type: ignore[arg-type]
+        foreign_country=_enum(_ENFORCEMENTS, row["foreign_country"]),  # type: ignore[arg-type]
+        location_mismatch=_enum(_ENFORCEMENTS,  # type: ignore[arg-type]
+                                row["location_mismatch"]))
 
 
 def _traveller(row: dict[str, Any]) -> fraud_types_pb2.TravellerExemption:

@@ -6,7 +6,7 @@ Lists (CIDRs, ASNs, countries) are comma-separated, e.g. FRAUD_VPN_CIDRS="203.0.
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, ClassVar, Self
+from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import field_validator, model_validator
 from pydantic_settings import NoDecode
@@ -43,6 +43,15 @@ class FraudConfig(ServiceConfig):
     fraud_block_threshold: float = 0.8
     fraud_review_threshold: float = 0.5
 
+    #: How votes of shows without a policy of their own are scored: "seed" (the
+    #: specification's rule sum averaged with the model) or "tuned" (FRAUD_WEIGHT_* as a
+    #: noisy-OR). A show chooses with SetFraudPolicy.
+    fraud_scoring: Literal["seed", "tuned"] = "seed"
+    #: What the geographic rules do by default: "refuse" the vote (GEO_RESTRICTED,
+    #: LOCATION_MISMATCH; the specification) or "score" it as a signal.
+    fraud_geo_foreign_country: Literal["refuse", "score"] = "refuse"
+    fraud_geo_location_mismatch: Literal["refuse", "score"] = "refuse"
+
     fraud_velocity_window_seconds: float = 60.0
     fraud_velocity_max_votes: int = 50
     fraud_device_max_users: int = 3
@@ -52,6 +61,18 @@ class FraudConfig(ServiceConfig):
     fraud_bot_timing_min_intervals: int = 5
     fraud_gps_mismatch_km: float = 100.0
 
+    #: The seed policy's rule weights (the specification's numbers), summed into a rule score;
+    #: score = min(1, (rule score + model probability) / 2).
+    fraud_seed_weight_velocity: float = 0.3
+    fraud_seed_weight_shared_device: float = 0.2
+    fraud_seed_weight_vpn_proxy: float = 0.4
+    fraud_seed_weight_foreign_country: float = 0.3
+    fraud_seed_weight_bot_timing: float = 0.5
+    #: Not in the specification (which refuses such votes): the weight of `gps_mismatch`
+    #: when a show scores it instead, the same as a foreign country's.
+    fraud_seed_weight_gps_mismatch: float = 0.3
+
+    #: The tuned policy's weights, combined as a noisy-OR.
     fraud_weight_velocity: float = 0.6
     fraud_weight_shared_device: float = 0.4
     fraud_weight_vpn_proxy: float = 0.35

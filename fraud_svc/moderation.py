@@ -84,14 +84,12 @@ async def resolve_review(conn: Conn, *, review_id: str, decision: str, scope: st
     """Resolve a pending review (and with scope USER_ROUND the user's other pending reviews in
     the round); a REJECT is a rejection the final result leaves out. Returns the review as it
     is now and how many reviews the verdict resolved."""
-    round_row = await fetch_one(
-        conn, "SELECT round_id FROM fraud_reviews WHERE review_id = %s", [review_id])
+    round_row = await fetch_one(conn, store.REVIEW_ROUND, [review_id])
     if round_row is None:
         raise ApiError(grpc.StatusCode.NOT_FOUND, "REVIEW_NOT_FOUND",
                        f"no review {review_id}")
     await refuse_if_finalized(conn, str(round_row["round_id"]))
-    row = await fetch_one(
-        conn, "SELECT * FROM fraud_reviews WHERE review_id = %s FOR UPDATE", [review_id])
+    row = await fetch_one(conn, store.REVIEW_FOR_UPDATE, [review_id])
     assert row is not None  # reviews are never deleted
     if row["state"] != "PENDING":
         raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "REVIEW_ALREADY_RESOLVED",
@@ -101,24 +99,18 @@ async def resolve_review(conn: Conn, *, review_id: str, decision: str, scope: st
     affected = 1
     if decision == "REJECT":
         await conn.execute(
-            "INSERT INTO fraud_rejections (rejection_id, round_id, user_id, vote_ref,"
-            " decision_id, review_id, rejected_by) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT DO NOTHING",
+            store.INSERT_REJECTION,
             [str(uuid.uuid4()), round_id, user_id,
              row["vote_ref"] if scope == "VOTE" else None,
              row["decision_id"] if scope == "VOTE" else None, review_id, actor])
     if scope == "USER_ROUND":
         # The user's other pending reviews in the round share the verdict.
         others = await conn.execute(
-            "UPDATE fraud_reviews SET state = %s, resolved_by = %s,"
-            " resolved_at = now(), note = %s WHERE user_id = %s AND round_id = %s"
-            " AND state = 'PENDING' AND review_id <> %s",
+            store.RESOLVE_OTHER_REVIEWS,
             [state, actor, note, user_id, round_id, review_id])
         affected += max(0, others.rowcount)
     await conn.execute(
-        "UPDATE fraud_reviews SET state = %s, resolved_by = %s, resolved_at = now(),"
-        " note = %s, resolve_request_id = %s, resolve_decision = %s,"
-        " resolve_scope = %s, affected_votes = %s WHERE review_id = %s",
+        store.RESOLVE_REVIEW,
         [state, actor, note, request_id, decision, scope, affected, review_id])
     await write_audit(conn, [AuditRecord(
         actor_role="operator", actor=actor, action="review.resolve",
@@ -136,16 +128,12 @@ async def create_block(conn: Conn, *, kind: str, value: str, reason: str,
     """A new active block (BLOCK_ALREADY_EXISTS while one of the same kind and value is)."""
     # An expired block no longer applies: retire it so the new one can take its place.
     await conn.execute(
-        "UPDATE fraud_blocks SET deleted_at = now(), deleted_by = 'expired'"
-        " WHERE kind = %s AND value = %s AND deleted_at IS NULL"
-        " AND expire_at <= now()", [kind, value])
+        store.RETIRE_EXPIRED_BLOCK, [kind, value])
     try:
         async with conn.transaction():
             row = await fetch_one(
                 conn,
-                "INSERT INTO fraud_blocks (block_id, kind, value, reason, created_by,"
-                " expire_at, create_request_id) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                " RETURNING *",
+                store.INSERT_BLOCK,
                 [str(uuid.uuid4()), kind, value, reason, actor, expire_at,
                  request_id])
     except pg_errors.UniqueViolation:
@@ -164,13 +152,12 @@ async def delete_block(conn: Conn, *, block_id: str, request_id: str, actor: str
                        ) -> dict[str, Any]:
     """End an active block (BLOCK_NOT_FOUND if there is none); returns it as it was."""
     row = await fetch_one(
-        conn, "SELECT * FROM fraud_blocks WHERE block_id = %s FOR UPDATE", [block_id])
+        conn, store.BLOCK_FOR_UPDATE, [block_id])
     if row is None or row["deleted_at"] is not None:
         raise ApiError(grpc.StatusCode.NOT_FOUND, "BLOCK_NOT_FOUND",
                        f"no active block {block_id}")
     await conn.execute(
-        "UPDATE fraud_blocks SET deleted_at = now(), deleted_by = %s,"
-        " delete_request_id = %s WHERE block_id = %s", [actor, request_id, block_id])
+        store.DELETE_BLOCK, [actor, request_id, block_id])
     return await _operator_did(
         conn, row, actor=actor, action="block.delete", target_id=block_id,
         reason=f"unblock {row['kind'].lower()} {row['value']}",
@@ -185,11 +172,7 @@ async def grant_traveller(conn: Conn, *, user_id: str, countries: list[str],
     """Exempt a user from the country rules (`countries`, or anywhere when empty)."""
     row = await fetch_one(
         conn,
-        "INSERT INTO fraud_travellers (user_id, countries, expire_at, created_by, reason)"
-        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id) DO UPDATE SET"
-        " countries = excluded.countries, expire_at = excluded.expire_at,"
-        " created_by = excluded.created_by, created_at = now(),"
-        " reason = excluded.reason RETURNING *",
+        store.UPSERT_TRAVELLER,
         [user_id, countries or None, expire_at, actor, note])
     assert row is not None
     return await _operator_did(
@@ -204,7 +187,7 @@ async def revoke_traveller(conn: Conn, *, user_id: str, request_id: str, actor: 
                            ) -> dict[str, Any]:
     """End a user's exemption (TRAVELLER_NOT_FOUND without one); returns it as it was."""
     row = await fetch_one(
-        conn, "DELETE FROM fraud_travellers WHERE user_id = %s RETURNING *", [user_id])
+        conn, store.DELETE_TRAVELLER, [user_id])
     if row is None:
         raise ApiError(grpc.StatusCode.NOT_FOUND, "TRAVELLER_NOT_FOUND",
                        f"{user_id} has no traveller exemption")
@@ -219,26 +202,26 @@ async def revoke_traveller(conn: Conn, *, user_id: str, request_id: str, actor: 
 
 async def set_policy(conn: Conn, *, show_id: str, block: float, review: float,
                      countries: list[str], note: str, request_id: str, actor: str,
-                     ) -> dict[str, Any]:
-    """A show's fraud policy (SHOW_NOT_FOUND for no such show)."""
-    show = await fetch_one(conn, "SELECT 1 FROM shows WHERE show_id = %s", [show_id])
+                     scoring: str | None, foreign_country: str | None,
+                     location_mismatch: str | None) -> dict[str, Any]:
+    """A show's fraud policy (SHOW_NOT_FOUND for no such show). A None scoring or geographic
+    rule is stored as NULL: the deployment's default applies."""
+    show = await fetch_one(conn, store.SHOW_EXISTS, [show_id])
     if show is None:
         raise ApiError(grpc.StatusCode.NOT_FOUND, "SHOW_NOT_FOUND", f"no show {show_id}")
     row = await fetch_one(
         conn,
-        "INSERT INTO fraud_policies (show_id, block_threshold, review_threshold,"
-        " allowed_countries, note, updated_by) VALUES (%s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (show_id) DO UPDATE SET block_threshold = excluded.block_threshold,"
-        " review_threshold = excluded.review_threshold,"
-        " allowed_countries = excluded.allowed_countries, note = excluded.note,"
-        " updated_by = excluded.updated_by, updated_at = now() RETURNING *",
-        [show_id, block, review, countries, note, actor])
+        store.UPSERT_POLICY,
+        [show_id, block, review, countries, note, actor, scoring, foreign_country,
+         location_mismatch])
     assert row is not None
     return await _operator_did(
         conn, row, actor=actor, action="policy.set", target_id=show_id,
         reason=note, request_id=request_id, attributes={
             "show_id": show_id, "block_threshold": block, "review_threshold": review,
-            "allowed_countries": countries})
+            "allowed_countries": countries, "scoring": scoring or "default",
+            "foreign_country": foreign_country or "default",
+            "location_mismatch": location_mismatch or "default"})
 
 
 async def _operator_did(conn: Conn, row: dict[str, Any], **record: Any) -> dict[str, Any]:

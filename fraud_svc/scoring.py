@@ -18,12 +18,12 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
 
+from fraud_svc import store
 from fraud_svc.config import FraudConfig
 from fraud_svc.features import Facts, Prepared, Scorer, Verdict
 from fraud_svc.geoip import IpInfo, IpIntel, parse_ip
 from fraud_svc.state import FeatureState, Observation
 from fraud_svc.store import BlocklistCache, Pool
-from runtime import audit as audit_log
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.interceptors import current_principal
 from televote.fraud.v1 import (
@@ -39,7 +39,8 @@ MAX_ID = 128
 
 _ACTIONS = {"ALLOW": fraud_types_pb2.FRAUD_ACTION_ALLOW,
             "REVIEW": fraud_types_pb2.FRAUD_ACTION_REVIEW,
-            "BLOCK": fraud_types_pb2.FRAUD_ACTION_BLOCK}
+            "BLOCK": fraud_types_pb2.FRAUD_ACTION_BLOCK,
+            "REFUSE": fraud_types_pb2.FRAUD_ACTION_REFUSE}
 
 #: Who automatic blocks and decisions are attributed to.
 SELF = "fraud_svc"
@@ -65,7 +66,7 @@ def read(votes: Any, now_ms: int) -> tuple[list[Facts], list[Observation]]:
     for index, vote in enumerate(votes):
         user_id, round_id, device_id, ref = vote.user_id, vote.round_id, vote.device_id, \
             vote.ref
-        ip, hint = vote.ip, vote.country_hint
+        ip, hint, ip_hash = vote.ip, vote.country_hint, vote.ip_hash
         if vote.HasField("location"):
             location = vote.location
             latitude, longitude = location.latitude, location.longitude
@@ -78,20 +79,22 @@ def read(votes: Any, now_ms: int) -> tuple[list[Facts], list[Observation]]:
         # one (which names each problem) only when it fails.
         if not (user_id and round_id and len(user_id) <= MAX_ID and len(round_id) <= MAX_ID
                 and len(device_id) <= MAX_ID and len(ref) <= MAX_ID
-                and (user_id + round_id + device_id + ref).isprintable()
+                and len(ip_hash) <= MAX_ID
+                and (user_id + round_id + device_id + ref + ip_hash).isprintable()
                 and (not ip or parse_ip(ip) is not None)
                 and (not hint or (len(hint) == 2 and hint.isalpha()))
                 and located and vote.count >= 0):
             bad.append(index)
-        facts.append(Facts(user_id, device_id, ip, latitude, longitude, hint))
+        facts.append(Facts(user_id, device_id, ip, latitude, longitude, hint, ip_hash))
         if vote.HasField("server_time"):
             # Timestamp.ToMilliseconds is pure Python and shows in profiles.
             server_time = vote.server_time
             time_ms = server_time.seconds * 1000 + server_time.nanos // 1_000_000
         else:
             time_ms = now_ms
-        observations.append(Observation(ref or uuid.uuid4().hex, user_id, device_id, ip,
-                                        time_ms))
+        # The state keeps the IP's hash when the caller gave one (vote_svc does).
+        observations.append(Observation(ref or uuid.uuid4().hex, user_id, device_id,
+                                        ip_hash or ip, time_ms, max(1, vote.count)))
     problems = [problem for index in bad for problem in _problems(index, votes[index])]
     if problems:
         raise invalid_argument(*problems)
@@ -105,7 +108,7 @@ def _problems(index: int, vote: fraud_scoring_service_pb2.VoteFacts) -> list[Fie
         problems.append(FieldViolation(f"{at}.user_id", "required"))
     if not vote.round_id:
         problems.append(FieldViolation(f"{at}.round_id", "required"))
-    for name in ("user_id", "round_id", "device_id", "ref"):
+    for name in ("user_id", "round_id", "device_id", "ref", "ip_hash"):
         value = getattr(vote, name)
         if len(value) > MAX_ID:
             problems.append(FieldViolation(f"{at}.{name}", f"longer than {MAX_ID} chars"))
@@ -167,6 +170,8 @@ class Scoring:
         for index, (vote, verdict) in enumerate(zip(votes, verdicts, strict=True)):
             scored = add_score(ref=vote.ref, action=_ACTIONS[verdict.action],
                                score=verdict.score, decision_id=decision_ids.get(index, ""))
+            if verdict.refusal is not None:
+                scored.refusal_reason, scored.refusal_message = verdict.refusal
             add_reason = scored.reasons.add
             for r in verdict.reasons:
                 add_reason(name=r.name, contribution=r.contribution, detail=r.detail)
@@ -197,7 +202,8 @@ class Scoring:
         return [finish(p, h) for p, h in zip(prepared, histories, strict=True)]
 
     async def _record(self, votes: Any, verdicts: list[Verdict]) -> dict[int, str]:
-        """Audits every REVIEW and BLOCK, queues reviews and flags users, in one statement.
+        """Audits every REVIEW, BLOCK and REFUSE, queues reviews and flags blocked users (a
+        geographic refusal flags no one), in one statement.
 
         One statement (three data-modifying CTEs) in autocommit: atomic, and one round trip
         to PostgreSQL per batch, which matters in the hot path of every vote.
@@ -219,7 +225,8 @@ class Scoring:
             attributes: dict[str, object] = {
                 "decision_id": decision_id, "action": verdict.action,
                 "score": round(verdict.score, 4), "signals": signals, "inputs": verdict.inputs,
-                "device_id": vote.device_id, "ip": vote.ip, "contestant_id": vote.contestant_id,
+                "device_id": vote.device_id, "ip_hash": vote.ip_hash,
+                "contestant_id": vote.contestant_id,
                 "channel": vote_types_pb2.Channel.Name(vote.channel), "caller": caller}
             if verdict.action == "REVIEW":
                 review_id = next(ids)
@@ -228,7 +235,7 @@ class Scoring:
                                 "user_id": vote.user_id, "round_id": vote.round_id,
                                 "score": verdict.score, "signals": signals,
                                 "decision_id": decision_id})
-            elif "blocklist" not in verdict.inputs:
+            elif verdict.action == "BLOCK" and "blocklist" not in verdict.inputs:
                 flagged[vote.user_id] = (
                     f"score {verdict.score:.2f} > {self._config.fraud_block_threshold}: "
                     + ", ".join(r.name for r in verdict.reasons))
@@ -250,7 +257,7 @@ class Scoring:
         async with self._pool.connection() as conn:
             await conn.set_autocommit(True)
             try:
-                await conn.execute(_RECORD_SQL, {"actor": SELF, "batch": batch})
+                await conn.execute(store.RECORD_SCORES, {"actor": SELF, "batch": batch})
             finally:
                 await conn.set_autocommit(False)
         if flagged:
@@ -272,26 +279,3 @@ def _uuid4s(count: int) -> Iterator[str]:
         data[at + 8] = data[at + 8] & 0x3F | 0x80  # RFC 4122 variant
         text = data[at:at + 16].hex()
         yield f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
-
-
-# A vote scored again (vote_svc retried the batch) keeps its first review; a user flagged
-# twice keeps the first flag.
-_RECORD_SQL = f"""
-WITH batch AS (SELECT %(batch)s::jsonb AS b), audit AS (
-    {audit_log.insert_sql("(SELECT b -> 'audit' FROM batch)")}
-), reviews AS (
-    INSERT INTO fraud_reviews (review_id, vote_ref, user_id, round_id, score, signals,
-                               decision_id)
-    SELECT (r ->> 'review_id')::uuid, r ->> 'vote_ref', r ->> 'user_id', r ->> 'round_id',
-           (r ->> 'score')::float8, r -> 'signals', r ->> 'decision_id'
-    FROM batch, jsonb_array_elements(b -> 'reviews') WITH ORDINALITY AS e(r, position)
-    ORDER BY position
-    ON CONFLICT (round_id, user_id, vote_ref) DO NOTHING
-), blocks AS (
-    INSERT INTO fraud_blocks (block_id, kind, value, reason, created_by)
-    SELECT (f ->> 'block_id')::uuid, 'USER', f ->> 'value', f ->> 'reason', %(actor)s
-    FROM batch, jsonb_array_elements(b -> 'blocks') AS f
-    ON CONFLICT (kind, value) WHERE deleted_at IS NULL DO NOTHING
-)
-SELECT 1
-"""

@@ -6,7 +6,7 @@ import logging
 
 from fraud_svc.api import FraudReviewServicer, FraudScoringServicer
 from fraud_svc.config import FraudConfig
-from fraud_svc.features import Scorer
+from fraud_svc.features import Policy, Scorer
 from fraud_svc.geoip import MaxMindIntel, VpnLists
 from fraud_svc.model import Model
 from fraud_svc.state import FeatureState
@@ -39,7 +39,8 @@ def create_server(config: FraudConfig) -> tuple[ServiceHost, int]:
         # Redis may have been lost since the flags were set: PostgreSQL is the record.
         await state.set_blocked(list(blocklist.users))
 
-    blocklist = BlocklistCache(storage.pool, config.fraud_refresh_seconds, mirror_user_blocks)
+    blocklist = BlocklistCache(storage.pool, config.fraud_refresh_seconds,
+                               Policy.default(config), mirror_user_blocks)
     host.on_stop(blocklist.stop)
     scorer = Scorer(config, Model.load(config.fraud_model_path))
     scoring = FraudScoringServicer(config, storage.pool, state, intel, blocklist, scorer)

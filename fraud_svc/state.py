@@ -3,7 +3,10 @@
 Keys (Redis Cluster safe: every script call touches one hash slot):
 - `tv:{s<N>}:fraud:u:<user>:votes` sorted set in the user's shard (runtime.keys): the user's
   votes within the timing window, newest `fraud_user_history` kept, score = vote time (ms),
-  member = "<ip>|<ref>" (a retried vote with the same ref is not counted twice).
+  member = "<ip>|<votes>|<ref>" (a retried vote with the same ref is not counted twice;
+  <votes> is the submission's count: velocity counts votes, not calls). <ip> is the keyed hash
+  vote_svc sends (VoteFacts.ip_hash), the raw address only from callers that send none; it
+  lives as long as the key (see below), never in PostgreSQL.
 - `tv:{s<N>}:fraud:u:<user>:stats` hash beside it: running sums of the history's intervals
   and its votes per IP (see _SCRIPT), so timing needs no read of the whole history.
 - `tv:{s<N>}:fraud:blocked` sorted set per user shard: flagged/blocked users of the shard,
@@ -43,8 +46,8 @@ from runtime.storage import RedisClient
 # records. Every field is an argument of its own and every key sits at a fixed place, so the
 # script reads them without parsing (matching a packed line cost Redis ~4 us per vote):
 #   user record i (1..U):  KEYS[3i-2..3i] = votes, stats, blocked
-#                          ARGV[4i+4..4i+7] = time ms, ref, ip, user
-#   device record j:       KEYS[3U+j] = the device's users; ARGV[4U+7+j] = user
+#                          ARGV[5i+3..5i+7] = time ms, ref, ip, user, votes in it
+#   device record j:       KEYS[3U+j] = the device's users; ARGV[5U+7+j] = user
 # Records of one kind are applied in vote order; a user record never reads what a device
 # record writes, so doing all user records first changes nothing. The reply is flat:
 #   per user record: blocked, window votes, intervals, mean interval (us), std dev (us),
@@ -53,9 +56,10 @@ from runtime.storage import RedisClient
 #
 # The interval statistics are kept incrementally in the user's stats hash: s (sum of the
 # intervals), q (sum of their squares), n (distinct IPs), c (votes kept), l and o (newest and
-# oldest vote time), i<ip> (votes per IP). A vote then costs a few O(log n) commands instead of
-# reading the whole history (up to 200 votes for a bot), and few writes (each write inside a
-# script is also written to the AOF and replicas). Times are integer ms, so the sums are exact
+# oldest vote time), x (members standing for more than one vote), i<ip> (votes per IP). A
+# vote then costs a few O(log n) commands instead of reading the whole history (up to 200
+# votes for a bot), and few writes (each write inside a script is also written to the AOF and
+# replicas). Times are integer ms, so the sums are exact
 # integers (q <= timing window^2 < 2^53) and the statistics equal those of a full scan.
 # Anything but an append in time order (a retried vote whose time changed, a vote older than
 # the user's newest), and a hash that disagrees with the history (lost, evicted), falls back
@@ -79,16 +83,24 @@ local function int(x) return string.format('%d', x) end
 local function address(member)
   return string.sub(member, 1, string.find(member, '|', 1, true) - 1)
 end
+-- The votes a member stands for (1 for a member without a count).
+local function votes_of(member)
+  local a = string.find(member, '|', 1, true)
+  local b = string.find(member, '|', a + 1, true)
+  if not b then return 1 end
+  return tonumber(string.sub(member, a + 1, b - 1)) or 1
+end
 -- The full scan: trim, read the whole history, and rewrite the stats from it.
 local function rebuild(votes, stats, now, member)
   redis.call('ZADD', votes, now, member)
   redis.call('ZREMRANGEBYSCORE', votes, '-inf', now - timing)
   redis.call('ZREMRANGEBYRANK', votes, 0, -cap - 1)
   local entries = redis.call('ZRANGE', votes, 0, -1, 'WITHSCORES')
-  local sum, sumsq, distinct, last = 0, 0, 0, nil
+  local sum, sumsq, distinct, last, multi = 0, 0, 0, nil, 0
   local counts = {}
   for j = 1, #entries, 2 do
     local t = tonumber(entries[j + 1])
+    if votes_of(entries[j]) > 1 then multi = multi + 1 end
     if last ~= nil then
       sum = sum + (t - last)
       sumsq = sumsq + (t - last) * (t - last)
@@ -105,7 +117,7 @@ local function rebuild(votes, stats, now, member)
   end
   local card, oldest = #entries / 2, tonumber(entries[2])
   local fields = {'s', int(sum), 'q', int(sumsq), 'n', distinct, 'c', card,
-                  'l', int(last), 'o', int(oldest)}
+                  'l', int(last), 'o', int(oldest), 'x', multi}
   for ip, n in pairs(counts) do
     fields[#fields + 1] = 'i' .. ip
     fields[#fields + 1] = n
@@ -114,7 +126,7 @@ local function rebuild(votes, stats, now, member)
   redis.call('HSET', stats, unpack(fields))
   redis.call('PEXPIRE', votes, user_lease)  -- the hash is new: no TTL yet
   redis.call('PEXPIRE', stats, user_lease)
-  return sum, sumsq, distinct, card, oldest
+  return sum, sumsq, distinct, card, oldest, multi
 end
 -- Appends a vote at the end of the history (in time order) and updates the stats; returns
 -- them and the time of the user's previous vote (nil if unknown).
@@ -123,19 +135,20 @@ local function append(votes, stats, now, member, ip)
   if redis.call('ZADD', votes, 'NX', now, member) == 0 then
     if tonumber(redis.call('ZSCORE', votes, member)) ~= now then return nil end
     -- The same vote again (a retried batch): nothing changes.
-    local h = redis.call('HMGET', stats, 's', 'q', 'n', 'c', 'o')
+    local h = redis.call('HMGET', stats, 's', 'q', 'n', 'c', 'o', 'x')
     if not h[1] or tonumber(h[4]) ~= redis.call('ZCARD', votes) then return nil end
     return tonumber(h[1]), tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5]),
-           nil
+           tonumber(h[6] or 0), nil
   end
   local ip_field = 'i' .. ip
-  local h = redis.call('HMGET', stats, 's', 'q', 'n', 'c', 'l', 'o', ip_field)
+  local h = redis.call('HMGET', stats, 's', 'q', 'n', 'c', 'l', 'o', ip_field, 'x')
   local card = redis.call('ZCARD', votes)
   local sum, sumsq, distinct, oldest, previous
+  local multi = tonumber(h[8] or 0)
   if card == 1 then
     -- A fresh history: whatever the hash held belonged to an expired one.
     if h[1] then redis.call('DEL', stats) end
-    sum, sumsq, distinct, oldest = 0, 0, 0, now
+    sum, sumsq, distinct, oldest, multi = 0, 0, 0, now, 0
     h[7] = false
   else
     if not h[1] or tonumber(h[4]) + 1 ~= card then return nil end
@@ -145,6 +158,7 @@ local function append(votes, stats, now, member, ip)
     sum, sumsq = tonumber(h[1]) + d, tonumber(h[2]) + d * d
     distinct, oldest = tonumber(h[3]), tonumber(h[6])
   end
+  if votes_of(member) > 1 then multi = multi + 1 end
   local ip_votes = tonumber(h[7] or 0) + 1
   if ip ~= '' and ip_votes == 1 then distinct = distinct + 1 end
   -- Trim exactly as ZREMRANGEBYSCORE (-inf, now - timing] then ZREMRANGEBYRANK to the cap:
@@ -157,6 +171,7 @@ local function append(votes, stats, now, member, ip)
     for j = 1, 2 * m, 2 do
       local d = tonumber(gone[j + 3]) - tonumber(gone[j + 1])
       sum, sumsq = sum - d, sumsq - d * d
+      if votes_of(gone[j]) > 1 then multi = multi - 1 end
       local old_ip = address(gone[j])
       if old_ip == ip then
         ip_votes = ip_votes - 1  -- the vote's own IP: written below
@@ -169,27 +184,29 @@ local function append(votes, stats, now, member, ip)
   end
   if ip ~= '' then
     redis.call('HSET', stats, 's', int(sum), 'q', int(sumsq), 'n', distinct, 'c', card,
-               'l', int(now), 'o', int(oldest), ip_field, ip_votes)
+               'l', int(now), 'o', int(oldest), 'x', multi, ip_field, ip_votes)
   else
     redis.call('HSET', stats, 's', int(sum), 'q', int(sumsq), 'n', distinct, 'c', card,
-               'l', int(now), 'o', int(oldest))
+               'l', int(now), 'o', int(oldest), 'x', multi)
   end
-  return sum, sumsq, distinct, card, oldest, previous
+  return sum, sumsq, distinct, card, oldest, multi, previous
 end
 local users = tonumber(ARGV[7])
 for i = 1, users do
   local votes, stats, blocked = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local now, ref, ip, user = tonumber(ARGV[4 * i + 4]), ARGV[4 * i + 5], ARGV[4 * i + 6],
-                             ARGV[4 * i + 7]
+  local now, ref, ip, user = tonumber(ARGV[5 * i + 3]), ARGV[5 * i + 4], ARGV[5 * i + 5],
+                             ARGV[5 * i + 6]
+  local n = ARGV[5 * i + 7]
   local until_ms = redis.call('ZSCORE', blocked, user)
   if until_ms and tonumber(until_ms) > now then
     -- A flagged user's votes are refused without scoring: nothing to record or compute.
     for _, x in ipairs({1, 0, 0, 0, 0, 0}) do out[#out + 1] = x end
   else
-    local member = ip .. '|' .. ref
-    local sum, sumsq, distinct, card, oldest, previous = append(votes, stats, now, member, ip)
+    local member = ip .. '|' .. n .. '|' .. ref
+    local sum, sumsq, distinct, card, oldest, multi, previous =
+      append(votes, stats, now, member, ip)
     if sum == nil then
-      sum, sumsq, distinct, card, oldest = rebuild(votes, stats, now, member)
+      sum, sumsq, distinct, card, oldest, multi = rebuild(votes, stats, now, member)
     elseif redis.call('PTTL', votes) < timing then
       -- Both keys always get the same lease; a new history's zset has none yet.
       redis.call('PEXPIRE', votes, user_lease)
@@ -197,9 +214,16 @@ for i = 1, users do
     end
     -- Votes in (now - window, +inf]: the whole history if its oldest is in the window, only
     -- this vote if the previous one (the newest of the rest) is not; else counted.
+    -- Counted in votes: a member of count n stands for n. While every member of the history
+    -- is a single vote (multi = 0, nearly always) the member count is the vote count.
     local count = card
     if previous and previous <= now - window then
-      count = 1
+      count = tonumber(n)
+    elseif multi > 0 then
+      count = 0
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', votes, '(' .. int(now - window), '+inf')) do
+        count = count + votes_of(m)
+      end
     elseif oldest <= now - window then
       count = redis.call('ZCOUNT', votes, '(' .. int(now - window), '+inf')
     end
@@ -220,7 +244,7 @@ for i = 1, users do
 end
 for j = 1, #KEYS - 3 * users do
   local key = KEYS[3 * users + j]
-  redis.call('SADD', key, ARGV[4 * users + 7 + j])
+  redis.call('SADD', key, ARGV[5 * users + 7 + j])
   if redis.call('PTTL', key) < device_ttl then redis.call('PEXPIRE', key, device_lease) end
   out[#out + 1] = redis.call('SCARD', key)
 end
@@ -277,6 +301,8 @@ class Observation:
     device_id: str
     ip: str
     time_ms: int
+    #: Votes in the submission (velocity counts votes, not calls).
+    count: int = 1
 
 
 #: Per shard: its hash tag, and its key of blocked users (made once, not per vote).
@@ -357,7 +383,7 @@ class FeatureState:
                 call = calls.get(user_tag) or calls.setdefault(user_tag, _Call())
             user = f"tv:{user_tag}:fraud:u:{user_id}"
             call.user_keys += (f"{user}:votes", f"{user}:stats", _BLOCKED_KEYS[shard])
-            call.user_args += (vote.time_ms, vote.ref, vote.ip, user_id)
+            call.user_args += (vote.time_ms, vote.ref, vote.ip, user_id, vote.count)
             call.users.append(index)
             device_id = vote.device_id
             if device_id:

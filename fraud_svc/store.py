@@ -88,9 +88,12 @@ FROM fraud_blocks WHERE deleted_at IS NULL AND (expire_at IS NULL OR expire_at >
 class BlocklistCache:
     """Reloads the blocklist from PostgreSQL in the background."""
 
-    def __init__(self, pool: Pool, refresh_seconds: float,
+    def __init__(self, pool: Pool, refresh_seconds: float, defaults: Policy,
                  on_first_load: Callable[[Blocklist], Awaitable[None]] | None = None) -> None:
         self._pool = pool
+        #: The deployment's policy (`Policy.default`), for what a show's policy leaves to it
+        #: (NULL columns).
+        self._defaults = defaults
         self._refresh_seconds = refresh_seconds
         self._on_first_load = on_first_load
         self.current = Blocklist()
@@ -128,7 +131,8 @@ class BlocklistCache:
                 " WHERE expire_at IS NULL OR expire_at > now()")).fetchall()
             policies = await (await conn.execute(
                 "SELECT r.round_id::text AS round_id, p.show_id::text AS show_id,"
-                " p.block_threshold, p.review_threshold, p.allowed_countries"
+                " p.block_threshold, p.review_threshold, p.allowed_countries,"
+                " p.scoring, p.foreign_country, p.location_mismatch"
                 " FROM fraud_policies p JOIN episodes e USING (show_id)"
                 " JOIN rounds r USING (episode_id) WHERE r.state <> 'FINALIZED'")).fetchall()
         if rows is None:
@@ -152,11 +156,15 @@ class BlocklistCache:
             countries = row["countries"]
             fresh.travellers[str(row["user_id"])] = (
                 None if countries is None else frozenset(str(c).upper() for c in countries))
+        defaults = self._defaults
         for row in policies:
             fresh.policies[str(row["round_id"])] = Policy(
                 str(row["show_id"]), float(row["block_threshold"]),
                 float(row["review_threshold"]),
-                frozenset(str(c).upper() for c in row["allowed_countries"]))
+                frozenset(str(c).upper() for c in row["allowed_countries"]),
+                row["scoring"] or defaults.scoring,
+                row["foreign_country"] or defaults.foreign_country,
+                row["location_mismatch"] or defaults.location_mismatch)
         self.current = fresh
         self._blocks_fingerprint = fingerprint
 
@@ -269,3 +277,117 @@ async def fetch_review(conn: Conn, review_id: str) -> dict[str, Any]:
         [review_id])).fetchone()
     assert row is not None
     return row
+
+
+# -- scoring.py: a scored batch's reviews, flags and audit entries, in one statement
+
+# A vote scored again (vote_svc retried the batch) keeps its first review; a user flagged
+# twice keeps the first flag.
+RECORD_SCORES = f"""
+WITH batch AS (SELECT %(batch)s::jsonb AS b), audit AS (
+    {audit.insert_sql("(SELECT b -> 'audit' FROM batch)")}
+), reviews AS (
+    INSERT INTO fraud_reviews (review_id, vote_ref, user_id, round_id, score, signals,
+                               decision_id)
+    SELECT (r ->> 'review_id')::uuid, r ->> 'vote_ref', r ->> 'user_id', r ->> 'round_id',
+           (r ->> 'score')::float8, r -> 'signals', r ->> 'decision_id'
+    FROM batch, jsonb_array_elements(b -> 'reviews') WITH ORDINALITY AS e(r, position)
+    ORDER BY position
+    ON CONFLICT (round_id, user_id, vote_ref) DO NOTHING
+), blocks AS (
+    INSERT INTO fraud_blocks (block_id, kind, value, reason, created_by)
+    SELECT (f ->> 'block_id')::uuid, 'USER', f ->> 'value', f ->> 'reason', %(actor)s
+    FROM batch, jsonb_array_elements(b -> 'blocks') AS f
+    ON CONFLICT (kind, value) WHERE deleted_at IS NULL DO NOTHING
+)
+SELECT 1
+"""
+
+
+# -- moderation.py: operators' verdicts, blocks, traveller exemptions and show policies
+
+REVIEW_ROUND = "SELECT round_id FROM fraud_reviews WHERE review_id = %s"
+
+REVIEW_FOR_UPDATE = "SELECT * FROM fraud_reviews WHERE review_id = %s FOR UPDATE"
+
+INSERT_REJECTION = """
+INSERT INTO fraud_rejections
+       (rejection_id, round_id, user_id, vote_ref, decision_id, review_id, rejected_by)
+VALUES (%s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT DO NOTHING
+"""
+
+RESOLVE_OTHER_REVIEWS = """
+UPDATE fraud_reviews SET state = %s, resolved_by = %s, resolved_at = now(), note = %s
+ WHERE user_id = %s AND round_id = %s AND state = 'PENDING' AND review_id <> %s
+"""
+
+RESOLVE_REVIEW = """
+UPDATE fraud_reviews SET state = %s, resolved_by = %s, resolved_at = now(), note = %s,
+       resolve_request_id = %s, resolve_decision = %s, resolve_scope = %s, affected_votes = %s
+ WHERE review_id = %s
+"""
+
+RETIRE_EXPIRED_BLOCK = """
+UPDATE fraud_blocks SET deleted_at = now(), deleted_by = 'expired'
+ WHERE kind = %s AND value = %s AND deleted_at IS NULL AND expire_at <= now()
+"""
+
+INSERT_BLOCK = """
+INSERT INTO fraud_blocks
+       (block_id, kind, value, reason, created_by, expire_at, create_request_id)
+VALUES (%s, %s, %s, %s, %s, %s, %s)
+RETURNING *
+"""
+
+BLOCK_FOR_UPDATE = "SELECT * FROM fraud_blocks WHERE block_id = %s FOR UPDATE"
+
+DELETE_BLOCK = """
+UPDATE fraud_blocks SET deleted_at = now(), deleted_by = %s, delete_request_id = %s
+ WHERE block_id = %s
+"""
+
+UPSERT_TRAVELLER = """
+INSERT INTO fraud_travellers (user_id, countries, expire_at, created_by, reason)
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (user_id) DO UPDATE
+   SET countries = excluded.countries, expire_at = excluded.expire_at,
+       created_by = excluded.created_by, created_at = now(), reason = excluded.reason
+RETURNING *
+"""
+
+DELETE_TRAVELLER = "DELETE FROM fraud_travellers WHERE user_id = %s RETURNING *"
+
+SHOW_EXISTS = "SELECT 1 FROM shows WHERE show_id = %s"
+
+UPSERT_POLICY = """
+INSERT INTO fraud_policies (show_id, block_threshold, review_threshold, allowed_countries, note,
+                            updated_by, scoring, foreign_country, location_mismatch)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (show_id) DO UPDATE
+   SET block_threshold = excluded.block_threshold,
+       review_threshold = excluded.review_threshold,
+       allowed_countries = excluded.allowed_countries, note = excluded.note,
+       updated_by = excluded.updated_by, updated_at = now(), scoring = excluded.scoring,
+       foreign_country = excluded.foreign_country,
+       location_mismatch = excluded.location_mismatch
+RETURNING *
+"""
+
+POLICY = "SELECT * FROM fraud_policies WHERE show_id = %s"
+
+
+# -- api.py: operators' listings, keyset-paginated; `{where}` is the request's filters.
+
+LIST_REVIEWS = (f"SELECT {REVIEW_COLUMNS} FROM fraud_reviews r WHERE {{where}}"
+                " ORDER BY r.seq LIMIT %s")
+LIST_BLOCKS = ("SELECT * FROM fraud_blocks WHERE {where}"
+               " ORDER BY created_at DESC, block_id DESC LIMIT %s")
+LIST_AUDIT_ENTRIES = "SELECT * FROM audit_log WHERE {where} ORDER BY audit_id DESC LIMIT %s"
+LIST_TRAVELLERS = "SELECT * FROM fraud_travellers WHERE {where} ORDER BY user_id LIMIT %s"
+
+
+async def fetch_all(conn: Conn, query: str, params: list[Any]) -> list[dict[str, Any]]:
+    """Every row `query` returns."""
+    rows: list[dict[str, Any]] = await (await conn.execute(query, params)).fetchall()
+    return rows

@@ -101,10 +101,43 @@ def evaluate(model: Model, config: FraudConfig, seed: int = 2,
     verdicts = replay(held_out, Scorer(config, model), intel)
     flagged_p, flagged_r = precision_recall([v.action != "ALLOW" for v in verdicts], actual)
     block_p, block_r = precision_recall([v.action == "BLOCK" for v in verdicts], actual)
+    stopped_p, stopped_r = precision_recall([v.action in ("BLOCK", "REFUSE") for v in verdicts],
+                                            actual)
+    refused = [v.action == "REFUSE" for v in verdicts]
+    refuse_p, _ = precision_recall(refused, actual)
     return {"votes": float(len(held_out)), "fraud_share": sum(labels) / len(labels),
             "model_precision": model_p, "model_recall": model_r,
             "flagged_precision": flagged_p, "flagged_recall": flagged_r,
-            "block_precision": block_p, "block_recall": block_r}
+            "block_precision": block_p, "block_recall": block_r,
+            "stopped_precision": stopped_p, "stopped_recall": stopped_r,
+            "refused_share": sum(refused) / len(refused), "refused_precision": refuse_p}
+
+
+def compare_policies(model: Model, config: FraudConfig, seed: int = 2,
+                     mix: TrafficMix = HELD_OUT) -> dict[tuple[str, str], dict[str, float]]:
+    """`evaluate` for each scoring policy and each setting of the geographic rules, on the
+    same held-out traffic."""
+    return {(scoring, geo): evaluate(model, config.model_copy(update={
+        "fraud_scoring": scoring, "fraud_geo_foreign_country": geo,
+        "fraud_geo_location_mismatch": geo}), seed, mix)
+        for geo in ("refuse", "score") for scoring in ("seed", "tuned")}
+
+
+def print_comparison(results: dict[tuple[str, str], dict[str, float]]) -> None:
+    """Precision and recall per vote of each policy, side by side."""
+    first = next(iter(results.values()))
+    print(f"policies on held-out generated traffic ({first['votes']:.0f} votes, "
+          f"{first['fraud_share']:.0%} fraudulent); P precision, R recall per vote:")
+    print(f"  model alone (p > 0.5)   P {first['model_precision']:.3f}  "
+          f"R {first['model_recall']:.3f}")
+    print(f"  {'scoring':<7} {'geo rules':<9} {'not ALLOW':>17} {'BLOCK':>17} "
+          f"{'BLOCK or refused':>17} {'refused':>16}")
+    for (scoring, geo), m in results.items():
+        print(f"  {scoring:<7} {geo:<9} "
+              f"P {m['flagged_precision']:.3f} R {m['flagged_recall']:.3f}  "
+              f"P {m['block_precision']:.3f} R {m['block_recall']:.3f}  "
+              f"P {m['stopped_precision']:.3f} R {m['stopped_recall']:.3f}  "
+              f"{m['refused_share']:6.1%} P {m['refused_precision']:.3f}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -128,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"trained on {len(events)} votes ({sum(labels)} fraudulent); wrote {args.out}")
     for name, value in metrics.items():
         print(f"{name:>18}: {value:.3f}")
+    print_comparison(compare_policies(model, config))
 
 
 if __name__ == "__main__":

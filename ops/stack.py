@@ -231,6 +231,8 @@ class Stack:
         if service == "vote_svc":
             env["VOTE_PSEUDONYM_SALT"] = read_or_create_secret(
                 _adopt(state_dir / "pseudonym-salt", own / "pseudonym-salt"))
+            env["VOTE_IP_HASH_KEY"] = read_or_create_secret(
+                _adopt(state_dir / "ip-hash-key", own / "ip-hash-key"))
         if service == "results_svc":
             _adopt(state_dir / LEDGER_KEY_FILE, own / LEDGER_KEY_FILE)
         return env

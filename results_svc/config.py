@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -19,6 +19,10 @@ class ResultsConfig(ServiceConfig):
     televote_state_dir: Path
     #: One live update per round per replica every this many ms (seed: 1 s).
     results_tick_ms: int = 1000
+    #: The trend of a contestant with no votes in the five minutes before and some since:
+    #: "stable" (the specification: nothing to compare) or "rising_fast" (shows a surge from
+    #: nothing, e.g. a contestant who had no votes until their performance, as surging).
+    results_trend_after_silence: Literal["stable", "rising_fast"] = "stable"
     #: After a round closes, wait this long for vote batches in flight to commit before
     #: recounting. Longer than vote_svc's commit timeout (VOTE_COMMIT_TIMEOUT_MS, 2 s): a batch
     #: admitted before the close either commits within it or is undone and refused.

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 MINUTE_MS = 60_000
 
 FULL, STANDINGS, HIDDEN = "full", "standings", "hidden"
+#: RESULTS_TREND_AFTER_SILENCE.
+_AFTER_SILENCE = {"stable": rtypes.TREND_STABLE, "rising_fast": rtypes.TREND_RISING_FAST}
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,9 @@ class Live:
                              for c, r in ranks.items()}
         feed.ranks = ranks
         current_minute = int(now_ms) - int(now_ms) % MINUTE_MS
-        trends = {c: calc.trend(*calc.trend_windows(minutes.get(c, {}), current_minute))
+        after_silence = _AFTER_SILENCE[self._config.results_trend_after_silence]
+        trends = {c: calc.trend(*calc.trend_windows(minutes.get(c, {}), current_minute),
+                                after_silence)
                   for c in info.contestant_ids}
         return build_views(info, counts, ranks, feed.rank_changes, trends, now_ms, final=False)
 

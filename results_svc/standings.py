@@ -33,13 +33,14 @@ def rank_change(previous: int | None, current: int) -> int:
     return previous - current
 
 
-def trend(recent: int, before: int) -> int:
+def trend(recent: int, before: int, after_silence: int = Trend.TREND_STABLE) -> int:
     """The last 5 minutes (`recent`) against the 5 before: over +20 % rising fast, over +5 %
     rising, under -5 % falling, under -20 % falling fast, else stable. Exact at the bounds
-    (integer arithmetic): +20 % is rising, not rising fast. Nothing before and something now
-    is rising fast; nothing in either is stable."""
+    (integer arithmetic): +20 % is rising, not rising fast. No votes in the five minutes
+    before is stable (the specification: there is nothing to compare), or `after_silence` when
+    votes came since (RESULTS_TREND_AFTER_SILENCE)."""
     if before == 0:
-        return Trend.TREND_RISING_FAST if recent > 0 else Trend.TREND_STABLE
+        return after_silence if recent > 0 else Trend.TREND_STABLE
     if recent * 100 > before * 120:
         return Trend.TREND_RISING_FAST
     if recent * 100 > before * 105:
@@ -52,13 +53,13 @@ def trend(recent: int, before: int) -> int:
 
 
 def format_count(count: int) -> str:
-    """987, 3.4K, 12.3K, 999.9K, 1M, 1.2M, 1.5B: one decimal, truncated (a count is never
-    shown larger than it is), ".0" dropped."""
+    """987, 1.0K, 3.4K, 999.9K, 1.0M, 1.2M, 1.5B: one decimal (the specification's "1.2M /
+    3.4K"), truncated, so a count is never shown larger than it is and one just under a unit
+    boundary is 999.9K, never 1000.0K."""
     for size, suffix in ((1_000_000_000, "B"), (1_000_000, "M"), (1_000, "K")):
         if count >= size:
-            tenths = count * 10 // size
-            whole, decimal = divmod(tenths, 10)
-            return f"{whole}{suffix}" if decimal == 0 else f"{whole}.{decimal}{suffix}"
+            whole, decimal = divmod(count * 10 // size, 10)
+            return f"{whole}.{decimal}{suffix}"
     return str(count)
 
 

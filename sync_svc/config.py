@@ -21,8 +21,8 @@ class SyncConfig(ServiceConfig):
     sync_default_free_votes: int = 5
     #: Votes per user per minute when CreateEpisode does not say (seed: 100).
     sync_default_rate_limit_per_minute: int = 100
-    #: Countdown ticks while a round is open (seed: TIME_UPDATE every 10 s, a WARNING at
-    #: 1 minute, a COUNTDOWN each second from 10).
+    #: Countdown ticks while a round is open (seed: TIME_UPDATE every 10 s, 60 s and 10 s
+    #: included, beside a WARNING at 1 minute and a COUNTDOWN each second from 10).
     sync_time_update_every_s: int = 10
     sync_warning_at_s: int = 60
     sync_countdown_from_s: int = 10

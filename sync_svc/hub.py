@@ -217,15 +217,8 @@ class Hub:
 
     # -- ticks -----------------------------------------------------------------------------
 
-    def _tick_kind(self, seconds: int) -> int | None:
-        config = self._config
-        if 1 <= seconds <= config.sync_countdown_from_s:
-            return EventType.SHOW_EVENT_TYPE_COUNTDOWN
-        if seconds == config.sync_warning_at_s:
-            return EventType.SHOW_EVENT_TYPE_WARNING
-        if seconds % config.sync_time_update_every_s == 0:
-            return EventType.SHOW_EVENT_TYPE_TIME_UPDATE
-        return None
+    def _tick_kinds(self, seconds: int) -> tuple[int, ...]:
+        return tick_kinds(self._config, seconds)
 
     async def _tick(self, feed: Feed) -> None:
         """Send the open round's timing ticks to this replica's watchers of the episode."""
@@ -239,7 +232,7 @@ class Hub:
             now_ms = self._now_ms()
             # The next whole second before the close, strictly in the future, that has a tick.
             seconds = math.ceil((closes_ms - now_ms) / 1000) - 1
-            while seconds >= 1 and self._tick_kind(seconds) is None:
+            while seconds >= 1 and not self._tick_kinds(seconds):
                 seconds -= 1
             if seconds < 1:
                 await feed.changed.wait()  # the closer announces VOTING_CLOSED
@@ -248,16 +241,16 @@ class Hub:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(feed.changed.wait(), (due_ms - self._now_ms()) / 1000)
                 continue  # the window moved or closed: recompute
-            kind = self._tick_kind(seconds)
-            assert kind is not None
-            tick = Event(type=kind, episode_id=feed.episode_id,  # type: ignore[arg-type]
-                         server_time=_stamp_ms(due_ms),
-                         timing=types.RoundTiming(
-                             round_id=round_.round_id, opens_at=round_.opens_at,
-                             closes_at=round_.closes_at, channel_closes=round_.channel_closes,
-                             time_remaining=duration(seconds * 1000),
-                             seconds_remaining=seconds))
-            feed.watchers.publish(Frame.of(tick))  # serialized once for every watcher
+            for kind in self._tick_kinds(seconds):
+                tick = Event(type=kind, episode_id=feed.episode_id,  # type: ignore[arg-type]
+                             server_time=_stamp_ms(due_ms),
+                             timing=types.RoundTiming(
+                                 round_id=round_.round_id, opens_at=round_.opens_at,
+                                 closes_at=round_.closes_at,
+                                 channel_closes=round_.channel_closes,
+                                 time_remaining=duration(seconds * 1000),
+                                 seconds_remaining=seconds))
+                feed.watchers.publish(Frame.of(tick))  # serialized once for every watcher
 
     def _now_ms(self) -> float:
         return time.time() * 1000 + self._clock_offset_ms
@@ -267,6 +260,20 @@ class Hub:
         server = await keys.server_time_ms(self._storage.redis)
         after = time.time() * 1000
         self._clock_offset_ms = server - (before + after) / 2
+
+
+def tick_kinds(config: SyncConfig, seconds: int) -> tuple[int, ...]:
+    """The ticks due `seconds` before the close: a TIME_UPDATE on every multiple of the update
+    period, the WARNING and COUNTDOWN beside it (the seed sends both at 60 s and at 10 s),
+    TIME_UPDATE first."""
+    kinds: list[int] = []
+    if seconds % config.sync_time_update_every_s == 0:
+        kinds.append(EventType.SHOW_EVENT_TYPE_TIME_UPDATE)
+    if seconds == config.sync_warning_at_s:
+        kinds.append(EventType.SHOW_EVENT_TYPE_WARNING)
+    if 1 <= seconds <= config.sync_countdown_from_s:
+        kinds.append(EventType.SHOW_EVENT_TYPE_COUNTDOWN)
+    return tuple(kinds)
 
 
 class Watch:

@@ -292,7 +292,7 @@ class ShowStore:
             offsets[name] = offset
         if problems:
             raise invalid_argument(*problems)
-        visibility = request.visibility or types.RESULTS_VISIBILITY_HIDDEN
+        visibility = request.visibility or types.RESULTS_VISIBILITY_PUBLIC_COUNTS
 
         async def perform(connection: Connection, _: Published, __: int
                           ) -> control.CreateRoundResponse:

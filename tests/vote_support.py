@@ -181,7 +181,8 @@ async def start_replica(database_url: str, redis_url: str, name: str,
     config = VoteConfig(database_url=database_url, redis_url=redis_url, televote_port=0,
                         televote_replica=name, televote_grace_seconds=2,
                         televote_drain_announce_seconds=0,
-                        vote_pseudonym_salt="concurrency-test-salt", **settings)
+                        vote_pseudonym_salt="concurrency-test-salt",
+                        vote_ip_hash_key="concurrency-test-key", **settings)
     host, port = create_server(config)
     await host.start()
     return Replica(host, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))

@@ -5,8 +5,8 @@ scripts run unchanged on Redis Cluster. The admission script, in order:
 
 1. idempotency: a request id seen before returns its first outcome (pending or committed);
    the same id with other fields is IDEMPOTENCY_MISMATCH;
-2. the fraud verdict (BLOCK refuses, after idempotency so a retry of an accepted vote still
-   gets its first outcome);
+2. the fraud verdict (BLOCK and a geographic REFUSE refuse, after idempotency so a retry of
+   an accepted vote still gets its first outcome);
 3. the shard marker (missing after Redis lost its data: vote_svc rebuilds first);
 4. the window, by `TIME` of the Redis server: NOT_OPEN before opens_at_ms, CLOSED at or after
    the channel's close (`close_<channel>_ms`) or when state is not OPEN;
@@ -74,7 +74,7 @@ if prior then
   if state == 'D' then return {'DONE', prior} end
   return {'PENDING', prior, tostring(now)}
 end
-if ARGV[9] == '1' then return {'BLOCKED'} end
+if ARGV[9] ~= '0' then return {'BLOCKED'} end
 if redis.call('EXISTS', KEYS[7]) == 0 then return {'REBUILD'} end
 local w = redis.call('HMGET', KEYS[1], 'state', 'opens_at_ms', 'close_' .. ARGV[4] .. '_ms',
                      'contestants', 'free_quota', 'episode_id', 'free_cap',

@@ -78,3 +78,7 @@ class VoteConfig(ServiceConfig):
     #: default: a salt anyone can read would let anyone find a user's votes in an export.
     #: `televote up` keeps a random one in its state directory.
     vote_pseudonym_salt: str
+    #: Secret key of the IP hash the ledger keeps instead of the address (HMAC-SHA256): the
+    #: same IP gives the same hash, so votes from one address can still be grouped, but the
+    #: address cannot be read back or guessed without the key. No default, like the salt.
+    vote_ip_hash_key: str

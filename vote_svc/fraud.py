@@ -37,16 +37,20 @@ _ACTIONS = {
     fraud_types_pb2.FRAUD_ACTION_ALLOW: "ALLOW",
     fraud_types_pb2.FRAUD_ACTION_REVIEW: "REVIEW",
     fraud_types_pb2.FRAUD_ACTION_BLOCK: "BLOCK",
+    fraud_types_pb2.FRAUD_ACTION_REFUSE: "REFUSE",
 }
 
 
 @dataclass(frozen=True)
 class Score:
-    """ALLOW, REVIEW, BLOCK, or UNSCORED (scoring unavailable)."""
+    """ALLOW, REVIEW, BLOCK, REFUSE (a geographic rule), or UNSCORED (scoring unavailable)."""
 
     action: str
     score: float | None = None
     decision_id: str = ""
+    #: For REFUSE: the reason and message the vote is refused with (GEO_RESTRICTED, ...).
+    refusal_reason: str = ""
+    refusal_message: str = ""
 
 
 UNSCORED = Score("UNSCORED")
@@ -172,5 +176,6 @@ class FraudScorer:
             log.warning("fraud scoring unavailable (%s); admitting unscored", code)
             self._skip_until = time.monotonic() + self._retry_s
             return [None] * len(facts)
-        return [Score(_ACTIONS.get(s.action, "UNSCORED"), s.score, s.decision_id)
+        return [Score(_ACTIONS.get(s.action, "UNSCORED"), s.score, s.decision_id,
+                      s.refusal_reason, s.refusal_message)
                 for s in reply.scores]

@@ -71,9 +71,10 @@ class VoteRequest:
                          self.channel])
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def facts(self, server_time_ms: int) -> fraud_scoring_service_pb2.VoteFacts:
+    def facts(self, server_time_ms: int, ip_hash: str) -> fraud_scoring_service_pb2.VoteFacts:
         facts = fraud_scoring_service_pb2.VoteFacts(
             ref=self.request_id, user_id=self.user_id, device_id=self.device_id, ip=self.ip,
+            ip_hash=ip_hash,
             channel=CHANNEL_ENUMS[self.channel],
             round_id=self.round_id, contestant_id=self.contestant_id, count=self.count,
             app_version=self.app_version)
@@ -123,6 +124,7 @@ class Ingestor:
         self._scorer = scorer
         self._config = config
         self._salt = config.vote_pseudonym_salt.encode()
+        self._ip_key = config.vote_ip_hash_key.encode()
         # Voters' first votes arriving together: one PostgreSQL query for all of them.
         self._users: Coalescer[UserKey, list[str | int]] = Coalescer(self._load_users)
         self._inflight = 0  # votes between submit() and their answer
@@ -173,7 +175,8 @@ class Ingestor:
                 # gateway), not when it reached this replica after a queue.
                 scores = await self._scorer.score([
                     vote.facts(now_ms if vote.received_at is None
-                               else int(vote.received_at.timestamp() * 1000))
+                               else int(vote.received_at.timestamp() * 1000),
+                               self.ip_hash(vote.ip))
                     for vote in votes])
             else:  # no protos to build for a scorer that is not there
                 scores = self._scorer.unavailable(len(votes))
@@ -219,7 +222,7 @@ class Ingestor:
                 vote.contestant_id, vote.vote_type, vote.count, vote.channel.lower(),
                 vote.fingerprint, vote_id, config.vote_lease_ms,
                 config.vote_rate_limit_per_minute,
-                "1" if scores[index].action == "BLOCK" else "0", RATE_WINDOW_MS,
+                _REFUSALS.get(scores[index].action, "0"), RATE_WINDOW_MS,
                 config.vote_idempotency_ttl_s * 1000, vote.round_id, *batch.loaded.get(index, ())],
                 wait_ms=wait_ms))
         replies = await asyncio.gather(*calls, return_exceptions=True)
@@ -261,7 +264,7 @@ class Ingestor:
                 rebuild.add(keyset.shard)
                 again.append(index)
             else:
-                results[index] = _refusal(reply)
+                results[index] = _refusal(reply, scores[index])
         try:
             if rebuild:
                 await asyncio.gather(*(self.recovery.rebuild_shard(shard) for shard in rebuild))
@@ -325,11 +328,19 @@ class Ingestor:
             round_id=vote.round_id, episode_id=outcome.episode_id,
             contestant_id=vote.contestant_id, vote_type=vote.vote_type, count=vote.count,
             channel=vote.channel, admitted_ms=outcome.admitted_ms, fraud_action=score.action,
-            fraud_score=score.score, fraud_decision_id=score.decision_id, ip=vote.ip,
+            fraud_score=score.score, fraud_decision_id=score.decision_id,
+            ip_hash=self.ip_hash(vote.ip),
             device_id=vote.device_id, app_version=vote.app_version, latitude=vote.latitude,
             longitude=vote.longitude, received_at=vote.received_at,
             fingerprint=vote.fingerprint, leaf_data=leaf, receipt_hash=leaf_hash(leaf),
             keys=keyset, outcome=outcome)
+
+    def ip_hash(self, ip: str) -> str:
+        """What the ledger (and fraud_svc) keep of an IP: HMAC-SHA256 under VOTE_IP_HASH_KEY,
+        128 bits in hex; empty without an IP (SMS)."""
+        if not ip:
+            return ""
+        return hmac.new(self._ip_key, ip.encode(), hashlib.sha256).hexdigest()[:32]
 
     def leaf_data(self, vote: VoteRequest, vote_id: str, admitted_ms: int) -> bytes:
         """The canonical bytes of a vote's ledger leaf (VoteReceipt.leaf_data)."""
@@ -390,11 +401,20 @@ def new_vote_ids(count: int, now_ms: int | None = None) -> list[str]:
     return ids
 
 
-def _refusal(reply: list[str]) -> ApiError:
+#: What the admission script is told to refuse (after the idempotency check, so a retry of an
+#: accepted vote still gets its answer): "1" a fraud block, "2" a geographic rule.
+_REFUSALS = {"BLOCK": "1", "REFUSE": "2"}
+
+
+def _refusal(reply: list[str], score: Score) -> ApiError:
     status = reply[0]
     precondition = grpc.StatusCode.FAILED_PRECONDITION
     if status == "MISMATCH":
         return _mismatch()
+    if status == "BLOCKED" and score.refusal_reason:
+        # GEO_RESTRICTED or LOCATION_MISMATCH, with fraud_svc's message for the voter.
+        return ApiError(grpc.StatusCode.PERMISSION_DENIED, score.refusal_reason,
+                        score.refusal_message)
     if status == "BLOCKED":
         return ApiError(grpc.StatusCode.PERMISSION_DENIED, "FRAUD_BLOCKED",
                         "the vote was refused by fraud controls")

@@ -62,7 +62,8 @@ class LedgerVote:
     fraud_action: str
     fraud_score: float | None
     fraud_decision_id: str
-    ip: str
+    #: The keyed hash of the voter's IP (never the address).
+    ip_hash: str
     device_id: str
     app_version: str
     latitude: float | None
@@ -84,7 +85,7 @@ class LedgerVote:
             "contestant_id": self.contestant_id, "vote_type": self.vote_type,
             "count": self.count, "channel": self.channel, "admitted_ms": self.admitted_ms,
             "fraud_action": self.fraud_action, "fraud_score": self.fraud_score,
-            "fraud_decision_id": self.fraud_decision_id, "ip": self.ip,
+            "fraud_decision_id": self.fraud_decision_id, "ip_hash": self.ip_hash,
             "device_id": self.device_id, "app_version": self.app_version,
             "latitude": self.latitude, "longitude": self.longitude,
             "received_at": None if self.received_at is None else self.received_at.isoformat(),

@@ -124,7 +124,7 @@ class Rescorer:
 def _facts(vote: dict[str, Any]) -> scoring_pb.VoteFacts:
     facts = scoring_pb.VoteFacts(
         ref=vote["request_id"], user_id=vote["user_id"], device_id=vote["device_id"],
-        ip=vote["ip"], channel=channel_enum(vote["channel"]),
+        ip_hash=vote["ip_hash"], channel=channel_enum(vote["channel"]),
         round_id=vote["round_id"], contestant_id=vote["contestant_id"], count=vote["count"],
         app_version=vote["app_version"])
     if vote["latitude"] is not None and vote["longitude"] is not None:

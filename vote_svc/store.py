@@ -33,7 +33,7 @@ USER_CACHE = (
 #: The columns of a ledger row that LedgerVote.record() gives (admitted_at is derived).
 COLUMNS = ("vote_id", "request_id", "user_id", "shard", "round_id", "episode_id",
            "contestant_id", "vote_type", "count", "channel", "admitted_ms", "fraud_action",
-           "fraud_score", "fraud_decision_id", "ip", "device_id", "app_version", "latitude",
+           "fraud_score", "fraud_decision_id", "ip_hash", "device_id", "app_version", "latitude",
            "longitude", "received_at", "fingerprint", "leaf_data", "receipt_hash")
 
 # A whole batch in ONE statement, run as its own transaction (one round trip, where a
@@ -126,7 +126,7 @@ VOTE_OF_REQUEST = "SELECT vote_id::text FROM votes WHERE user_id = %s AND reques
 
 UNSCORED_VOTES = """
 SELECT v.vote_id::text AS vote_id, v.user_id, v.request_id, v.round_id::text AS round_id,
-       v.contestant_id::text AS contestant_id, v.count, v.channel, v.admitted_ms, v.ip,
+       v.contestant_id::text AS contestant_id, v.count, v.channel, v.admitted_ms, v.ip_hash,
        v.device_id, v.app_version, v.latitude, v.longitude
   FROM votes v
  WHERE v.fraud_action = 'UNSCORED'

@@ -78,7 +78,16 @@ def test_one_rpc_through_json(stack: Stack) -> None:
     status, _, body = _http(stack, "GET", "/v1/vote-packages", token=_token(stack, Role.VOTER))
     assert status == 200, body
     packages = json.loads(body)["packages"]
-    assert [p["packageId"] for p in packages] == ["votes_10", "votes_60", "votes_250", "votes_1200"]
+    # The specification's catalogue: its ids and store SKUs, its prices and bonuses (USD).
+    assert [(p["packageId"], p["appleProductId"], p["googleProductId"], p["votes"],
+             p["bonusVotes"], p["totalVotes"], p["price"]["currencyCode"],
+             p["price"]["amountMicros"]) for p in packages] == [
+        ("vote_pack_10", "com.hangmeas.votes.10", "votes_10", 10, 0, 10, "USD", "990000"),
+        ("vote_pack_50", "com.hangmeas.votes.50", "votes_50", 50, 10, 60, "USD", "3990000"),
+        ("vote_pack_200", "com.hangmeas.votes.200", "votes_200", 200, 50, 250, "USD",
+         "9990000"),
+        ("vote_pack_1000", "com.hangmeas.votes.1000", "votes_1000", 1000, 200, 1200, "USD",
+         "39990000")]
 
 
 def test_one_rpc_through_grpc_web(stack: Stack) -> None:

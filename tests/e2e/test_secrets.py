@@ -47,7 +47,8 @@ def test_the_ledger_signing_key_is_results_svcs_alone(stack: Stack) -> None:
     assert not (stack.settings.state_dir / KEY_FILE).exists()
 
 
-def test_only_vote_svc_gets_the_pseudonym_salt(stack: Stack) -> None:
-    holders = {service for service, environment in _service_environments(stack).items()
-               if environment.get("VOTE_PSEUDONYM_SALT")}
-    assert holders == {"vote_svc"}
+def test_only_vote_svc_gets_the_pseudonym_salt_and_the_ip_hash_key(stack: Stack) -> None:
+    for secret in ("VOTE_PSEUDONYM_SALT", "VOTE_IP_HASH_KEY"):
+        holders = {service for service, environment in _service_environments(stack).items()
+                   if environment.get(secret)}
+        assert holders == {"vote_svc"}, secret

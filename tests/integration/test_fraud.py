@@ -1,9 +1,13 @@
 """fraud_svc against real PostgreSQL, Redis and Envoy: signals, flags, reviews, blocks, audit.
 
 Scoring is driven through an in-process server (port 0, same database and Redis as the mesh)
-with a GeoIP database written by the test and the model's weight set to 0, so each rule
-signal can be seen on its own; the mesh's own fraud_svc (the development GeoIP database
-`televote up` writes, shipped model) serves the operator RPCs through the edge.
+with a GeoIP database written by the test and a model that always says 0, so each rule
+signal can be seen on its own. That server's default policy is the tuned one with the
+geographic rules as signals (FRAUD_SCORING=tuned, FRAUD_GEO_*=score), the option whose numbers
+most tests here pin; the seed's (the default) is set per show where a test says so, and its
+rules are pinned one by one in tests/unit/test_seed_rules.py. The mesh's own fraud_svc (the
+development GeoIP database `televote up` writes, shipped model, default policy) serves the
+operator RPCs through the edge.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from psycopg.rows import dict_row
 from fraud_svc.behaviour import NETWORKS, Network
 from fraud_svc.config import FraudConfig
 from fraud_svc.devgeo import write_database
+from fraud_svc.features import Policy
 from fraud_svc.server import create_server
 from fraud_svc.state import blocked_key
 from ops.stack import Stack, dev_geoip_environment
@@ -43,6 +48,7 @@ from televote.fraud.v1 import (
     fraud_types_pb2,
 )
 from tests.conftest import bearer
+from tests.fraud_support import write_zero_model
 from tests.support_windows import close_test_round, open_test_round
 
 INTERNAL = Principal(Role.INTERNAL, "vote_svc").to_metadata()
@@ -78,9 +84,12 @@ async def fraud(stack: Stack, tmp_path_factory: pytest.TempPathFactory,
                 ) -> AsyncIterator[Fraud]:
     geo = write_database(tmp_path_factory.mktemp("geo") / "city.mmdb", [
         *NETWORKS, Network("100.99.0.0/16", "KH", "Phnom Penh", *PHNOM_PENH, 64_999)])
+    zero = write_zero_model(tmp_path_factory.mktemp("model") / "zero.json")
     config = FraudConfig(
         database_url=stack.database_url, redis_url=stack.redis_url, fraud_geoip_db=str(geo),
         fraud_vpn_cidrs=("100.100.0.0/16",), fraud_vpn_asns=("AS64999",),
+        fraud_scoring="tuned", fraud_geo_foreign_country="score",
+        fraud_geo_location_mismatch="score", fraud_model_path=str(zero),
         fraud_weight_model=0.0, fraud_refresh_seconds=0.1,
         televote_drain_announce_seconds=0.0, televote_grace_seconds=1.0)
     host, port = create_server(config)
@@ -96,9 +105,9 @@ def _user() -> str:
 
 def vote(user: str, *, at_ms: int = T0, ip: str = KH_IP, device: str = "",
          gps: tuple[float, float] | None = None, round_id: str = "round-1",
-         ref: str | None = None, country: str = "") -> Vote:
+         ref: str | None = None, country: str = "", count: int = 1) -> Vote:
     facts = Vote(ref=ref or str(uuid.uuid4()), user_id=user, round_id=round_id, ip=ip,
-                 device_id=device, contestant_id="c1", count=1, country_hint=country)
+                 device_id=device, contestant_id="c1", count=count, country_hint=country)
     facts.server_time.FromMilliseconds(at_ms)
     if gps is not None:
         facts.location.latitude, facts.location.longitude = gps
@@ -156,6 +165,16 @@ async def test_velocity_counts_the_users_votes_in_the_last_60_seconds(fraud: Fra
     # A minute later the window has moved on.
     [later] = await fraud.score(vote(user, at_ms=times[-1] + 61_000))
     assert "velocity" not in reasons(later)
+
+
+async def test_velocity_counts_votes_not_calls(fraud: Fraud) -> None:
+    user = _user()
+    first, second = await fraud.score(vote(user, count=50), vote(user, at_ms=T0 + 1_000))
+    assert "velocity" not in reasons(first)
+    assert reasons(second) == {"velocity": pytest.approx(0.6)}
+    assert "51 votes in 60 s" in second.reasons[0].detail
+    [hundred] = await fraud.score(vote(_user(), count=100))  # one call of 100 votes
+    assert "100 votes in 60 s" in hundred.reasons[0].detail
 
 
 async def test_a_device_used_by_more_than_three_users_is_shared(fraud: Fraud) -> None:
@@ -233,8 +252,11 @@ async def test_the_local_mesh_scores_country_and_vpn_signals_from_its_dev_databa
             votes=[vote(_user(), ip=TH_IP), vote(_user(), ip="100.97.4.4"),
                    vote(_user(), ip=KH_IP)]), metadata=INTERNAL, timeout=10)
     abroad, hosting, home = reply.scores
-    assert {"foreign_country"} <= set(reasons(abroad)) and "TH" in abroad.reasons[0].detail
-    assert {"vpn_proxy", "foreign_country"} <= set(reasons(hosting))
+    # The default policy refuses votes from abroad (the dev database places TH_IP in Bangkok).
+    assert (abroad.action, abroad.refusal_reason) == (Action.FRAUD_ACTION_REFUSE,
+                                                      "GEO_RESTRICTED")
+    assert "vpn_proxy" in reasons(hosting) and hosting.refusal_reason == "GEO_RESTRICTED"
+    assert home.action != Action.FRAUD_ACTION_REFUSE
     assert not {"foreign_country", "vpn_proxy"} & set(reasons(home))
     assert dev_geoip_environment(tmp_path, {"FRAUD_GEOIP_DB": "/data/GeoLite2-City.mmdb"}) == {}
     assert not list(tmp_path.iterdir())
@@ -650,6 +672,84 @@ async def test_a_shows_fraud_policy_sets_its_thresholds_and_geo_fence(
     assert (status, _reason(reply)) == (404, "FRAUD_POLICY_NOT_FOUND")
 
 
+async def _set_policy(stack: Stack, show: str, **fields: Any) -> dict[str, Any]:
+    body = {"requestId": str(uuid.uuid4()), "blockThreshold": 0.8, "reviewThreshold": 0.5,
+            "allowedCountries": ["KH"], **fields}
+    status, reply = await asyncio.to_thread(_http, stack, "PUT",
+                                            f"/v1/shows/{show}/fraud-policy", body)
+    assert status == 200, reply
+    return dict(reply["policy"])
+
+
+async def test_both_scoring_policies_judge_the_same_votes_with_different_actions(
+        stack: Stack, fraud: Fraud) -> None:
+    """The same bot (52 votes 1 s apart: velocity and bot timing) in a show on the seed's
+    policy and in one on the tuned policy: (0.3 + 0.5 + model 0) / 2 = 0.4 lets it through,
+    the tuned noisy-OR's 1 - 0.4 * 0.45 = 0.82 blocks it and flags the user."""
+    seed_round = await open_test_round(stack.database_url, stack.redis_url)
+    tuned_round = await open_test_round(stack.database_url, stack.redis_url)
+    policy = await _set_policy(stack, seed_round.show_id, scoring="FRAUD_SCORING_SEED")
+    assert policy["scoring"] == "FRAUD_SCORING_SEED"
+    policy = await _set_policy(stack, tuned_round.show_id, scoring="FRAUD_SCORING_TUNED")
+    assert policy["scoring"] == "FRAUD_SCORING_TUNED"
+
+    # Applied once a VPN from Singapore scores (0.4 + 0.3) / 2 under the seed's policy and
+    # 1 - 0.65 * 0.7 under the tuned one (the other replica reloads every 0.1 s).
+    assert await _eventually(lambda: _probe(fraud, seed_round.round_id, 0.35))
+    assert await _eventually(lambda: _probe(fraud, tuned_round.round_id, 0.545))
+    verdicts = {}
+    for name, round_ in (("seed", seed_round), ("tuned", tuned_round)):
+        user = _user()
+        scores = await fraud.score(*(vote(user, at_ms=T0 + i * 1_000,
+                                          round_id=round_.round_id) for i in range(52)))
+        verdicts[name] = scores[51]
+    assert verdicts["seed"].action == Action.FRAUD_ACTION_ALLOW
+    assert verdicts["seed"].score == pytest.approx(0.4)
+    assert verdicts["tuned"].action == Action.FRAUD_ACTION_BLOCK
+    assert verdicts["tuned"].score == pytest.approx(0.82)
+    for verdict in verdicts.values():
+        assert {r.name for r in verdict.reasons} == {"velocity", "bot_timing"}
+        assert sum(r.contribution for r in verdict.reasons) == pytest.approx(verdict.score)
+
+
+async def _probe(fraud: Fraud, round_id: str, expected: float) -> bool:
+    [probe] = await fraud.score(vote(_user(), ip="100.96.9.9", round_id=round_id))
+    return abs(probe.score - expected) < 1e-6
+
+
+async def test_a_geographic_refusal_is_audited_without_the_ip_and_flags_no_one(
+        stack: Stack, fraud: Fraud) -> None:
+    test_round = await open_test_round(stack.database_url, stack.redis_url)
+    policy = await _set_policy(stack, test_round.show_id,
+                               foreignCountry="GEO_ENFORCEMENT_REFUSE",
+                               locationMismatch="GEO_ENFORCEMENT_REFUSE")
+    assert (policy["foreignCountry"], policy["locationMismatch"]) == (
+        "GEO_ENFORCEMENT_REFUSE", "GEO_ENFORCEMENT_REFUSE")
+
+    async def refused() -> bool:
+        [probe] = await fraud.score(vote(_user(), ip=TH_IP, round_id=test_round.round_id))
+        return probe.action == Action.FRAUD_ACTION_REFUSE
+    assert await _eventually(refused)
+    user = _user()
+    abroad = vote(user, ip=TH_IP, round_id=test_round.round_id)
+    abroad.ip_hash = "5e3d0c1e2b7a4f60a1b2c3d4e5f60718"
+    geo, location, near = await fraud.score(
+        abroad, vote(user, gps=SIEM_REAP, round_id=test_round.round_id, at_ms=T0 + 30_000),
+        vote(_user(), gps=(11.9, 104.9), round_id=test_round.round_id))
+    assert (geo.action, geo.refusal_reason, geo.refusal_message) == (
+        Action.FRAUD_ACTION_REFUSE, "GEO_RESTRICTED", "Voting only allowed from Cambodia")
+    assert (location.action, location.refusal_reason) == (Action.FRAUD_ACTION_REFUSE,
+                                                          "LOCATION_MISMATCH")
+    assert near.action == Action.FRAUD_ACTION_ALLOW
+    [entry] = await _db(stack, DECISION_SQL, geo.decision_id)
+    attributes = entry["details"]["attributes"]
+    assert attributes["action"] == "REFUSE" and "flagged_user" not in attributes
+    assert attributes["ip_hash"] == abroad.ip_hash
+    assert TH_IP not in json.dumps(entry["details"])
+    assert not await _db(stack, "SELECT 1 FROM fraud_blocks WHERE value = %s", user)
+    assert not await _db(stack, "SELECT 1 FROM fraud_reviews WHERE user_id = %s", user)
+
+
 async def _eventually(check: Any, timeout: float = 5.0) -> Any:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -767,7 +867,7 @@ async def test_scoring_without_redis_is_unavailable_not_internal(stack: Stack) -
     await pool.open()
     redis = create_redis(config.redis_url)
     try:
-        blocklist = BlocklistCache(pool, 60.0)
+        blocklist = BlocklistCache(pool, 60.0, Policy.default(config))
         servicer = FraudScoringServicer(
             config, pool, FeatureState(redis, config), MaxMindIntel("", "", VpnLists([], [])),
             blocklist, Scorer(config, Model.load()))
@@ -823,7 +923,10 @@ async def test_the_redis_feature_state_matches_the_windows_the_model_was_trained
                                  farm_accounts=6, proxy_rotators=2, duration_seconds=900,
                                  prefix=run), seed=9)
     memory = FeatureMemory(config)
-    expected = [memory.record(e.user_id, e.device_id, e.ip, round(e.time, 3)) for e in events]
+    # Some submissions carry several votes (paid votes, count up to 100): velocity counts them.
+    counts = [1 + 20 * (i % 7 == 0) for i in range(len(events))]
+    expected = [memory.record(e.user_id, e.device_id, e.ip, round(e.time, 3), n)
+                for e, n in zip(events, counts, strict=True)]
     redis = create_redis(stack.redis_url)
     try:
         state = FeatureState(redis, config)
@@ -831,7 +934,7 @@ async def test_the_redis_feature_state_matches_the_windows_the_model_was_trained
         for start in range(0, len(events), 100):
             actual += await state.record([
                 Observation(f"{run}-{start + i}", e.user_id, e.device_id, e.ip,
-                            T0 + round(e.time * 1000))
+                            T0 + round(e.time * 1000), counts[start + i])
                 for i, e in enumerate(events[start:start + 100])])
     finally:
         await redis.aclose()
@@ -884,7 +987,8 @@ async def test_the_blocklist_is_rebuilt_only_when_its_blocks_change(stack: Stack
     pool = create_pool(stack.database_url)
     await pool.open()
     try:
-        cache = BlocklistCache(pool, 60.0)
+        cache = BlocklistCache(pool, 60.0, Policy.default(FraudConfig(
+            database_url=stack.database_url, redis_url=stack.redis_url)))
         await cache.reload()
         before = cache.current
         await cache.reload()

@@ -1,4 +1,5 @@
-"""Fraud scoring logic without services: the generator, the model, the combination."""
+"""Fraud scoring logic without services: the generator, the model, and the tuned policy's
+combination (the seed's, the default, is in tests/unit/test_seed_rules.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ KH = IpInfo("KH", 11.5564, 104.9282, 64_601, "100.64.0.0/16", False)
 
 
 def _scorer(**weights: float) -> Scorer:
-    config = offline_config().model_copy(update={"fraud_weight_model": 0.0, **weights})
+    """The tuned policy (FRAUD_SCORING=tuned), with the geographic rules as signals."""
+    config = offline_config().model_copy(update={
+        "fraud_scoring": "tuned", "fraud_geo_foreign_country": "score",
+        "fraud_geo_location_mismatch": "score", "fraud_weight_model": 0.0, **weights})
     return Scorer(config, Model.load())
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from results_svc import merkle, rules
 from results_svc import standings as calc
+from results_svc.config import ResultsConfig
 from televote.results.v1 import results_types_pb2 as rtypes
 
 
@@ -33,10 +34,17 @@ def test_ranks_share_ties_and_skip_and_rank_changes_count_places_moved() -> None
     (106, 100, rtypes.TREND_RISING), (105, 100, rtypes.TREND_STABLE),
     (95, 100, rtypes.TREND_STABLE), (94, 100, rtypes.TREND_FALLING),
     (80, 100, rtypes.TREND_FALLING), (79, 100, rtypes.TREND_FALLING_FAST),
-    (1, 0, rtypes.TREND_RISING_FAST), (0, 0, rtypes.TREND_STABLE),
+    # The seed: no votes in the five minutes before is STABLE, however many came since.
+    (1, 0, rtypes.TREND_STABLE), (10_000, 0, rtypes.TREND_STABLE), (0, 0, rtypes.TREND_STABLE),
     (0, 5, rtypes.TREND_FALLING_FAST)])
 def test_trend_classes_at_their_boundaries(recent: int, before: int, expected: int) -> None:
     assert calc.trend(recent, before) == expected
+
+
+def test_a_deployment_may_show_votes_after_silence_as_rising_fast() -> None:
+    assert ResultsConfig.model_fields["results_trend_after_silence"].default == "stable"
+    assert calc.trend(1, 0, rtypes.TREND_RISING_FAST) == rtypes.TREND_RISING_FAST
+    assert calc.trend(0, 0, rtypes.TREND_RISING_FAST) == rtypes.TREND_STABLE
 
 
 def test_trend_windows_take_the_last_five_complete_minutes_against_the_five_before() -> None:
@@ -48,10 +56,12 @@ def test_trend_windows_take_the_last_five_complete_minutes_against_the_five_befo
 
 
 @pytest.mark.parametrize(("count", "text"), [
-    (0, "0"), (987, "987"), (999, "999"), (1000, "1K"), (1050, "1K"), (1100, "1.1K"),
-    (3_456, "3.4K"), (12_345, "12.3K"), (999_999, "999.9K"), (1_000_000, "1M"),
-    (1_234_567, "1.2M"), (1_999_999, "1.9M"), (1_500_000_000, "1.5B")])
-def test_formatted_counts(count: int, text: str) -> None:
+    (0, "0"), (987, "987"), (999, "999"), (1000, "1.0K"), (1050, "1.0K"), (1100, "1.1K"),
+    (3_456, "3.4K"), (12_345, "12.3K"), (999_949, "999.9K"), (999_999, "999.9K"),
+    (1_000_000, "1.0M"), (1_234_567, "1.2M"), (1_999_999, "1.9M"), (999_999_999, "999.9M"),
+    (1_500_000_000, "1.5B")])
+def test_formatted_counts_have_one_decimal_and_never_reach_the_next_unit(
+        count: int, text: str) -> None:
     assert calc.format_count(count) == text
 
 

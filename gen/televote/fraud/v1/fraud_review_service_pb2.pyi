@@ -639,6 +639,9 @@ class SetFraudPolicyRequest(_message.Message):
     REVIEW_THRESHOLD_FIELD_NUMBER: _builtins.int
     ALLOWED_COUNTRIES_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    SCORING_FIELD_NUMBER: _builtins.int
+    FOREIGN_COUNTRY_FIELD_NUMBER: _builtins.int
+    LOCATION_MISMATCH_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key (UUID)."""
     show_id: _builtins.str
@@ -649,6 +652,16 @@ class SetFraudPolicyRequest(_message.Message):
     """A score above this sends the vote to review."""
     note: _builtins.str
     """Why, for the audit log; at most 500 chars."""
+    scoring: _fraud_types_pb2.FraudScoring.ValueType
+    """How the show's votes are scored; unset for the deployment's default (FRAUD_SCORING,
+    "seed": the specification's rules).
+    """
+    foreign_country: _fraud_types_pb2.GeoEnforcement.ValueType
+    """Votes from outside allowed_countries; unset for the deployment's default (refuse)."""
+    location_mismatch: _fraud_types_pb2.GeoEnforcement.ValueType
+    """Votes whose GPS is more than 100 km from their IP's location; unset for the
+    deployment's default (refuse).
+    """
     @_builtins.property
     def allowed_countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ISO 3166-1 alpha-2 codes voters may vote from (any case; 1 to 50)."""
@@ -662,10 +675,13 @@ class SetFraudPolicyRequest(_message.Message):
         review_threshold: _builtins.float = ...,
         allowed_countries: _abc.Iterable[_builtins.str] | None = ...,
         note: _builtins.str = ...,
+        scoring: _fraud_types_pb2.FraudScoring.ValueType = ...,
+        foreign_country: _fraud_types_pb2.GeoEnforcement.ValueType = ...,
+        location_mismatch: _fraud_types_pb2.GeoEnforcement.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_countries", b"allowed_countries", "block_threshold", b"block_threshold", "note", b"note", "request_id", b"request_id", "review_threshold", b"review_threshold", "show_id", b"show_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_countries", b"allowed_countries", "block_threshold", b"block_threshold", "foreign_country", b"foreign_country", "location_mismatch", b"location_mismatch", "note", b"note", "request_id", b"request_id", "review_threshold", b"review_threshold", "scoring", b"scoring", "show_id", b"show_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -208,7 +208,8 @@ class FraudReviewServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetFraudPolicy(self, request, context):
-        """Sets a show's fraud policy (thresholds and allowed countries) for the votes of its rounds
+        """Sets a show's fraud policy (thresholds, allowed countries, the scoring, and whether the
+        geographic rules refuse a vote or only score it) for the votes of its rounds
         from now on; replaces the show's current policy. Every fraud_svc replica applies it within
         FRAUD_REFRESH_SECONDS. Audited (`policy.set`). A retry with the same `request_id` returns
         the original answer.
@@ -217,7 +218,8 @@ class FraudReviewServiceServicer:
         * OK.
         * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id or show_id, not
         0 < review_threshold <= block_threshold <= 1, no allowed country or one that is not an
-        ISO 3166-1 alpha-2 code, a note longer than 500 chars.
+        ISO 3166-1 alpha-2 code, a note longer than 500 chars, a scoring or geographic rule
+        value that is not one of its enum's.
         * NOT_FOUND `SHOW_NOT_FOUND`.
         * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
         """

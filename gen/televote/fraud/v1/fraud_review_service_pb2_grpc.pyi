@@ -113,7 +113,8 @@ class FraudReviewServiceStub:
     * INVALID_ARGUMENT `INVALID_REQUEST`: page_size outside 0..1000 or a bad page_token.
     """
     SetFraudPolicy: _grpc.UnaryUnaryMultiCallable[_fraud_review_service_pb2.SetFraudPolicyRequest, _fraud_review_service_pb2.SetFraudPolicyResponse]
-    """Sets a show's fraud policy (thresholds and allowed countries) for the votes of its rounds
+    """Sets a show's fraud policy (thresholds, allowed countries, the scoring, and whether the
+    geographic rules refuse a vote or only score it) for the votes of its rounds
     from now on; replaces the show's current policy. Every fraud_svc replica applies it within
     FRAUD_REFRESH_SECONDS. Audited (`policy.set`). A retry with the same `request_id` returns
     the original answer.
@@ -122,7 +123,8 @@ class FraudReviewServiceStub:
     * OK.
     * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id or show_id, not
       0 < review_threshold <= block_threshold <= 1, no allowed country or one that is not an
-      ISO 3166-1 alpha-2 code, a note longer than 500 chars.
+      ISO 3166-1 alpha-2 code, a note longer than 500 chars, a scoring or geographic rule
+      value that is not one of its enum's.
     * NOT_FOUND `SHOW_NOT_FOUND`.
     * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
     """
@@ -228,7 +230,8 @@ class FraudReviewServiceAsyncStub(FraudReviewServiceStub):
     * INVALID_ARGUMENT `INVALID_REQUEST`: page_size outside 0..1000 or a bad page_token.
     """
     SetFraudPolicy: _aio.UnaryUnaryMultiCallable[_fraud_review_service_pb2.SetFraudPolicyRequest, _fraud_review_service_pb2.SetFraudPolicyResponse]  # type: ignore[assignment]
-    """Sets a show's fraud policy (thresholds and allowed countries) for the votes of its rounds
+    """Sets a show's fraud policy (thresholds, allowed countries, the scoring, and whether the
+    geographic rules refuse a vote or only score it) for the votes of its rounds
     from now on; replaces the show's current policy. Every fraud_svc replica applies it within
     FRAUD_REFRESH_SECONDS. Audited (`policy.set`). A retry with the same `request_id` returns
     the original answer.
@@ -237,7 +240,8 @@ class FraudReviewServiceAsyncStub(FraudReviewServiceStub):
     * OK.
     * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id or show_id, not
       0 < review_threshold <= block_threshold <= 1, no allowed country or one that is not an
-      ISO 3166-1 alpha-2 code, a note longer than 500 chars.
+      ISO 3166-1 alpha-2 code, a note longer than 500 chars, a scoring or geographic rule
+      value that is not one of its enum's.
     * NOT_FOUND `SHOW_NOT_FOUND`.
     * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
     """
@@ -394,7 +398,8 @@ class FraudReviewServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _fraud_review_service_pb2.SetFraudPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_fraud_review_service_pb2.SetFraudPolicyResponse, _abc.Awaitable[_fraud_review_service_pb2.SetFraudPolicyResponse]]:
-        """Sets a show's fraud policy (thresholds and allowed countries) for the votes of its rounds
+        """Sets a show's fraud policy (thresholds, allowed countries, the scoring, and whether the
+        geographic rules refuse a vote or only score it) for the votes of its rounds
         from now on; replaces the show's current policy. Every fraud_svc replica applies it within
         FRAUD_REFRESH_SECONDS. Audited (`policy.set`). A retry with the same `request_id` returns
         the original answer.
@@ -403,7 +408,8 @@ class FraudReviewServiceServicer(metaclass=_abc_1.ABCMeta):
         * OK.
         * INVALID_ARGUMENT `INVALID_REQUEST`: missing or malformed request_id or show_id, not
           0 < review_threshold <= block_threshold <= 1, no allowed country or one that is not an
-          ISO 3166-1 alpha-2 code, a note longer than 500 chars.
+          ISO 3166-1 alpha-2 code, a note longer than 500 chars, a scoring or geographic rule
+          value that is not one of its enum's.
         * NOT_FOUND `SHOW_NOT_FOUND`.
         * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the request_id was used for another request.
         """

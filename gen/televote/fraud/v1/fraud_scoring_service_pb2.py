@@ -29,7 +29,7 @@ from televote.fraud.v1 import fraud_types_pb2 as televote_dot_fraud_dot_v1_dot_f
 from televote.vote.v1 import vote_types_pb2 as televote_dot_vote_dot_v1_dot_vote__types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-televote/fraud/v1/fraud_scoring_service.proto\x12\x11televote.fraud.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a#televote/fraud/v1/fraud_types.proto\x1a!televote/vote/v1/vote_types.proto\"\xf3\x02\n\tVoteFacts\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x15\n\x07user_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\n\n\x02ip\x18\x04 \x01(\t\x12\x14\n\x0c\x63ountry_hint\x18\x05 \x01(\t\x12,\n\x08location\x18\x06 \x01(\x0b\x32\x1a.televote.vote.v1.GeoPoint\x12*\n\x07\x63hannel\x18\x07 \x01(\x0e\x32\x19.televote.vote.v1.Channel\x12\x16\n\x08round_id\x18\x08 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\rcontestant_id\x18\t \x01(\t\x12\r\n\x05\x63ount\x18\n \x01(\x05\x12/\n\x0b\x63lient_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bserver_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x61pp_version\x18\r \x01(\t\"\x9d\x01\n\tVoteScore\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12.\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1e.televote.fraud.v1.FraudAction\x12\r\n\x05score\x18\x03 \x01(\x01\x12/\n\x07reasons\x18\x04 \x03(\x0b\x32\x1e.televote.fraud.v1.FraudSignal\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x05 \x01(\t\"F\n\x11ScoreVotesRequest\x12\x31\n\x05votes\x18\x01 \x03(\x0b\x32\x1c.televote.fraud.v1.VoteFactsB\x04\xe2\x41\x01\x02\"B\n\x12ScoreVotesResponse\x12,\n\x06scores\x18\x01 \x03(\x0b\x32\x1c.televote.fraud.v1.VoteScore\"Z\n\x16ScoreVoteStreamRequest\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x04\x12\x31\n\x05votes\x18\x02 \x03(\x0b\x32\x1c.televote.fraud.v1.VoteFactsB\x04\xe2\x41\x01\x02\"y\n\x17ScoreVoteStreamResponse\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x04\x12,\n\x06scores\x18\x02 \x03(\x0b\x32\x1c.televote.fraud.v1.VoteScore\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"\x9d\x01\n\x0fLedgerVoteBlock\x12\x15\n\x07vote_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\x03ref\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07user_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08round_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x05score\x18\x05 \x01(\x0b\x32\x1c.televote.fraud.v1.VoteScoreB\x04\xe2\x41\x01\x02\"n\n\x18RejectLedgerVotesRequest\x12\x37\n\x05votes\x18\x01 \x03(\x0b\x32\".televote.fraud.v1.LedgerVoteBlockB\x04\xe2\x41\x01\x02\x12\x19\n\x0brescored_by\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"J\n\x19RejectLedgerVotesResponse\x12\x1b\n\x13\x66inalized_round_ids\x18\x01 \x03(\t\x12\x10\n\x08rejected\x18\x02 \x01(\x05\x32\xce\x02\n\x13\x46raudScoringService\x12Y\n\nScoreVotes\x12$.televote.fraud.v1.ScoreVotesRequest\x1a%.televote.fraud.v1.ScoreVotesResponse\x12l\n\x0fScoreVoteStream\x12).televote.fraud.v1.ScoreVoteStreamRequest\x1a*.televote.fraud.v1.ScoreVoteStreamResponse(\x01\x30\x01\x12n\n\x11RejectLedgerVotes\x12+.televote.fraud.v1.RejectLedgerVotesRequest\x1a,.televote.fraud.v1.RejectLedgerVotesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-televote/fraud/v1/fraud_scoring_service.proto\x12\x11televote.fraud.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a#televote/fraud/v1/fraud_types.proto\x1a!televote/vote/v1/vote_types.proto\"\x84\x03\n\tVoteFacts\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x15\n\x07user_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\n\n\x02ip\x18\x04 \x01(\t\x12\x14\n\x0c\x63ountry_hint\x18\x05 \x01(\t\x12,\n\x08location\x18\x06 \x01(\x0b\x32\x1a.televote.vote.v1.GeoPoint\x12*\n\x07\x63hannel\x18\x07 \x01(\x0e\x32\x19.televote.vote.v1.Channel\x12\x16\n\x08round_id\x18\x08 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\rcontestant_id\x18\t \x01(\t\x12\r\n\x05\x63ount\x18\n \x01(\x05\x12/\n\x0b\x63lient_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bserver_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x61pp_version\x18\r \x01(\t\x12\x0f\n\x07ip_hash\x18\x0e \x01(\t\"\xce\x01\n\tVoteScore\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12.\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1e.televote.fraud.v1.FraudAction\x12\r\n\x05score\x18\x03 \x01(\x01\x12/\n\x07reasons\x18\x04 \x03(\x0b\x32\x1e.televote.fraud.v1.FraudSignal\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x05 \x01(\t\x12\x16\n\x0erefusal_reason\x18\x06 \x01(\t\x12\x17\n\x0frefusal_message\x18\x07 \x01(\t\"F\n\x11ScoreVotesRequest\x12\x31\n\x05votes\x18\x01 \x03(\x0b\x32\x1c.televote.fraud.v1.VoteFactsB\x04\xe2\x41\x01\x02\"B\n\x12ScoreVotesResponse\x12,\n\x06scores\x18\x01 \x03(\x0b\x32\x1c.televote.fraud.v1.VoteScore\"Z\n\x16ScoreVoteStreamRequest\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x04\x12\x31\n\x05votes\x18\x02 \x03(\x0b\x32\x1c.televote.fraud.v1.VoteFactsB\x04\xe2\x41\x01\x02\"y\n\x17ScoreVoteStreamResponse\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x04\x12,\n\x06scores\x18\x02 \x03(\x0b\x32\x1c.televote.fraud.v1.VoteScore\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"\x9d\x01\n\x0fLedgerVoteBlock\x12\x15\n\x07vote_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\x03ref\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07user_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08round_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x05score\x18\x05 \x01(\x0b\x32\x1c.televote.fraud.v1.VoteScoreB\x04\xe2\x41\x01\x02\"n\n\x18RejectLedgerVotesRequest\x12\x37\n\x05votes\x18\x01 \x03(\x0b\x32\".televote.fraud.v1.LedgerVoteBlockB\x04\xe2\x41\x01\x02\x12\x19\n\x0brescored_by\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"J\n\x19RejectLedgerVotesResponse\x12\x1b\n\x13\x66inalized_round_ids\x18\x01 \x03(\t\x12\x10\n\x08rejected\x18\x02 \x01(\x05\x32\xce\x02\n\x13\x46raudScoringService\x12Y\n\nScoreVotes\x12$.televote.fraud.v1.ScoreVotesRequest\x1a%.televote.fraud.v1.ScoreVotesResponse\x12l\n\x0fScoreVoteStream\x12).televote.fraud.v1.ScoreVoteStreamRequest\x1a*.televote.fraud.v1.ScoreVoteStreamResponse(\x01\x30\x01\x12n\n\x11RejectLedgerVotes\x12+.televote.fraud.v1.RejectLedgerVotesRequest\x1a,.televote.fraud.v1.RejectLedgerVotesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,23 +59,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REJECTLEDGERVOTESREQUEST'].fields_by_name['rescored_by']._loaded_options = None
   _globals['_REJECTLEDGERVOTESREQUEST'].fields_by_name['rescored_by']._serialized_options = b'\342A\001\002'
   _globals['_VOTEFACTS']._serialized_start=232
-  _globals['_VOTEFACTS']._serialized_end=603
-  _globals['_VOTESCORE']._serialized_start=606
-  _globals['_VOTESCORE']._serialized_end=763
-  _globals['_SCOREVOTESREQUEST']._serialized_start=765
-  _globals['_SCOREVOTESREQUEST']._serialized_end=835
-  _globals['_SCOREVOTESRESPONSE']._serialized_start=837
-  _globals['_SCOREVOTESRESPONSE']._serialized_end=903
-  _globals['_SCOREVOTESTREAMREQUEST']._serialized_start=905
-  _globals['_SCOREVOTESTREAMREQUEST']._serialized_end=995
-  _globals['_SCOREVOTESTREAMRESPONSE']._serialized_start=997
-  _globals['_SCOREVOTESTREAMRESPONSE']._serialized_end=1118
-  _globals['_LEDGERVOTEBLOCK']._serialized_start=1121
-  _globals['_LEDGERVOTEBLOCK']._serialized_end=1278
-  _globals['_REJECTLEDGERVOTESREQUEST']._serialized_start=1280
-  _globals['_REJECTLEDGERVOTESREQUEST']._serialized_end=1390
-  _globals['_REJECTLEDGERVOTESRESPONSE']._serialized_start=1392
-  _globals['_REJECTLEDGERVOTESRESPONSE']._serialized_end=1466
-  _globals['_FRAUDSCORINGSERVICE']._serialized_start=1469
-  _globals['_FRAUDSCORINGSERVICE']._serialized_end=1803
+  _globals['_VOTEFACTS']._serialized_end=620
+  _globals['_VOTESCORE']._serialized_start=623
+  _globals['_VOTESCORE']._serialized_end=829
+  _globals['_SCOREVOTESREQUEST']._serialized_start=831
+  _globals['_SCOREVOTESREQUEST']._serialized_end=901
+  _globals['_SCOREVOTESRESPONSE']._serialized_start=903
+  _globals['_SCOREVOTESRESPONSE']._serialized_end=969
+  _globals['_SCOREVOTESTREAMREQUEST']._serialized_start=971
+  _globals['_SCOREVOTESTREAMREQUEST']._serialized_end=1061
+  _globals['_SCOREVOTESTREAMRESPONSE']._serialized_start=1063
+  _globals['_SCOREVOTESTREAMRESPONSE']._serialized_end=1184
+  _globals['_LEDGERVOTEBLOCK']._serialized_start=1187
+  _globals['_LEDGERVOTEBLOCK']._serialized_end=1344
+  _globals['_REJECTLEDGERVOTESREQUEST']._serialized_start=1346
+  _globals['_REJECTLEDGERVOTESREQUEST']._serialized_end=1456
+  _globals['_REJECTLEDGERVOTESRESPONSE']._serialized_start=1458
+  _globals['_REJECTLEDGERVOTESRESPONSE']._serialized_end=1532
+  _globals['_FRAUDSCORINGSERVICE']._serialized_start=1535
+  _globals['_FRAUDSCORINGSERVICE']._serialized_end=1869
 # @@protoc_insertion_point(module_scope)

@@ -41,6 +41,7 @@ class VoteFacts(_message.Message):
     CLIENT_TIME_FIELD_NUMBER: _builtins.int
     SERVER_TIME_FIELD_NUMBER: _builtins.int
     APP_VERSION_FIELD_NUMBER: _builtins.int
+    IP_HASH_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     """The caller's correlation id (e.g. the vote's request_id); echoed back."""
     user_id: _builtins.str
@@ -48,7 +49,9 @@ class VoteFacts(_message.Message):
     device_id: _builtins.str
     """The device id, if known."""
     ip: _builtins.str
-    """The client IP as seen by the edge (never from the request body)."""
+    """The client IP as seen by the edge (never from the request body); used for GeoIP and
+    IP blocks, never stored (see ip_hash).
+    """
     country_hint: _builtins.str
     """ISO 3166-1 alpha-2 country from GeoIP or the carrier, e.g. "KH"; empty when unknown."""
     channel: _vote_types_pb2.Channel.ValueType
@@ -58,9 +61,16 @@ class VoteFacts(_message.Message):
     contestant_id: _builtins.str
     """The contestant."""
     count: _builtins.int
-    """Votes in this submission."""
+    """Votes in this submission: the velocity signal counts votes, not calls (one call of 100
+    votes counts 100); 0 counts as 1.
+    """
     app_version: _builtins.str
     """The app version, if given."""
+    ip_hash: _builtins.str
+    """A keyed hash of `ip` (the vote ledger's ip_hash). What fraud_svc keeps of the address:
+    the audit log records it instead of the IP, and the feature state in Redis counts
+    distinct IPs by it; the raw `ip` is only looked up (GeoIP, blocks) and never stored.
+    """
     @_builtins.property
     def location(self) -> _vote_types_pb2.GeoPoint:
         """The device location, if given."""
@@ -89,10 +99,11 @@ class VoteFacts(_message.Message):
         client_time: _timestamp_pb2.Timestamp | None = ...,
         server_time: _timestamp_pb2.Timestamp | None = ...,
         app_version: _builtins.str = ...,
+        ip_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client_time", b"client_time", "location", b"location", "server_time", b"server_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_version", b"app_version", "channel", b"channel", "client_time", b"client_time", "contestant_id", b"contestant_id", "count", b"count", "country_hint", b"country_hint", "device_id", b"device_id", "ip", b"ip", "location", b"location", "ref", b"ref", "round_id", b"round_id", "server_time", b"server_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_version", b"app_version", "channel", b"channel", "client_time", b"client_time", "contestant_id", b"contestant_id", "count", b"count", "country_hint", b"country_hint", "device_id", b"device_id", "ip", b"ip", "ip_hash", b"ip_hash", "location", b"location", "ref", b"ref", "round_id", b"round_id", "server_time", b"server_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -109,6 +120,8 @@ class VoteScore(_message.Message):
     SCORE_FIELD_NUMBER: _builtins.int
     REASONS_FIELD_NUMBER: _builtins.int
     DECISION_ID_FIELD_NUMBER: _builtins.int
+    REFUSAL_REASON_FIELD_NUMBER: _builtins.int
+    REFUSAL_MESSAGE_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     """VoteFacts.ref, echoed."""
     action: _fraud_types_pb2.FraudAction.ValueType
@@ -117,6 +130,15 @@ class VoteScore(_message.Message):
     """The combined score, 0 (clean) to 1."""
     decision_id: _builtins.str
     """The audit entry of this decision."""
+    refusal_reason: _builtins.str
+    """For FRAUD_ACTION_REFUSE: the reason the vote is refused with, `GEO_RESTRICTED` (the IP
+    is outside the show's allowed countries and the voter has no traveller exemption) or
+    `LOCATION_MISMATCH` (the device GPS is more than 100 km from the IP's location).
+    """
+    refusal_message: _builtins.str
+    """For FRAUD_ACTION_REFUSE: the message for the voter, e.g. "Voting only allowed from
+    Cambodia".
+    """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedCompositeFieldContainer[_fraud_types_pb2.FraudSignal]:
         """The signals that contributed, largest first."""
@@ -129,10 +151,12 @@ class VoteScore(_message.Message):
         score: _builtins.float = ...,
         reasons: _abc.Iterable[_fraud_types_pb2.FraudSignal] | None = ...,
         decision_id: _builtins.str = ...,
+        refusal_reason: _builtins.str = ...,
+        refusal_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "decision_id", b"decision_id", "reasons", b"reasons", "ref", b"ref", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "decision_id", b"decision_id", "reasons", b"reasons", "ref", b"ref", "refusal_message", b"refusal_message", "refusal_reason", b"refusal_reason", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

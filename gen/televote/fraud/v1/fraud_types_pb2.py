@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#televote/fraud/v1/fraud_types.proto\x12\x11televote.fraud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\x0b\x46raudSignal\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xda\x01\n\x05\x42lock\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.televote.fraud.v1.BlockKind\x12\r\n\x05value\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\ncreated_by\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbb\x01\n\x12TravellerExemption\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tcountries\x18\x02 \x03(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\x12\n\ngranted_by\x18\x05 \x01(\t\x12.\n\ngrant_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbf\x01\n\x0b\x46raudPolicy\x12\x0f\n\x07show_id\x18\x01 \x01(\t\x12\x17\n\x0f\x62lock_threshold\x18\x02 \x01(\x01\x12\x18\n\x10review_threshold\x18\x03 \x01(\x01\x12\x19\n\x11\x61llowed_countries\x18\x04 \x03(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\x12\x12\n\nupdated_by\x18\x06 \x01(\t\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xde\x02\n\x06Review\x12\x11\n\treview_id\x18\x01 \x01(\t\x12\x0f\n\x07vote_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x10\n\x08round_id\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12/\n\x07signals\x18\x06 \x03(\x0b\x32\x1e.televote.fraud.v1.FraudSignal\x12-\n\x05state\x18\x07 \x01(\x0e\x32\x1e.televote.fraud.v1.ReviewState\x12\x18\n\x10user_round_votes\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bresolved_by\x18\n \x01(\t\x12\x30\n\x0cresolve_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x0c \x01(\t\"\xa7\x02\n\nAuditEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x10\n\x08round_id\x18\x06 \x01(\t\x12\x11\n\ttarget_id\x18\x07 \x01(\t\x12\x41\n\nattributes\x18\x08 \x03(\x0b\x32-.televote.fraud.v1.AuditEntry.AttributesEntry\x12\x12\n\nrequest_id\x18\t \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*t\n\x0b\x46raudAction\x12\x1c\n\x18\x46RAUD_ACTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46RAUD_ACTION_ALLOW\x10\x01\x12\x17\n\x13\x46RAUD_ACTION_REVIEW\x10\x02\x12\x16\n\x12\x46RAUD_ACTION_BLOCK\x10\x03*{\n\tBlockKind\x12\x1a\n\x16\x42LOCK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42LOCK_KIND_USER\x10\x01\x12\x15\n\x11\x42LOCK_KIND_DEVICE\x10\x02\x12\x11\n\rBLOCK_KIND_IP\x10\x03\x12\x13\n\x0f\x42LOCK_KIND_CIDR\x10\x04*{\n\x0bReviewState\x12\x1c\n\x18REVIEW_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REVIEW_STATE_PENDING\x10\x01\x12\x19\n\x15REVIEW_STATE_APPROVED\x10\x02\x12\x19\n\x15REVIEW_STATE_REJECTED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#televote/fraud/v1/fraud_types.proto\x12\x11televote.fraud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\x0b\x46raudSignal\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xda\x01\n\x05\x42lock\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.televote.fraud.v1.BlockKind\x12\r\n\x05value\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\ncreated_by\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbb\x01\n\x12TravellerExemption\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tcountries\x18\x02 \x03(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\x12\n\ngranted_by\x18\x05 \x01(\t\x12.\n\ngrant_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xeb\x02\n\x0b\x46raudPolicy\x12\x0f\n\x07show_id\x18\x01 \x01(\t\x12\x17\n\x0f\x62lock_threshold\x18\x02 \x01(\x01\x12\x18\n\x10review_threshold\x18\x03 \x01(\x01\x12\x19\n\x11\x61llowed_countries\x18\x04 \x03(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\x12\x12\n\nupdated_by\x18\x06 \x01(\t\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x07scoring\x18\x08 \x01(\x0e\x32\x1f.televote.fraud.v1.FraudScoring\x12:\n\x0f\x66oreign_country\x18\t \x01(\x0e\x32!.televote.fraud.v1.GeoEnforcement\x12<\n\x11location_mismatch\x18\n \x01(\x0e\x32!.televote.fraud.v1.GeoEnforcement\"\xde\x02\n\x06Review\x12\x11\n\treview_id\x18\x01 \x01(\t\x12\x0f\n\x07vote_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x10\n\x08round_id\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12/\n\x07signals\x18\x06 \x03(\x0b\x32\x1e.televote.fraud.v1.FraudSignal\x12-\n\x05state\x18\x07 \x01(\x0e\x32\x1e.televote.fraud.v1.ReviewState\x12\x18\n\x10user_round_votes\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bresolved_by\x18\n \x01(\t\x12\x30\n\x0cresolve_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x0c \x01(\t\"\xa7\x02\n\nAuditEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x10\n\x08round_id\x18\x06 \x01(\t\x12\x11\n\ttarget_id\x18\x07 \x01(\t\x12\x41\n\nattributes\x18\x08 \x03(\x0b\x32-.televote.fraud.v1.AuditEntry.AttributesEntry\x12\x12\n\nrequest_id\x18\t \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x8d\x01\n\x0b\x46raudAction\x12\x1c\n\x18\x46RAUD_ACTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46RAUD_ACTION_ALLOW\x10\x01\x12\x17\n\x13\x46RAUD_ACTION_REVIEW\x10\x02\x12\x16\n\x12\x46RAUD_ACTION_BLOCK\x10\x03\x12\x17\n\x13\x46RAUD_ACTION_REFUSE\x10\x04*^\n\x0c\x46raudScoring\x12\x1d\n\x19\x46RAUD_SCORING_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46RAUD_SCORING_SEED\x10\x01\x12\x17\n\x13\x46RAUD_SCORING_TUNED\x10\x02*h\n\x0eGeoEnforcement\x12\x1f\n\x1bGEO_ENFORCEMENT_UNSPECIFIED\x10\x00\x12\x1a\n\x16GEO_ENFORCEMENT_REFUSE\x10\x01\x12\x19\n\x15GEO_ENFORCEMENT_SCORE\x10\x02*{\n\tBlockKind\x12\x1a\n\x16\x42LOCK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42LOCK_KIND_USER\x10\x01\x12\x15\n\x11\x42LOCK_KIND_DEVICE\x10\x02\x12\x11\n\rBLOCK_KIND_IP\x10\x03\x12\x13\n\x0f\x42LOCK_KIND_CIDR\x10\x04*{\n\x0bReviewState\x12\x1c\n\x18REVIEW_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REVIEW_STATE_PENDING\x10\x01\x12\x19\n\x15REVIEW_STATE_APPROVED\x10\x02\x12\x19\n\x15REVIEW_STATE_REJECTED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AUDITENTRY_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_AUDITENTRY_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_FRAUDACTION']._serialized_start=1414
-  _globals['_FRAUDACTION']._serialized_end=1530
-  _globals['_BLOCKKIND']._serialized_start=1532
-  _globals['_BLOCKKIND']._serialized_end=1655
-  _globals['_REVIEWSTATE']._serialized_start=1657
-  _globals['_REVIEWSTATE']._serialized_end=1780
+  _globals['_FRAUDACTION']._serialized_start=1587
+  _globals['_FRAUDACTION']._serialized_end=1728
+  _globals['_FRAUDSCORING']._serialized_start=1730
+  _globals['_FRAUDSCORING']._serialized_end=1824
+  _globals['_GEOENFORCEMENT']._serialized_start=1826
+  _globals['_GEOENFORCEMENT']._serialized_end=1930
+  _globals['_BLOCKKIND']._serialized_start=1932
+  _globals['_BLOCKKIND']._serialized_end=2055
+  _globals['_REVIEWSTATE']._serialized_start=2057
+  _globals['_REVIEWSTATE']._serialized_end=2180
   _globals['_FRAUDSIGNAL']._serialized_start=91
   _globals['_FRAUDSIGNAL']._serialized_end=156
   _globals['_BLOCK']._serialized_start=159
@@ -47,11 +51,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAVELLEREXEMPTION']._serialized_start=380
   _globals['_TRAVELLEREXEMPTION']._serialized_end=567
   _globals['_FRAUDPOLICY']._serialized_start=570
-  _globals['_FRAUDPOLICY']._serialized_end=761
-  _globals['_REVIEW']._serialized_start=764
-  _globals['_REVIEW']._serialized_end=1114
-  _globals['_AUDITENTRY']._serialized_start=1117
-  _globals['_AUDITENTRY']._serialized_end=1412
-  _globals['_AUDITENTRY_ATTRIBUTESENTRY']._serialized_start=1363
-  _globals['_AUDITENTRY_ATTRIBUTESENTRY']._serialized_end=1412
+  _globals['_FRAUDPOLICY']._serialized_end=933
+  _globals['_REVIEW']._serialized_start=936
+  _globals['_REVIEW']._serialized_end=1286
+  _globals['_AUDITENTRY']._serialized_start=1289
+  _globals['_AUDITENTRY']._serialized_end=1584
+  _globals['_AUDITENTRY_ATTRIBUTESENTRY']._serialized_start=1535
+  _globals['_AUDITENTRY_ATTRIBUTESENTRY']._serialized_end=1584
 # @@protoc_insertion_point(module_scope)

@@ -36,6 +36,10 @@ class _FraudActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FraudActi
     """
     FRAUD_ACTION_BLOCK: _FraudAction.ValueType  # 3
     """Score over 0.8 (or a block matched): refuse with FRAUD_BLOCKED and flag the user."""
+    FRAUD_ACTION_REFUSE: _FraudAction.ValueType  # 4
+    """Refused by a geographic rule of the show's policy (VoteScore.refusal_reason says which:
+    `GEO_RESTRICTED` or `LOCATION_MISMATCH`); audited, the user is not flagged.
+    """
 
 class FraudAction(_FraudAction, metaclass=_FraudActionEnumTypeWrapper):
     """What to do with a scored vote."""
@@ -50,7 +54,71 @@ the round is finalized.
 """
 FRAUD_ACTION_BLOCK: FraudAction.ValueType  # 3
 """Score over 0.8 (or a block matched): refuse with FRAUD_BLOCKED and flag the user."""
+FRAUD_ACTION_REFUSE: FraudAction.ValueType  # 4
+"""Refused by a geographic rule of the show's policy (VoteScore.refusal_reason says which:
+`GEO_RESTRICTED` or `LOCATION_MISMATCH`); audited, the user is not flagged.
+"""
 Global___FraudAction: _TypeAlias = FraudAction  # noqa: Y015
+
+class _FraudScoring:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FraudScoringEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FraudScoring.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FRAUD_SCORING_UNSPECIFIED: _FraudScoring.ValueType  # 0
+    """Not set: the deployment's default (FRAUD_SCORING, "seed" unless configured)."""
+    FRAUD_SCORING_SEED: _FraudScoring.ValueType  # 1
+    """The specification's rules: velocity +0.3, shared device +0.2, VPN/proxy +0.4, country
+    outside the allowed ones +0.3, bot-like timing +0.5 summed into a rule score;
+    score = min(1, (rule score + model probability) / 2).
+    """
+    FRAUD_SCORING_TUNED: _FraudScoring.ValueType  # 2
+    """Tuned weights (FRAUD_WEIGHT_*) combined as a noisy-OR with the model's probability times
+    its weight: every signal alone weighs more, so it reviews and blocks more of the bots
+    the generator makes (fraud_svc/README.md has the figures of both).
+    """
+
+class FraudScoring(_FraudScoring, metaclass=_FraudScoringEnumTypeWrapper):
+    """How a show's votes are scored (the seed's rules are the default)."""
+
+FRAUD_SCORING_UNSPECIFIED: FraudScoring.ValueType  # 0
+"""Not set: the deployment's default (FRAUD_SCORING, "seed" unless configured)."""
+FRAUD_SCORING_SEED: FraudScoring.ValueType  # 1
+"""The specification's rules: velocity +0.3, shared device +0.2, VPN/proxy +0.4, country
+outside the allowed ones +0.3, bot-like timing +0.5 summed into a rule score;
+score = min(1, (rule score + model probability) / 2).
+"""
+FRAUD_SCORING_TUNED: FraudScoring.ValueType  # 2
+"""Tuned weights (FRAUD_WEIGHT_*) combined as a noisy-OR with the model's probability times
+its weight: every signal alone weighs more, so it reviews and blocks more of the bots
+the generator makes (fraud_svc/README.md has the figures of both).
+"""
+Global___FraudScoring: _TypeAlias = FraudScoring  # noqa: Y015
+
+class _GeoEnforcement:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GeoEnforcementEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GeoEnforcement.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GEO_ENFORCEMENT_UNSPECIFIED: _GeoEnforcement.ValueType  # 0
+    """Not set: the deployment's default (refuse, as the specification says)."""
+    GEO_ENFORCEMENT_REFUSE: _GeoEnforcement.ValueType  # 1
+    """The vote is refused (GEO_RESTRICTED or LOCATION_MISMATCH)."""
+    GEO_ENFORCEMENT_SCORE: _GeoEnforcement.ValueType  # 2
+    """The vote is scored: the rule becomes a signal (`foreign_country`, `gps_mismatch`)."""
+
+class GeoEnforcement(_GeoEnforcement, metaclass=_GeoEnforcementEnumTypeWrapper):
+    """What a geographic rule does with a vote that breaks it."""
+
+GEO_ENFORCEMENT_UNSPECIFIED: GeoEnforcement.ValueType  # 0
+"""Not set: the deployment's default (refuse, as the specification says)."""
+GEO_ENFORCEMENT_REFUSE: GeoEnforcement.ValueType  # 1
+"""The vote is refused (GEO_RESTRICTED or LOCATION_MISMATCH)."""
+GEO_ENFORCEMENT_SCORE: GeoEnforcement.ValueType  # 2
+"""The vote is scored: the rule becomes a signal (`foreign_country`, `gps_mismatch`)."""
+Global___GeoEnforcement: _TypeAlias = GeoEnforcement  # noqa: Y015
 
 class _BlockKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -122,8 +190,9 @@ class FraudSignal(_message.Message):
     CONTRIBUTION_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The signal: "velocity", "shared_device", "vpn_proxy", "foreign_country", "bot_timing",
-    "model", "blocklist".
+    """The signal: "velocity", "shared_device", "vpn_proxy", "foreign_country", "gps_mismatch",
+    "bot_timing", "model", "blocklist", or for a refused vote "geo_restricted" or
+    "location_mismatch".
     """
     contribution: _builtins.float
     """How much it added to the score, 0 to 1."""
@@ -196,8 +265,9 @@ Global___Block: _TypeAlias = Block  # noqa: Y015
 
 @_typing.final
 class TravellerExemption(_message.Message):
-    """A traveller exemption: the user may vote from outside the allowed countries (the
-    geo-fence signal `foreign_country` does not fire for them) until it expires.
+    """A traveller exemption: the user may vote from outside the allowed countries until it
+    expires (no GEO_RESTRICTED refusal; under the tuned scoring no `foreign_country` signal
+    either, under the seed's the +0.3 of a foreign country still applies).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -247,7 +317,8 @@ Global___TravellerExemption: _TypeAlias = TravellerExemption  # noqa: Y015
 @_typing.final
 class FraudPolicy(_message.Message):
     """A show's own fraud policy, in place of the deployment's defaults (FRAUD_BLOCK_THRESHOLD,
-    FRAUD_REVIEW_THRESHOLD, FRAUD_ALLOWED_COUNTRIES) for the votes of its rounds.
+    FRAUD_REVIEW_THRESHOLD, FRAUD_ALLOWED_COUNTRIES, FRAUD_SCORING, FRAUD_GEO_*) for the votes
+    of its rounds.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -259,6 +330,9 @@ class FraudPolicy(_message.Message):
     NOTE_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    SCORING_FIELD_NUMBER: _builtins.int
+    FOREIGN_COUNTRY_FIELD_NUMBER: _builtins.int
+    LOCATION_MISMATCH_FIELD_NUMBER: _builtins.int
     show_id: _builtins.str
     """The show."""
     block_threshold: _builtins.float
@@ -271,6 +345,18 @@ class FraudPolicy(_message.Message):
     """Why, for the audit log."""
     updated_by: _builtins.str
     """The operator who set it."""
+    scoring: Global___FraudScoring.ValueType
+    """How the show's votes are scored; UNSPECIFIED: the deployment's default (FRAUD_SCORING)."""
+    foreign_country: Global___GeoEnforcement.ValueType
+    """A vote from outside allowed_countries by a user without a traveller exemption for it:
+    refused with GEO_RESTRICTED, or scored with the `foreign_country` signal; UNSPECIFIED:
+    the deployment's default (FRAUD_GEO_FOREIGN_COUNTRY, refuse).
+    """
+    location_mismatch: Global___GeoEnforcement.ValueType
+    """A vote whose device GPS is more than 100 km (FRAUD_GPS_MISMATCH_KM) from its IP's
+    location: refused with LOCATION_MISMATCH, or scored with the `gps_mismatch` signal;
+    UNSPECIFIED: the deployment's default (FRAUD_GEO_LOCATION_MISMATCH, refuse).
+    """
     @_builtins.property
     def allowed_countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ISO 3166-1 alpha-2 codes (upper case) voters may vote from (the geo-fence)."""
@@ -289,10 +375,13 @@ class FraudPolicy(_message.Message):
         note: _builtins.str = ...,
         updated_by: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        scoring: Global___FraudScoring.ValueType = ...,
+        foreign_country: Global___GeoEnforcement.ValueType = ...,
+        location_mismatch: Global___GeoEnforcement.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_countries", b"allowed_countries", "block_threshold", b"block_threshold", "note", b"note", "review_threshold", b"review_threshold", "show_id", b"show_id", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_countries", b"allowed_countries", "block_threshold", b"block_threshold", "foreign_country", b"foreign_country", "location_mismatch", b"location_mismatch", "note", b"note", "review_threshold", b"review_threshold", "scoring", b"scoring", "show_id", b"show_id", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,7 +33,7 @@ class _TrendEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trend.ValueType
     TREND_RISING: _Trend.ValueType  # 2
     """More than 5 % up."""
     TREND_STABLE: _Trend.ValueType  # 3
-    """Within 5 % either way."""
+    """Within 5 % either way, or no votes in the five minutes before (nothing to compare)."""
     TREND_FALLING: _Trend.ValueType  # 4
     """More than 5 % down."""
     TREND_FALLING_FAST: _Trend.ValueType  # 5
@@ -49,7 +49,7 @@ TREND_RISING_FAST: Trend.ValueType  # 1
 TREND_RISING: Trend.ValueType  # 2
 """More than 5 % up."""
 TREND_STABLE: Trend.ValueType  # 3
-"""Within 5 % either way."""
+"""Within 5 % either way, or no votes in the five minutes before (nothing to compare)."""
 TREND_FALLING: Trend.ValueType  # 4
 """More than 5 % down."""
 TREND_FALLING_FAST: Trend.ValueType  # 5
@@ -89,13 +89,17 @@ class ContestantStanding(_message.Message):
     omitted unless counts are visible.
     """
     rank: _builtins.int
-    """1-based rank; ties share a rank. 0 when ranks are hidden."""
+    """1-based rank. Tied counts share a place (competition ranking): counts 50, 50, 30 rank
+    1, 1, 3; tied contestants are listed in the round's order. 0 when ranks are hidden.
+    """
     rank_change: _builtins.int
     """Places moved since the previous update of this stream or call: positive is up."""
     trend: Global___Trend.ValueType
     """The momentum."""
     formatted_count: _builtins.str
-    """The count for display: "987", "3.4K", "1.2M"; omitted unless counts are visible."""
+    """The count for display, one decimal under a unit, truncated (never shown larger than it
+    is): "987", "1.0K", "3.4K", "999.9K", "1.2M"; omitted unless counts are visible.
+    """
     def __init__(
         self,
         *,

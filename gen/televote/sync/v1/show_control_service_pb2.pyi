@@ -283,7 +283,9 @@ class CreateRoundRequest(_message.Message):
     free_vote_cap: _builtins.int
     """Free votes each user may spend in this round, 0 meaning only the episode quota applies."""
     visibility: _sync_types_pb2.ResultsVisibility.ValueType
-    """What the public sees while the round runs; default HIDDEN."""
+    """What the public sees while the round runs; default PUBLIC_COUNTS (live results are
+    public), HIDDEN and STANDINGS_ONLY on request.
+    """
     @_builtins.property
     def contestant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The contestants one may vote for, at least 2, in display order."""

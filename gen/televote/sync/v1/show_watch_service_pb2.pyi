@@ -40,7 +40,9 @@ class _ShowEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShowEve
     SHOW_EVENT_TYPE_VOTING_EXTENDED: _ShowEventType.ValueType  # 6
     """The open round's close moved (ExtendVoting); `round` is set."""
     SHOW_EVENT_TYPE_TIME_UPDATE: _ShowEventType.ValueType  # 7
-    """Every 10 s while a round is open; `timing` is set."""
+    """Every 10 s while a round is open (seconds remaining a multiple of 10, 60 and 10
+    included); `timing` is set.
+    """
     SHOW_EVENT_TYPE_WARNING: _ShowEventType.ValueType  # 8
     """Once, 1 minute before the round closes; `timing` is set."""
     SHOW_EVENT_TYPE_COUNTDOWN: _ShowEventType.ValueType  # 9
@@ -68,7 +70,9 @@ SHOW_EVENT_TYPE_VOTING_OPEN: ShowEventType.ValueType  # 5
 SHOW_EVENT_TYPE_VOTING_EXTENDED: ShowEventType.ValueType  # 6
 """The open round's close moved (ExtendVoting); `round` is set."""
 SHOW_EVENT_TYPE_TIME_UPDATE: ShowEventType.ValueType  # 7
-"""Every 10 s while a round is open; `timing` is set."""
+"""Every 10 s while a round is open (seconds remaining a multiple of 10, 60 and 10
+included); `timing` is set.
+"""
 SHOW_EVENT_TYPE_WARNING: ShowEventType.ValueType  # 8
 """Once, 1 minute before the round closes; `timing` is set."""
 SHOW_EVENT_TYPE_COUNTDOWN: ShowEventType.ValueType  # 9

@@ -69,8 +69,9 @@ class ShowWatchServiceServicer:
 
     def WatchShow(self, request, context):
         """Streams the show: first a SNAPSHOT event, then an event for every change, plus timing
-        ticks while a round is open: TIME_UPDATE every 10 s, WARNING once 1 minute before the
-        close, COUNTDOWN every second from 10 to 1, then VOTING_CLOSED. The stream stays open
+        ticks while a round is open: TIME_UPDATE every 10 s (at 60 s and 10 s too), WARNING once
+        1 minute before the close, COUNTDOWN every second from 10 to 1, then VOTING_CLOSED; where
+        two fall on one second TIME_UPDATE comes first. The stream stays open
         until the episode ends (after the last RESULTS_READY, if any) or the client leaves.
         A client that reconnects gets a fresh snapshot.
 

@@ -89,7 +89,9 @@ class _ResultsVisibility:
 class _ResultsVisibilityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResultsVisibility.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     RESULTS_VISIBILITY_UNSPECIFIED: _ResultsVisibility.ValueType  # 0
-    """Not set; CreateRound treats it as RESULTS_VISIBILITY_HIDDEN."""
+    """Not set; CreateRound treats it as RESULTS_VISIBILITY_PUBLIC_COUNTS (the specification
+    shows live results to viewers).
+    """
     RESULTS_VISIBILITY_PUBLIC_COUNTS: _ResultsVisibility.ValueType  # 1
     """Counts, percentages and standings are public."""
     RESULTS_VISIBILITY_STANDINGS_ONLY: _ResultsVisibility.ValueType  # 2
@@ -101,7 +103,9 @@ class ResultsVisibility(_ResultsVisibility, metaclass=_ResultsVisibilityEnumType
     """What the public may see of a round's results while it runs."""
 
 RESULTS_VISIBILITY_UNSPECIFIED: ResultsVisibility.ValueType  # 0
-"""Not set; CreateRound treats it as RESULTS_VISIBILITY_HIDDEN."""
+"""Not set; CreateRound treats it as RESULTS_VISIBILITY_PUBLIC_COUNTS (the specification
+shows live results to viewers).
+"""
 RESULTS_VISIBILITY_PUBLIC_COUNTS: ResultsVisibility.ValueType  # 1
 """Counts, percentages and standings are public."""
 RESULTS_VISIBILITY_STANDINGS_ONLY: ResultsVisibility.ValueType  # 2

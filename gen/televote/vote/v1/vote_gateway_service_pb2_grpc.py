@@ -58,7 +58,8 @@ class VoteGatewayServiceServicer:
 
         Per-vote refusals (in VoteResult.error, never as the call's status): `VOTING_NOT_OPEN`,
         `VOTING_CLOSED`, `ROUND_NOT_FOUND`, `INVALID_CONTESTANT`, `NO_FREE_VOTES`,
-        `INSUFFICIENT_BALANCE`, `RATE_LIMITED`, `FRAUD_BLOCKED`, `IDEMPOTENCY_MISMATCH`,
+        `INSUFFICIENT_BALANCE`, `RATE_LIMITED`, `FRAUD_BLOCKED`, `GEO_RESTRICTED`,
+        `LOCATION_MISMATCH` (see VoteService.SubmitVote), `IDEMPOTENCY_MISMATCH`,
         `INVALID_REQUEST`, `UNAVAILABLE`, `OVERLOADED` (the replica is at capacity; retry after
         the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed).
 

@@ -87,6 +87,12 @@ class VoteServiceServicer:
         minute); RetryInfo says when to retry.
         * PERMISSION_DENIED `FRAUD_BLOCKED`: the user, device or network is blocked by fraud
         controls.
+        * PERMISSION_DENIED `GEO_RESTRICTED`: the caller's IP is outside the show's allowed
+        countries (by default: "Voting only allowed from Cambodia") and the voter holds no
+        traveller exemption for it. A show's fraud policy may score such votes instead.
+        * PERMISSION_DENIED `LOCATION_MISMATCH`: the device location (ClientMetadata.location)
+        is more than 100 km from the IP's location. A show's fraud policy may score such
+        votes instead.
         * UNAVAILABLE `UNAVAILABLE`: the vote was not recorded (nothing changed); retry with the
         same `request_id`.
         * UNAVAILABLE `OVERLOADED`: the replica is at capacity (the close-of-lines spike); the vote
