@@ -164,6 +164,12 @@ def _any_token(allow_missing: bool) -> dict[str, Any]:
     return {"requires_any": {"requirements": requirements}}
 
 
+#: A caller without a verified token (jwt_authn forwards the claims only of one it verified,
+#: and the edge strips any copy a client sends).
+_ANONYMOUS_PRINCIPAL: dict[str, Any] = {
+    "not_id": {"header": {"name": "x-jwt-payload", "present_match": True}}}
+
+
 def _role_principal(role: Role) -> dict[str, Any]:
     """Callers whose verified token carries `role` and lives no longer than the role may
     (anonymous callers have no token)."""
@@ -278,8 +284,10 @@ def render(settings: EdgeSettings) -> str:
         prefix = {"prefix": f"/{service}/"}
         jwt_rules.append({"match": prefix,
                           "requires": _any_token(allow_missing=Role.ANONYMOUS in roles)})
-        principals = ([{"any": True}] if Role.ANONYMOUS in roles
-                      else [_role_principal(role) for role in sorted(roles)])
+        # Each role by its own principal, public services too: a token beyond its role's
+        # lifetime cap is refused there as well, not taken as that role.
+        principals = [_ANONYMOUS_PRINCIPAL if role == Role.ANONYMOUS else _role_principal(role)
+                      for role in sorted(roles)]
         rbac_policies[service] = {"permissions": [{"url_path": {"path": prefix}}],
                                   "principals": principals}
     # Anything else (unknown paths, the internal fraud scoring service) still needs a token,
