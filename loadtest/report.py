@@ -103,6 +103,11 @@ def markdown(data: dict[str, Any]) -> str:
         f" {achieved['acknowledged_per_s']:,} acknowledged/s"
         f" (peak second {achieved['peak_answered_per_s_1s']:,})",
         f"- Final result: {verification.get('final_counts', {})}",
+        *([f"- Purchases: {verification['purchases']:,} packages bought"
+           f" ({verification['votes_bought']:,} votes), {verification['refunds']:,} refunded"
+           f" during voting ({verification['votes_clawed_back']:,} votes clawed back),"
+           " reconciled with the wallets and the ledger"] if "purchases" in verification
+          else []),
         f"- Load average: start {data['load_average']['start']},"
         f" max {data['load_average']['max']}",
     ]

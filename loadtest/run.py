@@ -1,5 +1,6 @@
-"""One load test from start to finish: plan, show, grants, voting, final result, verification,
-report. `run()` drives a stack that is already up; `run_with_own_stack()` starts one first.
+"""One load test from start to finish: plan, show, purchases (or grants), voting, final
+result, verification, report. `run()` drives a stack that is already up;
+`run_with_own_stack()` starts one first.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import multiprocessing
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,8 +20,10 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from fakestores import FakeAppStore, FakePlayStore, stack_environment
 from loadtest import report
 from loadtest.driver import Attempt, WorkerJob, drain, load_attempts, worker_main
+from loadtest.funding import Funding, StoreFunding
 from loadtest.plan import LoadConfig, Plan, build
 from loadtest.progress import Progress, live_display
 from loadtest.resources import Sampler
@@ -65,7 +68,9 @@ class RunResult:
 
 async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *,
               workers: int = 2, live: bool = True, log: Callable[[str], None] = print,
-              ) -> RunResult:
+              stores: StoreFunding | None = None) -> RunResult:
+    """With `stores` (the stand-ins the stack's vote_svc trusts) paid voters buy packages and
+    some are refunded during voting; without, an operator grants them their paid votes."""
     plan = build(config)
     log(f"plan {plan.run_id} ({config.scenario}): {plan.summary()}")
     room = ControlRoom(target.edge_target, target.state_dir)
@@ -73,11 +78,29 @@ async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *
         voting_round = await room.prepare(plan.run_id, config.contestants, config.free_quota,
                                           config.wall_window_s)
         started = time.monotonic()
-        await room.grant(plan.grants, plan.run_id)
-        log(f"granted {sum(plan.grants.values()):,} paid votes to {len(plan.grants):,} voters"
-            f" in {time.monotonic() - started:.1f}s (GrantVotes as an operator)")
+        funding: Funding | None = None
+        during_voting: Callable[[], Coroutine[Any, Any, None]] | None = None
+        if stores is None:
+            await room.grant(plan.grants, plan.run_id)
+            log(f"granted {sum(plan.grants.values()):,} paid votes to {len(plan.grants):,}"
+                f" voters in {time.monotonic() - started:.1f}s (GrantVotes as an operator)")
+        else:
+            funding = await stores.buy(target.edge_target, target.state_dir, plan.grants)
+            took = time.monotonic() - started
+            log(f"{len(funding.purchases):,} packages bought by {len(plan.grants):,} voters"
+                f" in {took:.1f}s ({len(funding.purchases) / max(took, 1e-9):.0f}/s,"
+                " PurchaseVotePackage through the stand-in stores)")
+
+            async def refund_midway() -> None:
+                assert funding is not None and stores is not None
+                await asyncio.sleep(max(0.0, voting_round.opens_at
+                                        + plan.config.wall_window_s / 2 - time.time()))
+                log(f"{await stores.refund(target.edge_url, funding)} purchases refunded"
+                    " by the stores during voting")
+
+            during_voting = refund_midway
         attempts, progress, sampler = await _vote(plan, target, room, voting_round, workers,
-                                                  live, log)
+                                                  live, log, during_voting)
         progress.phase = "waiting for the final result"
         finalized: datetime = await wait_final(target.database_url, voting_round.round_id)
         log(f"final result stored {finalized.timestamp() - voting_round.closes_at:.1f}s"
@@ -86,14 +109,17 @@ async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *
             await room.end_show(voting_round.episode_id)
     finally:
         await room.close()
-    record = RunRecord(plan, voting_round, attempts)
+    record = RunRecord(plan, voting_round, attempts, funding=funding)
     async with await psycopg.AsyncConnection.connect(target.database_url,
                                                      row_factory=dict_row) as connection:
         verdict = await verify(connection, record)
     resources = sampler.stop()
     notes = [
-        "Paid voters are funded with WalletAdminService.GrantVotes by an operator:"
-        " PurchaseVotePackage answers UNIMPLEMENTED.",
+        "Paid voters are funded with WalletAdminService.GrantVotes by an operator (a stack"
+        " started elsewhere does not trust the stand-in stores)." if funding is None else
+        "Paid voters buy vote packages in the stand-in App Store and Google Play"
+        " (PurchaseVotePackage, receipts verified by the stores' libraries); some purchases"
+        " are refunded by the stores during voting.",
         "Latency runs from the planned send moment to the answer; the load drivers share the"
         " machine's cores with the stack.",
     ]
@@ -112,6 +138,7 @@ async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *
 
 async def _vote(plan: Plan, target: Target, room: ControlRoom, voting_round: Any,
                 workers: int, live: bool, log: Callable[[str], None],
+                during_voting: Callable[[], Coroutine[Any, Any, None]] | None = None,
                 ) -> tuple[list[Attempt], Progress, Sampler]:
     """Start the drivers, open voting, follow progress until every driver is done."""
     context = multiprocessing.get_context("spawn")
@@ -149,6 +176,8 @@ async def _vote(plan: Plan, target: Target, room: ControlRoom, voting_round: Any
             progress.start_at, progress.phase = voting_round.opens_at, "voting"
             cues = asyncio.create_task(room.performances(voting_round, voting_round.opens_at,
                                                          plan.performances))
+            side = asyncio.create_task(during_voting() if during_voting
+                                       else asyncio.sleep(0))
             while done < workers:
                 _check_alive(processes)
                 for kind, _, payload in await asyncio.to_thread(drain, reports, 0.2):
@@ -160,6 +189,7 @@ async def _vote(plan: Plan, target: Target, room: ControlRoom, voting_round: Any
                 display.refresh()
             with contextlib.suppress(Exception):
                 await cues
+            await side  # a refund that failed fails the run
         for process in processes:
             process.join(timeout=30)
     except BaseException:
@@ -185,9 +215,13 @@ async def run_with_own_stack(config: LoadConfig, out_dir: Path | None, *, worker
                              state_dir: Path | None = None,
                              log: Callable[[str], None] = print) -> RunResult:
     """Start the whole mesh (embedded PostgreSQL and Redis), run, stop it again."""
+    state_dir = state_dir or Path(tempfile.mkdtemp(prefix="loadtest-stack-"))
+    apple, google = FakeAppStore(ocsp=True), FakePlayStore()
     settings = StackSettings(
-        state_dir=state_dir or Path(tempfile.mkdtemp(prefix="loadtest-stack-")), edge_port=0,
-        service_env=OWN_STACK_ENV, edge=ONE_LOAD_GENERATOR)
+        state_dir=state_dir, edge_port=0,
+        service_env={**OWN_STACK_ENV,
+                     **stack_environment(apple, google, state_dir / "stores")},
+        edge=ONE_LOAD_GENERATOR)
     # Two vote_svc replicas by default: the vote path is where the load is, and replicas are
     # how it is run (like bench/vote_bench.py).
     settings.replicas.update({"vote_svc": 2, **(replicas or {})})
@@ -198,6 +232,8 @@ async def run_with_own_stack(config: LoadConfig, out_dir: Path | None, *, worker
         f" replicas {settings.replicas}")
     try:
         return await run(config, Target.of(stack), out_dir, workers=workers, live=live,
-                         log=log)
+                         log=log, stores=StoreFunding(apple, google))
     finally:
         await stack.stop()
+        apple.close()
+        google.close()

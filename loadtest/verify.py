@@ -22,6 +22,7 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from loadtest.driver import Attempt
+from loadtest.funding import Funding
 from loadtest.plan import FREE, PAID, Plan, Shot
 from loadtest.show import Round
 from loadtest.transports import ERROR, OK, REFUSED
@@ -55,6 +56,17 @@ class RunRecord:
     rate_limit_per_minute: int = 100
     #: Allowance between the simulator's clock and the server's (same host: small).
     clock_tolerance_s: float = 0.5
+    #: The packages paid voters bought (and which were refunded); None: operator grants.
+    funding: Funding | None = None
+
+    def credited(self, user: str) -> int:
+        """The paid votes the simulator gave the user."""
+        if self.funding is None:
+            return self.plan.grants.get(user, 0)
+        return self.funding.credited()[user]
+
+    def clawed(self, user: str) -> int:
+        return 0 if self.funding is None else self.funding.clawed()[user]
 
 
 @dataclass
@@ -95,6 +107,8 @@ async def verify(connection: AsyncConnection[Any], record: RunRecord) -> Verdict
     balances = await _balances(connection, record)
     _check_refusals(verdict, record, fates, balances)
     _check_balances(verdict, record, fates, balances, rows)
+    if record.funding is not None:
+        await _check_purchases(verdict, connection, record.funding)
     await _check_result(verdict, connection, record, rows)
     return verdict
 
@@ -179,12 +193,15 @@ async def _balances(connection: AsyncConnection[Any],
                     record: RunRecord) -> dict[str, dict[str, int]]:
     users = sorted({shot.user for shot in record.plan.shots})
     balances: dict[str, dict[str, int]] = {
-        user: {"credited": 0, "spent": 0, "free_used": 0, "quota": record.plan.config.free_quota}
+        user: {"credited": 0, "spent": 0, "clawed_back": 0, "free_used": 0,
+               "quota": record.plan.config.free_quota}
         for user in users}
     cursor = await connection.execute(
-        "SELECT user_id, credited, spent FROM wallets WHERE user_id = ANY(%s)", (users,))
+        "SELECT user_id, credited, spent, clawed_back FROM wallets WHERE user_id = ANY(%s)",
+        (users,))
     for row in await cursor.fetchall():
-        balances[row["user_id"]].update(credited=row["credited"], spent=row["spent"])
+        balances[row["user_id"]].update(credited=row["credited"], spent=row["spent"],
+                                        clawed_back=row["clawed_back"])
     cursor = await connection.execute(
         "SELECT user_id, used, quota FROM free_vote_usage WHERE episode_id = %s"
         " AND user_id = ANY(%s)", (record.voting_round.episode_id, users))
@@ -223,7 +240,8 @@ def _check_refusals(verdict: Verdict, record: RunRecord, fates: dict[int, _ShotF
                 problems["NO_FREE_VOTES for a voter with free votes left"].append(
                     shot.request_id)
             elif attempt.reason == "INSUFFICIENT_BALANCE" and (
-                    balance["spent"] < balance["credited"] and shot.user not in unsure_users):
+                    balance["spent"] + balance["clawed_back"] < balance["credited"]
+                    and shot.user not in unsure_users):
                 problems["INSUFFICIENT_BALANCE for a voter with paid votes left"].append(
                     shot.request_id)
             elif (attempt.reason == "VOTING_CLOSED"
@@ -257,11 +275,12 @@ def _check_balances(verdict: Verdict, record: RunRecord, fates: dict[int, _ShotF
             acked[shots[index].user][shots[index].vote_type] += 1
     problems: dict[str, list[str]] = defaultdict(list)
     for user, balance in balances.items():
-        granted = record.plan.grants.get(user, 0)
-        if balance["spent"] > balance["credited"]:
+        if balance["spent"] + balance["clawed_back"] > balance["credited"]:
             problems["wallets overspent"].append(user)
-        if balance["credited"] != granted:
-            problems["wallets credited other than granted"].append(user)
+        if balance["credited"] != record.credited(user):
+            problems["wallets credited other than granted or bought"].append(user)
+        if balance["clawed_back"] != record.clawed(user):
+            problems["wallets clawed back other than refunded"].append(user)
         if balance["free_used"] > balance["quota"]:
             problems["voters over the free quota"].append(user)
         if balance["spent"] != ledger[user][PAID]:
@@ -273,6 +292,41 @@ def _check_balances(verdict: Verdict, record: RunRecord, fates: dict[int, _ShotF
     for problem, users in problems.items():
         verdict.fail(f"{len(users)} {problem}", users)
     verdict.facts["voters_checked"] = len(balances)
+
+
+async def _check_purchases(verdict: Verdict, connection: AsyncConnection[Any],
+                           funding: Funding) -> None:
+    """Every package bought is one purchase row with its votes; every refund planned is one
+    refund that clawed the whole package back (those voters never needed it)."""
+    bought = {(b.store, b.transaction_id): b for b in funding.purchases}
+    users = sorted({b.user for b in funding.purchases})
+    cursor = await connection.execute(
+        "SELECT p.store, p.store_transaction_id, p.user_id, p.votes + p.bonus_votes AS votes,"
+        "       r.clawed_back, r.already_spent"
+        "  FROM purchases p LEFT JOIN purchase_refunds r USING (purchase_id)"
+        " WHERE p.user_id = ANY(%s)", (users,))
+    rows = {(row["store"], row["store_transaction_id"]): row for row in await cursor.fetchall()}
+    problems: dict[str, list[str]] = defaultdict(list)
+    for key in bought.keys() - rows.keys():
+        problems["packages bought but not recorded"].append(key[1])
+    for key in rows.keys() - bought.keys():
+        problems["purchases recorded that were not made"].append(key[1])
+    for key in bought.keys() & rows.keys():
+        purchase, row = bought[key], rows[key]
+        if (row["user_id"], row["votes"]) != (purchase.user, purchase.package.votes):
+            problems["purchases credited to another user or amount"].append(key[1])
+        refunded = row["clawed_back"] is not None
+        if refunded != purchase.refund:
+            problems["refunds applied other than the stores made"].append(key[1])
+        elif refunded and (row["clawed_back"], row["already_spent"]) != (purchase.package.votes,
+                                                                         0):
+            problems["refunds that did not claw back the whole unneeded package"].append(key[1])
+    for problem, examples in problems.items():
+        verdict.fail(f"{len(examples)} {problem}", examples)
+    verdict.facts.update(purchases=len(bought),
+                         refunds=sum(1 for b in funding.purchases if b.refund),
+                         votes_bought=sum(funding.credited().values()),
+                         votes_clawed_back=sum(funding.clawed().values()))
 
 
 async def _check_result(verdict: Verdict, connection: AsyncConnection[Any], record: RunRecord,

@@ -2,7 +2,7 @@
 -- needs; the login role each service connects as (made by ops/roles.py, with a SCRAM password
 -- kept in that service's state directory) is a member of its group and nothing else.
 -- Migrations keep running as the owner of the schema, the one role that may change it.
--- depends: 0012_round_tally_slots
+-- depends: 0012_round_tally_slots 0013_seed_defaults 0015_purchases
 
 -- Roles belong to the cluster, not the database: another database of the same cluster may
 -- have made them already.
@@ -50,6 +50,8 @@ GRANT SELECT, INSERT ON votes, wallet_credits, vote_fraud_decisions, audit_log,
     request_outcomes
     TO televote_vote_svc;
 GRANT SELECT, INSERT, UPDATE ON round_tallies, free_vote_usage, wallets TO televote_vote_svc;
+GRANT SELECT, INSERT ON purchases, purchase_refunds, purchase_consumptions TO televote_vote_svc;
+GRANT SELECT, INSERT, UPDATE ON purchase_poll_state TO televote_vote_svc;
 
 -- fraud_svc owns reviews, rejections, blocks, travellers and policies.
 GRANT SELECT ON shows, episodes, rounds, votes, round_results TO televote_fraud_svc;
@@ -76,6 +78,7 @@ GRANT SELECT, DELETE ON ledger_appends, result_input_changes TO televote_results
 -- empties them (their triggers refuse too, but a superuser can switch triggers off with
 -- session_replication_role; no service role can set it: it is a superuser setting).
 REVOKE UPDATE, DELETE, TRUNCATE ON votes, audit_log, fraud_rejections, vote_fraud_decisions,
-    round_results, round_result_invalid_votes, round_result_block_roots, ledger_keys
+    round_results, round_result_invalid_votes, round_result_block_roots, ledger_keys,
+    purchases, purchase_refunds, purchase_consumptions
     FROM televote_sync_svc, televote_vote_svc, televote_fraud_svc, televote_results_svc,
          televote_sms_svc;

@@ -171,6 +171,27 @@ def audit_verify(
           f"{time.monotonic() - started:.1f}s")
 
 
+@app.command()
+def refunds(
+    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
+    since: Annotated[str | None, typer.Option(
+        help="Only refunds recorded from this ISO 8601 time on.")] = None,
+) -> None:
+    """Report store refunds: votes clawed back, votes already cast that stay counted, and
+    the voters flagged for review (JSON)."""
+    import json
+    from datetime import datetime
+
+    from vote_svc.purchases import refund_report
+    moment = None
+    if since is not None:
+        try:
+            moment = datetime.fromisoformat(since)
+        except ValueError:
+            raise typer.BadParameter("expected an ISO 8601 time", param_hint="--since") from None
+    print(json.dumps(asyncio.run(refund_report(database_url, moment)), indent=2))
+
+
 #: Scenario defaults that differ from the seed's (a shownight's users follow from its curve;
 #: bots run on the real clock so fraud's timing signals see human timing as human).
 _SCENARIO_DEFAULTS: dict[str, dict[str, float]] = {

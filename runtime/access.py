@@ -52,6 +52,9 @@ SERVICE_ROLES: dict[str, frozenset[Role]] = {
     "televote.vote.v1.VoteService": frozenset({Role.VOTER}),
     "televote.vote.v1.VoteGatewayService": frozenset({Role.CARRIER, Role.INTERNAL}),
     "televote.vote.v1.WalletAdminService": frozenset({Role.OPERATOR}),
+    # Apple and Google post without a televote token: each push is authenticated by the
+    # service itself (Apple's signature; the Pub/Sub push token, then the store is asked).
+    "televote.vote.v1.StoreNotificationService": frozenset({Role.ANONYMOUS}),
     "televote.results.v1.ResultsService": PUBLIC,
     "televote.results.v1.ReportService": frozenset({Role.OPERATOR}),
     "televote.sms.v1.CarrierService": frozenset({Role.CARRIER}),

@@ -50,10 +50,11 @@ def window_key(shard: int, round_id: str) -> str:
 def user_key(shard: int, user_id: str) -> str:
     """A voter's admission cache (a Redis hash, written only by vote_svc).
 
-    Fields: `credited` and `spent` (paid votes ever credited / spent; balance = credited -
-    spent; present once loaded from PostgreSQL, `credited` only ever rises); `free:<episode_id>`
-    (free votes used in that episode). A missing field means "not loaded": vote_svc loads it
-    from PostgreSQL (wallets, free_vote_usage) before admitting.
+    Fields: `credited` and `spent` (paid votes ever credited / spent or clawed back by a
+    refund; balance = credited - spent; present once loaded from PostgreSQL, `credited` only
+    ever rises); `free:<episode_id>` (free votes used in that episode). A missing field means
+    "not loaded": vote_svc loads it from PostgreSQL (wallets, free_vote_usage) before
+    admitting.
     """
     return f"tv:{tag(shard)}:user:{user_id}"
 

@@ -14,13 +14,15 @@ marker is not written by hand: it is set here from the fixtures a test uses, so
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 import pytest_asyncio
 
+from fakestores import FakeAppStore, FakePlayStore, stack_environment
 from ops import tokens
 from ops.stack import Stack, StackSettings
 from runtime.access import Role
@@ -37,6 +39,8 @@ FAST_SHOW_ENV = {
     "SYNC_CLOSE_POLL_MS": "500",
     # Receipt proofs come from blocks of leaves: small blocks, so tests cross block edges.
     "RESULTS_RECEIPT_BLOCK_LEAVES": "4",
+    # A store slower than this is unavailable; tests make the stand-in slower on purpose.
+    "VOTE_STORE_TIMEOUT_MS": "1500",
 }
 
 
@@ -58,14 +62,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.stack)
 
 
+@dataclass(frozen=True)
+class FakeStores:
+    """The app stores the session's mesh sells through (fakestores/)."""
+
+    apple: FakeAppStore
+    google: FakePlayStore
+
+
+@pytest.fixture(scope="session")
+def fake_stores() -> Iterator[FakeStores]:
+    # Apple with its OCSP responder: vote_svc verifies with online checks on, as in production.
+    stores = FakeStores(FakeAppStore(ocsp=True), FakePlayStore())
+    yield stores
+    stores.apple.close()
+    stores.google.close()
+
+
 @pytest_asyncio.fixture(scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+async def stack(tmp_path_factory: pytest.TempPathFactory, fake_stores: FakeStores,
+                ) -> AsyncIterator[Stack]:
+    state_dir = tmp_path_factory.mktemp("televote-state")
     settings = StackSettings(
-        state_dir=tmp_path_factory.mktemp("televote-state"),
+        state_dir=state_dir,
         edge_port=0,
         database_url=os.environ.get("TELEVOTE_TEST_DATABASE_URL"),
         redis_url=os.environ.get("TELEVOTE_TEST_REDIS_URL"),
-        service_env=FAST_SHOW_ENV,
+        service_env={**FAST_SHOW_ENV, **stack_environment(
+            fake_stores.apple, fake_stores.google, state_dir / "stores")},
     )
     mesh = Stack(settings)
     await mesh.start()

@@ -131,8 +131,8 @@ async def state_of(database_url: str, redis_url: str, user_id: str,
         await redis.aclose()
     # The Redis user hash is a cache: compare what it means (balance, free votes used), with
     # PostgreSQL's value where it is not loaded (a refusal may load it; that changes nothing).
-    wallet = await query(database_url, "SELECT credited - spent AS paid FROM wallets"
-                         " WHERE user_id = %s", user_id)
+    wallet = await query(database_url, "SELECT credited - spent - clawed_back AS paid"
+                         " FROM wallets WHERE user_id = %s", user_id)
     free = await query(database_url, "SELECT used FROM free_vote_usage WHERE user_id = %s"
                        " AND episode_id = %s", user_id, test_round.episode_id)
     fields = {key.decode(): int(value) for key, value in user.items()}

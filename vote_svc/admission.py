@@ -208,6 +208,23 @@ if c and tonumber(ARGV[1]) > tonumber(c) then redis.call('HSET', KEYS[1], 'credi
 return 1
 """
 
+# A refund's claw-back, taken from what admission can still spend, so no vote admitted at the
+# same moment can spend it too. KEYS: user. ARGV: votes to claw back, then PostgreSQL's
+# credited and spent + clawed_back (read under the wallet's row lock) for an unloaded cache.
+# Returns the votes clawed back (at most the unspent balance).
+CLAW = """
+local c = redis.call('HGET', KEYS[1], 'credited')
+if not c then
+  redis.call('HSET', KEYS[1], 'credited', ARGV[2], 'spent', ARGV[3])
+elseif tonumber(ARGV[2]) > tonumber(c) then
+  redis.call('HSET', KEYS[1], 'credited', ARGV[2])
+end
+local u = redis.call('HMGET', KEYS[1], 'credited', 'spent')
+local take = math.min(tonumber(ARGV[1]), math.max(tonumber(u[1]) - tonumber(u[2]), 0))
+if take > 0 then redis.call('HINCRBY', KEYS[1], 'spent', take) end
+return take
+"""
+
 # KEYS: window. ARGV: field, value, ... Writes a window only if no one (sync_svc) has.
 WINDOW_IF_MISSING = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -293,8 +310,10 @@ class Scripts:
         self.undo: Any = redis.register_script(UNDO)
         self.done: Any = redis.register_script(DONE)
         self.grant: Any = redis.register_script(GRANT)
+        self.claw: Any = redis.register_script(CLAW)
         self.window_if_missing: Any = redis.register_script(WINDOW_IF_MISSING)
-        self._all = [self.admit, self.undo, self.done, self.grant, self.window_if_missing]
+        self._all = [self.admit, self.undo, self.done, self.grant, self.claw,
+                     self.window_if_missing]
         self._calls: Coalescer[_Call, Any] = Coalescer(self._execute)
         self._idle: list[Any] = []  # connections of the pipelines (_raw_pipeline)
 

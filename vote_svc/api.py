@@ -1,4 +1,5 @@
-"""vote_svc's servicers: voting for voters, batch submission for gateways, wallet grants."""
+"""vote_svc's servicers: voting for voters, batch submission for gateways, wallet grants,
+store purchases and the stores' notifications."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import grpc
 from runtime import ids
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.interceptors import current_principal
+from runtime.protoconv import timestamp
 from runtime.storage import Storage
 from televote.vote.v1 import (
     vote_gateway_service_pb2,
@@ -23,6 +25,7 @@ from televote.vote.v1 import (
 from vote_svc.admission import Scripts
 from vote_svc.ingest import Ingestor, Result, VoteRequest
 from vote_svc.packages import PackageCatalogue
+from vote_svc.purchases import MAX_RECEIPT_BYTES, STORE_NAMES, Purchases
 from vote_svc.validation import (
     check_vote,
     client_ip,
@@ -31,15 +34,18 @@ from vote_svc.validation import (
 from vote_svc.wallet import balance, grant_votes
 
 MAX_BATCH = 1000
+MAX_NOTIFICATION_BYTES = 256 * 1024
 
 
 class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
     """Voters' RPCs: the user is always the token's subject."""
 
-    def __init__(self, storage: Storage, ingestor: Ingestor) -> None:
+    def __init__(self, storage: Storage, ingestor: Ingestor, catalogue: PackageCatalogue,
+                 purchases: Purchases) -> None:
         self._storage = storage
         self._ingestor = ingestor
-        self._catalogue = PackageCatalogue(storage)
+        self._catalogue = catalogue
+        self._purchases = purchases
 
     async def SubmitVote(self, request: vote_service_pb2.SubmitVoteRequest,
                          context: grpc.aio.ServicerContext[Any, Any],
@@ -79,6 +85,60 @@ class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
                                context: Any) -> vote_service_pb2.ListVotePackagesResponse:
         return vote_service_pb2.ListVotePackagesResponse(
             packages=await self._catalogue.packages())
+
+    async def PurchaseVotePackage(self, request: vote_service_pb2.PurchaseVotePackageRequest,
+                                  context: Any) -> vote_service_pb2.PurchaseVotePackageResponse:
+        bad = []
+        request_id = ids.canonical(request.request_id)
+        if request_id is None:
+            bad.append(FieldViolation("request_id", "must be a UUID"))
+        if request.store not in STORE_NAMES:
+            bad.append(FieldViolation("store", "must be STORE_APPLE or STORE_GOOGLE"))
+        if not 1 <= len(request.package_id) <= 64:
+            bad.append(FieldViolation("package_id", "1 to 64 characters"))
+        if not request.store_receipt:
+            bad.append(FieldViolation("store_receipt", "the store's proof of purchase"))
+        elif len(request.store_receipt.encode()) > MAX_RECEIPT_BYTES:
+            bad.append(FieldViolation("store_receipt", "at most 64 KiB"))
+        if bad or request_id is None:
+            raise invalid_argument(*bad)
+        credit = await self._purchases.purchase(
+            current_principal().subject, request_id, STORE_NAMES[request.store],
+            request.package_id, request.store_receipt)
+        return vote_service_pb2.PurchaseVotePackageResponse(
+            purchase_id=credit.purchase_id, store_transaction_id=credit.store_transaction_id,
+            votes_credited=credit.votes_credited, paid_balance=credit.paid_balance,
+            price=vote_types_pb2.Money(currency_code=credit.currency_code,
+                                       amount_micros=credit.price_micros),
+            credited_at=timestamp(credit.credited_at))
+
+
+class StoreNotificationServicer(vote_service_pb2_grpc.StoreNotificationServiceServicer):
+    """The stores' pushes: each authenticated here, not by a televote token (see the proto)."""
+
+    def __init__(self, purchases: Purchases) -> None:
+        self._purchases = purchases
+
+    async def ReceiveAppleNotification(
+            self, request: vote_service_pb2.ReceiveAppleNotificationRequest, context: Any,
+    ) -> vote_service_pb2.ReceiveAppleNotificationResponse:
+        if not request.signed_payload:
+            raise invalid_argument(FieldViolation("signed_payload", "Apple's signed payload"))
+        if len(request.signed_payload.encode()) > MAX_NOTIFICATION_BYTES:
+            raise invalid_argument(FieldViolation("signed_payload", "at most 256 KiB"))
+        await self._purchases.apple_notification(request.signed_payload)
+        return vote_service_pb2.ReceiveAppleNotificationResponse()
+
+    async def ReceiveGoogleNotification(
+            self, request: vote_service_pb2.ReceiveGoogleNotificationRequest, context: Any,
+    ) -> vote_service_pb2.ReceiveGoogleNotificationResponse:
+        if not request.HasField("message"):
+            raise invalid_argument(FieldViolation("message", "the Pub/Sub message"))
+        if request.message.ByteSize() > MAX_NOTIFICATION_BYTES:
+            raise invalid_argument(FieldViolation("message", "at most 256 KiB"))
+        await self._purchases.google_notification(request.token, request.message,
+                                                  request.subscription)
+        return vote_service_pb2.ReceiveGoogleNotificationResponse()
 
 
 class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServicer):

@@ -74,6 +74,42 @@ class VoteConfig(ServiceConfig):
     #: that votes admitted before the loss have been committed (or undone). Must exceed the
     #: commit timeout plus the batch interval.
     vote_rebuild_settle_ms: int = 2500
+    # -- Purchases (vote_svc/purchases.py, vote_svc/stores.py) ------------------------------
+    #: Apple root certificates (DER or PEM files, comma-separated) a signed transaction or
+    #: notification must chain to: Apple Root CA - G3 in production. Empty: no Apple sales.
+    vote_apple_root_certs: str = ""
+    #: The app whose purchases count (a broadcaster's own app has its own).
+    vote_apple_bundle_id: str = "com.hangmeas.xfactor"
+    #: "Production" or "Sandbox": a transaction from the other environment is refused.
+    vote_apple_environment: str = "Production"
+    #: The app's Apple id; required in Production (notifications are checked against it).
+    vote_apple_app_apple_id: int | None = None
+    #: Ask Apple's OCSP responders whether the signing certificates were revoked (network
+    #: calls, run off the event loop under the store timeout like every store call).
+    vote_apple_online_checks: bool = True
+    #: The Android app (package name) whose purchases count.
+    vote_google_package_name: str = "com.hangmeas.xfactor"
+    #: Service-account key file (JSON) with access to the Play Developer API. Empty: no
+    #: Google Play sales.
+    vote_google_credentials: str = ""
+    #: The Play Developer API's base URL; empty is Google's (tests point it at a stand-in).
+    vote_google_api_url: str = ""
+    #: "Production" refuses license testers' purchases (no money moved); "Sandbox" only
+    #: accepts those.
+    vote_google_environment: str = "Production"
+    #: The token a Pub/Sub push of Play notifications must carry (`?token=`); empty refuses
+    #: every push (the Voided Purchases poll still finds refunds).
+    vote_google_push_token: str = ""
+    #: A store call slower than this answers STORE_UNAVAILABLE (nothing credited).
+    vote_store_timeout_ms: float = 5000.0
+    #: Threads that run the stores' synchronous libraries, away from the event loop that
+    #: serves votes; and store calls in flight per replica beyond which purchases are refused
+    #: at once with STORE_UNAVAILABLE instead of queueing behind a slow store.
+    vote_store_threads: int = 4
+    vote_store_max_inflight: int = 32
+    #: How often one replica polls Google's Voided Purchases API and retries consumptions.
+    vote_voided_poll_interval_s: float = 300.0
+
     #: Secret salt of the voter pseudonym in receipts (the ledger tree names no user). No
     #: default: a salt anyone can read would let anyone find a user's votes in an export.
     #: `televote up` keeps a random one in its state directory.

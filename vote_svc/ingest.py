@@ -357,7 +357,8 @@ class Ingestor:
 
     async def _load_users(self, wanted: list[UserKey]) -> list[list[str | int]]:
         """What PostgreSQL says of each (user, episode, round): the ADMIT script's ARGV[13..18]
-        (credited, spent, episode, free used in it, round, free used in it)."""
+        (credited, spent, episode, free used in it, round, free used in it); the cache's `spent`
+        includes the votes refunds clawed back (vote_svc/purchases.py)."""
         triples = sorted(set(wanted))
         async with self._db() as connection:
             # One statement, in autocommit (a voter's first vote of an episode pays for it).

@@ -1,4 +1,5 @@
-"""vote_svc's server: voting for voters, batch submission for gateways, wallet grants.
+"""vote_svc's server: voting for voters, batch submission for gateways, wallet grants,
+store purchases and the stores' notifications.
 
 See vote_svc/README.md for the design (admission script, ledger, failure handling, recovery
 after a Redis loss and which invariants hold while it happens).
@@ -22,13 +23,21 @@ from televote.vote.v1 import (
     wallet_admin_service_pb2_grpc,
 )
 from vote_svc.admission import Scripts
-from vote_svc.api import VoteGatewayServicer, VoteServicer, WalletAdminServicer
+from vote_svc.api import (
+    StoreNotificationServicer,
+    VoteGatewayServicer,
+    VoteServicer,
+    WalletAdminServicer,
+)
 from vote_svc.config import VoteConfig
 from vote_svc.fraud import FraudScorer
 from vote_svc.ingest import Ingestor
 from vote_svc.ledger import Ledger
+from vote_svc.packages import PackageCatalogue
+from vote_svc.purchases import Purchases
 from vote_svc.reconcile import Reconciler
 from vote_svc.rescore import Rescorer
+from vote_svc.stores import Stores
 
 __all__ = ["VoteConfig", "create_server", "main"]
 
@@ -59,8 +68,16 @@ def create_server(config: VoteConfig) -> tuple[ServiceHost, int]:
     watch = asyncio.get_running_loop().create_task(ingestor.recovery.watch_shards())
     background: list[asyncio.Task[None]] = []
 
+    stores = Stores.from_config(config)
+    catalogue = PackageCatalogue(storage)
+    purchases = Purchases(storage, scripts, stores, catalogue)
+
     async def start_background() -> None:
         background.extend(_start_background(config, storage, scripts, fraud_channel))
+        if stores.google is not None:
+            background.append(asyncio.get_running_loop().create_task(
+                purchases.run_poller(config.vote_voided_poll_interval_s),
+                name="purchase-poller"))
 
     host.on_start(start_background)
 
@@ -70,13 +87,17 @@ def create_server(config: VoteConfig) -> tuple[ServiceHost, int]:
         for task in background:
             task.cancel()
         await ledger.close()
+        stores.close()
         if fraud_channel is not None:
             await fraud_channel.close(None)
 
     host.on_stop(flush)
     host.add(vote_service_pb2_grpc.add_VoteServiceServicer_to_server,
-             VoteServicer(storage, ingestor),  # type: ignore[abstract]
+             VoteServicer(storage, ingestor, catalogue, purchases),
              vote_service_pb2.DESCRIPTOR.services_by_name["VoteService"])
+    host.add(vote_service_pb2_grpc.add_StoreNotificationServiceServicer_to_server,
+             StoreNotificationServicer(purchases),
+             vote_service_pb2.DESCRIPTOR.services_by_name["StoreNotificationService"])
     host.add(vote_gateway_service_pb2_grpc.add_VoteGatewayServiceServicer_to_server,
              VoteGatewayServicer(ingestor),
              vote_gateway_service_pb2.DESCRIPTOR.services_by_name["VoteGatewayService"])

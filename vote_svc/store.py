@@ -1,6 +1,6 @@
 """vote_svc's SQL, named: the group commit's one statement (`WRITE_BATCH`), the reads that
 resolve admissions (`USER_CACHE`, `EXISTING_VOTES`), wallets, packages, Redis-loss recovery,
-the reconciler and the re-scoring of UNSCORED votes.
+the reconciler, the re-scoring of UNSCORED votes, and store purchases and their refunds.
 
 The domain modules (ledger.py, ingest.py, wallet.py, recovery.py, ...) decide when each runs
 and in which transaction; a statement's comment says what its parameters are where it is not
@@ -9,12 +9,16 @@ plain.
 
 from __future__ import annotations
 
+from runtime import audit
+
 # -- ingest.py --------------------------------------------------------------------------------
 
 USER_CACHE = (
     "SELECT w.user_id, w.episode_id::text AS episode_id,"
     "       w.round_id::text AS round_id,"
-    "       coalesce(p.credited, 0) AS credited, coalesce(p.spent, 0) AS spent,"
+    "       coalesce(p.credited, 0) AS credited,"
+    # The cache's `spent` includes the votes refunds clawed back (purchases.py).
+    "       coalesce(p.spent + p.clawed_back, 0) AS spent,"
     "       coalesce((SELECT f.used FROM free_vote_usage f"
     "                  WHERE f.user_id = w.user_id"
     "                    AND f.episode_id = w.episode_id), 0) AS episode_used,"
@@ -156,7 +160,7 @@ WALLET_CREDITED = "SELECT credited FROM wallets WHERE user_id = %s"
 CREDIT_WALLET = (
     "INSERT INTO wallets (user_id, credited) VALUES (%s, %s)"
     " ON CONFLICT (user_id) DO UPDATE SET credited = wallets.credited + excluded.credited"
-    " RETURNING credited - spent AS balance"
+    " RETURNING credited - spent - clawed_back AS balance"
 )
 
 INSERT_WALLET_CREDIT = (
@@ -169,6 +173,93 @@ BALANCE = (
     "SELECT e.free_vote_quota AS quota,"
     "       (SELECT used FROM free_vote_usage f"
     "         WHERE f.user_id = %s AND f.episode_id = e.episode_id) AS used,"
-    "       (SELECT credited - spent FROM wallets w WHERE w.user_id = %s) AS paid"
+    "       (SELECT credited - spent - clawed_back FROM wallets w WHERE w.user_id = %s)"
+    "         AS paid"
     "  FROM episodes e WHERE e.episode_id = %s"
 )
+
+
+# -- purchases.py -----------------------------------------------------------------------------
+
+_PURCHASE = (
+    "SELECT purchase_id::text, request_id, user_id, store_transaction_id,"
+    "       votes + bonus_votes AS votes, balance_after, price_micros, currency_code,"
+    "       credited_at, fingerprint FROM purchases")
+PURCHASE_BY_REQUEST = _PURCHASE + " WHERE request_id = %s"
+# request id, store, store transaction id: this request's purchase, or the receipt's.
+PURCHASE_BY_REQUEST_OR_RECEIPT = (
+    _PURCHASE + " WHERE request_id = %s OR (store = %s AND store_transaction_id = %s)")
+
+# The credit, the purchase and its audit entry as one statement (atomic in autocommit): the
+# wallet's new balance goes into the purchase row (a retry's answer) and the audit entry.
+CREDIT_PURCHASE = """
+WITH w AS (
+    INSERT INTO wallets (user_id, credited) VALUES (%(user)s, %(votes)s)
+    ON CONFLICT (user_id) DO UPDATE SET credited = wallets.credited + excluded.credited
+    RETURNING credited, credited - spent - clawed_back AS balance
+), p AS (
+    INSERT INTO purchases (purchase_id, request_id, user_id, store, store_transaction_id,
+        store_reference, environment, package_id, product_id, votes, bonus_votes,
+        price_micros, currency_code, store_price_micros, store_currency, purchased_at,
+        balance_after, fingerprint)
+    SELECT %(purchase)s, %(request)s, %(user)s, %(store)s, %(transaction)s, %(reference)s,
+        %(environment)s, %(package)s, %(product)s, %(bought)s, %(bonus)s, %(price)s,
+        %(currency)s, %(store_price)s, %(store_currency)s, %(purchased_at)s, w.balance,
+        %(fingerprint)s
+      FROM w
+    RETURNING credited_at
+), a AS (
+    """ + audit.insert_sql("""(SELECT jsonb_build_array(jsonb_build_object(
+        'actor_role', 'voter', 'actor', %(user)s, 'action', 'purchase.credit',
+        'target', 'user:' || %(user)s, 'reason', %(store)s,
+        'details', %(details)s::jsonb || jsonb_build_object('balance_after', w.balance)))
+      FROM w)""") + """
+)
+SELECT w.credited, w.balance, p.credited_at FROM w, p
+"""
+
+# A Google purchase consumed, and its audit entry (none when it was recorded before).
+RECORD_CONSUMPTION = (
+    "WITH c AS (INSERT INTO purchase_consumptions (purchase_id) VALUES (%(p)s)"
+    "           ON CONFLICT DO NOTHING RETURNING purchase_id) "
+    + audit.insert_sql(
+        "(SELECT jsonb_agg(jsonb_build_object('actor_role', 'internal', 'actor',"
+        " 'vote_svc', 'action', 'purchase.consume', 'target', 'purchase:' || %(p)s,"
+        " 'reason', 'GOOGLE', 'details', jsonb_build_object('purchase_id', %(p)s)))"
+        " FROM c)"))
+
+# Google purchases credited more than (interval) ago, within Google's three days, neither
+# consumed nor refunded.
+UNCONSUMED = (
+    "SELECT p.purchase_id::text, p.product_id, p.store_reference FROM purchases p"
+    " WHERE p.store = 'GOOGLE' AND p.credited_at < now() - %s"
+    "   AND p.credited_at > now() - interval '3 days'"
+    "   AND NOT EXISTS (SELECT 1 FROM purchase_consumptions c"
+    "                    WHERE c.purchase_id = p.purchase_id)"
+    "   AND NOT EXISTS (SELECT 1 FROM purchase_refunds r"
+    "                    WHERE r.purchase_id = p.purchase_id)"
+    " LIMIT 500")
+
+PURCHASE_TO_REFUND = (
+    "SELECT purchase_id::text, user_id, votes + bonus_votes AS votes"
+    "  FROM purchases WHERE store = %s AND store_transaction_id = %s")
+LOCK_WALLET = "SELECT credited, spent, clawed_back FROM wallets WHERE user_id = %s FOR UPDATE"
+REFUNDED = "SELECT 1 FROM purchase_refunds WHERE purchase_id = %s"
+INSERT_REFUND = (
+    "INSERT INTO purchase_refunds (refund_id, purchase_id, user_id, source, store_reason,"
+    "   refunded_at, votes_credited, clawed_back, already_spent, flagged_for_review)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
+CLAW_BACK = "UPDATE wallets SET clawed_back = clawed_back + %s WHERE user_id = %s"
+
+VOIDED_POLLED_TO = "SELECT polled_to FROM purchase_poll_state WHERE name = 'google_voided'"
+SET_VOIDED_POLLED_TO = (
+    "INSERT INTO purchase_poll_state (name, polled_to) VALUES ('google_voided', %s)"
+    " ON CONFLICT (name) DO UPDATE SET polled_to = excluded.polled_to")
+
+# `televote refunds`: every refund recorded since a time, with its purchase.
+REFUNDS_SINCE = (
+    "SELECT r.recorded_at, r.refunded_at, r.user_id, p.store, p.store_transaction_id,"
+    "       p.package_id, p.price_micros, p.currency_code, r.source, r.store_reason,"
+    "       r.votes_credited, r.clawed_back, r.already_spent, r.flagged_for_review"
+    "  FROM purchase_refunds r JOIN purchases p USING (purchase_id)"
+    " WHERE r.recorded_at >= %s ORDER BY r.recorded_at")

@@ -1,11 +1,12 @@
 """Paid balances: credits and spends in PostgreSQL (the truth), Redis as admission cache.
 
-balance = wallets.credited - wallets.spent. Grants add to `credited` and to wallet_credits
-and audit_log in one transaction, once per request id (runtime/idempotency.py); spends are
-added by the ledger's group commit with the votes that spend them. The Redis cache
-(`runtime.keys.user_key`) holds `credited` and `spent` too; a grant only raises a loaded
-cache's `credited` to the committed total, so a grant and a cache load racing each other
-cannot count the grant twice.
+balance = wallets.credited - wallets.spent - wallets.clawed_back. Grants add to `credited`
+and to wallet_credits and audit_log in one transaction, once per request id
+(runtime/idempotency.py), and store purchases likewise to purchases (vote_svc/purchases.py);
+spends are added by the ledger's group commit with the votes that spend them; refunds add to
+`clawed_back`. The Redis cache (`runtime.keys.user_key`) holds `credited` and `spent` (there:
+spent + clawed back) too; a credit only raises a loaded cache's `credited` to the committed
+total, so a credit and a cache load racing each other cannot count it twice.
 """
 
 from __future__ import annotations

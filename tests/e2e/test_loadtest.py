@@ -18,22 +18,27 @@ import pytest
 import pytest_asyncio
 from psycopg.rows import dict_row
 
+from loadtest.funding import StoreFunding
 from loadtest.plan import LoadConfig
 from loadtest.run import RunResult, Target, run
 from loadtest.verify import Verdict, verify
 from ops.stack import Stack
+from tests.conftest import FakeStores
 
 # --- end to end --------------------------------------------------------------------------
 
 
 @pytest_asyncio.fixture(scope="module")
 async def seed_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory,
-                   ) -> AsyncIterator[RunResult]:
-    """The seed scenario, small and compressed: 30 users x 10 votes, a 120 s window in 4 s."""
+                   fake_stores: FakeStores) -> AsyncIterator[RunResult]:
+    """The seed scenario, small and compressed: 30 users x 10 votes, a 120 s window in 4 s;
+    paid voters buy their votes in the stand-in stores, a third of them one package more
+    that is refunded during voting."""
     config = LoadConfig(users=30, votes_per_user=10, window_s=120, compress=30)
     out = tmp_path_factory.mktemp("loadtest")
     yield await run(config, Target.of(stack, own=False), out, workers=2, live=False,
-                    log=lambda _: None)
+                    log=lambda _: None,
+                    stores=StoreFunding(fake_stores.apple, fake_stores.google, 0.34))
 
 
 async def test_compressed_seed_scenario_passes_end_to_end(seed_run: RunResult) -> None:
@@ -49,6 +54,8 @@ async def test_compressed_seed_scenario_passes_end_to_end(seed_run: RunResult) -
         verification["ledger_rows"] > 0
     assert set(figures["latency_ms"]) == {"grpc", "json", "grpcweb"}
     assert sum(verification["final_counts"].values()) == verification["ledger_rows"]
+    assert verification["purchases"] > verification["refunds"] > 0
+    assert verification["votes_clawed_back"] > 0
     assert seed_run.out_dir is not None
     for name in ("report.json", "summary.md", "plot.png"):
         assert (seed_run.out_dir / name).stat().st_size > 0
@@ -106,3 +113,30 @@ async def test_verifier_catches_a_wrong_final_result(stack: Stack, seed_run: Run
     assert any(f.startswith("final result") and "differs from the recount" in f
                for f in verdict.failures), verdict.failures
     assert any("differs from the acknowledged votes" in f for f in verdict.failures)
+
+
+async def test_verifier_catches_a_refund_that_clawed_nothing_back(stack: Stack,
+                                                                  seed_run: RunResult) -> None:
+    assert seed_run.record is not None and seed_run.record.funding is not None
+    refunded = next(b for b in seed_run.record.funding.purchases if b.refund)
+    verdict = await _verify_damaged(
+        stack, seed_run,
+        ("UPDATE wallets SET clawed_back = 0 WHERE user_id = %s", (refunded.user,)),
+        ("DELETE FROM purchase_refunds WHERE user_id = %s", (refunded.user,)))
+    assert any("wallets clawed back other than refunded" in f and refunded.user in f
+               for f in verdict.failures), verdict.failures
+    assert any("refunds applied other than the stores made" in f
+               for f in verdict.failures), verdict.failures
+
+
+async def test_verifier_catches_a_purchase_credited_to_someone_else(
+        stack: Stack, seed_run: RunResult) -> None:
+    assert seed_run.record is not None and seed_run.record.funding is not None
+    bought = seed_run.record.funding.purchases[0]
+    verdict = await _verify_damaged(
+        stack, seed_run,
+        ("UPDATE purchases SET user_id = 'someone-else' WHERE store_transaction_id = %s",
+         (bought.transaction_id,)))
+    assert any("packages bought but not recorded" in f or
+               "purchases credited to another user" in f for f in verdict.failures), \
+        verdict.failures

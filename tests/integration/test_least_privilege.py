@@ -12,7 +12,8 @@ from ops.stack import SERVICES, Stack
 
 #: Append-only tables: no service may change or empty them.
 APPEND_ONLY = ("votes", "audit_log", "fraud_rejections", "vote_fraud_decisions",
-               "round_results", "round_result_invalid_votes", "ledger_keys")
+               "round_results", "round_result_invalid_votes", "ledger_keys", "purchases",
+               "purchase_refunds", "purchase_consumptions")
 
 
 def _as(stack: Stack, service: str) -> psycopg.Connection:

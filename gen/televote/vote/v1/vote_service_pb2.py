@@ -24,17 +24,24 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from televote.vote.v1 import vote_types_pb2 as televote_dot_vote_dot_v1_dot_vote__types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#televote/vote/v1/vote_service.proto\x12\x10televote.vote.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!televote/vote/v1/vote_types.proto\"\xcd\x01\n\x0bVotePackage\x12\x12\n\npackage_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\r\n\x05votes\x18\x03 \x01(\x05\x12\x13\n\x0b\x62onus_votes\x18\x04 \x01(\x05\x12\x13\n\x0btotal_votes\x18\x05 \x01(\x05\x12&\n\x05price\x18\x06 \x01(\x0b\x32\x17.televote.vote.v1.Money\x12\x18\n\x10\x61pple_product_id\x18\x07 \x01(\t\x12\x19\n\x11google_product_id\x18\x08 \x01(\t\"\x90\x02\n\x11SubmitVoteRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08round_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rcontestant_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\tvote_type\x18\x04 \x01(\x0e\x32\x1a.televote.vote.v1.VoteTypeB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x63ount\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x30\n\x07\x63hannel\x18\x06 \x01(\x0e\x32\x19.televote.vote.v1.ChannelB\x04\xe2\x41\x01\x02\x12\x30\n\x06\x63lient\x18\x07 \x01(\x0b\x32 .televote.vote.v1.ClientMetadata\"\x9b\x01\n\x12SubmitVoteResponse\x12\x0f\n\x07vote_id\x18\x01 \x01(\t\x12\x14\n\x0creceipt_hash\x18\x02 \x01(\x0c\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x66ree_votes_left\x18\x04 \x01(\x05\x12\x14\n\x0cpaid_balance\x18\x05 \x01(\x03\"-\n\x11GetBalanceRequest\x12\x18\n\nepisode_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"p\n\x12GetBalanceResponse\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66ree_votes_left\x18\x02 \x01(\x05\x12\x17\n\x0f\x66ree_vote_quota\x18\x03 \x01(\x05\x12\x14\n\x0cpaid_balance\x18\x04 \x01(\x03\"\x19\n\x17ListVotePackagesRequest\"K\n\x18ListVotePackagesResponse\x12/\n\x08packages\x18\x01 \x03(\x0b\x32\x1d.televote.vote.v1.VotePackage\"\x9b\x01\n\x1aPurchaseVotePackageRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12,\n\x05store\x18\x02 \x01(\x0e\x32\x17.televote.vote.v1.StoreB\x04\xe2\x41\x01\x02\x12\x18\n\npackage_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rstore_receipt\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"\xd7\x01\n\x1bPurchaseVotePackageResponse\x12\x13\n\x0bpurchase_id\x18\x01 \x01(\t\x12\x1c\n\x14store_transaction_id\x18\x02 \x01(\t\x12\x16\n\x0evotes_credited\x18\x03 \x01(\x05\x12\x14\n\x0cpaid_balance\x18\x04 \x01(\x03\x12&\n\x05price\x18\x05 \x01(\x0b\x32\x17.televote.vote.v1.Money\x12/\n\x0b\x63redited_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*A\n\x05Store\x12\x15\n\x11STORE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTORE_APPLE\x10\x01\x12\x10\n\x0cSTORE_GOOGLE\x10\x02\x32\xa9\x04\n\x0bVoteService\x12\x7f\n\nSubmitVote\x12#.televote.vote.v1.SubmitVoteRequest\x1a$.televote.vote.v1.SubmitVoteResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/rounds/{round_id}/votes:\x01*\x12\x82\x01\n\nGetBalance\x12#.televote.vote.v1.GetBalanceRequest\x1a$.televote.vote.v1.GetBalanceResponse\")\x82\xd3\xe4\x93\x02#\x12!/v1/episodes/{episode_id}/balance\x12\x84\x01\n\x10ListVotePackages\x12).televote.vote.v1.ListVotePackagesRequest\x1a*.televote.vote.v1.ListVotePackagesResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/vote-packages\x12\x8c\x01\n\x13PurchaseVotePackage\x12,.televote.vote.v1.PurchaseVotePackageRequest\x1a-.televote.vote.v1.PurchaseVotePackageResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/purchases:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#televote/vote/v1/vote_service.proto\x12\x10televote.vote.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!televote/vote/v1/vote_types.proto\"?\n\x1fReceiveAppleNotificationRequest\x12\x1c\n\x0esigned_payload\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\"\n ReceiveAppleNotificationResponse\"}\n ReceiveGoogleNotificationRequest\x12.\n\x07message\x18\x01 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x02\x12\x14\n\x0csubscription\x18\x02 \x01(\t\x12\x13\n\x05token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\"#\n!ReceiveGoogleNotificationResponse\"\xcd\x01\n\x0bVotePackage\x12\x12\n\npackage_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\r\n\x05votes\x18\x03 \x01(\x05\x12\x13\n\x0b\x62onus_votes\x18\x04 \x01(\x05\x12\x13\n\x0btotal_votes\x18\x05 \x01(\x05\x12&\n\x05price\x18\x06 \x01(\x0b\x32\x17.televote.vote.v1.Money\x12\x18\n\x10\x61pple_product_id\x18\x07 \x01(\t\x12\x19\n\x11google_product_id\x18\x08 \x01(\t\"\x90\x02\n\x11SubmitVoteRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08round_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rcontestant_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\tvote_type\x18\x04 \x01(\x0e\x32\x1a.televote.vote.v1.VoteTypeB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x63ount\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x30\n\x07\x63hannel\x18\x06 \x01(\x0e\x32\x19.televote.vote.v1.ChannelB\x04\xe2\x41\x01\x02\x12\x30\n\x06\x63lient\x18\x07 \x01(\x0b\x32 .televote.vote.v1.ClientMetadata\"\x9b\x01\n\x12SubmitVoteResponse\x12\x0f\n\x07vote_id\x18\x01 \x01(\t\x12\x14\n\x0creceipt_hash\x18\x02 \x01(\x0c\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x66ree_votes_left\x18\x04 \x01(\x05\x12\x14\n\x0cpaid_balance\x18\x05 \x01(\x03\"-\n\x11GetBalanceRequest\x12\x18\n\nepisode_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"p\n\x12GetBalanceResponse\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66ree_votes_left\x18\x02 \x01(\x05\x12\x17\n\x0f\x66ree_vote_quota\x18\x03 \x01(\x05\x12\x14\n\x0cpaid_balance\x18\x04 \x01(\x03\"\x19\n\x17ListVotePackagesRequest\"K\n\x18ListVotePackagesResponse\x12/\n\x08packages\x18\x01 \x03(\x0b\x32\x1d.televote.vote.v1.VotePackage\"\x9b\x01\n\x1aPurchaseVotePackageRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12,\n\x05store\x18\x02 \x01(\x0e\x32\x17.televote.vote.v1.StoreB\x04\xe2\x41\x01\x02\x12\x18\n\npackage_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rstore_receipt\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"\xd7\x01\n\x1bPurchaseVotePackageResponse\x12\x13\n\x0bpurchase_id\x18\x01 \x01(\t\x12\x1c\n\x14store_transaction_id\x18\x02 \x01(\t\x12\x16\n\x0evotes_credited\x18\x03 \x01(\x05\x12\x14\n\x0cpaid_balance\x18\x04 \x01(\x03\x12&\n\x05price\x18\x05 \x01(\x0b\x32\x17.televote.vote.v1.Money\x12/\n\x0b\x63redited_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*A\n\x05Store\x12\x15\n\x11STORE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTORE_APPLE\x10\x01\x12\x10\n\x0cSTORE_GOOGLE\x10\x02\x32\xa9\x04\n\x0bVoteService\x12\x7f\n\nSubmitVote\x12#.televote.vote.v1.SubmitVoteRequest\x1a$.televote.vote.v1.SubmitVoteResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/rounds/{round_id}/votes:\x01*\x12\x82\x01\n\nGetBalance\x12#.televote.vote.v1.GetBalanceRequest\x1a$.televote.vote.v1.GetBalanceResponse\")\x82\xd3\xe4\x93\x02#\x12!/v1/episodes/{episode_id}/balance\x12\x84\x01\n\x10ListVotePackages\x12).televote.vote.v1.ListVotePackagesRequest\x1a*.televote.vote.v1.ListVotePackagesResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/vote-packages\x12\x8c\x01\n\x13PurchaseVotePackage\x12,.televote.vote.v1.PurchaseVotePackageRequest\x1a-.televote.vote.v1.PurchaseVotePackageResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/purchases:\x01*2\xfa\x02\n\x18StoreNotificationService\x12\xab\x01\n\x18ReceiveAppleNotification\x12\x31.televote.vote.v1.ReceiveAppleNotificationRequest\x1a\x32.televote.vote.v1.ReceiveAppleNotificationResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/store-notifications/apple:\x01*\x12\xaf\x01\n\x19ReceiveGoogleNotification\x12\x32.televote.vote.v1.ReceiveGoogleNotificationRequest\x1a\x33.televote.vote.v1.ReceiveGoogleNotificationResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/store-notifications/google:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'televote.vote.v1.vote_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RECEIVEAPPLENOTIFICATIONREQUEST'].fields_by_name['signed_payload']._loaded_options = None
+  _globals['_RECEIVEAPPLENOTIFICATIONREQUEST'].fields_by_name['signed_payload']._serialized_options = b'\342A\001\002'
+  _globals['_RECEIVEGOOGLENOTIFICATIONREQUEST'].fields_by_name['message']._loaded_options = None
+  _globals['_RECEIVEGOOGLENOTIFICATIONREQUEST'].fields_by_name['message']._serialized_options = b'\342A\001\002'
+  _globals['_RECEIVEGOOGLENOTIFICATIONREQUEST'].fields_by_name['token']._loaded_options = None
+  _globals['_RECEIVEGOOGLENOTIFICATIONREQUEST'].fields_by_name['token']._serialized_options = b'\342A\001\002'
   _globals['_SUBMITVOTEREQUEST'].fields_by_name['request_id']._loaded_options = None
   _globals['_SUBMITVOTEREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\002'
   _globals['_SUBMITVOTEREQUEST'].fields_by_name['round_id']._loaded_options = None
@@ -65,26 +72,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VOTESERVICE'].methods_by_name['ListVotePackages']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/vote-packages'
   _globals['_VOTESERVICE'].methods_by_name['PurchaseVotePackage']._loaded_options = None
   _globals['_VOTESERVICE'].methods_by_name['PurchaseVotePackage']._serialized_options = b'\202\323\344\223\002\022\"\r/v1/purchases:\001*'
-  _globals['_STORE']._serialized_start=1470
-  _globals['_STORE']._serialized_end=1535
-  _globals['_VOTEPACKAGE']._serialized_start=189
-  _globals['_VOTEPACKAGE']._serialized_end=394
-  _globals['_SUBMITVOTEREQUEST']._serialized_start=397
-  _globals['_SUBMITVOTEREQUEST']._serialized_end=669
-  _globals['_SUBMITVOTERESPONSE']._serialized_start=672
-  _globals['_SUBMITVOTERESPONSE']._serialized_end=827
-  _globals['_GETBALANCEREQUEST']._serialized_start=829
-  _globals['_GETBALANCEREQUEST']._serialized_end=874
-  _globals['_GETBALANCERESPONSE']._serialized_start=876
-  _globals['_GETBALANCERESPONSE']._serialized_end=988
-  _globals['_LISTVOTEPACKAGESREQUEST']._serialized_start=990
-  _globals['_LISTVOTEPACKAGESREQUEST']._serialized_end=1015
-  _globals['_LISTVOTEPACKAGESRESPONSE']._serialized_start=1017
-  _globals['_LISTVOTEPACKAGESRESPONSE']._serialized_end=1092
-  _globals['_PURCHASEVOTEPACKAGEREQUEST']._serialized_start=1095
-  _globals['_PURCHASEVOTEPACKAGEREQUEST']._serialized_end=1250
-  _globals['_PURCHASEVOTEPACKAGERESPONSE']._serialized_start=1253
-  _globals['_PURCHASEVOTEPACKAGERESPONSE']._serialized_end=1468
-  _globals['_VOTESERVICE']._serialized_start=1538
-  _globals['_VOTESERVICE']._serialized_end=2091
+  _globals['_STORENOTIFICATIONSERVICE'].methods_by_name['ReceiveAppleNotification']._loaded_options = None
+  _globals['_STORENOTIFICATIONSERVICE'].methods_by_name['ReceiveAppleNotification']._serialized_options = b'\202\323\344\223\002\"\"\035/v1/store-notifications/apple:\001*'
+  _globals['_STORENOTIFICATIONSERVICE'].methods_by_name['ReceiveGoogleNotification']._loaded_options = None
+  _globals['_STORENOTIFICATIONSERVICE'].methods_by_name['ReceiveGoogleNotification']._serialized_options = b'\202\323\344\223\002#\"\036/v1/store-notifications/google:\001*'
+  _globals['_STORE']._serialized_start=1765
+  _globals['_STORE']._serialized_end=1830
+  _globals['_RECEIVEAPPLENOTIFICATIONREQUEST']._serialized_start=218
+  _globals['_RECEIVEAPPLENOTIFICATIONREQUEST']._serialized_end=281
+  _globals['_RECEIVEAPPLENOTIFICATIONRESPONSE']._serialized_start=283
+  _globals['_RECEIVEAPPLENOTIFICATIONRESPONSE']._serialized_end=317
+  _globals['_RECEIVEGOOGLENOTIFICATIONREQUEST']._serialized_start=319
+  _globals['_RECEIVEGOOGLENOTIFICATIONREQUEST']._serialized_end=444
+  _globals['_RECEIVEGOOGLENOTIFICATIONRESPONSE']._serialized_start=446
+  _globals['_RECEIVEGOOGLENOTIFICATIONRESPONSE']._serialized_end=481
+  _globals['_VOTEPACKAGE']._serialized_start=484
+  _globals['_VOTEPACKAGE']._serialized_end=689
+  _globals['_SUBMITVOTEREQUEST']._serialized_start=692
+  _globals['_SUBMITVOTEREQUEST']._serialized_end=964
+  _globals['_SUBMITVOTERESPONSE']._serialized_start=967
+  _globals['_SUBMITVOTERESPONSE']._serialized_end=1122
+  _globals['_GETBALANCEREQUEST']._serialized_start=1124
+  _globals['_GETBALANCEREQUEST']._serialized_end=1169
+  _globals['_GETBALANCERESPONSE']._serialized_start=1171
+  _globals['_GETBALANCERESPONSE']._serialized_end=1283
+  _globals['_LISTVOTEPACKAGESREQUEST']._serialized_start=1285
+  _globals['_LISTVOTEPACKAGESREQUEST']._serialized_end=1310
+  _globals['_LISTVOTEPACKAGESRESPONSE']._serialized_start=1312
+  _globals['_LISTVOTEPACKAGESRESPONSE']._serialized_end=1387
+  _globals['_PURCHASEVOTEPACKAGEREQUEST']._serialized_start=1390
+  _globals['_PURCHASEVOTEPACKAGEREQUEST']._serialized_end=1545
+  _globals['_PURCHASEVOTEPACKAGERESPONSE']._serialized_start=1548
+  _globals['_PURCHASEVOTEPACKAGERESPONSE']._serialized_end=1763
+  _globals['_VOTESERVICE']._serialized_start=1833
+  _globals['_VOTESERVICE']._serialized_end=2386
+  _globals['_STORENOTIFICATIONSERVICE']._serialized_start=2389
+  _globals['_STORENOTIFICATIONSERVICE']._serialized_end=2767
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -44,6 +45,101 @@ STORE_APPLE: Store.ValueType  # 1
 STORE_GOOGLE: Store.ValueType  # 2
 """Google Play; the receipt is a purchase token."""
 Global___Store: _TypeAlias = Store  # noqa: Y015
+
+@_typing.final
+class ReceiveAppleNotificationRequest(_message.Message):
+    """Request for StoreNotificationService.ReceiveAppleNotification: Apple's JSON body."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNED_PAYLOAD_FIELD_NUMBER: _builtins.int
+    signed_payload: _builtins.str
+    """The notification, a JWS signed by Apple (responseBodyV2)."""
+    def __init__(
+        self,
+        *,
+        signed_payload: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signed_payload", b"signed_payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveAppleNotificationRequest: _TypeAlias = ReceiveAppleNotificationRequest  # noqa: Y015
+
+@_typing.final
+class ReceiveAppleNotificationResponse(_message.Message):
+    """Response for StoreNotificationService.ReceiveAppleNotification (empty: Apple reads the
+    HTTP status only).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveAppleNotificationResponse: _TypeAlias = ReceiveAppleNotificationResponse  # noqa: Y015
+
+@_typing.final
+class ReceiveGoogleNotificationRequest(_message.Message):
+    """Request for StoreNotificationService.ReceiveGoogleNotification: a Pub/Sub push body."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    subscription: _builtins.str
+    """The subscription that pushed it, for the audit log."""
+    token: _builtins.str
+    """The deployment's push token, from the push endpoint's query string."""
+    @_builtins.property
+    def message(self) -> _struct_pb2.Struct:
+        """The Pub/Sub message: `data` (base64 of the DeveloperNotification JSON), `messageId`,
+        `publishTime`, `attributes`. Kept as JSON because Pub/Sub sends some keys twice
+        (camelCase and snake_case).
+        """
+
+    def __init__(
+        self,
+        *,
+        message: _struct_pb2.Struct | None = ...,
+        subscription: _builtins.str = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "subscription", b"subscription", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveGoogleNotificationRequest: _TypeAlias = ReceiveGoogleNotificationRequest  # noqa: Y015
+
+@_typing.final
+class ReceiveGoogleNotificationResponse(_message.Message):
+    """Response for StoreNotificationService.ReceiveGoogleNotification (empty: Pub/Sub reads the
+    HTTP status only).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveGoogleNotificationResponse: _TypeAlias = ReceiveGoogleNotificationResponse  # noqa: Y015
 
 @_typing.final
 class VotePackage(_message.Message):

@@ -133,16 +133,29 @@ class VoteServiceServicer:
         with the same `request_id` returns the original purchase.
 
         Returns:
+        Apple: `store_receipt` is the StoreKit 2 signed transaction (JWS), verified against the
+        deployment's Apple root certificate, bundle id and environment. Google Play:
+        `store_receipt` is the purchase token, checked with the Google Play Developer API
+        (purchases.products.get, then consumed so the voter can buy the package again). The
+        store's transaction id (Apple transactionId, Google orderId) credits once, across users.
+
+        Returns:
         * OK: the votes are credited.
-        * INVALID_ARGUMENT `INVALID_REQUEST`: a field is missing (BadRequest).
+        * INVALID_ARGUMENT `INVALID_REQUEST`: a field is missing or malformed, or the receipt is
+        over 64 KiB (BadRequest).
         * NOT_FOUND `PACKAGE_NOT_FOUND`: no such package on sale.
-        * FAILED_PRECONDITION `RECEIPT_INVALID`: the store rejected the receipt, or it is for
-        another product, app or environment.
+        * FAILED_PRECONDITION `RECEIPT_INVALID`: the receipt is forged, truncated or not signed
+        by a chain to the configured root; it is for another app, another product or the
+        other environment (sandbox vs production); the purchase is pending, cancelled or
+        refunded. ErrorInfo metadata `cause` says which.
+        * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through that
+        store.
         * ALREADY_EXISTS `RECEIPT_ALREADY_USED`: the receipt already credited a purchase under
         another `request_id` or user.
         * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the `request_id` was used with different fields.
-        * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached; nothing was credited,
-        retry with the same `request_id`.
+        * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached or was too slow, or
+        too many purchases are being verified at once; nothing was credited, retry with the
+        same `request_id`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -283,6 +296,163 @@ class VoteService:
             '/televote.vote.v1.VoteService/PurchaseVotePackage',
             televote_dot_vote_dot_v1_dot_vote__service__pb2.PurchaseVotePackageRequest.SerializeToString,
             televote_dot_vote_dot_v1_dot_vote__service__pb2.PurchaseVotePackageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class StoreNotificationServiceStub:
+    """Store server notifications: refunds and revocations pushed by the app stores. The stores
+    carry no televote token, so the edge lets anyone in (role `anonymous`) and the service
+    authenticates each push itself: Apple's payload is signed by Apple (verified with the App
+    Store Server Library against the configured root); a Google Pub/Sub push must carry the
+    deployment's push token in its URL, and even then the notification is only a hint: the
+    purchase is looked up with the Google Play Developer API before anything is clawed back.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReceiveAppleNotification = channel.unary_unary(
+                '/televote.vote.v1.StoreNotificationService/ReceiveAppleNotification',
+                request_serializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.ReceiveAppleNotificationRequest.SerializeToString,
+                response_deserializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.ReceiveAppleNotificationResponse.FromString,
+                _registered_method=True)
+        self.ReceiveGoogleNotification = channel.unary_unary(
+                '/televote.vote.v1.StoreNotificationService/ReceiveGoogleNotification',
+                request_serializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.ReceiveGoogleNotificationRequest.SerializeToString,
+                response_deserializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.ReceiveGoogleNotificationResponse.FromString,
+                _registered_method=True)
+
+
+class StoreNotificationServiceServicer:
+    """Store server notifications: refunds and revocations pushed by the app stores. The stores
+    carry no televote token, so the edge lets anyone in (role `anonymous`) and the service
+    authenticates each push itself: Apple's payload is signed by Apple (verified with the App
+    Store Server Library against the configured root); a Google Pub/Sub push must carry the
+    deployment's push token in its URL, and even then the notification is only a hint: the
+    purchase is looked up with the Google Play Developer API before anything is clawed back.
+    """
+
+    def ReceiveAppleNotification(self, request, context):
+        """App Store Server Notifications V2 (the URL configured in App Store Connect). REFUND and
+        REVOKE claw back the purchase's votes (what is unspent; what was already spent is
+        recorded against the purchase and the voter is flagged for review); other types are
+        acknowledged and audited. Apple retries a notification that was not answered OK.
+
+        Returns:
+        * OK: handled (or nothing to do: an unknown transaction, a repeat).
+        * INVALID_ARGUMENT `NOTIFICATION_INVALID`: not a payload signed by a chain to the
+        configured root, or for another app or environment.
+        * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through Apple.
+        * UNAVAILABLE `UNAVAILABLE`: not recorded; the store's retry will bring it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReceiveGoogleNotification(self, request, context):
+        """Google Play real-time developer notifications, as a Cloud Pub/Sub push subscription posts
+        them (`?token=` is the deployment's push token). A voidedPurchaseNotification or a
+        cancelled oneTimeProductNotification makes the service ask Google Play about the
+        purchase and claw it back if Google says it is cancelled; other notifications are
+        acknowledged and audited.
+
+        Returns:
+        * OK: handled, or nothing to do (Pub/Sub stops redelivering).
+        * INVALID_ARGUMENT `NOTIFICATION_INVALID`: no `message.data`, not base64 JSON, or for
+        another package name.
+        * PERMISSION_DENIED `NOTIFICATION_UNAUTHENTICATED`: the push token is missing or wrong.
+        * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through Google.
+        * UNAVAILABLE `STORE_UNAVAILABLE`: Google Play could not be asked; Pub/Sub redelivers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_StoreNotificationServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReceiveAppleNotification': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReceiveAppleNotification,
+                    request_deserializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.ReceiveAppleNotificationRequest.FromString,
+                    response_serializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.ReceiveAppleNotificationResponse.SerializeToString,
+            ),
+            'ReceiveGoogleNotification': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReceiveGoogleNotification,
+                    request_deserializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.ReceiveGoogleNotificationRequest.FromString,
+                    response_serializer=televote_dot_vote_dot_v1_dot_vote__service__pb2.ReceiveGoogleNotificationResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'televote.vote.v1.StoreNotificationService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('televote.vote.v1.StoreNotificationService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class StoreNotificationService:
+    """Store server notifications: refunds and revocations pushed by the app stores. The stores
+    carry no televote token, so the edge lets anyone in (role `anonymous`) and the service
+    authenticates each push itself: Apple's payload is signed by Apple (verified with the App
+    Store Server Library against the configured root); a Google Pub/Sub push must carry the
+    deployment's push token in its URL, and even then the notification is only a hint: the
+    purchase is looked up with the Google Play Developer API before anything is clawed back.
+    """
+
+    @staticmethod
+    def ReceiveAppleNotification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/televote.vote.v1.StoreNotificationService/ReceiveAppleNotification',
+            televote_dot_vote_dot_v1_dot_vote__service__pb2.ReceiveAppleNotificationRequest.SerializeToString,
+            televote_dot_vote_dot_v1_dot_vote__service__pb2.ReceiveAppleNotificationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveGoogleNotification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/televote.vote.v1.StoreNotificationService/ReceiveGoogleNotification',
+            televote_dot_vote_dot_v1_dot_vote__service__pb2.ReceiveGoogleNotificationRequest.SerializeToString,
+            televote_dot_vote_dot_v1_dot_vote__service__pb2.ReceiveGoogleNotificationResponse.FromString,
             options,
             channel_credentials,
             insecure,

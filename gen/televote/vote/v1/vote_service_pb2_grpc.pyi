@@ -92,16 +92,29 @@ class VoteServiceStub:
     with the same `request_id` returns the original purchase.
 
     Returns:
+    Apple: `store_receipt` is the StoreKit 2 signed transaction (JWS), verified against the
+    deployment's Apple root certificate, bundle id and environment. Google Play:
+    `store_receipt` is the purchase token, checked with the Google Play Developer API
+    (purchases.products.get, then consumed so the voter can buy the package again). The
+    store's transaction id (Apple transactionId, Google orderId) credits once, across users.
+
+    Returns:
     * OK: the votes are credited.
-    * INVALID_ARGUMENT `INVALID_REQUEST`: a field is missing (BadRequest).
+    * INVALID_ARGUMENT `INVALID_REQUEST`: a field is missing or malformed, or the receipt is
+      over 64 KiB (BadRequest).
     * NOT_FOUND `PACKAGE_NOT_FOUND`: no such package on sale.
-    * FAILED_PRECONDITION `RECEIPT_INVALID`: the store rejected the receipt, or it is for
-      another product, app or environment.
+    * FAILED_PRECONDITION `RECEIPT_INVALID`: the receipt is forged, truncated or not signed
+      by a chain to the configured root; it is for another app, another product or the
+      other environment (sandbox vs production); the purchase is pending, cancelled or
+      refunded. ErrorInfo metadata `cause` says which.
+    * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through that
+      store.
     * ALREADY_EXISTS `RECEIPT_ALREADY_USED`: the receipt already credited a purchase under
       another `request_id` or user.
     * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the `request_id` was used with different fields.
-    * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached; nothing was credited,
-      retry with the same `request_id`.
+    * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached or was too slow, or
+      too many purchases are being verified at once; nothing was credited, retry with the
+      same `request_id`.
     """
 
 @_typing.type_check_only
@@ -168,16 +181,29 @@ class VoteServiceAsyncStub(VoteServiceStub):
     with the same `request_id` returns the original purchase.
 
     Returns:
+    Apple: `store_receipt` is the StoreKit 2 signed transaction (JWS), verified against the
+    deployment's Apple root certificate, bundle id and environment. Google Play:
+    `store_receipt` is the purchase token, checked with the Google Play Developer API
+    (purchases.products.get, then consumed so the voter can buy the package again). The
+    store's transaction id (Apple transactionId, Google orderId) credits once, across users.
+
+    Returns:
     * OK: the votes are credited.
-    * INVALID_ARGUMENT `INVALID_REQUEST`: a field is missing (BadRequest).
+    * INVALID_ARGUMENT `INVALID_REQUEST`: a field is missing or malformed, or the receipt is
+      over 64 KiB (BadRequest).
     * NOT_FOUND `PACKAGE_NOT_FOUND`: no such package on sale.
-    * FAILED_PRECONDITION `RECEIPT_INVALID`: the store rejected the receipt, or it is for
-      another product, app or environment.
+    * FAILED_PRECONDITION `RECEIPT_INVALID`: the receipt is forged, truncated or not signed
+      by a chain to the configured root; it is for another app, another product or the
+      other environment (sandbox vs production); the purchase is pending, cancelled or
+      refunded. ErrorInfo metadata `cause` says which.
+    * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through that
+      store.
     * ALREADY_EXISTS `RECEIPT_ALREADY_USED`: the receipt already credited a purchase under
       another `request_id` or user.
     * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the `request_id` was used with different fields.
-    * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached; nothing was credited,
-      retry with the same `request_id`.
+    * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached or was too slow, or
+      too many purchases are being verified at once; nothing was credited, retry with the
+      same `request_id`.
     """
 
 class VoteServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -265,16 +291,162 @@ class VoteServiceServicer(metaclass=_abc_1.ABCMeta):
         with the same `request_id` returns the original purchase.
 
         Returns:
+        Apple: `store_receipt` is the StoreKit 2 signed transaction (JWS), verified against the
+        deployment's Apple root certificate, bundle id and environment. Google Play:
+        `store_receipt` is the purchase token, checked with the Google Play Developer API
+        (purchases.products.get, then consumed so the voter can buy the package again). The
+        store's transaction id (Apple transactionId, Google orderId) credits once, across users.
+
+        Returns:
         * OK: the votes are credited.
-        * INVALID_ARGUMENT `INVALID_REQUEST`: a field is missing (BadRequest).
+        * INVALID_ARGUMENT `INVALID_REQUEST`: a field is missing or malformed, or the receipt is
+          over 64 KiB (BadRequest).
         * NOT_FOUND `PACKAGE_NOT_FOUND`: no such package on sale.
-        * FAILED_PRECONDITION `RECEIPT_INVALID`: the store rejected the receipt, or it is for
-          another product, app or environment.
+        * FAILED_PRECONDITION `RECEIPT_INVALID`: the receipt is forged, truncated or not signed
+          by a chain to the configured root; it is for another app, another product or the
+          other environment (sandbox vs production); the purchase is pending, cancelled or
+          refunded. ErrorInfo metadata `cause` says which.
+        * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through that
+          store.
         * ALREADY_EXISTS `RECEIPT_ALREADY_USED`: the receipt already credited a purchase under
           another `request_id` or user.
         * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: the `request_id` was used with different fields.
-        * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached; nothing was credited,
-          retry with the same `request_id`.
+        * UNAVAILABLE `STORE_UNAVAILABLE`: the store could not be reached or was too slow, or
+          too many purchases are being verified at once; nothing was credited, retry with the
+          same `request_id`.
         """
 
 def add_VoteServiceServicer_to_server(servicer: VoteServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class StoreNotificationServiceStub:
+    """Store server notifications: refunds and revocations pushed by the app stores. The stores
+    carry no televote token, so the edge lets anyone in (role `anonymous`) and the service
+    authenticates each push itself: Apple's payload is signed by Apple (verified with the App
+    Store Server Library against the configured root); a Google Pub/Sub push must carry the
+    deployment's push token in its URL, and even then the notification is only a hint: the
+    purchase is looked up with the Google Play Developer API before anything is clawed back.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> StoreNotificationServiceAsyncStub: ...
+    ReceiveAppleNotification: _grpc.UnaryUnaryMultiCallable[_vote_service_pb2.ReceiveAppleNotificationRequest, _vote_service_pb2.ReceiveAppleNotificationResponse]
+    """App Store Server Notifications V2 (the URL configured in App Store Connect). REFUND and
+    REVOKE claw back the purchase's votes (what is unspent; what was already spent is
+    recorded against the purchase and the voter is flagged for review); other types are
+    acknowledged and audited. Apple retries a notification that was not answered OK.
+
+    Returns:
+    * OK: handled (or nothing to do: an unknown transaction, a repeat).
+    * INVALID_ARGUMENT `NOTIFICATION_INVALID`: not a payload signed by a chain to the
+      configured root, or for another app or environment.
+    * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through Apple.
+    * UNAVAILABLE `UNAVAILABLE`: not recorded; the store's retry will bring it again.
+    """
+    ReceiveGoogleNotification: _grpc.UnaryUnaryMultiCallable[_vote_service_pb2.ReceiveGoogleNotificationRequest, _vote_service_pb2.ReceiveGoogleNotificationResponse]
+    """Google Play real-time developer notifications, as a Cloud Pub/Sub push subscription posts
+    them (`?token=` is the deployment's push token). A voidedPurchaseNotification or a
+    cancelled oneTimeProductNotification makes the service ask Google Play about the
+    purchase and claw it back if Google says it is cancelled; other notifications are
+    acknowledged and audited.
+
+    Returns:
+    * OK: handled, or nothing to do (Pub/Sub stops redelivering).
+    * INVALID_ARGUMENT `NOTIFICATION_INVALID`: no `message.data`, not base64 JSON, or for
+      another package name.
+    * PERMISSION_DENIED `NOTIFICATION_UNAUTHENTICATED`: the push token is missing or wrong.
+    * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through Google.
+    * UNAVAILABLE `STORE_UNAVAILABLE`: Google Play could not be asked; Pub/Sub redelivers.
+    """
+
+@_typing.type_check_only
+class StoreNotificationServiceAsyncStub(StoreNotificationServiceStub):
+    """Store server notifications: refunds and revocations pushed by the app stores. The stores
+    carry no televote token, so the edge lets anyone in (role `anonymous`) and the service
+    authenticates each push itself: Apple's payload is signed by Apple (verified with the App
+    Store Server Library against the configured root); a Google Pub/Sub push must carry the
+    deployment's push token in its URL, and even then the notification is only a hint: the
+    purchase is looked up with the Google Play Developer API before anything is clawed back.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ReceiveAppleNotification: _aio.UnaryUnaryMultiCallable[_vote_service_pb2.ReceiveAppleNotificationRequest, _vote_service_pb2.ReceiveAppleNotificationResponse]  # type: ignore[assignment]
+    """App Store Server Notifications V2 (the URL configured in App Store Connect). REFUND and
+    REVOKE claw back the purchase's votes (what is unspent; what was already spent is
+    recorded against the purchase and the voter is flagged for review); other types are
+    acknowledged and audited. Apple retries a notification that was not answered OK.
+
+    Returns:
+    * OK: handled (or nothing to do: an unknown transaction, a repeat).
+    * INVALID_ARGUMENT `NOTIFICATION_INVALID`: not a payload signed by a chain to the
+      configured root, or for another app or environment.
+    * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through Apple.
+    * UNAVAILABLE `UNAVAILABLE`: not recorded; the store's retry will bring it again.
+    """
+    ReceiveGoogleNotification: _aio.UnaryUnaryMultiCallable[_vote_service_pb2.ReceiveGoogleNotificationRequest, _vote_service_pb2.ReceiveGoogleNotificationResponse]  # type: ignore[assignment]
+    """Google Play real-time developer notifications, as a Cloud Pub/Sub push subscription posts
+    them (`?token=` is the deployment's push token). A voidedPurchaseNotification or a
+    cancelled oneTimeProductNotification makes the service ask Google Play about the
+    purchase and claw it back if Google says it is cancelled; other notifications are
+    acknowledged and audited.
+
+    Returns:
+    * OK: handled, or nothing to do (Pub/Sub stops redelivering).
+    * INVALID_ARGUMENT `NOTIFICATION_INVALID`: no `message.data`, not base64 JSON, or for
+      another package name.
+    * PERMISSION_DENIED `NOTIFICATION_UNAUTHENTICATED`: the push token is missing or wrong.
+    * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through Google.
+    * UNAVAILABLE `STORE_UNAVAILABLE`: Google Play could not be asked; Pub/Sub redelivers.
+    """
+
+class StoreNotificationServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Store server notifications: refunds and revocations pushed by the app stores. The stores
+    carry no televote token, so the edge lets anyone in (role `anonymous`) and the service
+    authenticates each push itself: Apple's payload is signed by Apple (verified with the App
+    Store Server Library against the configured root); a Google Pub/Sub push must carry the
+    deployment's push token in its URL, and even then the notification is only a hint: the
+    purchase is looked up with the Google Play Developer API before anything is clawed back.
+    """
+
+    @_abc_1.abstractmethod
+    def ReceiveAppleNotification(
+        self,
+        request: _vote_service_pb2.ReceiveAppleNotificationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vote_service_pb2.ReceiveAppleNotificationResponse, _abc.Awaitable[_vote_service_pb2.ReceiveAppleNotificationResponse]]:
+        """App Store Server Notifications V2 (the URL configured in App Store Connect). REFUND and
+        REVOKE claw back the purchase's votes (what is unspent; what was already spent is
+        recorded against the purchase and the voter is flagged for review); other types are
+        acknowledged and audited. Apple retries a notification that was not answered OK.
+
+        Returns:
+        * OK: handled (or nothing to do: an unknown transaction, a repeat).
+        * INVALID_ARGUMENT `NOTIFICATION_INVALID`: not a payload signed by a chain to the
+          configured root, or for another app or environment.
+        * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through Apple.
+        * UNAVAILABLE `UNAVAILABLE`: not recorded; the store's retry will bring it again.
+        """
+
+    @_abc_1.abstractmethod
+    def ReceiveGoogleNotification(
+        self,
+        request: _vote_service_pb2.ReceiveGoogleNotificationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vote_service_pb2.ReceiveGoogleNotificationResponse, _abc.Awaitable[_vote_service_pb2.ReceiveGoogleNotificationResponse]]:
+        """Google Play real-time developer notifications, as a Cloud Pub/Sub push subscription posts
+        them (`?token=` is the deployment's push token). A voidedPurchaseNotification or a
+        cancelled oneTimeProductNotification makes the service ask Google Play about the
+        purchase and claw it back if Google says it is cancelled; other notifications are
+        acknowledged and audited.
+
+        Returns:
+        * OK: handled, or nothing to do (Pub/Sub stops redelivering).
+        * INVALID_ARGUMENT `NOTIFICATION_INVALID`: no `message.data`, not base64 JSON, or for
+          another package name.
+        * PERMISSION_DENIED `NOTIFICATION_UNAUTHENTICATED`: the push token is missing or wrong.
+        * FAILED_PRECONDITION `STORE_NOT_CONFIGURED`: this deployment does not sell through Google.
+        * UNAVAILABLE `STORE_UNAVAILABLE`: Google Play could not be asked; Pub/Sub redelivers.
+        """
+
+def add_StoreNotificationServiceServicer_to_server(servicer: StoreNotificationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
