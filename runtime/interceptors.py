@@ -14,10 +14,12 @@ It wraps each handler so that
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -98,9 +100,10 @@ class ServiceInterceptor(_Interceptor):
     """Access control and error translation around every handler of a service."""
 
     def __init__(self, table: Mapping[str, frozenset[Role]] = SERVICE_ROLES,
-                 mesh_tls: bool = False) -> None:
+                 mesh_tls: bool = False, anonymous_streams_per_ip: int = 0) -> None:
         self._table = table
         self._mesh_tls = mesh_tls
+        self._streams = AnonymousStreams(anonymous_streams_per_ip)
 
     async def intercept_service(
         self,
@@ -126,7 +129,7 @@ class ServiceInterceptor(_Interceptor):
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _streaming(handler.unary_stream, admission, method, metadata),
+                _streaming(handler.unary_stream, admission, method, metadata, self._streams),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.stream_unary is not None:
@@ -136,7 +139,7 @@ class ServiceInterceptor(_Interceptor):
                 response_serializer=handler.response_serializer)
         assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
-            _streaming(handler.stream_stream, admission, method, metadata),
+            _streaming(handler.stream_stream, admission, method, metadata, self._streams),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
@@ -190,8 +193,42 @@ def _unary(behaviour: Callable[..., Any], admission: _Admission, method: str,
     return handle
 
 
+#: The caller's address as the edge saw it (envoy/edge.yaml replaces any a client sends).
+CLIENT_IP_HEADER = "x-televote-client-ip"
+
+
+class AnonymousStreams:
+    """The server streams anonymous callers hold open in this process, per client address.
+
+    The edge limits how fast one address opens streams (ops/edge.py); this caps how many it
+    holds at once on one replica, so one address cannot take every stream slot a replica
+    has. Callers with a token are limited per subject at the edge instead."""
+
+    def __init__(self, per_ip: int) -> None:
+        self.per_ip = per_ip
+        self._open: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def hold(self, principal: Principal, metadata: dict[str, str]) -> Iterator[None]:
+        if principal.role != Role.ANONYMOUS or self.per_ip <= 0:
+            yield
+            return
+        address = metadata.get(CLIENT_IP_HEADER, "")
+        if self._open[address] >= self.per_ip:
+            raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS",
+                           f"at most {self.per_ip} open streams per address without a token")
+        self._open[address] += 1
+        try:
+            yield
+        finally:
+            self._open[address] -= 1
+            if not self._open[address]:
+                del self._open[address]
+
+
 def _streaming(behaviour: Callable[..., Any], admission: _Admission, method: str,
-               metadata: dict[str, str]) -> Callable[..., Awaitable[None]]:
+               metadata: dict[str, str], streams: AnonymousStreams,
+               ) -> Callable[..., Awaitable[None]]:
     # A coroutine that writes, not an async generator that re-yields: one layer less per
     # message on streams that carry a countdown to ten thousand watchers.
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -203,12 +240,13 @@ def _streaming(behaviour: Callable[..., Any], admission: _Admission, method: str
                 if request is _MALFORMED:
                     raise _malformed()
                 _principal.set(admitted)
-                result = behaviour(request, context)
-                if inspect.isasyncgen(result):
-                    async for response in result:
-                        await context.write(response)
-                else:  # a handler that writes with context.write() and returns
-                    await result
+                with streams.hold(admitted, metadata):
+                    result = behaviour(request, context)
+                    if inspect.isasyncgen(result):
+                        async for response in result:
+                            await context.write(response)
+                    else:  # a handler that writes with context.write() and returns
+                        await result
             except grpc.aio.AbortError:
                 raise
             except Exception as error:

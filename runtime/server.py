@@ -73,7 +73,9 @@ class ServiceHost:
             log.warning("no TELEVOTE_TLS_DIR: plaintext, and the claims header of any caller "
                         "is believed (only for a lone service in a test)")
         self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(service_roles, mesh_tls=self.tls is not None)],
+            interceptors=[ServiceInterceptor(
+                service_roles, mesh_tls=self.tls is not None,
+                anonymous_streams_per_ip=config.televote_anonymous_streams_per_ip)],
             options=_SERVER_OPTIONS)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
