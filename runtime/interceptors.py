@@ -153,8 +153,9 @@ _MALFORMED = _Malformed()
 
 def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     """A deserializer that hands bytes that are not the request message on as `_MALFORMED`:
-    grpc answers a failing deserializer with INTERNAL, but bad input is the caller's
-    mistake, refused with INVALID_ARGUMENT by the handler wrapper (invariant 8)."""
+    grpc.aio answers a failing deserializer with UNKNOWN and the parser's message, but bad
+    input is the caller's mistake, refused with INVALID_ARGUMENT by the handler wrapper
+    (invariant 8)."""
     if deserialize is None:
         return None
 
