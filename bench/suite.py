@@ -116,6 +116,10 @@ BENCHES = (
           [sys.executable, "-m", "bench.watch_bench", "--grpc", "1000", "--sse", "100"],
           [sys.executable, "-m", "bench.watch_bench"],
           _lines_with("p50", "p99", "CPU", "subscribed")),
+    Bench("web",
+          [sys.executable, "-m", "bench.web_bench", "--seconds", "10"],
+          [sys.executable, "-m", "bench.web_bench", "--seconds", "30"],
+          lambda output, _: _last_json_object(output)),
 )
 
 

@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.plan import DEADLINE_RETRY, DUPLICATE, MISMATCH, RESEND, Shot
+from loadtest.plan import (
+    CARRIERS,
+    DEADLINE_RETRY,
+    DUPLICATE,
+    MISMATCH,
+    RESEND,
+    SMS,
+    Shot,
+    sms_sender,
+)
 from loadtest.transports import ERROR, OK, Answer, Vote, client_for
 from ops import tokens
 from runtime.access import Role
@@ -75,8 +84,10 @@ def worker_main(job: WorkerJob, reports: Any, start: Any, started: Any) -> None:
 
 
 async def _work(job: WorkerJob, reports: Any, start: Any, started: Any) -> None:
-    users = {shot.user for _, shot in job.shots}
+    users = {shot.user for _, shot in job.shots if shot.path != SMS}
     voter_tokens = {user: tokens.mint(job.state_dir, Role.VOTER, user) for user in users}
+    carrier_tokens = {carrier: tokens.mint(job.state_dir, Role.CARRIER, carrier.lower())
+                      for carrier in CARRIERS}
     paths = {shot.path for _, shot in job.shots}
     clients = {path: client_for(path, job.edge_target, job.edge_url) for path in paths}
     attempts: list[Attempt] = []
@@ -89,11 +100,18 @@ async def _work(job: WorkerJob, reports: Any, start: Any, started: Any) -> None:
 
     async def attempt(index: int, shot: Shot, planned: float, timeout: float,
                       mismatch: bool = False) -> Answer:
-        contestant = shot.contestant + (1 if mismatch else 0)
-        vote = Vote(voter_tokens[shot.user], shot.request_id, job.round_id,
-                    job.contestant_ids[contestant % len(job.contestant_ids)], shot.vote_type,
-                    "APP" if shot.path == "grpc" else "WEB", shot.device_id, shot.latitude,
-                    shot.longitude)
+        contestant = (shot.contestant + (1 if mismatch else 0)) % len(job.contestant_ids)
+        if shot.path == SMS:
+            carrier, msisdn = sms_sender(shot.user)
+            # The show's contestants have SMS numbers 1.. in the round's order.
+            vote = Vote(carrier_tokens[carrier], shot.request_id, job.round_id,
+                        job.contestant_ids[contestant], shot.vote_type, "SMS",
+                        carrier=carrier, msisdn=msisdn, sms_number=contestant + 1)
+        else:
+            vote = Vote(voter_tokens[shot.user], shot.request_id, job.round_id,
+                        job.contestant_ids[contestant], shot.vote_type,
+                        "APP" if shot.path == "grpc" else "WEB", shot.device_id,
+                        shot.latitude, shot.longitude)
         answer = await clients[shot.path].submit(vote, timeout)
         latency_ms = (time.time() - planned) * 1000
         attempts.append(Attempt(index, planned, latency_ms, answer.outcome, answer.vote_id,

@@ -27,12 +27,16 @@ from dataclasses import dataclass, field
 from fraud_svc.behaviour import TrafficMix, generate
 
 PATHS = ("grpc", "json", "grpcweb")
+#: Premium SMS: a share of the seed's and shownight's voters text 1255 instead, through the
+#: carrier JSON API (each subscriber on one of the three carriers).
+SMS = "sms"
+CARRIERS = ("SMART", "CELLCARD", "METFONE")
 SCENARIOS = ("seed", "shownight", "retries", "bots")
 
 ONCE, DUPLICATE, DEADLINE_RETRY, RESEND, MISMATCH = (
     "once", "duplicate", "deadline_retry", "resend", "mismatch")
 
-FREE, PAID = "FREE", "PAID"
+FREE, PAID, PREMIUM_SMS = "FREE", "PAID", "PREMIUM_SMS"
 
 #: Reasons a refusal may carry in every scenario: a voter past the episode's free votes, a
 #: vote that reached the server after the close (planned late, or held up by an overloaded
@@ -100,6 +104,9 @@ class LoadConfig:
     performances: int = 4
     #: Share of shownight votes sent in the second after the close (expect VOTING_CLOSED).
     late_share: float = 0.005
+    #: seed and shownight: share of voters who vote by premium SMS (their votes are that
+    #: share of all votes).
+    sms_share: float = 0.2
     # retries
     retry_share: float = 0.2  # of shots that are not ONCE, split over the four kinds
     # bots
@@ -142,6 +149,8 @@ def validate(config: LoadConfig) -> None:
         raise ValueError("window and compression must be positive")
     if not 0 <= config.paid_share <= 1:
         raise ValueError("paid share must be between 0 and 1")
+    if not 0 <= config.sms_share <= 1:
+        raise ValueError("SMS share must be between 0 and 1")
     if config.users < 1 or config.votes_per_user < 1 or config.contestants < 2:
         raise ValueError("need at least 1 user, 1 vote per user and 2 contestants")
     if config.scenario == "shownight" and (config.peak_rate <= 0 or config.spike_s <= 0):
@@ -167,16 +176,26 @@ def _user_votes(config: LoadConfig, run_id: str, rng: random.Random,
                 times: list[float]) -> list[Shot]:
     """Deal `times` out to users, `votes_per_user` each; a user keeps one path and device."""
     rng.shuffle(times)
+    sms_share = config.sms_share if config.scenario in ("seed", "shownight") else 0.0
     shots = []
     for index, at in enumerate(times):
         number = index // config.votes_per_user
         user = f"lt-{run_id}-u{number}"
+        texts = zlib.crc32(user.encode()) % 1000 < sms_share * 1000
+        paid = rng.random() < config.paid_share
         shots.append(Shot(
             at=at, user=user, contestant=rng.randrange(config.contestants),
-            vote_type=PAID if rng.random() < config.paid_share else FREE,
-            path=config.paths[number % len(config.paths)], request_id=str(uuid.UUID(
-                int=rng.getrandbits(128), version=4)), device_id=f"{user}-phone"))
+            vote_type=PREMIUM_SMS if texts else PAID if paid else FREE,
+            path=SMS if texts else config.paths[number % len(config.paths)],
+            request_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            device_id=f"{user}-phone"))
     return shots
+
+
+def sms_sender(user: str) -> tuple[str, str]:
+    """An SMS voter's carrier and number (E.164), from the user's number in the plan."""
+    number = int(user.rpartition("-u")[2])
+    return CARRIERS[number % len(CARRIERS)], f"+8551{number % 10_000_000:07d}"
 
 
 def _seed(config: LoadConfig, run_id: str,

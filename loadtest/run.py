@@ -109,7 +109,10 @@ async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *
             await room.end_show(voting_round.episode_id)
     finally:
         await room.close()
-    record = RunRecord(plan, voting_round, attempts, funding=funding)
+    # Written by `televote up`, in sms_svc's own directory (ops/stack.py).
+    secret_path = target.state_dir / "services" / "sms_svc" / "msisdn-secret"
+    record = RunRecord(plan, voting_round, attempts, funding=funding, msisdn_secret=(
+        secret_path.read_text().strip().encode() if secret_path.exists() else b""))
     async with await psycopg.AsyncConnection.connect(target.database_url,
                                                      row_factory=dict_row) as connection:
         verdict = await verify(connection, record)

@@ -24,6 +24,9 @@ from google.protobuf.duration_pb2 import Duration
 
 from ops import tokens
 from runtime.access import Role
+from televote.sms.v1 import carrier_service_pb2 as carrier_pb2
+from televote.sms.v1 import short_code_service_pb2 as short_code_pb2
+from televote.sms.v1 import short_code_service_pb2_grpc as short_code_grpc
 from televote.sync.v1 import show_control_service_pb2 as control
 from televote.sync.v1 import show_control_service_pb2_grpc as control_grpc
 from televote.sync.v1 import sync_types_pb2 as sync_types
@@ -56,6 +59,7 @@ class ControlRoom:
         self._channel = grpc.aio.insecure_channel(edge_target)
         self._control = control_grpc.ShowControlServiceStub(self._channel)
         self._wallet = wallet_grpc.WalletAdminServiceStub(self._channel)
+        self._short_codes = short_code_grpc.ShortCodeServiceStub(self._channel)
         self._metadata = (("authorization",
                            f"Bearer {tokens.mint(state_dir, Role.OPERATOR, OPERATOR)}"),)
 
@@ -83,6 +87,11 @@ class ControlRoom:
             contestant_ids=contestant_ids, window_duration=_duration(window_s),
             visibility=sync_types.RESULTS_VISIBILITY_PUBLIC_COUNTS)).round
         await self.cue(episode.episode_id, control.CUE_TYPE_SHOW_START)
+        for carrier in (carrier_pb2.CARRIER_SMART, carrier_pb2.CARRIER_CELLCARD,
+                        carrier_pb2.CARRIER_METFONE):  # premium SMS votes for this show
+            await self._short_codes.BindShortCode(short_code_pb2.BindShortCodeRequest(
+                request_id=str(uuid.uuid4()), carrier=carrier, short_code="1255",
+                show_id=show.show_id), metadata=self._metadata, timeout=30)
         return Round(episode.episode_id, voting_round.round_id, contestant_ids)
 
     async def cue(self, episode_id: str, cue: int, **fields: Any) -> control.ApplyCueResponse:

@@ -42,6 +42,10 @@ class Vote:
     device_id: str = ""
     latitude: float | None = None
     longitude: float | None = None
+    #: A premium SMS: the subscriber's carrier and number, and the contestant's SMS number.
+    carrier: str = ""
+    msisdn: str = ""
+    sms_number: int = 0
 
     def message(self) -> vote_service_pb2.SubmitVoteRequest:
         client = vote_types_pb2.ClientMetadata(device_id=self.device_id,
@@ -176,6 +180,45 @@ class GrpcWebClient(_HttpClient):
         return _classify(reply.reason, _GRPC_CODE_NAMES.get(reply.status, str(reply.status)))
 
 
+#: What became of an SMS -> how the verifier reads it (a vote's refusal reasons).
+_SMS_OUTCOMES = {"INBOUND_SMS_OUTCOME_LINES_CLOSED": "VOTING_CLOSED",
+                 "INBOUND_SMS_OUTCOME_RATE_LIMITED": "RATE_LIMITED",
+                 "INBOUND_SMS_OUTCOME_BLOCKED": "FRAUD_BLOCKED",
+                 "INBOUND_SMS_OUTCOME_BAD_FORMAT": "SMS_BAD_FORMAT",
+                 "INBOUND_SMS_OUTCOME_INVALID_CONTESTANT": "INVALID_CONTESTANT"}
+
+
+class SmsClient(_HttpClient):
+    """A carrier's webhook: POST /v1/carriers/{carrier}/sms with the carrier's token; the
+    request id is the carrier's message id (a redelivery sends it again)."""
+
+    async def submit(self, vote: Vote, timeout: float) -> Answer:
+        answer = await self._post(
+            f"/v1/carriers/CARRIER_{vote.carrier}/sms", timeout,
+            {"authorization": f"Bearer {vote.token}"},
+            json={"carrierMessageId": vote.request_id, "msisdn": vote.msisdn,
+                  "shortCode": "1255", "text": f"V{vote.sms_number}"})
+        if isinstance(answer, Answer):
+            return answer
+        status, _, body = answer
+        try:
+            document = json.loads(body) if body else {}
+        except ValueError:
+            document = {}
+        outcome = str(document.get("outcome", ""))
+        if status == 200 and outcome == "INBOUND_SMS_OUTCOME_VOTE_COUNTED":
+            if not document.get("charge"):
+                return Answer(ERROR, reason="SMS_COUNTED_NOT_CHARGED")
+            return Answer(OK, vote_id=str(document["voteId"]))
+        if status == 200:
+            if document.get("charge"):
+                return Answer(ERROR, reason="SMS_CHARGED_NOT_COUNTED")
+            return Answer(REFUSED, reason=_SMS_OUTCOMES.get(outcome, outcome))
+        reason = next((str(detail.get("reason", "")) for detail in document.get("details", [])
+                       if str(detail.get("@type", "")).endswith("google.rpc.ErrorInfo")), "")
+        return _classify(reason, f"HTTP_{status}")
+
+
 def client_for(path: str, edge_target: str, edge_url: str) -> VoteClient:
     if path == "grpc":
         return GrpcClient(edge_target)
@@ -183,4 +226,6 @@ def client_for(path: str, edge_target: str, edge_url: str) -> VoteClient:
         return JsonClient(edge_url)
     if path == "grpcweb":
         return GrpcWebClient(edge_url)
+    if path == "sms":
+        return SmsClient(edge_url)
     raise ValueError(f"unknown path {path!r}")

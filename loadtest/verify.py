@@ -15,6 +15,7 @@ it. A vote that was acknowledged or refused has exactly one allowed fate.
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,12 +24,14 @@ from psycopg import AsyncConnection
 
 from loadtest.driver import Attempt
 from loadtest.funding import Funding
-from loadtest.plan import FREE, PAID, Plan, Shot
+from loadtest.plan import FREE, PAID, SMS, Plan, Shot, sms_sender
 from loadtest.show import Round
 from loadtest.transports import ERROR, OK, REFUSED
 from results_svc import rules
 from results_svc.final import read_final
 from results_svc.rounds import load_round
+from sms_svc.inbound import REQUEST_ID_NAMESPACE
+from sms_svc.parsing import pseudonym
 
 _ROWS_SQL = """
 SELECT v.vote_id::text, v.user_id, v.request_id, v.contestant_id::text, v.vote_type, v.count,
@@ -56,6 +59,8 @@ class RunRecord:
     rate_limit_per_minute: int = 100
     #: Allowance between the simulator's clock and the server's (same host: small).
     clock_tolerance_s: float = 0.5
+    #: sms_svc's pseudonym key: an SMS voter's ledger user is "sms:" + its pseudonym.
+    msisdn_secret: bytes = b""
     #: The packages paid voters bought (and which were refunded); None: operator grants.
     funding: Funding | None = None
 
@@ -103,7 +108,8 @@ async def verify(connection: AsyncConnection[Any], record: RunRecord) -> Verdict
     cursor = await connection.execute(_ROWS_SQL, (round_id,))
     rows: list[dict[str, Any]] = await cursor.fetchall()
     _check_answers(verdict, shots, fates)
-    _check_ledger(verdict, shots, fates, rows)
+    _check_ledger(verdict, shots, fates, rows, record.msisdn_secret)
+    await _check_sms(verdict, connection, record, fates, rows)
     balances = await _balances(connection, record)
     _check_refusals(verdict, record, fates, balances)
     _check_balances(verdict, record, fates, balances, rows)
@@ -156,8 +162,18 @@ def _check_answers(verdict: Verdict, shots: list[Shot], fates: dict[int, _ShotFa
         verdict.fail(f"{len(both)} requests both acknowledged and refused", both)
 
 
+def ledger_key(shot: Shot, msisdn_secret: bytes) -> tuple[str, str]:
+    """(user id, request id) of a shot's vote in the ledger: an SMS voter's is the keyed
+    pseudonym of the number and the request id sms_svc derives from the carrier message id."""
+    if shot.path != SMS:
+        return shot.user, shot.request_id
+    carrier, msisdn = sms_sender(shot.user)
+    return ("sms:" + pseudonym(msisdn_secret, msisdn),
+            str(uuid.uuid5(REQUEST_ID_NAMESPACE, f"{carrier}:{shot.request_id}")))
+
+
 def _check_ledger(verdict: Verdict, shots: list[Shot], fates: dict[int, _ShotFate],
-                  rows: list[dict[str, Any]]) -> None:
+                  rows: list[dict[str, Any]], msisdn_secret: bytes) -> None:
     rows_per_vote = Counter(row["vote_id"] for row in rows)
     acknowledged = {vote_id: index for index, fate in fates.items()
                     for vote_id in fate.vote_ids}
@@ -167,7 +183,7 @@ def _check_ledger(verdict: Verdict, shots: list[Shot], fates: dict[int, _ShotFat
         verdict.fail(f"{len(missing)} acknowledged votes missing from the ledger", missing)
     if doubled:
         verdict.fail(f"{len(doubled)} acknowledged votes in the ledger more than once", doubled)
-    by_request = {(shot.user, shot.request_id): index for index, shot in enumerate(shots)}
+    by_request = {ledger_key(shot, msisdn_secret): index for index, shot in enumerate(shots)}
     unexplained, recorded_after_error, wrong = [], 0, []
     for row in rows:
         index = by_request.get((row["user_id"], row["request_id"]))
@@ -187,6 +203,50 @@ def _check_ledger(verdict: Verdict, shots: list[Shot], fates: dict[int, _ShotFat
         verdict.fail(f"{len(wrong)} ledger rows differ from the vote sent", wrong)
     verdict.facts.update(acknowledged=len(acknowledged), ledger_rows=len(rows),
                          recorded_after_client_error=recorded_after_error)
+
+
+_SMS_SQL = """
+SELECT carrier, carrier_message_id, outcome, charged, vote_id::text AS vote_id,
+       (extract(epoch FROM received_at)) AS received_s
+  FROM sms_records WHERE carrier_message_id = ANY(%s)
+"""
+
+
+async def _check_sms(verdict: Verdict, connection: AsyncConnection[Any], record: RunRecord,
+                     fates: dict[int, _ShotFate], rows: list[dict[str, Any]]) -> None:
+    """Premium SMS: each message counted at most once, charged exactly when counted (and as
+    its carrier was told), none charged after the close."""
+    shots = record.plan.shots
+    sms = {shot.request_id: index for index, shot in enumerate(shots) if shot.path == SMS}
+    if not sms:
+        return
+    cursor = await connection.execute(_SMS_SQL, (list(sms),))
+    records: list[dict[str, Any]] = await cursor.fetchall()
+    in_ledger = {row["vote_id"] for row in rows}
+    problems: dict[str, list[str]] = defaultdict(list)
+    per_message = Counter((r["carrier"], r["carrier_message_id"]) for r in records)
+    problems["SMS recorded more than once"] += [f"{c}/{m}" for (c, m), n in per_message.items()
+                                                if n > 1]
+    charges = Counter(r["vote_id"] for r in records if r["charged"])
+    problems["SMS votes charged more than once"] += [v for v, n in charges.items() if n > 1]
+    close = record.voting_round.closes_at + record.clock_tolerance_s
+    for row in records:
+        fate = fates.get(sms[row["carrier_message_id"]])
+        counted = row["outcome"] == "COUNTED"
+        if row["charged"] != counted:
+            problems["SMS charged other than counted"].append(row["carrier_message_id"])
+        if counted and row["vote_id"] not in in_ledger:
+            problems["counted SMS without its ledger vote"].append(row["carrier_message_id"])
+        if row["charged"] and float(row["received_s"]) >= close:
+            problems["SMS charged after the close"].append(row["carrier_message_id"])
+        if fate is not None and fate.vote_ids and fate.vote_ids != {row["vote_id"]}:
+            problems["SMS acknowledged with another vote than recorded"].append(
+                row["carrier_message_id"])
+    for problem, examples in problems.items():
+        if examples:
+            verdict.fail(f"{len(examples)} {problem}", examples)
+    verdict.facts.update(sms_messages=len(records),
+                         sms_charged=sum(1 for r in records if r["charged"]))
 
 
 async def _balances(connection: AsyncConnection[Any],

@@ -2,7 +2,7 @@
 -- needs; the login role each service connects as (made by ops/roles.py, with a SCRAM password
 -- kept in that service's state directory) is a member of its group and nothing else.
 -- Migrations keep running as the owner of the schema, the one role that may change it.
--- depends: 0012_round_tally_slots 0013_seed_defaults 0015_purchases
+-- depends: 0012_round_tally_slots 0013_seed_defaults 0014_sms 0015_purchases
 
 -- Roles belong to the cluster, not the database: another database of the same cluster may
 -- have made them already.
@@ -74,11 +74,21 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON round_checkpoints, round_checkpoint_root
     TO televote_results_svc;
 GRANT SELECT, DELETE ON ledger_appends, result_input_changes TO televote_results_svc;
 
+-- sms_svc owns short codes, messages, outcomes, delivery reports and reply addresses.
+GRANT SELECT ON shows, episodes, contestants, rounds, votes, fraud_rejections, sms_records
+    TO televote_sms_svc;
+GRANT SELECT, INSERT, UPDATE ON sms_short_codes TO televote_sms_svc;
+GRANT SELECT, INSERT ON sms_messages, sms_outcomes, sms_deliveries, audit_log,
+    request_outcomes
+    TO televote_sms_svc;
+GRANT SELECT, INSERT, DELETE ON sms_reply_addresses TO televote_sms_svc;
+
 -- Append-only tables: whatever a later migration grants by mistake, no service changes or
 -- empties them (their triggers refuse too, but a superuser can switch triggers off with
 -- session_replication_role; no service role can set it: it is a superuser setting).
 REVOKE UPDATE, DELETE, TRUNCATE ON votes, audit_log, fraud_rejections, vote_fraud_decisions,
     round_results, round_result_invalid_votes, round_result_block_roots, ledger_keys,
-    purchases, purchase_refunds, purchase_consumptions
+    purchases, purchase_refunds, purchase_consumptions, sms_messages, sms_outcomes,
+    sms_deliveries
     FROM televote_sync_svc, televote_vote_svc, televote_fraud_svc, televote_results_svc,
          televote_sms_svc;

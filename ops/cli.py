@@ -24,6 +24,9 @@ app = typer.Typer(help="televote: live TV audience voting.", no_args_is_help=Tru
 audit = typer.Typer(help="Export a round's ledger; verify an export or a receipt offline.",
                     no_args_is_help=True)
 app.add_typer(audit, name="audit")
+sms = typer.Typer(help="Premium SMS: carriers' settlement files, purge of subscribers' numbers.",
+                  no_args_is_help=True)
+app.add_typer(sms, name="sms")
 
 StateDir = Annotated[Path, typer.Option(
     envvar="TELEVOTE_STATE_DIR", help="Where local data, keys and logs live.")]
@@ -42,6 +45,10 @@ def up(
     trusted_proxy_hops: Annotated[int, typer.Option(
         envvar="TELEVOTE_EDGE_TRUSTED_PROXY_HOPS", min=0,
         help="Load balancers in front of the edge whose X-Forwarded-For is trusted.")] = 0,
+    kannel: Annotated[bool, typer.Option(
+        help="Also start Kannel (bearerbox, smsbox) with a fake SMSC link per carrier, for "
+             "premium SMS through a real SMS gateway (Debian's kannel, kannel-extras).")]
+    = False,
 ) -> None:
     """Start PostgreSQL, Redis, migrations, every service and the Envoy edge; stop on Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -55,7 +62,7 @@ def up(
         counts[name] = int(count)
     settings = StackSettings(
         state_dir=state_dir, edge_host=host, edge_port=port, replicas=counts,
-        trusted_proxy_hops=trusted_proxy_hops,
+        trusted_proxy_hops=trusted_proxy_hops, kannel=kannel,
         database_url=os.environ.get("DATABASE_URL") or None,
         redis_url=os.environ.get("REDIS_URL") or None)
     asyncio.run(_run_until_signal(Stack(settings)))
@@ -99,7 +106,7 @@ def token(
     sub: Annotated[str, typer.Option(help="The subject: user id, operator or carrier name.")],
     ttl: Annotated[int | None, typer.Option(
         help="Lifetime in seconds (default and maximum: the role's, 1 h for operators, "
-             "24 h for others).")] = None,
+             "24 h for voters, 90 days for carriers).")] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Mint a development JWT the local edge accepts."""
@@ -125,6 +132,17 @@ def generate(
     from ops.codegen import generate as run_codegen
 
     raise typer.Exit(run_codegen(check=check))
+
+
+@app.command()
+def web(
+    check: Annotated[bool, typer.Option(
+        help="Fail if web/src/gen or the bundles in web/dist are stale.")] = False,
+) -> None:
+    """Rebuild the web apps (TypeScript clients from protos/, bundles the edge serves)."""
+    from ops.web import build
+
+    raise typer.Exit(build(check=check))
 
 
 @audit.command("export")
@@ -171,6 +189,56 @@ def audit_verify(
           f"{time.monotonic() - started:.1f}s")
 
 
+@sms.command("settlement")
+def sms_settlement(
+    episode: Annotated[str, typer.Option(help="The episode (UUID).")],
+    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
+    carrier: Annotated[str | None, typer.Option(
+        help="SMART, CELLCARD or METFONE; default all, each with its totals.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV file (default: stdout).")]
+    = None,
+) -> None:
+    """Write the CSV of an episode's charged SMS per carrier, with credits for votes fraud
+    review rejected, and totals: the file a carrier reconciles against."""
+    import uuid
+
+    from sms_svc.settlement import settlement_csv
+    try:
+        episode_id = str(uuid.UUID(episode))
+    except ValueError:
+        raise typer.BadParameter("expected an episode id (UUID)", param_hint="--episode") from None
+    name = carrier.upper().removeprefix("CARRIER_") if carrier else None
+    if name is not None and name not in ("SMART", "CELLCARD", "METFONE"):
+        raise typer.BadParameter("expected SMART, CELLCARD or METFONE", param_hint="--carrier")
+    text = asyncio.run(settlement_csv(database_url, episode_id, name))
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+
+
+@sms.command("purge")
+def sms_purge(
+    before: Annotated[str, typer.Option(help="Remove numbers of messages received before this "
+                                             "date (YYYY-MM-DD, UTC) or time (ISO 8601).")],
+    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
+) -> None:
+    """Remove subscribers' phone numbers (kept only to address replies); the SMS records keep
+    their keyed pseudonym."""
+    from datetime import UTC, datetime
+
+    from sms_svc.settlement import purge_msisdns
+    try:
+        when = datetime.fromisoformat(before)
+    except ValueError:
+        raise typer.BadParameter("expected YYYY-MM-DD or an ISO 8601 time",
+                                 param_hint="--before") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    removed = asyncio.run(purge_msisdns(database_url, when))
+    print(f"removed {removed} phone numbers of messages received before {when.isoformat()}")
+
+
 @app.command()
 def refunds(
     database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
@@ -212,6 +280,10 @@ def loadtest(
     votes_per_user: Annotated[int, typer.Option(min=1)] = 10,
     paid_share: Annotated[float, typer.Option(min=0.0, max=1.0,
                                               help="Share of votes that are paid.")] = 0.3,
+    sms_share: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="seed, shownight: share of voters who text 1255 instead "
+                               "(premium SMS through the carrier API, over three carriers).")]
+    = 0.2,
     window: Annotated[float | None, typer.Option(
         min=1.0, help="The voting window in show seconds (default 1800).")] = None,
     compress: Annotated[float | None, typer.Option(
@@ -252,7 +324,7 @@ def loadtest(
     defaults = _SCENARIO_DEFAULTS[scenario]
     config = LoadConfig(
         scenario=scenario, users=users or int(defaults.get("users", 10_000)),
-        votes_per_user=votes_per_user, paid_share=paid_share,
+        votes_per_user=votes_per_user, paid_share=paid_share, sms_share=sms_share,
         window_s=window or defaults.get("window_s", 1800.0),
         compress=compress or defaults.get("compress", 30.0),
         paths=tuple(p.strip() for p in paths.split(",") if p.strip()), seed=seed,

@@ -17,6 +17,7 @@ from typing import Any
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
+from ops import web
 from ops.pki import Identity
 from runtime.access import (
     SERVICE_ROLES,
@@ -84,6 +85,8 @@ class EdgeSettings:
     #: what a replica answers in a second or two.
     unary_requests_per_replica: int = 500
     descriptor_set: Path = DESCRIPTOR_SET
+    #: The built web apps (web/dist), served by the edge itself under the API's origin.
+    web_dir: Path = web.DIST
     #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas.
     upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     #: The edge's mesh certificate (ops/pki.py): upstreams are reached with mutual TLS and
@@ -101,6 +104,13 @@ class _Method:
     path: str
     server_streaming: bool
     transcoded: bool
+    #: The HTTP paths up to their first variable, of the GET bindings ("/v1/carriers/").
+    get_prefixes: tuple[str, ...] = ()
+
+
+def _get_prefixes(rule: Any) -> tuple[str, ...]:
+    rules = [rule, *rule.additional_bindings]
+    return tuple(binding.get.split("{", 1)[0] for binding in rules if binding.get)
 
 
 def _methods(descriptor_set: Path) -> dict[str, list[_Method]]:
@@ -111,7 +121,8 @@ def _methods(descriptor_set: Path) -> dict[str, list[_Method]]:
             full_name = f"{proto.package}.{service.name}"
             methods[full_name] = [
                 _Method(f"/{full_name}/{method.name}", method.server_streaming,
-                        method.options.HasExtension(annotations_pb2.http))
+                        method.options.HasExtension(annotations_pb2.http),
+                        _get_prefixes(method.options.Extensions[annotations_pb2.http]))
                 for method in service.method
             ]
     return methods
@@ -130,11 +141,11 @@ def _lifetimes() -> list[int]:
     return sorted(set(TOKEN_LIFETIME_SECONDS.values()))
 
 
-def _provider_name(lifetime: int) -> str:
-    return f"televote_{lifetime}s"
+def _provider_name(lifetime: int, query: bool = False) -> str:
+    return f"televote_{'query_' if query else ''}{lifetime}s"
 
 
-def _jwt_providers(settings: EdgeSettings) -> dict[str, Any]:
+def _jwt_providers(settings: EdgeSettings, query: bool = False) -> dict[str, Any]:
     """One provider per lifetime cap, each writing the claims it verified under its own name.
 
     Envoy caps a provider's tokens (`max_lifetime`, exp - iat) but not per claim, so a role's
@@ -142,15 +153,22 @@ def _jwt_providers(settings: EdgeSettings) -> dict[str, Any]:
     shortest cap first, and RBAC accepts a role only from a provider whose cap is within the
     role's (`_role_principal`). An operator token minted for a day verifies only with the
     day-long provider, and RBAC then refuses it.
+
+    `query`: the providers of the first jwt_authn filter, for an SMS gateway's token in the
+    query string (envoy/edge.yaml); their claims land under the same metadata keys, so RBAC
+    holds them to the same caps.
     """
-    return {_provider_name(lifetime): {
+    where: dict[str, Any] = ({"from_params": ["access_token"],
+                              "forward_payload_header": "x-jwt-query-payload"} if query
+                             else {"forward_payload_header": "x-jwt-payload"})
+    return {_provider_name(lifetime, query): {
+        **where,
         "issuer": settings.jwt_issuer,
         "audiences": [settings.jwt_audience],
         "local_jwks": {"filename": str(settings.jwks_path)},
         "require_expiration": True,
         "max_lifetime": f"{lifetime}s",
         "clock_skew_seconds": TOKEN_CLOCK_SKEW_SECONDS,
-        "forward_payload_header": "x-jwt-payload",
         "payload_in_metadata": _provider_name(lifetime),
         "claim_to_headers": [{"header_name": _SUBJECT_HEADER, "claim_name": "sub"}],
         # An app sends the same token with every vote: its ES256 signature is verified once
@@ -159,9 +177,9 @@ def _jwt_providers(settings: EdgeSettings) -> dict[str, Any]:
     } for lifetime in _lifetimes()}
 
 
-def _any_token(allow_missing: bool) -> dict[str, Any]:
+def _any_token(allow_missing: bool, query: bool = False) -> dict[str, Any]:
     requirements: list[dict[str, Any]] = [
-        {"provider_name": _provider_name(lifetime)} for lifetime in _lifetimes()]
+        {"provider_name": _provider_name(lifetime, query)} for lifetime in _lifetimes()]
     if allow_missing:
         requirements.append({"allow_missing": {}})
     return {"requires_any": {"requirements": requirements}}
@@ -268,11 +286,52 @@ def _rate_limits(settings: EdgeSettings) -> tuple[list[dict[str, Any]], list[dic
     return actions, descriptors
 
 
+#: Every page and asset the edge serves itself. Same origin as the API, so the browser apps
+#: need no CORS; the policy allows scripts, styles and calls to this origin only (photos may
+#: come from any https host).
+_WEB_HEADERS = {
+    "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' https: data:; connect-src 'self'; "
+                               "base-uri 'none'; form-action 'self'; object-src 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    # Bundles are not content-hashed: a minute of caching spares the edge a reload storm and
+    # a redeploy reaches everyone within it.
+    "cache-control": "public, max-age=60",
+}
+
+
+def _web_files(web_dir: Path) -> dict[str, Path]:
+    """URL path -> file, for every page and asset of the built web apps."""
+    if not web_dir.is_dir():
+        return {}
+    files = {path: web_dir / name for path, name in web.PAGES.items()}
+    pages = set(web.PAGES.values())
+    files |= {f"{web.ASSETS_PREFIX}{p.name}": p for p in sorted(web_dir.iterdir())
+              if p.is_file() and p.name not in pages}
+    return files
+
+
+def _web_route(path: str, file: Path) -> dict[str, Any]:
+    headers = {**_WEB_HEADERS,
+               "content-type": web.CONTENT_TYPES.get(file.suffix, "application/octet-stream")}
+    return {"match": {"path": path, "headers": [{"name": ":method", "string_match": {
+                "safe_regex": {"regex": "GET|HEAD"}}}]},
+            "direct_response": {"status": 200, "body": {"filename": str(file)}},
+            "response_headers_to_add": [
+                {"header": {"key": key, "value": value},
+                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                for key, value in headers.items()]}
+
+
 def render(settings: EdgeSettings) -> str:
     """The Envoy config for these settings, as YAML text."""
     methods = _methods(settings.descriptor_set)
     routed = routed_services()
-    routes: list[dict[str, Any]] = []
+    web_files = _web_files(settings.web_dir)
+    routes: list[dict[str, Any]] = [_web_route(path, file) for path, file in web_files.items()]
+    if web_files:
+        routes.append({"match": {"path": "/"}, "redirect": {"path_redirect": "/vote"}})
     for service in routed:
         cluster = process_of(service)
         # Streams stay open for a whole show: Envoy would cut them at the route timeout.
@@ -280,19 +339,38 @@ def render(settings: EdgeSettings) -> str:
                    for method in methods.get(service, []) if method.server_streaming]
         routes.append(_route({"prefix": f"/{service}/"}, cluster, UNARY_TIMEOUT))
 
+    # Carriers' SMS gateways (Kannel's get-url and dlr-url) can only put their token in the
+    # URL: the transcoder drops the query string when it turns a GET into a gRPC call, so
+    # the token is read and verified before it, on the GET routes of carrier services.
+    query_token_services = {service for service in routed
+                            if Role.CARRIER in SERVICE_ROLES[service]
+                            and any(m.get_prefixes for m in methods.get(service, []))}
+    query_token_rules = [
+        {"match": {"prefix": prefix}, "requires": _any_token(allow_missing=True, query=True)}
+        for prefix in sorted({prefix for service in query_token_services
+                              for method in methods[service] for prefix in method.get_prefixes})]
     jwt_rules: list[dict[str, Any]] = []
     rbac_policies: dict[str, Any] = {}
     for service in routed:
         roles = SERVICE_ROLES[service] - {Role.INTERNAL}
         prefix = {"prefix": f"/{service}/"}
-        jwt_rules.append({"match": prefix,
-                          "requires": _any_token(allow_missing=Role.ANONYMOUS in roles)})
+        # Anonymous callers have no token; an SMS gateway's came in the query string and was
+        # verified before transcoding (`query_token_rules`). RBAC still requires the role.
+        jwt_rules.append({"match": prefix, "requires": _any_token(
+            allow_missing=Role.ANONYMOUS in roles or service in query_token_services)})
         # Each role by its own principal, public services too: a token beyond its role's
         # lifetime cap is refused there as well, not taken as that role.
         principals = [_ANONYMOUS_PRINCIPAL if role == Role.ANONYMOUS else _role_principal(role)
                       for role in sorted(roles)]
         rbac_policies[service] = {"permissions": [{"url_path": {"path": prefix}}],
                                   "principals": principals}
+    # The web apps are public files; what they call is held to the rules above.
+    web_paths = [*web_files, "/"] if web_files else []
+    jwt_rules += [{"match": {"path": path}} for path in web_paths]
+    if web_paths:
+        rbac_policies["web"] = {
+            "permissions": [{"url_path": {"path": {"exact": path}}} for path in web_paths],
+            "principals": [{"any": True}]}
     # Anything else (unknown paths, the internal fraud scoring service) still needs a token,
     # and then finds no RBAC policy: 401 without a token, 403 with one.
     jwt_rules.append({"match": {"prefix": "/"}, "requires": _any_token(allow_missing=False)})
@@ -316,7 +394,9 @@ def render(settings: EdgeSettings) -> str:
         "descriptor": str(settings.descriptor_set),
         "transcoded_services": transcoded,
         "jwt_providers": _jwt_providers(settings),
+        "jwt_query_providers": _jwt_providers(settings, query=True),
         "jwt_rules": jwt_rules,
+        "query_token_rules": query_token_rules or [{"match": {"prefix": "/-/"}}],
         "rbac_policies": rbac_policies,
         "rate_limit_per_second": settings.rate_limit_per_second,
         "trusted_proxy_hops": settings.trusted_proxy_hops,
@@ -328,6 +408,9 @@ def render(settings: EdgeSettings) -> str:
         "max_request_bytes": settings.max_request_bytes,
         "max_heap_bytes": settings.max_heap_bytes,
         "max_connections": settings.max_connections,
+        # Envoy's default cap is 4 KiB; a bundle is a few hundred.
+        "max_direct_response_body_bytes": max(
+            [4096, *(file.stat().st_size + 1 for file in web_files.values())]),
     }
     text = Template(TEMPLATE.read_text()).substitute(
         {key: json.dumps(value) for key, value in values.items()})

@@ -26,6 +26,7 @@ import redis
 
 from ops import edge, pki, roles, tokens
 from ops.infra import start_postgres, start_redis
+from ops.kannel import Kannel
 from ops.migrate import migrate
 from ops.processes import Child, free_port, wait_serving
 from results_svc.signing import KEY_FILE as LEDGER_KEY_FILE
@@ -68,6 +69,9 @@ class StackSettings:
     #: EdgeSettings fields to override (its abuse limits, for a load generator that is one
     #: client address: edge.ONE_LOAD_GENERATOR).
     edge: dict[str, Any] = field(default_factory=dict)
+    #: Start Kannel (bearerbox, smsbox) in front of the edge, a fake SMSC link per carrier
+    #: (ops/kannel.py), and send SMS replies through it.
+    kannel: bool = False
 
 
 @dataclass
@@ -83,6 +87,7 @@ class Stack:
     _infra: list[Child] = field(default_factory=list)
     _services: list[Child] = field(default_factory=list)
     _edge: Child | None = None
+    kannel: Kannel | None = None
     #: Extra environment per service (fraud_svc's development GeoIP database).
     _service_extra: dict[str, dict[str, str]] = field(default_factory=dict)
     #: Each service's own DATABASE_URL and REDIS_URL (ops/roles.py).
@@ -122,6 +127,13 @@ class Stack:
                 for holder in (*SERVICES, pki.OPERATOR):
                     pki.issue(state_dir, holder, self.tls_dir(holder))
                 edge_tls = pki.issue(state_dir, pki.EDGE, self.tls_dir(pki.EDGE))
+            # The edge's port first: Kannel calls it, and sms_svc gives Kannel URLs on it.
+            self.edge_port = self.settings.edge_port or free_port()
+            self.admin_port = self.settings.admin_port or free_port()
+            if self.settings.kannel:
+                # Kannel runs beside the edge: it calls it on loopback whatever its address.
+                self.kannel = Kannel(state_dir, f"http://127.0.0.1:{self.edge_port}")
+                self._service_extra["sms_svc"] = self.kannel.sms_env()
             for service in SERVICES:
                 count = self.settings.replicas.get(service, 1)
                 self.addresses[service] = [("127.0.0.1", free_port()) for _ in range(count)]
@@ -134,8 +146,6 @@ class Stack:
                     [service for service in SERVICES for _ in self.addresses[service]],
                     self._services, self._all_addresses(), strict=True)))
 
-            self.edge_port = self.settings.edge_port or free_port()
-            self.admin_port = self.settings.admin_port or free_port()
             config_path = state_dir / "envoy.yaml"
             config_path.write_text(edge.render(edge.EdgeSettings(
                 jwks_path=jwks, jwt_issuer=tokens.ISSUER, jwt_audience=tokens.AUDIENCE,
@@ -147,6 +157,8 @@ class Stack:
                 str(Path(sys.executable).parent / "envoy"), "-c", str(config_path),
                 "--use-dynamic-base-id", "--log-level", "warn"], logs)
             await self._wait_edge_ready()
+            if self.kannel is not None:
+                await self.kannel.start()
         except BaseException:
             await self.stop()
             raise
@@ -233,6 +245,9 @@ class Stack:
                 _adopt(state_dir / "pseudonym-salt", own / "pseudonym-salt"))
             env["VOTE_IP_HASH_KEY"] = read_or_create_secret(
                 _adopt(state_dir / "ip-hash-key", own / "ip-hash-key"))
+        if service == "sms_svc":
+            env["SMS_MSISDN_SECRET"] = read_or_create_secret(
+                _adopt(state_dir / "msisdn-secret", own / "msisdn-secret"))
         if service == "results_svc":
             _adopt(state_dir / LEDGER_KEY_FILE, own / LEDGER_KEY_FILE)
         return env
@@ -284,6 +299,8 @@ class Stack:
 
     async def stop(self) -> None:
         """Stop in reverse dependency order; leaves no process behind."""
+        if self.kannel is not None:
+            await self.kannel.stop()
         if self._edge is not None:
             await self._edge.stop()
         for child in reversed(self._services):
@@ -300,6 +317,11 @@ class Stack:
         for service in SERVICES:
             replicas = ", ".join(f"{h}:{p}" for h, p in self.addresses.get(service, []))
             lines.append(f"{service:<33}{replicas}")
+        if self.kannel is not None:
+            ports = ", ".join(f"{carrier} {port}"
+                              for carrier, port in self.kannel.smsc_ports.items())
+            lines.append(f"Kannel sendsms                   {self.kannel.sendsms_url}")
+            lines.append(f"Kannel fake SMSC links           {ports} (fakesmsc -r PORT)")
         lines.append(f"logs                             {self.settings.state_dir / 'logs'}")
         return "\n".join(lines)
 

@@ -36,7 +36,9 @@ class Role(StrEnum):
 TOKEN_LIFETIME_SECONDS: dict[Role, int] = {
     Role.OPERATOR: 3600,
     Role.VOTER: 24 * 3600,
-    Role.CARRIER: 24 * 3600,
+    # An SMS gateway's token sits in its configuration (Kannel's get-url, ops/kannel.py) for
+    # a season; it can only reach the carrier routes, and only as its own carrier.
+    Role.CARRIER: 90 * 24 * 3600,
 }
 
 #: How far the edge's clock may be from the issuer's when it judges `exp`, `nbf` and `iat`.
@@ -58,6 +60,7 @@ SERVICE_ROLES: dict[str, frozenset[Role]] = {
     "televote.results.v1.ResultsService": PUBLIC,
     "televote.results.v1.ReportService": frozenset({Role.OPERATOR}),
     "televote.sms.v1.CarrierService": frozenset({Role.CARRIER}),
+    "televote.sms.v1.ShortCodeService": frozenset({Role.OPERATOR}),
     "televote.fraud.v1.FraudScoringService": frozenset({Role.INTERNAL}),
     "televote.fraud.v1.FraudReviewService": frozenset({Role.OPERATOR}),
 }

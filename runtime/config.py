@@ -55,6 +55,11 @@ class ServiceConfig(BaseSettings):
     #: insert them, whatever the values (vote_svc's write path, where planning was a third of
     #: PostgreSQL's CPU per vote).
     database_generic_plans: bool = False
+    #: Pooled connections in autocommit: each statement commits by itself, and code that
+    #: needs several in one transaction opens it (`connection.transaction()`). For a service
+    #: whose writes are single statements, which otherwise paid a COMMIT round trip each
+    #: (sms_svc).
+    database_autocommit: bool = False
 
     @classmethod
     def load(cls) -> Self:

@@ -23,11 +23,12 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from runtime.access import ANONYMOUS, MESH_SERVICES, SERVICE_ROLES, Principal, Role, allowed
-from runtime.errors import ApiError
+from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.mesh import EDGE, peer_of, service_of
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,34 @@ def _admit(method: str, metadata: dict[str, str], table: Mapping[str, frozenset[
                     f"role {principal.role.value} may not call {service}")
 
 
+class _Undecodable:
+    """A request whose bytes are no valid message (a string field that is not UTF-8, which
+    the edge's transcoder passes on from a query parameter): answered INVALID_ARGUMENT by the
+    handler wrapper instead of the INTERNAL grpc gives when a deserializer raises."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            return _Undecodable(str(error))
+    return parse
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise invalid_argument(FieldViolation(
+            "", "the request is not a valid message (e.g. text that is not UTF-8): "
+                + request.problem))
+
+
 if TYPE_CHECKING:
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # grpc's runtime class is not generic; only its stubs are
@@ -125,12 +154,12 @@ class ServiceInterceptor(_Interceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _unary(handler.unary_unary, admission, method, metadata),
-                request_deserializer=_tolerant(handler.request_deserializer),
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _streaming(handler.unary_stream, admission, method, metadata, self._streams),
-                request_deserializer=_tolerant(handler.request_deserializer),
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
@@ -144,34 +173,6 @@ class ServiceInterceptor(_Interceptor):
             response_serializer=handler.response_serializer)
 
 
-class _Malformed:
-    """A request message that did not parse (see `_tolerant`)."""
-
-
-_MALFORMED = _Malformed()
-
-
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """A deserializer that hands bytes that are not the request message on as `_MALFORMED`:
-    grpc.aio answers a failing deserializer with UNKNOWN and the parser's message, but bad
-    input is the caller's mistake, refused with INVALID_ARGUMENT by the handler wrapper
-    (invariant 8)."""
-    if deserialize is None:
-        return None
-
-    def parse(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except Exception:  # protobuf's DecodeError, or anything a custom parser raises
-            return _MALFORMED
-    return parse
-
-
-def _malformed() -> ApiError:
-    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST",
-                    "the request is not a valid message of this RPC")
-
-
 _Admission = Callable[[grpc.aio.ServicerContext[Any, Any]], Principal | ApiError]
 
 
@@ -183,8 +184,7 @@ def _unary(behaviour: Callable[..., Any], admission: _Admission, method: str,
                 admitted = admission(context)
                 if isinstance(admitted, ApiError):
                     raise admitted
-                if request is _MALFORMED:
-                    raise _malformed()
+                _check_decoded(request)
                 _principal.set(admitted)
                 return await behaviour(request, context)
             except grpc.aio.AbortError:
@@ -238,8 +238,7 @@ def _streaming(behaviour: Callable[..., Any], admission: _Admission, method: str
                 admitted = admission(context)
                 if isinstance(admitted, ApiError):
                     raise admitted
-                if request is _MALFORMED:
-                    raise _malformed()
+                _check_decoded(request)
                 _principal.set(admitted)
                 with streams.hold(admitted, metadata):
                     result = behaviour(request, context)

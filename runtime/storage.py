@@ -26,11 +26,12 @@ RedisClient = Redis | RedisCluster
 
 
 def create_pool(url: str, min_size: int = 1, max_size: int = 10, *,
-                generic_plans: bool = False) -> AsyncConnectionPool[
+                generic_plans: bool = False, autocommit: bool = False) -> AsyncConnectionPool[
         AsyncConnection[dict[str, object]]]:
     """An unopened async pool whose connections return rows as dicts (see
-    ServiceConfig.database_generic_plans for `generic_plans`)."""
-    kwargs: dict[str, Any] = {"row_factory": dict_row}
+    ServiceConfig.database_generic_plans for `generic_plans`, database_autocommit for
+    `autocommit`)."""
+    kwargs: dict[str, Any] = {"row_factory": dict_row, "autocommit": autocommit}
     if generic_plans:
         kwargs["options"] = "-c plan_cache_mode=force_generic_plan"
     return AsyncConnectionPool(
@@ -73,7 +74,8 @@ class Storage:
         return cls(
             pool=create_pool(config.database_url, config.database_pool_min,
                              config.database_pool_max,
-                             generic_plans=config.database_generic_plans),
+                             generic_plans=config.database_generic_plans,
+                             autocommit=config.database_autocommit),
             redis=create_redis(config.redis_url, config.redis_cluster,
                                config.redis_max_connections),
         )

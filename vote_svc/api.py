@@ -9,7 +9,9 @@ from typing import Any
 import grpc
 
 from runtime import ids
+from runtime.access import Role
 from runtime.errors import ApiError, FieldViolation, invalid_argument
+from runtime.gateway_time import edge_received_at, gateway_time_problem
 from runtime.interceptors import current_principal
 from runtime.protoconv import timestamp
 from runtime.storage import Storage
@@ -26,11 +28,7 @@ from vote_svc.admission import Scripts
 from vote_svc.ingest import Ingestor, Result, VoteRequest
 from vote_svc.packages import PackageCatalogue
 from vote_svc.purchases import MAX_RECEIPT_BYTES, STORE_NAMES, Purchases
-from vote_svc.validation import (
-    check_vote,
-    client_ip,
-    edge_received_at,
-)
+from vote_svc.validation import check_vote, client_ip
 from vote_svc.wallet import balance, grant_votes
 
 MAX_BATCH = 1000
@@ -156,37 +154,74 @@ class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServic
             raise invalid_argument(
                 FieldViolation("votes", f"at most {MAX_BATCH} votes per batch"),
                 reason="BATCH_TOO_LARGE")
-        refusal = self._ingestor.shed(len(request.votes), context.time_remaining())
+        refusal = self._ingestor.shed(len(request.votes), context.time_remaining(),
+                                      gateway=True)
         if refusal is not None:  # before validating a thousand votes for nothing
             return vote_gateway_service_pb2.SubmitVotesResponse(
                 results=[_vote_result(index, refusal) for index in range(len(request.votes))])
         metadata = context.invocation_metadata()
         ip = client_ip(metadata, context.peer())  # type: ignore[arg-type]
         arrived = edge_received_at(metadata)  # type: ignore[arg-type]
+        carrier = current_principal().role == Role.CARRIER
         results: list[Result | None] = [None] * len(request.votes)
         valid: list[tuple[int, VoteRequest]] = []
         for index, gateway_vote in enumerate(request.votes):
-            received = arrived  # a carrier's webhook: when it reached the edge ...
-            if gateway_vote.HasField("received_at"):  # ... unless the gateway says when
-                received = datetime.fromtimestamp(
-                    gateway_vote.received_at.seconds + gateway_vote.received_at.nanos / 1e9, UTC)
+            prefix = f"votes[{index}]."
+            received, late = self._received_at(gateway_vote, arrived, prefix)
             vote, bad = check_vote(
                 request_id=gateway_vote.request_id, user_id=gateway_vote.user_id,
                 round_id=gateway_vote.round_id, contestant_id=gateway_vote.contestant_id,
                 vote_type=gateway_vote.vote_type, count=gateway_vote.count,
                 channel=gateway_vote.channel, client=gateway_vote.client,
                 has_client=gateway_vote.HasField("client"), ip=ip, gateway=True,
-                prefix=f"votes[{index}].", received_at=received)
-            if vote is None:
+                prefix=prefix, received_at=received)
+            bad += late
+            if carrier and vote is not None and not _carrier_may_submit(vote):
+                results[index] = ApiError(
+                    grpc.StatusCode.PERMISSION_DENIED, "CARRIER_VOTE_NOT_ALLOWED",
+                    "a carrier submits only PREMIUM_SMS votes on CHANNEL_SMS for users in the "
+                    "SMS namespace (user ids starting with \"sms:\")")
+            elif vote is None or bad:
                 results[index] = invalid_argument(*bad)
             else:
                 valid.append((index, vote))
         if valid:
-            outcomes = await self._ingestor.submit([vote for _, vote in valid])
+            outcomes = await self._ingestor.submit([vote for _, vote in valid], gateway=True)
             for (index, _), outcome in zip(valid, outcomes, strict=True):
                 results[index] = outcome
         return vote_gateway_service_pb2.SubmitVotesResponse(
             results=[_vote_result(index, result) for index, result in enumerate(results)])
+
+    def _received_at(self, vote: vote_gateway_service_pb2.GatewayVote, arrived: datetime | None,
+                     prefix: str) -> tuple[datetime | None, list[FieldViolation]]:
+        """When the vote was received: the gateway's own time when it gives one that the
+        edge's clock allows (runtime/gateway_time.py), else when the edge received the call."""
+        if not vote.HasField("received_at"):
+            return arrived, []
+        stamp = vote.received_at
+        if not (0 <= stamp.seconds <= _MAX_TIMESTAMP_S and 0 <= stamp.nanos < 1_000_000_000):
+            return arrived, [FieldViolation(prefix + "received_at", "not a valid time")]
+        claimed = datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, UTC)
+        config = self._ingestor.config
+        problem = gateway_time_problem(
+            claimed, arrived or datetime.now(UTC),
+            max_age_ms=config.vote_gateway_max_age_ms,
+            # Inside the mesh (sms_svc) the time is the edge's, read on another host's clock.
+            tolerance_ms=0 if arrived is not None else config.vote_gateway_clock_tolerance_ms)
+        if problem is not None:
+            return arrived, [FieldViolation(prefix + "received_at", problem)]
+        return claimed, []
+
+
+#: 9999-12-31T23:59:59Z, the largest time a Timestamp may hold.
+_MAX_TIMESTAMP_S = 253_402_300_799
+
+
+def _carrier_may_submit(vote: VoteRequest) -> bool:
+    """A carrier's token votes only as premium SMS, for subscribers, never as an app user:
+    otherwise it could spend an app voter's free votes and paid balance."""
+    return (vote.vote_type == "PREMIUM_SMS" and vote.channel == "SMS"
+            and vote.user_id.startswith("sms:"))
 
 
 def _vote_result(index: int, result: Result | None) -> vote_gateway_service_pb2.VoteResult:

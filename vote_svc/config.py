@@ -50,6 +50,16 @@ class VoteConfig(ServiceConfig):
     #: calls (a gateway's batch counts its votes) are refused at once with UNAVAILABLE
     #: `OVERLOADED` instead of queueing. About what a replica commits in a second.
     vote_max_inflight_votes: int = 500
+    #: What one vote of a gateway batch weighs against that limit, a unary vote weighing 1:
+    #: a batch vote cost 146-166 µs of CPU against 919-1,595 for a unary gRPC or JSON vote
+    #: (vote_svc/README.md, Performance), so about a sixth.
+    vote_gateway_vote_cost: float = 0.15
+    #: A gateway's own `received_at` may be at most this much older than when the edge
+    #: received the call (carrier delay), and never later (runtime/gateway_time.py).
+    vote_gateway_max_age_ms: int = 120_000
+    #: For a call from inside the mesh (sms_svc forwards the edge's time), how far the
+    #: vote's time may be ahead of this host's clock.
+    vote_gateway_clock_tolerance_ms: int = 1_000
     #: A call with this little of its deadline left is not started (DEADLINE_EXCEEDED).
     vote_min_time_left_ms: float = 5.0
 

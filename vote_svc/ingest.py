@@ -127,20 +127,32 @@ class Ingestor:
         self._ip_key = config.vote_ip_hash_key.encode()
         # Voters' first votes arriving together: one PostgreSQL query for all of them.
         self._users: Coalescer[UserKey, list[str | int]] = Coalescer(self._load_users)
-        self._inflight = 0  # votes between submit() and their answer
+        self._inflight = 0.0  # cost of the votes between submit() and their answer
         self.recovery = Recovery(storage, scripts, config)
 
     # -- the pipeline -------------------------------------------------------------------
 
-    async def submit(self, votes: list[VoteRequest]) -> list[Result]:
+    @property
+    def config(self) -> VoteConfig:
+        return self._config
+
+    def cost(self, count: int, *, gateway: bool = False) -> float:
+        """What `count` votes weigh against VOTE_MAX_INFLIGHT_VOTES: a vote of a unary call
+        counts 1, a vote of a gateway batch VOTE_GATEWAY_VOTE_COST (it shares its call, its
+        scoring request and its Redis and PostgreSQL round trips with the batch)."""
+        return count * (self._config.vote_gateway_vote_cost if gateway else 1.0)
+
+    async def submit(self, votes: list[VoteRequest], *, gateway: bool = False) -> list[Result]:
         """Admit and record `votes` (the caller has asked `shed` first)."""
-        self._inflight += len(votes)
+        cost = self.cost(len(votes), gateway=gateway)
+        self._inflight += cost
         try:
             return await self._submit(votes)
         finally:
-            self._inflight -= len(votes)
+            self._inflight -= cost
 
-    def shed(self, count: int, time_left_s: float | None) -> ApiError | None:
+    def shed(self, count: int, time_left_s: float | None, *,
+             gateway: bool = False) -> ApiError | None:
         """Refuse a call of `count` votes before anything is admitted (or even validated)
         when its answer could not arrive in time; `time_left_s` is what remains of the
         caller's deadline.
@@ -150,6 +162,11 @@ class Ingestor:
         without bound (every vote gets slower): past `vote_max_inflight_votes` new calls are
         refused at once with UNAVAILABLE `OVERLOADED` and a retry delay, and a call whose
         deadline has (nearly) passed is not started. Nothing changes for a refused vote.
+
+        The limit is on cost, not on calls or votes (`cost`): counted per vote, one
+        1,000-vote gateway batch filled a replica's limit on its own, and at the close of
+        lines every other call (SMS batches included) was refused for a load the replica
+        carries easily.
         """
         config = self._config
         if time_left_s is not None and time_left_s * 1000 <= config.vote_min_time_left_ms:

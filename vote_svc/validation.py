@@ -116,14 +116,5 @@ def client_ip(metadata: Sequence[tuple[str, str | bytes]] | None, peer: str) -> 
     return ""
 
 
-def edge_received_at(metadata: Sequence[tuple[str, str | bytes]] | None) -> datetime | None:
-    """When the edge received the call (`x-televote-received-ms`, which the edge always
-    overwrites), or None for a call from inside the mesh or a value that is not a time."""
-    for key, value in metadata or ():
-        if key == "x-televote-received-ms" and isinstance(value, str) and value.isdigit():
-            return datetime.fromtimestamp(int(value) / 1000, UTC)
-    return None
-
-
 def timestamp_to_datetime(seconds: int, nanos: int) -> datetime:
     return datetime.fromtimestamp(seconds + nanos / 1e9, UTC)

@@ -52,7 +52,10 @@ async def test_compressed_seed_scenario_passes_end_to_end(seed_run: RunResult) -
     verification = figures["verification"]
     assert verification["acknowledged"] + verification["recorded_after_client_error"] == \
         verification["ledger_rows"] > 0
-    assert set(figures["latency_ms"]) == {"grpc", "json", "grpcweb"}
+    assert set(figures["latency_ms"]) == {"grpc", "json", "grpcweb", "sms"}
+    # A fifth of the voters texted 1255: every SMS was recorded, charged exactly when counted.
+    assert verification["sms_messages"] > 0
+    assert 0 < verification["sms_charged"] <= verification["sms_messages"]
     assert sum(verification["final_counts"].values()) == verification["ledger_rows"]
     assert verification["purchases"] > verification["refunds"] > 0
     assert verification["votes_clawed_back"] > 0
@@ -113,6 +116,33 @@ async def test_verifier_catches_a_wrong_final_result(stack: Stack, seed_run: Run
     assert any(f.startswith("final result") and "differs from the recount" in f
                for f in verdict.failures), verdict.failures
     assert any("differs from the acknowledged votes" in f for f in verdict.failures)
+
+
+async def test_verifier_catches_an_sms_charged_after_the_close_or_charged_twice(
+        stack: Stack, seed_run: RunResult) -> None:
+    assert seed_run.record is not None
+    shots = seed_run.record.plan.shots
+    message = next(shots[a.shot].request_id for a in seed_run.attempts
+                   if a.outcome == "ok" and shots[a.shot].path == "sms")
+    verdict = await _verify_damaged(
+        stack, seed_run,
+        ("UPDATE sms_messages SET received_at = received_at + interval '1 hour'"
+         " WHERE carrier_message_id = %s", (message,)),
+        ("CREATE TEMP TABLE copied ON COMMIT DROP AS SELECT * FROM sms_messages"
+         " WHERE carrier_message_id = %s", (message,)),
+        ("UPDATE copied SET message_id = gen_random_uuid(), carrier = 'METFONE'"
+         "  || carrier", ()),
+        ("INSERT INTO sms_messages SELECT * FROM copied", ()),
+        ("INSERT INTO sms_outcomes SELECT c.message_id, o.outcome, o.contestant_number,"
+         " o.show_id, o.episode_id, o.round_id, o.vote_id, o.charged, o.price_micros,"
+         " o.currency_code, o.reply_text, o.answered_at FROM copied c"
+         " JOIN sms_messages m ON m.carrier_message_id = c.carrier_message_id"
+         "  AND m.carrier <> c.carrier JOIN sms_outcomes o ON o.message_id = m.message_id",
+         ()))
+    assert any("SMS charged after the close" in f and message in f
+               for f in verdict.failures), verdict.failures
+    assert any(f.startswith("1 SMS votes charged more than once") for f in verdict.failures), \
+        verdict.failures
 
 
 async def test_verifier_catches_a_refund_that_clawed_nothing_back(stack: Stack,

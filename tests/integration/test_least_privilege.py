@@ -13,7 +13,8 @@ from ops.stack import SERVICES, Stack
 #: Append-only tables: no service may change or empty them.
 APPEND_ONLY = ("votes", "audit_log", "fraud_rejections", "vote_fraud_decisions",
                "round_results", "round_result_invalid_votes", "ledger_keys", "purchases",
-               "purchase_refunds", "purchase_consumptions")
+               "purchase_refunds", "purchase_consumptions", "sms_messages", "sms_outcomes",
+               "sms_deliveries")
 
 
 def _as(stack: Stack, service: str) -> psycopg.Connection:
@@ -58,7 +59,7 @@ def test_a_service_reads_only_what_it_was_granted(stack: Stack) -> None:
             connection.execute("SELECT count(*) FROM wallets")
     with _as(stack, "sms_svc") as connection:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            connection.execute("SELECT count(*) FROM votes")
+            connection.execute("SELECT count(*) FROM wallets")
     with _as(stack, "vote_svc") as connection:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             connection.execute("CREATE TABLE intruder (x int)")

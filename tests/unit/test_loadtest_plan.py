@@ -11,7 +11,7 @@ from google.rpc import error_details_pb2, status_pb2
 from typer.testing import CliRunner
 
 from loadtest import grpcweb
-from loadtest.plan import LoadConfig, build, shownight_rate
+from loadtest.plan import LoadConfig, build, shownight_rate, sms_sender
 from ops.cli import app
 
 
@@ -55,8 +55,21 @@ def test_seed_plan_is_the_seeds_test_and_funds_exactly_the_paid_votes() -> None:
     assert len({shot.user for shot in plan.shots}) == 200
     assert all(0 <= shot.at < 60 for shot in plan.shots)
     paid = sum(shot.vote_type == "PAID" for shot in plan.shots)
-    assert 500 < paid < 700 and sum(plan.grants.values()) == paid
+    app = sum(shot.path != "sms" for shot in plan.shots)
+    assert 0.24 * app < paid < 0.36 * app and sum(plan.grants.values()) == paid
     assert build(LoadConfig(users=200)).shots[5].request_id == plan.shots[5].request_id
+
+
+def test_a_fifth_of_the_seeds_voters_text_1255_over_the_three_carriers() -> None:
+    plan = build(LoadConfig(users=1000, votes_per_user=2))
+    sms = [shot for shot in plan.shots if shot.path == "sms"]
+    assert 0.15 * len(plan.shots) < len(sms) < 0.25 * len(plan.shots)
+    assert {shot.vote_type for shot in sms} == {"PREMIUM_SMS"}
+    assert "PREMIUM_SMS" not in {s.vote_type for s in plan.shots if s.path != "sms"}
+    assert {sms_sender(shot.user)[0] for shot in sms} == {"SMART", "CELLCARD", "METFONE"}
+    assert all(shot.user not in plan.grants for shot in sms)
+    retries = build(LoadConfig(scenario="retries", users=200))
+    assert all(shot.path != "sms" for shot in retries.shots)
 
 
 def test_shownight_builds_up_to_the_peak_at_the_close() -> None:

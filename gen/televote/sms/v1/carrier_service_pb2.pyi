@@ -124,6 +124,52 @@ DELIVERY_STATUS_REJECTED: DeliveryStatus.ValueType  # 5
 Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
 
 @_typing.final
+class ShortCode(_message.Message):
+    """The binding of a short code on one carrier to a show, with the premium price."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARRIER_FIELD_NUMBER: _builtins.int
+    SHORT_CODE_FIELD_NUMBER: _builtins.int
+    SHOW_ID_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    BOUND_BY_FIELD_NUMBER: _builtins.int
+    BOUND_AT_FIELD_NUMBER: _builtins.int
+    carrier: Global___Carrier.ValueType
+    """The carrier."""
+    short_code: _builtins.str
+    """The short code, e.g. "1255"."""
+    show_id: _builtins.str
+    """The show whose live episode's open round receives the votes."""
+    bound_by: _builtins.str
+    """Who bound it last."""
+    @_builtins.property
+    def price(self) -> _vote_types_pb2.Money:
+        """The price of a counted vote on this carrier."""
+
+    @_builtins.property
+    def bound_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was bound last."""
+
+    def __init__(
+        self,
+        *,
+        carrier: Global___Carrier.ValueType = ...,
+        short_code: _builtins.str = ...,
+        show_id: _builtins.str = ...,
+        price: _vote_types_pb2.Money | None = ...,
+        bound_by: _builtins.str = ...,
+        bound_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bound_at", b"bound_at", "price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bound_at", b"bound_at", "bound_by", b"bound_by", "carrier", b"carrier", "price", b"price", "short_code", b"short_code", "show_id", b"show_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShortCode: _TypeAlias = ShortCode  # noqa: Y015
+
+@_typing.final
 class ReceiveInboundSmsRequest(_message.Message):
     """Request for CarrierService.ReceiveInboundSms."""
 
@@ -140,15 +186,21 @@ class ReceiveInboundSmsRequest(_message.Message):
     carrier_message_id: _builtins.str
     """The carrier's id of the message; with `carrier`, the idempotency key. At most 128 chars."""
     msisdn: _builtins.str
-    """The sender in E.164, e.g. "+85512345678"."""
+    """The sender: a Cambodian number in E.164 ("+85512345678", "85512345678") or the carrier's
+    local form ("012345678"); spaces, dashes, dots and brackets are ignored. Kept only to send
+    the reply; the vote names a keyed pseudonym of it.
+    """
     short_code: _builtins.str
     """The short code the message was sent to, e.g. "1255"."""
     text: _builtins.str
-    """The message text as received (UTF-8), at most 1,600 chars."""
+    """The message text as received (UTF-8), at most 1,600 chars (a concatenated message is
+    one message and at most one vote).
+    """
     @_builtins.property
     def received_at(self) -> _timestamp_pb2.Timestamp:
-        """When the carrier received the message. Recorded for audit and disputes only: whether
-        lines are open is decided by televote's clock.
+        """When the carrier received the message. Recorded for audit and disputes only (refused when
+        later than the edge's clock or older than the allowed skew): whether lines are open is
+        decided by when the edge received the message.
         """
 
     def __init__(
@@ -182,11 +234,12 @@ class ReceiveInboundSmsResponse(_message.Message):
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     VOTE_ID_FIELD_NUMBER: _builtins.int
     CONTESTANT_NUMBER_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
     outcome: Global___InboundSmsOutcome.ValueType
     """What became of the message."""
     reply_text: _builtins.str
-    """The reply to send to the sender (Khmer or English per the show), at most 160 GSM chars or
-    70 UCS-2 chars.
+    """The reply to send to the sender, in Khmer or English (see `language`). A Khmer reply may
+    be longer than one UCS-2 SMS (70 chars) and is then sent concatenated.
     """
     charge: _builtins.bool
     """Whether to bill the premium rate for this message. True only for VOTE_COUNTED."""
@@ -196,6 +249,8 @@ class ReceiveInboundSmsResponse(_message.Message):
     """The vote's id when counted."""
     contestant_number: _builtins.int
     """The contestant number parsed from the text, 0 when none."""
+    language: _builtins.str
+    """The language of the reply: "km" (Khmer) or "en", from the message's script."""
     @_builtins.property
     def price(self) -> _vote_types_pb2.Money:
         """The premium price to bill when `charge` (seed 0.50 USD)."""
@@ -210,10 +265,11 @@ class ReceiveInboundSmsResponse(_message.Message):
         message_id: _builtins.str = ...,
         vote_id: _builtins.str = ...,
         contestant_number: _builtins.int = ...,
+        language: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["charge", b"charge", "contestant_number", b"contestant_number", "message_id", b"message_id", "outcome", b"outcome", "price", b"price", "reply_text", b"reply_text", "vote_id", b"vote_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charge", b"charge", "contestant_number", b"contestant_number", "language", b"language", "message_id", b"message_id", "outcome", b"outcome", "price", b"price", "reply_text", b"reply_text", "vote_id", b"vote_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -232,6 +288,7 @@ class ReceiveDeliveryReportRequest(_message.Message):
     CHARGED_AMOUNT_FIELD_NUMBER: _builtins.int
     CARRIER_ERROR_CODE_FIELD_NUMBER: _builtins.int
     REPORTED_AT_FIELD_NUMBER: _builtins.int
+    GATEWAY_DLR_TYPE_FIELD_NUMBER: _builtins.int
     carrier: Global___Carrier.ValueType
     """The carrier reporting (path)."""
     carrier_message_id: _builtins.str
@@ -242,6 +299,10 @@ class ReceiveDeliveryReportRequest(_message.Message):
     """Whether the carrier billed the sender the premium rate."""
     carrier_error_code: _builtins.str
     """The carrier's error code for failures, verbatim."""
+    gateway_dlr_type: _builtins.int
+    """An SMS gateway's delivery-report type when `status` is not given (Kannel's `%d`: 1
+    delivered, 2 failed, 4 buffered, 8 accepted by the SMSC, 16 rejected by the SMSC).
+    """
     @_builtins.property
     def charged_amount(self) -> _vote_types_pb2.Money:
         """The amount billed, when charged."""
@@ -260,10 +321,11 @@ class ReceiveDeliveryReportRequest(_message.Message):
         charged_amount: _vote_types_pb2.Money | None = ...,
         carrier_error_code: _builtins.str = ...,
         reported_at: _timestamp_pb2.Timestamp | None = ...,
+        gateway_dlr_type: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["charged_amount", b"charged_amount", "reported_at", b"reported_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "carrier_error_code", b"carrier_error_code", "carrier_message_id", b"carrier_message_id", "charged", b"charged", "charged_amount", b"charged_amount", "reported_at", b"reported_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "carrier_error_code", b"carrier_error_code", "carrier_message_id", b"carrier_message_id", "charged", b"charged", "charged_amount", b"charged_amount", "gateway_dlr_type", b"gateway_dlr_type", "reported_at", b"reported_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,6 +33,10 @@ class CarrierServiceStub:
 
     A carrier redelivers a webhook until it gets a 2xx, so both RPCs are idempotent on
     (carrier, carrier_message_id), the carrier's own id, instead of a `request_id`.
+
+    Both RPCs also answer GET with the fields as query parameters: the form an SMS gateway's
+    URL templates produce (Kannel's sms-service `get-url` and `dlr-url`), with the carrier's
+    token in the `access_token` query parameter when the gateway cannot send a header.
     """
 
     @_typing.overload
@@ -40,19 +44,26 @@ class CarrierServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CarrierServiceAsyncStub: ...
     ReceiveInboundSms: _grpc.UnaryUnaryMultiCallable[_carrier_service_pb2.ReceiveInboundSmsRequest, _carrier_service_pb2.ReceiveInboundSmsResponse]
-    """Handles an SMS a viewer sent to the short code: parses "1".."12", "VOTE 1", "V1" to a
-    contestant number, votes in the episode's open round through vote_svc, and returns the
-    reply to send and whether to charge the premium rate. An SMS that arrives after lines
-    close (by the server clock and the round's SMS close) is neither counted nor charged.
-    A redelivered message returns the original outcome and reply, and never counts twice.
-    Refusals of the vote are outcomes (OK status), so the carrier sends the reply.
+    """Handles an SMS a viewer sent to the short code: parses "1".."12", "VOTE 1", "V1" (any
+    case, Khmer or full-width digits) to a contestant number, votes in the open round of the
+    live episode of the show the short code is bound to (ShortCodeService.BindShortCode)
+    through vote_svc, and returns the reply to send and whether to charge the premium rate.
+    Whether lines are open is judged by when the edge received the message, never by the
+    carrier's `received_at`: an SMS that arrives after the round's SMS close is neither
+    counted nor charged. A redelivered message returns the first outcome and reply, and never
+    counts or charges twice. Refusals of the vote are outcomes (OK status), so the carrier
+    sends the reply.
 
     Returns:
     * OK: see `outcome`.
-    * INVALID_ARGUMENT `INVALID_REQUEST`: missing message id, msisdn not E.164, or no text.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: missing or over-long message id, an msisdn that is
+      not a Cambodian number (E.164 or the carrier's local form), empty or over-long text,
+      a `received_at` in the future or more than the allowed skew in the past.
     * PERMISSION_DENIED `CARRIER_MISMATCH`: the path's carrier is not the caller's.
     * NOT_FOUND `SHORT_CODE_NOT_FOUND`: the short code is not televote's on this carrier.
-    * UNAVAILABLE `UNAVAILABLE`: nothing was recorded; redeliver.
+    * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: this carrier message id came before with another
+      sender, short code or text.
+    * UNAVAILABLE `UNAVAILABLE`: no outcome was recorded; redeliver.
     """
     ReceiveDeliveryReport: _grpc.UnaryUnaryMultiCallable[_carrier_service_pb2.ReceiveDeliveryReportRequest, _carrier_service_pb2.ReceiveDeliveryReportResponse]
     """Records the delivery report of a reply we sent, including whether the carrier charged.
@@ -60,7 +71,8 @@ class CarrierServiceStub:
 
     Returns:
     * OK: recorded (also for a redelivered report).
-    * INVALID_ARGUMENT `INVALID_REQUEST`: missing message id or status.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: missing message id, or neither status nor a known
+      `gateway_dlr_type`.
     * PERMISSION_DENIED `CARRIER_MISMATCH`.
     * NOT_FOUND `MESSAGE_NOT_FOUND`: no reply with that carrier message id.
     """
@@ -73,23 +85,34 @@ class CarrierServiceAsyncStub(CarrierServiceStub):
 
     A carrier redelivers a webhook until it gets a 2xx, so both RPCs are idempotent on
     (carrier, carrier_message_id), the carrier's own id, instead of a `request_id`.
+
+    Both RPCs also answer GET with the fields as query parameters: the form an SMS gateway's
+    URL templates produce (Kannel's sms-service `get-url` and `dlr-url`), with the carrier's
+    token in the `access_token` query parameter when the gateway cannot send a header.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ReceiveInboundSms: _aio.UnaryUnaryMultiCallable[_carrier_service_pb2.ReceiveInboundSmsRequest, _carrier_service_pb2.ReceiveInboundSmsResponse]  # type: ignore[assignment]
-    """Handles an SMS a viewer sent to the short code: parses "1".."12", "VOTE 1", "V1" to a
-    contestant number, votes in the episode's open round through vote_svc, and returns the
-    reply to send and whether to charge the premium rate. An SMS that arrives after lines
-    close (by the server clock and the round's SMS close) is neither counted nor charged.
-    A redelivered message returns the original outcome and reply, and never counts twice.
-    Refusals of the vote are outcomes (OK status), so the carrier sends the reply.
+    """Handles an SMS a viewer sent to the short code: parses "1".."12", "VOTE 1", "V1" (any
+    case, Khmer or full-width digits) to a contestant number, votes in the open round of the
+    live episode of the show the short code is bound to (ShortCodeService.BindShortCode)
+    through vote_svc, and returns the reply to send and whether to charge the premium rate.
+    Whether lines are open is judged by when the edge received the message, never by the
+    carrier's `received_at`: an SMS that arrives after the round's SMS close is neither
+    counted nor charged. A redelivered message returns the first outcome and reply, and never
+    counts or charges twice. Refusals of the vote are outcomes (OK status), so the carrier
+    sends the reply.
 
     Returns:
     * OK: see `outcome`.
-    * INVALID_ARGUMENT `INVALID_REQUEST`: missing message id, msisdn not E.164, or no text.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: missing or over-long message id, an msisdn that is
+      not a Cambodian number (E.164 or the carrier's local form), empty or over-long text,
+      a `received_at` in the future or more than the allowed skew in the past.
     * PERMISSION_DENIED `CARRIER_MISMATCH`: the path's carrier is not the caller's.
     * NOT_FOUND `SHORT_CODE_NOT_FOUND`: the short code is not televote's on this carrier.
-    * UNAVAILABLE `UNAVAILABLE`: nothing was recorded; redeliver.
+    * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: this carrier message id came before with another
+      sender, short code or text.
+    * UNAVAILABLE `UNAVAILABLE`: no outcome was recorded; redeliver.
     """
     ReceiveDeliveryReport: _aio.UnaryUnaryMultiCallable[_carrier_service_pb2.ReceiveDeliveryReportRequest, _carrier_service_pb2.ReceiveDeliveryReportResponse]  # type: ignore[assignment]
     """Records the delivery report of a reply we sent, including whether the carrier charged.
@@ -97,7 +120,8 @@ class CarrierServiceAsyncStub(CarrierServiceStub):
 
     Returns:
     * OK: recorded (also for a redelivered report).
-    * INVALID_ARGUMENT `INVALID_REQUEST`: missing message id or status.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: missing message id, or neither status nor a known
+      `gateway_dlr_type`.
     * PERMISSION_DENIED `CARRIER_MISMATCH`.
     * NOT_FOUND `MESSAGE_NOT_FOUND`: no reply with that carrier message id.
     """
@@ -109,6 +133,10 @@ class CarrierServiceServicer(metaclass=_abc_1.ABCMeta):
 
     A carrier redelivers a webhook until it gets a 2xx, so both RPCs are idempotent on
     (carrier, carrier_message_id), the carrier's own id, instead of a `request_id`.
+
+    Both RPCs also answer GET with the fields as query parameters: the form an SMS gateway's
+    URL templates produce (Kannel's sms-service `get-url` and `dlr-url`), with the carrier's
+    token in the `access_token` query parameter when the gateway cannot send a header.
     """
 
     @_abc_1.abstractmethod
@@ -117,19 +145,26 @@ class CarrierServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _carrier_service_pb2.ReceiveInboundSmsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_carrier_service_pb2.ReceiveInboundSmsResponse, _abc.Awaitable[_carrier_service_pb2.ReceiveInboundSmsResponse]]:
-        """Handles an SMS a viewer sent to the short code: parses "1".."12", "VOTE 1", "V1" to a
-        contestant number, votes in the episode's open round through vote_svc, and returns the
-        reply to send and whether to charge the premium rate. An SMS that arrives after lines
-        close (by the server clock and the round's SMS close) is neither counted nor charged.
-        A redelivered message returns the original outcome and reply, and never counts twice.
-        Refusals of the vote are outcomes (OK status), so the carrier sends the reply.
+        """Handles an SMS a viewer sent to the short code: parses "1".."12", "VOTE 1", "V1" (any
+        case, Khmer or full-width digits) to a contestant number, votes in the open round of the
+        live episode of the show the short code is bound to (ShortCodeService.BindShortCode)
+        through vote_svc, and returns the reply to send and whether to charge the premium rate.
+        Whether lines are open is judged by when the edge received the message, never by the
+        carrier's `received_at`: an SMS that arrives after the round's SMS close is neither
+        counted nor charged. A redelivered message returns the first outcome and reply, and never
+        counts or charges twice. Refusals of the vote are outcomes (OK status), so the carrier
+        sends the reply.
 
         Returns:
         * OK: see `outcome`.
-        * INVALID_ARGUMENT `INVALID_REQUEST`: missing message id, msisdn not E.164, or no text.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: missing or over-long message id, an msisdn that is
+          not a Cambodian number (E.164 or the carrier's local form), empty or over-long text,
+          a `received_at` in the future or more than the allowed skew in the past.
         * PERMISSION_DENIED `CARRIER_MISMATCH`: the path's carrier is not the caller's.
         * NOT_FOUND `SHORT_CODE_NOT_FOUND`: the short code is not televote's on this carrier.
-        * UNAVAILABLE `UNAVAILABLE`: nothing was recorded; redeliver.
+        * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: this carrier message id came before with another
+          sender, short code or text.
+        * UNAVAILABLE `UNAVAILABLE`: no outcome was recorded; redeliver.
         """
 
     @_abc_1.abstractmethod
@@ -143,7 +178,8 @@ class CarrierServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Returns:
         * OK: recorded (also for a redelivered report).
-        * INVALID_ARGUMENT `INVALID_REQUEST`: missing message id or status.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: missing message id, or neither status nor a known
+          `gateway_dlr_type`.
         * PERMISSION_DENIED `CARRIER_MISMATCH`.
         * NOT_FOUND `MESSAGE_NOT_FOUND`: no reply with that carrier message id.
         """

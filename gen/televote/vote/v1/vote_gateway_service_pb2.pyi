@@ -40,7 +40,9 @@ class GatewayVote(_message.Message):
     from the carrier and the carrier's message id (UUIDv5), so a redelivered SMS counts once.
     """
     user_id: _builtins.str
-    """The televote user id of the voter (for SMS: "sms:" + E.164 MSISDN, e.g. "sms:+85512345678")."""
+    """The televote user id of the voter (for SMS: "sms:" + a keyed pseudonym of the MSISDN;
+    the raw number never enters the ledger).
+    """
     round_id: _builtins.str
     """The round to vote in."""
     contestant_id: _builtins.str
@@ -57,8 +59,10 @@ class GatewayVote(_message.Message):
 
     @_builtins.property
     def received_at(self) -> _timestamp_pb2.Timestamp:
-        """When the gateway received the vote (e.g. the carrier's SMS receive time). Recorded for
-        audit only: admission uses vote_svc's clock against the round's close for this channel.
+        """When the gateway received the vote (e.g. when the edge received the carrier's SMS).
+        Recorded for audit and fraud timing: admission uses vote_svc's clock against the round's
+        close for this channel. INVALID_REQUEST when later than the edge received the call (or,
+        from inside the mesh, than vote_svc's clock) or more than 120 s before it.
         """
 
     def __init__(

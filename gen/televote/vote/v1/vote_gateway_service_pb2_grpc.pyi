@@ -47,7 +47,9 @@ class VoteGatewayServiceStub:
     `INSUFFICIENT_BALANCE`, `RATE_LIMITED`, `FRAUD_BLOCKED`, `GEO_RESTRICTED`,
     `LOCATION_MISMATCH` (see VoteService.SubmitVote), `IDEMPOTENCY_MISMATCH`,
     `INVALID_REQUEST`, `UNAVAILABLE`, `OVERLOADED` (the replica is at capacity; retry after
-    the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed).
+    the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed),
+    `CARRIER_VOTE_NOT_ALLOWED` (a caller with the carrier role submits only PREMIUM_SMS votes
+    on CHANNEL_SMS for users in the SMS namespace, "sms:...").
 
     Returns:
     * OK: every vote has a result (accepted or refused).
@@ -75,7 +77,9 @@ class VoteGatewayServiceAsyncStub(VoteGatewayServiceStub):
     `INSUFFICIENT_BALANCE`, `RATE_LIMITED`, `FRAUD_BLOCKED`, `GEO_RESTRICTED`,
     `LOCATION_MISMATCH` (see VoteService.SubmitVote), `IDEMPOTENCY_MISMATCH`,
     `INVALID_REQUEST`, `UNAVAILABLE`, `OVERLOADED` (the replica is at capacity; retry after
-    the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed).
+    the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed),
+    `CARRIER_VOTE_NOT_ALLOWED` (a caller with the carrier role submits only PREMIUM_SMS votes
+    on CHANNEL_SMS for users in the SMS namespace, "sms:...").
 
     Returns:
     * OK: every vote has a result (accepted or refused).
@@ -106,7 +110,9 @@ class VoteGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         `INSUFFICIENT_BALANCE`, `RATE_LIMITED`, `FRAUD_BLOCKED`, `GEO_RESTRICTED`,
         `LOCATION_MISMATCH` (see VoteService.SubmitVote), `IDEMPOTENCY_MISMATCH`,
         `INVALID_REQUEST`, `UNAVAILABLE`, `OVERLOADED` (the replica is at capacity; retry after
-        the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed).
+        the error's retry delay), `DEADLINE_EXCEEDED` (the call's deadline had passed),
+        `CARRIER_VOTE_NOT_ALLOWED` (a caller with the carrier role submits only PREMIUM_SMS votes
+        on CHANNEL_SMS for users in the SMS namespace, "sms:...").
 
         Returns:
         * OK: every vote has a result (accepted or refused).

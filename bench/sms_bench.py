@@ -1,0 +1,209 @@
+"""Premium SMS benchmark: carrier messages/s from the carrier JSON API to committed votes,
+beside the batch vote path (VoteGatewayService.SubmitVotes of 1,000 votes) in the same run.
+
+    python bench/sms_bench.py [--duration 8] [--concurrency 64]
+
+Starts its own mesh (fraud scoring off, as in vote_bench: it would rightly review a
+benchmark's subscribers), binds short code 1255 on the three carriers to a round's show, and
+measures:
+- batch: the batch vote path's votes/s, closed loop, one 1,000-vote batch in flight;
+- sms max: closed-loop carrier POSTs (`--concurrency` in flight, every message a new
+  subscriber on one of the three carriers, one in 20 a redelivery of an earlier message), the
+  messages/s answered COUNTED;
+- sms at 70 %: the same, open loop at 70 % of that maximum: the reply's p50/p99 as the
+  carrier sees it;
+- the ratio sms/batch, and the checks: every COUNTED answer has one ledger vote and one
+  charged record, no message has two votes or two charges, redeliveries got their first
+  answer.
+No assertions on timing: it prints figures (JSON last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.vote_bench import _batches, _cpu_by_role, _cpu_per_vote
+from ops import tokens
+from ops.processes import run_stopping_on_sigterm
+from ops.stack import Stack, StackSettings
+from runtime.access import Role
+from tests.sms_support import bind
+from tests.support_windows import TestRound, open_test_round
+
+CARRIERS = ("smart", "cellcard", "metfone")
+_numbers = itertools.count(1)
+
+
+class SmsLoad:
+    """Carrier webhooks through the edge's JSON API."""
+
+    def __init__(self, stack: Stack) -> None:
+        self._url = stack.edge_url
+        self._tokens = {carrier: tokens.mint(stack.settings.state_dir, Role.CARRIER, carrier)
+                        for carrier in CARRIERS}
+        self.sent: list[tuple[str, str, dict[str, Any]]] = []  # carrier, body, first answer
+        self.redelivered: list[bool] = []  # answer equal to the first
+        self.refused = 0
+        self.latencies: list[float] = []
+
+    def _message(self) -> tuple[str, dict[str, Any]]:
+        if self.sent and random.random() < 0.05:  # a carrier's redelivery
+            carrier, body, _ = random.choice(self.sent)
+            return carrier, json.loads(body)
+        number = next(_numbers)
+        return random.choice(CARRIERS), {
+            "carrierMessageId": f"bench-{uuid.uuid4()}", "msisdn": f"+8551{number:07d}",
+            "shortCode": "1255", "text": f"V{1 + number % 3}"}
+
+    async def one(self, session: aiohttp.ClientSession) -> None:
+        carrier, message = self._message()
+        body = json.dumps(message)
+        start = time.perf_counter()
+        try:
+            async with session.post(
+                    f"{self._url}/v1/carriers/CARRIER_{carrier.upper()}/sms", data=body,
+                    headers={"content-type": "application/json",
+                             "authorization": f"Bearer {self._tokens[carrier]}"}) as response:
+                answer = await response.json(content_type=None)
+                ok = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            ok, answer = False, {}
+        if not ok:
+            self.refused += 1
+            return
+        self.latencies.append((time.perf_counter() - start) * 1000)
+        first = next((a for c, b, a in self.sent
+                      if c == carrier and b == body), None) if "bench-" in body else None
+        if first is not None:
+            self.redelivered.append(first == answer)
+        else:
+            self.sent.append((carrier, body, answer))
+
+    async def closed_loop(self, duration: float, concurrency: int) -> int:
+        end = time.perf_counter() + duration
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+            async def worker() -> None:
+                while time.perf_counter() < end:
+                    await self.one(session)
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(self.latencies)
+
+    async def open_loop(self, duration: float, rate: float) -> None:
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=2000)) as session:
+            tasks: set[asyncio.Task[None]] = set()
+            interval, next_at = 1 / rate, time.perf_counter()
+            end = next_at + duration
+            while next_at < end:
+                now = time.perf_counter()
+                if now < next_at:
+                    await asyncio.sleep(next_at - now)
+                task = asyncio.create_task(self.one(session))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                next_at += interval
+            await asyncio.gather(*tasks)
+
+
+def _pct(values: list[float], q: int) -> float:
+    return round(statistics.quantiles(values, n=100)[q - 1], 1) if len(values) > 1 else 0.0
+
+
+async def _check(stack: Stack, test_round: TestRound, loads: list[SmsLoad]) -> dict[str, Any]:
+    counted = {a["voteId"] for load in loads for _, _, a in load.sent
+               if a.get("outcome") == "INBOUND_SMS_OUTCOME_VOTE_COUNTED"}
+    async with await psycopg.AsyncConnection.connect(stack.database_url) as connection:
+        cursor = await connection.execute(
+            "SELECT count(*), count(DISTINCT vote_id) FROM votes"
+            " WHERE round_id = %s AND channel = 'SMS'", (test_round.round_id,))
+        votes, distinct = await cursor.fetchone()  # type: ignore[misc]
+        cursor = await connection.execute(
+            "SELECT count(*) FILTER (WHERE charged), count(DISTINCT vote_id) FILTER"
+            " (WHERE charged), count(*) FILTER (WHERE charged AND answered_at > "
+            "   (SELECT closes_at + sms_close_offset_ms * interval '1 ms' FROM rounds"
+            "     WHERE round_id = %s))"
+            "  FROM sms_records WHERE round_id = %s",
+            (test_round.round_id, test_round.round_id))
+        charged, charged_votes, after_close = await cursor.fetchone()  # type: ignore[misc]
+    return {"counted_answers": len(counted), "ledger_sms_votes": votes,
+            "double_counts": votes - distinct, "charged": charged,
+            "double_charges": charged - charged_votes,
+            "charged_minus_counted": charged - len(counted),
+            "charged_after_close": after_close,
+            "redeliveries": sum(len(load.redelivered) for load in loads),
+            "redeliveries_with_another_answer": sum(
+                not same for load in loads for same in load.redelivered)}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=8)
+    parser.add_argument("--concurrency", type=int, default=64)
+    options = parser.parse_args()
+    env = {"TELEVOTE_GRACE_SECONDS": "5", "TELEVOTE_LOG_LEVEL": "WARNING", "FRAUD_TARGET": ""}
+    stack = Stack(StackSettings(state_dir=Path(tempfile.mkdtemp(prefix="sms-bench-")),
+                                edge_port=0, service_env=env))
+    await stack.start()
+    results: dict[str, Any] = {}
+    try:
+        batch_round = await open_test_round(stack.database_url, stack.redis_url,
+                                            rate_limit=1_000_000, free_quota=1_000_000)
+        targets = [f"{host}:{port}" for host, port in stack.addresses["vote_svc"]]
+        before = _cpu_by_role()
+        acked, latencies, refused = await asyncio.to_thread(
+            _batches, targets, batch_round, options.duration, 0)
+        results["batch"] = {"votes_per_s": round(len(acked) / options.duration),
+                            "refused": refused,
+                            "p50_ms_per_call": _pct(latencies, 50),
+                            "cpu_us_per_vote": _cpu_per_vote(before, _cpu_by_role(),
+                                                             len(acked))}
+
+        sms = await open_test_round(stack.database_url, stack.redis_url,
+                                    duration_ms=3_600_000)
+        async with grpc.aio.insecure_channel(stack.edge_target) as channel:
+            await bind(stack, channel, sms.show_id)
+        peak = SmsLoad(stack)
+        before = _cpu_by_role()
+        started = time.process_time()
+        await peak.closed_loop(options.duration, options.concurrency)
+        client = time.process_time() - started
+        peak_rate = len(peak.latencies) / options.duration
+        cpu = _cpu_per_vote(before, _cpu_by_role(), len(peak.latencies))
+        cpu["load generator (this process)"] = round(client * 1e6 / max(1, len(peak.latencies)))
+        results["sms_max"] = {"messages_per_s": round(peak_rate), "refused": peak.refused,
+                              "p50_ms": _pct(peak.latencies, 50),
+                              "p99_ms": _pct(peak.latencies, 99),
+                              "cpu_us_per_message": cpu}
+        at70 = SmsLoad(stack)
+        await at70.open_loop(options.duration, 0.7 * peak_rate)
+        results["sms_at_70"] = {"messages_per_s": round(len(at70.latencies) / options.duration),
+                                "refused": at70.refused, "p50_ms": _pct(at70.latencies, 50),
+                                "p99_ms": _pct(at70.latencies, 99)}
+        results["sms_over_batch"] = round(peak_rate / max(1, results["batch"]["votes_per_s"]), 3)
+        await asyncio.sleep(1)
+        results["checks"] = await _check(stack, sms, [peak, at70])
+    finally:
+        await stack.stop()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    run_stopping_on_sigterm(main())

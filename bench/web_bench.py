@@ -1,0 +1,186 @@
+"""The web apps' costs: the results board's main-thread time per live update, and the weight
+of each bundle.
+
+    python -m bench.web_bench [--seconds 20] [--contestants 12]
+
+Starts its own mesh, opens a round with N contestants (public counts), opens the results board
+in Debian's chromium (Playwright) and, while voters move the standings every second, reads
+Chromium's own accounting of main-thread work (CDP Performance.getMetrics: TaskDuration,
+ScriptDuration, LayoutDuration, RecalcStyleDuration) before and after. Everything the page's
+main thread did in the interval (stream decoding, the board update, the countdown, style,
+layout, paint set-up) is divided by the updates it rendered: an upper bound on one update's
+cost. The budget is 5 ms an update at 1 update a second; the voter bundle's is 150 KB gzipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from ops import tokens, web
+from ops.stack import Stack, StackSettings
+from runtime.access import Role
+from televote.sync.v1 import show_control_service_pb2 as control
+from televote.sync.v1 import show_control_service_pb2_grpc as control_grpc
+from televote.sync.v1 import sync_types_pb2
+from televote.vote.v1 import (
+    vote_service_pb2,
+    vote_service_pb2_grpc,
+    vote_types_pb2,
+    wallet_admin_service_pb2,
+    wallet_admin_service_pb2_grpc,
+)
+
+METRICS = ("TaskDuration", "ScriptDuration", "LayoutDuration", "RecalcStyleDuration")
+VOTERS = 12
+
+
+def bundle_sizes() -> dict[str, dict[str, float]]:
+    return {path.name: {"kb": round(path.stat().st_size / 1024, 1),
+                        "gzip_kb": round(web.gzipped_size(path) / 1024, 1)}
+            for path in sorted(web.DIST.glob("*.js"))}
+
+
+def _auth(stack: Stack, role: Role, subject: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {tokens.mint(stack.settings.state_dir, role, subject)}"),)
+
+
+async def _open_round(stack: Stack, channel: grpc.aio.Channel, contestants: int
+                      ) -> tuple[str, str, list[str]]:
+    stub = control_grpc.ShowControlServiceStub(channel)
+    operator = _auth(stack, Role.OPERATOR, "bench")
+
+    async def call(method: str, **fields: Any) -> Any:
+        request = getattr(control, f"{method}Request")(request_id=str(uuid.uuid4()), **fields)
+        return await getattr(stub, method)(request, metadata=operator, timeout=10)
+
+    show = (await call("CreateShow", name="X Factor Cambodia")).show
+    episode = (await call("CreateEpisode", show_id=show.show_id, title="Bench night")).episode
+    ids = [(await call("AddContestant", episode_id=episode.episode_id, name=f"Singer {n}",
+                       sms_number=n)).contestant.contestant_id for n in range(1, contestants + 1)]
+    round_ = (await call("CreateRound", episode_id=episode.episode_id, name="Public vote",
+                         contestant_ids=ids,
+                         visibility=sync_types_pb2.RESULTS_VISIBILITY_PUBLIC_COUNTS)).round
+    await call("StartShow", episode_id=episode.episode_id)
+    duration = control.OpenVotingRequest().duration
+    duration.FromSeconds(600)
+    await call("OpenVoting", round_id=round_.round_id, duration=duration)
+    admin = wallet_admin_service_pb2_grpc.WalletAdminServiceStub(channel)
+    for n in range(VOTERS):
+        await admin.GrantVotes(wallet_admin_service_pb2.GrantVotesRequest(
+            request_id=str(uuid.uuid4()), user_id=f"bench-fan-{n}", count=10_000,
+            reason="bench"), metadata=operator, timeout=10)
+    return episode.episode_id, round_.round_id, ids
+
+
+async def _voters(stack: Stack, channel: grpc.aio.Channel, round_id: str, ids: list[str],
+                  stop: asyncio.Event) -> int:
+    """Each voter casts one paid vote a second (under the per-user rate limit) for a
+    contestant drawn with drifting weights, so ranks keep changing."""
+    stub = vote_service_pb2_grpc.VoteServiceStub(channel)
+    metadata = [_auth(stack, Role.VOTER, f"bench-fan-{n}") for n in range(VOTERS)]
+    weights = [random.random() for _ in ids]
+    sent = 0
+    while not stop.is_set():
+        weights = [max(0.05, w + random.uniform(-0.3, 0.3)) for w in weights]
+        picks = random.choices(ids, weights, k=VOTERS)
+        await asyncio.gather(*(stub.SubmitVote(vote_service_pb2.SubmitVoteRequest(
+            request_id=str(uuid.uuid4()), round_id=round_id, contestant_id=pick,
+            vote_type=vote_types_pb2.VOTE_TYPE_PAID, count=random.randint(1, 20),
+            channel=vote_types_pb2.CHANNEL_WEB), metadata=metadata[n], timeout=10)
+            for n, pick in enumerate(picks)), return_exceptions=True)
+        sent += VOTERS
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except TimeoutError:
+            pass
+    return sent
+
+
+async def measure(seconds: float, contestants: int, transitions: bool = True) -> dict[str, Any]:
+    from playwright.async_api import async_playwright
+
+    chromium = web.chromium_path()
+    if chromium is None:
+        raise SystemExit("chromium is not installed (apt-get install chromium)")
+    with tempfile.TemporaryDirectory(prefix="web-bench-") as state:
+        stack = Stack(StackSettings(state_dir=Path(state), edge_port=0))
+        await stack.start()
+        try:
+            async with grpc.aio.insecure_channel(stack.edge_target) as channel, \
+                    async_playwright() as driver:
+                episode_id, round_id, ids = await _open_round(stack, channel, contestants)
+                browser = await driver.chromium.launch(executable_path=chromium,
+                                                       args=web.CHROMIUM_ARGS)
+                page = await browser.new_page(viewport={"width": 1280, "height": 1000},
+                                              bypass_csp=not transitions)
+                await page.goto(f"{stack.edge_url}/results#episode={episode_id}")
+                if not transitions:
+                    await page.add_style_tag(content="* { transition: none !important; }")
+                stop = asyncio.Event()
+                voting = asyncio.create_task(_voters(stack, channel, round_id, ids, stop))
+                await page.locator(f".standing >> nth={contestants - 1}").wait_for()
+                await asyncio.sleep(3)  # warm: first rows built, JIT settled
+                cdp = await page.context.new_cdp_session(page)
+                await cdp.send("Performance.enable", {"timeDomain": "threadTicks"})
+
+                async def sample() -> tuple[dict[str, float], int, float]:
+                    metrics = {m["name"]: m["value"]
+                               for m in (await cdp.send("Performance.getMetrics"))["metrics"]}
+                    updates = int(await page.evaluate("Number(document.body.dataset.updates)"))
+                    return metrics, updates, time.monotonic()
+
+                before = await sample()
+                await asyncio.sleep(seconds)
+                after = await sample()
+                stop.set()
+                votes = await voting
+                await browser.close()
+        finally:
+            await stack.stop()
+    updates = after[1] - before[1]
+    elapsed = after[2] - before[2]
+    per_update = {name: round((after[0][name] - before[0][name]) * 1000 / max(1, updates), 3)
+                  for name in METRICS}
+    return {"contestants": contestants, "transitions": transitions,
+            "seconds": round(elapsed, 1), "updates": updates,
+            "updates_per_second": round(updates / elapsed, 2), "votes_sent": votes,
+            "main_thread_ms_per_update": per_update, "budget_ms": 5.0,
+            "bundles": bundle_sizes(), "voter_budget_gzip_kb": 150}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--contestants", type=int, default=12)
+    parser.add_argument("--no-transitions", action="store_true",
+                        help="turn the board's CSS transitions off (the update's own cost)")
+    parser.add_argument("--sizes-only", action="store_true", help="print the bundle sizes only")
+    args = parser.parse_args()
+    if args.sizes_only:
+        print(json.dumps({"bundles": bundle_sizes()}, indent=2))
+        return
+    figures = asyncio.run(measure(args.seconds, args.contestants, not args.no_transitions))
+    task = figures["main_thread_ms_per_update"]["TaskDuration"]
+    print(f"results board, {figures['contestants']} contestants, transitions "
+          f"{'on' if figures['transitions'] else 'off'}: {figures['updates']} updates in "
+          f"{figures['seconds']} s ({figures['updates_per_second']}/s); main thread "
+          f"{task:.2f} ms per update (budget 5 ms), of which script "
+          f"{figures['main_thread_ms_per_update']['ScriptDuration']:.2f} ms")
+    voter = figures["bundles"].get("voter.js", {})
+    print(f"voter bundle: {voter.get('kb')} KB, {voter.get('gzip_kb')} KB gzipped (budget 150 KB)")
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

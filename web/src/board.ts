@@ -1,0 +1,97 @@
+// The public displays: the results board (/results), the 1920x1080 broadcast overlay
+// (/overlay) and the countdown overlay (/countdown). All follow the episode's current round
+// through WatchShow and its live results through StreamResults; none needs a token.
+//
+// Fragment parameters: episode (required), round (pin one round instead of following the
+// show), bg (overlays: green, blue, magenta, black or transparent — the key colour of the
+// graphics machine), rows (overlay: most rows shown), lang.
+import { $, clients, followResults, formatClock, onSecondEdges, params, ShowFeed, type ShowView } from "./common";
+import { Board } from "./standings";
+import { RoundState } from "./gen/televote/sync/v1/sync_types_pb";
+import { ShowEventType } from "./gen/televote/sync/v1/show_watch_service_pb";
+import type { RoundResults } from "./gen/televote/results/v1/results_service_pb";
+
+const app = document.body.dataset.app ?? "results";
+const client = clients(() => "");
+const episodeId = params.get("episode") ?? "";
+const pinnedRound = params.get("round") ?? "";
+
+const KEYS: Record<string, string> = {
+  green: "#00b140", blue: "#0047bb", magenta: "#ff00ff", black: "#000000", transparent: "transparent",
+};
+if (app !== "results") {
+  document.documentElement.style.setProperty("--key", KEYS[params.get("bg") ?? "green"] ?? KEYS.green);
+}
+
+const status = $("#status");
+const clock = $("#clock");
+const title = document.querySelector<HTMLElement>("#title");
+const roundName = document.querySelector<HTMLElement>("#round-name");
+const total = document.querySelector<HTMLElement>("#total");
+const boardRoot = document.querySelector<HTMLElement>("#board");
+const board = boardRoot ? new Board(boardRoot, {
+  rowHeight: app === "overlay" ? 72 : 64,
+  maxRows: app === "overlay" ? Number(params.get("rows") ?? 12) : undefined,
+}) : null;
+
+let followed = "";
+let updates = 0;
+
+function roundLabel(view: ShowView): string {
+  const round = view.snapshot.currentRound;
+  if (!round) return "Waiting for voting to open";
+  if (view.lastEvent === ShowEventType.RESULTS_READY || round.state === RoundState.FINALIZED) return "Final result";
+  if (round.state === RoundState.OPEN) return "Lines are open";
+  if (round.state === RoundState.CLOSED) return "Lines closed — counting";
+  return "Voting opens soon";
+}
+
+function render(view: ShowView): void {
+  const episode = view.snapshot.episode;
+  if (title && episode) title.textContent = episode.title;
+  const round = view.snapshot.currentRound;
+  if (roundName) roundName.textContent = round?.name || "";
+  status.textContent = roundLabel(view);
+  document.body.dataset.roundState = round ? RoundState[round.state] : "NONE";
+  const roundId = pinnedRound || round?.roundId || "";
+  if (roundId && roundId !== followed) follow(roundId);
+}
+
+function follow(roundId: string): void {
+  followed = roundId;
+  followResults(client, roundId, onResults, () => followed !== roundId).catch((error) => {
+    status.textContent = `Round unavailable: ${String(error)}`;
+  });
+}
+
+function onResults(results: RoundResults): void {
+  board?.update(results);
+  updates++;
+  document.body.dataset.updates = String(updates);
+  if (total) total.textContent = results.totalVotes !== undefined
+    ? `${Number(results.totalVotes).toLocaleString("en-US")} votes` : "";
+  if (results.isFinal) {
+    status.textContent = "Final result";
+    document.body.dataset.final = "true";
+  }
+}
+
+function tick(feed: ShowFeed): void {
+  const round = feed.view?.snapshot.currentRound;
+  const open = round?.state === RoundState.OPEN;
+  const remaining = open ? feed.remainingMs() : 0;
+  clock.textContent = open ? formatClock(remaining) : round ? "0:00" : "--:--";
+  clock.dataset.remainingMs = String(Math.round(remaining));
+  clock.classList.toggle("clock-warning", open && remaining <= 60_000);
+  clock.classList.toggle("clock-final", open && remaining <= 10_000);
+}
+
+if (!episodeId) {
+  status.textContent = "Add #episode=<episode id> to the address";
+} else {
+  const feed = new ShowFeed(client, episodeId, render,
+                            (connected) => document.body.classList.toggle("offline", !connected));
+  feed.run().catch((error) => { status.textContent = `Episode unavailable: ${String(error)}`; });
+  onSecondEdges(() => feed.remainingMs(), () => tick(feed));
+}
+
