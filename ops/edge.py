@@ -32,8 +32,13 @@ ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 TEMPLATE = ENVOY_DIR / "edge.yaml"
 DESCRIPTOR_SET = ENVOY_DIR / "televote.pb"
 
-#: The verified token's subject, for the per-subject rate limit (clients' copies stripped).
+#: The verified token's subject and role, for the per-subject rate limit (clients' copies
+#: stripped).
 _SUBJECT_HEADER = "x-televote-subject"
+_ROLE_HEADER = "x-televote-role"
+#: Roles held to the per-subject bucket: people. A carrier's gateway carries every SMS of its
+#: subscribers under one subject.
+_SUBJECT_LIMITED = (Role.VOTER, Role.OPERATOR)
 
 #: How long a unary RPC may take through the edge before it is cut.
 UNARY_TIMEOUT = "15s"
@@ -170,7 +175,8 @@ def _jwt_providers(settings: EdgeSettings, query: bool = False) -> dict[str, Any
         "max_lifetime": f"{lifetime}s",
         "clock_skew_seconds": TOKEN_CLOCK_SKEW_SECONDS,
         "payload_in_metadata": _provider_name(lifetime),
-        "claim_to_headers": [{"header_name": _SUBJECT_HEADER, "claim_name": "sub"}],
+        "claim_to_headers": [{"header_name": _SUBJECT_HEADER, "claim_name": "sub"},
+                             {"header_name": _ROLE_HEADER, "claim_name": "role"}],
         # An app sends the same token with every vote: its ES256 signature is verified once
         # per worker, not per request (expiry is still checked).
         "jwt_cache_config": {"jwt_cache_size": 100000},
@@ -272,7 +278,9 @@ def _rate_limits(settings: EdgeSettings) -> tuple[list[dict[str, Any]], list[dic
             "descriptor_key": "anonymous", "descriptor_value": "yes", "expect_match": False,
             "headers": [{"name": "x-jwt-payload", "present_match": True}]}},
             {"remote_address": {}}]},
-        {"actions": [{"request_headers": {"header_name": _SUBJECT_HEADER,
+        {"actions": [{"request_headers": {"header_name": _ROLE_HEADER,
+                                          "descriptor_key": "role", "skip_if_absent": True}},
+                     {"request_headers": {"header_name": _SUBJECT_HEADER,
                                           "descriptor_key": "subject",
                                           "skip_if_absent": True}}]},
     ]
@@ -281,7 +289,9 @@ def _rate_limits(settings: EdgeSettings) -> tuple[list[dict[str, Any]], list[dic
          "token_bucket": bucket(settings.per_ip_per_second)},
         {"entries": [{"key": "anonymous", "value": "yes"}, {"key": "remote_address"}],
          "token_bucket": bucket(settings.anonymous_per_ip_per_second)},
-        {"entries": [{"key": "subject"}], "token_bucket": bucket(settings.per_subject_per_second)},
+        *({"entries": [{"key": "role", "value": role.value}, {"key": "subject"}],
+           "token_bucket": bucket(settings.per_subject_per_second)}
+          for role in _SUBJECT_LIMITED),
     ]
     return actions, descriptors
 
