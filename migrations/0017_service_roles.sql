@@ -2,7 +2,7 @@
 -- needs; the login role each service connects as (made by ops/roles.py, with a SCRAM password
 -- kept in that service's state directory) is a member of its group and nothing else.
 -- Migrations keep running as the owner of the schema, the one role that may change it.
--- depends: 0012_round_tally_slots 0013_seed_defaults 0014_sms 0015_purchases
+-- depends: 0012_round_tally_slots 0013_seed_defaults 0014_sms 0015_purchases 0016_reports
 
 -- Roles belong to the cluster, not the database: another database of the same cluster may
 -- have made them already.
@@ -52,6 +52,7 @@ GRANT SELECT, INSERT ON votes, wallet_credits, vote_fraud_decisions, audit_log,
 GRANT SELECT, INSERT, UPDATE ON round_tallies, free_vote_usage, wallets TO televote_vote_svc;
 GRANT SELECT, INSERT ON purchases, purchase_refunds, purchase_consumptions TO televote_vote_svc;
 GRANT SELECT, INSERT, UPDATE ON purchase_poll_state TO televote_vote_svc;
+GRANT SELECT, INSERT, UPDATE ON voter_profiles TO televote_vote_svc;
 
 -- fraud_svc owns reviews, rejections, blocks, travellers and policies.
 GRANT SELECT ON shows, episodes, rounds, votes, round_results TO televote_fraud_svc;
@@ -73,6 +74,14 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON round_checkpoints, round_checkpoint_root
     round_checkpoint_invalid
     TO televote_results_svc;
 GRANT SELECT, DELETE ON ledger_appends, result_input_changes TO televote_results_svc;
+-- The post-show report (0016): its own parts and stored reports; it reads the show's moments,
+-- the voters' profiles, fraud decisions and the money records.
+GRANT SELECT, INSERT, UPDATE, DELETE ON report_round_parts, report_round_voters,
+    episode_reports
+    TO televote_results_svc;
+GRANT SELECT ON performances, voter_profiles, fraud_reviews, audit_log, purchases,
+    purchase_refunds, sms_messages, sms_outcomes
+    TO televote_results_svc;
 
 -- sms_svc owns short codes, messages, outcomes, delivery reports and reply addresses.
 GRANT SELECT ON shows, episodes, contestants, rounds, votes, fraud_rejections, sms_records

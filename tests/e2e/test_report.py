@@ -165,7 +165,7 @@ async def scripted(stack: Stack, edge_channel: grpc.aio.Channel
                                                    count=10, reason="test credit"),
         metadata=_operator(stack), timeout=15)
     await _vote(stack, edge_channel, episode, "report-r2", contestant=1, count=3, vote_type=PAID)
-    async with grpc.aio.insecure_channel(stack.target("vote_svc")) as internal:
+    async with stack.channel("vote_svc", as_holder="sms_svc") as internal:
         reply = await vote_gateway_service_pb2_grpc.VoteGatewayServiceStub(internal).SubmitVotes(
             vote_gateway_service_pb2.SubmitVotesRequest(votes=[
                 vote_gateway_service_pb2.GatewayVote(
