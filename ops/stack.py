@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ops import edge, tokens
+from ops.addresses import remove_addresses, write_addresses
 from ops.infra import start_postgres, start_redis
 from ops.kannel import Kannel
 from ops.migrate import migrate
@@ -132,6 +133,11 @@ class Stack:
             await self._wait_edge_ready()
             if self.kannel is not None:
                 await self.kannel.start()
+            write_addresses(state_dir, {
+                "edge": self.edge_target, "envoy-admin": f"127.0.0.1:{self.admin_port}",
+                "database": self.database_url, "redis": self.redis_url,
+                **{service: [f"{host}:{port}" for host, port in self.addresses[service]]
+                   for service in SERVICES}})
         except BaseException:
             await self.stop()
             raise
@@ -216,6 +222,7 @@ class Stack:
 
     async def stop(self) -> None:
         """Stop in reverse dependency order; leaves no process behind."""
+        remove_addresses(self.settings.state_dir.resolve())
         if self.kannel is not None:
             await self.kannel.stop()
         if self._edge is not None:
@@ -239,7 +246,9 @@ class Stack:
                               for carrier, port in self.kannel.smsc_ports.items())
             lines.append(f"Kannel sendsms                   {self.kannel.sendsms_url}")
             lines.append(f"Kannel fake SMSC links           {ports} (fakesmsc -r PORT)")
-        lines.append(f"logs                             {self.settings.state_dir / 'logs'}")
+        state_dir = self.settings.state_dir.resolve()
+        lines.append(f"data, keys (state directory)     {state_dir}")
+        lines.append(f"logs                             {state_dir / 'logs'}")
         return "\n".join(lines)
 
 

@@ -87,7 +87,7 @@ def test_shownight_builds_up_to_the_peak_at_the_close() -> None:
     ["loadtest", "nosuch"],
     ["loadtest", "seed", "--paths", "grpc,carrier-pigeon"],
     ["loadtest", "seed", "--paid-share", "1.5"],
-    ["loadtest", "seed", "--edge", "http://127.0.0.1:1"],  # no state dir / database
+    ["loadtest", "seed", "--edge", "http://127.0.0.1:1"],  # no stack there: no database
     ["loadtest", "seed", "--replicas", "vote_svc=zero"],
 ])
 def test_bad_command_line_is_a_clear_error(arguments: list[str]) -> None:
