@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtest.verify import ledger_check
 from ops import tokens
+from ops.edge import ONE_LOAD_GENERATOR
 from ops.processes import run_stopping_on_sigterm
 from ops.stack import Stack, StackSettings
 from runtime.access import Principal, Role
@@ -408,7 +409,8 @@ async def main() -> None:
     replicas = {"fraud_svc": 1, "sync_svc": 1, "vote_svc": options.replicas,
                 "results_svc": 1, "sms_svc": 1}
     stack = Stack(StackSettings(state_dir=Path(tempfile.mkdtemp(prefix="vote-bench-")),
-                                edge_port=0, replicas=replicas, service_env=env))
+                                edge_port=0, replicas=replicas, service_env=env,
+                                edge=ONE_LOAD_GENERATOR))
     await stack.start()
     if {"grpc", "grpc_noop"} & set(options.modes.split(",")) or options.grpc_rates:
         _go_load_generator()  # built before any CPU is measured

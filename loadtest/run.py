@@ -29,6 +29,7 @@ from loadtest.progress import Progress, live_display
 from loadtest.resources import Sampler
 from loadtest.show import ControlRoom, wait_final
 from loadtest.verify import RunRecord, Verdict, verify
+from ops.edge import ONE_LOAD_GENERATOR
 from ops.stack import Stack, StackSettings
 
 #: The loadtest's own stack: quiet logs, and windows as short as a second so a smoke run of a
@@ -108,7 +109,8 @@ async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *
             await room.end_show(voting_round.episode_id)
     finally:
         await room.close()
-    secret_path = target.state_dir / "msisdn-secret"  # written by `televote up`
+    # Written by `televote up`, in sms_svc's own directory (ops/stack.py).
+    secret_path = target.state_dir / "services" / "sms_svc" / "msisdn-secret"
     record = RunRecord(plan, voting_round, attempts, funding=funding, msisdn_secret=(
         secret_path.read_text().strip().encode() if secret_path.exists() else b""))
     async with await psycopg.AsyncConnection.connect(target.database_url,
@@ -221,7 +223,8 @@ async def run_with_own_stack(config: LoadConfig, out_dir: Path | None, *, worker
     settings = StackSettings(
         state_dir=state_dir, edge_port=0,
         service_env={**OWN_STACK_ENV,
-                     **stack_environment(apple, google, state_dir / "stores")})
+                     **stack_environment(apple, google, state_dir / "stores")},
+        edge=ONE_LOAD_GENERATOR)
     # Two vote_svc replicas by default: the vote path is where the load is, and replicas are
     # how it is run (like bench/vote_bench.py).
     settings.replicas.update({"vote_svc": 2, **(replicas or {})})

@@ -159,14 +159,23 @@ def migrate(
 def token(
     role: Annotated[Role, typer.Option(help="voter, operator or carrier.")],
     sub: Annotated[str, typer.Option(help="The subject: user id, operator or carrier name.")],
-    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 24 * 3600,
+    ttl: Annotated[int | None, typer.Option(
+        help="Lifetime in seconds (default and maximum: the role's, 1 h for operators, "
+             "24 h for voters, 90 days for carriers).")] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Mint a development JWT the local edge accepts."""
     try:
         typer.echo(tokens.mint(state_dir, role, sub, ttl))
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--role") from None
+        raise typer.BadParameter(str(error), param_hint="--role/--ttl") from None
+
+
+@app.command("rotate-token-key")
+def rotate_token_key(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """Sign new tokens with the standby key; the old key verifies its tokens until they
+    expire. Restart the edge (`televote up`) so it reads the new JWKS."""
+    typer.echo(f"tokens are now signed by {tokens.rotate_signing_key(state_dir)}")
 
 
 @app.command()

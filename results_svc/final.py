@@ -34,8 +34,9 @@ from results_svc.config import ResultsConfig
 from results_svc.merkle import HASH_SIZE, MerkleTree, TopTree
 from results_svc.rounds import RoundInfo, load_round
 from results_svc.signing import Signer, tree_head
-from runtime import keys, locks
+from runtime import keys, locks, mesh
 from runtime.access import Principal, Role
+from runtime.mesh import MeshTls
 from runtime.storage import Storage, fetch_one
 from televote.sync.v1 import show_internal_service_pb2 as internal
 from televote.sync.v1 import show_internal_service_pb2_grpc as internal_grpc
@@ -119,7 +120,8 @@ class Finalizer:
 
     async def start(self) -> None:
         await self.register_key()
-        self._channel = grpc.aio.insecure_channel(self._config.sync_target)
+        self._channel = mesh.channel(self._config.sync_target, "sync_svc",
+                                     MeshTls.of(self._config.televote_tls_dir))
         self._task = asyncio.create_task(self._run(), name="finalizer")
 
     async def register_key(self) -> None:

@@ -1,14 +1,14 @@
 """The Ed25519 key that signs ledger tree heads, and the signed-head format.
 
-The private key is a PEM file in the state directory, created once by whichever replica starts
-first (hard-linked into place, so two replicas starting together end up with the same key).
+The private key is a PEM file in results_svc's own state directory (no other service is given
+it), created 0600 once by whichever replica starts first (hard-linked into place, so two
+replicas starting together end up with the same key).
 Its public key is published in PostgreSQL (`ledger_keys`) so every replica can serve it by id.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +16,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from runtime.secrets import write_private
 
 KEY_FILE = "ledger_ed25519.pem"
 HEAD_MAGIC = "televote-tree-head/v1"
@@ -75,19 +77,9 @@ class Signer:
     def load_or_create(cls, state_dir: Path) -> Signer:
         path = state_dir / KEY_FILE
         if not path.exists():
-            state_dir.mkdir(parents=True, exist_ok=True)
-            pem = Ed25519PrivateKey.generate().private_bytes(
+            write_private(path, Ed25519PrivateKey.generate().private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption())
-            temporary = state_dir / f".{KEY_FILE}.{os.getpid()}"
-            temporary.write_bytes(pem)
-            temporary.chmod(0o600)
-            try:
-                os.link(temporary, path)  # atomic; fails if another replica got there first
-            except FileExistsError:
-                pass
-            finally:
-                temporary.unlink()
+                serialization.NoEncryption()))
         private = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(private, Ed25519PrivateKey):
             raise SystemExit(f"{path} is not an Ed25519 private key")

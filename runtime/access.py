@@ -1,8 +1,9 @@
 """Who may call what: one table read by the Envoy edge (RBAC) and by every service.
 
 Envoy authenticates the caller's JWT and forwards its verified claims in the
-`x-jwt-payload` header (base64url JSON); the edge strips any copy a client sends, so inside
-the mesh the header is trustworthy. Each gRPC service has exactly one audience, so the table is
+`x-jwt-payload` header (base64url JSON); the edge strips any copy a client sends, and a service
+believes the header only on a connection whose client certificate is the edge's
+(runtime/mesh.py). Each gRPC service has exactly one audience, so the table is
 kept per service: the edge renders its RBAC policies from it, and the server interceptor
 enforces the same table again so a caller that reaches a service some other way (a
 misrouted request, another internal service) is held to the same rules (invariant 9).
@@ -29,6 +30,20 @@ class Role(StrEnum):
     INTERNAL = "internal"  # services of the mesh calling each other; never routed by the edge
 
 
+#: The longest a token of each role may live (exp - iat), enforced by the edge. An operator
+#: token opens and closes voting on live TV: a stolen one is worth little an hour later. A
+#: role without an entry gets no tokens.
+TOKEN_LIFETIME_SECONDS: dict[Role, int] = {
+    Role.OPERATOR: 3600,
+    Role.VOTER: 24 * 3600,
+    # An SMS gateway's token sits in its configuration (Kannel's get-url, ops/kannel.py) for
+    # a season; it can only reach the carrier routes, and only as its own carrier.
+    Role.CARRIER: 90 * 24 * 3600,
+}
+
+#: How far the edge's clock may be from the issuer's when it judges `exp`, `nbf` and `iat`.
+TOKEN_CLOCK_SKEW_SECONDS = 30
+
 PUBLIC = frozenset({Role.ANONYMOUS, Role.VOTER, Role.OPERATOR})
 
 #: Full gRPC service name -> the roles allowed to call it.
@@ -49,6 +64,10 @@ SERVICE_ROLES: dict[str, frozenset[Role]] = {
     "televote.fraud.v1.FraudScoringService": frozenset({Role.INTERNAL}),
     "televote.fraud.v1.FraudReviewService": frozenset({Role.OPERATOR}),
 }
+
+#: The processes of the mesh: a caller whose certificate names one of them calls as that
+#: service, with the internal role (runtime/mesh.py).
+MESH_SERVICES = frozenset({"fraud_svc", "sync_svc", "vote_svc", "results_svc", "sms_svc"})
 
 #: Services every caller may reach on a service's own port (operators' grpcurl, probes).
 OPEN_SERVICES = frozenset({

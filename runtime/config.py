@@ -6,6 +6,7 @@ variable, instead of failing on the first request that needs it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Self
 
 from pydantic import ValidationError
@@ -35,6 +36,12 @@ class ServiceConfig(BaseSettings):
     #: health-checks every 2 s) move traffic away before the listener closes.
     televote_drain_announce_seconds: float = 1.0
     televote_log_level: str = "INFO"
+    #: Server streams one client address may hold open without a token on one replica
+    #: (runtime/interceptors.AnonymousStreams); 0: no cap. A mobile carrier's NAT puts
+    #: thousands of viewers behind one address: the cap is for floods, not for them.
+    televote_anonymous_streams_per_ip: int = 2000
+    #: This process's mesh certificate, key and CA (runtime/mesh.py); unset: plaintext.
+    televote_tls_dir: Path | None = None
     database_url: str
     redis_url: str
     #: Talk to Redis Cluster instead of a single Redis (same keys, same scripts).

@@ -30,12 +30,16 @@ from runtime.access import SERVICE_ROLES, Role
 from runtime.config import ServiceConfig
 from runtime.interceptors import ServiceInterceptor
 from runtime.logs import configure_logging
+from runtime.mesh import MeshTls
 from runtime.storage import Storage
 from runtime.telemetry import configure_telemetry
 
 log = logging.getLogger(__name__)
 
 Hook = Callable[[], Awaitable[None]]
+
+#: See _SERVER_OPTIONS.
+MAX_REQUEST_BYTES = 1024 * 1024
 
 # Streams (countdowns, live results) stay open for a whole show; keepalives let Envoy and
 # clients notice a dead peer instead of holding its stream forever.
@@ -44,6 +48,9 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.max_concurrent_streams", 100_000),
+    # The largest message a service takes: a batch of a thousand votes to score is a few
+    # hundred KiB; grpc's default (4 MiB) lets any caller make a service buffer far more.
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     # Calls that have arrived but that the asyncio server has not taken yet (it cannot while a
     # countdown second is handed to ten thousand watchers): grpc-core's defaults cancel them
     # beyond ~1,000-3,000, which cut thousands of viewers opening their streams at once.
@@ -61,8 +68,15 @@ class ServiceHost:
         configure_telemetry(config.service_name, config.televote_replica)
         self.config = config
         self.storage = storage
-        self.server = grpc.aio.server(interceptors=[ServiceInterceptor(service_roles)],
-                                      options=_SERVER_OPTIONS)
+        self.tls = MeshTls.of(config.televote_tls_dir)
+        if self.tls is None:
+            log.warning("no TELEVOTE_TLS_DIR: plaintext, and the claims header of any caller "
+                        "is believed (only for a lone service in a test)")
+        self.server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(
+                service_roles, mesh_tls=self.tls is not None,
+                anonymous_streams_per_ip=config.televote_anonymous_streams_per_ip)],
+            options=_SERVER_OPTIONS)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
@@ -97,7 +111,8 @@ class ServiceHost:
             [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
         address = f"{self.config.televote_host}:{self.config.televote_port}"
-        port = self.server.add_insecure_port(address)
+        port = (self.server.add_secure_port(address, self.tls.server_credentials())
+                if self.tls else self.server.add_insecure_port(address))
         if port == 0:
             raise RuntimeError(f"cannot bind {address}")
         return port

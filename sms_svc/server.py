@@ -6,8 +6,8 @@ Wiring only; the life of a message is in sms_svc/inbound.py.
 from __future__ import annotations
 
 import aiohttp
-import grpc
 
+from runtime import mesh
 from runtime.server import ServiceHost, run_service
 from runtime.storage import Storage
 from sms_svc.api import CarrierServicer, ShortCodeServicer
@@ -31,7 +31,7 @@ def create_server(config: SmsConfig) -> tuple[ServiceHost, int]:
     host = ServiceHost(config, storage)
     if not config.vote_target:
         raise SystemExit("sms_svc: VOTE_TARGET is not set")
-    vote_channel = grpc.aio.insecure_channel(config.vote_target)
+    vote_channel = mesh.channel(config.vote_target, "vote_svc", host.tls)
     votes = VoteSender(vote_channel, wait_ms=config.sms_batch_wait_ms,
                        max_batch=config.sms_batch_max, deadline_ms=config.sms_vote_deadline_ms)
     kannel = KannelReplies.from_config(

@@ -11,6 +11,7 @@ import asyncio
 
 import grpc
 
+from runtime import mesh
 from runtime.server import ServiceHost, run_service
 from runtime.storage import Storage
 from televote.vote.v1 import (
@@ -60,7 +61,7 @@ def create_pipeline(config: VoteConfig, storage: Storage, fraud_channel: grpc.ai
 def create_server(config: VoteConfig) -> tuple[ServiceHost, int]:
     storage = Storage.from_config(config)
     host = ServiceHost(config, storage)
-    fraud_channel = (grpc.aio.insecure_channel(config.fraud_target)
+    fraud_channel = (mesh.channel(config.fraud_target, "fraud_svc", host.tls)
                      if config.fraud_target else None)
     scripts, ledger, ingestor = create_pipeline(config, storage, fraud_channel)
     ledger.start()

@@ -269,7 +269,8 @@ def _processes_of(state_dir: Path) -> list[psutil.Process]:
             environ = process.info["environ"] or {}
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if str(state_dir) in cmdline or environ.get("TELEVOTE_STATE_DIR") == str(state_dir):
+        if str(state_dir) in cmdline or environ.get("TELEVOTE_STATE_DIR", "").startswith(
+                str(state_dir)):  # a service's own directory is inside the stack's
             found.append(process)
     return found
 

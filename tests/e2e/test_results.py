@@ -403,7 +403,7 @@ async def test_a_results_replica_restart_ends_streams_cleanly_and_a_reconnect_is
                                         metadata=voter(stack, "restart-voter-1"), timeout=10)
     host, port = stack.addresses["results_svc"][0]
     request = rpb.StreamResultsRequest(round_id=test_round.round_id)
-    async with grpc.aio.insecure_channel(f"{host}:{port}") as direct:
+    async with stack.channel("results_svc", replica_address=(host, port)) as direct:
         stream = results_stub(direct).StreamResults(request)
         first = await stream.read()
         assert first.sequence == 1

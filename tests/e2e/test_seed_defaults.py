@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 from google.protobuf import timestamp_pb2
 
-from ops.stack import SERVICES, Stack, StackSettings
+from ops.stack import SERVICES, Stack, StackSettings, service_dir
 from runtime.access import Role
 from televote.fraud.v1 import fraud_review_service_pb2, fraud_review_service_pb2_grpc
 from televote.sync.v1 import sync_types_pb2
@@ -182,7 +182,8 @@ async def test_the_ledger_keeps_a_keyed_hash_of_the_ip_never_the_address(
                            metadata=_from(seed_stack, f"private-{new_id()[:8]}", KH_IP),
                            timeout=10)
     (row,) = await ledger_rows(seed_stack.database_url, test_round.round_id)
-    key = (seed_stack.settings.state_dir / "ip-hash-key").read_text().strip().encode()
+    key = (service_dir(seed_stack.settings.state_dir, "vote_svc") / "ip-hash-key").read_text() \
+        .strip().encode()
     assert row["ip_hash"] == hmac.new(key, KH_IP.encode(), hashlib.sha256).hexdigest()[:32]
     assert not [column for column, value in row.items() if KH_IP in str(value)]
 

@@ -237,7 +237,6 @@ async def _version(stack: Stack, episode_id: str) -> int:
 
 async def test_results_ready_is_announced_once_and_ends_the_finished_show(
         stack: Stack, operator: Operator, edge_channel: grpc.aio.Channel) -> None:
-    from runtime.access import Principal, Role
     from televote.sync.v1 import show_internal_service_pb2 as internal
     from televote.sync.v1 import show_internal_service_pb2_grpc as internal_grpc
 
@@ -250,15 +249,16 @@ async def test_results_ready_is_announced_once_and_ends_the_finished_show(
     await watcher.wait_for(watch.SHOW_EVENT_TYPE_SNAPSHOT)
     await operator.call("EndShow", episode_id=episode_id)  # closes the round first
 
-    async with grpc.aio.insecure_channel(stack.target("sync_svc")) as channel:
+    async with stack.channel("sync_svc", as_holder="results_svc") as channel, \
+            stack.channel("sync_svc") as anonymous:
         stub = internal_grpc.ShowInternalServiceStub(channel)
-        as_results = Principal(Role.INTERNAL, "results_svc").to_metadata()
         request = internal.PublishResultsReadyRequest(round_id=round_id)
-        first = await stub.PublishResultsReady(request, metadata=as_results, timeout=5)
-        again = await stub.PublishResultsReady(request, metadata=as_results, timeout=5)
+        first = await stub.PublishResultsReady(request, timeout=5)
+        again = await stub.PublishResultsReady(request, timeout=5)
         assert first.round.state == again.round.state == types.ROUND_STATE_FINALIZED
-        assert await _refusal(stub.PublishResultsReady(request, timeout=5)) == (
-            grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")  # an anonymous caller
+        assert await _refusal(internal_grpc.ShowInternalServiceStub(anonymous)
+                              .PublishResultsReady(request, timeout=5)) == (
+            grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")  # an operator's grpcurl
     assert watcher.task is not None
     await asyncio.wait_for(watcher.task, 10)  # the stream ends: nothing more to announce
     assert watcher.types() == ["SNAPSHOT", "VOTING_CLOSED", "STATE_CHANGED", "RESULTS_READY"]

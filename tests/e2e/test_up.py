@@ -28,7 +28,8 @@ def _descendants_of_state_dir(state_dir: Path) -> list[psutil.Process]:
             environ = process.info["environ"] or {}
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if str(state_dir) in cmdline or environ.get("TELEVOTE_STATE_DIR") == str(state_dir):
+        own_dir = environ.get("TELEVOTE_STATE_DIR", "")  # a service's is inside the stack's
+        if str(state_dir) in cmdline or own_dir.startswith(str(state_dir)):
             found.append(process)
     return found
 

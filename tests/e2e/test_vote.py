@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from ops.stack import Stack
+from ops.stack import Stack, service_dir
 from runtime import keys
 from runtime.access import Role
 from runtime.storage import create_redis
@@ -148,7 +148,8 @@ async def test_the_ip_and_arrival_are_what_the_edge_saw_not_what_the_client_clai
     assert status == 200, reply
     (row,) = await ledger_rows(stack.database_url, test_round.round_id)
     # The ledger keeps the keyed hash of the IP the edge saw (hashIP), never the address.
-    key = (stack.settings.state_dir / "ip-hash-key").read_text().strip().encode()
+    key = (service_dir(stack.settings.state_dir, "vote_svc") / "ip-hash-key").read_text() \
+        .strip().encode()
     assert row["ip_hash"] == hmac.new(key, b"127.0.0.1", hashlib.sha256).hexdigest()[:32]
     assert "ip" not in row
     assert not [column for column, value in row.items()

@@ -246,7 +246,7 @@ async def test_the_local_mesh_scores_country_and_vpn_signals_from_its_dev_databa
     """`televote up` (the session stack) wrote the synthetic plan's database into its state
     directory and pointed fraud_svc at it; a configured FRAUD_GEOIP_DB is left alone."""
     assert (stack.settings.state_dir / "dev-geoip.mmdb").is_file()
-    async with grpc.aio.insecure_channel(stack.target("fraud_svc")) as channel:
+    async with stack.channel("fraud_svc", as_holder="vote_svc") as channel:
         stub = fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
         reply = await stub.ScoreVotes(fraud_scoring_service_pb2.ScoreVotesRequest(
             votes=[vote(_user(), ip=TH_IP), vote(_user(), ip="100.97.4.4"),

@@ -34,7 +34,7 @@ async def test_a_blocked_ledger_vote_is_rejected_once_and_audited(stack: Stack) 
     user, round_id = f"ledger-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
     block = _block(user, round_id)
     request = pb.RejectLedgerVotesRequest(votes=[block], rescored_by="vote_svc/test")
-    async with grpc.aio.insecure_channel(stack.target("fraud_svc")) as channel:
+    async with stack.channel("fraud_svc", as_holder="vote_svc") as channel:
         stub = fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
         first = await stub.RejectLedgerVotes(request, metadata=INTERNAL, timeout=10)
         again = await stub.RejectLedgerVotes(request, metadata=INTERNAL, timeout=10)
@@ -59,7 +59,7 @@ async def test_a_malformed_rejection_is_refused_and_changes_nothing(
         block.round_id = "round-1"
     request = pb.RejectLedgerVotesRequest(
         votes=[block], rescored_by="" if bad == "no rescored_by" else "vote_svc/test")
-    async with grpc.aio.insecure_channel(stack.target("fraud_svc")) as channel:
+    async with stack.channel("fraud_svc", as_holder="vote_svc") as channel:
         stub = fraud_scoring_service_pb2_grpc.FraudScoringServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.RejectLedgerVotes(request, metadata=INTERNAL, timeout=10)

@@ -36,7 +36,8 @@ async def replicated(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
 
 
 class DirectOperator(Operator):
-    """An operator talking to one sync_svc replica directly (inside the mesh)."""
+    """An operator talking to one sync_svc replica directly, as the edge would forward them
+    (the edge's certificate, so the claims header is believed)."""
 
     @property
     def metadata(self) -> Any:
@@ -44,8 +45,8 @@ class DirectOperator(Operator):
 
 
 def _replica_channel(stack: Stack, replica: int) -> grpc.aio.Channel:
-    host, port = stack.addresses["sync_svc"][replica]
-    return grpc.aio.insecure_channel(f"{host}:{port}")
+    return stack.channel("sync_svc", as_holder="edge",
+                         replica_address=stack.addresses["sync_svc"][replica])
 
 
 async def _open_round(operator: Operator, window_s: float) -> tuple[str, str]:

@@ -24,7 +24,7 @@ import pytest
 
 from ops.infra import start_redis
 from ops.processes import Child, free_port, wait_serving
-from ops.stack import Stack
+from ops.stack import Stack, service_dir
 from runtime import keys
 from runtime.access import Role
 from runtime.errors import error_info
@@ -51,6 +51,13 @@ from vote_svc.reconcile import Reconciler
 
 #: Refusals that are final: retrying the same request cannot change them.
 FINAL = {"NO_FREE_VOTES", "VOTING_CLOSED", "IDEMPOTENCY_MISMATCH", "RATE_LIMITED"}
+
+
+def _mesh_secrets(stack: Stack) -> dict[str, str]:
+    """The mesh's own salt and IP hash key, so these replicas' receipts match the others'."""
+    own = service_dir(stack.settings.state_dir, "vote_svc")
+    return {"VOTE_PSEUDONYM_SALT": (own / "pseudonym-salt").read_text(),
+            "VOTE_IP_HASH_KEY": (own / "ip-hash-key").read_text()}
 
 
 @dataclass
@@ -157,9 +164,7 @@ async def test_a_replica_killed_under_load_loses_no_acknowledged_vote(
             "DATABASE_URL": stack.database_url, "REDIS_URL": stack.redis_url,
             "TELEVOTE_PORT": str(port), "TELEVOTE_REPLICA": name, "FRAUD_TARGET": "",
             "VOTE_LEASE_MS": "1500", "TELEVOTE_DRAIN_ANNOUNCE_SECONDS": "0",
-            # The mesh's own salt, so these replicas' receipts match the others'.
-            "VOTE_PSEUDONYM_SALT": (stack.settings.state_dir / "pseudonym-salt").read_text(),
-            "VOTE_IP_HASH_KEY": (stack.settings.state_dir / "ip-hash-key").read_text()}))
+            **_mesh_secrets(stack)}))
         targets.append(f"127.0.0.1:{port}")
     channels = [grpc.aio.insecure_channel(target) for target in targets]
     try:
@@ -313,8 +318,7 @@ async def test_a_dead_replicas_uncommitted_admissions_are_given_back_exactly_onc
         "TELEVOTE_PORT": str(port), "TELEVOTE_REPLICA": "doomed", "FRAUD_TARGET": "",
         "VOTE_LEASE_MS": "1000", "VOTE_BATCH_INTERVAL_MS": "600000", "VOTE_BATCH_MAX": "100000",
         "VOTE_RECONCILE_INTERVAL_MS": "600000",
-        "VOTE_PSEUDONYM_SALT": (stack.settings.state_dir / "pseudonym-salt").read_text(),
-        "VOTE_IP_HASH_KEY": (stack.settings.state_dir / "ip-hash-key").read_text()})
+        **_mesh_secrets(stack)})
     users = [f"stranded-{new_id()[:8]}-{n}" for n in range(6)]
     episode = test_round.episode_id
     redis = create_redis(stack.redis_url)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ops import edge, tokens
+from ops import edge, pki, tokens
 from ops.stack import SERVICES
 
 
@@ -32,3 +32,31 @@ def test_an_edge_behind_a_load_balancer_trusts_its_forwarded_for(tmp_path: Path)
     checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_edge_holds_abuse_limits_and_reaches_each_service_by_its_certificate(
+        tmp_path: Path) -> None:
+    """Buckets per IP, anonymous IP and subject; flood guards at Envoy's defaults; the
+    overload manager; upstreams over mutual TLS that must name their service. Envoy accepts
+    it, and the variant without the filters (bench/mtls_bench.py) too."""
+    identity = pki.issue(tmp_path, pki.EDGE, tmp_path / "edge-tls")
+    for filters in (True, False):
+        config = tmp_path / f"edge-{filters}.yaml"
+        config.write_text(edge.render(edge.EdgeSettings(
+            jwks_path=tokens.ensure_signing_key(tmp_path), jwt_issuer=tokens.ISSUER,
+            jwt_audience=tokens.AUDIENCE, upstream_tls=identity, abuse_filters=filters,
+            upstreams={service: [("127.0.0.1", 1)] for service in SERVICES})))
+        text = config.read_text()
+        assert "max_outbound_frames:" not in text and "overload_manager:" in text
+        assert ('"descriptor_key": "subject"' in text) is filters
+        assert ("envoy.filters.http.buffer" in text) is filters
+        clusters = next(line for line in text.splitlines()
+                        if line.strip().startswith("clusters:"))
+        for cluster in json.loads(clusters.split(":", 1)[1]):
+            context = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+            [san] = context["validation_context"]["match_typed_subject_alt_names"]
+            assert san["matcher"]["exact"] == cluster["name"].replace("_", "-")
+        envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+        checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
+                                 capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
