@@ -68,8 +68,9 @@ function onResults(results: RoundResults): void {
   board?.update(results);
   updates++;
   document.body.dataset.updates = String(updates);
-  if (total) total.textContent = results.totalVotes !== undefined
+  const totalText = results.totalVotes !== undefined
     ? `${Number(results.totalVotes).toLocaleString("en-US")} votes` : "";
+  if (total && total.textContent !== totalText) total.textContent = totalText;
   if (results.isFinal) {
     status.textContent = "Final result";
     document.body.dataset.final = "true";

@@ -83,10 +83,14 @@ export class Board {
       results.visibility !== ResultsVisibility.HIDDEN;
     this.root.classList.toggle("counts-hidden", !countsVisible);
     const hidden = results.visibility === ResultsVisibility.HIDDEN && !results.isFinal;
-    this.list.hidden = hidden;
-    this.empty.hidden = shown.length > 0 && !hidden;
-    this.empty.textContent = results.visibility === ResultsVisibility.HIDDEN
+    // Every second: touch the DOM only where something changed (a same-value write still
+    // replaces a text node and invalidates style and layout).
+    if (this.list.hidden !== hidden) this.list.hidden = hidden;
+    const emptyHidden = shown.length > 0 && !hidden;
+    if (this.empty.hidden !== emptyHidden) this.empty.hidden = emptyHidden;
+    const emptyText = results.visibility === ResultsVisibility.HIDDEN
       ? "Results are hidden until the round is final" : "Waiting for the round";
+    if (this.empty.textContent !== emptyText) this.empty.textContent = emptyText;
     const seen = new Set<string>();
     shown.forEach((standing, position) => {
       seen.add(standing.contestantId);
