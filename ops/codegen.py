@@ -119,7 +119,8 @@ def render(out: Path) -> None:
     )
 
 
-def _files(root: Path) -> set[str]:
+def files(root: Path) -> set[str]:
+    """Every file below `root`, relative to it."""
     # __pycache__ appears whenever gen/ is imported; it is never part of the output.
     return {
         p.relative_to(root).as_posix()
@@ -128,16 +129,34 @@ def _files(root: Path) -> set[str]:
     }
 
 
-def stale_files(out: Path) -> list[str]:
-    """Committed paths that differ from a fresh render in `out`, are missing, or are extra."""
-    fresh, committed = _files(out / "gen"), _files(GEN) if GEN.exists() else set()
-    stale = [
-        f"gen/{name}"
+def stale_tree(fresh_root: Path, committed_root: Path) -> list[str]:
+    """Committed files (relative to the repository) that differ from a fresh render, are
+    missing from it, or are extra."""
+    fresh = files(fresh_root)
+    committed = files(committed_root) if committed_root.exists() else set()
+    return [
+        (committed_root / name).relative_to(ROOT).as_posix()
         for name in sorted(fresh | committed)
         if name not in fresh
         or name not in committed
-        or not filecmp.cmp(out / "gen" / name, GEN / name, shallow=False)
+        or not filecmp.cmp(fresh_root / name, committed_root / name, shallow=False)
     ]
+
+
+def report_stale(stale: list[str], what: str, fix: str) -> int:
+    """The exit code of a freshness check (`--check`), saying what is stale and how to fix it."""
+    if stale:
+        print(f"stale {what} (run `{fix}`):", file=sys.stderr)
+        for name in stale:
+            print(f"  {name}", file=sys.stderr)
+        return 1
+    print(f"{what} are up to date")
+    return 0
+
+
+def stale_files(out: Path) -> list[str]:
+    """Committed paths that differ from a fresh render in `out`, are missing, or are extra."""
+    stale = stale_tree(out / "gen", GEN)
     if not DESCRIPTOR_SET.exists() or not filecmp.cmp(
         out / "televote.pb", DESCRIPTOR_SET, shallow=False
     ):
@@ -173,16 +192,10 @@ def generate(check: bool = False, lint_protos: bool = False) -> int:
         render(out)
         stale = stale_files(out)
         if check:
-            if stale:
-                print("stale generated files (run `televote generate`):", file=sys.stderr)
-                for name in stale:
-                    print(f"  {name}", file=sys.stderr)
-                return 1
-            print("generated files are up to date")
-            return 0
+            return report_stale(stale, "generated files", "televote generate")
         if stale:
             _install(out)
-        print(f"generated {len(_files(GEN))} files in gen/ and {DESCRIPTOR_SET.name}")
+        print(f"generated {len(files(GEN))} files in gen/ and {DESCRIPTOR_SET.name}")
     return 0
 
 

@@ -13,7 +13,6 @@ per app; web/static/ (pages, styles) is copied beside the bundles.
 from __future__ import annotations
 
 import argparse
-import filecmp
 import gzip
 import json
 import shutil
@@ -22,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ops.codegen import ROOT, _tool, copy_third_party_protos
+from ops.codegen import ROOT, _tool, copy_third_party_protos, files, report_stale, stale_tree
 
 WEB = ROOT / "web"
 SRC = WEB / "src"
@@ -104,22 +103,9 @@ def render(out: Path) -> None:
         shutil.copyfile(NODE_MODULES / source, dist / name)
 
 
-def _files(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-
-
 def stale_files(out: Path) -> list[str]:
     """Committed paths that differ from a fresh render, are missing, or are extra."""
-    stale = []
-    for fresh_root, committed_root in ((out / "src" / "gen", GEN), (out / "dist", DIST)):
-        fresh = _files(fresh_root)
-        committed = _files(committed_root) if committed_root.exists() else set()
-        stale += [
-            (committed_root / name).relative_to(ROOT).as_posix()
-            for name in sorted(fresh | committed)
-            if name not in fresh or name not in committed
-            or not filecmp.cmp(fresh_root / name, committed_root / name, shallow=False)]
-    return stale
+    return stale_tree(out / "src" / "gen", GEN) + stale_tree(out / "dist", DIST)
 
 
 def gzipped_size(path: Path) -> int:
@@ -137,17 +123,11 @@ def build(check: bool = False) -> int:
         render(out)
         stale = stale_files(out)
         if check:
-            if stale:
-                print("stale web files (run `televote web`):", file=sys.stderr)
-                for name in stale:
-                    print(f"  {name}", file=sys.stderr)
-                return 1
-            print("web/src/gen and web/dist are up to date")
-            return 0
+            return report_stale(stale, "web/src/gen and web/dist", "televote web")
         for fresh, committed in ((out / "src" / "gen", GEN), (out / "dist", DIST)):
             shutil.rmtree(committed, ignore_errors=True)
             shutil.copytree(fresh, committed)
-    for name in sorted(_files(DIST)):
+    for name in sorted(files(DIST)):
         if name.endswith(".js"):
             print(f"  dist/{name}: {(DIST / name).stat().st_size / 1024:.1f} KB, "
                   f"{gzipped_size(DIST / name) / 1024:.1f} KB gzipped")
