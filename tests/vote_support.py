@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -191,3 +193,14 @@ async def start_replica(database_url: str, redis_url: str, name: str,
 async def stop_replica(replica: Replica) -> None:
     await replica.channel.close()
     await replica.host.stop()
+
+
+async def early_in_a_minute(margin_s: float = 10.0) -> None:
+    """Wait, if needed, until at least `margin_s` of the current clock minute is left.
+
+    Rate limits count votes per clock minute (of the Redis server: this machine's clock), so a
+    test that fills the limit and then expects a refusal must make its calls in one minute.
+    """
+    into_minute_s = time.time() % 60
+    if into_minute_s > 60 - margin_s:
+        await asyncio.sleep(60.1 - into_minute_s)

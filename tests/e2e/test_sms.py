@@ -31,7 +31,14 @@ from tests.sms_support import (
     sms_votes,
 )
 from tests.support_windows import close_test_round
-from tests.vote_support import json_reason, new_id, refusal, stub, vote_request
+from tests.vote_support import (
+    early_in_a_minute,
+    json_reason,
+    new_id,
+    refusal,
+    stub,
+    vote_request,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -105,6 +112,7 @@ async def test_each_outcome_through_the_edge_as_grpc(
 async def test_a_rate_limited_subscriber_is_told_and_not_charged(
         stack: Stack, edge_channel: grpc.aio.Channel) -> None:
     await sms_round(stack, edge_channel, rate_limit=2)
+    await early_in_a_minute()
     outcomes = []
     for _ in range(3):
         status, body = await asyncio.to_thread(post_sms, stack, "smart", text="1",

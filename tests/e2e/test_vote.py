@@ -30,6 +30,7 @@ from tests.vote_support import (
     SMS,
     SMS_TYPE,
     WEB,
+    early_in_a_minute,
     http,
     json_reason,
     ledger_rows,
@@ -241,6 +242,7 @@ async def test_every_refusal_has_its_reason_and_changes_nothing(
 
     user = someone()
     await _grant(stack, edge_channel, user, 20)
+    await early_in_a_minute()
     await accept(user, vote_request(test_round, vote_type=PAID, count=8))
     # 8 votes this minute: the round's limit.
     await refused(user, vote_request(test_round, vote_type=PAID, count=1),

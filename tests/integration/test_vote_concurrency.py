@@ -36,6 +36,7 @@ from tests.vote_support import (
     SMS,
     SMS_TYPE,
     Replica,
+    early_in_a_minute,
     inside,
     ledger_rows,
     new_id,
@@ -370,6 +371,7 @@ async def test_rate_limited_says_when_to_retry(stack: Stack, replicas: list[Repl
     from grpc_status import rpc_status
     test_round = await _round(stack, rate_limit=3)
     user = f"hasty-{new_id()[:8]}"
+    await early_in_a_minute()
     await replicas[0].votes.SubmitVote(vote_request(test_round, count=3),
                                        metadata=inside(Role.VOTER, user), timeout=10)
     try:
