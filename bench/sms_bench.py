@@ -166,10 +166,9 @@ async def main() -> None:
     try:
         batch_round = await open_test_round(stack.database_url, stack.redis_url,
                                             rate_limit=1_000_000, free_quota=1_000_000)
-        targets = [f"{host}:{port}" for host, port in stack.addresses["vote_svc"]]
         before = _cpu_by_role()
         acked, latencies, refused = await asyncio.to_thread(
-            _batches, targets, batch_round, options.duration, 0)
+            _batches, stack, batch_round, options.duration, 0)
         results["batch"] = {"votes_per_s": round(len(acked) / options.duration),
                             "refused": refused,
                             "p50_ms_per_call": _pct(latencies, 50),

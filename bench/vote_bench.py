@@ -62,7 +62,9 @@ from ops import tokens
 from ops.edge import ONE_LOAD_GENERATOR
 from ops.processes import run_stopping_on_sigterm
 from ops.stack import Stack, StackSettings
+from runtime import mesh
 from runtime.access import Principal, Role
+from runtime.mesh import MeshTls
 from televote.vote.v1 import (
     vote_gateway_service_pb2,
     vote_gateway_service_pb2_grpc,
@@ -293,18 +295,20 @@ def _vote_ids(replies: list[bytes]) -> list[str]:
     return [vote_service_pb2.SubmitVoteResponse.FromString(reply).vote_id for reply in replies]
 
 
-def _batch_worker(args: tuple[str, str, list[str], float, float, int]) -> Any:
+def _batch_worker(args: tuple[str, str, list[str], float, float, int, str | None]) -> Any:
     return asyncio.run(_batch_load(*args))
 
 
 async def _batch_load(target: str, round_id: str, contestants: list[str], duration: float,
-                      rate: float, seed: int) -> tuple[list[str], list[float], int]:
+                      rate: float, seed: int, tls_dir: str | None,
+                      ) -> tuple[list[str], list[float], int]:
     """Gateway batches of 1,000 votes, one in flight (rate 0) or open loop at `rate` calls/s;
     returns vote ids, latencies (ms), refusals."""
     acked: list[str] = []
     latencies: list[float] = []
     failures = 0
-    async with grpc.aio.insecure_channel(target) as channel:
+    tls = MeshTls.load(Path(tls_dir)) if tls_dir else None
+    async with mesh.channel(target, "vote_svc", tls) as channel:
         gateway = vote_gateway_service_pb2_grpc.VoteGatewayServiceStub(channel)
         sent = 0
         gateway_metadata = Principal(Role.INTERNAL, "bench").to_metadata()
@@ -349,14 +353,17 @@ async def _batch_load(target: str, round_id: str, contestants: list[str], durati
     return acked, latencies, failures
 
 
-def _batches(targets: list[str], test_round: TestRound, duration: float, rate: float,
+def _batches(stack: Stack, test_round: TestRound, duration: float, rate: float,
              ) -> tuple[list[str], list[float], int]:
-    """One Python client process per replica, one batch in flight each (rate 0), or `rate`
-    batches/s in all."""
+    """One Python client process per vote_svc replica, one batch in flight each (rate 0), or
+    `rate` batches/s in all. Gateways are inside the mesh: they call the replicas directly,
+    with sms_svc's certificate (the mesh believes an internal caller only from its own)."""
+    targets = [f"{host}:{port}" for host, port in stack.addresses["vote_svc"]]
+    tls_dir = str(stack.tls_dir("sms_svc")) if stack.settings.mtls else None
     with multiprocessing.get_context("spawn").Pool(len(targets)) as pool:
         parts = pool.map(_batch_worker, [
             (target, test_round.round_id, test_round.contestants, duration,
-             rate / len(targets), seed) for seed, target in enumerate(targets)])
+             rate / len(targets), seed, tls_dir) for seed, target in enumerate(targets)])
     acked = [vote for part in parts for vote in part[0]]
     latencies = [ms for part in parts for ms in part[1]]
     return acked, latencies, sum(part[2] for part in parts)
@@ -474,15 +481,13 @@ async def main() -> None:
             else:  # batch
                 # A gateway keeps one batch in flight per replica: a replica sheds calls past
                 # VOTE_MAX_INFLIGHT_VOTES (500), and a batch of 1,000 fills it on its own.
-                # Gateways are inside the mesh: they call the replicas directly.
-                targets = [f"{host}:{port}" for host, port in stack.addresses["vote_svc"]]
                 before = _cpu_by_role()
                 acked, _, failed = await asyncio.to_thread(
-                    _batches, targets, test_round, duration, 0)
+                    _batches, stack, test_round, duration, 0)
                 cpu = _cpu_per_vote(before, _cpu_by_role(), len(acked))
                 peak = len(acked) / duration
                 acked2, latencies, failed2 = await asyncio.to_thread(
-                    _batches, targets, test_round, duration, 0.7 * peak / 1000)
+                    _batches, stack, test_round, duration, 0.7 * peak / 1000)
                 await _ledger_check(stack, test_round, acked + acked2)
                 results[mode] = {"max_per_s": round(peak), "refused": failed,
                                  "at70_per_s": round(len(acked2) / duration),
