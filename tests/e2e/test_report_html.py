@@ -34,7 +34,8 @@ PLACES = {"Phnom Penh": (11.5564, 104.9282), "Siem Reap": (13.3633, 103.8564),
 
 def _open_in_chromium(page_path: Path) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
-    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install chromium (scripts/install)"
+    assert CHROMIUM.exists(), (
+        f"{CHROMIUM} is missing: apt-get install chromium (scripts/install --test)")
     messages: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
