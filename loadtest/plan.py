@@ -107,6 +107,9 @@ class LoadConfig:
     #: seed and shownight: share of voters who vote by premium SMS (their votes are that
     #: share of all votes).
     sms_share: float = 0.2
+    #: The report says the load generator fell behind its plan when, in any second of the
+    #: plan, the p99 of how late its sends left exceeds this.
+    lag_threshold_ms: float = 100.0
     # retries
     retry_share: float = 0.2  # of shots that are not ONCE, split over the four kinds
     # bots

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -34,13 +35,17 @@ class Progress:
     outcomes: Counter[str] = field(default_factory=Counter)
     #: (sent at, latency ms) of the last few seconds, for the rolling rate and percentiles
     recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200_000))
+    #: (planned at, ms late) of the drivers' first sends: is the generator keeping up?
+    lateness: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200_000))
     phase: str = "preparing"
 
     def add(self, sent: int, outcomes: dict[str, int],
-            latencies: list[tuple[float, float]]) -> None:
+            latencies: list[tuple[float, float]],
+            lateness: Iterable[tuple[float, float]] = ()) -> None:
         self.sent += sent
         self.outcomes.update(outcomes)
         self.recent.extend(latencies)
+        self.lateness.extend(lateness)
 
     def render(self) -> Table:
         now = time.time()
@@ -56,6 +61,9 @@ class Progress:
         table.add_row("rate (last 5 s)", f"{len(window) / 5:,.0f} answers/s")
         table.add_row("latency (last 5 s)", f"p50 {percentile(window, 50):.1f} ms   "
                       f"p99 {percentile(window, 99):.1f} ms")
+        late = [ms for at, ms in self.lateness if at >= now - 5]
+        table.add_row("drivers late (last 5 s)", f"p99 {percentile(late, 99):.1f} ms   "
+                      f"max {max(late, default=float('nan')):.1f} ms")
         others = ", ".join(f"{reason} {count:,}" for reason, count in
                            self.outcomes.most_common() if reason != OK)
         table.add_row("refused / errors", others or "none")

@@ -2,6 +2,9 @@
 
 Latency is from the planned send moment to the answer (so it includes any time a saturated
 driver held the vote back); percentiles are over answered calls (acknowledged or refused).
+How far the drivers themselves fell behind the plan is reported apart (`generator_figures`):
+per second of the plan, votes planned against sent and how late the sends left, so a run
+limited by the generator says so instead of passing for the platform's limit.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from loadtest.driver import Attempt
+from loadtest.driver import Attempt, DriverRecord
 from loadtest.plan import Plan
 from loadtest.progress import percentile
 from loadtest.transports import ERROR, OK
@@ -21,7 +24,8 @@ from loadtest.verify import Verdict
 
 def figures(plan: Plan, attempts: list[Attempt], start_at: float, close_at: float,
             verdict: Verdict, resources: dict[str, dict[str, float]],
-            load_average: list[float], notes: list[str]) -> dict[str, Any]:
+            load_average: list[float], notes: list[str],
+            generator: dict[str, Any] | None = None) -> dict[str, Any]:
     answered = [a for a in attempts if a.outcome != ERROR]
     acked = [a for a in attempts if a.outcome == OK and not a.mismatch]
     last_answer = max((a.sent + a.latency_ms / 1000 for a in attempts), default=start_at)
@@ -67,12 +71,83 @@ def figures(plan: Plan, attempts: list[Attempt], start_at: float, close_at: floa
         "by_label": _by_label(plan, attempts) if config.scenario == "bots" else {},
         "verification": {"ok": verdict.ok, "failures": verdict.failures,
                          **{k: v for k, v in verdict.facts.items()}},
+        "generator": generator or {},
         "resources": resources,
         "load_average": {"start": load_average[0] if load_average else None,
                          "max": max(load_average, default=None),
                          "end": load_average[-1] if load_average else None},
         "notes": notes,
     }
+
+
+def generator_figures(plan: Plan, attempts: list[Attempt], records: list[DriverRecord],
+                      start_at: float) -> dict[str, Any]:
+    """Did the drivers keep to the plan? Per second of the plan: votes planned, first
+    requests that left in that second, and the p99 and max of how late the sends planned in
+    it left; overall lateness, sends that waited for the in-flight cap, each driver's CPU.
+    `lagged` when some second's p99 exceeds the config's `lag_threshold_ms`."""
+    threshold = plan.config.lag_threshold_ms
+    firsts = [a for a in attempts if a.first]
+    seconds = max([int(shot.at) + 1 for shot in plan.shots]
+                  + [int(a.sent + a.late_ms / 1000 - start_at) + 1 for a in firsts] + [0])
+    planned, sent = [0] * seconds, [0] * seconds
+    late: list[list[float]] = [[] for _ in range(seconds)]
+    for shot in plan.shots:
+        planned[max(0, int(shot.at))] += 1
+    for attempt in firsts:
+        sent[max(0, int(attempt.sent + attempt.late_ms / 1000 - start_at))] += 1
+        late[max(0, int(attempt.sent - start_at))].append(attempt.late_ms)
+    per_second = [{"second": second, "planned": planned[second], "sent": sent[second],
+                   "late_p99_ms": round(percentile(late[second], 99), 1) if late[second]
+                   else None,
+                   "late_max_ms": round(max(late[second]), 1) if late[second] else None}
+                  for second in range(seconds)]
+    lagged = [row for row in per_second
+              if row["late_p99_ms"] is not None and row["late_p99_ms"] > threshold]
+    every_late = [a.late_ms for a in firsts]
+    held = [a.held_ms for a in firsts if a.held_ms >= 1.0]
+    drivers = [{"worker": r.worker, "users": len(r.users),
+                "sends": sum(1 for a in r.attempts if a.first),
+                "requests": len(r.attempts), "cpu_s": round(r.cpu_s, 2),
+                "busy_share": round(r.cpu_s / max(r.sending_s, 1e-9), 2),
+                "cpu_us_per_request": round(r.cpu_s / max(len(r.attempts), 1) * 1e6)}
+               for r in sorted(records, key=lambda r: r.worker)]
+    figures: dict[str, Any] = {
+        "lag_threshold_ms": threshold, "lagged": bool(lagged),
+        "lagged_seconds": len(lagged), "plan_seconds": sum(1 for n in planned if n),
+        "late_ms": _percentiles(every_late),
+        "worst_second": max(per_second, key=lambda r: r["late_p99_ms"] or 0.0, default=None),
+        "held_by_in_flight_cap": len(held),
+        "held_max_ms": round(max(held, default=0.0), 1),
+        "planned_per_s_max": max(planned, default=0),
+        "sent_per_s_max": max(sent, default=0),
+        "drivers": drivers,
+        "driver_cpu_us_per_request": round(sum(r.cpu_s for r in records)
+                                           / max(len(attempts), 1) * 1e6),
+        "per_second": per_second,
+    }
+    figures["verdict"] = lag_verdict(figures)
+    return figures
+
+
+def lag_verdict(generator: dict[str, Any]) -> str:
+    """One line for the summary and the console: did the generator keep to its plan?"""
+    late, threshold = generator["late_ms"], generator["lag_threshold_ms"]
+    held = (f"; {generator['held_by_in_flight_cap']:,} sends waited for the drivers'"
+            f" in-flight cap (up to {generator['held_max_ms']:,} ms)"
+            if generator["held_by_in_flight_cap"] else "")
+    if not generator["lagged"]:
+        return (f"Load generator kept to its plan: sends left p99 {late['p99']} ms, max"
+                f" {late['max']} ms after their planned moment (threshold {threshold:.0f} ms"
+                f" per second){held}.")
+    worst = generator["worst_second"]
+    return (f"LOAD GENERATOR FELL BEHIND ITS PLAN in {generator['lagged_seconds']} of"
+            f" {generator['plan_seconds']} seconds (p99 of a second's sends later than"
+            f" {threshold:.0f} ms; worst: second {worst['second']}, {worst['planned']:,}"
+            f" planned, {worst['sent']:,} sent, p99 {worst['late_p99_ms']:,} ms, max"
+            f" {worst['late_max_ms']:,} ms late; overall p99 {late['p99']:,} ms){held}:"
+            " the rates and latencies below are partly the generator's limit, not only the"
+            " platform's.")
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -111,6 +186,14 @@ def markdown(data: dict[str, Any]) -> str:
         f"- Load average: start {data['load_average']['start']},"
         f" max {data['load_average']['max']}",
     ]
+    generator = data.get("generator") or {}
+    if generator:
+        lines.append(f"- **{generator['verdict']}**" if generator["lagged"]
+                     else f"- {generator['verdict']}")
+        lines.append(f"- Drivers: {len(generator['drivers'])} processes,"
+                     f" {generator['driver_cpu_us_per_request']:,} µs CPU per request;"
+                     " busy share " + ", ".join(f"{d['busy_share']:.0%}"
+                                                for d in generator["drivers"]))
     for failure in verification["failures"]:
         lines.append(f"- FAILED: {failure}")
     lines += ["", "| path | answered | p50 ms | p95 ms | p99 ms | max ms |",
@@ -137,6 +220,14 @@ def markdown(data: dict[str, Any]) -> str:
     for role, usage in data["resources"].items():
         lines.append(f"| {role} | {usage['cpu_mean_pct']} | {usage['cpu_max_pct']} | "
                      f"{usage['rss_max_mib']} |")
+    if generator.get("lagged"):
+        worst = sorted((row for row in generator["per_second"] if row["late_p99_ms"]),
+                       key=lambda row: -row["late_p99_ms"])[:10]
+        lines += ["", "Seconds where the drivers fell furthest behind:", "",
+                  "| second | planned | sent | late p99 ms | late max ms |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {row['second']} | {row['planned']:,} | {row['sent']:,} | "
+                  f"{row['late_p99_ms']:,} | {row['late_max_ms']:,} |" for row in worst]
     lines += [""] + [f"- {note}" for note in data["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -167,7 +258,13 @@ def plot(path: Path, plan: Plan, attempts: list[Attempt], start_at: float,
         planned[min(seconds - 1, int(shot.at))] += 1
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     xs = list(range(seconds))
+    sent = [0] * seconds
+    for attempt in attempts:
+        if attempt.first:
+            sent[min(seconds - 1, max(0, int(attempt.sent + attempt.late_ms / 1000
+                                             - start_at)))] += 1
     top.plot(xs, planned, color="grey", linestyle=":", label="planned")
+    top.plot(xs, sent, color="black", linewidth=0.8, label="sent")
     top.stackplot(xs, rates["acknowledged"], rates["refused"], rates["error"],
                   labels=["acknowledged", "refused", "error"],
                   colors=["#2a9d8f", "#e9c46a", "#e63946"], alpha=0.8)

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,7 +20,15 @@ from psycopg.rows import dict_row
 
 from fakestores import FakeAppStore, FakePlayStore, stack_environment
 from loadtest import report
-from loadtest.driver import Attempt, WorkerJob, drain, load_attempts, worker_main
+from loadtest.driver import (
+    Attempt,
+    DriverRecord,
+    Drivers,
+    WorkerJob,
+    default_workers,
+    merge,
+    shard,
+)
 from loadtest.funding import Funding, StoreFunding
 from loadtest.plan import LoadConfig, Plan, build
 from loadtest.progress import Progress, live_display
@@ -67,10 +73,13 @@ class RunResult:
 
 
 async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *,
-              workers: int = 2, live: bool = True, log: Callable[[str], None] = print,
+              workers: int | None = None, live: bool = True,
+              log: Callable[[str], None] = print,
               stores: StoreFunding | None = None) -> RunResult:
     """With `stores` (the stand-ins the stack's vote_svc trusts) paid voters buy packages and
-    some are refunded during voting; without, an operator grants them their paid votes."""
+    some are refunded during voting; without, an operator grants them their paid votes.
+    `workers` driver processes (default: `default_workers()`, one per core)."""
+    workers = workers or default_workers()
     plan = build(config)
     log(f"plan {plan.run_id} ({config.scenario}): {plan.summary()}")
     room = ControlRoom(target.edge_target, target.state_dir)
@@ -99,8 +108,9 @@ async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *
                     " by the stores during voting")
 
             during_voting = refund_midway
-        attempts, progress, sampler = await _vote(plan, target, room, voting_round, workers,
-                                                  live, log, during_voting)
+        records, progress, sampler = await _vote(plan, target, room, voting_round, workers,
+                                                 live, log, during_voting)
+        attempts = merge(records)
         progress.phase = "waiting for the final result"
         finalized: datetime = await wait_final(target.database_url, voting_round.round_id)
         log(f"final result stored {finalized.timestamp() - voting_round.closes_at:.1f}s"
@@ -131,8 +141,11 @@ async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *
     if config.scenario == "bots":
         notes.append("Through the edge every vote has the simulator's IP (use_remote_address),"
                      " so fraud sees the generator's devices, GPS and timing, not its IPs.")
+    generator = report.generator_figures(plan, attempts, records, voting_round.opens_at)
     data = report.figures(plan, attempts, voting_round.opens_at, voting_round.closes_at,
-                          verdict, resources, sampler.load_average, notes)
+                          verdict, resources, sampler.load_average, notes, generator)
+    if generator["lagged"]:
+        log(generator["verdict"])
     if out_dir is not None:
         report.write(out_dir, data, plan, attempts, voting_round.opens_at,
                      voting_round.closes_at)
@@ -142,78 +155,47 @@ async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *
 async def _vote(plan: Plan, target: Target, room: ControlRoom, voting_round: Any,
                 workers: int, live: bool, log: Callable[[str], None],
                 during_voting: Callable[[], Coroutine[Any, Any, None]] | None = None,
-                ) -> tuple[list[Attempt], Progress, Sampler]:
+                ) -> tuple[list[DriverRecord], Progress, Sampler]:
     """Start the drivers, open voting, follow progress until every driver is done."""
-    context = multiprocessing.get_context("spawn")
-    reports: Any = context.Queue()
-    start: Any = context.Value("d", 0.0)
-    started: Any = context.Event()
     scratch = Path(tempfile.mkdtemp(prefix=f"loadtest-{plan.run_id}-"))
-    shares: list[list[tuple[int, Any]]] = [[] for _ in range(workers)]
-    for index, shot in enumerate(plan.shots):
-        shares[zlib.crc32(shot.user.encode()) % workers].append((index, shot))
     jobs = [WorkerJob(n, share, voting_round.round_id, voting_round.contestant_ids,
                       target.edge_target, target.edge_url, target.state_dir,
                       scratch / f"worker-{n}.pickle",
                       retry_errors=plan.config.scenario == "retries")
-            for n, share in enumerate(shares)]
-    processes = [context.Process(target=worker_main, args=(job, reports, start, started),
-                                 name=f"loadtest-driver-{job.worker}", daemon=True)
-                 for job in jobs]
-    for process in processes:
-        process.start()
+            for n, share in enumerate(shard(plan.shots, workers))]
     progress = Progress(f"televote loadtest {plan.config.scenario} {plan.run_id}",
                         len(plan.shots), plan.config.wall_window_s)
     sampler = Sampler()
     try:
-        ready, done = 0, 0
-        with live_display(progress, live) as display:
-            while ready < workers:
-                _check_alive(processes)
-                for kind, _, _ in await asyncio.to_thread(drain, reports, 0.2):
-                    ready += kind == "ready"
+        with Drivers(jobs) as drivers, live_display(progress, live) as display:
+            await drivers.ready()
             sampler.start()
             await room.open_voting(voting_round, plan.config.wall_window_s)
-            start.value = voting_round.opens_at
-            started.set()
+            drivers.go(voting_round.opens_at)
             progress.start_at, progress.phase = voting_round.opens_at, "voting"
             cues = asyncio.create_task(room.performances(voting_round, voting_round.opens_at,
                                                          plan.performances))
             side = asyncio.create_task(during_voting() if during_voting
                                        else asyncio.sleep(0))
-            while done < workers:
-                _check_alive(processes)
-                for kind, _, payload in await asyncio.to_thread(drain, reports, 0.2):
-                    if kind == "progress":
-                        progress.add(*payload)
-                    done += kind == "done"
+
+            def tick() -> None:
                 if time.time() > voting_round.closes_at:
                     progress.phase = "closed; answering the last votes"
                 display.refresh()
+
+            records = await drivers.follow(lambda payload: progress.add(*payload), tick)
             with contextlib.suppress(Exception):
                 await cues
             await side  # a refund that failed fails the run
-        for process in processes:
-            process.join(timeout=30)
     except BaseException:
         sampler.stop()
         raise
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-    attempts = [attempt for job in jobs for attempt in load_attempts(job.result_path)]
-    log(f"{len(attempts):,} requests answered by {workers} drivers")
-    return attempts, progress, sampler
+    log(f"{sum(len(r.attempts) for r in records):,} requests answered by {workers} drivers")
+    return records, progress, sampler
 
 
-def _check_alive(processes: list[Any]) -> None:
-    for process in processes:
-        if process.exitcode not in (None, 0):
-            raise RuntimeError(f"{process.name} exited with {process.exitcode}")
-
-
-async def run_with_own_stack(config: LoadConfig, out_dir: Path | None, *, workers: int = 2,
+async def run_with_own_stack(config: LoadConfig, out_dir: Path | None, *,
+                             workers: int | None = None,
                              replicas: dict[str, int] | None = None, live: bool = True,
                              state_dir: Path | None = None,
                              log: Callable[[str], None] = print) -> RunResult:

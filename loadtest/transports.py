@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import aiohttp
@@ -74,6 +76,10 @@ class Answer:
     outcome: str  # OK, REFUSED or ERROR
     vote_id: str = ""
     reason: str = ""  # the ErrorInfo reason, or a description of the error
+    #: When the request's headers went on the wire (epoch s; 0: as soon as it was called).
+    #: A client that queues calls for a free connection sends later than it was asked to,
+    #: and that wait is the generator's, not the platform's.
+    left_at: float = 0.0
 
 
 def _classify(reason: str, fallback: str) -> Answer:
@@ -114,62 +120,89 @@ class GrpcClient:
         await asyncio.gather(*(channel.close(None) for channel in self._channels))
 
 
+async def _headers_sent(_: aiohttp.ClientSession, context: SimpleNamespace,
+                        __: aiohttp.TraceRequestHeadersSentParams) -> None:
+    context.trace_request_ctx.left_at = time.time()
+
+
 class _HttpClient:
-    def __init__(self, base_url: str, connections: int = 64) -> None:
+    """HTTP/1.1 through aiohttp. Its pool allows as many connections as the driver has calls
+    in flight (every viewer's browser or phone has its own): a smaller pool would queue votes
+    inside the generator while the edge sat idle."""
+
+    def __init__(self, base_url: str, connections: int = 4000) -> None:
         self._base_url = base_url.rstrip("/")
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(_headers_sent)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=connections, force_close=False))
+            connector=aiohttp.TCPConnector(limit=connections, force_close=False),
+            trace_configs=[trace])
 
     async def close(self) -> None:
         await self._session.close()
 
-    async def _post(self, path: str, timeout: float, headers: dict[str, str],
-                    **body: Any) -> tuple[int, dict[str, str], bytes] | Answer:
-        """Status, headers and body of a POST to the edge, or the transport's failure."""
+    def _request(self, vote: Vote) -> tuple[str, dict[str, str], dict[str, Any]]:
+        """The path, headers and body (aiohttp's `json=` or `data=`) of the vote's POST."""
+        raise NotImplementedError
+
+    def _read(self, status: int, headers: dict[str, str], body: bytes) -> Answer:
+        """The edge's answer to the POST."""
+        raise NotImplementedError
+
+    async def submit(self, vote: Vote, timeout: float) -> Answer:
+        path, headers, body = self._request(vote)
+        sent = SimpleNamespace(left_at=0.0)
         try:
             async with self._session.post(
-                    f"{self._base_url}{path}", headers=headers,
+                    f"{self._base_url}{path}", headers=headers, trace_request_ctx=sent,
                     timeout=aiohttp.ClientTimeout(total=timeout), **body) as response:
-                return response.status, dict(response.headers), await response.read()
+                answer = self._read(response.status, dict(response.headers),
+                                    await response.read())
         except TimeoutError:
-            return Answer(ERROR, reason="DEADLINE_EXCEEDED")
+            answer = Answer(ERROR, reason="DEADLINE_EXCEEDED")
         except aiohttp.ClientError as error:
-            return Answer(ERROR, reason=f"HTTP_CLIENT_{type(error).__name__}")
+            answer = Answer(ERROR, reason=f"HTTP_CLIENT_{type(error).__name__}")
+        return replace(answer, left_at=sent.left_at)
+
+
+def _error_reason(document: dict[str, Any]) -> str:
+    """The ErrorInfo reason of a JSON error body (the edge's transcoded google.rpc.Status)."""
+    return next((str(detail.get("reason", "")) for detail in document.get("details", [])
+                 if str(detail.get("@type", "")).endswith("google.rpc.ErrorInfo")), "")
+
+
+def _json_document(body: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(body) if body else {}
+    except ValueError:
+        return {}
+    return document if isinstance(document, dict) else {}
 
 
 class JsonClient(_HttpClient):
     """POST /v1/rounds/{round}/votes through the edge's JSON transcoding."""
 
-    async def submit(self, vote: Vote, timeout: float) -> Answer:
-        answer = await self._post(f"/v1/rounds/{vote.round_id}/votes", timeout,
-                                  {"authorization": f"Bearer {vote.token}"},
-                                  json=vote.json_body())
-        if isinstance(answer, Answer):
-            return answer
-        status, _, body = answer
-        try:
-            document = json.loads(body) if body else {}
-        except ValueError:
-            document = {}
+    def _request(self, vote: Vote) -> tuple[str, dict[str, str], dict[str, Any]]:
+        return (f"/v1/rounds/{vote.round_id}/votes",
+                {"authorization": f"Bearer {vote.token}"}, {"json": vote.json_body()})
+
+    def _read(self, status: int, headers: dict[str, str], body: bytes) -> Answer:
+        document = _json_document(body)
         if status == 200 and document.get("voteId"):
             return Answer(OK, vote_id=str(document["voteId"]))
-        reason = next((str(detail.get("reason", "")) for detail in document.get("details", [])
-                       if str(detail.get("@type", "")).endswith("google.rpc.ErrorInfo")), "")
-        return _classify(reason, f"HTTP_{status}")
+        return _classify(_error_reason(document), f"HTTP_{status}")
 
 
 class GrpcWebClient(_HttpClient):
     """Binary gRPC-Web through the edge's grpc_web filter, over HTTP/1.1 like a browser."""
 
-    async def submit(self, vote: Vote, timeout: float) -> Answer:
-        answer = await self._post(
-            SUBMIT_PATH, timeout, {"authorization": f"Bearer {vote.token}",
-                                   "content-type": grpcweb.CONTENT_TYPE, "x-grpc-web": "1",
-                                   "accept": grpcweb.CONTENT_TYPE},
-            data=grpcweb.frame(vote.message().SerializeToString()))
-        if isinstance(answer, Answer):
-            return answer
-        status, headers, body = answer
+    def _request(self, vote: Vote) -> tuple[str, dict[str, str], dict[str, Any]]:
+        return (SUBMIT_PATH, {"authorization": f"Bearer {vote.token}",
+                              "content-type": grpcweb.CONTENT_TYPE, "x-grpc-web": "1",
+                              "accept": grpcweb.CONTENT_TYPE},
+                {"data": grpcweb.frame(vote.message().SerializeToString())})
+
+    def _read(self, status: int, headers: dict[str, str], body: bytes) -> Answer:
         try:
             reply = grpcweb.parse(body, headers)
         except ValueError:
@@ -192,19 +225,14 @@ class SmsClient(_HttpClient):
     """A carrier's webhook: POST /v1/carriers/{carrier}/sms with the carrier's token; the
     request id is the carrier's message id (a redelivery sends it again)."""
 
-    async def submit(self, vote: Vote, timeout: float) -> Answer:
-        answer = await self._post(
-            f"/v1/carriers/CARRIER_{vote.carrier}/sms", timeout,
-            {"authorization": f"Bearer {vote.token}"},
-            json={"carrierMessageId": vote.request_id, "msisdn": vote.msisdn,
-                  "shortCode": "1255", "text": f"V{vote.sms_number}"})
-        if isinstance(answer, Answer):
-            return answer
-        status, _, body = answer
-        try:
-            document = json.loads(body) if body else {}
-        except ValueError:
-            document = {}
+    def _request(self, vote: Vote) -> tuple[str, dict[str, str], dict[str, Any]]:
+        return (f"/v1/carriers/CARRIER_{vote.carrier}/sms",
+                {"authorization": f"Bearer {vote.token}"},
+                {"json": {"carrierMessageId": vote.request_id, "msisdn": vote.msisdn,
+                          "shortCode": "1255", "text": f"V{vote.sms_number}"}})
+
+    def _read(self, status: int, headers: dict[str, str], body: bytes) -> Answer:
+        document = _json_document(body)
         outcome = str(document.get("outcome", ""))
         if status == 200 and outcome == "INBOUND_SMS_OUTCOME_VOTE_COUNTED":
             if not document.get("charge"):
@@ -214,9 +242,7 @@ class SmsClient(_HttpClient):
             if document.get("charge"):
                 return Answer(ERROR, reason="SMS_CHARGED_NOT_COUNTED")
             return Answer(REFUSED, reason=_SMS_OUTCOMES.get(outcome, outcome))
-        reason = next((str(detail.get("reason", "")) for detail in document.get("details", [])
-                       if str(detail.get("@type", "")).endswith("google.rpc.ErrorInfo")), "")
-        return _classify(reason, f"HTTP_{status}")
+        return _classify(_error_reason(document), f"HTTP_{status}")
 
 
 def client_for(path: str, edge_target: str, edge_url: str) -> VoteClient:

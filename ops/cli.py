@@ -379,7 +379,15 @@ def loadtest(
     paths: Annotated[str, typer.Option(
         help="Comma-separated: grpc, json, grpcweb; users are spread over them.")]
     = "grpc,json,grpcweb",
-    workers: Annotated[int, typer.Option(min=1, max=64, help="Load driver processes.")] = 2,
+    workers: Annotated[int | None, typer.Option(
+        min=1, max=64, help="Load driver processes (default: one per core, at least 2); "
+                            "users are split over them, each user's votes in one.")] = None,
+    lag_threshold_ms: Annotated[float, typer.Option(
+        min=0.0, help="Report the generator as lagging when a second's p99 send is this "
+                      "late.")] = 100.0,
+    ceiling: Annotated[bool, typer.Option(
+        "--ceiling", help="Measure the load generator's own ceiling instead: the scenario's "
+                          "votes, per path, against a no-op edge; no stack.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed of the plan.")] = 1,
     edge: Annotated[str | None, typer.Option(
         help="Drive a running edge (http://HOST:PORT) instead of starting a stack; tokens are "
@@ -411,11 +419,18 @@ def loadtest(
         window_s=window or defaults.get("window_s", 1800.0),
         compress=compress or defaults.get("compress", 30.0),
         paths=tuple(p.strip() for p in paths.split(",") if p.strip()), seed=seed,
-        peak_rate=peak_rate, spike_s=spike_seconds, performances=performances)
+        peak_rate=peak_rate, spike_s=spike_seconds, performances=performances,
+        lag_threshold_ms=lag_threshold_ms)
     try:
         validate(config)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+    if ceiling:
+        from loadtest.ceiling import measure
+        from loadtest.driver import default_workers
+
+        asyncio.run(measure(config, workers or default_workers()))
+        return
     counts = _replica_counts(replicas)
     out = out or Path("loadtest-runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario}"
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
