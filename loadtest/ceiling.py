@@ -82,9 +82,8 @@ async def _noop_edge(ports: Any) -> None:
 
     async def grpc_web(request: web.Request) -> web.Response:
         await request.read()
-        trailers = b"grpc-status:0\r\ngrpc-message:\r\n"
-        body = grpcweb.frame(reply().SerializeToString()) + bytes([grpcweb.TRAILER_FLAG]) + \
-            len(trailers).to_bytes(4, "big") + trailers
+        body = grpcweb.frame(reply().SerializeToString()) + grpcweb.trailer_frame(
+            {"grpc-status": "0", "grpc-message": ""})
         return web.Response(body=body, content_type=grpcweb.CONTENT_TYPE)
 
     app = web.Application()

@@ -29,6 +29,13 @@ def frame(message: bytes) -> bytes:
     return _HEADER.pack(0, len(message)) + message
 
 
+def trailer_frame(trailers: Mapping[str, str]) -> bytes:
+    """The frame that ends a response: its trailers as header lines."""
+    payload = "".join(f"{name}:{value}\r\n" for name, value in trailers.items()).encode(
+        "latin-1")
+    return _HEADER.pack(TRAILER_FLAG, len(payload)) + payload
+
+
 @dataclass
 class Reply:
     """A decoded gRPC-Web response."""

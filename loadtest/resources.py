@@ -58,6 +58,8 @@ class Sampler:
         self.interval = interval
         self.usage: dict[str, Usage] = defaultdict(Usage)
         self.load_average: list[float] = []
+        #: (when, role -> CPU % of one core over the interval before) per sample
+        self.samples: list[tuple[float, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="resource-sampler", daemon=True)
         self._known: dict[int, tuple[psutil.Process, str]] = {}
@@ -70,6 +72,16 @@ class Sampler:
         self._stop.set()
         self._thread.join(timeout=5)
         return {role: usage.summary() for role, usage in sorted(self.usage.items())}
+
+    def cpu_seconds(self, since: float, until: float) -> dict[str, float]:
+        """CPU seconds by role over the samples taken between `since` and `until` (epoch
+        s; each sample covers the interval before it): what a phase of the run cost."""
+        totals: dict[str, float] = defaultdict(float)
+        for when, by_role in self.samples:
+            if since < when <= until + self.interval:
+                for role, cpu in by_role.items():
+                    totals[role] += cpu / 100 * self.interval
+        return {role: round(seconds, 2) for role, seconds in sorted(totals.items())}
 
     def _run(self) -> None:
         me = psutil.Process()
@@ -94,4 +106,6 @@ class Sampler:
                 if role:
                     self.usage[role].cpu_percent.append(cpu)
                     self.usage[role].rss_mib.append(rss)
+            self.samples.append((time.time(), {role: cpu for role, (cpu, _) in totals.items()
+                                               if role}))
             self.load_average.append(psutil.getloadavg()[0])

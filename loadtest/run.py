@@ -126,7 +126,6 @@ async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *
     async with await psycopg.AsyncConnection.connect(target.database_url,
                                                      row_factory=dict_row) as connection:
         verdict = await verify(connection, record)
-    resources = sampler.stop()
     notes = [
         "Paid voters are funded with WalletAdminService.GrantVotes by an operator (a stack"
         " started elsewhere does not trust the stand-in stores)." if funding is None else
@@ -142,8 +141,15 @@ async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *
         notes.append("Through the edge every vote has the simulator's IP (use_remote_address),"
                      " so fraud sees the generator's devices, GPS and timing, not its IPs.")
     generator = report.generator_figures(plan, attempts, records, voting_round.opens_at)
+    last_answer = max((a.sent + a.latency_ms / 1000 for a in attempts),
+                      default=voting_round.closes_at)
+    # What the votes cost, process by process: from the opening to the last answer, before
+    # the finalizing and the verification.
+    voting_cpu = sampler.cpu_seconds(voting_round.opens_at, last_answer)
+    resources = sampler.stop()
     data = report.figures(plan, attempts, voting_round.opens_at, voting_round.closes_at,
                           verdict, resources, sampler.load_average, notes, generator)
+    data["cpu_seconds_while_voting"] = voting_cpu
     if generator["lagged"]:
         log(generator["verdict"])
     if out_dir is not None:

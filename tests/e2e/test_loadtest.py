@@ -1,6 +1,7 @@
-"""The load simulator: a short compressed seed scenario end to end through the real edge, and
-its verifier against a deliberately damaged ledger (its plans and gRPC-Web framing:
-tests/unit/test_loadtest_plan.py).
+"""The load simulator: a short compressed seed scenario end to end through the real edge (two
+driver processes, their lag report), the generator's ceiling against a no-op edge, and its
+verifier against a deliberately damaged ledger (its plans, gRPC-Web framing, the drivers'
+split and the lag figures: tests/unit/test_loadtest_plan.py).
 
 The damage is done inside a transaction that is rolled back (with the append-only triggers
 off for that transaction only, `session_replication_role = replica`), and the verifier reads
@@ -18,6 +19,7 @@ import pytest
 import pytest_asyncio
 from psycopg.rows import dict_row
 
+from loadtest.ceiling import measure
 from loadtest.funding import StoreFunding
 from loadtest.plan import LoadConfig
 from loadtest.run import RunResult, Target, run
@@ -63,6 +65,38 @@ async def test_compressed_seed_scenario_passes_end_to_end(seed_run: RunResult) -
     for name in ("report.json", "summary.md", "plot.png"):
         assert (seed_run.out_dir / name).stat().st_size > 0
     assert json.loads((seed_run.out_dir / "report.json").read_text())["verification"]["ok"]
+
+
+async def test_two_driver_processes_split_the_users_and_report_their_lag(
+        seed_run: RunResult) -> None:
+    generator = seed_run.figures["generator"]
+    drivers = generator["drivers"]
+    assert [d["worker"] for d in drivers] == [0, 1]
+    # Each user's votes were sent by one driver (merge checks no user is in two), each vote
+    # once as planned; both drivers' records reached the verifier.
+    assert sum(d["users"] for d in drivers) == 30 and all(d["users"] for d in drivers)
+    assert sum(d["sends"] for d in drivers) == 300
+    assert {a.worker for a in seed_run.attempts} == {0, 1}
+    assert sum(row["planned"] for row in generator["per_second"]) == 300
+    assert sum(row["sent"] for row in generator["per_second"]) == 300
+    assert generator["late_ms"]["count"] == 300 and generator["late_ms"]["max"] >= 0
+    assert all(d["cpu_s"] > 0 for d in drivers)
+    assert seed_run.out_dir is not None
+    assert generator["verdict"] in (seed_run.out_dir / "summary.md").read_text()
+
+
+async def test_the_generators_ceiling_is_measured_against_a_no_op_edge() -> None:
+    """A path's votes go through the real driver processes and client to the stand-in edge
+    and are all answered (one path: each costs a start of the driver processes)."""
+    config = LoadConfig(users=40, votes_per_user=3, window_s=60, compress=30,
+                        paths=("grpcweb",), sms_share=0.0)
+    figures = await measure(config, workers=2, votes_per_path=40, log=lambda _: None)
+    assert set(figures["paths"]) == {"grpcweb"}
+    for row in figures["paths"].values():
+        assert row["requests"] > 0 and row["errors"] == 0
+        assert row["requests_per_s"] > 0 and row["driver_cpu_us_per_request"] > 0
+    assert figures["ceiling_per_s"] == min(r["requests_per_s"]
+                                           for r in figures["paths"].values())
 
 
 async def _verify_damaged(stack: Stack, seed_run: RunResult,
