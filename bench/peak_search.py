@@ -39,6 +39,7 @@ from typing import Any
 
 from loadtest.plan import PATHS, SMS, LoadConfig
 from loadtest.run import OWN_STACK_ENV, RunResult, Target, run
+from ops.edge import ONE_LOAD_GENERATOR
 from ops.processes import run_stopping_on_sigterm
 from ops.stack import Stack, StackSettings
 
@@ -70,10 +71,17 @@ def _generator(result: RunResult) -> dict[str, Any]:
             "generator_verdict": generator.get("verdict", "")}
 
 
-def _outcome(passed: bool, generator_lagged: bool) -> str:
+def _outcome(passed: bool, generator: dict[str, Any], p99_ms: float,
+             p99_limit: float) -> str:
+    """A failed step is the generator's when it lagged and, without its own lateness (part of
+    every latency, which runs from the planned moment), the p99 would have been within the
+    limit; a p99 beyond the limit even after that is the platform's."""
     if passed:
         return "sustained"
-    return "inconclusive: generator-limited" if generator_lagged else "not sustained"
+    late = generator["generator_late_p99_ms"] or 0.0
+    if generator["generator_lagged"] and p99_ms - late <= p99_limit:
+        return "inconclusive: generator-limited"
+    return "not sustained"
 
 
 def step_figures(peak: float, result: RunResult, p99_limit: float) -> dict[str, Any]:
@@ -90,8 +98,8 @@ def step_figures(peak: float, result: RunResult, p99_limit: float) -> dict[str, 
             "acknowledged_per_s": figures["achieved"]["acknowledged_per_s"],
             "errors": errors, "verification_ok": result.verdict.ok,
             "verification_failures": result.verdict.failures,
-            "sustained": sustained, "outcome": _outcome(sustained,
-                                                        generator["generator_lagged"]),
+            "sustained": sustained,
+            "outcome": _outcome(sustained, generator, p99, p99_limit),
             **generator, **cost_figures(result),
             "load_average_start": figures["load_average"]["start"],
             "load_average_max": figures["load_average"]["max"],
@@ -112,7 +120,7 @@ def seed_figures(compress: float, result: RunResult, p99_limit: float) -> dict[s
             "refused_by_reason": figures["refused_by_reason"],
             "verification_ok": result.verdict.ok,
             "verification_failures": result.verdict.failures,
-            "passed": passed, "outcome": _outcome(passed, generator["generator_lagged"]),
+            "passed": passed, "outcome": _outcome(passed, generator, p99, p99_limit),
             **generator, **cost_figures(result),
             "load_average_start": figures["load_average"]["start"],
             "load_average_max": figures["load_average"]["max"],
@@ -232,8 +240,10 @@ async def search_seed(stack: Stack, options: argparse.Namespace) -> dict[str, An
 
 
 async def search(options: argparse.Namespace) -> dict[str, Any]:
+    # One load generator from one address: the edge's per-address and per-subject buckets
+    # (the operator granting paid votes) would otherwise be what the search measures.
     settings = StackSettings(state_dir=Path(tempfile.mkdtemp(prefix="peak-search-")),
-                             edge_port=0, service_env=OWN_STACK_ENV)
+                             edge_port=0, service_env=OWN_STACK_ENV, edge=ONE_LOAD_GENERATOR)
     settings.replicas.update({"vote_svc": options.vote_replicas})
     stack = Stack(settings)
     await stack.start()

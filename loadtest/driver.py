@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import multiprocessing
 import os
 import pickle
 import queue as queue_module
+import resource
 import time
 import zlib
 from collections import Counter
@@ -97,6 +99,7 @@ class WorkerJob:
     result_path: Path
     timeout_s: float = 10.0
     retry_errors: bool = False
+    #: Calls in flight at most (see `in_flight_cap`); HTTP clients get as many connections.
     max_in_flight: int = 4000
 
 
@@ -123,7 +126,8 @@ async def _work(job: WorkerJob, reports: Any, start: Any, started: Any) -> None:
     carrier_tokens = {carrier: tokens.mint(job.state_dir, Role.CARRIER, carrier.lower())
                       for carrier in CARRIERS}
     paths = {shot.path for _, shot in job.shots}
-    clients = {path: client_for(path, job.edge_target, job.edge_url) for path in paths}
+    clients = {path: client_for(path, job.edge_target, job.edge_url, job.max_in_flight)
+               for path in paths}
     attempts: list[Attempt] = []
     tally = _Tally()
     reports.put(("ready", job.worker, None))
@@ -260,6 +264,18 @@ def shard(shots: list[Shot], workers: int) -> list[list[tuple[int, Shot]]]:
     for index, shot in enumerate(shots):
         shares[zlib.crc32(shot.user.encode()) % workers].append((index, shot))
     return shares
+
+
+def in_flight_cap(shots: list[Shot], workers: int, timeout_s: float) -> int:
+    """Calls one driver may keep in flight: every vote of the plan's busiest second for as
+    long as a call may take (its deadline), so the drivers stay open-loop whenever the
+    platform answers within the deadline (a smaller cap held votes back for minutes, then
+    sent them after the close), within the process's file descriptors (an HTTP call holds
+    a connection)."""
+    busiest = max(Counter(int(shot.at) for shot in shots).values(), default=0)
+    wanted = math.ceil(busiest * timeout_s * 1.25 / max(workers, 1))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(256, min(wanted, soft - 1024))
 
 
 def default_workers() -> int:

@@ -26,6 +26,7 @@ from loadtest.driver import (
     Drivers,
     WorkerJob,
     default_workers,
+    in_flight_cap,
     merge,
     shard,
 )
@@ -164,10 +165,12 @@ async def _vote(plan: Plan, target: Target, room: ControlRoom, voting_round: Any
                 ) -> tuple[list[DriverRecord], Progress, Sampler]:
     """Start the drivers, open voting, follow progress until every driver is done."""
     scratch = Path(tempfile.mkdtemp(prefix=f"loadtest-{plan.run_id}-"))
+    timeout_s = WorkerJob.timeout_s
+    cap = in_flight_cap(plan.shots, workers, timeout_s)
     jobs = [WorkerJob(n, share, voting_round.round_id, voting_round.contestant_ids,
                       target.edge_target, target.edge_url, target.state_dir,
-                      scratch / f"worker-{n}.pickle",
-                      retry_errors=plan.config.scenario == "retries")
+                      scratch / f"worker-{n}.pickle", timeout_s,
+                      retry_errors=plan.config.scenario == "retries", max_in_flight=cap)
             for n, share in enumerate(shard(plan.shots, workers))]
     progress = Progress(f"televote loadtest {plan.config.scenario} {plan.run_id}",
                         len(plan.shots), plan.config.wall_window_s)

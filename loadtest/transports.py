@@ -245,13 +245,16 @@ class SmsClient(_HttpClient):
         return _classify(_error_reason(document), f"HTTP_{status}")
 
 
-def client_for(path: str, edge_target: str, edge_url: str) -> VoteClient:
+def client_for(path: str, edge_target: str, edge_url: str,
+               connections: int = 4000) -> VoteClient:
+    """The client of a path; HTTP ones may open up to `connections` (one per call in
+    flight)."""
     if path == "grpc":
         return GrpcClient(edge_target)
     if path == "json":
-        return JsonClient(edge_url)
+        return JsonClient(edge_url, connections)
     if path == "grpcweb":
-        return GrpcWebClient(edge_url)
+        return GrpcWebClient(edge_url, connections)
     if path == "sms":
-        return SmsClient(edge_url)
+        return SmsClient(edge_url, connections)
     raise ValueError(f"unknown path {path!r}")
