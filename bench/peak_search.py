@@ -32,6 +32,7 @@ import asyncio
 import json
 import math
 import os
+import statistics
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -56,10 +57,32 @@ def cost_figures(result: RunResult) -> dict[str, Any]:
     per_vote = {role: round(seconds / acknowledged * 1e6) for role, seconds in cpu.items()}
     stack = sum(cpu.get(role, 0.0) for role in STACK_ROLES)
     vote_svc = cpu.get("vote_svc", 0.0)
+    seconds = max(figures["achieved"]["seconds"], 1e-9)
     return {"cpu_us_per_vote": per_vote,
+            "vote_svc_cores": round(vote_svc / seconds, 3),
+            "stack_cores": round(stack / seconds, 3),
             "stack_cpu_us_per_vote": round(stack / acknowledged * 1e6),
             "votes_per_s_per_vote_svc_core": round(acknowledged / vote_svc) if vote_svc else None,
             "votes_per_s_per_stack_core": round(acknowledged / stack) if stack else None}
+
+
+def marginal_cost(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """What one more vote a second costs, from the steps of one path: the slope of the cores
+    vote_svc (and the whole stack) used while voting against the votes acknowledged per
+    second. Per-vote averages at low rates also carry each process's fixed cost per second
+    (timers, ticks, health checks); the slope leaves it out, and the intercept is it."""
+    points = [(s["acknowledged_per_s"], s["vote_svc_cores"], s["stack_cores"]) for s in steps
+              if s.get("acknowledged_per_s")]
+    if len({rate for rate, _, _ in points}) < 2:
+        return {}
+    rates = [rate for rate, _, _ in points]
+    vote_svc = statistics.linear_regression(rates, [cores for _, cores, _ in points])
+    stack = statistics.linear_regression(rates, [cores for _, _, cores in points])
+    return {"marginal_vote_svc_cpu_us_per_vote": round(vote_svc.slope * 1e6),
+            "marginal_stack_cpu_us_per_vote": round(stack.slope * 1e6),
+            "idle_vote_svc_cores": round(vote_svc.intercept, 3),
+            "idle_stack_cores": round(stack.intercept, 3),
+            "marginal_points": len(points)}
 
 
 def _generator(result: RunResult) -> dict[str, Any]:
@@ -156,6 +179,7 @@ async def search_path(stack: Stack, path: str, options: argparse.Namespace) -> d
         options.refine, options.keep_going)
     summary = {"path": path, "sustainable_peak_per_s": best, "first_not_sustained": first_failed,
                "steps": steps}
+    summary.update(marginal_cost(steps))
     best_step = next((s for s in steps if s["peak_rate"] == best), None)
     if best_step is not None:
         summary.update({k: best_step[k] for k in (
@@ -261,7 +285,9 @@ async def search(options: argparse.Namespace) -> dict[str, Any]:
     for path, row in results["paths"].items():
         print(f"{path:8} sustainable {row['sustainable_peak_per_s']}/s;"
               f" {row.get('votes_per_s_per_vote_svc_core')} votes/s per vote_svc core,"
-              f" {row.get('votes_per_s_per_stack_core')} per core of the whole stack"
+              f" {row.get('votes_per_s_per_stack_core')} per core of the whole stack;"
+              f" marginal µs/vote vote_svc {row.get('marginal_vote_svc_cpu_us_per_vote')},"
+              f" stack {row.get('marginal_stack_cpu_us_per_vote')}"
               f" (load average {row.get('load_average_start')}..{row.get('load_average_max')})")
     if "seed" in results:
         print(f"seed     highest passing --compress {results['seed']['highest_passing_compress']}")
