@@ -155,11 +155,10 @@ async def _work(job: WorkerJob, reports: Any, start: Any, started: Any) -> None:
         called = time.time()
         answer = await clients[shot.path].submit(vote, timeout)
         latency_ms = (time.time() - planned) * 1000
-        # An HTTP client may hold the request for a free connection: it left when its
-        # headers were sent, and that wait was the generator's too.
-        left = answer.left_at or called
-        late_ms = (left - planned) * 1000
-        held_ms += (left - called) * 1000
+        # An HTTP client may hold the request for a free connection of its pool: that wait
+        # was the generator's too.
+        late_ms = (called - planned + answer.held_s) * 1000
+        held_ms += answer.held_s * 1000
         attempts.append(Attempt(index, planned, latency_ms, answer.outcome, answer.vote_id,
                                 answer.reason, mismatch, late_ms, held_ms, first, job.worker))
         tally.sent += 1

@@ -76,10 +76,10 @@ class Answer:
     outcome: str  # OK, REFUSED or ERROR
     vote_id: str = ""
     reason: str = ""  # the ErrorInfo reason, or a description of the error
-    #: When the request's headers went on the wire (epoch s; 0: as soon as it was called).
-    #: A client that queues calls for a free connection sends later than it was asked to,
-    #: and that wait is the generator's, not the platform's.
-    left_at: float = 0.0
+    #: Seconds the client held the request waiting for a free connection of its pool: that
+    #: wait is the generator's, not the platform's (opening a connection to a slow edge is
+    #: the edge's, as a phone would see it).
+    held_s: float = 0.0
 
 
 def _classify(reason: str, fallback: str) -> Answer:
@@ -120,9 +120,15 @@ class GrpcClient:
         await asyncio.gather(*(channel.close(None) for channel in self._channels))
 
 
-async def _headers_sent(_: aiohttp.ClientSession, context: SimpleNamespace,
-                        __: aiohttp.TraceRequestHeadersSentParams) -> None:
-    context.trace_request_ctx.left_at = time.time()
+async def _queued(_: aiohttp.ClientSession, context: SimpleNamespace,
+                  __: aiohttp.TraceConnectionQueuedStartParams) -> None:
+    context.trace_request_ctx.queued_at = time.monotonic()
+
+
+async def _dequeued(_: aiohttp.ClientSession, context: SimpleNamespace,
+                    __: aiohttp.TraceConnectionQueuedEndParams) -> None:
+    sent = context.trace_request_ctx
+    sent.held_s += time.monotonic() - sent.queued_at
 
 
 class _HttpClient:
@@ -133,7 +139,8 @@ class _HttpClient:
     def __init__(self, base_url: str, connections: int = 4000) -> None:
         self._base_url = base_url.rstrip("/")
         trace = aiohttp.TraceConfig()
-        trace.on_request_headers_sent.append(_headers_sent)
+        trace.on_connection_queued_start.append(_queued)
+        trace.on_connection_queued_end.append(_dequeued)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=connections, force_close=False),
             trace_configs=[trace])
@@ -151,7 +158,7 @@ class _HttpClient:
 
     async def submit(self, vote: Vote, timeout: float) -> Answer:
         path, headers, body = self._request(vote)
-        sent = SimpleNamespace(left_at=0.0)
+        sent = SimpleNamespace(held_s=0.0, queued_at=0.0)
         try:
             async with self._session.post(
                     f"{self._base_url}{path}", headers=headers, trace_request_ctx=sent,
@@ -162,7 +169,7 @@ class _HttpClient:
             answer = Answer(ERROR, reason="DEADLINE_EXCEEDED")
         except aiohttp.ClientError as error:
             answer = Answer(ERROR, reason=f"HTTP_CLIENT_{type(error).__name__}")
-        return replace(answer, left_at=sent.left_at)
+        return replace(answer, held_s=sent.held_s) if sent.held_s else answer
 
 
 def _error_reason(document: dict[str, Any]) -> str:
