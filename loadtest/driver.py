@@ -85,6 +85,9 @@ class DriverRecord:
     attempts: list[Attempt]
     cpu_s: float
     sending_s: float
+    #: Seconds its event loop was ready to run but waited for a core (Linux schedstat): a
+    #: driver late without being busy was starved by the machine's other processes.
+    waited_for_cpu_s: float = 0.0
 
 
 @dataclass
@@ -133,7 +136,7 @@ async def _work(job: WorkerJob, reports: Any, start: Any, started: Any) -> None:
     reports.put(("ready", job.worker, None))
     await asyncio.to_thread(started.wait)
     start_at = float(start.value)
-    cpu_at_start = time.process_time()
+    cpu_at_start, runnable_at_start = time.process_time(), _waited_for_cpu_s()
     in_flight = asyncio.Semaphore(job.max_in_flight)
     reporter = asyncio.create_task(_report(job.worker, tally, reports))
 
@@ -205,7 +208,7 @@ async def _work(job: WorkerJob, reports: Any, start: Any, started: Any) -> None:
     while tasks:
         await asyncio.gather(*list(tasks))
     record = DriverRecord(job.worker, users, attempts, time.process_time() - cpu_at_start,
-                          time.time() - start_at)
+                          time.time() - start_at, _waited_for_cpu_s() - runnable_at_start)
     reporter.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await reporter
@@ -214,6 +217,15 @@ async def _work(job: WorkerJob, reports: Any, start: Any, started: Any) -> None:
     with job.result_path.open("wb") as file:
         pickle.dump(record, file)
     reports.put(("done", job.worker, None))
+
+
+def _waited_for_cpu_s() -> float:
+    """Seconds this thread (the event loop's) has spent runnable, waiting for a core; 0 where
+    the kernel does not say (not Linux)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _flush(worker: int, tally: _Tally, reports: Any) -> None:

@@ -115,6 +115,7 @@ def generator_figures(plan: Plan, attempts: list[Attempt], records: list[DriverR
                 "sends": sum(1 for a in r.attempts if a.first),
                 "requests": len(r.attempts), "cpu_s": round(r.cpu_s, 2),
                 "busy_share": round(r.cpu_s / max(r.sending_s, 1e-9), 2),
+                "waited_for_cpu_share": round(r.waited_for_cpu_s / max(r.sending_s, 1e-9), 2),
                 "cpu_us_per_request": round(r.cpu_s / max(len(r.attempts), 1) * 1e6)}
                for r in sorted(records, key=lambda r: r.worker)]
     figures: dict[str, Any] = {
@@ -141,18 +142,26 @@ def lag_verdict(generator: dict[str, Any]) -> str:
     held = (f"; {generator['held_by_in_flight_cap']:,} sends waited >= {HELD_MS:.0f} ms for"
             f" an in-flight slot or a connection (up to {generator['held_max_ms']:,} ms)"
             if generator["held_by_in_flight_cap"] else "")
+    drivers = generator["drivers"]
+    starved = (f"; the drivers were busy {_shares(drivers, 'busy_share')} of the time and"
+               f" waited for a core {_shares(drivers, 'waited_for_cpu_share')}"
+               if drivers else "")
     if not generator["lagged"]:
         return (f"Load generator kept to its plan: sends left p99 {late['p99']} ms, max"
                 f" {late['max']} ms after their planned moment (threshold {threshold:.0f} ms"
-                f" per second){held}.")
+                f" per second){held}{starved}.")
     worst = generator["worst_second"]
     return (f"LOAD GENERATOR FELL BEHIND ITS PLAN in {generator['lagged_seconds']} of"
             f" {generator['plan_seconds']} seconds (p99 of a second's sends later than"
             f" {threshold:.0f} ms; worst: second {worst['second']}, {worst['planned']:,}"
             f" planned, {worst['sent']:,} sent, p99 {worst['late_p99_ms']:,} ms, max"
-            f" {worst['late_max_ms']:,} ms late; overall p99 {late['p99']:,} ms){held}:"
+            f" {worst['late_max_ms']:,} ms late; overall p99 {late['p99']:,} ms){held}{starved}:"
             " the rates and latencies below are partly the generator's limit, not only the"
             " platform's.")
+
+
+def _shares(drivers: list[dict[str, Any]], key: str) -> str:
+    return "/".join(f"{driver[key]:.0%}" for driver in drivers)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -196,9 +205,7 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"- **{generator['verdict']}**" if generator["lagged"]
                      else f"- {generator['verdict']}")
         lines.append(f"- Drivers: {len(generator['drivers'])} processes,"
-                     f" {generator['driver_cpu_us_per_request']:,} µs CPU per request;"
-                     " busy share " + ", ".join(f"{d['busy_share']:.0%}"
-                                                for d in generator["drivers"]))
+                     f" {generator['driver_cpu_us_per_request']:,} µs CPU per request")
     for failure in verification["failures"]:
         lines.append(f"- FAILED: {failure}")
     lines += ["", "| path | answered | p50 ms | p95 ms | p99 ms | max ms |",

@@ -150,7 +150,8 @@ def _lag_report(late_ms: list[float]) -> dict[str, Any]:
     attempts = [_attempt(index, start + shot.at, late_ms[int(shot.at)])
                 for index, shot in enumerate(plan.shots)]
     attempts.append(_attempt(0, start + 5.0, 0.0, first=False))  # a retry is not a send
-    record = DriverRecord(0, {s.user for s in plan.shots}, attempts, 0.3, 3.0)
+    record = DriverRecord(0, {s.user for s in plan.shots}, attempts, 0.3, 3.0,
+                          waited_for_cpu_s=1.5)
     return generator_figures(plan, attempts, [record], start)
 
 
@@ -166,6 +167,8 @@ def test_the_report_says_per_second_how_far_the_drivers_fell_behind() -> None:
     assert report["drivers"][0]["sends"] == 30 and report["drivers"][0]["requests"] == 31
     assert report["verdict"].startswith("LOAD GENERATOR FELL BEHIND ITS PLAN in 1 of 3 seconds")
     assert "450.0 ms" in report["verdict"] and "not only the platform's" in report["verdict"]
+    # Busy a tenth of the time, runnable but waiting for a core half of it: starved.
+    assert "busy 10% of the time and waited for a core 50%" in report["verdict"]
 
 
 def test_a_generator_within_the_threshold_is_said_to_keep_to_its_plan() -> None:
