@@ -53,7 +53,11 @@ class Host:
 
     @property
     def loopback(self) -> bool:
-        return ipaddress.ip_address(self.address).is_loopback
+        """Whether only this machine can reach its servers."""
+        try:
+            return ipaddress.ip_address(self.address).is_loopback
+        except ValueError:  # a host name
+            return self.address == "localhost"
 
     def files(self, state_dir: Path) -> Path:
         """The directory this host's processes keep their files in."""
