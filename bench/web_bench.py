@@ -134,7 +134,7 @@ async def _voters(stack: Stack, channel: grpc.aio.Channel, round_id: str, ids: l
 
 async def measure(seconds: float, contestants: int, transitions: bool = True,
                   variants: dict[str, str] | None = None, rounds: int = 2,
-                  churn: bool = False, trace: Path | None = None) -> dict[str, Any]:
+                  churn: bool = False, trace: bool = False) -> dict[str, Any]:
     from playwright.async_api import async_playwright
 
     chromium = web.chromium_path()
@@ -175,8 +175,7 @@ async def measure(seconds: float, contestants: int, transitions: bool = True,
                     before = await sample()
                     await asyncio.sleep(seconds)
                     after = await sample()
-                    if trace:
-                        trace.write_bytes(await browser.stop_tracing())
+                    trace_bytes = await browser.stop_tracing() if trace else b""
                 stop.set()
                 votes = await voting
                 await browser.close()
@@ -185,7 +184,7 @@ async def measure(seconds: float, contestants: int, transitions: bool = True,
     if variants:
         return {"contestants": contestants, "votes_sent": votes, "variants": compared}
     return {"contestants": contestants, "transitions": transitions, "churn": churn,
-            **_figures(before, after),
+            **_figures(before, after), "trace": trace_bytes,
             "votes_sent": votes, "budget_ms": 5.0,
             "bundles": bundle_sizes(), "voter_budget_gzip_kb": 150}
 
@@ -276,7 +275,8 @@ def main() -> None:
         print(json.dumps({"bundles": bundle_sizes()}, indent=2))
         return
     figures = asyncio.run(measure(args.seconds, args.contestants, not args.no_transitions,
-                                  churn=args.churn, trace=args.trace))
+                                  churn=args.churn, trace=args.trace is not None))
+    trace = figures.pop("trace")
     per_update = figures["main_thread_ms_per_update"]
     devtools = per_update["DevToolsCommandDuration"]
     task = per_update["TaskDuration"] - devtools
@@ -290,6 +290,7 @@ def main() -> None:
     print(f"voter bundle: {voter.get('kb')} KB, {voter.get('gzip_kb')} KB gzipped (budget 150 KB)")
     print(json.dumps(figures, indent=2))
     if args.trace:
+        args.trace.write_bytes(trace)
         print("main thread per update, by trace event (self time, ms):")
         for name, ms in main_thread_breakdown(args.trace, figures["updates"]):
             print(f"  {ms:7.3f}  {name}")
