@@ -52,7 +52,8 @@ METRICS = ("TaskDuration", "ScriptDuration", "LayoutDuration", "RecalcStyleDurat
 VOTERS = 12
 #: What the renderer's main thread spends its time on, by Chromium's own trace events.
 TRACE_CATEGORIES = ["devtools.timeline", "v8", "v8.gc", "blink", "cc", "accessibility",
-                    "disabled-by-default-devtools.timeline"]
+                    "disabled-by-default-devtools.timeline",
+                    "disabled-by-default-devtools.timeline.invalidationTracking"]
 
 
 def bundle_sizes() -> dict[str, dict[str, float]]:
