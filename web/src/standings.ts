@@ -5,9 +5,8 @@
 // An update arrives every second, so a row is built once and then only touched where it
 // changed: text nodes changed in place (setText), classes, one transform for its place and one
 // for its bar. Moving places is a CSS transition of `transform`, which the compositor runs off
-// the main thread; rows and bars move for the same time, so a second's moves start and end in
-// the same frames. Both badge icons are built with the row and shown by its class, so a rank
-// change inserts no nodes.
+// the main thread; bars step (app.css says why). Both badge icons are built with the row and
+// shown by its class, so a rank change inserts no nodes.
 import { Trend, type ContestantStanding } from "./gen/televote/results/v1/results_types_pb";
 import type { RoundResults } from "./gen/televote/results/v1/results_service_pb";
 import { ResultsVisibility } from "./gen/televote/sync/v1/sync_types_pb";
