@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -154,6 +155,7 @@ async def measure(config: LoadConfig, workers: int, votes_per_path: int = VOTES_
                 f"  no-op edge {row['noop_edge_cpu_us_per_request']:>4,} µs/request"
                 f"  errors {row['errors']}  load average {row['load_average']}")
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)
         edge.terminate()
         with contextlib.suppress(Exception):
             edge.join(timeout=5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -199,6 +200,8 @@ async def _vote(plan: Plan, target: Target, room: ControlRoom, voting_round: Any
     except BaseException:
         sampler.stop()
         raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # the records are read (or the run failed)
     log(f"{sum(len(r.attempts) for r in records):,} requests answered by {workers} drivers")
     return records, progress, sampler
 
