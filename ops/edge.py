@@ -8,12 +8,14 @@ services themselves enforce.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 from typing import Any
 
+import grpc
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
@@ -26,6 +28,7 @@ from runtime.access import (
     Role,
     routed_services,
 )
+from runtime.errors import ApiError
 from runtime.mesh import peer_name
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
@@ -229,6 +232,40 @@ def _upstream_tls(name: str, tls: Identity) -> dict[str, Any]:
         }}}
 
 
+#: The retry delays (ms) the edge's own OVERLOADED refusals ask for, one picked at random per
+#: refusal: vote_svc draws its delays from a continuous range (vote_svc/ingest.py,
+#: `Ingestor.overloaded`); Envoy's static configuration can only choose among fixed replies.
+EDGE_RETRY_DELAYS_MS = (500, 750, 1000, 1250, 1500)
+
+
+def _overload_replies() -> list[dict[str, Any]]:
+    """Local reply mappers that give the edge's circuit-breaker refusals (response flag UO:
+    a replica's outstanding requests or pending connections at their limit) what vote_svc's
+    own refusals carry: UNAVAILABLE with ErrorInfo `OVERLOADED` and a RetryInfo, its delay
+    one of EDGE_RETRY_DELAYS_MS with equal chance (mapper i of n takes 1/(n-i) of what the
+    ones before it left: independent random sampling per mapper)."""
+    mappers = []
+    count = len(EDGE_RETRY_DELAYS_MS)
+    for index, delay_ms in enumerate(EDGE_RETRY_DELAYS_MS):
+        overflow: dict[str, Any] = {"response_flag_filter": {"flags": ["UO"]}}
+        share = 100 // (count - index)
+        match = overflow if index == count - 1 else {"and_filter": {"filters": [
+            overflow, {"runtime_filter": {
+                "runtime_key": f"edge.overload_reply_{index}",
+                "percent_sampled": {"numerator": share, "denominator": "HUNDRED"},
+                "use_independent_randomness": True}}]}}
+        status = ApiError(grpc.StatusCode.UNAVAILABLE, "OVERLOADED",
+                          "the edge has too many requests outstanding for this service; "
+                          "nothing was recorded, retry after the retry delay",
+                          retry_after_seconds=delay_ms / 1000).to_proto()
+        mappers.append({"filter": match, "headers_to_add": [{
+            "header": {"key": "grpc-status-details-bin",
+                       "value": base64.b64encode(status.SerializeToString()).decode()
+                       .rstrip("=")},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]})
+    return mappers
+
+
 def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int,
              tls: Identity | None) -> dict[str, Any]:
     cluster = {
@@ -247,8 +284,11 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int,
         },
         # max_requests: see EdgeSettings.unary_requests_per_replica; live results and
         # countdowns hold one stream per viewer, so their services take (nearly) unlimited.
+        # max_pending_requests: a request waiting for a connection to the replica waits at
+        # most as many as may be outstanding; beyond both the edge refuses at once
+        # (`_overload_replies`) rather than queueing in front of a saturated replica.
         "circuit_breakers": {"thresholds": [{
-            "max_connections": 100000, "max_pending_requests": 100000,
+            "max_connections": 100000, "max_pending_requests": max_requests,
             "max_requests": max_requests, "max_retries": 10}]},
         "health_checks": [{
             "timeout": "1s", "interval": "2s", "unhealthy_threshold": 2,
@@ -418,6 +458,7 @@ def render(settings: EdgeSettings) -> str:
         "max_request_bytes": settings.max_request_bytes,
         "max_heap_bytes": settings.max_heap_bytes,
         "max_connections": settings.max_connections,
+        "overload_replies": _overload_replies(),
         # Envoy's default cap is 4 KiB; a bundle is a few hundred.
         "max_direct_response_body_bytes": max(
             [4096, *(file.stat().st_size + 1 for file in web_files.values())]),

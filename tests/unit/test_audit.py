@@ -310,7 +310,7 @@ def test_the_benchs_export_is_valid_and_its_result_is_the_reference_recount(
         rows = []
         for line in file:
             if line.startswith(b"L "):
-                _, fraud, ms, channel, contestant, count, vote_id, vote_type, voter = \
+                _, fraud, ms, channel, contestant, count, vote_id, vote_type, voter, _ = \
                     line.decode().split()
                 data = audit.canonical_leaf(header["round"]["round_id"], int(ms), channel,
                                             contestant, int(count), vote_id, vote_type, voter)
@@ -331,7 +331,8 @@ def test_the_benchs_export_is_valid_and_its_result_is_the_reference_recount(
     rnd = header["round"]
     reference = rules.recount(
         rules.RoundRules(rnd["round_id"], tuple(rnd["contestant_ids"]), rnd["opens_at_ms"],
-                         rnd["close_ms"], rnd["free_vote_quota"], rnd["free_vote_cap"]),
+                         rnd["close_ms"], rnd["free_vote_quota"], rnd["free_vote_cap"],
+                         rnd["receive_lag_ms"]),
         rows, header["credited"])
     assert reference.counts == published.counts == header["result"]["counts"]
     assert reference.invalidated_votes == published.invalidated_votes
