@@ -69,9 +69,12 @@ class VoteConfig(ServiceConfig):
     #: it is admitted. The budget must stay below the rounds' receive lag
     #: (migrations/0018), so that a vote received before the close is admitted, or refused,
     #: within it.
-    vote_queue_target_ms: float = 50.0
-    vote_queue_interval_ms: float = 100.0
-    vote_queue_budget_ms: float = 500.0
+    #: The target is above what an unqueued call takes from the edge to here on a busy
+    #: machine (tens of ms on a shared 2-core one: bench/RESULTS.md); the interval spans
+    #: enough calls for its shortest wait to mean something.
+    vote_queue_target_ms: float = 200.0
+    vote_queue_interval_ms: float = 500.0
+    vote_queue_budget_ms: float = 800.0
     #: The retry delay an OVERLOADED refusal asks for, on average: each refusal asks for a
     #: random delay between half and one and a half times this, so the refused clients of one
     #: burst come back spread out instead of as the same burst again.
