@@ -42,6 +42,10 @@ class ServiceConfig(BaseSettings):
     televote_anonymous_streams_per_ip: int = 2000
     #: This process's mesh certificate, key and CA (runtime/mesh.py); unset: plaintext.
     televote_tls_dir: Path | None = None
+    #: A second, plaintext port on TELEVOTE_HOST that serves grpc.health.v1 and nothing else,
+    #: for probes that cannot present a mesh certificate (Kubernetes' `grpc:` probes,
+    #: deploy/); unset: none. It tells only whether the process is serving.
+    televote_health_port: int | None = None
     database_url: str
     redis_url: str
     #: Talk to Redis Cluster instead of a single Redis (same keys, same scripts).

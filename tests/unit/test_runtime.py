@@ -142,6 +142,41 @@ async def test_sigterm_drains_an_in_flight_rpc_before_exit() -> None:
             await process.wait()
 
 
+async def test_probes_reach_health_on_a_plaintext_port_beside_the_mesh_port(
+        tmp_path: Path) -> None:
+    """Kubernetes' grpc probes present no certificate: a replica in the mesh answers them on
+    TELEVOTE_HEALTH_PORT, which serves health and nothing else, while its mesh port still
+    refuses a caller without a certificate."""
+    from ops import pki
+    from runtime.server import LIVENESS_SERVICE
+    from tests.slow_service import SlowConfig, create_server
+
+    tls_dir = tmp_path / "tls"
+    pki.issue(tmp_path, "vote_svc", tls_dir)
+    health_port = free_port()
+    host, port = create_server(SlowConfig(televote_tls_dir=tls_dir,
+                                          televote_health_port=health_port,
+                                          televote_drain_announce_seconds=0))
+    await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as probe:
+            health = health_pb2_grpc.HealthStub(probe)
+            for service in ("", LIVENESS_SERVICE):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service),
+                                           timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await probe.unary_unary(SLEEP_METHOD)(b"0", timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plaintext:
+            with pytest.raises(grpc.aio.AioRpcError) as no_certificate:
+                await health_pb2_grpc.HealthStub(plaintext).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5)
+            assert no_certificate.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await host.stop()
+
+
 async def test_calls_are_traced_and_logs_carry_the_trace_id() -> None:
     """OTEL_TRACES_EXPORTER switches export on; here the console exporter prints the spans."""
     port = free_port()
