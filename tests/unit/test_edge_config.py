@@ -60,3 +60,46 @@ def test_the_edge_holds_abuse_limits_and_reaches_each_service_by_its_certificate
         checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
                                  capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_an_edge_in_kubernetes_reaches_every_replica_behind_a_service_name(
+        tmp_path: Path) -> None:
+    """`televote edge-config` (what deploy/'s edge pods run before Envoy): each service is
+    one DNS name resolved to all its replicas, the edge sheds load for as many replicas as
+    the autoscaler may run, and trusts one load balancer's X-Forwarded-For; Envoy accepts it."""
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    tls = pki.issue(tmp_path, pki.EDGE, tmp_path / "tls")
+    config = tmp_path / "envoy.yaml"
+    result = CliRunner().invoke(app, [
+        "edge-config", "--out", str(config), "--jwks", str(tokens.ensure_signing_key(tmp_path)),
+        "--tls-dir", str(tls.directory), "--trusted-proxy-hops", "1",
+        "--max-replicas", "vote_svc=20",
+        *(option for service in SERVICES for option in (
+            "--upstream", f"{service}=televote-{service.replace('_', '-')}.ns.svc:50051"))])
+    assert result.exit_code == 0, result.output
+    text = config.read_text()
+    assert "xff_num_trusted_hops: 1" in text
+    clusters = next(line for line in text.splitlines() if line.strip().startswith("clusters:"))
+    by_name = {cluster["name"]: cluster for cluster in json.loads(clusters.split(":", 1)[1])}
+    assert {cluster["type"] for cluster in by_name.values()} == {"STRICT_DNS"}
+    assert by_name["vote_svc"]["circuit_breakers"]["thresholds"][0]["max_requests"] == 20 * 500
+    assert by_name["fraud_svc"]["circuit_breakers"]["thresholds"][0]["max_requests"] == 500
+    envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_edge_config_names_a_missing_upstream(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    result = CliRunner().invoke(app, [
+        "edge-config", "--out", str(tmp_path / "envoy.yaml"),
+        "--jwks", str(tokens.ensure_signing_key(tmp_path)),
+        "--upstream", "vote_svc=televote-vote-svc:50051"])
+    assert result.exit_code != 0 and "no upstream for fraud_svc" in result.output
