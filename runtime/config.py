@@ -2,10 +2,16 @@
 
 A missing or malformed variable stops the process at start with a message that names the
 variable, instead of failing on the first request that needs it.
+
+Secrets may come as files instead: with TELEVOTE_SECRETS_DIR set, a file there named after a
+variable (DATABASE_URL, VOTE_IP_HASH_KEY, ...) gives its value when the environment does not
+(a Kubernetes Secret mounted as a volume, deploy/), so passwords and keys stay out of the
+process environment.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import ClassVar, Self
 
@@ -68,8 +74,9 @@ class ServiceConfig(BaseSettings):
     @classmethod
     def load(cls) -> Self:
         """Read the config from the environment, or exit naming every bad variable."""
+        secrets_dir = os.environ.get("TELEVOTE_SECRETS_DIR")
         try:
-            return cls()
+            return cls(_secrets_dir=secrets_dir) if secrets_dir else cls()
         except ValidationError as error:
             problems = [
                 f"{'_'.join(str(part) for part in issue['loc']).upper()}: {issue['msg']}"

@@ -55,6 +55,20 @@ def test_config_is_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
         config.round_seconds = 5  # type: ignore[misc]
 
 
+def test_config_reads_secrets_from_files_named_after_their_variables(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A Kubernetes Secret mounted as files (deploy/): the value comes from the file, and the
+    environment still wins where it says something."""
+    (tmp_path / "DATABASE_URL").write_text("postgresql://svc:s3cret@db/televote\n")
+    (tmp_path / "REDIS_URL").write_text("redis://svc:pw@redis:6379/0")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://from-env:1/0")
+    monkeypatch.setenv("TELEVOTE_SECRETS_DIR", str(tmp_path))
+    config = _Config.load()
+    assert config.database_url == "postgresql://svc:s3cret@db/televote"
+    assert config.redis_url == "redis://from-env:1/0"
+
+
 def test_api_error_carries_one_error_info_and_bad_request() -> None:
     error = invalid_argument(FieldViolation("count", "must be 1..100"))
     status = rpc_status.to_status  # noqa: F841 - the helper under test builds a grpc.Status
