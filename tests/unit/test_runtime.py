@@ -191,6 +191,32 @@ async def test_probes_reach_health_on_a_plaintext_port_beside_the_mesh_port(
         await host.stop()
 
 
+async def test_a_mesh_channel_spreads_calls_over_every_replica() -> None:
+    """A target naming several replicas (or a DNS name with several addresses) gets calls on
+    each, not all on the first (grpc's default pick_first)."""
+    from runtime import mesh
+    from tests.slow_service import SlowConfig, create_server
+
+    hosts = [create_server(SlowConfig(televote_drain_announce_seconds=0)) for _ in range(2)]
+    answered: list[str] = []
+    for host, port in hosts:
+        async def which(request: bytes, context: Any, port: int = port) -> bytes:
+            answered.append(str(port))
+            return b""
+        host.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "test.Slow", {"Port": grpc.unary_unary_rpc_method_handler(which)}),))
+        await host.start()
+    try:
+        target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for _, port in hosts)
+        async with mesh.channel(target, "slow_test_svc", None) as channel:
+            for _ in range(10):
+                await channel.unary_unary("/test.Slow/Port")(b"", timeout=5)
+        assert set(answered) == {str(port) for _, port in hosts}
+    finally:
+        for host, _ in hosts:
+            await host.stop()
+
+
 async def test_calls_are_traced_and_logs_carry_the_trace_id() -> None:
     """OTEL_TRACES_EXPORTER switches export on; here the console exporter prints the spans."""
     port = free_port()
