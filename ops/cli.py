@@ -212,12 +212,20 @@ def address(
 
 @app.command()
 def migrate(
-    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL",
-                                              help="PostgreSQL to migrate.")],
+    database_url: Annotated[str | None, typer.Option(envvar="DATABASE_URL",
+                                                     help="PostgreSQL to migrate.")] = None,
+    database_url_file: Annotated[Path | None, typer.Option(
+        help="A file holding the URL instead (a mounted Secret: deploy/'s migrations Job).")]
+    = None,
 ) -> None:
     """Apply pending schema migrations."""
     from ops.migrate import migrate as apply_migrations
 
+    if database_url_file is not None:
+        database_url = database_url_file.read_text().strip()
+    if not database_url:
+        raise typer.BadParameter("give --database-url (DATABASE_URL) or --database-url-file",
+                                 param_hint="--database-url")
     applied = apply_migrations(database_url)
     typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
