@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -158,8 +159,9 @@ def edge_config(
         port=port, admin_port=admin_port, trusted_proxy_hops=trusted_proxy_hops,
         upstreams=upstreams,
         upstream_replicas={service: int(count) for service, count in counts.items()},
-        upstream_tls=Identity(tls_dir) if tls_dir else None,
-        **({"cors_origins": tuple(cors_origin)} if cors_origin else {}))
+        upstream_tls=Identity(tls_dir) if tls_dir else None)
+    if cors_origin:
+        settings = dataclasses.replace(settings, cors_origins=tuple(cors_origin))
     out.write_text(edge.render(settings))
 
 
