@@ -97,74 +97,6 @@ def up(
     asyncio.run(_run_until_signal(Stack(settings)))
 
 
-def _service_items(items: list[str] | None, option: str) -> dict[str, str]:
-    """SERVICE=VALUE options, each naming a service of the mesh."""
-    from ops.stack import SERVICES
-
-    found: dict[str, str] = {}
-    for item in items or []:
-        name, _, value = item.partition("=")
-        if name not in SERVICES or not value:
-            raise typer.BadParameter(
-                f"expected SERVICE=VALUE with SERVICE in {', '.join(SERVICES)}",
-                param_hint=option)
-        found[name] = value
-    return found
-
-
-@app.command("edge-config")
-def edge_config(
-    out: Annotated[Path, typer.Option(help="Where to write the Envoy config.")],
-    upstream: Annotated[list[str], typer.Option(
-        help="SERVICE=HOST:PORT, one per service: a DNS name resolving to every replica "
-             "(a headless Service) or an address.")],
-    jwks: Annotated[Path, typer.Option(help="The token issuer's JWKS (a file).")],
-    tls_dir: Annotated[Path | None, typer.Option(
-        help="The edge's mesh certificate (cert.pem, key.pem, ca.pem); none: plaintext "
-             "upstreams.")] = None,
-    max_replicas: Annotated[list[str] | None, typer.Option(
-        help="SERVICE=N: the most replicas a service runs (its autoscaler's maximum), for "
-             "the edge's load shedding.")] = None,
-    host: Annotated[str, typer.Option(help="Address the edge listens on.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="The edge's port.")] = 8080,
-    admin_port: Annotated[int, typer.Option(help="Envoy's admin port (loopback).")] = 9901,
-    trusted_proxy_hops: Annotated[int, typer.Option(
-        min=0, help="Load balancers in front of the edge whose X-Forwarded-For is trusted.")]
-    = 0,
-    cors_origin: Annotated[list[str] | None, typer.Option(
-        help="A browser origin allowed to call the API (repeatable).")] = None,
-    jwt_issuer: Annotated[str, typer.Option(help="Tokens' `iss`.")] = tokens.ISSUER,
-    jwt_audience: Annotated[str, typer.Option(help="Tokens' `aud`.")] = tokens.AUDIENCE,
-) -> None:
-    """Write the edge's Envoy config for services reached by name (Kubernetes: deploy/),
-    the config `televote up` renders for its own processes."""
-    from ops import edge
-    from ops.pki import Identity
-    from ops.stack import SERVICES
-
-    upstreams: dict[str, list[tuple[str, int]]] = {}
-    for service, target in _service_items(upstream, "--upstream").items():
-        name, _, number = target.rpartition(":")
-        if not name or not number.isdigit():
-            raise typer.BadParameter(f"expected {service}=HOST:PORT", param_hint="--upstream")
-        upstreams[service] = [(name, int(number))]
-    if missing := [service for service in SERVICES if service not in upstreams]:
-        raise typer.BadParameter(f"no upstream for {', '.join(missing)}",
-                                 param_hint="--upstream")
-    counts = _service_items(max_replicas, "--max-replicas")
-    if not all(count.isdigit() and int(count) > 0 for count in counts.values()):
-        raise typer.BadParameter("expected SERVICE=N with N >= 1", param_hint="--max-replicas")
-    settings = edge.EdgeSettings(
-        jwks_path=jwks, jwt_issuer=jwt_issuer, jwt_audience=jwt_audience, host=host,
-        port=port, admin_port=admin_port, trusted_proxy_hops=trusted_proxy_hops,
-        upstreams=upstreams,
-        upstream_replicas={service: int(count) for service, count in counts.items()},
-        upstream_tls=Identity(tls_dir) if tls_dir else None)
-    if cors_origin:
-        settings = dataclasses.replace(settings, cors_origins=tuple(cors_origin))
-    out.write_text(edge.render(settings))
-
-
 async def _run_until_signal(stack: Stack) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -185,6 +117,71 @@ async def _run_until_signal(stack: Stack) -> None:
     print("stopping...", file=sys.stderr, flush=True)
     await stack.stop()
     print("stopped.", file=sys.stderr, flush=True)
+
+
+@app.command("edge-config")
+def edge_config(
+    jwks: Annotated[Path, typer.Option(
+        help="The token keys the edge verifies with (public JWKS, `jwt/jwks.json` of a "
+             "state directory).")],
+    upstream: Annotated[list[str], typer.Option(
+        help="SERVICE=HOST:PORT for every service, repeatable (a replica each, or a DNS "
+             "name resolving to all of them).")],
+    tls_dir: Annotated[Path | None, typer.Option(
+        help="The edge's mesh certificate, key and CA (cert.pem, key.pem, ca.pem); without "
+             "it upstreams are plaintext.")] = None,
+    host: Annotated[str, typer.Option(help="Address the edge listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The edge's public port.")] = 8080,
+    admin_port: Annotated[int, typer.Option(help="Envoy's admin port (loopback).")] = 9901,
+    trusted_proxy_hops: Annotated[int, typer.Option(
+        min=0, help="Load balancers in front of the edge whose X-Forwarded-For is trusted.")]
+    = 0,
+    max_replicas: Annotated[list[str] | None, typer.Option(
+        help="SERVICE=N: the most replicas a service named by one DNS name runs (its "
+             "autoscaler's maximum), for the edge's load shedding.")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        help="A browser origin allowed to call the API (repeatable).")] = None,
+    jwt_issuer: Annotated[str, typer.Option(help="Tokens' `iss`.")] = tokens.ISSUER,
+    jwt_audience: Annotated[str, typer.Option(help="Tokens' `aud`.")] = tokens.AUDIENCE,
+    out: Annotated[Path | None, typer.Option(
+        help="Write the config to this file (a Kubernetes pod's init container, deploy/) "
+             "instead of printing it.")] = None,
+) -> None:
+    """Print the edge's Envoy config for an edge on a host of its own: what `televote up`
+    renders, from files and addresses given here (a deployment's config map)."""
+    from ops import edge, pki
+    from ops.stack import SERVICES
+
+    upstreams: dict[str, list[tuple[str, int]]] = {}
+    for item in upstream:
+        service, _, target = item.partition("=")
+        address, _, number = target.rpartition(":")
+        if service not in SERVICES or not address or not number.isdigit():
+            raise typer.BadParameter(f"expected SERVICE=HOST:PORT with SERVICE in "
+                                     f"{', '.join(SERVICES)}, not {item!r}",
+                                     param_hint="--upstream")
+        upstreams.setdefault(service, []).append((address.strip("[]"), int(number)))
+    if missing := [service for service in SERVICES if service not in upstreams]:
+        raise typer.BadParameter(f"no address for {', '.join(missing)}",
+                                 param_hint="--upstream")
+    replicas: dict[str, int] = {}
+    for item in max_replicas or []:
+        service, _, count = item.partition("=")
+        if service not in SERVICES or not count.isdigit() or int(count) < 1:
+            raise typer.BadParameter(f"expected SERVICE=N with N >= 1, not {item!r}",
+                                     param_hint="--max-replicas")
+        replicas[service] = int(count)
+    settings = edge.EdgeSettings(
+        jwks_path=jwks.resolve(), jwt_issuer=jwt_issuer, jwt_audience=jwt_audience,
+        host=host, port=port, admin_port=admin_port, trusted_proxy_hops=trusted_proxy_hops,
+        upstreams=upstreams, upstream_replicas=replicas,
+        upstream_tls=pki.Identity(tls_dir.resolve()) if tls_dir else None)
+    if cors_origin:
+        settings = dataclasses.replace(settings, cors_origins=tuple(cors_origin))
+    if out is None:
+        typer.echo(edge.render(settings), nl=False)
+    else:
+        out.write_text(edge.render(settings))
 
 
 @app.command()

@@ -93,8 +93,8 @@ class EdgeSettings:
     descriptor_set: Path = DESCRIPTOR_SET
     #: The built web apps (web/dist), served by the edge itself under the API's origin.
     web_dir: Path = web.DIST
-    #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas, or one DNS
-    #: name that resolves to every replica's address (a Kubernetes headless Service, deploy/).
+    #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas (IP
+    #: addresses, or a DNS name that resolves to them: a Kubernetes headless Service).
     upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     #: Replicas a service may have when its upstream is one DNS name (the most its autoscaler
     #: runs): the edge's load shedding allows `unary_requests_per_replica` for each.
@@ -234,7 +234,7 @@ def _upstream_tls(name: str, tls: Identity) -> dict[str, Any]:
         }}}
 
 
-def _is_address(host: str) -> bool:
+def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -244,7 +244,7 @@ def _is_address(host: str) -> bool:
 
 def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int,
              tls: Identity | None) -> dict[str, Any]:
-    static = all(_is_address(host) for host, _ in endpoints)
+    static = all(_is_ip(host) for host, _ in endpoints)
     cluster = {
         "name": name,
         # A name is resolved every few seconds, and every address it has is an endpoint:

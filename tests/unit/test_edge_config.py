@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from typer.testing import CliRunner
+
 from ops import edge, pki, tokens
+from ops.cli import app
 from ops.stack import SERVICES
 
 
@@ -62,26 +65,53 @@ def test_the_edge_holds_abuse_limits_and_reaches_each_service_by_its_certificate
         assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def test_an_edge_in_kubernetes_reaches_every_replica_behind_a_service_name(
+def test_an_edge_on_a_host_of_its_own_is_configured_from_its_own_files(tmp_path: Path) -> None:
+    """`televote edge-config` renders the edge of a deployment from the files on its host and
+    the services' addresses: replicas named by DNS (a headless Service) are resolved by Envoy,
+    replicas given by IP are static; Envoy accepts the config."""
+    jwks = tokens.ensure_signing_key(tmp_path / "deployer")
+    tls = pki.issue(tmp_path / "deployer", pki.EDGE, tmp_path / "edge-host" / "tls")
+    upstreams = [f"--upstream={service}={service.replace('_', '-')}.televote:7000"
+                 for service in SERVICES if service != "vote_svc"]
+    upstreams += ["--upstream=vote_svc=10.0.0.5:7000", "--upstream=vote_svc=10.0.0.6:7000"]
+    result = CliRunner().invoke(app, ["edge-config", "--jwks", str(jwks), "--tls-dir",
+                                      str(tls.directory), "--host", "0.0.0.0", *upstreams])
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "edge.yaml"
+    config.write_text(result.output)
+    clusters = next(line for line in result.output.splitlines()
+                    if line.strip().startswith("clusters:"))
+    kinds = {cluster["name"]: cluster["type"] for cluster in json.loads(clusters.split(":", 1)[1])}
+    assert kinds == {**dict.fromkeys(SERVICES, "STRICT_DNS"), "vote_svc": "STATIC"}
+    assert str(tls.certificate) in result.output and str(jwks) in result.output
+    envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    missing = CliRunner().invoke(app, ["edge-config", "--jwks", str(jwks), *upstreams[:2]])
+    assert missing.exit_code != 0 and "no address for" in missing.output
+
+
+def test_an_edge_in_kubernetes_sheds_load_for_the_replicas_its_autoscaler_may_run(
         tmp_path: Path) -> None:
-    """`televote edge-config` (what deploy/'s edge pods run before Envoy): each service is
-    one DNS name resolved to all its replicas, the edge sheds load for as many replicas as
-    the autoscaler may run, and trusts one load balancer's X-Forwarded-For; Envoy accepts it."""
-    from typer.testing import CliRunner
-
-    from ops.cli import app
-
+    """What deploy/'s edge pods run before Envoy: one DNS name per service, written to a file;
+    the edge sheds load for as many replicas as the autoscaler may run (one DNS name says
+    nothing about how many there are), trusts one load balancer's X-Forwarded-For and takes
+    the deployment's token issuer and browser origins; Envoy accepts it."""
     tls = pki.issue(tmp_path, pki.EDGE, tmp_path / "tls")
     config = tmp_path / "envoy.yaml"
     result = CliRunner().invoke(app, [
         "edge-config", "--out", str(config), "--jwks", str(tokens.ensure_signing_key(tmp_path)),
         "--tls-dir", str(tls.directory), "--trusted-proxy-hops", "1",
-        "--max-replicas", "vote_svc=20",
-        *(option for service in SERVICES for option in (
-            "--upstream", f"{service}=televote-{service.replace('_', '-')}.ns.svc:50051"))])
+        "--max-replicas", "vote_svc=20", "--jwt-issuer", "https://id.example.com",
+        "--cors-origin", "https://vote.example.com",
+        *(f"--upstream={service}=televote-{service.replace('_', '-')}.ns.svc:50051"
+          for service in SERVICES)])
     assert result.exit_code == 0, result.output
     text = config.read_text()
     assert "xff_num_trusted_hops: 1" in text
+    assert "https://id.example.com" in text and "https://vote.example.com" in text
     clusters = next(line for line in text.splitlines() if line.strip().startswith("clusters:"))
     by_name = {cluster["name"]: cluster for cluster in json.loads(clusters.split(":", 1)[1])}
     assert {cluster["type"] for cluster in by_name.values()} == {"STRICT_DNS"}
@@ -91,15 +121,3 @@ def test_an_edge_in_kubernetes_reaches_every_replica_behind_a_service_name(
     checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-
-
-def test_edge_config_names_a_missing_upstream(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from ops.cli import app
-
-    result = CliRunner().invoke(app, [
-        "edge-config", "--out", str(tmp_path / "envoy.yaml"),
-        "--jwks", str(tokens.ensure_signing_key(tmp_path)),
-        "--upstream", "vote_svc=televote-vote-svc:50051"])
-    assert result.exit_code != 0 and "no upstream for fraud_svc" in result.output
