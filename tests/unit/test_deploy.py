@@ -95,3 +95,20 @@ def test_the_edge_pods_command_renders_a_config_envoy_accepts(
     checked = subprocess.run([envoy, "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_migrate_reads_the_owners_url_from_a_mounted_file(tmp_path: Path) -> None:
+    """The migrations Job gives `televote migrate` the owner's URL as a file, not a variable:
+    the URL in the file is the one dialled (here a port nothing listens on)."""
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    url_file = tmp_path / "uri"
+    url_file.write_text("postgresql://owner:secret@127.0.0.1:1/televote\n")
+    result = CliRunner(env={"DATABASE_URL": ""}).invoke(
+        app, ["migrate", "--database-url-file", str(url_file)])
+    assert result.exit_code != 0
+    assert "127.0.0.1" in str(result.exception) and "port 1" in str(result.exception)
+    missing = CliRunner(env={"DATABASE_URL": ""}).invoke(app, ["migrate"])
+    assert missing.exit_code != 0 and "--database-url-file" in missing.output
