@@ -52,8 +52,8 @@ def _database_url(given: str | None, state_dir: Path) -> str:
     return found
 
 
-def _replica_counts(items: list[str] | None) -> dict[str, int]:
-    """--replicas SERVICE=N options, checked."""
+def _replica_counts(items: list[str] | None, option: str = "--replicas") -> dict[str, int]:
+    """SERVICE=N options (--replicas, --max-replicas), checked."""
     from ops.stack import SERVICES
 
     counts: dict[str, int] = {}
@@ -61,7 +61,7 @@ def _replica_counts(items: list[str] | None) -> dict[str, int]:
         name, _, count = item.partition("=")
         if name not in SERVICES or not count.isdigit() or int(count) < 1:
             raise typer.BadParameter(f"expected SERVICE=N with SERVICE in {', '.join(SERVICES)}",
-                                     param_hint="--replicas")
+                                     param_hint=option)
         counts[name] = int(count)
     return counts
 
@@ -164,17 +164,11 @@ def edge_config(
     if missing := [service for service in SERVICES if service not in upstreams]:
         raise typer.BadParameter(f"no address for {', '.join(missing)}",
                                  param_hint="--upstream")
-    replicas: dict[str, int] = {}
-    for item in max_replicas or []:
-        service, _, count = item.partition("=")
-        if service not in SERVICES or not count.isdigit() or int(count) < 1:
-            raise typer.BadParameter(f"expected SERVICE=N with N >= 1, not {item!r}",
-                                     param_hint="--max-replicas")
-        replicas[service] = int(count)
     settings = edge.EdgeSettings(
         jwks_path=jwks.resolve(), jwt_issuer=jwt_issuer, jwt_audience=jwt_audience,
         host=host, port=port, admin_port=admin_port, trusted_proxy_hops=trusted_proxy_hops,
-        upstreams=upstreams, upstream_replicas=replicas,
+        upstreams=upstreams,
+        upstream_replicas=_replica_counts(max_replicas, "--max-replicas"),
         upstream_tls=pki.Identity(tls_dir.resolve()) if tls_dir else None)
     if cors_origin:
         settings = dataclasses.replace(settings, cors_origins=tuple(cors_origin))
