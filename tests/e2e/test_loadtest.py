@@ -47,10 +47,13 @@ async def test_compressed_seed_scenario_passes_end_to_end(seed_run: RunResult) -
     assert seed_run.verdict.ok, seed_run.verdict.failures
     figures = seed_run.figures
     assert figures["plan"]["votes"] == 300
-    # Every user sends about 7 free votes for a quota of 5: NO_FREE_VOTES; on a busy machine
-    # a vote may also reach the server after the close (the verifier checks it did).
-    assert "NO_FREE_VOTES" in figures["refused_by_reason"]
-    assert set(figures["refused_by_reason"]) <= {"NO_FREE_VOTES", "VOTING_CLOSED"}
+    # Every user sends about 7 free votes for a quota of 5: NO_FREE_VOTES, unless a busy
+    # machine made vote_svc shed some (OVERLOADED, or DEADLINE_EXCEEDED before admission:
+    # nothing recorded) so that voters stayed within it; a vote may also reach the server
+    # after the close. The verifier checks each refusal against the ledger.
+    refused = set(figures["refused_by_reason"])
+    assert "NO_FREE_VOTES" in refused or refused & {"OVERLOADED", "DEADLINE_EXCEEDED"}
+    assert refused <= {"NO_FREE_VOTES", "VOTING_CLOSED", "OVERLOADED", "DEADLINE_EXCEEDED"}
     verification = figures["verification"]
     assert verification["acknowledged"] + verification["recorded_after_client_error"] == \
         verification["ledger_rows"] > 0
