@@ -77,6 +77,10 @@ def up(
     trusted_proxy_hops: Annotated[int, typer.Option(
         envvar="TELEVOTE_EDGE_TRUSTED_PROXY_HOPS", min=0,
         help="Load balancers in front of the edge whose X-Forwarded-For is trusted.")] = 0,
+    redis_cluster: Annotated[int, typer.Option(
+        "--redis-cluster", min=0, metavar="MASTERS",
+        help="Start a Redis Cluster of MASTERS masters with a replica each instead of one "
+             "Redis (ignored with REDIS_URL).")] = 0,
     kannel: Annotated[bool, typer.Option(
         help="Also start Kannel (bearerbox, smsbox) with a fake SMSC link per carrier, for "
              "premium SMS through a real SMS gateway (Debian's kannel, kannel-extras).")]
@@ -90,7 +94,7 @@ def up(
     settings = StackSettings(
         state_dir=state_dir, edge_host=host, edge_port=port,
         replicas={**dict.fromkeys(SERVICES, 1), **_replica_counts(replicas)},
-        trusted_proxy_hops=trusted_proxy_hops, kannel=kannel,
+        trusted_proxy_hops=trusted_proxy_hops, kannel=kannel, redis_cluster=redis_cluster,
         database_url=os.environ.get("DATABASE_URL") or None,
         redis_url=os.environ.get("REDIS_URL") or None)
     asyncio.run(_run_until_signal(Stack(settings)))

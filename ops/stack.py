@@ -30,10 +30,12 @@ from ops.infra import start_postgres, start_redis
 from ops.kannel import Kannel
 from ops.migrate import migrate
 from ops.processes import Child, free_port, wait_serving
+from ops.redis_cluster import OwnRedisCluster
 from results_svc.signing import KEY_FILE as LEDGER_KEY_FILE
 from runtime import mesh
 from runtime.mesh import MeshTls
 from runtime.secrets import private_dir, read_or_create_secret
+from runtime.storage import cluster_url
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,9 @@ class StackSettings:
     #: EdgeSettings fields to override (its abuse limits, for a load generator that is one
     #: client address: edge.ONE_LOAD_GENERATOR).
     edge: dict[str, Any] = field(default_factory=dict)
+    #: Start a Redis Cluster of this many masters, each with a replica (ops/redis_cluster.py),
+    #: instead of one Redis; 0: one Redis. Ignored when `redis_url` names one to use.
+    redis_cluster: int = 0
     #: Start Kannel (bearerbox, smsbox) in front of the edge, a fake SMSC link per carrier
     #: (ops/kannel.py), and send SMS replies through it.
     kannel: bool = False
@@ -89,6 +94,9 @@ class Stack:
     _services: list[Child] = field(default_factory=list)
     _edge: Child | None = None
     kannel: Kannel | None = None
+    #: The Redis Cluster the stack started (`StackSettings.redis_cluster`), for tests that
+    #: kill one of its nodes.
+    redis_nodes: OwnRedisCluster | None = None
     #: Extra environment per service (fraud_svc's development GeoIP database).
     _service_extra: dict[str, dict[str, str]] = field(default_factory=dict)
     #: Each service's own DATABASE_URL and REDIS_URL (ops/roles.py).
@@ -275,6 +283,10 @@ class Stack:
         return url
 
     async def _own_redis(self, state_dir: Path) -> str:
+        if self.settings.redis_cluster:
+            self.redis_nodes = OwnRedisCluster(state_dir, self.settings.redis_cluster)
+            await self.redis_nodes.start()
+            return cluster_url(self.redis_nodes.url)
         child, url = await start_redis(state_dir)
         self._infra.append(child)
         return url
@@ -312,6 +324,8 @@ class Stack:
             await self._edge.stop()
         for child in reversed(self._services):
             await child.stop()
+        if self.redis_nodes is not None:
+            await self.redis_nodes.stop()
         for child in reversed(self._infra):
             await child.stop()
 
@@ -321,6 +335,9 @@ class Stack:
                  f"envoy admin (loopback only)      http://127.0.0.1:{self.admin_port}",
                  f"PostgreSQL                       {self.database_url}",
                  f"Redis                            {self.redis_url}"]
+        if self.redis_nodes is not None:
+            nodes = ", ".join(node.address for node in self.redis_nodes.nodes)
+            lines.append(f"Redis Cluster nodes              {nodes}")
         for service in SERVICES:
             replicas = ", ".join(f"{h}:{p}" for h, p in self.addresses.get(service, []))
             lines.append(f"{service:<33}{replicas}")

@@ -96,6 +96,9 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, fake_stores: FakeStore
         edge_port=0,
         database_url=os.environ.get("TELEVOTE_TEST_DATABASE_URL"),
         redis_url=os.environ.get("TELEVOTE_TEST_REDIS_URL"),
+        # TELEVOTE_TEST_REDIS_CLUSTER=3: the mesh runs on a Redis Cluster of 3 masters with a
+        # replica each (ops/redis_cluster.py); `-m redis_cluster` picks the tests CI runs so.
+        redis_cluster=int(os.environ.get("TELEVOTE_TEST_REDIS_CLUSTER") or 0),
         service_env={**FAST_SHOW_ENV, **stack_environment(
             fake_stores.apple, fake_stores.google, state_dir / "stores")},
         # The SMS tests go through a real Kannel; it is installed where the suite runs

@@ -37,11 +37,11 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from runtime import keys
 from runtime.coalesce import Coalescer
-from runtime.storage import RedisClient
+from runtime.storage import RedisClient, retry_unknown_scripts
 
 RATE_WINDOW_MS = 60_000
 
@@ -312,8 +312,6 @@ class Scripts:
         self.grant: Any = redis.register_script(GRANT)
         self.claw: Any = redis.register_script(CLAW)
         self.window_if_missing: Any = redis.register_script(WINDOW_IF_MISSING)
-        self._all = [self.admit, self.undo, self.done, self.grant, self.claw,
-                     self.window_if_missing]
         self._calls: Coalescer[_Call, Any] = Coalescer(self._execute)
         self._idle: list[Any] = []  # connections of the pipelines (_raw_pipeline)
 
@@ -324,14 +322,10 @@ class Scripts:
         return self._calls.submit((script, (len(keys), *keys, *args)), wait_ms=wait_ms)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
-        replies = await self._pipeline(batch)
-        if any(_noscript(reply) for reply in replies):
-            for script in self._all:
-                script.sha = await self.redis.script_load(script.script)
-            replies = await self._pipeline(batch)
-        return replies
+        return await retry_unknown_scripts(self.redis, [script for script, _ in batch], batch,
+                                           self._pipeline)
 
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+    async def _pipeline(self, batch: Sequence[_Call]) -> list[Any]:
         if isinstance(self.redis, Redis):
             return await self._raw_pipeline(self.redis, batch)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -339,7 +333,7 @@ class Scripts:
                 pipe.evalsha(script.sha, *args)
             return list(await pipe.execute(raise_on_error=False))
 
-    async def _raw_pipeline(self, redis: Redis, batch: list[_Call]) -> list[Any]:
+    async def _raw_pipeline(self, redis: Redis, batch: Sequence[_Call]) -> list[Any]:
         """The same pipeline without redis-py's per-command packing and per-reply timers
         (most of the client's CPU per vote): hiredis packs, one timeout covers the batch.
 
@@ -377,10 +371,6 @@ class Scripts:
 _PIPELINE_TIMEOUT_S = 5.0
 #: Idle pipeline connections kept out of the pool (a few pipelines are in flight at once).
 _KEPT_CONNECTIONS = 8
-
-
-def _noscript(reply: Any) -> bool:
-    return isinstance(reply, NoScriptError)
 
 
 def decode_reply(reply: Sequence[bytes | str | int]) -> list[str]:
