@@ -2,10 +2,11 @@
 
 Every client answers with an `Answer` of one of three outcomes:
 - OK: a vote id; the vote is in the ledger (vote_svc answers only after its commit);
-- REFUSED: a reason from the status's google.rpc.ErrorInfo, other than UNAVAILABLE; the
-  server decided, nothing changed;
-- ERROR: anything else (UNAVAILABLE, a deadline, the client's or vote_svc's, a reset, an HTTP error without a status):
-  the vote may or may not have been recorded, which the verifier allows for.
+- REFUSED: a reason from the status's google.rpc.ErrorInfo, other than UNAVAILABLE and
+  DEADLINE_EXCEEDED; the server decided, nothing changed;
+- ERROR: anything else (UNAVAILABLE, a deadline, the client's or vote_svc's, a reset, an
+  HTTP error without a status): the vote may or may not have been recorded, which the
+  verifier allows for.
 """
 
 from __future__ import annotations
