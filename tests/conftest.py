@@ -57,6 +57,23 @@ TESTS = Path(__file__).resolve().parent
 SERVICE_TIERS = (TESTS / "integration", TESTS / "e2e")
 
 
+#: What CI runs again on a Redis Cluster (TELEVOTE_TEST_REDIS_CLUSTER=3, `-m redis_cluster`):
+#: the vote path's invariants, fraud, results, the load test's verifier, the services' Redis
+#: users and a master's failover. Node id prefixes.
+REDIS_CLUSTER_TESTS = (
+    "tests/integration/test_vote_concurrency.py",
+    "tests/integration/test_vote_ledger.py",
+    "tests/e2e/test_close_race.py",
+    "tests/integration/test_fraud.py",
+    "tests/e2e/test_vote_fraud.py",
+    "tests/e2e/test_results.py",
+    "tests/e2e/test_loadtest.py::test_compressed_seed_scenario_passes_end_to_end",
+    "tests/integration/test_least_privilege.py::"
+    "test_each_service_has_its_own_redis_user_without_admin_commands",
+    "tests/e2e/test_redis_failover.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that needs running services `stack`: it takes the `stack` fixture
     (`fixturenames` is the closure, so fixtures built on `stack` count) or lives in a service
@@ -68,6 +85,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                                     "tests/integration or tests/e2e, not tests/unit")
         if uses_stack or any(tier in item.path.parents for tier in SERVICE_TIERS):
             item.add_marker(pytest.mark.stack)
+        if item.nodeid.startswith(REDIS_CLUSTER_TESTS):
+            item.add_marker(pytest.mark.redis_cluster)
 
 
 @dataclass(frozen=True)
