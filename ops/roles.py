@@ -114,10 +114,23 @@ def provision_redis(owner_url: str, state_dir: Path, services: Iterable[str],
                                    categories=["+@all", "-@admin", "-@dangerous"],
                                    commands=[f"+cluster|{sub}" for sub in CLUSTER_LAYOUT])
             urls[service] = with_credentials(owner_url, user, password)
+        if cluster:
+            for client in clients:
+                _save_users(client)
     finally:
         for client in clients:
             client.close()
     return urls
+
+
+def _save_users(client: redis.Redis) -> None:
+    """Write a cluster node's users to its ACL file, so it knows them after a restart; a
+    node without one (a cluster we were handed) keeps them until it restarts."""
+    try:
+        client.acl_save()
+    except redis.ResponseError as error:
+        log.warning("Redis users not saved on %s: %s",
+                    client.connection_pool.connection_kwargs.get("port"), error)
 
 
 #: The CLUSTER subcommands a cluster client reads the layout with.
