@@ -1,8 +1,9 @@
 """Fixtures shared by every test: the real mesh, started once per session.
 
 `stack` is the same code path as `televote up`: PostgreSQL and Redis from their wheels (or the
-servers named by TELEVOTE_TEST_DATABASE_URL / TELEVOTE_TEST_REDIS_URL), migrations, every
-service as its own process, Envoy in front. Later issues' tests take `stack` and call through
+servers named by TELEVOTE_TEST_DATABASE_URL / TELEVOTE_TEST_REDIS_URL; a Redis Cluster of N
+masters with TELEVOTE_TEST_REDIS_CLUSTER=N), migrations, every service as its own process,
+Envoy in front. Later issues' tests take `stack` and call through
 `stack.edge_target` (native gRPC), `stack.edge_url` (JSON, gRPC-Web) or a service directly.
 
 Tests live by what they need: tests/unit (no stack), tests/integration (real grpc.aio servers
@@ -71,6 +72,9 @@ REDIS_CLUSTER_TESTS = (
     "tests/integration/test_least_privilege.py::"
     "test_each_service_has_its_own_redis_user_without_admin_commands",
     "tests/e2e/test_redis_failover.py",
+    # Show events reach the watchers of every sync_svc replica through Redis pub/sub.
+    "tests/integration/test_sync_replicas.py::"
+    "test_auto_close_happens_once_on_time_and_reaches_watchers_of_both_replicas",
 )
 
 
@@ -87,6 +91,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.stack)
         if item.nodeid.startswith(REDIS_CLUSTER_TESTS):
             item.add_marker(pytest.mark.redis_cluster)
+
+
+def redis_cluster_masters() -> int:
+    """TELEVOTE_TEST_REDIS_CLUSTER=3: the tests' meshes run on a Redis Cluster of 3 masters
+    with a replica each (ops/redis_cluster.py); `-m redis_cluster` picks the tests CI runs
+    so. 0: one Redis."""
+    return int(os.environ.get("TELEVOTE_TEST_REDIS_CLUSTER") or 0)
 
 
 @dataclass(frozen=True)
@@ -115,9 +126,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, fake_stores: FakeStore
         edge_port=0,
         database_url=os.environ.get("TELEVOTE_TEST_DATABASE_URL"),
         redis_url=os.environ.get("TELEVOTE_TEST_REDIS_URL"),
-        # TELEVOTE_TEST_REDIS_CLUSTER=3: the mesh runs on a Redis Cluster of 3 masters with a
-        # replica each (ops/redis_cluster.py); `-m redis_cluster` picks the tests CI runs so.
-        redis_cluster=int(os.environ.get("TELEVOTE_TEST_REDIS_CLUSTER") or 0),
+        redis_cluster=redis_cluster_masters(),
         service_env={**FAST_SHOW_ENV, **stack_environment(
             fake_stores.apple, fake_stores.google, state_dir / "stores")},
         # The SMS tests go through a real Kannel; it is installed where the suite runs
