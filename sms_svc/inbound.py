@@ -60,9 +60,19 @@ MAX_MESSAGE_ID = 128
 #: Namespace of the vote request ids derived from (carrier, carrier message id).
 REQUEST_ID_NAMESPACE = uuid.UUID("6f0f1b9e-3c55-4a8e-9d64-0b5f4f6a1255")
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+#: Takes ("1") or releases ("0") each key's lease: a release deletes only this replica's
+#: own (after a pause longer than the lease, another replica holds it).
+_LEASES = """
+local held = {}
+for i, key in ipairs(KEYS) do
+    if ARGV[i + 2] == '1' then
+        held[i] = redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+    else
+        if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+        held[i] = 0
+    end
+end
+return held
 """
 
 #: vote_svc's refusal reasons -> the message's outcome.
@@ -166,23 +176,9 @@ class InboundProcessor:
                 messages[index].maybe_decided = not claim.first
         # Redeliveries: most often decided long ago.
         await self._answer_decided(messages, results)
-        keys = [(m.sms.carrier, m.sms.carrier_message_id) for m in messages.values()]
-        taken = await self._leases.take(keys)
-        waiting = {index: messages.pop(index)
-                   for index, held in zip(list(messages), taken, strict=True) if not held}
-        try:
-            # Under the lease, no other copy decides meanwhile; one may have decided before.
-            await self._answer_decided(messages, results)
-            decided = await self._decide(messages, results)
-        finally:
-            self._leases.release([key for key, held in zip(keys, taken, strict=True) if held])
-        if decided and self._replies_recorded is not None:
-            self._replies_recorded(decided)
+        waiting = await self._decide_under_leases(messages, results)
         if waiting:  # another copy of these is being decided: its answer is theirs
-            answers = await asyncio.gather(*(self._await_other_copy(m, deadline)
-                                             for m in waiting.values()))
-            for index, answer in zip(waiting, answers, strict=True):
-                results[index] = answer
+            await self._await_other_copies(waiting, results, deadline)
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
 
@@ -195,35 +191,43 @@ class InboundProcessor:
             results[ids[message_id]] = answer
             del messages[ids[message_id]]
 
-    async def _await_other_copy(self, message: _Message, deadline: float) -> Answer | ApiError:
-        """A copy whose lease another holds: its outcome once recorded; or the lease once
-        free (the holder died or gave up undecided), then decided here."""
+    async def _await_other_copies(self, waiting: dict[int, _Message],
+                                  results: list[Answer | ApiError | None],
+                                  deadline: float) -> None:
+        """Copies whose leases others hold: their outcomes once recorded; or, for a lease
+        that comes free undecided (its holder died or gave up), decided here. All of them
+        are looked up in one statement and one Redis round trip per pause."""
         pause = 0.01
-        key = (message.sms.carrier, message.sms.carrier_message_id)
-        while True:
+        for message in waiting.values():
+            message.maybe_decided = True
+        while waiting:
             if time.monotonic() + pause >= deadline:
-                return unavailable("the message is being decided; redeliver it")
+                for index in waiting:
+                    results[index] = unavailable("the message is being decided; redeliver it")
+                return
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.2)
-            assert message.claim is not None
-            answers = await self._store.answers([message.claim.message_id])
-            if answers:
-                return answers[message.claim.message_id]
-            (taken,) = await self._leases.take([key])
-            if taken:
-                break
-        results: list[Answer | ApiError | None] = [None]
+            await self._answer_decided(waiting, results)
+            waiting = await self._decide_under_leases(waiting, results)
+
+    async def _decide_under_leases(self, messages: dict[int, _Message],
+                                   results: list[Answer | ApiError | None],
+                                   ) -> dict[int, _Message]:
+        """Take the messages' leases (one round trip) and decide those taken; returns the
+        others, whose leases another copy holds."""
+        keys = [(m.sms.carrier, m.sms.carrier_message_id) for m in messages.values()]
+        taken = await self._leases.take(keys)
+        waiting = {index: messages.pop(index)
+                   for index, held in zip(list(messages), taken, strict=True) if not held}
         try:
-            message.maybe_decided = True
-            one = {0: message}
-            await self._answer_decided(one, results)
-            decided = await self._decide(one, results)
+            # Under the lease, no other copy decides meanwhile; one may have decided before.
+            await self._answer_decided(messages, results)
+            decided = await self._decide(messages, results)
         finally:
-            self._leases.release([key])
+            self._leases.release([key for key, held in zip(keys, taken, strict=True) if held])
         if decided and self._replies_recorded is not None:
             self._replies_recorded(decided)
-        assert results[0] is not None
-        return results[0]
+        return waiting
 
     async def _check(self, sms: InboundSms) -> _Message:
         bad: list[FieldViolation] = []
@@ -240,6 +244,9 @@ class InboundProcessor:
             bad.append(FieldViolation("text", f"at most {MAX_TEXT} characters"))
         if not sms.short_code:
             bad.append(FieldViolation("short_code", "is required"))
+        for name in ("carrier_message_id", "short_code", "text"):
+            if "\x00" in getattr(sms, name):  # PostgreSQL's text cannot hold it
+                bad.append(FieldViolation(name, "contains a NUL character"))
         if sms.gateway_received_at is not None:
             problem = gateway_time_problem(sms.gateway_received_at, sms.received_at,
                                            max_age_ms=self._max_age_ms)
@@ -332,31 +339,27 @@ class InboundProcessor:
 
 class Leases:
     """One replica at a time decides a message: a lease in Redis per (carrier, message id),
-    taken and released for many messages in one pipelined round trip (concurrent batches'
-    share it too). A replica killed holding one is taken over when it ends."""
+    taken and released for many messages in one script call per carrier (concurrent
+    batches share it too). A replica killed holding one is taken over when it ends."""
 
     def __init__(self, redis: RedisClient, lease_ms: int) -> None:
-        self._redis = redis
         self._lease_ms = lease_ms
         self._token = secrets.token_hex(8)  # this replica's: a lease it holds names it
-        self._ops: Coalescer[tuple[bool, str], bool] = Coalescer(self._run, max_batch=2000)
+        self._script = redis.register_script(_LEASES)
+        self._ops: Coalescer[tuple[bool, str, str], bool] = Coalescer(self._run,
+                                                                      max_batch=2000)
         self._releasing: set[asyncio.Future[bool]] = set()
-
-    @staticmethod
-    def _key(carrier: str, carrier_message_id: str) -> str:
-        return f"tv:sms:lease:{carrier}:{carrier_message_id}"
 
     async def take(self, messages: list[tuple[str, str]]) -> list[bool]:
         """Whether each lease was free and is now held."""
         if not messages:
             return []
-        return list(await asyncio.gather(*(self._ops.submit((True, self._key(*m)))
-                                           for m in messages)))
+        return list(await asyncio.gather(*(self._ops.submit((True, *m)) for m in messages)))
 
     def release(self, messages: list[tuple[str, str]]) -> None:
         """Let the leases go, with the next round trip (the callers' answers do not wait)."""
         for message in messages:
-            future = self._ops.submit((False, self._key(*message)), wait_ms=2.0)
+            future = self._ops.submit((False, *message), wait_ms=2.0)
             self._releasing.add(future)
             future.add_done_callback(self._released)
 
@@ -366,17 +369,25 @@ class Leases:
             # The lease ends by itself; a copy waiting for it decides after that.
             log.warning("releasing an SMS lease failed: %r", future.exception())
 
-    async def _run(self, ops: list[tuple[bool, str]]) -> list[bool]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for take, key in ops:
-                if take:
-                    pipe.set(key, self._token, nx=True, px=self._lease_ms)
-                else:
-                    # Only our own lease: after a pause longer than the lease, another
-                    # replica holds it.
-                    pipe.eval(_RELEASE, 1, key, self._token)
-            replies = await pipe.execute()
-        return [bool(reply) for reply in replies]
+    async def _run(self, ops: list[tuple[bool, str, str]]) -> list[bool]:
+        by_carrier: dict[str, list[int]] = {}
+        for index, (_, carrier, _) in enumerate(ops):
+            by_carrier.setdefault(carrier, []).append(index)
+
+        async def call(carrier: str, indexes: list[int]) -> list[int]:
+            # One carrier's leases share a hash slot ({carrier}): one script on Redis
+            # Cluster too.
+            return await self._script(  # type: ignore[no-any-return]
+                keys=[f"tv:sms:lease:{{{carrier}}}:{ops[i][2]}" for i in indexes],
+                args=[self._token, self._lease_ms, *("1" if ops[i][0] else "0"
+                                                     for i in indexes)])
+        replies = await asyncio.gather(*(call(carrier, indexes)
+                                         for carrier, indexes in by_carrier.items()))
+        taken = [False] * len(ops)
+        for indexes, leases in zip(by_carrier.values(), replies, strict=True):
+            for index, held in zip(indexes, leases, strict=True):
+                taken[index] = bool(held)
+        return taken
 
 
 def now() -> datetime:
