@@ -163,6 +163,7 @@ class Stack:
             write_addresses(state_dir, {
                 "edge": self.edge_target, "envoy-admin": f"127.0.0.1:{self.admin_port}",
                 "database": self.database_url, "redis": self.redis_url,
+                **({"kannel-smsc": self.kannel.smsc_ports} if self.kannel else {}),
                 **{service: [f"{host}:{port}" for host, port in self.addresses[service]]
                    for service in SERVICES}})
         except BaseException:
