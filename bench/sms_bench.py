@@ -7,12 +7,13 @@ Starts its own mesh (fraud scoring off, as in vote_bench: it would rightly revie
 benchmark's subscribers), binds short code 1255 on the three carriers to a round's show, and
 measures:
 - batch: the batch vote path's votes/s, closed loop, one 1,000-vote batch in flight;
-- per carrier batch size (`--batches`; 1 is the single-message route, more the batch route
-  carriers' MO APIs use): the maximum, closed-loop carrier POSTs (`--concurrency` single
-  messages in flight, or about 64 messages in batches; every message a new subscriber on
-  one of the three carriers, one in 20 a redelivery of an earlier message), in messages/s
-  answered with an outcome; then an open loop at 70 % of that maximum: the reply's p50/p99
-  as the carrier sees it (the POST's answer, which carries the outcome and reply);
+- per carrier batch size (`--batches`; 1 is the single-message route, more the batch
+  route carriers' MO APIs use): the maximum, closed-loop carrier POSTs (`--concurrency`
+  single messages in flight, or `--batch-messages-in-flight` messages in batches; every
+  message a new subscriber on one of the three carriers, one in 20 a redelivery of an
+  earlier message), in messages/s answered with an outcome; then an open loop at 70 % of
+  that maximum: the reply's p50/p99 as the carrier sees it (the POST's answer, which
+  carries the outcome and reply);
 - the ratio sms/batch, and the checks: every COUNTED answer has one ledger vote and one
   charged record, no message has two votes or two charges, redeliveries got their first
   answer.
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import random
 import statistics
@@ -196,6 +198,9 @@ async def main() -> None:
     parser.add_argument("--duration", type=float, default=8)
     parser.add_argument("--concurrency", type=int, default=64,
                         help="single-message POSTs in flight")
+    parser.add_argument("--batch-messages-in-flight", type=int, default=256,
+                        help="batches: about this many messages in flight (at least two "
+                             "POSTs)")
     parser.add_argument("--batches", default="1,50,200",
                         help="messages per POST to measure, comma-separated (1: the "
                              "single-message route)")
@@ -223,8 +228,8 @@ async def main() -> None:
             await bind(stack, channel, sms.show_id)
         loads: list[SmsLoad] = []
         for batch in [int(size) for size in options.batches.split(",") if size]:
-            # In flight: enough to keep the path busy, about 64 messages.
-            concurrency = options.concurrency if batch == 1 else max(2, 64 // batch)
+            concurrency = (options.concurrency if batch == 1
+                           else max(2, math.ceil(options.batch_messages_in_flight / batch)))
             name = "sms_single" if batch == 1 else f"sms_batch_{batch}"
             results[name], used = await _sms(stack, batch, concurrency, options.duration)
             results[name]["over_batch_path"] = round(
