@@ -1,4 +1,5 @@
-"""One carrier message, from its first receipt to its one outcome.
+"""Carrier messages, from their first receipt to their one outcome each (one message, or a
+carrier's batch: every step below is taken once for all the messages of a batch).
 
 1. Refuse bad input before anything is written (wrong carrier, unknown short code, a number
    that is not Cambodian, empty or over-long text, a gateway time the edge's clock denies).
