@@ -95,7 +95,8 @@ class SmsLoad:
                              "authorization": f"Bearer {self._tokens[carrier]}"}) as response:
                 document = await response.json(content_type=None)
                 ok = response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, TimeoutError, ValueError):  # ValueError: the edge's
+            # own refusal (plain text), e.g. a 503 when sms_svc has too many requests waiting
             ok, document = False, {}
         if not ok:
             self.refused += len(messages)
