@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -182,7 +183,8 @@ def address(
             raise typer.BadParameter(f"{part} runs {len(found)} replica(s)",
                                      param_hint="--replica")
         found = found[replica]
-    typer.echo(found)
+    # Kannel's fake SMSC links (`televote up --kannel`): carrier -> port, as JSON.
+    typer.echo(json.dumps(found) if isinstance(found, dict) else found)
 
 
 @app.command()
