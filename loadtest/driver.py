@@ -96,6 +96,9 @@ async def _work(job: WorkerJob, reports: Any, start: Any, started: Any) -> None:
         path: KannelSmsClient(job.kannel_smsc_ports)
         if path == SMS and job.kannel_smsc_ports else
         client_for(path, job.edge_target, job.edge_url) for path in paths}
+    for client in clients.values():
+        if isinstance(client, KannelSmsClient):
+            await client.connect()
     attempts: list[Attempt] = []
     tally = _Tally()
     reports.put(("ready", job.worker, None))

@@ -42,6 +42,13 @@ class KannelSmsClient:
         self.replies = 0
         self.unmatched_replies = 0
 
+    async def connect(self) -> None:
+        """Open every carrier's link before voting starts: the gateway delivers what it
+        holds for a link (replies to messages of earlier runs, sent while no client was
+        connected) as soon as one connects, and they must not be read as this run's."""
+        for carrier in self._ports:
+            await self._link(carrier)
+
     async def submit(self, vote: Vote, timeout: float) -> Answer:
         sender = vote.msisdn.lstrip("+")
         link = await self._link(vote.carrier)
@@ -74,7 +81,7 @@ class KannelSmsClient:
             _, receiver, kind, data = parts
             text = data if kind == "text" else _decoded(data)
             waiting = self._waiting.get(receiver.lstrip("+"))
-            if not waiting:  # a reply to a message of an earlier run on this link
+            if not waiting:  # a reply to a message of an earlier run
                 self.unmatched_replies += 1
                 continue
             self.replies += 1

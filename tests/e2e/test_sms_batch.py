@@ -49,6 +49,7 @@ async def test_a_json_batch_answers_each_message_on_its_own_and_bad_ones_change_
         sms_message("១", msisdn="+85512000004", carrier_message_id=twice),
         sms_message("១", msisdn="+85512000004", carrier_message_id=twice),  # twice in one
         sms_message("", msisdn="+85512000005"),
+        sms_message("V1\u0000", msisdn="+85512000006"),  # PostgreSQL's text holds no NUL
     ]
     status, body = await asyncio.to_thread(post_sms_batch, stack, "smart", batch)
     assert status == 200, body
@@ -56,7 +57,7 @@ async def test_a_json_batch_answers_each_message_on_its_own_and_bad_ones_change_
     assert [r["index"] for r in results] == list(range(len(batch)))
     assert [r["carrierMessageId"] for r in results] == [m["carrierMessageId"] for m in batch]
     assert [r["ok"] for r in results] == [True, True, False, False, True, False, True, True,
-                                          False]
+                                          False, False]
     assert results[0]["answer"]["outcome"] == COUNTED and results[0]["answer"]["charge"]
     assert results[1]["answer"]["outcome"] == "INBOUND_SMS_OUTCOME_BAD_FORMAT"
     assert not results[1]["answer"]["charge"]
@@ -69,6 +70,8 @@ async def test_a_json_batch_answers_each_message_on_its_own_and_bad_ones_change_
     assert results[6]["answer"]["language"] == "km"
     assert results[7]["answer"] == results[6]["answer"]
     assert results[8]["error"]["reason"] == "INVALID_REQUEST"
+    assert results[9]["error"]["reason"] == "INVALID_REQUEST"
+    assert "NUL" in results[9]["error"]["message"]
     votes = await sms_votes(stack, test_round.round_id)
     assert sorted(str(v["vote_id"]) for v in votes) == sorted(
         [single["voteId"], results[0]["answer"]["voteId"], results[6]["answer"]["voteId"]])
