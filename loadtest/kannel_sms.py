@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import urllib.parse
 from collections import deque
 
@@ -26,6 +27,9 @@ _REASONS = {Outcome.CLOSED: "VOTING_CLOSED", Outcome.RATE_LIMITED: "RATE_LIMITED
             Outcome.BLOCKED: "FRAUD_BLOCKED", Outcome.INVALID_FORMAT: "SMS_BAD_FORMAT",
             Outcome.UNKNOWN_CONTESTANT: "INVALID_CONTESTANT"}
 SHORT_CODE = "1255"
+#: A reply through the gateway may queue behind others on its link: a phone waits longer for
+#: its SMS than an app for its answer.
+MIN_TIMEOUT_S = 30.0
 
 
 class KannelSmsClient:
@@ -41,13 +45,20 @@ class KannelSmsClient:
         self._waiting: dict[str, deque[asyncio.Future[Answer]]] = {}
         self.replies = 0
         self.unmatched_replies = 0
+        self._last_line = time.monotonic()
 
-    async def connect(self) -> None:
-        """Open every carrier's link before voting starts: the gateway delivers what it
-        holds for a link (replies to messages of earlier runs, sent while no client was
-        connected) as soon as one connects, and they must not be read as this run's."""
+    async def connect(self, quiet_s: float = 1.0, at_most_s: float = 120.0) -> None:
+        """Open every carrier's link before voting starts, and read until the links are
+        quiet: the gateway delivers what it holds for a link (replies to messages of earlier
+        runs, sent while no client was connected; a thousand after a big test) as soon as
+        one connects, and they must neither be read as this run's nor delay its messages."""
         for carrier in self._ports:
             await self._link(carrier)
+        started = time.monotonic()
+        while time.monotonic() - started < at_most_s:
+            await asyncio.sleep(quiet_s / 4)
+            if time.monotonic() - self._last_line >= quiet_s:
+                return
 
     async def submit(self, vote: Vote, timeout: float) -> Answer:
         sender = vote.msisdn.lstrip("+")
@@ -57,7 +68,7 @@ class KannelSmsClient:
         link.write(f"{sender} {SHORT_CODE} text V{vote.sms_number}\n".encode())
         await link.drain()
         try:
-            return await asyncio.wait_for(asyncio.shield(answer), timeout)
+            return await asyncio.wait_for(asyncio.shield(answer), max(timeout, MIN_TIMEOUT_S))
         except TimeoutError:
             # Still waiting in line: a late reply is matched to it (and dropped), not to
             # the sender's next message.
@@ -75,6 +86,7 @@ class KannelSmsClient:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
+            self._last_line = time.monotonic()
             parts = line.decode(errors="replace").rstrip("\n").split(" ", 3)
             if len(parts) != 4 or parts[0] != SHORT_CODE:
                 continue
