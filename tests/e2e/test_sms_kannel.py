@@ -134,8 +134,13 @@ async def test_a_reply_recorded_by_a_replica_killed_before_kannel_took_it_still_
         await stack.restart("sms_svc")
         line = await smsc.reply(f"1255 +{sender} ")
     assert "Thank you! Your vote for 3. C3 is counted" in line
-    (sent,) = await query(stack.database_url,
-                          "SELECT * FROM sms_reply_outbox WHERE message_id = %s",
-                          body["messageId"])
+    # Kannel may pass the reply on before sms_svc has read its answer and marked it sent.
+    for _ in range(100):
+        (sent,) = await query(stack.database_url,
+                              "SELECT * FROM sms_reply_outbox WHERE message_id = %s",
+                              body["messageId"])
+        if sent["sent_at"] is not None:
+            break
+        await asyncio.sleep(0.1)
     assert sent["sent_at"] is not None
     assert len(await sms_votes(stack, test_round.round_id)) == 1
