@@ -94,8 +94,11 @@ class EdgeSettings:
     #: The built web apps (web/dist), served by the edge itself under the API's origin.
     web_dir: Path = web.DIST
     #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas (IP
-    #: addresses, or a DNS name that resolves to them).
+    #: addresses, or a DNS name that resolves to them: a Kubernetes headless Service).
     upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    #: Replicas a service may have when its upstream is one DNS name (the most its autoscaler
+    #: runs): the edge's load shedding allows `unary_requests_per_replica` for each.
+    upstream_replicas: dict[str, int] = field(default_factory=dict)
     #: The edge's mesh certificate (ops/pki.py): upstreams are reached with mutual TLS and
     #: must present their own service's certificate. None: plaintext upstreams.
     upstream_tls: Identity | None = None
@@ -241,11 +244,14 @@ def _is_ip(host: str) -> bool:
 
 def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int,
              tls: Identity | None) -> dict[str, Any]:
+    static = all(_is_ip(host) for host, _ in endpoints)
     cluster = {
         "name": name,
-        # Replicas by address, or by a name DNS resolves to every replica (a Kubernetes
-        # headless Service), looked up again as replicas come and go.
-        "type": "STATIC" if all(_is_ip(host) for host, _ in endpoints) else "STRICT_DNS",
+        # A name is resolved every few seconds, and every address it has is an endpoint:
+        # replicas that an autoscaler adds or a rollout replaces join and leave the pool.
+        **({"type": "STATIC"} if static else {
+            "type": "STRICT_DNS", "dns_refresh_rate": "5s", "respect_dns_ttl": False,
+            "dns_lookup_family": "V4_PREFERRED"}),
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "typed_extension_protocol_options": {
@@ -402,7 +408,8 @@ def render(settings: EdgeSettings) -> str:
     streaming = {process_of(service) for service in routed
                  if any(method.server_streaming for method in methods.get(service, []))}
     clusters = [_cluster(name, endpoints, 1_000_000 if name in streaming
-                         else settings.unary_requests_per_replica * len(endpoints),
+                         else settings.unary_requests_per_replica
+                         * settings.upstream_replicas.get(name, len(endpoints)),
                          settings.upstream_tls)
                 for name, endpoints in sorted(settings.upstreams.items())]
     rate_limits, rate_limit_descriptors = (_rate_limits(settings) if settings.abuse_filters
