@@ -77,8 +77,9 @@ async def test_an_mo_typed_at_fakesmsc_is_counted_answered_through_kannel_and_re
     assert len(record["carrier_message_id"]) == 36
     # The DLRs come back through smsbox's dlr-url: fakesmsc's link reports the SMSC's
     # acceptance (8) and delivery to the phone (1), which smsbox may call back in either
-    # order; the record shows the final one.
-    for _ in range(100):
+    # order; the record shows the final one. Kannel may still be working through the
+    # replies earlier tests queued (a thousand after the batch tests): wait up to a minute.
+    for _ in range(600):
         statuses = [row["status"] for row in await query(
             stack.database_url, "SELECT status FROM sms_deliveries WHERE message_id = %s",
             record["message_id"])]
