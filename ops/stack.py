@@ -121,8 +121,13 @@ class Stack:
             log.info("migrations applied: %s", applied or "none pending")
             await asyncio.to_thread(self._provision_roles, state_dir)
             jwks = tokens.ensure_signing_key(state_dir)
+            environ = {**os.environ, **self.settings.service_env}
             self._service_extra["fraud_svc"] = await asyncio.to_thread(
-                dev_geoip_environment, state_dir, {**os.environ, **self.settings.service_env})
+                dev_geoip_environment, state_dir, environ)
+            # vote_svc records the IP's place at admission from the same database.
+            geoip = self._service_extra["fraud_svc"].get("FRAUD_GEOIP_DB")
+            if geoip and not environ.get("VOTE_GEOIP_DB"):
+                self._service_extra["vote_svc"] = {"VOTE_GEOIP_DB": geoip}
 
             if self.settings.mtls:
                 for holder in (*SERVICES, pki.OPERATOR):
