@@ -48,7 +48,7 @@ CREATE TABLE report_episode_voters (
     ip_geo_ms   bigint,
     ip_geo      text,
     place       text NOT NULL,
-    returning   boolean NOT NULL,
+    returned    boolean NOT NULL,
     PRIMARY KEY (episode_id, user_id)
 );
 

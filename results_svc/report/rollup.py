@@ -109,7 +109,7 @@ class EpisodeVoter:
     ip_geo_ms: int | None = None
     ip_geo: str | None = None
     place: str = f"{UNKNOWN}/"
-    returning: bool = False
+    returned: bool = False
 
     @classmethod
     def of(cls, row: Any) -> EpisodeVoter:
@@ -140,7 +140,7 @@ def contributions(voter: EpisodeVoter | None) -> dict[str, tuple[int, int]]:
             out[f"{name}_voters"] = (1, 0)
     if voter.rounds > 1:
         out["multi_round"] = (1, 0)
-    if voter.returning:
+    if voter.returned:
         out["returning"] = (1, 0)
     out[f"free_cast={min(voter.free_cast, FREE_CAST_CAP)}"] = (1, 0)
     out[f"dist:{distribution_bucket(votes)}"] = (1, votes)
@@ -242,7 +242,7 @@ class Fold:
                                               prepare=False)
             returning = {row["user_id"] for row in await cursor.fetchall()}
         for user in new:
-            self.episode_voters[user] = EpisodeVoter(returning=user in returning)
+            self.episode_voters[user] = EpisodeVoter(returned=user in returning)
             self.before[user] = None
 
     # -- folding --------------------------------------------------------------------------

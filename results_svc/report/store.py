@@ -72,7 +72,7 @@ SELECT user_id, counted, free, paid, sms, app, web, free_cast, first_gps, ip_geo
 
 EPISODE_VOTERS_SQL = """
 SELECT user_id, counted, free, paid, sms, app, web, free_cast, rounds, first_gps, ip_geo_ms,
-       ip_geo, place, returning
+       ip_geo, place, returned
   FROM report_episode_voters WHERE episode_id = %s AND user_id = ANY(%s::text[])
 """
 
@@ -128,7 +128,7 @@ ON CONFLICT (round_id, user_id) DO UPDATE SET counted = excluded.counted,
 """
 
 _EPISODE_VOTER_COLUMNS = ("episode_id, user_id, counted, free, paid, sms, app, web,"
-                          " free_cast, rounds, first_gps, ip_geo_ms, ip_geo, place, returning")
+                          " free_cast, rounds, first_gps, ip_geo_ms, ip_geo, place, returned")
 SAVE_EPISODE_VOTERS_SQL = f"""
 INSERT INTO report_episode_voters ({_EPISODE_VOTER_COLUMNS})
 SELECT {_EPISODE_VOTER_COLUMNS}
@@ -137,7 +137,7 @@ ON CONFLICT (episode_id, user_id) DO UPDATE SET counted = excluded.counted,
   free = excluded.free, paid = excluded.paid, sms = excluded.sms, app = excluded.app,
   web = excluded.web, free_cast = excluded.free_cast, rounds = excluded.rounds,
   first_gps = excluded.first_gps, ip_geo_ms = excluded.ip_geo_ms, ip_geo = excluded.ip_geo,
-  place = excluded.place, returning = excluded.returning
+  place = excluded.place, returned = excluded.returned
 """
 
 SAVE_FIGURES_SQL = """
