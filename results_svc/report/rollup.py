@@ -388,7 +388,7 @@ async def targets(connection: Connection, episode_id: str, live: bool) -> list[T
     cursor = await connection.execute(store.ROLLUP_ROUNDS_SQL, (episode_id,))
     out = []
     for row in await cursor.fetchall():
-        finalized = row["state"] == "FINALIZED" and row["stored"]
+        finalized = row["stored"]  # the final result's verdicts, whatever the round's state
         if finalized or live:
             upto = AFTER_ALL
         else:
@@ -509,7 +509,8 @@ async def extend(connection: Connection, episode_id: str, max_rows: int) -> bool
     logged = await resets(connection, [g.round_id for g in goals])
     if any(None in users for users in logged.values()):
         # A checkpoint started over: its verdicts below its old watermark may all differ.
-        await connection.execute(store.FORGET_EPISODE_SQL, {"episode": episode_id})
+        for statement in store.FORGET_EPISODE_SQL:
+            await connection.execute(statement, (episode_id,))
         await connection.execute(store.FORGET_RESETS_SQL, ([g.round_id for g in goals],))
         return False
     done = True

@@ -97,11 +97,9 @@ SELECT round_id::text, user_id FROM report_rollup_resets WHERE round_id = ANY(%s
 FORGET_RESETS_SQL = "DELETE FROM report_rollup_resets WHERE round_id = ANY(%s::uuid[])"
 
 #: Start an episode's rollups over (its parts' voter rows go with them: ON DELETE CASCADE).
-FORGET_EPISODE_SQL = (
-    "DELETE FROM report_round_parts WHERE episode_id = %(episode)s;"
-    " DELETE FROM report_episode_voters WHERE episode_id = %(episode)s;"
-    " DELETE FROM report_episode_figures WHERE episode_id = %(episode)s"
-)
+FORGET_EPISODE_SQL = tuple(
+    f"DELETE FROM {table} WHERE episode_id = %s"
+    for table in ("report_round_parts", "report_episode_voters", "report_episode_figures"))
 
 SAVE_PART_SQL = """
 INSERT INTO report_round_parts (round_id, episode_id, final, watermark_ms, ledger_votes,
@@ -176,7 +174,9 @@ SELECT DISTINCT e.episode_id::text, e.created_at FROM rounds r
   LEFT JOIN round_checkpoints c USING (round_id)
  WHERE r.state IN ('OPEN', 'CLOSED', 'FINALIZED')
    AND (p.round_id IS NULL
-        OR (NOT p.final AND (r.state = 'FINALIZED' OR c.watermark_ms > p.watermark_ms))
+        OR (NOT p.final AND (c.watermark_ms > p.watermark_ms
+                             OR EXISTS (SELECT 1 FROM round_results x
+                                         WHERE x.round_id = r.round_id)))
         OR EXISTS (SELECT 1 FROM report_rollup_resets x WHERE x.round_id = r.round_id))
  ORDER BY e.created_at LIMIT 20
 """
