@@ -26,14 +26,12 @@ from results_svc.report import rollup
 from results_svc.report.places import locate, place_of_ip
 from results_svc.report.report import Reports
 from runtime.storage import Storage, create_pool
-from tests.integration.test_results_checkpoint import (  # noqa: F401 (fixtures)
-    COLUMNS,
-    Ledger,
-    _catch_up,
-    _round,
-    database,
-    finalizer,
-)
+from tests.integration import test_results_checkpoint as checkpoint_tests
+from tests.integration.test_results_checkpoint import COLUMNS, Ledger, _catch_up, _round
+
+# The same fixtures: a database of this module's own, a finalizer driven by the test.
+database = checkpoint_tests.database
+finalizer = checkpoint_tests.finalizer
 
 PHNOM_PENH = (11.5564, 104.9282)
 SIEM_REAP = (13.3633, 103.8564)
