@@ -22,7 +22,7 @@ from psycopg.rows import dict_row
 
 from ops.stack import Stack
 from results_svc.final import Finalizer
-from results_svc.report import rollup
+from results_svc.report import revenue, rollup
 from results_svc.report.places import locate, place_of_ip
 from results_svc.report.report import Reports
 from runtime.storage import Storage, create_pool
@@ -309,3 +309,34 @@ async def test_a_checkpoint_that_starts_over_starts_the_rollups_over(
     assert figures["voters"] == [21, 21]
     assert await ledger.sql("SELECT count(*) FROM report_rollup_resets") == [(0,)]
     await pool.close()
+
+
+async def test_the_reports_purchases_are_read_by_time_not_by_scanning_every_purchase(
+        stack: Stack, database: str) -> None:
+    ledger = await _round(stack, database)
+    episode_id = ledger.round.episode_id
+    await ledger.sql("UPDATE episodes SET started_at = now() - interval '1 hour',"
+                     " ended_at = now() WHERE episode_id = %s", episode_id)
+    # A year of purchases, 20,000 of them, by 5,000 buyers.
+    await ledger.sql(
+        "INSERT INTO purchases (purchase_id, request_id, user_id, store, store_transaction_id,"
+        " store_reference, environment, package_id, product_id, votes, bonus_votes,"
+        " price_micros, currency_code, purchased_at, balance_after, fingerprint)"
+        " SELECT gen_random_uuid(), 'plan-' || n, 'buyer-' || n %% 5000, 'APPLE', 'plan-' || n,"
+        " 'plan-' || n, 'Sandbox', 'vote_pack_10', 'vote_pack_10', 10, 0, 990000, 'USD',"
+        " now() - n * interval '26 minutes', 10, '\\x00' FROM generate_series(1, 20000) n")
+    # The episode's voters, many, as the rollups keep them.
+    await ledger.sql(
+        "INSERT INTO report_episode_voters (episode_id, user_id, counted, free, paid, sms, app,"
+        " web, free_cast, rounds, place, returned) SELECT %s, 'buyer-' || n, 1, 1, 0, 0, 1, 0,"
+        " 1, 1, 'unknown/', false FROM generate_series(1, 5000) n", episode_id)
+    await ledger.sql("ANALYZE purchases")
+    await ledger.sql("ANALYZE report_episode_voters")
+    async with await psycopg.AsyncConnection.connect(database, row_factory=dict_row) as db:
+        hours = await (await db.execute(revenue.LIVE_HOURS_SQL, (episode_id,))).fetchone()
+        assert hours is not None
+        cursor = await db.execute(
+            "EXPLAIN " + (revenue.PACKAGES_SQL or ""),
+            {"episode": episode_id, "from": hours["from"], "to": hours["to"]})
+        plan = "\n".join(row["QUERY PLAN"] for row in await cursor.fetchall())
+    assert "purchases_by_time" in plan, plan
