@@ -1,22 +1,23 @@
 """The post-show report of an episode (ReportService.GetEpisodeReport).
 
-Exact, from PostgreSQL, and cheap on show night:
+Exact, from PostgreSQL, and cheap on show night, whatever the number of votes:
 
-- Each round's ledger rows are read once into a part (report_round_parts and one row per
-  voter in report_round_voters: `store.PART_SQL`), judged as the result judges them: the final
-  result's invalid votes once the round is finalized, the result checkpoint's verdicts before
-  that. A finalized round's part is final and never read again from the ledger; an open
-  round's part is provisional and rebuilt at most every RESULTS_REPORT_PROVISIONAL_MS.
-- The episode's figures merge the parts: distinct voters across rounds from the per-voter
-  rows (one per voter and round, a tenth of the votes or less), everything else from the
-  parts' small aggregates.
-- Once the episode has ended and every round is finalized, the report is final: computed once,
-  stored (episode_reports) and served as stored.
-- Both are done ahead of the request (`precompute_once`, every RESULTS_REPORT_PRECOMPUTE_MS):
-  a round's final part right after its result is stored, an episode's final report right
-  after it ends, so a report asked for after the show is read, not computed.
+- The rollups (`rollup.py`) fold each ledger row once, as the result checkpoint judges it:
+  every round's part (totals, reasons, timeline buckets, contestants, with distinct voters)
+  and the episode's figures over its voters (distinct voters by type and channel, the
+  votes-per-voter distribution, places, free-vote use, returning voters). A replica extends
+  them every RESULTS_REPORT_ROLLUP_MS (`follow_once`).
+- A report reads the rollups, folds in memory the rows they have not reached yet (the last
+  second or so of votes while live: `rollup.tail`), and reads the few other things it shows
+  (moments, profiles of voters who declared one, revenue, fraud decisions, viewer samples).
+- Once the episode has ended and every round is finalized, the report is final: the rollups
+  are brought to the end of the ledger and stored, the report computed once from them, stored
+  (episode_reports) and served as stored; `precompute_once` (every
+  RESULTS_REPORT_PRECOMPUTE_MS) does it right after the episode ends, so a report asked for
+  after the show is read, not computed.
 - Before that a report is provisional (`is_final` false), kept in memory per replica for
-  RESULTS_REPORT_PROVISIONAL_MS, and one computation serves every caller waiting for it.
+  RESULTS_REPORT_PROVISIONAL_MS (or ten times what it took), and one computation serves every
+  caller waiting for it.
 
 Nothing per voter leaves this module: places, profiles and vote counts are aggregated, and
 buckets of fewer than RESULTS_REPORT_MIN_VOTERS voters merged into "other" (`privacy`).
