@@ -41,6 +41,7 @@ from psycopg import AsyncConnection
 from results_svc import store as results_store
 from results_svc.report import store
 from results_svc.report.places import UNKNOWN, locate, place_of_ip
+from runtime import locks
 
 Connection = AsyncConnection[Any]
 
@@ -67,8 +68,8 @@ def _earliest(old: Any, new: Any) -> Any:
 
 
 @dataclass
-class RoundVoter:
-    """One voter's row of a round (report_round_voters)."""
+class _Counted:
+    """A voter's counted votes by type and by channel, and every free vote they cast."""
 
     counted: int = 0
     free: int = 0
@@ -77,6 +78,20 @@ class RoundVoter:
     app: int = 0
     web: int = 0
     free_cast: int = 0
+
+    @classmethod
+    def of(cls, row: Any) -> Any:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+#: The counted votes a voter row sums, by type and by channel.
+_SUMS = tuple(f.name for f in fields(_Counted))
+
+
+@dataclass
+class RoundVoter(_Counted):
+    """One voter's row of a round (report_round_voters)."""
+
     first_gps: list[float] | None = None
     ip_geo_ms: int | None = None
     ip_geo: str | None = None
@@ -84,36 +99,17 @@ class RoundVoter:
     contestants: dict[str, int] = field(default_factory=dict)
     invalid: dict[str, int] = field(default_factory=dict)
 
-    @classmethod
-    def of(cls, row: Any) -> RoundVoter:
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
-
-
-#: The counted votes a voter row sums, by type and by channel.
-_SUMS = ("counted", "free", "paid", "sms", "app", "web", "free_cast")
-
 
 @dataclass
-class EpisodeVoter:
+class EpisodeVoter(_Counted):
     """One voter's row of an episode (report_episode_voters): the sum of their round rows."""
 
-    counted: int = 0
-    free: int = 0
-    paid: int = 0
-    sms: int = 0
-    app: int = 0
-    web: int = 0
-    free_cast: int = 0
     rounds: int = 0
     first_gps: list[float] | None = None
     ip_geo_ms: int | None = None
     ip_geo: str | None = None
     place: str = f"{UNKNOWN}/"
     returned: bool = False
-
-    @classmethod
-    def of(cls, row: Any) -> EpisodeVoter:
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
 
 
 #: The voter rows a fold changed: user -> (row before, or None, row after).
@@ -461,28 +457,12 @@ async def write(connection: Connection, fold: Fold,
                              (fold.episode_id, json.dumps(fold.figures_row())))
 
 
-@contextlib.asynccontextmanager
-async def episode_session(connection: Connection, episode_id: str, *,
-                          wait: bool) -> AsyncIterator[bool]:
+def episode_session(connection: Connection, episode_id: str, *,
+                    wait: bool) -> contextlib.AbstractAsyncContextManager[bool]:
     """The episode's rollup lock, held by the session across its steps' transactions (one
-    replica folds an episode at a time), taken and committed before the first step's
-    snapshot. `wait` False: yield False at once if another replica holds it."""
-    key = f"televote.report-rollup:{episode_id}"
-    if wait:
-        await connection.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
-        got = True
-    else:
-        cursor = await connection.execute(
-            "SELECT pg_try_advisory_lock(hashtext(%s)) AS got", (key,))
-        row: Any = await cursor.fetchone()
-        got = bool(row["got"])
-    await connection.commit()
-    try:
-        yield got
-    finally:
-        if got:
-            await connection.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
-            await connection.commit()
+    replica folds an episode at a time). `wait` False: yield False at once if another replica
+    holds it."""
+    return locks.session_lock(connection, f"televote.report-rollup:{episode_id}", wait=wait)
 
 
 @contextlib.asynccontextmanager

@@ -159,6 +159,15 @@ def _comparable(fold: rollup.Fold) -> tuple[dict[str, Any], dict[str, list[int]]
     return parts, fold.figures_row()
 
 
+def _reports(pool: Any, rows_per_step: int) -> Reports:
+    """Reports whose rollups the test extends (`follow`), `rows_per_step` rows a step."""
+    config: Any = SimpleNamespace(
+        results_report_min_voters=3, results_report_provisional_ms=0,
+        results_report_warning_s=60, results_report_precompute_ms=0,
+        results_report_rollup_ms=0, results_report_rollup_rows=rows_per_step)
+    return Reports(Storage(pool=pool, redis=None), config)  # type: ignore[arg-type]
+
+
 def _nonempty(parts: dict[str, Any]) -> dict[str, Any]:
     return {r: p for r, p in parts.items() if p["ledger_votes"]}
 
@@ -183,11 +192,7 @@ async def test_rollups_kept_in_steps_equal_a_computation_from_scratch(
     rounds = [test_round.round_id, second]
     pool = create_pool(database, 1, 2)
     await pool.open()
-    config: Any = SimpleNamespace(
-        results_report_min_voters=3, results_report_provisional_ms=0,
-        results_report_warning_s=60, results_report_precompute_ms=0,
-        results_report_rollup_ms=0, results_report_rollup_rows=37)
-    reports = Reports(Storage(pool=pool, redis=None), config)  # type: ignore[arg-type]
+    reports = _reports(pool, rows_per_step=37)
     rng = random.Random(19)
     users = [f"v{n}" for n in range(30)]
     for user in users[:10]:
@@ -287,11 +292,7 @@ async def test_a_checkpoint_that_starts_over_starts_the_rollups_over(
     test_round = ledger.round
     pool = create_pool(database, 1, 2)
     await pool.open()
-    config: Any = SimpleNamespace(
-        results_report_min_voters=3, results_report_provisional_ms=0,
-        results_report_warning_s=60, results_report_precompute_ms=0,
-        results_report_rollup_ms=0, results_report_rollup_rows=1000)
-    reports = Reports(Storage(pool=pool, redis=None), config)  # type: ignore[arg-type]
+    reports = _reports(pool, rows_per_step=1000)
     t = test_round.opens_at_ms
     await ledger.write([ledger.row(f"u{n}", t + 1000 + n) for n in range(20)])
     await _catch_up(finalizer, test_round.round_id)
