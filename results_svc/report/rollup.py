@@ -493,11 +493,12 @@ async def extend(connection: Connection, episode_id: str, max_rows: int) -> bool
             await connection.execute(statement, (episode_id,))
         await connection.execute(store.FORGET_RESETS_SQL, ([g.round_id for g in goals],))
         return False
-    done = True
     for goal in goals:
         part = fold.parts.get(goal.round_id)
         pending = logged.get(goal.round_id, set())
-        if part is not None and part.final:
+        if part is not None and part.final:  # nothing changes a stored result's verdicts
+            if pending:
+                await connection.execute(store.FORGET_RESETS_SQL, ([goal.round_id],))
             continue
         if part is not None and part.watermark_ms >= goal.upto_ms and not pending \
                 and part.final == goal.finalized:
@@ -508,7 +509,7 @@ async def extend(connection: Connection, episode_id: str, max_rows: int) -> bool
         if pending:
             await connection.execute(store.FORGET_RESETS_SQL, ([goal.round_id],))
         return reached and goal is goals[-1]
-    return done
+    return True
 
 
 async def tail(connection: Connection, episode_id: str
