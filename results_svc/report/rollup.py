@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import orjson
 from psycopg import AsyncConnection
 
 from results_svc import store as results_store
@@ -81,11 +82,22 @@ class _Counted:
 
     @classmethod
     def of(cls, row: Any) -> Any:
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        return cls(**{name: row[name] for name in _names(cls)})
+
+
+_FIELD_NAMES: dict[str, tuple[str, ...]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    """A dataclass's field names (dataclasses.fields costs microseconds a call)."""
+    names = _FIELD_NAMES.get(cls.__name__)
+    if names is None:
+        names = _FIELD_NAMES[cls.__name__] = tuple(f.name for f in fields(cls))
+    return names
 
 
 #: The counted votes a voter row sums, by type and by channel.
-_SUMS = tuple(f.name for f in fields(_Counted))
+_SUMS = _names(_Counted)
 
 
 @dataclass
@@ -98,6 +110,15 @@ class RoundVoter(_Counted):
     buckets: dict[str, int] = field(default_factory=dict)
     contestants: dict[str, int] = field(default_factory=dict)
     invalid: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, row: Any) -> Any:
+        return cls(**{name: orjson.loads(row[name]) if name in _JSON else row[name]
+                      for name in _names(cls)})
+
+
+#: RoundVoter's JSON columns.
+_JSON = ("buckets", "contestants", "invalid")
 
 
 @dataclass
@@ -441,18 +462,21 @@ async def write(connection: Connection, fold: Fold,
         await connection.execute(store.SAVE_PART_SQL, {
             **row, "invalid": json.dumps(row["invalid"]), "minutes": json.dumps(row["minutes"]),
             "contestants": json.dumps(row["contestants"])})
+    # orjson: the standard encoder took a tenth of a step's time.
+    round_names = _names(RoundVoter)
     round_rows = [{"round_id": round_id, "user_id": user, **{
-        f.name: getattr(voter, f.name) for f in fields(RoundVoter)}}
+        name: getattr(voter, name) for name in round_names}}
         for (round_id, user), voter in fold.round_voters.items()]
     if round_rows:
-        await connection.execute(store.SAVE_ROUND_VOTERS_SQL, (json.dumps(round_rows),),
-                                 prepare=False)
+        await connection.execute(store.SAVE_ROUND_VOTERS_SQL,
+                                 (orjson.dumps(round_rows).decode(),), prepare=False)
+    episode_names = _names(EpisodeVoter)
     episode_rows = [{"episode_id": fold.episode_id, "user_id": user, **{
-        f.name: getattr(voter, f.name) for f in fields(EpisodeVoter)}}
+        name: getattr(voter, name) for name in episode_names}}
         for user, (_, voter) in touched.items()]
     if episode_rows:
-        await connection.execute(store.SAVE_EPISODE_VOTERS_SQL, (json.dumps(episode_rows),),
-                                 prepare=False)
+        await connection.execute(store.SAVE_EPISODE_VOTERS_SQL,
+                                 (orjson.dumps(episode_rows).decode(),), prepare=False)
     await connection.execute(store.SAVE_FIGURES_SQL,
                              (fold.episode_id, json.dumps(fold.figures_row())))
 
