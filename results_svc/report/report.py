@@ -268,34 +268,32 @@ class Reports:
     async def _segments(self, connection: store.Connection, episode_id: str,
                         touched: rollup.Touched, figures: Figures
                         ) -> list[tuple[str, str, int, int]]:
-        """Voters and votes per profile segment: the stored voter rows of voters who declared
-        a profile (those the live tail changed with their values now), and "unknown" for the
-        rest of the episode's voters."""
-        counted: dict[str, int] = {}
-        profiles: dict[str, Any] = {}
+        """Voters and votes per profile segment: summed over the stored voter rows of the
+        voters who declared a profile, the voters the live tail changed moved to their values
+        now, and "unknown" for the rest of the episode's voters."""
+        totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         cursor = await connection.execute(store.SEGMENTS_SQL, (episode_id,), prepare=False)
         for row in await cursor.fetchall():
-            if row["user_id"] not in touched:
-                counted[row["user_id"]] = row["counted"]
-                profiles[row["user_id"]] = row
+            totals[(row["dimension"], row["value"])][0] += row["voters"]
+            totals[(row["dimension"], row["value"])][1] += row["votes"]
         if touched:
             cursor = await connection.execute(store.PROFILES_SQL, (sorted(touched),),
                                               prepare=False)
-            for row in await cursor.fetchall():
-                voter = touched[row["user_id"]][1]
-                if voter.counted > 0:
-                    counted[row["user_id"]] = voter.counted
-                    profiles[row["user_id"]] = row
-        totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        for user, profile in profiles.items():
-            for dimension in SEGMENTS:
-                if profile[dimension]:
-                    totals[(dimension, profile[dimension])][0] += 1
-                    totals[(dimension, profile[dimension])][1] += counted[user]
+            for profile in await cursor.fetchall():
+                old, new = touched[profile["user_id"]]
+                for dimension in SEGMENTS:
+                    segment = totals[(dimension, profile[dimension])]
+                    if old is not None and old.counted > 0:  # in the stored rows' sums
+                        segment[0] -= 1
+                        segment[1] -= old.counted
+                    if new.counted > 0:
+                        segment[0] += 1
+                        segment[1] += new.counted
         voters, votes = figures.pair("voters")
         out = []
         for dimension in SEGMENTS:
-            known = [(value, pair) for (d, value), pair in totals.items() if d == dimension]
+            known = [(value, pair) for (d, value), pair in totals.items()
+                     if d == dimension and value]  # a value not told is "unknown"
             out.append((dimension, UNKNOWN, voters - sum(p[0] for _, p in known),
                         votes - sum(p[1] for _, p in known)))
             out.extend((dimension, value, n, v) for value, (n, v) in known)

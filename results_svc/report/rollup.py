@@ -30,10 +30,11 @@ at the moment it is computed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import orjson
@@ -251,7 +252,7 @@ class Fold:
         for row in await cursor.fetchall():
             voter = EpisodeVoter.of(row)
             self.episode_voters[row["user_id"]] = voter
-            self.before[row["user_id"]] = replace(voter)
+            self.before[row["user_id"]] = copy.copy(voter)  # its fields are immutable
         new = [u for u in fresh if u not in self.episode_voters]
         returning: set[str] = set()
         if new and self.earlier:
@@ -319,14 +320,18 @@ class Fold:
             part.voters += 1
             episode.rounds += 1
         part.counted_votes += count
-        kind = {"FREE": "free", "PAID": "paid", "PREMIUM_SMS": "sms"}.get(vote_type)
-        way = {"APP": "app", "WEB": "web"}.get(channel)
-        for target in (voter, episode):
+        for target in (voter, episode):  # plain branches: this runs once per ledger row
             target.counted += count
-            if kind:
-                setattr(target, kind, getattr(target, kind) + count)
-            if way:
-                setattr(target, way, getattr(target, way) + count)
+            if vote_type == "FREE":
+                target.free += count
+            elif vote_type == "PAID":
+                target.paid += count
+            elif vote_type == "PREMIUM_SMS":
+                target.sms += count
+            if channel == "APP":
+                target.app += count
+            elif channel == "WEB":
+                target.web += count
         bucket = f"{admitted_ms - admitted_ms % 60_000}|{channel}|{vote_type}"
         if bucket not in voter.buckets:
             voter.buckets[bucket] = 0

@@ -144,14 +144,19 @@ INSERT INTO report_episode_figures (episode_id, figures) VALUES (%s, %s)
 ON CONFLICT (episode_id) DO UPDATE SET figures = excluded.figures, updated_at = now()
 """
 
-#: Profile segments of the episode's voters with a counted vote who declared something (the
-#: rest are "unknown": the figures' voters less these): one probe of the episode's voter rows
-#: per declared profile.
+#: Voters and votes per declared profile value of the episode's voters with a counted vote
+#: (the rest are "unknown": the figures' voters less these): one probe of the episode's voter
+#: rows per declared profile, aggregated here.
 SEGMENTS_SQL = """
-SELECT p.user_id, p.age_band, p.gender, p.province, v.counted
+SELECT CASE WHEN GROUPING(p.age_band) = 0 THEN 'age_band'
+            WHEN GROUPING(p.gender) = 0 THEN 'gender' ELSE 'province' END AS dimension,
+       CASE WHEN GROUPING(p.age_band) = 0 THEN p.age_band
+            WHEN GROUPING(p.gender) = 0 THEN p.gender ELSE p.province END AS value,
+       count(*) AS voters, sum(v.counted)::bigint AS votes
   FROM voter_profiles p
   JOIN report_episode_voters v ON v.episode_id = %s AND v.user_id = p.user_id
  WHERE v.counted > 0
+ GROUP BY GROUPING SETS ((p.age_band), (p.gender), (p.province))
 """
 
 PROFILES_SQL = """
