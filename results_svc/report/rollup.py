@@ -196,7 +196,7 @@ class Part:
         return part
 
     def row(self) -> dict[str, Any]:
-        """The part as PARTS_SQL reads it (and as it is stored)."""
+        """The part as it is stored (and EPISODE_PARTS_SQL reads it)."""
         minutes = []
         for key, (votes, voters) in self.minutes.items():
             if votes:
@@ -225,7 +225,6 @@ class Fold:
         self.parts = parts
         self.figures: dict[str, list[int]] = defaultdict(lambda: [0, 0], figures)
         self.round_voters: dict[tuple[str, str], RoundVoter] = {}
-        self.round_known: set[tuple[str, str]] = set()
         self.episode_voters: dict[str, EpisodeVoter] = {}
         #: The episode rows as stored before this fold (None: no row yet).
         self.before: dict[str, EpisodeVoter | None] = {}
@@ -241,7 +240,6 @@ class Fold:
                                               prepare=False)
             for row in await cursor.fetchall():
                 self.round_voters[(round_id, row["user_id"])] = RoundVoter.of(row)
-                self.round_known.add((round_id, row["user_id"]))
             for user in wanted:
                 self.round_voters.setdefault((round_id, user), RoundVoter())
         fresh = sorted({u for u in users if u not in self.episode_voters})
@@ -252,7 +250,7 @@ class Fold:
         for row in await cursor.fetchall():
             voter = EpisodeVoter.of(row)
             self.episode_voters[row["user_id"]] = voter
-            self.before[row["user_id"]] = copy.copy(voter)  # its fields are immutable
+            self.before[row["user_id"]] = copy.copy(voter)  # fields are replaced, never changed in place
         new = [u for u in fresh if u not in self.episode_voters]
         returning: set[str] = set()
         if new and self.earlier:
