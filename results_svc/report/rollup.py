@@ -250,7 +250,8 @@ class Fold:
         for row in await cursor.fetchall():
             voter = EpisodeVoter.of(row)
             self.episode_voters[row["user_id"]] = voter
-            self.before[row["user_id"]] = copy.copy(voter)  # fields are replaced, never changed in place
+            # Shallow: fold() replaces a field's value, never changes one in place.
+            self.before[row["user_id"]] = copy.copy(voter)
         new = [u for u in fresh if u not in self.episode_voters]
         returning: set[str] = set()
         if new and self.earlier:
