@@ -506,17 +506,28 @@ async def snapshot(connection: Connection) -> AsyncIterator[None]:
         await connection.set_isolation_level(None)
 
 
+async def _plan(connection: Connection, episode_id: str, live: bool
+                ) -> tuple[Fold, list[Target], dict[str, set[str | None]], bool] | None:
+    """The episode's stored rollups, its rounds' targets (`targets`), the resets logged per
+    round, and whether they start over (a checkpoint started over: its verdicts below its old
+    watermark may all differ); None: no such episode."""
+    fold = await load_fold(connection, episode_id)
+    if fold is None:
+        return None
+    goals = await targets(connection, episode_id, live)
+    logged = await resets(connection, [g.round_id for g in goals])
+    return fold, goals, logged, any(None in users for users in logged.values())
+
+
 async def extend(connection: Connection, episode_id: str, max_rows: int) -> bool:
     """One step of the episode's rollups, stored, in the connection's (REPEATABLE READ)
     transaction: the resets, then up to `max_rows` rows of the first round behind its
     target. True when every round reached its target."""
-    fold = await load_fold(connection, episode_id)
-    if fold is None:
+    plan = await _plan(connection, episode_id, live=False)
+    if plan is None:
         return True
-    goals = await targets(connection, episode_id, live=False)
-    logged = await resets(connection, [g.round_id for g in goals])
-    if any(None in users for users in logged.values()):
-        # A checkpoint started over: its verdicts below its old watermark may all differ.
+    fold, goals, logged, start_over = plan
+    if start_over:
         for statement in store.FORGET_EPISODE_SQL:
             await connection.execute(statement, (episode_id,))
         await connection.execute(store.FORGET_RESETS_SQL, ([g.round_id for g in goals],))
@@ -545,12 +556,11 @@ async def tail(connection: Connection, episode_id: str
     """The episode's rollups as stored, extended in memory to every row of the ledger (rows
     the checkpoint has not judged yet count provisionally), in the connection's transaction:
     a live report's figures. Nothing is written. Also the voter rows the tail changed."""
-    fold = await load_fold(connection, episode_id)
-    if fold is None:
+    plan = await _plan(connection, episode_id, live=True)
+    if plan is None:
         return None
-    goals = await targets(connection, episode_id, live=True)
-    logged = await resets(connection, [g.round_id for g in goals])
-    if any(None in users for users in logged.values()):
+    fold, goals, logged, start_over = plan
+    if start_over:
         fold = Fold({"episode_id": episode_id}, fold.earlier, {}, {})
         logged = {}
     for goal in goals:
