@@ -257,18 +257,21 @@ def _go_load_generator() -> Path:
 
 
 def _go_grpc(target: str, method: str, requests: list[bytes], voters: list[str],
-             duration: float, concurrency: int, rate: float,
+             duration: float, concurrency: int, rate: float, *,
+             tls: dict[str, str] | None = None, metadata: list[list[str]] | None = None,
              ) -> tuple[list[bytes], list[float], int]:
     """Unary calls from the Go load generator over 2 connections to `target`: closed loop
     (rate 0, `concurrency` calls in flight per connection) or open loop at `rate` calls/s.
-    Each call sends requests[n % len] with a fresh request id in place of _ID_PLACEHOLDER;
-    returns the OK replies, their latencies (ms) and the failures."""
+    Each call sends requests[n % len] with a fresh request id in place of _ID_PLACEHOLDER
+    and the bearer token voters[n % len] (or the header metadata[n % len]), over mutual TLS
+    with `tls` (bench/grpc_load's "tls") when given; returns the OK replies, their latencies
+    (ms) and the failures."""
     job = {"targets": [target, target], "method": method, "seconds": duration,
-           "concurrency": concurrency, "rate": rate,
+           "concurrency": concurrency, "rate": rate, "tls": tls,
            "templates": [{"body": body.hex(), "uuid_at": [
                at for at in range(len(body)) if body.startswith(_ID_PLACEHOLDER.encode(), at)]}
                for body in requests],
-           "metadata": [["authorization", f"Bearer {token}"] for token in voters]}
+           "metadata": metadata or [["authorization", f"Bearer {token}"] for token in voters]}
     out = subprocess.run([str(_go_load_generator())], input=json.dumps(job), text=True,
                          capture_output=True, check=True).stdout.splitlines()
     replies, latencies = [], []
