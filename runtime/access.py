@@ -4,7 +4,7 @@ Envoy authenticates the caller's JWT and forwards its verified claims in the
 `x-jwt-payload` header (base64url JSON); the edge strips any copy a client sends, and a service
 believes the header only on a connection whose client certificate is the edge's
 (runtime/mesh.py). Each gRPC service has exactly one audience, so the table is
-kept per service: the edge renders its RBAC policies from it, and the server interceptor
+kept per service: the edge renders its RBAC policies from it, and the server's guard
 enforces the same table again so a caller that reaches a service some other way (a
 misrouted request, another internal service) is held to the same rules (invariant 9).
 """
