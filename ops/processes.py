@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ops.hosts import LOCAL, Host
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on `host` that nothing listens on right now ("0.0.0.0": free on every
@@ -64,9 +66,14 @@ class Child:
     @classmethod
     async def spawn(cls, name: str, argv: list[str], log_dir: Path, *,
                     env: dict[str, str] | None = None, user: str | None = None,
-                    stop_signal: signal.Signals = signal.SIGTERM) -> Child:
+                    stop_signal: signal.Signals = signal.SIGTERM,
+                    host: Host = LOCAL) -> Child:
+        """Start `argv` on `host` (as `user`), its output appended to `name`.log in `log_dir`
+        (the log stays with whoever supervises it, wherever the process runs)."""
         log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once per process start
         log_path = log_dir / f"{name}.log"
+        # On another host `argv` is exec'd by the commands that enter it: the pid is its own.
+        argv, user = host.command(argv, user)
         with log_path.open("ab") as log_file:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,

@@ -26,11 +26,14 @@ import redis
 
 from ops import edge, pki, roles, tokens
 from ops.addresses import remove_addresses, write_addresses
+from ops.hosts import EDGE, STORES, Host, install
+from ops.hosts import SERVICES as SERVICES_HOST
 from ops.infra import start_postgres, start_redis
 from ops.kannel import Kannel
 from ops.migrate import migrate
 from ops.processes import Child, free_port, wait_serving
 from results_svc.signing import KEY_FILE as LEDGER_KEY_FILE
+from results_svc.signing import Signer
 from runtime import mesh
 from runtime.mesh import MeshTls
 from runtime.secrets import private_dir, read_or_create_secret
@@ -73,6 +76,15 @@ class StackSettings:
     #: Start Kannel (bearerbox, smsbox) in front of the edge, a fake SMSC link per carrier
     #: (ops/kannel.py), and send SMS replies through it.
     kannel: bool = False
+    #: Where the edge, the services and the stores run (ops/hosts.py): unset, on this
+    #: machine's loopback (the edge on `edge_host`), keeping their files in `state_dir`.
+    hosts: dict[str, Host] = field(default_factory=dict)
+
+    def host(self, part: str) -> Host:
+        """The host of `part` (ops.hosts.EDGE, SERVICES or STORES)."""
+        if part in self.hosts:
+            return self.hosts[part]
+        return Host(address=self.edge_host) if part == EDGE else Host()
 
 
 @dataclass
@@ -97,7 +109,7 @@ class Stack:
     @property
     def edge_target(self) -> str:
         """host:port of the edge, for gRPC channels."""
-        return f"{self.settings.edge_host}:{self.edge_port}"
+        return f"{self.settings.host(EDGE).address}:{self.edge_port}"
 
     @property
     def edge_url(self) -> str:
@@ -125,19 +137,27 @@ class Stack:
                 dev_geoip_environment, state_dir, {**os.environ, **self.settings.service_env})
 
             if self.settings.mtls:
-                for holder in (*SERVICES, pki.OPERATOR):
+                for holder in (*SERVICES, pki.OPERATOR, pki.EDGE):
                     pki.issue(state_dir, holder, self.tls_dir(holder))
-                edge_tls = pki.issue(state_dir, pki.EDGE, self.tls_dir(pki.EDGE))
+            edge_host = self.settings.host(EDGE)
             # The edge's port first: Kannel calls it, and sms_svc gives Kannel URLs on it.
-            self.edge_port = self.settings.edge_port or free_port()
-            self.admin_port = self.settings.admin_port or free_port()
+            self.edge_port = self.settings.edge_port or await asyncio.to_thread(
+                edge_host.call, lambda: free_port(edge_host.address))
+            self.admin_port = self.settings.admin_port or await asyncio.to_thread(
+                edge_host.call, free_port)
             if self.settings.kannel:
+                if edge_host.netns is not None:
+                    raise ValueError("Kannel runs beside an edge on this machine only")
                 # Kannel runs beside the edge: it calls it on loopback whatever its address.
                 self.kannel = Kannel(state_dir, f"http://127.0.0.1:{self.edge_port}")
                 self._service_extra["sms_svc"] = self.kannel.sms_env()
+            services_host = self.settings.host(SERVICES_HOST)
             for service in SERVICES:
                 count = self.settings.replicas.get(service, 1)
-                self.addresses[service] = [("127.0.0.1", free_port()) for _ in range(count)]
+                self.addresses[service] = [
+                    (services_host.address, await asyncio.to_thread(
+                        services_host.call, lambda: free_port(services_host.address)))
+                    for _ in range(count)]
             for service in SERVICES:
                 for replica in range(len(self.addresses[service])):
                     self._services.append(await self._spawn_replica(service, replica))
@@ -147,16 +167,24 @@ class Stack:
                     [service for service in SERVICES for _ in self.addresses[service]],
                     self._services, self._all_addresses(), strict=True)))
 
-            config_path = state_dir / "envoy.yaml"
+            # The edge's own files, where it runs: its config, the token keys it verifies
+            # with (public only) and its mesh certificate.
+            edge_dir = edge_host.files(state_dir)
+            if edge_dir != state_dir:
+                edge_dir = private_dir(edge_dir / "edge")
+            config_path = edge_dir / "envoy.yaml"
             config_path.write_text(edge.render(edge.EdgeSettings(
-                jwks_path=jwks, jwt_issuer=tokens.ISSUER, jwt_audience=tokens.AUDIENCE,
-                host=self.settings.edge_host, port=self.edge_port, admin_port=self.admin_port,
+                jwks_path=install(jwks, edge_dir / jwks.relative_to(state_dir)),
+                jwt_issuer=tokens.ISSUER, jwt_audience=tokens.AUDIENCE,
+                host=edge_host.address, port=self.edge_port, admin_port=self.admin_port,
                 trusted_proxy_hops=self.settings.trusted_proxy_hops, upstreams=self.addresses,
-                upstream_tls=edge_tls if self.settings.mtls else None,
+                upstream_tls=pki.Identity(install(
+                    self.tls_dir(pki.EDGE), edge_dir / "pki" / pki.EDGE))
+                if self.settings.mtls else None,
                 **self.settings.edge)))
             self._edge = await Child.spawn("envoy", [
                 str(Path(sys.executable).parent / "envoy"), "-c", str(config_path),
-                "--use-dynamic-base-id", "--log-level", "warn"], logs)
+                "--use-dynamic-base-id", "--log-level", "warn"], logs, host=edge_host)
             await self._wait_edge_ready()
             if self.kannel is not None:
                 await self.kannel.start()
@@ -171,13 +199,23 @@ class Stack:
 
     async def _spawn_replica(self, service: str, replica: int) -> Child:
         state_dir = self.settings.state_dir.resolve()
-        host, port = self.addresses[service][replica]
+        address, port = self.addresses[service][replica]
+        services_host = self.settings.host(SERVICES_HOST)
+        own = service_dir(services_host.files(state_dir), service)
         env = {**self._service_environment(state_dir), **self._service_extra.get(service, {}),
                **self._service_secrets(state_dir, service),
-               "TELEVOTE_HOST": host, "TELEVOTE_PORT": str(port),
+               **{variable: str(install(source, own / source.name))
+                  for variable, source in self._service_files(state_dir, service).items()},
+               "TELEVOTE_STATE_DIR": str(own),
+               "TELEVOTE_HOST": address, "TELEVOTE_PORT": str(port),
                "TELEVOTE_REPLICA": str(replica)}
         return await Child.spawn(f"{service}-{replica}", [sys.executable, "-m", service],
-                                 state_dir / "logs", env=env)
+                                 state_dir / "logs", env=env, host=services_host)
+
+    @property
+    def processes(self) -> list[Child]:
+        """Every process this stack started: stores, services, the edge."""
+        return [*self._infra, *self._services, *([self._edge] if self._edge else [])]
 
     def child(self, service: str, replica: int) -> Child:
         name = f"{service}-{replica}"
@@ -238,14 +276,29 @@ class Stack:
         self.service_urls = {service: {"DATABASE_URL": databases[service],
                                        "REDIS_URL": caches[service]} for service in SERVICES}
 
-    def _service_secrets(self, state_dir: Path, service: str) -> dict[str, str]:
-        """What only `service` is given: its own private directory (results_svc keeps the
-        ledger signing key there) and the secrets it alone uses. No service is told where the
-        token signing key is."""
+    def _service_files(self, state_dir: Path, service: str) -> dict[str, Path]:
+        """The files `service` reads, by the variable that names them: the stack's copies,
+        each installed into the service's own directory where it runs (its mesh certificate,
+        results_svc's ledger signing key, fraud_svc's development GeoIP database)."""
         own = service_dir(state_dir, service)
-        env = {"TELEVOTE_STATE_DIR": str(own), **self.service_urls.get(service, {})}
+        files = {}
         if self.settings.mtls:
-            env["TELEVOTE_TLS_DIR"] = str(own / "tls")
+            files["TELEVOTE_TLS_DIR"] = own / "tls"
+        if service == "results_svc":
+            key = _adopt(state_dir / LEDGER_KEY_FILE, own / LEDGER_KEY_FILE)
+            # Made here, once: replicas on several hosts must all sign with the same key.
+            Signer.load(key, create=True)
+            files["RESULTS_SIGNING_KEY_FILE"] = key
+        geoip = self._service_extra.get(service, {}).get(DEV_GEOIP_VARIABLE)
+        if geoip:
+            files[DEV_GEOIP_VARIABLE] = Path(geoip)
+        return files
+
+    def _service_secrets(self, state_dir: Path, service: str) -> dict[str, str]:
+        """What only `service` is given: its own database and Redis logins and the secrets
+        it alone uses. No service is told where the token signing key is."""
+        own = service_dir(state_dir, service)
+        env = dict(self.service_urls.get(service, {}))
         if service == "vote_svc":
             env["VOTE_PSEUDONYM_SALT"] = read_or_create_secret(
                 _adopt(state_dir / "pseudonym-salt", own / "pseudonym-salt"))
@@ -254,8 +307,6 @@ class Stack:
         if service == "sms_svc":
             env["SMS_MSISDN_SECRET"] = read_or_create_secret(
                 _adopt(state_dir / "msisdn-secret", own / "msisdn-secret"))
-        if service == "results_svc":
-            _adopt(state_dir / LEDGER_KEY_FILE, own / LEDGER_KEY_FILE)
         return env
 
     def _service_environment(self, state_dir: Path) -> dict[str, str]:
@@ -270,12 +321,14 @@ class Stack:
         return [address for service in SERVICES for address in self.addresses[service]]
 
     async def _own_postgres(self, state_dir: Path) -> str:
-        child, url = await start_postgres(state_dir)
+        stores = self.settings.host(STORES)
+        child, url = await start_postgres(stores.files(state_dir), stores, state_dir / "logs")
         self._infra.append(child)
         return url
 
     async def _own_redis(self, state_dir: Path) -> str:
-        child, url = await start_redis(state_dir)
+        stores = self.settings.host(STORES)
+        child, url = await start_redis(stores.files(state_dir), stores, state_dir / "logs")
         self._infra.append(child)
         return url
 
@@ -287,7 +340,9 @@ class Stack:
         while time.monotonic() < deadline:
             if not self._edge.running:
                 raise RuntimeError(f"envoy exited at start:\n{self._edge.log_tail()}")
-            clusters = await asyncio.to_thread(self._admin_get, "/clusters")
+            # The admin listens on the edge host's loopback only: asked from inside it.
+            clusters = await asyncio.to_thread(
+                self.settings.host(EDGE).call, lambda: self._admin_get("/clusters"))
             healthy = clusters.count("::health_flags::healthy") if clusters else 0
             if healthy >= expected:
                 return
@@ -335,13 +390,17 @@ class Stack:
         return "\n".join(lines)
 
 
+#: fraud_svc's GeoIP database.
+DEV_GEOIP_VARIABLE = "FRAUD_GEOIP_DB"
+
+
 def dev_geoip_environment(state_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:
     """fraud_svc's GeoIP database for a local mesh: FRAUD_GEOIP_DB when it is configured
     (production, or a real GeoLite2 file), else a development database of the synthetic
     network plan (fraud_svc/devgeo.py), written into the state directory on first start, so
     country, location and VPN/hosting signals are scored for real. Without the dev extra
     (mmdb-writer) there is none and those signals say unknown, as fraud_svc logs."""
-    if environ.get("FRAUD_GEOIP_DB"):
+    if environ.get(DEV_GEOIP_VARIABLE):
         return {}
     path = state_dir / "dev-geoip.mmdb"
     if not path.exists():
@@ -354,7 +413,7 @@ def dev_geoip_environment(state_dir: Path, environ: Mapping[str, str]) -> dict[s
             log.warning("no development GeoIP database (install the dev extra, or set "
                         "FRAUD_GEOIP_DB)")
             return {}
-    return {"FRAUD_GEOIP_DB": str(path)}
+    return {DEV_GEOIP_VARIABLE: str(path)}
 
 
 def service_dir(state_dir: Path, service: str) -> Path:

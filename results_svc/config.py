@@ -7,7 +7,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from runtime.config import ServiceConfig
+from results_svc.signing import KEY_FILE
+from runtime.config import ConfigError, ServiceConfig
 
 
 class ResultsConfig(ServiceConfig):
@@ -15,8 +16,12 @@ class ResultsConfig(ServiceConfig):
 
     #: sync_svc, told when a final result is stored (ShowInternalService.PublishResultsReady).
     sync_target: str
-    #: Where the Ed25519 ledger signing key lives (created on first start).
-    televote_state_dir: Path
+    #: The Ed25519 ledger signing key (PKCS#8 PEM). Every replica, on whatever host, must
+    #: sign with the same key, so a deployment gives each the same file; it must exist.
+    results_signing_key_file: Path | None = None
+    #: Without RESULTS_SIGNING_KEY_FILE: a directory of this host where the key is kept,
+    #: created on first start (one machine: development, tests).
+    televote_state_dir: Path | None = None
     #: One live update per round per replica every this many ms (seed: 1 s).
     results_tick_ms: int = 1000
     #: The trend of a contestant with no votes in the five minutes before and some since:
@@ -63,6 +68,14 @@ class ResultsConfig(ServiceConfig):
     #: The show's warning moment, this long before a round's broadcast close (sync_svc's
     #: SYNC_WARNING_AT_S).
     results_report_warning_s: int = Field(default=60, ge=0)
+
+    def signing_key_path(self) -> tuple[Path, bool]:
+        """Where the ledger signing key is, and whether it may be created there."""
+        if self.results_signing_key_file is not None:
+            return self.results_signing_key_file, False
+        if self.televote_state_dir is not None:
+            return self.televote_state_dir / KEY_FILE, True
+        raise ConfigError("results_svc: set RESULTS_SIGNING_KEY_FILE (or TELEVOTE_STATE_DIR)")
 
     @field_validator("results_receipt_block_leaves")
     @classmethod

@@ -29,7 +29,7 @@ def create_server(config: ResultsConfig) -> tuple[ServiceHost, int]:
     warming: list[asyncio.Future[None]] = []
     streams = Streams()
     host.on_drain(streams.end)
-    signer = Signer.load_or_create(config.televote_state_dir)
+    signer = Signer.load(*config.signing_key_path())
     finalizer = Finalizer(storage, config, signer)
     live = Live(storage, config, finalizer, streams)
     reports = Reports(storage, config)

@@ -1,8 +1,9 @@
 """The Ed25519 key that signs ledger tree heads, and the signed-head format.
 
-The private key is a PEM file in results_svc's own state directory (no other service is given
-it), created 0600 once by whichever replica starts first (hard-linked into place, so two
-replicas starting together end up with the same key).
+The private key is a PEM file given to results_svc alone (RESULTS_SIGNING_KEY_FILE; `televote
+up` makes it once and gives every replica a copy), or, on one machine without it, kept in
+results_svc's own state directory, created 0600 once by whichever replica starts first
+(hard-linked into place, so two replicas starting together end up with the same key).
 Its public key is published in PostgreSQL (`ledger_keys`) so every replica can serve it by id.
 """
 
@@ -75,8 +76,17 @@ class Signer:
 
     @classmethod
     def load_or_create(cls, state_dir: Path) -> Signer:
-        path = state_dir / KEY_FILE
+        """The key in `state_dir`, made there on first use (one machine)."""
+        return cls.load(state_dir / KEY_FILE, create=True)
+
+    @classmethod
+    def load(cls, path: Path, create: bool = False) -> Signer:
+        """The key in `path`; with `create`, a new one when there is none. A deployment
+        gives every replica the same key file: one made by a replica on its own host would
+        sign results that the others' key cannot vouch for."""
         if not path.exists():
+            if not create:
+                raise SystemExit(f"results_svc: no ledger signing key at {path}")
             write_private(path, Ed25519PrivateKey.generate().private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption()))

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from typer.testing import CliRunner
+
 from ops import edge, pki, tokens
+from ops.cli import app
 from ops.stack import SERVICES
 
 
@@ -60,3 +63,31 @@ def test_the_edge_holds_abuse_limits_and_reaches_each_service_by_its_certificate
         checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
                                  capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_an_edge_on_a_host_of_its_own_is_configured_from_its_own_files(tmp_path: Path) -> None:
+    """`televote edge-config` renders the edge of a deployment from the files on its host and
+    the services' addresses: replicas named by DNS (a headless Service) are resolved by Envoy,
+    replicas given by IP are static; Envoy accepts the config."""
+    jwks = tokens.ensure_signing_key(tmp_path / "deployer")
+    tls = pki.issue(tmp_path / "deployer", pki.EDGE, tmp_path / "edge-host" / "tls")
+    upstreams = [f"--upstream={service}={service.replace('_', '-')}.televote:7000"
+                 for service in SERVICES if service != "vote_svc"]
+    upstreams += ["--upstream=vote_svc=10.0.0.5:7000", "--upstream=vote_svc=10.0.0.6:7000"]
+    result = CliRunner().invoke(app, ["edge-config", "--jwks", str(jwks), "--tls-dir",
+                                      str(tls.directory), "--host", "0.0.0.0", *upstreams])
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "edge.yaml"
+    config.write_text(result.output)
+    clusters = next(line for line in result.output.splitlines()
+                    if line.strip().startswith("clusters:"))
+    kinds = {cluster["name"]: cluster["type"] for cluster in json.loads(clusters.split(":", 1)[1])}
+    assert kinds == {**dict.fromkeys(SERVICES, "STRICT_DNS"), "vote_svc": "STATIC"}
+    assert str(tls.certificate) in result.output and str(jwks) in result.output
+    envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    missing = CliRunner().invoke(app, ["edge-config", "--jwks", str(jwks), *upstreams[:2]])
+    assert missing.exit_code != 0 and "no address for" in missing.output

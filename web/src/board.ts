@@ -5,7 +5,7 @@
 // Fragment parameters: episode (required), round (pin one round instead of following the
 // show), bg (overlays: green, blue, magenta, black or transparent — the key colour of the
 // graphics machine), rows (overlay: most rows shown), lang.
-import { $, clients, followResults, formatClock, onSecondEdges, params, ShowFeed, type ShowView } from "./common";
+import { $, clients, followResults, formatClock, onSecondEdges, params, setText, ShowFeed, type ShowView } from "./common";
 import { Board } from "./standings";
 import { RoundState } from "./gen/televote/sync/v1/sync_types_pb";
 import { ShowEventType } from "./gen/televote/sync/v1/show_watch_service_pb";
@@ -48,10 +48,10 @@ function roundLabel(view: ShowView): string {
 
 function render(view: ShowView): void {
   const episode = view.snapshot.episode;
-  if (title && episode) title.textContent = episode.title;
+  if (title && episode) setText(title, episode.title);
   const round = view.snapshot.currentRound;
-  if (roundName) roundName.textContent = round?.name || "";
-  status.textContent = roundLabel(view);
+  if (roundName) setText(roundName, round?.name || "");
+  setText(status, roundLabel(view));
   document.body.dataset.roundState = round ? RoundState[round.state] : "NONE";
   const roundId = pinnedRound || round?.roundId || "";
   if (roundId && roundId !== followed) follow(roundId);
@@ -70,9 +70,9 @@ function onResults(results: RoundResults): void {
   document.body.dataset.updates = String(updates);
   const totalText = results.totalVotes !== undefined
     ? `${Number(results.totalVotes).toLocaleString("en-US")} votes` : "";
-  if (total && total.textContent !== totalText) total.textContent = totalText;
+  if (total) setText(total, totalText);
   if (results.isFinal) {
-    status.textContent = "Final result";
+    setText(status, "Final result");
     document.body.dataset.final = "true";
   }
 }
@@ -81,7 +81,7 @@ function tick(feed: ShowFeed): void {
   const round = feed.view?.snapshot.currentRound;
   const open = round?.state === RoundState.OPEN;
   const remaining = open ? feed.remainingMs() : 0;
-  clock.textContent = open ? formatClock(remaining) : round ? "0:00" : "--:--";
+  setText(clock, open ? formatClock(remaining) : round ? "0:00" : "--:--");
   clock.dataset.remainingMs = String(Math.round(remaining));
   clock.classList.toggle("clock-warning", open && remaining <= 60_000);
   clock.classList.toggle("clock-final", open && remaining <= 10_000);

@@ -275,6 +275,19 @@ export async function followResults(client: ReturnType<typeof clients>, roundId:
 
 // ---- DOM --------------------------------------------------------------------------------------
 
+/** Sets an element's text, changing its one Text node in place when it has one. Assigning
+ * textContent replaces the node, and style and layout then treat it as a new node in the tree:
+ * on the live displays, which rewrite a dozen figures every second, that is most of an update's
+ * style and layout work. */
+export function setText(element: HTMLElement, value: string): void {
+  const node = element.firstChild;
+  if (node instanceof Text && node === element.lastChild) {
+    if (node.data !== value) node.data = value;
+  } else if (element.textContent !== value) {
+    element.textContent = value;
+  }
+}
+
 export function $<T extends HTMLElement = HTMLElement>(selector: string, root: ParentNode = document): T {
   const element = root.querySelector<T>(selector);
   if (!element) throw new Error(`missing element ${selector}`);

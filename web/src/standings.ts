@@ -3,12 +3,14 @@
 // Used by the results board, the broadcast overlay and the control room.
 //
 // An update arrives every second, so a row is built once and then only touched where it
-// changed: text nodes, one transform for its place and one for its bar. Moving places is a CSS
-// transition of `transform`, which the compositor runs off the main thread.
+// changed: text nodes changed in place (setText), classes, one transform for its place and one
+// for its bar. Moving places is a CSS transition of `transform`, which the compositor runs off
+// the main thread; bars step (app.css says why). Both badge icons are built with the row and
+// shown by its class, so a rank change inserts no nodes.
 import { Trend, type ContestantStanding } from "./gen/televote/results/v1/results_types_pb";
 import type { RoundResults } from "./gen/televote/results/v1/results_service_pb";
 import { ResultsVisibility } from "./gen/televote/sync/v1/sync_types_pb";
-import { avatar, compactCount, h } from "./common";
+import { avatar, compactCount, h, setText } from "./common";
 
 /** How long a move stays on screen: rank_change is per update (one second), too brief to read. */
 const CHANGE_SHOWN_MS = 8000;
@@ -40,6 +42,7 @@ const MEDAL = "M12 6a7 7 0 1 0 0.01 0zM8 1h8l-2 4h-4z";
 interface Row {
   element: HTMLElement;
   badge: HTMLElement;
+  badgeRank: HTMLElement;
   change: HTMLElement;
   count: HTMLElement;
   percent: HTMLElement;
@@ -113,7 +116,9 @@ export class Board {
   }
 
   private createRow(standing: ContestantStanding): Row {
-    const badge = h("span.badge");
+    const badgeRank = h("span.badge-rank");
+    const badge = h("span.badge", {}, svg("0 0 24 20", CROWN, "badge-icon badge-crown"),
+                    svg("0 0 24 24", MEDAL, "badge-icon badge-medal"), badgeRank);
     const change = h("span.change");
     const count = h("span.count");
     const percent = h("span.percent");
@@ -126,7 +131,7 @@ export class Board {
       h("span.figures", {}, count, percent),
       h("span.bar", { "aria-hidden": "true" }, bar), trend);
     element.style.height = `${this.options.rowHeight}px`;
-    return { element, badge, change, count, percent, bar, trend, rank: 0, position: -1,
+    return { element, badge, badgeRank, change, count, percent, bar, trend, rank: 0, position: -1,
              countText: "", percentText: "", barScale: "", trendValue: Trend.UNSPECIFIED,
              changeValue: 0, changeUntil: 0 };
   }
@@ -141,14 +146,13 @@ export class Board {
     // update); the server's figure serves only a row's first update.
     const moved = row.rank && standing.rank ? row.rank - standing.rank : standing.rankChange;
     if (row.rank !== standing.rank) {
+      const wasLeader = row.rank === 1;
       row.rank = standing.rank;
       row.element.dataset.rank = String(standing.rank);
+      if (wasLeader !== (standing.rank === 1)) row.element.classList.toggle("leader", standing.rank === 1);
       const medal = ["", "gold", "silver", "bronze"][standing.rank] ?? "";
       row.badge.className = `badge ${medal ? `badge-${medal}` : "badge-plain"}`;
-      row.badge.replaceChildren(
-        standing.rank === 1 ? svg("0 0 24 20", CROWN, "badge-icon")
-          : medal ? svg("0 0 24 24", MEDAL, "badge-icon") : "",
-        h("span.badge-rank", {}, medal ? (standing.rank === 1 ? "1" : String(standing.rank)) : `#${standing.rank}`));
+      setText(row.badgeRank, medal ? String(standing.rank) : `#${standing.rank}`);
       row.badge.setAttribute("aria-label", `rank ${standing.rank}`);
     }
     if (moved !== 0) {
@@ -157,25 +161,25 @@ export class Board {
         row.changeValue = moved;
         const up = moved > 0;
         row.change.className = `change ${up ? "change-up" : "change-down"}`;
-        row.change.textContent = `${up ? "+" : "−"}${Math.abs(moved)}`;
+        setText(row.change, `${up ? "+" : "−"}${Math.abs(moved)}`);
         row.change.setAttribute("aria-label", `${up ? "up" : "down"} ${Math.abs(moved)}`);
       }
     } else if (row.changeValue !== 0 && now > row.changeUntil) {
       row.changeValue = 0;
       row.change.className = "change";
-      row.change.textContent = "";
+      setText(row.change, "");
       row.change.removeAttribute("aria-label");
     }
     const countText = standing.formattedCount ?? (standing.count !== undefined ? compactCount(Number(standing.count)) : "");
     if (row.countText !== countText) {
       row.countText = countText;
-      row.count.textContent = countText;
+      setText(row.count, countText);
     }
     const pct = standing.percentage ?? 0;
     const percentText = standing.percentage !== undefined ? `${pct.toFixed(1)}%` : "";
     if (row.percentText !== percentText) {
       row.percentText = percentText;
-      row.percent.textContent = percentText;
+      setText(row.percent, percentText);
     }
     const barScale = `scaleX(${(Math.min(100, Math.max(0, pct)) / 100).toFixed(4)})`;
     if (row.barScale !== barScale) {
