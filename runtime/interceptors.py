@@ -79,7 +79,9 @@ class _Span:
         self.span = _tracer.start_span(name, context=parent, kind=SpanKind.SERVER,
                                        attributes=attributes, record_exception=False,
                                        set_status_on_exception=False)
-        self._token = otel_context.attach(trace.set_span_in_context(self.span, parent))
+        # In the current context, as start_as_current_span does: the caller's context is only
+        # the span's parent (its baggage, sent by anyone, does not become this call's).
+        self._token = otel_context.attach(trace.set_span_in_context(self.span))
 
     def __enter__(self) -> trace.Span:
         return self.span

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import baggage, trace
 
 from runtime.access import Principal, Role
 from runtime.errors import error_info
@@ -36,13 +37,20 @@ async def _whoami(request: bytes, context: Any) -> bytes:
     return current_principal().subject.encode()
 
 
+async def _trace(request: bytes, context: Any) -> bytes:
+    """The trace this call's span is in, and any baggage that became the call's."""
+    trace_id = trace.get_current_span().get_span_context().trace_id
+    return f"{trace_id:032x} {baggage.get_all()}".encode()
+
+
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
     host = ServiceHost(SlowConfig(televote_drain_announce_seconds=0, televote_grace_seconds=0),
                        storage=None, service_roles={
                            "televote.vote.v1.VoteService": frozenset({Role.VOTER}),
                            "test.Generic": frozenset({Role.VOTER}),
-                           "test.Registered": frozenset({Role.VOTER})})
+                           "test.Registered": frozenset({Role.VOTER}),
+                           "test.Trace": frozenset(Role)})
     host.add(vote_service_pb2_grpc.add_VoteServiceServicer_to_server, _Packages(),
              vote_service_pb2.DESCRIPTOR.services_by_name["VoteService"])
     whoami = grpc.unary_unary_rpc_method_handler(_whoami)
@@ -50,6 +58,8 @@ async def port() -> AsyncIterator[int]:
         "test.Generic", {"WhoAmI": whoami}),))
     host.server.add_registered_method_handlers(  # type: ignore[attr-defined]
         "test.Registered", {"WhoAmI": whoami})
+    host.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Trace", {"Trace": grpc.unary_unary_rpc_method_handler(_trace)}),))
     port = host.bind()
     await host.start()
     try:
@@ -92,3 +102,13 @@ async def test_handlers_added_directly_are_guarded(port: int, service: str) -> N
         assert await _refusal(whoami(b"", metadata=Principal(
             Role.CARRIER, "c").to_metadata())) == (
             grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
+
+
+async def test_a_call_is_a_span_of_its_callers_trace_without_the_callers_baggage(
+        port: int) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await channel.unary_unary("/test.Trace/Trace")(b"", metadata=(
+            ("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),
+            ("baggage", "tenant=someone-else")))
+    assert reply.decode() == f"{trace_id} {{}}"
