@@ -1,10 +1,12 @@
 """What televote's runtime costs per RPC, side by side with a bare grpc.aio server.
 
     python -m bench.runtime_bench [--duration 6] [--repeat 2] [--kinds bare_plain,bare,runtime]
+        [--rate 0]
 
 Each kind is one server process answering the same no-op unary RPC
 (VoteService.ListVotePackages, an empty reply) to the Go load generator (bench/grpc_load,
-closed loop, 2 connections x 64 calls in flight), for `--duration` seconds:
+closed loop with 2 connections x 64 calls in flight, or `--rate` calls/s on schedule), for
+`--duration` seconds:
 - bare_plain: `grpc.aio.server()` with the generated servicer, plaintext;
 - bare: the same over mutual TLS with the mesh's certificates (the transport vote_svc has);
 - runtime: the same servicer through runtime/server.py's ServiceHost, as every service runs:
@@ -116,8 +118,11 @@ def _claims() -> list[list[str]]:
 
 
 def measure(kind: str, server_tls: Path, client_tls: Path, duration: float,
-            ) -> dict[str, Any]:
-    """One kind's server under closed-loop load: calls/s and its CPU µs per call."""
+            rate: float = 0) -> dict[str, Any]:
+    """One kind's server under load: calls/s and its CPU µs per call. Closed loop (rate 0),
+    or `rate` calls/s sent on schedule: then every kind does the same calls per second and
+    per wake-up, where closed-loop figures also differ by how many calls a slower server
+    gets to handle per wake-up."""
     from bench.vote_bench import _go_grpc
 
     process, port = start(kind, server_tls)
@@ -132,7 +137,7 @@ def measure(kind: str, server_tls: Path, client_tls: Path, duration: float,
         server = psutil.Process(process.pid)
         before = server.cpu_times()
         replies, _, failed = _go_grpc(f"127.0.0.1:{port}", METHOD, [request], [], duration,
-                                      64, 0, tls=tls, metadata=_claims())
+                                      0 if rate else 64, rate, tls=tls, metadata=_claims())
         after = server.cpu_times()
     finally:
         stop(process)
@@ -157,6 +162,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=6)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--rate", type=float, default=0, help=(
+        "calls/s sent on schedule (0: closed loop, 2 connections x 64 in flight)"))
     parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -172,7 +179,8 @@ def main() -> None:
     for turn in range(options.repeat):
         results = {}
         for kind in options.kinds.split(","):
-            results[kind] = measure(kind, server_tls, client_tls, options.duration)
+            results[kind] = measure(kind, server_tls, client_tls, options.duration,
+                                    options.rate)
             print(turn + 1, kind, json.dumps(results[kind]), flush=True)
         print(turn + 1, "ratios", json.dumps(ratios(results)), flush=True)
         turns.append(results)
