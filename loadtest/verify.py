@@ -35,7 +35,7 @@ from sms_svc.parsing import pseudonym
 
 _ROWS_SQL = """
 SELECT v.vote_id::text, v.user_id, v.request_id, v.contestant_id::text, v.vote_type, v.count,
-       v.channel, v.admitted_ms, v.receipt_hash,
+       v.channel, v.admitted_ms, v.received_ms, v.receipt_hash,
        EXISTS (SELECT 1 FROM fraud_rejections f
                 WHERE f.round_id = v.round_id::text AND f.user_id = v.user_id
                   AND (f.vote_ref IS NULL OR f.vote_ref = v.request_id)) AS fraud_rejected
@@ -408,7 +408,8 @@ async def _check_result(verdict: Verdict, connection: AsyncConnection[Any], reco
         vote_id=row["vote_id"], voter=row["user_id"], vote_type=row["vote_type"],
         count=row["count"], admitted_ms=row["admitted_ms"],
         leaf_hash=bytes(row["receipt_hash"]), contestant_id=row["contestant_id"],
-        channel=row["channel"], fraud_rejected=row["fraud_rejected"]) for row in rows]
+        channel=row["channel"], fraud_rejected=row["fraud_rejected"],
+        received_ms=row["received_ms"]) for row in rows]
     ledger_rows += [rules.Row(
         vote_id=row["vote_id"], voter=row["user_id"], vote_type=row["vote_type"],
         count=row["count"], admitted_ms=row["admitted_ms"],

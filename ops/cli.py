@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -51,8 +52,8 @@ def _database_url(given: str | None, state_dir: Path) -> str:
     return found
 
 
-def _replica_counts(items: list[str] | None) -> dict[str, int]:
-    """--replicas SERVICE=N options, checked."""
+def _replica_counts(items: list[str] | None, option: str = "--replicas") -> dict[str, int]:
+    """SERVICE=N options (--replicas, --max-replicas), checked."""
     from ops.stack import SERVICES
 
     counts: dict[str, int] = {}
@@ -60,7 +61,7 @@ def _replica_counts(items: list[str] | None) -> dict[str, int]:
         name, _, count = item.partition("=")
         if name not in SERVICES or not count.isdigit() or int(count) < 1:
             raise typer.BadParameter(f"expected SERVICE=N with SERVICE in {', '.join(SERVICES)}",
-                                     param_hint="--replicas")
+                                     param_hint=option)
         counts[name] = int(count)
     return counts
 
@@ -135,6 +136,16 @@ def edge_config(
     trusted_proxy_hops: Annotated[int, typer.Option(
         min=0, help="Load balancers in front of the edge whose X-Forwarded-For is trusted.")]
     = 0,
+    max_replicas: Annotated[list[str] | None, typer.Option(
+        help="SERVICE=N: the most replicas a service named by one DNS name runs (its "
+             "autoscaler's maximum), for the edge's load shedding.")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        help="A browser origin allowed to call the API (repeatable).")] = None,
+    jwt_issuer: Annotated[str, typer.Option(help="Tokens' `iss`.")] = tokens.ISSUER,
+    jwt_audience: Annotated[str, typer.Option(help="Tokens' `aud`.")] = tokens.AUDIENCE,
+    out: Annotated[Path | None, typer.Option(
+        help="Write the config to this file (a Kubernetes pod's init container, deploy/) "
+             "instead of printing it.")] = None,
 ) -> None:
     """Print the edge's Envoy config for an edge on a host of its own: what `televote up`
     renders, from files and addresses given here (a deployment's config map)."""
@@ -153,11 +164,18 @@ def edge_config(
     if missing := [service for service in SERVICES if service not in upstreams]:
         raise typer.BadParameter(f"no address for {', '.join(missing)}",
                                  param_hint="--upstream")
-    typer.echo(edge.render(edge.EdgeSettings(
-        jwks_path=jwks.resolve(), jwt_issuer=tokens.ISSUER, jwt_audience=tokens.AUDIENCE,
+    settings = edge.EdgeSettings(
+        jwks_path=jwks.resolve(), jwt_issuer=jwt_issuer, jwt_audience=jwt_audience,
         host=host, port=port, admin_port=admin_port, trusted_proxy_hops=trusted_proxy_hops,
         upstreams=upstreams,
-        upstream_tls=pki.Identity(tls_dir.resolve()) if tls_dir else None)), nl=False)
+        upstream_replicas=_replica_counts(max_replicas, "--max-replicas"),
+        upstream_tls=pki.Identity(tls_dir.resolve()) if tls_dir else None)
+    if cors_origin:
+        settings = dataclasses.replace(settings, cors_origins=tuple(cors_origin))
+    if out is None:
+        typer.echo(edge.render(settings), nl=False)
+    else:
+        out.write_text(edge.render(settings))
 
 
 @app.command()
@@ -187,12 +205,20 @@ def address(
 
 @app.command()
 def migrate(
-    database_url: Annotated[str, typer.Option(envvar="DATABASE_URL",
-                                              help="PostgreSQL to migrate.")],
+    database_url: Annotated[str | None, typer.Option(envvar="DATABASE_URL",
+                                                     help="PostgreSQL to migrate.")] = None,
+    database_url_file: Annotated[Path | None, typer.Option(
+        help="A file holding the URL instead (a mounted Secret: deploy/'s migrations Job).")]
+    = None,
 ) -> None:
     """Apply pending schema migrations."""
     from ops.migrate import migrate as apply_migrations
 
+    if database_url_file is not None:
+        database_url = database_url_file.read_text().strip()
+    if not database_url:
+        raise typer.BadParameter("give --database-url (DATABASE_URL) or --database-url-file",
+                                 param_hint="--database-url")
     applied = apply_migrations(database_url)
     typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 

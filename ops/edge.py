@@ -8,6 +8,7 @@ services themselves enforce.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+import grpc
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
@@ -27,6 +29,7 @@ from runtime.access import (
     Role,
     routed_services,
 )
+from runtime.errors import ApiError
 from runtime.mesh import peer_name
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
@@ -90,12 +93,18 @@ class EdgeSettings:
     #: calls in front of a saturated replica until every client's deadline has passed. About
     #: what a replica answers in a second or two.
     unary_requests_per_replica: int = 500
+    #: Votes (SubmitVote) are let through while the slowest tenth of them is answered in
+    #: about this (plus 25 %): the edge's adaptive concurrency limit (envoy/edge.yaml).
+    vote_latency_target_ms: int = 400
     descriptor_set: Path = DESCRIPTOR_SET
     #: The built web apps (web/dist), served by the edge itself under the API's origin.
     web_dir: Path = web.DIST
     #: Process name (e.g. "vote_svc") -> the host:port of each of its replicas (IP
-    #: addresses, or a DNS name that resolves to them).
+    #: addresses, or a DNS name that resolves to them: a Kubernetes headless Service).
     upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    #: Replicas a service may have when its upstream is one DNS name (the most its autoscaler
+    #: runs): the edge's load shedding allows `unary_requests_per_replica` for each.
+    upstream_replicas: dict[str, int] = field(default_factory=dict)
     #: The edge's mesh certificate (ops/pki.py): upstreams are reached with mutual TLS and
     #: must present their own service's certificate. None: plaintext upstreams.
     upstream_tls: Identity | None = None
@@ -231,6 +240,52 @@ def _upstream_tls(name: str, tls: Identity) -> dict[str, Any]:
         }}}
 
 
+#: The retry delays (ms) the edge's own OVERLOADED refusals ask for, one picked at random per
+#: refusal: vote_svc draws its delays from a continuous range (vote_svc/ingest.py,
+#: `Ingestor.overloaded`); Envoy's static configuration can only choose among fixed replies.
+EDGE_RETRY_DELAYS_MS = (500, 750, 1000, 1250, 1500)
+#: The status the adaptive concurrency filter refuses with: one nothing else at the edge uses,
+#: so that the local reply mappers can tell its refusals apart (and answer them as 503).
+CONCURRENCY_REFUSAL_STATUS = 507
+_EDGE_OVERLOADED = ("the edge has too many requests outstanding for this service; nothing was "
+                    "recorded, retry after the retry delay")
+
+
+def _overload_replies() -> list[dict[str, Any]]:
+    """Local reply mappers that give the edge's own overload refusals (the adaptive
+    concurrency limit's, CONCURRENCY_REFUSAL_STATUS, and the circuit breakers', response flag
+    UO: a replica's outstanding requests or pending connections at their limit) what
+    vote_svc's refusals carry: UNAVAILABLE (HTTP 503) with ErrorInfo `OVERLOADED` and a
+    RetryInfo, its delay one of EDGE_RETRY_DELAYS_MS with equal chance (mapper i of n takes
+    1/(n-i) of what the ones before it left: independent random sampling per mapper)."""
+    mappers = []
+    count = len(EDGE_RETRY_DELAYS_MS)
+    for index, delay_ms in enumerate(EDGE_RETRY_DELAYS_MS):
+        overflow: dict[str, Any] = {"or_filter": {"filters": [
+            {"response_flag_filter": {"flags": ["UO"]}},
+            {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+                "default_value": CONCURRENCY_REFUSAL_STATUS,
+                "runtime_key": "edge.concurrency_refusal_status"}}}}]}}
+        share = 100 // (count - index)
+        match = overflow if index == count - 1 else {"and_filter": {"filters": [
+            overflow, {"runtime_filter": {
+                "runtime_key": f"edge.overload_reply_{index}",
+                "percent_sampled": {"numerator": share, "denominator": "HUNDRED"},
+                "use_independent_randomness": True}}]}}
+        status = ApiError(grpc.StatusCode.UNAVAILABLE, "OVERLOADED", _EDGE_OVERLOADED,
+                          retry_after_seconds=delay_ms / 1000).to_proto()
+        # The body is what a gRPC caller gets as grpc-message: it must be the status's
+        # message, which gRPC libraries check the details against.
+        mappers.append({"filter": match, "status_code": 503,
+                        "body": {"inline_string": _EDGE_OVERLOADED},
+                        "headers_to_add": [{
+            "header": {"key": "grpc-status-details-bin",
+                       "value": base64.b64encode(status.SerializeToString()).decode()
+                       .rstrip("=")},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]})
+    return mappers
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -241,11 +296,14 @@ def _is_ip(host: str) -> bool:
 
 def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int,
              tls: Identity | None) -> dict[str, Any]:
+    static = all(_is_ip(host) for host, _ in endpoints)
     cluster = {
         "name": name,
-        # Replicas by address, or by a name DNS resolves to every replica (a Kubernetes
-        # headless Service), looked up again as replicas come and go.
-        "type": "STATIC" if all(_is_ip(host) for host, _ in endpoints) else "STRICT_DNS",
+        # A name is resolved every few seconds, and every address it has is an endpoint:
+        # replicas that an autoscaler adds or a rollout replaces join and leave the pool.
+        **({"type": "STATIC"} if static else {
+            "type": "STRICT_DNS", "dns_refresh_rate": "5s", "respect_dns_ttl": False,
+            "dns_lookup_family": "V4_PREFERRED"}),
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "typed_extension_protocol_options": {
@@ -259,8 +317,11 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int,
         },
         # max_requests: see EdgeSettings.unary_requests_per_replica; live results and
         # countdowns hold one stream per viewer, so their services take (nearly) unlimited.
+        # max_pending_requests: a request waiting for a connection to the replica waits at
+        # most as many as may be outstanding; beyond both the edge refuses at once
+        # (`_overload_replies`) rather than queueing in front of a saturated replica.
         "circuit_breakers": {"thresholds": [{
-            "max_connections": 100000, "max_pending_requests": 100000,
+            "max_connections": 100000, "max_pending_requests": max_requests,
             "max_requests": max_requests, "max_retries": 10}]},
         "health_checks": [{
             "timeout": "1s", "interval": "2s", "unhealthy_threshold": 2,
@@ -402,7 +463,8 @@ def render(settings: EdgeSettings) -> str:
     streaming = {process_of(service) for service in routed
                  if any(method.server_streaming for method in methods.get(service, []))}
     clusters = [_cluster(name, endpoints, 1_000_000 if name in streaming
-                         else settings.unary_requests_per_replica * len(endpoints),
+                         else settings.unary_requests_per_replica
+                         * settings.upstream_replicas.get(name, len(endpoints)),
                          settings.upstream_tls)
                 for name, endpoints in sorted(settings.upstreams.items())]
     rate_limits, rate_limit_descriptors = (_rate_limits(settings) if settings.abuse_filters
@@ -430,6 +492,11 @@ def render(settings: EdgeSettings) -> str:
         "max_request_bytes": settings.max_request_bytes,
         "max_heap_bytes": settings.max_heap_bytes,
         "max_connections": settings.max_connections,
+        "overload_replies": _overload_replies(),
+        "vote_latency_target": f"{settings.vote_latency_target_ms / 1000}s",
+        "vote_concurrency_max": settings.unary_requests_per_replica * len(
+            settings.upstreams.get("vote_svc", [("", 0)])),
+        "concurrency_refusal_status": CONCURRENCY_REFUSAL_STATUS,
         # Envoy's default cap is 4 KiB; a bundle is a few hundred.
         "max_direct_response_body_bytes": max(
             [4096, *(file.stat().st_size + 1 for file in web_files.values())]),

@@ -1,9 +1,10 @@
 """Ledger exports for auditors, and their offline verification (`televote audit ...`).
 
-Format `televote-ledger-export/v2`: UTF-8 text, one record a line, each ending in "\\n".
+Format `televote-ledger-export/v3`: UTF-8 text, one record a line, each ending in "\\n".
 
 Line 1, the header, is a JSON object: `format`; `round`, the round's rules (contestants,
-window: `opens_at_ms` and per channel `close_ms`, free quota and per-round cap); `result`, the
+window: `opens_at_ms` and per channel `close_ms`, `receive_lag_ms`, free quota and per-round
+cap); `result`, the
 published final result; `digest`, its signed tree head, signature and public key; `credited`,
 the paid votes ever credited to each of the round's voters (voters with none are left out).
 
@@ -11,8 +12,12 @@ Every other line is a ledger row, and the rows come in ledger order, (accepted_a
 vote_id, leaf hash) ascending (`results_svc.rules`), the order of the tree's leaves:
 
     L <fraud> <accepted_at_ms> <channel> <contestant_id> <count> <vote_id> <vote_type> <voter>
-        One leaf of the round's tree, in tree order, given by its fields. <fraud> is 1 if
-        fraud_svc rejected the vote, else 0. The leaf's bytes (a receipt's leaf_data, the
+      <received_ms>
+        (one line) One leaf of the round's tree, in tree order, given by its fields. <fraud> is
+        1 if fraud_svc rejected the vote, else 0. <received_ms> is the ledger's time the
+        window was judged by (the edge's receive time, `rules.judged_ms`), `-` for a vote
+        that has none (judged by accepted_at_ms); like <fraud> it is not part of the leaf.
+        The leaf's bytes (a receipt's leaf_data, the
         canonical JSON vote_svc wrote: sorted keys, no spaces) are exactly
 
             {"accepted_at_ms":<accepted_at_ms>,"channel":"<channel>","contestant_id":
@@ -21,7 +26,7 @@ vote_id, leaf hash) ascending (`results_svc.rules`), the order of the tree's lea
 
         on one line, with the header's round_id; its RFC 9162 leaf hash is
         SHA-256(0x00 || leaf_data). No field holds a space, a quote or a backslash.
-    J <fraud> <leaf_data>
+    J <fraud> <received_ms> <leaf_data>
         A leaf in any other form (a field missing, escapes, another key order): its bytes as
         signed, parsed as JSON. vote_svc writes none; the format can carry them.
     C <accepted_at_ms> <vote_id> <leaf_hash> <voter> <vote_type> <count> <same_episode>
@@ -65,13 +70,13 @@ from results_svc.rounds import load_round
 from results_svc.signing import parse_tree_head, verify_signature
 from runtime.storage import fetch_one
 
-FORMAT = "televote-ledger-export/v2"
+FORMAT = "televote-ledger-export/v3"
 #: A leaf in canonical form from its fields (see the module's docstring).
 LEAF_TEMPLATE = ('{"accepted_at_ms":%s,"channel":"%s","contestant_id":"%s","count":%s,'
                  '"round_id":"%s","vote_id":"%s","vote_type":"%s","voter":"%s"}')
 _LEAF_TEMPLATE = LEAF_TEMPLATE.encode()
-#: Where a J line's leaf bytes start ("J 0 " or "J 1 ").
-LEAF_AT = 4
+#: <received_ms> of a vote without one.
+NO_RECEIVED = "-"
 #: Above this size the tree is hashed in a second process while this one recounts.
 BACKGROUND_TREE_BYTES = 16 * 2**20
 #: Leaves hashed as one perfect subtree before it joins the tree (see IncrementalRoot).
@@ -91,6 +96,7 @@ def header_line(round_rules: rules.RoundRules, episode_id: str, final: FinalResu
         "round": {"round_id": round_rules.round_id, "episode_id": episode_id,
                   "contestant_ids": list(round_rules.contestant_ids),
                   "opens_at_ms": round_rules.opens_ms, "close_ms": dict(round_rules.close_ms),
+                  "receive_lag_ms": round_rules.receive_lag_ms,
                   "free_vote_quota": round_rules.free_quota,
                   "free_vote_cap": round_rules.free_cap},
         "result": {"counts": final.counts, "total_votes": final.total_votes,
@@ -114,15 +120,24 @@ def canonical_leaf(round_id: str, accepted_at_ms: int, channel: str, contestant_
 
 def compact_leaf_line(fraud_rejected: bool, accepted_at_ms: int, channel: str,
                       contestant_id: str, count: int, vote_id: str, vote_type: str,
-                      voter: str) -> bytes:
+                      voter: str, received_ms: int | None = None) -> bytes:
     return (f"L {int(fraud_rejected)} {accepted_at_ms} {channel} {contestant_id} {count} "
-            f"{vote_id} {vote_type} {voter}\n").encode()
+            f"{vote_id} {vote_type} {voter} {_received_text(received_ms)}\n").encode()
+
+
+def _received_text(received_ms: int | None) -> str:
+    return NO_RECEIVED if received_ms is None else str(received_ms)
+
+
+def _received_value(text: str) -> int | None:
+    return None if text == NO_RECEIVED else int(text)
 
 
 _PLAIN = re.compile(r'[^ "\\\x00-\x1f\x7f-\U0010ffff]*')
 
 
-def leaf_line(round_id: str, leaf_data: bytes, fraud_rejected: bool) -> bytes:
+def leaf_line(round_id: str, leaf_data: bytes, fraud_rejected: bool,
+              received_ms: int | None = None) -> bytes:
     """A leaf's line: L (its fields) if it is a canonical leaf of the round, else J (its
     bytes)."""
     try:
@@ -137,8 +152,11 @@ def leaf_line(round_id: str, leaf_data: bytes, fraud_rejected: bool) -> bytes:
         plain = False
     if plain and fields[4] == round_id and \
             canonical_leaf(round_id, *fields[:4], *fields[5:]) == leaf_data:
-        return compact_leaf_line(fraud_rejected, *fields[:4], *fields[5:])
-    return b"J %d " % fraud_rejected + leaf_data + b"\n"
+        ms, channel, contestant, count, _, vote_id, vote_type, voter = fields
+        return compact_leaf_line(fraud_rejected, ms, channel, contestant, count, vote_id,
+                                 vote_type, voter, received_ms)
+    return (b"J %d %s " % (fraud_rejected, _received_text(received_ms).encode()) + leaf_data
+            + b"\n")
 
 
 def other_round_line(accepted_at_ms: int, vote_id: str, leaf_hash_: bytes, voter: str,
@@ -227,32 +245,32 @@ class _Problems:
         return self.listed + ([f"... and {self.more} more"] if self.more else [])
 
 
-_Leaf = tuple[str, int, str, str, int, str, str, str, str]
+_Leaf = tuple[str, int, str, str, int, str, str, str, str, int | None]
 
 
 def _leaf_fields(line: str, round_id: str) -> tuple[_Leaf, bytes]:
     """((fraud, accepted_at_ms, channel, contestant_id, count, round_id, vote_id, vote_type,
-    voter), leaf bytes) of an L or J line; ValueError if it is not one."""
+    voter, received_ms), leaf bytes) of an L or J line; ValueError if it is not one."""
     if line[:4] not in ("L 0 ", "L 1 ", "J 0 ", "J 1 ") or not line.endswith("\n"):
-        raise ValueError("not `L <0|1> <fields>` or `J <0|1> <leaf_data>`")
+        raise ValueError("not `L <0|1> <fields>` or `J <0|1> <received_ms> <leaf_data>`")
     if line[0] == "L":
         parts = line[:-1].split(" ")
-        if len(parts) != 9 or '"' in line or "\\" in line:
+        if len(parts) != 10 or '"' in line or "\\" in line:
             raise ValueError("not `L <fraud> <accepted_at_ms> <channel> <contestant_id> "
-                             "<count> <vote_id> <vote_type> <voter>`")
-        _, fraud, ms, channel, contestant, count, vote_id, vote_type, voter = parts
+                             "<count> <vote_id> <vote_type> <voter> <received_ms>`")
+        _, fraud, ms, channel, contestant, count, vote_id, vote_type, voter, received = parts
         values: _Leaf = (fraud, int(ms), channel, contestant, int(count), round_id, vote_id,
-                         vote_type, voter)
-        return values, canonical_leaf(round_id, *values[1:5], *values[6:])
-    data = line[LEAF_AT:-1]
+                         vote_type, voter, _received_value(received))
+        return values, canonical_leaf(round_id, *values[1:5], *values[6:9])
+    received, _, data = line[4:-1].partition(" ")
     try:
         leaf = json.loads(data)
         values = (line[2], int(leaf["accepted_at_ms"]), leaf["channel"], leaf["contestant_id"],
                   int(leaf["count"]), leaf["round_id"], leaf["vote_id"], leaf["vote_type"],
-                  leaf.get("voter", ""))
+                  leaf.get("voter", ""), _received_value(received))
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"the leaf is not a vote ({error!r})") from error
-    if not all(isinstance(v, str) for i, v in enumerate(values) if i not in (1, 4)):
+    if not all(isinstance(v, str) for i, v in enumerate(values) if i not in (1, 4, 9)):
         raise ValueError("the leaf is not a vote (a field is not a string)")
     return values, data.encode()
 
@@ -282,7 +300,7 @@ def _recount(lines: Iterable[bytes], header: dict[str, Any], problems: _Problems
     round_rules = rules.RoundRules(
         rnd["round_id"], tuple(rnd["contestant_ids"]), int(rnd["opens_at_ms"]),
         {k: int(v) for k, v in rnd["close_ms"].items()}, int(rnd["free_vote_quota"]),
-        int(rnd["free_vote_cap"]))
+        int(rnd["free_vote_cap"]), int(rnd["receive_lag_ms"]))
     tally = rules.LedgerTally(round_rules, {k: int(v) for k, v in header["credited"].items()},
                               suspects)
     round_id = round_rules.round_id
@@ -297,17 +315,19 @@ def _recount(lines: Iterable[bytes], header: dict[str, Any], problems: _Problems
             kind = line[0]
             if kind == "L":
                 parts = line.split(" ")
-                if len(parts) != 9 or '"' in line or "\\" in line or line[-1] != "\n" \
+                if len(parts) != 10 or '"' in line or "\\" in line or line[-1] != "\n" \
                         or parts[1] not in ("0", "1"):
                     raise ValueError("not `L <fraud> <accepted_at_ms> <channel> "
-                                     "<contestant_id> <count> <vote_id> <vote_type> <voter>`")
+                                     "<contestant_id> <count> <vote_id> <vote_type> <voter> "
+                                     "<received_ms>`")
                 _, fraud, ms_text, channel, contestant, count_text, vote_id, vote_type, \
-                    voter = parts
-                ms, count, of_round, voter = int(ms_text), int(count_text), round_id, voter[:-1]
+                    voter, received_text = parts
+                ms, count, of_round = int(ms_text), int(count_text), round_id
+                received = _received_value(received_text[:-1])
                 leaves += 1
             elif kind == "J":
-                (fraud, ms, channel, contestant, count, of_round, vote_id, vote_type, voter), \
-                    _ = _leaf_fields(line, round_id)
+                (fraud, ms, channel, contestant, count, of_round, vote_id, vote_type, voter,
+                 received), _ = _leaf_fields(line, round_id)
                 leaves += 1
             elif kind == "C":
                 ms, vote_id, _, voter, vote_type, count, same_episode = _other_fields(line)
@@ -326,7 +346,8 @@ def _recount(lines: Iterable[bytes], header: dict[str, Any], problems: _Problems
             continue
         if of_round != round_id:
             problems.add(f"line {number}: leaf {vote_id} is of another round")
-        counted(vote_id, voter, vote_type, count, ms, contestant, channel, fraud == "1")
+        counted(vote_id, voter, vote_type, count, ms, contestant, channel, fraud == "1",
+                received)
     return tally, leaves
 
 
@@ -343,14 +364,14 @@ def export_tree(path: str) -> tuple[int, bytes]:
             kind = line[0]
             if kind == 76:  # L
                 parts = line[:-1].split(b" ")
-                if len(parts) == 9:
-                    _, _, ms, channel, contestant, count, vote_id, vote_type, voter = parts
+                if len(parts) == 10:
+                    _, _, ms, channel, contestant, count, vote_id, vote_type, voter, _ = parts
                     data = _LEAF_TEMPLATE % (ms, channel, contestant, count, round_id,
                                              vote_id, vote_type, voter)
                 else:
                     data = line
-            elif kind == 74:  # J
-                data = line[LEAF_AT:-1]
+            elif kind == 74:  # J: "J <fraud> <received_ms> <leaf_data>"
+                data = line[:-1].split(b" ", 3)[-1]
             else:
                 continue
             block.append(sha256(b"\x00" + data).digest())

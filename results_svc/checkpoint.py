@@ -71,16 +71,17 @@ def judge_params(info: RoundInfo) -> dict[str, Any]:
     return {"round": info.round_id, "episode": info.episode_id,
             "contestants": list(info.contestant_ids), "opens": info.opens_ms,
             "app": info.channel_close_ms("APP"), "web": info.channel_close_ms("WEB"),
-            "sms": info.channel_close_ms("SMS"), "quota": info.free_quota, "cap": info.free_cap}
+            "sms": info.channel_close_ms("SMS"), "quota": info.free_quota, "cap": info.free_cap,
+            "lag": info.receive_lag_ms}
 
 
 def rules_below(info: RoundInfo, watermark_ms: int) -> dict[str, Any]:
     """The round's rules as they judge rows admitted before `watermark_ms`: two rule sets with
     the same value judge every such row alike (a channel close at or after the watermark
-    cannot tell them apart)."""
+    cannot tell them apart: a row is judged by a time no later than its admission)."""
     params = judge_params(info)
     return {"opens": params["opens"], "contestants": sorted(params["contestants"]),
-            "quota": params["quota"], "cap": params["cap"],
+            "quota": params["quota"], "cap": params["cap"], "lag": params["lag"],
             "close": {c: min(params[c.lower()], watermark_ms) for c in ("APP", "WEB", "SMS")}}
 
 

@@ -174,7 +174,9 @@ class Finalizer:
                 if time.monotonic() >= due:
                     await self.announce(row["round_id"])
                 continue
-            age = now_ms - row["closed_ms"]
+            # Votes the edge received before the close may still be admitted for the round's
+            # receive lag after it (migrations/0018); then their batches commit (settle).
+            age = now_ms - row["closed_ms"] - row["receive_lag_ms"]
             if age < self._config.results_settle_ms or (
                     age < self._config.results_settle_max_ms
                     and not await self._counters_settled(row["round_id"])):

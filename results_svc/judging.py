@@ -4,7 +4,7 @@ every ledger row alike (invariant 5: the checkpoint path must store the recount'
 `results_svc.rules` says the same rules in Python, for `televote audit verify`.
 
 Parameters, named as `checkpoint.judge_params` gives them: round, episode, contestants, opens,
-app / web / sms (each channel's close, ms), quota, cap.
+app / web / sms (each channel's close, ms), quota, cap, lag (the round's receive_lag_ms).
 """
 
 #: A voter's rows in ledger order (alias `v`): the window the running totals are taken over.
@@ -16,12 +16,18 @@ WINDOW = ("WINDOW w AS (PARTITION BY v.user_id ORDER BY v.admitted_ms, v.vote_id
 #: it counts itself or not.
 ROW_WITH_TOTALS = """
   v.vote_id, v.user_id, v.request_id, v.round_id, v.contestant_id, v.vote_type, v.count,
-  v.channel, v.admitted_ms, v.receipt_hash,
+  v.channel, v.admitted_ms, v.received_ms, v.receipt_hash,
   sum(CASE WHEN v.vote_type = 'FREE' AND v.episode_id = %(episode)s::uuid
            THEN v.count ELSE 0 END) OVER w AS free_run,
   sum(CASE WHEN v.vote_type = 'FREE' AND v.round_id = %(round)s::uuid
            THEN v.count ELSE 0 END) OVER w AS round_free_run,
   sum(CASE WHEN v.vote_type = 'PAID' THEN v.count ELSE 0 END) OVER w AS paid_run"""
+
+
+def judged_ms(row: str) -> str:
+    """`rules.judged_ms` of the row aliased `row`: the time its window is judged by."""
+    return (f"greatest(least(coalesce({row}.received_ms, {row}.admitted_ms), {row}.admitted_ms),"
+            f" {row}.admitted_ms - %(lag)s)")
 
 
 def reason(row: str, duplicate: str, fraud_rejected: str) -> str:
@@ -30,7 +36,7 @@ def reason(row: str, duplicate: str, fraud_rejected: str) -> str:
     the caller's: each query finds earlier copies and rejections its own way."""
     return f"""CASE WHEN {duplicate} THEN 'DUPLICATE'
        WHEN NOT ({row}.contestant_id = ANY(%(contestants)s::uuid[])) THEN 'NOT_A_CONTESTANT'
-       WHEN {row}.admitted_ms < %(opens)s OR {row}.admitted_ms >= CASE {row}.channel
+       WHEN {judged_ms(row)} < %(opens)s OR {judged_ms(row)} >= CASE {row}.channel
             WHEN 'APP' THEN %(app)s WHEN 'WEB' THEN %(web)s ELSE %(sms)s END
             THEN 'OUTSIDE_WINDOW'
        WHEN {fraud_rejected} THEN 'FRAUD_REJECTED'

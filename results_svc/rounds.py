@@ -39,6 +39,7 @@ class RoundInfo:
     closed_ms: int | None
     offsets_ms: dict[str, int]
     closes_at: datetime | None
+    receive_lag_ms: int = 0
 
     @property
     def contestant_ids(self) -> tuple[str, ...]:
@@ -60,7 +61,7 @@ class RoundInfo:
         assert self.opens_ms is not None
         return RoundRules(self.round_id, self.contestant_ids, self.opens_ms,
                           {c: self.channel_close_ms(c) for c in ("APP", "WEB", "SMS")},
-                          self.free_quota, self.free_cap)
+                          self.free_quota, self.free_cap, self.receive_lag_ms)
 
 
 def round_not_found(round_id: str) -> ApiError:
@@ -92,4 +93,4 @@ async def load_round(connection: Any, round_id: str) -> RoundInfo | None:
         opens_ms=row["opens_ms"], closes_ms=row["closes_ms"], closed_ms=row["closed_ms"],
         offsets_ms={"APP": row["app_close_offset_ms"], "WEB": row["web_close_offset_ms"],
                     "SMS": row["sms_close_offset_ms"]},
-        closes_at=row["closes_at"])
+        closes_at=row["closes_at"], receive_lag_ms=row["receive_lag_ms"])

@@ -8,8 +8,10 @@ A ledger row of the round counts unless, checked in this order:
 1. DUPLICATE: another row with the same vote_id comes first in ledger order (cannot happen:
    the ledger is unique per (user, request id) and vote ids are fresh UUIDs; checked anyway);
 2. NOT_A_CONTESTANT: the contestant is not one of the round's;
-3. OUTSIDE_WINDOW: admitted (by the Redis server clock, `accepted_at_ms` in the leaf) before
-   the round opened or at/after its channel's close, min(closes_at + channel offset, closed_at);
+3. OUTSIDE_WINDOW: received (`judged_ms`: when the edge received it, but never earlier than
+   the round's `receive_lag_ms` before it was admitted by the Redis server clock,
+   `accepted_at_ms` in the leaf, and never after that) before the round opened or at/after its
+   channel's close, min(closes_at + channel offset, closed_at);
 4. FRAUD_REJECTED: fraud_svc rejected it (a `fraud_rejections` row for the vote or the user);
 5. OVER_FREE_QUOTA / OVER_ROUND_FREE_CAP: a FREE vote whose voter's running total of FREE
    votes in the episode (every ledger row, any round, in ledger order, including this one)
@@ -46,6 +48,17 @@ class RoundRules:
     close_ms: Mapping[str, int]
     free_quota: int
     free_cap: int
+    #: How long after the edge received a vote it may still be admitted as received then.
+    receive_lag_ms: int = 0
+
+
+def judged_ms(admitted_ms: int, received_ms: int | None, receive_lag_ms: int) -> int:
+    """The time a row's window is judged by: when the edge received the vote, bounded to the
+    `receive_lag_ms` before its admission (a vote that waited longer in our queues is judged
+    as if received then) and never after its admission. The admission script judged it so
+    (vote_svc/admission.py); `judging.JUDGED_MS` says the same in SQL."""
+    received = admitted_ms if received_ms is None else min(received_ms, admitted_ms)
+    return max(received, admitted_ms - receive_lag_ms)
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,7 @@ class Row:
     in_round: bool = True
     same_episode: bool = True
     fraud_rejected: bool = False
+    received_ms: int | None = None
 
     @property
     def order(self) -> tuple[int, str, bytes]:
@@ -116,8 +130,9 @@ def recount(rules: RoundRules, rows: Iterable[Row], credited: Mapping[str, int])
             reason = DUPLICATE
         elif row.contestant_id not in contestants:
             reason = NOT_A_CONTESTANT
-        elif not rules.opens_ms <= row.admitted_ms < rules.close_ms.get(row.channel,
-                                                                         rules.opens_ms):
+        elif not rules.opens_ms <= judged_ms(row.admitted_ms, row.received_ms,
+                                             rules.receive_lag_ms) < rules.close_ms.get(
+                row.channel, rules.opens_ms):
             reason = OUTSIDE_WINDOW
         elif row.fraud_rejected:
             reason = FRAUD_REJECTED
@@ -160,6 +175,7 @@ class LedgerTally:
         self._close = dict(rules.close_ms)
         self._quota = rules.free_quota
         self._cap = rules.free_cap
+        self._lag = rules.receive_lag_ms
         self._credited = credited
         #: voter -> FREE votes in the episode, FREE votes in the round, PAID votes so far
         self._free_episode: dict[str, int] = {}
@@ -178,7 +194,8 @@ class LedgerTally:
             self._paid[voter] = self._paid.get(voter, 0) + count
 
     def leaf(self, vote_id: str, voter: str, vote_type: str, count: int, admitted_ms: int,
-             contestant_id: str, channel: str, fraud_rejected: bool) -> str | None:
+             contestant_id: str, channel: str, fraud_rejected: bool,
+             received_ms: int | None = None) -> str | None:
         """One of the round's rows; returns why it does not count (None: it counts)."""
         free = round_free = paid = 0
         if vote_type == "FREE":
@@ -198,7 +215,8 @@ class LedgerTally:
             reason = DUPLICATE
         elif contestant_id not in self._contestants:
             reason = NOT_A_CONTESTANT
-        elif not self._opens <= admitted_ms < self._close.get(channel, self._opens):
+        elif not self._opens <= judged_ms(admitted_ms, received_ms, self._lag) < \
+                self._close.get(channel, self._opens):
             reason = OUTSIDE_WINDOW
         elif fraud_rejected:
             reason = FRAUD_REJECTED

@@ -44,8 +44,9 @@ COPY (
                  AND leaf_data = convert_to(format(%(template)s, admitted_ms, channel,
                      contestant_id, count, round_id, vote_id, vote_type, voter), 'UTF8')
                 THEN concat_ws(' ', 'L', fraud, admitted_ms, channel, contestant_id, count,
-                               vote_id, vote_type, voter)
-                ELSE concat_ws(' ', 'J', fraud, convert_from(leaf_data, 'UTF8'))
+                               vote_id, vote_type, voter, coalesce(received_ms::text, '-'))
+                ELSE concat_ws(' ', 'J', fraud, coalesce(received_ms::text, '-'),
+                               convert_from(leaf_data, 'UTF8'))
            END AS line
       FROM (SELECT v.*,
                    -- What a canonical leaf's voter would be (the 32 bytes before its final
@@ -291,7 +292,7 @@ INSERT_LEDGER_KEY = (
 ROUNDS_TO_FINALIZE = (
     "SELECT r.round_id::text, r.state, (rr.round_id IS NOT NULL) AS stored,"
     " floor(extract(epoch FROM coalesce(r.closed_at, r.lines_close_at)) * 1000)"
-    "::bigint AS closed_ms"
+    "::bigint AS closed_ms, r.receive_lag_ms"
     " FROM rounds r LEFT JOIN round_results rr USING (round_id)"
     " WHERE r.state IN ('OPEN', 'CLOSED') ORDER BY r.closed_at"
 )
@@ -402,7 +403,7 @@ SELECT r.round_id::text, r.episode_id::text, r.name, r.contestant_ids::text[] AS
        e.state AS episode_state,
        {_MS.format("r.opens_at")} AS opens_ms, {_MS.format("r.closes_at")} AS closes_ms,
        {_MS.format("r.closed_at")} AS closed_ms, {_MS.format("r.lines_close_at")} AS lines_ms,
-       r.app_close_offset_ms, r.web_close_offset_ms, r.sms_close_offset_ms
+       r.app_close_offset_ms, r.web_close_offset_ms, r.sms_close_offset_ms, r.receive_lag_ms
   FROM rounds r JOIN episodes e USING (episode_id)
  WHERE r.round_id = %s
 """

@@ -2,10 +2,16 @@
 
 A missing or malformed variable stops the process at start with a message that names the
 variable, instead of failing on the first request that needs it.
+
+Secrets may come as files instead: with TELEVOTE_SECRETS_DIR set, a file there named after a
+variable (DATABASE_URL, VOTE_IP_HASH_KEY, ...) gives its value when the environment does not
+(a Kubernetes Secret mounted as a volume, deploy/), so passwords and keys stay out of the
+process environment.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import ClassVar, Self
 
@@ -42,6 +48,10 @@ class ServiceConfig(BaseSettings):
     televote_anonymous_streams_per_ip: int = 2000
     #: This process's mesh certificate, key and CA (runtime/mesh.py); unset: plaintext.
     televote_tls_dir: Path | None = None
+    #: A second, plaintext port on TELEVOTE_HOST that serves grpc.health.v1 and nothing else,
+    #: for probes that cannot present a mesh certificate (Kubernetes' `grpc:` probes,
+    #: deploy/); unset: none. It tells only whether the process is serving.
+    televote_health_port: int | None = None
     database_url: str
     redis_url: str
     #: Talk to Redis Cluster instead of a single Redis (same keys, same scripts).
@@ -64,8 +74,9 @@ class ServiceConfig(BaseSettings):
     @classmethod
     def load(cls) -> Self:
         """Read the config from the environment, or exit naming every bad variable."""
+        secrets_dir = os.environ.get("TELEVOTE_SECRETS_DIR")
         try:
-            return cls()
+            return cls(_secrets_dir=secrets_dir) if secrets_dir else cls()
         except ValidationError as error:
             problems = [
                 f"{'_'.join(str(part) for part in issue['loc']).upper()}: {issue['msg']}"

@@ -16,13 +16,22 @@ from datetime import UTC, datetime, timedelta
 RECEIVED_HEADER = "x-televote-received-ms"
 
 
-def edge_received_at(metadata: Sequence[tuple[str, str | bytes]] | None) -> datetime | None:
-    """When the edge received the call, or None for a call from inside the mesh (or a value
-    that is not a time)."""
+def edge_received_ms(metadata: Sequence[tuple[str, str | bytes]] | None) -> int | None:
+    """When the edge received the call (epoch ms), or None for a call from inside the mesh
+    (or a value that is not a time)."""
     for key, value in metadata or ():
         if key == RECEIVED_HEADER and isinstance(value, str) and value.isdigit():
-            return datetime.fromtimestamp(int(value) / 1000, UTC)
+            return int(value)
     return None
+
+
+def edge_received_at(metadata: Sequence[tuple[str, str | bytes]] | None) -> datetime | None:
+    """`edge_received_ms` as a time."""
+    return received_time(edge_received_ms(metadata))
+
+
+def received_time(received_ms: int | None) -> datetime | None:
+    return None if received_ms is None else datetime.fromtimestamp(received_ms / 1000, UTC)
 
 
 def gateway_time_problem(claimed: datetime, reference: datetime, *, max_age_ms: int,

@@ -66,13 +66,18 @@ class MeshTls:
 def channel(target: str, service: str, tls: MeshTls | None,
             options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
     """A channel to `service`'s replicas at `target`: mutual TLS that checks the replicas'
-    certificates name `service` when this process has a certificate, else plaintext."""
+    certificates name `service` when this process has a certificate, else plaintext.
+
+    Calls are spread over every address the target names or resolves to (`ipv4:a,b` from
+    `televote up`, a headless Service's `dns:///` name in Kubernetes): grpc's default policy,
+    pick_first, would send them all to the first replica."""
+    options = [("grpc.lb_policy_name", "round_robin"), *(options or [])]
     if tls is None:
         return grpc.aio.insecure_channel(target, options=options)
     # Replicas are dialled by address; the name their certificate must carry is set here.
     return grpc.aio.secure_channel(
         target, tls.channel_credentials(),
-        options=[*(options or []), ("grpc.ssl_target_name_override", peer_name(service))])
+        options=[*options, ("grpc.ssl_target_name_override", peer_name(service))])
 
 
 def peer_of(context: Any) -> str | None:

@@ -4,7 +4,8 @@ A service's own `server.py` has `create_server(config) -> (ServiceHost, port)` t
 servicers and binds, `serve()` that runs it until SIGTERM, and a thin `main()`; tests call
 `create_server` with port 0 and drive the host directly.
 
-Lifecycle: bind -> health NOT_SERVING -> start -> connect storage -> SERVING -> ... ->
+Lifecycle: bind -> health NOT_SERVING (liveness SERVING) -> start -> connect storage ->
+SERVING -> ... ->
 SIGTERM/SIGINT -> NOT_SERVING (load balancers stop sending) -> a short announce period ->
 on_drain hooks (end open streams so their clients reconnect elsewhere) -> stop accepting,
 drain in-flight RPCs for the grace period -> on_stop hooks (flush what is buffered) -> close
@@ -37,6 +38,12 @@ from runtime.telemetry import configure_telemetry
 log = logging.getLogger(__name__)
 
 Hook = Callable[[], Awaitable[None]]
+
+#: The health service name that says SERVING from the moment the server answers until it
+#: shuts down, whatever its storage does: a liveness probe's question ("is the process
+#: alive?"), where the overall status ("") is a readiness probe's ("may it take calls?"). A
+#: replica whose PostgreSQL is unreachable is not ready, and restarting it would not help.
+LIVENESS_SERVICE = "televote.liveness"
 
 #: See _SERVER_OPTIONS.
 MAX_REQUEST_BYTES = 1024 * 1024
@@ -78,6 +85,14 @@ class ServiceHost:
             anonymous_streams_per_ip=config.televote_anonymous_streams_per_ip))
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # Kubernetes' grpc probes speak plaintext and present no certificate, and the mesh
+        # port requires one: the same health statuses are served on a port of their own.
+        # (The alternative, an exec probe running grpc_health_probe with a certificate,
+        # forks a process per probe per pod and needs a client key in every pod.)
+        self.health_server: grpc.aio.Server | None = None
+        if config.televote_health_port is not None:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self._service_names: list[str] = []
         self._start_hooks: list[Hook] = []
         self._stop_hooks: list[Hook] = []
@@ -114,6 +129,10 @@ class ServiceHost:
                 if self.tls else self.server.add_insecure_port(address))
         if port == 0:
             raise RuntimeError(f"cannot bind {address}")
+        if self.health_server is not None:
+            health_address = f"{self.config.televote_host}:{self.config.televote_health_port}"
+            if self.health_server.add_insecure_port(health_address) == 0:
+                raise RuntimeError(f"cannot bind {health_address}")
         return port
 
     async def _set_health(self, status: int) -> None:
@@ -123,7 +142,10 @@ class ServiceHost:
     async def start(self) -> None:
         """Start answering (health says NOT_SERVING), connect storage, then say SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         if self.storage is not None:
             await self.storage.connect()
         for hook in self._start_hooks:
@@ -145,6 +167,9 @@ class ServiceHost:
             await hook()
         if self.storage is not None:
             await self.storage.close()
+        if self.health_server is not None:
+            # Last: probes see NOT_SERVING through the whole drain, not a refused connection.
+            await self.health_server.stop(0)
         log.info("stopped")
 
     async def run_until_signal(self) -> None:

@@ -33,6 +33,9 @@ class Window:
     free_cap: int
     rate_limit_per_minute: int
     version: int  # the episode version it was read at (`keys.write_window` orders by it)
+    #: How long after the edge received a vote it may still be admitted as received then
+    #: (migrations/0018; `results_svc.rules.judged_ms`).
+    receive_lag_ms: int = 0
 
     @classmethod
     def of_round(cls, round_row: Mapping[str, Any], episode: Mapping[str, Any]) -> Window:
@@ -51,7 +54,8 @@ class Window:
             contestants=tuple(str(c) for c in round_row["contestant_ids"]),
             free_quota=int(episode["free_vote_quota"]), free_cap=int(round_row["free_vote_cap"]),
             rate_limit_per_minute=int(episode["rate_limit_per_minute"]),
-            version=int(episode["version"]))
+            version=int(episode["version"]),
+            receive_lag_ms=int(round_row.get("receive_lag_ms", 0)))
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, str]) -> Window:
@@ -63,7 +67,8 @@ class Window:
             contestants=tuple(filter(None, fields.get("contestants", "").split(","))),
             free_quota=int(fields.get("free_quota", 0)), free_cap=int(fields.get("free_cap", 0)),
             rate_limit_per_minute=int(fields.get("rate_limit_per_minute", 0)),
-            version=int(fields.get("version", 0)))
+            version=int(fields.get("version", 0)),
+            receive_lag_ms=int(fields.get("receive_lag_ms", 0)))
 
     def fields(self) -> dict[str, str | int]:
         """The hash fields as the admission script reads them."""
@@ -71,7 +76,8 @@ class Window:
             "episode_id": self.episode_id, "state": self.state, "opens_at_ms": self.opens_at_ms,
             "closes_at_ms": self.closes_at_ms, "contestants": ",".join(self.contestants),
             "free_quota": self.free_quota, "free_cap": self.free_cap,
-            "rate_limit_per_minute": self.rate_limit_per_minute, "version": self.version}
+            "rate_limit_per_minute": self.rate_limit_per_minute, "version": self.version,
+            "receive_lag_ms": self.receive_lag_ms}
         for channel in keys.CHANNELS:
             fields[f"close_{channel}_ms"] = self.close_ms[channel]
         return fields

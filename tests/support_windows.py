@@ -35,7 +35,7 @@ async def open_test_round(database_url: str, redis_url: str, *, opens_in_ms: int
                           duration_ms: int = 600_000, free_quota: int = 5,
                           contestants: int = 3, offsets: dict[str, int] | None = None,
                           rate_limit: int = 100, free_cap: int = 0,
-                          ) -> TestRound:
+                          receive_lag_ms: int = 1000) -> TestRound:
     """An episode with `contestants` contestants and one OPEN round, mirrored into Redis."""
     offsets = {channel: (offsets or {}).get(channel, 0) for channel in keys.CHANNELS}
     redis = create_redis(redis_url)
@@ -58,18 +58,19 @@ async def open_test_round(database_url: str, redis_url: str, *, opens_in_ms: int
             await connection.execute(
                 "INSERT INTO rounds (round_id, episode_id, name, contestant_ids, window_ms,"
                 "  free_vote_cap, visibility, app_close_offset_ms, web_close_offset_ms,"
-                "  sms_close_offset_ms, state, opens_at, closes_at, lines_close_at)"
+                "  sms_close_offset_ms, state, opens_at, closes_at, lines_close_at,"
+                "  receive_lag_ms)"
                 " VALUES (%s, %s, 'Round', %s::uuid[], %s, %s, 'RESULTS_VISIBILITY_PUBLIC_COUNTS',"
                 "  %s, %s, %s, 'OPEN', to_timestamp(%s / 1000.0), to_timestamp(%s / 1000.0),"
-                "  to_timestamp(%s / 1000.0))",
+                "  to_timestamp(%s / 1000.0), %s)",
                 (round_id, episode_id, contestant_ids, duration_ms, free_cap, offsets["app"],
                  offsets["web"], offsets["sms"], opens, closes,
-                 closes + max(offsets.values())))
+                 closes + max(offsets.values()), receive_lag_ms))
         await window.write(redis, round_id, window.Window(
             episode_id=episode_id, state="OPEN", opens_at_ms=opens, closes_at_ms=closes,
             close_ms={channel: closes + offsets[channel] for channel in keys.CHANNELS},
             contestants=tuple(contestant_ids), free_quota=free_quota, free_cap=free_cap,
-            rate_limit_per_minute=rate_limit, version=1))
+            rate_limit_per_minute=rate_limit, version=1, receive_lag_ms=receive_lag_ms))
         return TestRound(show_id, episode_id, round_id, contestant_ids, opens, closes, offsets)
     finally:
         await redis.aclose()

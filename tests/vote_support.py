@@ -17,6 +17,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from ops.stack import Stack
+from results_svc import judging
 from runtime import keys
 from runtime.access import Principal, Role
 from runtime.errors import error_info
@@ -40,6 +41,13 @@ SMS_TYPE = vote_types_pb2.VOTE_TYPE_PREMIUM_SMS
 APP = vote_types_pb2.CHANNEL_APP
 WEB = vote_types_pb2.CHANNEL_WEB
 SMS = vote_types_pb2.CHANNEL_SMS
+
+
+#: SQL: the time a ledger row `v` of round `r` is judged by (results_svc.rules.judged_ms), and
+#: the round's open and close in the same ms, for tests that check the window in the ledger.
+JUDGED_MS = judging.judged_ms("v").replace("%(lag)s", "r.receive_lag_ms")
+OPENS_MS = "floor(extract(epoch FROM r.opens_at) * 1000)"
+CLOSED_MS = "floor(extract(epoch FROM r.closed_at) * 1000)"
 
 
 def new_id() -> str:

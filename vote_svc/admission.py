@@ -8,8 +8,13 @@ scripts run unchanged on Redis Cluster. The admission script, in order:
 2. the fraud verdict (BLOCK and a geographic REFUSE refuse, after idempotency so a retry of
    an accepted vote still gets its first outcome);
 3. the shard marker (missing after Redis lost its data: vote_svc rebuilds first);
-4. the window, by `TIME` of the Redis server: NOT_OPEN before opens_at_ms, CLOSED at or after
-   the channel's close (`close_<channel>_ms`) or when state is not OPEN;
+4. the window, at the vote's judged time: when the edge received it (ARGV[13], epoch ms; none
+   from inside the mesh without a gateway time), bounded to the window's `receive_lag_ms`
+   before `TIME` of the Redis server and never after it (`results_svc.rules.judged_ms`, the
+   same rule the final result applies): NOT_OPEN before opens_at_ms, CLOSED at or after the
+   channel's close (`close_<channel>_ms`) or when state is neither OPEN nor CLOSED. So a vote
+   the edge received while lines were open is not refused because it waited in our queues
+   past the close (up to the lag); the judged time is returned with OK for the ledger;
 5. the contestant is one of the round's;
 6. the per-user rate (votes per minute window of the Redis clock; the window's
    `rate_limit_per_minute`, else VOTE_RATE_LIMIT_PER_MINUTE);
@@ -62,8 +67,9 @@ local function load(user, a)
 end
 """
 
-# ARGV[13..18], when given, is what PostgreSQL says of the user (see _LOAD): a cache that
-# lacks the user is filled first, in the same call, instead of answering NEED_LOAD.
+# ARGV[13] is when the edge received the vote (epoch ms; '' if unknown). ARGV[14..19], when
+# given, is what PostgreSQL says of the user (see _LOAD): a cache that lacks the user is
+# filled first, in the same call, instead of answering NEED_LOAD.
 ADMIT = _LOAD + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -78,10 +84,15 @@ if ARGV[9] ~= '0' then return {'BLOCKED'} end
 if redis.call('EXISTS', KEYS[7]) == 0 then return {'REBUILD'} end
 local w = redis.call('HMGET', KEYS[1], 'state', 'opens_at_ms', 'close_' .. ARGV[4] .. '_ms',
                      'contestants', 'free_quota', 'episode_id', 'free_cap',
-                     'rate_limit_per_minute')
+                     'rate_limit_per_minute', 'receive_lag_ms')
 if not w[1] then return {'NO_WINDOW'} end
-if now < tonumber(w[2]) then return {'NOT_OPEN', tostring(now), w[2]} end
-if w[1] ~= 'OPEN' or now >= tonumber(w[3]) then return {'CLOSED', tostring(now), w[3]} end
+local judged = now
+local received = tonumber(ARGV[13])
+if received then judged = math.max(math.min(received, now), now - tonumber(w[9] or '0')) end
+if judged < tonumber(w[2]) then return {'NOT_OPEN', tostring(now), w[2]} end
+if (w[1] ~= 'OPEN' and w[1] ~= 'CLOSED') or judged >= tonumber(w[3]) then
+  return {'CLOSED', tostring(now), w[3]}
+end
 if not string.find(',' .. w[4] .. ',', ',' .. ARGV[1] .. ',', 1, true) then
   return {'INVALID_CONTESTANT'}
 end
@@ -103,8 +114,8 @@ if ARGV[2] ~= 'PREMIUM_SMS' then
   local rfield = 'rfree:' .. ARGV[12]
   local u = redis.call('HMGET', KEYS[2], 'credited', 'spent', 'free:' .. episode, rfield)
   if not u[1] or not u[3] or not u[4] then
-    if not ARGV[13] then return {'NEED_LOAD', episode} end
-    load(KEYS[2], 13)
+    if not ARGV[14] then return {'NEED_LOAD', episode} end
+    load(KEYS[2], 14)
     u = redis.call('HMGET', KEYS[2], 'credited', 'spent', 'free:' .. episode, rfield)
   end
   local credited, spent = tonumber(u[1]), tonumber(u[2])
@@ -137,7 +148,7 @@ redis.call('SET', KEYS[3], value, 'PX', ARGV[11])
 local member = table.concat({ARGV[6], ARGV[12], ARGV[1], ARGV[2], ARGV[3], now, episode,
                              KEYS[3]}, '|')
 redis.call('ZADD', KEYS[8], now + tonumber(ARGV[7]), member)
-return {'OK', value, member}
+return {'OK', value, member, tostring(judged)}
 """
 
 # Settling an admission (done or undo) also takes it off its shard's pending set when given

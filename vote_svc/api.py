@@ -3,6 +3,7 @@ store purchases and the stores' notifications."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,7 +12,7 @@ import grpc
 from runtime import ids
 from runtime.access import Role
 from runtime.errors import ApiError, FieldViolation, invalid_argument
-from runtime.gateway_time import edge_received_at, gateway_time_problem
+from runtime.gateway_time import edge_received_ms, gateway_time_problem, received_time
 from runtime.interceptors import current_principal
 from runtime.protoconv import timestamp
 from runtime.storage import Storage
@@ -49,20 +50,21 @@ class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
     async def SubmitVote(self, request: vote_service_pb2.SubmitVoteRequest,
                          context: grpc.aio.ServicerContext[Any, Any],
                          ) -> vote_service_pb2.SubmitVoteResponse:
-        refusal = self._ingestor.shed(1, context.time_remaining())
+        metadata = context.invocation_metadata()
+        arrived_ms = edge_received_ms(metadata)  # type: ignore[arg-type]
+        refusal = self._ingestor.shed(1, context.time_remaining(), arrived_ms=arrived_ms)
         if refusal is not None:
             raise refusal
-        metadata = context.invocation_metadata()
         vote, bad = check_vote(
             request_id=request.request_id, user_id=current_principal().subject,
             round_id=request.round_id, contestant_id=request.contestant_id,
             vote_type=request.vote_type, count=request.count, channel=request.channel,
             client=request.client, has_client=request.HasField("client"),
             ip=client_ip(metadata, context.peer()),  # type: ignore[arg-type]
-            gateway=False, received_at=edge_received_at(metadata))  # type: ignore[arg-type]
+            gateway=False, received_at=received_time(arrived_ms))
         if vote is None:
             raise invalid_argument(*bad)
-        (result,) = await self._ingestor.submit([vote])
+        (result,) = await self._ingestor.submit([vote], arrived_ms=arrived_ms)
         if isinstance(result, ApiError):
             raise result
         return vote_service_pb2.SubmitVoteResponse(
@@ -163,14 +165,15 @@ class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServic
             raise invalid_argument(
                 FieldViolation("votes", f"at most {MAX_BATCH} votes per batch"),
                 reason="BATCH_TOO_LARGE")
+        metadata = context.invocation_metadata()
+        arrived_ms = edge_received_ms(metadata)  # type: ignore[arg-type]
         refusal = self._ingestor.shed(len(request.votes), context.time_remaining(),
-                                      gateway=True)
+                                      gateway=True, arrived_ms=arrived_ms)
         if refusal is not None:  # before validating a thousand votes for nothing
             return vote_gateway_service_pb2.SubmitVotesResponse(
                 results=[_vote_result(index, refusal) for index in range(len(request.votes))])
-        metadata = context.invocation_metadata()
         ip = client_ip(metadata, context.peer())  # type: ignore[arg-type]
-        arrived = edge_received_at(metadata)  # type: ignore[arg-type]
+        arrived = received_time(arrived_ms)
         carrier = current_principal().role == Role.CARRIER
         results: list[Result | None] = [None] * len(request.votes)
         valid: list[tuple[int, VoteRequest]] = []
@@ -193,9 +196,12 @@ class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServic
             elif vote is None or bad:
                 results[index] = invalid_argument(*bad)
             else:
+                if arrived is not None:  # a gateway's own time never judges lines-open
+                    vote = dataclasses.replace(vote, edge_received_at=arrived)
                 valid.append((index, vote))
         if valid:
-            outcomes = await self._ingestor.submit([vote for _, vote in valid], gateway=True)
+            outcomes = await self._ingestor.submit([vote for _, vote in valid], gateway=True,
+                                                   arrived_ms=arrived_ms)
             for (index, _), outcome in zip(valid, outcomes, strict=True):
                 results[index] = outcome
         return vote_gateway_service_pb2.SubmitVotesResponse(

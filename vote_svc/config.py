@@ -62,6 +62,23 @@ class VoteConfig(ServiceConfig):
     vote_gateway_clock_tolerance_ms: int = 1_000
     #: A call with this little of its deadline left is not started (DEADLINE_EXCEEDED).
     vote_min_time_left_ms: float = 5.0
+    #: Admission by queue time (vote_svc/overload.py): while calls have waited (since the
+    #: edge received them) more than the target for a whole interval, a call that waited
+    #: more than the target is refused at once with UNAVAILABLE `OVERLOADED`; otherwise only
+    #: past half the budget. A vote not admitted in Redis within the budget is refused before
+    #: it is admitted. The budget must stay below the rounds' receive lag
+    #: (migrations/0018), so that a vote received before the close is admitted, or refused,
+    #: within it.
+    #: The target is above what an unqueued call takes from the edge to here on a busy
+    #: machine (tens of ms on a shared 2-core one: bench/RESULTS.md); the interval spans
+    #: enough calls for its shortest wait to mean something.
+    vote_queue_target_ms: float = 200.0
+    vote_queue_interval_ms: float = 500.0
+    vote_queue_budget_ms: float = 800.0
+    #: The retry delay an OVERLOADED refusal asks for, on average: each refusal asks for a
+    #: random delay between half and one and a half times this, so the refused clients of one
+    #: burst come back spread out instead of as the same burst again.
+    vote_overload_retry_ms: float = 1000.0
 
     #: How long an admitted-but-uncommitted vote holds its request id. A retry arriving later
     #: than this (the replica that admitted it died) checks the ledger and takes over. Must be

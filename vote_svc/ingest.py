@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,6 +34,7 @@ from vote_svc.admission import RATE_WINDOW_MS, Outcome, Scripts, VoteKeys, decod
 from vote_svc.config import VoteConfig
 from vote_svc.fraud import FraudScorer, Score, ScoringUnavailableError
 from vote_svc.ledger import CommitResult, Ledger, LedgerVote
+from vote_svc.overload import QueueTimeAdmission
 from vote_svc.recovery import Recovery
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,17 @@ class VoteRequest:
     ip: str = ""
     client_time: timestamp_pb2.Timestamp | None = None
     received_at: datetime | None = None
+    #: When the edge received the vote, where that is not `received_at` (a carrier's own
+    #: receive time, through the edge, is recorded but never judges lines-open).
+    edge_received_at: datetime | None = None
+
+    @cached_property
+    def received_ms(self) -> int | str:
+        """What the admission script judges lines-open by (within the window's receive lag):
+        when the edge received the vote (for sms_svc's votes, the message), epoch ms; ''
+        when unknown."""
+        received = self.edge_received_at or self.received_at
+        return "" if received is None else int(received.timestamp() * 1000)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -128,6 +141,9 @@ class Ingestor:
         # Voters' first votes arriving together: one PostgreSQL query for all of them.
         self._users: Coalescer[UserKey, list[str | int]] = Coalescer(self._load_users)
         self._inflight = 0.0  # cost of the votes between submit() and their answer
+        self._queue = QueueTimeAdmission(target_ms=config.vote_queue_target_ms,
+                                         interval_ms=config.vote_queue_interval_ms,
+                                         budget_ms=config.vote_queue_budget_ms)
         self.recovery = Recovery(storage, scripts, config)
 
     # -- the pipeline -------------------------------------------------------------------
@@ -142,26 +158,35 @@ class Ingestor:
         scoring request and its Redis and PostgreSQL round trips with the batch)."""
         return count * (self._config.vote_gateway_vote_cost if gateway else 1.0)
 
-    async def submit(self, votes: list[VoteRequest], *, gateway: bool = False) -> list[Result]:
-        """Admit and record `votes` (the caller has asked `shed` first)."""
+    async def submit(self, votes: list[VoteRequest], *, gateway: bool = False,
+                     arrived_ms: int | None = None) -> list[Result]:
+        """Admit and record `votes` (the caller has asked `shed` first); `arrived_ms` is when
+        the edge received the call (None from inside the mesh)."""
         cost = self.cost(len(votes), gateway=gateway)
         self._inflight += cost
         try:
-            return await self._submit(votes)
+            return await self._submit(votes, arrived_ms)
         finally:
             self._inflight -= cost
 
-    def shed(self, count: int, time_left_s: float | None, *,
-             gateway: bool = False) -> ApiError | None:
+    def shed(self, count: int, time_left_s: float | None, *, gateway: bool = False,
+             arrived_ms: int | None = None) -> ApiError | None:
         """Refuse a call of `count` votes before anything is admitted (or even validated)
         when its answer could not arrive in time; `time_left_s` is what remains of the
-        caller's deadline.
+        caller's deadline, `arrived_ms` when the edge received the call.
 
         In the close-of-lines spike an overloaded replica must not keep working on calls
         whose clients have already given up (they retry, and the work doubles) nor queue
-        without bound (every vote gets slower): past `vote_max_inflight_votes` new calls are
-        refused at once with UNAVAILABLE `OVERLOADED` and a retry delay, and a call whose
-        deadline has (nearly) passed is not started. Nothing changes for a refused vote.
+        without bound (every vote gets slower). Where the queues are (the edge, the gRPC
+        server's completion queue, this event loop) a call cannot be seen until it is taken
+        out, so the call is judged by how long it waited since the edge received it
+        (vote_svc/overload.py) -> refused at once with UNAVAILABLE `OVERLOADED` and a
+        jittered retry delay (`overloaded`). A refusal costs a fraction of a vote, so under
+        any offered load the replica spends its CPU on the votes it can answer in time, and
+        the queue stays short. Past `vote_max_inflight_votes` (a backstop for
+        calls from inside the mesh, which carry no edge time) new calls are refused too, and
+        a call whose deadline has (nearly) passed is not started. Nothing changes for a
+        refused vote.
 
         The limit is on cost, not on calls or votes (`cost`): counted per vote, one
         1,000-vote gateway batch filled a replica's limit on its own, and at the close of
@@ -173,13 +198,23 @@ class Ingestor:
             return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
                             "the call's deadline passed before the vote could be admitted; "
                             "nothing was recorded")
+        if arrived_ms is not None and self._queue.refuse(arrived_ms):
+            return self.overloaded()
         if self._inflight >= config.vote_max_inflight_votes:  # a call may overshoot by itself
-            return ApiError(grpc.StatusCode.UNAVAILABLE, "OVERLOADED",
-                            "this replica is at capacity; nothing was recorded, retry with "
-                            "the same request_id", retry_after_seconds=0.5)
+            return self.overloaded()
         return None
 
-    async def _submit(self, votes: list[VoteRequest]) -> list[Result]:
+    def overloaded(self) -> ApiError:
+        """UNAVAILABLE `OVERLOADED`, asking for a retry after a random delay around
+        `vote_overload_retry_ms` (half to one and a half times it): a constant would bring a
+        refused burst back as the same burst."""
+        delay_s = self._config.vote_overload_retry_ms / 1000 * random.uniform(0.5, 1.5)
+        return ApiError(grpc.StatusCode.UNAVAILABLE, "OVERLOADED",
+                        "too many votes at this moment; nothing was recorded, retry with the "
+                        "same request_id after the retry delay",
+                        retry_after_seconds=delay_s)
+
+    async def _submit(self, votes: list[VoteRequest], arrived_ms: int | None) -> list[Result]:
         now_ms = int(time.time() * 1000)
         # A vote waits for company once, at the first stage that batches: scoring, else the
         # admission's Redis pipeline (VOTE_ADMIT_WAIT_MS). Votes scored together arrive at
@@ -199,6 +234,10 @@ class Ingestor:
                 scores = self._scorer.unavailable(len(votes))
         except ScoringUnavailableError:
             return [unavailable("fraud scoring is unavailable")] * len(votes)
+        if arrived_ms is not None and self._queue.late(arrived_ms):
+            # Scoring queued (fraud_svc, or this event loop): refuse before admitting, while
+            # a refusal still changes nothing.
+            return [self.overloaded() for _ in votes]
         batch = _Batch(votes, scores, [None] * len(votes))
         todo = list(range(len(votes)))
         backoff = 0.002
@@ -240,7 +279,8 @@ class Ingestor:
                 vote.fingerprint, vote_id, config.vote_lease_ms,
                 config.vote_rate_limit_per_minute,
                 _REFUSALS.get(scores[index].action, "0"), RATE_WINDOW_MS,
-                config.vote_idempotency_ttl_s * 1000, vote.round_id, *batch.loaded.get(index, ())],
+                config.vote_idempotency_ttl_s * 1000, vote.round_id, vote.received_ms,
+                *batch.loaded.get(index, ())],
                 wait_ms=wait_ms))
         replies = await asyncio.gather(*calls, return_exceptions=True)
 
@@ -262,6 +302,7 @@ class Ingestor:
                 outcome = Outcome.parse(reply[1])
                 entry = self._ledger_vote(vote, scores[index], keyset, outcome)
                 entry.pending_member = reply[2]
+                entry.received_ms = int(reply[3])
                 commits[index] = (entry, self._ledger.submit(entry))
             elif status == "DONE":
                 results[index] = self._accepted(vote, Outcome.parse(reply[1]))

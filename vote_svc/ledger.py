@@ -76,6 +76,8 @@ class LedgerVote:
     outcome: Outcome
     #: This admission's entry in its shard's pending set, removed when it is settled.
     pending_member: str = ""
+    #: The time the admission script judged the window by (`results_svc.rules.judged_ms`).
+    received_ms: int | None = None
 
     def record(self) -> dict[str, Any]:
         """The ledger row (store.COLUMNS) as JSON values; bytea as PostgreSQL's hex text."""
@@ -90,7 +92,7 @@ class LedgerVote:
             "latitude": self.latitude, "longitude": self.longitude,
             "received_at": None if self.received_at is None else self.received_at.isoformat(),
             "fingerprint": "\\x" + self.fingerprint, "leaf_data": "\\x" + self.leaf_data.hex(),
-            "receipt_hash": "\\x" + self.receipt_hash.hex()}
+            "receipt_hash": "\\x" + self.receipt_hash.hex(), "received_ms": self.received_ms}
 
 
 @dataclass(frozen=True)

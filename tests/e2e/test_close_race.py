@@ -1,8 +1,9 @@
 """Votes racing an operator's close: every acknowledged vote lies inside the recorded window.
 
-The final result counts votes admitted before the round's recorded close; if the close time
-were read before Redis stopped admitting, a vote acknowledged in between would be dropped
-from the result (an OK that does not count: invariant 3 and 5 together).
+The final result counts votes received (by the edge, bounded by the round's receive lag
+before their admission: results_svc.rules.judged_ms) before the round's recorded close; if
+the close time were read before Redis stopped admitting, a vote acknowledged in between would
+be dropped from the result (an OK that does not count: invariant 3 and 5 together).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import grpc
 from ops.stack import Stack
 from tests.support_windows import TestRound
 from tests.sync_support import Operator, seconds
-from tests.vote_support import query, stub, vote_request, voter
+from tests.vote_support import CLOSED_MS, JUDGED_MS, query, stub, vote_request, voter
 
 
 async def test_every_vote_acknowledged_before_a_close_is_inside_the_recorded_window(
@@ -61,7 +62,7 @@ async def test_every_vote_acknowledged_before_a_close_is_inside_the_recorded_win
     outside = await query(
         stack.database_url,
         "SELECT v.vote_id FROM votes v JOIN rounds r USING (round_id)"
-        " WHERE v.round_id = %s AND v.admitted_at >= r.closed_at", round_id)
+        f" WHERE v.round_id = %s AND {JUDGED_MS} >= {CLOSED_MS}", round_id)
     assert outside == []
     counted = await query(stack.database_url,
                           "SELECT count(*) AS n FROM votes WHERE round_id = %s", round_id)

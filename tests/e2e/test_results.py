@@ -32,7 +32,15 @@ from televote.results.v1 import results_service_pb2_grpc as rgrpc
 from tests.conftest import bearer
 from tests.support_windows import TestRound, close_test_round, open_test_round
 from tests.sync_support import SseWatcher
-from tests.vote_support import FREE, stub, vote_request, voter
+from tests.vote_support import (
+    CLOSED_MS,
+    FREE,
+    JUDGED_MS,
+    OPENS_MS,
+    stub,
+    vote_request,
+    voter,
+)
 
 
 def results_stub(channel: grpc.aio.Channel) -> rgrpc.ResultsServiceStub:
@@ -113,8 +121,8 @@ async def test_the_final_result_equals_an_independent_recount_of_the_ledger(
     assert final.results.is_final
     ledger = dict(await _sql(
         stack, "SELECT contestant_id::text, sum(count)::bigint FROM votes v, rounds r"
-        " WHERE v.round_id = %s AND r.round_id = v.round_id AND v.admitted_at >= r.opens_at"
-        " AND v.admitted_at < r.closed_at GROUP BY 1", test_round.round_id))
+        f" WHERE v.round_id = %s AND r.round_id = v.round_id AND {JUDGED_MS} >= {OPENS_MS}"
+        f" AND {JUDGED_MS} < {CLOSED_MS} GROUP BY 1", test_round.round_id))
     got = {s.contestant_id: s.count for s in final.results.standings}
     assert got == {c: ledger.get(c, 0) for c in test_round.contestants}
     assert final.results.total_votes == sum(ledger.values()) > 0
@@ -130,7 +138,7 @@ async def test_the_final_result_equals_an_independent_recount_of_the_ledger(
     # before it closes the Redis window; sync_svc's close has the same gap, see the report).
     late = await _sql(stack, "SELECT coalesce(sum(count), 0) FROM votes v, rounds r"
                       " WHERE v.round_id = %s AND r.round_id = v.round_id"
-                      " AND v.admitted_at >= r.closed_at", test_round.round_id)
+                      f" AND {JUDGED_MS} >= {CLOSED_MS}", test_round.round_id)
     assert final.invalidated_votes == late[0][0]
     reconciliation = (await _sql(stack, "SELECT reconciliation FROM round_results"
                                  " WHERE round_id = %s", test_round.round_id))[0][0]
@@ -142,7 +150,7 @@ async def test_the_final_result_equals_an_independent_recount_of_the_ledger(
     # before it closes the Redis window; sync_svc's close has the same gap, see the report).
     late = await _sql(stack, "SELECT coalesce(sum(count), 0) FROM votes v, rounds r"
                       " WHERE v.round_id = %s AND r.round_id = v.round_id"
-                      " AND v.admitted_at >= r.closed_at", test_round.round_id)
+                      f" AND {JUDGED_MS} >= {CLOSED_MS}", test_round.round_id)
     assert final.invalidated_votes == late[0][0]
     reconciliation = (await _sql(stack, "SELECT reconciliation FROM round_results"
                                  " WHERE round_id = %s", test_round.round_id))[0][0]

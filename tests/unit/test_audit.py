@@ -39,7 +39,8 @@ class Ledger:
         rng = random.Random(seed)
         self.rules = rules.RoundRules(ROUND, CONTESTANTS, OPENS, CLOSE,
                                       free_quota=rng.randint(2, 6),
-                                      free_cap=rng.choice((0, 0, 2, 3)))
+                                      free_cap=rng.choice((0, 0, 2, 3)),
+                                      receive_lag_ms=rng.choice((0, 5, 20)))
         voters = [f"{n:032x}" for n in range(rng.randint(2, 8))] + [""]
         self.credited = {v: rng.choice((0, 1, 3, 8)) for v in voters if rng.random() < 0.8}
         self.rows: list[rules.Row] = []
@@ -73,7 +74,9 @@ class Ledger:
                 vote_id=vote_id, voter=voter, vote_type=vote_type, count=count,
                 admitted_ms=ms, leaf_hash=leaf_hash,
                 contestant_id=str(fields["contestant_id"]), channel=str(fields["channel"]),
-                fraud_rejected=rng.random() < 0.1))
+                fraud_rejected=rng.random() < 0.1,
+                # Received before its admission, by up to twice the lag, or not known.
+                received_ms=rng.choice((None, ms, ms - rng.randint(0, 40)))))
         self.rows.sort(key=lambda row: row.order)
 
     def reference(self) -> rules.Recount:
@@ -84,7 +87,7 @@ class Ledger:
         for row in self.rows:
             if row.in_round:
                 out.append(audit.leaf_line(ROUND, self.leaf_data[(row.vote_id, row.leaf_hash)],
-                                           row.fraud_rejected))
+                                           row.fraud_rejected, row.received_ms))
             else:
                 out.append(audit.other_round_line(row.admitted_ms, row.vote_id, row.leaf_hash,
                                                   row.voter, row.vote_type, row.count,
@@ -123,7 +126,7 @@ def _streamed(ledger: Ledger) -> tuple[rules.LedgerTally, dict[str, str], int]:
             if row.in_round:
                 reason = tally.leaf(row.vote_id, row.voter, row.vote_type, row.count,
                                     row.admitted_ms, row.contestant_id, row.channel,
-                                    row.fraud_rejected)
+                                    row.fraud_rejected, row.received_ms)
                 if reason is not None:
                     invalid[row.vote_id] = reason
                     judged_invalid += 1
@@ -310,7 +313,7 @@ def test_the_benchs_export_is_valid_and_its_result_is_the_reference_recount(
         rows = []
         for line in file:
             if line.startswith(b"L "):
-                _, fraud, ms, channel, contestant, count, vote_id, vote_type, voter = \
+                _, fraud, ms, channel, contestant, count, vote_id, vote_type, voter, _ = \
                     line.decode().split()
                 data = audit.canonical_leaf(header["round"]["round_id"], int(ms), channel,
                                             contestant, int(count), vote_id, vote_type, voter)
@@ -331,7 +334,8 @@ def test_the_benchs_export_is_valid_and_its_result_is_the_reference_recount(
     rnd = header["round"]
     reference = rules.recount(
         rules.RoundRules(rnd["round_id"], tuple(rnd["contestant_ids"]), rnd["opens_at_ms"],
-                         rnd["close_ms"], rnd["free_vote_quota"], rnd["free_vote_cap"]),
+                         rnd["close_ms"], rnd["free_vote_quota"], rnd["free_vote_cap"],
+                         rnd["receive_lag_ms"]),
         rows, header["credited"])
     assert reference.counts == published.counts == header["result"]["counts"]
     assert reference.invalidated_votes == published.invalidated_votes

@@ -91,3 +91,33 @@ def test_an_edge_on_a_host_of_its_own_is_configured_from_its_own_files(tmp_path:
 
     missing = CliRunner().invoke(app, ["edge-config", "--jwks", str(jwks), *upstreams[:2]])
     assert missing.exit_code != 0 and "no address for" in missing.output
+
+
+def test_an_edge_in_kubernetes_sheds_load_for_the_replicas_its_autoscaler_may_run(
+        tmp_path: Path) -> None:
+    """What deploy/'s edge pods run before Envoy: one DNS name per service, written to a file;
+    the edge sheds load for as many replicas as the autoscaler may run (one DNS name says
+    nothing about how many there are), trusts one load balancer's X-Forwarded-For and takes
+    the deployment's token issuer and browser origins; Envoy accepts it."""
+    tls = pki.issue(tmp_path, pki.EDGE, tmp_path / "tls")
+    config = tmp_path / "envoy.yaml"
+    result = CliRunner().invoke(app, [
+        "edge-config", "--out", str(config), "--jwks", str(tokens.ensure_signing_key(tmp_path)),
+        "--tls-dir", str(tls.directory), "--trusted-proxy-hops", "1",
+        "--max-replicas", "vote_svc=20", "--jwt-issuer", "https://id.example.com",
+        "--cors-origin", "https://vote.example.com",
+        *(f"--upstream={service}=televote-{service.replace('_', '-')}.ns.svc:50051"
+          for service in SERVICES)])
+    assert result.exit_code == 0, result.output
+    text = config.read_text()
+    assert "xff_num_trusted_hops: 1" in text
+    assert "https://id.example.com" in text and "https://vote.example.com" in text
+    clusters = next(line for line in text.splitlines() if line.strip().startswith("clusters:"))
+    by_name = {cluster["name"]: cluster for cluster in json.loads(clusters.split(":", 1)[1])}
+    assert {cluster["type"] for cluster in by_name.values()} == {"STRICT_DNS"}
+    assert by_name["vote_svc"]["circuit_breakers"]["thresholds"][0]["max_requests"] == 20 * 500
+    assert by_name["fraud_svc"]["circuit_breakers"]["thresholds"][0]["max_requests"] == 500
+    envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

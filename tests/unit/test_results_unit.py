@@ -162,3 +162,21 @@ def test_proofs_from_block_roots_and_one_block_equal_the_full_trees() -> None:
                 start = index // block * block
                 assert top.inclusion_proof(index, leaves[start:start + block]) \
                     == full.inclusion_proof(index), (size, block, index)
+
+
+def test_a_row_is_judged_by_when_the_edge_received_it_within_the_receive_lag() -> None:
+    round_rules = rules.RoundRules("r", ("c1",), 1000, {"APP": 2000}, free_quota=10,
+                                   free_cap=0, receive_lag_ms=300)
+    rows = [
+        _row("v1", "u1", "FREE", 1, 2100, received_ms=1950),  # queued across the close
+        _row("v2", "u2", "FREE", 1, 2400, received_ms=1900),  # queued past the lag
+        _row("v3", "u3", "FREE", 1, 1999, received_ms=2500),  # a received time after
+        _row("v4", "u4", "FREE", 1, 1100, received_ms=990),   # received before the open
+        _row("v5", "u5", "FREE", 1, 2000),                    # no received time: admission
+    ]
+    result = rules.recount(round_rules, rows, {})
+    assert result.counts == {"c1": 2}
+    assert result.invalid == {"v2": rules.OUTSIDE_WINDOW, "v4": rules.OUTSIDE_WINDOW,
+                              "v5": rules.OUTSIDE_WINDOW}
+    assert rules.judged_ms(2250, 1900, 300) == 1950  # as if received at the lag's start
+    assert rules.judged_ms(1999, 2500, 300) == 1999

@@ -55,6 +55,20 @@ def test_config_is_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
         config.round_seconds = 5  # type: ignore[misc]
 
 
+def test_config_reads_secrets_from_files_named_after_their_variables(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A Kubernetes Secret mounted as files (deploy/): the value comes from the file, and the
+    environment still wins where it says something."""
+    (tmp_path / "DATABASE_URL").write_text("postgresql://svc:s3cret@db/televote\n")
+    (tmp_path / "REDIS_URL").write_text("redis://svc:pw@redis:6379/0")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://from-env:1/0")
+    monkeypatch.setenv("TELEVOTE_SECRETS_DIR", str(tmp_path))
+    config = _Config.load()
+    assert config.database_url == "postgresql://svc:s3cret@db/televote"
+    assert config.redis_url == "redis://from-env:1/0"
+
+
 def test_api_error_carries_one_error_info_and_bad_request() -> None:
     error = invalid_argument(FieldViolation("count", "must be 1..100"))
     status = rpc_status.to_status  # noqa: F841 - the helper under test builds a grpc.Status
@@ -140,6 +154,67 @@ async def test_sigterm_drains_an_in_flight_rpc_before_exit() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_probes_reach_health_on_a_plaintext_port_beside_the_mesh_port(
+        tmp_path: Path) -> None:
+    """Kubernetes' grpc probes present no certificate: a replica in the mesh answers them on
+    TELEVOTE_HEALTH_PORT, which serves health and nothing else, while its mesh port still
+    refuses a caller without a certificate."""
+    from ops import pki
+    from runtime.server import LIVENESS_SERVICE
+    from tests.slow_service import SlowConfig, create_server
+
+    tls_dir = tmp_path / "tls"
+    pki.issue(tmp_path, "vote_svc", tls_dir)
+    health_port = free_port()
+    host, port = create_server(SlowConfig(televote_tls_dir=tls_dir,
+                                          televote_health_port=health_port,
+                                          televote_drain_announce_seconds=0))
+    await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as probe:
+            health = health_pb2_grpc.HealthStub(probe)
+            for service in ("", LIVENESS_SERVICE):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service),
+                                           timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await probe.unary_unary(SLEEP_METHOD)(b"0", timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plaintext:
+            with pytest.raises(grpc.aio.AioRpcError) as no_certificate:
+                await health_pb2_grpc.HealthStub(plaintext).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5)
+            assert no_certificate.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await host.stop()
+
+
+async def test_a_mesh_channel_spreads_calls_over_every_replica() -> None:
+    """A target naming several replicas (or a DNS name with several addresses) gets calls on
+    each, not all on the first (grpc's default pick_first)."""
+    from runtime import mesh
+    from tests.slow_service import SlowConfig, create_server
+
+    hosts = [create_server(SlowConfig(televote_drain_announce_seconds=0)) for _ in range(2)]
+    answered: list[str] = []
+    for host, port in hosts:
+        async def which(request: bytes, context: Any, port: int = port) -> bytes:
+            answered.append(str(port))
+            return b""
+        host.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "test.Slow", {"Port": grpc.unary_unary_rpc_method_handler(which)}),))
+        await host.start()
+    try:
+        target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for _, port in hosts)
+        async with mesh.channel(target, "slow_test_svc", None) as channel:
+            for _ in range(10):
+                await channel.unary_unary("/test.Slow/Port")(b"", timeout=5)
+        assert set(answered) == {str(port) for _, port in hosts}
+    finally:
+        for host, _ in hosts:
+            await host.stop()
 
 
 async def test_calls_are_traced_and_logs_carry_the_trace_id() -> None:
