@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.kannel_sms import KannelSmsClient
 from loadtest.plan import (
     CARRIERS,
     DEADLINE_RETRY,
@@ -30,7 +31,7 @@ from loadtest.plan import (
     Shot,
     sms_sender,
 )
-from loadtest.transports import ERROR, OK, Answer, Vote, client_for
+from loadtest.transports import ERROR, OK, Answer, Vote, VoteClient, client_for
 from ops import tokens
 from runtime.access import Role
 
@@ -66,6 +67,8 @@ class WorkerJob:
     timeout_s: float = 10.0
     retry_errors: bool = False
     max_in_flight: int = 4000
+    #: SMS through Kannel: carrier -> its fake SMSC link's port (empty: the carrier API).
+    kannel_smsc_ports: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,7 +92,13 @@ async def _work(job: WorkerJob, reports: Any, start: Any, started: Any) -> None:
     carrier_tokens = {carrier: tokens.mint(job.state_dir, Role.CARRIER, carrier.lower())
                       for carrier in CARRIERS}
     paths = {shot.path for _, shot in job.shots}
-    clients = {path: client_for(path, job.edge_target, job.edge_url) for path in paths}
+    clients: dict[str, VoteClient] = {
+        path: KannelSmsClient(job.kannel_smsc_ports)
+        if path == SMS and job.kannel_smsc_ports else
+        client_for(path, job.edge_target, job.edge_url) for path in paths}
+    for client in clients.values():
+        if isinstance(client, KannelSmsClient):
+            await client.connect()
     attempts: list[Attempt] = []
     tally = _Tally()
     reports.put(("ready", job.worker, None))

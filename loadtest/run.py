@@ -24,7 +24,7 @@ from fakestores import FakeAppStore, FakePlayStore, stack_environment
 from loadtest import report
 from loadtest.driver import Attempt, WorkerJob, drain, load_attempts, worker_main
 from loadtest.funding import Funding, StoreFunding
-from loadtest.plan import LoadConfig, Plan, build
+from loadtest.plan import SMS, LoadConfig, Plan, build
 from loadtest.progress import Progress, live_display
 from loadtest.resources import Sampler
 from loadtest.show import ControlRoom, wait_final
@@ -46,6 +46,8 @@ class Target:
     database_url: str
     #: Whether this process started the stack (then its processes' CPU and memory are known).
     own_stack: bool = False
+    #: Kannel's fake SMSC links (carrier -> port), when the stack runs Kannel.
+    kannel_smsc_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def edge_url(self) -> str:
@@ -53,7 +55,8 @@ class Target:
 
     @classmethod
     def of(cls, stack: Stack, own: bool = True) -> Target:
-        return cls(stack.edge_target, stack.settings.state_dir, stack.database_url, own)
+        return cls(stack.edge_target, stack.settings.state_dir, stack.database_url, own,
+                   dict(stack.kannel.smsc_ports) if stack.kannel is not None else {})
 
 
 @dataclass
@@ -72,6 +75,8 @@ async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *
     """With `stores` (the stand-ins the stack's vote_svc trusts) paid voters buy packages and
     some are refunded during voting; without, an operator grants them their paid votes."""
     plan = build(config)
+    if config.sms_via == "kannel" and not target.kannel_smsc_ports:
+        raise ValueError("SMS via Kannel needs a stack running Kannel (televote up --kannel)")
     log(f"plan {plan.run_id} ({config.scenario}): {plan.summary()}")
     room = ControlRoom(target.edge_target, target.state_dir)
     try:
@@ -150,12 +155,16 @@ async def _vote(plan: Plan, target: Target, room: ControlRoom, voting_round: Any
     started: Any = context.Event()
     scratch = Path(tempfile.mkdtemp(prefix=f"loadtest-{plan.run_id}-"))
     shares: list[list[tuple[int, Any]]] = [[] for _ in range(workers)]
+    via_kannel = plan.config.sms_via == "kannel"
     for index, shot in enumerate(plan.shots):
-        shares[zlib.crc32(shot.user.encode()) % workers].append((index, shot))
+        # A fake SMSC link takes one client at a time: through Kannel, one driver texts.
+        worker = 0 if via_kannel and shot.path == SMS else zlib.crc32(shot.user.encode())
+        shares[worker % workers].append((index, shot))
     jobs = [WorkerJob(n, share, voting_round.round_id, voting_round.contestant_ids,
                       target.edge_target, target.edge_url, target.state_dir,
                       scratch / f"worker-{n}.pickle",
-                      retry_errors=plan.config.scenario == "retries")
+                      retry_errors=plan.config.scenario == "retries",
+                      kannel_smsc_ports=target.kannel_smsc_ports if via_kannel else {})
             for n, share in enumerate(shares)]
     processes = [context.Process(target=worker_main, args=(job, reports, start, started),
                                  name=f"loadtest-driver-{job.worker}", daemon=True)
@@ -224,7 +233,7 @@ async def run_with_own_stack(config: LoadConfig, out_dir: Path | None, *, worker
         state_dir=state_dir, edge_port=0,
         service_env={**OWN_STACK_ENV,
                      **stack_environment(apple, google, state_dir / "stores")},
-        edge=ONE_LOAD_GENERATOR)
+        edge=ONE_LOAD_GENERATOR, kannel=config.sms_via == "kannel")
     # Two vote_svc replicas by default: the vote path is where the load is, and replicas are
     # how it is run (like bench/vote_bench.py).
     settings.replicas.update({"vote_svc": 2, **(replicas or {})})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -204,7 +205,8 @@ def address(
             raise typer.BadParameter(f"{part} runs {len(found)} replica(s)",
                                      param_hint="--replica")
         found = found[replica]
-    typer.echo(found)
+    # Kannel's fake SMSC links (`televote up --kannel`): carrier -> port, as JSON.
+    typer.echo(json.dumps(found) if isinstance(found, dict) else found)
 
 
 @app.command()
@@ -439,6 +441,11 @@ def loadtest(
         min=0.0, max=1.0, help="seed, shownight: share of voters who text 1255 instead "
                                "(premium SMS through the carrier API, over three carriers).")]
     = 0.2,
+    sms_via: Annotated[str, typer.Option(
+        help="api: the SMS share posts to the carrier JSON API; kannel: it goes through "
+             "Kannel (fake SMSC links -> bearerbox -> smsbox -> edge), replies back the same "
+             "way (an own stack starts Kannel; with --edge, `televote up --kannel`).")]
+    = "api",
     window: Annotated[float | None, typer.Option(
         min=1.0, help="The voting window in show seconds (default 1800).")] = None,
     compress: Annotated[float | None, typer.Option(
@@ -480,6 +487,7 @@ def loadtest(
     config = LoadConfig(
         scenario=scenario, users=users or int(defaults.get("users", 10_000)),
         votes_per_user=votes_per_user, paid_share=paid_share, sms_share=sms_share,
+        sms_via=sms_via,
         window_s=window or defaults.get("window_s", 1800.0),
         compress=compress or defaults.get("compress", 30.0),
         paths=tuple(p.strip() for p in paths.split(",") if p.strip()), seed=seed,
@@ -499,8 +507,14 @@ def loadtest(
         if not (state_dir / "jwt").is_dir():
             raise typer.BadParameter(f"{state_dir} holds no token key (jwt/)",
                                      param_hint="--state-dir")
-        result = asyncio.run(run(config, Target(host_port, state_dir, database_url), out,
-                                 workers=workers, live=live))
+        smsc = read_addresses(state_dir).get("kannel-smsc") or {}
+        if sms_via == "kannel" and not smsc:
+            raise typer.BadParameter(f"the stack running from {state_dir} runs no Kannel "
+                                     "(televote up --kannel)", param_hint="--sms-via")
+        result = asyncio.run(run(config, Target(
+            host_port, state_dir, database_url,
+            kannel_smsc_ports=dict(smsc)), out,  # type: ignore[call-overload]
+            workers=workers, live=live))
     else:
         from ops.processes import run_stopping_on_sigterm
 

@@ -141,8 +141,13 @@ class Stack:
             log.info("migrations applied: %s", applied or "none pending")
             await asyncio.to_thread(self._provision_roles, state_dir)
             jwks = tokens.ensure_signing_key(state_dir)
+            environ = {**os.environ, **self.settings.service_env}
             self._service_extra["fraud_svc"] = await asyncio.to_thread(
-                dev_geoip_environment, state_dir, {**os.environ, **self.settings.service_env})
+                dev_geoip_environment, state_dir, environ)
+            # vote_svc records the IP's place at admission from the same database.
+            geoip = self._service_extra["fraud_svc"].get(DEV_GEOIP_VARIABLE)
+            if geoip and not environ.get(VOTE_GEOIP_VARIABLE):
+                self._service_extra["vote_svc"] = {VOTE_GEOIP_VARIABLE: geoip}
 
             if self.settings.mtls:
                 for holder in (*SERVICES, pki.OPERATOR, pki.EDGE):
@@ -199,6 +204,7 @@ class Stack:
             write_addresses(state_dir, {
                 "edge": self.edge_target, "envoy-admin": f"127.0.0.1:{self.admin_port}",
                 "database": self.database_url, "redis": self.redis_url,
+                **({"kannel-smsc": self.kannel.smsc_ports} if self.kannel else {}),
                 **{service: [f"{host}:{port}" for host, port in self.addresses[service]]
                    for service in SERVICES}})
         except BaseException:
@@ -287,7 +293,8 @@ class Stack:
     def _service_files(self, state_dir: Path, service: str) -> dict[str, Path]:
         """The files `service` reads, by the variable that names them: the stack's copies,
         each installed into the service's own directory where it runs (its mesh certificate,
-        results_svc's ledger signing key, fraud_svc's development GeoIP database)."""
+        results_svc's ledger signing key, fraud_svc's and vote_svc's development GeoIP
+        database)."""
         own = service_dir(state_dir, service)
         files = {}
         if self.settings.mtls:
@@ -297,9 +304,10 @@ class Stack:
             # Made here, once: replicas on several hosts must all sign with the same key.
             Signer.load(key, create=True)
             files["RESULTS_SIGNING_KEY_FILE"] = key
-        geoip = self._service_extra.get(service, {}).get(DEV_GEOIP_VARIABLE)
-        if geoip:
-            files[DEV_GEOIP_VARIABLE] = Path(geoip)
+        for variable in (DEV_GEOIP_VARIABLE, VOTE_GEOIP_VARIABLE):
+            geoip = self._service_extra.get(service, {}).get(variable)
+            if geoip:
+                files[variable] = Path(geoip)
         return files
 
     def _service_secrets(self, state_dir: Path, service: str) -> dict[str, str]:
@@ -410,6 +418,8 @@ class Stack:
 
 #: fraud_svc's GeoIP database.
 DEV_GEOIP_VARIABLE = "FRAUD_GEOIP_DB"
+#: vote_svc's GeoIP database (the IP's place kept in the ledger): the same file in a local mesh.
+VOTE_GEOIP_VARIABLE = "VOTE_GEOIP_DB"
 
 
 def dev_geoip_environment(state_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:

@@ -44,6 +44,9 @@ FAST_SHOW_ENV = {
     "RESULTS_REPORT_MIN_VOTERS": "3",
     "RESULTS_REPORT_PROVISIONAL_MS": "0",
     "RESULTS_REPORT_PRECOMPUTE_MS": "300",
+    "RESULTS_REPORT_ROLLUP_MS": "300",
+    # Viewer samples often enough for a test to see one.
+    "SYNC_VIEWER_SAMPLE_MS": "500",
     # A killed sms_svc's messages are taken over by a carrier's redelivery after 2 s, not 10.
     "SMS_PROCESSING_LEASE_MS": "2000",
     # Each SMS test binds 1255 to a show of its own, one right after the other.
