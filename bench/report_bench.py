@@ -3,11 +3,16 @@
 Generates an ENDED episode of three FINALIZED 30-minute rounds straight into a private
 PostgreSQL (server-side INSERT ... SELECT over generate_series, indexes built after the load,
 as a restore would), with ~N/8 voters, GPS for most app votes (towns of every province, some
-abroad), profiles for a third of the voters, then times what GetEpisodeReport does:
+abroad), an IP place for half of the others, profiles for a third of the voters, then times:
 
-- parts: each round's ledger read once into its part (what the first report after a round is
-  finalized pays, once per round, or a live round's provisional rebuild);
-- merge: the episode's report from the parts (what a report costs once the parts exist);
+- fold: the rollups (results_svc/report/rollup.py) folding every ledger row in steps of
+  RESULTS_REPORT_ROLLUP_ROWS, as a results_svc replica does behind the result checkpoint
+  while the show is live (a background cost per vote, paid once);
+- live: a provisional report with the last round OPEN and the episode LIVE, whose rollup is
+  TAIL rows behind the ledger (the rows the checkpoint has not judged yet: about a second of
+  votes at a peak of 10,000 a second), which the report folds in memory;
+- final: the final report computed from the rollups (what the precompute pays when the
+  episode ends);
 - stored: a final report served as stored.
 
     python -m bench.report_bench --votes 1000000
@@ -34,7 +39,7 @@ import psycopg
 
 from ops.infra import start_postgres
 from ops.migrate import migrate
-from results_svc.report import places, store
+from results_svc.report import places, rollup, store
 from results_svc.report.report import Reports
 from runtime.places import PROVINCES
 from runtime.storage import Storage, create_pool
@@ -67,11 +72,11 @@ ALTER TABLE votes ENABLE TRIGGER votes_appends;
 """
 
 #: One chunk of a round's votes. A voter's place follows from their number: ~55 % GPS near a
-#: province town, 5 % abroad, the rest without GPS (unknown).
+#: province town, 5 % abroad, 20 % an IP place (a province), the rest unknown.
 _VOTES = """
 INSERT INTO votes (vote_id, request_id, user_id, shard, round_id, episode_id, contestant_id,
                    vote_type, count, channel, admitted_ms, admitted_at, fraud_action,
-                   latitude, longitude, fingerprint, leaf_data, receipt_hash)
+                   latitude, longitude, ip_geo, fingerprint, leaf_data, receipt_hash)
 SELECT gen_random_uuid(), %(tag)s || g, 'u' || u, (u %% 1024)::smallint, %(round)s::uuid,
        %(episode)s::uuid, (%(contestants)s::uuid[])[1 + (g * 7 + u) %% %(n_contestants)s],
        kind, CASE WHEN kind = 'PAID' AND g %% 7 = 0 THEN 5 ELSE 1 END,
@@ -83,6 +88,7 @@ SELECT gen_random_uuid(), %(tag)s || g, 'u' || u, (u %% 1024)::smallint, %(round
        CASE WHEN u %% 20 < 11 THEN (%(towns)s::float8[])[1 + u %% 25][2]
                                    + ((u / 2500) %% 100 - 50) / 400.0
             WHEN u %% 20 = 11 THEN (%(abroad)s::float8[])[1 + u %% 5][2] END,
+       CASE WHEN u %% 20 >= 16 THEN 'KH-' || (1 + u %% 25) END,
        '\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
        convert_to(repeat('x', 260), 'UTF8'),
        '\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea
@@ -190,53 +196,96 @@ class Clock:
         self.pg = _postgres_cpu(self._data_dir) - self._pg
 
 
-async def measure(url: str, episode: str, data_dir: Path | None = None) -> dict[str, Any]:
+def _config(rows_per_step: int) -> Any:
+    return SimpleNamespace(results_report_min_voters=10, results_report_provisional_ms=0,
+                           results_report_warning_s=60, results_report_precompute_ms=0,
+                           results_report_rollup_ms=0, results_report_rollup_rows=rows_per_step)
+
+
+async def _fold(pool: Any, episode: str, round_id: str, upto_ms: int, rows_per_step: int) -> None:
+    """Fold a round's rows below `upto_ms` into the rollups, one step per transaction, as the
+    rollup follows a checkpoint whose watermark is there (the generated rounds have none)."""
+    target = rollup.Target(round_id, False, upto_ms)
+    while True:
+        async with pool.connection() as db, rollup.snapshot(db):
+            fold = await rollup.load_fold(db, episode)
+            assert fold is not None
+            done = await rollup.step(db, fold, target, set(), rows_per_step)
+            await rollup.write(db, fold, fold.settle())
+        if done:
+            return
+
+
+async def measure(url: str, episode: str, data_dir: Path | None = None, tail: int = 10_000,
+                  rows_per_step: int = 20_000) -> dict[str, Any]:
     pool = create_pool(url, 1, 4)
     await pool.open()
-    config: Any = SimpleNamespace(results_report_min_voters=10,
-                                  results_report_provisional_ms=5000,
-                                  results_report_warning_s=60,
-                                  results_report_precompute_ms=0)
     storage: Any = Storage(pool=pool, redis=None)  # type: ignore[arg-type]
     try:
         async with pool.connection() as db:
-            await db.execute("DELETE FROM episode_reports WHERE episode_id = %s", (episode,))
-            await db.execute("DELETE FROM report_round_parts WHERE episode_id = %s",
-                             (episode,))
-            rounds = [row["round_id"] for row in await (await db.execute(
+            for statement in (
+                    "DELETE FROM episode_reports WHERE episode_id = %s",
+                    *store.FORGET_EPISODE_SQL):
+                await db.execute(statement, (episode,))
+            rounds: list[str] = [str(row["round_id"]) for row in await (await db.execute(
                 store.ROUNDS_SQL, (episode,))).fetchall()]
+            last: Any = await (await db.execute(
+                "SELECT admitted_ms FROM votes WHERE round_id = %s"
+                " ORDER BY admitted_ms DESC OFFSET %s LIMIT 1", (rounds[-1], tail))).fetchone()
         started = time.monotonic()
         places.warm()
         gazetteer = time.monotonic() - started
-        parts = []
-        for round_id in rounds:
-            with Clock(data_dir) as part:
-                async with pool.connection() as db, db.transaction():
-                    await store.build_part(db, round_id, episode, True, 0)
-            parts.append(part)
-        with Clock(data_dir) as merge:
-            report = await Reports(storage, config).episode_report(episode)
+        with Clock(data_dir) as fold:
+            for round_id in rounds:
+                upto = last["admitted_ms"] if round_id == rounds[-1] else rollup.AFTER_ALL
+                await _fold(pool, episode, round_id, upto, rows_per_step)
+        async with pool.connection() as db:
+            await db.execute("UPDATE episodes SET state = 'LIVE' WHERE episode_id = %s",
+                             (episode,))
+            await db.execute("UPDATE rounds SET state = 'OPEN' WHERE round_id = %s",
+                             (rounds[-1],))
+        with Clock(data_dir) as live:
+            provisional = await Reports(storage, _config(rows_per_step)).episode_report(episode)
+        assert not provisional.is_final
+        async with pool.connection() as db:
+            await db.execute("UPDATE episodes SET state = 'ENDED' WHERE episode_id = %s",
+                             (episode,))
+            await db.execute("UPDATE rounds SET state = 'FINALIZED' WHERE round_id = %s",
+                             (rounds[-1],))
+        await _fold(pool, episode, rounds[-1], rollup.AFTER_ALL, rows_per_step)
+        with Clock(data_dir) as final:
+            report = await Reports(storage, _config(rows_per_step)).episode_report(episode)
         with Clock(data_dir) as stored:
-            again = await Reports(storage, config).episode_report(episode)
+            again = await Reports(storage, _config(rows_per_step)).episode_report(episode)
         assert again == report and report.is_final
+        assert provisional.summary.counted_votes == report.summary.counted_votes
+        assert provisional.summary.unique_voters == report.summary.unique_voters
         async with pool.connection() as db:
             row: Any = await (await db.execute(
-                "SELECT count(*) AS n FROM report_round_voters WHERE round_id = ANY(%s::uuid[])",
-                (rounds,))).fetchone()
-        return {"votes": report.summary.ledger_votes, "counted": report.summary.counted_votes,
-                "voters": report.summary.unique_voters, "voter_rows": row["n"],
-                "parts_s": round(sum(p.wall for p in parts), 2),
-                "part_max_s": round(max(p.wall for p in parts), 2),
-                "parts_pg_cpu_s": round(sum(p.pg for p in parts), 2),
-                "merge_s": round(merge.wall, 2), "merge_pg_cpu_s": round(merge.pg, 2),
-                "merge_client_cpu_s": round(merge.cpu, 2),
+                "SELECT count(*) AS n FROM report_episode_voters WHERE episode_id = %s",
+                (episode,))).fetchone()
+        rows = report.summary.ledger_votes  # votes; the ledger rows are counted below
+        async with pool.connection() as db:
+            ledger: Any = await (await db.execute(
+                "SELECT count(*) AS n FROM votes WHERE episode_id = %s", (episode,))).fetchone()
+        return {"ledger_rows": ledger["n"], "votes": rows,
+                "counted": report.summary.counted_votes,
+                "voters": report.summary.unique_voters, "episode_voter_rows": row["n"],
+                "fold_s": round(fold.wall, 1), "fold_pg_cpu_s": round(fold.pg, 1),
+                "fold_client_cpu_s": round(fold.cpu, 1),
+                "fold_us_per_row": round(1e6 * (fold.pg + fold.cpu) / max(1, ledger["n"]), 1),
+                "tail_rows": tail, "live_s": round(live.wall, 3),
+                "live_pg_cpu_s": round(live.pg, 3), "live_client_cpu_s": round(live.cpu, 3),
+                "final_s": round(final.wall, 3), "final_pg_cpu_s": round(final.pg, 3),
+                "final_client_cpu_s": round(final.cpu, 3),
                 "gazetteer_load_s": round(gazetteer, 2), "stored_s": round(stored.wall, 4),
                 "timeline_buckets": len(report.timeline), "places": len(report.geography)}
     finally:
         await pool.close()
 
 
-async def run(votes: int, state_dir: Path, database_url: str | None) -> dict[str, Any]:
+async def run(votes: int, state_dir: Path, database_url: str | None,
+              tail: int) -> dict[str, Any]:
     child = None
     if database_url is None:
         await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
@@ -248,7 +297,7 @@ async def run(votes: int, state_dir: Path, database_url: str | None) -> dict[str
         print(f"episode of {votes:,} votes ready in {time.monotonic() - started:.0f}s",
               flush=True)
         figures = await measure(database_url, episode,
-                                None if child is None else state_dir / "postgres")
+                                None if child is None else state_dir / "postgres", tail)
         figures["load_average_1m"] = os.getloadavg()[0]
         return figures
     finally:
@@ -262,15 +311,17 @@ def main() -> None:
     parser.add_argument("--state-dir", type=Path, default=Path("/tmp/televote-report-bench"))
     parser.add_argument("--database-url", default=None,
                         help="an existing PostgreSQL to generate into (default: a private one)")
+    parser.add_argument("--tail", type=int, default=10_000,
+                        help="ledger rows the live report folds itself (default 10,000)")
     args = parser.parse_args()
-    figures = asyncio.run(run(args.votes, args.state_dir, args.database_url))
+    figures = asyncio.run(run(args.votes, args.state_dir, args.database_url, args.tail))
     print(json.dumps(figures))
-    print(f"report of {figures['votes']:,} votes ({figures['voters']:,} voters): parts "
-          f"{figures['parts_s']} s, PostgreSQL CPU {figures['parts_pg_cpu_s']} s (once per "
-          f"finalized round; slowest round {figures['part_max_s']} s); merge "
-          f"{figures['merge_s']} s, PostgreSQL CPU {figures['merge_pg_cpu_s']} s + "
-          f"{figures['merge_client_cpu_s']} s here; stored {figures['stored_s'] * 1000:.1f} ms "
-          f"(load average {figures['load_average_1m']:.1f} on {os.cpu_count()} cores)")
+    print(f"report of {figures['ledger_rows']:,} ledger rows ({figures['voters']:,} voters):"
+          f" fold {figures['fold_s']} s ({figures['fold_us_per_row']} us of CPU a row, "
+          f"PostgreSQL and here); live with a {figures['tail_rows']:,}-row tail "
+          f"{figures['live_s']} s; final from the rollups {figures['final_s']} s; stored "
+          f"{figures['stored_s'] * 1000:.1f} ms (load average {figures['load_average_1m']:.1f}"
+          f" on {os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """Premium SMS benchmark: carrier messages/s from the carrier JSON API to committed votes,
 beside the batch vote path (VoteGatewayService.SubmitVotes of 1,000 votes) in the same run.
 
-    python bench/sms_bench.py [--duration 8] [--concurrency 64]
+    python bench/sms_bench.py [--duration 8] [--concurrency 64] [--batches 1,50,200]
 
 Starts its own mesh (fraud scoring off, as in vote_bench: it would rightly review a
 benchmark's subscribers), binds short code 1255 on the three carriers to a round's show, and
 measures:
 - batch: the batch vote path's votes/s, closed loop, one 1,000-vote batch in flight;
-- sms max: closed-loop carrier POSTs (`--concurrency` in flight, every message a new
-  subscriber on one of the three carriers, one in 20 a redelivery of an earlier message), the
-  messages/s answered COUNTED;
-- sms at 70 %: the same, open loop at 70 % of that maximum: the reply's p50/p99 as the
-  carrier sees it;
+- per carrier batch size (`--batches`; 1 is the single-message route, more the batch
+  route carriers' MO APIs use): the maximum, closed-loop carrier POSTs (`--concurrency`
+  single messages in flight, or `--batch-messages-in-flight` messages in batches; every
+  message a new subscriber on one of the three carriers, one in 20 a redelivery of an
+  earlier message), in messages/s answered with an outcome; then an open loop at 70 % of
+  that maximum: the reply's p50/p99 as the carrier sees it (the POST's answer, which
+  carries the outcome and reply);
 - the ratio sms/batch, and the checks: every COUNTED answer has one ledger vote and one
   charged record, no message has two votes or two charges, redeliveries got their first
   answer.
@@ -24,6 +26,8 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
+import os
 import random
 import statistics
 import sys
@@ -52,51 +56,67 @@ _numbers = itertools.count(1)
 
 
 class SmsLoad:
-    """Carrier webhooks through the edge's JSON API."""
+    """Carrier webhooks through the edge's JSON API: one message per POST (`batch` 1, the
+    single-message route), or `batch` messages per POST (the batch route, as carriers' MO
+    APIs deliver them)."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, batch: int = 1) -> None:
         self._url = stack.edge_url
+        self._batch = batch
         self._tokens = {carrier: tokens.mint(stack.settings.state_dir, Role.CARRIER, carrier)
                         for carrier in CARRIERS}
-        self.sent: list[tuple[str, str, dict[str, Any]]] = []  # carrier, body, first answer
+        #: carrier message id -> (carrier, the message, its first answer)
+        self.sent: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {}
         self.redelivered: list[bool] = []  # answer equal to the first
         self.refused = 0
-        self.latencies: list[float] = []
+        self.messages = 0  # answered with an outcome
+        self.latencies: list[float] = []  # per request
 
-    def _message(self) -> tuple[str, dict[str, Any]]:
+    def _message(self, carrier: str) -> dict[str, Any]:
         if self.sent and random.random() < 0.05:  # a carrier's redelivery
-            carrier, body, _ = random.choice(self.sent)
-            return carrier, json.loads(body)
+            first_carrier, message, _ = random.choice(list(self.sent.values()))
+            if first_carrier == carrier:
+                return message
         number = next(_numbers)
-        return random.choice(CARRIERS), {
-            "carrierMessageId": f"bench-{uuid.uuid4()}", "msisdn": f"+8551{number:07d}",
-            "shortCode": "1255", "text": f"V{1 + number % 3}"}
+        return {"carrierMessageId": f"bench-{uuid.uuid4()}", "msisdn": f"+8551{number:07d}",
+                "shortCode": "1255", "text": f"V{1 + number % 3}"}
 
     async def one(self, session: aiohttp.ClientSession) -> None:
-        carrier, message = self._message()
-        body = json.dumps(message)
+        carrier = random.choice(CARRIERS)
+        messages = [self._message(carrier) for _ in range(self._batch)]
+        single = self._batch == 1
+        path = f"/v1/carriers/CARRIER_{carrier.upper()}/sms" + ("" if single else ":batch")
+        body = json.dumps(messages[0] if single else {"messages": messages})
         start = time.perf_counter()
         try:
             async with session.post(
-                    f"{self._url}/v1/carriers/CARRIER_{carrier.upper()}/sms", data=body,
+                    f"{self._url}{path}", data=body,
                     headers={"content-type": "application/json",
                              "authorization": f"Bearer {self._tokens[carrier]}"}) as response:
-                answer = await response.json(content_type=None)
+                document = await response.json(content_type=None)
                 ok = response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            ok, answer = False, {}
+        except (aiohttp.ClientError, TimeoutError, ValueError):  # ValueError: the edge's
+            # own refusal (plain text), e.g. a 503 when sms_svc has too many requests waiting
+            ok, document = False, {}
         if not ok:
-            self.refused += 1
+            self.refused += len(messages)
             return
         self.latencies.append((time.perf_counter() - start) * 1000)
-        first = next((a for c, b, a in self.sent
-                      if c == carrier and b == body), None) if "bench-" in body else None
-        if first is not None:
-            self.redelivered.append(first == answer)
-        else:
-            self.sent.append((carrier, body, answer))
+        answers = [document] if single else [
+            result.get("answer") if result.get("ok") else None
+            for result in document["results"]]
+        for message, answer in zip(messages, answers, strict=True):
+            if answer is None:
+                self.refused += 1
+                continue
+            self.messages += 1
+            first = self.sent.get(message["carrierMessageId"])
+            if first is not None:
+                self.redelivered.append(first[2] == answer)
+            else:
+                self.sent[message["carrierMessageId"]] = (carrier, message, answer)
 
-    async def closed_loop(self, duration: float, concurrency: int) -> int:
+    async def closed_loop(self, duration: float, concurrency: int) -> None:
         end = time.perf_counter() + duration
         async with aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=concurrency)) as session:
@@ -104,13 +124,12 @@ class SmsLoad:
                 while time.perf_counter() < end:
                     await self.one(session)
             await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return len(self.latencies)
 
-    async def open_loop(self, duration: float, rate: float) -> None:
+    async def open_loop(self, duration: float, messages_per_s: float) -> None:
         async with aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=2000)) as session:
             tasks: set[asyncio.Task[None]] = set()
-            interval, next_at = 1 / rate, time.perf_counter()
+            interval, next_at = self._batch / messages_per_s, time.perf_counter()
             end = next_at + duration
             while next_at < end:
                 now = time.perf_counter()
@@ -128,8 +147,8 @@ def _pct(values: list[float], q: int) -> float:
 
 
 async def _check(stack: Stack, test_round: TestRound, loads: list[SmsLoad]) -> dict[str, Any]:
-    counted = {a["voteId"] for load in loads for _, _, a in load.sent
-               if a.get("outcome") == "INBOUND_SMS_OUTCOME_VOTE_COUNTED"}
+    counted = {answer["voteId"] for load in loads for _, _, answer in load.sent.values()
+               if answer.get("outcome") == "INBOUND_SMS_OUTCOME_VOTE_COUNTED"}
     async with await psycopg.AsyncConnection.connect(stack.database_url) as connection:
         cursor = await connection.execute(
             "SELECT count(*), count(DISTINCT vote_id) FROM votes"
@@ -153,10 +172,39 @@ async def _check(stack: Stack, test_round: TestRound, loads: list[SmsLoad]) -> d
                 not same for load in loads for same in load.redelivered)}
 
 
+async def _sms(stack: Stack, batch: int, concurrency: int, duration: float,
+               ) -> tuple[dict[str, Any], list[SmsLoad]]:
+    """The carrier path at `batch` messages per POST: its maximum (closed loop), then an open
+    loop at 70 % of that."""
+    peak = SmsLoad(stack, batch)
+    before = _cpu_by_role()
+    started = time.process_time()
+    await peak.closed_loop(duration, concurrency)
+    client = time.process_time() - started
+    peak_rate = peak.messages / duration
+    cpu = _cpu_per_vote(before, _cpu_by_role(), peak.messages)
+    cpu["load generator (this process)"] = round(client * 1e6 / max(1, peak.messages))
+    at70 = SmsLoad(stack, batch)
+    await at70.open_loop(duration, max(0.7 * peak_rate, 1.0))
+    return {"messages_per_s": round(peak_rate), "refused": peak.refused,
+            "request_p50_ms": _pct(peak.latencies, 50),
+            "request_p99_ms": _pct(peak.latencies, 99), "cpu_us_per_message": cpu,
+            "at_70": {"messages_per_s": round(at70.messages / duration),
+                      "refused": at70.refused, "reply_p50_ms": _pct(at70.latencies, 50),
+                      "reply_p99_ms": _pct(at70.latencies, 99)}}, [peak, at70]
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=8)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=64,
+                        help="single-message POSTs in flight")
+    parser.add_argument("--batch-messages-in-flight", type=int, default=256,
+                        help="batches: about this many messages in flight (at least two "
+                             "POSTs)")
+    parser.add_argument("--batches", default="1,50,200",
+                        help="messages per POST to measure, comma-separated (1: the "
+                             "single-message route)")
     options = parser.parse_args()
     env = {"TELEVOTE_GRACE_SECONDS": "5", "TELEVOTE_LOG_LEVEL": "WARNING", "FRAUD_TARGET": ""}
     stack = Stack(StackSettings(state_dir=Path(tempfile.mkdtemp(prefix="sms-bench-")),
@@ -179,26 +227,19 @@ async def main() -> None:
                                     duration_ms=3_600_000)
         async with grpc.aio.insecure_channel(stack.edge_target) as channel:
             await bind(stack, channel, sms.show_id)
-        peak = SmsLoad(stack)
-        before = _cpu_by_role()
-        started = time.process_time()
-        await peak.closed_loop(options.duration, options.concurrency)
-        client = time.process_time() - started
-        peak_rate = len(peak.latencies) / options.duration
-        cpu = _cpu_per_vote(before, _cpu_by_role(), len(peak.latencies))
-        cpu["load generator (this process)"] = round(client * 1e6 / max(1, len(peak.latencies)))
-        results["sms_max"] = {"messages_per_s": round(peak_rate), "refused": peak.refused,
-                              "p50_ms": _pct(peak.latencies, 50),
-                              "p99_ms": _pct(peak.latencies, 99),
-                              "cpu_us_per_message": cpu}
-        at70 = SmsLoad(stack)
-        await at70.open_loop(options.duration, 0.7 * peak_rate)
-        results["sms_at_70"] = {"messages_per_s": round(len(at70.latencies) / options.duration),
-                                "refused": at70.refused, "p50_ms": _pct(at70.latencies, 50),
-                                "p99_ms": _pct(at70.latencies, 99)}
-        results["sms_over_batch"] = round(peak_rate / max(1, results["batch"]["votes_per_s"]), 3)
+        loads: list[SmsLoad] = []
+        for batch in [int(size) for size in options.batches.split(",") if size]:
+            concurrency = (options.concurrency if batch == 1
+                           else max(2, math.ceil(options.batch_messages_in_flight / batch)))
+            name = "sms_single" if batch == 1 else f"sms_batch_{batch}"
+            results[name], used = await _sms(stack, batch, concurrency, options.duration)
+            results[name]["over_batch_path"] = round(
+                results[name]["messages_per_s"] / max(1, results["batch"]["votes_per_s"]), 3)
+            loads += used
+            print(name, json.dumps(results[name]), flush=True)
         await asyncio.sleep(1)
-        results["checks"] = await _check(stack, sms, [peak, at70])
+        results["checks"] = await _check(stack, sms, loads)
+        results["load_average"] = [round(load, 1) for load in os.getloadavg()]
     finally:
         await stack.stop()
     print(json.dumps(results, indent=2))

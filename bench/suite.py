@@ -76,7 +76,7 @@ def _loadtest(scenario: str, *arguments: str) -> list[str]:
 BENCHES = (
     Bench("vote",
           [sys.executable, "bench/vote_bench.py", "--duration", "5",
-           "--modes", "noop,json,grpc_noop,grpc,batch"],
+           "--modes", "bare,runtime,noop,json,grpc_noop,grpc,batch"],
           [sys.executable, "bench/vote_bench.py", "--duration", "10"],
           lambda output, _: _last_json_object(output)),
     Bench("ingest",

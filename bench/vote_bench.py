@@ -1,7 +1,7 @@
 """Vote ingestion benchmark: durable accepted votes/s through the edge, and latency at 70 %.
 
     python bench/vote_bench.py [--duration 10] [--replicas 2]
-        [--modes noop,json,grpc_noop,grpc,batch] [--grpc-rates 400,800]
+        [--modes bare,runtime,noop,json,grpc_noop,grpc,batch] [--grpc-rates 400,800]
 
 Starts its own mesh (like `televote up`, fraud scoring off unless --fraud: fraud_svc would,
 rightly, block a benchmark's voters), opens a round per run whose quota and rate limit do not
@@ -17,7 +17,12 @@ gRPC unary through Envoy) and its ceiling grpc_noop, both from bench/grpc_load (
 Debian's golang-go and golang-google-grpc-dev, built on first use: a Python client took a
 sixth of the machine); json and grpc vote as the same 5,000 voters; batch
 (VoteGatewayService.SubmitVotes of 1,000 votes, one client process per replica with one batch
-in flight: gateways are inside the mesh).
+in flight: gateways are inside the mesh); bare and runtime (bench/runtime_bench.py: a no-op
+servicer on a bare grpc.aio server and through runtime/server.py, both over the mesh's mTLS,
+called by the Go client as the edge calls a service; their figure is that server process's
+CPU per call).
+After the modes, `ratios` puts each vote path beside its no-op (votes/s, and CPU per call
+as no-op / vote) and the runtime beside bare grpc.aio (CPU per call, runtime / bare).
 wrk is a closed loop (each connection waits for its answer, then pauses): a stall delays its
 next requests instead of queueing them, so its p99 leaves stalls out. The Go client sends on
 schedule (open loop), as viewers do; compare gRPC's p99 with the gRPC no-op's.
@@ -57,8 +62,9 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import runtime_bench
 from loadtest.verify import ledger_check
-from ops import tokens
+from ops import pki, tokens
 from ops.edge import ONE_LOAD_GENERATOR
 from ops.processes import run_stopping_on_sigterm
 from ops.stack import Stack, StackSettings
@@ -257,18 +263,21 @@ def _go_load_generator() -> Path:
 
 
 def _go_grpc(target: str, method: str, requests: list[bytes], voters: list[str],
-             duration: float, concurrency: int, rate: float,
+             duration: float, concurrency: int, rate: float, *,
+             tls: dict[str, str] | None = None, metadata: list[list[str]] | None = None,
              ) -> tuple[list[bytes], list[float], int]:
     """Unary calls from the Go load generator over 2 connections to `target`: closed loop
     (rate 0, `concurrency` calls in flight per connection) or open loop at `rate` calls/s.
-    Each call sends requests[n % len] with a fresh request id in place of _ID_PLACEHOLDER;
-    returns the OK replies, their latencies (ms) and the failures."""
+    Each call sends requests[n % len] with a fresh request id in place of _ID_PLACEHOLDER
+    and the bearer token voters[n % len] (or the header metadata[n % len]), over mutual TLS
+    with `tls` (bench/grpc_load's "tls") when given; returns the OK replies, their latencies
+    (ms) and the failures."""
     job = {"targets": [target, target], "method": method, "seconds": duration,
-           "concurrency": concurrency, "rate": rate,
+           "concurrency": concurrency, "rate": rate, "tls": tls,
            "templates": [{"body": body.hex(), "uuid_at": [
                at for at in range(len(body)) if body.startswith(_ID_PLACEHOLDER.encode(), at)]}
                for body in requests],
-           "metadata": [["authorization", f"Bearer {token}"] for token in voters]}
+           "metadata": metadata or [["authorization", f"Bearer {token}"] for token in voters]}
     out = subprocess.run([str(_go_load_generator())], input=json.dumps(job), text=True,
                          capture_output=True, check=True).stdout.splitlines()
     replies, latencies = [], []
@@ -396,6 +405,30 @@ def machine_bounds(results: dict[str, Any], cores: int) -> dict[str, int]:
     return bounds
 
 
+#: The processes a call crosses (_cpu_by_role's roles): their CPU per call is the path's
+#: cost. The rest of the mesh (results_svc's ticks, sync_svc, their PostgreSQL backends)
+#: works at its own pace whatever the calls, and divided by fewer calls on a busy machine it
+#: looked like a cost of the call; the load generators differ between the paths.
+PATH_ROLES = ("vote_svc", "envoy", "postgres for vote_svc", "redis-server")
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    """What the run's modes come to side by side: each vote path's votes/s and CPU per call
+    (its PATH_ROLES') against its no-op's (CPU as no-op / vote, so that for both 1 is the
+    ceiling), and the runtime's CPU per call against bare grpc.aio's
+    (runtime_bench.ratios)."""
+    out: dict[str, float] = runtime_bench.ratios(results)
+    for path, ceiling in (("json", "noop"), ("grpc", "grpc_noop")):
+        if path in results and ceiling in results:
+            vote, no_op = results[path], results[ceiling]
+            out[f"{path}_over_{ceiling}_per_s"] = round(
+                vote["max_per_s"] / max(no_op["max_per_s"], 1), 2)
+            vote_cpu, no_op_cpu = (sum(mode["cpu_us_per_vote"].get(role, 0)
+                                       for role in PATH_ROLES) for mode in (vote, no_op))
+            out[f"{ceiling}_over_{path}_path_cpu"] = round(no_op_cpu / max(vote_cpu, 1), 2)
+    return out
+
+
 def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else float("nan")
 
@@ -404,7 +437,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--modes", default="noop,json,grpc_noop,grpc,batch")
+    parser.add_argument("--modes", default="bare,runtime,noop,json,grpc_noop,grpc,batch")
     parser.add_argument("--fraud", action="store_true", help="keep fraud scoring on")
     parser.add_argument("--grpc-rates", default="", help=(
         "after the modes, gRPC votes open loop at each of these rates (votes/s, comma "
@@ -419,7 +452,8 @@ async def main() -> None:
                                 edge_port=0, replicas=replicas, service_env=env,
                                 edge=ONE_LOAD_GENERATOR))
     await stack.start()
-    if {"grpc", "grpc_noop"} & set(options.modes.split(",")) or options.grpc_rates:
+    if {"grpc", "grpc_noop", *runtime_bench.KINDS} & set(options.modes.split(",")) \
+            or options.grpc_rates:
         _go_load_generator()  # built before any CPU is measured
     results: dict[str, Any] = {}
     try:
@@ -478,6 +512,12 @@ async def main() -> None:
                                  "p99_ms": round(_pct(latencies, 99), 1),
                                  "refused_at70": failed2, "edge_p99_ms_at_most": edge_p99,
                                  "cpu_us_per_vote": cpu}
+            elif mode in runtime_bench.KINDS:
+                # The runtime against bare grpc.aio: the no-op servicer in a process of its
+                # own, mTLS with the mesh's certificates, called as the edge calls a service.
+                results[mode] = await asyncio.to_thread(
+                    runtime_bench.measure, mode, stack.tls_dir("vote_svc"),
+                    stack.tls_dir(pki.EDGE), duration)
             else:  # batch
                 # A gateway keeps one batch in flight per replica: a replica sheds calls past
                 # VOTE_MAX_INFLIGHT_VOTES (500), and a batch of 1,000 fills it on its own.
@@ -495,6 +535,9 @@ async def main() -> None:
                                  "p99_ms": round(_pct(latencies, 99), 1),
                                  "refused_at70": failed2, "cpu_us_per_vote": cpu}
             print(mode, json.dumps(results[mode]), flush=True)
+        if any(mode in results for mode in ("bare", "runtime", "json", "grpc")):
+            results["ratios"] = ratios(results)
+            print("ratios", json.dumps(results["ratios"]), flush=True)
         for rate in [float(rate) for rate in options.grpc_rates.split(",") if rate]:
             test_round = await _round(stack)
             edge_before = await _edge_histogram(stack)

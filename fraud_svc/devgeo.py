@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fraud_svc.behaviour import NETWORKS, Network
+from runtime.places import PROVINCES
 
 
 def write_database(path: str | Path, networks: Iterable[Network] = NETWORKS) -> Path:
@@ -27,6 +28,11 @@ def write_database(path: str | Path, networks: Iterable[Network] = NETWORKS) -> 
             "location": {"latitude": network.latitude, "longitude": network.longitude},
             "autonomous_system_number": network.asn,
         }
+        if network.country == "KH":  # the province, as GeoIP2 City names it (ISO 3166-2)
+            record["subdivisions"] = [{"iso_code": code.removeprefix("KH-"),
+                                       "names": {"en": network.city}}
+                                      for code, name in PROVINCES.items()
+                                      if name == network.city]
         if network.hosting:
             record["traits"] = {"is_hosting_provider": True}
         writer.insert_network(netaddr.IPSet([network.cidr]), record)

@@ -342,7 +342,7 @@ class FeatureState:
         self._sha = ""
         # On a single Redis the whole batch is one script call; on a cluster a script may only
         # touch one hash slot, so the batch is split by shard tag (still one pipeline).
-        self._by_slot = config.redis_cluster
+        self._by_slot = config.on_redis_cluster
         timing_ms = int(config.fraud_bot_timing_window_seconds * 1000)
         device_ttl_ms = config.fraud_device_ttl_seconds * 1000
         self._head = (int(config.fraud_velocity_window_seconds * 1000), timing_ms,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.kannel_sms import KannelSmsClient
 from loadtest.plan import (
     CARRIERS,
     DEADLINE_RETRY,
@@ -43,7 +44,7 @@ from loadtest.plan import (
     Shot,
     sms_sender,
 )
-from loadtest.transports import ERROR, OK, Answer, Vote, client_for
+from loadtest.transports import ERROR, OK, Answer, Vote, VoteClient, client_for
 from ops import tokens
 from runtime.access import Role
 
@@ -104,6 +105,8 @@ class WorkerJob:
     retry_errors: bool = False
     #: Calls in flight at most (see `in_flight_cap`); HTTP clients get as many connections.
     max_in_flight: int = 4000
+    #: SMS through Kannel: carrier -> its fake SMSC link's port (empty: the carrier API).
+    kannel_smsc_ports: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -129,8 +132,14 @@ async def _work(job: WorkerJob, reports: Any, start: Any, started: Any) -> None:
     carrier_tokens = {carrier: tokens.mint(job.state_dir, Role.CARRIER, carrier.lower())
                       for carrier in CARRIERS}
     paths = {shot.path for _, shot in job.shots}
-    clients = {path: client_for(path, job.edge_target, job.edge_url, job.max_in_flight)
-               for path in paths}
+    clients: dict[str, VoteClient] = {
+        path: KannelSmsClient(job.kannel_smsc_ports)
+        if path == SMS and job.kannel_smsc_ports else
+        client_for(path, job.edge_target, job.edge_url, job.max_in_flight)
+        for path in paths}
+    for client in clients.values():
+        if isinstance(client, KannelSmsClient):
+            await client.connect()
     attempts: list[Attempt] = []
     tally = _Tally()
     reports.put(("ready", job.worker, None))
@@ -268,12 +277,16 @@ def merge(records: list[DriverRecord]) -> list[Attempt]:
     return attempts
 
 
-def shard(shots: list[Shot], workers: int) -> list[list[tuple[int, Shot]]]:
+def shard(shots: list[Shot], workers: int,
+          texts_in_one: bool = False) -> list[list[tuple[int, Shot]]]:
     """Split a plan over `workers` by user (a stable hash), keeping each user's shots in plan
-    order, so a user's votes stay in one process and reach the edge in order."""
+    order, so a user's votes stay in one process and reach the edge in order. `texts_in_one`:
+    every SMS shot to the first worker (a fake SMSC link of Kannel takes one client at a
+    time; an SMS voter only texts, so users still stay whole)."""
     shares: list[list[tuple[int, Shot]]] = [[] for _ in range(workers)]
     for index, shot in enumerate(shots):
-        shares[zlib.crc32(shot.user.encode()) % workers].append((index, shot))
+        worker = 0 if texts_in_one and shot.path == SMS else zlib.crc32(shot.user.encode())
+        shares[worker % workers].append((index, shot))
     return shares
 
 

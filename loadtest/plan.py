@@ -32,6 +32,7 @@ PATHS = ("grpc", "json", "grpcweb")
 #: carrier JSON API (each subscriber on one of the three carriers).
 SMS = "sms"
 CARRIERS = ("SMART", "CELLCARD", "METFONE")
+SMS_VIA = ("api", "kannel")
 SCENARIOS = ("seed", "shownight", "retries", "bots")
 
 ONCE, DUPLICATE, DEADLINE_RETRY, RESEND, MISMATCH = (
@@ -113,6 +114,9 @@ class LoadConfig:
     #: The report says the load generator fell behind its plan when, in any second of the
     #: plan, the p99 of how late its sends left exceeds this.
     lag_threshold_ms: float = 100.0
+    #: How the SMS share reaches the edge: "api" (carriers' JSON webhook) or "kannel" (the
+    #: fake SMSC links of a real Kannel: bearerbox, smsbox, its get-url; loadtest/kannel_sms.py).
+    sms_via: str = "api"
     # retries
     retry_share: float = 0.2  # of shots that are not ONCE, split over the four kinds
     # bots
@@ -157,6 +161,8 @@ def validate(config: LoadConfig) -> None:
         raise ValueError("paid share must be between 0 and 1")
     if not 0 <= config.sms_share <= 1:
         raise ValueError("SMS share must be between 0 and 1")
+    if config.sms_via not in SMS_VIA:
+        raise ValueError(f"SMS goes via {' or '.join(SMS_VIA)}")
     if config.users < 1 or config.votes_per_user < 1 or config.contestants < 2:
         raise ValueError("need at least 1 user, 1 vote per user and 2 contestants")
     if config.scenario == "shownight" and (config.peak_rate <= 0 or config.spike_s <= 0):

@@ -54,6 +54,8 @@ class Target:
     database_url: str
     #: Whether this process started the stack (then its processes' CPU and memory are known).
     own_stack: bool = False
+    #: Kannel's fake SMSC links (carrier -> port), when the stack runs Kannel.
+    kannel_smsc_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def edge_url(self) -> str:
@@ -61,7 +63,8 @@ class Target:
 
     @classmethod
     def of(cls, stack: Stack, own: bool = True) -> Target:
-        return cls(stack.edge_target, stack.settings.state_dir, stack.database_url, own)
+        return cls(stack.edge_target, stack.settings.state_dir, stack.database_url, own,
+                   dict(stack.kannel.smsc_ports) if stack.kannel is not None else {})
 
 
 @dataclass
@@ -83,6 +86,8 @@ async def run(config: LoadConfig, target: Target, out_dir: Path | None = None, *
     `workers` driver processes (default: `default_workers()`, one per core)."""
     workers = workers or default_workers()
     plan = build(config)
+    if config.sms_via == "kannel" and not target.kannel_smsc_ports:
+        raise ValueError("SMS via Kannel needs a stack running Kannel (televote up --kannel)")
     log(f"plan {plan.run_id} ({config.scenario}): {plan.summary()}")
     room = ControlRoom(target.edge_target, target.state_dir)
     try:
@@ -168,11 +173,13 @@ async def _vote(plan: Plan, target: Target, room: ControlRoom, voting_round: Any
     scratch = Path(tempfile.mkdtemp(prefix=f"loadtest-{plan.run_id}-"))
     timeout_s = WorkerJob.timeout_s
     cap = in_flight_cap(plan.shots, workers, timeout_s)
+    via_kannel = plan.config.sms_via == "kannel"
     jobs = [WorkerJob(n, share, voting_round.round_id, voting_round.contestant_ids,
                       target.edge_target, target.edge_url, target.state_dir,
                       scratch / f"worker-{n}.pickle", timeout_s,
-                      retry_errors=plan.config.scenario == "retries", max_in_flight=cap)
-            for n, share in enumerate(shard(plan.shots, workers))]
+                      retry_errors=plan.config.scenario == "retries", max_in_flight=cap,
+                      kannel_smsc_ports=target.kannel_smsc_ports if via_kannel else {})
+            for n, share in enumerate(shard(plan.shots, workers, texts_in_one=via_kannel))]
     progress = Progress(f"televote loadtest {plan.config.scenario} {plan.run_id}",
                         len(plan.shots), plan.config.wall_window_s)
     sampler = Sampler()
@@ -218,7 +225,7 @@ async def run_with_own_stack(config: LoadConfig, out_dir: Path | None, *,
         state_dir=state_dir, edge_port=0,
         service_env={**OWN_STACK_ENV,
                      **stack_environment(apple, google, state_dir / "stores")},
-        edge=ONE_LOAD_GENERATOR)
+        edge=ONE_LOAD_GENERATOR, kannel=config.sms_via == "kannel")
     # Two vote_svc replicas by default: the vote path is where the load is, and replicas are
     # how it is run (like bench/vote_bench.py).
     settings.replicas.update({"vote_svc": 2, **(replicas or {})})

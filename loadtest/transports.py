@@ -2,10 +2,11 @@
 
 Every client answers with an `Answer` of one of three outcomes:
 - OK: a vote id; the vote is in the ledger (vote_svc answers only after its commit);
-- REFUSED: a reason from the status's google.rpc.ErrorInfo, other than UNAVAILABLE; the
-  server decided, nothing changed;
-- ERROR: anything else (UNAVAILABLE, a deadline, a reset, an HTTP error without a status):
-  the vote may or may not have been recorded, which the verifier allows for.
+- REFUSED: a reason from the status's google.rpc.ErrorInfo, other than UNAVAILABLE and
+  DEADLINE_EXCEEDED; the server decided, nothing changed;
+- ERROR: anything else (UNAVAILABLE, a deadline, the client's or vote_svc's, a reset, an
+  HTTP error without a status): the vote may or may not have been recorded, which the
+  verifier allows for.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ class Answer:
 
 
 def _classify(reason: str, fallback: str) -> Answer:
-    if reason and reason != "UNAVAILABLE":
+    # vote_svc's DEADLINE_EXCEEDED (a call whose deadline passed while it waited) is, to the
+    # client, the same as its own deadline passing: the vote's fate is open, so it retries.
+    if reason and reason not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
         return Answer(REFUSED, reason=reason)
     return Answer(ERROR, reason=reason or fallback)
 

@@ -107,9 +107,12 @@ async def verify(connection: AsyncConnection[Any], record: RunRecord) -> Verdict
     round_id = record.voting_round.round_id
     cursor = await connection.execute(_ROWS_SQL, (round_id,))
     rows: list[dict[str, Any]] = await cursor.fetchall()
+    sms_records = await _sms_records(connection, record)
     _check_answers(verdict, shots, fates)
-    _check_ledger(verdict, shots, fates, rows, record.msisdn_secret)
-    await _check_sms(verdict, connection, record, fates, rows)
+    _check_ledger(verdict, shots, fates, rows, record.msisdn_secret, {
+        r["vote_id"] for r in sms_records if r["outcome"] == "COUNTED"}
+        if record.plan.config.sms_via == "kannel" else set())
+    _check_sms(verdict, record, fates, rows, sms_records)
     balances = await _balances(connection, record)
     _check_refusals(verdict, record, fates, balances)
     _check_balances(verdict, record, fates, balances, rows)
@@ -138,12 +141,20 @@ def _fates(attempts: list[Attempt]) -> dict[int, _ShotFate]:
         if attempt.mismatch:
             fate.mismatches.append(attempt)
         elif attempt.outcome == OK:
-            fate.vote_ids.add(attempt.vote_id)
+            # An SMS through Kannel is answered by its reply, which names no vote.
+            if attempt.vote_id:
+                fate.vote_ids.add(attempt.vote_id)
         elif attempt.outcome == REFUSED:
             fate.refusals.append(attempt)
         else:
             fate.errors += 1
     return fates
+
+
+#: Refusals that say nothing against a request another attempt got acknowledged: its reuse
+#: with another contestant, and a replica shedding load, which refuses before it looks at
+#: the request (nothing recorded, retry: seen when a Redis Cluster failover slows vote_svc).
+_NOT_A_VERDICT = frozenset({"IDEMPOTENCY_MISMATCH", "OVERLOADED"})
 
 
 def _check_answers(verdict: Verdict, shots: list[Shot], fates: dict[int, _ShotFate]) -> None:
@@ -157,7 +168,7 @@ def _check_answers(verdict: Verdict, shots: list[Shot], fates: dict[int, _ShotFa
         verdict.fail(f"{len(accepted_mismatch)} reused request ids with another contestant "
                      "were accepted instead of IDEMPOTENCY_MISMATCH", accepted_mismatch)
     both = [shots[i].request_id for i, fate in fates.items()
-            if fate.vote_ids and any(a.reason != "IDEMPOTENCY_MISMATCH" for a in fate.refusals)]
+            if fate.vote_ids and any(a.reason not in _NOT_A_VERDICT for a in fate.refusals)]
     if both:
         verdict.fail(f"{len(both)} requests both acknowledged and refused", both)
 
@@ -173,7 +184,10 @@ def ledger_key(shot: Shot, msisdn_secret: bytes) -> tuple[str, str]:
 
 
 def _check_ledger(verdict: Verdict, shots: list[Shot], fates: dict[int, _ShotFate],
-                  rows: list[dict[str, Any]], msisdn_secret: bytes) -> None:
+                  rows: list[dict[str, Any]], msisdn_secret: bytes,
+                  sms_counted: set[str]) -> None:
+    """`sms_counted`: the votes of the SMS records of messages sent through Kannel, whose ids
+    (Kannel's) the plan does not know."""
     rows_per_vote = Counter(row["vote_id"] for row in rows)
     acknowledged = {vote_id: index for index, fate in fates.items()
                     for vote_id in fate.vote_ids}
@@ -194,6 +208,8 @@ def _check_ledger(verdict: Verdict, shots: list[Shot], fates: dict[int, _ShotFat
                 wrong.append(row["vote_id"])
         elif fate is not None and fate.errors and not fate.vote_ids:
             recorded_after_error += 1
+        elif index is None and row["vote_id"] in sms_counted:
+            continue
         else:
             unexplained.append(f"{row['vote_id']} ({row['user_id']}/{row['request_id']})")
     if unexplained:
@@ -205,23 +221,43 @@ def _check_ledger(verdict: Verdict, shots: list[Shot], fates: dict[int, _ShotFat
                          recorded_after_client_error=recorded_after_error)
 
 
-_SMS_SQL = """
-SELECT carrier, carrier_message_id, outcome, charged, vote_id::text AS vote_id,
+_SMS_COLUMNS = """
+SELECT carrier, carrier_message_id, outcome, charged, vote_id::text AS vote_id, pseudonym,
        (extract(epoch FROM received_at)) AS received_s
-  FROM sms_records WHERE carrier_message_id = ANY(%s)
-"""
+  FROM sms_records"""
 
 
-async def _check_sms(verdict: Verdict, connection: AsyncConnection[Any], record: RunRecord,
-                     fates: dict[int, _ShotFate], rows: list[dict[str, Any]]) -> None:
+async def _sms_records(connection: AsyncConnection[Any],
+                       record: RunRecord) -> list[dict[str, Any]]:
+    """The run's SMS records: by the carrier message ids the driver sent; through Kannel
+    (which names the messages itself), those of the run's senders since voting opened."""
+    shots = [shot for shot in record.plan.shots if shot.path == SMS]
+    if not shots:
+        return []
+    if record.plan.config.sms_via != "kannel":
+        cursor = await connection.execute(
+            _SMS_COLUMNS + " WHERE carrier_message_id = ANY(%s)",
+            ([shot.request_id for shot in shots],))
+    else:
+        cursor = await connection.execute(
+            _SMS_COLUMNS + " WHERE pseudonym = ANY(%s) AND received_at >= to_timestamp(%s)",
+            (sorted({_sms_pseudonym(shot, record.msisdn_secret) for shot in shots}),
+             record.voting_round.opens_at - record.clock_tolerance_s))
+    return list(await cursor.fetchall())
+
+
+def _sms_pseudonym(shot: Shot, msisdn_secret: bytes) -> str:
+    return pseudonym(msisdn_secret, sms_sender(shot.user)[1])
+
+
+def _check_sms(verdict: Verdict, record: RunRecord, fates: dict[int, _ShotFate],
+               rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
     """Premium SMS: each message counted at most once, charged exactly when counted (and as
     its carrier was told), none charged after the close."""
     shots = record.plan.shots
     sms = {shot.request_id: index for index, shot in enumerate(shots) if shot.path == SMS}
     if not sms:
         return
-    cursor = await connection.execute(_SMS_SQL, (list(sms),))
-    records: list[dict[str, Any]] = await cursor.fetchall()
     in_ledger = {row["vote_id"] for row in rows}
     problems: dict[str, list[str]] = defaultdict(list)
     per_message = Counter((r["carrier"], r["carrier_message_id"]) for r in records)
@@ -231,7 +267,6 @@ async def _check_sms(verdict: Verdict, connection: AsyncConnection[Any], record:
     problems["SMS votes charged more than once"] += [v for v, n in charges.items() if n > 1]
     close = record.voting_round.closes_at + record.clock_tolerance_s
     for row in records:
-        fate = fates.get(sms[row["carrier_message_id"]])
         counted = row["outcome"] == "COUNTED"
         if row["charged"] != counted:
             problems["SMS charged other than counted"].append(row["carrier_message_id"])
@@ -239,14 +274,46 @@ async def _check_sms(verdict: Verdict, connection: AsyncConnection[Any], record:
             problems["counted SMS without its ledger vote"].append(row["carrier_message_id"])
         if row["charged"] and float(row["received_s"]) >= close:
             problems["SMS charged after the close"].append(row["carrier_message_id"])
+        fate = fates.get(sms.get(row["carrier_message_id"], -1))
         if fate is not None and fate.vote_ids and fate.vote_ids != {row["vote_id"]}:
             problems["SMS acknowledged with another vote than recorded"].append(
                 row["carrier_message_id"])
+    if record.plan.config.sms_via == "kannel":
+        _check_sms_senders(problems, verdict.facts, record, records)
     for problem, examples in problems.items():
         if examples:
             verdict.fail(f"{len(examples)} {problem}", examples)
     verdict.facts.update(sms_messages=len(records),
                          sms_charged=sum(1 for r in records if r["charged"]))
+
+
+def _check_sms_senders(problems: dict[str, list[str]], facts: dict[str, Any],
+                       record: RunRecord, records: list[dict[str, Any]]) -> None:
+    """Through Kannel the records name Kannel's message ids, so they are checked per
+    subscriber: no more records than messages sent, no more "counted" replies than counted
+    records, and every message answered by a reply (the outbox's promise)."""
+    sent: Counter[str] = Counter()
+    told_counted: Counter[str] = Counter()
+    answered: set[int] = set()
+    for attempt in record.attempts:
+        shot = record.plan.shots[attempt.shot]
+        if shot.path != SMS:
+            continue
+        sender = _sms_pseudonym(shot, record.msisdn_secret)
+        sent[sender] += 1
+        if attempt.outcome in (OK, REFUSED):
+            answered.add(attempt.shot)
+            told_counted[sender] += attempt.outcome == OK
+    recorded = Counter(r["pseudonym"] for r in records)
+    counted = Counter(r["pseudonym"] for r in records if r["outcome"] == "COUNTED")
+    problems["SMS senders with more records than messages sent"] += [
+        sender for sender, n in recorded.items() if n > sent[sender]]
+    problems["SMS senders told counted more often than counted"] += [
+        sender for sender, n in told_counted.items() if n > counted[sender]]
+    unanswered = sum(sent.values()) - len(answered)
+    if unanswered:
+        problems["SMS sent through Kannel without a reply"] += [f"{unanswered} messages"]
+    facts.update(sms_sent=sum(sent.values()), sms_replied=len(answered))
 
 
 async def _balances(connection: AsyncConnection[Any],
@@ -286,7 +353,7 @@ def _check_refusals(verdict: Verdict, record: RunRecord, fates: dict[int, _ShotF
     for index, fate in fates.items():
         shot = shots[index]
         for attempt in fate.mismatches:
-            if attempt.outcome == REFUSED and attempt.reason != "IDEMPOTENCY_MISMATCH":
+            if attempt.outcome == REFUSED and attempt.reason not in _NOT_A_VERDICT:
                 problems[f"reused request id refused with {attempt.reason}"].append(
                     shot.request_id)
         for attempt in fate.refusals:

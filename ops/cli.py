@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -78,6 +79,10 @@ def up(
     trusted_proxy_hops: Annotated[int, typer.Option(
         envvar="TELEVOTE_EDGE_TRUSTED_PROXY_HOPS", min=0,
         help="Load balancers in front of the edge whose X-Forwarded-For is trusted.")] = 0,
+    redis_cluster: Annotated[int, typer.Option(
+        "--redis-cluster", min=0, metavar="MASTERS",
+        help="Start a Redis Cluster of MASTERS masters with a replica each instead of one "
+             "Redis (ignored with REDIS_URL).")] = 0,
     kannel: Annotated[bool, typer.Option(
         help="Also start Kannel (bearerbox, smsbox) with a fake SMSC link per carrier, for "
              "premium SMS through a real SMS gateway (Debian's kannel, kannel-extras).")]
@@ -91,7 +96,7 @@ def up(
     settings = StackSettings(
         state_dir=state_dir, edge_host=host, edge_port=port,
         replicas={**dict.fromkeys(SERVICES, 1), **_replica_counts(replicas)},
-        trusted_proxy_hops=trusted_proxy_hops, kannel=kannel,
+        trusted_proxy_hops=trusted_proxy_hops, kannel=kannel, redis_cluster=redis_cluster,
         database_url=os.environ.get("DATABASE_URL") or None,
         redis_url=os.environ.get("REDIS_URL") or None)
     asyncio.run(_run_until_signal(Stack(settings)))
@@ -200,7 +205,8 @@ def address(
             raise typer.BadParameter(f"{part} runs {len(found)} replica(s)",
                                      param_hint="--replica")
         found = found[replica]
-    typer.echo(found)
+    # Kannel's fake SMSC links (`televote up --kannel`): carrier -> port, as JSON.
+    typer.echo(json.dumps(found) if isinstance(found, dict) else found)
 
 
 @app.command()
@@ -435,6 +441,11 @@ def loadtest(
         min=0.0, max=1.0, help="seed, shownight: share of voters who text 1255 instead "
                                "(premium SMS through the carrier API, over three carriers).")]
     = 0.2,
+    sms_via: Annotated[str, typer.Option(
+        help="api: the SMS share posts to the carrier JSON API; kannel: it goes through "
+             "Kannel (fake SMSC links -> bearerbox -> smsbox -> edge), replies back the same "
+             "way (an own stack starts Kannel; with --edge, `televote up --kannel`).")]
+    = "api",
     window: Annotated[float | None, typer.Option(
         min=1.0, help="The voting window in show seconds (default 1800).")] = None,
     compress: Annotated[float | None, typer.Option(
@@ -484,6 +495,7 @@ def loadtest(
     config = LoadConfig(
         scenario=scenario, users=users or int(defaults.get("users", 10_000)),
         votes_per_user=votes_per_user, paid_share=paid_share, sms_share=sms_share,
+        sms_via=sms_via,
         window_s=window or defaults.get("window_s", 1800.0),
         compress=compress or defaults.get("compress", 30.0),
         paths=tuple(p.strip() for p in paths.split(",") if p.strip()), seed=seed,
@@ -510,8 +522,14 @@ def loadtest(
         if not (state_dir / "jwt").is_dir():
             raise typer.BadParameter(f"{state_dir} holds no token key (jwt/)",
                                      param_hint="--state-dir")
-        result = asyncio.run(run(config, Target(host_port, state_dir, database_url), out,
-                                 workers=workers, live=live))
+        smsc = read_addresses(state_dir).get("kannel-smsc") or {}
+        if sms_via == "kannel" and not smsc:
+            raise typer.BadParameter(f"the stack running from {state_dir} runs no Kannel "
+                                     "(televote up --kannel)", param_hint="--sms-via")
+        result = asyncio.run(run(config, Target(
+            host_port, state_dir, database_url,
+            kannel_smsc_ports=dict(smsc)), out,  # type: ignore[call-overload]
+            workers=workers, live=live))
     else:
         from ops.processes import run_stopping_on_sigterm
 

@@ -162,9 +162,21 @@ get-url = "{self.edge_url}/v1/carriers/CARRIER_{carrier.upper()}/sms?{query}"
         await _wait_port(self.smsbox_port, self._children[0])
         for port in self.smsc_ports.values():
             await _wait_port(port, self._children[0])
-        self._children.append(await Child.spawn("smsbox", [str(found["smsbox"]), str(path)],
-                                                logs))
-        await _wait_port(self.sendsms_port, self._children[1])
+        await self.start_smsbox()
+
+    async def start_smsbox(self) -> None:
+        """Start smsbox (again): the box that calls the edge and takes replies (sendsms)."""
+        path = self.state_dir / "kannel.conf"
+        child = await Child.spawn("smsbox", [str(binaries()["smsbox"]), str(path)],
+                                  self.state_dir / "logs")
+        self._children.append(child)
+        await _wait_port(self.sendsms_port, child)
+
+    async def stop_smsbox(self) -> None:
+        """Stop smsbox alone (as its crash would): sendsms refuses replies meanwhile."""
+        for child in [c for c in self._children if c.name == "smsbox"]:
+            await child.stop()
+            self._children.remove(child)
 
     async def stop(self) -> None:
         for child in reversed(self._children):

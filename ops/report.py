@@ -112,7 +112,9 @@ def tables(report: pb.GetEpisodeReportResponse) -> list[Table]:
         ("voters who used all their free votes (%)", e.used_all_free_percentage),
         ("free voters who also paid (%)", e.free_to_paid_percentage),
         ("returning voters", e.returning_voters),
-        ("returning voters (%)", e.returning_voter_percentage)])
+        ("returning voters (%)", e.returning_voter_percentage),
+        ("peak concurrent viewers", e.peak_concurrent_viewers),
+        ("peak viewers minute (UTC)", _time(e.peak_viewers_minute))])
     distribution = Table("votes_per_voter", "Voters by votes cast", ("votes cast", "voters"),
                          [(b.label, b.voters) for b in e.votes_per_voter_distribution])
     performances = Table("performances", "From a performance to its first vote", (

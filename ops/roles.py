@@ -24,6 +24,7 @@ import redis
 from psycopg import sql
 
 from runtime.secrets import read_or_create_secret
+from runtime.storage import redis_target
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +96,58 @@ def provision_redis(owner_url: str, state_dir: Path, services: Iterable[str],
     """Create or update each service's Redis ACL user; returns each service's Redis URL.
 
     A service's user may not run server administration (CONFIG, ACL, SHUTDOWN, REPLICAOF,
-    ...) nor what Redis itself calls dangerous (FLUSHALL, KEYS, DEBUG, ...)."""
+    ...) nor what Redis itself calls dangerous (FLUSHALL, KEYS, DEBUG, ...); it may read the
+    cluster's layout (CLUSTER SLOTS, NODES, INFO: the admin category has them in Redis 6),
+    which a cluster client needs to route. A Redis Cluster does not replicate ACL users:
+    on a cluster (a URL with `?cluster=yes`) each user is made on every node, masters and
+    replicas, so it still works after a failover."""
     urls = {}
-    client = redis.Redis.from_url(owner_url)
+    plain_url, cluster = redis_target(owner_url)
+    clients = [redis.Redis.from_url(url) for url in _node_urls(plain_url, cluster)]
     try:
         for service in services:
             user = login_name(service, state_dir)
             password = read_or_create_secret(secrets_dir[service] / "redis-password")
-            client.acl_setuser(user, reset=True, enabled=True, passwords=[f"+{password}"],
-                               keys=["*"], channels=["*"],
-                               categories=["+@all", "-@admin", "-@dangerous"])
+            for client in clients:
+                client.acl_setuser(user, reset=True, enabled=True, passwords=[f"+{password}"],
+                                   keys=["*"], channels=["*"],
+                                   categories=["+@all", "-@admin", "-@dangerous"],
+                                   commands=[f"+cluster|{sub}" for sub in CLUSTER_LAYOUT])
             urls[service] = with_credentials(owner_url, user, password)
+        if cluster:
+            for client in clients:
+                _save_users(client)
     finally:
-        client.close()
+        for client in clients:
+            client.close()
     return urls
+
+
+def _save_users(client: redis.Redis) -> None:
+    """Write a cluster node's users to its ACL file, so it knows them after a restart; a
+    node without one (a cluster we were handed) keeps them until it restarts."""
+    try:
+        client.acl_save()
+    except redis.ResponseError as error:
+        log.warning("Redis users not saved on %s: %s",
+                    client.connection_pool.connection_kwargs.get("port"), error)
+
+
+#: The CLUSTER subcommands a cluster client reads the layout with.
+CLUSTER_LAYOUT = ("slots", "nodes", "info")
+
+
+def _node_urls(url: str, cluster: bool) -> list[str]:
+    """`url`, and on a cluster the URL of every other node it knows (same credentials)."""
+    if not cluster:
+        return [url]
+    with redis.Redis.from_url(url) as seed:
+        reply = seed.execute_command("CLUSTER NODES")
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    if isinstance(reply, dict):  # redis-py may parse it: {"host:port": {...}}
+        addresses = list(reply)
+    else:
+        addresses = [line.split()[1].split("@")[0] for line in text.splitlines() if line]
+    parts = urlsplit(url)
+    return [urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[0] + "@" + address))
+            for address in addresses]

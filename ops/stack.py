@@ -32,11 +32,13 @@ from ops.infra import start_postgres, start_redis
 from ops.kannel import Kannel
 from ops.migrate import migrate
 from ops.processes import Child, free_port, wait_serving
+from ops.redis_cluster import OwnRedisCluster
 from results_svc.signing import KEY_FILE as LEDGER_KEY_FILE
 from results_svc.signing import Signer
 from runtime import mesh
 from runtime.mesh import MeshTls
 from runtime.secrets import private_dir, read_or_create_secret
+from runtime.storage import cluster_url
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ class StackSettings:
     #: EdgeSettings fields to override (its abuse limits, for a load generator that is one
     #: client address: edge.ONE_LOAD_GENERATOR).
     edge: dict[str, Any] = field(default_factory=dict)
+    #: Start a Redis Cluster of this many masters, each with a replica (ops/redis_cluster.py),
+    #: instead of one Redis; 0: one Redis. Ignored when `redis_url` names one to use.
+    redis_cluster: int = 0
     #: Start Kannel (bearerbox, smsbox) in front of the edge, a fake SMSC link per carrier
     #: (ops/kannel.py), and send SMS replies through it.
     kannel: bool = False
@@ -101,6 +106,9 @@ class Stack:
     _services: list[Child] = field(default_factory=list)
     _edge: Child | None = None
     kannel: Kannel | None = None
+    #: The Redis Cluster the stack started (`StackSettings.redis_cluster`), for tests that
+    #: kill one of its nodes.
+    redis_nodes: OwnRedisCluster | None = None
     #: Extra environment per service (fraud_svc's development GeoIP database).
     _service_extra: dict[str, dict[str, str]] = field(default_factory=dict)
     #: Each service's own DATABASE_URL and REDIS_URL (ops/roles.py).
@@ -133,8 +141,13 @@ class Stack:
             log.info("migrations applied: %s", applied or "none pending")
             await asyncio.to_thread(self._provision_roles, state_dir)
             jwks = tokens.ensure_signing_key(state_dir)
+            environ = {**os.environ, **self.settings.service_env}
             self._service_extra["fraud_svc"] = await asyncio.to_thread(
-                dev_geoip_environment, state_dir, {**os.environ, **self.settings.service_env})
+                dev_geoip_environment, state_dir, environ)
+            # vote_svc records the IP's place at admission from the same database.
+            geoip = self._service_extra["fraud_svc"].get(DEV_GEOIP_VARIABLE)
+            if geoip and not environ.get(VOTE_GEOIP_VARIABLE):
+                self._service_extra["vote_svc"] = {VOTE_GEOIP_VARIABLE: geoip}
 
             if self.settings.mtls:
                 for holder in (*SERVICES, pki.OPERATOR, pki.EDGE):
@@ -191,6 +204,7 @@ class Stack:
             write_addresses(state_dir, {
                 "edge": self.edge_target, "envoy-admin": f"127.0.0.1:{self.admin_port}",
                 "database": self.database_url, "redis": self.redis_url,
+                **({"kannel-smsc": self.kannel.smsc_ports} if self.kannel else {}),
                 **{service: [f"{host}:{port}" for host, port in self.addresses[service]]
                    for service in SERVICES}})
         except BaseException:
@@ -279,7 +293,8 @@ class Stack:
     def _service_files(self, state_dir: Path, service: str) -> dict[str, Path]:
         """The files `service` reads, by the variable that names them: the stack's copies,
         each installed into the service's own directory where it runs (its mesh certificate,
-        results_svc's ledger signing key, fraud_svc's development GeoIP database)."""
+        results_svc's ledger signing key, fraud_svc's and vote_svc's development GeoIP
+        database)."""
         own = service_dir(state_dir, service)
         files = {}
         if self.settings.mtls:
@@ -289,9 +304,10 @@ class Stack:
             # Made here, once: replicas on several hosts must all sign with the same key.
             Signer.load(key, create=True)
             files["RESULTS_SIGNING_KEY_FILE"] = key
-        geoip = self._service_extra.get(service, {}).get(DEV_GEOIP_VARIABLE)
-        if geoip:
-            files[DEV_GEOIP_VARIABLE] = Path(geoip)
+        for variable in (DEV_GEOIP_VARIABLE, VOTE_GEOIP_VARIABLE):
+            geoip = self._service_extra.get(service, {}).get(variable)
+            if geoip:
+                files[variable] = Path(geoip)
         return files
 
     def _service_secrets(self, state_dir: Path, service: str) -> dict[str, str]:
@@ -328,6 +344,11 @@ class Stack:
 
     async def _own_redis(self, state_dir: Path) -> str:
         stores = self.settings.host(STORES)
+        if self.settings.redis_cluster:
+            self.redis_nodes = OwnRedisCluster(stores.files(state_dir), self.settings.redis_cluster,
+                                               host=stores, log_dir=state_dir / "logs")
+            await self.redis_nodes.start()
+            return cluster_url(self.redis_nodes.url)
         child, url = await start_redis(stores.files(state_dir), stores, state_dir / "logs")
         self._infra.append(child)
         return url
@@ -367,6 +388,8 @@ class Stack:
             await self._edge.stop()
         for child in reversed(self._services):
             await child.stop()
+        if self.redis_nodes is not None:
+            await self.redis_nodes.stop()
         for child in reversed(self._infra):
             await child.stop()
 
@@ -376,6 +399,9 @@ class Stack:
                  f"envoy admin (loopback only)      http://127.0.0.1:{self.admin_port}",
                  f"PostgreSQL                       {self.database_url}",
                  f"Redis                            {self.redis_url}"]
+        if self.redis_nodes is not None:
+            nodes = ", ".join(node.address for node in self.redis_nodes.nodes)
+            lines.append(f"Redis Cluster nodes              {nodes}")
         for service in SERVICES:
             replicas = ", ".join(f"{h}:{p}" for h, p in self.addresses.get(service, []))
             lines.append(f"{service:<33}{replicas}")
@@ -392,6 +418,8 @@ class Stack:
 
 #: fraud_svc's GeoIP database.
 DEV_GEOIP_VARIABLE = "FRAUD_GEOIP_DB"
+#: vote_svc's GeoIP database (the IP's place kept in the ledger): the same file in a local mesh.
+VOTE_GEOIP_VARIABLE = "VOTE_GEOIP_DB"
 
 
 def dev_geoip_environment(state_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:

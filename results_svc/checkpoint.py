@@ -131,7 +131,9 @@ async def save(connection: AsyncConnection[Any], state: Checkpoint) -> None:
 
 
 async def discard(connection: AsyncConnection[Any], round_id: str) -> None:
-    """Drop a round's checkpoint and the tree parts it wrote (only while it has no result)."""
+    """Drop a round's checkpoint and the tree parts it wrote (only while it has no result).
+    The report's rollups folded its verdicts: they are told to start over."""
+    await connection.execute(store.LOG_ROLLUP_RESET, (round_id, round_id))
     for statement in store.DISCARD_CHECKPOINT:
         await connection.execute(statement, (round_id,))
 
@@ -210,6 +212,8 @@ async def advance(connection: AsyncConnection[Any], info: RoundInfo, state: Chec
     users = [] if state.fresh else await _changed_voters(connection, state.round_id)
     if users:
         await _take_out(connection, state, users)
+        # The report's rollups folded these voters' rows with the old verdicts.
+        await connection.execute(store.LOG_ROLLUP_RESETS, (state.round_id, users))
     hi = await _step_end(connection, info.round_id, lo, upto_ms, max_rows) if upto_ms > lo \
         else lo
     if not state.counts:

@@ -62,9 +62,14 @@ class ResultsConfig(ServiceConfig):
     #: A provisional report (the episode live, a round not finalized) is recomputed at most
     #: this often; a final one is computed once.
     results_report_provisional_ms: int = Field(default=5000, ge=0)
-    #: How often a replica looks for finalized rounds and ended episodes whose report parts
-    #: are not computed yet, and computes them (0: only on request).
+    #: How often a replica looks for ended episodes whose final report is not stored yet,
+    #: and stores it (0: only on request).
     results_report_precompute_ms: int = Field(default=5000, ge=0)
+    #: How often a replica extends the report's rollups behind the result checkpoints (0:
+    #: never; a report then folds every row itself), and how many ledger rows one step (one
+    #: transaction) folds at most.
+    results_report_rollup_ms: int = Field(default=1000, ge=0)
+    results_report_rollup_rows: int = Field(default=20_000, ge=1)
     #: The show's warning moment, this long before a round's broadcast close (sync_svc's
     #: SYNC_WARNING_AT_S).
     results_report_warning_s: int = Field(default=60, ge=0)

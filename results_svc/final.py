@@ -239,12 +239,13 @@ class Finalizer:
         the checkpoint's snapshot is taken, so a vote below it that is not in the snapshot
         committed after its admission was settled: a fault that staleness() detects."""
         redis = self._storage.redis
+        # Now first, then the pending sets (a cluster pipeline cannot carry TIME, which
+        # belongs to no slot).
+        oldest = await keys.server_time_ms(redis)
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.time()
             for shard in range(keys.SHARDS):
                 pipe.zrange(keys.pending_key(shard), 0, -1)
-            now, *pending = await pipe.execute()
-        oldest = int(now[0]) * 1000 + int(now[1]) // 1000
+            pending = await pipe.execute()
         for members in pending:
             for member in members:
                 with contextlib.suppress(ValueError):  # malformed: the reconciler's to drop

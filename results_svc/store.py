@@ -185,6 +185,16 @@ CHANGED_VOTER_COUNTS = (
     "   WHERE round_id = %(round)s AND user_id = ANY(%(users)s)) c GROUP BY 1"
 )
 
+#: Voters whose verdicts changed, and checkpoints dropped (user NULL; only one that existed:
+#: the rollups never fold rows of a round without one), for the report's rollups
+#: (results_svc/report/rollup.py), in the checkpoint's own transaction.
+LOG_ROLLUP_RESET = (
+    "INSERT INTO report_rollup_resets (round_id, user_id) SELECT %s, NULL"
+    " WHERE EXISTS (SELECT 1 FROM round_checkpoints WHERE round_id = %s)"
+)
+LOG_ROLLUP_RESETS = ("INSERT INTO report_rollup_resets (round_id, user_id)"
+                     " SELECT %s, unnest(%s::text[])")
+
 FORGET_INVALID = "DELETE FROM round_checkpoint_invalid WHERE round_id = %s AND user_id = ANY(%s)"
 
 ADMITTED_BETWEEN = (

@@ -54,7 +54,8 @@ class ServiceConfig(BaseSettings):
     televote_health_port: int | None = None
     database_url: str
     redis_url: str
-    #: Talk to Redis Cluster instead of a single Redis (same keys, same scripts).
+    #: Talk to Redis Cluster instead of a single Redis (same keys, same scripts); a URL with
+    #: `?cluster=yes` says so too (runtime/storage.py), see `on_redis_cluster`.
     redis_cluster: bool = False
     #: Connections to Redis per process; callers wait for one when all are busy.
     redis_max_connections: int = 200
@@ -70,6 +71,13 @@ class ServiceConfig(BaseSettings):
     #: whose writes are single statements, which otherwise paid a COMMIT round trip each
     #: (sms_svc).
     database_autocommit: bool = False
+
+    @property
+    def on_redis_cluster(self) -> bool:
+        """Whether REDIS_URL names a Redis Cluster, by REDIS_CLUSTER or by the URL itself."""
+        from runtime.storage import redis_target  # storage imports this module
+
+        return self.redis_cluster or redis_target(self.redis_url)[1]
 
     @classmethod
     def load(cls) -> Self:

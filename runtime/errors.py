@@ -1,6 +1,6 @@
 """The one way a televote service refuses a request.
 
-Handlers and domain logic raise `ApiError`; the server interceptor turns it into a
+Handlers and domain logic raise `ApiError`; the server's guard turns it into a
 google.rpc.Status carrying exactly one ErrorInfo (domain "televote", a stable UPPER_SNAKE
 reason) plus BadRequest or RetryInfo where they help (AIP-193). Clients and tests branch on
 the reason, never on the message text.

@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from runtime.storage import RedisClient
+from runtime.storage import RedisClient, raise_first_error, run_scripts
 
 #: Shards of per-user state. Changing it moves users between slots: rebuild Redis after.
 SHARDS = 64
@@ -172,11 +172,8 @@ async def write_window(redis: RedisClient, round_id: str, fields: Mapping[str, s
     shard's copy holds a later state (`_WRITE_WINDOW`); returns how many copies it changed."""
     script = redis.register_script(_WRITE_WINDOW)
     args = [str(part) for pair in fields.items() for part in pair]
-    async with redis.pipeline(transaction=False) as pipe:
-        for shard in range(SHARDS):
-            await script(keys=[window_key(shard, round_id)], args=args,
-                         client=pipe)  # type: ignore[arg-type]
-        replies = await pipe.execute()
+    replies = raise_first_error(await run_scripts(
+        redis, [(script, [window_key(shard, round_id)], args) for shard in range(SHARDS)]))
     return sum(int(reply) > 0 for reply in replies)
 
 
@@ -223,10 +220,6 @@ async def close_window(redis: RedisClient, round_id: str) -> int:
     """
     script = redis.register_script(_CLOSE_WINDOW)
     fields = [f"close_{channel}_ms" for channel in CHANNELS]
-    async with redis.pipeline(transaction=False) as pipe:
-        for shard in range(SHARDS):
-            # redis-py queues a script call on a pipeline passed as its client.
-            await script(keys=[window_key(shard, round_id)], args=fields,
-                         client=pipe)  # type: ignore[arg-type]
-        closed_at = await pipe.execute()
+    closed_at = raise_first_error(await run_scripts(
+        redis, [(script, [window_key(shard, round_id)], fields) for shard in range(SHARDS)]))
     return max(int(moment) for moment in closed_at)

@@ -36,7 +36,17 @@ async def round_results_session(connection: AsyncConnection[Any], round_id: str,
     replicas), committed at once so that a REPEATABLE READ transaction that follows takes its
     snapshot after the previous holder's commit. `wait` False: yield False at once if another
     holds it."""
-    key = _round_key(round_id)
+    async with session_lock(connection, _round_key(round_id), wait=wait) as got:
+        yield got
+
+
+@contextlib.asynccontextmanager
+async def session_lock(connection: AsyncConnection[Any], key: str, *,
+                       wait: bool) -> AsyncIterator[bool]:
+    """The advisory lock `key`, held by the session until the block ends, taken (and
+    committed) before the block's first transaction, so a REPEATABLE READ snapshot taken in it
+    sees the previous holder's commits. `wait` False: yield False at once if another holds
+    it."""
     if wait:
         await connection.execute("SET LOCAL lock_timeout = '30s'")
         await connection.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))

@@ -81,6 +81,16 @@ def channel(target: str, service: str, tls: MeshTls | None,
 
 
 def peer_of(context: Any) -> str | None:
-    """The name in the caller's verified certificate, None on a plaintext connection."""
-    names = context.auth_context().get("x509_subject_alternative_name")
+    """The name in the caller's verified certificate (its first subjectAltName), None on a
+    plaintext connection or for a certificate without one.
+
+    Read as the call's peer identity, which grpc keys by the subjectAltName whenever the
+    certificate has one: the same names as the auth context's, without building the whole
+    context (every property, the PEM certificate included) on every call (~7 of ~10 µs)."""
+    if context.peer_identity_key() != _SUBJECT_ALT_NAME:
+        return None
+    names = context.peer_identities()
     return names[0].decode() if names else None
+
+
+_SUBJECT_ALT_NAME = "x509_subject_alternative_name"

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from runtime.access import SERVICE_ROLES, Role
 from runtime.config import ServiceConfig
-from runtime.interceptors import ServiceInterceptor
+from runtime.interceptors import GuardedServer, ServiceGuard
 from runtime.logs import configure_logging
 from runtime.mesh import MeshTls
 from runtime.storage import Storage
@@ -67,7 +67,8 @@ _SERVER_OPTIONS = [
 
 
 class ServiceHost:
-    """A grpc.aio server with health, reflection, the shared interceptor and its storage."""
+    """A grpc.aio server with health, reflection, the shared guard (runtime/interceptors.py)
+    around every handler, and its storage."""
 
     def __init__(self, config: ServiceConfig, storage: Storage | None,
                  service_roles: Mapping[str, frozenset[Role]] = SERVICE_ROLES) -> None:
@@ -79,11 +80,9 @@ class ServiceHost:
         if self.tls is None:
             log.warning("no TELEVOTE_TLS_DIR: plaintext, and the claims header of any caller "
                         "is believed (only for a lone service in a test)")
-        self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(
-                service_roles, mesh_tls=self.tls is not None,
-                anonymous_streams_per_ip=config.televote_anonymous_streams_per_ip)],
-            options=_SERVER_OPTIONS)
+        self.server = GuardedServer(grpc.aio.server(options=_SERVER_OPTIONS), ServiceGuard(
+            service_roles, mesh_tls=self.tls is not None,
+            anonymous_streams_per_ip=config.televote_anonymous_streams_per_ip))
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # Kubernetes' grpc probes speak plaintext and present no certificate, and the mesh
@@ -124,7 +123,7 @@ class ServiceHost:
         """Enable reflection and listen; returns the bound port (useful with port 0)."""
         reflection.enable_server_reflection(
             [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], self.server)
+             reflection.SERVICE_NAME], self.server)  # a grpc.aio.Server: the async servicer
         address = f"{self.config.televote_host}:{self.config.televote_port}"
         port = (self.server.add_secure_port(address, self.tls.server_credentials())
                 if self.tls else self.server.add_insecure_port(address))

@@ -52,6 +52,9 @@ _STATUSES = {
 #: Kannel's DLR types (%d) -> status.
 _GATEWAY_DLR_TYPES = {1: "DELIVERED", 2: "FAILED", 4: "ACCEPTED", 8: "ACCEPTED", 16: "REJECTED"}
 
+#: At most this many messages in one ReceiveInboundSmsBatch.
+MAX_BATCH = 1000
+
 DEFAULT_PRICE = vote_types_pb2.Money(currency_code="USD", amount_micros=500_000)
 
 
@@ -92,6 +95,20 @@ def _query_text(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | Non
     return None
 
 
+def _arrived(metadata: Sequence[tuple[str, str | bytes]] | None) -> datetime:
+    # Inside the mesh (tests calling the replica) there is no edge: this host's clock.
+    return edge_received_at(metadata) or datetime.now(UTC)
+
+
+def _inbound(carrier: str, message: Any, arrived: datetime, text: str) -> InboundSms:
+    """One message of a request (ReceiveInboundSmsRequest or a batch's InboundSms)."""
+    return InboundSms(
+        carrier=carrier, carrier_message_id=message.carrier_message_id,
+        msisdn=message.msisdn, short_code=message.short_code, text=text, received_at=arrived,
+        gateway_received_at=(_valid_time(message.received_at, "received_at")
+                             if message.HasField("received_at") else None))
+
+
 def _response(answer: Answer) -> carrier_service_pb2.ReceiveInboundSmsResponse:
     response = carrier_service_pb2.ReceiveInboundSmsResponse(
         outcome=OUTCOMES[Outcome(answer.outcome)], reply_text=answer.reply_text,
@@ -115,16 +132,43 @@ class CarrierServicer(carrier_service_pb2_grpc.CarrierServiceServicer):
                                 ) -> carrier_service_pb2.ReceiveInboundSmsResponse:
         carrier = caller_carrier(request.carrier)
         metadata = context.invocation_metadata()
-        arrived = edge_received_at(metadata)  # type: ignore[arg-type]
         text = _query_text(metadata) or request.text  # type: ignore[arg-type]
-        gateway_time = (_valid_time(request.received_at, "received_at")
-                        if request.HasField("received_at") else None)
-        answer = await self._inbound.receive(InboundSms(
-            carrier=carrier, carrier_message_id=request.carrier_message_id,
-            msisdn=request.msisdn, short_code=request.short_code, text=text,
-            # Inside the mesh (tests calling the replica) there is no edge: this host's clock.
-            received_at=arrived or datetime.now(UTC), gateway_received_at=gateway_time))
+        answer = await self._inbound.receive(
+            _inbound(carrier, request, _arrived(metadata), text))  # type: ignore[arg-type]
         return _response(answer)
+
+    async def ReceiveInboundSmsBatch(
+            self, request: carrier_service_pb2.ReceiveInboundSmsBatchRequest,
+            context: grpc.aio.ServicerContext[Any, Any],
+    ) -> carrier_service_pb2.ReceiveInboundSmsBatchResponse:
+        carrier = caller_carrier(request.carrier)
+        if not 1 <= len(request.messages) <= MAX_BATCH:
+            raise invalid_argument(FieldViolation("messages", f"1 to {MAX_BATCH} messages"))
+        arrived = _arrived(context.invocation_metadata())  # type: ignore[arg-type]
+        batch: list[InboundSms | ApiError] = []
+        for message in request.messages:
+            try:
+                batch.append(_inbound(carrier, message, arrived, message.text))
+            except ApiError as error:  # its received_at is not a time
+                batch.append(error)
+        valid = [sms for sms in batch if isinstance(sms, InboundSms)]
+        outcomes = iter(await self._inbound.receive_many(valid))
+        response = carrier_service_pb2.ReceiveInboundSmsBatchResponse()
+        for index, (message, sms) in enumerate(zip(request.messages, batch, strict=True)):
+            result = response.results.add(index=index,
+                                          carrier_message_id=message.carrier_message_id)
+            outcome = next(outcomes) if isinstance(sms, InboundSms) else sms
+            if isinstance(outcome, ApiError):
+                result.error.code = outcome.code.value[0]
+                result.error.reason = outcome.reason
+                result.error.message = outcome.message
+                if outcome.retry_after_seconds is not None:
+                    result.error.retry_delay.FromMilliseconds(
+                        round(outcome.retry_after_seconds * 1000))
+            else:
+                result.ok = True
+                result.answer.CopyFrom(_response(outcome))
+        return response
 
     async def ReceiveDeliveryReport(
             self, request: carrier_service_pb2.ReceiveDeliveryReportRequest,

@@ -51,6 +51,14 @@ class SmsConfig(ServiceConfig):
     #: Per carrier: Kannel's smsc-id to send replies through. JSON object.
     sms_kannel_smsc_ids: str = "{}"
 
+    #: A reply recorded by a replica is its own to send for this long; after that (the
+    #: replica died, or Kannel refused it) any replica's poll sends it.
+    sms_reply_lease_ms: int = 10_000
+    #: How often each replica looks for replies left pending.
+    sms_reply_poll_ms: float = 1_000.0
+    #: A reply Kannel did not take is tried again after this long.
+    sms_reply_retry_ms: int = 2_000
+
     @field_validator("sms_default_language")
     @classmethod
     def _language(cls, value: str) -> str:

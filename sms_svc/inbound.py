@@ -1,4 +1,5 @@
-"""One carrier message, from its first receipt to its one outcome.
+"""Carrier messages, from their first receipt to their one outcome each (one message, or a
+carrier's batch: every step below is taken once for all the messages of a batch).
 
 1. Refuse bad input before anything is written (wrong carrier, unknown short code, a number
    that is not Cambodian, empty or over-long text, a gateway time the edge's clock denies).
@@ -21,13 +22,13 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import grpc
 
+from runtime.coalesce import Coalescer
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.gateway_time import gateway_time_problem
 from runtime.storage import RedisClient
@@ -40,8 +41,18 @@ from sms_svc.parsing import (
     pseudonym,
 )
 from sms_svc.replies import Outcome, reply
-from sms_svc.store import Answer, Binding, ContentMismatchError, SmsStore
-from sms_svc.votes import VoteSender, VoteUndecidedError
+from sms_svc.store import (
+    Answer,
+    Binding,
+    Claim,
+    ClaimRow,
+    ContentMismatchError,
+    OutcomeRow,
+    PendingReply,
+    SmsStore,
+    Target,
+)
+from sms_svc.votes import VoteSender, VoteUndecidedError, sms_vote
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +61,19 @@ MAX_MESSAGE_ID = 128
 #: Namespace of the vote request ids derived from (carrier, carrier message id).
 REQUEST_ID_NAMESPACE = uuid.UUID("6f0f1b9e-3c55-4a8e-9d64-0b5f4f6a1255")
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+#: Takes ("1") or releases ("0") each key's lease: a release deletes only this replica's
+#: own (after a pause longer than the lease, another replica holds it).
+_LEASES = """
+local held = {}
+for i, key in ipairs(KEYS) do
+    if ARGV[i + 2] == '1' then
+        held[i] = redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+    else
+        if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+        held[i] = 0
+    end
+end
+return held
 """
 
 #: vote_svc's refusal reasons -> the message's outcome.
@@ -76,8 +97,8 @@ class InboundSms:
     gateway_received_at: datetime | None = None
 
 
-#: Sends a reply (carrier, carrier message id, msisdn, short code, text).
-ReplySender = Callable[..., Coroutine[Any, Any, bool]]
+#: Called with the replies of outcomes just recorded (sms_svc/outbox.py sends them).
+RepliesRecorded = Callable[[list[PendingReply]], None]
 
 
 def unavailable(message: str) -> ApiError:
@@ -85,70 +106,131 @@ def unavailable(message: str) -> ApiError:
                     retry_after_seconds=1.0)
 
 
+@dataclass
+class _Message:
+    """One message on its way through a batch."""
+
+    sms: InboundSms
+    msisdn: str
+    binding: Binding
+    number: int | None
+    language: str
+    pseudonym: str
+    claim: Claim | None = None
+    #: Under the lease, someone may have decided meanwhile: read the answer first.
+    maybe_decided: bool = False
+
+
 class InboundProcessor:
-    """Turns carrier messages into outcomes, once each."""
+    """Turns carrier messages into outcomes, once each.
+
+    A batch of messages (ReceiveInboundSmsBatch, or one ReceiveInboundSms) goes through each
+    step together: one statement records all first receipts, one Redis round trip takes
+    all leases, their votes share SubmitVotes calls, one statement records all outcomes
+    (with their replies), and concurrent batches share these with each other too.
+    """
 
     def __init__(self, store: SmsStore, redis: RedisClient, votes: VoteSender, *,
                  secret: bytes, default_language: str, lease_ms: int, max_age_ms: int,
-                 deadline_ms: float, send_reply: ReplySender | None = None) -> None:
+                 deadline_ms: float, replies_recorded: RepliesRecorded | None = None) -> None:
         self._store = store
-        self._redis = redis
+        self._leases = Leases(redis, lease_ms)
         self._votes = votes
         self._secret = secret
         self._default_language = default_language
-        self._lease_ms = lease_ms
         self._max_age_ms = max_age_ms
         self._deadline_ms = deadline_ms
-        self._send_reply = send_reply
-        self._replies: set[asyncio.Task[bool]] = set()
+        self._replies_recorded = replies_recorded
 
     async def receive(self, sms: InboundSms) -> Answer:
-        msisdn, binding = await self._check(sms)
-        parsed = parse(sms.text)
-        language = parsed.language or self._default_language
-        try:
-            claim = await self._store.claim(
-                carrier=sms.carrier, carrier_message_id=sms.carrier_message_id,
-                content=content_hash(msisdn, sms.short_code, sms.text),
-                pseudonym=pseudonym(self._secret, msisdn), msisdn=msisdn,
-                short_code=sms.short_code, text=sms.text, language=language,
-                received_at=sms.received_at, gateway_received_at=sms.gateway_received_at)
-        except ContentMismatchError:
-            raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
-                           "this carrier message id came before with another sender, short "
-                           "code or text") from None
-        deadline = time.monotonic() + self._deadline_ms / 1000
-        lease_key = f"tv:sms:lease:{sms.carrier}:{sms.carrier_message_id}"
-        token = secrets.token_hex(8)
-        if not claim.first:  # a redelivery: most often decided long ago
-            answer = await self._store.answer(claim.message_id)
-            if answer is not None:
-                return answer
-        pause, waited = 0.01, False
-        while True:
-            if await self._redis.set(lease_key, token, nx=True, px=self._lease_ms):
-                break
-            waited = True
-            if time.monotonic() + pause >= deadline:
-                raise unavailable("the message is being decided; redeliver it")
-            await asyncio.sleep(pause)  # another copy of it is being decided
-            pause = min(pause * 2, 0.2)
-        try:
-            # Under the lease, no other copy decides meanwhile; one may have decided before
-            # (unless this is the first receipt and nobody held the lease).
-            answer = (await self._store.answer(claim.message_id)
-                      if waited or not claim.first else None)
-            if answer is not None:
-                return answer
-            answer, mine = await self._decide(sms, binding, claim.message_id, claim.received_at,
-                                              language, parsed.number, msisdn)
-        finally:
-            await self._release(lease_key, token)
-        if mine and self._send_reply is not None:
-            self._reply(sms, msisdn, answer.reply_text)
-        return answer
+        (result,) = await self.receive_many([sms])
+        if isinstance(result, ApiError):
+            raise result
+        return result
 
-    async def _check(self, sms: InboundSms) -> tuple[str, Binding]:
+    async def receive_many(self, batch: Sequence[InboundSms]) -> list[Answer | ApiError]:
+        """Each message's outcome (the first recorded for it), or why it has none."""
+        results: list[Answer | ApiError | None] = [None] * len(batch)
+        deadline = time.monotonic() + self._deadline_ms / 1000
+        messages: dict[int, _Message] = {}
+        for index, sms in enumerate(batch):
+            try:
+                messages[index] = await self._check(sms)
+            except ApiError as error:
+                results[index] = error
+        claims = await self._store.claim([ClaimRow(
+            str(uuid.uuid4()), m.sms.carrier, m.sms.carrier_message_id,
+            content_hash(m.msisdn, m.sms.short_code, m.sms.text), m.pseudonym,
+            m.sms.short_code, m.sms.text, m.language, m.sms.received_at,
+            m.sms.gateway_received_at, m.msisdn) for m in messages.values()])
+        for index, claim in zip(list(messages), claims, strict=True):
+            if isinstance(claim, ContentMismatchError):
+                results[index] = ApiError(
+                    grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_MISMATCH",
+                    "this carrier message id came before with another sender, short code or "
+                    "text")
+                del messages[index]
+            elif isinstance(claim, BaseException):
+                raise claim
+            else:
+                messages[index].claim = claim
+                messages[index].maybe_decided = not claim.first
+        # Redeliveries: most often decided long ago.
+        await self._answer_decided(messages, results)
+        waiting = await self._decide_under_leases(messages, results)
+        if waiting:  # another copy of these is being decided: its answer is theirs
+            await self._await_other_copies(waiting, results, deadline)
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]
+
+    async def _answer_decided(self, messages: dict[int, _Message],
+                              results: list[Answer | ApiError | None]) -> None:
+        """Answer (and drop) the messages already decided."""
+        ids = {m.claim.message_id: index for index, m in messages.items()
+               if m.maybe_decided and m.claim is not None}
+        for message_id, answer in (await self._store.answers(list(ids))).items():
+            results[ids[message_id]] = answer
+            del messages[ids[message_id]]
+
+    async def _await_other_copies(self, waiting: dict[int, _Message],
+                                  results: list[Answer | ApiError | None],
+                                  deadline: float) -> None:
+        """Copies whose leases others hold: their outcomes once recorded; or, for a lease
+        that comes free undecided (its holder died or gave up), decided here. All of them
+        are looked up in one statement and one Redis round trip per pause."""
+        pause = 0.01
+        for message in waiting.values():
+            message.maybe_decided = True
+        while waiting:
+            if time.monotonic() + pause >= deadline:
+                for index in waiting:
+                    results[index] = unavailable("the message is being decided; redeliver it")
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
+            await self._answer_decided(waiting, results)
+            waiting = await self._decide_under_leases(waiting, results)
+
+    async def _decide_under_leases(self, messages: dict[int, _Message],
+                                   results: list[Answer | ApiError | None],
+                                   ) -> dict[int, _Message]:
+        """Take the messages' leases (one round trip) and decide those taken; returns the
+        others, whose leases another copy holds."""
+        keys = [(m.sms.carrier, m.sms.carrier_message_id) for m in messages.values()]
+        taken = await self._leases.take(keys)
+        waiting = {index: messages.pop(index)
+                   for index, held in zip(list(messages), taken, strict=True) if not held}
+        try:
+            # Under the lease, no other copy decides meanwhile; one may have decided before.
+            await self._answer_decided(messages, results)
+            decided = await self._decide(messages, results)
+        finally:
+            self._leases.release([key for key, held in zip(keys, taken, strict=True) if held])
+        if decided and self._replies_recorded is not None:
+            self._replies_recorded(decided)
+        return waiting
+
+    async def _check(self, sms: InboundSms) -> _Message:
         bad: list[FieldViolation] = []
         if not sms.carrier_message_id or len(sms.carrier_message_id) > MAX_MESSAGE_ID:
             bad.append(FieldViolation("carrier_message_id", f"1 to {MAX_MESSAGE_ID} characters"))
@@ -163,6 +245,9 @@ class InboundProcessor:
             bad.append(FieldViolation("text", f"at most {MAX_TEXT} characters"))
         if not sms.short_code:
             bad.append(FieldViolation("short_code", "is required"))
+        for name in ("carrier_message_id", "short_code", "text"):
+            if "\x00" in getattr(sms, name):  # PostgreSQL's text cannot hold it
+                bad.append(FieldViolation(name, "contains a NUL character"))
         if sms.gateway_received_at is not None:
             problem = gateway_time_problem(sms.gateway_received_at, sms.received_at,
                                            max_age_ms=self._max_age_ms)
@@ -174,64 +259,136 @@ class InboundProcessor:
         if binding is None:
             raise ApiError(grpc.StatusCode.NOT_FOUND, "SHORT_CODE_NOT_FOUND",
                            f"short code {sms.short_code} is not televote's on this carrier")
-        return msisdn, binding
+        parsed = parse(sms.text)
+        return _Message(sms, msisdn, binding, parsed.number,
+                        parsed.language or self._default_language,
+                        pseudonym(self._secret, msisdn))
 
-    async def _decide(self, sms: InboundSms, binding: Binding, message_id: str,
-                      received_at: datetime, language: str, number: int | None,
-                      msisdn: str) -> tuple[Answer, bool]:
-        def record(outcome: Outcome, *, episode_id: str | None = None,
-                   round_id: str | None = None, vote_id: str | None = None,
-                   name: str = "") -> Awaitable[tuple[Answer, bool]]:
-            return self._store.record(
-                message_id, outcome=outcome.value, contestant_number=number or 0,
-                show_id=binding.show_id, episode_id=episode_id, round_id=round_id,
-                vote_id=vote_id, price_micros=binding.price_micros,
-                currency_code=binding.currency_code,
-                reply_text=reply(outcome, language, number=number or 0, name=name,
-                                 short_code=sms.short_code), language=language)
-
-        if number is None:
-            return await record(Outcome.INVALID_FORMAT)
-        target = (await self._store.target(binding.show_id, received_at, number)
-                  if is_valid_number(number) else None)
-        if target is None or not target.sms_open:
-            if target is None and not is_valid_number(number):
+    async def _decide(self, messages: dict[int, _Message],
+                      results: list[Answer | ApiError | None]) -> list[PendingReply]:
+        """Decide the messages (whose leases are held): vote, record the outcomes. Fills in
+        `results`; returns the replies of the outcomes recorded here."""
+        outcomes: dict[int, tuple[Outcome, Target | None]] = {}
+        voting: dict[int, Target] = {}
+        for index, m in messages.items():
+            assert m.claim is not None
+            number = m.number
+            if number is None:
+                outcomes[index] = (Outcome.INVALID_FORMAT, None)
+                continue
+            target = (await self._store.target(m.binding.show_id, m.claim.received_at, number)
+                      if is_valid_number(number) else None)
+            if target is None or not target.sms_open:
                 # No such number in any round: say so, rather than "closed".
-                return await record(Outcome.UNKNOWN_CONTESTANT)
-            return await record(Outcome.CLOSED)
-        if target.contestant_id is None:
-            return await record(Outcome.UNKNOWN_CONTESTANT, episode_id=target.episode_id,
-                                round_id=target.round_id)
-        try:
-            result = await self._votes.vote(
+                outcomes[index] = ((Outcome.UNKNOWN_CONTESTANT, None)
+                                   if target is None and not is_valid_number(number)
+                                   else (Outcome.CLOSED, target))
+            elif target.contestant_id is None:
+                outcomes[index] = (Outcome.UNKNOWN_CONTESTANT, target)
+            else:
+                voting[index] = target
+        ballots = []
+        for index, target in voting.items():
+            m = messages[index]
+            assert m.claim is not None and target.contestant_id is not None
+            ballots.append(sms_vote(
                 request_id=str(uuid.uuid5(REQUEST_ID_NAMESPACE,
-                                          f"{sms.carrier}:{sms.carrier_message_id}")),
-                user_id="sms:" + pseudonym(self._secret, msisdn), round_id=target.round_id,
-                contestant_id=target.contestant_id, received_at=received_at)
-        except VoteUndecidedError as error:
-            raise unavailable(f"the vote could not be recorded ({error}); redeliver") from None
-        where = {"episode_id": target.episode_id, "round_id": target.round_id,
-                 "name": target.contestant_name}
-        if result.ok:
-            return await record(Outcome.COUNTED, vote_id=result.accepted.vote_id, **where)
-        outcome = _REFUSALS.get(result.error.reason)
-        if outcome is None:
-            log.error("vote_svc refused an SMS vote unexpectedly: %s %s",
-                      result.error.reason, result.error.message)
-            raise unavailable("the vote could not be recorded; redeliver")
-        return await record(outcome, **where)
+                                          f"{m.sms.carrier}:{m.sms.carrier_message_id}")),
+                user_id="sms:" + m.pseudonym, round_id=target.round_id,
+                contestant_id=target.contestant_id, received_at=m.claim.received_at))
+        votes = await self._votes.vote(ballots)
+        vote_ids: dict[int, str] = {}
+        for index, result in zip(voting, votes, strict=True):
+            if isinstance(result, VoteUndecidedError):
+                results[index] = unavailable(f"the vote could not be recorded ({result}); "
+                                             "redeliver")
+            elif result.ok:
+                outcomes[index] = (Outcome.COUNTED, voting[index])
+                vote_ids[index] = result.accepted.vote_id
+            elif (refusal := _REFUSALS.get(result.error.reason)) is not None:
+                outcomes[index] = (refusal, voting[index])
+            else:
+                log.error("vote_svc refused an SMS vote unexpectedly: %s %s",
+                          result.error.reason, result.error.message)
+                results[index] = unavailable("the vote could not be recorded; redeliver")
+        rows = []
+        for index, (outcome, target) in outcomes.items():
+            m = messages[index]
+            assert m.claim is not None
+            counted = outcome is Outcome.COUNTED
+            rows.append(OutcomeRow(
+                m.claim.message_id, outcome.value, m.number or 0, m.binding.show_id,
+                target.episode_id if target else None, target.round_id if target else None,
+                vote_ids.get(index), counted, m.binding.price_micros if counted else 0,
+                m.binding.currency_code,
+                reply(outcome, m.language, number=m.number or 0,
+                      name=target.contestant_name if target else "",
+                      short_code=m.sms.short_code), m.language))
+        replies = []
+        for index, recorded in zip(outcomes, await self._store.record(rows), strict=True):
+            if isinstance(recorded, BaseException):
+                raise recorded
+            answer, mine = recorded
+            results[index] = answer
+            if mine:
+                m = messages[index]
+                replies.append(PendingReply(answer.message_id, m.sms.carrier,
+                                            m.sms.carrier_message_id, m.msisdn,
+                                            m.sms.short_code, answer.reply_text, 0))
+        return replies
 
-    async def _release(self, key: str, token: str) -> None:
-        # Only our own lease: after a pause longer than the lease, another replica owns it.
-        await self._redis.eval(_RELEASE, 1, key, token)
 
-    def _reply(self, sms: InboundSms, msisdn: str, text: str) -> None:
-        assert self._send_reply is not None
-        task = asyncio.get_running_loop().create_task(self._send_reply(
-            carrier=sms.carrier, carrier_message_id=sms.carrier_message_id, msisdn=msisdn,
-            short_code=sms.short_code, text=text))
-        self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
+class Leases:
+    """One replica at a time decides a message: a lease in Redis per (carrier, message id),
+    taken and released for many messages in one script call per carrier (concurrent
+    batches share it too). A replica killed holding one is taken over when it ends."""
+
+    def __init__(self, redis: RedisClient, lease_ms: int) -> None:
+        self._lease_ms = lease_ms
+        self._token = secrets.token_hex(8)  # this replica's: a lease it holds names it
+        self._script = redis.register_script(_LEASES)
+        self._ops: Coalescer[tuple[bool, str, str], bool] = Coalescer(self._run,
+                                                                      max_batch=2000)
+        self._releasing: set[asyncio.Future[bool]] = set()
+
+    async def take(self, messages: list[tuple[str, str]]) -> list[bool]:
+        """Whether each lease was free and is now held."""
+        if not messages:
+            return []
+        return list(await asyncio.gather(*(self._ops.submit((True, *m)) for m in messages)))
+
+    def release(self, messages: list[tuple[str, str]]) -> None:
+        """Let the leases go, with the next round trip (the callers' answers do not wait)."""
+        for message in messages:
+            future = self._ops.submit((False, *message), wait_ms=2.0)
+            self._releasing.add(future)
+            future.add_done_callback(self._released)
+
+    def _released(self, future: asyncio.Future[bool]) -> None:
+        self._releasing.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            # The lease ends by itself; a copy waiting for it decides after that.
+            log.warning("releasing an SMS lease failed: %r", future.exception())
+
+    async def _run(self, ops: list[tuple[bool, str, str]]) -> list[bool]:
+        by_carrier: dict[str, list[int]] = {}
+        for index, (_, carrier, _) in enumerate(ops):
+            by_carrier.setdefault(carrier, []).append(index)
+
+        async def call(carrier: str, indexes: list[int]) -> list[int]:
+            # One carrier's leases share a hash slot ({carrier}): one script on Redis
+            # Cluster too.
+            return await self._script(  # type: ignore[no-any-return]
+                keys=[f"tv:sms:lease:{{{carrier}}}:{ops[i][2]}" for i in indexes],
+                args=[self._token, self._lease_ms, *("1" if ops[i][0] else "0"
+                                                     for i in indexes)])
+        replies = await asyncio.gather(*(call(carrier, indexes)
+                                         for carrier, indexes in by_carrier.items()))
+        taken = [False] * len(ops)
+        for indexes, leases in zip(by_carrier.values(), replies, strict=True):
+            for index, held in zip(indexes, leases, strict=True):
+                taken[index] = bool(held)
+        return taken
 
 
 def now() -> datetime:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from sms_svc.store import PendingReply
+
 log = logging.getLogger(__name__)
 
 
@@ -53,15 +55,18 @@ class KannelReplies:
                                  + urllib.parse.quote(carrier_message_id, safe=""))
         return f"{self.sendsms_url}?{urllib.parse.urlencode(params)}"
 
-    async def send(self, session: aiohttp.ClientSession, **reply: str) -> bool:
-        """Hand one reply to Kannel; False (logged) when Kannel did not take it."""
+    async def send(self, session: aiohttp.ClientSession, reply: PendingReply) -> str | None:
+        """Hand one reply to Kannel: None when it took it, else why not (logged)."""
         try:
-            async with session.get(self.url(**reply),
-                                   timeout=aiohttp.ClientTimeout(total=5)) as response:
+            async with session.get(self.url(
+                    carrier=reply.carrier, carrier_message_id=reply.carrier_message_id,
+                    msisdn=reply.msisdn, short_code=reply.short_code, text=reply.text),
+                    timeout=aiohttp.ClientTimeout(total=5)) as response:
                 body = await response.text()
                 if response.status // 100 == 2:
-                    return True
+                    return None
                 log.warning("kannel refused a reply: %s %s", response.status, body.strip())
+                return f"HTTP {response.status}: {body.strip()[:200]}"
         except (aiohttp.ClientError, TimeoutError) as error:
             log.warning("kannel unreachable for a reply: %r", error)
-        return False
+            return repr(error)

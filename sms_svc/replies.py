@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 
@@ -46,3 +47,18 @@ def reply(outcome: Outcome, language: str, *, number: int = 0, name: str = "",
           short_code: str = "") -> str:
     """The reply for an outcome (`language` must be one of LANGUAGES)."""
     return _TEXTS[language][outcome].format(number=number, name=name, short_code=short_code)
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{\w+\}", template)
+    return re.compile(".*?".join(re.escape(part) for part in parts) + "$", re.DOTALL)
+
+
+_READING = [(_pattern(text), outcome) for texts in _TEXTS.values()
+            for outcome, text in texts.items()]
+
+
+def outcome_of(text: str) -> Outcome | None:
+    """The outcome a reply tells (what a subscriber's phone, or a load test reading replies
+    at the SMS gateway, learns); None for a text that is no reply of ours."""
+    return next((outcome for pattern, outcome in _READING if pattern.match(text)), None)

@@ -12,9 +12,10 @@ from runtime.server import ServiceHost, run_service
 from runtime.storage import Storage
 from sms_svc.api import CarrierServicer, ShortCodeServicer
 from sms_svc.config import SmsConfig
-from sms_svc.inbound import InboundProcessor, ReplySender
+from sms_svc.inbound import InboundProcessor
 from sms_svc.kannel import KannelReplies
-from sms_svc.store import SmsStore
+from sms_svc.outbox import ReplyOutbox
+from sms_svc.store import PendingReply, SmsStore
 from sms_svc.votes import VoteSender
 from televote.sms.v1 import (
     carrier_service_pb2,
@@ -37,26 +38,36 @@ def create_server(config: SmsConfig) -> tuple[ServiceHost, int]:
     kannel = KannelReplies.from_config(
         config.sms_kannel_sendsms_url, config.sms_kannel_username, config.sms_kannel_password,
         config.sms_kannel_dlr_urls, config.sms_kannel_smsc_ids)
-    send_reply: ReplySender | None = None
+    store = SmsStore(storage, binding_cache_ms=config.sms_binding_cache_ms,
+                     replies_queued=kannel is not None,
+                     reply_lease_ms=config.sms_reply_lease_ms)
+    outbox: ReplyOutbox | None = None
     sessions: list[aiohttp.ClientSession] = []
     if kannel is not None:
-        async def send(**reply: str) -> bool:
+        async def send(reply: PendingReply) -> str | None:
             if not sessions:
                 sessions.append(aiohttp.ClientSession())
-            return await kannel.send(sessions[0], **reply)
-        send_reply = send
-    store = SmsStore(storage, binding_cache_ms=config.sms_binding_cache_ms)
+            return await kannel.send(sessions[0], reply)
+        outbox = ReplyOutbox(store, send, poll_ms=config.sms_reply_poll_ms,
+                             retry_ms=config.sms_reply_retry_ms)
     inbound = InboundProcessor(
         store, storage.redis, votes, secret=config.msisdn_secret(),
         default_language=config.sms_default_language, lease_ms=config.sms_processing_lease_ms,
         max_age_ms=config.sms_gateway_max_age_ms, deadline_ms=config.sms_vote_deadline_ms,
-        send_reply=send_reply)
+        replies_recorded=outbox.recorded if outbox is not None else None)
+
+    async def start() -> None:
+        if outbox is not None:
+            outbox.start()
 
     async def close() -> None:
+        if outbox is not None:
+            await outbox.stop()
         for session in sessions:
             await session.close()
         await vote_channel.close(None)
 
+    host.on_start(start)
     host.on_stop(close)
     host.add(carrier_service_pb2_grpc.add_CarrierServiceServicer_to_server,
              CarrierServicer(store, inbound),

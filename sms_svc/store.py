@@ -6,11 +6,11 @@ It reads sync_svc's shows, episodes, rounds and contestants and writes only its 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-import uuid
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection
 
@@ -70,6 +70,19 @@ class Answer:
     language: str
 
 
+@dataclass(frozen=True)
+class PendingReply:
+    """A reply of the outbox not yet handed to the SMS gateway."""
+
+    message_id: str
+    carrier: str
+    carrier_message_id: str
+    msisdn: str
+    short_code: str
+    text: str
+    attempts: int
+
+
 class ContentMismatchError(Exception):
     """The carrier message id came before with other content."""
 
@@ -86,13 +99,15 @@ def _binding(row: dict[str, Any]) -> Binding:
 #: How long a claim or an outcome waits for other messages' to share a statement.
 _WAIT_MS = 2.0
 
+#: Rows travel as one JSON array of arrays (ClaimRow, OutcomeRow in order): json.dumps is C,
+#: where psycopg dumps a Python list element by element.
 _CLAIM = """
 WITH input AS (
-    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[], %s::text[],
-                         %s::text[], %s::text[], %s::text[], %s::timestamptz[],
-                         %s::timestamptz[], %s::text[])
-        AS i(message_id, carrier, carrier_message_id, content_hash, pseudonym, short_code,
-             text, language, received_at, gateway_received_at, msisdn)),
+    SELECT (e->>0)::uuid AS message_id, e->>1 AS carrier, e->>2 AS carrier_message_id,
+           decode(e->>3, 'hex') AS content_hash, e->>4 AS pseudonym, e->>5 AS short_code,
+           e->>6 AS text, e->>7 AS language, (e->>8)::timestamptz AS received_at,
+           (e->>9)::timestamptz AS gateway_received_at, e->>10 AS msisdn
+      FROM jsonb_array_elements(%s::jsonb) e),
 inserted AS (
     INSERT INTO sms_messages (message_id, carrier, carrier_message_id, content_hash,
                               pseudonym, short_code, text, language, received_at,
@@ -107,12 +122,51 @@ addresses AS (
 SELECT message_id FROM inserted
 """
 
+#: The outcomes, and (with a reply sender) each new outcome's reply in the outbox, in one
+#: statement: a reply is never recorded without its outcome nor an outcome without its reply.
+#: The outbox row is due after the lease, so no other replica takes it while this one sends.
 _RECORD = """
-INSERT INTO sms_outcomes (message_id, outcome, contestant_number, show_id, episode_id,
-                          round_id, vote_id, charged, price_micros, currency_code, reply_text)
-SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::uuid[], %s::uuid[], %s::uuid[],
-                     %s::uuid[], %s::bool[], %s::bigint[], %s::text[], %s::text[])
-ON CONFLICT (message_id) DO NOTHING RETURNING message_id
+WITH recorded AS (
+    INSERT INTO sms_outcomes (message_id, outcome, contestant_number, show_id, episode_id,
+                              round_id, vote_id, charged, price_micros, currency_code,
+                              reply_text)
+    SELECT (e->>0)::uuid, e->>1, (e->>2)::int, (e->>3)::uuid, (e->>4)::uuid, (e->>5)::uuid,
+           (e->>6)::uuid, (e->>7)::bool, (e->>8)::bigint, e->>9, e->>10
+      FROM jsonb_array_elements(%s::jsonb) e
+    ON CONFLICT (message_id) DO NOTHING RETURNING message_id),
+queued AS (
+    INSERT INTO sms_reply_outbox (message_id, due_at)
+    SELECT message_id, clock_timestamp() + %s * interval '1 ms' FROM recorded WHERE %s)
+SELECT message_id FROM recorded
+"""
+
+_ANSWERS = """
+SELECT o.message_id::text AS message_id, o.outcome, o.contestant_number,
+       coalesce(o.vote_id::text, '') AS vote_id, o.charged, o.price_micros, o.currency_code,
+       o.reply_text, m.language
+  FROM sms_outcomes o JOIN sms_messages m USING (message_id)
+ WHERE o.message_id = ANY(%s::uuid[])
+"""
+
+
+#: Due replies, oldest first, taken for a lease (SKIP LOCKED: replicas polling at once take
+#: different ones). A reply whose number was purged cannot be sent: it is not taken.
+_TAKE_DUE_REPLIES = """
+WITH due AS (
+    SELECT message_id FROM sms_reply_outbox
+     WHERE sent_at IS NULL AND due_at <= clock_timestamp()
+       AND EXISTS (SELECT 1 FROM sms_reply_addresses a
+                    WHERE a.message_id = sms_reply_outbox.message_id)
+     ORDER BY due_at LIMIT %s FOR UPDATE SKIP LOCKED),
+taken AS (
+    UPDATE sms_reply_outbox o SET due_at = clock_timestamp() + %s * interval '1 ms'
+      FROM due WHERE o.message_id = due.message_id
+    RETURNING o.message_id, o.attempts)
+SELECT t.message_id::text AS message_id, m.carrier, m.carrier_message_id, a.msisdn,
+       m.short_code, r.reply_text AS text, t.attempts
+  FROM taken t JOIN sms_messages m USING (message_id)
+  JOIN sms_outcomes r USING (message_id)
+  JOIN sms_reply_addresses a USING (message_id)
 """
 
 
@@ -127,8 +181,9 @@ class _Round:
     contestants: dict[int, tuple[str, str]]
 
 
-@dataclass(frozen=True)
-class _ClaimRow:
+class ClaimRow(NamedTuple):
+    """A message's first receipt, as recorded (message_id is new, used if it is the first)."""
+
     message_id: str
     carrier: str
     carrier_message_id: str
@@ -142,8 +197,9 @@ class _ClaimRow:
     msisdn: str
 
 
-@dataclass(frozen=True)
-class _OutcomeRow:
+class OutcomeRow(NamedTuple):
+    """A message's outcome, to record unless one is recorded."""
+
     message_id: str
     outcome: str
     contestant_number: int
@@ -166,11 +222,16 @@ class SmsStore:
     ledger does, instead of a pooled connection and a round trip each.
     """
 
-    def __init__(self, storage: Storage, *, binding_cache_ms: float = 1000.0) -> None:
+    def __init__(self, storage: Storage, *, binding_cache_ms: float = 1000.0,
+                 replies_queued: bool = False, reply_lease_ms: int = 10_000) -> None:
         self._pool = storage.pool
+        #: Whether outcomes' replies go to the outbox (a reply sender is configured), and for
+        #: how long the recording replica alone may send them.
+        self._replies_queued = replies_queued
+        self._reply_lease_ms = reply_lease_ms
         self._binding_cache_s = binding_cache_ms / 1000
-        self._claims: Coalescer[_ClaimRow, Claim] = Coalescer(self._claim_batch, max_batch=500)
-        self._outcomes: Coalescer[_OutcomeRow, tuple[Answer, bool]] = Coalescer(
+        self._claims: Coalescer[ClaimRow, Claim] = Coalescer(self._claim_batch, max_batch=500)
+        self._outcomes: Coalescer[OutcomeRow, tuple[Answer, bool]] = Coalescer(
             self._record_batch, max_batch=500)
         #: show -> (when the read began, its rounds); and the read in flight per show.
         self._rounds: dict[str, tuple[datetime, list[_Round]]] = {}
@@ -297,19 +358,17 @@ class SmsStore:
 
     # -- the records ----------------------------------------------------------------------
 
-    async def claim(self, *, carrier: str, carrier_message_id: str, content: bytes,
-                    pseudonym: str, msisdn: str, short_code: str, text: str, language: str,
-                    received_at: datetime, gateway_received_at: datetime | None) -> Claim:
-        """Record a message's first receipt, or find it; raises ContentMismatchError when the
-        id came before with other content. Concurrent messages share one statement."""
-        return await self._claims.submit(_ClaimRow(
-            str(uuid.uuid4()), carrier, carrier_message_id, content, pseudonym, short_code,
-            text, language, received_at, gateway_received_at, msisdn), wait_ms=_WAIT_MS)
+    async def claim(self, rows: list[ClaimRow]) -> list[Claim | BaseException]:
+        """Record messages' first receipts, or find them: per row its Claim, or
+        ContentMismatchError when the id came before with other content. Concurrent callers'
+        rows share one statement."""
+        return await asyncio.gather(
+            *(self._claims.submit(row, wait_ms=_WAIT_MS) for row in rows),
+            return_exceptions=True)
 
-    async def _claim_batch(self, rows: list[_ClaimRow]) -> list[Claim | BaseException]:
-        columns = [list(column) for column in zip(*(astuple(row) for row in rows), strict=True)]
+    async def _claim_batch(self, rows: list[ClaimRow]) -> list[Claim | BaseException]:
         async with self._pool.connection() as connection:
-            cursor = await connection.execute(_CLAIM, columns)
+            cursor = await connection.execute(_CLAIM, (_json(rows),))
             inserted = {str(row["message_id"]) for row in await cursor.fetchall()}
             later = [row for row in rows if row.message_id not in inserted]
             existing: dict[tuple[str, str], dict[str, Any]] = {}
@@ -334,31 +393,29 @@ class SmsStore:
                                      found["language"], False))
         return claims
 
-    async def answer(self, message_id: str) -> Answer | None:
+    async def answers(self, message_ids: list[str]) -> dict[str, Answer]:
+        """The recorded outcomes of those messages that have one."""
+        if not message_ids:
+            return {}
         async with self._pool.connection() as connection:
-            return await _answer(connection, message_id)
+            return await _answers(connection, message_ids)
 
-    async def record(self, message_id: str, *, outcome: str, contestant_number: int,
-                     show_id: str | None, episode_id: str | None, round_id: str | None,
-                     vote_id: str | None, price_micros: int, currency_code: str,
-                     reply_text: str, language: str) -> tuple[Answer, bool]:
-        """Record a message's outcome unless one is recorded; (the recorded one, whether it
-        is this one). Concurrent messages share one statement."""
-        charged = outcome == "COUNTED"
-        return await self._outcomes.submit(_OutcomeRow(
-            message_id, outcome, contestant_number, show_id, episode_id, round_id, vote_id,
-            charged, price_micros if charged else 0, currency_code, reply_text, language),
-            wait_ms=_WAIT_MS)
+    async def record(self, rows: list[OutcomeRow]) -> list[tuple[Answer, bool] | BaseException]:
+        """Record outcomes unless recorded; per row (the recorded one, whether it is this
+        one). With a reply sender, a new outcome's reply joins the outbox in the same
+        statement. Concurrent callers' rows share one statement."""
+        return await asyncio.gather(
+            *(self._outcomes.submit(row, wait_ms=_WAIT_MS) for row in rows),
+            return_exceptions=True)
 
-    async def _record_batch(self, rows: list[_OutcomeRow],
+    async def _record_batch(self, rows: list[OutcomeRow],
                             ) -> list[tuple[Answer, bool] | BaseException]:
-        columns = [list(column)
-                   for column in zip(*(astuple(row)[:-1] for row in rows), strict=True)]
         async with self._pool.connection() as connection:
-            cursor = await connection.execute(_RECORD, columns)
+            cursor = await connection.execute(
+                _RECORD, (_json(rows), self._reply_lease_ms, self._replies_queued))
             mine = {str(row["message_id"]) for row in await cursor.fetchall()}
-            earlier = {row.message_id: await _answer(connection, row.message_id)
-                       for row in rows if row.message_id not in mine}
+            earlier = await _answers(connection, [row.message_id for row in rows
+                                                  if row.message_id not in mine])
         results: list[tuple[Answer, bool] | BaseException] = []
         for row in rows:
             if row.message_id in mine:
@@ -366,10 +423,34 @@ class SmsStore:
                                        row.vote_id or "", row.charged, row.price_micros,
                                        row.currency_code, row.reply_text, row.language), True))
             else:
-                answer = earlier[row.message_id]
-                assert answer is not None
-                results.append((answer, False))
+                results.append((earlier[row.message_id], False))
         return results
+
+    # -- the reply outbox (migrations/0020) -------------------------------------------------
+
+    async def take_due_replies(self, limit: int) -> list[PendingReply]:
+        """Pending replies whose time has come (their recording replica died, or their last
+        try failed), taken for `reply_lease_ms`: no other replica takes them meanwhile."""
+        async with self._pool.connection() as connection:
+            cursor = await connection.execute(_TAKE_DUE_REPLIES, (limit, self._reply_lease_ms))
+            rows: list[dict[str, Any]] = await cursor.fetchall()
+        return [PendingReply(**row) for row in rows]
+
+    async def replies_sent(self, message_ids: list[str]) -> None:
+        async with self._pool.connection() as connection:
+            await connection.execute(
+                "UPDATE sms_reply_outbox SET sent_at = clock_timestamp(),"
+                "       attempts = attempts + 1"
+                " WHERE message_id = ANY(%s::uuid[]) AND sent_at IS NULL", (message_ids,))
+
+    async def replies_failed(self, message_ids: list[str], error: str,
+                             retry_after_ms: int) -> None:
+        async with self._pool.connection() as connection:
+            await connection.execute(
+                "UPDATE sms_reply_outbox SET attempts = attempts + 1, last_error = %s,"
+                "       due_at = clock_timestamp() + %s * interval '1 ms'"
+                " WHERE message_id = ANY(%s::uuid[]) AND sent_at IS NULL",
+                (error[:500], retry_after_ms, message_ids))
 
     async def reply_address(self, message_id: str) -> str | None:
         async with self._pool.connection() as connection:
@@ -410,18 +491,29 @@ class SmsStore:
         return str(row["message_id"]), disputed
 
 
-async def _answer(connection: AsyncConnection[Any], message_id: str) -> Answer | None:
-    row = await fetch_one(
-        connection,
-        "SELECT o.outcome, o.contestant_number, coalesce(o.vote_id::text, '') AS vote_id,"
-        "       o.charged, o.price_micros, o.currency_code, o.reply_text, m.language"
-        "  FROM sms_outcomes o JOIN sms_messages m USING (message_id)"
-        " WHERE o.message_id = %s", (message_id,))
-    if row is None:
-        return None
-    return Answer(message_id, row["outcome"], row["contestant_number"], row["vote_id"],
-                  row["charged"], int(row["price_micros"]), row["currency_code"],
-                  row["reply_text"], row["language"])
+def _json_value(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"{type(value).__name__} in an SMS row")
+
+
+def _json(rows: list[ClaimRow] | list[OutcomeRow]) -> str:
+    """Rows as one JSON array of arrays (a NamedTuple is an array to json)."""
+    return json.dumps(rows, default=_json_value)
+
+
+async def _answers(connection: AsyncConnection[Any], message_ids: list[str],
+                   ) -> dict[str, Answer]:
+    if not message_ids:
+        return {}
+    cursor = await connection.execute(_ANSWERS, (message_ids,))
+    rows: list[dict[str, Any]] = await cursor.fetchall()
+    return {row["message_id"]: Answer(
+        row["message_id"], row["outcome"], row["contestant_number"], row["vote_id"],
+        row["charged"], int(row["price_micros"]), row["currency_code"], row["reply_text"],
+        row["language"]) for row in rows}
 
 
 #: An episode's charged messages, all carriers or one, with whether fraud review rejected

@@ -37,6 +37,17 @@ class VoteUndecidedError(Exception):
     """vote_svc gave no answer for the vote before the message's deadline."""
 
 
+def sms_vote(*, request_id: str, user_id: str, round_id: str, contestant_id: str,
+             received_at: datetime) -> vote_gateway_service_pb2.GatewayVote:
+    """One premium SMS vote, stamped with when the edge received the message."""
+    vote = vote_gateway_service_pb2.GatewayVote(
+        request_id=request_id, user_id=user_id, round_id=round_id,
+        contestant_id=contestant_id, vote_type=vote_types_pb2.VOTE_TYPE_PREMIUM_SMS,
+        count=1, channel=vote_types_pb2.CHANNEL_SMS)
+    vote.received_at.FromDatetime(received_at)
+    return vote
+
+
 class VoteSender:
     """Coalesces concurrent messages' votes into SubmitVotes calls."""
 
@@ -49,31 +60,42 @@ class VoteSender:
                                  vote_gateway_service_pb2.VoteResult] = Coalescer(
             self._send, max_batch=max_batch)
 
-    async def vote(self, *, request_id: str, user_id: str, round_id: str, contestant_id: str,
-                   received_at: datetime) -> vote_gateway_service_pb2.VoteResult:
-        """vote_svc's decision on one SMS vote: accepted, or refused for a reason that a
-        retry would not change. Raises VoteUndecidedError after the deadline."""
-        vote = vote_gateway_service_pb2.GatewayVote(
-            request_id=request_id, user_id=user_id, round_id=round_id,
-            contestant_id=contestant_id, vote_type=vote_types_pb2.VOTE_TYPE_PREMIUM_SMS,
-            count=1, channel=vote_types_pb2.CHANNEL_SMS)
-        vote.received_at.FromDatetime(received_at)
+    async def vote(self, votes: list[vote_gateway_service_pb2.GatewayVote],
+                   ) -> list[vote_gateway_service_pb2.VoteResult | VoteUndecidedError]:
+        """vote_svc's decision on each SMS vote: accepted, or refused for a reason that a
+        retry would not change; VoteUndecidedError for one still undecided at the deadline.
+        Votes that vote_svc did not decide are sent again together."""
+        results: list[vote_gateway_service_pb2.VoteResult | VoteUndecidedError | None] = [
+            None] * len(votes)
         deadline = time.monotonic() + self._deadline_ms / 1000
         delay = 0.05
-        while True:
-            try:
-                result = await self._batches.submit(vote, wait_ms=self._wait_ms)
-                if result.ok or result.error.reason not in RETRYABLE:
-                    return result
-                if result.error.HasField("retry_delay"):
-                    delay = result.error.retry_delay.ToMilliseconds() / 1000
-                reason = result.error.reason
-            except grpc.aio.AioRpcError as error:
-                reason = error.code().name
-            if time.monotonic() + delay >= deadline:
-                raise VoteUndecidedError(reason)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        pending = list(range(len(votes)))
+        while pending:
+            replies = await asyncio.gather(
+                *(self._batches.submit(votes[i], wait_ms=self._wait_ms) for i in pending),
+                return_exceptions=True)
+            undecided: list[tuple[int, str]] = []
+            for i, reply in zip(pending, replies, strict=True):
+                if isinstance(reply, grpc.aio.AioRpcError):
+                    undecided.append((i, reply.code().name))
+                elif isinstance(reply, BaseException):
+                    raise reply
+                elif reply.ok or reply.error.reason not in RETRYABLE:
+                    results[i] = reply
+                else:
+                    if reply.error.HasField("retry_delay"):
+                        delay = max(delay, reply.error.retry_delay.ToMilliseconds() / 1000)
+                    undecided.append((i, reply.error.reason))
+            if undecided and time.monotonic() + delay >= deadline:
+                for i, reason in undecided:
+                    results[i] = VoteUndecidedError(reason)
+                break
+            pending = [i for i, _ in undecided]
+            if pending:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]
 
     async def _send(self, votes: list[vote_gateway_service_pb2.GatewayVote],
                     ) -> Sequence[vote_gateway_service_pb2.VoteResult]:

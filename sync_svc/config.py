@@ -37,3 +37,6 @@ class SyncConfig(ServiceConfig):
     #: How often every replica re-applies the committed windows of open and recently closed
     #: rounds to Redis (a window write lost between a commit and its Redis write).
     sync_window_repair_ms: int = 1000
+    #: How often every replica records its open WatchShow streams per episode, for the
+    #: report's peak of concurrent viewers (0: never).
+    sync_viewer_sample_ms: int = 10_000

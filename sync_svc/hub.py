@@ -107,6 +107,7 @@ class Hub:
         self._config = config
         self._feeds: dict[str, Feed] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
         self._clock_offset_ms = 0.0  # Redis clock minus this host's clock
         self._subscribed = asyncio.Event()
         self.on_round_change: list[asyncio.Event] = []  # poked when a window opens or moves
@@ -114,12 +115,15 @@ class Hub:
     async def start(self) -> None:
         await self._sync_clock()
         self._listener = asyncio.create_task(self._listen(), name="show-events")
+        if self._config.sync_viewer_sample_ms > 0:
+            self._sampler = asyncio.create_task(self._sample_viewers(), name="viewer-samples")
         await asyncio.wait_for(self._subscribed.wait(), 10)
 
     async def stop(self) -> None:
         for feed in self._feeds.values():
             feed.watchers.stop()
-        for task in [self._listener, *(feed.ticker for feed in self._feeds.values())]:
+        tickers = [feed.ticker for feed in self._feeds.values()]
+        for task in [self._listener, self._sampler, *tickers]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -251,6 +255,25 @@ class Hub:
                                  time_remaining=duration(seconds * 1000),
                                  seconds_remaining=seconds))
                 feed.watchers.publish(Frame.of(tick))  # serialized once for every watcher
+
+    async def _sample_viewers(self) -> None:
+        """Record this replica's open streams per episode at instants every
+        SYNC_VIEWER_SAMPLE_MS on the Redis clock, the same instants on every replica, so the
+        report's concurrent viewers at an instant are the sum of the replicas' samples (a
+        maximum per replica over a period would add peaks that were not at the same time)."""
+        every = self._config.sync_viewer_sample_ms
+        while True:
+            await asyncio.sleep((every - self._now_ms() % every) / 1000)
+            sample_ms = round(self._now_ms() / every) * every
+            viewers = {episode_id: len(feed.watchers) for episode_id, feed in self._feeds.items()
+                       if len(feed.watchers)}
+            if not viewers:
+                continue
+            try:
+                await self._store.record_viewers(sample_ms, self._config.televote_replica,
+                                                 viewers)
+            except Exception:  # a lost sample; the next one is due in a moment
+                log.exception("recording the viewer sample failed")
 
     def _now_ms(self) -> float:
         return time.time() * 1000 + self._clock_offset_ms

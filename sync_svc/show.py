@@ -589,6 +589,15 @@ class ShowStore:
             raise failed("NO_PENDING_ROUND", "the episode has no round waiting to open")
         return str(row["round_id"])
 
+    # -- viewers ---------------------------------------------------------------------------
+
+    async def record_viewers(self, sample_ms: int, replica: str,
+                             viewers: dict[str, int]) -> None:
+        """This replica's open WatchShow streams per episode at the instant `sample_ms`."""
+        async with self._storage.pool.connection() as connection:
+            await connection.execute(store.RECORD_VIEWERS, (
+                sample_ms, replica, list(viewers), list(viewers.values())))
+
     # -- closing by the clock --------------------------------------------------------------
 
     async def next_close_ms(self) -> int | None:

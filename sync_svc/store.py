@@ -169,3 +169,12 @@ CURRENT_PERFORMANCE = (
     "SELECT * FROM performances WHERE episode_id = %s"
     " AND ended_at IS NULL"
 )
+
+#: One replica's open WatchShow streams per episode at a sample instant (migrations/0019).
+RECORD_VIEWERS = (
+    "INSERT INTO episode_viewer_samples (episode_id, sample_ms, replica, viewers)"
+    " SELECT episode_id::uuid, %s, %s, viewers FROM unnest(%s::text[], %s::int[])"
+    "   AS s(episode_id, viewers)"
+    " ON CONFLICT (episode_id, sample_ms, replica)"
+    " DO UPDATE SET viewers = excluded.viewers"
+)

@@ -1,8 +1,9 @@
 """Fixtures shared by every test: the real mesh, started once per session.
 
 `stack` is the same code path as `televote up`: PostgreSQL and Redis from their wheels (or the
-servers named by TELEVOTE_TEST_DATABASE_URL / TELEVOTE_TEST_REDIS_URL), migrations, every
-service as its own process, Envoy in front. Later issues' tests take `stack` and call through
+servers named by TELEVOTE_TEST_DATABASE_URL / TELEVOTE_TEST_REDIS_URL; a Redis Cluster of N
+masters with TELEVOTE_TEST_REDIS_CLUSTER=N), migrations, every service as its own process,
+Envoy in front. Later issues' tests take `stack` and call through
 `stack.edge_target` (native gRPC), `stack.edge_url` (JSON, gRPC-Web) or a service directly.
 
 Tests live by what they need: tests/unit (no stack), tests/integration (real grpc.aio servers
@@ -43,6 +44,9 @@ FAST_SHOW_ENV = {
     "RESULTS_REPORT_MIN_VOTERS": "3",
     "RESULTS_REPORT_PROVISIONAL_MS": "0",
     "RESULTS_REPORT_PRECOMPUTE_MS": "300",
+    "RESULTS_REPORT_ROLLUP_MS": "300",
+    # Viewer samples often enough for a test to see one.
+    "SYNC_VIEWER_SAMPLE_MS": "500",
     # A killed sms_svc's messages are taken over by a carrier's redelivery after 2 s, not 10.
     "SMS_PROCESSING_LEASE_MS": "2000",
     # Each SMS test binds 1255 to a show of its own, one right after the other.
@@ -57,6 +61,26 @@ TESTS = Path(__file__).resolve().parent
 SERVICE_TIERS = (TESTS / "integration", TESTS / "e2e")
 
 
+#: What CI runs again on a Redis Cluster (TELEVOTE_TEST_REDIS_CLUSTER=3, `-m redis_cluster`):
+#: the vote path's invariants, fraud, results, the load test's verifier, the services' Redis
+#: users and a master's failover. Node id prefixes.
+REDIS_CLUSTER_TESTS = (
+    "tests/integration/test_vote_concurrency.py",
+    "tests/integration/test_vote_ledger.py",
+    "tests/e2e/test_close_race.py",
+    "tests/integration/test_fraud.py",
+    "tests/e2e/test_vote_fraud.py",
+    "tests/e2e/test_results.py",
+    "tests/e2e/test_loadtest.py::test_compressed_seed_scenario_passes_end_to_end",
+    "tests/integration/test_least_privilege.py::"
+    "test_each_service_has_its_own_redis_user_without_admin_commands",
+    "tests/e2e/test_redis_failover.py",
+    # Show events reach the watchers of every sync_svc replica through Redis pub/sub.
+    "tests/integration/test_sync_replicas.py::"
+    "test_auto_close_happens_once_on_time_and_reaches_watchers_of_both_replicas",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that needs running services `stack`: it takes the `stack` fixture
     (`fixturenames` is the closure, so fixtures built on `stack` count) or lives in a service
@@ -68,6 +92,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                                     "tests/integration or tests/e2e, not tests/unit")
         if uses_stack or any(tier in item.path.parents for tier in SERVICE_TIERS):
             item.add_marker(pytest.mark.stack)
+        if item.nodeid.startswith(REDIS_CLUSTER_TESTS):
+            item.add_marker(pytest.mark.redis_cluster)
+
+
+def redis_cluster_masters() -> int:
+    """TELEVOTE_TEST_REDIS_CLUSTER=3: the tests' meshes run on a Redis Cluster of 3 masters
+    with a replica each (ops/redis_cluster.py); `-m redis_cluster` picks the tests CI runs
+    so. 0: one Redis."""
+    return int(os.environ.get("TELEVOTE_TEST_REDIS_CLUSTER") or 0)
 
 
 @dataclass(frozen=True)
@@ -96,6 +129,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, fake_stores: FakeStore
         edge_port=0,
         database_url=os.environ.get("TELEVOTE_TEST_DATABASE_URL"),
         redis_url=os.environ.get("TELEVOTE_TEST_REDIS_URL"),
+        redis_cluster=redis_cluster_masters(),
         service_env={**FAST_SHOW_ENV, **stack_environment(
             fake_stores.apple, fake_stores.google, state_dir / "stores")},
         # The SMS tests go through a real Kannel; it is installed where the suite runs

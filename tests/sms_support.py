@@ -67,6 +67,22 @@ def post_sms(stack: Stack, carrier: str, *, text: str, msisdn: str = "+855123456
                  token(stack, Role.CARRIER, as_carrier or carrier), json.dumps(body).encode())
 
 
+def post_sms_batch(stack: Stack, carrier: str, messages: list[dict[str, Any]], *,
+                   as_carrier: str | None = None) -> tuple[int, dict[str, Any]]:
+    """A carrier's batch webhook: POST /v1/carriers/CARRIER_X/sms:batch with a JSON array of
+    messages (each with carrierMessageId, msisdn, shortCode, text)."""
+    return edge_http(stack, "POST", f"/v1/carriers/CARRIER_{carrier.upper()}/sms:batch",
+                     token(stack, Role.CARRIER, as_carrier or carrier),
+                     json.dumps({"messages": messages}).encode())
+
+
+def sms_message(text: str, *, msisdn: str = "+85512345678", short_code: str = SHORT_CODE,
+                carrier_message_id: str | None = None) -> dict[str, Any]:
+    """One message of a batch, as JSON."""
+    return {"carrierMessageId": carrier_message_id or message_id(), "msisdn": msisdn,
+            "shortCode": short_code, "text": text}
+
+
 def get_sms(stack: Stack, carrier: str, *, text: str, msisdn: str = "85512345678",
             carrier_message_id: str | None = None, short_code: str = SHORT_CODE,
             ) -> tuple[int, dict[str, Any]]:

@@ -35,18 +35,28 @@ state never included it, nothing is reversed twice).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import hiredis
-from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MaxConnectionsError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
 from runtime import keys
 from runtime.coalesce import Coalescer
-from runtime.storage import RedisClient
+from runtime.storage import RedisClient, retry_unknown_scripts
+
+log = logging.getLogger(__name__)
 
 RATE_WINDOW_MS = 60_000
 
@@ -323,10 +333,9 @@ class Scripts:
         self.grant: Any = redis.register_script(GRANT)
         self.claw: Any = redis.register_script(CLAW)
         self.window_if_missing: Any = redis.register_script(WINDOW_IF_MISSING)
-        self._all = [self.admit, self.undo, self.done, self.grant, self.claw,
-                     self.window_if_missing]
         self._calls: Coalescer[_Call, Any] = Coalescer(self._execute)
         self._idle: list[Any] = []  # connections of the pipelines (_raw_pipeline)
+        self._reloading: asyncio.Task[None] | None = None
 
     def call(self, script: Any, keys: Sequence[str], args: Sequence[str | int], *,
              wait_ms: float = 0.0) -> asyncio.Future[Any]:
@@ -335,22 +344,15 @@ class Scripts:
         return self._calls.submit((script, (len(keys), *keys, *args)), wait_ms=wait_ms)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
-        replies = await self._pipeline(batch)
-        if any(_noscript(reply) for reply in replies):
-            for script in self._all:
-                script.sha = await self.redis.script_load(script.script)
-            replies = await self._pipeline(batch)
-        return replies
+        return await retry_unknown_scripts(self.redis, [script for script, _ in batch], batch,
+                                           self._pipeline)
 
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+    async def _pipeline(self, batch: Sequence[_Call]) -> list[Any]:
         if isinstance(self.redis, Redis):
             return await self._raw_pipeline(self.redis, batch)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for script, args in batch:
-                pipe.evalsha(script.sha, *args)
-            return list(await pipe.execute(raise_on_error=False))
+        return await self._cluster_pipeline(self.redis, batch)
 
-    async def _raw_pipeline(self, redis: Redis, batch: list[_Call]) -> list[Any]:
+    async def _raw_pipeline(self, redis: Redis, batch: Sequence[_Call]) -> list[Any]:
         """The same pipeline without redis-py's per-command packing and per-reply timers
         (most of the client's CPU per vote): hiredis packs, one timeout covers the batch.
 
@@ -363,16 +365,7 @@ class Scripts:
         connection = (self._idle.pop() if self._idle
                       else await pool.get_connection())  # type: ignore[no-untyped-call]
         try:
-            async with asyncio.timeout(_PIPELINE_TIMEOUT_S):
-                packed = b"".join(hiredis.pack_command(("EVALSHA", script.sha, *args))
-                                  for script, args in batch)
-                await connection.send_packed_command([packed], check_health=False)
-                replies: list[Any] = []
-                for _ in batch:
-                    try:
-                        replies.append(await connection.read_response(timeout=math.inf))
-                    except ResponseError as error:  # that call's error; the rest follow
-                        replies.append(error)
+            replies = await _send_and_read(connection, batch)
         except BaseException:
             await connection.disconnect()
             await pool.release(connection)  # a broken connection goes back to be reconnected
@@ -383,15 +376,99 @@ class Scripts:
             await pool.release(connection)
         return replies
 
+    async def _cluster_pipeline(self, redis: RedisCluster, batch: Sequence[_Call]
+                                ) -> list[Any]:
+        """On Redis Cluster: the raw pipeline of each master's calls, on that node's own
+        connections (redis-py's cluster pipeline cost twice the client CPU per admission,
+        bench/cluster_bench.py). The calls a node redirected (MOVED, ASK: their slot is
+        elsewhere now, nothing ran) or could not serve yet (TRYAGAIN, CLUSTERDOWN) go
+        through redis-py's cluster pipeline, which follows redirections and reloads the slot
+        map. A node that cannot be reached fails its calls only (the others' shards go on
+        admitting) and has the slot map reloaded, to find the replica promoted in its place.
+        """
+        await redis.initialize()  # the slot map, at the first call (then it returns at once)
+        by_node: dict[Any, list[int]] = {}
+        replies: list[Any] = [None] * len(batch)
+        for index, (_, args) in enumerate(batch):
+            try:
+                # args: the key count, then the keys; all of a call's keys share one slot.
+                node = redis.get_node_from_key(args[1])
+            except SlotNotCoveredError as error:
+                replies[index] = error
+                self._reload_slots(redis)
+                continue
+            by_node.setdefault(node, []).append(index)
+
+        async def node_pipeline(node: Any, indices: list[int]) -> None:
+            try:
+                connection = node.acquire_connection()
+            except MaxConnectionsError as error:
+                answers: list[Any] = [error] * len(indices)
+            else:
+                try:
+                    answers = await _send_and_read(connection, [batch[i] for i in indices])
+                except Exception as error:  # unreachable, reset, timed out
+                    await connection.disconnect()
+                    answers = [error] * len(indices)
+                    self._reload_slots(redis)
+                except BaseException:
+                    await connection.disconnect()
+                    raise
+                finally:
+                    node.release(connection)
+            for index, answer in zip(indices, answers, strict=True):
+                replies[index] = answer
+
+        await asyncio.gather(*(node_pipeline(node, indices)
+                               for node, indices in by_node.items()))
+        redirected = [index for index, reply in enumerate(replies)
+                      if isinstance(reply, _REDIRECTED)]
+        if redirected:
+            async with redis.pipeline(transaction=False) as pipe:
+                for index in redirected:
+                    script, args = batch[index]
+                    pipe.evalsha(script.sha, *args)
+                again = await pipe.execute(raise_on_error=False)
+            for index, reply in zip(redirected, again, strict=True):
+                replies[index] = reply
+        return replies
+
+    def _reload_slots(self, redis: RedisCluster) -> None:
+        """Reload the cluster's slot map in the background, one reload at a time."""
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.get_running_loop().create_task(_reload(redis))
+
+
+async def _reload(redis: RedisCluster) -> None:
+    try:
+        await redis.nodes_manager.initialize()
+    except Exception as error:  # no node answers: the next failed pipeline tries again
+        log.warning("Redis Cluster slot map not reloaded: %r", error)
+
+
+async def _send_and_read(connection: Any, calls: Sequence[_Call]) -> list[Any]:
+    """EVALSHA each call on one connection in one write; each call's reply or error."""
+    async with asyncio.timeout(_PIPELINE_TIMEOUT_S):
+        packed = b"".join(hiredis.pack_command(("EVALSHA", script.sha, *args))
+                          for script, args in calls)
+        await connection.send_packed_command([packed], check_health=False)
+        replies: list[Any] = []
+        for _ in calls:
+            try:
+                replies.append(await connection.read_response(timeout=math.inf))
+            except ResponseError as error:  # that call's error; the rest follow
+                replies.append(error)
+    return replies
+
+
+#: Replies that say a call did not run on the node it was sent to, and may run elsewhere.
+_REDIRECTED = (AskError, TryAgainError, ClusterDownError)  # MovedError is an AskError
+
 
 #: A pipeline of scripts that takes longer than this means Redis is in trouble.
 _PIPELINE_TIMEOUT_S = 5.0
 #: Idle pipeline connections kept out of the pool (a few pipelines are in flight at once).
 _KEPT_CONNECTIONS = 8
-
-
-def _noscript(reply: Any) -> bool:
-    return isinstance(reply, NoScriptError)
 
 
 def decode_reply(reply: Sequence[bytes | str | int]) -> list[str]:

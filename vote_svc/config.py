@@ -145,3 +145,8 @@ class VoteConfig(ServiceConfig):
     #: same IP gives the same hash, so votes from one address can still be grouped, but the
     #: address cannot be read back or guessed without the key. No default, like the salt.
     vote_ip_hash_key: str
+    #: A MaxMind-format GeoIP2/GeoLite2 City (or Country) database: each vote's IP place
+    #: (province or country) is looked up in it at admission and kept in the ledger
+    #: (`votes.ip_geo`; the IP itself is not kept). Empty: no IP place, the report says
+    #: "unknown" for voters without GPS.
+    vote_geoip_db: str = ""

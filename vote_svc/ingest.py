@@ -33,6 +33,7 @@ from vote_svc import store
 from vote_svc.admission import RATE_WINDOW_MS, Outcome, Scripts, VoteKeys, decode_reply
 from vote_svc.config import VoteConfig
 from vote_svc.fraud import FraudScorer, Score, ScoringUnavailableError
+from vote_svc.geo import IpPlaces
 from vote_svc.ledger import CommitResult, Ledger, LedgerVote
 from vote_svc.overload import QueueTimeAdmission
 from vote_svc.recovery import Recovery
@@ -138,6 +139,7 @@ class Ingestor:
         self._config = config
         self._salt = config.vote_pseudonym_salt.encode()
         self._ip_key = config.vote_ip_hash_key.encode()
+        self._ip_places = IpPlaces(config.vote_geoip_db)
         # Voters' first votes arriving together: one PostgreSQL query for all of them.
         self._users: Coalescer[UserKey, list[str | int]] = Coalescer(self._load_users)
         self._inflight = 0.0  # cost of the votes between submit() and their answer
@@ -391,7 +393,7 @@ class Ingestor:
             device_id=vote.device_id, app_version=vote.app_version, latitude=vote.latitude,
             longitude=vote.longitude, received_at=vote.received_at,
             fingerprint=vote.fingerprint, leaf_data=leaf, receipt_hash=leaf_hash(leaf),
-            keys=keyset, outcome=outcome)
+            keys=keyset, outcome=outcome, ip_geo=self._ip_places.place(vote.ip))
 
     def ip_hash(self, ip: str) -> str:
         """What the ledger (and fraud_svc) keep of an IP: HMAC-SHA256 under VOTE_IP_HASH_KEY,

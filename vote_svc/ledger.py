@@ -78,6 +78,8 @@ class LedgerVote:
     pending_member: str = ""
     #: The time the admission script judged the window by (`results_svc.rules.judged_ms`).
     received_ms: int | None = None
+    #: Where the IP is (vote_svc.geo: "KH-12", "FR"), None if unknown.
+    ip_geo: str | None = None
 
     def record(self) -> dict[str, Any]:
         """The ledger row (store.COLUMNS) as JSON values; bytea as PostgreSQL's hex text."""
@@ -92,7 +94,8 @@ class LedgerVote:
             "latitude": self.latitude, "longitude": self.longitude,
             "received_at": None if self.received_at is None else self.received_at.isoformat(),
             "fingerprint": "\\x" + self.fingerprint, "leaf_data": "\\x" + self.leaf_data.hex(),
-            "receipt_hash": "\\x" + self.receipt_hash.hex(), "received_ms": self.received_ms}
+            "receipt_hash": "\\x" + self.receipt_hash.hex(), "received_ms": self.received_ms,
+            "ip_geo": self.ip_geo}
 
 
 @dataclass(frozen=True)

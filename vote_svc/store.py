@@ -39,7 +39,7 @@ COLUMNS = ("vote_id", "request_id", "user_id", "shard", "round_id", "episode_id"
            "contestant_id", "vote_type", "count", "channel", "admitted_ms", "fraud_action",
            "fraud_score", "fraud_decision_id", "ip_hash", "device_id", "app_version", "latitude",
            "longitude", "received_at", "fingerprint", "leaf_data", "receipt_hash",
-           "received_ms")
+           "received_ms", "ip_geo")
 
 # A whole batch in ONE statement, run as its own transaction (one round trip, where a
 # transaction of COPY and three statements took six): the rows arrive as one JSON array, and

@@ -10,7 +10,11 @@
 //
 //	{"targets": ["host:port", ...], "method": "/pkg.Service/Method", "seconds": 8,
 //	 "concurrency": 64, "rate": 0, "templates": [{"body": "<hex>", "uuid_at": [2]}],
-//	 "metadata": [["authorization", "Bearer ..."], ...]}
+//	 "metadata": [["authorization", "Bearer ..."], ...],
+//	 "tls": {"cert": "cert.pem", "key": "key.pem", "ca": "ca.pem", "server_name": "vote-svc"}}
+//
+// With "tls" it connects with mutual TLS as the holder of that certificate (a mesh peer:
+// the edge, to call a service directly as the edge does), else in plaintext.
 //
 // rate 0 is a closed loop of `concurrency` callers per target; rate > 0 is an open loop
 // starting that many calls per second in all. Call n uses templates[n % len] and
@@ -22,15 +26,19 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io/ioutil"
 	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -48,6 +56,35 @@ type job struct {
 	Rate        float64     `json:"rate"`
 	Templates   []*template `json:"templates"`
 	Metadata    [][2]string `json:"metadata"`
+	TLS         *tlsConfig  `json:"tls"`
+}
+
+type tlsConfig struct {
+	Cert       string `json:"cert"`
+	Key        string `json:"key"`
+	CA         string `json:"ca"`
+	ServerName string `json:"server_name"`
+}
+
+// transport is plaintext, or mutual TLS with the job's certificate when it names one.
+func transport(c *tlsConfig) grpc.DialOption {
+	if c == nil {
+		return grpc.WithInsecure()
+	}
+	pair, err := tls.LoadX509KeyPair(c.Cert, c.Key)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tls:", err)
+		os.Exit(2)
+	}
+	ca, err := ioutil.ReadFile(c.CA)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tls:", err)
+		os.Exit(2)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(ca)
+	return grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
+		Certificates: []tls.Certificate{pair}, RootCAs: roots, ServerName: c.ServerName}))
 }
 
 // rawCodec sends and receives messages as the bytes they already are.
@@ -100,7 +137,7 @@ func main() {
 	// One HTTP/2 connection per target entry, as one gRPC channel is one connection.
 	conns := make([]*grpc.ClientConn, len(j.Targets))
 	for i, target := range j.Targets {
-		conn, err := grpc.Dial(target, grpc.WithInsecure(),
+		conn, err := grpc.Dial(target, transport(j.TLS),
 			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "dial:", err)

@@ -1,15 +1,16 @@
 """Where a voter voted from: a Cambodian province, a country abroad, or unknown.
 
 From the app's GPS point, to a province by the nearest populated place of the offline GeoNames
-gazetteer in `reverse_geocode`. A vote without GPS is "unknown": the ledger keeps no IP (only
-its keyed hash, migrations/0013), so there is nothing to look up in GeoIP after the fact.
+gazetteer in `reverse_geocode`; without GPS, from the IP's place that vote_svc looked up in its
+GeoIP database at admission (`votes.ip_geo`, vote_svc/geo.py: the ledger keeps only the IP's
+keyed hash, so it cannot be looked up later). Neither: "unknown", never guessed.
 """
 
 from __future__ import annotations
 
 import reverse_geocode
 
-from runtime.places import province_name
+from runtime.places import PROVINCES, province_name
 
 UNKNOWN = "unknown"
 #: (country code or "unknown", province for Cambodia or "" abroad)
@@ -44,3 +45,14 @@ def locate(points: list[tuple[float | None, float | None]]) -> list[Place]:
             for index in pending[key]:
                 places[index] = _from_gazetteer(found)
     return places
+
+
+def place_of_ip(code: str | None) -> Place:
+    """The place of an IP place code as vote_svc records it: "KH-12" (a province), "KH"
+    (Cambodia, province unknown), "FR" (abroad), None (unknown)."""
+    if not code:
+        return (UNKNOWN, "")
+    country, _, _ = code.partition("-")
+    if country != "KH":
+        return (country, "")
+    return ("KH", PROVINCES.get(code, UNKNOWN))

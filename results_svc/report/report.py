@@ -1,22 +1,23 @@
 """The post-show report of an episode (ReportService.GetEpisodeReport).
 
-Exact, from PostgreSQL, and cheap on show night:
+Exact, from PostgreSQL, and cheap on show night, whatever the number of votes:
 
-- Each round's ledger rows are read once into a part (report_round_parts and one row per
-  voter in report_round_voters: `store.PART_SQL`), judged as the result judges them: the final
-  result's invalid votes once the round is finalized, the result checkpoint's verdicts before
-  that. A finalized round's part is final and never read again from the ledger; an open
-  round's part is provisional and rebuilt at most every RESULTS_REPORT_PROVISIONAL_MS.
-- The episode's figures merge the parts: distinct voters across rounds from the per-voter
-  rows (one per voter and round, a tenth of the votes or less), everything else from the
-  parts' small aggregates.
-- Once the episode has ended and every round is finalized, the report is final: computed once,
-  stored (episode_reports) and served as stored.
-- Both are done ahead of the request (`precompute_once`, every RESULTS_REPORT_PRECOMPUTE_MS):
-  a round's final part right after its result is stored, an episode's final report right
-  after it ends, so a report asked for after the show is read, not computed.
+- The rollups (`rollup.py`) fold each ledger row once, as the result checkpoint judges it:
+  every round's part (totals, reasons, timeline buckets, contestants, with distinct voters)
+  and the episode's figures over its voters (distinct voters by type and channel, the
+  votes-per-voter distribution, places, free-vote use, returning voters). A replica extends
+  them every RESULTS_REPORT_ROLLUP_MS (`follow_once`).
+- A report reads the rollups, folds in memory the rows they have not reached yet (the last
+  second or so of votes while live: `rollup.tail`), and reads the few other things it shows
+  (moments, profiles of voters who declared one, revenue, fraud decisions, viewer samples).
+- Once the episode has ended and every round is finalized, the report is final: the rollups
+  are brought to the end of the ledger and stored, the report computed once from them, stored
+  (episode_reports) and served as stored; `precompute_once` (every
+  RESULTS_REPORT_PRECOMPUTE_MS) does it right after the episode ends, so a report asked for
+  after the show is read, not computed.
 - Before that a report is provisional (`is_final` false), kept in memory per replica for
-  RESULTS_REPORT_PROVISIONAL_MS, and one computation serves every caller waiting for it.
+  RESULTS_REPORT_PROVISIONAL_MS (or ten times what it took), and one computation serves every
+  caller waiting for it.
 
 Nothing per voter leaves this module: places, profiles and vote counts are aggregated, and
 buckets of fewer than RESULTS_REPORT_MIN_VOTERS voters merged into "other" (`privacy`).
@@ -37,8 +38,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from results_svc.config import ResultsConfig
-from results_svc.report import privacy, revenue, store
-from results_svc.report.places import UNKNOWN, locate
+from results_svc.report import privacy, revenue, rollup, store
+from results_svc.report.places import UNKNOWN
 from runtime import protoconv
 from runtime.errors import ApiError
 from runtime.storage import Storage
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: The vote-per-voter buckets, in display order.
 DISTRIBUTION = ("1", "2-5", "6-10", "11-50", "51-100", "101+")
+#: The profile's dimensions, in display order.
+SEGMENTS = ("age_band", "gender", "province")
 #: Rounds whose state leaves nothing more to count.
 SETTLED = ("FINALIZED", "PENDING")
 
@@ -80,6 +83,33 @@ def episode_not_found(episode_id: str) -> ApiError:
 DUTY_CYCLE = 10
 
 
+class Figures:
+    """The episode's figures as the rollups keep them ({figure: [voters, votes]},
+    `rollup.contributions`)."""
+
+    def __init__(self, figures: dict[str, list[int]], free_quota: int) -> None:
+        self._figures = figures
+        self._quota = free_quota
+
+    def pair(self, name: str) -> tuple[int, int]:
+        voters, votes = self._figures.get(name, (0, 0))
+        return voters, votes
+
+    def voters(self, name: str) -> int:
+        return self.pair(name)[0]
+
+    def prefixed(self, prefix: str) -> list[tuple[str, tuple[int, int]]]:
+        return [(key[len(prefix):], (pair[0], pair[1])) for key, pair in self._figures.items()
+                if key.startswith(prefix)]
+
+    def used_all_free(self) -> int:
+        """Voters with a counted vote who cast at least the quota's free votes."""
+        if self._quota <= 0:
+            return 0
+        return sum(voters for cast, (voters, _) in self.prefixed("free_cast=")
+                   if int(cast) >= min(self._quota, rollup.FREE_CAST_CAP))
+
+
 @dataclass
 class _Cached:
     at: float
@@ -96,7 +126,9 @@ class Reports:
         self._cache: dict[str, _Cached] = {}
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._precompute_ms = config.results_report_precompute_ms
-        self._task: asyncio.Task[None] | None = None
+        self._rollup_ms = config.results_report_rollup_ms
+        self._rollup_rows = config.results_report_rollup_rows
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def episode_report(self, episode_id: str) -> pb.GetEpisodeReportResponse:
         cached = self._cache.get(episode_id)
@@ -129,29 +161,46 @@ class Reports:
             cursor = await connection.execute(store.ROUNDS_SQL, (episode_id,))
             rounds: list[Any] = await cursor.fetchall()
         final = episode["state"] == "ENDED" and all(r["state"] in SETTLED for r in rounds)
-        opened = [r for r in rounds if r["state"] != "PENDING"]
-        for row in opened:
-            await self._ensure_part(row["round_id"], episode_id, row["state"] == "FINALIZED")
-        earlier = await self._earlier_rounds(episode)
+        if final:  # the stored report comes from the stored rollups, complete
+            await self.follow(episode_id, wait=True)
         async with self._storage.pool.connection() as connection:
-            report = await self._assemble(connection, episode, rounds, earlier, final)
+            async with rollup.snapshot(connection):
+                view = await rollup.tail(connection, episode_id)
+                assert view is not None
+                report = await self._assemble(connection, episode, rounds, *view, final)
             if final:
                 return pb.GetEpisodeReportResponse.FromString(await store.store_report(
                     connection, episode_id, report.SerializeToString()))
         return report
 
+    async def follow(self, episode_id: str, *, wait: bool) -> bool:
+        """Extend the episode's rollups to their targets (`rollup.extend`), one step per
+        transaction; False if another replica is at it and `wait` is False."""
+        async with self._storage.pool.connection() as connection, rollup.episode_session(
+                connection, episode_id, wait=wait) as mine:
+            if not mine:
+                return False
+            while True:
+                async with rollup.snapshot(connection):
+                    done = await rollup.extend(connection, episode_id, self._rollup_rows)
+                if done:
+                    return True
+
     # -- ahead of the request -------------------------------------------------------------
 
     async def start(self) -> None:
         if self._precompute_ms > 0:
-            self._task = asyncio.create_task(self._precompute_loop(), name="report-precompute")
+            self._tasks.append(asyncio.create_task(self._precompute_loop(),
+                                                   name="report-precompute"))
+        if self._rollup_ms > 0:
+            self._tasks.append(asyncio.create_task(self._rollup_loop(), name="report-rollup"))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
 
     async def _precompute_loop(self) -> None:
         while True:
@@ -163,72 +212,95 @@ class Reports:
                 log.exception("report precompute failed")
 
     async def precompute_once(self) -> bool:
-        """Do one piece of work a report would otherwise do on request: a finalized round's
-        final part (its one read of the ledger), else an ended episode's final report.
-        False when there was nothing to do."""
+        """Do one piece of work a report would otherwise do on request: an ended episode's
+        final report. False when there was nothing to do."""
         async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(store.UNREPORTED_ROUNDS_SQL)
-            row: Any = await cursor.fetchone()
-            if row is None:
-                cursor = await connection.execute(store.UNREPORTED_EPISODES_SQL)
-                episode: Any = await cursor.fetchone()
-        if row is not None:
-            await self._ensure_part(row["round_id"], row["episode_id"], True)
-            return True
+            cursor = await connection.execute(store.UNREPORTED_EPISODES_SQL)
+            episode: Any = await cursor.fetchone()
         if episode is not None:
             await self.episode_report(episode["episode_id"])
             return True
         return False
 
-    async def _ensure_part(self, round_id: str, episode_id: str, finalized: bool) -> None:
-        async with self._storage.pool.connection() as connection:
-            if await store.part_is_current(connection, round_id, finalized, self._max_age_ms):
-                return
-            async with connection.transaction():
-                await store.build_part(connection, round_id, episode_id, finalized,
-                                       self._max_age_ms)
+    async def _rollup_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._rollup_ms / 1000)
+            try:
+                await self.follow_once()
+            except Exception:  # the next pass tries again; a live report folds the rest
+                log.exception("report rollup failed")
 
-    async def _earlier_rounds(self, episode: Any) -> list[str]:
-        """The finalized rounds of the show's earlier episodes, with their parts built (once:
-        they are final)."""
+    async def follow_once(self) -> None:
+        """Extend the rollups of every episode whose rollups are behind their checkpoints."""
         async with self._storage.pool.connection() as connection:
-            cursor = await connection.execute(
-                store.EARLIER_ROUNDS_SQL,
-                {"show": episode["show_id"], "episode": episode["episode_id"]})
+            cursor = await connection.execute(store.BEHIND_SQL)
             rows: list[Any] = await cursor.fetchall()
-        for row in rows:
-            await self._ensure_part(row["round_id"], row["episode_id"], True)
-        return [row["round_id"] for row in rows]
+        behind = [str(row["episode_id"]) for row in rows]
+        for episode_id in behind:
+            await self.follow(episode_id, wait=False)
 
     async def _assemble(self, connection: store.Connection, episode: Any, rounds: list[Any],
-                        earlier: list[str], final: bool) -> pb.GetEpisodeReportResponse:
+                        fold: rollup.Fold, touched: rollup.Touched, final: bool
+                        ) -> pb.GetEpisodeReportResponse:
         episode_id = episode["episode_id"]
         round_ids = [r["round_id"] for r in rounds]
-        cursor = await connection.execute(store.PARTS_SQL, (round_ids,))
-        parts = {row["round_id"]: row for row in await cursor.fetchall()}
+        parts = {round_id: part.row() for round_id, part in fold.parts.items()}
         cursor = await connection.execute(store.CONTESTANTS_SQL, (episode_id,))
         names = {row["contestant_id"]: row["name"] for row in await cursor.fetchall()}
-        cursor = await connection.execute(
-            store.MERGE_SQL, {"rounds": round_ids, "earlier": earlier,
-                              "quota": episode["free_vote_quota"]}, prepare=False)
-        merged: Any = await cursor.fetchone()
+        figures = Figures(fold.figures_row(), episode["free_vote_quota"])
 
         report = pb.GetEpisodeReportResponse(
             episode_id=episode_id, is_final=final, generated_at=_stamp(datetime.now(UTC)),
             title=episode["title"], show_name=episode["show_name"],
             episode_state=episode["state"], privacy_min_voters=self._min_voters)
-        self._summary(report, parts.values(), merged)
+        self._summary(report, parts.values(), figures)
         self._timeline(report, parts.values())
         self._rounds(report, rounds, parts, names)
         await self._moments(connection, report, episode_id, rounds, names)
-        self._geography(report, merged["places"])
-        self._demographics(report, merged["segments"])
+        self._geography(report, figures)
+        self._demographics(report, await self._segments(connection, episode_id, touched,
+                                                        figures))
         await self._revenue(connection, report, episode_id)
-        await self._engagement(connection, report, episode_id, rounds, names, merged)
+        await self._engagement(connection, report, episode_id, rounds, names, figures)
         await self._fraud(connection, report, round_ids, parts.values())
         return report
 
-    def _summary(self, report: pb.GetEpisodeReportResponse, parts: Any, merged: Any) -> None:
+    async def _segments(self, connection: store.Connection, episode_id: str,
+                        touched: rollup.Touched, figures: Figures
+                        ) -> list[tuple[str, str, int, int]]:
+        """Voters and votes per profile segment: summed over the stored voter rows of the
+        voters who declared a profile, the voters the live tail changed moved to their values
+        now, and "unknown" for the rest of the episode's voters."""
+        totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        cursor = await connection.execute(store.SEGMENTS_SQL, (episode_id,), prepare=False)
+        for row in await cursor.fetchall():
+            totals[(row["dimension"], row["value"])][0] += row["voters"]
+            totals[(row["dimension"], row["value"])][1] += row["votes"]
+        if touched:
+            cursor = await connection.execute(store.PROFILES_SQL, (sorted(touched),),
+                                              prepare=False)
+            for profile in await cursor.fetchall():
+                old, new = touched[profile["user_id"]]
+                for dimension in SEGMENTS:
+                    segment = totals[(dimension, profile[dimension])]
+                    if old is not None and old.counted > 0:  # in the stored rows' sums
+                        segment[0] -= 1
+                        segment[1] -= old.counted
+                    if new.counted > 0:
+                        segment[0] += 1
+                        segment[1] += new.counted
+        voters, votes = figures.pair("voters")
+        out = []
+        for dimension in SEGMENTS:
+            known = [(value, pair) for (d, value), pair in totals.items()
+                     if d == dimension and value]  # a value not told is "unknown"
+            out.append((dimension, UNKNOWN, voters - sum(p[0] for _, p in known),
+                        votes - sum(p[1] for _, p in known)))
+            out.extend((dimension, value, n, v) for value, (n, v) in known)
+        return out
+
+    def _summary(self, report: pb.GetEpisodeReportResponse, parts: Any,
+                 figures: Figures) -> None:
         summary = report.summary
         by_type: dict[str, int] = defaultdict(int)
         by_channel: dict[str, int] = defaultdict(int)
@@ -244,17 +316,17 @@ class Reports:
         summary.invalidated_votes = summary.ledger_votes - summary.counted_votes
         for reason, votes in sorted(invalid.items(), key=lambda item: (-item[1], item[0])):
             summary.invalidated_by_reason.add(reason=reason, votes=votes)
-        summary.unique_voters = merged["voters"]
+        summary.unique_voters = figures.voters("voters")
         total = summary.counted_votes
 
         def count(votes: int, voters: int) -> pb.VoteCount:
             return pb.VoteCount(votes=votes, voters=voters, percentage=_percent(votes, total))
 
-        summary.free.CopyFrom(count(by_type["FREE"], merged["free_voters"]))
-        summary.paid.CopyFrom(count(by_type["PAID"], merged["paid_voters"]))
-        summary.sms.CopyFrom(count(by_type["PREMIUM_SMS"], merged["sms_voters"]))
-        summary.app.CopyFrom(count(by_channel["APP"], merged["app_voters"]))
-        summary.web.CopyFrom(count(by_channel["WEB"], merged["web_voters"]))
+        summary.free.CopyFrom(count(by_type["FREE"], figures.voters("free_voters")))
+        summary.paid.CopyFrom(count(by_type["PAID"], figures.voters("paid_voters")))
+        summary.sms.CopyFrom(count(by_type["PREMIUM_SMS"], figures.voters("sms_voters")))
+        summary.app.CopyFrom(count(by_channel["APP"], figures.voters("app_voters")))
+        summary.web.CopyFrom(count(by_channel["WEB"], figures.voters("web_voters")))
 
     def _timeline(self, report: pb.GetEpisodeReportResponse, parts: Any) -> None:
         buckets = []
@@ -320,22 +392,20 @@ class Reports:
             report.moments.add(time=_stamp(moment), kind=kind, label=label, round_id=round_id,
                                contestant_id=contestant_id)
 
-    def _geography(self, report: pb.GetEpisodeReportResponse, places: list[Any]) -> None:
-        located = [(lat, lon) for lat, lon, _, _ in places]
-        totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        for place, (_, _, voters, votes) in zip(locate(located), places, strict=True):
-            totals[place][0] += voters
-            totals[place][1] += votes
-        buckets = [privacy.Bucket(place, voters, votes)
-                   for place, (voters, votes) in totals.items()]
+    def _geography(self, report: pb.GetEpisodeReportResponse, figures: Figures) -> None:
+        buckets = []
+        for key, (voters, votes) in figures.prefixed("place:"):
+            country, _, province = key.partition("/")
+            buckets.append(privacy.Bucket((country, province), voters, votes))
         for bucket in privacy.merge_small(buckets, self._min_voters,
                                           (privacy.OTHER, "")):
             country, province = bucket.key
             report.geography.add(country_code=country, province=province, votes=bucket.votes,
                                  voters=bucket.voters)
 
-    def _demographics(self, report: pb.GetEpisodeReportResponse, segments: list[Any]) -> None:
-        order = {"age_band": 0, "gender": 1, "province": 2}
+    def _demographics(self, report: pb.GetEpisodeReportResponse,
+                      segments: list[tuple[str, str, int, int]]) -> None:
+        order = {dimension: n for n, dimension in enumerate(SEGMENTS)}
         buckets = [privacy.Bucket((dimension, value), voters, votes)
                    for dimension, value, voters, votes in
                    sorted(segments, key=lambda s: (order[s[0]], s[1]))]
@@ -364,21 +434,22 @@ class Reports:
 
     async def _engagement(self, connection: store.Connection,
                           report: pb.GetEpisodeReportResponse, episode_id: str,
-                          rounds: list[Any], names: dict[str, str], merged: Any) -> None:
+                          rounds: list[Any], names: dict[str, str], figures: Figures) -> None:
         engagement = report.engagement
-        voters = merged["voters"]
+        voters = figures.voters("voters")
         if report.peaks:
             engagement.peak_votes_per_minute = report.peaks[0].votes
             engagement.peak_minute.CopyFrom(report.peaks[0].start_time)
         engagement.votes_per_voter = round(report.summary.counted_votes / voters, 2) \
             if voters else 0.0
-        engagement.multi_round_voter_percentage = _percent(merged["multi_round"], voters)
-        engagement.used_all_free_percentage = _percent(merged["used_all_free"], voters)
-        engagement.free_to_paid_percentage = _percent(merged["free_to_paid"],
-                                                      merged["free_casters"])
-        engagement.returning_voters = merged["returning"]
-        engagement.returning_voter_percentage = _percent(merged["returning"], voters)
-        distribution = dict((label, n) for label, n in merged["distribution"])
+        engagement.multi_round_voter_percentage = _percent(figures.voters("multi_round"),
+                                                           voters)
+        engagement.used_all_free_percentage = _percent(figures.used_all_free(), voters)
+        engagement.free_to_paid_percentage = _percent(figures.voters("free_to_paid"),
+                                                      figures.voters("free_casters"))
+        engagement.returning_voters = figures.voters("returning")
+        engagement.returning_voter_percentage = _percent(engagement.returning_voters, voters)
+        distribution = {label: n for label, (n, _) in figures.prefixed("dist:")}
         buckets = [privacy.Bucket(label, distribution.get(label, 0), 0)
                    for label in DISTRIBUTION]
         kept = {b.key: b.voters for b in privacy.merge_small(buckets, self._min_voters)}
@@ -386,6 +457,12 @@ class Reports:
             if label in kept:
                 engagement.votes_per_voter_distribution.add(label=label, voters=kept[label])
         await self._performances(connection, engagement, episode_id, rounds, names)
+        cursor = await connection.execute(store.PEAK_VIEWERS_SQL, (episode_id,))
+        peak: Any = await cursor.fetchone()
+        if peak is not None:
+            engagement.peak_concurrent_viewers = peak["viewers"]
+            engagement.peak_viewers_minute.CopyFrom(
+                _stamp_ms(peak["sample_ms"] - peak["sample_ms"] % 60_000))
 
     async def _performances(self, connection: store.Connection, engagement: pb.Engagement,
                             episode_id: str, rounds: list[Any], names: dict[str, str]) -> None:

@@ -56,14 +56,15 @@ class Revenue:
 
 #: A purchase names no episode (a wallet's votes are for any): it is the episode's when one of
 #: the episode's voters made it while the episode was live (from the show's start to its end,
-#: or now), so shows running at the same time do not share their sales.
+#: or now), so shows running at the same time do not share their sales. The purchases of those
+#: hours by `purchases_by_time` (migrations/0019; the hours are parameters, so the plan knows
+#: how few purchases they hold), each buyer by the episode's voter rows' key (a live report's
+#: voters the rollups have not reached yet are not among them).
 _DURING = """
-  FROM purchases p JOIN episodes e ON e.episode_id = %(episode)s::uuid
- WHERE e.started_at IS NOT NULL AND p.purchased_at >= e.started_at
-   AND p.purchased_at < coalesce(e.ended_at, now()) AND p.currency_code = 'USD'
-   AND p.user_id IN (SELECT v.user_id FROM report_round_voters v
-                       JOIN report_round_parts rp USING (round_id)
-                      WHERE rp.episode_id = %(episode)s::uuid)
+  FROM purchases p
+ WHERE p.purchased_at >= %(from)s AND p.purchased_at < %(to)s AND p.currency_code = 'USD'
+   AND EXISTS (SELECT 1 FROM report_episode_voters v
+                WHERE v.episode_id = %(episode)s::uuid AND v.user_id = p.user_id)
 """
 
 #: Each section's query over (episode), giving rows (source, tier, transactions,
@@ -94,18 +95,29 @@ _NOT_YET: dict[str, str] = {}
 
 
 async def _section(connection: Connection, name: str, sql: str | None,
-                   episode_id: str) -> Section:
+                   params: dict[str, Any]) -> Section:
     if sql is None:
         return Section(available=False, note=_NOT_YET.get(name, "not recorded in this build"))
-    cursor = await connection.execute(sql, {"episode": episode_id})
+    cursor = await connection.execute(sql, params, prepare=False)
     rows: list[Any] = await cursor.fetchall()
     return Section(available=True, lines=[
         Line(row["source"], row["tier"] or "", int(row["transactions"]),
              int(row["gross_micros"])) for row in rows])
 
 
+#: The episode's live hours (none before it started).
+LIVE_HOURS_SQL = """
+SELECT coalesce(started_at, now()) AS "from",
+       CASE WHEN started_at IS NULL THEN now() ELSE coalesce(ended_at, now()) END AS "to"
+  FROM episodes WHERE episode_id = %s
+"""
+
+
 async def revenue(connection: Connection, episode_id: str) -> Revenue:
+    cursor = await connection.execute(LIVE_HOURS_SQL, (episode_id,))
+    hours: Any = await cursor.fetchone()
+    params = {"episode": episode_id, "from": hours["from"], "to": hours["to"]}
     return Revenue(
-        packages=await _section(connection, "packages", PACKAGES_SQL, episode_id),
-        sms=await _section(connection, "sms", SMS_SQL, episode_id),
-        refunds=await _section(connection, "refunds", REFUNDS_SQL, episode_id))
+        packages=await _section(connection, "packages", PACKAGES_SQL, params),
+        sms=await _section(connection, "sms", SMS_SQL, params),
+        refunds=await _section(connection, "refunds", REFUNDS_SQL, params))

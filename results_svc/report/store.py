@@ -1,8 +1,10 @@
-"""The report's SQL: a round's part from its ledger rows, an episode's merge of the parts, and
-the episode's moments, fraud decisions and stored final report.
+"""The report's SQL: the rollups' steps (rollup.py), the episode's moments, fraud decisions,
+viewers and stored final report.
 
 Only results_svc's own tables are written (report_round_parts, report_round_voters,
-episode_reports); the ledger, rounds, performances, fraud records and voter profiles are read.
+report_episode_voters, report_episode_figures, report_rollup_resets, episode_reports); the
+ledger, the checkpoints' and results' verdicts, rounds, performances, fraud records, viewer
+samples and voter profiles are read.
 """
 
 from __future__ import annotations
@@ -24,101 +26,166 @@ _VERDICT = """
         AND ci.request_id = v.request_id
 """
 
-#: One read of the round's ledger rows, grouped four ways at once (GROUPING SETS: one scan,
-#: one hash table per set): per voter (stored in report_round_voters), per voter and minute,
-#: channel and type, per voter and contestant (distinct voters of each bucket are then the
-#: rows with counted votes), and per reason a row does not count.
-PART_SQL = f"""
-WITH judged AS (
-  SELECT v.user_id, v.vote_type, v.channel, v.count, v.contestant_id,
-         v.admitted_ms - v.admitted_ms %% 60000 AS minute_ms, v.admitted_ms,
-         v.latitude, v.longitude, coalesce(fi.reason, ci.reason) AS reason
+_ROW = """v.user_id, v.vote_type, v.channel, v.count, v.contestant_id::text AS contestant_id,
+       v.admitted_ms, v.latitude, v.longitude, v.ip_geo, v.vote_id, v.receipt_hash"""
+
+#: A rollup step's ledger rows, judged, in ledger order: the round's rows in [lo, hi) by the
+#: round's ledger-order index, and every row below lo of the voters judged again by the
+#: voters' index ("IS TRUE" keeps the round's index out of that branch, as in
+#: results_svc.store.STEP_SQL).
+ROWS_SQL = f"""
+SELECT j.* FROM (
+  SELECT {_ROW}, coalesce(fi.reason, ci.reason) AS reason
     FROM votes v {_VERDICT}
-   WHERE v.round_id = %(round)s::uuid
-), g AS MATERIALIZED (
-  SELECT GROUPING(user_id, minute_ms, channel, vote_type, contestant_id, reason) AS grp,
-         user_id, minute_ms, channel, vote_type, contestant_id, reason,
-         sum(count) AS votes,
-         coalesce(sum(count) FILTER (WHERE reason IS NULL), 0) AS counted,
-         coalesce(sum(count) FILTER (WHERE reason IS NULL AND vote_type = 'FREE'), 0) AS free,
-         coalesce(sum(count) FILTER (WHERE reason IS NULL AND vote_type = 'PAID'), 0) AS paid,
-         coalesce(sum(count) FILTER (WHERE reason IS NULL AND vote_type = 'PREMIUM_SMS'), 0)
-           AS sms,
-         coalesce(sum(count) FILTER (WHERE reason IS NULL AND channel = 'APP'), 0) AS app,
-         coalesce(sum(count) FILTER (WHERE reason IS NULL AND channel = 'WEB'), 0) AS web,
-         coalesce(sum(count) FILTER (WHERE vote_type = 'FREE'), 0) AS free_cast,
-         min(ARRAY[admitted_ms::float8, latitude, longitude])
-           FILTER (WHERE latitude IS NOT NULL AND longitude IS NOT NULL) AS first_gps
-    FROM judged
-   GROUP BY GROUPING SETS ((user_id), (minute_ms, channel, vote_type, user_id),
-                           (contestant_id, user_id), (reason))
-), voters AS (
-  INSERT INTO report_round_voters (round_id, user_id, counted, free, paid, sms, app, web,
-                                   free_cast, first_gps)
-  SELECT %(round)s::uuid, user_id, counted, free, paid, sms, app, web, free_cast, first_gps
-    FROM g WHERE grp = {0b011111}
-  RETURNING 1
-)
-SELECT
-  (SELECT count(*) FROM voters) AS rows,
-  (SELECT count(*) FROM g WHERE grp = {0b011111} AND counted > 0) AS voters,
-  (SELECT coalesce(sum(votes), 0)::bigint FROM g WHERE grp = {0b111110}) AS ledger_votes,
-  (SELECT coalesce(sum(counted), 0)::bigint FROM g WHERE grp = {0b011111}) AS counted_votes,
-  (SELECT coalesce(jsonb_object_agg(reason, votes), '{{}}') FROM g
-    WHERE grp = {0b111110} AND reason IS NOT NULL) AS invalid,
-  (SELECT coalesce(jsonb_agg(jsonb_build_array(minute_ms, channel, vote_type, votes, voters)
-                             ORDER BY minute_ms, channel, vote_type), '[]')
-     FROM (SELECT minute_ms, channel, vote_type, sum(counted) AS votes,
-                  count(*) FILTER (WHERE counted > 0) AS voters
-             FROM g WHERE grp = {0b000011} GROUP BY 1, 2, 3) m
-    WHERE votes > 0) AS minutes,
-  (SELECT coalesce(jsonb_object_agg(contestant_id, jsonb_build_array(votes, voters)), '{{}}')
-     FROM (SELECT contestant_id, sum(counted) AS votes,
-                  count(*) FILTER (WHERE counted > 0) AS voters
-             FROM g WHERE grp = {0b011101} GROUP BY 1) c) AS contestants
+   WHERE v.round_id = %(round)s::uuid AND v.admitted_ms >= %(lo)s AND v.admitted_ms < %(hi)s
+  UNION ALL
+  SELECT {_ROW}, coalesce(fi.reason, ci.reason) AS reason
+    FROM votes v {_VERDICT}
+   WHERE v.user_id = ANY(%(users)s::text[])
+     AND (v.round_id = %(round)s::uuid AND v.admitted_ms < %(lo)s) IS TRUE
+) j ORDER BY j.admitted_ms, j.vote_id, j.receipt_hash
 """
 
+#: The episode's rounds that take or took votes, with their checkpoint's watermark and
+#: whether their result is stored.
+ROLLUP_ROUNDS_SQL = """
+SELECT r.round_id::text, r.state, c.watermark_ms AS checkpoint_ms,
+       EXISTS (SELECT 1 FROM round_results x WHERE x.round_id = r.round_id) AS stored
+  FROM rounds r LEFT JOIN round_checkpoints c USING (round_id)
+ WHERE r.episode_id = %s AND r.state IN ('OPEN', 'CLOSED', 'FINALIZED')
+ ORDER BY r.opens_at NULLS LAST, r.created_at
+"""
 
-async def part_is_current(connection: Connection, round_id: str, finalized: bool,
-                          max_age_ms: int) -> bool:
-    cursor = await connection.execute(
-        "SELECT final, computed_at > now() - make_interval(secs => %s / 1000.0) AS recent"
-        " FROM report_round_parts WHERE round_id = %s", (max_age_ms, round_id))
-    row: Any = await cursor.fetchone()
-    return row is not None and (row["final"] or (not finalized and row["recent"]))
+EPISODE_PARTS_SQL = """
+SELECT round_id::text, episode_id::text, watermark_ms, final, ledger_votes, counted_votes,
+       voters, invalid, minutes, contestants
+  FROM report_round_parts WHERE episode_id = %s
+"""
 
+FIGURES_SQL = "SELECT figures FROM report_episode_figures WHERE episode_id = %s"
 
-async def build_part(connection: Connection, round_id: str, episode_id: str, finalized: bool,
-                     max_age_ms: int) -> None:
-    """(Re)compute a round's part in the connection's transaction, unless another replica
-    just did: the transaction-scoped advisory lock makes them take turns."""
-    await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                             (f"report-part:{round_id}",))
-    if await part_is_current(connection, round_id, finalized, max_age_ms):
-        return
-    # A round's rows are many: group them in memory, never in a plan that sorts on disk.
-    await connection.execute("SET LOCAL work_mem = '256MB'")
-    await connection.execute("DELETE FROM report_round_parts WHERE round_id = %s", (round_id,))
-    await connection.execute(
-        "INSERT INTO report_round_parts (round_id, episode_id, final, ledger_votes,"
-        " counted_votes, voters, invalid, minutes, contestants)"
-        " VALUES (%s, %s, %s, 0, 0, 0, '{}', '[]', '{}')", (round_id, episode_id, finalized))
-    cursor = await connection.execute(PART_SQL, {"round": round_id, "finalized": finalized},
-                                      prepare=False)
-    row: Any = await cursor.fetchone()
-    await connection.execute(
-        "UPDATE report_round_parts SET ledger_votes = %(ledger_votes)s,"
-        " counted_votes = %(counted_votes)s, voters = %(voters)s, invalid = %(invalid)s,"
-        " minutes = %(minutes)s, contestants = %(contestants)s, computed_at = now()"
-        " WHERE round_id = %(round)s",
-        {**{k: row[k] for k in ("ledger_votes", "counted_votes", "voters")},
-         "invalid": _json(row["invalid"]), "minutes": _json(row["minutes"]),
-         "contestants": _json(row["contestants"]), "round": round_id})
+#: (The JSON as text: rollup.py parses it with orjson, a tenth of the standard decoder's cost.)
+ROUND_VOTERS_SQL = """
+SELECT user_id, counted, free, paid, sms, app, web, free_cast, first_gps, ip_geo_ms, ip_geo,
+       buckets::text, contestants::text, invalid::text
+  FROM report_round_voters WHERE round_id = %s AND user_id = ANY(%s::text[])
+"""
 
+EPISODE_VOTERS_SQL = """
+SELECT user_id, counted, free, paid, sms, app, web, free_cast, rounds, first_gps, ip_geo_ms,
+       ip_geo, place, returned
+  FROM report_episode_voters WHERE episode_id = %s AND user_id = ANY(%s::text[])
+"""
 
-def _json(value: Any) -> Any:
-    from psycopg.types.json import Jsonb
-    return Jsonb(value)
+#: Which of these voters had a counted vote in one of these (earlier) episodes.
+RETURNING_SQL = """
+SELECT DISTINCT user_id FROM report_episode_voters
+ WHERE episode_id = ANY(%s::uuid[]) AND user_id = ANY(%s::text[]) AND counted > 0
+"""
+
+#: Earlier episodes of the same show (returning voters).
+EARLIER_EPISODES_SQL = """
+SELECT e.episode_id::text FROM episodes e
+ WHERE e.show_id = (SELECT show_id FROM episodes WHERE episode_id = %(episode)s::uuid)
+   AND e.episode_id <> %(episode)s::uuid
+   AND e.created_at < (SELECT created_at FROM episodes WHERE episode_id = %(episode)s::uuid)
+"""
+
+RESETS_SQL = """
+SELECT round_id::text, user_id FROM report_rollup_resets WHERE round_id = ANY(%s::uuid[])
+"""
+
+FORGET_RESETS_SQL = "DELETE FROM report_rollup_resets WHERE round_id = ANY(%s::uuid[])"
+
+#: Start an episode's rollups over (its parts' voter rows go with them: ON DELETE CASCADE).
+FORGET_EPISODE_SQL = tuple(
+    f"DELETE FROM {table} WHERE episode_id = %s"
+    for table in ("report_round_parts", "report_episode_voters", "report_episode_figures"))
+
+SAVE_PART_SQL = """
+INSERT INTO report_round_parts (round_id, episode_id, final, watermark_ms, ledger_votes,
+                                counted_votes, voters, invalid, minutes, contestants)
+VALUES (%(round_id)s, %(episode_id)s, %(final)s, %(watermark_ms)s, %(ledger_votes)s,
+        %(counted_votes)s, %(voters)s, %(invalid)s, %(minutes)s, %(contestants)s)
+ON CONFLICT (round_id) DO UPDATE SET final = excluded.final,
+  watermark_ms = excluded.watermark_ms, ledger_votes = excluded.ledger_votes,
+  counted_votes = excluded.counted_votes, voters = excluded.voters,
+  invalid = excluded.invalid, minutes = excluded.minutes, contestants = excluded.contestants,
+  computed_at = now()
+"""
+
+_ROUND_VOTER_COLUMNS = ("round_id, user_id, counted, free, paid, sms, app, web, free_cast,"
+                        " first_gps, ip_geo_ms, ip_geo, buckets, contestants, invalid")
+SAVE_ROUND_VOTERS_SQL = f"""
+INSERT INTO report_round_voters ({_ROUND_VOTER_COLUMNS})
+SELECT {_ROUND_VOTER_COLUMNS} FROM json_populate_recordset(NULL::report_round_voters, %s::json)
+ON CONFLICT (round_id, user_id) DO UPDATE SET counted = excluded.counted,
+  free = excluded.free, paid = excluded.paid, sms = excluded.sms, app = excluded.app,
+  web = excluded.web, free_cast = excluded.free_cast, first_gps = excluded.first_gps,
+  ip_geo_ms = excluded.ip_geo_ms, ip_geo = excluded.ip_geo, buckets = excluded.buckets,
+  contestants = excluded.contestants, invalid = excluded.invalid
+"""
+
+_EPISODE_VOTER_COLUMNS = ("episode_id, user_id, counted, free, paid, sms, app, web,"
+                          " free_cast, rounds, first_gps, ip_geo_ms, ip_geo, place, returned")
+SAVE_EPISODE_VOTERS_SQL = f"""
+INSERT INTO report_episode_voters ({_EPISODE_VOTER_COLUMNS})
+SELECT {_EPISODE_VOTER_COLUMNS}
+  FROM json_populate_recordset(NULL::report_episode_voters, %s::json)
+ON CONFLICT (episode_id, user_id) DO UPDATE SET counted = excluded.counted,
+  free = excluded.free, paid = excluded.paid, sms = excluded.sms, app = excluded.app,
+  web = excluded.web, free_cast = excluded.free_cast, rounds = excluded.rounds,
+  first_gps = excluded.first_gps, ip_geo_ms = excluded.ip_geo_ms, ip_geo = excluded.ip_geo,
+  place = excluded.place, returned = excluded.returned
+"""
+
+SAVE_FIGURES_SQL = """
+INSERT INTO report_episode_figures (episode_id, figures) VALUES (%s, %s)
+ON CONFLICT (episode_id) DO UPDATE SET figures = excluded.figures, updated_at = now()
+"""
+
+#: Voters and votes per declared profile value of the episode's voters with a counted vote
+#: (the rest are "unknown": the figures' voters less these): one probe of the episode's voter
+#: rows per declared profile, aggregated here.
+SEGMENTS_SQL = """
+SELECT CASE WHEN GROUPING(p.age_band) = 0 THEN 'age_band'
+            WHEN GROUPING(p.gender) = 0 THEN 'gender' ELSE 'province' END AS dimension,
+       CASE WHEN GROUPING(p.age_band) = 0 THEN p.age_band
+            WHEN GROUPING(p.gender) = 0 THEN p.gender ELSE p.province END AS value,
+       count(*) AS voters, sum(v.counted)::bigint AS votes
+  FROM voter_profiles p
+  JOIN report_episode_voters v ON v.episode_id = %s AND v.user_id = p.user_id
+ WHERE v.counted > 0
+ GROUP BY GROUPING SETS ((p.age_band), (p.gender), (p.province))
+"""
+
+PROFILES_SQL = """
+SELECT user_id, age_band, gender, province FROM voter_profiles WHERE user_id = ANY(%s::text[])
+"""
+
+#: The peak of concurrent WatchShow streams: the sample instant with the most, summed over
+#: the replicas (each samples at the same instants).
+PEAK_VIEWERS_SQL = """
+SELECT sample_ms, sum(viewers)::bigint AS viewers FROM episode_viewer_samples
+ WHERE episode_id = %s GROUP BY sample_ms ORDER BY 2 DESC, 1 LIMIT 1
+"""
+
+#: Episodes whose rollups are behind: a round taking or having taken votes without a final
+#: part whose checkpoint (or result) is ahead of it, or with resets logged; oldest first
+#: (an episode's returning voters are found in the earlier episodes' rollups).
+BEHIND_SQL = """
+SELECT DISTINCT e.episode_id::text, e.created_at FROM rounds r
+  JOIN episodes e USING (episode_id)
+  LEFT JOIN report_round_parts p USING (round_id)
+  LEFT JOIN round_checkpoints c USING (round_id)
+ WHERE r.state IN ('OPEN', 'CLOSED', 'FINALIZED')
+   AND (p.round_id IS NULL
+        OR (NOT p.final AND (c.watermark_ms > p.watermark_ms
+                             OR EXISTS (SELECT 1 FROM round_results x
+                                         WHERE x.round_id = r.round_id)))
+        OR EXISTS (SELECT 1 FROM report_rollup_resets x WHERE x.round_id = r.round_id))
+ ORDER BY e.created_at LIMIT 20
+"""
 
 
 EPISODE_SQL = """
@@ -134,12 +201,6 @@ SELECT r.round_id::text, r.name, r.state, r.contestant_ids::text[] AS contestant
   FROM rounds r LEFT JOIN round_results rr USING (round_id)
  WHERE r.episode_id = %s
  ORDER BY r.opens_at NULLS LAST, r.created_at
-"""
-
-PARTS_SQL = """
-SELECT round_id::text, final, ledger_votes, counted_votes, voters, invalid, minutes,
-       contestants
-  FROM report_round_parts WHERE round_id = ANY(%s::uuid[])
 """
 
 CONTESTANTS_SQL = """
@@ -159,64 +220,6 @@ SELECT admitted_ms FROM votes
  WHERE round_id = %(round)s::uuid AND admitted_ms >= %(from_ms)s
    AND contestant_id = %(contestant)s::uuid
  ORDER BY admitted_ms LIMIT 1
-"""
-
-#: The episode's voters, merged over its rounds' parts (one row per voter), then every figure
-#: that needs distinct voters across rounds, in one statement: the counts in one pass over the
-#: voters, then the distribution, the places and the profile segments.
-MERGE_SQL = """
-WITH u AS MATERIALIZED (
-  SELECT user_id, sum(counted) AS counted, sum(free) AS free, sum(paid) AS paid,
-         sum(sms) AS sms, sum(app) AS app, sum(web) AS web, sum(free_cast) AS free_cast,
-         count(*) FILTER (WHERE counted > 0) AS rounds, min(first_gps) AS gps
-    FROM report_round_voters WHERE round_id = ANY(%(rounds)s::uuid[]) GROUP BY user_id
-), back AS (
-  SELECT DISTINCT user_id FROM report_round_voters
-   WHERE round_id = ANY(%(earlier)s::uuid[]) AND counted > 0
-), figures AS (
-  SELECT count(*) FILTER (WHERE counted > 0) AS voters,
-         count(*) FILTER (WHERE counted > 0 AND free > 0) AS free_voters,
-         count(*) FILTER (WHERE counted > 0 AND paid > 0) AS paid_voters,
-         count(*) FILTER (WHERE counted > 0 AND sms > 0) AS sms_voters,
-         count(*) FILTER (WHERE counted > 0 AND app > 0) AS app_voters,
-         count(*) FILTER (WHERE counted > 0 AND web > 0) AS web_voters,
-         count(*) FILTER (WHERE counted > 0 AND rounds > 1) AS multi_round,
-         count(*) FILTER (WHERE counted > 0 AND %(quota)s > 0 AND free_cast >= %(quota)s)
-           AS used_all_free,
-         count(*) FILTER (WHERE free_cast > 0) AS free_casters,
-         count(*) FILTER (WHERE free_cast > 0 AND paid > 0) AS free_to_paid,
-         count(*) FILTER (WHERE counted > 0 AND b.user_id IS NOT NULL) AS returning
-    FROM u LEFT JOIN back b USING (user_id)
-), c AS (SELECT * FROM u WHERE counted > 0)
-SELECT figures.*,
-  (SELECT coalesce(jsonb_agg(jsonb_build_array(bucket, n)), '[]') FROM (
-     SELECT CASE WHEN counted = 1 THEN '1' WHEN counted <= 5 THEN '2-5'
-                 WHEN counted <= 10 THEN '6-10' WHEN counted <= 50 THEN '11-50'
-                 WHEN counted <= 100 THEN '51-100' ELSE '101+' END AS bucket,
-            count(*) AS n FROM c GROUP BY 1) d) AS distribution,
-  (SELECT coalesce(jsonb_agg(jsonb_build_array(lat, lon, voters, votes)), '[]') FROM (
-     SELECT round(gps[2]::numeric, 2)::float8 AS lat, round(gps[3]::numeric, 2)::float8 AS lon,
-            count(*) AS voters, sum(counted) AS votes
-       FROM c GROUP BY 1, 2) p) AS places,
-  (SELECT coalesce(jsonb_agg(jsonb_build_array(dimension, value, voters, votes)), '[]') FROM (
-     SELECT CASE WHEN GROUPING(p.age_band) = 0 THEN 'age_band'
-                 WHEN GROUPING(p.gender) = 0 THEN 'gender' ELSE 'province' END AS dimension,
-            coalesce(nullif(CASE WHEN GROUPING(p.age_band) = 0 THEN p.age_band
-                                 WHEN GROUPING(p.gender) = 0 THEN p.gender
-                                 ELSE p.province END, ''), 'unknown') AS value,
-            count(*) AS voters, sum(c.counted) AS votes
-       FROM c LEFT JOIN voter_profiles p USING (user_id)
-      GROUP BY GROUPING SETS ((p.age_band), (p.gender), (p.province))) s) AS segments
-  FROM figures
-"""
-
-#: Earlier episodes' finalized rounds of the same show (returning voters).
-EARLIER_ROUNDS_SQL = """
-SELECT r.round_id::text, r.episode_id::text, r.state
-  FROM rounds r JOIN episodes e USING (episode_id)
- WHERE e.show_id = %(show)s::uuid AND e.episode_id <> %(episode)s::uuid
-   AND e.created_at < (SELECT created_at FROM episodes WHERE episode_id = %(episode)s::uuid)
-   AND r.state = 'FINALIZED'
 """
 
 FRAUD_REVIEWS_SQL = """
@@ -266,14 +269,6 @@ async def store_report(connection: Connection, episode_id: str, report: bytes) -
     assert stored is not None
     return stored
 
-
-#: Finalized rounds whose part is not final yet (oldest first).
-UNREPORTED_ROUNDS_SQL = """
-SELECT r.round_id::text, r.episode_id::text FROM rounds r
- WHERE r.state = 'FINALIZED'
-   AND NOT EXISTS (SELECT 1 FROM report_round_parts p WHERE p.round_id = r.round_id AND p.final)
- ORDER BY r.closed_at NULLS LAST LIMIT 1
-"""
 
 #: Ended episodes with every round settled and no stored report (most recent first).
 UNREPORTED_EPISODES_SQL = """

@@ -14,7 +14,7 @@ import pytest
 
 from ops import kannel
 from ops.stack import Stack
-from tests.sms_support import sms_round, sms_votes
+from tests.sms_support import post_sms, sms_round, sms_votes
 from tests.vote_support import query
 
 pytestmark = pytest.mark.stack
@@ -34,7 +34,7 @@ class FakeSmsc:
         process = await asyncio.create_subprocess_exec(
             str(kannel.binaries()["fakesmsc"]), "-H", "127.0.0.1",
             "-r", str(stack.kannel.smsc_ports[carrier]), "-i", "0.05",
-            "-m", str(len(messages)), *messages,
+            "-m", str(len(messages)), *(messages or ["0 0 text none"]),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         try:
             yield cls(process)
@@ -77,8 +77,9 @@ async def test_an_mo_typed_at_fakesmsc_is_counted_answered_through_kannel_and_re
     assert len(record["carrier_message_id"]) == 36
     # The DLRs come back through smsbox's dlr-url: fakesmsc's link reports the SMSC's
     # acceptance (8) and delivery to the phone (1), which smsbox may call back in either
-    # order; the record shows the final one.
-    for _ in range(100):
+    # order; the record shows the final one. Kannel may still be working through the
+    # replies earlier tests queued (a thousand after the batch tests): wait up to a minute.
+    for _ in range(600):
         statuses = [row["status"] for row in await query(
             stack.database_url, "SELECT status FROM sms_deliveries WHERE message_id = %s",
             record["message_id"])]
@@ -107,3 +108,40 @@ async def test_a_khmer_mo_in_ucs2_is_counted_and_answered_in_khmer(
     payload = line.partition(" ucs-2 ")[2].rstrip().removesuffix(">")
     reply = urllib.parse.unquote_to_bytes(payload.replace("+", " ")).decode("utf-16-be")
     assert reply == record["reply_text"] and "C1" in reply
+
+
+async def test_a_reply_recorded_by_a_replica_killed_before_kannel_took_it_still_arrives(
+        stack: Stack, edge_channel: grpc.aio.Channel) -> None:
+    """The outbox: the reply is written with the outcome, so a replica that dies after
+    recording the outcome and before handing the reply to Kannel loses nothing; the
+    restarted replica sends it."""
+    assert stack.kannel is not None
+    test_round = await sms_round(stack, edge_channel)
+    sender = f"8551{random.randrange(10**7):07d}"
+    # Kannel's sendsms is down: the replica records the outcome but cannot hand the reply on.
+    await stack.kannel.stop_smsbox()
+    try:
+        status, body = await asyncio.to_thread(post_sms, stack, "smart", text="V3",
+                                               msisdn=f"+{sender}")
+        assert status == 200 and body["outcome"] == "INBOUND_SMS_OUTCOME_VOTE_COUNTED", body
+        await stack.kill("sms_svc")
+        (pending,) = await query(stack.database_url,
+                                 "SELECT * FROM sms_reply_outbox WHERE message_id = %s",
+                                 body["messageId"])
+        assert pending["sent_at"] is None
+    finally:
+        await stack.kannel.start_smsbox()
+    async with FakeSmsc.connect(stack, "smart") as smsc:
+        await stack.restart("sms_svc")
+        line = await smsc.reply(f"1255 +{sender} ")
+    assert "Thank you! Your vote for 3. C3 is counted" in line
+    # Kannel may pass the reply on before sms_svc has read its answer and marked it sent.
+    for _ in range(100):
+        (sent,) = await query(stack.database_url,
+                              "SELECT * FROM sms_reply_outbox WHERE message_id = %s",
+                              body["messageId"])
+        if sent["sent_at"] is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert sent["sent_at"] is not None
+    assert len(await sms_votes(stack, test_round.round_id)) == 1

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from ops.stack import SERVICES, Stack
+from runtime.storage import create_redis, redis_target
 
 #: Append-only tables: no service may change or empty them.
 APPEND_ONLY = ("votes", "audit_log", "fraud_rejections", "vote_fraud_decisions",
@@ -88,20 +89,33 @@ def test_our_postgresql_asks_everyone_for_a_password(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_each_service_has_its_own_redis_user_without_admin_commands(
+async def test_each_service_has_its_own_redis_user_without_admin_commands(
         stack: Stack, service: str) -> None:
     url = stack.service_urls[service]["REDIS_URL"]
     if url == stack.redis_url:
         pytest.skip("the Redis the tests were given does not let us create users")
-    client = redis.Redis.from_url(url)
+    assert (urlsplit(url).username or "").startswith(f"tv_{service}_")
+    # On a Redis Cluster every node, replicas too (ACL users are not replicated): the user
+    # must still work after a failover.
+    nodes = ([node.address for node in stack.redis_nodes.nodes] if stack.redis_nodes
+             else [urlsplit(url).netloc.rsplit("@", 1)[1]])
+    plain_url = redis_target(url)[0]
+    for node in nodes:
+        node_url = plain_url.replace(urlsplit(plain_url).netloc.rsplit("@", 1)[1], node)
+        client = redis.Redis.from_url(node_url)
+        try:
+            assert client.ping()
+            for refused in (("FLUSHALL",), ("CONFIG", "SET", "appendonly", "no"),
+                            ("KEYS", "*"), ("ACL", "LIST"), ("DEBUG", "SLEEP", "0")):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    client.execute_command(*refused)
+        finally:
+            client.close()
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis.from_url(node_url.replace("@", "x@", 1)).ping()
+    # It writes its keys (through a cluster client on a cluster).
+    writer = create_redis(url)
     try:
-        assert (urlsplit(url).username or "").startswith(f"tv_{service}_")
-        client.set(f"least-privilege-probe:{service}", "1", px=10_000)
-        for refused in (("FLUSHALL",), ("CONFIG", "SET", "appendonly", "no"), ("KEYS", "*"),
-                        ("ACL", "LIST"), ("DEBUG", "SLEEP", "0")):
-            with pytest.raises(redis.exceptions.NoPermissionError):
-                client.execute_command(*refused)
+        assert await writer.set(f"least-privilege-probe:{service}", "1", px=10_000)
     finally:
-        client.close()
-    with pytest.raises(redis.exceptions.AuthenticationError):
-        redis.Redis.from_url(url.replace("@", "x@", 1)).ping()
+        await writer.aclose()

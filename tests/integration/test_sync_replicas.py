@@ -15,7 +15,7 @@ import pytest_asyncio
 from ops.stack import SERVICES, Stack, StackSettings
 from runtime.access import Principal, Role
 from televote.sync.v1 import show_watch_service_pb2 as watch
-from tests.conftest import FAST_SHOW_ENV
+from tests.conftest import FAST_SHOW_ENV, redis_cluster_masters
 from tests.sync_support import GrpcWatcher, Operator, seconds
 
 #: The issue's bound for an automatic close; measured and printed, asserted with slack for a
@@ -27,7 +27,8 @@ CLOSE_SLACK_MS = 1000
 async def replicated(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     replicas = dict.fromkeys(SERVICES, 1) | {"sync_svc": 2}
     mesh = Stack(StackSettings(state_dir=tmp_path_factory.mktemp("replicated"), edge_port=0,
-                               replicas=replicas, service_env=FAST_SHOW_ENV))
+                               replicas=replicas, service_env=FAST_SHOW_ENV,
+                               redis_cluster=redis_cluster_masters()))
     await mesh.start()
     try:
         yield mesh

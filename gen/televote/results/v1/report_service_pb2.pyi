@@ -640,6 +640,8 @@ class Engagement(_message.Message):
     RETURNING_VOTER_PERCENTAGE_FIELD_NUMBER: _builtins.int
     VOTES_PER_VOTER_DISTRIBUTION_FIELD_NUMBER: _builtins.int
     PERFORMANCES_FIELD_NUMBER: _builtins.int
+    PEAK_CONCURRENT_VIEWERS_FIELD_NUMBER: _builtins.int
+    PEAK_VIEWERS_MINUTE_FIELD_NUMBER: _builtins.int
     peak_votes_per_minute: _builtins.int
     """The busiest minute's counted votes."""
     votes_per_voter: _builtins.float
@@ -656,6 +658,10 @@ class Engagement(_message.Message):
     """Voters who had voted in an earlier episode of the show."""
     returning_voter_percentage: _builtins.float
     """Their share of the episode's voters, percent."""
+    peak_concurrent_viewers: _builtins.int
+    """The most WatchShow streams open at once (sync_svc samples every replica at the same
+    instants, SYNC_VIEWER_SAMPLE_MS apart, and sums them); 0 when none were sampled.
+    """
     @_builtins.property
     def peak_minute(self) -> _timestamp_pb2.Timestamp:
         """Start of the busiest minute."""
@@ -667,6 +673,10 @@ class Engagement(_message.Message):
     @_builtins.property
     def performances(self) -> _containers.RepeatedCompositeFieldContainer[Global___PerformanceResponse]:
         """Per performance, how soon the votes came."""
+
+    @_builtins.property
+    def peak_viewers_minute(self) -> _timestamp_pb2.Timestamp:
+        """Start of the minute of that peak."""
 
     def __init__(
         self,
@@ -681,10 +691,12 @@ class Engagement(_message.Message):
         returning_voter_percentage: _builtins.float = ...,
         votes_per_voter_distribution: _abc.Iterable[Global___DistributionBucket] | None = ...,
         performances: _abc.Iterable[Global___PerformanceResponse] | None = ...,
+        peak_concurrent_viewers: _builtins.int = ...,
+        peak_viewers_minute: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["peak_minute", b"peak_minute"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["peak_minute", b"peak_minute", "peak_viewers_minute", b"peak_viewers_minute"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_to_paid_percentage", b"free_to_paid_percentage", "multi_round_voter_percentage", b"multi_round_voter_percentage", "peak_minute", b"peak_minute", "peak_votes_per_minute", b"peak_votes_per_minute", "performances", b"performances", "returning_voter_percentage", b"returning_voter_percentage", "returning_voters", b"returning_voters", "used_all_free_percentage", b"used_all_free_percentage", "votes_per_voter", b"votes_per_voter", "votes_per_voter_distribution", b"votes_per_voter_distribution"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_to_paid_percentage", b"free_to_paid_percentage", "multi_round_voter_percentage", b"multi_round_voter_percentage", "peak_concurrent_viewers", b"peak_concurrent_viewers", "peak_minute", b"peak_minute", "peak_viewers_minute", b"peak_viewers_minute", "peak_votes_per_minute", b"peak_votes_per_minute", "performances", b"performances", "returning_voter_percentage", b"returning_voter_percentage", "returning_voters", b"returning_voters", "used_all_free_percentage", b"used_all_free_percentage", "votes_per_voter", b"votes_per_voter", "votes_per_voter_distribution", b"votes_per_voter_distribution"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from televote.vote.v1 import vote_types_pb2 as televote_dot_vote_dot_v1_dot_vote__types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%televote/sms/v1/carrier_service.proto\x12\x0ftelevote.sms.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!televote/vote/v1/vote_types.proto\"\xc3\x01\n\tShortCode\x12)\n\x07\x63\x61rrier\x18\x01 \x01(\x0e\x32\x18.televote.sms.v1.Carrier\x12\x12\n\nshort_code\x18\x02 \x01(\t\x12\x0f\n\x07show_id\x18\x03 \x01(\t\x12&\n\x05price\x18\x04 \x01(\x0b\x32\x17.televote.vote.v1.Money\x12\x10\n\x08\x62ound_by\x18\x05 \x01(\t\x12,\n\x08\x62ound_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe2\x01\n\x18ReceiveInboundSmsRequest\x12/\n\x07\x63\x61rrier\x18\x01 \x01(\x0e\x32\x18.televote.sms.v1.CarrierB\x04\xe2\x41\x01\x02\x12 \n\x12\x63\x61rrier_message_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06msisdn\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nshort_code\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04text\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x0breceived_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xee\x01\n\x19ReceiveInboundSmsResponse\x12\x33\n\x07outcome\x18\x01 \x01(\x0e\x32\".televote.sms.v1.InboundSmsOutcome\x12\x12\n\nreply_text\x18\x02 \x01(\t\x12\x0e\n\x06\x63harge\x18\x03 \x01(\x08\x12&\n\x05price\x18\x04 \x01(\x0b\x32\x17.televote.vote.v1.Money\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x0f\n\x07vote_id\x18\x06 \x01(\t\x12\x19\n\x11\x63ontestant_number\x18\x07 \x01(\x05\x12\x10\n\x08language\x18\x08 \x01(\t\"\xd1\x02\n\x1cReceiveDeliveryReportRequest\x12/\n\x07\x63\x61rrier\x18\x01 \x01(\x0e\x32\x18.televote.sms.v1.CarrierB\x04\xe2\x41\x01\x02\x12 \n\x12\x63\x61rrier_message_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x35\n\x06status\x18\x03 \x01(\x0e\x32\x1f.televote.sms.v1.DeliveryStatusB\x04\xe2\x41\x01\x02\x12\x0f\n\x07\x63harged\x18\x04 \x01(\x08\x12/\n\x0e\x63harged_amount\x18\x05 \x01(\x0b\x32\x17.televote.vote.v1.Money\x12\x1a\n\x12\x63\x61rrier_error_code\x18\x06 \x01(\t\x12/\n\x0breported_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10gateway_dlr_type\x18\x08 \x01(\x05\"E\n\x1dReceiveDeliveryReportResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x10\n\x08\x64isputed\x18\x02 \x01(\x08*`\n\x07\x43\x61rrier\x12\x17\n\x13\x43\x41RRIER_UNSPECIFIED\x10\x00\x12\x11\n\rCARRIER_SMART\x10\x01\x12\x14\n\x10\x43\x41RRIER_CELLCARD\x10\x02\x12\x13\n\x0f\x43\x41RRIER_METFONE\x10\x03*\x9b\x02\n\x11InboundSmsOutcome\x12#\n\x1fINBOUND_SMS_OUTCOME_UNSPECIFIED\x10\x00\x12$\n INBOUND_SMS_OUTCOME_VOTE_COUNTED\x10\x01\x12\"\n\x1eINBOUND_SMS_OUTCOME_BAD_FORMAT\x10\x02\x12$\n INBOUND_SMS_OUTCOME_LINES_CLOSED\x10\x03\x12*\n&INBOUND_SMS_OUTCOME_INVALID_CONTESTANT\x10\x04\x12$\n INBOUND_SMS_OUTCOME_RATE_LIMITED\x10\x05\x12\x1f\n\x1bINBOUND_SMS_OUTCOME_BLOCKED\x10\x06*\xc5\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45LIVERY_STATUS_DELIVERED\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATUS_ACCEPTED\x10\x02\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x03\x12\x1b\n\x17\x44\x45LIVERY_STATUS_EXPIRED\x10\x04\x12\x1c\n\x18\x44\x45LIVERY_STATUS_REJECTED\x10\x05\x32\x9a\x03\n\x0e\x43\x61rrierService\x12\xaf\x01\n\x11ReceiveInboundSms\x12).televote.sms.v1.ReceiveInboundSmsRequest\x1a*.televote.sms.v1.ReceiveInboundSmsResponse\"C\x82\xd3\xe4\x93\x02=\"\x1a/v1/carriers/{carrier}/sms:\x01*Z\x1c\x12\x1a/v1/carriers/{carrier}/sms\x12\xd5\x01\n\x15ReceiveDeliveryReport\x12-.televote.sms.v1.ReceiveDeliveryReportRequest\x1a..televote.sms.v1.ReceiveDeliveryReportResponse\"]\x82\xd3\xe4\x93\x02W\"\'/v1/carriers/{carrier}/delivery-reports:\x01*Z)\x12\'/v1/carriers/{carrier}/delivery-reportsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%televote/sms/v1/carrier_service.proto\x12\x0ftelevote.sms.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!televote/vote/v1/vote_types.proto\"\xc3\x01\n\tShortCode\x12)\n\x07\x63\x61rrier\x18\x01 \x01(\x0e\x32\x18.televote.sms.v1.Carrier\x12\x12\n\nshort_code\x18\x02 \x01(\t\x12\x0f\n\x07show_id\x18\x03 \x01(\t\x12&\n\x05price\x18\x04 \x01(\x0b\x32\x17.televote.vote.v1.Money\x12\x10\n\x08\x62ound_by\x18\x05 \x01(\t\x12,\n\x08\x62ound_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe2\x01\n\x18ReceiveInboundSmsRequest\x12/\n\x07\x63\x61rrier\x18\x01 \x01(\x0e\x32\x18.televote.sms.v1.CarrierB\x04\xe2\x41\x01\x02\x12 \n\x12\x63\x61rrier_message_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06msisdn\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nshort_code\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04text\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x0breceived_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xee\x01\n\x19ReceiveInboundSmsResponse\x12\x33\n\x07outcome\x18\x01 \x01(\x0e\x32\".televote.sms.v1.InboundSmsOutcome\x12\x12\n\nreply_text\x18\x02 \x01(\t\x12\x0e\n\x06\x63harge\x18\x03 \x01(\x08\x12&\n\x05price\x18\x04 \x01(\x0b\x32\x17.televote.vote.v1.Money\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x0f\n\x07vote_id\x18\x06 \x01(\t\x12\x19\n\x11\x63ontestant_number\x18\x07 \x01(\x05\x12\x10\n\x08language\x18\x08 \x01(\t\"\xa3\x01\n\nInboundSms\x12 \n\x12\x63\x61rrier_message_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06msisdn\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nshort_code\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04text\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x0breceived_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x85\x01\n\x1dReceiveInboundSmsBatchRequest\x12/\n\x07\x63\x61rrier\x18\x01 \x01(\x0e\x32\x18.televote.sms.v1.CarrierB\x04\xe2\x41\x01\x02\x12\x33\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.televote.sms.v1.InboundSmsB\x04\xe2\x41\x01\x02\"\xb1\x01\n\x10InboundSmsResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x1a\n\x12\x63\x61rrier_message_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12:\n\x06\x61nswer\x18\x04 \x01(\x0b\x32*.televote.sms.v1.ReceiveInboundSmsResponse\x12*\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1b.televote.vote.v1.VoteError\"T\n\x1eReceiveInboundSmsBatchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.televote.sms.v1.InboundSmsResult\"\xd1\x02\n\x1cReceiveDeliveryReportRequest\x12/\n\x07\x63\x61rrier\x18\x01 \x01(\x0e\x32\x18.televote.sms.v1.CarrierB\x04\xe2\x41\x01\x02\x12 \n\x12\x63\x61rrier_message_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x35\n\x06status\x18\x03 \x01(\x0e\x32\x1f.televote.sms.v1.DeliveryStatusB\x04\xe2\x41\x01\x02\x12\x0f\n\x07\x63harged\x18\x04 \x01(\x08\x12/\n\x0e\x63harged_amount\x18\x05 \x01(\x0b\x32\x17.televote.vote.v1.Money\x12\x1a\n\x12\x63\x61rrier_error_code\x18\x06 \x01(\t\x12/\n\x0breported_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10gateway_dlr_type\x18\x08 \x01(\x05\"E\n\x1dReceiveDeliveryReportResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x10\n\x08\x64isputed\x18\x02 \x01(\x08*`\n\x07\x43\x61rrier\x12\x17\n\x13\x43\x41RRIER_UNSPECIFIED\x10\x00\x12\x11\n\rCARRIER_SMART\x10\x01\x12\x14\n\x10\x43\x41RRIER_CELLCARD\x10\x02\x12\x13\n\x0f\x43\x41RRIER_METFONE\x10\x03*\x9b\x02\n\x11InboundSmsOutcome\x12#\n\x1fINBOUND_SMS_OUTCOME_UNSPECIFIED\x10\x00\x12$\n INBOUND_SMS_OUTCOME_VOTE_COUNTED\x10\x01\x12\"\n\x1eINBOUND_SMS_OUTCOME_BAD_FORMAT\x10\x02\x12$\n INBOUND_SMS_OUTCOME_LINES_CLOSED\x10\x03\x12*\n&INBOUND_SMS_OUTCOME_INVALID_CONTESTANT\x10\x04\x12$\n INBOUND_SMS_OUTCOME_RATE_LIMITED\x10\x05\x12\x1f\n\x1bINBOUND_SMS_OUTCOME_BLOCKED\x10\x06*\xc5\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45LIVERY_STATUS_DELIVERED\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATUS_ACCEPTED\x10\x02\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x03\x12\x1b\n\x17\x44\x45LIVERY_STATUS_EXPIRED\x10\x04\x12\x1c\n\x18\x44\x45LIVERY_STATUS_REJECTED\x10\x05\x32\xc3\x04\n\x0e\x43\x61rrierService\x12\xaf\x01\n\x11ReceiveInboundSms\x12).televote.sms.v1.ReceiveInboundSmsRequest\x1a*.televote.sms.v1.ReceiveInboundSmsResponse\"C\x82\xd3\xe4\x93\x02=\"\x1a/v1/carriers/{carrier}/sms:\x01*Z\x1c\x12\x1a/v1/carriers/{carrier}/sms\x12\xa6\x01\n\x16ReceiveInboundSmsBatch\x12..televote.sms.v1.ReceiveInboundSmsBatchRequest\x1a/.televote.sms.v1.ReceiveInboundSmsBatchResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/carriers/{carrier}/sms:batch:\x01*\x12\xd5\x01\n\x15ReceiveDeliveryReport\x12-.televote.sms.v1.ReceiveDeliveryReportRequest\x1a..televote.sms.v1.ReceiveDeliveryReportResponse\"]\x82\xd3\xe4\x93\x02W\"\'/v1/carriers/{carrier}/delivery-reports:\x01*Z)\x12\'/v1/carriers/{carrier}/delivery-reportsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,6 +45,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECEIVEINBOUNDSMSREQUEST'].fields_by_name['short_code']._serialized_options = b'\342A\001\002'
   _globals['_RECEIVEINBOUNDSMSREQUEST'].fields_by_name['text']._loaded_options = None
   _globals['_RECEIVEINBOUNDSMSREQUEST'].fields_by_name['text']._serialized_options = b'\342A\001\002'
+  _globals['_INBOUNDSMS'].fields_by_name['carrier_message_id']._loaded_options = None
+  _globals['_INBOUNDSMS'].fields_by_name['carrier_message_id']._serialized_options = b'\342A\001\002'
+  _globals['_INBOUNDSMS'].fields_by_name['msisdn']._loaded_options = None
+  _globals['_INBOUNDSMS'].fields_by_name['msisdn']._serialized_options = b'\342A\001\002'
+  _globals['_INBOUNDSMS'].fields_by_name['short_code']._loaded_options = None
+  _globals['_INBOUNDSMS'].fields_by_name['short_code']._serialized_options = b'\342A\001\002'
+  _globals['_INBOUNDSMS'].fields_by_name['text']._loaded_options = None
+  _globals['_INBOUNDSMS'].fields_by_name['text']._serialized_options = b'\342A\001\002'
+  _globals['_RECEIVEINBOUNDSMSBATCHREQUEST'].fields_by_name['carrier']._loaded_options = None
+  _globals['_RECEIVEINBOUNDSMSBATCHREQUEST'].fields_by_name['carrier']._serialized_options = b'\342A\001\002'
+  _globals['_RECEIVEINBOUNDSMSBATCHREQUEST'].fields_by_name['messages']._loaded_options = None
+  _globals['_RECEIVEINBOUNDSMSBATCHREQUEST'].fields_by_name['messages']._serialized_options = b'\342A\001\002'
   _globals['_RECEIVEDELIVERYREPORTREQUEST'].fields_by_name['carrier']._loaded_options = None
   _globals['_RECEIVEDELIVERYREPORTREQUEST'].fields_by_name['carrier']._serialized_options = b'\342A\001\002'
   _globals['_RECEIVEDELIVERYREPORTREQUEST'].fields_by_name['carrier_message_id']._loaded_options = None
@@ -53,24 +65,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECEIVEDELIVERYREPORTREQUEST'].fields_by_name['status']._serialized_options = b'\342A\001\002'
   _globals['_CARRIERSERVICE'].methods_by_name['ReceiveInboundSms']._loaded_options = None
   _globals['_CARRIERSERVICE'].methods_by_name['ReceiveInboundSms']._serialized_options = b'\202\323\344\223\002=\"\032/v1/carriers/{carrier}/sms:\001*Z\034\022\032/v1/carriers/{carrier}/sms'
+  _globals['_CARRIERSERVICE'].methods_by_name['ReceiveInboundSmsBatch']._loaded_options = None
+  _globals['_CARRIERSERVICE'].methods_by_name['ReceiveInboundSmsBatch']._serialized_options = b'\202\323\344\223\002%\" /v1/carriers/{carrier}/sms:batch:\001*'
   _globals['_CARRIERSERVICE'].methods_by_name['ReceiveDeliveryReport']._loaded_options = None
   _globals['_CARRIERSERVICE'].methods_by_name['ReceiveDeliveryReport']._serialized_options = b'\202\323\344\223\002W\"\'/v1/carriers/{carrier}/delivery-reports:\001*Z)\022\'/v1/carriers/{carrier}/delivery-reports'
-  _globals['_CARRIER']._serialized_start=1268
-  _globals['_CARRIER']._serialized_end=1364
-  _globals['_INBOUNDSMSOUTCOME']._serialized_start=1367
-  _globals['_INBOUNDSMSOUTCOME']._serialized_end=1650
-  _globals['_DELIVERYSTATUS']._serialized_start=1653
-  _globals['_DELIVERYSTATUS']._serialized_end=1850
+  _globals['_CARRIER']._serialized_start=1836
+  _globals['_CARRIER']._serialized_end=1932
+  _globals['_INBOUNDSMSOUTCOME']._serialized_start=1935
+  _globals['_INBOUNDSMSOUTCOME']._serialized_end=2218
+  _globals['_DELIVERYSTATUS']._serialized_start=2221
+  _globals['_DELIVERYSTATUS']._serialized_end=2418
   _globals['_SHORTCODE']._serialized_start=190
   _globals['_SHORTCODE']._serialized_end=385
   _globals['_RECEIVEINBOUNDSMSREQUEST']._serialized_start=388
   _globals['_RECEIVEINBOUNDSMSREQUEST']._serialized_end=614
   _globals['_RECEIVEINBOUNDSMSRESPONSE']._serialized_start=617
   _globals['_RECEIVEINBOUNDSMSRESPONSE']._serialized_end=855
-  _globals['_RECEIVEDELIVERYREPORTREQUEST']._serialized_start=858
-  _globals['_RECEIVEDELIVERYREPORTREQUEST']._serialized_end=1195
-  _globals['_RECEIVEDELIVERYREPORTRESPONSE']._serialized_start=1197
-  _globals['_RECEIVEDELIVERYREPORTRESPONSE']._serialized_end=1266
-  _globals['_CARRIERSERVICE']._serialized_start=1853
-  _globals['_CARRIERSERVICE']._serialized_end=2263
+  _globals['_INBOUNDSMS']._serialized_start=858
+  _globals['_INBOUNDSMS']._serialized_end=1021
+  _globals['_RECEIVEINBOUNDSMSBATCHREQUEST']._serialized_start=1024
+  _globals['_RECEIVEINBOUNDSMSBATCHREQUEST']._serialized_end=1157
+  _globals['_INBOUNDSMSRESULT']._serialized_start=1160
+  _globals['_INBOUNDSMSRESULT']._serialized_end=1337
+  _globals['_RECEIVEINBOUNDSMSBATCHRESPONSE']._serialized_start=1339
+  _globals['_RECEIVEINBOUNDSMSBATCHRESPONSE']._serialized_end=1423
+  _globals['_RECEIVEDELIVERYREPORTREQUEST']._serialized_start=1426
+  _globals['_RECEIVEDELIVERYREPORTREQUEST']._serialized_end=1763
+  _globals['_RECEIVEDELIVERYREPORTRESPONSE']._serialized_start=1765
+  _globals['_RECEIVEDELIVERYREPORTRESPONSE']._serialized_end=1834
+  _globals['_CARRIERSERVICE']._serialized_start=2421
+  _globals['_CARRIERSERVICE']._serialized_end=3000
 # @@protoc_insertion_point(module_scope)

@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from televote.vote.v1 import vote_types_pb2 as _vote_types_pb2
 import builtins as _builtins
@@ -274,6 +276,145 @@ class ReceiveInboundSmsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReceiveInboundSmsResponse: _TypeAlias = ReceiveInboundSmsResponse  # noqa: Y015
+
+@_typing.final
+class InboundSms(_message.Message):
+    """One message of a ReceiveInboundSmsBatchRequest: the fields of ReceiveInboundSmsRequest
+    without the carrier, which the batch names once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARRIER_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    MSISDN_FIELD_NUMBER: _builtins.int
+    SHORT_CODE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    carrier_message_id: _builtins.str
+    """The carrier's id of the message; with the batch's `carrier`, the idempotency key."""
+    msisdn: _builtins.str
+    """The sender, as in ReceiveInboundSmsRequest.msisdn."""
+    short_code: _builtins.str
+    """The short code the message was sent to, e.g. "1255"."""
+    text: _builtins.str
+    """The message text (UTF-8), at most 1,600 chars."""
+    @_builtins.property
+    def received_at(self) -> _timestamp_pb2.Timestamp:
+        """When the carrier received the message (audit only), as in ReceiveInboundSmsRequest."""
+
+    def __init__(
+        self,
+        *,
+        carrier_message_id: _builtins.str = ...,
+        msisdn: _builtins.str = ...,
+        short_code: _builtins.str = ...,
+        text: _builtins.str = ...,
+        received_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["received_at", b"received_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier_message_id", b"carrier_message_id", "msisdn", b"msisdn", "received_at", b"received_at", "short_code", b"short_code", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InboundSms: _TypeAlias = InboundSms  # noqa: Y015
+
+@_typing.final
+class ReceiveInboundSmsBatchRequest(_message.Message):
+    """Request for CarrierService.ReceiveInboundSmsBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARRIER_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    carrier: Global___Carrier.ValueType
+    """The carrier delivering the messages (path)."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___InboundSms]:
+        """The messages, 1 to 1,000 (and the edge takes at most 256 KiB of JSON)."""
+
+    def __init__(
+        self,
+        *,
+        carrier: Global___Carrier.ValueType = ...,
+        messages: _abc.Iterable[Global___InboundSms] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveInboundSmsBatchRequest: _TypeAlias = ReceiveInboundSmsBatchRequest  # noqa: Y015
+
+@_typing.final
+class InboundSmsResult(_message.Message):
+    """What became of one message of a batch: its answer, or why it has none."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    CARRIER_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The message's position in ReceiveInboundSmsBatchRequest.messages (0-based)."""
+    carrier_message_id: _builtins.str
+    """The message's carrier_message_id, echoed."""
+    ok: _builtins.bool
+    """True when the message has an outcome (`answer`), false when refused (`error`)."""
+    @_builtins.property
+    def answer(self) -> Global___ReceiveInboundSmsResponse:
+        """The outcome, reply and charge, as ReceiveInboundSms returns them; set when ok."""
+
+    @_builtins.property
+    def error(self) -> _vote_types_pb2.VoteError:
+        """Why the message has no outcome, with the reason ReceiveInboundSms would return
+        (INVALID_REQUEST, SHORT_CODE_NOT_FOUND, IDEMPOTENCY_MISMATCH, UNAVAILABLE: redeliver
+        it); set when not ok.
+        """
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        carrier_message_id: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        answer: Global___ReceiveInboundSmsResponse | None = ...,
+        error: _vote_types_pb2.VoteError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "carrier_message_id", b"carrier_message_id", "error", b"error", "index", b"index", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InboundSmsResult: _TypeAlias = InboundSmsResult  # noqa: Y015
+
+@_typing.final
+class ReceiveInboundSmsBatchResponse(_message.Message):
+    """Response for CarrierService.ReceiveInboundSmsBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___InboundSmsResult]:
+        """One result per message, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___InboundSmsResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveInboundSmsBatchResponse: _TypeAlias = ReceiveInboundSmsBatchResponse  # noqa: Y015
 
 @_typing.final
 class ReceiveDeliveryReportRequest(_message.Message):

@@ -49,6 +49,11 @@ class CarrierServiceStub:
                 request_serializer=televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveInboundSmsRequest.SerializeToString,
                 response_deserializer=televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveInboundSmsResponse.FromString,
                 _registered_method=True)
+        self.ReceiveInboundSmsBatch = channel.unary_unary(
+                '/televote.sms.v1.CarrierService/ReceiveInboundSmsBatch',
+                request_serializer=televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveInboundSmsBatchRequest.SerializeToString,
+                response_deserializer=televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveInboundSmsBatchResponse.FromString,
+                _registered_method=True)
         self.ReceiveDeliveryReport = channel.unary_unary(
                 '/televote.sms.v1.CarrierService/ReceiveDeliveryReport',
                 request_serializer=televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveDeliveryReportRequest.SerializeToString,
@@ -95,6 +100,23 @@ class CarrierServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReceiveInboundSmsBatch(self, request, context):
+        """Handles many SMS at once, as carriers' and aggregators' MO APIs deliver them (a JSON
+        array of messages per POST): each message is handled exactly as ReceiveInboundSms
+        handles it, with its own outcome or its own error, and is exactly-once on its own
+        (carrier, carrier_message_id). One message's bad input refuses that message only.
+        Results come in request order. A carrier redelivers the messages whose result is an
+        error with code UNAVAILABLE (no outcome was recorded), alone or in a later batch.
+
+        Returns:
+        * OK: see each result.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: no messages, or more than 1,000.
+        * PERMISSION_DENIED `CARRIER_MISMATCH`: the path's carrier is not the caller's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReceiveDeliveryReport(self, request, context):
         """Records the delivery report of a reply we sent, including whether the carrier charged.
         A charge for a message we marked not chargeable is recorded as a billing dispute.
@@ -117,6 +139,11 @@ def add_CarrierServiceServicer_to_server(servicer, server):
                     servicer.ReceiveInboundSms,
                     request_deserializer=televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveInboundSmsRequest.FromString,
                     response_serializer=televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveInboundSmsResponse.SerializeToString,
+            ),
+            'ReceiveInboundSmsBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReceiveInboundSmsBatch,
+                    request_deserializer=televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveInboundSmsBatchRequest.FromString,
+                    response_serializer=televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveInboundSmsBatchResponse.SerializeToString,
             ),
             'ReceiveDeliveryReport': grpc.unary_unary_rpc_method_handler(
                     servicer.ReceiveDeliveryReport,
@@ -161,6 +188,33 @@ class CarrierService:
             '/televote.sms.v1.CarrierService/ReceiveInboundSms',
             televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveInboundSmsRequest.SerializeToString,
             televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveInboundSmsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveInboundSmsBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/televote.sms.v1.CarrierService/ReceiveInboundSmsBatch',
+            televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveInboundSmsBatchRequest.SerializeToString,
+            televote_dot_sms_dot_v1_dot_carrier__service__pb2.ReceiveInboundSmsBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

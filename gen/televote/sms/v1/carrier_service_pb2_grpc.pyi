@@ -65,6 +65,19 @@ class CarrierServiceStub:
       sender, short code or text.
     * UNAVAILABLE `UNAVAILABLE`: no outcome was recorded; redeliver.
     """
+    ReceiveInboundSmsBatch: _grpc.UnaryUnaryMultiCallable[_carrier_service_pb2.ReceiveInboundSmsBatchRequest, _carrier_service_pb2.ReceiveInboundSmsBatchResponse]
+    """Handles many SMS at once, as carriers' and aggregators' MO APIs deliver them (a JSON
+    array of messages per POST): each message is handled exactly as ReceiveInboundSms
+    handles it, with its own outcome or its own error, and is exactly-once on its own
+    (carrier, carrier_message_id). One message's bad input refuses that message only.
+    Results come in request order. A carrier redelivers the messages whose result is an
+    error with code UNAVAILABLE (no outcome was recorded), alone or in a later batch.
+
+    Returns:
+    * OK: see each result.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: no messages, or more than 1,000.
+    * PERMISSION_DENIED `CARRIER_MISMATCH`: the path's carrier is not the caller's.
+    """
     ReceiveDeliveryReport: _grpc.UnaryUnaryMultiCallable[_carrier_service_pb2.ReceiveDeliveryReportRequest, _carrier_service_pb2.ReceiveDeliveryReportResponse]
     """Records the delivery report of a reply we sent, including whether the carrier charged.
     A charge for a message we marked not chargeable is recorded as a billing dispute.
@@ -113,6 +126,19 @@ class CarrierServiceAsyncStub(CarrierServiceStub):
     * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: this carrier message id came before with another
       sender, short code or text.
     * UNAVAILABLE `UNAVAILABLE`: no outcome was recorded; redeliver.
+    """
+    ReceiveInboundSmsBatch: _aio.UnaryUnaryMultiCallable[_carrier_service_pb2.ReceiveInboundSmsBatchRequest, _carrier_service_pb2.ReceiveInboundSmsBatchResponse]  # type: ignore[assignment]
+    """Handles many SMS at once, as carriers' and aggregators' MO APIs deliver them (a JSON
+    array of messages per POST): each message is handled exactly as ReceiveInboundSms
+    handles it, with its own outcome or its own error, and is exactly-once on its own
+    (carrier, carrier_message_id). One message's bad input refuses that message only.
+    Results come in request order. A carrier redelivers the messages whose result is an
+    error with code UNAVAILABLE (no outcome was recorded), alone or in a later batch.
+
+    Returns:
+    * OK: see each result.
+    * INVALID_ARGUMENT `INVALID_REQUEST`: no messages, or more than 1,000.
+    * PERMISSION_DENIED `CARRIER_MISMATCH`: the path's carrier is not the caller's.
     """
     ReceiveDeliveryReport: _aio.UnaryUnaryMultiCallable[_carrier_service_pb2.ReceiveDeliveryReportRequest, _carrier_service_pb2.ReceiveDeliveryReportResponse]  # type: ignore[assignment]
     """Records the delivery report of a reply we sent, including whether the carrier charged.
@@ -165,6 +191,25 @@ class CarrierServiceServicer(metaclass=_abc_1.ABCMeta):
         * ALREADY_EXISTS `IDEMPOTENCY_MISMATCH`: this carrier message id came before with another
           sender, short code or text.
         * UNAVAILABLE `UNAVAILABLE`: no outcome was recorded; redeliver.
+        """
+
+    @_abc_1.abstractmethod
+    def ReceiveInboundSmsBatch(
+        self,
+        request: _carrier_service_pb2.ReceiveInboundSmsBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_carrier_service_pb2.ReceiveInboundSmsBatchResponse, _abc.Awaitable[_carrier_service_pb2.ReceiveInboundSmsBatchResponse]]:
+        """Handles many SMS at once, as carriers' and aggregators' MO APIs deliver them (a JSON
+        array of messages per POST): each message is handled exactly as ReceiveInboundSms
+        handles it, with its own outcome or its own error, and is exactly-once on its own
+        (carrier, carrier_message_id). One message's bad input refuses that message only.
+        Results come in request order. A carrier redelivers the messages whose result is an
+        error with code UNAVAILABLE (no outcome was recorded), alone or in a later batch.
+
+        Returns:
+        * OK: see each result.
+        * INVALID_ARGUMENT `INVALID_REQUEST`: no messages, or more than 1,000.
+        * PERMISSION_DENIED `CARRIER_MISMATCH`: the path's carrier is not the caller's.
         """
 
     @_abc_1.abstractmethod

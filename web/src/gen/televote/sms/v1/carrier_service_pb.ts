@@ -8,7 +8,7 @@ import { file_google_api_annotations } from "../../../google/api/annotations_pb"
 import { file_google_api_field_behavior } from "../../../google/api/field_behavior_pb";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { Money } from "../../vote/v1/vote_types_pb";
+import type { Money, VoteError } from "../../vote/v1/vote_types_pb";
 import { file_televote_vote_v1_vote_types } from "../../vote/v1/vote_types_pb";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file televote/sms/v1/carrier_service.proto.
  */
 export const file_televote_sms_v1_carrier_service: GenFile = /*@__PURE__*/
-  fileDesc("CiV0ZWxldm90ZS9zbXMvdjEvY2Fycmllcl9zZXJ2aWNlLnByb3RvEg90ZWxldm90ZS5zbXMudjEiwwEKCVNob3J0Q29kZRIpCgdjYXJyaWVyGAEgASgOMhgudGVsZXZvdGUuc21zLnYxLkNhcnJpZXISEgoKc2hvcnRfY29kZRgCIAEoCRIPCgdzaG93X2lkGAMgASgJEiYKBXByaWNlGAQgASgLMhcudGVsZXZvdGUudm90ZS52MS5Nb25leRIQCghib3VuZF9ieRgFIAEoCRIsCghib3VuZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi4gEKGFJlY2VpdmVJbmJvdW5kU21zUmVxdWVzdBIvCgdjYXJyaWVyGAEgASgOMhgudGVsZXZvdGUuc21zLnYxLkNhcnJpZXJCBOJBAQISIAoSY2Fycmllcl9tZXNzYWdlX2lkGAIgASgJQgTiQQECEhQKBm1zaXNkbhgDIAEoCUIE4kEBAhIYCgpzaG9ydF9jb2RlGAQgASgJQgTiQQECEhIKBHRleHQYBSABKAlCBOJBAQISLwoLcmVjZWl2ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIu4BChlSZWNlaXZlSW5ib3VuZFNtc1Jlc3BvbnNlEjMKB291dGNvbWUYASABKA4yIi50ZWxldm90ZS5zbXMudjEuSW5ib3VuZFNtc091dGNvbWUSEgoKcmVwbHlfdGV4dBgCIAEoCRIOCgZjaGFyZ2UYAyABKAgSJgoFcHJpY2UYBCABKAsyFy50ZWxldm90ZS52b3RlLnYxLk1vbmV5EhIKCm1lc3NhZ2VfaWQYBSABKAkSDwoHdm90ZV9pZBgGIAEoCRIZChFjb250ZXN0YW50X251bWJlchgHIAEoBRIQCghsYW5ndWFnZRgIIAEoCSLRAgocUmVjZWl2ZURlbGl2ZXJ5UmVwb3J0UmVxdWVzdBIvCgdjYXJyaWVyGAEgASgOMhgudGVsZXZvdGUuc21zLnYxLkNhcnJpZXJCBOJBAQISIAoSY2Fycmllcl9tZXNzYWdlX2lkGAIgASgJQgTiQQECEjUKBnN0YXR1cxgDIAEoDjIfLnRlbGV2b3RlLnNtcy52MS5EZWxpdmVyeVN0YXR1c0IE4kEBAhIPCgdjaGFyZ2VkGAQgASgIEi8KDmNoYXJnZWRfYW1vdW50GAUgASgLMhcudGVsZXZvdGUudm90ZS52MS5Nb25leRIaChJjYXJyaWVyX2Vycm9yX2NvZGUYBiABKAkSLwoLcmVwb3J0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGdhdGV3YXlfZGxyX3R5cGUYCCABKAUiRQodUmVjZWl2ZURlbGl2ZXJ5UmVwb3J0UmVzcG9uc2USEgoKbWVzc2FnZV9pZBgBIAEoCRIQCghkaXNwdXRlZBgCIAEoCCpgCgdDYXJyaWVyEhcKE0NBUlJJRVJfVU5TUEVDSUZJRUQQABIRCg1DQVJSSUVSX1NNQVJUEAESFAoQQ0FSUklFUl9DRUxMQ0FSRBACEhMKD0NBUlJJRVJfTUVURk9ORRADKpsCChFJbmJvdW5kU21zT3V0Y29tZRIjCh9JTkJPVU5EX1NNU19PVVRDT01FX1VOU1BFQ0lGSUVEEAASJAogSU5CT1VORF9TTVNfT1VUQ09NRV9WT1RFX0NPVU5URUQQARIiCh5JTkJPVU5EX1NNU19PVVRDT01FX0JBRF9GT1JNQVQQAhIkCiBJTkJPVU5EX1NNU19PVVRDT01FX0xJTkVTX0NMT1NFRBADEioKJklOQk9VTkRfU01TX09VVENPTUVfSU5WQUxJRF9DT05URVNUQU5UEAQSJAogSU5CT1VORF9TTVNfT1VUQ09NRV9SQVRFX0xJTUlURUQQBRIfChtJTkJPVU5EX1NNU19PVVRDT01FX0JMT0NLRUQQBirFAQoORGVsaXZlcnlTdGF0dXMSHwobREVMSVZFUllfU1RBVFVTX1VOU1BFQ0lGSUVEEAASHQoZREVMSVZFUllfU1RBVFVTX0RFTElWRVJFRBABEhwKGERFTElWRVJZX1NUQVRVU19BQ0NFUFRFRBACEhoKFkRFTElWRVJZX1NUQVRVU19GQUlMRUQQAxIbChdERUxJVkVSWV9TVEFUVVNfRVhQSVJFRBAEEhwKGERFTElWRVJZX1NUQVRVU19SRUpFQ1RFRBAFMpoDCg5DYXJyaWVyU2VydmljZRKvAQoRUmVjZWl2ZUluYm91bmRTbXMSKS50ZWxldm90ZS5zbXMudjEuUmVjZWl2ZUluYm91bmRTbXNSZXF1ZXN0GioudGVsZXZvdGUuc21zLnYxLlJlY2VpdmVJbmJvdW5kU21zUmVzcG9uc2UiQ4LT5JMCPToBKlocEhovdjEvY2FycmllcnMve2NhcnJpZXJ9L3NtcyIaL3YxL2NhcnJpZXJzL3tjYXJyaWVyfS9zbXMS1QEKFVJlY2VpdmVEZWxpdmVyeVJlcG9ydBItLnRlbGV2b3RlLnNtcy52MS5SZWNlaXZlRGVsaXZlcnlSZXBvcnRSZXF1ZXN0Gi4udGVsZXZvdGUuc21zLnYxLlJlY2VpdmVEZWxpdmVyeVJlcG9ydFJlc3BvbnNlIl2C0+STAlc6ASpaKRInL3YxL2NhcnJpZXJzL3tjYXJyaWVyfS9kZWxpdmVyeS1yZXBvcnRzIicvdjEvY2FycmllcnMve2NhcnJpZXJ9L2RlbGl2ZXJ5LXJlcG9ydHNiBnByb3RvMw", [file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_timestamp, file_televote_vote_v1_vote_types]);
+  fileDesc("CiV0ZWxldm90ZS9zbXMvdjEvY2Fycmllcl9zZXJ2aWNlLnByb3RvEg90ZWxldm90ZS5zbXMudjEiwwEKCVNob3J0Q29kZRIpCgdjYXJyaWVyGAEgASgOMhgudGVsZXZvdGUuc21zLnYxLkNhcnJpZXISEgoKc2hvcnRfY29kZRgCIAEoCRIPCgdzaG93X2lkGAMgASgJEiYKBXByaWNlGAQgASgLMhcudGVsZXZvdGUudm90ZS52MS5Nb25leRIQCghib3VuZF9ieRgFIAEoCRIsCghib3VuZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi4gEKGFJlY2VpdmVJbmJvdW5kU21zUmVxdWVzdBIvCgdjYXJyaWVyGAEgASgOMhgudGVsZXZvdGUuc21zLnYxLkNhcnJpZXJCBOJBAQISIAoSY2Fycmllcl9tZXNzYWdlX2lkGAIgASgJQgTiQQECEhQKBm1zaXNkbhgDIAEoCUIE4kEBAhIYCgpzaG9ydF9jb2RlGAQgASgJQgTiQQECEhIKBHRleHQYBSABKAlCBOJBAQISLwoLcmVjZWl2ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIu4BChlSZWNlaXZlSW5ib3VuZFNtc1Jlc3BvbnNlEjMKB291dGNvbWUYASABKA4yIi50ZWxldm90ZS5zbXMudjEuSW5ib3VuZFNtc091dGNvbWUSEgoKcmVwbHlfdGV4dBgCIAEoCRIOCgZjaGFyZ2UYAyABKAgSJgoFcHJpY2UYBCABKAsyFy50ZWxldm90ZS52b3RlLnYxLk1vbmV5EhIKCm1lc3NhZ2VfaWQYBSABKAkSDwoHdm90ZV9pZBgGIAEoCRIZChFjb250ZXN0YW50X251bWJlchgHIAEoBRIQCghsYW5ndWFnZRgIIAEoCSKjAQoKSW5ib3VuZFNtcxIgChJjYXJyaWVyX21lc3NhZ2VfaWQYASABKAlCBOJBAQISFAoGbXNpc2RuGAIgASgJQgTiQQECEhgKCnNob3J0X2NvZGUYAyABKAlCBOJBAQISEgoEdGV4dBgEIAEoCUIE4kEBAhIvCgtyZWNlaXZlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAihQEKHVJlY2VpdmVJbmJvdW5kU21zQmF0Y2hSZXF1ZXN0Ei8KB2NhcnJpZXIYASABKA4yGC50ZWxldm90ZS5zbXMudjEuQ2FycmllckIE4kEBAhIzCghtZXNzYWdlcxgCIAMoCzIbLnRlbGV2b3RlLnNtcy52MS5JbmJvdW5kU21zQgTiQQECIrEBChBJbmJvdW5kU21zUmVzdWx0Eg0KBWluZGV4GAEgASgFEhoKEmNhcnJpZXJfbWVzc2FnZV9pZBgCIAEoCRIKCgJvaxgDIAEoCBI6CgZhbnN3ZXIYBCABKAsyKi50ZWxldm90ZS5zbXMudjEuUmVjZWl2ZUluYm91bmRTbXNSZXNwb25zZRIqCgVlcnJvchgFIAEoCzIbLnRlbGV2b3RlLnZvdGUudjEuVm90ZUVycm9yIlQKHlJlY2VpdmVJbmJvdW5kU21zQmF0Y2hSZXNwb25zZRIyCgdyZXN1bHRzGAEgAygLMiEudGVsZXZvdGUuc21zLnYxLkluYm91bmRTbXNSZXN1bHQi0QIKHFJlY2VpdmVEZWxpdmVyeVJlcG9ydFJlcXVlc3QSLwoHY2FycmllchgBIAEoDjIYLnRlbGV2b3RlLnNtcy52MS5DYXJyaWVyQgTiQQECEiAKEmNhcnJpZXJfbWVzc2FnZV9pZBgCIAEoCUIE4kEBAhI1CgZzdGF0dXMYAyABKA4yHy50ZWxldm90ZS5zbXMudjEuRGVsaXZlcnlTdGF0dXNCBOJBAQISDwoHY2hhcmdlZBgEIAEoCBIvCg5jaGFyZ2VkX2Ftb3VudBgFIAEoCzIXLnRlbGV2b3RlLnZvdGUudjEuTW9uZXkSGgoSY2Fycmllcl9lcnJvcl9jb2RlGAYgASgJEi8KC3JlcG9ydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBnYXRld2F5X2Rscl90eXBlGAggASgFIkUKHVJlY2VpdmVEZWxpdmVyeVJlcG9ydFJlc3BvbnNlEhIKCm1lc3NhZ2VfaWQYASABKAkSEAoIZGlzcHV0ZWQYAiABKAgqYAoHQ2FycmllchIXChNDQVJSSUVSX1VOU1BFQ0lGSUVEEAASEQoNQ0FSUklFUl9TTUFSVBABEhQKEENBUlJJRVJfQ0VMTENBUkQQAhITCg9DQVJSSUVSX01FVEZPTkUQAyqbAgoRSW5ib3VuZFNtc091dGNvbWUSIwofSU5CT1VORF9TTVNfT1VUQ09NRV9VTlNQRUNJRklFRBAAEiQKIElOQk9VTkRfU01TX09VVENPTUVfVk9URV9DT1VOVEVEEAESIgoeSU5CT1VORF9TTVNfT1VUQ09NRV9CQURfRk9STUFUEAISJAogSU5CT1VORF9TTVNfT1VUQ09NRV9MSU5FU19DTE9TRUQQAxIqCiZJTkJPVU5EX1NNU19PVVRDT01FX0lOVkFMSURfQ09OVEVTVEFOVBAEEiQKIElOQk9VTkRfU01TX09VVENPTUVfUkFURV9MSU1JVEVEEAUSHwobSU5CT1VORF9TTVNfT1VUQ09NRV9CTE9DS0VEEAYqxQEKDkRlbGl2ZXJ5U3RhdHVzEh8KG0RFTElWRVJZX1NUQVRVU19VTlNQRUNJRklFRBAAEh0KGURFTElWRVJZX1NUQVRVU19ERUxJVkVSRUQQARIcChhERUxJVkVSWV9TVEFUVVNfQUNDRVBURUQQAhIaChZERUxJVkVSWV9TVEFUVVNfRkFJTEVEEAMSGwoXREVMSVZFUllfU1RBVFVTX0VYUElSRUQQBBIcChhERUxJVkVSWV9TVEFUVVNfUkVKRUNURUQQBTLDBAoOQ2FycmllclNlcnZpY2USrwEKEVJlY2VpdmVJbmJvdW5kU21zEikudGVsZXZvdGUuc21zLnYxLlJlY2VpdmVJbmJvdW5kU21zUmVxdWVzdBoqLnRlbGV2b3RlLnNtcy52MS5SZWNlaXZlSW5ib3VuZFNtc1Jlc3BvbnNlIkOC0+STAj06ASpaHBIaL3YxL2NhcnJpZXJzL3tjYXJyaWVyfS9zbXMiGi92MS9jYXJyaWVycy97Y2Fycmllcn0vc21zEqYBChZSZWNlaXZlSW5ib3VuZFNtc0JhdGNoEi4udGVsZXZvdGUuc21zLnYxLlJlY2VpdmVJbmJvdW5kU21zQmF0Y2hSZXF1ZXN0Gi8udGVsZXZvdGUuc21zLnYxLlJlY2VpdmVJbmJvdW5kU21zQmF0Y2hSZXNwb25zZSIrgtPkkwIlOgEqIiAvdjEvY2FycmllcnMve2NhcnJpZXJ9L3NtczpiYXRjaBLVAQoVUmVjZWl2ZURlbGl2ZXJ5UmVwb3J0Ei0udGVsZXZvdGUuc21zLnYxLlJlY2VpdmVEZWxpdmVyeVJlcG9ydFJlcXVlc3QaLi50ZWxldm90ZS5zbXMudjEuUmVjZWl2ZURlbGl2ZXJ5UmVwb3J0UmVzcG9uc2UiXYLT5JMCVzoBKlopEicvdjEvY2FycmllcnMve2NhcnJpZXJ9L2RlbGl2ZXJ5LXJlcG9ydHMiJy92MS9jYXJyaWVycy97Y2Fycmllcn0vZGVsaXZlcnktcmVwb3J0c2IGcHJvdG8z", [file_google_api_annotations, file_google_api_field_behavior, file_google_protobuf_timestamp, file_televote_vote_v1_vote_types]);
 
 /**
  * The binding of a short code on one carrier to a show, with the premium price.
@@ -207,6 +207,156 @@ export const ReceiveInboundSmsResponseSchema: GenMessage<ReceiveInboundSmsRespon
   messageDesc(file_televote_sms_v1_carrier_service, 2);
 
 /**
+ * One message of a ReceiveInboundSmsBatchRequest: the fields of ReceiveInboundSmsRequest
+ * without the carrier, which the batch names once.
+ *
+ * @generated from message televote.sms.v1.InboundSms
+ */
+export type InboundSms = Message<"televote.sms.v1.InboundSms"> & {
+  /**
+   * The carrier's id of the message; with the batch's `carrier`, the idempotency key.
+   *
+   * @generated from field: string carrier_message_id = 1;
+   */
+  carrierMessageId: string;
+
+  /**
+   * The sender, as in ReceiveInboundSmsRequest.msisdn.
+   *
+   * @generated from field: string msisdn = 2;
+   */
+  msisdn: string;
+
+  /**
+   * The short code the message was sent to, e.g. "1255".
+   *
+   * @generated from field: string short_code = 3;
+   */
+  shortCode: string;
+
+  /**
+   * The message text (UTF-8), at most 1,600 chars.
+   *
+   * @generated from field: string text = 4;
+   */
+  text: string;
+
+  /**
+   * When the carrier received the message (audit only), as in ReceiveInboundSmsRequest.
+   *
+   * @generated from field: google.protobuf.Timestamp received_at = 5;
+   */
+  receivedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message televote.sms.v1.InboundSms.
+ * Use `create(InboundSmsSchema)` to create a new message.
+ */
+export const InboundSmsSchema: GenMessage<InboundSms> = /*@__PURE__*/
+  messageDesc(file_televote_sms_v1_carrier_service, 3);
+
+/**
+ * Request for CarrierService.ReceiveInboundSmsBatch.
+ *
+ * @generated from message televote.sms.v1.ReceiveInboundSmsBatchRequest
+ */
+export type ReceiveInboundSmsBatchRequest = Message<"televote.sms.v1.ReceiveInboundSmsBatchRequest"> & {
+  /**
+   * The carrier delivering the messages (path).
+   *
+   * @generated from field: televote.sms.v1.Carrier carrier = 1;
+   */
+  carrier: Carrier;
+
+  /**
+   * The messages, 1 to 1,000 (and the edge takes at most 256 KiB of JSON).
+   *
+   * @generated from field: repeated televote.sms.v1.InboundSms messages = 2;
+   */
+  messages: InboundSms[];
+};
+
+/**
+ * Describes the message televote.sms.v1.ReceiveInboundSmsBatchRequest.
+ * Use `create(ReceiveInboundSmsBatchRequestSchema)` to create a new message.
+ */
+export const ReceiveInboundSmsBatchRequestSchema: GenMessage<ReceiveInboundSmsBatchRequest> = /*@__PURE__*/
+  messageDesc(file_televote_sms_v1_carrier_service, 4);
+
+/**
+ * What became of one message of a batch: its answer, or why it has none.
+ *
+ * @generated from message televote.sms.v1.InboundSmsResult
+ */
+export type InboundSmsResult = Message<"televote.sms.v1.InboundSmsResult"> & {
+  /**
+   * The message's position in ReceiveInboundSmsBatchRequest.messages (0-based).
+   *
+   * @generated from field: int32 index = 1;
+   */
+  index: number;
+
+  /**
+   * The message's carrier_message_id, echoed.
+   *
+   * @generated from field: string carrier_message_id = 2;
+   */
+  carrierMessageId: string;
+
+  /**
+   * True when the message has an outcome (`answer`), false when refused (`error`).
+   *
+   * @generated from field: bool ok = 3;
+   */
+  ok: boolean;
+
+  /**
+   * The outcome, reply and charge, as ReceiveInboundSms returns them; set when ok.
+   *
+   * @generated from field: televote.sms.v1.ReceiveInboundSmsResponse answer = 4;
+   */
+  answer?: ReceiveInboundSmsResponse | undefined;
+
+  /**
+   * Why the message has no outcome, with the reason ReceiveInboundSms would return
+   * (INVALID_REQUEST, SHORT_CODE_NOT_FOUND, IDEMPOTENCY_MISMATCH, UNAVAILABLE: redeliver
+   * it); set when not ok.
+   *
+   * @generated from field: televote.vote.v1.VoteError error = 5;
+   */
+  error?: VoteError | undefined;
+};
+
+/**
+ * Describes the message televote.sms.v1.InboundSmsResult.
+ * Use `create(InboundSmsResultSchema)` to create a new message.
+ */
+export const InboundSmsResultSchema: GenMessage<InboundSmsResult> = /*@__PURE__*/
+  messageDesc(file_televote_sms_v1_carrier_service, 5);
+
+/**
+ * Response for CarrierService.ReceiveInboundSmsBatch.
+ *
+ * @generated from message televote.sms.v1.ReceiveInboundSmsBatchResponse
+ */
+export type ReceiveInboundSmsBatchResponse = Message<"televote.sms.v1.ReceiveInboundSmsBatchResponse"> & {
+  /**
+   * One result per message, in request order.
+   *
+   * @generated from field: repeated televote.sms.v1.InboundSmsResult results = 1;
+   */
+  results: InboundSmsResult[];
+};
+
+/**
+ * Describes the message televote.sms.v1.ReceiveInboundSmsBatchResponse.
+ * Use `create(ReceiveInboundSmsBatchResponseSchema)` to create a new message.
+ */
+export const ReceiveInboundSmsBatchResponseSchema: GenMessage<ReceiveInboundSmsBatchResponse> = /*@__PURE__*/
+  messageDesc(file_televote_sms_v1_carrier_service, 6);
+
+/**
  * Request for CarrierService.ReceiveDeliveryReport.
  *
  * @generated from message televote.sms.v1.ReceiveDeliveryReportRequest
@@ -275,7 +425,7 @@ export type ReceiveDeliveryReportRequest = Message<"televote.sms.v1.ReceiveDeliv
  * Use `create(ReceiveDeliveryReportRequestSchema)` to create a new message.
  */
 export const ReceiveDeliveryReportRequestSchema: GenMessage<ReceiveDeliveryReportRequest> = /*@__PURE__*/
-  messageDesc(file_televote_sms_v1_carrier_service, 3);
+  messageDesc(file_televote_sms_v1_carrier_service, 7);
 
 /**
  * Response for CarrierService.ReceiveDeliveryReport.
@@ -304,7 +454,7 @@ export type ReceiveDeliveryReportResponse = Message<"televote.sms.v1.ReceiveDeli
  * Use `create(ReceiveDeliveryReportResponseSchema)` to create a new message.
  */
 export const ReceiveDeliveryReportResponseSchema: GenMessage<ReceiveDeliveryReportResponse> = /*@__PURE__*/
-  messageDesc(file_televote_sms_v1_carrier_service, 4);
+  messageDesc(file_televote_sms_v1_carrier_service, 8);
 
 /**
  * A Cambodian mobile carrier connected to short code 1255.
@@ -507,6 +657,26 @@ export const CarrierService: GenService<{
     methodKind: "unary";
     input: typeof ReceiveInboundSmsRequestSchema;
     output: typeof ReceiveInboundSmsResponseSchema;
+  },
+  /**
+   * Handles many SMS at once, as carriers' and aggregators' MO APIs deliver them (a JSON
+   * array of messages per POST): each message is handled exactly as ReceiveInboundSms
+   * handles it, with its own outcome or its own error, and is exactly-once on its own
+   * (carrier, carrier_message_id). One message's bad input refuses that message only.
+   * Results come in request order. A carrier redelivers the messages whose result is an
+   * error with code UNAVAILABLE (no outcome was recorded), alone or in a later batch.
+   *
+   * Returns:
+   * * OK: see each result.
+   * * INVALID_ARGUMENT `INVALID_REQUEST`: no messages, or more than 1,000.
+   * * PERMISSION_DENIED `CARRIER_MISMATCH`: the path's carrier is not the caller's.
+   *
+   * @generated from rpc televote.sms.v1.CarrierService.ReceiveInboundSmsBatch
+   */
+  receiveInboundSmsBatch: {
+    methodKind: "unary";
+    input: typeof ReceiveInboundSmsBatchRequestSchema;
+    output: typeof ReceiveInboundSmsBatchResponseSchema;
   },
   /**
    * Records the delivery report of a reply we sent, including whether the carrier charged.
