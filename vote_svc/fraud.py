@@ -95,7 +95,9 @@ class _ScoringStream:
                     await call.write(fraud_scoring_service_pb2.ScoreVoteStreamRequest(
                         batch=number, votes=votes))
                 return await answer
-        except grpc.aio.UsageError:  # written after the call ended: it is being replaced
+        except (grpc.aio.UsageError, asyncio.InvalidStateError):
+            # Written after the call ended (grpc.aio raises either, depending on how far the
+            # call had got): it is being replaced. Not an INTERNAL error for the voter.
             raise _StreamEndedError() from None
         finally:
             del self._waiting[number]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
+import grpc
 import pytest
 
 from runtime.ids import canonical as canonical_uuid
+from vote_svc import fraud
 from vote_svc.ingest import new_vote_ids
 
 
@@ -38,3 +41,38 @@ def test_a_uuid_is_accepted_in_any_form_uuid_parses_and_given_back_canonical() -
     assert canonical_uuid(f"urn:uuid:{canonical}") == canonical
     for bad in ("", "not-a-uuid", canonical[:-1], canonical + "0", canonical.replace("f", "g")):
         assert canonical_uuid(bad) is None, bad
+
+
+class _EndedCall:
+    """A scoring stream whose far end has finished: grpc.aio refuses further writes."""
+
+    def __init__(self, error: BaseException) -> None:
+        self._error = error
+
+    async def write(self, request: object) -> None:
+        raise self._error
+
+    def __aiter__(self) -> _EndedCall:
+        return self
+
+    async def __anext__(self) -> object:
+        await asyncio.sleep(3600)
+        raise StopAsyncIteration
+
+
+class _EndedStub:
+    def __init__(self, error: BaseException) -> None:
+        self._error = error
+
+    def ScoreVoteStream(self, metadata: object) -> _EndedCall:
+        return _EndedCall(self._error)
+
+
+@pytest.mark.parametrize("error", [grpc.aio.UsageError("ended"), asyncio.InvalidStateError()])
+async def test_a_write_on_an_ended_scoring_stream_is_scoring_unavailable_not_an_error(
+        error: BaseException) -> None:
+    stream = fraud._ScoringStream(_EndedStub(error))  # type: ignore[arg-type]
+    with pytest.raises(fraud._StreamEndedError):
+        await stream.score([], timeout_s=1)
+    assert stream._reader is not None
+    stream._reader.cancel()
