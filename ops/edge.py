@@ -462,9 +462,14 @@ def render(settings: EdgeSettings) -> str:
                   if any(method.transcoded for method in methods.get(service, []))]
     streaming = {process_of(service) for service in routed
                  if any(method.server_streaming for method in methods.get(service, []))}
-    clusters = [_cluster(name, endpoints, 1_000_000 if name in streaming
-                         else settings.unary_requests_per_replica
-                         * settings.upstream_replicas.get(name, len(endpoints)),
+    def unary_cap(name: str) -> int:
+        """Unary calls in flight a process's replicas take together: the replicas behind one
+        DNS name (a Kubernetes Service) are counted by their most (`upstream_replicas`)."""
+        endpoints = settings.upstreams.get(name, [])
+        return settings.unary_requests_per_replica * settings.upstream_replicas.get(
+            name, max(1, len(endpoints)))
+
+    clusters = [_cluster(name, endpoints, 1_000_000 if name in streaming else unary_cap(name),
                          settings.upstream_tls)
                 for name, endpoints in sorted(settings.upstreams.items())]
     rate_limits, rate_limit_descriptors = (_rate_limits(settings) if settings.abuse_filters
@@ -494,8 +499,7 @@ def render(settings: EdgeSettings) -> str:
         "max_connections": settings.max_connections,
         "overload_replies": _overload_replies(),
         "vote_latency_target": f"{settings.vote_latency_target_ms / 1000}s",
-        "vote_concurrency_max": settings.unary_requests_per_replica * len(
-            settings.upstreams.get("vote_svc", [("", 0)])),
+        "vote_concurrency_max": unary_cap("vote_svc"),
         "concurrency_refusal_status": CONCURRENCY_REFUSAL_STATUS,
         # Envoy's default cap is 4 KiB; a bundle is a few hundred.
         "max_direct_response_body_bytes": max(

@@ -117,6 +117,8 @@ def test_an_edge_in_kubernetes_sheds_load_for_the_replicas_its_autoscaler_may_ru
     assert {cluster["type"] for cluster in by_name.values()} == {"STRICT_DNS"}
     assert by_name["vote_svc"]["circuit_breakers"]["thresholds"][0]["max_requests"] == 20 * 500
     assert by_name["fraud_svc"]["circuit_breakers"]["thresholds"][0]["max_requests"] == 500
+    # The votes' adaptive concurrency limit grows with the replicas like the breaker.
+    assert f"max_concurrency_limit: {20 * 500}" in text
     envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
     checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
                              capture_output=True, text=True, timeout=60)
