@@ -219,9 +219,12 @@ class Fold:
     before the fold so that only the difference is written)."""
 
     def __init__(self, episode: Any, earlier: list[str], parts: dict[str, Part],
-                 figures: dict[str, list[int]]) -> None:
+                 figures: dict[str, list[int]], *, stored_voters: bool = True) -> None:
         self.episode_id: str = episode["episode_id"]
         self.earlier = earlier
+        #: False when the stored rollups are being ignored (a checkpoint started over): the
+        #: voter rows stored with them must not be read back either, or they count twice.
+        self.stored_voters = stored_voters
         self.parts = parts
         self.figures: dict[str, list[int]] = defaultdict(lambda: [0, 0], figures)
         self.round_voters: dict[tuple[str, str], RoundVoter] = {}
@@ -235,19 +238,22 @@ class Fold:
                           users: Iterable[str]) -> None:
         """Load the round and episode rows of `users` not loaded yet."""
         wanted = sorted({u for u in users if (round_id, u) not in self.round_voters})
-        if wanted:
+        if wanted and self.stored_voters:
             cursor = await connection.execute(store.ROUND_VOTERS_SQL, (round_id, wanted),
                                               prepare=False)
             for row in await cursor.fetchall():
                 self.round_voters[(round_id, row["user_id"])] = RoundVoter.of(row)
-            for user in wanted:
-                self.round_voters.setdefault((round_id, user), RoundVoter())
+        for user in wanted:
+            self.round_voters.setdefault((round_id, user), RoundVoter())
         fresh = sorted({u for u in users if u not in self.episode_voters})
         if not fresh:
             return
-        cursor = await connection.execute(store.EPISODE_VOTERS_SQL, (self.episode_id, fresh),
-                                          prepare=False)
-        for row in await cursor.fetchall():
+        rows = []
+        if self.stored_voters:
+            cursor = await connection.execute(store.EPISODE_VOTERS_SQL,
+                                              (self.episode_id, fresh), prepare=False)
+            rows = await cursor.fetchall()
+        for row in rows:
             voter = EpisodeVoter.of(row)
             self.episode_voters[row["user_id"]] = voter
             # Shallow: fold() replaces a field's value, never changes one in place.
@@ -561,7 +567,7 @@ async def tail(connection: Connection, episode_id: str
         return None
     fold, goals, logged, start_over = plan
     if start_over:
-        fold = Fold({"episode_id": episode_id}, fold.earlier, {}, {})
+        fold = Fold({"episode_id": episode_id}, fold.earlier, {}, {}, stored_voters=False)
         logged = {}
     for goal in goals:
         part = fold.parts.get(goal.round_id)
