@@ -293,16 +293,22 @@ def _row_hash(line: str, round_id: str) -> bytes:
     return leaf_hash(_leaf_fields(line, round_id)[1])
 
 
-def _recount(lines: Iterable[bytes], header: dict[str, Any], problems: _Problems,
-             suspects: set[int] | None) -> tuple[rules.LedgerTally, int]:
-    """Check every row's form, order and round, and recount them: (tally, leaves)."""
+def _header_rules(header: dict[str, Any]) -> tuple[rules.RoundRules, dict[str, int]]:
+    """The round's rules and the credited votes an export's header states (raises KeyError,
+    ValueError or TypeError for a header that does not state them)."""
     rnd = header["round"]
     round_rules = rules.RoundRules(
         rnd["round_id"], tuple(rnd["contestant_ids"]), int(rnd["opens_at_ms"]),
         {k: int(v) for k, v in rnd["close_ms"].items()}, int(rnd["free_vote_quota"]),
         int(rnd["free_vote_cap"]), int(rnd["receive_lag_ms"]))
-    tally = rules.LedgerTally(round_rules, {k: int(v) for k, v in header["credited"].items()},
-                              suspects)
+    return round_rules, {k: int(v) for k, v in header["credited"].items()}
+
+
+def _recount(lines: Iterable[bytes], stated: tuple[rules.RoundRules, dict[str, int]],
+             problems: _Problems, suspects: set[int] | None) -> tuple[rules.LedgerTally, int]:
+    """Check every row's form, order and round, and recount them: (tally, leaves)."""
+    round_rules, credited = stated
+    tally = rules.LedgerTally(round_rules, credited, suspects)
     round_id = round_rules.round_id
     counted, other_round = tally.leaf, tally.other_round
     leaves = 0
@@ -396,7 +402,8 @@ def verify_export(path: Path, public_key_hex: str | None = None) -> Verdict:
             head = base64.b64decode(digest["signed_tree_head"])
             signature = base64.b64decode(digest["signature"])
             signed = parse_tree_head(head)
-        except (ValueError, KeyError, TypeError):
+            stated = _header_rules(header)
+        except (ValueError, KeyError, TypeError, AttributeError):
             return Verdict([f"not a {FORMAT} file (line 1 is not its header)"])
         tree: Callable[[], tuple[int, bytes]]
         if path.stat().st_size >= BACKGROUND_TREE_BYTES:  # hash on the other core
@@ -408,12 +415,12 @@ def verify_export(path: Path, public_key_hex: str | None = None) -> Verdict:
                 return export_tree(str(path))
         body = file.tell()
         problems = _Problems()
-        tally, leaves = _recount(file, header, problems, None)
+        tally, leaves = _recount(file, stated, problems, None)
         suspects = tally.repeated_hashes()
         if suspects:  # a vote id seen twice (or a 64-bit hash collision): count exactly
             file.seek(body)
             problems = _Problems()
-            tally, leaves = _recount(file, header, problems, suspects)
+            tally, leaves = _recount(file, stated, problems, suspects)
         size, root = tree()
     if not verify_signature(public_key, head, signature):
         problems.add("the tree head's signature does not verify")

@@ -56,7 +56,7 @@ def judged_ms(admitted_ms: int, received_ms: int | None, receive_lag_ms: int) ->
     """The time a row's window is judged by: when the edge received the vote, bounded to the
     `receive_lag_ms` before its admission (a vote that waited longer in our queues is judged
     as if received then) and never after its admission. The admission script judged it so
-    (vote_svc/admission.py); `judging.JUDGED_MS` says the same in SQL."""
+    (vote_svc/admission.py); `judging.judged_ms` says the same in SQL."""
     received = admitted_ms if received_ms is None else min(received_ms, admitted_ms)
     return max(received, admitted_ms - receive_lag_ms)
 

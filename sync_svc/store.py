@@ -173,8 +173,10 @@ CURRENT_PERFORMANCE = (
 #: One replica's open WatchShow streams per episode at a sample instant (migrations/0019).
 RECORD_VIEWERS = (
     "INSERT INTO episode_viewer_samples (episode_id, sample_ms, replica, viewers)"
-    " SELECT episode_id::uuid, %s, %s, viewers FROM unnest(%s::text[], %s::int[])"
+    " SELECT s.episode_id::uuid, %s, %s, viewers FROM unnest(%s::text[], %s::int[])"
     "   AS s(episode_id, viewers)"
+    # WatchShow takes any well-formed id; only episodes that exist are sampled.
+    " JOIN episodes e ON e.episode_id = s.episode_id::uuid"
     " ON CONFLICT (episode_id, sample_ms, replica)"
     " DO UPDATE SET viewers = excluded.viewers"
 )

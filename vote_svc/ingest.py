@@ -416,7 +416,7 @@ class Ingestor:
         return _answer(outcome, leaf_hash(leaf))
 
     async def _load_users(self, wanted: list[UserKey]) -> list[list[str | int]]:
-        """What PostgreSQL says of each (user, episode, round): the ADMIT script's ARGV[13..18]
+        """What PostgreSQL says of each (user, episode, round): the ADMIT script's ARGV[14..19]
         (credited, spent, episode, free used in it, round, free used in it); the cache's `spent`
         includes the votes refunds clawed back (vote_svc/purchases.py)."""
         triples = sorted(set(wanted))

@@ -295,6 +295,13 @@ def test_every_kind_of_tampering_fails(signer: Signer, tmp_path: Path) -> None:
     path.write_text('{"format": "televote-ledger-export/v1"}\n')
     assert audit.verify_export(path).problems == [
         f"not a {audit.FORMAT} file (line 1 is not its header)"]
+    # A header of this format that does not state the round's rules: a verdict, not a crash.
+    exported = ledger.write(path, signer).read_bytes().split(b"\n", 1)
+    header = json.loads(exported[0])
+    del header["round"]["receive_lag_ms"]
+    path.write_bytes(json.dumps(header).encode() + b"\n" + exported[1])
+    assert audit.verify_export(path).problems == [
+        f"not a {audit.FORMAT} file (line 1 is not its header)"]
 
 
 def test_the_benchs_export_is_valid_and_its_result_is_the_reference_recount(
