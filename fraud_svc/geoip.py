@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import maxminddb
 
+from runtime.places import record_country
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -135,7 +137,6 @@ class MaxMindIntel:
             asn_record = self._asn.get(ip)
             if isinstance(asn_record, Mapping):
                 asn = _int(asn_record.get("autonomous_system_number"))
-        country = record.get("country") or record.get("registered_country") or {}
         location = record.get("location") or {}
         traits = record.get("traits") or {}
         listed = self._vpn.match(address, asn)
@@ -144,7 +145,7 @@ class MaxMindIntel:
             "is_public_proxy", "is_tor_exit_node"))
         known = self._city is not None or self._asn is not None or bool(self._vpn.networks)
         return IpInfo(
-            country=_str(country.get("iso_code")) if isinstance(country, Mapping) else None,
+            country=record_country(record),
             latitude=_float(location.get("latitude")) if isinstance(location, Mapping) else None,
             longitude=_float(location.get("longitude"))
             if isinstance(location, Mapping) else None,
@@ -160,7 +161,3 @@ def _int(value: object) -> int | None:
 
 def _float(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) else None
-
-
-def _str(value: object) -> str | None:
-    return value.upper() if isinstance(value, str) and value else None

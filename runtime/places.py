@@ -7,6 +7,9 @@ the report can set the two side by side.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 #: ISO 3166-2:KH code -> English name.
 PROVINCES: dict[str, str] = {
     "KH-1": "Banteay Meanchey", "KH-2": "Battambang", "KH-3": "Kampong Cham",
@@ -37,3 +40,11 @@ _BY_LOWER = {name.lower(): name for name in NAMES} | _ALIASES
 def province_name(text: str) -> str | None:
     """The ISO name of a province however a gazetteer spells it, or None."""
     return _BY_LOWER.get(text.strip().lower())
+
+
+def record_country(record: Mapping[str, Any]) -> str | None:
+    """The ISO country code of a MaxMind-format (GeoIP2/GeoLite2) record: where the address
+    is, else where its network is registered; one rule for fraud scoring and the report."""
+    country = record.get("country") or record.get("registered_country") or {}
+    code = country.get("iso_code") if isinstance(country, Mapping) else None
+    return code.upper() if isinstance(code, str) and code else None

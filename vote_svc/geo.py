@@ -14,7 +14,7 @@ from typing import Any
 
 import maxminddb
 
-from runtime.places import PROVINCES
+from runtime.places import PROVINCES, record_country
 
 
 class IpPlaces:
@@ -46,11 +46,9 @@ class IpPlaces:
             return None
         if not isinstance(record, Mapping):
             return None
-        country = record.get("country") or {}
-        code = country.get("iso_code") if isinstance(country, Mapping) else None
-        if not isinstance(code, str) or not code:
+        code = record_country(record)
+        if code is None:
             return None
-        code = code.upper()
         subdivisions = record.get("subdivisions") or []
         if code == "KH" and subdivisions and isinstance(subdivisions[0], Mapping):
             province = f"KH-{subdivisions[0].get('iso_code', '')}"
