@@ -10,9 +10,10 @@ a restarted replica, or any other, resumes them.
 Delivery is at least once, not exactly once: a replica that dies after Kannel took a reply
 and before marking it sent leaves it pending, and it is sent again (Kannel's sendsms has no
 id to deduplicate by). The same happens when a reply waits for a sending slot, or for a slow
-gateway, past its lease (SMS_REPLY_LEASE_MS): the next poll takes it again and both copies go
-out. Either way the subscriber reads the same reply twice, free (only the inbound message is charged), and the delivery reports name the
-same carrier message id, so the records hold one message with its reports.
+gateway, past its lease (SMS_REPLY_LEASE_MS): the next poll takes it again and both copies
+go out. Either way the subscriber reads the same reply twice, free (only the inbound message
+is charged), and the delivery reports name the same carrier message id, so the records hold
+one message with its reports.
 """
 
 from __future__ import annotations
