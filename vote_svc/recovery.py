@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -66,8 +67,9 @@ class Recovery:
 
     async def restore_window(self, round_id: str, window_keys: set[str]) -> ApiError | None:
         """No window in Redis: the round does not exist, is not open, or Redis lost it (then
-        the OPEN round's window is rebuilt from PostgreSQL the way sync_svc writes it, into
-        the shard copies that are missing; sync_svc's own writes win)."""
+        the OPEN round's window, or a CLOSED one's within its receive lag, is rebuilt from
+        PostgreSQL the way sync_svc writes it, into the shard copies that are missing;
+        sync_svc's own writes win)."""
         async with self._db() as connection:
             row: dict[str, Any] | None = await fetch_one(connection, store.ROUND_WINDOW,
                                                          (round_id,))
@@ -76,7 +78,12 @@ class Recovery:
         if row["state"] == "PENDING" or row["opens_at"] is None:
             return ApiError(grpc.StatusCode.FAILED_PRECONDITION, "VOTING_NOT_OPEN",
                             "voting has not opened for this round")
-        if row["state"] != "OPEN" or row["closes_at"] is None:
+        # A closed round's window is rebuilt too while votes received before its close may
+        # still arrive (the round's receive lag): admission judges them by that time.
+        receiving = (row["state"] == "CLOSED" and row["closed_at"] is not None
+                     and time.time() * 1000 < row["closed_at"].timestamp() * 1000
+                     + int(row["receive_lag_ms"]))
+        if (row["state"] != "OPEN" and not receiving) or row["closes_at"] is None:
             return ApiError(grpc.StatusCode.FAILED_PRECONDITION, "VOTING_CLOSED",
                             "voting has closed for this round")
         fields = Window.of_round(row, row).fields()

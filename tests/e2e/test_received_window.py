@@ -16,8 +16,10 @@ import grpc
 
 from ops.stack import Stack
 from results_svc import audit
+from runtime import keys
 from runtime.access import Role
 from runtime.gateway_time import RECEIVED_HEADER
+from runtime.storage import create_redis
 from televote.vote.v1 import vote_gateway_service_pb2, vote_gateway_service_pb2_grpc
 from tests.sms_support import carrier_metadata
 from tests.support_windows import close_test_round, open_test_round
@@ -111,6 +113,37 @@ async def test_a_vote_received_before_the_close_and_admitted_after_it_is_counted
     assert verdict.recount is not None and verdict.recount.counts == counts
     header = json.loads(out.read_bytes().split(b"\n", 1)[0])
     assert header["round"]["receive_lag_ms"] == LAG_MS
+
+
+async def test_a_window_lost_just_after_the_close_is_rebuilt_for_votes_received_before_it(
+        stack: Stack) -> None:
+    """Redis loses a closed round's window within its receive lag: a vote the edge received
+    before the close is still judged by that time, not refused for the missing window."""
+    test_round = await open_test_round(stack.database_url, stack.redis_url, contestants=2,
+                                       receive_lag_ms=LAG_MS)
+    replica = await start_replica(stack.database_url, stack.redis_url, "lost-window",
+                                  vote_queue_target_ms=60_000.0, vote_queue_budget_ms=60_000.0)
+    try:
+        closed_ms = await close_test_round(stack.database_url, stack.redis_url, test_round)
+        redis = create_redis(stack.redis_url)
+        try:
+            await redis.delete(*(keys.window_key(shard, test_round.round_id)
+                                 for shard in range(keys.SHARDS)))
+        finally:
+            await redis.aclose()
+        counted = await replica.votes.SubmitVote(
+            vote_request(test_round, contestant=0),
+            metadata=(*inside(Role.VOTER, "queued-before-the-loss"),
+                      (RECEIVED_HEADER, str(closed_ms - 300))), timeout=10)
+        code, reason, _ = await refusal(replica.votes.SubmitVote(
+            vote_request(test_round, contestant=0),
+            metadata=(*inside(Role.VOTER, "received-after-close"),
+                      (RECEIVED_HEADER, str(closed_ms + 1))), timeout=10))
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "VOTING_CLOSED")
+    finally:
+        await stop_replica(replica)
+    assert await query(stack.database_url, "SELECT vote_id::text FROM votes WHERE round_id = %s",
+                       test_round.round_id) == [{"vote_id": counted.vote_id}]
 
 
 async def test_a_gateway_through_the_edge_cannot_move_a_vote_into_the_window(
