@@ -257,6 +257,7 @@ def _check_sms(verdict: Verdict, record: RunRecord, fates: dict[int, _ShotFate],
     shots = record.plan.shots
     sms = {shot.request_id: index for index, shot in enumerate(shots) if shot.path == SMS}
     if not sms:
+        verdict.facts.update(sms_messages=0, sms_charged=0)
         return
     in_ledger = {row["vote_id"] for row in rows}
     problems: dict[str, list[str]] = defaultdict(list)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import psycopg
+import redis.exceptions
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -26,6 +28,14 @@ Params = Sequence[Any] | Mapping[str, Any]
 
 RedisClient = Redis | RedisCluster
 T = TypeVar("T")
+
+#: PostgreSQL or Redis is away or overwhelmed (unreachable, the connection lost, no pooled
+#: connection in time, a failover): a retry may succeed. Not a wrong statement or a refused
+#: constraint, which a retry would repeat.
+OUTAGES: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError, psycopg.InterfaceError, redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError, redis.exceptions.ClusterError, redis.exceptions.TryAgainError,
+    ConnectionError, TimeoutError)
 
 
 def create_pool(url: str, min_size: int = 1, max_size: int = 10, *,

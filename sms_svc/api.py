@@ -15,6 +15,7 @@ from runtime.gateway_time import edge_received_at
 from runtime.idempotency import once, require_request_id
 from runtime.interceptors import current_principal
 from runtime.storage import Storage
+from runtime.vote_results import vote_error
 from sms_svc.inbound import InboundProcessor, InboundSms
 from sms_svc.replies import Outcome
 from sms_svc.store import Answer, Binding, SmsStore
@@ -33,7 +34,8 @@ CARRIERS = {carrier_service_pb2.CARRIER_SMART: "SMART",
             carrier_service_pb2.CARRIER_METFONE: "METFONE"}
 CARRIER_ENUMS = {name: number for number, name in CARRIERS.items()}
 
-OUTCOMES = {
+#: Outcome (a StrEnum: found by its text too) -> the contract's.
+OUTCOMES: dict[str, carrier_service_pb2.InboundSmsOutcome.ValueType] = {
     Outcome.COUNTED: carrier_service_pb2.INBOUND_SMS_OUTCOME_VOTE_COUNTED,
     Outcome.CLOSED: carrier_service_pb2.INBOUND_SMS_OUTCOME_LINES_CLOSED,
     Outcome.INVALID_FORMAT: carrier_service_pb2.INBOUND_SMS_OUTCOME_BAD_FORMAT,
@@ -109,11 +111,17 @@ def _inbound(carrier: str, message: Any, arrived: datetime, text: str) -> Inboun
                              if message.HasField("received_at") else None))
 
 
-def _response(answer: Answer) -> carrier_service_pb2.ReceiveInboundSmsResponse:
-    response = carrier_service_pb2.ReceiveInboundSmsResponse(
-        outcome=OUTCOMES[Outcome(answer.outcome)], reply_text=answer.reply_text,
-        charge=answer.charged, message_id=answer.message_id, vote_id=answer.vote_id,
-        contestant_number=answer.contestant_number, language=answer.language)
+def _answer(response: carrier_service_pb2.ReceiveInboundSmsResponse, answer: Answer,
+            ) -> carrier_service_pb2.ReceiveInboundSmsResponse:
+    """`answer` written into `response` (in place: a batch's answers are filled where they
+    are, at half the cost of building each and copying it in)."""
+    response.outcome = OUTCOMES[answer.outcome]
+    response.reply_text = answer.reply_text
+    response.charge = answer.charged
+    response.message_id = answer.message_id
+    response.vote_id = answer.vote_id
+    response.contestant_number = answer.contestant_number
+    response.language = answer.language
     if answer.charged:
         response.price.currency_code = answer.currency_code
         response.price.amount_micros = answer.price_micros
@@ -135,7 +143,7 @@ class CarrierServicer(carrier_service_pb2_grpc.CarrierServiceServicer):
         text = _query_text(metadata) or request.text  # type: ignore[arg-type]
         answer = await self._inbound.receive(
             _inbound(carrier, request, _arrived(metadata), text))  # type: ignore[arg-type]
-        return _response(answer)
+        return _answer(carrier_service_pb2.ReceiveInboundSmsResponse(), answer)
 
     async def ReceiveInboundSmsBatch(
             self, request: carrier_service_pb2.ReceiveInboundSmsBatchRequest,
@@ -155,19 +163,14 @@ class CarrierServicer(carrier_service_pb2_grpc.CarrierServiceServicer):
         outcomes = iter(await self._inbound.receive_many(valid))
         response = carrier_service_pb2.ReceiveInboundSmsBatchResponse()
         for index, (message, sms) in enumerate(zip(request.messages, batch, strict=True)):
-            result = response.results.add(index=index,
-                                          carrier_message_id=message.carrier_message_id)
             outcome = next(outcomes) if isinstance(sms, InboundSms) else sms
+            result = response.results.add(index=index,
+                                          carrier_message_id=message.carrier_message_id,
+                                          ok=not isinstance(outcome, ApiError))
             if isinstance(outcome, ApiError):
-                result.error.code = outcome.code.value[0]
-                result.error.reason = outcome.reason
-                result.error.message = outcome.message
-                if outcome.retry_after_seconds is not None:
-                    result.error.retry_delay.FromMilliseconds(
-                        round(outcome.retry_after_seconds * 1000))
+                result.error.CopyFrom(vote_error(outcome))
             else:
-                result.ok = True
-                result.answer.CopyFrom(_response(outcome))
+                _answer(result.answer, outcome)
         return response
 
     async def ReceiveDeliveryReport(

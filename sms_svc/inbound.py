@@ -27,11 +27,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from runtime import ids
 from runtime.coalesce import Coalescer
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.gateway_time import gateway_time_problem
-from runtime.storage import RedisClient
+from runtime.storage import OUTAGES, RedisClient
+from runtime.vote_results import refusal
 from sms_svc.parsing import (
     InvalidMsisdnError,
     content_hash,
@@ -49,6 +52,7 @@ from sms_svc.store import (
     ContentMismatchError,
     OutcomeRow,
     PendingReply,
+    Round,
     SmsStore,
     Target,
 )
@@ -61,12 +65,13 @@ MAX_MESSAGE_ID = 128
 #: Namespace of the vote request ids derived from (carrier, carrier message id).
 REQUEST_ID_NAMESPACE = uuid.UUID("6f0f1b9e-3c55-4a8e-9d64-0b5f4f6a1255")
 
-#: Takes ("1") or releases ("0") each key's lease: a release deletes only this replica's
-#: own (after a pause longer than the lease, another replica holds it).
+#: Takes ("1") or releases ("0") each key's lease (ARGV[3]: one character per key, not one
+#: argument each): a release deletes only this replica's own (after a pause longer than the
+#: lease, another replica holds it).
 _LEASES = """
 local held = {}
 for i, key in ipairs(KEYS) do
-    if ARGV[i + 2] == '1' then
+    if string.sub(ARGV[3], i, i) == '1' then
         held[i] = redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
     else
         if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
@@ -106,7 +111,16 @@ def unavailable(message: str) -> ApiError:
                     retry_after_seconds=1.0)
 
 
-@dataclass
+def storage_unavailable(error: BaseException) -> ApiError:
+    """PostgreSQL or Redis failed under a message: the carrier redelivers it. Whatever was
+    recorded of it is found again, never counted twice: its receipt by (carrier, message
+    id), its vote by its request id, its outcome by its message."""
+    return ApiError(grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE",
+                    f"the message could not be recorded ({type(error).__name__}); redeliver "
+                    "it", retry_after_seconds=1.0)
+
+
+@dataclass(slots=True)
 class _Message:
     """One message on its way through a batch."""
 
@@ -141,6 +155,7 @@ class InboundProcessor:
         self._max_age_ms = max_age_ms
         self._deadline_ms = deadline_ms
         self._replies_recorded = replies_recorded
+        self._reading_ahead: set[asyncio.Future[Round | None]] = set()
 
     async def receive(self, sms: InboundSms) -> Answer:
         (result,) = await self.receive_many([sms])
@@ -151,18 +166,45 @@ class InboundProcessor:
     async def receive_many(self, batch: Sequence[InboundSms]) -> list[Answer | ApiError]:
         """Each message's outcome (the first recorded for it), or why it has none."""
         results: list[Answer | ApiError | None] = [None] * len(batch)
+        try:
+            await self._receive(batch, results)
+        except OUTAGES as error:
+            # Each message not answered yet is UNAVAILABLE on its own: the carrier
+            # redelivers exactly those.
+            log.warning("storage failed under %d SMS messages: %r",
+                        sum(result is None for result in results), error)
+            refused = storage_unavailable(error)
+            results = [refused if result is None else result for result in results]
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]
+
+    async def _receive(self, batch: Sequence[InboundSms],
+                       results: list[Answer | ApiError | None]) -> None:
         deadline = time.monotonic() + self._deadline_ms / 1000
         messages: dict[int, _Message] = {}
+        bindings: dict[tuple[str, str], Binding | None] = {}
         for index, sms in enumerate(batch):
             try:
-                messages[index] = await self._check(sms)
+                messages[index] = await self._check(sms, bindings)
             except ApiError as error:
                 results[index] = error
-        claims = await self._store.claim([ClaimRow(
-            str(uuid.uuid4()), m.sms.carrier, m.sms.carrier_message_id,
-            content_hash(m.msisdn, m.sms.short_code, m.sms.text), m.pseudonym,
-            m.sms.short_code, m.sms.text, m.language, m.sms.received_at,
-            m.sms.gateway_received_at, m.msisdn) for m in messages.values()])
+        times: dict[datetime, str] = {}  # a carrier's batch shares one receipt time
+        rows = []
+        # Time-ordered: the message id keys sms_messages, sms_outcomes and
+        # sms_reply_addresses, and a random one put each insert on a random page of all three
+        # indexes.
+        for m, message_id in zip(messages.values(), ids.new_time_ids(len(messages)),
+                                 strict=True):
+            received = times.get(m.sms.received_at)
+            if received is None:
+                received = times[m.sms.received_at] = m.sms.received_at.isoformat()
+            rows.append(ClaimRow(
+                message_id, m.sms.carrier, m.sms.carrier_message_id,
+                content_hash(m.msisdn, m.sms.short_code, m.sms.text).hex(), m.pseudonym,
+                m.sms.short_code, m.sms.text, m.language, received,
+                m.sms.gateway_received_at.isoformat() if m.sms.gateway_received_at else None,
+                m.msisdn))
+        claims = await self._store.claim(rows)
         for index, claim in zip(list(messages), claims, strict=True):
             if isinstance(claim, ContentMismatchError):
                 results[index] = ApiError(
@@ -175,13 +217,29 @@ class InboundProcessor:
             else:
                 messages[index].claim = claim
                 messages[index].maybe_decided = not claim.first
+        # The rounds these messages' votes go to are read while the leases are taken (a
+        # carrier's batch shares one read: SmsStore.round_at), not after.
+        self._read_rounds_ahead(messages)
         # Redeliveries: most often decided long ago.
         await self._answer_decided(messages, results)
         waiting = await self._decide_under_leases(messages, results)
         if waiting:  # another copy of these is being decided: its answer is theirs
             await self._await_other_copies(waiting, results, deadline)
-        assert all(result is not None for result in results)
-        return results  # type: ignore[return-value]
+
+    def _read_rounds_ahead(self, messages: dict[int, _Message]) -> None:
+        """Start reading the rounds `_decide` will look up (once per show and receipt time):
+        it then finds them read, or being read. A failed read is read again there."""
+        wanted = {(m.binding.show_id, m.claim.received_at) for m in messages.values()
+                  if m.claim is not None and m.claim.first and is_valid_number(m.number)}
+        for show_id, received_at in wanted:
+            task = asyncio.ensure_future(self._store.round_at(show_id, received_at))
+            self._reading_ahead.add(task)
+            task.add_done_callback(self._read_ahead)
+
+    def _read_ahead(self, task: asyncio.Future[Round | None]) -> None:
+        self._reading_ahead.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: `_decide` reads again, and meets the failure
 
     async def _answer_decided(self, messages: dict[int, _Message],
                               results: list[Answer | ApiError | None]) -> None:
@@ -216,6 +274,7 @@ class InboundProcessor:
                                    ) -> dict[int, _Message]:
         """Take the messages' leases (one round trip) and decide those taken; returns the
         others, whose leases another copy holds."""
+        indexes = list(messages)
         keys = [(m.sms.carrier, m.sms.carrier_message_id) for m in messages.values()]
         taken = await self._leases.take(keys)
         waiting = {index: messages.pop(index)
@@ -225,12 +284,19 @@ class InboundProcessor:
             await self._answer_decided(messages, results)
             decided = await self._decide(messages, results)
         finally:
-            self._leases.release([key for key, held in zip(keys, taken, strict=True) if held])
+            # A lease whose message now has its outcome recorded is left to end by itself:
+            # a copy waiting for it reads that outcome at its next pause, and so does every
+            # later redelivery, before any lease (Redis's expiry costs less than a release).
+            # Only a message left undecided (its vote undecided, storage failed) frees its
+            # lease at once, for the carrier's redelivery to decide it.
+            self._leases.release([keys[position] for position, index in enumerate(indexes)
+                                  if taken[position] and not isinstance(results[index], Answer)])
         if decided and self._replies_recorded is not None:
             self._replies_recorded(decided)
         return waiting
 
-    async def _check(self, sms: InboundSms) -> _Message:
+    async def _check(self, sms: InboundSms,
+                     bindings: dict[tuple[str, str], Binding | None]) -> _Message:
         bad: list[FieldViolation] = []
         if not sms.carrier_message_id or len(sms.carrier_message_id) > MAX_MESSAGE_ID:
             bad.append(FieldViolation("carrier_message_id", f"1 to {MAX_MESSAGE_ID} characters"))
@@ -255,7 +321,11 @@ class InboundProcessor:
                 bad.append(FieldViolation("received_at", problem))
         if bad:
             raise invalid_argument(*bad)
-        binding = await self._store.binding(sms.carrier, sms.short_code)
+        key = (sms.carrier, sms.short_code)
+        if key in bindings:  # a carrier's batch names one short code
+            binding = bindings[key]
+        else:
+            binding = bindings[key] = await self._store.binding(*key)
         if binding is None:
             raise ApiError(grpc.StatusCode.NOT_FOUND, "SHORT_CODE_NOT_FOUND",
                            f"short code {sms.short_code} is not televote's on this carrier")
@@ -270,14 +340,22 @@ class InboundProcessor:
         `results`; returns the replies of the outcomes recorded here."""
         outcomes: dict[int, tuple[Outcome, Target | None]] = {}
         voting: dict[int, Target] = {}
+        #: (show, receipt time) -> the round then: a carrier's batch shares both.
+        rounds: dict[tuple[str, datetime], Round | None] = {}
         for index, m in messages.items():
             assert m.claim is not None
             number = m.number
             if number is None:
                 outcomes[index] = (Outcome.INVALID_FORMAT, None)
                 continue
-            target = (await self._store.target(m.binding.show_id, m.claim.received_at, number)
-                      if is_valid_number(number) else None)
+            target = None
+            if is_valid_number(number):
+                key = (m.binding.show_id, m.claim.received_at)
+                if key in rounds:
+                    latest = rounds[key]
+                else:
+                    latest = rounds[key] = await self._store.round_at(*key)
+                target = latest.target(m.claim.received_at, number) if latest else None
             if target is None or not target.sms_open:
                 # No such number in any round: say so, rather than "closed".
                 outcomes[index] = ((Outcome.UNKNOWN_CONTESTANT, None)
@@ -288,28 +366,32 @@ class InboundProcessor:
             else:
                 voting[index] = target
         ballots = []
+        stamps: dict[datetime, Timestamp] = {}
         for index, target in voting.items():
             m = messages[index]
             assert m.claim is not None and target.contestant_id is not None
+            stamp = stamps.get(m.claim.received_at)
+            if stamp is None:
+                stamp = stamps[m.claim.received_at] = Timestamp()
+                stamp.FromDatetime(m.claim.received_at)
             ballots.append(sms_vote(
-                request_id=str(uuid.uuid5(REQUEST_ID_NAMESPACE,
-                                          f"{m.sms.carrier}:{m.sms.carrier_message_id}")),
+                request_id=ids.name_id(REQUEST_ID_NAMESPACE,
+                                       f"{m.sms.carrier}:{m.sms.carrier_message_id}"),
                 user_id="sms:" + m.pseudonym, round_id=target.round_id,
-                contestant_id=target.contestant_id, received_at=m.claim.received_at))
+                contestant_id=target.contestant_id, received_at=stamp))
         votes = await self._votes.vote(ballots)
         vote_ids: dict[int, str] = {}
         for index, result in zip(voting, votes, strict=True):
             if isinstance(result, VoteUndecidedError):
                 results[index] = unavailable(f"the vote could not be recorded ({result}); "
                                              "redeliver")
-            elif result.ok:
+            elif (refused := refusal(result)) is None:
                 outcomes[index] = (Outcome.COUNTED, voting[index])
                 vote_ids[index] = result.accepted.vote_id
-            elif (refusal := _REFUSALS.get(result.error.reason)) is not None:
-                outcomes[index] = (refusal, voting[index])
+            elif (outcome := _REFUSALS.get(refused.reason)) is not None:
+                outcomes[index] = (outcome, voting[index])
             else:
-                log.error("vote_svc refused an SMS vote unexpectedly: %s %s",
-                          result.error.reason, result.error.message)
+                log.error("vote_svc refused an SMS vote unexpectedly: %s", refused)
                 results[index] = unavailable("the vote could not be recorded; redeliver")
         rows = []
         for index, (outcome, target) in outcomes.items():
@@ -349,26 +431,35 @@ class Leases:
         self._script = redis.register_script(_LEASES)
         self._ops: Coalescer[tuple[bool, str, str], bool] = Coalescer(self._run,
                                                                       max_batch=2000)
-        self._releasing: set[asyncio.Future[bool]] = set()
+        self._releasing: set[asyncio.Future[list[bool | BaseException]]] = set()
 
     async def take(self, messages: list[tuple[str, str]]) -> list[bool]:
         """Whether each lease was free and is now held."""
         if not messages:
             return []
-        return list(await asyncio.gather(*(self._ops.submit((True, *m)) for m in messages)))
+        taken = await self._ops.submit_many([(True, *m) for m in messages])
+        for held in taken:
+            if isinstance(held, BaseException):
+                raise held
+        return taken  # type: ignore[return-value]
 
     def release(self, messages: list[tuple[str, str]]) -> None:
         """Let the leases go, with the next round trip (the callers' answers do not wait)."""
-        for message in messages:
-            future = self._ops.submit((False, *message), wait_ms=2.0)
-            self._releasing.add(future)
-            future.add_done_callback(self._released)
+        if not messages:
+            return
+        future = self._ops.submit_many([(False, *m) for m in messages], wait_ms=2.0)
+        self._releasing.add(future)
+        future.add_done_callback(self._released)
 
-    def _released(self, future: asyncio.Future[bool]) -> None:
+    def _released(self, future: asyncio.Future[list[bool | BaseException]]) -> None:
         self._releasing.discard(future)
-        if not future.cancelled() and future.exception() is not None:
+        if future.cancelled():  # shut down before the round trip: the leases end by themselves
+            return
+        failed = next((released for released in future.result()
+                       if isinstance(released, BaseException)), None)
+        if failed is not None:
             # The lease ends by itself; a copy waiting for it decides after that.
-            log.warning("releasing an SMS lease failed: %r", future.exception())
+            log.warning("releasing an SMS lease failed: %r", failed)
 
     async def _run(self, ops: list[tuple[bool, str, str]]) -> list[bool]:
         by_carrier: dict[str, list[int]] = {}
@@ -380,8 +471,8 @@ class Leases:
             # Cluster too.
             return await self._script(  # type: ignore[no-any-return]
                 keys=[f"tv:sms:lease:{{{carrier}}}:{ops[i][2]}" for i in indexes],
-                args=[self._token, self._lease_ms, *("1" if ops[i][0] else "0"
-                                                     for i in indexes)])
+                args=[self._token, self._lease_ms,
+                      "".join(["1" if ops[i][0] else "0" for i in indexes])])
         replies = await asyncio.gather(*(call(carrier, indexes)
                                          for carrier, indexes in by_carrier.items()))
         taken = [False] * len(ops)

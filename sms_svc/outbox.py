@@ -7,13 +7,22 @@ If the replica dies between recording and sending (or the gateway refuses the re
 reply stays pending, and every replica's poll takes the due ones once their lease has ended:
 a restarted replica, or any other, resumes them.
 
-Delivery is at least once, not exactly once: a replica that dies after Kannel took a reply
-and before marking it sent leaves it pending, and it is sent again (Kannel's sendsms has no
-id to deduplicate by). The same happens when a reply waits for a sending slot, or for a slow
-gateway, past its lease (SMS_REPLY_LEASE_MS): the next poll takes it again and both copies
-go out. Either way the subscriber reads the same reply twice, free (only the inbound message
-is charged), and the delivery reports name the same carrier message id, so the records hold
-one message with its reports.
+Each lease names the process holding it (`SmsStore.lease_token`, its own per process). A
+reply that waited here past its lease (for a sending slot, a slow gateway) may have been taken
+by another replica meanwhile: right before handing a reply to the gateway, the sender
+confirms that its own token still holds the lease (and extends it), else it leaves the reply
+to the replica that took it; it marks sent or failed only replies it holds.
+
+Delivery is still at least once, not exactly once: a replica that dies after Kannel took a
+reply and before marking it sent leaves it pending, and it is sent again (Kannel's sendsms has
+no id to deduplicate by), as is one whose gateway call outlasted the lease (the gateway's
+timeout, 5 s, is half the default lease). The subscriber then reads the same reply twice, free
+(only the inbound message is charged), and the delivery reports name the same carrier message
+id, so the records hold one message with its reports.
+
+A reply whose subscriber's number was purged (`televote sms purge`) can never be sent: the
+purge drops it (`dropped_at`, `drop_reason` MSISDN_PURGED), and so does any poll that meets
+one.
 """
 
 from __future__ import annotations
@@ -31,6 +40,10 @@ log = logging.getLogger(__name__)
 #: Hands one reply to the SMS gateway: None when it took it, else why not.
 Gateway = Callable[[PendingReply], Awaitable[str | None]]
 
+#: A reply whose lease this process no longer holds: another replica sends it (or it was
+#: dropped).
+_NOT_HELD = "NOT_HELD"
+
 
 class ReplyOutbox:
     """Sends recorded replies, this replica's at once and any replica's left pending."""
@@ -45,6 +58,8 @@ class ReplyOutbox:
         self._sending = asyncio.Semaphore(concurrency)
         #: Replies sent by concurrent deliveries are marked in one statement.
         self._sent: Coalescer[str, None] = Coalescer(self._mark_sent, max_batch=1000)
+        #: Leases confirmed right before sending, many in one statement.
+        self._held: Coalescer[str, bool] = Coalescer(self._hold, max_batch=1000)
         self._tasks: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
 
@@ -86,6 +101,8 @@ class ReplyOutbox:
         for reply, problem in zip(replies, problems, strict=True):
             if problem is None:
                 sent.append(self._sent.submit(reply.message_id, wait_ms=20))
+            elif problem == _NOT_HELD:
+                log.info("SMS reply %s is another replica's now", reply.message_id)
             else:
                 failed.setdefault(problem, []).append(reply.message_id)
         try:
@@ -98,10 +115,16 @@ class ReplyOutbox:
     async def _send(self, reply: PendingReply) -> str | None:
         async with self._sending:
             try:
+                if not await self._held.submit(reply.message_id, wait_ms=2):
+                    return _NOT_HELD
                 return await self._gateway(reply)
             except Exception as error:
                 log.exception("sending an SMS reply failed")
                 return repr(error)
+
+    async def _hold(self, message_ids: list[str]) -> list[bool]:
+        held = await self._store.hold_replies(message_ids)
+        return [message_id in held for message_id in message_ids]
 
     async def _mark_sent(self, message_ids: list[str]) -> list[None]:
         await self._store.replies_sent(message_ids)

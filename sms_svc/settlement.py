@@ -66,4 +66,6 @@ async def purge_msisdns(database_url: str, before: datetime) -> int:
     """Remove the subscribers' numbers of messages received before `before`."""
     async with await psycopg.AsyncConnection.connect(database_url) as connection:
         cursor = await connection.execute(PURGE_MSISDNS, (before,))
-        return cursor.rowcount
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])

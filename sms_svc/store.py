@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from psycopg import AsyncConnection
 
 from runtime import audit
 from runtime.access import Principal
-from runtime.coalesce import Coalescer
+from runtime.coalesce import Coalescer, company_wait_ms
 from runtime.storage import Storage, fetch_one
 
 
@@ -33,8 +34,7 @@ class Binding:
     bound_at: datetime | None = None
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """Where a vote received at some moment goes: the round open for SMS then (None when
     none was) and the contestant with the message's number in it (None when none is)."""
 
@@ -45,8 +45,7 @@ class Target:
     contestant_name: str
 
 
-@dataclass(frozen=True)
-class Claim:
+class Claim(NamedTuple):
     """The first receipt of a carrier's message (the same for every redelivery)."""
 
     message_id: str
@@ -55,8 +54,7 @@ class Claim:
     first: bool
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     """A message's recorded outcome (the first one; it never changes)."""
 
     message_id: str
@@ -96,11 +94,14 @@ def _binding(row: dict[str, Any]) -> Binding:
                    row["currency_code"], row["bound_by"], row["bound_at"])
 
 
-#: How long a claim or an outcome waits for other messages' to share a statement.
+#: How long a claim or an outcome waits for other messages' to share a statement, unless its
+#: caller brings a batch of its own (runtime.coalesce.company_wait_ms).
 _WAIT_MS = 2.0
 
+#: The rows written come back as one text of ids, not one row each.
 #: Rows travel as one JSON array of arrays (ClaimRow, OutcomeRow in order): json.dumps is C,
-#: where psycopg dumps a Python list element by element.
+#: where psycopg dumps a Python list element by element (and UTF-8 as it is: a Khmer reply
+#: escaped as \uXXXX costs more to write and to read).
 _CLAIM = """
 WITH input AS (
     SELECT (e->>0)::uuid AS message_id, e->>1 AS carrier, e->>2 AS carrier_message_id,
@@ -119,7 +120,7 @@ inserted AS (
 addresses AS (
     INSERT INTO sms_reply_addresses (message_id, msisdn, received_at)
     SELECT i.message_id, i.msisdn, i.received_at FROM input i JOIN inserted USING (message_id))
-SELECT message_id FROM inserted
+SELECT coalesce(string_agg(message_id::text, ','), '') AS message_ids FROM inserted
 """
 
 #: The outcomes, and (with a reply sender) each new outcome's reply in the outbox, in one
@@ -135,9 +136,9 @@ WITH recorded AS (
       FROM jsonb_array_elements(%s::jsonb) e
     ON CONFLICT (message_id) DO NOTHING RETURNING message_id),
 queued AS (
-    INSERT INTO sms_reply_outbox (message_id, due_at)
-    SELECT message_id, clock_timestamp() + %s * interval '1 ms' FROM recorded WHERE %s)
-SELECT message_id FROM recorded
+    INSERT INTO sms_reply_outbox (message_id, due_at, lease_token)
+    SELECT message_id, clock_timestamp() + %s * interval '1 ms', %s FROM recorded WHERE %s)
+SELECT coalesce(string_agg(message_id::text, ','), '') AS message_ids FROM recorded
 """
 
 _ANSWERS = """
@@ -149,18 +150,25 @@ SELECT o.message_id::text AS message_id, o.outcome, o.contestant_number,
 """
 
 
-#: Due replies, oldest first, taken for a lease (SKIP LOCKED: replicas polling at once take
-#: different ones). A reply whose number was purged cannot be sent: it is not taken.
+#: Due replies, oldest first, taken for a lease in this process's name (SKIP LOCKED: replicas
+#: polling at once take different ones). A due reply whose number was purged can never be sent:
+#: it is dropped with its reason instead of staying pending for ever.
 _TAKE_DUE_REPLIES = """
 WITH due AS (
-    SELECT message_id FROM sms_reply_outbox
-     WHERE sent_at IS NULL AND due_at <= clock_timestamp()
-       AND EXISTS (SELECT 1 FROM sms_reply_addresses a
-                    WHERE a.message_id = sms_reply_outbox.message_id)
-     ORDER BY due_at LIMIT %s FOR UPDATE SKIP LOCKED),
+    SELECT message_id,
+           EXISTS (SELECT 1 FROM sms_reply_addresses a
+                    WHERE a.message_id = sms_reply_outbox.message_id) AS addressed
+      FROM sms_reply_outbox
+     WHERE sent_at IS NULL AND dropped_at IS NULL AND due_at <= clock_timestamp()
+     ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED),
+dropped AS (
+    UPDATE sms_reply_outbox o SET dropped_at = clock_timestamp(), drop_reason = %(purged)s,
+                                  lease_token = NULL
+      FROM due WHERE o.message_id = due.message_id AND NOT due.addressed),
 taken AS (
-    UPDATE sms_reply_outbox o SET due_at = clock_timestamp() + %s * interval '1 ms'
-      FROM due WHERE o.message_id = due.message_id
+    UPDATE sms_reply_outbox o SET due_at = clock_timestamp() + %(lease_ms)s * interval '1 ms',
+                                  lease_token = %(token)s
+      FROM due WHERE o.message_id = due.message_id AND due.addressed
     RETURNING o.message_id, o.attempts)
 SELECT t.message_id::text AS message_id, m.carrier, m.carrier_message_id, a.msisdn,
        m.short_code, r.reply_text AS text, t.attempts
@@ -169,9 +177,24 @@ SELECT t.message_id::text AS message_id, m.carrier, m.carrier_message_id, a.msis
   JOIN sms_reply_addresses a USING (message_id)
 """
 
+#: Before sending, a replica confirms (and extends) its lease on each reply: a reply that
+#: waited here past its lease (for a sending slot, a slow gateway) may have been taken by
+#: another replica meanwhile, which sends it instead.
+_HOLD_REPLIES = """
+UPDATE sms_reply_outbox SET due_at = clock_timestamp() + %(lease_ms)s * interval '1 ms'
+ WHERE message_id = ANY(%(ids)s::uuid[]) AND lease_token = %(token)s
+   AND sent_at IS NULL AND dropped_at IS NULL AND due_at > clock_timestamp()
+RETURNING message_id::text AS message_id
+"""
+
+#: Why a reply was dropped unsent (sms_reply_outbox.drop_reason).
+MSISDN_PURGED = "MSISDN_PURGED"
+
 
 @dataclass(frozen=True)
-class _Round:
+class Round:
+    """A round of a show as sms_svc judges messages by it."""
+
     round_id: str
     episode_id: str
     opens_at: datetime
@@ -180,6 +203,14 @@ class _Round:
     #: SMS number -> (contestant id, name), the round's contestants only.
     contestants: dict[int, tuple[str, str]]
 
+    def target(self, received_at: datetime, number: int) -> Target:
+        """Where a message received at `received_at` (when this round was the latest opened)
+        that votes for `number` goes."""
+        contestant = self.contestants.get(number)
+        return Target(self.episode_id, self.round_id, received_at < self.sms_close,
+                      contestant[0] if contestant else None,
+                      contestant[1] if contestant else "")
+
 
 class ClaimRow(NamedTuple):
     """A message's first receipt, as recorded (message_id is new, used if it is the first)."""
@@ -187,13 +218,13 @@ class ClaimRow(NamedTuple):
     message_id: str
     carrier: str
     carrier_message_id: str
-    content: bytes
+    content: str  # hex
     pseudonym: str
     short_code: str
     text: str
     language: str
-    received_at: datetime
-    gateway_received_at: datetime | None
+    received_at: str  # ISO 8601 (rows go to PostgreSQL as JSON)
+    gateway_received_at: str | None
     msisdn: str
 
 
@@ -229,13 +260,15 @@ class SmsStore:
         #: how long the recording replica alone may send them.
         self._replies_queued = replies_queued
         self._reply_lease_ms = reply_lease_ms
+        #: This process's name on the reply leases it holds: it sends and marks only those.
+        self.lease_token = secrets.token_hex(16)
         self._binding_cache_s = binding_cache_ms / 1000
         self._claims: Coalescer[ClaimRow, Claim] = Coalescer(self._claim_batch, max_batch=500)
         self._outcomes: Coalescer[OutcomeRow, tuple[Answer, bool]] = Coalescer(
             self._record_batch, max_batch=500)
         #: show -> (when the read began, its rounds); and the read in flight per show.
-        self._rounds: dict[str, tuple[datetime, list[_Round]]] = {}
-        self._reading: dict[str, tuple[datetime, asyncio.Future[list[_Round]]]] = {}
+        self._rounds: dict[str, tuple[datetime, list[Round]]] = {}
+        self._reading: dict[str, tuple[datetime, asyncio.Future[list[Round]]]] = {}
         #: (carrier, short code) -> (monotonic time read, binding).
         self._bindings: dict[tuple[str, str], tuple[float, Binding | None]] = {}
 
@@ -295,9 +328,9 @@ class SmsStore:
 
     # -- where a vote goes ----------------------------------------------------------------
 
-    async def target(self, show_id: str, received_at: datetime, number: int) -> Target | None:
-        """The show's round that had opened when the message reached the edge (the latest),
-        and whether SMS lines were still open for it then; None when no round had opened.
+    async def round_at(self, show_id: str, received_at: datetime) -> Round | None:
+        """The show's round that had opened when a message reached the edge (the latest);
+        None when none had. Its `target` tells whether SMS lines were still open then.
 
         Judged from the rounds' recorded times, so every redelivery of one message, whenever
         it arrives, is judged alike (by the first receipt's time). The show's rounds are
@@ -305,14 +338,9 @@ class SmsStore:
         after a message arrived knows every round that had opened by then."""
         rounds = await self._rounds_since(show_id, received_at)
         opened = [r for r in rounds if r.opens_at <= received_at]
-        if not opened:
-            return None
-        latest = max(opened, key=lambda r: r.opens_at)
-        contestant = latest.contestants.get(number)
-        return Target(latest.episode_id, latest.round_id, received_at < latest.sms_close,
-                      contestant[0] if contestant else None, contestant[1] if contestant else "")
+        return max(opened, key=lambda r: r.opens_at) if opened else None
 
-    async def _rounds_since(self, show_id: str, received_at: datetime) -> list[_Round]:
+    async def _rounds_since(self, show_id: str, received_at: datetime) -> list[Round]:
         cached = self._rounds.get(show_id)
         if cached is not None and cached[0] >= received_at:
             return cached[1]
@@ -324,7 +352,7 @@ class SmsStore:
             self._reading[show_id] = pending
         return await asyncio.shield(pending[1])
 
-    async def _read_rounds(self, show_id: str, began: datetime) -> list[_Round]:
+    async def _read_rounds(self, show_id: str, began: datetime) -> list[Round]:
         try:
             async with self._pool.connection() as connection:
                 cursor = await connection.execute(
@@ -342,9 +370,9 @@ class SmsStore:
         finally:
             if self._reading.get(show_id, (None,))[0] == began:
                 del self._reading[show_id]
-        rounds: dict[str, _Round] = {}
+        rounds: dict[str, Round] = {}
         for row in rows:
-            found = rounds.setdefault(row["round_id"], _Round(
+            found = rounds.setdefault(row["round_id"], Round(
                 row["round_id"], row["episode_id"], row["opens_at"],
                 row["sms_close"] if row["sms_close"] is not None else datetime.max.replace(
                     tzinfo=UTC), {}))
@@ -362,14 +390,13 @@ class SmsStore:
         """Record messages' first receipts, or find them: per row its Claim, or
         ContentMismatchError when the id came before with other content. Concurrent callers'
         rows share one statement."""
-        return await asyncio.gather(
-            *(self._claims.submit(row, wait_ms=_WAIT_MS) for row in rows),
-            return_exceptions=True)
+        return await self._claims.submit_many(rows,
+                                             wait_ms=company_wait_ms(len(rows), _WAIT_MS))
 
     async def _claim_batch(self, rows: list[ClaimRow]) -> list[Claim | BaseException]:
         async with self._pool.connection() as connection:
-            cursor = await connection.execute(_CLAIM, (_json(rows),))
-            inserted = {str(row["message_id"]) for row in await cursor.fetchall()}
+            cursor = await connection.execute(_CLAIM, (json.dumps(rows, ensure_ascii=False),))
+            inserted = _ids(await cursor.fetchone())
             later = [row for row in rows if row.message_id not in inserted]
             existing: dict[tuple[str, str], dict[str, Any]] = {}
             if later:
@@ -383,12 +410,18 @@ class SmsStore:
                 existing = {(found["carrier"], found["carrier_message_id"]): found
                             for found in rows_found}
         claims: list[Claim | BaseException] = []
+        times: dict[str, datetime] = {}  # a carrier's batch shares one receipt time
         for row in rows:
             if row.message_id in inserted:
-                claims.append(Claim(row.message_id, row.received_at, row.language, True))
+                received_at = times.get(row.received_at)
+                if received_at is None:
+                    received_at = times[row.received_at] = datetime.fromisoformat(
+                        row.received_at)
+                claims.append(Claim(row.message_id, received_at, row.language, True))
                 continue
             found = existing[(row.carrier, row.carrier_message_id)]
-            claims.append(ContentMismatchError() if bytes(found["content_hash"]) != row.content
+            claims.append(ContentMismatchError()
+                          if bytes(found["content_hash"]).hex() != row.content
                           else Claim(found["message_id"], found["received_at"],
                                      found["language"], False))
         return claims
@@ -404,16 +437,16 @@ class SmsStore:
         """Record outcomes unless recorded; per row (the recorded one, whether it is this
         one). With a reply sender, a new outcome's reply joins the outbox in the same
         statement. Concurrent callers' rows share one statement."""
-        return await asyncio.gather(
-            *(self._outcomes.submit(row, wait_ms=_WAIT_MS) for row in rows),
-            return_exceptions=True)
+        return await self._outcomes.submit_many(
+            rows, wait_ms=company_wait_ms(len(rows), _WAIT_MS))
 
     async def _record_batch(self, rows: list[OutcomeRow],
                             ) -> list[tuple[Answer, bool] | BaseException]:
         async with self._pool.connection() as connection:
             cursor = await connection.execute(
-                _RECORD, (_json(rows), self._reply_lease_ms, self._replies_queued))
-            mine = {str(row["message_id"]) for row in await cursor.fetchall()}
+                _RECORD, (json.dumps(rows, ensure_ascii=False), self._reply_lease_ms,
+                          self.lease_token, self._replies_queued))
+            mine = _ids(await cursor.fetchone())
             earlier = await _answers(connection, [row.message_id for row in rows
                                                   if row.message_id not in mine])
         results: list[tuple[Answer, bool] | BaseException] = []
@@ -430,18 +463,33 @@ class SmsStore:
 
     async def take_due_replies(self, limit: int) -> list[PendingReply]:
         """Pending replies whose time has come (their recording replica died, or their last
-        try failed), taken for `reply_lease_ms`: no other replica takes them meanwhile."""
+        try failed), taken for `reply_lease_ms` in this process's name: no other replica
+        takes them meanwhile. Due replies whose number was purged are dropped."""
         async with self._pool.connection() as connection:
-            cursor = await connection.execute(_TAKE_DUE_REPLIES, (limit, self._reply_lease_ms))
+            cursor = await connection.execute(_TAKE_DUE_REPLIES, {
+                "limit": limit, "lease_ms": self._reply_lease_ms, "token": self.lease_token,
+                "purged": MSISDN_PURGED})
             rows: list[dict[str, Any]] = await cursor.fetchall()
         return [PendingReply(**row) for row in rows]
+
+    async def hold_replies(self, message_ids: list[str]) -> set[str]:
+        """Of these replies, those whose lease this process still holds (now extended): only
+        those may be sent."""
+        async with self._pool.connection() as connection:
+            cursor = await connection.execute(_HOLD_REPLIES, {
+                "ids": message_ids, "lease_ms": self._reply_lease_ms,
+                "token": self.lease_token})
+            rows: list[dict[str, Any]] = await cursor.fetchall()
+        return {str(row["message_id"]) for row in rows}
 
     async def replies_sent(self, message_ids: list[str]) -> None:
         async with self._pool.connection() as connection:
             await connection.execute(
                 "UPDATE sms_reply_outbox SET sent_at = clock_timestamp(),"
                 "       attempts = attempts + 1"
-                " WHERE message_id = ANY(%s::uuid[]) AND sent_at IS NULL", (message_ids,))
+                " WHERE message_id = ANY(%s::uuid[]) AND sent_at IS NULL"
+                "   AND dropped_at IS NULL AND lease_token = %s",
+                (message_ids, self.lease_token))
 
     async def replies_failed(self, message_ids: list[str], error: str,
                              retry_after_ms: int) -> None:
@@ -449,8 +497,9 @@ class SmsStore:
             await connection.execute(
                 "UPDATE sms_reply_outbox SET attempts = attempts + 1, last_error = %s,"
                 "       due_at = clock_timestamp() + %s * interval '1 ms'"
-                " WHERE message_id = ANY(%s::uuid[]) AND sent_at IS NULL",
-                (error[:500], retry_after_ms, message_ids))
+                " WHERE message_id = ANY(%s::uuid[]) AND sent_at IS NULL"
+                "   AND dropped_at IS NULL AND lease_token = %s",
+                (error[:500], retry_after_ms, message_ids, self.lease_token))
 
     async def reply_address(self, message_id: str) -> str | None:
         async with self._pool.connection() as connection:
@@ -491,17 +540,10 @@ class SmsStore:
         return str(row["message_id"]), disputed
 
 
-def _json_value(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    raise TypeError(f"{type(value).__name__} in an SMS row")
-
-
-def _json(rows: list[ClaimRow] | list[OutcomeRow]) -> str:
-    """Rows as one JSON array of arrays (a NamedTuple is an array to json)."""
-    return json.dumps(rows, default=_json_value)
+def _ids(row: dict[str, Any] | None) -> set[str]:
+    """The ids a statement returned as one text (200 rows of a uuid each cost more)."""
+    assert row is not None
+    return set(row["message_ids"].split(",")) if row["message_ids"] else set()
 
 
 async def _answers(connection: AsyncConnection[Any], message_ids: list[str],
@@ -532,5 +574,15 @@ SELECT r.carrier, r.carrier_message_id, r.message_id::text AS message_id, r.rece
  ORDER BY r.carrier, r.received_at, r.message_id
 """
 
-#: `televote sms purge --before DATE`: the numbers kept for replies go; records stay.
-PURGE_MSISDNS = "DELETE FROM sms_reply_addresses WHERE received_at < %s"
+#: `televote sms purge --before DATE`: the numbers kept for replies go; records stay. A reply
+#: still pending for one of them can never be sent: it is dropped, with the reason.
+PURGE_MSISDNS = f"""
+WITH purged AS (
+    DELETE FROM sms_reply_addresses WHERE received_at < %s RETURNING message_id),
+dropped AS (
+    UPDATE sms_reply_outbox o SET dropped_at = clock_timestamp(),
+                                  drop_reason = '{MSISDN_PURGED}', lease_token = NULL
+      FROM purged p
+     WHERE o.message_id = p.message_id AND o.sent_at IS NULL AND o.dropped_at IS NULL)
+SELECT count(*) AS removed FROM purged
+"""

@@ -13,12 +13,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from datetime import datetime
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from runtime.access import Principal, Role
-from runtime.coalesce import Coalescer
+from runtime.coalesce import Coalescer, company_wait_ms
+from runtime.vote_results import RETRYABLE
 from televote.vote.v1 import (
     vote_gateway_service_pb2,
     vote_gateway_service_pb2_grpc,
@@ -29,23 +30,18 @@ log = logging.getLogger(__name__)
 
 METADATA = Principal(Role.INTERNAL, "sms_svc").to_metadata()
 
-#: vote_svc's refusals that a later try may turn into an answer.
-RETRYABLE = frozenset({"UNAVAILABLE", "OVERLOADED", "DEADLINE_EXCEEDED"})
-
 
 class VoteUndecidedError(Exception):
     """vote_svc gave no answer for the vote before the message's deadline."""
 
 
 def sms_vote(*, request_id: str, user_id: str, round_id: str, contestant_id: str,
-             received_at: datetime) -> vote_gateway_service_pb2.GatewayVote:
+             received_at: Timestamp) -> vote_gateway_service_pb2.GatewayVote:
     """One premium SMS vote, stamped with when the edge received the message."""
-    vote = vote_gateway_service_pb2.GatewayVote(
+    return vote_gateway_service_pb2.GatewayVote(
         request_id=request_id, user_id=user_id, round_id=round_id,
         contestant_id=contestant_id, vote_type=vote_types_pb2.VOTE_TYPE_PREMIUM_SMS,
-        count=1, channel=vote_types_pb2.CHANNEL_SMS)
-    vote.received_at.FromDatetime(received_at)
-    return vote
+        count=1, channel=vote_types_pb2.CHANNEL_SMS, received_at=received_at)
 
 
 class VoteSender:
@@ -71,9 +67,9 @@ class VoteSender:
         delay = 0.05
         pending = list(range(len(votes)))
         while pending:
-            replies = await asyncio.gather(
-                *(self._batches.submit(votes[i], wait_ms=self._wait_ms) for i in pending),
-                return_exceptions=True)
+            replies = await self._batches.submit_many(
+                [votes[i] for i in pending],
+                wait_ms=company_wait_ms(len(pending), self._wait_ms))
             undecided: list[tuple[int, str]] = []
             for i, reply in zip(pending, replies, strict=True):
                 if isinstance(reply, grpc.aio.AioRpcError):

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 
 import grpc
 import pytest
 
-from runtime import ids, keys
+from runtime import ids, keys, vote_results
 from runtime.errors import ApiError
 from runtime.idempotency import fingerprint
 from runtime.protoconv import datetime_to_ms
 from runtime.window import Window, closed_fields
-from televote.vote.v1 import wallet_admin_service_pb2
+from televote.vote.v1 import vote_types_pb2, wallet_admin_service_pb2
 
 ID = "0f8e4f1c-2b3a-4c5d-8e9f-a0b1c2d3e4f5"
 
@@ -69,3 +70,35 @@ def test_a_retry_spelling_its_request_id_differently_is_the_same_request() -> No
     assert fingerprint(method, respelled) == fingerprint(method, request)
     assert fingerprint(method, other) != fingerprint(method, request)
     assert respelled.request_id == ID.upper()  # the caller's request is left as it was
+
+
+def test_ids_made_in_bulk_are_the_uuid_modules_own() -> None:
+    namespace = uuid.UUID("6f0f1b9e-3c55-4a8e-9d64-0b5f4f6a1255")
+    for name in ("SMART:1", "CELLCARD:msg-ខ្មែរ", ""):
+        assert ids.name_id(namespace, name) == str(uuid.uuid5(namespace, name))
+    made = {ids.new_id() for _ in range(1000)}
+    assert len(made) == 1000
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
+def test_a_refusal_in_a_batch_reads_back_as_the_error_it_was_written_from() -> None:
+    """vote_svc writes each refused vote of a batch as a VoteError, sms_svc each refused
+    message; sms_svc reads vote_svc's back: one function each way."""
+    error = ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", "slow down",
+                     retry_after_seconds=1.5)
+    result = vote_results.vote_result(3, error)
+    assert result.index == 3 and not result.ok
+    assert result.error.reason == "RATE_LIMITED" and result.error.code == 8
+    assert result.error.retry_delay.ToMilliseconds() == 1500
+    back = vote_results.refusal(result)
+    assert back is not None
+    assert (back.code, back.reason, back.message, back.retry_after_seconds) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", "slow down", 1.5)
+    closed = vote_results.api_error(vote_results.vote_error(
+        ApiError(grpc.StatusCode.FAILED_PRECONDITION, "VOTING_CLOSED", "closed")))
+    assert closed.retry_after_seconds is None and closed.reason == "VOTING_CLOSED"
+    accepted = vote_results.vote_result(0, vote_types_pb2.AcceptedVote(vote_id=ID))
+    assert accepted.ok and vote_results.refusal(accepted) is None
