@@ -6,17 +6,21 @@ as a restore would), with ~N/8 voters, GPS for most app votes (towns of every pr
 abroad), an IP place for half of the others, profiles for a third of the voters, then times:
 
 - fold: the rollups (results_svc/report/rollup.py) folding every ledger row in steps of
-  RESULTS_REPORT_ROLLUP_ROWS, as a results_svc replica does behind the result checkpoint
-  while the show is live (a background cost per vote, paid once);
+  RESULTS_REPORT_ROLLUP_ROWS (set-based SQL, one transaction a step), as a results_svc replica
+  does behind the result checkpoint while the show is live (a background cost per vote, paid
+  once); with --stepped N only the last N rows are folded in steps and timed, the rows before
+  them in one step a round (what a start-over does; timed apart as "bulk");
 - live: a provisional report with the last round OPEN and the episode LIVE, whose rollup is
   TAIL rows behind the ledger (the rows the checkpoint has not judged yet: about a second of
-  votes at a peak of 10,000 a second), which the report folds in memory;
+  votes at a peak of 10,000 a second), which the report folds by the same steps in a
+  savepoint it rolls back;
 - final: the final report computed from the rollups (what the precompute pays when the
   episode ends);
 - stored: a final report served as stored.
 
     python -m bench.report_bench --votes 1000000
     python -m bench.report_bench --votes 3000000 --state-dir /tmp/report-bench
+    python -m bench.report_bench --votes 10000000 --stepped 400000
 
 The data is kept in --state-dir and reused when a run asks for the same number of votes.
 """
@@ -158,7 +162,8 @@ async def generate(url: str, votes: int) -> str:
             "INSERT INTO voter_profiles (user_id, age_band, gender, province)"
             " SELECT 'u' || u, (ARRAY['18-24','25-34','35-44','45-54','55+','under-18'])"
             "   [1 + u %% 6], (ARRAY['female','male','other'])[1 + u %% 3],"
-            "   (%s::text[])[1 + u %% 25] FROM generate_series(0, %s) u WHERE u %% 3 = 0",
+            "   (%s::text[])[1 + u %% 25] FROM generate_series(0, %s) u WHERE u %% 3 = 0"
+            " ON CONFLICT (user_id) DO NOTHING",  # voters of another generated episode
             (list(PROVINCES.values()), voters))
         await db.execute("VACUUM ANALYZE votes")
         print(f"  indexes, profiles, vacuum in {time.monotonic() - started:.1f}s", flush=True)
@@ -202,43 +207,71 @@ def _config(rows_per_step: int) -> Any:
                            results_report_rollup_ms=0, results_report_rollup_rows=rows_per_step)
 
 
-async def _fold(pool: Any, episode: str, round_id: str, upto_ms: int, rows_per_step: int) -> None:
+async def _fold(pool: Any, episode: str, round_id: str, upto_ms: int,
+                rows_per_step: int | None) -> None:
     """Fold a round's rows below `upto_ms` into the rollups, one step per transaction, as the
     rollup follows a checkpoint whose watermark is there (the generated rounds have none)."""
     target = rollup.Target(round_id, False, upto_ms)
+    async with pool.connection() as db:
+        about = await rollup.Episode.read(db, episode)
     while True:
         async with pool.connection() as db, rollup.snapshot(db):
-            fold = await rollup.load_fold(db, episode)
-            assert fold is not None
-            done = await rollup.step(db, fold, target, set(), rows_per_step)
-            await rollup.write(db, fold, fold.settle())
+            cursor = await db.execute(store.PART_HEADERS_SQL, (episode,))
+            watermarks = {row["round_id"]: row["watermark_ms"] for row in await cursor.fetchall()}
+            await rollup.begin(db, about)
+            done = await rollup.step(db, about, target,
+                                     watermarks.get(round_id, rollup.BEFORE_ALL), set(),
+                                     rows_per_step)
+            await rollup.settle(db, about)
         if done:
             return
 
 
+_FORGET = (
+    "DELETE FROM episode_reports WHERE episode_id = %(episode)s",
+    *(f"DELETE FROM {table} WHERE episode_id = %(episode)s"
+      for table in ("report_round_parts", "report_episode_voters", "report_episode_figures",
+                    "report_episode_rollups")),
+)
+
+
 async def measure(url: str, episode: str, data_dir: Path | None = None, tail: int = 10_000,
-                  rows_per_step: int = 20_000) -> dict[str, Any]:
+                  rows_per_step: int = 20_000, stepped: int | None = None) -> dict[str, Any]:
+    """`stepped`: fold only the last this many rows (before the tail) in steps of
+    `rows_per_step`, the rows before them in one step per round (None: every row in steps)."""
     pool = create_pool(url, 1, 4)
     await pool.open()
     storage: Any = Storage(pool=pool, redis=None)  # type: ignore[arg-type]
     try:
         async with pool.connection() as db:
-            for statement in (
-                    "DELETE FROM episode_reports WHERE episode_id = %s",
-                    *store.FORGET_EPISODE_SQL):
-                await db.execute(statement, (episode,))
+            for statement in _FORGET:
+                await db.execute(statement, {"episode": episode})
             rounds: list[str] = [str(row["round_id"]) for row in await (await db.execute(
                 store.ROUNDS_SQL, (episode,))).fetchall()]
-            last: Any = await (await db.execute(
-                "SELECT admitted_ms FROM votes WHERE round_id = %s"
-                " ORDER BY admitted_ms DESC OFFSET %s LIMIT 1", (rounds[-1], tail))).fetchone()
+            edges: list[int] = []
+            for offset in (tail, tail + (stepped or 0)):
+                edge: Any = await (await db.execute(
+                    "SELECT admitted_ms FROM votes WHERE round_id = %s"
+                    " ORDER BY admitted_ms DESC OFFSET %s LIMIT 1", (rounds[-1], offset))
+                ).fetchone()
+                edges.append(edge["admitted_ms"])
+            last, first_stepped = edges
         started = time.monotonic()
         places.warm()
         gazetteer = time.monotonic() - started
+        with Clock(data_dir) as bulk:
+            if stepped is not None:
+                for round_id in rounds:
+                    upto = first_stepped if round_id == rounds[-1] else rollup.AFTER_ALL
+                    await _fold(pool, episode, round_id, upto, None)
         with Clock(data_dir) as fold:
             for round_id in rounds:
-                upto = last["admitted_ms"] if round_id == rounds[-1] else rollup.AFTER_ALL
+                upto = last if round_id == rounds[-1] else rollup.AFTER_ALL
                 await _fold(pool, episode, round_id, upto, rows_per_step)
+        async with pool.connection() as db:
+            folded: Any = await (await db.execute(
+                "SELECT count(*) AS n FROM votes WHERE round_id = %s AND admitted_ms >= %s"
+                " AND admitted_ms < %s", (rounds[-1], first_stepped, last))).fetchone()
         async with pool.connection() as db:
             await db.execute("UPDATE episodes SET state = 'LIVE' WHERE episode_id = %s",
                              (episode,))
@@ -268,12 +301,15 @@ async def measure(url: str, episode: str, data_dir: Path | None = None, tail: in
         async with pool.connection() as db:
             ledger: Any = await (await db.execute(
                 "SELECT count(*) AS n FROM votes WHERE episode_id = %s", (episode,))).fetchone()
+        stepped_rows = ledger["n"] - tail if stepped is None else folded["n"]
         return {"ledger_rows": ledger["n"], "votes": rows,
                 "counted": report.summary.counted_votes,
                 "voters": report.summary.unique_voters, "episode_voter_rows": row["n"],
                 "fold_s": round(fold.wall, 1), "fold_pg_cpu_s": round(fold.pg, 1),
                 "fold_client_cpu_s": round(fold.cpu, 1),
-                "fold_us_per_row": round(1e6 * (fold.pg + fold.cpu) / max(1, ledger["n"]), 1),
+                "fold_us_per_row": round(1e6 * (fold.pg + fold.cpu) / max(1, stepped_rows), 1),
+                "stepped_rows": stepped_rows, "bulk_s": round(bulk.wall, 1),
+                "bulk_pg_cpu_s": round(bulk.pg, 1), "bulk_client_cpu_s": round(bulk.cpu, 1),
                 "tail_rows": tail, "live_s": round(live.wall, 3),
                 "live_pg_cpu_s": round(live.pg, 3), "live_client_cpu_s": round(live.cpu, 3),
                 "final_s": round(final.wall, 3), "final_pg_cpu_s": round(final.pg, 3),
@@ -285,7 +321,7 @@ async def measure(url: str, episode: str, data_dir: Path | None = None, tail: in
 
 
 async def run(votes: int, state_dir: Path, database_url: str | None,
-              tail: int) -> dict[str, Any]:
+              tail: int, stepped: int | None) -> dict[str, Any]:
     child = None
     if database_url is None:
         await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
@@ -297,7 +333,8 @@ async def run(votes: int, state_dir: Path, database_url: str | None,
         print(f"episode of {votes:,} votes ready in {time.monotonic() - started:.0f}s",
               flush=True)
         figures = await measure(database_url, episode,
-                                None if child is None else state_dir / "postgres", tail)
+                                None if child is None else state_dir / "postgres", tail,
+                                stepped=stepped)
         figures["load_average_1m"] = os.getloadavg()[0]
         return figures
     finally:
@@ -313,12 +350,17 @@ def main() -> None:
                         help="an existing PostgreSQL to generate into (default: a private one)")
     parser.add_argument("--tail", type=int, default=10_000,
                         help="ledger rows the live report folds itself (default 10,000)")
+    parser.add_argument("--stepped", type=int, default=None, help=(
+        "fold only the last this many rows before the tail in steps, and the rows before them"
+        " in one step per round (default: every row in steps)"))
     args = parser.parse_args()
-    figures = asyncio.run(run(args.votes, args.state_dir, args.database_url, args.tail))
+    figures = asyncio.run(run(args.votes, args.state_dir, args.database_url, args.tail,
+                              args.stepped))
     print(json.dumps(figures))
     print(f"report of {figures['ledger_rows']:,} ledger rows ({figures['voters']:,} voters):"
-          f" fold {figures['fold_s']} s ({figures['fold_us_per_row']} us of CPU a row, "
-          f"PostgreSQL and here); live with a {figures['tail_rows']:,}-row tail "
+          f" fold of {figures['stepped_rows']:,} rows in steps {figures['fold_s']} s"
+          f" ({figures['fold_us_per_row']} us of CPU a row, PostgreSQL and here); live with a"
+          f" {figures['tail_rows']:,}-row tail "
           f"{figures['live_s']} s; final from the rollups {figures['final_s']} s; stored "
           f"{figures['stored_s'] * 1000:.1f} ms (load average {figures['load_average_1m']:.1f}"
           f" on {os.cpu_count()} cores)")

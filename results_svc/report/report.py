@@ -5,11 +5,14 @@ Exact, from PostgreSQL, and cheap on show night, whatever the number of votes:
 - The rollups (`rollup.py`) fold each ledger row once, as the result checkpoint judges it:
   every round's part (totals, reasons, timeline buckets, contestants, with distinct voters)
   and the episode's figures over its voters (distinct voters by type and channel, the
-  votes-per-voter distribution, places, free-vote use, returning voters). A replica extends
-  them every RESULTS_REPORT_ROLLUP_MS (`follow_once`).
-- A report reads the rollups, folds in memory the rows they have not reached yet (the last
-  second or so of votes while live: `rollup.tail`), and reads the few other things it shows
-  (moments, profiles of voters who declared one, revenue, fraud decisions, viewer samples).
+  votes-per-voter distribution, places, free-vote use, returning voters, the demographic
+  segments). A replica extends them every RESULTS_REPORT_ROLLUP_MS (`follow_once`).
+- A report first brings the rollups to their checkpoints and commits that (the rollup's own
+  work, done once by whoever comes first), then extends them to the rows the checkpoints have
+  not judged yet (the last second or so of votes while live) by the same steps, in a
+  savepoint it rolls back (`rollup.live_view`),
+  reads them, and reads the few other things it shows (moments, revenue, fraud decisions,
+  viewer samples): no read grows with the episode's voters.
 - Once the episode has ended and every round is finalized, the report is final: the rollups
   are brought to the end of the ledger and stored, the report computed once from them, stored
   (episode_reports) and served as stored; `precompute_once` (every
@@ -51,7 +54,7 @@ log = logging.getLogger(__name__)
 #: The vote-per-voter buckets, in display order.
 DISTRIBUTION = ("1", "2-5", "6-10", "11-50", "51-100", "101+")
 #: The profile's dimensions, in display order.
-SEGMENTS = ("age_band", "gender", "province")
+SEGMENTS = store.PROFILE_DIMENSIONS
 #: Rounds whose state leaves nothing more to count.
 SETTLED = ("FINALIZED", "PENDING")
 
@@ -85,7 +88,7 @@ DUTY_CYCLE = 10
 
 class Figures:
     """The episode's figures as the rollups keep them ({figure: [voters, votes]},
-    `rollup.contributions`)."""
+    `store.figures_sql`)."""
 
     def __init__(self, figures: dict[str, list[int]], free_quota: int) -> None:
         self._figures = figures
@@ -161,13 +164,20 @@ class Reports:
             cursor = await connection.execute(store.ROUNDS_SQL, (episode_id,))
             rounds: list[Any] = await cursor.fetchall()
         final = episode["state"] == "ENDED" and all(r["state"] in SETTLED for r in rounds)
-        if final:  # the stored report comes from the stored rollups, complete
-            await self.follow(episode_id, wait=True)
+        # The rollups brought to their checkpoints and committed first (a final report's to
+        # the end): the rows the checkpoints have judged are folded once, for this report and
+        # the rollup alike, and only the rows they have not judged yet (live) are folded in
+        # the savepoint below. Live, a replica already at it is waited for there instead.
+        await self.follow(episode_id, wait=final)
         async with self._storage.pool.connection() as connection:
-            async with rollup.snapshot(connection):
-                view = await rollup.tail(connection, episode_id)
-                assert view is not None
-                report = await self._assemble(connection, episode, rounds, *view, final)
+            # The rollups extended to the end of the ledger in a savepoint rolled back (a
+            # final report's are there already): under the episode's rollup lock, so that no
+            # replica's step changes the rows this one changes meanwhile.
+            async with rollup.episode_session(connection, episode_id, wait=True), \
+                    rollup.snapshot(connection), \
+                    connection.transaction(force_rollback=True):
+                view = await rollup.live_view(connection, episode_id)
+                report = await self._assemble(connection, episode, rounds, view, final)
             if final:
                 return pb.GetEpisodeReportResponse.FromString(await store.store_report(
                     connection, episode_id, report.SerializeToString()))
@@ -240,14 +250,13 @@ class Reports:
             await self.follow(episode_id, wait=False)
 
     async def _assemble(self, connection: store.Connection, episode: Any, rounds: list[Any],
-                        fold: rollup.Fold, touched: rollup.Touched, final: bool
-                        ) -> pb.GetEpisodeReportResponse:
+                        view: rollup.View, final: bool) -> pb.GetEpisodeReportResponse:
         episode_id = episode["episode_id"]
         round_ids = [r["round_id"] for r in rounds]
-        parts = {round_id: part.row() for round_id, part in fold.parts.items()}
+        parts = view.parts
         cursor = await connection.execute(store.CONTESTANTS_SQL, (episode_id,))
         names = {row["contestant_id"]: row["name"] for row in await cursor.fetchall()}
-        figures = Figures(fold.figures_row(), episode["free_vote_quota"])
+        figures = Figures(view.figures, episode["free_vote_quota"])
 
         report = pb.GetEpisodeReportResponse(
             episode_id=episode_id, is_final=final, generated_at=_stamp(datetime.now(UTC)),
@@ -258,42 +267,19 @@ class Reports:
         self._rounds(report, rounds, parts, names)
         await self._moments(connection, report, episode_id, rounds, names)
         self._geography(report, figures)
-        self._demographics(report, await self._segments(connection, episode_id, touched,
-                                                        figures))
+        self._demographics(report, self._segments(figures))
         await self._revenue(connection, report, episode_id)
         await self._engagement(connection, report, episode_id, rounds, names, figures)
         await self._fraud(connection, report, round_ids, parts.values())
         return report
 
-    async def _segments(self, connection: store.Connection, episode_id: str,
-                        touched: rollup.Touched, figures: Figures
-                        ) -> list[tuple[str, str, int, int]]:
-        """Voters and votes per profile segment: summed over the stored voter rows of the
-        voters who declared a profile, the voters the live tail changed moved to their values
-        now, and "unknown" for the rest of the episode's voters."""
-        totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        cursor = await connection.execute(store.SEGMENTS_SQL, (episode_id,), prepare=False)
-        for row in await cursor.fetchall():
-            totals[(row["dimension"], row["value"])][0] += row["voters"]
-            totals[(row["dimension"], row["value"])][1] += row["votes"]
-        if touched:
-            cursor = await connection.execute(store.PROFILES_SQL, (sorted(touched),),
-                                              prepare=False)
-            for profile in await cursor.fetchall():
-                old, new = touched[profile["user_id"]]
-                for dimension in SEGMENTS:
-                    segment = totals[(dimension, profile[dimension])]
-                    if old is not None and old.counted > 0:  # in the stored rows' sums
-                        segment[0] -= 1
-                        segment[1] -= old.counted
-                    if new.counted > 0:
-                        segment[0] += 1
-                        segment[1] += new.counted
+    def _segments(self, figures: Figures) -> list[tuple[str, str, int, int]]:
+        """Voters and votes per profile segment: the figures of the values told, and
+        "unknown" for the rest of the episode's voters (no profile, or the field not told)."""
         voters, votes = figures.pair("voters")
         out = []
         for dimension in SEGMENTS:
-            known = [(value, pair) for (d, value), pair in totals.items()
-                     if d == dimension and value]  # a value not told is "unknown"
+            known = figures.prefixed(f"profile:{dimension}=")
             out.append((dimension, UNKNOWN, voters - sum(p[0] for _, p in known),
                         votes - sum(p[1] for _, p in known)))
             out.extend((dimension, value, n, v) for value, (n, v) in known)

@@ -22,7 +22,7 @@ from psycopg.rows import dict_row
 
 from ops.stack import Stack
 from results_svc.final import Finalizer
-from results_svc.report import revenue, rollup
+from results_svc.report import revenue, rollup, store
 from results_svc.report.places import locate, place_of_ip
 from results_svc.report.report import Reports
 from runtime.storage import Storage, create_pool
@@ -144,19 +144,30 @@ async def _judged(url: str, round_ids: list[str], *, final: bool) -> list[dict[s
 
 
 async def _stored(url: str, episode_id: str) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """The stored rollups; their figures equal the same contributions summed from scratch
+    over the stored voter rows."""
     async with await psycopg.AsyncConnection.connect(url, row_factory=dict_row) as connection:
-        fold = await rollup.load_fold(connection, episode_id)
-    assert fold is not None
-    return _comparable(fold)
+        view = await rollup.load(connection, episode_id)
+        cursor = await connection.execute(store.DERIVED_FIGURES_SQL, (episode_id,))
+        derived = {row["figure"]: [row["voters"], row["votes"]]
+                   for row in await cursor.fetchall()}
+    assert view.figures == derived
+    return _comparable(view)
 
 
-def _comparable(fold: rollup.Fold) -> tuple[dict[str, Any], dict[str, list[int]]]:
+async def _live(pool: Any, episode_id: str) -> rollup.View:
+    """A live report's view: the rollups extended to the end of the ledger, rolled back."""
+    async with pool.connection() as connection, rollup.snapshot(connection), \
+            connection.transaction(force_rollback=True):
+        return await rollup.live_view(connection, episode_id)
+
+
+def _comparable(view: rollup.View) -> tuple[dict[str, Any], dict[str, list[int]]]:
     parts = {}
-    for round_id, part in fold.parts.items():
-        row = part.row()
+    for round_id, row in view.parts.items():
         parts[round_id] = {k: row[k] for k in ("ledger_votes", "counted_votes", "voters",
                                                "invalid", "minutes", "contestants")}
-    return parts, fold.figures_row()
+    return parts, view.figures
 
 
 def _reports(pool: Any, rows_per_step: int) -> Reports:
@@ -245,9 +256,7 @@ async def test_rollups_kept_in_steps_equal_a_computation_from_scratch(
         assert figures == expected_figures
         # A report's live view: every row, those the checkpoint has not judged counted.
         await ledger.write_placed(await batch(5))
-        async with pool.connection() as connection, rollup.snapshot(connection):
-            view = await rollup.tail(connection, episode_id)
-        assert view is not None
+        view = await _live(pool, episode_id)
         async with await psycopg.AsyncConnection.connect(database, row_factory=dict_row) as db:
             cursor = await db.execute(
                 "SELECT v.round_id::text, v.user_id, v.vote_type, v.channel, v.count,"
@@ -258,7 +267,7 @@ async def test_rollups_kept_in_steps_equal_a_computation_from_scratch(
                 " ORDER BY v.admitted_ms, v.vote_id", (rounds,))
             live_rows = await cursor.fetchall()
         live_parts, live_figures = _reference(live_rows, earlier_voters)
-        parts, figures = _comparable(view[0])
+        parts, figures = _comparable(view)
         for round_id in live_parts:
             for key in live_parts[round_id]:
                 assert (round_id, key, parts[round_id][key]) == (
@@ -304,10 +313,8 @@ async def test_a_checkpoint_that_starts_over_starts_the_rollups_over(
     assert await ledger.sql("SELECT count(*) FROM report_rollup_resets") == [(1,)]
     expected = _reference(await _judged(database, [test_round.round_id], final=False), set())
     # A live report before the rollups start over ignores the stored voter rows too.
-    async with pool.connection() as connection, rollup.snapshot(connection):
-        view = await rollup.tail(connection, test_round.episode_id)
-    assert view is not None
-    parts, figures = _comparable(view[0])
+    view = await _live(pool, test_round.episode_id)
+    parts, figures = _comparable(view)
     assert figures["voters"] == [21, 21]
     assert (_nonempty(parts), figures) == expected
     while not await reports.follow(test_round.episode_id, wait=True):
@@ -316,6 +323,35 @@ async def test_a_checkpoint_that_starts_over_starts_the_rollups_over(
     assert (_nonempty(parts), figures) == expected
     assert figures["voters"] == [21, 21]
     assert await ledger.sql("SELECT count(*) FROM report_rollup_resets") == [(0,)]
+    await pool.close()
+
+
+async def test_a_live_report_folds_the_judged_rows_once_for_the_rollup_too(
+        stack: Stack, database: str, finalizer: Finalizer) -> None:
+    """A live report brings the rollups to the checkpoint and commits that before it folds
+    the rows the checkpoint has not judged (rolled back): the rollup does not fold the judged
+    rows again, and the report still counts every row."""
+    ledger = await _round(stack, database)
+    test_round = ledger.round
+    episode_id = test_round.episode_id
+    await ledger.sql("UPDATE episodes SET state = 'LIVE' WHERE episode_id = %s", episode_id)
+    pool = create_pool(database, 1, 2)
+    await pool.open()
+    reports = _reports(pool, rows_per_step=1000)
+    t = test_round.opens_at_ms
+    await ledger.write([ledger.row(f"judged{n}", t + 1000 + n) for n in range(20)])
+    await _catch_up(finalizer, test_round.round_id)
+    (checkpoint_ms,), = await ledger.sql(
+        "SELECT watermark_ms FROM round_checkpoints WHERE round_id = %s", test_round.round_id)
+    await ledger.write([ledger.row(f"unjudged{n}", checkpoint_ms + n) for n in range(5)])
+    report = await reports.episode_report(episode_id)
+    assert not report.is_final
+    assert report.summary.unique_voters == 25
+    assert await ledger.sql(
+        "SELECT watermark_ms FROM report_round_parts WHERE round_id = %s",
+        test_round.round_id) == [(checkpoint_ms,)]
+    _, figures = await _stored(database, episode_id)
+    assert figures["voters"] == [20, 20]
     await pool.close()
 
 
@@ -348,3 +384,104 @@ async def test_the_reports_purchases_are_read_by_time_not_by_scanning_every_purc
             {"episode": episode_id, "from": hours["from"], "to": hours["to"]})
         plan = "\n".join(row["QUERY PLAN"] for row in await cursor.fetchall())
     assert "purchases_by_time" in plan, plan
+
+
+async def _forget(ledger: Ledger, episode_id: str) -> None:
+    """Drop an episode's rollups (as if never folded)."""
+    for table in ("report_round_parts", "report_episode_voters", "report_episode_figures",
+                  "report_episode_rollups"):
+        await ledger.sql(f"DELETE FROM {table} WHERE episode_id = %s", episode_id)
+
+
+async def test_a_fold_in_many_steps_equals_one_step_and_follows_profiles_and_earlier_episodes(
+        stack: Stack, database: str, finalizer: Finalizer) -> None:
+    earlier = await _round(stack, database)
+    ledger = PlacedLedger(database, (await _round(stack, database)).round)
+    test_round = ledger.round
+    episode_id = test_round.episode_id
+    await ledger.sql("UPDATE episodes SET show_id = %s, created_at = now() + interval '1 second'"
+                     " WHERE episode_id = %s", earlier.round.show_id, episode_id)
+    pool = create_pool(database, 1, 2)
+    await pool.open()
+    rng = random.Random(22)
+    users = [f"p{n}" for n in range(40)]
+    await ledger.write([earlier.row(user, earlier.round.opens_at_ms + 1000)
+                        for user in users[:5]])
+    await _catch_up(finalizer, earlier.round.round_id)
+    assert await _reports(pool, 1000).follow(earlier.round.episode_id, wait=True)
+    t = test_round.opens_at_ms + 1000
+    rows = []
+    for n in range(300):
+        user = rng.choice(users)
+        kind = rng.choice(["FREE", "FREE", "PAID", "PREMIUM_SMS"])
+        channel = "SMS" if kind == "PREMIUM_SMS" else rng.choice(["APP", "WEB"])
+        point = (PHNOM_PENH, SIEM_REAP, None)[int(user[1:]) % 3]
+        rows.append((ledger.row(user, t + n * 700, vote_type=kind, channel=channel,
+                                contestant=rng.randrange(3), count=rng.choice([1, 2])),
+                     point, "KH-17" if point is None else None))
+    await ledger.write_placed(rows)
+    await ledger.reject(users[7])
+    await ledger.sql("INSERT INTO voter_profiles (user_id, age_band, gender, province)"
+                     " SELECT 'p' || n, '25-34', CASE WHEN n %% 2 = 0 THEN 'female' ELSE '' END,"
+                     " 'Phnom Penh' FROM generate_series(0, 19) n")
+    await _catch_up(finalizer, test_round.round_id)
+
+    # Many small steps, then the same rows in one step: the same rollups.
+    assert await _reports(pool, rows_per_step=3).follow(episode_id, wait=True)
+    in_steps = await _stored(database, episode_id)
+    await _forget(ledger, episode_id)
+    assert await _reports(pool, rows_per_step=10**6).follow(episode_id, wait=True)
+    in_one = await _stored(database, episode_id)
+    assert in_steps == in_one
+    expected = _reference(await _judged(database, [test_round.round_id], final=False),
+                          set(users[:5]))
+    parts, figures = in_one
+    assert (_nonempty(parts), {k: v for k, v in figures.items()
+                               if not k.startswith("profile:")}) == expected
+
+    def segment(figures: dict[str, list[int]], name: str) -> int:
+        return figures.get(name, [0, 0])[0]
+
+    async def counted_voters(where: str) -> int:
+        found = await ledger.sql(
+            "SELECT count(*) FROM report_episode_voters e JOIN voter_profiles p USING (user_id)"
+            f" WHERE e.episode_id = %s AND e.counted > 0 AND {where}", episode_id)
+        return int(found[0][0])
+
+    assert segment(figures, "profile:age_band=25-34") == await counted_voters(
+        "p.age_band = '25-34'") > 0
+    assert segment(figures, "profile:gender=female") == await counted_voters(
+        "p.gender = 'female'") > 0
+    # A voter who declares (or changes) a profile after voting moves between segments at the
+    # next step, votes or not.
+    voted = {user for user, in await ledger.sql(
+        "SELECT user_id FROM report_episode_voters WHERE episode_id = %s AND counted > 0"
+        " AND user_id >= 'p2' ORDER BY user_id", episode_id)}
+    newcomer, changer = sorted(u for u in voted if int(u[1:]) >= 20)[0], \
+        sorted(u for u in voted if int(u[1:]) < 20 and int(u[1:]) % 2 == 0)[0]
+    await ledger.sql("INSERT INTO voter_profiles (user_id, age_band, gender, province)"
+                     " VALUES (%s, '55+', 'male', '')", newcomer)
+    await ledger.sql("UPDATE voter_profiles SET gender = 'male', updated_at = now()"
+                     " WHERE user_id = %s", changer)
+    async with pool.connection() as connection, rollup.snapshot(connection), \
+            connection.transaction(force_rollback=True):
+        live = await rollup.live_view(connection, episode_id)
+    assert await _reports(pool, 1000).follow(episode_id, wait=True)
+    _, figures = await _stored(database, episode_id)
+    assert live.figures == figures
+    assert segment(figures, "profile:gender=female") == segment(
+        in_one[1], "profile:gender=female") - 1
+    assert segment(figures, "profile:gender=male") == segment(
+        in_one[1], "profile:gender=male") + 2
+    assert segment(figures, "profile:age_band=55+") == 1
+    assert segment(figures, "profile:gender=male") == await counted_voters("p.gender = 'male'")
+
+    # An earlier episode's new voter is this episode's returning voter from then on.
+    returning = segment(figures, "returning")
+    back = sorted(voted - set(users[:5]))[0]
+    await ledger.write([earlier.row(back, await ledger.now(stack) - 1)])
+    await _catch_up(finalizer, earlier.round.round_id)
+    assert await _reports(pool, 1000).follow(earlier.round.episode_id, wait=True)
+    _, figures = await _stored(database, episode_id)
+    assert segment(figures, "returning") == returning + 1
+    await pool.close()
