@@ -98,11 +98,15 @@ def write_export(path: Path, votes: int, seed: int = 6) -> rules.Recount:
                               channel, vote_type, count, contestant, rng.random() < 0.01))
             batch.sort()
             for vote_id, voter, channel, vote_type, count, contestant, fraud in batch:
+                # The edge received it up to a few ms before its admission.
+                received = ms - rng.randrange(4)
                 out.write(audit.compact_leaf_line(fraud, ms, channel, contestant, count,
-                                                  vote_id, vote_type, voter))
+                                                  vote_id, vote_type, voter, received))
                 tree.add(leaf_hash(audit.canonical_leaf(round_id, ms, channel, contestant,
-                                                        count, vote_id, vote_type, voter)))
-                tally.leaf(vote_id, voter, vote_type, count, ms, contestant, channel, fraud)
+                                                        count, vote_id, vote_type, voter,
+                                                        received)))
+                tally.leaf(vote_id, voter, vote_type, count, ms, contestant, channel, fraud,
+                           received)
             written += len(batch)
             ms += 1
 

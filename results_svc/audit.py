@@ -1,6 +1,7 @@
 """Ledger exports for auditors, and their offline verification (`televote audit ...`).
 
-Format `televote-ledger-export/v3`: UTF-8 text, one record a line, each ending in "\\n".
+Format `televote-ledger-export/v4`: UTF-8 text, one record a line, each ending in "\\n".
+(`verify` also reads v3 and v2 exports; what changed is said where it changed.)
 
 Line 1, the header, is a JSON object: `format`; `round`, the round's rules (contestants,
 window: `opens_at_ms` and per channel `close_ms`, `receive_lag_ms`, free quota and per-round
@@ -14,21 +15,27 @@ vote_id, leaf hash) ascending (`results_svc.rules`), the order of the tree's lea
     L <fraud> <accepted_at_ms> <channel> <contestant_id> <count> <vote_id> <vote_type> <voter>
       <received_ms>
         (one line) One leaf of the round's tree, in tree order, given by its fields. <fraud> is
-        1 if fraud_svc rejected the vote, else 0. <received_ms> is the ledger's time the
-        window was judged by (the edge's receive time, `rules.judged_ms`), `-` for a vote
-        that has none (judged by accepted_at_ms); like <fraud> it is not part of the leaf.
-        The leaf's bytes (a receipt's leaf_data, the
-        canonical JSON vote_svc wrote: sorted keys, no spaces) are exactly
+        1 if fraud_svc rejected the vote, else 0 (not part of the leaf). <received_ms> is the
+        time the window was judged by (the edge's receive time as admission clamped it,
+        `rules.judged_ms`), `-` for a vote that has none (judged by accepted_at_ms). The
+        leaf's bytes (a receipt's leaf_data, the canonical JSON vote_svc wrote: sorted keys,
+        no spaces) are exactly
 
             {"accepted_at_ms":<accepted_at_ms>,"channel":"<channel>","contestant_id":
-            "<contestant_id>","count":<count>,"round_id":"<round_id>","vote_id":"<vote_id>",
-            "vote_type":"<vote_type>","voter":"<voter>"}
+            "<contestant_id>","count":<count>,"received_ms":<received_ms>,"round_id":
+            "<round_id>","vote_id":"<vote_id>","vote_type":"<vote_type>","voter":"<voter>"}
 
-        on one line, with the header's round_id; its RFC 9162 leaf hash is
-        SHA-256(0x00 || leaf_data). No field holds a space, a quote or a backslash.
+        on one line, with the header's round_id, and without `"received_ms":...,` when it is
+        `-`; its RFC 9162 leaf hash is SHA-256(0x00 || leaf_data). No field holds a space, a
+        quote or a backslash. So the signed root commits to the time each vote was judged
+        by. (In v3 the leaf never held received_ms, which the root therefore did not
+        commit to; v2 had no <received_ms> and no receive lag: every vote was judged by
+        accepted_at_ms.)
     J <fraud> <received_ms> <leaf_data>
-        A leaf in any other form (a field missing, escapes, another key order): its bytes as
-        signed, parsed as JSON. vote_svc writes none; the format can carry them.
+        A leaf in any other form (a field missing, escapes, another key order, or a leaf
+        written before leaves held received_ms): its bytes as signed, parsed as JSON. Where
+        the leaf holds received_ms, the line's <received_ms> must be the same. (v2: `J
+        <fraud> <leaf_data>`.)
     C <accepted_at_ms> <vote_id> <leaf_hash> <voter> <vote_type> <count> <same_episode>
         Another round's vote of one of the round's voters that counts towards their free
         quota (a FREE vote in the same episode: <same_episode> 1) or their paid balance (a
@@ -70,11 +77,18 @@ from results_svc.rounds import load_round
 from results_svc.signing import parse_tree_head, verify_signature
 from runtime.storage import fetch_one
 
-FORMAT = "televote-ledger-export/v3"
-#: A leaf in canonical form from its fields (see the module's docstring).
+FORMAT = "televote-ledger-export/v4"
+#: Older formats `verify` reads (module docstring): v3's leaves do not hold received_ms, v2's
+#: lines do not state it.
+V3, V2 = "televote-ledger-export/v3", "televote-ledger-export/v2"
+#: A leaf in canonical form from its fields (see the module's docstring), with and without
+#: its received_ms.
 LEAF_TEMPLATE = ('{"accepted_at_ms":%s,"channel":"%s","contestant_id":"%s","count":%s,'
                  '"round_id":"%s","vote_id":"%s","vote_type":"%s","voter":"%s"}')
-_LEAF_TEMPLATE = LEAF_TEMPLATE.encode()
+LEAF_TEMPLATE_RECEIVED = ('{"accepted_at_ms":%s,"channel":"%s","contestant_id":"%s","count":%s,'
+                          '"received_ms":%s,"round_id":"%s","vote_id":"%s","vote_type":"%s",'
+                          '"voter":"%s"}')
+_LEAF_TEMPLATE, _LEAF_TEMPLATE_RECEIVED = LEAF_TEMPLATE.encode(), LEAF_TEMPLATE_RECEIVED.encode()
 #: <received_ms> of a vote without one.
 NO_RECEIVED = "-"
 #: Above this size the tree is hashed in a second process while this one recounts.
@@ -112,10 +126,15 @@ def header_line(round_rules: rules.RoundRules, episode_id: str, final: FinalResu
 
 
 def canonical_leaf(round_id: str, accepted_at_ms: int, channel: str, contestant_id: str,
-                   count: int, vote_id: str, vote_type: str, voter: str) -> bytes:
+                   count: int, vote_id: str, vote_type: str, voter: str,
+                   received_ms: int | None = None) -> bytes:
     """The leaf vote_svc writes for these fields (when none needs escaping)."""
-    return (LEAF_TEMPLATE % (accepted_at_ms, channel, contestant_id, count, round_id, vote_id,
-                             vote_type, voter)).encode()
+    if received_ms is None:
+        return (LEAF_TEMPLATE % (accepted_at_ms, channel, contestant_id, count, round_id,
+                                 vote_id, vote_type, voter)).encode()
+    return (LEAF_TEMPLATE_RECEIVED % (accepted_at_ms, channel, contestant_id, count,
+                                      received_ms, round_id, vote_id, vote_type,
+                                      voter)).encode()
 
 
 def compact_leaf_line(fraud_rejected: bool, accepted_at_ms: int, channel: str,
@@ -139,22 +158,26 @@ _PLAIN = re.compile(r'[^ "\\\x00-\x1f\x7f-\U0010ffff]*')
 def leaf_line(round_id: str, leaf_data: bytes, fraud_rejected: bool,
               received_ms: int | None = None) -> bytes:
     """A leaf's line: L (its fields) if it is a canonical leaf of the round, else J (its
-    bytes)."""
+    bytes). `received_ms` is the ledger's; a leaf that holds one holds the same."""
     try:
         leaf = json.loads(leaf_data)
         fields = [leaf["accepted_at_ms"], leaf["channel"], leaf["contestant_id"],
                   leaf["count"], leaf["round_id"], leaf["vote_id"], leaf["vote_type"],
                   leaf["voter"]]
-        plain = all(type(v) is int if i in (0, 3) else
-                    isinstance(v, str) and _PLAIN.fullmatch(v) is not None
-                    for i, v in enumerate(fields))
-    except (ValueError, KeyError, TypeError):
+        held = leaf.get("received_ms")
+        plain = (held == received_ms and (held is None or type(held) is int)
+                 and all(type(v) is int if i in (0, 3) else
+                         isinstance(v, str) and _PLAIN.fullmatch(v) is not None
+                         for i, v in enumerate(fields)))
+    except (ValueError, KeyError, TypeError, AttributeError):
         plain = False
-    if plain and fields[4] == round_id and \
-            canonical_leaf(round_id, *fields[:4], *fields[5:]) == leaf_data:
-        ms, channel, contestant, count, _, vote_id, vote_type, voter = fields
-        return compact_leaf_line(fraud_rejected, ms, channel, contestant, count, vote_id,
-                                 vote_type, voter, received_ms)
+    if plain:
+        ms, channel, contestant, count, of_round, vote_id, vote_type, voter = fields
+        if of_round == round_id and canonical_leaf(
+                round_id, ms, channel, contestant, count, vote_id, vote_type, voter,
+                received_ms) == leaf_data:
+            return compact_leaf_line(fraud_rejected, ms, channel, contestant, count, vote_id,
+                                     vote_type, voter, received_ms)
     return (b"J %d %s " % (fraud_rejected, _received_text(received_ms).encode()) + leaf_data
             + b"\n")
 
@@ -198,7 +221,8 @@ async def export_round(database_url: str, round_id: str, out: Path) -> int:
                                    bytes(key_row["public_key"]), credited))
             async with connection.cursor() as rows, rows.copy(
                     store.EXPORT_ROWS_COPY.replace("SIGNED_ONLY", signed_only),
-                    {**params, "template": LEAF_TEMPLATE}) as copy:
+                    {**params, "template": LEAF_TEMPLATE,
+                     "template_received": LEAF_TEMPLATE_RECEIVED}) as copy:
                 async for chunk in copy:
                     data = bytes(chunk)
                     if b"\x01" in data:
@@ -248,9 +272,11 @@ class _Problems:
 _Leaf = tuple[str, int, str, str, int, str, str, str, str, int | None]
 
 
-def _leaf_fields(line: str, round_id: str) -> tuple[_Leaf, bytes]:
+def _leaf_fields(line: str, round_id: str, received_in_leaf: bool = True
+                 ) -> tuple[_Leaf, bytes]:
     """((fraud, accepted_at_ms, channel, contestant_id, count, round_id, vote_id, vote_type,
-    voter, received_ms), leaf bytes) of an L or J line; ValueError if it is not one."""
+    voter, received_ms), leaf bytes) of an L or J line; ValueError if it is not one.
+    `received_in_leaf`: the format's leaves hold received_ms (v4), else they never do (v3)."""
     if line[:4] not in ("L 0 ", "L 1 ", "J 0 ", "J 1 ") or not line.endswith("\n"):
         raise ValueError("not `L <0|1> <fields>` or `J <0|1> <received_ms> <leaf_data>`")
     if line[0] == "L":
@@ -261,17 +287,21 @@ def _leaf_fields(line: str, round_id: str) -> tuple[_Leaf, bytes]:
         _, fraud, ms, channel, contestant, count, vote_id, vote_type, voter, received = parts
         values: _Leaf = (fraud, int(ms), channel, contestant, int(count), round_id, vote_id,
                          vote_type, voter, _received_value(received))
-        return values, canonical_leaf(round_id, *values[1:5], *values[6:9])
+        return values, canonical_leaf(round_id, *values[1:5], *values[6:9],
+                                      values[9] if received_in_leaf else None)
     received, _, data = line[4:-1].partition(" ")
     try:
         leaf = json.loads(data)
         values = (line[2], int(leaf["accepted_at_ms"]), leaf["channel"], leaf["contestant_id"],
                   int(leaf["count"]), leaf["round_id"], leaf["vote_id"], leaf["vote_type"],
                   leaf.get("voter", ""), _received_value(received))
-    except (ValueError, KeyError, TypeError) as error:
+        held = leaf.get("received_ms") if received_in_leaf else None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"the leaf is not a vote ({error!r})") from error
     if not all(isinstance(v, str) for i, v in enumerate(values) if i not in (1, 4, 9)):
         raise ValueError("the leaf is not a vote (a field is not a string)")
+    if held is not None and (type(held) is not int or held != values[9]):
+        raise ValueError(f"received_ms {received} is not its leaf's ({held!r})")
     return values, data.encode()
 
 
@@ -286,26 +316,40 @@ def _other_fields(line: str) -> tuple[int, str, bytes, str, str, int, bool]:
     return int(ms), vote_id, bytes.fromhex(hashed), voter, vote_type, int(count), same == "1"
 
 
-def _row_hash(line: str, round_id: str) -> bytes:
+def _row_hash(line: str, round_id: str, received_in_leaf: bool) -> bytes:
     """The leaf hash of a row, to order rows with the same (accepted_at_ms, vote_id)."""
     if line[0] == "C":
         return _other_fields(line)[2]
-    return leaf_hash(_leaf_fields(line, round_id)[1])
+    return leaf_hash(_leaf_fields(line, round_id, received_in_leaf)[1])
 
 
 def _header_rules(header: dict[str, Any]) -> tuple[rules.RoundRules, dict[str, int]]:
     """The round's rules and the credited votes an export's header states (raises KeyError,
     ValueError or TypeError for a header that does not state them)."""
     rnd = header["round"]
+    # v2 had no receive lag: its votes were judged by accepted_at_ms.
+    lag = 0 if header["format"] == V2 else int(rnd["receive_lag_ms"])
     round_rules = rules.RoundRules(
         rnd["round_id"], tuple(rnd["contestant_ids"]), int(rnd["opens_at_ms"]),
         {k: int(v) for k, v in rnd["close_ms"].items()}, int(rnd["free_vote_quota"]),
-        int(rnd["free_vote_cap"]), int(rnd["receive_lag_ms"]))
+        int(rnd["free_vote_cap"]), lag)
     return round_rules, {k: int(v) for k, v in header["credited"].items()}
 
 
+def _as_v3(lines: Iterable[bytes]) -> Iterable[bytes]:
+    """A v2 export's rows in v3's form: no vote had a received_ms."""
+    for line in lines:
+        if line[:2] == b"L ":
+            yield line[:-1] + b" -\n" if line.endswith(b"\n") else line
+        elif line[:2] == b"J ":
+            yield line[:4] + b"- " + line[4:]
+        else:
+            yield line
+
+
 def _recount(lines: Iterable[bytes], stated: tuple[rules.RoundRules, dict[str, int]],
-             problems: _Problems, suspects: set[int] | None) -> tuple[rules.LedgerTally, int]:
+             problems: _Problems, suspects: set[int] | None, received_in_leaf: bool = True,
+             ) -> tuple[rules.LedgerTally, int]:
     """Check every row's form, order and round, and recount them: (tally, leaves)."""
     round_rules, credited = stated
     tally = rules.LedgerTally(round_rules, credited, suspects)
@@ -333,7 +377,7 @@ def _recount(lines: Iterable[bytes], stated: tuple[rules.RoundRules, dict[str, i
                 leaves += 1
             elif kind == "J":
                 (fraud, ms, channel, contestant, count, of_round, vote_id, vote_type, voter,
-                 received), _ = _leaf_fields(line, round_id)
+                 received), _ = _leaf_fields(line, round_id, received_in_leaf)
                 leaves += 1
             elif kind == "C":
                 ms, vote_id, _, voter, vote_type, count, same_episode = _other_fields(line)
@@ -344,7 +388,8 @@ def _recount(lines: Iterable[bytes], stated: tuple[rules.RoundRules, dict[str, i
             continue
         if ms < previous_ms or (ms == previous_ms and vote_id <= previous_id and (
                 vote_id < previous_id
-                or _row_hash(line, round_id) < _row_hash(previous_line, round_id))):
+                or _row_hash(line, round_id, received_in_leaf)
+                < _row_hash(previous_line, round_id, received_in_leaf))):
             problems.add(f"line {number}: vote {vote_id} is out of ledger order")
         previous_ms, previous_id, previous_line = ms, vote_id, line
         if kind == "C":
@@ -365,19 +410,27 @@ def export_tree(path: str) -> tuple[int, bytes]:
     sha256 = hashlib.sha256
     block: list[bytes] = []
     with open(path, "rb") as file:
-        round_id = json.loads(file.readline())["round"]["round_id"].encode()
+        header = json.loads(file.readline())
+        round_id = header["round"]["round_id"].encode()
+        received_in_leaf = header["format"] == FORMAT
+        j_fields = 2 if header["format"] == V2 else 3  # spaces before a J line's leaf
         for line in file:
             kind = line[0]
             if kind == 76:  # L
                 parts = line[:-1].split(b" ")
-                if len(parts) == 10:
-                    _, _, ms, channel, contestant, count, vote_id, vote_type, voter, _ = parts
+                if len(parts) == 10 and received_in_leaf and parts[9] != b"-":
+                    _, _, ms, channel, contestant, count, vote_id, vote_type, voter, received \
+                        = parts
+                    data = _LEAF_TEMPLATE_RECEIVED % (ms, channel, contestant, count, received,
+                                                      round_id, vote_id, vote_type, voter)
+                elif len(parts) in (9, 10):  # v2's lines have no <received_ms>
+                    _, _, ms, channel, contestant, count, vote_id, vote_type, voter = parts[:9]
                     data = _LEAF_TEMPLATE % (ms, channel, contestant, count, round_id,
                                              vote_id, vote_type, voter)
                 else:
                     data = line
             elif kind == 74:  # J: "J <fraud> <received_ms> <leaf_data>"
-                data = line[:-1].split(b" ", 3)[-1]
+                data = line[:-1].split(b" ", j_fields)[-1]
             else:
                 continue
             block.append(sha256(b"\x00" + data).digest())
@@ -395,7 +448,7 @@ def verify_export(path: Path, public_key_hex: str | None = None) -> Verdict:
     with path.open("rb") as file, contextlib.ExitStack() as stack:
         try:
             header = json.loads(file.readline())
-            if not isinstance(header, dict) or header.get("format") != FORMAT:
+            if not isinstance(header, dict) or header.get("format") not in (FORMAT, V3, V2):
                 raise ValueError
             digest, result, rnd = header["digest"], header["result"], header["round"]
             public_key = bytes.fromhex(public_key_hex or digest["public_key"])
@@ -414,13 +467,19 @@ def verify_export(path: Path, public_key_hex: str | None = None) -> Verdict:
             def tree() -> tuple[int, bytes]:
                 return export_tree(str(path))
         body = file.tell()
+        received_in_leaf = header["format"] == FORMAT
+
+        def recount_rows(suspects: set[int] | None) -> tuple[rules.LedgerTally, int]:
+            file.seek(body)
+            lines = _as_v3(file) if header["format"] == V2 else file
+            return _recount(lines, stated, problems, suspects, received_in_leaf)
+
         problems = _Problems()
-        tally, leaves = _recount(file, stated, problems, None)
+        tally, leaves = recount_rows(None)
         suspects = tally.repeated_hashes()
         if suspects:  # a vote id seen twice (or a 64-bit hash collision): count exactly
-            file.seek(body)
             problems = _Problems()
-            tally, leaves = _recount(file, stated, problems, suspects)
+            tally, leaves = recount_rows(suspects)
         size, root = tree()
     if not verify_signature(public_key, head, signature):
         problems.add("the tree head's signature does not verify")

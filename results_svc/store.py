@@ -41,8 +41,12 @@ COPY (
   SELECT line FROM (
     SELECT admitted_ms, vote_id, receipt_hash,
            CASE WHEN translate(voter, '0123456789abcdef', '') = ''
-                 AND leaf_data = convert_to(format(%(template)s, admitted_ms, channel,
-                     contestant_id, count, round_id, vote_id, vote_type, voter), 'UTF8')
+                 AND leaf_data = convert_to(CASE WHEN received_ms IS NULL
+                     THEN format(%(template)s, admitted_ms, channel, contestant_id, count,
+                                 round_id, vote_id, vote_type, voter)
+                     ELSE format(%(template_received)s, admitted_ms, channel, contestant_id,
+                                 count, received_ms, round_id, vote_id, vote_type, voter)
+                     END, 'UTF8')
                 THEN concat_ws(' ', 'L', fraud, admitted_ms, channel, contestant_id, count,
                                vote_id, vote_type, voter, coalesce(received_ms::text, '-'))
                 ELSE concat_ws(' ', 'J', fraud, coalesce(received_ms::text, '-'),

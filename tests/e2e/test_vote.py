@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -75,6 +76,8 @@ async def test_an_acknowledged_vote_is_in_the_ledger_with_its_receipt(
     assert test_round.opens_at_ms <= row["admitted_ms"] < test_round.closes_at_ms
     assert bytes(row["receipt_hash"]) == reply.receipt_hash == hashlib.sha256(
         b"\x00" + bytes(row["leaf_data"])).digest()
+    # The leaf (so the signed root) holds the time the window was judged by.
+    assert json.loads(bytes(row["leaf_data"]))["received_ms"] == row["received_ms"]
     assert reply.accepted_at.ToMilliseconds() == row["admitted_ms"]
     tallies = await query(stack.database_url, "SELECT contestant_id::text, sum(votes) AS votes"
                           " FROM round_tallies WHERE round_id = %s GROUP BY 1",

@@ -5,6 +5,7 @@ fails. (The export from a real round: tests/integration/test_audit_export.py.)""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from datetime import UTC, datetime
@@ -33,14 +34,19 @@ def _leaf(fields: dict[str, Any], canonical: bool = True) -> bytes:
 
 
 class Ledger:
-    """A random ledger: the round's leaves (with their bytes) and other rounds' votes."""
+    """A random ledger: the round's leaves (with their bytes) and other rounds' votes, as
+    an export of format `fmt` would carry them (v4: a leaf holds its received_ms; v3: none
+    does; v2: no vote has one and the round no receive lag)."""
 
-    def __init__(self, seed: int, size: int) -> None:
+    def __init__(self, seed: int, size: int, fmt: str = audit.FORMAT) -> None:
         rng = random.Random(seed)
+        self.format = fmt
         self.rules = rules.RoundRules(ROUND, CONTESTANTS, OPENS, CLOSE,
                                       free_quota=rng.randint(2, 6),
                                       free_cap=rng.choice((0, 0, 2, 3)),
                                       receive_lag_ms=rng.choice((0, 5, 20)))
+        if fmt == audit.V2:
+            self.rules = dataclasses.replace(self.rules, receive_lag_ms=0)
         voters = [f"{n:032x}" for n in range(rng.randint(2, 8))] + [""]
         self.credited = {v: rng.choice((0, 1, 3, 8)) for v in voters if rng.random() < 0.8}
         self.rows: list[rules.Row] = []
@@ -61,12 +67,18 @@ class Ledger:
                     admitted_ms=ms, leaf_hash=rng.randbytes(32), in_round=False,
                     same_episode=same_episode))
                 continue
-            fields = {"accepted_at_ms": ms, "channel": rng.choice(CHANNELS),
-                      "contestant_id": rng.choice((*CONTESTANTS, "c9")), "count": count,
-                      "round_id": ROUND, "vote_id": vote_id, "vote_type": vote_type,
-                      "voter": voter}
+            fields: dict[str, Any] = {
+                "accepted_at_ms": ms, "channel": rng.choice(CHANNELS),
+                "contestant_id": rng.choice((*CONTESTANTS, "c9")), "count": count,
+                "round_id": ROUND, "vote_id": vote_id, "vote_type": vote_type, "voter": voter}
             if not voter and rng.random() < 0.5:
                 del fields["voter"]  # a leaf without a voter counts as voter ""
+            # Received before its admission, by up to twice the lag, or not known.
+            received = rng.choice((None, ms, ms - rng.randint(0, 40)))
+            if fmt == audit.V2:
+                received = None
+            elif fmt == audit.FORMAT and received is not None and rng.random() < 0.95:
+                fields["received_ms"] = received  # else a leaf from before leaves held it
             data = _leaf(fields, canonical=rng.random() < 0.9)
             leaf_hash = merkle.leaf_hash(data)
             self.leaf_data[(vote_id, leaf_hash)] = data
@@ -74,9 +86,7 @@ class Ledger:
                 vote_id=vote_id, voter=voter, vote_type=vote_type, count=count,
                 admitted_ms=ms, leaf_hash=leaf_hash,
                 contestant_id=str(fields["contestant_id"]), channel=str(fields["channel"]),
-                fraud_rejected=rng.random() < 0.1,
-                # Received before its admission, by up to twice the lag, or not known.
-                received_ms=rng.choice((None, ms, ms - rng.randint(0, 40)))))
+                fraud_rejected=rng.random() < 0.1, received_ms=received))
         self.rows.sort(key=lambda row: row.order)
 
     def reference(self) -> rules.Recount:
@@ -86,8 +96,18 @@ class Ledger:
         out = []
         for row in self.rows:
             if row.in_round:
-                out.append(audit.leaf_line(ROUND, self.leaf_data[(row.vote_id, row.leaf_hash)],
-                                           row.fraud_rejected, row.received_ms))
+                data = self.leaf_data[(row.vote_id, row.leaf_hash)]
+                if self.format == audit.FORMAT:
+                    line = audit.leaf_line(ROUND, data, row.fraud_rejected, row.received_ms)
+                else:  # older formats: <received_ms> stated beside a leaf that never holds it
+                    line = audit.leaf_line(ROUND, data, row.fraud_rejected)
+                    received = b"-" if row.received_ms is None else b"%d" % row.received_ms
+                    line = (line[:-2] + received + b"\n" if line.startswith(b"L ")
+                            else line[:4] + received + line[5:])
+                    if self.format == audit.V2:  # no <received_ms> at all
+                        line = line[:-3] + b"\n" if line.startswith(b"L ") else \
+                            line[:4] + line[6:]
+                out.append(line)
             else:
                 out.append(audit.other_round_line(row.admitted_ms, row.vote_id, row.leaf_hash,
                                                   row.voter, row.vote_type, row.count,
@@ -108,8 +128,12 @@ class Ledger:
             counts=result.counts, winner_ids=result.winners(), tree_size=len(leaves),
             root_hash=root, signed_tree_head=head, signature=signer.sign(head),
             key_id=signer.key_id, signed_at=signed_at, finalized_at=signed_at)
-        path.write_bytes(audit.header_line(self.rules, "episode", final, signer.public_key,
-                                           self.credited)
+        header = json.loads(audit.header_line(self.rules, "episode", final, signer.public_key,
+                                              self.credited))
+        header["format"] = self.format
+        if self.format == audit.V2:
+            del header["round"]["receive_lag_ms"]
+        path.write_bytes(json.dumps(header).encode() + b"\n"
                          + b"".join(self.lines() if lines is None else lines))
         return path
 
@@ -204,6 +228,52 @@ def test_exports_of_random_ledgers_verify_with_the_reference_recount(
         assert verdict.recount is not None
         assert verdict.recount.counts == ledger.reference().counts
         assert verdict.leaves == sum(row.in_round for row in ledger.rows)
+
+
+@pytest.mark.parametrize("fmt", [audit.V3, audit.V2])
+def test_exports_in_earlier_formats_still_verify(
+        fmt: str, signer: Signer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An auditor's v3 or v2 file (leaves without received_ms; v2 without the column and the
+    lag) verifies as it did, and tampering with it still fails."""
+    monkeypatch.setattr(audit, "TREE_BLOCK", 4)
+    for seed in range(30):
+        ledger = Ledger(seed, random.Random(seed).randint(1, 80), fmt)
+        verdict = audit.verify_export(ledger.write(tmp_path / f"{seed}.export", signer))
+        assert verdict.ok, (fmt, seed, verdict.problems)
+        assert verdict.recount is not None
+        assert verdict.recount.counts == ledger.reference().counts
+    lines = ledger.lines()
+    first = next(i for i, line in enumerate(lines) if line.startswith(b"L "))
+    parts = lines[first].split(b" ")
+    parts[4] = b"c2" if parts[4] != b"c2" else b"c1"
+    problems = audit.verify_export(ledger.write(tmp_path / "bad.export", signer, [
+        *lines[:first], b" ".join(parts), *lines[first + 1:]])).problems
+    assert any("not the signed root" in p for p in problems), problems
+
+
+def test_a_votes_received_time_is_committed_by_the_signed_root(
+        signer: Signer, tmp_path: Path) -> None:
+    """v4: moving a vote's received_ms (into or out of the window) changes its leaf, so the
+    root; a J line whose received_ms is not its leaf's is refused."""
+    ledger = Ledger(11, 200)
+    lines = ledger.lines()
+    path = tmp_path / "moved.export"
+    assert audit.verify_export(ledger.write(path, signer)).ok
+    timed = next(i for i, line in enumerate(lines)
+                 if line.startswith(b"L ") and not line.endswith(b" -\n"))
+    parts = lines[timed][:-1].split(b" ")
+    parts[9] = str(int(parts[9]) - 1).encode()
+    problems = audit.verify_export(ledger.write(path, signer, [
+        *lines[:timed], b" ".join(parts) + b"\n", *lines[timed + 1:]])).problems
+    assert any("not the signed root" in p for p in problems), problems
+    held = next(i for i, line in enumerate(lines)
+                if line.startswith(b"J ") and b'"received_ms"' in line)
+    fraud, received, data = lines[held][2:].split(b" ", 2)
+    moved = b"J %s %d %s" % (fraud, int(received) + 1, data)
+    problems = audit.verify_export(ledger.write(path, signer, [
+        *lines[:held], moved, *lines[held + 1:]])).problems
+    assert any(p.startswith(f"line {held + 2}:") and "is not its leaf's" in p
+               for p in problems), problems
 
 
 def test_a_big_export_hashes_its_tree_in_a_second_process(
@@ -320,17 +390,19 @@ def test_the_benchs_export_is_valid_and_its_result_is_the_reference_recount(
         rows = []
         for line in file:
             if line.startswith(b"L "):
-                _, fraud, ms, channel, contestant, count, vote_id, vote_type, voter, _ = \
-                    line.decode().split()
+                _, fraud, ms, channel, contestant, count, vote_id, vote_type, voter, \
+                    received = line.decode().split()
                 data = audit.canonical_leaf(header["round"]["round_id"], int(ms), channel,
-                                            contestant, int(count), vote_id, vote_type, voter)
+                                            contestant, int(count), vote_id, vote_type, voter,
+                                            int(received))
                 leaf = json.loads(data)  # the leaf vote_svc would have written
                 assert data == _leaf(leaf)
                 rows.append(rules.Row(
                     vote_id=leaf["vote_id"], voter=leaf["voter"], vote_type=leaf["vote_type"],
                     count=leaf["count"], admitted_ms=leaf["accepted_at_ms"],
                     leaf_hash=merkle.leaf_hash(data), contestant_id=leaf["contestant_id"],
-                    channel=leaf["channel"], fraud_rejected=fraud == "1"))
+                    channel=leaf["channel"], fraud_rejected=fraud == "1",
+                    received_ms=leaf["received_ms"]))
             else:
                 _, ms, vote_id, hashed, voter, vote_type, count, same = line.split()
                 rows.append(rules.Row(

@@ -4,9 +4,9 @@
 //
 // An update arrives every second, so a row is built once and then only touched where it
 // changed: text nodes changed in place (setText), classes, one transform for its place and one
-// for its bar. Moving places is a CSS transition of `transform`, which the compositor runs off
-// the main thread; bars step (app.css says why). Both badge icons are built with the row and
-// shown by its class, so a rank change inserts no nodes.
+// for its bar. Rows jump to their new place and bars step (app.css says why); a glide of the
+// rows is an option (`glide`). Both badge icons are built with the row and shown by its class,
+// so a rank change inserts no nodes.
 import { Trend, type ContestantStanding } from "./gen/televote/results/v1/results_types_pb";
 import type { RoundResults } from "./gen/televote/results/v1/results_service_pb";
 import { ResultsVisibility } from "./gen/televote/sync/v1/sync_types_pb";
@@ -63,6 +63,10 @@ export interface BoardOptions {
   rowHeight: number;
   /** Largest number of rows shown (the overlay keeps to its frame). */
   maxRows?: number;
+  /** Rows glide to a new place (a CSS transition of their transform). Without a GPU each
+   * glide costs the main thread a frame to start it and one for each row that ends it, about
+   * as much as the update itself, so the results board jumps unless asked (`#glide=on`). */
+  glide?: boolean;
 }
 
 export class Board {
@@ -72,7 +76,7 @@ export class Board {
   total = 0;
 
   constructor(readonly root: HTMLElement, private readonly options: BoardOptions) {
-    this.list = h("ol.standings", { "aria-live": "off" });
+    this.list = h(options.glide ? "ol.standings.glide" : "ol.standings", { "aria-live": "off" });
     this.empty = h("p.standings-empty", { hidden: true });
     root.replaceChildren(this.list, this.empty);
   }

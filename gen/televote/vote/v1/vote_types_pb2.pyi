@@ -233,7 +233,8 @@ class VoteReceipt(_message.Message):
     """The channel the vote arrived on."""
     leaf_data: _builtins.bytes
     """The exact bytes committed to the ledger tree for this vote (canonical UTF-8 JSON of the
-    fields above plus the voter pseudonym). An auditor hashes these, never re-encodes them.
+    fields above, the voter pseudonym and `received_ms`, the time the voting window was
+    judged by). An auditor hashes these, never re-encodes them.
     """
     leaf_hash: _builtins.bytes
     """SHA-256(0x00 || leaf_data): the RFC 6962 leaf hash, also returned as the receipt hash

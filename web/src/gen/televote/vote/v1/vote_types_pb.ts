@@ -181,7 +181,8 @@ export type VoteReceipt = Message<"televote.vote.v1.VoteReceipt"> & {
 
   /**
    * The exact bytes committed to the ledger tree for this vote (canonical UTF-8 JSON of the
-   * fields above plus the voter pseudonym). An auditor hashes these, never re-encodes them.
+   * fields above, the voter pseudonym and `received_ms`, the time the voting window was
+   * judged by). An auditor hashes these, never re-encodes them.
    *
    * @generated from field: bytes leaf_data = 8;
    */
