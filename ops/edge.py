@@ -18,10 +18,11 @@ from typing import Any
 
 import grpc
 from google.api import annotations_pb2
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, json_format
 
 from ops import web
 from ops.pki import Identity
+from runtime import overload
 from runtime.access import (
     SERVICE_ROLES,
     TOKEN_CLOCK_SKEW_SECONDS,
@@ -44,8 +45,14 @@ _ROLE_HEADER = "x-televote-role"
 #: subscribers under one subject.
 _SUBJECT_LIMITED = (Role.VOTER, Role.OPERATOR)
 
-#: How long a unary RPC may take through the edge before it is cut.
+#: How long a unary RPC may take through the edge before it is cut; also the most a gRPC
+#: caller's own deadline (grpc-timeout) may ask for. Envoy states the timeout it applies to
+#: the service (grpc-timeout and x-envoy-expected-rq-timeout-ms), which is how vote_svc tells
+#: a call's queue time on its own clock (runtime/overload.py `waited_ms`).
 UNARY_TIMEOUT = "15s"
+#: The route, and the Envoy cluster of its own, that votes take (`votes_in_flight_per_replica`).
+SUBMIT_VOTE_PATH = "/televote.vote.v1.VoteService/SubmitVote"
+VOTE_CLUSTER = "vote_svc_votes"
 
 
 @dataclass(frozen=True)
@@ -88,14 +95,15 @@ class EdgeSettings:
     #: client cannot choose the IP that fraud scoring sees.
     trusted_proxy_hops: int = 0
     #: Load shedding at the edge, where it is cheapest: requests one replica of a service
-    #: without streams (votes, wallet, reviews, carriers) may have outstanding. Beyond it the
-    #: edge answers UNAVAILABLE at once (HTTP 503, `x-envoy-overloaded`) instead of queueing
-    #: calls in front of a saturated replica until every client's deadline has passed. About
-    #: what a replica answers in a second or two.
-    unary_requests_per_replica: int = 500
-    #: Votes (SubmitVote) are let through while the slowest tenth of them is answered in
-    #: about this (plus 25 %): the edge's adaptive concurrency limit (envoy/edge.yaml).
-    vote_latency_target_ms: int = 400
+    #: without streams (wallet, purchases, gateway batches, reviews, carriers) may have
+    #: outstanding. Beyond it the edge answers UNAVAILABLE `OVERLOADED` at once instead of
+    #: queueing calls in front of a saturated replica until every client's deadline has passed.
+    unary_requests_per_replica: int = overload.UNARY_REQUESTS_PER_REPLICA
+    #: Votes (SubmitVote) in flight per vote_svc replica: they go to a cluster of their own
+    #: whose circuit breaker holds them to this, so a surge of votes queues at most this many
+    #: calls in front of a replica and the rest is refused by the edge in microseconds, while
+    #: every other vote_svc call keeps `unary_requests_per_replica` (runtime/overload.py).
+    votes_in_flight_per_replica: int = overload.VOTES_IN_FLIGHT_PER_REPLICA
     descriptor_set: Path = DESCRIPTOR_SET
     #: The built web apps (web/dist), served by the edge itself under the API's origin.
     web_dir: Path = web.DIST
@@ -103,7 +111,8 @@ class EdgeSettings:
     #: addresses, or a DNS name that resolves to them: a Kubernetes headless Service).
     upstreams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     #: Replicas a service may have when its upstream is one DNS name (the most its autoscaler
-    #: runs): the edge's load shedding allows `unary_requests_per_replica` for each.
+    #: runs): the edge's load shedding allows `unary_requests_per_replica` (votes:
+    #: `votes_in_flight_per_replica`) for each.
     upstream_replicas: dict[str, int] = field(default_factory=dict)
     #: The edge's mesh certificate (ops/pki.py): upstreams are reached with mutual TLS and
     #: must present their own service's certificate. None: plaintext upstreams.
@@ -148,8 +157,12 @@ def _route(prefix_or_path: dict[str, str], cluster: str, timeout: str) -> dict[s
     # Retry only where the request cannot have reached a service (a replica that is draining
     # or gone): safe for every RPC, votes included.
     retry = {"retry_on": "connect-failure,refused-stream,reset-before-request", "num_retries": 2}
-    return {"match": prefix_or_path,
-            "route": {"cluster": cluster, "timeout": timeout, "retry_policy": retry}}
+    route: dict[str, Any] = {"cluster": cluster, "timeout": timeout, "retry_policy": retry}
+    if timeout != "0s":
+        # A gRPC caller's deadline, capped here, is the timeout; Envoy rewrites grpc-timeout
+        # to what it applies, so the service's deadline and the stated timeout agree.
+        route["max_grpc_timeout"] = timeout
+    return {"match": prefix_or_path, "route": route}
 
 
 def _lifetimes() -> list[int]:
@@ -243,29 +256,33 @@ def _upstream_tls(name: str, tls: Identity) -> dict[str, Any]:
 #: The retry delays (ms) the edge's own OVERLOADED refusals ask for, one picked at random per
 #: refusal: vote_svc draws its delays from a continuous range (vote_svc/ingest.py,
 #: `Ingestor.overloaded`); Envoy's static configuration can only choose among fixed replies.
-EDGE_RETRY_DELAYS_MS = (500, 750, 1000, 1250, 1500)
-#: The status the adaptive concurrency filter refuses with: one nothing else at the edge uses,
-#: so that the local reply mappers can tell its refusals apart (and answer them as 503).
-CONCURRENCY_REFUSAL_STATUS = 507
+EDGE_RETRY_DELAYS_MS = overload.EDGE_RETRY_DELAYS_MS
 _EDGE_OVERLOADED = ("the edge has too many requests outstanding for this service; nothing was "
                     "recorded, retry after the retry delay")
 
 
 def _overload_replies() -> list[dict[str, Any]]:
-    """Local reply mappers that give the edge's own overload refusals (the adaptive
-    concurrency limit's, CONCURRENCY_REFUSAL_STATUS, and the circuit breakers', response flag
-    UO: a replica's outstanding requests or pending connections at their limit) what
-    vote_svc's refusals carry: UNAVAILABLE (HTTP 503) with ErrorInfo `OVERLOADED` and a
-    RetryInfo, its delay one of EDGE_RETRY_DELAYS_MS with equal chance (mapper i of n takes
-    1/(n-i) of what the ones before it left: independent random sampling per mapper)."""
-    mappers = []
+    """Local reply mappers that give the edge's own overload refusals (the circuit breakers',
+    response flag UO: a replica's outstanding requests or pending connections at their limit,
+    votes' at `votes_in_flight_per_replica`) what vote_svc's refusals carry: UNAVAILABLE
+    (HTTP 503) with ErrorInfo `OVERLOADED` and a RetryInfo, its delay one of
+    EDGE_RETRY_DELAYS_MS with equal chance (mapper i of n takes 1/(n-i) of what the ones
+    before it left: independent random sampling per mapper).
+
+    Each delay has two mappers, the first one matching wins: gRPC and gRPC-Web callers
+    (content-type application/grpc..., as the caller sent it) get the status in
+    grpc-status-details-bin; every other caller (JSON, a carrier's GET) gets the JSON
+    google.rpc.Status the transcoder gives for vote_svc's own refusals, so that a refusal
+    reads the same whoever made it."""
+    # The content-type the caller sent (envoy/edge.yaml keeps it): by the time a refusal is
+    # made, gRPC-Web and JSON transcoding have made every request's application/grpc.
+    grpc_callers = {"header_filter": {"header": {
+        "name": "x-televote-caller-content-type",
+        "string_match": {"prefix": "application/grpc"}}}}
+    grpc_mappers, json_mappers = [], []
     count = len(EDGE_RETRY_DELAYS_MS)
     for index, delay_ms in enumerate(EDGE_RETRY_DELAYS_MS):
-        overflow: dict[str, Any] = {"or_filter": {"filters": [
-            {"response_flag_filter": {"flags": ["UO"]}},
-            {"status_code_filter": {"comparison": {"op": "EQ", "value": {
-                "default_value": CONCURRENCY_REFUSAL_STATUS,
-                "runtime_key": "edge.concurrency_refusal_status"}}}}]}}
+        overflow: dict[str, Any] = {"response_flag_filter": {"flags": ["UO"]}}
         share = 100 // (count - index)
         match = overflow if index == count - 1 else {"and_filter": {"filters": [
             overflow, {"runtime_filter": {
@@ -276,14 +293,22 @@ def _overload_replies() -> list[dict[str, Any]]:
                           retry_after_seconds=delay_ms / 1000).to_proto()
         # The body is what a gRPC caller gets as grpc-message: it must be the status's
         # message, which gRPC libraries check the details against.
-        mappers.append({"filter": match, "status_code": 503,
-                        "body": {"inline_string": _EDGE_OVERLOADED},
-                        "headers_to_add": [{
-            "header": {"key": "grpc-status-details-bin",
-                       "value": base64.b64encode(status.SerializeToString()).decode()
-                       .rstrip("=")},
-            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]})
-    return mappers
+        grpc_mappers.append({
+            "filter": {"and_filter": {"filters": [grpc_callers, match]}}, "status_code": 503,
+            "body": {"inline_string": _EDGE_OVERLOADED},
+            "headers_to_add": [{
+                "header": {"key": "grpc-status-details-bin",
+                           "value": base64.b64encode(status.SerializeToString()).decode()
+                           .rstrip("=")},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]})
+        document = json.dumps(json_format.MessageToDict(status), separators=(",", ":"))
+        json_mappers.append({
+            "filter": match, "status_code": 503,
+            "body_format_override": {
+                # A format string: a literal % is written %%.
+                "text_format_source": {"inline_string": document.replace("%", "%%")},
+                "content_type": "application/json"}})
+    return grpc_mappers + json_mappers
 
 
 def _is_ip(host: str) -> bool:
@@ -295,7 +320,8 @@ def _is_ip(host: str) -> bool:
 
 
 def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int,
-             tls: Identity | None) -> dict[str, Any]:
+             tls: Identity | None, tls_name: str | None = None) -> dict[str, Any]:
+    """`tls_name`: the process whose certificate the replicas present (default `name`)."""
     static = all(_is_ip(host) for host, _ in endpoints)
     cluster = {
         "name": name,
@@ -315,8 +341,9 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int,
                     "max_concurrent_streams": 500}},
             }
         },
-        # max_requests: see EdgeSettings.unary_requests_per_replica; live results and
-        # countdowns hold one stream per viewer, so their services take (nearly) unlimited.
+        # max_requests: see EdgeSettings.unary_requests_per_replica (votes':
+        # votes_in_flight_per_replica); live results and countdowns hold one stream per
+        # viewer, so their services take (nearly) unlimited.
         # max_pending_requests: a request waiting for a connection to the replica waits at
         # most as many as may be outstanding; beyond both the edge refuses at once
         # (`_overload_replies`) rather than queueing in front of a saturated replica.
@@ -331,7 +358,7 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], max_requests: int,
             for host, port in endpoints]}]},
     }
     if tls is not None:
-        cluster["transport_socket"] = _upstream_tls(name, tls)
+        cluster["transport_socket"] = _upstream_tls(tls_name or name, tls)
     return cluster
 
 
@@ -420,6 +447,8 @@ def render(settings: EdgeSettings) -> str:
         # Streams stay open for a whole show: Envoy would cut them at the route timeout.
         routes += [_route({"path": method.path}, cluster, "0s")
                    for method in methods.get(service, []) if method.server_streaming]
+        if any(method.path == SUBMIT_VOTE_PATH for method in methods.get(service, [])):
+            routes.append(_route({"path": SUBMIT_VOTE_PATH}, VOTE_CLUSTER, UNARY_TIMEOUT))
         routes.append(_route({"prefix": f"/{service}/"}, cluster, UNARY_TIMEOUT))
 
     # Carriers' SMS gateways (Kannel's get-url and dlr-url) can only put their token in the
@@ -462,16 +491,23 @@ def render(settings: EdgeSettings) -> str:
                   if any(method.transcoded for method in methods.get(service, []))]
     streaming = {process_of(service) for service in routed
                  if any(method.server_streaming for method in methods.get(service, []))}
-    def unary_cap(name: str) -> int:
-        """Unary calls in flight a process's replicas take together: the replicas behind one
-        DNS name (a Kubernetes Service) are counted by their most (`upstream_replicas`)."""
-        endpoints = settings.upstreams.get(name, [])
-        return settings.unary_requests_per_replica * settings.upstream_replicas.get(
-            name, max(1, len(endpoints)))
+    def replicas(name: str) -> int:
+        """A process's replicas: those behind one DNS name (a Kubernetes Service) are counted
+        by their most (`upstream_replicas`)."""
+        return settings.upstream_replicas.get(
+            name, max(1, len(settings.upstreams.get(name, []))))
 
-    clusters = [_cluster(name, endpoints, 1_000_000 if name in streaming else unary_cap(name),
+    clusters = [_cluster(name, endpoints, 1_000_000 if name in streaming
+                         else settings.unary_requests_per_replica * replicas(name),
                          settings.upstream_tls)
                 for name, endpoints in sorted(settings.upstreams.items())]
+    if "vote_svc" in settings.upstreams:
+        # The same replicas, their own connections and their own breaker: only votes are
+        # held to it (runtime/overload.py), never a purchase or a balance.
+        clusters.append(_cluster(
+            VOTE_CLUSTER, settings.upstreams["vote_svc"],
+            settings.votes_in_flight_per_replica * replicas("vote_svc"),
+            settings.upstream_tls, tls_name="vote_svc"))
     rate_limits, rate_limit_descriptors = (_rate_limits(settings) if settings.abuse_filters
                                            else ([], []))
     values = {
@@ -498,9 +534,6 @@ def render(settings: EdgeSettings) -> str:
         "max_heap_bytes": settings.max_heap_bytes,
         "max_connections": settings.max_connections,
         "overload_replies": _overload_replies(),
-        "vote_latency_target": f"{settings.vote_latency_target_ms / 1000}s",
-        "vote_concurrency_max": unary_cap("vote_svc"),
-        "concurrency_refusal_status": CONCURRENCY_REFUSAL_STATUS,
         # Envoy's default cap is 4 KiB; a bundle is a few hundred.
         "max_direct_response_body_bytes": max(
             [4096, *(file.stat().st_size + 1 for file in web_files.values())]),

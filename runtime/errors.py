@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -72,14 +73,25 @@ def invalid_argument(*violations: FieldViolation, reason: str = "INVALID_REQUEST
 
 def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """The ErrorInfo carried by a failed call, for callers (and tests) that branch on reasons."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
+    return status_detail(rpc_status.from_call(error), error_details_pb2.ErrorInfo())  # type: ignore[arg-type]
+
+
+def retry_delay_ms(error: grpc.aio.AioRpcError | grpc.RpcError) -> int | None:
+    """The delay a failed call's RetryInfo asks for, in ms, or None without one."""
+    info = status_detail(rpc_status.from_call(error),  # type: ignore[arg-type]
+                         error_details_pb2.RetryInfo())
+    return None if info is None else info.retry_delay.ToMilliseconds()
+
+
+Detail = TypeVar("Detail", error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo)
+
+
+def status_detail(status: status_pb2.Status | None, empty: Detail) -> Detail | None:
+    """The first of `status`'s details of `empty`'s type, unpacked into `empty`, or None."""
+    for detail in status.details if status is not None else ():
+        if detail.Is(empty.DESCRIPTOR):
+            detail.Unpack(empty)
+            return empty
     return None
 
 

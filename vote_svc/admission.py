@@ -151,7 +151,7 @@ redis.call('PEXPIRE', KEYS[4], window * 2)
 redis.call('HINCRBY', KEYS[5], ARGV[1], count)
 redis.call('HINCRBY', KEYS[6], minute .. ':' .. ARGV[1], count)
 local value = table.concat({'P', ARGV[5], ARGV[6], now, now + tonumber(ARGV[7]),
-                            free_left_after, balance_after, episode}, '|')
+                            free_left_after, balance_after, episode, judged}, '|')
 redis.call('SET', KEYS[3], value, 'PX', ARGV[11])
 -- What the reconciler needs to undo this admission if its replica dies (vote_svc/reconcile.py);
 -- the settling done/undo removes it, so normally the reconciler finds nothing.
@@ -266,18 +266,21 @@ class Outcome:
     free_left: int
     paid_balance: int
     episode_id: str
+    #: The time the window was judged by, as the vote's leaf records it ("received_ms");
+    #: None in a record written before leaves carried it (its leaf has none).
+    judged_ms: int | None = None
 
     @classmethod
     def parse(cls, raw: bytes | str) -> Outcome:
         text = raw.decode() if isinstance(raw, bytes) else raw
-        state, fp, vote_id, admitted, lease, free_left, paid, episode = text.split("|")
+        state, fp, vote_id, admitted, lease, free_left, paid, episode, *judged = text.split("|")
         return cls(state, fp, vote_id, int(admitted), int(lease), int(free_left), int(paid),
-                   episode)
+                   episode, int(judged[0]) if judged and judged[0] else None)
 
     def encode(self) -> str:
         return "|".join([self.state, self.fingerprint, self.vote_id, str(self.admitted_ms),
                          str(self.lease_until_ms), str(self.free_left), str(self.paid_balance),
-                         self.episode_id])
+                         self.episode_id, "" if self.judged_ms is None else str(self.judged_ms)])
 
 
 @dataclass(frozen=True)
@@ -324,7 +327,9 @@ class Scripts:
     per pipeline; a NOSCRIPT reply, after a Redis restart, reloads them instead.)
     """
 
-    def __init__(self, redis: RedisClient) -> None:
+    def __init__(self, redis: RedisClient, *, max_inflight: int = 0) -> None:
+        """`max_inflight`: pipelines out at once (0: no limit); at the limit, calls wait for
+        one to return and leave together (runtime.coalesce, VOTE_ADMIT_MAX_INFLIGHT)."""
         # Typed Any: redis-py's stubs do not admit a pipeline as `client`, which it supports.
         self.redis = redis
         self.admit: Any = redis.register_script(ADMIT)
@@ -333,7 +338,8 @@ class Scripts:
         self.grant: Any = redis.register_script(GRANT)
         self.claw: Any = redis.register_script(CLAW)
         self.window_if_missing: Any = redis.register_script(WINDOW_IF_MISSING)
-        self._calls: Coalescer[_Call, Any] = Coalescer(self._execute)
+        self._calls: Coalescer[_Call, Any] = Coalescer(self._execute,
+                                                        max_inflight=max_inflight)
         self._idle: list[Any] = []  # connections of the pipelines (_raw_pipeline)
         self._reloading: asyncio.Task[None] | None = None
 

@@ -14,8 +14,10 @@ from runtime.access import Role
 from runtime.errors import ApiError, FieldViolation, invalid_argument
 from runtime.gateway_time import edge_received_ms, gateway_time_problem, received_time
 from runtime.interceptors import current_principal
+from runtime.overload import waited_ms
 from runtime.protoconv import timestamp
 from runtime.storage import Storage
+from runtime.vote_results import vote_result
 from televote.vote.v1 import (
     vote_gateway_service_pb2,
     vote_gateway_service_pb2_grpc,
@@ -28,6 +30,7 @@ from televote.vote.v1 import (
 from vote_svc import profiles
 from vote_svc.admission import Scripts
 from vote_svc.ingest import Ingestor, Result, VoteRequest
+from vote_svc.overload import arrival_ms
 from vote_svc.packages import PackageCatalogue
 from vote_svc.purchases import MAX_RECEIPT_BYTES, STORE_NAMES, Purchases
 from vote_svc.validation import check_vote, client_ip
@@ -51,20 +54,23 @@ class VoteServicer(vote_service_pb2_grpc.VoteServiceServicer):
                          context: grpc.aio.ServicerContext[Any, Any],
                          ) -> vote_service_pb2.SubmitVoteResponse:
         metadata = context.invocation_metadata()
-        arrived_ms = edge_received_ms(metadata)  # type: ignore[arg-type]
-        refusal = self._ingestor.shed(1, context.time_remaining(), arrived_ms=arrived_ms)
+        time_left = context.time_remaining()
+        # Queue time on this host's clock; lines-open by the edge's (when it received it).
+        arrived_here = arrival_ms(waited_ms(metadata, time_left))  # type: ignore[arg-type]
+        refusal = self._ingestor.shed(1, time_left, arrived_ms=arrived_here)
         if refusal is not None:
             raise refusal
+        received_ms = edge_received_ms(metadata)  # type: ignore[arg-type]
         vote, bad = check_vote(
             request_id=request.request_id, user_id=current_principal().subject,
             round_id=request.round_id, contestant_id=request.contestant_id,
             vote_type=request.vote_type, count=request.count, channel=request.channel,
             client=request.client, has_client=request.HasField("client"),
             ip=client_ip(metadata, context.peer()),  # type: ignore[arg-type]
-            gateway=False, received_at=received_time(arrived_ms))
+            gateway=False, received_at=received_time(received_ms))
         if vote is None:
             raise invalid_argument(*bad)
-        (result,) = await self._ingestor.submit([vote], arrived_ms=arrived_ms)
+        (result,) = await self._ingestor.submit([vote], arrived_ms=arrived_here)
         if isinstance(result, ApiError):
             raise result
         return vote_service_pb2.SubmitVoteResponse(
@@ -166,14 +172,15 @@ class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServic
                 FieldViolation("votes", f"at most {MAX_BATCH} votes per batch"),
                 reason="BATCH_TOO_LARGE")
         metadata = context.invocation_metadata()
-        arrived_ms = edge_received_ms(metadata)  # type: ignore[arg-type]
-        refusal = self._ingestor.shed(len(request.votes), context.time_remaining(),
-                                      gateway=True, arrived_ms=arrived_ms)
+        time_left = context.time_remaining()
+        arrived_here = arrival_ms(waited_ms(metadata, time_left))  # type: ignore[arg-type]
+        refusal = self._ingestor.shed(len(request.votes), time_left,
+                                      gateway=True, arrived_ms=arrived_here)
         if refusal is not None:  # before validating a thousand votes for nothing
             return vote_gateway_service_pb2.SubmitVotesResponse(
-                results=[_vote_result(index, refusal) for index in range(len(request.votes))])
+                results=[vote_result(index, refusal) for index in range(len(request.votes))])
         ip = client_ip(metadata, context.peer())  # type: ignore[arg-type]
-        arrived = received_time(arrived_ms)
+        arrived = received_time(edge_received_ms(metadata))  # type: ignore[arg-type]
         carrier = current_principal().role == Role.CARRIER
         results: list[Result | None] = [None] * len(request.votes)
         valid: list[tuple[int, VoteRequest]] = []
@@ -201,11 +208,13 @@ class VoteGatewayServicer(vote_gateway_service_pb2_grpc.VoteGatewayServiceServic
                 valid.append((index, vote))
         if valid:
             outcomes = await self._ingestor.submit([vote for _, vote in valid], gateway=True,
-                                                   arrived_ms=arrived_ms)
+                                                   arrived_ms=arrived_here)
             for (index, _), outcome in zip(valid, outcomes, strict=True):
                 results[index] = outcome
+        decided = [result for result in results if result is not None]
+        assert len(decided) == len(results)
         return vote_gateway_service_pb2.SubmitVotesResponse(
-            results=[_vote_result(index, result) for index, result in enumerate(results)])
+            results=[vote_result(index, result) for index, result in enumerate(decided)])
 
     def _received_at(self, vote: vote_gateway_service_pb2.GatewayVote, arrived: datetime | None,
                      prefix: str) -> tuple[datetime | None, list[FieldViolation]]:
@@ -237,18 +246,6 @@ def _carrier_may_submit(vote: VoteRequest) -> bool:
     otherwise it could spend an app voter's free votes and paid balance."""
     return (vote.vote_type == "PREMIUM_SMS" and vote.channel == "SMS"
             and vote.user_id.startswith("sms:"))
-
-
-def _vote_result(index: int, result: Result | None) -> vote_gateway_service_pb2.VoteResult:
-    assert result is not None
-    if isinstance(result, ApiError):
-        error = vote_types_pb2.VoteError(
-            code=result.code.value[0], reason=result.reason,
-            message=result.message)
-        if result.retry_after_seconds is not None:
-            error.retry_delay.FromMilliseconds(round(result.retry_after_seconds * 1000))
-        return vote_gateway_service_pb2.VoteResult(index=index, ok=False, error=error)
-    return vote_gateway_service_pb2.VoteResult(index=index, ok=True, accepted=result)
 
 
 class WalletAdminServicer(wallet_admin_service_pb2_grpc.WalletAdminServiceServicer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from runtime import overload
 from runtime.config import ServiceConfig
 
 
@@ -33,8 +34,18 @@ class VoteConfig(ServiceConfig):
     #: edge a replica's pipeline holds only a few votes at once, and on a small machine each
     #: round trip costs more CPU than a vote's own work: waiting a few ms gathers enough
     #: votes per round trip to carry about a third more votes on the same CPU, for ~10 ms of
-    #: latency (bench/RESULTS.md, vote_bench 2026-12-02).
+    #: latency (bench/RESULTS.md, vote_bench 2026-12-02). A gateway's call of 50 votes or
+    #: more does not wait: its votes fill a pipeline (runtime.coalesce.company_wait_ms).
     vote_admit_wait_ms: float = 2.0
+    #: Admission pipelines to Redis (and voters' first-vote reads from PostgreSQL) out at
+    #: once per replica; 0: no limit. At the limit the next one waits for one to return and
+    #: takes every call that queued meanwhile ("smart batching", runtime/coalesce.py): it
+    #: holds what arrived during a round trip, so it grows with the load by itself. With
+    #: VOTE_ADMIT_WAIT_MS=0, VOTE_BATCH_INTERVAL_MS=0 and VOTE_MAX_INFLIGHT_BATCHES=1 (the
+    #: ledger the same way) nothing waits on a timer; measured so far it costs more CPU per
+    #: vote than the timed waits with a few votes in the pipeline, and the same with 16-64
+    #: (bench/RESULTS.md, vote_bench, 2026-12-04 unary-cost): an option, not the default.
+    vote_admit_max_inflight: int = 0
 
     #: Group commit: a batch is written when it has this many votes ...
     vote_batch_max: int = 1000
@@ -62,23 +73,21 @@ class VoteConfig(ServiceConfig):
     vote_gateway_clock_tolerance_ms: int = 1_000
     #: A call with this little of its deadline left is not started (DEADLINE_EXCEEDED).
     vote_min_time_left_ms: float = 5.0
-    #: Admission by queue time (vote_svc/overload.py): while calls have waited (since the
-    #: edge received them) more than the target for a whole interval, a call that waited
+    #: Admission by queue time (vote_svc/overload.py; the numbers and why in
+    #: runtime/overload.py, the one overload budget): while calls have waited (on this host,
+    #: since they reached it) more than the target for a whole interval, a call that waited
     #: more than the target is refused at once with UNAVAILABLE `OVERLOADED`; otherwise only
     #: past half the budget. A vote not admitted in Redis within the budget is refused before
     #: it is admitted. The budget must stay below the rounds' receive lag
     #: (migrations/0018), so that a vote received before the close is admitted, or refused,
     #: within it.
-    #: The target is above what an unqueued call takes from the edge to here on a busy
-    #: machine (tens of ms on a shared 2-core one: bench/RESULTS.md); the interval spans
-    #: enough calls for its shortest wait to mean something.
-    vote_queue_target_ms: float = 200.0
-    vote_queue_interval_ms: float = 500.0
-    vote_queue_budget_ms: float = 800.0
+    vote_queue_target_ms: float = overload.QUEUE_TARGET_MS
+    vote_queue_interval_ms: float = overload.QUEUE_INTERVAL_MS
+    vote_queue_budget_ms: float = overload.QUEUE_BUDGET_MS
     #: The retry delay an OVERLOADED refusal asks for, on average: each refusal asks for a
     #: random delay between half and one and a half times this, so the refused clients of one
     #: burst come back spread out instead of as the same burst again.
-    vote_overload_retry_ms: float = 1000.0
+    vote_overload_retry_ms: float = overload.RETRY_MS
 
     #: How long an admitted-but-uncommitted vote holds its request id. A retry arriving later
     #: than this (the replica that admitted it died) checks the ledger and takes over. Must be

@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,8 +21,10 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
-from runtime.coalesce import Coalescer
+from runtime import overload
+from runtime.coalesce import Coalescer, company_wait_ms
 from runtime.errors import ApiError
+from runtime.ids import new_time_ids
 from runtime.protoconv import CHANNEL_ENUMS, timestamp_ms
 from runtime.receipts import leaf_hash
 from runtime.storage import Storage
@@ -141,7 +142,8 @@ class Ingestor:
         self._ip_key = config.vote_ip_hash_key.encode()
         self._ip_places = IpPlaces(config.vote_geoip_db)
         # Voters' first votes arriving together: one PostgreSQL query for all of them.
-        self._users: Coalescer[UserKey, list[str | int]] = Coalescer(self._load_users)
+        self._users: Coalescer[UserKey, list[str | int]] = Coalescer(
+            self._load_users, max_inflight=config.vote_admit_max_inflight)
         self._inflight = 0.0  # cost of the votes between submit() and their answer
         self._queue = QueueTimeAdmission(target_ms=config.vote_queue_target_ms,
                                          interval_ms=config.vote_queue_interval_ms,
@@ -161,9 +163,10 @@ class Ingestor:
         return count * (self._config.vote_gateway_vote_cost if gateway else 1.0)
 
     async def submit(self, votes: list[VoteRequest], *, gateway: bool = False,
-                     arrived_ms: int | None = None) -> list[Result]:
+                     arrived_ms: float | None = None) -> list[Result]:
         """Admit and record `votes` (the caller has asked `shed` first); `arrived_ms` is when
-        the edge received the call (None from inside the mesh)."""
+        the call reached this host (vote_svc/overload.py `arrival_ms`; None from inside the
+        mesh)."""
         cost = self.cost(len(votes), gateway=gateway)
         self._inflight += cost
         try:
@@ -172,23 +175,23 @@ class Ingestor:
             self._inflight -= cost
 
     def shed(self, count: int, time_left_s: float | None, *, gateway: bool = False,
-             arrived_ms: int | None = None) -> ApiError | None:
+             arrived_ms: float | None = None) -> ApiError | None:
         """Refuse a call of `count` votes before anything is admitted (or even validated)
         when its answer could not arrive in time; `time_left_s` is what remains of the
-        caller's deadline, `arrived_ms` when the edge received the call.
+        caller's deadline, `arrived_ms` when the call reached this host (`submit`).
 
         In the close-of-lines spike an overloaded replica must not keep working on calls
         whose clients have already given up (they retry, and the work doubles) nor queue
         without bound (every vote gets slower). Where the queues are (the edge, the gRPC
         server's completion queue, this event loop) a call cannot be seen until it is taken
-        out, so the call is judged by how long it waited since the edge received it
-        (vote_svc/overload.py) -> refused at once with UNAVAILABLE `OVERLOADED` and a
+        out, so the call is judged by how long it waited since it reached this host, on this
+        host's clock (vote_svc/overload.py) -> refused at once with UNAVAILABLE `OVERLOADED` and a
         jittered retry delay (`overloaded`). A refusal costs a fraction of a vote, so under
         any offered load the replica spends its CPU on the votes it can answer in time, and
-        the queue stays short. Past `vote_max_inflight_votes` (a backstop for
-        calls from inside the mesh, which carry no edge time) new calls are refused too, and
-        a call whose deadline has (nearly) passed is not started. Nothing changes for a
-        refused vote.
+        the queue stays short. Past `vote_max_inflight_votes` (a backstop for calls from
+        inside the mesh, which carry no timeout stated by the edge) new calls are refused
+        too, and a call whose deadline has (nearly) passed is not started. Nothing changes
+        for a refused vote.
 
         The limit is on cost, not on calls or votes (`cost`): counted per vote, one
         1,000-vote gateway batch filled a replica's limit on its own, and at the close of
@@ -210,18 +213,21 @@ class Ingestor:
         """UNAVAILABLE `OVERLOADED`, asking for a retry after a random delay around
         `vote_overload_retry_ms` (half to one and a half times it): a constant would bring a
         refused burst back as the same burst."""
-        delay_s = self._config.vote_overload_retry_ms / 1000 * random.uniform(0.5, 1.5)
+        delay_s = self._config.vote_overload_retry_ms / 1000 * random.uniform(
+            *overload.RETRY_SPREAD)
         return ApiError(grpc.StatusCode.UNAVAILABLE, "OVERLOADED",
                         "too many votes at this moment; nothing was recorded, retry with the "
                         "same request_id after the retry delay",
                         retry_after_seconds=delay_s)
 
-    async def _submit(self, votes: list[VoteRequest], arrived_ms: int | None) -> list[Result]:
+    async def _submit(self, votes: list[VoteRequest], arrived_ms: float | None,
+                      ) -> list[Result]:
         now_ms = int(time.time() * 1000)
         # A vote waits for company once, at the first stage that batches: scoring, else the
-        # admission's Redis pipeline (VOTE_ADMIT_WAIT_MS). Votes scored together arrive at
-        # admission together, and retries (after a first vote's read) arrive together too.
-        wait_ms = self._config.vote_admit_wait_ms
+        # admission's Redis pipeline (VOTE_ADMIT_WAIT_MS; not a gateway's batch, whose votes
+        # are company enough). Votes scored together arrive at admission together, and
+        # retries (after a first vote's read) arrive together too.
+        wait_ms = company_wait_ms(len(votes), self._config.vote_admit_wait_ms)
         try:
             if self._scorer.available:
                 wait_ms = 0.0
@@ -304,7 +310,6 @@ class Ingestor:
                 outcome = Outcome.parse(reply[1])
                 entry = self._ledger_vote(vote, scores[index], keyset, outcome)
                 entry.pending_member = reply[2]
-                entry.received_ms = int(reply[3])
                 commits[index] = (entry, self._ledger.submit(entry))
             elif status == "DONE":
                 results[index] = self._accepted(vote, Outcome.parse(reply[1]))
@@ -382,7 +387,7 @@ class Ingestor:
 
     def _ledger_vote(self, vote: VoteRequest, score: Score, keyset: VoteKeys,
                      outcome: Outcome) -> LedgerVote:
-        leaf = self.leaf_data(vote, outcome.vote_id, outcome.admitted_ms)
+        leaf = self.leaf_data(vote, outcome)
         return LedgerVote(
             vote_id=outcome.vote_id, request_id=vote.request_id, user_id=vote.user_id,
             round_id=vote.round_id, episode_id=outcome.episode_id,
@@ -393,7 +398,8 @@ class Ingestor:
             device_id=vote.device_id, app_version=vote.app_version, latitude=vote.latitude,
             longitude=vote.longitude, received_at=vote.received_at,
             fingerprint=vote.fingerprint, leaf_data=leaf, receipt_hash=leaf_hash(leaf),
-            keys=keyset, outcome=outcome, ip_geo=self._ip_places.place(vote.ip))
+            keys=keyset, outcome=outcome, ip_geo=self._ip_places.place(vote.ip),
+            received_ms=outcome.judged_ms)
 
     def ip_hash(self, ip: str) -> str:
         """What the ledger (and fraud_svc) keep of an IP: HMAC-SHA256 under VOTE_IP_HASH_KEY,
@@ -402,18 +408,22 @@ class Ingestor:
             return ""
         return hmac.new(self._ip_key, ip.encode(), hashlib.sha256).hexdigest()[:32]
 
-    def leaf_data(self, vote: VoteRequest, vote_id: str, admitted_ms: int) -> bytes:
-        """The canonical bytes of a vote's ledger leaf (VoteReceipt.leaf_data)."""
+    def leaf_data(self, vote: VoteRequest, outcome: Outcome) -> bytes:
+        """The canonical bytes of a vote's ledger leaf (VoteReceipt.leaf_data). It holds the
+        time the window was judged by ("received_ms", the admission script's), so the signed
+        tree commits to it: an export cannot move a vote in or out of the window unseen."""
         voter = hmac.new(self._salt, vote.user_id.encode(), hashlib.sha256).hexdigest()[:32]
-        return json.dumps({
-            "accepted_at_ms": admitted_ms, "channel": vote.channel,
+        leaf: dict[str, Any] = {
+            "accepted_at_ms": outcome.admitted_ms, "channel": vote.channel,
             "contestant_id": vote.contestant_id, "count": vote.count,
-            "round_id": vote.round_id, "vote_id": vote_id, "vote_type": vote.vote_type,
-            "voter": voter}, sort_keys=True, separators=(",", ":")).encode()
+            "round_id": vote.round_id, "vote_id": outcome.vote_id, "vote_type": vote.vote_type,
+            "voter": voter}
+        if outcome.judged_ms is not None:  # None only in a record older than this field
+            leaf["received_ms"] = outcome.judged_ms
+        return json.dumps(leaf, sort_keys=True, separators=(",", ":")).encode()
 
     def _accepted(self, vote: VoteRequest, outcome: Outcome) -> vote_types_pb2.AcceptedVote:
-        leaf = self.leaf_data(vote, outcome.vote_id, outcome.admitted_ms)
-        return _answer(outcome, leaf_hash(leaf))
+        return _answer(outcome, leaf_hash(self.leaf_data(vote, outcome)))
 
     async def _load_users(self, wanted: list[UserKey]) -> list[list[str | int]]:
         """What PostgreSQL says of each (user, episode, round): the ADMIT script's ARGV[14..19]
@@ -443,23 +453,14 @@ class Ingestor:
         return [figures[triple] for triple in wanted]
 
 def new_vote_ids(count: int, now_ms: int | None = None) -> list[str]:
-    """`count` time-ordered (version 7, RFC 9562) UUIDs: the unix time in ms, then 74 random
-    bits, from one read of the system's randomness and without a UUID object each.
+    """`count` time-ordered vote ids (runtime.ids.new_time_ids).
 
     Time-ordered because the ledger is indexed by vote id: random (version 4) ids put every
     insert, and every lookup of a recent vote (the result checkpoint's duplicate check), on a
     random page of an index that outgrows memory at millions of votes; these land at its
     right edge. The time they reveal is the one the vote's receipt already carries.
     """
-    stamp = f"{(time.time_ns() // 1_000_000 if now_ms is None else now_ms) & (2**48 - 1):012x}"
-    head = f"{stamp[:8]}-{stamp[8:]}-7"
-    raw = os.urandom(10 * count).hex()
-    ids = []
-    for start in range(0, 20 * count, 20):
-        h = raw[start:start + 20]
-        variant = "89ab"[int(h[3], 16) & 3]
-        ids.append(f"{head}{h[:3]}-{variant}{h[4:7]}-{h[7:19]}")
-    return ids
+    return new_time_ids(count, now_ms)
 
 
 #: What the admission script is told to refuse (after the idempotency check, so a retry of an

@@ -18,6 +18,7 @@ because the ledger is unique on (user_id, request_id).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -107,6 +108,8 @@ class ExistingVote:
     admitted_ms: int
     receipt_hash: bytes
     episode_id: str
+    #: The judged time its leaf records (None for a leaf older than that field).
+    judged_ms: int | None = None
 
 
 @dataclass
@@ -207,6 +210,11 @@ class Ledger:
             except Exception as error:  # PostgreSQL down, timeout, pool exhausted ...
                 log.warning("ledger batch of %d failed: %r", len(votes), error)
                 results = [CommitResult("failed")] * len(votes)
+            finally:
+                # The slot is for the statement (its connection is back in the pool): the
+                # next batch need not wait for this one's settlement in Redis, which waits
+                # for an admissions' pipeline to ride along with.
+                self._slots.release()
             # A committed vote is answered now: its pending record in Redis only has to
             # become committed before its lease runs out (until then a retry of it waits;
             # after, it is resolved from the ledger), so its settlement rides along with
@@ -224,8 +232,6 @@ class Ledger:
                 if not queued.future.done():
                     queued.future.set_result(CommitResult("failed"))
             raise
-        finally:
-            self._slots.release()
 
     async def _commit(self, votes: list[LedgerVote]) -> list[CommitResult]:
         """Write `votes` in one transaction: committed, or (request id already in the
@@ -283,7 +289,7 @@ class Ledger:
             if first is not None:
                 record = Outcome("D", first.fingerprint, first.vote_id, first.admitted_ms, 0,
                                  vote.outcome.free_left, vote.outcome.paid_balance,
-                                 first.episode_id).encode()
+                                 first.episode_id, first.judged_ms).encode()
                 if first.fingerprint == vote.fingerprint:
                     # The same vote is already in the ledger (its first commit looked failed
                     # and was undone, or Redis lost it): this admission's charge stands for it,
@@ -315,6 +321,10 @@ async def _ledger_votes(connection: AsyncConnection[Any], votes: list[LedgerVote
     """The ledger's votes under the (user_id, request_id) of `votes`."""
     cursor = await connection.execute(store.EXISTING_VOTES, ([vote.user_id for vote in votes],
                                                   [vote.request_id for vote in votes]))
+    # The judged time is read from the leaf, not the column: a leaf written before leaves
+    # carried it has none, and a replayed receipt must hash to the leaf as it was signed.
     return {(row["user_id"], row["request_id"]): ExistingVote(
         row["vote_id"], bytes(row["fingerprint"]).hex(), row["admitted_ms"],
-        bytes(row["receipt_hash"]), row["episode_id"]) for row in await cursor.fetchall()}
+        bytes(row["receipt_hash"]), row["episode_id"],
+        json.loads(bytes(row["leaf_data"])).get("received_ms"))
+        for row in await cursor.fetchall()}

@@ -45,7 +45,7 @@ __all__ = ["VoteConfig", "create_server", "main"]
 def create_pipeline(config: VoteConfig, storage: Storage, fraud_channel: grpc.aio.Channel | None,
                     ) -> tuple[Scripts, Ledger, Ingestor]:
     """The vote pipeline as configured (the caller starts the ledger)."""
-    scripts = Scripts(storage.redis)
+    scripts = Scripts(storage.redis, max_inflight=config.vote_admit_max_inflight)
     ledger = Ledger(storage.pool, storage.redis, scripts, batch_max=config.vote_batch_max,
                     interval_ms=config.vote_batch_interval_ms,
                     inflight=config.vote_max_inflight_batches,

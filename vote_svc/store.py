@@ -86,7 +86,7 @@ SELECT count(*) AS inserted FROM inserted
 
 EXISTING_VOTES = """
 SELECT v.user_id, v.request_id, v.vote_id::text, v.fingerprint, v.admitted_ms, v.receipt_hash,
-       v.episode_id::text
+       v.episode_id::text, v.leaf_data
   FROM votes v JOIN unnest(%s::text[], %s::text[]) AS k(user_id, request_id)
        ON v.user_id = k.user_id AND v.request_id = k.request_id
 """

@@ -20,6 +20,15 @@
 // starting that many calls per second in all. Call n uses templates[n % len] and
 // metadata[n % len]. Writes one line per OK call, "<latency ms> <reply hex>", and last
 // "failed <count>".
+//
+// With "every_call": true (the overload test, tests/overload_support.py) it writes one line
+// per call instead, OK or not: "<grpc code> <latency ms> <late ms> <hex>", the hex being the
+// reply, or the google.rpc.Status of a failure (its ErrorInfo and RetryInfo); in an open
+// loop the latency counts from the call's planned moment and "late" is how far behind that
+// moment it was started (the generator's own lag); a closed-loop caller honours a refusal's
+// RetryInfo delay before its next call, as a client should. "start_at" (Unix ms) starts the
+// run at that moment, so that several generators share one plan; "local_addr" is the
+// address its connections come from.
 package main
 
 import (
@@ -32,15 +41,35 @@ import (
 	"encoding/json"
 	"fmt"
 	"io/ioutil"
+	"net"
 	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/golang/protobuf/proto"
+	"github.com/golang/protobuf/ptypes"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 )
+
+func millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// retryDelay is the RetryInfo delay a refusal asks for, or 0.
+func retryDelay(s *status.Status) time.Duration {
+	for _, detail := range s.Details() {
+		if info, ok := detail.(*errdetails.RetryInfo); ok {
+			if d, err := ptypes.Duration(info.RetryDelay); err == nil {
+				return d
+			}
+		}
+	}
+	return 0
+}
 
 type template struct {
 	Body   string `json:"body"`
@@ -57,6 +86,9 @@ type job struct {
 	Templates   []*template `json:"templates"`
 	Metadata    [][2]string `json:"metadata"`
 	TLS         *tlsConfig  `json:"tls"`
+	EveryCall   bool        `json:"every_call"`
+	StartAt     int64       `json:"start_at"`
+	LocalAddr   string      `json:"local_addr"`
 }
 
 type tlsConfig struct {
@@ -100,6 +132,8 @@ func (rawCodec) Name() string { return "proto" }
 type result struct {
 	ms    float64
 	reply []byte
+	code  codes.Code
+	late  float64
 }
 
 func newUUID(into []byte) {
@@ -137,8 +171,18 @@ func main() {
 	// One HTTP/2 connection per target entry, as one gRPC channel is one connection.
 	conns := make([]*grpc.ClientConn, len(j.Targets))
 	for i, target := range j.Targets {
-		conn, err := grpc.Dial(target, transport(j.TLS),
-			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))
+		options := []grpc.DialOption{transport(j.TLS),
+			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{}))}
+		if j.LocalAddr != "" {
+			// Calls from this source address (a loopback one of its own: the edge's
+			// per-IP bucket is per generator, as it is per NAT for real viewers).
+			dialer := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(j.LocalAddr)}}
+			options = append(options, grpc.WithContextDialer(
+				func(ctx context.Context, address string) (net.Conn, error) {
+					return dialer.DialContext(ctx, "tcp", address)
+				}))
+		}
+		conn, err := grpc.Dial(target, options...)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "dial:", err)
 			os.Exit(1)
@@ -151,7 +195,9 @@ func main() {
 	var failed int64
 	var mu sync.Mutex
 	var results []result
-	call := func() {
+	// call makes call n; planned is when it was meant to start (the zero time: now). It
+	// returns the retry delay a refusal asked for.
+	call := func(planned time.Time) time.Duration {
 		n := atomic.AddInt64(&sent, 1) - 1
 		t := j.Templates[n%int64(len(j.Templates))]
 		body := append([]byte(nil), t.body...)
@@ -164,17 +210,33 @@ func main() {
 		defer cancel()
 		var reply []byte
 		start := time.Now()
+		if planned.IsZero() {
+			planned = start
+		}
 		err := conns[n%int64(len(conns))].Invoke(ctx, j.Method, &body, &reply)
+		ms := millis(time.Since(planned))
+		late := millis(start.Sub(planned))
 		if err != nil {
 			atomic.AddInt64(&failed, 1)
-			return
+			if !j.EveryCall {
+				return 0
+			}
+			s := status.Convert(err)
+			detail, _ := proto.Marshal(s.Proto())
+			mu.Lock()
+			results = append(results, result{ms, detail, s.Code(), late})
+			mu.Unlock()
+			return retryDelay(s)
 		}
-		ms := float64(time.Since(start).Microseconds()) / 1000
 		mu.Lock()
-		results = append(results, result{ms, reply})
+		results = append(results, result{ms, reply, codes.OK, late})
 		mu.Unlock()
+		return 0
 	}
 
+	if j.StartAt > 0 {
+		time.Sleep(time.Until(time.Unix(0, j.StartAt*int64(time.Millisecond))))
+	}
 	end := time.Now().Add(time.Duration(j.Seconds * float64(time.Second)))
 	var wg sync.WaitGroup
 	if j.Rate <= 0 {
@@ -183,7 +245,9 @@ func main() {
 			go func() {
 				defer wg.Done()
 				for time.Now().Before(end) {
-					call()
+					if delay := call(time.Time{}); j.EveryCall && delay > 0 {
+						time.Sleep(delay)
+					}
 				}
 			}()
 		}
@@ -194,10 +258,10 @@ func main() {
 				time.Sleep(wait)
 			}
 			wg.Add(1)
-			go func() {
+			go func(planned time.Time) {
 				defer wg.Done()
-				call()
-			}()
+				call(planned)
+			}(next)
 		}
 	}
 	wg.Wait()
@@ -205,7 +269,11 @@ func main() {
 	out := bufio.NewWriter(os.Stdout)
 	defer out.Flush()
 	for _, r := range results {
-		fmt.Fprintf(out, "%.3f %s\n", r.ms, hex.EncodeToString(r.reply))
+		if j.EveryCall {
+			fmt.Fprintf(out, "%d %.3f %.3f %s\n", r.code, r.ms, r.late, hex.EncodeToString(r.reply))
+		} else {
+			fmt.Fprintf(out, "%.3f %s\n", r.ms, hex.EncodeToString(r.reply))
+		}
 	}
 	fmt.Fprintf(out, "failed %d\n", failed)
 }

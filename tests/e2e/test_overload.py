@@ -1,164 +1,171 @@
 """A surge past capacity is answered, not queued (issue 22): offered twice the vote path's
-capacity (measured in the same test) for 20 s, the mesh refuses the excess with UNAVAILABLE
-`OVERLOADED` and a retry delay that differs from refusal to refusal, sooner than it answers
-the votes it accepts.
+capacity (measured in the same run, before and after the surge) for 20 s, open loop.
 
-The goodput (acknowledged votes/s against the capacity) is printed, not asserted: issue 22's
-target of 0.8 held in one of two runs on a 2-core machine shared with other sessions
-(bench/RESULTS.md, "Overload and the close"); assert it here once it holds.
+What the design holds (asserted): the excess is refused with UNAVAILABLE `OVERLOADED` and a
+retry delay that differs from refusal to refusal, nearly all of it by the edge before any
+work upstream. Printed, not asserted: vote_svc's CPU per acknowledged vote at capacity and
+under the surge (1.2-1.6x in the surge: fewer votes a second amortise its batches less, on
+top of the machine's contention). Issue 22's targets, goodput >= 0.8 of the capacity and the
+refusals' p99 within 100 ms client side, are printed and not yet asserted: on a 2-core
+machine shared with other sessions (load average 6-8) they did not hold, because the load
+generator, the edge and vote_svc share the cores, and at twice the load vote_svc got about
+half the CPU it had at capacity (bench/RESULTS.md, "Overload and the close"). A test that
+could not fail would say nothing; the issue stays open until they hold.
 
-Ratios of figures measured in the same run, never absolute times: the machine is shared.
+So that the test measures the mesh and not itself: the votes are sent by three load generator
+processes (bench/grpc_load, Go: tests/overload_support.py) on one schedule (open loop: a slow
+answer does not slow the offered load, and latency counts from the planned moment), below
+the mesh's priority, and how far behind their schedule they fell is printed; every voter has
+voted before (a voter's first vote loads them from PostgreSQL and is slower). Ratios of
+figures measured in the same run, never absolute times: the machine is shared.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import urllib.request
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+import pytest_asyncio
 
+from loadtest.resources import Sampler
+from ops import tokens
 from ops.stack import Stack
-from tests.support_windows import TestRound, open_test_round
-from tests.vote_support import query, stub, vote_request, voter
+from runtime import overload
+from runtime.access import Role
+from tests.overload_support import Answer, Plan, send
+from tests.support_windows import open_test_round
+from tests.vote_support import query
 
+SENDERS = 3
+VOTERS = 3000
 CAPACITY_S = 10.0
 SURGE_S = 20.0
-#: Callers while capacity is measured: enough to keep every replica busy while some of them
-#: wait out a retry delay.
-CLOSED_LOOP_CALLS = 32
-
-
-@dataclass(frozen=True)
-class Answer:
-    sent: float  # planned moment (open loop) or actual send (closed loop), time.monotonic()
-    latency_s: float
-    ok: bool
-    reason: str = ""
-    retry_delay_ms: int | None = None
-    message: str = ""
-
-
-class Voters:
-    """Fresh voters' tokens, handed out round-robin (each votes a few times, under the edge's
-    per-subject limit and the round's rate limit)."""
-
-    def __init__(self, stack: Stack, prefix: str, count: int) -> None:
-        self._metadata = [voter(stack, f"{prefix}-{n}") for n in range(count)]
-        self._next = 0
-
-    def next(self) -> tuple[tuple[str, str]]:
-        self._next = (self._next + 1) % len(self._metadata)
-        return self._metadata[self._next]
-
-
-async def _vote(channel: grpc.aio.Channel, test_round: TestRound, voters: Voters,
-                sent: float) -> Answer:
-    try:
-        await stub(channel).SubmitVote(vote_request(test_round, contestant=0),
-                                       metadata=voters.next(), timeout=10)
-        return Answer(sent, time.monotonic() - sent, True)
-    except grpc.aio.AioRpcError as error:
-        latency = time.monotonic() - sent
-        reason, delay = error.code().name, None
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
-        for detail in status.details if status is not None else ():
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                delay = retry.retry_delay.ToMilliseconds()
-        return Answer(sent, latency, False, reason, delay, error.details() or "")
-
-
-async def _closed_loop(channel: grpc.aio.Channel, test_round: TestRound, voters: Voters,
-                       seconds: float) -> list[Answer]:
-    answers: list[Answer] = []
-    ends = time.monotonic() + seconds
-
-    async def caller() -> None:
-        while time.monotonic() < ends:
-            answer = await _vote(channel, test_round, voters, time.monotonic())
-            answers.append(answer)
-            if answer.retry_delay_ms is not None:  # as a client should
-                await asyncio.sleep(answer.retry_delay_ms / 1000)
-
-    await asyncio.gather(*(caller() for _ in range(CLOSED_LOOP_CALLS)))
-    return answers
-
-
-async def _open_loop(channel: grpc.aio.Channel, test_round: TestRound, voters: Voters,
-                     rate: float, seconds: float) -> tuple[list[Answer], float]:
-    """Calls sent on schedule whatever the answers (latency from the planned moment); also
-    how far behind its schedule the sender fell at worst (s)."""
-    tasks = []
-    start = time.monotonic()
-    behind = 0.0
-    for n in range(int(rate * seconds)):
-        planned = start + n / rate
-        delay = planned - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        behind = max(behind, -delay)
-        tasks.append(asyncio.create_task(_vote(channel, test_round, voters, planned)))
-    return list(await asyncio.gather(*tasks)), behind
+#: Closed-loop callers while capacity is measured: more than the edge lets through to the
+#: replica at once, so the replica is never short of votes while some callers wait out a
+#: retry delay.
+CLOSED_LOOP_CALLERS = 2 * overload.VOTES_IN_FLIGHT_PER_REPLICA
 
 
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-@pytest.mark.timeout(400)
-async def test_twice_the_capacity_is_refused_quickly_as_overload_with_spread_retries(
-        stack: Stack, edge_channel: grpc.aio.Channel) -> None:
+def _ms(answers: list[Answer], q: float, late: bool = False) -> str:
+    return f"{_quantile([a.late_s if late else a.latency_s for a in answers], q) * 1000:.0f}"
+
+
+@dataclass(frozen=True)
+class Surge:
+    capacity: float  # acknowledged votes/s, closed loop, the mean of before and after
+    answers: list[Answer]  # the surge's calls
+    #: vote_svc's CPU seconds per acknowledged vote: at capacity, and under the surge
+    cpu_per_vote_capacity: float
+    cpu_per_vote_surge: float
+
+    @property
+    def accepted(self) -> list[Answer]:
+        return [answer for answer in self.answers if answer.ok]
+
+    @property
+    def refused(self) -> list[Answer]:
+        return [answer for answer in self.answers if not answer.ok]
+
+
+def _edge_stats(stack: Stack) -> list[str]:
+    """The votes' cluster's counters at the edge: calls let through and refused."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.admin_port}/stats?filter="
+                                "vote_svc_votes.upstream_rq_(total|pending_overflow|active)",
+                                timeout=5) as response:
+        return response.read().decode().split()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def surge(stack: Stack) -> Surge:
     test_round = await open_test_round(stack.database_url, stack.redis_url, contestants=2,
                                        free_quota=1000, rate_limit=1000)
-    # Warm-up: connections, the voters' caches, the fraud stream.
-    await _closed_loop(edge_channel, test_round, Voters(stack, "warm", 200), 3)
+    voters = [tokens.mint(stack.settings.state_dir, Role.VOTER, f"surge-{n}")
+              for n in range(VOTERS)]
 
-    measured = await _closed_loop(edge_channel, test_round, Voters(stack, "capacity", 2000),
-                                  CAPACITY_S)
-    capacity = sum(answer.ok for answer in measured) / CAPACITY_S
-    assert capacity > 0, {answer.reason for answer in measured}
+    def plan(seconds: float, *, rate: float = 0.0, callers: int = 0) -> Plan:
+        return Plan(edge=stack.edge_target, round_id=test_round.round_id,
+                    contestant_id=test_round.contestants[0], tokens=voters, seconds=seconds,
+                    rate=rate, callers=callers)
 
-    answers, behind = await _open_loop(edge_channel, test_round,
-                                       Voters(stack, "surge", 4000), 2 * capacity, SURGE_S)
-    accepted = [answer for answer in answers if answer.ok]
-    refused = [answer for answer in answers if not answer.ok]
+    # Warm-up: every voter votes once (their first vote loads them), connections open.
+    warm = await send(plan(VOTERS / 200, rate=200), SENDERS)
+    print("warm-up:", Counter(a.reason or "OK" for a in warm))
+    sampler = Sampler().start()  # where the CPU went, phase by phase
+    try:
+        async def phase(run: Callable[[], Awaitable[list[Answer]]],
+                        ) -> tuple[list[Answer], dict[str, float]]:
+            since = time.time()
+            answers = await run()
+            await asyncio.sleep(sampler.interval)  # the last sample covers the phase's end
+            return answers, sampler.cpu_seconds(since, time.time())
+
+        before, cpu_before = await phase(
+            lambda: send(plan(CAPACITY_S, callers=CLOSED_LOOP_CALLERS), SENDERS))
+        capacity_before = sum(a.ok for a in before) / CAPACITY_S
+        assert capacity_before > 0, Counter(a.reason for a in before)
+        offered = 2 * capacity_before
+        answers, cpu_surge = await phase(lambda: send(plan(SURGE_S, rate=offered), SENDERS))
+        after, cpu_after = await phase(
+            lambda: send(plan(CAPACITY_S, callers=CLOSED_LOOP_CALLERS), SENDERS))
+    finally:
+        sampler.stop()
+    capacity_after = sum(a.ok for a in after) / CAPACITY_S
+    capacity = (capacity_before + capacity_after) / 2
+    result = Surge(capacity, answers,
+                   (cpu_before.get("vote_svc", 0) + cpu_after.get("vote_svc", 0))
+                   / max(1, sum(a.ok for a in before + after)),
+                   cpu_surge.get("vote_svc", 0) / max(1, sum(a.ok for a in answers)))
+
+    accepted, refused = result.accepted, result.refused
     goodput = len(accepted) / SURGE_S
-    print(f"capacity {capacity:.0f}/s; offered {2 * capacity:.0f}/s (sender at most "
-          f"{behind * 1000:.0f} ms behind); goodput {goodput:.0f}/s = "
-          f"{goodput / capacity:.2f} of capacity; refused {len(refused)}; accepted p50/p99 "
-          f"{_quantile([a.latency_s for a in accepted], 0.5) * 1000:.0f}/"
-          f"{_quantile([a.latency_s for a in accepted], 0.99) * 1000:.0f} ms; refused p50/p99 "
-          + (f"{_quantile([a.latency_s for a in refused], 0.5) * 1000:.0f}/"
-             f"{_quantile([a.latency_s for a in refused], 0.99) * 1000:.0f} ms"
-             if refused else "-"))
-
-    print("capacity phase:", Counter(a.reason or "OK" for a in measured))
-    print("surge refusals:", Counter((a.reason, a.message[:40]) for a in refused))
-    # Where the accepted votes' time went before admission (the ledger keeps both times).
+    print(f"\ncapacity {capacity_before:.0f}/s before, {capacity_after:.0f}/s after; offered "
+          f"{offered:.0f}/s from {SENDERS} processes (behind their plan p99 "
+          f"{_ms(answers, 0.99, late=True)} ms, at most {_ms(answers, 1, late=True)} ms); "
+          f"goodput {goodput:.0f}/s = {goodput / capacity:.2f} of capacity; accepted p50/p99 "
+          f"{_ms(accepted, 0.5)}/{_ms(accepted, 0.99)} ms; refused {len(refused)}, p50/p99 "
+          f"{_ms(refused, 0.5)}/{_ms(refused, 0.99)} ms (issue 22: goodput >= 0.8 of capacity, "
+          f"refusals' p99 <= {overload.REFUSAL_WITHIN_MS:.0f} ms); load average "
+          f"{os.getloadavg()[0]:.1f}")
+    print("surge answers:", Counter(a.reason or "OK" for a in answers))
+    # The edge's refusals ask for one of its fixed delays, vote_svc's for any in a range.
+    by_edge = [a for a in refused if a.retry_delay_ms in overload.EDGE_RETRY_DELAYS_MS]
+    by_service = [a for a in refused if a.retry_delay_ms not in overload.EDGE_RETRY_DELAYS_MS]
+    for name, group in (("edge", by_edge), ("vote_svc", by_service)):
+        print(f"refused by {name}: {len(group)}, p50/p99 {_ms(group, 0.5)}/{_ms(group, 0.99)} ms")
+    print("capacity phases:", Counter(a.reason or "OK" for a in before + after))
+    for name, cpu in (("capacity before", cpu_before), ("surge", cpu_surge),
+                      ("capacity after", cpu_after)):
+        print(f"CPU s, {name}:", {role: s for role, s in cpu.items() if s >= 0.3})
+    print(f"vote_svc CPU per acknowledged vote: {result.cpu_per_vote_capacity * 1e6:.0f} µs at "
+          f"capacity, {result.cpu_per_vote_surge * 1e6:.0f} µs under the surge")
+    print("edge:", " ".join(await asyncio.to_thread(_edge_stats, stack)))
     rows = await query(stack.database_url,
                        "SELECT admitted_ms - received_ms AS waited FROM votes WHERE round_id = %s",
                        test_round.round_id)
     waits = [float(row["waited"]) for row in rows]
     print(f"edge -> admission ms p50/p90/p99: {_quantile(waits, 0.5):.0f}/"
           f"{_quantile(waits, 0.9):.0f}/{_quantile(waits, 0.99):.0f}")
-    # The excess was refused, as overload, with a retry delay that spreads the retries.
-    assert refused, "twice the capacity was all accepted: the capacity was not measured"
-    assert {answer.reason for answer in refused} == {"OVERLOADED"}
-    delays = [answer.retry_delay_ms for answer in refused]
+    return result
+
+
+@pytest.mark.timeout(400)
+def test_twice_the_capacity_is_refused_as_overload_with_spread_retries(surge: Surge) -> None:
+    assert surge.refused, "twice the capacity was all accepted: the capacity was not measured"
+    assert {answer.reason for answer in surge.refused} == {"OVERLOADED"}
+    delays = [answer.retry_delay_ms for answer in surge.refused]
     assert None not in delays
     assert len(set(delays)) > 1
-    # Refused quickly: refusals are not the slow answers (a refused call waited a queue's
-    # target at most, where an accepted one also waited for its commit).
-    assert _quantile([a.latency_s for a in refused], 0.9) <= \
-        _quantile([a.latency_s for a in accepted], 0.99)
+    # Most of the excess never reached vote_svc: the edge refused it.
+    by_edge = [a for a in surge.refused if a.retry_delay_ms in overload.EDGE_RETRY_DELAYS_MS]
+    assert len(by_edge) >= 0.9 * len(surge.refused)

@@ -58,7 +58,9 @@ def test_the_edge_holds_abuse_limits_and_reaches_each_service_by_its_certificate
         for cluster in json.loads(clusters.split(":", 1)[1]):
             context = cluster["transport_socket"]["typed_config"]["common_tls_context"]
             [san] = context["validation_context"]["match_typed_subject_alt_names"]
-            assert san["matcher"]["exact"] == cluster["name"].replace("_", "-")
+            # The votes' own cluster reaches vote_svc's replicas: vote_svc's certificate.
+            process = "vote_svc" if cluster["name"] == edge.VOTE_CLUSTER else cluster["name"]
+            assert san["matcher"]["exact"] == process.replace("_", "-")
         envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
         checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
                                  capture_output=True, text=True, timeout=60)
@@ -82,7 +84,8 @@ def test_an_edge_on_a_host_of_its_own_is_configured_from_its_own_files(tmp_path:
     clusters = next(line for line in result.output.splitlines()
                     if line.strip().startswith("clusters:"))
     kinds = {cluster["name"]: cluster["type"] for cluster in json.loads(clusters.split(":", 1)[1])}
-    assert kinds == {**dict.fromkeys(SERVICES, "STRICT_DNS"), "vote_svc": "STATIC"}
+    assert kinds == {**dict.fromkeys(SERVICES, "STRICT_DNS"), "vote_svc": "STATIC",
+                     edge.VOTE_CLUSTER: "STATIC"}
     assert str(tls.certificate) in result.output and str(jwks) in result.output
     envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
     checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
@@ -117,8 +120,14 @@ def test_an_edge_in_kubernetes_sheds_load_for_the_replicas_its_autoscaler_may_ru
     assert {cluster["type"] for cluster in by_name.values()} == {"STRICT_DNS"}
     assert by_name["vote_svc"]["circuit_breakers"]["thresholds"][0]["max_requests"] == 20 * 500
     assert by_name["fraud_svc"]["circuit_breakers"]["thresholds"][0]["max_requests"] == 500
-    # The votes' adaptive concurrency limit grows with the replicas like the breaker.
-    assert f"max_concurrency_limit: {20 * 500}" in text
+    # Votes have a cluster of their own on the same replicas, its breaker per replica too:
+    # only SubmitVote is held to it.
+    votes = by_name[edge.VOTE_CLUSTER]
+    assert votes["circuit_breakers"]["thresholds"][0]["max_requests"] == \
+        20 * edge.EdgeSettings.votes_in_flight_per_replica
+    assert votes["load_assignment"] == {**by_name["vote_svc"]["load_assignment"],
+                                        "cluster_name": edge.VOTE_CLUSTER}
+    assert "adaptive_concurrency" not in text
     envoy = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
     checked = subprocess.run([envoy, "--mode", "validate", "-c", str(config)],
                              capture_output=True, text=True, timeout=60)

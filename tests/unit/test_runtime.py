@@ -308,6 +308,75 @@ async def test_a_full_batch_leaves_at_once() -> None:
     assert batches == [[0, 1], [2, 3]]
 
 
+async def test_with_max_inflight_a_batch_gathers_while_one_is_out() -> None:
+    batches: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def run(items: list[int]) -> list[int | BaseException]:
+        batches.append(items)
+        if len(batches) == 1:
+            await release.wait()
+        return [item * 10 for item in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(run, max_inflight=1)
+    first = coalescer.submit(1)
+    await asyncio.sleep(0.01)
+    assert batches == [[1]]  # nothing out: it left at once
+    later = [coalescer.submit(item) for item in (2, 3)]
+    await asyncio.sleep(0.01)
+    more = coalescer.submit(4, wait_ms=60_000)  # held with the others, not on its timer
+    await asyncio.sleep(0.01)
+    assert batches == [[1]] and not any(future.done() for future in [*later, more])
+    release.set()  # the first returns: everything queued meanwhile leaves as one batch
+    assert await asyncio.wait_for(asyncio.gather(first, *later, more), 1) == [10, 20, 30, 40]
+    assert batches == [[1], [2, 3, 4]]
+    # Nothing out any more: a request leaves at once again.
+    assert await asyncio.wait_for(coalescer.submit(5), 1) == 50
+    assert batches[2] == [5]
+
+
+async def test_a_batch_held_past_full_leaves_in_full_batches() -> None:
+    batches: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def run(items: list[int]) -> list[int | BaseException]:
+        batches.append(items)
+        await release.wait()
+        return items
+
+    coalescer: Coalescer[int, int] = Coalescer(run, max_batch=2, max_inflight=1)
+    replies = [coalescer.submit(item) for item in range(5)]
+    await asyncio.sleep(0.01)
+    assert batches == [[0, 1]]
+    release.set()
+    assert await asyncio.wait_for(asyncio.gather(*replies), 1) == [0, 1, 2, 3, 4]
+    assert batches == [[0, 1], [2, 3], [4]]
+
+
+async def test_many_items_under_one_future_share_batches_with_single_callers() -> None:
+    batches: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int | BaseException]:
+        batches.append(items)
+        if 99 in items:
+            raise ConnectionError("down")
+        return [ValueError(item) if item < 0 else item * 10 for item in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(run, max_batch=3)
+    single = coalescer.submit(1, wait_ms=60_000)
+    many = coalescer.submit_many([2, -3, 4, 5], wait_ms=20)
+    replies = await asyncio.wait_for(many, 1)
+    assert await single == 10
+    # A full batch leaves at once, the rest within the wait asked for.
+    assert batches == [[1, 2, -3], [4, 5]]
+    assert replies[0] == 20 and replies[2] == 40 and replies[3] == 50
+    assert isinstance(replies[1], ValueError)  # that item's own failure, the others answered
+    assert await coalescer.submit_many([]) == []
+    # A batch that raised fails each of its items, in place.
+    failed = await asyncio.wait_for(coalescer.submit_many([98, 99]), 1)
+    assert all(isinstance(reply, ConnectionError) for reply in failed)
+
+
 async def test_coalescer_fails_every_caller_of_a_batch_that_raised() -> None:
     async def run(items: list[int]) -> list[int | BaseException]:
         raise ConnectionError("down")
@@ -316,3 +385,14 @@ async def test_coalescer_fails_every_caller_of_a_batch_that_raised() -> None:
     results = await asyncio.gather(coalescer.submit(1), coalescer.submit(2),
                                    return_exceptions=True)
     assert all(isinstance(result, ConnectionError) for result in results)
+
+
+def test_free_ports_lie_below_the_kernels_ephemeral_range_and_are_never_handed_out_twice() -> None:
+    # An outgoing connection takes its local port from the ephemeral range: a listening port
+    # chosen there can be taken between the probe and the server's bind (CI saw Envoy fail so).
+    ephemeral_from = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(10000 <= port < ephemeral_from for port in ports)
+    with_bus = free_port(also_free_at=10000)
+    assert with_bus + 10000 < ephemeral_from
