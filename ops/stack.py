@@ -72,6 +72,12 @@ class StackSettings:
     #: Mutual TLS from the edge to every service and between services (runtime/mesh.py);
     #: off only to measure what it costs (bench/mtls_bench.py).
     mtls: bool = True
+    #: Envoy's worker threads. Envoy's own default, one per hardware thread, has every
+    #: worker contend with the services for the cores of a host it shares with them; half the
+    #: cores (at least one) answers a surge's refusals sooner at the same goodput: on 2
+    #: cores the overload test's refusals had p99 51-75 ms with one worker against 103-156
+    #: ms with two (bench/RESULTS.md, 2026-12-05). deploy/ gives the edge cores of its own.
+    edge_workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2))
     #: EdgeSettings fields to override (its abuse limits, for a load generator that is one
     #: client address: edge.ONE_LOAD_GENERATOR).
     edge: dict[str, Any] = field(default_factory=dict)
@@ -197,7 +203,8 @@ class Stack:
                 **self.settings.edge)))
             self._edge = await Child.spawn("envoy", [
                 str(Path(sys.executable).parent / "envoy"), "-c", str(config_path),
-                "--use-dynamic-base-id", "--log-level", "warn"], logs, host=edge_host)
+                "--use-dynamic-base-id", "--log-level", "warn",
+                "--concurrency", str(self.settings.edge_workers)], logs, host=edge_host)
             await self._wait_edge_ready()
             if self.kannel is not None:
                 await self.kannel.start()

@@ -5,11 +5,13 @@ What the design holds (asserted): the excess is refused with UNAVAILABLE `OVERLO
 retry delay that differs from refusal to refusal, nearly all of it by the edge before any
 work upstream. Printed, not asserted: issue 22's targets, goodput >= 0.8 of the capacity and
 the refusals' p99 within 100 ms client side, and where the CPU went. On a quiet 2-core
-machine (2026-12-05) goodput was 0.57-0.74 of capacity and the refusals' p99 105-167 ms
-(median 11-20 ms): the senders, the edge and the mesh share the two cores, and at twice the
-load each refused call still costs the edge ~230 µs and its sender ~130 µs of CPU, which
-bounds goodput near 0.72-0.75 on this machine however the mesh is built (bench/RESULTS.md,
-"Overload and the close"). A test that could not fail would say nothing, so they are printed.
+machine (2026-12-05, one edge worker) goodput was 0.63-0.78 of capacity and the refusals'
+p99 51-93 ms (median 8-15 ms): the senders, the edge and the mesh share the two cores, and
+at twice the load each refused call still costs the edge 160-170 µs and its sender ~115 µs
+of CPU, which bounds goodput at 0.76-0.83 on this machine however the mesh is built (the
+test prints the bound from its own figures; bench/RESULTS.md, "Overload and the close"). The
+goodput goal sits at that bound, and the refusals' p99 within 8 % of its goal in one run of
+four: asserted, either would fail on a machine that is merely busier, so they are printed.
 
 So that the test measures the mesh and not itself: the votes are sent by three load generator
 processes (bench/grpc_load, Go: tests/overload_support.py) on one schedule (open loop: a slow
