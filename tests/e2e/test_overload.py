@@ -3,15 +3,17 @@ capacity (measured in the same run, before and after the surge) for 20 s, open l
 
 What the design holds (asserted): the excess is refused with UNAVAILABLE `OVERLOADED` and a
 retry delay that differs from refusal to refusal, nearly all of it by the edge before any
-work upstream. Printed, not asserted: issue 22's targets, goodput >= 0.8 of the capacity and
-the refusals' p99 within 100 ms client side, and where the CPU went. On a quiet 2-core
-machine (2026-12-05, one edge worker) goodput was 0.63-0.78 of capacity and the refusals'
-p99 51-93 ms (median 8-15 ms): the senders, the edge and the mesh share the two cores, and
-at twice the load each refused call still costs the edge 160-170 µs and its sender ~115 µs
-of CPU, which bounds goodput at 0.76-0.83 on this machine however the mesh is built (the
-test prints the bound from its own figures; bench/RESULTS.md, "Overload and the close"). The
-goodput goal sits at that bound, and one run of four had the refusals' p99 at 93 ms of its
-100: asserted, either would fail on a machine that is merely busier, so they are printed.
+work upstream, sooner than votes are accepted; and the goodput stays near the most this
+machine allows at that load, a bound the test computes from its own CPU figures. Printed,
+not asserted: issue 22's targets, goodput >= 0.8 of the capacity and the refusals' p99
+within 100 ms client side, and where the CPU went. On a quiet 2-core machine (2026-12-05,
+one edge worker) goodput was 0.63-0.78 of capacity and the refusals' p99 51-93 ms (median
+8-15 ms): the senders, the edge and the mesh share the two cores, and at twice the load each
+refused call still costs the edge 160-170 µs and its sender ~115 µs of CPU, which bounds
+goodput at 0.76-0.83 on this machine however the mesh is built (the test prints the bound
+from its own figures; bench/RESULTS.md, "Overload and the close"). The goodput goal sits at
+that bound, and one run of four had the refusals' p99 at 93 ms of its 100: asserted, either
+would fail on a machine that is merely busier, so they are printed.
 
 So that the test measures the mesh and not itself: the votes are sent by three load generator
 processes (bench/grpc_load, Go: tests/overload_support.py) on one schedule (open loop: a slow
@@ -49,6 +51,11 @@ CAPACITY_S = 10.0
 SURGE_S = 20.0
 #: How the sampler names the sender processes (the built bench/grpc_load binary).
 SENDER_ROLE = "televote-grpc_load"
+#: The share of the machine's goodput bound (`_goodput_bound`) the surge must keep: well
+#: under the 0.82-0.95 this design kept in seven runs on a quiet 2-core machine
+#: (2026-12-05), above what a mesh that lets its queues build keeps (the designs before the
+#: edge bounded votes per replica kept 0.2-0.5 of the capacity).
+GOODPUT_OF_BOUND = 0.6
 #: Closed-loop callers while capacity is measured: more than the edge lets through to the
 #: replica at once, so the replica is never short of votes while some callers wait out a
 #: retry delay.
@@ -71,6 +78,8 @@ class Surge:
     #: vote_svc's CPU seconds per acknowledged vote: at capacity, and under the surge
     cpu_per_vote_capacity: float
     cpu_per_vote_surge: float
+    #: the goodput (votes/s) this machine allows at the surge's load, by this run's figures
+    goodput_bound: float
 
     @property
     def accepted(self) -> list[Answer]:
@@ -95,7 +104,7 @@ def _sender_cpu(cpu: dict[str, float]) -> float:
 
 def _goodput_bound(capacity: float, at_capacity: list[Answer], cpu_before: dict[str, float],
                    cpu_after: dict[str, float], surge: list[Answer],
-                   cpu_surge: dict[str, float]) -> str:
+                   cpu_surge: dict[str, float]) -> tuple[float, str]:
     """The goodput this machine allows at the surge's load, from this run's own figures: the
     CPU the surge got (T, CPU s a second, every process), less what its refusals cost (each
     one the edge's CPU per refusal E and its sender's per call S), spent on accepted votes at
@@ -117,7 +126,7 @@ def _goodput_bound(capacity: float, at_capacity: list[Answer], cpu_before: dict[
     cores = sum(cpu_surge.values()) / SURGE_S
     bound = ((cores - offered * (edge_per_refusal + sender_per_call))
              / (stack_per_ack - edge_per_refusal))
-    return (f"the surge's CPU: {cores:.2f} cores; per accepted vote at capacity (stack) "
+    return bound, (f"the surge's CPU: {cores:.2f} cores; per accepted vote at capacity (stack) "
             f"{stack_per_ack * 1e6:.0f} µs, per refusal (edge) {edge_per_refusal * 1e6:.0f} µs,"
             f" per call (sender) {sender_per_call * 1e6:.0f} µs: goodput bound on this machine "
             f"{bound:.0f}/s = {bound / capacity:.2f} of capacity")
@@ -159,10 +168,12 @@ async def surge(stack: Stack) -> Surge:
         sampler.stop()
     capacity_after = sum(a.ok for a in after) / CAPACITY_S
     capacity = (capacity_before + capacity_after) / 2
+    bound, bound_figures = _goodput_bound(capacity, before + after, cpu_before, cpu_after,
+                                          answers, cpu_surge)
     result = Surge(capacity, answers,
                    (cpu_before.get("vote_svc", 0) + cpu_after.get("vote_svc", 0))
                    / max(1, sum(a.ok for a in before + after)),
-                   cpu_surge.get("vote_svc", 0) / max(1, sum(a.ok for a in answers)))
+                   cpu_surge.get("vote_svc", 0) / max(1, sum(a.ok for a in answers)), bound)
 
     accepted, refused = result.accepted, result.refused
     goodput = len(accepted) / SURGE_S
@@ -186,7 +197,7 @@ async def surge(stack: Stack) -> Surge:
         print(f"CPU s, {name}:", {role: s for role, s in cpu.items() if s >= 0.3})
     print(f"vote_svc CPU per acknowledged vote: {result.cpu_per_vote_capacity * 1e6:.0f} µs at "
           f"capacity, {result.cpu_per_vote_surge * 1e6:.0f} µs under the surge")
-    print(_goodput_bound(capacity, before + after, cpu_before, cpu_after, answers, cpu_surge))
+    print(bound_figures)
     print("edge:", " ".join(await asyncio.to_thread(_edge_stats, stack)))
     rows = await query(stack.database_url,
                        "SELECT admitted_ms - received_ms AS waited FROM votes WHERE round_id = %s",
@@ -207,3 +218,14 @@ def test_twice_the_capacity_is_refused_as_overload_with_spread_retries(surge: Su
     # Most of the excess never reached vote_svc: the edge refused it.
     by_edge = [a for a in surge.refused if a.retry_delay_ms in overload.EDGE_RETRY_DELAYS_MS]
     assert len(by_edge) >= 0.9 * len(surge.refused)
+
+
+def test_a_surge_keeps_the_goodput_the_machine_allows_and_refuses_sooner(surge: Surge) -> None:
+    """Issue 22's goodput of 0.8 of capacity is this 2-core machine's own bound when the
+    senders share it (the module's docstring); what the design answers for is losing no
+    goodput to its own queues beyond what refusing costs. A refusal never waits behind the
+    votes it protects: the median refusal is answered sooner than the median accepted vote."""
+    goodput = len(surge.accepted) / SURGE_S
+    assert goodput >= GOODPUT_OF_BOUND * surge.goodput_bound, (goodput, surge.goodput_bound)
+    assert (_quantile([a.latency_s for a in surge.refused], 0.5)
+            < _quantile([a.latency_s for a in surge.accepted], 0.5))
