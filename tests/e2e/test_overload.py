@@ -52,7 +52,7 @@ SURGE_S = 20.0
 #: How the sampler names the sender processes (the built bench/grpc_load binary).
 SENDER_ROLE = "televote-grpc_load"
 #: The share of the machine's goodput bound (`_goodput_bound`) the surge must keep: well
-#: under the 0.82-0.95 this design kept in seven runs on a quiet 2-core machine
+#: under the 0.82-0.95 this design kept in nine runs on a quiet 2-core machine
 #: (2026-12-05), above what a mesh that lets its queues build keeps (the designs before the
 #: edge bounded votes per replica kept 0.2-0.5 of the capacity).
 GOODPUT_OF_BOUND = 0.6
