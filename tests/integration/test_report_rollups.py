@@ -13,12 +13,16 @@ import asyncio
 import random
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import psycopg
+import pytest_asyncio
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 
 from ops.stack import Stack
 from results_svc.final import Finalizer
@@ -32,6 +36,19 @@ from tests.integration.test_results_checkpoint import COLUMNS, Ledger, _catch_up
 # The same fixtures: a database of this module's own, a finalizer driven by the test.
 database = checkpoint_tests.database
 finalizer = checkpoint_tests.finalizer
+
+Pool = AsyncConnectionPool[AsyncConnection[dict[str, object]]]
+
+
+@pytest_asyncio.fixture
+async def pool(database: str) -> AsyncIterator[Pool]:
+    """A small pool on the module's database for the test's Reports, closed even when the
+    test fails."""
+    opened = create_pool(database, 1, 2)
+    await opened.open()
+    yield opened
+    await opened.close()
+
 
 PHNOM_PENH = (11.5564, 104.9282)
 SIEM_REAP = (13.3633, 103.8564)
@@ -184,7 +201,7 @@ def _nonempty(parts: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_rollups_kept_in_steps_equal_a_computation_from_scratch(
-        stack: Stack, database: str, finalizer: Finalizer, tmp_path: Path) -> None:
+        stack: Stack, database: str, finalizer: Finalizer, pool: Pool, tmp_path: Path) -> None:
     earlier = await _round(stack, database)
     ledger = PlacedLedger(database, (await _round(stack, database)).round)
     test_round = ledger.round
@@ -201,8 +218,6 @@ async def test_rollups_kept_in_steps_equal_a_computation_from_scratch(
         " closes_at, lines_close_at FROM rounds WHERE round_id = %s", second,
         test_round.round_id)
     rounds = [test_round.round_id, second]
-    pool = create_pool(database, 1, 2)
-    await pool.open()
     reports = _reports(pool, rows_per_step=37)
     rng = random.Random(19)
     users = [f"v{n}" for n in range(30)]
@@ -292,15 +307,12 @@ async def test_rollups_kept_in_steps_equal_a_computation_from_scratch(
     assert expected_figures["returning"][0] > 0 and expected_figures["multi_round"][0] > 0
     assert any(key.startswith("place:KH/Siem Reap") for key in expected_figures)
     assert "place:TH/" in expected_figures
-    await pool.close()
 
 
 async def test_a_checkpoint_that_starts_over_starts_the_rollups_over(
-        stack: Stack, database: str, finalizer: Finalizer) -> None:
+        stack: Stack, database: str, finalizer: Finalizer, pool: Pool) -> None:
     ledger = await _round(stack, database)
     test_round = ledger.round
-    pool = create_pool(database, 1, 2)
-    await pool.open()
     reports = _reports(pool, rows_per_step=1000)
     t = test_round.opens_at_ms
     await ledger.write([ledger.row(f"u{n}", t + 1000 + n) for n in range(20)])
@@ -323,11 +335,10 @@ async def test_a_checkpoint_that_starts_over_starts_the_rollups_over(
     assert (_nonempty(parts), figures) == expected
     assert figures["voters"] == [21, 21]
     assert await ledger.sql("SELECT count(*) FROM report_rollup_resets") == [(0,)]
-    await pool.close()
 
 
 async def test_a_live_report_folds_the_judged_rows_once_for_the_rollup_too(
-        stack: Stack, database: str, finalizer: Finalizer) -> None:
+        stack: Stack, database: str, finalizer: Finalizer, pool: Pool) -> None:
     """A live report brings the rollups to the checkpoint and commits that before it folds
     the rows the checkpoint has not judged (rolled back): the rollup does not fold the judged
     rows again, and the report still counts every row."""
@@ -335,8 +346,6 @@ async def test_a_live_report_folds_the_judged_rows_once_for_the_rollup_too(
     test_round = ledger.round
     episode_id = test_round.episode_id
     await ledger.sql("UPDATE episodes SET state = 'LIVE' WHERE episode_id = %s", episode_id)
-    pool = create_pool(database, 1, 2)
-    await pool.open()
     reports = _reports(pool, rows_per_step=1000)
     t = test_round.opens_at_ms
     await ledger.write([ledger.row(f"judged{n}", t + 1000 + n) for n in range(20)])
@@ -352,7 +361,6 @@ async def test_a_live_report_folds_the_judged_rows_once_for_the_rollup_too(
         test_round.round_id) == [(checkpoint_ms,)]
     _, figures = await _stored(database, episode_id)
     assert figures["voters"] == [20, 20]
-    await pool.close()
 
 
 async def test_the_reports_purchases_are_read_by_time_not_by_scanning_every_purchase(
@@ -394,15 +402,13 @@ async def _forget(ledger: Ledger, episode_id: str) -> None:
 
 
 async def test_a_fold_in_many_steps_equals_one_step_and_follows_profiles_and_earlier_episodes(
-        stack: Stack, database: str, finalizer: Finalizer) -> None:
+        stack: Stack, database: str, finalizer: Finalizer, pool: Pool) -> None:
     earlier = await _round(stack, database)
     ledger = PlacedLedger(database, (await _round(stack, database)).round)
     test_round = ledger.round
     episode_id = test_round.episode_id
     await ledger.sql("UPDATE episodes SET show_id = %s, created_at = now() + interval '1 second'"
                      " WHERE episode_id = %s", earlier.round.show_id, episode_id)
-    pool = create_pool(database, 1, 2)
-    await pool.open()
     rng = random.Random(22)
     users = [f"p{n}" for n in range(40)]
     await ledger.write([earlier.row(user, earlier.round.opens_at_ms + 1000)
@@ -484,4 +490,3 @@ async def test_a_fold_in_many_steps_equals_one_step_and_follows_profiles_and_ear
     assert await _reports(pool, 1000).follow(earlier.round.episode_id, wait=True)
     _, figures = await _stored(database, episode_id)
     assert segment(figures, "returning") == returning + 1
-    await pool.close()
