@@ -252,12 +252,15 @@ def _wrk(stack: Stack, test_round: TestRound, duration: int, connections: int,
 #: A request id the gRPC load generator replaces with a fresh UUID in every call.
 ID_PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
 _GO_SOURCE = Path(__file__).resolve().parent / "grpc_load"
+#: How the built generator's file (so its processes) are named: this, then its source's mtime.
+GO_LOAD_GENERATOR_NAME = "televote-grpc_load"
 
 
 def go_load_generator() -> Path:
     """Builds bench/grpc_load (Go, with Debian's packaged gRPC) once per change of its source."""
     source = _GO_SOURCE / "main.go"
-    binary = Path(tempfile.gettempdir()) / f"televote-grpc_load-{int(source.stat().st_mtime)}"
+    binary = (Path(tempfile.gettempdir())
+              / f"{GO_LOAD_GENERATOR_NAME}-{int(source.stat().st_mtime)}")
     if not binary.exists():
         try:
             subprocess.run(["go", "build", "-o", str(binary), "."], cwd=_GO_SOURCE, check=True,

@@ -75,7 +75,7 @@ class StackSettings:
     #: Envoy's worker threads. Envoy's own default, one per hardware thread, has every
     #: worker contend with the services for the cores of a host it shares with them; half the
     #: cores (at least one) answers a surge's refusals sooner at the same goodput: on 2
-    #: cores the overload test's refusals had p99 51-75 ms with one worker against 103-156
+    #: cores the overload test's refusals had p99 51-93 ms with one worker against 103-156
     #: ms with two (bench/RESULTS.md, 2026-12-05). deploy/ gives the edge cores of its own.
     edge_workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2))
     #: EdgeSettings fields to override (its abuse limits, for a load generator that is one

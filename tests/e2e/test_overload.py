@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 
+from bench.vote_bench import GO_LOAD_GENERATOR_NAME
 from loadtest.resources import Sampler
 from ops import tokens
 from ops.stack import Stack
@@ -49,8 +50,6 @@ SENDERS = 3
 VOTERS = 3000
 CAPACITY_S = 10.0
 SURGE_S = 20.0
-#: How the sampler names the sender processes (the built bench/grpc_load binary).
-SENDER_ROLE = "televote-grpc_load"
 #: The share of the machine's goodput bound (`_goodput_bound`) the surge must keep: well
 #: under the 0.82-0.95 this design kept in nine runs on a quiet 2-core machine
 #: (2026-12-05), above what a mesh that lets its queues build keeps (the designs before the
@@ -99,7 +98,7 @@ def _edge_stats(stack: Stack) -> list[str]:
 
 
 def _sender_cpu(cpu: dict[str, float]) -> float:
-    return sum(seconds for role, seconds in cpu.items() if role.startswith(SENDER_ROLE))
+    return sum(seconds for role, seconds in cpu.items() if role.startswith(GO_LOAD_GENERATOR_NAME))
 
 
 def _goodput_bound(capacity: float, at_capacity: list[Answer], cpu_before: dict[str, float],
